@@ -1,0 +1,106 @@
+"""The resources the API serves and stores: what is desired (spec) next to what is observed (status)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+__all__ = [
+    "App", "Deploy", "ExitInfo", "Instance", "InstanceStatus", "Node", "Release", "RollbackRequest",
+    "ScaleRequest", "check_app_name",
+]
+
+APP_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+MAX_INSTANCES = 100
+
+
+def check_app_name(name: str) -> bool:
+    return bool(APP_NAME.match(name))
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class App(BaseModel):
+    name: str
+    current_release: int | None = None
+    current_image: str | None = None
+    latest_release: int = 0
+    min: int = 1
+    max: int = 10
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class Release(BaseModel):
+    app: str
+    version: int
+    image: str
+    manifest: dict[str, Any]
+    description: str
+    deploy_id: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class Deploy(BaseModel):
+    id: str
+    app: str | None = None
+    status: Literal["building", "succeeded", "failed"] = "building"
+    release: int | None = None
+    image: str | None = None
+    error: str | None = None
+    deps_cached: bool | None = None
+    created_at: float = Field(default_factory=now)
+    finished_at: float | None = None
+
+
+class ExitInfo(BaseModel):
+    code: int | None = None
+    signal: int | None = None
+    reason: str
+    at: float = Field(default_factory=now)
+
+
+class InstanceStatus(BaseModel):
+    phase: Literal["pending", "starting", "ready", "backoff", "failed", "stopping"] = "pending"
+    pid: int | None = None
+    socket: str | None = None
+    restarts: int = 0
+    last_exit: ExitInfo | None = None
+    message: str | None = None
+    updated_at: float = Field(default_factory=now)
+
+
+class Instance(BaseModel):
+    id: str
+    app: str
+    release: int
+    image: str
+    node: str
+    created_at: float = Field(default_factory=now)
+    status: InstanceStatus = Field(default_factory=InstanceStatus)
+
+
+class Node(BaseModel):
+    name: str
+    ttl_s: float = Field(default=10.0, gt=0, le=300)
+    updated_at: float = Field(default_factory=now)
+
+
+class ScaleRequest(BaseModel):
+    min: int = Field(ge=0, le=MAX_INSTANCES)
+    max: int = Field(ge=1, le=MAX_INSTANCES)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScaleRequest:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class RollbackRequest(BaseModel):
+    to: int | None = Field(default=None, ge=1, description="release version; default: the one before")

@@ -1,0 +1,201 @@
+"""Typed access to the resources in the store: keys, encoding, compare-and-swap updates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from osless.api.errors import ApiError
+from osless.api.models import App, Deploy, Instance, Node, Release, now
+from osless.store import Conflict, Store
+
+__all__ = ["KINDS", "Resources"]
+
+M = TypeVar("M", bound=BaseModel)
+
+# kind -> (key prefix, model); the watch streams serve these prefixes.
+KINDS: dict[str, tuple[str, type[BaseModel]]] = {
+    "apps": ("/apps/", App),
+    "releases": ("/releases/", Release),
+    "deploys": ("/deploys/", Deploy),
+    "instances": ("/instances/", Instance),
+    "nodes": ("/nodes/", Node),
+}
+
+
+def _enc(obj: BaseModel) -> bytes:
+    return obj.model_dump_json().encode()
+
+
+def release_key(app: str, version: int) -> str:
+    return f"/releases/{app}/{version:08d}"
+
+
+class Resources:
+    """The API's view of the store. Nothing else in the platform reads or writes state."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def _get(self, key: str, model: type[M]) -> tuple[M, int] | None:
+        kv = await self.store.get(key)
+        if kv is None:
+            return None
+        return model.model_validate_json(kv.value), kv.mod_revision
+
+    async def _list(self, prefix: str, model: type[M]) -> tuple[list[M], int]:
+        items, rev = await self.store.list(prefix)
+        return [model.model_validate_json(kv.value) for kv in items], rev
+
+    async def update(self, key: str, model: type[M], change: Callable[[M], M | None], attempts: int = 20) -> M:
+        """Read-modify-write with compare-and-swap, retried on a concurrent change."""
+        for _ in range(attempts):
+            got = await self._get(key, model)
+            if got is None:
+                raise ApiError(404, "not_found", f"{key.strip('/').replace('/', ' ')} does not exist")
+            obj, rev = got
+            new = change(obj.model_copy(deep=True))
+            if new is None:
+                return obj
+            try:
+                await self.store.put(key, _enc(new), if_revision=rev)
+                return new
+            except Conflict:
+                continue
+        raise ApiError(409, "conflict", f"{key} is changing too often; try again")
+
+    # apps
+    async def get_app(self, name: str) -> App:
+        got = await self._get(f"/apps/{name}", App)
+        if got is None:
+            raise ApiError(404, "app_not_found", f"app {name!r} does not exist; `osless apps` lists the apps")
+        return got[0]
+
+    async def get_app_rev(self, name: str) -> tuple[App, int] | None:
+        return await self._get(f"/apps/{name}", App)
+
+    async def create_app(self, app: App) -> App:
+        try:
+            await self.store.put(f"/apps/{app.name}", _enc(app), if_revision=0)
+        except Conflict as e:
+            raise ApiError(409, "app_exists", f"app {app.name!r} already exists") from e
+        return app
+
+    async def list_apps(self) -> tuple[list[App], int]:
+        return await self._list("/apps/", App)
+
+    async def update_app(self, name: str, change: Callable[[App], App | None]) -> App:
+        await self.get_app(name)
+        return await self.update(f"/apps/{name}", App, change)
+
+    async def delete_app(self, name: str) -> None:
+        await self.get_app(name)
+        for inst in (await self.list_instances(app=name))[0]:
+            await self.store.delete(f"/instances/{inst.id}")
+        items, _ = await self.store.list(f"/releases/{name}/")
+        for kv in items:
+            await self.store.delete(kv.key)
+        await self.store.delete(f"/apps/{name}")
+
+    async def commit_release(self, app_name: str, make: Callable[[int], Release]) -> tuple[App, Release]:
+        """Create the app's next release and make it current in one transaction."""
+        for _ in range(20):
+            got = await self._get(f"/apps/{app_name}", App)
+            if got is None:
+                app, rev = App(name=app_name), 0
+            else:
+                app, rev = got
+            release = make(app.latest_release + 1)
+            app.latest_release = release.version
+            app.current_release = release.version
+            app.current_image = release.image
+            app.updated_at = now()
+            try:
+                await self.store.txn_put_many([
+                    (f"/apps/{app_name}", _enc(app), rev),
+                    (release_key(app_name, release.version), _enc(release), 0),
+                ])
+                return app, release
+            except Conflict:
+                continue
+        raise ApiError(409, "conflict", f"app {app_name!r} is changing too often; try again")
+
+    # releases
+    async def list_releases(self, app: str) -> tuple[list[Release], int]:
+        return await self._list(f"/releases/{app}/", Release)
+
+    async def get_release(self, app: str, version: int) -> Release:
+        got = await self._get(release_key(app, version), Release)
+        if got is None:
+            raise ApiError(404, "release_not_found", f"app {app!r} has no release v{version}; see `osless releases {app}`")
+        return got[0]
+
+    # deploys
+    async def put_deploy(self, d: Deploy) -> None:
+        await self.store.put(f"/deploys/{d.id}", _enc(d))
+
+    async def get_deploy(self, id: str) -> Deploy:
+        got = await self._get(f"/deploys/{id}", Deploy)
+        if got is None:
+            raise ApiError(404, "deploy_not_found", f"deploy {id!r} does not exist")
+        return got[0]
+
+    async def list_deploys(self) -> tuple[list[Deploy], int]:
+        return await self._list("/deploys/", Deploy)
+
+    # instances
+    async def list_instances(self, app: str | None = None, node: str | None = None) -> tuple[list[Instance], int]:
+        items, rev = await self._list("/instances/", Instance)
+        return [i for i in items if (app is None or i.app == app) and (node is None or i.node == node)], rev
+
+    async def create_instance(self, inst: Instance) -> Instance:
+        try:
+            await self.store.put(f"/instances/{inst.id}", _enc(inst), if_revision=0)
+        except Conflict as e:
+            raise ApiError(409, "instance_exists", f"instance {inst.id!r} already exists") from e
+        return inst
+
+    async def update_instance(self, id: str, change: Callable[[Instance], Instance | None]) -> Instance:
+        return await self.update(f"/instances/{id}", Instance, change)
+
+    async def delete_instance(self, id: str) -> bool:
+        return await self.store.delete(f"/instances/{id}")
+
+    # nodes
+    async def list_nodes(self) -> tuple[list[Node], int]:
+        return await self._list("/nodes/", Node)
+
+    async def heartbeat_node(self, node: Node) -> Node:
+        kv = await self.store.get(f"/nodes/{node.name}")
+        if kv is not None and kv.lease is not None:
+            try:
+                await self.store.keepalive(kv.lease)
+                await self.store.put(f"/nodes/{node.name}", _enc(node), lease=kv.lease)
+                return node
+            except Exception:  # lease expired between get and keepalive: grant a new one below
+                pass
+        lease = await self.store.grant_lease(node.ttl_s)
+        await self.store.put(f"/nodes/{node.name}", _enc(node), lease=lease)
+        return node
+
+    # tokens
+    async def get_token(self, digest: str) -> dict[str, Any] | None:
+        kv = await self.store.get(f"/tokens/{digest}")
+        return None if kv is None else dict(json.loads(kv.value))
+
+    async def put_token(self, digest: str, info: dict[str, Any]) -> None:
+        await self.store.put(f"/tokens/{digest}", json.dumps(info).encode())
+
+    async def any_token(self) -> bool:
+        items, _ = await self.store.list("/tokens/")
+        return bool(items)
+
+    async def watch(self, kind: str, after_revision: int) -> AsyncIterator[dict[str, Any]]:
+        prefix, model = KINDS[kind]
+        async for ev in self.store.watch(prefix, after_revision=after_revision):
+            name = ev.key[len(prefix):]
+            obj = model.model_validate_json(ev.kv.value).model_dump() if ev.kv is not None else None
+            yield {"type": ev.type, "name": name, "object": obj, "revision": ev.revision}

@@ -1,0 +1,110 @@
+"""Apps, their release history, rollback and scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import BaseModel
+
+from osless.api.errors import ApiError
+from osless.api.models import App, Release, RollbackRequest, ScaleRequest, check_app_name, now
+from osless.api.state import ApiState, get_state
+from osless.api.watch import watch_response
+
+router = APIRouter(tags=["apps"])
+
+
+class CreateApp(BaseModel):
+    name: str
+
+
+def _check_name(name: str) -> None:
+    if not check_app_name(name):
+        raise ApiError(422, "invalid_app_name", f"invalid app name {name!r}: use 1-40 lowercase letters, "
+                       "digits and '-', starting with a letter")
+
+
+@router.get("/apps", summary="List apps (watch=true streams changes after `revision`)")
+async def list_apps(
+    watch: bool = False, revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
+) -> Any:
+    res = state.resources
+    if watch:
+        rev = revision if revision is not None else await res.store.revision()
+        return watch_response(res, "apps", rev)
+    apps, rev = await res.list_apps()
+    return {"items": [a.model_dump() for a in apps], "revision": rev}
+
+
+@router.post("/apps", status_code=201, response_model=App)
+async def create_app(body: CreateApp, state: ApiState = Depends(get_state)) -> App:
+    _check_name(body.name)
+    return await state.resources.create_app(App(name=body.name))
+
+
+@router.get("/apps/{app}")
+async def get_app(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    res = state.resources
+    a = await res.get_app(app)
+    instances, _ = await res.list_instances(app=app)
+    release = await res.get_release(app, a.current_release) if a.current_release else None
+    return {
+        **a.model_dump(),
+        "release": release.model_dump() if release else None,
+        "instances": [i.model_dump() for i in instances],
+    }
+
+
+@router.delete("/apps/{app}", status_code=204)
+async def delete_app(app: str, state: ApiState = Depends(get_state)) -> Response:
+    await state.resources.delete_app(app)
+    return Response(status_code=204)
+
+
+@router.get("/apps/{app}/releases")
+async def list_releases(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    await state.resources.get_app(app)
+    releases, rev = await state.resources.list_releases(app)
+    return {"items": [r.model_dump(exclude={"manifest"}) for r in releases], "revision": rev}
+
+
+@router.get("/apps/{app}/releases/{version}", response_model=Release)
+async def get_release(app: str, version: int, state: ApiState = Depends(get_state)) -> Release:
+    return await state.resources.get_release(app, version)
+
+
+@router.post("/apps/{app}/rollback", response_model=Release, status_code=201)
+async def rollback(app: str, body: RollbackRequest | None = None, state: ApiState = Depends(get_state)) -> Release:
+    res = state.resources
+    a = await res.get_app(app)
+    if a.current_release is None:
+        raise ApiError(409, "no_release", f"app {app!r} has no release to roll back from; deploy it first")
+    if body is not None and body.to is not None:
+        target = await res.get_release(app, body.to)
+    else:
+        releases, _ = await res.list_releases(app)
+        current = next((r for r in releases if r.version == a.current_release), None)
+        older = [r for r in releases if r.version < a.current_release
+                 and (current is None or r.image != current.image)]
+        if not older:
+            raise ApiError(409, "no_previous_release",
+                           f"app {app!r} has no earlier release to roll back to; `osless releases {app}` lists them")
+        target = older[-1]
+
+    def make(version: int) -> Release:
+        return Release(app=app, version=version, image=target.image, manifest=target.manifest,
+                       description=f"Rollback to v{target.version}", created_at=now())
+
+    _, release = await res.commit_release(app, make)
+    return release
+
+
+@router.put("/apps/{app}/scale", response_model=App)
+async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_state)) -> App:
+    def change(a: App) -> App:
+        a.min, a.max, a.updated_at = body.min, body.max, now()
+        return a
+
+    return await state.resources.update_app(app, change)

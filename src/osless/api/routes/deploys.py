@@ -1,0 +1,113 @@
+"""Deploys: upload source, build an image on the platform, release it; the build log streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from osless.api.errors import ApiError
+from osless.api.models import Deploy, Release, check_app_name, now
+from osless.api.state import ApiState, get_state
+from osless.build import BuildError
+from osless.logs import LogWriter, follow, read_tail
+
+router = APIRouter(tags=["deploys"])
+log = logging.getLogger("osless.api.deploys")
+
+ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
+
+
+@router.post("/deploys", status_code=202, response_model=Deploy,
+             summary="Upload a gzip'd tar of the app's source; the build runs in the background")
+async def create_deploy(
+    request: Request, app: str | None = Query(default=None, description="app name; default: App(name) in code"),
+    state: ApiState = Depends(get_state),
+) -> Deploy:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if ctype not in ARCHIVE_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       f"upload the source as application/gzip (a .tar.gz), not {ctype or 'nothing'}")
+    if app is not None and not check_app_name(app):
+        raise ApiError(422, "invalid_app_name", f"invalid app name {app!r}: use lowercase letters, digits and '-'")
+    archive = await request.body()
+    if not archive:
+        raise ApiError(400, "empty_upload", "the upload is empty; send the source as a .tar.gz body")
+    deploy = Deploy(id="d-" + secrets.token_hex(6), app=app)
+    await state.resources.put_deploy(deploy)
+    task = asyncio.create_task(_run_build(state, deploy, archive))
+    state.builds[deploy.id] = task
+    task.add_done_callback(lambda _: state.builds.pop(deploy.id, None))
+    return deploy
+
+
+async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
+    writer = LogWriter(state.deploy_log(deploy.id), source=deploy.id, cap_bytes=8 * 1024 * 1024)
+    lock = threading.Lock()
+
+    def emit(line: str) -> None:
+        with lock:
+            writer.write(line.rstrip("\n"), "build")
+
+    try:
+        result = await asyncio.to_thread(state.builder.build, archive, emit, app_name=deploy.app)
+        name = str(result.manifest["app"])
+
+        def make(version: int) -> Release:
+            return Release(app=name, version=version, image=result.image, manifest=result.manifest,
+                           description=f"Deploy {result.image[:12]}", deploy_id=deploy.id)
+
+        _, release = await state.resources.commit_release(name, make)
+        deploy.app, deploy.status, deploy.release, deploy.image = name, "succeeded", release.version, result.image
+        deploy.deps_cached = result.deps_cached
+        emit(f"==> Released {name} v{release.version} (image sha256:{result.image[:12]}, {result.seconds:.2f}s)")
+    except BuildError as e:
+        deploy.status, deploy.error = "failed", str(e)
+        emit(f"==> Build failed: {e}")
+    except Exception as e:  # the deploy must end as failed, whatever broke
+        log.exception("deploy %s crashed", deploy.id)
+        deploy.status, deploy.error = "failed", f"internal error during build: {type(e).__name__}: {e}"
+        emit(f"==> Build failed: {deploy.error}")
+    finally:
+        deploy.finished_at = now()
+        await state.resources.put_deploy(deploy)
+        writer.close()
+
+
+@router.get("/deploys", summary="Recent deploys, newest first")
+async def list_deploys(limit: int = Query(default=20, ge=1, le=500), state: ApiState = Depends(get_state)) -> Any:
+    items, rev = await state.resources.list_deploys()
+    items.sort(key=lambda d: d.created_at, reverse=True)
+    return {"items": [d.model_dump() for d in items[:limit]], "revision": rev}
+
+
+@router.get("/deploys/{deploy_id}", response_model=Deploy)
+async def get_deploy(deploy_id: str, state: ApiState = Depends(get_state)) -> Deploy:
+    return await state.resources.get_deploy(deploy_id)
+
+
+@router.get("/deploys/{deploy_id}/log", summary="The build log as NDJSON; follow=true streams until the end")
+async def deploy_log(deploy_id: str, follow_: bool = Query(default=False, alias="follow"),
+                     state: ApiState = Depends(get_state)) -> Any:
+    await state.resources.get_deploy(deploy_id)
+    path = state.deploy_log(deploy_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        if follow_:
+            async for rec in follow(lambda: [path], tail=100_000, poll_s=0.05,
+                                    until=lambda: deploy_id not in state.builds):
+                yield (json.dumps(rec) + "\n").encode()
+        else:
+            for rec in read_tail([path], 100_000):
+                yield (json.dumps(rec) + "\n").encode()
+        final = await state.resources.get_deploy(deploy_id)
+        yield (json.dumps({"deploy": final.model_dump()}) + "\n").encode()
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")

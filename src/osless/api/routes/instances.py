@@ -1,0 +1,83 @@
+"""Instances (placed by the scheduler, run and reported on by node agents) and nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from osless.api.errors import ApiError
+from osless.api.models import Instance, InstanceStatus, Node, now
+from osless.api.state import ApiState, get_state
+from osless.api.watch import watch_response
+
+router = APIRouter(tags=["instances"])
+
+
+@router.get("/instances", summary="List instances (watch=true streams changes after `revision`)")
+async def list_instances(
+    app: str | None = None, node: str | None = None, watch: bool = False,
+    revision: int | None = Query(default=None, ge=0), state: ApiState = Depends(get_state),
+) -> Any:
+    res = state.resources
+    if watch:
+        rev = revision if revision is not None else await res.store.revision()
+
+        def keep(ev: dict[str, Any]) -> bool:
+            obj = ev["object"]
+            # deletes carry no object: every watcher gets them and ignores unknown names
+            return obj is None or ((app is None or obj["app"] == app) and (node is None or obj["node"] == node))
+
+        return watch_response(res, "instances", rev, keep)
+    items, rev = await res.list_instances(app=app, node=node)
+    return {"items": [i.model_dump() for i in items], "revision": rev}
+
+
+@router.post("/instances", status_code=201, response_model=Instance)
+async def create_instance(body: Instance, state: ApiState = Depends(get_state)) -> Instance:
+    await state.resources.get_app(body.app)
+    return await state.resources.create_instance(body)
+
+
+@router.get("/instances/{instance_id}", response_model=Instance)
+async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Instance:
+    items, _ = await state.resources.list_instances()
+    for i in items:
+        if i.id == instance_id:
+            return i
+    raise ApiError(404, "instance_not_found", f"instance {instance_id!r} does not exist; `osless ps` lists them")
+
+
+@router.put("/instances/{instance_id}/status", response_model=Instance)
+async def put_instance_status(instance_id: str, body: InstanceStatus, state: ApiState = Depends(get_state)) -> Instance:
+    def change(i: Instance) -> Instance:
+        i.status = body
+        i.status.updated_at = now()
+        return i
+
+    return await state.resources.update_instance(instance_id, change)
+
+
+@router.delete("/instances/{instance_id}", status_code=204)
+async def delete_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Response:
+    if not await state.resources.delete_instance(instance_id):
+        raise ApiError(404, "instance_not_found", f"instance {instance_id!r} does not exist")
+    return Response(status_code=204)
+
+
+@router.get("/nodes")
+async def list_nodes(watch: bool = False, revision: int | None = Query(default=None, ge=0),
+                     state: ApiState = Depends(get_state)) -> Any:
+    if watch:
+        rev = revision if revision is not None else await state.resources.store.revision()
+        return watch_response(state.resources, "nodes", rev)
+    items, rev = await state.resources.list_nodes()
+    return {"items": [n.model_dump() for n in items], "revision": rev}
+
+
+@router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
+async def heartbeat_node(name: str, body: Node, state: ApiState = Depends(get_state)) -> Node:
+    if body.name != name:
+        raise ApiError(422, "name_mismatch", f"body names node {body.name!r} but the path names {name!r}")
+    body.updated_at = now()
+    return await state.resources.heartbeat_node(body)

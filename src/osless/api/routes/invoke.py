@@ -1,0 +1,44 @@
+"""Synchronous function invocation, handed to the gateway, which owns routing to instances."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from fastapi import APIRouter, Depends, Request, Response
+
+from osless.api.errors import ApiError
+from osless.api.state import ApiState, get_state
+
+router = APIRouter(tags=["functions"])
+
+
+@router.post("/apps/{app}/functions/{function}:invoke",
+             summary="Invoke a function with a JSON event; the answer is the function's JSON result")
+async def invoke(app: str, function: str, request: Request, state: ApiState = Depends(get_state)) -> Response:
+    a = await state.resources.get_app(app)
+    if a.current_release is None:
+        raise ApiError(409, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it first")
+    release = await state.resources.get_release(app, a.current_release)
+    functions = release.manifest.get("functions") or {}
+    if function not in functions:
+        names = ", ".join(sorted(functions)) or "none"
+        raise ApiError(404, "unknown_function", f"app {app!r} has no function {function!r} (it has: {names})")
+    body = await request.body()
+    try:
+        json.loads(body or b"null")
+    except ValueError as e:
+        raise ApiError(400, "malformed_json", f"the event must be JSON: {e}") from e
+    timeout = float(functions[function].get("timeout_s", 30)) + 10
+    headers = {"content-type": "application/json", "authorization": request.headers.get("authorization", "")}
+    if rid := request.headers.get("x-osless-request-id"):
+        headers["x-osless-request-id"] = rid
+    try:
+        resp = await state.http.post(f"{state.gateway_url}/_functions/{app}/{function}", content=body,
+                                     headers=headers, timeout=timeout)
+    except httpx.TimeoutException as e:
+        raise ApiError(504, "timeout", f"no answer from {app}.{function} within {timeout:.0f}s") from e
+    except httpx.TransportError as e:
+        raise ApiError(502, "gateway_unreachable", f"cannot reach the gateway at {state.gateway_url}: {e}") from e
+    keep = {k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")}
+    return Response(resp.content, resp.status_code, headers=keep)

@@ -1,0 +1,43 @@
+"""What the API's routes share: the resources, the image store and builder, paths and limits."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from fastapi import Request
+
+from osless.api.resources import Resources
+from osless.build import Builder, ImageStore
+
+__all__ = ["ApiState", "get_state"]
+
+
+@dataclass
+class ApiState:
+    resources: Resources
+    images: ImageStore
+    builder: Builder
+    data_dir: Path
+    gateway_url: str
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_body_bytes: int = 6 * 1024 * 1024
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
+    builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def app_log_dir(self, app: str) -> Path:
+        return self.logs_dir / "apps" / app
+
+    def deploy_log(self, deploy_id: str) -> Path:
+        return self.logs_dir / "deploys" / f"{deploy_id}.log"
+
+
+def get_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.osless
+    return state

@@ -1,0 +1,22 @@
+"""Building images: source archives (`source`), the image store (`images`) and the builder (`builder`)."""
+
+from __future__ import annotations
+
+from osless.build.builder import MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Builder, BuildError, BuildResult
+from osless.build.images import ImageNotFoundError, ImageStore, canonical_json, sha256_hex
+from osless.build.source import SourceError, pack, unpack
+
+__all__ = [
+    "MAX_SOURCE_BYTES",
+    "MAX_SOURCE_FILES",
+    "BuildError",
+    "BuildResult",
+    "Builder",
+    "ImageNotFoundError",
+    "ImageStore",
+    "SourceError",
+    "canonical_json",
+    "pack",
+    "sha256_hex",
+    "unpack",
+]

@@ -1,0 +1,305 @@
+"""`osless` commands. Everything but `up` talks to the platform over HTTP only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from osless.cli.output import console, fail, print_json, table, when
+from osless.client import Api, ApiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="osless: run Python apps without an operating system to manage.")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _client() -> Api:
+    api, token = os.environ.get("OSLESS_API"), os.environ.get("OSLESS_TOKEN")
+    if not (api and token):
+        from osless.cli.config import load_credentials
+
+        saved = load_credentials()
+        api, token = api or saved.get("api"), token or saved.get("token")
+    if not (api and token):
+        fail("no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN")
+    return Api(api, token)
+
+
+def _call(fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except ApiError as e:
+        fail(e.message)
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Where state, images and logs live.")] = Path(
+        os.environ.get("OSLESS_DATA_DIR", os.path.expanduser("~/.local/share/osless"))),
+    api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
+    http_port: Annotated[int, typer.Option(help="Port of the gateway (apps' web traffic).")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
+) -> None:
+    """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
+    import asyncio
+    import logging
+    import threading
+
+    from osless.server import UpConfig, run
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host)
+
+    def ready(api_url: str, gateway_url: str, token: str) -> None:
+        console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
+        console.print(f"  API:     {api_url}   (docs: {api_url}/docs)")
+        console.print(f"  Gateway: {gateway_url}")
+        console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
+        if deploy:
+            threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()
+
+    try:
+        asyncio.run(run(cfg, on_ready=ready))
+    except KeyboardInterrupt:
+        pass
+
+
+def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
+    client = Api(api_url, token)
+    for path in paths:
+        try:
+            _deploy(client, path, None, quiet=True, json_out=False, wait=True)
+        except (ApiError, typer.Exit, SystemExit) as e:
+            console.print(f"[red]demo deploy of {path} failed[/]: {getattr(e, 'message', e)}")
+
+
+@app.command("deploy")
+def deploy_cmd(
+    path: Annotated[Path, typer.Argument(help="The app's source folder.")] = Path("."),
+    name: Annotated[str | None, typer.Option(help="App name (default: App(name) in the code).")] = None,
+    detach: Annotated[bool, typer.Option(help="Return once built, without waiting for instances.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload PATH, build it on the platform and roll it out; streams the build output."""
+    _deploy(_client(), path, name, quiet=json_out, json_out=json_out, wait=not detach)
+
+
+def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out: bool, wait: bool) -> None:
+    from osless.build.source import SourceError, pack
+
+    if not path.is_dir():
+        fail(f"{path} is not a folder; give the folder that holds your app's code")
+    try:
+        archive = pack(path)
+    except SourceError as e:
+        fail(str(e))
+    started = time.monotonic()
+    deploy = _call(client.post, "/v1/deploys", params={"app": name} if name else None, content=archive,
+                   headers={"content-type": "application/gzip"})
+    final: dict[str, Any] = deploy
+    with console.status(f"Building {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded)",
+                        spinner="dots") as status:
+        try:
+            for rec in client.stream(f"/v1/deploys/{deploy['id']}/log", follow="true"):
+                if "deploy" in rec:
+                    final = rec["deploy"]
+                    continue
+                line = rec.get("line", "")
+                if line.startswith("==> "):
+                    status.update(line[4:])
+                    if not quiet:
+                        console.print(f"[bold]{line}[/]", highlight=False)
+                elif not quiet:
+                    console.print(f"    {line}", style="dim", highlight=False, markup=False)
+        except ApiError as e:
+            fail(e.message)
+        if final.get("status") != "succeeded":
+            if json_out:
+                print_json(final)
+            fail(f"deploy failed: {final.get('error') or 'see the build output above'}")
+        app_name, version = final["app"], final["release"]
+        if wait:
+            status.update(f"Starting {app_name} v{version}")
+            _wait_ready(client, app_name, version)
+    if json_out:
+        print_json(final)
+        return
+    gateway = _gateway(client)
+    elapsed = time.monotonic() - started
+    console.print(f"[green]Deployed {app_name} v{version}[/] in {elapsed:.1f}s  image sha256:{final['image'][:12]}"
+                  + ("  (dependencies cached)" if final.get("deps_cached") else ""))
+    release = _call(client.get, f"/v1/apps/{app_name}/releases/{version}")
+    if release["manifest"].get("web"):
+        console.print(f"  web:       {gateway}/{app_name}/")
+    for fn in release["manifest"].get("functions") or {}:
+        console.print(f"  function:  osless invoke {app_name}.{fn} '{{}}'")
+
+
+def _wait_ready(client: Api, app_name: str, version: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _call(client.get, f"/v1/apps/{app_name}")
+        if info.get("min", 1) == 0:
+            return
+        mine = [i for i in info["instances"] if i["release"] == version]
+        if any(i["status"]["phase"] == "ready" for i in mine):
+            return
+        failing = [i["status"]["last_exit"]["reason"] for i in mine if i["status"].get("last_exit")]
+        if failing and len(failing) == len(mine) and all(i["status"]["restarts"] >= 2 for i in mine):
+            fail(f"v{version} was released but its instances keep failing ({failing[0]}); "
+                 f"see `osless logs {app_name}`. The previous release keeps serving.")
+        time.sleep(0.02)
+    fail(f"v{version} was released but no instance became ready within {timeout:.0f}s; see `osless ps {app_name}`")
+
+
+def _gateway(client: Api) -> str:
+    return str(_call(client.get, "/v1/status").get("gateway", ""))
+
+
+@app.command()
+def apps(json_out: JsonOpt = False) -> None:
+    """List apps."""
+    items = _call(_client().get, "/v1/apps")["items"]
+    if json_out:
+        print_json(items)
+        return
+    table(["APP", "RELEASE", "MIN", "MAX", "UPDATED"],
+          [[a["name"], f"v{a['current_release']}" if a["current_release"] else "-", a["min"], a["max"],
+            when(a["updated_at"])] for a in items])
+
+
+@app.command()
+def releases(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt = False) -> None:
+    """An app's release history, newest first."""
+    client = _client()
+    current = _call(client.get, f"/v1/apps/{app_name}")["current_release"]
+    items = sorted(_call(client.get, f"/v1/apps/{app_name}/releases")["items"], key=lambda r: -r["version"])
+    if json_out:
+        print_json(items)
+        return
+    table(["", "VERSION", "IMAGE", "DESCRIPTION", "CREATED"],
+          [["*" if r["version"] == current else "", f"v{r['version']}", r["image"][:12], r["description"],
+            when(r["created_at"])] for r in items])
+
+
+@app.command()
+def ps(app_name: Annotated[str | None, typer.Argument(metavar="[APP]")] = None, json_out: JsonOpt = False) -> None:
+    """Instances and their state; the last exit says why an instance stopped."""
+    client = _client()
+    items = _call(client.get, "/v1/instances", **({"app": app_name} if app_name else {}))["items"]
+    if app_name and not items:
+        _call(client.get, f"/v1/apps/{app_name}")  # an unknown app is an error, not an empty table
+    if json_out:
+        print_json(items)
+        return
+    rows = []
+    for i in sorted(items, key=lambda i: (i["app"], i["created_at"])):
+        st = i["status"]
+        last = st.get("last_exit") or {}
+        rows.append([i["id"], f"v{i['release']}", st["phase"], st.get("pid") or "-", st.get("restarts", 0),
+                     last.get("reason", "-"), i["node"], when(i["created_at"])])
+    table(["INSTANCE", "RELEASE", "STATE", "PID", "RESTARTS", "LAST EXIT", "NODE", "CREATED"], rows)
+
+
+@app.command()
+def invoke(
+    target: Annotated[str, typer.Argument(metavar="APP.FUNCTION")],
+    event: Annotated[str | None, typer.Argument(metavar="[JSON|-]", help="The event; - reads stdin.")] = None,
+) -> None:
+    """Call a function synchronously and print its JSON result."""
+    app_name, dot, function = target.partition(".")
+    if not dot or not app_name or not function:
+        fail(f"give the function as APP.FUNCTION (for example hello.greet), not {target!r}")
+    raw = sys.stdin.read() if event == "-" else (event if event is not None else "null")
+    try:
+        json.loads(raw)
+    except ValueError as e:
+        fail(f"the event is not valid JSON ({e}); quote it, for example '{{\"name\": \"Ada\"}}'")
+    result = _call(_client().post, f"/v1/apps/{app_name}/functions/{function}:invoke",
+                   content=raw.encode(), headers={"content-type": "application/json"})
+    print_json(result)
+
+
+@app.command()
+def logs(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
+    tail: Annotated[int, typer.Option(help="How many recent lines to show first.")] = 100,
+    instance: Annotated[str | None, typer.Option(help="Only this instance.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """An app's logs (stdout, stderr and platform events of every instance)."""
+    try:
+        for rec in _client().stream(f"/v1/apps/{app_name}/logs", tail=tail, follow=str(follow).lower(),
+                                    instance=instance):
+            if json_out:
+                print(json.dumps(rec), flush=True)
+            else:
+                ts = time.strftime("%H:%M:%S", time.localtime(rec["ts"]))
+                style = {"stderr": "red", "osless": "yellow"}.get(rec["stream"], "")
+                console.print(f"[dim]{ts} {rec['source']}[/] ", end="", highlight=False)
+                console.print(rec["line"], style=style, markup=False, highlight=False)
+    except ApiError as e:
+        fail(e.message)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def rollback(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    to: Annotated[int | None, typer.Option(help="Release version to return to (default: the previous).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Release an earlier image again, as a new release."""
+    release = _call(_client().post, f"/v1/apps/{app_name}/rollback", {"to": to})
+    if json_out:
+        print_json(release)
+        return
+    console.print(f"[green]{app_name} v{release['version']}[/]: {release['description']}")
+
+
+@app.command()
+def scale(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    min_: Annotated[int, typer.Option("--min", help="Instances always running.")],
+    max_: Annotated[int, typer.Option("--max", help="Upper bound on instances.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Set an app's instance bounds."""
+    result = _call(_client().put, f"/v1/apps/{app_name}/scale", {"min": min_, "max": max_})
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"{app_name}: min {result['min']}, max {result['max']}")
+
+
+@app.command()
+def status(json_out: JsonOpt = False) -> None:
+    """The platform at a glance."""
+    st = _call(_client().get, "/v1/status")
+    if json_out:
+        print_json(st)
+        return
+    inst = ", ".join(f"{n} {k}" for k, n in sorted(st["instances"].items())) or "none"
+    console.print(f"osless {st['version']}  up {st['uptime_s']:.0f}s  revision {st['revision']}")
+    console.print(f"  gateway:   {st['gateway']}")
+    console.print(f"  apps:      {st['apps']}")
+    console.print(f"  instances: {inst}")
+    console.print(f"  nodes:     {', '.join(st['nodes']) or 'none'}")
+
+
+def main() -> NoReturn:
+    try:
+        app()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    raise SystemExit(0)

@@ -1,0 +1,46 @@
+"""How the CLI speaks: tables for people, JSON for scripts, one red line and exit 1 on failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["console", "fail", "print_json", "table", "when"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> None:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for h in headers:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*("" if c is None else str(c) for c in r))
+    console.print(t)
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    ago = time.time() - ts
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if ago >= size:
+            return f"{int(ago // size)}{unit} ago"
+    return f"{int(ago)}s ago"

@@ -1,0 +1,8 @@
+"""Clients of the osless API, shared by the CLI, the node agent, the gateway and the controllers."""
+
+from __future__ import annotations
+
+from osless.client.api import Api, ApiError, AsyncApi
+from osless.client.informer import Informer
+
+__all__ = ["Api", "ApiError", "AsyncApi", "Informer"]

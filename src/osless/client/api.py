@@ -1,0 +1,142 @@
+"""HTTP clients of the API: `Api` (sync, for the CLI) and `AsyncApi` (for agents and controllers).
+
+    ApiError ── any non-2xx answer, with the status, the stable error code and the message;
+                the same shape the server sends: {"error": {"code": ..., "message": ...}}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+__all__ = ["Api", "ApiError", "AsyncApi"]
+
+
+class ApiError(Exception):
+    """The API answered with an error (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.is_success:
+        return
+    try:
+        err = resp.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", f"HTTP {resp.status_code}: {resp.text[:200]}"
+    raise ApiError(resp.status_code, code, message)
+
+
+def _verify(base_url: str) -> bool:
+    # Loading the CA bundle costs ~0.3 s per client; plain-http URLs never use it.
+    return base_url.startswith("https://")
+
+
+def _body(resp: httpx.Response) -> Any:
+    if resp.status_code == 204 or not resp.content:
+        return None
+    return resp.json()
+
+
+class AsyncApi:
+    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers={"authorization": f"Bearer {token}"}, verify=_verify(self.base_url),
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = await self._client.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise ApiError(0, "unreachable", f"cannot reach the API at {self.base_url}: {e}") from e
+        _raise_for(resp)
+        return _body(resp)
+
+    async def get(self, path: str, **params: Any) -> Any:
+        return await self.request("GET", path, params=params)
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await self.request("POST", path, json=body)
+
+    async def put(self, path: str, body: Any) -> Any:
+        return await self.request("PUT", path, json=body)
+
+    async def delete(self, path: str) -> Any:
+        return await self.request("DELETE", path)
+
+    async def stream(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """NDJSON records of a streaming endpoint, as they arrive."""
+        try:
+            async with self._client.stream("GET", path, params=params, timeout=httpx.Timeout(None, connect=5.0)) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _raise_for(r)
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as e:
+            raise ApiError(0, "unreachable", f"stream from {self.base_url}{path} broke: {e}") from e
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class Api:
+    def __init__(self, base_url: str, token: str, *, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.base_url, headers={"authorization": f"Bearer {token}"}, verify=_verify(self.base_url),
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._client.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise ApiError(0, "timeout", f"the API at {self.base_url} did not answer in time: {e}") from e
+        except httpx.TransportError as e:
+            raise ApiError(0, "unreachable", f"cannot reach the API at {self.base_url} ({e}); "
+                           "is `osless up` running?") from e
+        _raise_for(resp)
+        return _body(resp)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        if body is not None:
+            kw["json"] = body
+        return self.request("POST", path, **kw)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, json=body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def stream(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
+        try:
+            with self._client.stream("GET", path, params={k: v for k, v in params.items() if v is not None},
+                                     timeout=httpx.Timeout(None, connect=5.0)) as r:
+                if not r.is_success:
+                    r.read()
+                    _raise_for(r)
+                for line in r.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as e:
+            raise ApiError(0, "unreachable", f"stream from {self.base_url}{path} broke: {e}") from e
+
+    def close(self) -> None:
+        self._client.close()

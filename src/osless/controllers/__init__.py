@@ -1,0 +1,7 @@
+"""Controllers: clients of the API that turn what is desired into what should run where."""
+
+from __future__ import annotations
+
+from osless.controllers.scheduler import Scheduler, desired_instances
+
+__all__ = ["Scheduler", "desired_instances"]

@@ -1,0 +1,198 @@
+"""HTTP ingress: `/{app}/...` or `Host: {app}.localhost` to the app's web instances, bodies streamed
+both ways; `POST /_functions/{app}/{function}` (with an API token) invokes a function.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from osless.client import AsyncApi
+from osless.gateway.router import Backend, NoBackend, Router
+
+__all__ = ["Gateway"]
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
+              b"transfer-encoding", b"upgrade", b"host"}
+WAIT_FOR_INSTANCE_S = 30.0
+DEFAULT_TIMEOUT_S = 60.0
+TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
+
+
+class Gateway:
+    """The ASGI app of the gateway port."""
+
+    def __init__(self, router: Router, api: AsyncApi, *, base_domain: str = "localhost") -> None:
+        self.router = router
+        self.api_url = api.base_url
+        self.base_domain = base_domain
+        self._tokens: dict[str, tuple[bool, float]] = {}
+        self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1011})  # websockets arrive with the hot-path issue
+            return
+        path: str = scope["path"]
+        host = _header(scope, b"host").split(":")[0].lower()
+        if host.endswith("." + self.base_domain) and host.count(".") == self.base_domain.count(".") + 1:
+            await self._web(scope, receive, send, host.split(".")[0], path, prefix="")
+            return
+        if path == "/_health":
+            await _json(send, 200, {"ok": True})
+            return
+        if path.startswith("/_functions/"):
+            await self._function(scope, receive, send, path)
+            return
+        parts = path.split("/", 2)
+        if len(parts) < 2 or not parts[1]:
+            await _error(send, 404, "no_app", "route requests as /{app}/... or with Host: {app}.localhost")
+            return
+        app = parts[1]
+        rest = "/" + parts[2] if len(parts) > 2 else "/"
+        await self._web(scope, receive, send, app, rest, prefix="/" + app)
+
+    async def _web(self, scope: Scope, receive: Receive, send: Send, app: str, path: str, prefix: str) -> None:
+        try:
+            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+        except NoBackend as e:
+            await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
+            return
+        headers = _forward_headers(scope, prefix)
+        query = scope.get("query_string", b"")
+        target = path + ("?" + query.decode("latin-1") if query else "")
+        manifest = await self.router.manifest(backend)
+        timeout = float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
+        await self._proxy(backend, scope["method"], target, headers, receive, send, timeout)
+
+    async def _function(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        parts = path.split("/")
+        if len(parts) != 4 or scope["method"] != "POST":
+            await _error(send, 404, "not_found", "invoke functions with POST /_functions/{app}/{function}")
+            return
+        if not await self._authorized(_header(scope, b"authorization")):
+            await _error(send, 401, "unauthorized", "invoking a function needs 'Authorization: Bearer <token>'")
+            return
+        _, _, app, function = parts
+        try:
+            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+        except NoBackend as e:
+            await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
+            return
+        spec = ((await self.router.manifest(backend)).get("functions") or {}).get(function)
+        if spec is None:
+            await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
+            return
+        timeout = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S))
+        headers = [(k, v) for k, v in _forward_headers(scope, "")
+                   if k not in (b"authorization", b"x-osless-deadline")]
+        headers.append((b"x-osless-deadline", f"{time.time() + timeout:.3f}".encode()))
+        # the instance answers 504 itself at the deadline; the extra second covers the trip back
+        await self._proxy(backend, "POST", f"/__osless__/invoke/{function}", headers, receive, send,
+                          timeout + 1)
+
+    async def _proxy(self, backend: Backend, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                     receive: Receive, send: Send, timeout: float) -> None:
+        async with self.router.use(backend):
+            req = backend.client.build_request(
+                method, target, headers=headers, content=_body(receive),
+                timeout=httpx.Timeout(None, connect=5.0, read=timeout),
+            )
+            try:
+                resp = await backend.client.send(req, stream=True)
+            except httpx.TimeoutException:
+                await _error(send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s")
+                return
+            except httpx.HTTPError as e:
+                await _error(send, 502, "bad_gateway", f"instance {backend.id} failed before answering: {e}")
+                return
+            try:
+                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
+                await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+                try:
+                    async for chunk in resp.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except httpx.HTTPError:
+                    pass  # the instance died mid-body: end what we have; the client sees a short body
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                await resp.aclose()
+
+    async def _authorized(self, header: str) -> bool:
+        now = time.monotonic()
+        cached = self._tokens.get(header)
+        if cached and cached[1] > now:
+            return cached[0]
+        if not header.lower().startswith("bearer "):
+            return False
+        try:
+            resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+        self._tokens[header] = (ok, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
+        return ok
+
+    async def aclose(self) -> None:
+        await self._auth_client.aclose()
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return ""
+
+
+def _forward_headers(scope: Scope, prefix: str) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+    client = scope.get("client")
+    headers.append((b"x-forwarded-for", (client[0] if client else "").encode()))
+    headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
+    headers.append((b"x-forwarded-host", _header(scope, b"host").encode("latin-1")))
+    if prefix:
+        headers.append((b"x-forwarded-prefix", prefix.encode()))
+    return headers
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+        body = msg.get("body", b"")
+        if body:
+            yield body
+        if not msg.get("more_body", False):
+            return
+
+
+async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _error(send: Send, status: int, code: str, message: str, retry_after: bool = False) -> None:
+    extra = [(b"retry-after", b"1")] if retry_after else []
+    await _json(send, status, {"error": {"code": code, "message": message}}, extra)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+

@@ -1,0 +1,137 @@
+"""The routing table: which instances of an app can take a request, and which one should.
+
+Fed by watches of apps and instances. Ready instances of the app's current release are preferred;
+during a rollout, before any of them is ready, the previous release's ready instances serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from osless.client import AsyncApi, Informer
+
+__all__ = ["Backend", "NoBackend", "Router"]
+
+
+class NoBackend(Exception):
+    """No instance can take the request; `status` and `code` say why (404 unknown app, 503 none ready)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Backend:
+    """A ready instance and the pooled HTTP/1.1 connections to its unix socket."""
+
+    id: str
+    app: str
+    release: int
+    socket: str
+    client: httpx.AsyncClient
+    outstanding: int = 0
+
+
+class Router:
+    def __init__(self, api: AsyncApi) -> None:
+        self.api = api
+        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._rebuild)
+        self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
+        self.backends: dict[str, Backend] = {}
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for b in self.backends.values():
+            await b.client.aclose()
+
+    async def _rebuild(self) -> None:
+        live: dict[str, dict[str, Any]] = {
+            i["id"]: i for i in self.instances.items.values()
+            if i["status"]["phase"] == "ready" and i["status"].get("socket")
+        }
+        for iid in list(self.backends):
+            b = self.backends[iid]
+            if iid not in live or live[iid]["status"]["socket"] != b.socket:
+                del self.backends[iid]
+                asyncio.create_task(_close_later(b))
+        for iid, inst in live.items():
+            if iid not in self.backends:
+                sock = inst["status"]["socket"]
+                client = httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=sock, retries=0),
+                    base_url="http://instance", timeout=None,
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                )
+                self.backends[iid] = Backend(id=iid, app=inst["app"], release=inst["release"], socket=sock,
+                                             client=client)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def candidates(self, app: str) -> list[Backend]:
+        current = (self.apps.items.get(app) or {}).get("current_release")
+        all_ready = [b for b in self.backends.values() if b.app == app]
+        preferred = [b for b in all_ready if b.release == current]
+        return preferred or all_ready
+
+    async def pick(self, app: str, wait_s: float) -> Backend:
+        """The ready instance with the fewest outstanding requests; waits while instances are starting."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            if app not in self.apps.items:
+                raise NoBackend(404, "app_not_found", f"no app named {app!r} is deployed here")
+            found = self.candidates(app)
+            if found:
+                least = min(b.outstanding for b in found)
+                return random.choice([b for b in found if b.outstanding == least])
+            starting = [i for i in self.instances.items.values()
+                        if i["app"] == app and i["status"]["phase"] in ("pending", "starting", "backoff")]
+            remaining = deadline - loop.time()
+            if not starting or remaining <= 0:
+                reason = "its instances are starting" if starting else "it has no running instance"
+                raise NoBackend(503, "no_instances", f"app {app!r} has no ready instance ({reason}); "
+                                f"see `osless ps {app}` and `osless logs {app}`")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def manifest(self, backend: Backend) -> dict[str, Any]:
+        """The image manifest of the backend's release (timeouts, functions); releases never change."""
+        key = (backend.app, backend.release)
+        if key not in self._manifests:
+            release = await self.api.get(f"/v1/apps/{backend.app}/releases/{backend.release}")
+            self._manifests[key] = release["manifest"]
+        return self._manifests[key]
+
+    @contextlib.asynccontextmanager
+    async def use(self, backend: Backend) -> AsyncIterator[Backend]:
+        backend.outstanding += 1
+        try:
+            yield backend
+        finally:
+            backend.outstanding -= 1
+
+
+async def _close_later(b: Backend) -> None:
+    # requests in flight on a retired instance finish (or fail) on their own; then free the pool
+    for _ in range(600):
+        if b.outstanding == 0:
+            break
+        await asyncio.sleep(0.1)
+    await b.client.aclose()

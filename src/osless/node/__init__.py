@@ -1,0 +1,9 @@
+"""The node agent and its spawn path: zygotes, instances, supervision, logs."""
+
+from __future__ import annotations
+
+from osless.node.agent import NodeAgent, run_dir_for
+from osless.node.spawn import ExitStatus, Zygote, ZygoteFailed
+from osless.node.supervisor import Supervisor, exit_reason
+
+__all__ = ["ExitStatus", "NodeAgent", "Supervisor", "Zygote", "ZygoteFailed", "exit_reason", "run_dir_for"]

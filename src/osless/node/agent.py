@@ -1,0 +1,151 @@
+"""The node agent: make the instances assigned to this node run, whatever happened before.
+
+Level-triggered like a kubelet: on every change (and every few seconds regardless) it compares
+the instances the API assigns to this node with the supervisors it has, and starts or stops the
+difference. Running it twice, or after a crash, does the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from osless.client import ApiError, AsyncApi, Informer
+from osless.logs import LogWriter
+from osless.node.spawn import Zygote
+from osless.node.supervisor import Supervisor
+
+__all__ = ["NodeAgent", "run_dir_for"]
+
+log = logging.getLogger("osless.node")
+
+RESYNC_S = 5.0
+ZYGOTE_LINGER_S = 60.0  # keep an unused release warm a while: a rollback then starts fast
+HEARTBEAT_S = 3.0
+
+
+def run_dir_for(data_dir: Path) -> Path:
+    """Where instance sockets live: the data dir if its path is short enough for a unix socket."""
+    candidate = data_dir / "run"
+    if len(str(candidate)) <= 60:
+        return candidate
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"osless-{digest}"
+
+
+class NodeAgent:
+    def __init__(self, api: AsyncApi, *, name: str, data_dir: Path) -> None:
+        self.api = api
+        self.name = name
+        self.images_dir = data_dir / "images"
+        self.logs_dir = data_dir / "logs"
+        self.run_dir = run_dir_for(data_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.supervisors: dict[str, Supervisor] = {}
+        self.zygotes: dict[str, Zygote] = {}
+        self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
+        self._zygote_idle_since: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self.informer = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed,
+                                 node=name)
+
+    async def _changed(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self.informer.run()), asyncio.create_task(self._heartbeat())]
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RESYNC_S)
+                self._wake.clear()
+                if self.informer.synced.is_set():
+                    await self.reconcile()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self.shutdown()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with contextlib.suppress(ApiError):
+                await self.api.put(f"/v1/nodes/{self.name}", {"name": self.name, "ttl_s": HEARTBEAT_S * 4})
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def reconcile(self) -> None:
+        desired = {i: o for i, o in self.informer.items.items() if o.get("node") == self.name}
+        for iid in list(self.supervisors):
+            if iid not in desired:
+                sup = self.supervisors.pop(iid)
+                asyncio.create_task(sup.stop())
+        for iid, obj in desired.items():
+            if iid not in self.supervisors:
+                sup = Supervisor(
+                    obj, zygote=lambda image=obj["image"]: self.zygote(image), run_dir=self.run_dir,
+                    log_dir=self.logs_dir / "apps" / obj["app"], report=self._report,
+                )
+                self.supervisors[iid] = sup
+                sup.start()
+        await self._retire_zygotes()
+
+    async def _report(self, iid: str, status: dict[str, Any]) -> None:
+        if iid not in self.supervisors:
+            return  # deleted meanwhile: nobody wants its status
+        try:
+            await self.api.put(f"/v1/instances/{iid}/status", status)
+        except ApiError as e:
+            if e.status != 404:
+                log.warning("status of %s not reported: %s", iid, e.message)
+
+    async def zygote(self, image: str) -> Zygote:
+        """The running zygote of `image`, started once however many instances ask at the same time."""
+        zyg = self.zygotes.get(image)
+        if zyg is not None and not zyg.closed:
+            return zyg
+        task = self._zygote_starts.get(image)
+        if task is None:
+            task = asyncio.create_task(self._start_zygote(image))
+            self._zygote_starts[image] = task
+            task.add_done_callback(lambda _: self._zygote_starts.pop(image, None))
+        return await asyncio.shield(task)
+
+    async def _start_zygote(self, image: str) -> Zygote:
+        manifest = json.loads((self.images_dir / "manifests" / f"{image}.json").read_text())
+        layers = self.images_dir / "layers"
+        zyg = Zygote(
+            image=image, code_dir=layers / manifest["layers"]["code"], deps_dir=layers / manifest["layers"]["deps"],
+            entry=manifest["entry"],
+            log=LogWriter(self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"),
+        )
+        await zyg.start()
+        self.zygotes[image] = zyg
+        return zyg
+
+    async def _retire_zygotes(self) -> None:
+        in_use = {s_image for s_image in (o["image"] for o in self.informer.items.values()
+                                          if o.get("node") == self.name)}
+        now = time.monotonic()
+        for image, zyg in list(self.zygotes.items()):
+            if image in in_use and not zyg.closed:
+                self._zygote_idle_since.pop(image, None)
+                continue
+            since = self._zygote_idle_since.setdefault(image, now)
+            if zyg.closed or now - since > ZYGOTE_LINGER_S:
+                del self.zygotes[image]
+                self._zygote_idle_since.pop(image, None)
+                await zyg.stop()
+                zyg.log.close()
+
+    async def shutdown(self) -> None:
+        sups, self.supervisors = list(self.supervisors.values()), {}
+        await asyncio.gather(*(s.stop() for s in sups), return_exceptions=True)
+        for zyg in self.zygotes.values():
+            await zyg.stop()
+        self.zygotes.clear()

@@ -1,0 +1,139 @@
+"""One instance's life on a node: start, wait ready, watch it, restart with backoff, say why it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from osless.logs import LogWriter
+from osless.node.spawn import ChildExited, ExitStatus, Zygote, ZygoteFailed
+
+__all__ = ["Supervisor", "exit_reason"]
+
+log = logging.getLogger("osless.node")
+
+READY_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+HEALTHY_AFTER = 30.0  # running this long resets the backoff
+
+
+def exit_reason(status: ExitStatus, oom: bool = False) -> str:
+    if oom:
+        return "out of memory (killed by the kernel's OOM killer)"
+    if status.signal is not None:
+        try:
+            name = signal.Signals(status.signal).name
+        except ValueError:
+            name = f"signal {status.signal}"
+        return f"killed by {name}"
+    return f"exited with code {status.code}"
+
+
+class Supervisor:
+    """Keeps one instance running until `stop()`; reports each change through `report`."""
+
+    def __init__(
+        self, instance: dict[str, Any], *, zygote: Callable[[], Awaitable[Zygote]], run_dir: Path,
+        log_dir: Path, report: Callable[[str, dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        self.id: str = instance["id"]
+        self.app: str = instance["app"]
+        self.release: int = instance["release"]
+        status = instance.get("status") or {}
+        self.status: dict[str, Any] = {
+            "phase": "pending", "pid": None, "socket": None, "restarts": int(status.get("restarts", 0)),
+            "last_exit": status.get("last_exit"), "message": None,
+        }
+        self._zygote = zygote
+        self._report = report
+        name = hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        self.sock_path = run_dir / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
+        self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pid: int | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
+
+    async def _set(self, **changes: Any) -> None:
+        self.status.update(changes)
+        await self._report(self.id, dict(self.status))
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_START
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            status = await self._run_once()
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - started > HEALTHY_AFTER:
+                backoff = BACKOFF_START
+            self.status["restarts"] += 1
+            await self._set(phase="backoff", pid=None, message=f"restarting in {backoff:.1f}s")
+            self.log.write(f"instance stopped ({status}); restarting in {backoff:.1f}s", "osless")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _run_once(self) -> str:
+        await self._set(phase="starting", message=None)
+        try:
+            zyg = await self._zygote()
+            with contextlib.suppress(FileNotFoundError):
+                self.sock_path.unlink()
+            env = {"OSLESS_APP": self.app, "OSLESS_INSTANCE": self.id, "OSLESS_RELEASE": str(self.release)}
+            child = await zyg.fork(self.id, self.sock_path, env, self.log)
+        except (ZygoteFailed, TimeoutError) as e:
+            reason = f"the app failed to load: {e}"
+            await self._set(last_exit={"code": None, "signal": None, "reason": reason, "at": time.time()})
+            self.log.write(reason, "osless")
+            return reason
+        self._pid = child.pid
+        if self._stopping.is_set():  # stop() came while we were forking
+            self._kill(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
+            await self._set(phase="ready", pid=child.pid, socket=str(self.sock_path))
+        except ChildExited:
+            pass
+        except TimeoutError:
+            self.log.write(f"not ready within {READY_TIMEOUT:.0f}s; killing it", "osless")
+            self._kill(signal.SIGKILL)
+        exited = await child.exited
+        self._pid = None
+        reason = exit_reason(exited)
+        if not self._stopping.is_set():
+            await self._set(last_exit={"code": exited.code, "signal": exited.signal, "reason": reason,
+                                       "at": time.time()}, phase="backoff", pid=None)
+            self.log.write(f"instance {reason}", "osless")
+        return reason
+
+    def _kill(self, sig: int) -> None:
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, sig)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""
+        self._stopping.set()
+        self._kill(signal.SIGTERM)
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE)
+            except TimeoutError:
+                self._kill(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._task, 2)
+        self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()

@@ -1,0 +1,426 @@
+"""The instance's HTTP server: platform endpoints (`/__osless__/…`) in front of the user's web app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Literal, cast
+
+import uvicorn
+
+from osless.runtime.loader import web_kind
+from osless.sdk import App, Context, FunctionSpec
+
+__all__ = ["ASGIApp", "Instance", "create_instance", "prewarm", "serve"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INVOKE_PREFIX = "/__osless__/invoke/"
+HEALTH_PATH = "/__osless__/health"
+# Events are held in memory whole; past this the caller is told rather than the instance swapping.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+_JSON_HINT = "return dict, list, str, int, float, bool or None"
+_HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+_HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
+
+
+class Instance:
+    """The ASGI app an instance serves: invoke and health endpoints, everything else to the web app."""
+
+    def __init__(self, app: App, web: Any = None) -> None:
+        self.app = app
+        self.web_kind: Literal["asgi", "wsgi"] | None = web_kind(web) if web is not None else None
+        self.web: ASGIApp | None = None
+        if self.web_kind == "wsgi":
+            from a2wsgi import WSGIMiddleware  # only WSGI apps pay for the import
+
+            self.web = cast(ASGIApp, WSGIMiddleware(web))
+        elif self.web_kind == "asgi":
+            self.web = cast(ASGIApp, web)
+        # Set by serve(): a function calling sys.exit() asks the server to stop with that code.
+        self.server: uvicorn.Server | None = None
+        self.exit_code: int | None = None
+        # Created on first use, so the zygote never forks while holding worker threads.
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(INVOKE_PREFIX):
+                if scope["method"] != "POST":
+                    await _send_error(
+                        send, 405, "method_not_allowed", f"use POST for {path}", [(b"allow", b"POST")]
+                    )
+                    return
+                await self._invoke(scope, receive, send, path[len(INVOKE_PREFIX) :])
+                return
+            if path == HEALTH_PATH:
+                if scope["method"] not in ("GET", "HEAD"):
+                    await _send_error(
+                        send, 405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET")]
+                    )
+                    return
+                await _send_json(send, 200, {"ok": True})
+                return
+        if self.web is None:
+            await self._no_web_app(scope, receive, send)
+            return
+        try:
+            await self.web(scope, receive, send)
+        except SystemExit as e:
+            # uvicorn would log and swallow it; honour it the way a plain Python program would.
+            self.request_exit(_exit_code(e))
+            raise
+
+    def request_exit(self, code: int) -> None:
+        """Stop serving gracefully; the instance process then exits with `code`."""
+        if self.exit_code is None:
+            self.exit_code = code
+        if self.server is not None:
+            self.server.should_exit = True
+
+    async def _no_web_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _send_error(send, 404, "no_web_app", f"app {self.app.name} has no @app.web() handler")
+
+    async def _invoke(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-osless-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        extra = [(b"x-osless-request-id", request_id.encode("latin-1"))]
+        spec = self.app.functions.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.app.functions)) or "none"
+            message = f"app {self.app.name} has no function {name!r} (functions: {known})"
+            await _send_error(send, 404, "unknown_function", message, extra)
+            return
+        body = await _read_body(receive, MAX_EVENT_BYTES)
+        if body is None:  # the caller went away; nobody to answer
+            return
+        if len(body) > MAX_EVENT_BYTES:
+            message = f"event is over the {MAX_EVENT_BYTES // (1024 * 1024)} MiB limit"
+            await _send_error(send, 413, "event_too_large", message, extra)
+            return
+        try:
+            event = json.loads(body) if body.strip() else None
+        except ValueError as e:
+            await _send_error(send, 400, "bad_event", f"the event is not valid JSON: {e}", extra)
+            return
+
+        deadline = time.time() + spec.timeout_s
+        by_caller = False
+        header = headers.get(b"x-osless-deadline")
+        if header is not None:
+            try:
+                caller_deadline = float(header)
+            except ValueError:
+                caller_deadline = math.inf  # unreadable: the function's own timeout still applies
+            if caller_deadline < deadline:
+                deadline, by_caller = caller_deadline, True
+        ctx = Context(request_id, self.app.name, name, deadline)
+
+        status, payload = await self._run(spec, event, ctx, by_caller)
+        await _send_body(send, status, payload, extra)
+        if self.exit_code is not None and self.server is not None:
+            self.server.should_exit = True  # only now, so the caller still gets its answer
+
+    async def _run(self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool) -> tuple[int, bytes]:
+        """Run the handler within the deadline: (status, JSON body)."""
+        name = spec.name
+        if by_caller:
+            timeout_msg = f"function {name} did not finish before the caller's deadline"
+        else:
+            timeout_msg = f"function {name} did not finish within {spec.timeout_s:g}s"
+        if ctx.deadline <= time.time():
+            return 504, _error_body("timeout", timeout_msg)
+        future: asyncio.Future[Any]
+        if spec.is_async:
+            future = asyncio.ensure_future(_call_async(spec.handler, event, ctx))
+        else:
+            # Sync handlers run in a thread so one slow call does not stall the other requests.
+            # copy_context: the handler sees the request's contextvars, as asyncio.to_thread would.
+            call = contextvars.copy_context().run
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._pool(), call, _call_sync, spec.handler, event, ctx)
+        try:
+            result = await self._within(future, ctx.deadline)
+            if inspect.isawaitable(result):  # a sync-looking wrapper around an async handler
+                result = await self._within(asyncio.ensure_future(_await(result)), ctx.deadline)
+        except _Deadline:
+            return 504, _error_body("timeout", timeout_msg)
+        except _Raised as raised:
+            e = raised.error
+            if isinstance(e, SystemExit):
+                self.request_exit(_exit_code(e))
+                message = f"function {name} exited the instance with sys.exit({e.code!r})"
+            else:
+                text = str(e)
+                message = f"{type(e).__name__}: {text}" if text else type(e).__name__
+            return 500, self._function_error(ctx, message, _user_traceback(e, spec))
+        return _serialise(name, result)
+
+    async def _within(self, future: asyncio.Future[Any], deadline: float) -> Any:
+        # asyncio.wait, not wait_for: a TimeoutError raised by the handler itself is its own error,
+        # not the platform's deadline.
+        done, _ = await asyncio.wait({future}, timeout=max(0.0, deadline - time.time()))
+        if not done:
+            # A thread cannot be stopped: it runs on, and its result is dropped.
+            future.cancel()
+            self._keep_until_done(future)
+            raise _Deadline
+        if future.cancelled():  # the handler cancelled itself: its failure, not the platform's
+            raise _Raised(asyncio.CancelledError("the function's task was cancelled"))
+        return future.result()
+
+    def _function_error(self, ctx: Context, message: str, tb: str) -> bytes:
+        # Also to stderr: the caller sees the error, the instance log keeps it.
+        print(f"function {ctx.function} failed (request {ctx.request_id}): {message}\n{tb}", file=sys.stderr)
+        sys.stderr.flush()
+        return _error_body("function_error", message, tb)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # Our own pool, not the loop's default one: asyncio.run() joins the default pool on exit, and a
+        # timed-out handler that never returns would keep the instance from ever exiting.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(thread_name_prefix="osless-fn")
+        return self._executor
+
+    def _keep_until_done(self, future: asyncio.Future[Any]) -> None:
+        # The loop keeps only weak references to tasks; hold abandoned ones and read their outcome so
+        # asyncio does not log "exception was never retrieved".
+        self._pending.add(future)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._pending.discard(f)
+            if not f.cancelled():
+                f.exception()
+
+        future.add_done_callback(done)
+
+
+class _Deadline(Exception):
+    """The handler did not finish in time."""
+
+
+class _Raised(Exception):
+    """What the handler raised, carried untouched: asyncio would turn a SystemExit into a stop of the
+    loop, and a TimeoutError from a thread into a fresh one without its traceback."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+async def _call_async(handler: Callable[..., Any], event: Any, ctx: Context) -> Any:
+    try:
+        return await handler(event, ctx)
+    except asyncio.CancelledError:
+        raise  # our own cancellation at the deadline
+    except BaseException as e:
+        raise _Raised(e) from None
+
+
+def _call_sync(handler: Callable[..., Any], event: Any, ctx: Context) -> Any:
+    try:
+        return handler(event, ctx)
+    except BaseException as e:
+        raise _Raised(e) from None
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        raise  # our own cancellation at the deadline
+    except BaseException as e:
+        raise _Raised(e) from None
+
+
+def create_instance(app: App) -> Instance:
+    """Call the app's web factory (if any) once and wrap everything in an Instance."""
+    web = app.web_spec.factory() if app.web_spec is not None else None
+    return Instance(app, web)
+
+
+def _config(instance: Instance, socket_path: str) -> uvicorn.Config:
+    timeouts = [f.timeout_s for f in instance.app.functions.values()]
+    if instance.app.web_spec is not None:
+        timeouts.append(instance.app.web_spec.timeout_s)
+    return uvicorn.Config(
+        instance,
+        uds=socket_path,
+        interface="asgi3",
+        lifespan="auto" if instance.web is not None else "off",
+        ws="auto" if instance.web is not None else "none",
+        log_level="warning",
+        access_log=False,
+        loop="uvloop" if _HAS_UVLOOP else "asyncio",
+        http="httptools" if _HAS_HTTPTOOLS else "h11",
+        # Only the platform's gateway can reach the socket, so its X-Forwarded-* headers are trusted.
+        forwarded_allow_ips="*",
+        # No request legitimately outlives the longest timeout; past that, a stop stops.
+        timeout_graceful_shutdown=int(max(timeouts, default=30.0)) + 1,
+    )
+
+
+def prewarm(instance: Instance) -> None:
+    """Import everything serve() will need, so forked instances start without importing."""
+    config = _config(instance, os.devnull)
+    config.load()  # imports the protocol, websocket and lifespan classes
+    config.get_loop_factory()  # imports uvloop
+    if instance.web_kind == "wsgi":
+        import a2wsgi.wsgi  # noqa: F401
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # startup() returns once lifespan startup is done and the socket is bound and listening.
+        await super().startup(sockets=sockets)
+        if self.started and self._on_listening is not None:
+            self._on_listening()
+
+
+def serve(instance: Instance, socket_path: str, on_listening: Callable[[], None] | None = None) -> int:
+    """Serve `instance` on the unix socket until told to stop; returns the process exit code."""
+    _log_to_stderr()
+    server = _Server(_config(instance, socket_path), on_listening)
+    instance.server = server
+    server.run()
+    return instance.exit_code or 0
+
+
+def _log_to_stderr() -> None:
+    # ctx.log.info() should reach the instance log even if the app never configures logging.
+    root = logging.getLogger()
+    app_logger = logging.getLogger("osless.app")
+    if not root.handlers and not app_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        app_logger.addHandler(handler)
+        app_logger.setLevel(logging.INFO)
+
+
+def _exit_code(e: SystemExit) -> int:
+    # Same mapping as the interpreter's own: None is 0, an int is itself, anything else is printed and 1.
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr, flush=True)
+    return 1
+
+
+def _user_traceback(e: BaseException, spec: FunctionSpec) -> str:
+    """The traceback from the handler's frame down: the runtime's own frames only add noise."""
+    tb: TracebackType | None = e.__traceback__
+    handler_code = getattr(spec.handler, "__code__", None)
+    probe = tb
+    while probe is not None and probe.tb_frame.f_code is not handler_code:
+        probe = probe.tb_next
+    if probe is not None:  # else (a decorated handler, say) the whole traceback is kept
+        tb = probe
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def _serialise(name: str, result: Any) -> tuple[int, bytes]:
+    culprit: list[Any] = []
+
+    def default(obj: Any) -> Any:
+        culprit.append(obj)
+        raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+    try:
+        return 200, json.dumps(result, default=default, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        if culprit and culprit[0] is result:
+            what = f"a {type(result).__name__}"
+        elif culprit:
+            what = f"a {type(result).__name__} containing a {type(culprit[0]).__name__}"
+        else:  # NaN, a circular reference, a tuple as a dict key...
+            what = f"a {type(result).__name__} ({e})"
+        message = f"function {name} returned {what}, which is not JSON-serialisable: {_JSON_HINT}"
+        return 500, _error_body("result_not_json", message)
+
+
+def _error_body(code: str, message: str, tb: str | None = None) -> bytes:
+    error: dict[str, str] = {"code": code, "message": message}
+    if tb is not None:
+        error["traceback"] = tb
+    return json.dumps({"error": error}).encode()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body (cut just past `limit`), or None if the client disconnected."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        if size <= limit:
+            chunks.append(chunk)
+            size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_body(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(
+    send: Send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send_body(send, status, json.dumps(obj).encode(), headers)
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send_body(send, status, _error_body(code, message), headers)

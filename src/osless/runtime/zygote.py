@@ -1,0 +1,287 @@
+"""The zygote: import an app once, then fork a warm instance for each `fork` request.
+
+Run by the node agent as `python -s -m osless.runtime.zygote --code DIR [--deps DIR] --entry MOD
+--control-fd N`, N being its end of a SOCK_SEQPACKET socketpair (see `runtime.protocol`).
+Single-threaded on purpose: fork() copies only the calling thread, so a zygote with threads could
+hand its children locks held by threads that no longer exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+from typing import Any, NoReturn
+
+from osless.runtime import protocol
+from osless.runtime.instance import Instance, create_instance, prewarm, serve
+from osless.runtime.loader import load_app
+
+__all__ = ["Zygote", "main", "set_parent_death_signal"]
+
+_PR_SET_PDEATHSIG = 1
+# How long instances get to stop on SIGTERM before SIGKILL, when the zygote itself is told to stop.
+STOP_GRACE_S = 2.0
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+
+
+class Zygote:
+    """The fork server around one warm Instance; see docs/architecture.md, "Zygote control"."""
+
+    def __init__(self, control: socket.socket, instance: Instance) -> None:
+        self.control = control
+        self.instance = instance
+        self.children: dict[int, Any] = {}  # pid -> instance id
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+
+    def run(self) -> NoReturn:
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # Signals only mark the wakeup pipe; all the work happens in the loop, one thing at a time.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, _noop)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.selector.register(self.control, selectors.EVENT_READ)
+        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        while not self.stopping:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.control:
+                    self._on_control()
+                else:
+                    self._drain_wakeup()
+                    self._reap()
+        self._shutdown()
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _on_control(self) -> None:
+        try:
+            msg, fds = protocol.recv(self.control)
+        except protocol.ProtocolError as e:
+            self._send({"op": "error", "id": None, "error": str(e)})
+            return
+        except OSError:  # the agent is gone as surely as with an EOF
+            msg, fds = None, []
+        if msg is None:
+            self.stopping = True
+            return
+        if msg.get("op") == "fork":
+            self._fork(msg, fds)
+        else:
+            _close_all(fds)
+            self._send({"op": "error", "id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
+
+    def _fork(self, msg: dict[str, Any], fds: list[int]) -> None:
+        iid, path, env = msg.get("id"), msg.get("socket"), msg.get("env", {})
+        problem = None
+        if len(fds) != 2:
+            problem = f"fork needs 2 fds (stdout, stderr), got {len(fds)}"
+        elif not isinstance(path, str) or not path:
+            problem = "fork needs a socket path"
+        elif not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            problem = "fork env must map names to strings"
+        if problem is not None:
+            _close_all(fds)
+            self._send({"op": "error", "id": iid, "error": problem})
+            return
+        assert isinstance(path, str) and isinstance(env, dict)
+        # Anything still buffered would otherwise be written twice, once by each process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
+        order_r, order_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            _close_all([*fds, order_r, order_w])
+            self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
+            return
+        if pid == 0:
+            os.close(order_w)
+            self._child(iid, path, env, fds, order_r)
+        os.close(order_r)
+        _close_all(fds)
+        self.children[pid] = iid
+        self._send({"op": "forked", "id": iid, "pid": pid})
+        os.close(order_w)
+
+    def _child(self, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int) -> NoReturn:
+        code = 1
+        try:
+            zygote_pid = os.getppid()
+            os.setsid()  # its own session and process group: the agent's terminal signals stay there
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != zygote_pid:
+                os._exit(1)  # the zygote died before prctl took effect
+            self._become_instance(fds, env)
+            self._remove_stale_socket(path)
+            code = serve(self.instance, path, lambda: self._report_ready(iid, order_r))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)  # never return into the zygote's loop
+
+    def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
+        # Leave the zygote's loop behind: its signal plumbing, selector and wakeup pipe.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        stdout, stderr = fds
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        _close_all(fds)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the agent's stdin is not the instance's
+        os.close(devnull)
+        # Line-buffered, so each print reaches the log as it happens rather than when a buffer fills.
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        os.environ.update(env)
+
+    @staticmethod
+    def _remove_stale_socket(path: str) -> None:
+        # Left behind by an instance that died on this path; a regular file there is not ours to delete.
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _report_ready(self, iid: Any, order_r: int) -> None:
+        os.read(order_r, 1)  # returns at EOF, once the zygote has sent `forked`
+        os.close(order_r)
+        protocol.send(self.control, {"op": "ready", "id": iid})
+        # The instance has no further use for the control channel; dropping it means the agent sees EOF
+        # as soon as the zygote is gone, whatever the instances do.
+        self.control.close()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            iid = self.children.pop(pid, None)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            self._send({"op": "exit", "id": iid, "pid": pid, "code": code, "signal": sig})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        # OSError: the agent is gone; the next read sees EOF and the zygote shuts down.
+        with contextlib.suppress(OSError):
+            protocol.send(self.control, msg)
+
+    def _shutdown(self) -> NoReturn:
+        for pid in list(self.children):
+            _kill(pid, signal.SIGTERM, group=False)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            if self.children:
+                self.selector.select(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+                self._drain_wakeup()
+        # The whole group: also whatever the instance started that did not stop with it.
+        for pid in list(self.children):
+            _kill(pid, signal.SIGKILL, group=True)
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.pop(pid, None)
+        os._exit(0)
+
+
+def _noop(signum: int, frame: Any) -> None:
+    pass
+
+
+def _kill(pid: int, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -s -m osless.runtime.zygote", description=__doc__)
+    parser.add_argument("--code", required=True, help="the code layer (the app's source)")
+    parser.add_argument("--deps", help="the dependency layer")
+    parser.add_argument("--entry", required=True, help="module defining the App")
+    parser.add_argument("--control-fd", type=int, required=True, help="our end of the SEQPACKET socketpair")
+    args = parser.parse_args(argv)
+
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # the agent died before prctl took effect: nobody would ever stop us
+    control = socket.socket(fileno=args.control_fd)
+    try:
+        instance = create_instance(load_app(args.code, args.deps, args.entry))
+        prewarm(instance)
+    except BaseException:
+        error = traceback.format_exc()
+        print(error, file=sys.stderr, flush=True)
+        # A deep traceback may not fit one packet; its end (the error itself) matters most.
+        for keep in (len(error), 16_000, 4_000):
+            try:
+                protocol.send(control, {"op": "failed", "error": error[-keep:]})
+                break
+            except protocol.ProtocolError:
+                continue
+            except OSError:
+                break
+        os._exit(1)
+    protocol.send(control, {"op": "ready", "pid": os.getpid()})
+    Zygote(control, instance).run()
+
+
+if __name__ == "__main__":
+    main()

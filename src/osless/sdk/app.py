@@ -1,0 +1,135 @@
+"""`osless.App`: what an app declares in code (functions, a web app), turned into a manifest."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from osless.sdk.errors import UsageError
+
+__all__ = ["App", "FunctionSpec", "WebSpec"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# App names become URL path segments and host labels, so they follow DNS label rules.
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$|^[a-z]$")
+FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """A Lambda-style handler `(event, ctx)` and the resources it asks for."""
+
+    name: str
+    handler: Callable[..., Any]
+    memory_mb: int
+    timeout_s: float
+    is_async: bool
+
+    def manifest(self) -> dict[str, Any]:
+        return {"memory_mb": self.memory_mb, "timeout_s": self.timeout_s, "async": self.is_async}
+
+
+@dataclass(frozen=True)
+class WebSpec:
+    """A factory returning an ASGI or WSGI app, called once per release in the zygote."""
+
+    name: str
+    factory: Callable[[], Any]
+    memory_mb: int
+    timeout_s: float
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "memory_mb": self.memory_mb, "timeout_s": self.timeout_s}
+
+
+@dataclass
+class App:
+    """An osless application: `app = osless.App("shop")`, then decorate handlers with it."""
+
+    name: str
+    functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
+    web_spec: WebSpec | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+            raise UsageError(
+                f"invalid app name {self.name!r}: use 1-40 lowercase letters, digits and '-', "
+                "starting with a letter (for example App(\"shop\"))"
+            )
+
+    def function(
+        self, _fn: Callable[..., Any] | None = None, *, name: str | None = None,
+        memory_mb: int = 256, timeout_s: float = 30.0,
+    ) -> Callable[[F], F]:
+        """Register a Lambda-style handler `def handler(event, ctx)`; sync or async."""
+        if _fn is not None:
+            raise UsageError("@app.function needs parentheses: write @app.function() instead of @app.function")
+        _check_resources("@app.function", memory_mb, timeout_s)
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise UsageError(f"@app.function() decorates a function, not {type(fn).__name__}")
+            fname = name or fn.__name__
+            if not FUNCTION_RE.match(fname):
+                raise UsageError(f"invalid function name {fname!r}: use letters, digits and '_'")
+            if fname in self.functions:
+                raise UsageError(
+                    f"app {self.name!r} already has a function named {fname!r}; "
+                    "rename one of them or pass @app.function(name=...)"
+                )
+            params = [
+                p for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            if len(params) < 2 and not any(
+                p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()
+            ):
+                raise UsageError(
+                    f"function {fname!r} must accept (event, ctx); it takes {len(params)} positional arguments"
+                )
+            self.functions[fname] = FunctionSpec(
+                name=fname, handler=fn, memory_mb=memory_mb, timeout_s=timeout_s,
+                is_async=inspect.iscoroutinefunction(fn),
+            )
+            return fn
+
+        return register
+
+    def web(
+        self, _fn: Callable[..., Any] | None = None, *, memory_mb: int = 256, timeout_s: float = 60.0,
+    ) -> Callable[[F], F]:
+        """Register a factory that returns the app's ASGI or WSGI application."""
+        if _fn is not None:
+            raise UsageError("@app.web needs parentheses: write @app.web() instead of @app.web")
+        _check_resources("@app.web", memory_mb, timeout_s)
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise UsageError(f"@app.web() decorates a function returning an ASGI/WSGI app, not {fn!r}")
+            if self.web_spec is not None:
+                raise UsageError(
+                    f"app {self.name!r} already has a web app ({self.web_spec.name}); an app has at most one"
+                )
+            self.web_spec = WebSpec(name=fn.__name__, factory=fn, memory_mb=memory_mb, timeout_s=timeout_s)
+            return fn
+
+        return register
+
+    def manifest(self) -> dict[str, Any]:
+        """What the platform needs to know without running the app: names and resources."""
+        return {
+            "name": self.name,
+            "functions": {n: f.manifest() for n, f in sorted(self.functions.items())},
+            "web": self.web_spec.manifest() if self.web_spec else None,
+        }
+
+
+def _check_resources(where: str, memory_mb: int, timeout_s: float) -> None:
+    if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 16 <= memory_mb <= 65536:
+        raise UsageError(f"{where}(memory_mb={memory_mb!r}): give an int between 16 and 65536")
+    if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not 0 < timeout_s <= 3600:
+        raise UsageError(f"{where}(timeout_s={timeout_s!r}): give a number of seconds in (0, 3600]")

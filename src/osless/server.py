@@ -1,0 +1,145 @@
+"""`osless up`: every part of the platform in one process, on one machine, with state in SQLite.
+
+The API serves the store; the scheduler, the node agent and the gateway are its clients over HTTP,
+with the admin token, exactly as they would be from other machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from osless.api.app import create_app
+from osless.api.auth import issue_token
+from osless.api.resources import Resources
+from osless.api.state import ApiState
+from osless.build import Builder, ImageStore
+from osless.cli.config import credentials_path
+from osless.client import AsyncApi
+from osless.controllers import Scheduler
+from osless.gateway import Gateway, Router
+from osless.node import NodeAgent
+from osless.store import SQLiteStore
+
+__all__ = ["UpConfig", "run", "save_credentials"]
+
+log = logging.getLogger("osless")
+
+
+@dataclass
+class UpConfig:
+    data_dir: Path
+    api_port: int = 7070
+    http_port: int = 8080
+    host: str = "127.0.0.1"
+    node_name: str = field(default_factory=socket.gethostname)
+    max_upload_mb: int = 100
+    save_credentials: bool = True
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+def save_credentials(api: str, token: str, gateway: str) -> Path:
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"api": api, "token": token, "gateway": gateway}, f)
+    os.replace(tmp, path)
+    return path
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to `run`, which stops every part together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def _admin_token(resources: Resources, data_dir: Path) -> str:
+    """The admin token: made on first start, kept in the data dir (mode 600) for later starts."""
+    path = data_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    token = await issue_token(resources, "admin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return token
+
+
+async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = None) -> None:
+    """Start everything, call `on_ready(api_url, gateway_url, token)`, run until SIGINT/SIGTERM."""
+    data_dir = cfg.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = SQLiteStore(data_dir / "state.db")
+    await store.start()
+    resources = Resources(store)
+    token = await _admin_token(resources, data_dir)
+    images = ImageStore(data_dir / "images")
+    state = ApiState(resources=resources, images=images, builder=Builder(images), data_dir=data_dir,
+                     gateway_url=cfg.gateway_url, max_upload_bytes=cfg.max_upload_mb * 1024 * 1024)
+    uv_log = "warning"
+    api_server = _Server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.api_port, log_level=uv_log,
+                                        access_log=False, lifespan="on"))
+    client = AsyncApi(cfg.api_url, token)
+    router = Router(client)
+    gateway = Gateway(router, client)
+    gw_server = _Server(uvicorn.Config(gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log,
+                                       access_log=False, lifespan="on"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    servers = [asyncio.create_task(api_server.serve()), asyncio.create_task(gw_server.serve())]
+    parts: list[asyncio.Task[None]] = []
+    try:
+        while not (api_server.started and gw_server.started):
+            if any(t.done() for t in servers):
+                for t in servers:
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+                raise SystemExit(f"could not listen on {cfg.host}:{cfg.api_port} and :{cfg.http_port} "
+                                 "(ports in use? pass --api-port/--http-port)")
+            await asyncio.sleep(0.01)
+        await router.start()
+        agent = NodeAgent(client, name=cfg.node_name, data_dir=data_dir)
+        parts = [asyncio.create_task(Scheduler(client).run()), asyncio.create_task(agent.run())]
+        if cfg.save_credentials:
+            save_credentials(cfg.api_url, token, cfg.gateway_url)
+        if on_ready:
+            on_ready(cfg.api_url, cfg.gateway_url, token)
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, *servers, *parts], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    finally:
+        for t in parts:
+            t.cancel()
+        await asyncio.gather(*parts, return_exceptions=True)
+        await router.close()
+        await gateway.aclose()
+        api_server.should_exit = gw_server.should_exit = True
+        await asyncio.gather(*servers, return_exceptions=True)
+        await client.aclose()
+        await store.close()

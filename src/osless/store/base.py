@@ -1,0 +1,133 @@
+"""The state store interface: keys, values, one global revision, watches and leases (etcd-like).
+
+Only `api` and `server` import this package; everything else reaches the state through the API.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = [
+    "Compacted",
+    "Conflict",
+    "Event",
+    "EventType",
+    "KeyValue",
+    "LeaseNotFound",
+    "Store",
+    "StoreError",
+]
+
+EventType = Literal["PUT", "DELETE"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """A key as stored. Revisions are values of the store's one global counter."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int  # 1 on creation, +1 on every put; a delete and re-create starts again at 1
+    lease: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change. Several events share a revision when they were written in one transaction."""
+
+    type: EventType
+    key: str
+    kv: KeyValue | None  # None for DELETE
+    revision: int
+
+
+class StoreError(Exception):
+    """Base of every error the store raises."""
+
+
+class Conflict(StoreError):
+    """A compare-and-swap failed: the key's mod_revision (0 = absent) was not the expected one."""
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        want = "to be absent" if expected == 0 else f"at mod_revision {expected}"
+        have = "absent" if actual == 0 else f"at mod_revision {actual}"
+        super().__init__(f"conflict on {key!r}: expected it {want}, but it is {have}")
+
+
+class Compacted(StoreError):
+    """A watch asked for events older than the retained history; list again and watch from there."""
+
+    def __init__(self, requested: int, compact_revision: int) -> None:
+        self.requested = requested
+        self.compact_revision = compact_revision
+        super().__init__(
+            f"revision {requested} is compacted: history starts after revision {compact_revision}; "
+            "list again and watch from the revision it returns"
+        )
+
+
+class LeaseNotFound(StoreError):
+    """The lease is unknown, revoked or expired."""
+
+    def __init__(self, lease_id: int) -> None:
+        self.lease_id = lease_id
+        super().__init__(f"lease {lease_id} not found (unknown, revoked or expired)")
+
+
+class Store(Protocol):
+    """What `api` needs from a state backend (SQLite today, etcd later).
+
+    Every successful write bumps the one global revision. `if_revision`: None = unconditional,
+    0 = the key must not exist, N = the key's mod_revision must be N; otherwise `Conflict`.
+    """
+
+    # `builtins.list` in signatures: inside this class body, plain `list` is the method below.
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
+        """Items under `prefix` sorted by key, and the revision they are current at."""
+        ...
+
+    async def put(
+        self, key: str, value: bytes, *, if_revision: int | None = None, lease: int | None = None
+    ) -> KeyValue: ...
+
+    async def delete(self, key: str, *, if_revision: int | None = None) -> bool:
+        """False if the key is absent (whatever `if_revision`); `Conflict` if it exists at another one."""
+        ...
+
+    async def txn_put_many(self, puts: builtins.list[tuple[str, bytes, int | None]]) -> int:
+        """(key, value, if_revision) puts applied atomically under one revision, which is returned.
+
+        If any check fails, `Conflict` and nothing is written.
+        """
+        ...
+
+    def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[Event]:
+        """Every event under `prefix` with revision > `after_revision`: history first, then live.
+
+        Runs until the consumer stops iterating (use `contextlib.aclosing` for prompt cleanup).
+        `Compacted` (on first iteration) if that history is gone.
+        """
+        ...
+
+    async def revision(self) -> int: ...
+
+    async def grant_lease(self, ttl_s: float) -> int: ...
+
+    async def keepalive(self, lease_id: int) -> None: ...
+
+    async def revoke(self, lease_id: int) -> None: ...

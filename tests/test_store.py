@@ -1,0 +1,428 @@
+"""The state store: KV semantics, revisions, CAS, transactions, watches, leases, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from osless.store import (
+    Compacted,
+    Conflict,
+    Event,
+    LeaseNotFound,
+    SQLiteStore,
+    Store,
+    StoreError,
+    open_store,
+)
+from osless.store.sqlite import _prefix_end
+
+# Small sweep interval so lease tests take tenths of a second, not seconds.
+SWEEP = 0.02
+
+
+def run_with_store(
+    tmp_path: Path, body: Callable[[SQLiteStore], Awaitable[None]], *, history: int = 10_000
+) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db", history=history, sweep_interval=SWEEP) as store:
+            await asyncio.wait_for(body(store), timeout=5)
+
+    asyncio.run(main())
+
+
+async def take(events: AsyncIterator[Event], n: int, timeout: float = 2.0) -> list[Event]:
+    async def collect() -> list[Event]:
+        out: list[Event] = []
+        async for event in events:
+            out.append(event)
+            if len(out) == n:
+                break
+        return out
+
+    return await asyncio.wait_for(collect(), timeout)
+
+
+def summary(events: list[Event]) -> list[tuple[str, str, bytes | None, int]]:
+    return [(e.type, e.key, None if e.kv is None else e.kv.value, e.revision) for e in events]
+
+
+# -- basic KV ---------------------------------------------------------------------------------------
+
+
+def test_get_put_list_delete(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        assert await store.get("/apps/a") is None
+        assert await store.list("/apps/") == ([], 0)
+
+        kv = await store.put("/apps/b", b'{"n": 2}')
+        assert (kv.key, kv.value, kv.lease) == ("/apps/b", b'{"n": 2}', None)
+        await store.put("/apps/a", b"1")
+        await store.put("/appsx", b"not under /apps/")
+        await store.put("/other/a", b"")
+
+        assert await store.get("/apps/b") == kv
+        empty = await store.get("/other/a")
+        assert empty is not None and empty.value == b""
+
+        items, rev = await store.list("/apps/")
+        assert [i.key for i in items] == ["/apps/a", "/apps/b"]
+        assert rev == await store.revision() == 4
+        everything, _ = await store.list("")
+        assert [i.key for i in everything] == ["/apps/a", "/apps/b", "/appsx", "/other/a"]
+
+        assert await store.delete("/apps/a") is True
+        assert await store.delete("/apps/a") is False
+        assert await store.get("/apps/a") is None
+        assert [i.key for i in (await store.list("/apps/"))[0]] == ["/apps/b"]
+        assert await store.revision() == 5  # a delete of an absent key writes nothing
+
+    run_with_store(tmp_path, body)
+
+
+def test_revisions_versions(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        a1 = await store.put("/a", b"1")
+        b1 = await store.put("/b", b"1")
+        a2 = await store.put("/a", b"2")
+        assert (a1.create_revision, a1.mod_revision, a1.version) == (1, 1, 1)
+        assert (b1.create_revision, b1.mod_revision, b1.version) == (2, 2, 1)
+        assert (a2.create_revision, a2.mod_revision, a2.version) == (1, 3, 2)
+        await store.delete("/a")
+        a3 = await store.put("/a", b"3")  # re-created: a new life
+        assert (a3.create_revision, a3.mod_revision, a3.version) == (5, 5, 1)
+        assert await store.revision() == 5
+
+    run_with_store(tmp_path, body)
+
+
+def test_cas(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        created = await store.put("/k", b"1", if_revision=0)
+        with pytest.raises(Conflict) as info:
+            await store.put("/k", b"again", if_revision=0)
+        assert (info.value.key, info.value.expected, info.value.actual) == ("/k", 0, created.mod_revision)
+
+        updated = await store.put("/k", b"2", if_revision=created.mod_revision)
+        with pytest.raises(Conflict) as info:
+            await store.put("/k", b"stale", if_revision=created.mod_revision)
+        assert (info.value.expected, info.value.actual) == (created.mod_revision, updated.mod_revision)
+        with pytest.raises(Conflict):
+            await store.put("/absent", b"x", if_revision=7)
+
+        with pytest.raises(Conflict):
+            await store.delete("/k", if_revision=created.mod_revision)
+        with pytest.raises(Conflict):
+            await store.delete("/k", if_revision=0)
+        assert await store.delete("/absent", if_revision=3) is False
+        assert await store.delete("/k", if_revision=updated.mod_revision) is True
+
+        assert await store.revision() == 3  # failed checks did not bump the revision
+        with pytest.raises(ValueError):
+            await store.put("/k", b"x", if_revision=-1)
+
+    run_with_store(tmp_path, body)
+
+
+def test_txn_put_many(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        old = await store.put("/apps/a", b"v1")
+        rev = await store.txn_put_many(
+            [("/apps/a", b"v2", old.mod_revision), ("/releases/a/1", b"r", 0), ("/free", b"f", None)]
+        )
+        assert rev == old.mod_revision + 1
+        for key in ("/apps/a", "/releases/a/1", "/free"):
+            kv = await store.get(key)
+            assert kv is not None and kv.mod_revision == rev
+        a = await store.get("/apps/a")
+        assert a is not None and (a.value, a.version, a.create_revision) == (b"v2", 2, old.mod_revision)
+
+        # One failing check: nothing written, revision unchanged.
+        with pytest.raises(Conflict) as info:
+            await store.txn_put_many([("/new", b"n", 0), ("/apps/a", b"v3", old.mod_revision)])
+        assert info.value.key == "/apps/a"
+        assert await store.get("/new") is None
+        assert await store.revision() == rev
+        assert await store.txn_put_many([]) == rev
+        with pytest.raises(ValueError):
+            await store.txn_put_many([("/x", b"1", None), ("/x", b"2", None)])
+
+    run_with_store(tmp_path, body)
+
+
+# -- watch ------------------------------------------------------------------------------------------
+
+
+def test_watch_history_then_live_in_order_and_prefix_only(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        await store.put("/i/1", b"a")  # rev 1, before the watch point
+        await store.put("/i/2", b"b")  # rev 2
+        await store.put("/other", b"x")  # rev 3, another prefix
+        await store.delete("/i/1")  # rev 4
+        await store.txn_put_many([("/i/3", b"c", None), ("/ix", b"not mine", None), ("/i/4", b"d", 0)])  # 5
+
+        async with contextlib.aclosing(store.watch("/i/", after_revision=1)) as events:
+            history = await take(events, 4)
+            assert summary(history) == [
+                ("PUT", "/i/2", b"b", 2),
+                ("DELETE", "/i/1", None, 4),
+                ("PUT", "/i/3", b"c", 5),
+                ("PUT", "/i/4", b"d", 5),
+            ]
+            assert history[0].kv is not None and history[0].kv.create_revision == 2
+
+            async def writer() -> None:
+                await store.put("/other", b"y")  # 6
+                await store.put("/i/2", b"b2")  # 7
+                await store.delete("/i/2")  # 8
+                await store.put("/i/5", b"e")  # 9
+
+            task = asyncio.create_task(writer())
+            live = await take(events, 3)
+            await task
+            assert summary(live) == [
+                ("PUT", "/i/2", b"b2", 7),
+                ("DELETE", "/i/2", None, 8),
+                ("PUT", "/i/5", b"e", 9),
+            ]
+            kv = live[0].kv
+            assert kv is not None and (kv.version, kv.create_revision, kv.mod_revision) == (2, 2, 7)
+
+    run_with_store(tmp_path, body)
+
+
+def test_watch_many_watchers_and_large_history(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        # More events than one read batch, with a transaction straddling the batch edge.
+        for i in range(499):
+            await store.put(f"/k/{i:04}", b"x")
+        await store.txn_put_many([(f"/k/t{i}", b"t", None) for i in range(10)])
+        watchers = [store.watch("/k/", after_revision=0) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(take(w, 509) for w in watchers))
+        finally:
+            for w in watchers:
+                await w.aclose()
+        for events in results:
+            assert [e.revision for e in events] == [*range(1, 500), *[500] * 10]
+
+    run_with_store(tmp_path, body)
+
+
+def test_watch_stops_cleanly(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        await store.put("/w/1", b"1")
+        async for _event in store.watch("/w/", after_revision=0):
+            assert store._watchers == 1
+            break
+        for _ in range(5):  # the loop's async-generator hook closes it on a later turn
+            await asyncio.sleep(0)
+        assert store._watchers == 0
+
+        # A watcher cancelled while waiting for live events.
+        task = asyncio.create_task(take(store.watch("/w/", after_revision=1), 1, timeout=10))
+        await asyncio.sleep(0.05)
+        assert store._watchers == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert store._watchers == 0
+
+    run_with_store(tmp_path, body)
+
+
+def test_close_ends_waiting_watch(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "s.db")
+        await store.start()
+        task = asyncio.create_task(take(store.watch("/", after_revision=0), 1))
+        await asyncio.sleep(0.05)
+        await store.close()
+        with pytest.raises(StoreError):
+            await task
+        with pytest.raises(StoreError):
+            await store.get("/x")
+
+    asyncio.run(main())
+
+
+def test_compacted(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        for i in range(10):
+            await store.put("/c", str(i).encode())
+        # history=3 keeps revisions 8, 9, 10: a watch from 7 still sees everything after it.
+        with pytest.raises(Compacted) as info:
+            await take(store.watch("/c", after_revision=6), 1)
+        assert (info.value.requested, info.value.compact_revision) == (6, 7)
+        async with contextlib.aclosing(store.watch("/c", after_revision=7)) as events:
+            assert [e.revision for e in await take(events, 3)] == [8, 9, 10]
+
+    run_with_store(tmp_path, body, history=3)
+
+
+def test_prefix_end() -> None:
+    assert _prefix_end("/a/") == "/a0"
+    assert _prefix_end("") is None
+    assert _prefix_end("a\U0010ffff") == "b"
+    assert _prefix_end("\U0010ffff") is None
+    assert _prefix_end("x\ud7ff") == "x\ue000"
+
+
+# -- leases -----------------------------------------------------------------------------------------
+
+
+def test_lease_expiry_deletes_keys_with_delete_events(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        lease = await store.grant_lease(0.15)
+        await store.put("/nodes/n1", b"n1", lease=lease)
+        await store.put("/nodes/n2", b"n2", lease=lease)
+        kept = await store.put("/nodes/n3", b"n3")
+        assert (await store.get("/nodes/n1")) is not None
+        rev = await store.revision()
+
+        async with contextlib.aclosing(store.watch("/nodes/", after_revision=rev)) as events:
+            deleted = await take(events, 2)
+        assert summary(deleted) == [
+            ("DELETE", "/nodes/n1", None, rev + 1),
+            ("DELETE", "/nodes/n2", None, rev + 1),
+        ]
+        assert await store.get("/nodes/n1") is None
+        assert await store.get("/nodes/n3") == kept
+        with pytest.raises(LeaseNotFound):
+            await store.keepalive(lease)
+        with pytest.raises(LeaseNotFound):
+            await store.put("/nodes/n4", b"x", lease=lease)
+
+    run_with_store(tmp_path, body)
+
+
+def test_keepalive_extends_and_revoke(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        lease = await store.grant_lease(0.2)
+        await store.put("/nodes/n1", b"n1", lease=lease)
+        for _ in range(6):  # 0.3 s in all, well past the ttl
+            await asyncio.sleep(0.05)
+            await store.keepalive(lease)
+        kv = await store.get("/nodes/n1")
+        assert kv is not None and kv.lease == lease
+
+        other = await store.grant_lease(60)
+        await store.put("/nodes/a", b"a", lease=other)
+        await store.put("/nodes/b", b"b", lease=other)
+        rev = await store.revision()
+        await store.revoke(other)
+        assert await store.revision() == rev + 1  # one revision for all of the lease's keys
+        assert (await store.list("/nodes/"))[0] == [kv]
+        with pytest.raises(LeaseNotFound):
+            await store.revoke(other)
+        with pytest.raises(LeaseNotFound):
+            await store.keepalive(12345)
+        with pytest.raises(ValueError):
+            await store.grant_lease(0)
+
+        # A put without a lease detaches the key from its lease.
+        await store.put("/nodes/n1", b"n1", lease=None)
+        await store.revoke(lease)
+        assert await store.get("/nodes/n1") is not None
+
+    run_with_store(tmp_path, body)
+
+
+def test_state_and_lease_expiry_survive_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+
+    async def first() -> tuple[int, int]:
+        async with SQLiteStore(path, sweep_interval=SWEEP) as store:
+            long = await store.grant_lease(60)
+            short = await store.grant_lease(0.3)
+            await store.put("/long", b"l", lease=long)
+            await store.put("/short", b"s", lease=short)
+            await store.put("/plain", b"p")
+            return long, await store.revision()
+
+    async def second(long: int, rev: int) -> None:
+        await asyncio.sleep(0.35)  # the short lease expires while no store is running
+        async with SQLiteStore(path, sweep_interval=SWEEP) as store:
+            assert await store.revision() >= rev
+            await asyncio.sleep(0.1)
+            assert await store.get("/short") is None
+            assert await store.get("/plain") is not None
+            await store.keepalive(long)
+            assert await store.get("/long") is not None
+            assert await store.revision() == rev + 1
+            assert await store.grant_lease(1) > long  # lease ids are never reused
+
+    long, rev = asyncio.run(first())
+    asyncio.run(second(long, rev))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# -- durability and open_store ----------------------------------------------------------------------
+
+
+def test_acked_write_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "durable.db"
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from osless.store import SQLiteStore
+
+        async def main():
+            store = SQLiteStore(sys.argv[1])
+            await store.start()
+            await store.put("/durable", b"yes")
+            print("acked", flush=True)
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    assert line == "acked\n"
+    assert proc.returncode == -signal.SIGKILL
+
+    async def check() -> None:
+        async with SQLiteStore(path) as store:
+            kv = await store.get("/durable")
+            assert kv is not None and kv.value == b"yes"
+            assert await store.revision() == 1
+
+    asyncio.run(check())
+
+
+def test_open_store(tmp_path: Path) -> None:
+    store: Store = open_store(f"sqlite://{tmp_path}/a.db")
+    assert isinstance(store, SQLiteStore) and store.path == tmp_path / "a.db"
+    plain = open_store(str(tmp_path / "b.db"))
+    assert isinstance(plain, SQLiteStore) and plain.path == tmp_path / "b.db"
+    with pytest.raises(ValueError, match="sqlite:///"):
+        open_store("etcd://127.0.0.1:2379")
+    with pytest.raises(ValueError, match="absolute"):
+        open_store("sqlite://relative.db")
+    with pytest.raises(ValueError):
+        open_store("")
+
+    async def not_started() -> None:
+        with pytest.raises(StoreError, match="start"):
+            await store.get("/x")
+
+    asyncio.run(not_started())
