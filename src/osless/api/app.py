@@ -37,28 +37,36 @@ class BodyLimit:
             await self._reject(send, limit)
             return
         seen = 0
-        responded = False
+        responded = rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge()
+                    # Answer now; the app then sees a disconnect and whatever it sends is dropped.
+                    rejected = True
+                    if not responded:
+                        await self._reject(send, limit)
+                    return {"type": "http.disconnect"}
             return msg
 
         async def tracking_send(msg: Message) -> None:
             nonlocal responded
+            if rejected:
+                return
             if msg["type"] == "http.response.start":
                 responded = True
             await send(msg)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not responded:
-                await self._reject(send, limit)
+        except Exception:
+            if not rejected:
+                raise
 
     @staticmethod
     async def _reject(send: Send, limit: int) -> None:
@@ -66,10 +74,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(state: ApiState) -> FastAPI:

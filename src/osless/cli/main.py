@@ -116,9 +116,9 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
                 if line.startswith("==> "):
                     status.update(line[4:])
                     if not quiet:
-                        console.print(f"[bold]{line}[/]", highlight=False)
+                        console.print(f"[bold]{line}[/]", highlight=False, soft_wrap=True)
                 elif not quiet:
-                    console.print(f"    {line}", style="dim", highlight=False, markup=False)
+                    console.print(f"    {line}", style="dim", highlight=False, markup=False, soft_wrap=True)
         except ApiError as e:
             fail(e.message)
         if final.get("status") != "succeeded":

@@ -296,8 +296,6 @@ def prewarm(instance: Instance) -> None:
     config = _config(instance, os.devnull)
     config.load()  # imports the protocol, websocket and lifespan classes
     config.get_loop_factory()  # imports uvloop
-    if instance.web_kind == "wsgi":
-        import a2wsgi.wsgi  # noqa: F401
 
 
 class _Server(uvicorn.Server):

@@ -31,12 +31,8 @@ def find_entry(code_dir: str) -> str:
         osless = tool.get("osless") if isinstance(tool, dict) else None
         entry = osless.get("entry") if isinstance(osless, dict) else None
         if entry is not None:
-            if not isinstance(entry, str) or not _MODULE_RE.match(entry):
-                raise UsageError(
-                    f'[tool.osless] entry in {pyproject} must be a module name like "app" or '
-                    f'"shop.main", got {entry!r}'
-                )
-            return entry
+            _check_entry(entry, f"[tool.osless] entry in {pyproject}")
+            return str(entry)
     for name in ("app", "main"):
         if os.path.isfile(os.path.join(code_dir, f"{name}.py")):
             return name
@@ -48,8 +44,7 @@ def find_entry(code_dir: str) -> str:
 
 def load_app(code_dir: str, deps_dir: str | None, entry: str) -> App:
     """Import `entry` with the code layer (then the dependency layer) first on sys.path; return its App."""
-    if not _MODULE_RE.match(entry):
-        raise UsageError(f'entry {entry!r} is not a module name like "app" or "shop.main"')
+    _check_entry(entry, "the entry")
     # Inserted in reverse so the result is [code_dir, deps_dir, ...]: app code shadows its deps,
     # and both shadow whatever the runtime's own environment has.
     for path in (deps_dir, code_dir):
@@ -78,6 +73,16 @@ def load_app(code_dir: str, deps_dir: str | None, entry: str) -> App:
             f"{where} defines {len(apps)} osless.App instances ({names}); an entry module has exactly one"
         )
     return next(iter(apps.values()))[1]
+
+
+def _check_entry(entry: object, where: str) -> None:
+    if isinstance(entry, str) and entry.endswith(".py"):
+        # "app.py" would parse as module py of package app: almost surely a file name by mistake.
+        raise UsageError(
+            f"{where} must be a module name, not a file name: write {entry[:-3]!r}, not {entry!r}"
+        )
+    if not isinstance(entry, str) or not _MODULE_RE.match(entry):
+        raise UsageError(f'{where} must be a module name like "app" or "shop.main", got {entry!r}')
 
 
 def web_kind(obj: Any) -> Literal["asgi", "wsgi"]:

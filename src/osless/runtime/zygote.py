@@ -105,8 +105,8 @@ class Zygote:
             return
         assert isinstance(path, str) and isinstance(env, dict)
         # Anything still buffered would otherwise be written twice, once by each process.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_stdio()
+        zygote_pid = os.getpid()
         # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
         order_r, order_w = os.pipe()
         try:
@@ -117,17 +117,18 @@ class Zygote:
             return
         if pid == 0:
             os.close(order_w)
-            self._child(iid, path, env, fds, order_r)
+            self._child(zygote_pid, iid, path, env, fds, order_r)
         os.close(order_r)
         _close_all(fds)
         self.children[pid] = iid
         self._send({"op": "forked", "id": iid, "pid": pid})
         os.close(order_w)
 
-    def _child(self, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int) -> NoReturn:
+    def _child(
+        self, zygote_pid: int, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int
+    ) -> NoReturn:
         code = 1
         try:
-            zygote_pid = os.getppid()
             os.setsid()  # its own session and process group: the agent's terminal signals stay there
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != zygote_pid:
@@ -141,9 +142,7 @@ class Zygote:
             traceback.print_exc()
             code = 1
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
+            _flush_stdio()
             os._exit(code)  # never return into the zygote's loop
 
     def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
@@ -158,7 +157,7 @@ class Zygote:
         stdout, stderr = fds
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
-        _close_all(fds)
+        _close_all([fd for fd in fds if fd > 2])  # an fd already numbered 1 or 2 is now in its place
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)  # the agent's stdin is not the instance's
         os.close(devnull)
@@ -228,6 +227,12 @@ class Zygote:
                 break
             self.children.pop(pid, None)
         os._exit(0)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or None when started without them
+            stream.flush()
 
 
 def _noop(signum: int, frame: Any) -> None:

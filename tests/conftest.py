@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.platform import EXAMPLES, Platform
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """One running platform, shared by the tests that only add to it."""
+    root = tmp_path_factory.mktemp("platform")
+    p = Platform(root / "data").start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def hello(platform: Platform) -> dict[str, object]:
+    """examples/hello, deployed once."""
+    return platform.deploy(EXAMPLES / "hello")
+
+
+@pytest.fixture
+def own_platform(tmp_path: Path) -> Iterator[Platform]:
+    """A platform of the test's own, for tests that stop or kill it."""
+    p = Platform(tmp_path / "data").start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def flask_demo(platform: Platform) -> dict[str, object]:
+    """examples/flask, deployed once."""
+    return platform.deploy(EXAMPLES / "flask")

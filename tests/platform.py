@@ -1,0 +1,124 @@
+"""A real `osless up` in a subprocess, and the real CLI against it: what the end-to-end tests drive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+OSLESS = str(Path(sys.executable).parent / "osless")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Platform:
+    data_dir: Path
+    api_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    token: str = ""
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "OSLESS_API": self.api, "OSLESS_TOKEN": self.token,
+                "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), "COLUMNS": "200"}
+
+    def start(self, timeout: float = 30.0) -> Platform:
+        log = open(self.data_dir.parent / "up.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [OSLESS, "up", "--data-dir", str(self.data_dir), "--api-port", str(self.api_port),
+             "--http-port", str(self.http_port)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config")},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"osless up exited with {self.proc.returncode}: {self.output()[-2000:]}")
+            token_file = self.data_dir / "admin-token"
+            if token_file.exists():
+                self.token = token_file.read_text().strip()
+                try:
+                    if httpx.get(f"{self.gateway}/_health", timeout=1).status_code == 200 and self.http(
+                            "GET", "/v1/status").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"osless up did not come up in {timeout}s: {self.output()[-2000:]}")
+
+    def output(self) -> str:
+        p = self.data_dir.parent / "up.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def http(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
+        return httpx.request(method, self.api + path, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([OSLESS, *args], env=self.env, capture_output=True, text=True, input=input,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"osless {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def deploy(self, path: Path, *extra: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.cli_json("deploy", str(path), *extra)
+        return result
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+    def instances(self, app: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.http("GET", "/v1/instances", params={"app": app}).json()["items"]
+        return items
+
+
+def copy_app(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest

@@ -1,0 +1,100 @@
+"""The REST API's contract: tokens, one error shape, 4xx for bad input, OpenAPI, watch streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+
+from tests.platform import Platform
+
+
+def test_every_v1_path_needs_a_token(platform: Platform) -> None:
+    for path in ("/v1/apps", "/v1/status", "/v1/instances", "/v1/deploys"):
+        r = httpx.get(platform.api + path)
+        assert r.status_code == 401, path
+        assert r.json()["error"]["code"] == "unauthorized"
+    r = httpx.get(platform.api + "/v1/apps", headers={"authorization": "Bearer osl_wrong"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid token"
+
+
+def test_openapi_lists_the_resources(platform: Platform) -> None:
+    spec = httpx.get(platform.api + "/openapi.json").json()
+    for path in ("/v1/apps", "/v1/deploys", "/v1/apps/{app}/functions/{function}:invoke",
+                 "/v1/apps/{app}/rollback", "/v1/apps/{app}/scale", "/v1/apps/{app}/logs", "/v1/instances"):
+        assert path in spec["paths"], path
+
+
+def test_malformed_json_is_400(platform: Platform) -> None:
+    r = platform.http("POST", "/v1/apps", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "malformed_json"
+
+
+def test_invalid_fields_are_422_naming_the_field(platform: Platform) -> None:
+    r = platform.http("POST", "/v1/apps", json={"name": "Not_Valid"})
+    assert r.status_code == 422 and "Not_Valid" in r.json()["error"]["message"]
+    r = platform.http("POST", "/v1/apps", json={"nam": "x"})
+    assert r.status_code == 422 and "name" in r.json()["error"]["message"]
+
+
+def test_scale_validation(platform: Platform, hello: dict[str, Any]) -> None:
+    r = platform.http("PUT", "/v1/apps/hello/scale", json={"min": 3, "max": 1})
+    assert r.status_code == 422 and "must not exceed" in r.json()["error"]["message"]
+    r = platform.http("PUT", "/v1/apps/hello/scale", json={"min": -1, "max": 1})
+    assert r.status_code == 422
+    r = platform.cli("scale", "hello", "--min", "2", "--max", "1", check=False)
+    assert r.returncode == 1 and "must not exceed" in r.stderr
+
+
+def test_oversized_bodies_are_413(platform: Platform) -> None:
+    big = b"x" * (7 * 1024 * 1024)
+    r = platform.http("POST", "/v1/apps", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+    def chunks() -> Any:  # no content-length: the limit holds while streaming too
+        for _ in range(8):
+            yield b"x" * (1024 * 1024)
+
+    r = platform.http("POST", "/v1/apps", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_upload_of_wrong_type_or_garbage_is_4xx(platform: Platform) -> None:
+    r = platform.http("POST", "/v1/deploys", content=b"hello", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = platform.http("POST", "/v1/deploys", content=b"not a tarball", headers={"content-type": "application/gzip"})
+    assert r.status_code == 202  # accepted, then the build says what is wrong
+    deploy_id = r.json()["id"]
+    lines = [json.loads(x) for x in platform.http("GET", f"/v1/deploys/{deploy_id}/log",
+                                                   params={"follow": "true"}).text.splitlines()]
+    assert lines[-1]["deploy"]["status"] == "failed"
+    assert "archive" in lines[-1]["deploy"]["error"].lower()
+
+
+def test_unknown_resources_are_404_json(platform: Platform) -> None:
+    for path in ("/v1/apps/ghost", "/v1/apps/ghost/releases", "/v1/deploys/d-000", "/v1/nope"):
+        r = platform.http("GET", path)
+        assert r.status_code == 404, path
+        assert set(r.json()["error"]) == {"code", "message"}
+
+
+def test_watch_streams_app_changes(platform: Platform) -> None:
+    listed = platform.http("GET", "/v1/apps").json()
+    events: list[dict[str, Any]] = []
+
+    def watch() -> None:
+        with httpx.stream("GET", platform.api + "/v1/apps", params={"watch": "true", "revision": listed["revision"]},
+                          headers={"authorization": f"Bearer {platform.token}"}, timeout=20) as r:
+            for line in r.iter_lines():
+                events.append(json.loads(line))
+                if events[-1].get("name") == "watched":
+                    return
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    assert platform.http("POST", "/v1/apps", json={"name": "watched"}).status_code == 201
+    t.join(15)
+    assert events and events[-1]["type"] == "PUT" and events[-1]["object"]["name"] == "watched"

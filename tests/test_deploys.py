@@ -1,0 +1,102 @@
+"""Deploy, invoke, redeploy, roll back, and builds that fail: through the real CLI and API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from tests.platform import EXAMPLES, Platform, copy_app
+
+APPS = Path(__file__).parent / "apps"
+
+
+def set_version(src: Path, version: str) -> None:
+    app = src / "app.py"
+    app.write_text(app.read_text().replace('VERSION = "one"', f'VERSION = "{version}"'))
+
+
+def test_deploy_then_invoke_hello(platform: Platform, hello: dict[str, object]) -> None:
+    assert hello["status"] == "succeeded"
+    out = platform.cli("invoke", "hello.greet", '{"name": "Ada"}')
+    result = json.loads(out.stdout)
+    assert result["message"] == "Hello, Ada!"
+    assert len(result["request_id"]) >= 16
+
+
+def test_invoke_reads_the_event_from_stdin(platform: Platform, hello: dict[str, object]) -> None:
+    out = platform.cli("invoke", "hello.greet", "-", input='{"name": "Grace"}')
+    assert json.loads(out.stdout)["message"] == "Hello, Grace!"
+
+
+def test_redeploy_and_rollback(platform: Platform, tmp_path: Path) -> None:
+    src = copy_app(APPS / "e2e_versioned", tmp_path / "versioned")
+    first = platform.deploy(src)
+    assert json.loads(platform.cli("invoke", "versioned.version").stdout) == "one"
+
+    set_version(src, "two")
+    second = platform.deploy(src)
+    assert second["release"] == first["release"] + 1
+    assert second["deps_cached"] is True  # a code-only change reuses the dependency layer
+    assert json.loads(platform.cli("invoke", "versioned.version").stdout) == "two"
+    assert httpx.get(f"{platform.gateway}/versioned/").text == "two"
+
+    rolled = platform.cli_json("rollback", "versioned")
+    assert rolled["description"] == f"Rollback to v{first['release']}"
+    platform.wait_for(lambda: httpx.get(f"{platform.gateway}/versioned/").text == "one", what="rollback to serve")
+    assert json.loads(platform.cli("invoke", "versioned.version").stdout) == "one"
+
+    again = platform.cli_json("rollback", "versioned", "--to", str(second["release"]))
+    assert again["image"] == second["image"]
+    platform.wait_for(lambda: httpx.get(f"{platform.gateway}/versioned/").text == "two", what="roll forward")
+
+    history = platform.cli_json("releases", "versioned")
+    assert [r["version"] for r in history] == [4, 3, 2, 1]
+    table = platform.cli("releases", "versioned").stdout
+    assert "Rollback to v1" in table and "Rollback to v2" in table
+
+
+def test_failing_build_keeps_the_running_release(platform: Platform, tmp_path: Path) -> None:
+    src = copy_app(APPS / "e2e_versioned", tmp_path / "versioned2")
+    good = platform.deploy(src, "--name", "keeper")
+    broken = copy_app(APPS / "e2e_broken", tmp_path / "broken")
+    r = platform.cli("deploy", str(broken), "--name", "keeper", check=False)
+    assert r.returncode == 1
+    assert "no_such_module_for_osless_tests" in r.stdout  # the traceback streams to the CLI
+    assert "deploy failed" in r.stderr and "no_such_module_for_osless_tests" in r.stderr
+    app = platform.http("GET", "/v1/apps/keeper").json()
+    assert app["current_release"] == good["release"]
+    assert httpx.get(f"{platform.gateway}/keeper/").text == "one"
+
+
+def test_dependency_from_requirements_is_built_and_cached(platform: Platform, tmp_path: Path) -> None:
+    src = tmp_path / "deps"
+    src.mkdir()
+    (src / "requirements.txt").write_text("six==1.16.0\n")
+    (src / "app.py").write_text(
+        "import osless, six\napp = osless.App('deps')\n"
+        "@app.function()\ndef which(event, ctx):\n    return {'six': six.__version__, 'file': six.__file__}\n"
+    )
+    first = platform.deploy(src)
+    assert first["deps_cached"] is False
+    result = json.loads(platform.cli("invoke", "deps.which").stdout)
+    assert result["six"] == "1.16.0"
+    assert "/images/layers/" in result["file"]  # from the dependency layer, not the host
+    (src / "app.py").write_text((src / "app.py").read_text() + "\n# a code-only change\n")
+    second = platform.deploy(src)
+    assert second["deps_cached"] is True
+
+
+def test_deploy_output_shows_build_progress(platform: Platform, tmp_path: Path) -> None:
+    src = copy_app(EXAMPLES / "hello", tmp_path / "hello")
+    r = platform.cli("deploy", str(src), "--name", "hello-progress")
+    assert "==> Resolving dependencies" in r.stdout
+    assert "Deployed hello-progress" in r.stdout
+    assert f"{platform.gateway}/hello-progress/" in r.stdout
+
+
+def test_deploy_of_a_missing_folder_is_one_clear_line(platform: Platform, tmp_path: Path) -> None:
+    r = platform.cli("deploy", str(tmp_path / "nowhere"), check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "is not a folder" in r.stderr

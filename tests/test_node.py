@@ -1,0 +1,62 @@
+"""The node agent: instances are supervised, restarted with the reason recorded, and their output kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+def ready(platform: Platform, app: str) -> list[dict[str, object]]:
+    return [i for i in platform.instances(app) if i["status"]["phase"] == "ready"]
+
+
+def test_crashing_instance_is_restarted_and_ps_says_why(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_crashy")
+    before = ready(platform, "crashy")[0]
+    r = platform.cli("invoke", "crashy.crash", check=False)
+    assert r.returncode == 1 and "failed before answering" in r.stderr
+
+    def restarted() -> dict[str, object] | None:
+        for i in ready(platform, "crashy"):
+            if i["status"]["restarts"] >= 1:  # type: ignore[index, operator]
+                return i
+        return None
+
+    inst = platform.wait_for(restarted, what="the instance to come back")
+    assert inst["id"] == before["id"] and inst["status"]["pid"] != before["status"]["pid"]
+    assert inst["status"]["last_exit"]["reason"] == "exited with code 3"
+    table = platform.cli("ps", "crashy").stdout
+    assert "exited with code 3" in table
+    assert json.loads(platform.cli("invoke", "crashy.ok").stdout)["pid"] == inst["status"]["pid"]
+
+    os.kill(inst["status"]["pid"], signal.SIGKILL)
+    platform.wait_for(lambda: any(i["status"].get("last_exit", {}).get("reason") == "killed by SIGKILL"
+                                  and i["status"]["phase"] == "ready" for i in platform.instances("crashy")),
+                      what="restart after SIGKILL")
+    assert "killed by SIGKILL" in platform.cli("ps", "crashy").stdout
+    logs = platform.cli("logs", "crashy").stdout
+    assert "about to exit with code 3" in logs
+    assert "exited with code 3" in logs
+
+
+def test_function_output_reaches_logs_and_follow(platform: Platform, hello: dict[str, object]) -> None:
+    out = json.loads(platform.cli("invoke", "hello.greet", '{"name": "Logan"}').stdout)
+    records = platform.wait_for(
+        lambda: [r for r in map(json.loads, platform.cli("logs", "hello", "--json").stdout.splitlines())
+                 if out["request_id"] in r["line"]], what="the log line")
+    assert records[0]["stream"] == "stdout" and records[0]["source"].startswith("hello-v")
+
+
+def test_scale_changes_the_number_of_instances(platform: Platform, hello: dict[str, object]) -> None:
+    platform.cli("scale", "hello", "--min", "3", "--max", "5")
+    platform.wait_for(lambda: len(ready(platform, "hello")) == 3, what="3 ready instances")
+    pids = {i["status"]["pid"] for i in ready(platform, "hello")}
+    assert len(pids) == 3
+    platform.cli("scale", "hello", "--min", "1", "--max", "5")
+    platform.wait_for(lambda: len(platform.instances("hello")) == 1, what="back to 1 instance")
