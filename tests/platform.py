@@ -45,15 +45,30 @@ class Platform:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "OSLESS_API": self.api, "OSLESS_TOKEN": self.token,
-                "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), "COLUMNS": "200"}
+        return {
+            **os.environ,
+            "OSLESS_API": self.api,
+            "OSLESS_TOKEN": self.token,
+            "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"),
+            "COLUMNS": "200",
+        }
 
     def start(self, timeout: float = 30.0) -> Platform:
         log = open(self.data_dir.parent / "up.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [OSLESS, "up", "--data-dir", str(self.data_dir), "--api-port", str(self.api_port),
-             "--http-port", str(self.http_port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config")},
+            [
+                OSLESS,
+                "up",
+                "--data-dir",
+                str(self.data_dir),
+                "--api-port",
+                str(self.api_port),
+                "--http-port",
+                str(self.http_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config")},
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -64,8 +79,10 @@ class Platform:
             if token_file.exists():
                 self.token = token_file.read_text().strip()
                 try:
-                    if httpx.get(f"{self.gateway}/_health", timeout=1).status_code == 200 and self.http(
-                            "GET", "/v1/status").status_code == 200:
+                    if (
+                        httpx.get(f"{self.gateway}/_health", timeout=1).status_code == 200
+                        and self.http("GET", "/v1/status").status_code == 200
+                    ):
                         return self
                 except httpx.HTTPError:
                     pass
@@ -90,9 +107,12 @@ class Platform:
         headers = {"authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
         return httpx.request(method, self.api + path, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
-    def cli(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([OSLESS, *args], env=self.env, capture_output=True, text=True, input=input,
-                           timeout=timeout)
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [OSLESS, *args], env=self.env, capture_output=True, text=True, input=input, timeout=timeout
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"osless {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
         return r

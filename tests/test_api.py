@@ -22,8 +22,15 @@ def test_every_v1_path_needs_a_token(platform: Platform) -> None:
 
 def test_openapi_lists_the_resources(platform: Platform) -> None:
     spec = httpx.get(platform.api + "/openapi.json").json()
-    for path in ("/v1/apps", "/v1/deploys", "/v1/apps/{app}/functions/{function}:invoke",
-                 "/v1/apps/{app}/rollback", "/v1/apps/{app}/scale", "/v1/apps/{app}/logs", "/v1/instances"):
+    for path in (
+        "/v1/apps",
+        "/v1/deploys",
+        "/v1/apps/{app}/functions/{function}:invoke",
+        "/v1/apps/{app}/rollback",
+        "/v1/apps/{app}/scale",
+        "/v1/apps/{app}/logs",
+        "/v1/instances",
+    ):
         assert path in spec["paths"], path
 
 
@@ -65,11 +72,17 @@ def test_oversized_bodies_are_413(platform: Platform) -> None:
 def test_upload_of_wrong_type_or_garbage_is_4xx(platform: Platform) -> None:
     r = platform.http("POST", "/v1/deploys", content=b"hello", headers={"content-type": "text/plain"})
     assert r.status_code == 415
-    r = platform.http("POST", "/v1/deploys", content=b"not a tarball", headers={"content-type": "application/gzip"})
+    r = platform.http(
+        "POST", "/v1/deploys", content=b"not a tarball", headers={"content-type": "application/gzip"}
+    )
     assert r.status_code == 202  # accepted, then the build says what is wrong
     deploy_id = r.json()["id"]
-    lines = [json.loads(x) for x in platform.http("GET", f"/v1/deploys/{deploy_id}/log",
-                                                   params={"follow": "true"}).text.splitlines()]
+    lines = [
+        json.loads(x)
+        for x in platform.http(
+            "GET", f"/v1/deploys/{deploy_id}/log", params={"follow": "true"}
+        ).text.splitlines()
+    ]
     assert lines[-1]["deploy"]["status"] == "failed"
     assert "archive" in lines[-1]["deploy"]["error"].lower()
 
@@ -86,8 +99,13 @@ def test_watch_streams_app_changes(platform: Platform) -> None:
     events: list[dict[str, Any]] = []
 
     def watch() -> None:
-        with httpx.stream("GET", platform.api + "/v1/apps", params={"watch": "true", "revision": listed["revision"]},
-                          headers={"authorization": f"Bearer {platform.token}"}, timeout=20) as r:
+        with httpx.stream(
+            "GET",
+            platform.api + "/v1/apps",
+            params={"watch": "true", "revision": listed["revision"]},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=20,
+        ) as r:
             for line in r.iter_lines():
                 events.append(json.loads(line))
                 if events[-1].get("name") == "watched":

@@ -44,7 +44,9 @@ def test_redeploy_and_rollback(platform: Platform, tmp_path: Path) -> None:
 
     rolled = platform.cli_json("rollback", "versioned")
     assert rolled["description"] == f"Rollback to v{first['release']}"
-    platform.wait_for(lambda: httpx.get(f"{platform.gateway}/versioned/").text == "one", what="rollback to serve")
+    platform.wait_for(
+        lambda: httpx.get(f"{platform.gateway}/versioned/").text == "one", what="rollback to serve"
+    )
     assert json.loads(platform.cli("invoke", "versioned.version").stdout) == "one"
 
     again = platform.cli_json("rollback", "versioned", "--to", str(second["release"]))

@@ -25,8 +25,12 @@ def test_wsgi_flask_app(platform: Platform, flask_demo: dict[str, object]) -> No
 
 def test_large_bodies_stream_both_ways(platform: Platform, flask_demo: dict[str, object]) -> None:
     payload = b"x" * (3 * 1024 * 1024)
-    r = httpx.post(f"{platform.gateway}/flask-demo/echo", content=payload,
-                   headers={"content-type": "application/octet-stream"}, timeout=30)
+    r = httpx.post(
+        f"{platform.gateway}/flask-demo/echo",
+        content=payload,
+        headers={"content-type": "application/octet-stream"},
+        timeout=30,
+    )
     assert r.status_code == 200  # a 3 MiB upload passes through; flask sees non-JSON and answers null
     assert r.json()["received"] is None
 
@@ -45,7 +49,9 @@ def test_app_scaled_to_zero_answers_503(platform: Platform) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_instances" and r.headers["retry-after"] == "1"
     platform.cli("scale", "hello-zero", "--min", "1", "--max", "1")
-    platform.wait_for(lambda: httpx.get(f"{platform.gateway}/hello-zero/").status_code == 200, what="scale up")
+    platform.wait_for(
+        lambda: httpx.get(f"{platform.gateway}/hello-zero/").status_code == 200, what="scale up"
+    )
 
 
 def test_function_invoke_over_the_gateway_needs_a_token(platform: Platform, hello: dict[str, object]) -> None:

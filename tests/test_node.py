@@ -36,9 +36,14 @@ def test_crashing_instance_is_restarted_and_ps_says_why(platform: Platform) -> N
     assert json.loads(platform.cli("invoke", "crashy.ok").stdout)["pid"] == inst["status"]["pid"]
 
     os.kill(inst["status"]["pid"], signal.SIGKILL)
-    platform.wait_for(lambda: any(i["status"].get("last_exit", {}).get("reason") == "killed by SIGKILL"
-                                  and i["status"]["phase"] == "ready" for i in platform.instances("crashy")),
-                      what="restart after SIGKILL")
+    platform.wait_for(
+        lambda: any(
+            i["status"].get("last_exit", {}).get("reason") == "killed by SIGKILL"
+            and i["status"]["phase"] == "ready"
+            for i in platform.instances("crashy")
+        ),
+        what="restart after SIGKILL",
+    )
     assert "killed by SIGKILL" in platform.cli("ps", "crashy").stdout
     logs = platform.cli("logs", "crashy").stdout
     assert "about to exit with code 3" in logs
@@ -48,8 +53,13 @@ def test_crashing_instance_is_restarted_and_ps_says_why(platform: Platform) -> N
 def test_function_output_reaches_logs_and_follow(platform: Platform, hello: dict[str, object]) -> None:
     out = json.loads(platform.cli("invoke", "hello.greet", '{"name": "Logan"}').stdout)
     records = platform.wait_for(
-        lambda: [r for r in map(json.loads, platform.cli("logs", "hello", "--json").stdout.splitlines())
-                 if out["request_id"] in r["line"]], what="the log line")
+        lambda: [
+            r
+            for r in map(json.loads, platform.cli("logs", "hello", "--json").stdout.splitlines())
+            if out["request_id"] in r["line"]
+        ],
+        what="the log line",
+    )
     assert records[0]["stream"] == "stdout" and records[0]["source"].startswith("hello-v")
 
 

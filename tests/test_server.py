@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -29,12 +28,24 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
         v2 = first.deploy(src)
         first.cli("scale", "hello", "--min", "2", "--max", "4")
         rolled = first.cli_json("rollback", "hello")
-        first.wait_for(lambda: len([i for i in first.instances("hello") if i["status"]["phase"] == "ready"
-                                    and i["release"] == rolled["version"]]) == 2, what="2 instances of v3")
+        first.wait_for(
+            lambda: (
+                len(
+                    [
+                        i
+                        for i in first.instances("hello")
+                        if i["status"]["phase"] == "ready" and i["release"] == rolled["version"]
+                    ]
+                )
+                == 2
+            ),
+            what="2 instances of v3",
+        )
         old_pids = [i["status"]["pid"] for i in first.instances("hello")]
         # a deploy still building at the moment of the kill must never be served
-        building = first.http("POST", "/v1/deploys", content=b"\x1f\x8b garbage", headers={
-            "content-type": "application/gzip"}).json()
+        building = first.http(
+            "POST", "/v1/deploys", content=b"\x1f\x8b garbage", headers={"content-type": "application/gzip"}
+        ).json()
     finally:
         first.stop(signal.SIGKILL)
 
@@ -48,11 +59,16 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
         assert app["current_release"] == rolled["version"] == 3
         releases = second.cli_json("releases", "hello")
         assert [r["image"] for r in sorted(releases, key=lambda r: r["version"])] == [
-            v1["image"], v2["image"], v1["image"]]
+            v1["image"],
+            v2["image"],
+            v1["image"],
+        ]
         deploy = second.http("GET", f"/v1/deploys/{building['id']}").json()
         assert deploy["status"] == "failed"
-        second.wait_for(lambda: len([i for i in second.instances("hello") if i["status"]["phase"] == "ready"]) == 2,
-                        what="instances to come back")
+        second.wait_for(
+            lambda: len([i for i in second.instances("hello") if i["status"]["phase"] == "ready"]) == 2,
+            what="instances to come back",
+        )
         r = second.cli("invoke", "hello.greet", '{"name": "Kim"}')
         assert json.loads(r.stdout)["message"] == "Hello, Kim!"
         assert httpx.get(f"{second.gateway}/hello/").status_code == 200

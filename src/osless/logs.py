@@ -76,7 +76,10 @@ def read_tail(paths: Iterable[Path], n: int) -> list[dict[str, Any]]:
 
 
 async def follow(
-    list_paths: Callable[[], Iterable[Path]], *, tail: int, poll_s: float = 0.1,
+    list_paths: Callable[[], Iterable[Path]],
+    *,
+    tail: int,
+    poll_s: float = 0.1,
     until: Callable[[], bool] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the last `tail` records, then new ones as they are written (files may appear later)."""

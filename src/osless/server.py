@@ -97,16 +97,33 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     resources = Resources(store)
     token = await _admin_token(resources, data_dir)
     images = ImageStore(data_dir / "images")
-    state = ApiState(resources=resources, images=images, builder=Builder(images), data_dir=data_dir,
-                     gateway_url=cfg.gateway_url, max_upload_bytes=cfg.max_upload_mb * 1024 * 1024)
+    state = ApiState(
+        resources=resources,
+        images=images,
+        builder=Builder(images),
+        data_dir=data_dir,
+        gateway_url=cfg.gateway_url,
+        max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
+    )
     uv_log = "warning"
-    api_server = _Server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.api_port, log_level=uv_log,
-                                        access_log=False, lifespan="on"))
+    api_server = _Server(
+        uvicorn.Config(
+            create_app(state),
+            host=cfg.host,
+            port=cfg.api_port,
+            log_level=uv_log,
+            access_log=False,
+            lifespan="on",
+        )
+    )
     client = AsyncApi(cfg.api_url, token)
     router = Router(client)
     gateway = Gateway(router, client)
-    gw_server = _Server(uvicorn.Config(gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log,
-                                       access_log=False, lifespan="on"))
+    gw_server = _Server(
+        uvicorn.Config(
+            gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log, access_log=False, lifespan="on"
+        )
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,8 +137,10 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
                 for t in servers:
                     if t.done() and t.exception():
                         raise t.exception()  # type: ignore[misc]
-                raise SystemExit(f"could not listen on {cfg.host}:{cfg.api_port} and :{cfg.http_port} "
-                                 "(ports in use? pass --api-port/--http-port)")
+                raise SystemExit(
+                    f"could not listen on {cfg.host}:{cfg.api_port} and :{cfg.http_port} "
+                    "(ports in use? pass --api-port/--http-port)"
+                )
             await asyncio.sleep(0.01)
         await router.start()
         agent = NodeAgent(client, name=cfg.node_name, data_dir=data_dir)

@@ -70,9 +70,16 @@ class BodyLimit:
 
     @staticmethod
     async def _reject(send: Send, limit: int) -> None:
-        body = json.dumps(error_body("too_large", f"request body exceeds the limit of {limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        body = json.dumps(
+            error_body("too_large", f"request body exceeds the limit of {limit} bytes")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -80,18 +87,26 @@ def create_app(state: ApiState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # A build cut off by a crash or kill -9 never finishes: say so instead of leaving it "building".
-        items, _ = await state.resources.list_deploys()
+        items, _rev = await state.resources.list_deploys()
         for d in items:
             if d.status == "building" and d.id not in state.builds:
-                d.status, d.error, d.finished_at = "failed", "interrupted: the platform restarted during the build", now()
+                d.status, d.error, d.finished_at = (
+                    "failed",
+                    "interrupted: the platform restarted during the build",
+                    now(),
+                )
                 await state.resources.put_deploy(d)
         yield
         for task in list(state.builds.values()):
             task.cancel()
         await state.http.aclose()
 
-    app = FastAPI(title="osless", version=__version__, lifespan=lifespan,
-                  description="The system calls of osless: apps, deploys, releases, instances, logs.")
+    app = FastAPI(
+        title="osless",
+        version=__version__,
+        lifespan=lifespan,
+        description="The system calls of osless: apps, deploys, releases, instances, logs.",
+    )
     app.state.osless = state
     install_error_handlers(app)
     secured = [Depends(require_token)]

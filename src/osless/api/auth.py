@@ -30,9 +30,13 @@ async def require_token(request: Request, state: ApiState = Depends(get_state)) 
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>' "
-                       "(the CLI reads it from `osless up`'s saved credentials or OSLESS_TOKEN)",
-                       headers={"www-authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing bearer token: send 'Authorization: Bearer <token>' "
+            "(the CLI reads it from `osless up`'s saved credentials or OSLESS_TOKEN)",
+            headers={"www-authenticate": "Bearer"},
+        )
     info = await state.resources.get_token(token_digest(token.strip()))
     if info is None:
         raise ApiError(401, "unauthorized", "invalid token", headers={"www-authenticate": "Bearer"})

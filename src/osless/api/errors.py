@@ -1,7 +1,7 @@
 """One error shape for every failure: {"error": {"code": ..., "message": ...}}.
 
-    ApiError ── raised by routes; carries the HTTP status, a stable code and a message that says
-                what is wrong and how to fix it.
+ApiError ── raised by routes; carries the HTTP status, a stable code and a message that says
+            what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -45,8 +45,16 @@ def _describe(errors: list[Any]) -> tuple[str, str, int]:
     return "invalid_request", "; ".join(parts), 422
 
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -9,8 +9,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 __all__ = [
-    "App", "Deploy", "ExitInfo", "Instance", "InstanceStatus", "Node", "Release", "RollbackRequest",
-    "ScaleRequest", "check_app_name",
+    "App",
+    "Deploy",
+    "ExitInfo",
+    "Instance",
+    "InstanceStatus",
+    "Node",
+    "Release",
+    "RollbackRequest",
+    "ScaleRequest",
+    "check_app_name",
 ]
 
 APP_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")

@@ -50,7 +50,9 @@ class Resources:
         items, rev = await self.store.list(prefix)
         return [model.model_validate_json(kv.value) for kv in items], rev
 
-    async def update(self, key: str, model: type[M], change: Callable[[M], M | None], attempts: int = 20) -> M:
+    async def update(
+        self, key: str, model: type[M], change: Callable[[M], M | None], attempts: int = 20
+    ) -> M:
         """Read-modify-write with compare-and-swap, retried on a concurrent change."""
         for _ in range(attempts):
             got = await self._get(key, model)
@@ -114,10 +116,12 @@ class Resources:
             app.current_image = release.image
             app.updated_at = now()
             try:
-                await self.store.txn_put_many([
-                    (f"/apps/{app_name}", _enc(app), rev),
-                    (release_key(app_name, release.version), _enc(release), 0),
-                ])
+                await self.store.txn_put_many(
+                    [
+                        (f"/apps/{app_name}", _enc(app), rev),
+                        (release_key(app_name, release.version), _enc(release), 0),
+                    ]
+                )
                 return app, release
             except Conflict:
                 continue
@@ -130,7 +134,11 @@ class Resources:
     async def get_release(self, app: str, version: int) -> Release:
         got = await self._get(release_key(app, version), Release)
         if got is None:
-            raise ApiError(404, "release_not_found", f"app {app!r} has no release v{version}; see `osless releases {app}`")
+            raise ApiError(
+                404,
+                "release_not_found",
+                f"app {app!r} has no release v{version}; see `osless releases {app}`",
+            )
         return got[0]
 
     # deploys
@@ -147,7 +155,9 @@ class Resources:
         return await self._list("/deploys/", Deploy)
 
     # instances
-    async def list_instances(self, app: str | None = None, node: str | None = None) -> tuple[list[Instance], int]:
+    async def list_instances(
+        self, app: str | None = None, node: str | None = None
+    ) -> tuple[list[Instance], int]:
         items, rev = await self._list("/instances/", Instance)
         return [i for i in items if (app is None or i.app == app) and (node is None or i.node == node)], rev
 
@@ -196,6 +206,6 @@ class Resources:
     async def watch(self, kind: str, after_revision: int) -> AsyncIterator[dict[str, Any]]:
         prefix, model = KINDS[kind]
         async for ev in self.store.watch(prefix, after_revision=after_revision):
-            name = ev.key[len(prefix):]
+            name = ev.key[len(prefix) :]
             obj = model.model_validate_json(ev.kv.value).model_dump() if ev.kv is not None else None
             yield {"type": ev.type, "name": name, "object": obj, "revision": ev.revision}

@@ -19,7 +19,10 @@ BOOKMARK_S = 10.0
 
 
 def watch_response(
-    resources: Resources, kind: str, revision: int, keep: Callable[[dict[str, Any]], bool] | None = None,
+    resources: Resources,
+    kind: str,
+    revision: int,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
 ) -> StreamingResponse:
     async def stream() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

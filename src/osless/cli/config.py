@@ -12,7 +12,8 @@ __all__ = ["credentials_path", "load_credentials"]
 
 def credentials_path() -> Path:
     base = os.environ.get("OSLESS_CONFIG_DIR") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "osless")
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "osless"
+    )
     return Path(base) / "credentials.json"
 
 

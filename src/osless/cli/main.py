@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,9 +15,14 @@ import typer
 from osless.cli.output import console, fail, print_json, table, when
 from osless.client import Api, ApiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="osless: run Python apps without an operating system to manage.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="osless: run Python apps without an operating system to manage.",
+)
 
+DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -41,8 +47,7 @@ def _call(fn: Any, *args: Any, **kw: Any) -> Any:
 
 @app.command()
 def up(
-    data_dir: Annotated[Path, typer.Option(help="Where state, images and logs live.")] = Path(
-        os.environ.get("OSLESS_DATA_DIR", os.path.expanduser("~/.local/share/osless"))),
+    data_dir: Annotated[Path, typer.Option(help="Where state, images and logs live.")] = DEFAULT_DATA_DIR,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
     http_port: Annotated[int, typer.Option(help="Port of the gateway (apps' web traffic).")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -66,10 +71,8 @@ def up(
         if deploy:
             threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(cfg, on_ready=ready))
-    except KeyboardInterrupt:
-        pass
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
@@ -102,11 +105,18 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
     except SourceError as e:
         fail(str(e))
     started = time.monotonic()
-    deploy = _call(client.post, "/v1/deploys", params={"app": name} if name else None, content=archive,
-                   headers={"content-type": "application/gzip"})
+    deploy = _call(
+        client.post,
+        "/v1/deploys",
+        params={"app": name} if name else None,
+        content=archive,
+        headers={"content-type": "application/gzip"},
+    )
     final: dict[str, Any] = deploy
-    with console.status(f"Building {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded)",
-                        spinner="dots") as status:
+    with console.status(
+        f"Building {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded)",
+        spinner="dots",
+    ) as status:
         try:
             for rec in client.stream(f"/v1/deploys/{deploy['id']}/log", follow="true"):
                 if "deploy" in rec:
@@ -134,8 +144,10 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
         return
     gateway = _gateway(client)
     elapsed = time.monotonic() - started
-    console.print(f"[green]Deployed {app_name} v{version}[/] in {elapsed:.1f}s  image sha256:{final['image'][:12]}"
-                  + ("  (dependencies cached)" if final.get("deps_cached") else ""))
+    console.print(
+        f"[green]Deployed {app_name} v{version}[/] in {elapsed:.1f}s  image sha256:{final['image'][:12]}"
+        + ("  (dependencies cached)" if final.get("deps_cached") else "")
+    )
     release = _call(client.get, f"/v1/apps/{app_name}/releases/{version}")
     if release["manifest"].get("web"):
         console.print(f"  web:       {gateway}/{app_name}/")
@@ -154,10 +166,15 @@ def _wait_ready(client: Api, app_name: str, version: int, timeout: float = 120.0
             return
         failing = [i["status"]["last_exit"]["reason"] for i in mine if i["status"].get("last_exit")]
         if failing and len(failing) == len(mine) and all(i["status"]["restarts"] >= 2 for i in mine):
-            fail(f"v{version} was released but its instances keep failing ({failing[0]}); "
-                 f"see `osless logs {app_name}`. The previous release keeps serving.")
+            fail(
+                f"v{version} was released but its instances keep failing ({failing[0]}); "
+                f"see `osless logs {app_name}`. The previous release keeps serving."
+            )
         time.sleep(0.02)
-    fail(f"v{version} was released but no instance became ready within {timeout:.0f}s; see `osless ps {app_name}`")
+    fail(
+        f"v{version} was released but no instance became ready within {timeout:.0f}s; "
+        f"see `osless ps {app_name}`"
+    )
 
 
 def _gateway(client: Api) -> str:
@@ -171,9 +188,19 @@ def apps(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(items)
         return
-    table(["APP", "RELEASE", "MIN", "MAX", "UPDATED"],
-          [[a["name"], f"v{a['current_release']}" if a["current_release"] else "-", a["min"], a["max"],
-            when(a["updated_at"])] for a in items])
+    table(
+        ["APP", "RELEASE", "MIN", "MAX", "UPDATED"],
+        [
+            [
+                a["name"],
+                f"v{a['current_release']}" if a["current_release"] else "-",
+                a["min"],
+                a["max"],
+                when(a["updated_at"]),
+            ]
+            for a in items
+        ],
+    )
 
 
 @app.command()
@@ -185,13 +212,25 @@ def releases(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: 
     if json_out:
         print_json(items)
         return
-    table(["", "VERSION", "IMAGE", "DESCRIPTION", "CREATED"],
-          [["*" if r["version"] == current else "", f"v{r['version']}", r["image"][:12], r["description"],
-            when(r["created_at"])] for r in items])
+    table(
+        ["", "VERSION", "IMAGE", "DESCRIPTION", "CREATED"],
+        [
+            [
+                "*" if r["version"] == current else "",
+                f"v{r['version']}",
+                r["image"][:12],
+                r["description"],
+                when(r["created_at"]),
+            ]
+            for r in items
+        ],
+    )
 
 
 @app.command()
-def ps(app_name: Annotated[str | None, typer.Argument(metavar="[APP]")] = None, json_out: JsonOpt = False) -> None:
+def ps(
+    app_name: Annotated[str | None, typer.Argument(metavar="[APP]")] = None, json_out: JsonOpt = False
+) -> None:
     """Instances and their state; the last exit says why an instance stopped."""
     client = _client()
     items = _call(client.get, "/v1/instances", **({"app": app_name} if app_name else {}))["items"]
@@ -204,8 +243,18 @@ def ps(app_name: Annotated[str | None, typer.Argument(metavar="[APP]")] = None, 
     for i in sorted(items, key=lambda i: (i["app"], i["created_at"])):
         st = i["status"]
         last = st.get("last_exit") or {}
-        rows.append([i["id"], f"v{i['release']}", st["phase"], st.get("pid") or "-", st.get("restarts", 0),
-                     last.get("reason", "-"), i["node"], when(i["created_at"])])
+        rows.append(
+            [
+                i["id"],
+                f"v{i['release']}",
+                st["phase"],
+                st.get("pid") or "-",
+                st.get("restarts", 0),
+                last.get("reason", "-"),
+                i["node"],
+                when(i["created_at"]),
+            ]
+        )
     table(["INSTANCE", "RELEASE", "STATE", "PID", "RESTARTS", "LAST EXIT", "NODE", "CREATED"], rows)
 
 
@@ -222,9 +271,13 @@ def invoke(
     try:
         json.loads(raw)
     except ValueError as e:
-        fail(f"the event is not valid JSON ({e}); quote it, for example '{{\"name\": \"Ada\"}}'")
-    result = _call(_client().post, f"/v1/apps/{app_name}/functions/{function}:invoke",
-                   content=raw.encode(), headers={"content-type": "application/json"})
+        fail(f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'')
+    result = _call(
+        _client().post,
+        f"/v1/apps/{app_name}/functions/{function}:invoke",
+        content=raw.encode(),
+        headers={"content-type": "application/json"},
+    )
     print_json(result)
 
 
@@ -238,8 +291,9 @@ def logs(
 ) -> None:
     """An app's logs (stdout, stderr and platform events of every instance)."""
     try:
-        for rec in _client().stream(f"/v1/apps/{app_name}/logs", tail=tail, follow=str(follow).lower(),
-                                    instance=instance):
+        for rec in _client().stream(
+            f"/v1/apps/{app_name}/logs", tail=tail, follow=str(follow).lower(), instance=instance
+        ):
             if json_out:
                 print(json.dumps(rec), flush=True)
             else:
@@ -256,7 +310,9 @@ def logs(
 @app.command()
 def rollback(
     app_name: Annotated[str, typer.Argument(metavar="APP")],
-    to: Annotated[int | None, typer.Option(help="Release version to return to (default: the previous).")] = None,
+    to: Annotated[
+        int | None, typer.Option(help="Release version to return to (default: the previous).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Release an earlier image again, as a new release."""

@@ -1,7 +1,7 @@
 """HTTP clients of the API: `Api` (sync, for the CLI) and `AsyncApi` (for agents and controllers).
 
-    ApiError ── any non-2xx answer, with the status, the stable error code and the message;
-                the same shape the server sends: {"error": {"code": ..., "message": ...}}.
+ApiError ── any non-2xx answer, with the status, the stable error code and the message;
+            the same shape the server sends: {"error": {"code": ..., "message": ...}}.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class AsyncApi:
     def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers={"authorization": f"Bearer {token}"}, verify=_verify(self.base_url),
+            base_url=self.base_url,
+            headers={"authorization": f"Bearer {token}"},
+            verify=_verify(self.base_url),
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 
@@ -78,7 +80,9 @@ class AsyncApi:
     async def stream(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """NDJSON records of a streaming endpoint, as they arrive."""
         try:
-            async with self._client.stream("GET", path, params=params, timeout=httpx.Timeout(None, connect=5.0)) as r:
+            async with self._client.stream(
+                "GET", path, params=params, timeout=httpx.Timeout(None, connect=5.0)
+            ) as r:
                 if not r.is_success:
                     await r.aread()
                     _raise_for(r)
@@ -96,7 +100,9 @@ class Api:
     def __init__(self, base_url: str, token: str, *, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._client = httpx.Client(
-            base_url=self.base_url, headers={"authorization": f"Bearer {token}"}, verify=_verify(self.base_url),
+            base_url=self.base_url,
+            headers={"authorization": f"Bearer {token}"},
+            verify=_verify(self.base_url),
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 
@@ -106,8 +112,9 @@ class Api:
         except httpx.TimeoutException as e:
             raise ApiError(0, "timeout", f"the API at {self.base_url} did not answer in time: {e}") from e
         except httpx.TransportError as e:
-            raise ApiError(0, "unreachable", f"cannot reach the API at {self.base_url} ({e}); "
-                           "is `osless up` running?") from e
+            raise ApiError(
+                0, "unreachable", f"cannot reach the API at {self.base_url} ({e}); is `osless up` running?"
+            ) from e
         _raise_for(resp)
         return _body(resp)
 
@@ -127,8 +134,12 @@ class Api:
 
     def stream(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
         try:
-            with self._client.stream("GET", path, params={k: v for k, v in params.items() if v is not None},
-                                     timeout=httpx.Timeout(None, connect=5.0)) as r:
+            with self._client.stream(
+                "GET",
+                path,
+                params={k: v for k, v in params.items() if v is not None},
+                timeout=httpx.Timeout(None, connect=5.0),
+            ) as r:
                 if not r.is_success:
                     r.read()
                     _raise_for(r)

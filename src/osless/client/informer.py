@@ -17,8 +17,14 @@ log = logging.getLogger("osless.informer")
 class Informer:
     """Keeps `items` (name -> object) equal to a resource list, calling `on_change` after each change."""
 
-    def __init__(self, api: AsyncApi, path: str, key: Callable[[dict[str, Any]], str],
-                 on_change: Callable[[], Awaitable[None]] | None = None, **params: Any) -> None:
+    def __init__(
+        self,
+        api: AsyncApi,
+        path: str,
+        key: Callable[[dict[str, Any]], str],
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        **params: Any,
+    ) -> None:
         self.api = api
         self.path = path
         self.key = key
@@ -36,7 +42,9 @@ class Informer:
                 self.synced.set()
                 await self._changed()
                 backoff = 0.1
-                async for ev in self.api.stream(self.path, watch="true", revision=listed["revision"], **self.params):
+                async for ev in self.api.stream(
+                    self.path, watch="true", revision=listed["revision"], **self.params
+                ):
                     if ev["type"] == "PUT":
                         self.items[self.key(ev["object"])] = ev["object"]
                     elif ev["type"] == "DELETE":

@@ -71,8 +71,9 @@ class Scheduler:
             mine = [i for i in instances if i["app"] == name]
             await self._reconcile_app(app, mine, nodes, load)
 
-    async def _reconcile_app(self, app: dict[str, Any], mine: list[dict[str, Any]], nodes: list[str],
-                             load: Counter[str]) -> None:
+    async def _reconcile_app(
+        self, app: dict[str, Any], mine: list[dict[str, Any]], nodes: list[str], load: Counter[str]
+    ) -> None:
         want = desired_instances(app)
         current = [i for i in mine if i["release"] == app["current_release"]]
         old = [i for i in mine if i["release"] != app["current_release"]]
@@ -93,8 +94,13 @@ class Scheduler:
 
     async def _create(self, app: dict[str, Any], node: str) -> None:
         iid = f"{app['name']}-v{app['current_release']}-{secrets.token_hex(3)}"
-        body = {"id": iid, "app": app["name"], "release": app["current_release"], "image": app["current_image"],
-                "node": node}
+        body = {
+            "id": iid,
+            "app": app["name"],
+            "release": app["current_release"],
+            "image": app["current_image"],
+            "node": node,
+        }
         created = await self.api.post("/v1/instances", body)
         self.instances.items[iid] = created  # seen before the watch echoes it: no double creation
 

@@ -17,8 +17,17 @@ from osless.gateway.router import Backend, NoBackend, Router
 
 __all__ = ["Gateway"]
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
-              b"transfer-encoding", b"upgrade", b"host"}
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailers",
+    b"transfer-encoding",
+    b"upgrade",
+    b"host",
+}
 WAIT_FOR_INSTANCE_S = 30.0
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
@@ -60,7 +69,9 @@ class Gateway:
         rest = "/" + parts[2] if len(parts) > 2 else "/"
         await self._web(scope, receive, send, app, rest, prefix="/" + app)
 
-    async def _web(self, scope: Scope, receive: Receive, send: Send, app: str, path: str, prefix: str) -> None:
+    async def _web(
+        self, scope: Scope, receive: Receive, send: Send, app: str, path: str, prefix: str
+    ) -> None:
         try:
             backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
         except NoBackend as e:
@@ -79,7 +90,9 @@ class Gateway:
             await _error(send, 404, "not_found", "invoke functions with POST /_functions/{app}/{function}")
             return
         if not await self._authorized(_header(scope, b"authorization")):
-            await _error(send, 401, "unauthorized", "invoking a function needs 'Authorization: Bearer <token>'")
+            await _error(
+                send, 401, "unauthorized", "invoking a function needs 'Authorization: Bearer <token>'"
+            )
             return
         _, _, app, function = parts
         try:
@@ -92,24 +105,41 @@ class Gateway:
             await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
             return
         timeout = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S))
-        headers = [(k, v) for k, v in _forward_headers(scope, "")
-                   if k not in (b"authorization", b"x-osless-deadline")]
+        headers = [
+            (k, v)
+            for k, v in _forward_headers(scope, "")
+            if k not in (b"authorization", b"x-osless-deadline")
+        ]
         headers.append((b"x-osless-deadline", f"{time.time() + timeout:.3f}".encode()))
         # the instance answers 504 itself at the deadline; the extra second covers the trip back
-        await self._proxy(backend, "POST", f"/__osless__/invoke/{function}", headers, receive, send,
-                          timeout + 1)
+        await self._proxy(
+            backend, "POST", f"/__osless__/invoke/{function}", headers, receive, send, timeout + 1
+        )
 
-    async def _proxy(self, backend: Backend, method: str, target: str, headers: list[tuple[bytes, bytes]],
-                     receive: Receive, send: Send, timeout: float) -> None:
+    async def _proxy(
+        self,
+        backend: Backend,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+        timeout: float,
+    ) -> None:
         async with self.router.use(backend):
             req = backend.client.build_request(
-                method, target, headers=headers, content=_body(receive),
+                method,
+                target,
+                headers=headers,
+                content=_body(receive),
                 timeout=httpx.Timeout(None, connect=5.0, read=timeout),
             )
             try:
                 resp = await backend.client.send(req, stream=True)
             except httpx.TimeoutException:
-                await _error(send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s")
+                await _error(
+                    send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s"
+                )
                 return
             except httpx.HTTPError as e:
                 await _error(send, 502, "bad_gateway", f"instance {backend.id} failed before answering: {e}")
@@ -177,8 +207,13 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
 
 async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -195,4 +230,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif msg["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-

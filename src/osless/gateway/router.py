@@ -50,6 +50,7 @@ class Router:
         self.backends: dict[str, Backend] = {}
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def start(self) -> None:
@@ -63,24 +64,29 @@ class Router:
 
     async def _rebuild(self) -> None:
         live: dict[str, dict[str, Any]] = {
-            i["id"]: i for i in self.instances.items.values()
+            i["id"]: i
+            for i in self.instances.items.values()
             if i["status"]["phase"] == "ready" and i["status"].get("socket")
         }
         for iid in list(self.backends):
             b = self.backends[iid]
             if iid not in live or live[iid]["status"]["socket"] != b.socket:
                 del self.backends[iid]
-                asyncio.create_task(_close_later(b))
+                task = asyncio.create_task(_close_later(b))
+                self._closing.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._closing.discard)
         for iid, inst in live.items():
             if iid not in self.backends:
                 sock = inst["status"]["socket"]
                 client = httpx.AsyncClient(
                     transport=httpx.AsyncHTTPTransport(uds=sock, retries=0),
-                    base_url="http://instance", timeout=None,
+                    base_url="http://instance",
+                    timeout=None,
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
-                self.backends[iid] = Backend(id=iid, app=inst["app"], release=inst["release"], socket=sock,
-                                             client=client)
+                self.backends[iid] = Backend(
+                    id=iid, app=inst["app"], release=inst["release"], socket=sock, client=client
+                )
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -101,13 +107,20 @@ class Router:
             if found:
                 least = min(b.outstanding for b in found)
                 return random.choice([b for b in found if b.outstanding == least])
-            starting = [i for i in self.instances.items.values()
-                        if i["app"] == app and i["status"]["phase"] in ("pending", "starting", "backoff")]
+            starting = [
+                i
+                for i in self.instances.items.values()
+                if i["app"] == app and i["status"]["phase"] in ("pending", "starting", "backoff")
+            ]
             remaining = deadline - loop.time()
             if not starting or remaining <= 0:
                 reason = "its instances are starting" if starting else "it has no running instance"
-                raise NoBackend(503, "no_instances", f"app {app!r} has no ready instance ({reason}); "
-                                f"see `osless ps {app}` and `osless logs {app}`")
+                raise NoBackend(
+                    503,
+                    "no_instances",
+                    f"app {app!r} has no ready instance ({reason}); "
+                    f"see `osless ps {app}` and `osless logs {app}`",
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 

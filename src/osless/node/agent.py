@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,10 @@ class NodeAgent:
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self.informer = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed,
-                                 node=name)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.informer = Informer(
+            api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
+        )
 
     async def _changed(self) -> None:
         self._wake.set()
@@ -84,16 +88,24 @@ class NodeAgent:
         for iid in list(self.supervisors):
             if iid not in desired:
                 sup = self.supervisors.pop(iid)
-                asyncio.create_task(sup.stop())
+                self._background(sup.stop())
         for iid, obj in desired.items():
             if iid not in self.supervisors:
                 sup = Supervisor(
-                    obj, zygote=lambda image=obj["image"]: self.zygote(image), run_dir=self.run_dir,
-                    log_dir=self.logs_dir / "apps" / obj["app"], report=self._report,
+                    obj,
+                    zygote=functools.partial(self.zygote, obj["image"]),
+                    run_dir=self.run_dir,
+                    log_dir=self.logs_dir / "apps" / obj["app"],
+                    report=self._report,
                 )
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def _report(self, iid: str, status: dict[str, Any]) -> None:
         if iid not in self.supervisors:
@@ -120,17 +132,23 @@ class NodeAgent:
         manifest = json.loads((self.images_dir / "manifests" / f"{image}.json").read_text())
         layers = self.images_dir / "layers"
         zyg = Zygote(
-            image=image, code_dir=layers / manifest["layers"]["code"], deps_dir=layers / manifest["layers"]["deps"],
+            image=image,
+            code_dir=layers / manifest["layers"]["code"],
+            deps_dir=layers / manifest["layers"]["deps"],
             entry=manifest["entry"],
-            log=LogWriter(self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"),
+            log=LogWriter(
+                self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"
+            ),
         )
         await zyg.start()
         self.zygotes[image] = zyg
         return zyg
 
     async def _retire_zygotes(self) -> None:
-        in_use = {s_image for s_image in (o["image"] for o in self.informer.items.values()
-                                          if o.get("node") == self.name)}
+        in_use = {
+            s_image
+            for s_image in (o["image"] for o in self.informer.items.values() if o.get("node") == self.name)
+        }
         now = time.monotonic()
         for image, zyg in list(self.zygotes.items()):
             if image in in_use and not zyg.closed:

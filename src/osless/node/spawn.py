@@ -67,12 +67,26 @@ class Zygote:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         cmd = [
-            sys.executable, "-s", "-m", "osless.runtime.zygote", "--code", str(self.code_dir),
-            "--deps", str(self.deps_dir), "--entry", self.entry, "--control-fd", str(theirs.fileno()),
+            sys.executable,
+            "-s",
+            "-m",
+            "osless.runtime.zygote",
+            "--code",
+            str(self.code_dir),
+            "--deps",
+            str(self.deps_dir),
+            "--entry",
+            self.entry,
+            "--control-fd",
+            str(theirs.fileno()),
         ]
         try:
             self.proc = subprocess.Popen(
-                cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                cmd,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
                 env={**_base_env(), "OSLESS_IMAGE": self.image},
             )
         finally:
@@ -90,7 +104,9 @@ class Zygote:
             msg = await asyncio.wait_for(asyncio.shield(self._started), ZYGOTE_START_TIMEOUT)
         except TimeoutError:
             await self.stop()
-            raise ZygoteFailed(f"the app did not finish importing within {ZYGOTE_START_TIMEOUT:.0f}s") from None
+            raise ZygoteFailed(
+                f"the app did not finish importing within {ZYGOTE_START_TIMEOUT:.0f}s"
+            ) from None
         if msg.get("op") != "ready":
             await self.stop()
             error = str(msg.get("error") or "the zygote exited while importing the app").strip()
@@ -149,9 +165,8 @@ class Zygote:
             if not fut.done():
                 fut.set_exception(ZygoteFailed("the zygote exited"))
         self._forks.clear()
-        code = self.proc.poll() if self.proc else None
         for child in self._children.values():
-            status = ExitStatus(None, signal.SIGKILL) if code is None else ExitStatus(None, signal.SIGKILL)
+            status = ExitStatus(None, signal.SIGKILL)  # what PDEATHSIG did to it
             if not child.ready.done():
                 child.ready.set_exception(ChildExited(status))
                 child.ready.exception()
@@ -171,8 +186,11 @@ class Zygote:
         fut: asyncio.Future[int] = loop.create_future()
         self._forks[instance_id] = fut
         try:
-            protocol.send(self._sock, {"op": "fork", "id": instance_id, "socket": str(sock_path), "env": env},
-                          [out_w, err_w])
+            protocol.send(
+                self._sock,
+                {"op": "fork", "id": instance_id, "socket": str(sock_path), "env": env},
+                [out_w, err_w],
+            )
         except OSError as e:
             self._children.pop(instance_id, None)
             self._forks.pop(instance_id, None)

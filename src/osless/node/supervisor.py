@@ -42,16 +42,25 @@ class Supervisor:
     """Keeps one instance running until `stop()`; reports each change through `report`."""
 
     def __init__(
-        self, instance: dict[str, Any], *, zygote: Callable[[], Awaitable[Zygote]], run_dir: Path,
-        log_dir: Path, report: Callable[[str, dict[str, Any]], Awaitable[None]],
+        self,
+        instance: dict[str, Any],
+        *,
+        zygote: Callable[[], Awaitable[Zygote]],
+        run_dir: Path,
+        log_dir: Path,
+        report: Callable[[str, dict[str, Any]], Awaitable[None]],
     ) -> None:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
         status = instance.get("status") or {}
         self.status: dict[str, Any] = {
-            "phase": "pending", "pid": None, "socket": None, "restarts": int(status.get("restarts", 0)),
-            "last_exit": status.get("last_exit"), "message": None,
+            "phase": "pending",
+            "pid": None,
+            "socket": None,
+            "restarts": int(status.get("restarts", 0)),
+            "last_exit": status.get("last_exit"),
+            "message": None,
         }
         self._zygote = zygote
         self._report = report
@@ -113,8 +122,11 @@ class Supervisor:
         self._pid = None
         reason = exit_reason(exited)
         if not self._stopping.is_set():
-            await self._set(last_exit={"code": exited.code, "signal": exited.signal, "reason": reason,
-                                       "at": time.time()}, phase="backoff", pid=None)
+            await self._set(
+                last_exit={"code": exited.code, "signal": exited.signal, "reason": reason, "at": time.time()},
+                phase="backoff",
+                pid=None,
+            )
             self.log.write(f"instance {reason}", "osless")
         return reason
 

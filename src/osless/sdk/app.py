@@ -58,16 +58,22 @@ class App:
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise UsageError(
                 f"invalid app name {self.name!r}: use 1-40 lowercase letters, digits and '-', "
-                "starting with a letter (for example App(\"shop\"))"
+                'starting with a letter (for example App("shop"))'
             )
 
     def function(
-        self, _fn: Callable[..., Any] | None = None, *, name: str | None = None,
-        memory_mb: int = 256, timeout_s: float = 30.0,
+        self,
+        _fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        memory_mb: int = 256,
+        timeout_s: float = 30.0,
     ) -> Callable[[F], F]:
         """Register a Lambda-style handler `def handler(event, ctx)`; sync or async."""
         if _fn is not None:
-            raise UsageError("@app.function needs parentheses: write @app.function() instead of @app.function")
+            raise UsageError(
+                "@app.function needs parentheses: write @app.function() instead of @app.function"
+            )
         _check_resources("@app.function", memory_mb, timeout_s)
 
         def register(fn: F) -> F:
@@ -82,17 +88,22 @@ class App:
                     "rename one of them or pass @app.function(name=...)"
                 )
             params = [
-                p for p in inspect.signature(fn).parameters.values()
+                p
+                for p in inspect.signature(fn).parameters.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
             if len(params) < 2 and not any(
                 p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()
             ):
                 raise UsageError(
-                    f"function {fname!r} must accept (event, ctx); it takes {len(params)} positional arguments"
+                    f"function {fname!r} must accept (event, ctx); "
+                    f"it takes {len(params)} positional arguments"
                 )
             self.functions[fname] = FunctionSpec(
-                name=fname, handler=fn, memory_mb=memory_mb, timeout_s=timeout_s,
+                name=fname,
+                handler=fn,
+                memory_mb=memory_mb,
+                timeout_s=timeout_s,
                 is_async=inspect.iscoroutinefunction(fn),
             )
             return fn
@@ -100,7 +111,11 @@ class App:
         return register
 
     def web(
-        self, _fn: Callable[..., Any] | None = None, *, memory_mb: int = 256, timeout_s: float = 60.0,
+        self,
+        _fn: Callable[..., Any] | None = None,
+        *,
+        memory_mb: int = 256,
+        timeout_s: float = 60.0,
     ) -> Callable[[F], F]:
         """Register a factory that returns the app's ASGI or WSGI application."""
         if _fn is not None:

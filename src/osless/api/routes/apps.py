@@ -21,13 +21,17 @@ class CreateApp(BaseModel):
 
 def _check_name(name: str) -> None:
     if not check_app_name(name):
-        raise ApiError(422, "invalid_app_name", f"invalid app name {name!r}: use 1-40 lowercase letters, "
-                       "digits and '-', starting with a letter")
+        raise ApiError(
+            422,
+            "invalid_app_name",
+            f"invalid app name {name!r}: use 1-40 lowercase letters, digits and '-', starting with a letter",
+        )
 
 
 @router.get("/apps", summary="List apps (watch=true streams changes after `revision`)")
 async def list_apps(
-    watch: bool = False, revision: int | None = Query(default=None, ge=0),
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
 ) -> Any:
     res = state.resources
@@ -76,7 +80,9 @@ async def get_release(app: str, version: int, state: ApiState = Depends(get_stat
 
 
 @router.post("/apps/{app}/rollback", response_model=Release, status_code=201)
-async def rollback(app: str, body: RollbackRequest | None = None, state: ApiState = Depends(get_state)) -> Release:
+async def rollback(
+    app: str, body: RollbackRequest | None = None, state: ApiState = Depends(get_state)
+) -> Release:
     res = state.resources
     a = await res.get_app(app)
     if a.current_release is None:
@@ -86,16 +92,28 @@ async def rollback(app: str, body: RollbackRequest | None = None, state: ApiStat
     else:
         releases, _ = await res.list_releases(app)
         current = next((r for r in releases if r.version == a.current_release), None)
-        older = [r for r in releases if r.version < a.current_release
-                 and (current is None or r.image != current.image)]
+        older = [
+            r
+            for r in releases
+            if r.version < a.current_release and (current is None or r.image != current.image)
+        ]
         if not older:
-            raise ApiError(409, "no_previous_release",
-                           f"app {app!r} has no earlier release to roll back to; `osless releases {app}` lists them")
+            raise ApiError(
+                409,
+                "no_previous_release",
+                f"app {app!r} has no earlier release to roll back to; `osless releases {app}` lists them",
+            )
         target = older[-1]
 
     def make(version: int) -> Release:
-        return Release(app=app, version=version, image=target.image, manifest=target.manifest,
-                       description=f"Rollback to v{target.version}", created_at=now())
+        return Release(
+            app=app,
+            version=version,
+            image=target.image,
+            manifest=target.manifest,
+            description=f"Rollback to v{target.version}",
+            created_at=now(),
+        )
 
     _, release = await res.commit_release(app, make)
     return release

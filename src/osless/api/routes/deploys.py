@@ -25,18 +25,28 @@ log = logging.getLogger("osless.api.deploys")
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 
 
-@router.post("/deploys", status_code=202, response_model=Deploy,
-             summary="Upload a gzip'd tar of the app's source; the build runs in the background")
+@router.post(
+    "/deploys",
+    status_code=202,
+    response_model=Deploy,
+    summary="Upload a gzip'd tar of the app's source; the build runs in the background",
+)
 async def create_deploy(
-    request: Request, app: str | None = Query(default=None, description="app name; default: App(name) in code"),
+    request: Request,
+    app: str | None = Query(default=None, description="app name; default: App(name) in code"),
     state: ApiState = Depends(get_state),
 ) -> Deploy:
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in ARCHIVE_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       f"upload the source as application/gzip (a .tar.gz), not {ctype or 'nothing'}")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"upload the source as application/gzip (a .tar.gz), not {ctype or 'nothing'}",
+        )
     if app is not None and not check_app_name(app):
-        raise ApiError(422, "invalid_app_name", f"invalid app name {app!r}: use lowercase letters, digits and '-'")
+        raise ApiError(
+            422, "invalid_app_name", f"invalid app name {app!r}: use lowercase letters, digits and '-'"
+        )
     archive = await request.body()
     if not archive:
         raise ApiError(400, "empty_upload", "the upload is empty; send the source as a .tar.gz body")
@@ -61,13 +71,25 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         name = str(result.manifest["app"])
 
         def make(version: int) -> Release:
-            return Release(app=name, version=version, image=result.image, manifest=result.manifest,
-                           description=f"Deploy {result.image[:12]}", deploy_id=deploy.id)
+            return Release(
+                app=name,
+                version=version,
+                image=result.image,
+                manifest=result.manifest,
+                description=f"Deploy {result.image[:12]}",
+                deploy_id=deploy.id,
+            )
 
         _, release = await state.resources.commit_release(name, make)
-        deploy.app, deploy.status, deploy.release, deploy.image = name, "succeeded", release.version, result.image
+        deploy.app, deploy.status, deploy.release, deploy.image = (
+            name,
+            "succeeded",
+            release.version,
+            result.image,
+        )
         deploy.deps_cached = result.deps_cached
-        emit(f"==> Released {name} v{release.version} (image sha256:{result.image[:12]}, {result.seconds:.2f}s)")
+        image = result.image[:12]
+        emit(f"==> Released {name} v{release.version} (image sha256:{image}, {result.seconds:.2f}s)")
     except BuildError as e:
         deploy.status, deploy.error = "failed", str(e)
         emit(f"==> Build failed: {e}")
@@ -82,7 +104,9 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
 
 
 @router.get("/deploys", summary="Recent deploys, newest first")
-async def list_deploys(limit: int = Query(default=20, ge=1, le=500), state: ApiState = Depends(get_state)) -> Any:
+async def list_deploys(
+    limit: int = Query(default=20, ge=1, le=500), state: ApiState = Depends(get_state)
+) -> Any:
     items, rev = await state.resources.list_deploys()
     items.sort(key=lambda d: d.created_at, reverse=True)
     return {"items": [d.model_dump() for d in items[:limit]], "revision": rev}
@@ -94,15 +118,17 @@ async def get_deploy(deploy_id: str, state: ApiState = Depends(get_state)) -> De
 
 
 @router.get("/deploys/{deploy_id}/log", summary="The build log as NDJSON; follow=true streams until the end")
-async def deploy_log(deploy_id: str, follow_: bool = Query(default=False, alias="follow"),
-                     state: ApiState = Depends(get_state)) -> Any:
+async def deploy_log(
+    deploy_id: str, follow_: bool = Query(default=False, alias="follow"), state: ApiState = Depends(get_state)
+) -> Any:
     await state.resources.get_deploy(deploy_id)
     path = state.deploy_log(deploy_id)
 
     async def stream() -> AsyncIterator[bytes]:
         if follow_:
-            async for rec in follow(lambda: [path], tail=100_000, poll_s=0.05,
-                                    until=lambda: deploy_id not in state.builds):
+            async for rec in follow(
+                lambda: [path], tail=100_000, poll_s=0.05, until=lambda: deploy_id not in state.builds
+            ):
                 yield (json.dumps(rec) + "\n").encode()
         else:
             for rec in read_tail([path], 100_000):

@@ -16,8 +16,11 @@ router = APIRouter(tags=["instances"])
 
 @router.get("/instances", summary="List instances (watch=true streams changes after `revision`)")
 async def list_instances(
-    app: str | None = None, node: str | None = None, watch: bool = False,
-    revision: int | None = Query(default=None, ge=0), state: ApiState = Depends(get_state),
+    app: str | None = None,
+    node: str | None = None,
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
 ) -> Any:
     res = state.resources
     if watch:
@@ -26,7 +29,9 @@ async def list_instances(
         def keep(ev: dict[str, Any]) -> bool:
             obj = ev["object"]
             # deletes carry no object: every watcher gets them and ignores unknown names
-            return obj is None or ((app is None or obj["app"] == app) and (node is None or obj["node"] == node))
+            return obj is None or (
+                (app is None or obj["app"] == app) and (node is None or obj["node"] == node)
+            )
 
         return watch_response(res, "instances", rev, keep)
     items, rev = await res.list_instances(app=app, node=node)
@@ -45,11 +50,15 @@ async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -
     for i in items:
         if i.id == instance_id:
             return i
-    raise ApiError(404, "instance_not_found", f"instance {instance_id!r} does not exist; `osless ps` lists them")
+    raise ApiError(
+        404, "instance_not_found", f"instance {instance_id!r} does not exist; `osless ps` lists them"
+    )
 
 
 @router.put("/instances/{instance_id}/status", response_model=Instance)
-async def put_instance_status(instance_id: str, body: InstanceStatus, state: ApiState = Depends(get_state)) -> Instance:
+async def put_instance_status(
+    instance_id: str, body: InstanceStatus, state: ApiState = Depends(get_state)
+) -> Instance:
     def change(i: Instance) -> Instance:
         i.status = body
         i.status.updated_at = now()
@@ -66,8 +75,11 @@ async def delete_instance(instance_id: str, state: ApiState = Depends(get_state)
 
 
 @router.get("/nodes")
-async def list_nodes(watch: bool = False, revision: int | None = Query(default=None, ge=0),
-                     state: ApiState = Depends(get_state)) -> Any:
+async def list_nodes(
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
+) -> Any:
     if watch:
         rev = revision if revision is not None else await state.resources.store.revision()
         return watch_response(state.resources, "nodes", rev)

@@ -13,8 +13,10 @@ from osless.api.state import ApiState, get_state
 router = APIRouter(tags=["functions"])
 
 
-@router.post("/apps/{app}/functions/{function}:invoke",
-             summary="Invoke a function with a JSON event; the answer is the function's JSON result")
+@router.post(
+    "/apps/{app}/functions/{function}:invoke",
+    summary="Invoke a function with a JSON event; the answer is the function's JSON result",
+)
 async def invoke(app: str, function: str, request: Request, state: ApiState = Depends(get_state)) -> Response:
     a = await state.resources.get_app(app)
     if a.current_release is None:
@@ -34,11 +36,16 @@ async def invoke(app: str, function: str, request: Request, state: ApiState = De
     if rid := request.headers.get("x-osless-request-id"):
         headers["x-osless-request-id"] = rid
     try:
-        resp = await state.http.post(f"{state.gateway_url}/_functions/{app}/{function}", content=body,
-                                     headers=headers, timeout=timeout)
+        resp = await state.http.post(
+            f"{state.gateway_url}/_functions/{app}/{function}", content=body, headers=headers, timeout=timeout
+        )
     except httpx.TimeoutException as e:
         raise ApiError(504, "timeout", f"no answer from {app}.{function} within {timeout:.0f}s") from e
     except httpx.TransportError as e:
-        raise ApiError(502, "gateway_unreachable", f"cannot reach the gateway at {state.gateway_url}: {e}") from e
-    keep = {k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")}
+        raise ApiError(
+            502, "gateway_unreachable", f"cannot reach the gateway at {state.gateway_url}: {e}"
+        ) from e
+    keep = {
+        k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")
+    }
     return Response(resp.content, resp.status_code, headers=keep)

@@ -18,8 +18,11 @@ router = APIRouter(tags=["logs"])
 
 @router.get("/apps/{app}/logs", summary="NDJSON log records of the app's instances; follow=true streams")
 async def app_logs(
-    app: str, tail: int = Query(default=100, ge=0, le=100_000), follow_: bool = Query(default=False, alias="follow"),
-    instance: str | None = None, state: ApiState = Depends(get_state),
+    app: str,
+    tail: int = Query(default=100, ge=0, le=100_000),
+    follow_: bool = Query(default=False, alias="follow"),
+    instance: str | None = None,
+    state: ApiState = Depends(get_state),
 ) -> Any:
     await state.resources.get_app(app)
     folder = state.app_log_dir(app)
