@@ -70,3 +70,19 @@ def test_scale_changes_the_number_of_instances(platform: Platform, hello: dict[s
     assert len(pids) == 3
     platform.cli("scale", "hello", "--min", "1", "--max", "5")
     platform.wait_for(lambda: len(platform.instances("hello")) == 1, what="back to 1 instance")
+
+
+def test_memory_hog_is_oom_killed_and_reported(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_crashy", "--name", "hog")
+    r = platform.cli("invoke", "hog.hog", check=False)
+    assert r.returncode == 1
+    platform.wait_for(lambda: any((i["status"].get("last_exit") or {}).get("reason", "").startswith("out of memory")
+                                  for i in platform.instances("hog")), what="the OOM kill to be reported")
+    assert "out of memory" in platform.cli("ps", "hog").stdout
+
+
+def test_result_that_is_not_json_is_a_clear_error(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_crashy", "--name", "badresult")
+    r = platform.cli("invoke", "badresult.bad_result", check=False)
+    assert r.returncode == 1
+    assert "not JSON-serialisable" in r.stderr and "set" in r.stderr

@@ -21,6 +21,7 @@ from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer
 from osless.logs import LogWriter
+from osless.node.cgroups import Cgroups
 from osless.node.spawn import Zygote
 from osless.node.supervisor import Supervisor
 
@@ -55,6 +56,10 @@ class NodeAgent:
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
+        found = Cgroups.detect()
+        self.cgroups = found if isinstance(found, Cgroups) else None
+        if isinstance(found, str):
+            log.warning("instances run WITHOUT memory limits: %s", found)
         self._tasks: set[asyncio.Task[None]] = set()
         self.informer = Informer(
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
@@ -97,6 +102,8 @@ class NodeAgent:
                     run_dir=self.run_dir,
                     log_dir=self.logs_dir / "apps" / obj["app"],
                     report=self._report,
+                    cgroups=self.cgroups,
+                    memory_mb=self._memory_mb(obj["image"]),
                 )
                 self.supervisors[iid] = sup
                 sup.start()
@@ -128,8 +135,20 @@ class NodeAgent:
             task.add_done_callback(lambda _: self._zygote_starts.pop(image, None))
         return await asyncio.shield(task)
 
+    def _manifest(self, image: str) -> dict[str, Any]:
+        manifest: dict[str, Any] = json.loads((self.images_dir / "manifests" / f"{image}.json").read_text())
+        return manifest
+
+    def _memory_mb(self, image: str) -> int:
+        """One instance serves every handler of the app, so it gets the largest memory any asks for."""
+        m = self._manifest(image)
+        sizes = [int(f["memory_mb"]) for f in (m.get("functions") or {}).values()]
+        if m.get("web"):
+            sizes.append(int(m["web"]["memory_mb"]))
+        return max(sizes, default=256)
+
     async def _start_zygote(self, image: str) -> Zygote:
-        manifest = json.loads((self.images_dir / "manifests" / f"{image}.json").read_text())
+        manifest = self._manifest(image)
         layers = self.images_dir / "layers"
         zyg = Zygote(
             image=image,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.logs import LogWriter
+from osless.node.cgroups import Cgroups, InstanceCgroup
 from osless.node.spawn import ChildExited, ExitStatus, Zygote, ZygoteFailed
 
 __all__ = ["Supervisor", "exit_reason"]
@@ -49,6 +50,8 @@ class Supervisor:
         run_dir: Path,
         log_dir: Path,
         report: Callable[[str, dict[str, Any]], Awaitable[None]],
+        cgroups: Cgroups | None = None,
+        memory_mb: int = 256,
     ) -> None:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
@@ -63,8 +66,11 @@ class Supervisor:
             "message": None,
         }
         self._zygote = zygote
+        self._cgroups = cgroups
+        self.memory_mb = memory_mb
         self._report = report
         name = hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        self.cgroup_name = name
         self.sock_path = run_dir / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id)
         self._stopping = asyncio.Event()
@@ -108,6 +114,7 @@ class Supervisor:
             self.log.write(reason, "osless")
             return reason
         self._pid = child.pid
+        cgroup = self._join_cgroup(child.pid)
         if self._stopping.is_set():  # stop() came while we were forking
             self._kill(signal.SIGTERM)
         try:
@@ -120,7 +127,11 @@ class Supervisor:
             self._kill(signal.SIGKILL)
         exited = await child.exited
         self._pid = None
-        reason = exit_reason(exited)
+        oom = False
+        if cgroup is not None:
+            oom = cgroup.oom_kills() > 0
+            cgroup.remove()
+        reason = exit_reason(exited, oom)
         if not self._stopping.is_set():
             await self._set(
                 last_exit={"code": exited.code, "signal": exited.signal, "reason": reason, "at": time.time()},
@@ -129,6 +140,18 @@ class Supervisor:
             )
             self.log.write(f"instance {reason}", "osless")
         return reason
+
+    def _join_cgroup(self, pid: int) -> InstanceCgroup | None:
+        """A fresh memory cgroup per run, so its OOM counter speaks of this run only."""
+        if self._cgroups is None:
+            return None
+        try:
+            cgroup = self._cgroups.create(f"{self.cgroup_name}-{self.status['restarts']}", self.memory_mb)
+            cgroup.add(pid)
+            return cgroup
+        except OSError as e:
+            self.log.write(f"memory limit of {self.memory_mb} MB not applied: {e}", "osless")
+            return None
 
     def _kill(self, sig: int) -> None:
         if self._pid is not None:

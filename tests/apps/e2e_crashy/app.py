@@ -14,3 +14,16 @@ def crash(event, ctx):
 @app.function()
 def ok(event, ctx):
     return {"pid": os.getpid()}
+
+
+@app.function()
+def hog(event, ctx):
+    chunks = []
+    for _ in range(64):  # up to 1 GiB, far past the instance's 256 MB limit
+        chunks.append(bytearray(16 * 1024 * 1024))
+    return len(chunks)
+
+
+@app.function()
+def bad_result(event, ctx):
+    return {1, 2, 3}

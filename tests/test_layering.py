@@ -1,0 +1,53 @@
+"""The walls between parts, read from the imports: what the architecture page promises."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "osless"
+SERVER_SIDE = {"api", "store", "node", "gateway", "build", "controllers", "client", "cli", "server"}
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """module path -> the osless subpackages it imports."""
+    found: dict[str, set[str]] = {}
+    files = [SRC / f"{package}.py"] if (SRC / f"{package}.py").exists() else sorted((SRC / package).rglob("*.py"))
+    for path in files:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("osless."):
+                names.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("osless."))
+        found[str(path.relative_to(SRC))] = names
+    return found
+
+
+def test_only_the_api_and_its_host_touch_the_store() -> None:
+    for package in SERVER_SIDE - {"api", "store", "server"}:
+        for module, names in imports_of(package).items():
+            assert "store" not in names, f"{module} imports osless.store: reach state through the API"
+
+
+def test_runtime_and_sdk_import_nothing_server_side() -> None:
+    for package in ("runtime", "sdk"):
+        for module, names in imports_of(package).items():
+            assert not names & SERVER_SIDE, f"{module} imports {names & SERVER_SIDE}"
+
+
+def test_cli_reaches_the_platform_over_http_only() -> None:
+    allowed = {"cli", "client", "build", "server"}  # build.source packs the upload; `up` hosts the server
+    for module, names in imports_of("cli").items():
+        assert names <= allowed, f"{module} imports {names - allowed}"
+    main = (SRC / "cli" / "main.py").read_text()
+    assert "from osless.server import" in main and "import osless.server" not in main.split("def up(")[0]
+
+
+def test_app_import_stays_small() -> None:
+    import subprocess
+    import sys
+
+    code = "import osless, sys; print(sorted(m for m in sys.modules if m.startswith(('fastapi', 'httpx', 'uvicorn'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,86 @@
+"""The SDK catches misuse at import time, with a message that says how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+
+import osless
+from osless import App, UsageError
+
+
+def test_decorators_without_parentheses_say_so() -> None:
+    app = App("demo")
+    with pytest.raises(UsageError, match=r"@app.function\(\) instead of @app.function"):
+        app.function(lambda event, ctx: None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"@app.web\(\) instead of @app.web"):
+        app.web(lambda: None)  # type: ignore[arg-type]
+
+
+def test_two_functions_with_one_name() -> None:
+    app = App("demo")
+
+    @app.function()
+    def greet(event: object, ctx: object) -> None: ...
+
+    with pytest.raises(UsageError, match="already has a function named 'greet'"):
+
+        @app.function(name="greet")
+        def other(event: object, ctx: object) -> None: ...
+
+
+def test_handler_signature_is_checked() -> None:
+    app = App("demo")
+    with pytest.raises(UsageError, match=r"must accept \(event, ctx\)"):
+
+        @app.function()
+        def lonely(event: object) -> None: ...
+
+
+def test_one_web_app_per_app() -> None:
+    app = App("demo")
+
+    @app.web()
+    def first() -> object: ...
+
+    with pytest.raises(UsageError, match="at most one"):
+
+        @app.web()
+        def second() -> object: ...
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "has_underscore", "-lead", "x" * 41, "trailing-"])
+def test_bad_app_names(name: str) -> None:
+    with pytest.raises(UsageError, match="invalid app name"):
+        App(name)
+
+
+def test_bad_resources() -> None:
+    app = App("demo")
+    with pytest.raises(UsageError, match="memory_mb"):
+        app.function(memory_mb=1)
+    with pytest.raises(UsageError, match="timeout_s"):
+        app.function(timeout_s=0)
+
+
+def test_manifest_lists_functions_and_web() -> None:
+    app = App("shop")
+
+    @app.function(memory_mb=128, timeout_s=5)
+    async def quote(event: object, ctx: object) -> None: ...
+
+    @app.web(timeout_s=20)
+    def api() -> object: ...
+
+    assert app.manifest() == {
+        "name": "shop",
+        "functions": {"quote": {"memory_mb": 128, "timeout_s": 5, "async": True}},
+        "web": {"name": "api", "memory_mb": 256, "timeout_s": 20},
+    }
+
+
+def test_context_remaining_ms() -> None:
+    import time
+
+    ctx = osless.Context(request_id="r", app="a", function="f", deadline=time.time() + 2)
+    assert 1500 < ctx.remaining_ms() <= 2000
+    assert ctx.log.name == "osless.app.a.f"
