@@ -69,8 +69,21 @@ def main() -> None:
     shutil.copytree(ROOT / "examples" / "hello", app_dir, ignore=shutil.ignore_patterns("__pycache__"))
     api_port, http_port = free_port(), free_port()
     env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
-    up = subprocess.Popen([str(BIN / "osless"), "up", "--data-dir", str(work / "data"), "--api-port", str(api_port),
-                           "--http-port", str(http_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    up = subprocess.Popen(
+        [
+            str(BIN / "osless"),
+            "up",
+            "--data-dir",
+            str(work / "data"),
+            "--api-port",
+            str(api_port),
+            "--http-port",
+            str(http_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         while not (work / "cfg" / "credentials.json").exists():
             time.sleep(0.05)
@@ -79,8 +92,13 @@ def main() -> None:
         def deploy(marker: str) -> float:
             set_marker(app_dir, marker)
             t0 = time.perf_counter()
-            subprocess.run([str(BIN / "osless"), "deploy", str(app_dir)], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [str(BIN / "osless"), "deploy", str(app_dir)],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             wait_for_text(url, marker)
             return time.perf_counter() - t0
 
@@ -88,14 +106,18 @@ def main() -> None:
         osless_runs = [deploy(f"release {i}") for i in range(args.runs)]
 
         # Baseline: a fresh interpreter serving the same image's code and dependency layers with uvicorn.
-        manifests = sorted((work / "data" / "images" / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        manifests = sorted(
+            (work / "data" / "images" / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime
+        )
         manifest = json.loads(manifests[-1].read_text())
         layers = work / "data" / "images" / "layers"
         code, deps = layers / manifest["layers"]["code"], layers / manifest["layers"]["deps"]
         sock = work / "baseline.sock"
-        script = (f"import sys; sys.path[:0] = [{str(code)!r}, {str(deps)!r}]\n"
-                  "import uvicorn, app\n"
-                  f"uvicorn.run(app.web(), uds={str(sock)!r}, log_level='warning')\n")
+        script = (
+            f"import sys; sys.path[:0] = [{str(code)!r}, {str(deps)!r}]\n"
+            "import uvicorn, app\n"
+            f"uvicorn.run(app.web(), uds={str(sock)!r}, log_level='warning')\n"
+        )
         base_runs = []
         for _ in range(args.runs):
             sock.unlink(missing_ok=True)

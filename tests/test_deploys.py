@@ -102,3 +102,11 @@ def test_deploy_of_a_missing_folder_is_one_clear_line(platform: Platform, tmp_pa
     r = platform.cli("deploy", str(tmp_path / "nowhere"), check=False)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "is not a folder" in r.stderr
+
+
+def test_function_error_shows_its_traceback(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_crashy", "--name", "fails")
+    r = platform.cli("invoke", "fails.fails", check=False)
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and 'raise ValueError("the answer is not 42")' in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == "error: ValueError: the answer is not 42"

@@ -14,8 +14,17 @@ def test_osless_exports() -> None:
 def test_all_lists_are_sorted() -> None:
     import importlib
 
-    for module in ("osless", "osless.sdk", "osless.store", "osless.build", "osless.client", "osless.node",
-                   "osless.gateway", "osless.controllers", "osless.runtime"):
+    for module in (
+        "osless",
+        "osless.sdk",
+        "osless.store",
+        "osless.build",
+        "osless.client",
+        "osless.node",
+        "osless.gateway",
+        "osless.controllers",
+        "osless.runtime",
+    ):
         names = importlib.import_module(module).__all__
         # ruff's order (RUF022): CONSTANTS, then Classes, then functions, each alphabetical
         assert names == sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n)), module

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import httpx
 
 from tests.platform import EXAMPLES, Platform
+
+APPS = Path(__file__).parent / "apps"
 
 
 def test_asgi_app_by_path_and_by_host(platform: Platform, hello: dict[str, object]) -> None:
@@ -59,3 +65,30 @@ def test_function_invoke_over_the_gateway_needs_a_token(platform: Platform, hell
     assert httpx.post(url, json={"name": "x"}).status_code == 401
     r = httpx.post(url, json={"name": "Lin"}, headers={"authorization": f"Bearer {platform.token}"})
     assert r.status_code == 200 and r.json()["message"] == "Hello, Lin!"
+
+
+def test_timeouts_are_504_and_streams_arrive_as_they_are_sent(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_slow")
+    r = httpx.get(f"{platform.gateway}/slow/", timeout=10)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    r = platform.cli("invoke", "slow.nap", "3", check=False)
+    assert r.returncode == 1 and "did not finish within 1s" in r.stderr
+    assert json.loads(platform.cli("invoke", "slow.nap", "0.1").stdout) == "rested"
+
+    arrivals = []
+    with httpx.stream("GET", f"{platform.gateway}/slow/stream", timeout=10) as resp:
+        for line in resp.iter_lines():
+            arrivals.append((time.monotonic(), line))
+    assert [line for _, line in arrivals] == [f"chunk {i}" for i in range(5)]
+    assert arrivals[-1][0] - arrivals[0][0] > 0.6  # streamed, not buffered until the end
+
+
+def test_requests_spread_over_instances(platform: Platform) -> None:
+    platform.deploy(APPS / "e2e_crashy", "--name", "spread")
+    platform.cli("scale", "spread", "--min", "3", "--max", "3")
+    platform.wait_for(
+        lambda: len([i for i in platform.instances("spread") if i["status"]["phase"] == "ready"]) == 3,
+        what="3 ready instances",
+    )
+    pids = {json.loads(platform.cli("invoke", "spread.ok").stdout)["pid"] for _ in range(12)}
+    assert len(pids) >= 2

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 
-from tests.platform import Platform
+from tests.platform import OSLESS, Platform
 
 APPS = Path(__file__).parent / "apps"
 
@@ -76,8 +79,13 @@ def test_memory_hog_is_oom_killed_and_reported(platform: Platform) -> None:
     platform.deploy(APPS / "e2e_crashy", "--name", "hog")
     r = platform.cli("invoke", "hog.hog", check=False)
     assert r.returncode == 1
-    platform.wait_for(lambda: any((i["status"].get("last_exit") or {}).get("reason", "").startswith("out of memory")
-                                  for i in platform.instances("hog")), what="the OOM kill to be reported")
+    platform.wait_for(
+        lambda: any(
+            (i["status"].get("last_exit") or {}).get("reason", "").startswith("out of memory")
+            for i in platform.instances("hog")
+        ),
+        what="the OOM kill to be reported",
+    )
     assert "out of memory" in platform.cli("ps", "hog").stdout
 
 
@@ -86,3 +94,35 @@ def test_result_that_is_not_json_is_a_clear_error(platform: Platform) -> None:
     r = platform.cli("invoke", "badresult.bad_result", check=False)
     assert r.returncode == 1
     assert "not JSON-serialisable" in r.stderr and "set" in r.stderr
+
+
+def test_logs_follow_streams_new_lines(platform: Platform, hello: dict[str, object]) -> None:
+    follower = subprocess.Popen(
+        [OSLESS, "logs", "hello", "-f", "--tail", "0", "--json"],
+        env=platform.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    seen: list[str] = []
+
+    def read() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            seen.append(json.loads(line)["line"])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        # invoke until the follower, which attaches asynchronously, has seen one of our lines
+        def seen_one() -> bool:
+            rid = json.loads(platform.cli("invoke", "hello.greet", '{"name": "Fol"}').stdout)["request_id"]
+            time.sleep(0.3)
+            return any(rid in line for line in seen)
+
+        platform.wait_for(seen_one, timeout=20, what="a followed log line")
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        reader.join(5)
+        assert follower.stdout is not None
+        follower.stdout.close()

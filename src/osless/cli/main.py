@@ -272,12 +272,16 @@ def invoke(
         json.loads(raw)
     except ValueError as e:
         fail(f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'')
-    result = _call(
-        _client().post,
-        f"/v1/apps/{app_name}/functions/{function}:invoke",
-        content=raw.encode(),
-        headers={"content-type": "application/json"},
-    )
+    try:
+        result = _client().post(
+            f"/v1/apps/{app_name}/functions/{function}:invoke",
+            content=raw.encode(),
+            headers={"content-type": "application/json"},
+        )
+    except ApiError as e:
+        if e.detail.get("traceback"):
+            sys.stderr.write(str(e.detail["traceback"]).rstrip() + "\n")
+        fail(e.message)
     print_json(result)
 
 

@@ -18,11 +18,12 @@ __all__ = ["Api", "ApiError", "AsyncApi"]
 class ApiError(Exception):
     """The API answered with an error (or could not be reached: status 0)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.detail = detail or {}  # the whole error object, e.g. a function's traceback
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -32,8 +33,8 @@ def _raise_for(resp: httpx.Response) -> None:
         err = resp.json()["error"]
         code, message = str(err["code"]), str(err["message"])
     except (ValueError, KeyError, TypeError):
-        code, message = "http_error", f"HTTP {resp.status_code}: {resp.text[:200]}"
-    raise ApiError(resp.status_code, code, message)
+        code, message, err = "http_error", f"HTTP {resp.status_code}: {resp.text[:200]}", {}
+    raise ApiError(resp.status_code, code, message, err)
 
 
 def _verify(base_url: str) -> bool:

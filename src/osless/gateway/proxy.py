@@ -105,13 +105,9 @@ class Gateway:
             await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
             return
         timeout = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S))
-        headers = [
-            (k, v)
-            for k, v in _forward_headers(scope, "")
-            if k not in (b"authorization", b"x-osless-deadline")
-        ]
-        headers.append((b"x-osless-deadline", f"{time.time() + timeout:.3f}".encode()))
-        # the instance answers 504 itself at the deadline; the extra second covers the trip back
+        # A caller's own x-osless-deadline passes through; the instance applies the function's
+        # timeout_s itself and answers 504. The extra second covers the trip back.
+        headers = [(k, v) for k, v in _forward_headers(scope, "") if k != b"authorization"]
         await self._proxy(
             backend, "POST", f"/__osless__/invoke/{function}", headers, receive, send, timeout + 1
         )

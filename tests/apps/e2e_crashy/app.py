@@ -27,3 +27,8 @@ def hog(event, ctx):
 @app.function()
 def bad_result(event, ctx):
     return {1, 2, 3}
+
+
+@app.function()
+def fails(event, ctx):
+    raise ValueError("the answer is not 42")

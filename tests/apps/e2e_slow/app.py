@@ -1,0 +1,33 @@
+import asyncio
+import time
+
+import osless
+
+app = osless.App("slow")
+
+
+@app.function(timeout_s=1)
+def nap(event, ctx):
+    time.sleep(float(event or 3))
+    return "rested"
+
+
+@app.web(timeout_s=1)
+def web():
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/stream":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+            )
+            for i in range(5):
+                await send({"type": "http.response.body", "body": f"chunk {i}\n".encode(), "more_body": True})
+                await asyncio.sleep(0.2)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await asyncio.sleep(3)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"too late"})
+
+    return asgi
