@@ -293,13 +293,16 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore) -> None
         "lock": "",
         "functions": {"greet": {"memory_mb": 256, "timeout_s": 30.0, "async": False}},
         "web": None,
+        "volumes": {},
+        "egress": [],
     }
     assert result.image == sha256_hex(canonical_json(m)) and store.get_manifest(result.image) == m
     assert log.lines[-1] == f"==> Image sha256:{result.image}"
     assert any(ln.startswith("==> Requirements: none") for ln in log.lines)
     code, deps = store.layer_path(m["layers"]["code"]), store.layer_path(m["layers"]["deps"])
     assert (code / "app.py").is_file() and list(deps.iterdir()) == []
-    assert stat.S_IMODE(code.stat().st_mode) & 0o222 == 0
+    assert stat.S_IMODE(code.stat().st_mode) == 0o555  # read-only, and readable by a sandbox's uid
+    assert stat.S_IMODE((code / "app.py").stat().st_mode) == 0o444
 
     again = builder.build(archive, Log(), app_name="greeter")
     assert again.deps_cached and again.manifest["app"] == "greeter" and again.image != result.image

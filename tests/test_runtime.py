@@ -284,7 +284,11 @@ def test_bad_fork_requests_get_an_error(starlette: tuple[Zygote, Instance, Insta
     zygote, one, _ = starlette
     protocol.send(zygote.sock, {"op": "fork", "id": "nofds", "socket": "/tmp/x.sock", "env": {}})
     error = zygote.expect(lambda m: m.get("id") == "nofds")
-    assert error == {"op": "error", "id": "nofds", "error": "fork needs 2 fds (stdout, stderr), got 0"}
+    assert error == {
+        "op": "error",
+        "id": "nofds",
+        "error": "fork needs at least 2 fds (stdout, stderr, then cgroup.procs files), got 0",
+    }
     protocol.send(zygote.sock, {"op": "launch", "id": "what"})
     assert zygote.expect(lambda m: m.get("id") == "what")["error"] == "unknown op 'launch'"
     assert one.client.get("/__osless__/health").status_code == 200  # the zygote carries on
@@ -409,6 +413,8 @@ def test_inspect_prints_the_manifest() -> None:
             "name": "runtime-flask",
             "functions": {"add": {"memory_mb": 128, "timeout_s": 5, "async": False}},
             "web": {"name": "web", "memory_mb": 256, "timeout_s": 20, "kind": "wsgi"},
+            "volumes": {},
+            "egress": [],
         },
     }
     r = _inspect("--code", str(STARLETTE), "--entry", "app")

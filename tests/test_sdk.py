@@ -75,7 +75,23 @@ def test_manifest_lists_functions_and_web() -> None:
         "name": "shop",
         "functions": {"quote": {"memory_mb": 128, "timeout_s": 5, "async": True}},
         "web": {"name": "api", "memory_mb": 256, "timeout_s": 20},
+        "volumes": {},
+        "egress": [],
     }
+
+
+def test_volumes_and_egress_are_checked() -> None:
+    app = App("db", volumes={"/data": "db-data"}, egress=["api.example.com", "*.example.org"])
+    assert app.manifest()["volumes"] == {"/data": "db-data"}
+    assert app.manifest()["egress"] == ["*.example.org", "api.example.com"]
+    with pytest.raises(UsageError, match="absolute path"):
+        App("db", volumes={"data": "x"})
+    with pytest.raises(UsageError, match="reserved"):
+        App("db", volumes={"/usr/local/x": "x"})
+    with pytest.raises(UsageError, match="lowercase"):
+        App("db", volumes={"/data": "Bad Name"})
+    with pytest.raises(UsageError, match="no scheme"):
+        App("db", egress=["https://api.example.com"])
 
 
 def test_context_remaining_ms() -> None:

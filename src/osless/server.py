@@ -45,6 +45,7 @@ class UpConfig:
     node_name: str = field(default_factory=socket.gethostname)
     max_upload_mb: int = 100
     save_credentials: bool = True
+    sandbox: bool = True
 
     @property
     def api_url(self) -> str:
@@ -143,7 +144,13 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
                 )
             await asyncio.sleep(0.01)
         await router.start()
-        agent = NodeAgent(client, name=cfg.node_name, data_dir=data_dir)
+        agent = NodeAgent(
+            client,
+            name=cfg.node_name,
+            data_dir=data_dir,
+            gateway=(cfg.host, cfg.http_port),
+            sandbox=cfg.sandbox,
+        )
         parts = [asyncio.create_task(Scheduler(client).run()), asyncio.create_task(agent.run())]
         if cfg.save_credentials:
             save_credentials(cfg.api_url, token, cfg.gateway_url)

@@ -109,6 +109,8 @@ class Builder:
             "lock": lock,
             "functions": app["functions"],
             "web": app["web"],
+            "volumes": app.get("volumes") or {},
+            "egress": app.get("egress") or [],
         }
         # No timestamp: the image digest must depend on the content alone.
         try:

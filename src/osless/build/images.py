@@ -84,7 +84,7 @@ class ImageStore:
                     return final
                 raise
             _fsync_dir(self.layers_dir)
-            os.chmod(final, stat.S_IMODE(os.lstat(final).st_mode) & ~0o222)
+            os.chmod(final, _sealed_mode(os.lstat(final).st_mode))
             return final
         except BaseException:
             _remove_tree(tmp)
@@ -137,6 +137,13 @@ def _check_digest(digest: str) -> str:
     return digest
 
 
+def _sealed_mode(mode: int) -> int:
+    """Read-only for everyone, and readable by everyone: sandboxes read layers as an unprivileged uid."""
+    if stat.S_ISDIR(mode) or mode & 0o111:
+        return 0o555
+    return 0o444
+
+
 def _seal_contents(top: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
         for name in filenames:
@@ -149,13 +156,13 @@ def _seal_contents(top: Path) -> None:
                 finally:
                     os.close(fd)
             if not stat.S_ISLNK(st.st_mode):
-                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+                os.chmod(path, _sealed_mode(st.st_mode))
         for name in dirnames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode):
                 _fsync_dir(Path(path))
-                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+                os.chmod(path, _sealed_mode(st.st_mode))
     _fsync_dir(top)
 
 

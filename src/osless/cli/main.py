@@ -52,6 +52,9 @@ def up(
     http_port: Annotated[int, typer.Option(help="Port of the gateway (apps' web traffic).")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
+    sandbox: Annotated[
+        bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
+    ] = True,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
@@ -61,7 +64,7 @@ def up(
     from osless.server import UpConfig, run
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host)
+    cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
@@ -340,6 +343,26 @@ def scale(
         print_json(result)
         return
     console.print(f"{app_name}: min {result['min']}, max {result['max']}")
+
+
+@app.command()
+def doctor(json_out: JsonOpt = False) -> None:
+    """Which protections this host gives app sandboxes, found by trying each one."""
+    from osless.node import doctor as probe
+
+    checks = probe.check()
+    if json_out:
+        print_json([{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
+    else:
+        table(["PROTECTION", "", "DETAIL"], [[c.name, "ok" if c.ok else "MISSING", c.detail] for c in checks])
+    missing = [c.name for c in checks if not c.ok]
+    if missing:
+        required = [n for n in missing if n in probe.REQUIRED]
+        fail(
+            ("apps would run WITHOUT a sandbox: " if required else "apps would run with weaker isolation: ")
+            + ", ".join(missing)
+            + " missing"
+        )
 
 
 @app.command()

@@ -21,8 +21,11 @@ from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer
 from osless.logs import LogWriter
-from osless.node.cgroups import Cgroups
-from osless.node.spawn import Zygote
+from osless.node import doctor
+from osless.node.cgroups import Cgroups, Limits
+from osless.node.egress import EgressProxy
+from osless.node.isolation import app_socket_dir, app_uid, sandbox_spec
+from osless.node.spawn import RootZygote, Zygote
 from osless.node.supervisor import Supervisor
 
 __all__ = ["NodeAgent", "run_dir_for"]
@@ -44,9 +47,18 @@ def run_dir_for(data_dir: Path) -> Path:
 
 
 class NodeAgent:
-    def __init__(self, api: AsyncApi, *, name: str, data_dir: Path) -> None:
+    def __init__(
+        self,
+        api: AsyncApi,
+        *,
+        name: str,
+        data_dir: Path,
+        gateway: tuple[str, int] | None = None,
+        sandbox: bool = True,
+    ) -> None:
         self.api = api
         self.name = name
+        self.data_dir = data_dir
         self.images_dir = data_dir / "images"
         self.logs_dir = data_dir / "logs"
         self.run_dir = run_dir_for(data_dir)
@@ -56,11 +68,26 @@ class NodeAgent:
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self.protections = doctor.check()
+        missing = {p.name: p.detail for p in self.protections if not p.ok}
+        for name, detail in missing.items():
+            log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
+        self.sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
+        if not self.sandboxed:
+            log.warning(
+                "APPS RUN WITHOUT A SANDBOX: %s",
+                "turned off by --no-sandbox"
+                if not sandbox
+                else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
+            )
         found = Cgroups.detect()
         self.cgroups = found if isinstance(found, Cgroups) else None
-        if isinstance(found, str):
-            log.warning("instances run WITHOUT memory limits: %s", found)
+        self.egress = (
+            EgressProxy(gateway=gateway, log=self._egress_log) if self.sandboxed and gateway else None
+        )
+        self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._egress_logs: dict[str, LogWriter] = {}
         self.informer = Informer(
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
         )
@@ -69,6 +96,10 @@ class NodeAgent:
         self._wake.set()
 
     async def run(self) -> None:
+        await self.root.start()
+        if self.cgroups is not None:
+            self.cgroups.sweep()  # groups an earlier run left behind (kill -9)
+            self.cgroups.fill_pool()
         tasks = [asyncio.create_task(self.informer.run()), asyncio.create_task(self._heartbeat())]
         try:
             while True:
@@ -103,11 +134,14 @@ class NodeAgent:
                     log_dir=self.logs_dir / "apps" / obj["app"],
                     report=self._report,
                     cgroups=self.cgroups,
-                    memory_mb=self._memory_mb(obj["image"]),
+                    limits=Limits(memory_mb=self._memory_mb(obj["image"])),
+                    sock_dir=app_socket_dir(self.run_dir, obj["app"]),
                 )
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
+        if self.cgroups is not None:
+            self.cgroups.fill_pool()
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -148,10 +182,30 @@ class NodeAgent:
         return max(sizes, default=256)
 
     async def _start_zygote(self, image: str) -> Zygote:
+        if not self.root.running:  # it died: start it again before anything else
+            await self.root.start()
         manifest = self._manifest(image)
+        app = str(manifest["app"])
         layers = self.images_dir / "layers"
+        spec = None
+        if self.sandboxed:
+            egress_socket = None
+            if self.egress is not None:
+                egress_socket = self.run_dir / "egress" / f"{app_uid(app)}.sock"
+                egress_socket.parent.mkdir(parents=True, exist_ok=True)
+                await self.egress.add_app(app, egress_socket, list(manifest.get("egress") or []))
+                egress_socket.chmod(0o666)  # the sandbox's unprivileged uid connects to it
+            spec = sandbox_spec(
+                manifest,
+                layers=layers,
+                data_dir=self.data_dir,
+                run_dir=self.run_dir,
+                egress_socket=egress_socket,
+            ).to_json()
         zyg = Zygote(
             image=image,
+            app=app,
+            sandbox=spec,
             code_dir=layers / manifest["layers"]["code"],
             deps_dir=layers / manifest["layers"]["deps"],
             entry=manifest["entry"],
@@ -159,9 +213,17 @@ class NodeAgent:
                 self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"
             ),
         )
-        await zyg.start()
+        await zyg.start(self.root)
         self.zygotes[image] = zyg
         return zyg
+
+    def _egress_log(self, app: str, message: str) -> None:
+        writer = self._egress_logs.get(app)
+        if writer is None:
+            writer = self._egress_logs[app] = LogWriter(
+                self.logs_dir / "apps" / app / "egress.log", source="egress"
+            )
+        writer.write(message, "osless")
 
     async def _retire_zygotes(self) -> None:
         in_use = {
@@ -179,6 +241,8 @@ class NodeAgent:
                 self._zygote_idle_since.pop(image, None)
                 await zyg.stop()
                 zyg.log.close()
+                if self.egress is not None and not any(z.app == zyg.app for z in self.zygotes.values()):
+                    await self.egress.remove_app(zyg.app)
 
     async def shutdown(self) -> None:
         sups, self.supervisors = list(self.supervisors.values()), {}
@@ -186,3 +250,6 @@ class NodeAgent:
         for zyg in self.zygotes.values():
             await zyg.stop()
         self.zygotes.clear()
+        if self.egress is not None:
+            await self.egress.close()
+        await self.root.stop()

@@ -1,93 +1,165 @@
-"""Per-instance memory cgroups, on cgroup v2 or v1: a limit from `memory_mb`, and OOM kills detected.
+"""Per-instance cgroups on v2 or v1: memory from `memory_mb`, a CPU share and quota, a pids limit.
 
-Each instance gets `<memory root>/osless/<name>`; the agent moves the forked pid in, reads the OOM
-counter when the instance ends, then removes the group. Where no memory controller can be used (not
-root, no cgroupfs), `Cgroups.detect()` says why and instances run without a memory limit.
+Each instance gets one group (v2) or one group in each of the memory, cpu and pids hierarchies
+(v1), named alike under an `osless` folder. The forked instance moves itself in through
+`cgroup.procs` files the agent opened for it, before any app code runs. When it ends, whatever is
+left inside is killed, the OOM counter read, and the group removed. Empty groups are made ahead
+of time, so creating them is off the path of a cold start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Cgroups", "InstanceCgroup"]
+__all__ = ["Cgroups", "InstanceCgroup", "Limits"]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "cpu", "pids")
+POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 256
+    cpu_shares: int = 1024  # relative weight; v2 maps it to cpu.weight
+    cpu_quota: float | None = 1.0  # CPUs at most; None for no cap
+    pids: int = 256
+
+
+@dataclass
 class InstanceCgroup:
-    path: Path
+    dirs: list[Path]  # one per hierarchy (v1) or just one (v2)
     version: int
 
-    def add(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(str(pid))
+    @property
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.dirs]
+
+    def open_procs(self) -> list[int]:
+        """Write ends the instance uses to move itself in (it knows only its sandboxed pid)."""
+        return [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in self.procs_files]
+
+    def pids(self) -> list[int]:
+        out: list[int] = []
+        for p in self.procs_files:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                out += [int(x) for x in p.read_text().split()]
+        return sorted(set(out))
 
     def oom_kills(self) -> int:
         """How many times the kernel's OOM killer struck inside this group."""
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
-        try:
-            for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (FileNotFoundError, ValueError):
-            pass
+        for d in self.dirs:
+            name = "memory.events" if self.version == 2 else "memory.oom_control"
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for line in (d / name).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
         return 0
 
+    def kill_all(self, timeout: float = 2.0) -> None:
+        """Nothing an instance started may outlive it."""
+        if self.version == 2 and (self.dirs[0] / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                (self.dirs[0] / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + timeout
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
     def remove(self) -> None:
-        # rmdir fails while a process is still inside; the caller removes it after the exit
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.path.rmdir()
+        for d in self.dirs:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                d.rmdir()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cgroups:
-    root: Path  # the folder under which instance groups are made
+    roots: list[Path]  # the `osless` folder in each hierarchy used
     version: int
+    _pool: list[InstanceCgroup] = field(default_factory=list)
 
     @classmethod
     def detect(cls, fs: Path = CGROUP_FS) -> Cgroups | str:
-        """A usable memory hierarchy, or the reason there is none."""
+        """Usable memory, cpu and pids control, or the reason there is none."""
         if (fs / "cgroup.controllers").exists():
-            if "memory" not in (fs / "cgroup.controllers").read_text().split():
-                return "cgroup v2 is mounted without the memory controller"
+            have = (fs / "cgroup.controllers").read_text().split()
+            lacking = [c for c in V1_CONTROLLERS if c not in have]
+            if lacking:
+                return f"cgroup v2 is mounted without the {', '.join(lacking)} controller(s)"
             root = fs / "osless"
             try:
                 root.mkdir(exist_ok=True)
-                # groups inside `osless` may only limit memory once it is delegated to them
-                with open(fs / "cgroup.subtree_control", "w") as f:
-                    f.write("+memory")
-                with open(root / "cgroup.subtree_control", "w") as f:
-                    f.write("+memory")
+                # Groups inside `osless` may only limit what is delegated to them.
+                for folder in (fs, root):
+                    with open(folder / "cgroup.subtree_control", "w") as f:
+                        f.write("+memory +cpu +pids")
             except OSError as e:
-                return f"cannot set up cgroup v2 memory control at {root}: {e.strerror}"
-            return cls(root, 2)
-        memory = fs / "memory"
-        if not (memory / "memory.limit_in_bytes").exists():
-            return "no cgroup memory controller is mounted at /sys/fs/cgroup"
-        root = memory / "osless"
-        try:
-            root.mkdir(exist_ok=True)
-        except OSError as e:
-            return f"cannot create {root}: {e.strerror} (memory limits need root)"
-        if not os.access(root, os.W_OK):
-            return f"cannot write to {root} (memory limits need root)"
-        return cls(root, 1)
+                return f"cannot set up cgroup v2 control at {root}: {e.strerror}"
+            return cls([root], 2)
+        roots = []
+        for controller in V1_CONTROLLERS:
+            if not (fs / controller / "cgroup.procs").exists():
+                return f"no cgroup v1 {controller} hierarchy is mounted at {fs / controller}"
+            root = fs / controller / "osless"
+            try:
+                root.mkdir(exist_ok=True)
+            except OSError as e:
+                return f"cannot create {root}: {e.strerror} (resource limits need root)"
+            if not os.access(root, os.W_OK):
+                return f"cannot write to {root} (resource limits need root)"
+            roots.append(root)
+        return cls(roots, 1)
 
-    def create(self, name: str, memory_mb: int) -> InstanceCgroup:
-        path = self.root / name
-        with contextlib.suppress(FileExistsError):
-            path.mkdir()
-        limit = str(memory_mb * 1024 * 1024)
+    def _make(self) -> InstanceCgroup:
+        name = "i-" + secrets.token_hex(6)
+        dirs = [r / name for r in self.roots]
+        for d in dirs:
+            d.mkdir()
+        return InstanceCgroup(dirs, self.version)
+
+    def fill_pool(self) -> None:
+        """Create empty groups ahead, so a cold start only writes its limits."""
+        while len(self._pool) < POOL_SIZE:
+            self._pool.append(self._make())
+
+    def create(self, limits: Limits) -> InstanceCgroup:
+        group = self._pool.pop() if self._pool else self._make()
+        memory = str(limits.memory_mb * 1024 * 1024)
+        period = 100_000
+        quota = "max" if limits.cpu_quota is None else str(int(limits.cpu_quota * period))
         if self.version == 2:
-            (path / "memory.max").write_text(limit)
+            d = group.dirs[0]
+            (d / "memory.max").write_text(memory)
             with contextlib.suppress(OSError):  # no swap accounting on some hosts
-                (path / "memory.swap.max").write_text("0")
+                (d / "memory.swap.max").write_text("0")
+            (d / "cpu.weight").write_text(str(max(1, min(10000, limits.cpu_shares * 100 // 1024))))
+            (d / "cpu.max").write_text(f"{quota} {period}")
+            (d / "pids.max").write_text(str(limits.pids))
         else:
-            (path / "memory.limit_in_bytes").write_text(limit)
+            mem, cpu, pids = group.dirs
+            (mem / "memory.limit_in_bytes").write_text(memory)
             with contextlib.suppress(OSError):  # memsw exists only with swap accounting on
-                (path / "memory.memsw.limit_in_bytes").write_text(limit)
-        return InstanceCgroup(path, self.version)
+                (mem / "memory.memsw.limit_in_bytes").write_text(memory)
+            (cpu / "cpu.shares").write_text(str(limits.cpu_shares))
+            (cpu / "cpu.cfs_period_us").write_text(str(period))
+            (cpu / "cpu.cfs_quota_us").write_text("-1" if quota == "max" else quota)
+            (pids / "pids.max").write_text(str(limits.pids))
+        return group
+
+    def sweep(self) -> None:
+        """Remove groups left empty by an earlier run of the agent (after kill -9, say)."""
+        for root in self.roots:
+            for d in root.glob("i-*"):
+                if d not in {x for g in self._pool for x in g.dirs}:
+                    InstanceCgroup([d], self.version).kill_all(timeout=0.5)
+                    with contextlib.suppress(OSError):
+                        d.rmdir()

@@ -1,7 +1,10 @@
-"""The single spawn path: start a release's zygote, fork instances from it, collect their output.
+"""The single spawn path: the node's root zygote, release zygotes forked from it, and instances.
 
-Everything that creates a process for app code goes through `Zygote`: the sandbox work (namespaces,
-cgroups, seccomp) belongs here and in `osless.runtime.zygote`, nowhere else.
+    agent ──▶ root zygote (started once; the runtime preloaded)
+                 └─ spawn ─▶ release zygote, in the app's sandbox (imports the app once)
+                                └─ fork ─▶ instance (moves itself into its cgroups, then serves)
+
+Everything that creates a process for app code goes through here and `osless.runtime.zygote`.
 """
 
 from __future__ import annotations
@@ -21,207 +24,19 @@ from typing import Any
 from osless.logs import LogWriter
 from osless.runtime import protocol
 
-__all__ = ["ExitStatus", "Zygote", "ZygoteFailed"]
+__all__ = ["ChildExited", "ExitStatus", "RootZygote", "Zygote", "ZygoteFailed"]
 
 ZYGOTE_START_TIMEOUT = 60.0
 
 
 class ZygoteFailed(Exception):
-    """The release's zygote could not import the app (the message ends with the error)."""
+    """A zygote could not start (the message ends with the error)."""
 
 
 @dataclass
 class ExitStatus:
     code: int | None
     signal: int | None
-
-
-@dataclass
-class _Child:
-    ready: asyncio.Future[None]
-    exited: asyncio.Future[ExitStatus]
-    pid: int = 0
-
-
-@dataclass
-class Zygote:
-    """One warm interpreter per release (image): it imported the app once and forks instances."""
-
-    image: str
-    code_dir: Path
-    deps_dir: Path
-    entry: str
-    log: LogWriter
-    proc: subprocess.Popen[bytes] | None = None
-    pid: int = 0
-    _sock: socket.socket | None = None
-    _children: dict[str, _Child] = field(default_factory=dict)
-    _forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
-    _started: asyncio.Future[dict[str, Any]] | None = None
-    _readers: list[int] = field(default_factory=list)
-    closed: bool = False
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        cmd = [
-            sys.executable,
-            "-s",
-            "-m",
-            "osless.runtime.zygote",
-            "--code",
-            str(self.code_dir),
-            "--deps",
-            str(self.deps_dir),
-            "--entry",
-            self.entry,
-            "--control-fd",
-            str(theirs.fileno()),
-        ]
-        try:
-            self.proc = subprocess.Popen(
-                cmd,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                env={**_base_env(), "OSLESS_IMAGE": self.image},
-            )
-        finally:
-            theirs.close()
-            os.close(out_w)
-            os.close(err_w)
-        self.pid = self.proc.pid
-        self._sock = ours
-        ours.setblocking(False)
-        self._started = loop.create_future()
-        self._pipe_to_log(out_r, "stdout")
-        self._pipe_to_log(err_r, "stderr")
-        loop.add_reader(ours.fileno(), self._on_control)
-        try:
-            msg = await asyncio.wait_for(asyncio.shield(self._started), ZYGOTE_START_TIMEOUT)
-        except TimeoutError:
-            await self.stop()
-            raise ZygoteFailed(
-                f"the app did not finish importing within {ZYGOTE_START_TIMEOUT:.0f}s"
-            ) from None
-        if msg.get("op") != "ready":
-            await self.stop()
-            error = str(msg.get("error") or "the zygote exited while importing the app").strip()
-            raise ZygoteFailed(error.splitlines()[-1] if error else "zygote failed")
-
-    def _pipe_to_log(self, fd: int, stream: str) -> None:
-        _forward_lines(fd, lambda line: self.log.write(line, stream), self._readers)
-
-    def _on_control(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                msg, fds = protocol.recv(self._sock)
-            except BlockingIOError:
-                return
-            except (OSError, protocol.ProtocolError):
-                msg, fds = None, []
-            for fd in fds:
-                os.close(fd)
-            if msg is None:
-                self._on_eof()
-                return
-            self._dispatch(msg)
-
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        op, iid = msg.get("op"), str(msg.get("id", ""))
-        if op in ("ready", "failed") and not iid:
-            if self._started is not None and not self._started.done():
-                self._started.set_result(msg)
-        elif op == "forked" and iid in self._forks:
-            fut = self._forks.pop(iid)
-            if not fut.done():
-                fut.set_result(int(msg["pid"]))
-        elif op == "ready" and iid in self._children:
-            child = self._children[iid]
-            if not child.ready.done():
-                child.ready.set_result(None)
-        elif op == "exit" and iid in self._children:
-            child = self._children.pop(iid)
-            status = ExitStatus(msg.get("code"), msg.get("signal"))
-            if not child.ready.done():
-                child.ready.set_exception(ChildExited(status))
-                child.ready.exception()  # mark retrieved: the exit future carries the news
-            if not child.exited.done():
-                child.exited.set_result(status)
-
-    def _on_eof(self) -> None:
-        """The zygote died: its instances die with it (PDEATHSIG); tell everyone who waits."""
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        self.closed = True
-        if self._started is not None and not self._started.done():
-            self._started.set_result({"op": "failed", "error": "the zygote exited while importing the app"})
-        for fut in self._forks.values():
-            if not fut.done():
-                fut.set_exception(ZygoteFailed("the zygote exited"))
-        self._forks.clear()
-        for child in self._children.values():
-            status = ExitStatus(None, signal.SIGKILL)  # what PDEATHSIG did to it
-            if not child.ready.done():
-                child.ready.set_exception(ChildExited(status))
-                child.ready.exception()
-            if not child.exited.done():
-                child.exited.set_result(status)
-        self._children.clear()
-
-    async def fork(self, instance_id: str, sock_path: Path, env: dict[str, str], log: LogWriter) -> _Child:
-        """Ask the zygote for a new instance; its output goes to `log`."""
-        if self.closed or self._sock is None:
-            raise ZygoteFailed("the zygote is not running")
-        loop = asyncio.get_running_loop()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        child = _Child(ready=loop.create_future(), exited=loop.create_future())
-        self._children[instance_id] = child
-        fut: asyncio.Future[int] = loop.create_future()
-        self._forks[instance_id] = fut
-        try:
-            protocol.send(
-                self._sock,
-                {"op": "fork", "id": instance_id, "socket": str(sock_path), "env": env},
-                [out_w, err_w],
-            )
-        except OSError as e:
-            self._children.pop(instance_id, None)
-            self._forks.pop(instance_id, None)
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise ZygoteFailed(f"cannot reach the zygote: {e}") from e
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        readers: list[int] = []
-        _forward_lines(out_r, lambda line: log.write(line, "stdout"), readers)
-        _forward_lines(err_r, lambda line: log.write(line, "stderr"), readers)
-        child.pid = await asyncio.wait_for(fut, 10)
-        return child
-
-    async def stop(self) -> None:
-        """Close the control socket: the zygote ends its instances, then itself."""
-        self.closed = True
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        if self.proc is not None:
-            for _ in range(50):
-                if self.proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                self.proc.kill()
-                await asyncio.to_thread(self.proc.wait)
 
 
 class ChildExited(Exception):
@@ -232,12 +47,324 @@ class ChildExited(Exception):
         self.status = status
 
 
-def _forward_lines(fd: int, emit: Callable[[str], None], registry: list[int]) -> None:
+@dataclass
+class Child:
+    """An instance as the agent sees it: its real pid arrives with its `ready` message."""
+
+    ready: asyncio.Future[None]
+    exited: asyncio.Future[ExitStatus]
+    pid: int = 0
+    pid_is_real: bool = False  # False while `pid` is the sandbox's numbering
+
+
+class _Channel:
+    """One end of a SEQPACKET control socket, read on the loop; `on_message` gets (msg, sender pid)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_message: Callable[[dict[str, Any], int | None], None],
+        on_eof: Callable[[], None],
+    ) -> None:
+        self.sock: socket.socket | None = sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.setblocking(False)
+        self._on_message = on_message
+        self._on_eof = on_eof
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while self.sock is not None:
+            try:
+                msg, fds, pid = protocol.recv_with_sender(self.sock)
+            except BlockingIOError:
+                return
+            except (OSError, protocol.ProtocolError):
+                msg, fds, pid = None, [], None
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                self.close()
+                self._on_eof()
+                return
+            self._on_message(msg, pid)
+
+    def send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        if self.sock is None:
+            raise ZygoteFailed("the zygote is not running")
+        protocol.send(self.sock, msg, fds or [])
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+
+class RootZygote:
+    """The node's first interpreter: the runtime imported once; it forks release zygotes on request."""
+
+    def __init__(self, log: LogWriter) -> None:
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: _Channel | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._channel is not None and self._channel.sock is not None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        # -P: no current folder on sys.path, since every folder on it is shown to every sandbox.
+        cmd = [
+            sys.executable,
+            "-s",
+            "-P",
+            "-m",
+            "osless.runtime.zygote",
+            "--root",
+            "--control-fd",
+            str(theirs.fileno()),
+        ]
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                cwd="/",
+                env=base_env(),
+            )
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        forward_lines(out_r, lambda line: self.log.write(line, "stdout"))
+        forward_lines(err_r, lambda line: self.log.write(line, "stderr"))
+        self._ready = loop.create_future()
+        self._channel = _Channel(ours, self._on_message, self._on_eof)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), ZYGOTE_START_TIMEOUT)
+        except TimeoutError:
+            raise ZygoteFailed("the root zygote did not start") from None
+
+    def _on_message(self, msg: dict[str, Any], _pid: int | None) -> None:
+        op, sid = msg.get("op"), str(msg.get("id") or "")
+        if op == "ready" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(msg)
+        elif op in ("spawned", "error") and sid in self._waiting:
+            fut = self._waiting.pop(sid)
+            if not fut.done():
+                fut.set_result(msg)
+
+    def _on_eof(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ZygoteFailed("the root zygote exited while starting"))
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ZygoteFailed("the root zygote exited"))
+        self._waiting.clear()
+
+    async def spawn(self, sid: str, request: dict[str, Any], fds: list[int]) -> int:
+        """Ask for a release zygote; returns the pid of its keeper process on this node."""
+        if self._channel is None:
+            raise ZygoteFailed("the root zygote is not running")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[sid] = fut
+        try:
+            self._channel.send({"op": "spawn", "id": sid, **request}, fds)
+        except OSError as e:
+            self._waiting.pop(sid, None)
+            raise ZygoteFailed(f"cannot reach the root zygote: {e}") from e
+        reply = await asyncio.wait_for(fut, 30)
+        if reply.get("op") != "spawned":
+            raise ZygoteFailed(str(reply.get("error")))
+        return int(reply["pid"])
+
+    async def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self.proc is not None:
+            await _wait_or_kill(self.proc)
+
+
+@dataclass
+class Zygote:
+    """One warm interpreter per release (image): it imported the app once and forks instances."""
+
+    image: str
+    app: str
+    code_dir: Path
+    deps_dir: Path
+    entry: str
+    log: LogWriter
+    sandbox: dict[str, Any] | None = None
+    pid: int = 0
+    closed: bool = False
+    _channel: _Channel | None = None
+    _children: dict[str, Child] = field(default_factory=dict)
+    _forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    _started: asyncio.Future[dict[str, Any]] | None = None
+    _last_error: list[str] = field(default_factory=list)
+
+    async def start(self, root: RootZygote) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        forward_lines(out_r, lambda line: self.log.write(line, "stdout"))
+        forward_lines(err_r, self._stderr)
+        self._started = loop.create_future()
+        self._channel = _Channel(ours, self._on_message, self._on_eof)
+        request = {
+            "code": str(self.code_dir),
+            "deps": str(self.deps_dir),
+            "entry": self.entry,
+            "sandbox": self.sandbox,
+        }
+        try:
+            self.pid = await root.spawn(
+                f"z-{self.image[:12]}-{id(self):x}", request, [theirs.fileno(), out_w, err_w]
+            )
+        except (ZygoteFailed, TimeoutError):
+            self._channel.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        try:
+            msg = await asyncio.wait_for(asyncio.shield(self._started), ZYGOTE_START_TIMEOUT)
+        except TimeoutError:
+            await self.stop()
+            raise ZygoteFailed(
+                f"the app did not finish importing within {ZYGOTE_START_TIMEOUT:.0f}s"
+            ) from None
+        if msg.get("op") != "ready":
+            await self.stop()
+            error = str(msg.get("error") or "").strip() or "\n".join(self._last_error[-1:])
+            raise ZygoteFailed(
+                error.splitlines()[-1] if error else "the zygote exited while importing the app"
+            )
+
+    def _stderr(self, line: str) -> None:
+        self.log.write(line, "stderr")
+        self._last_error[:] = [*self._last_error[-9:], line]
+
+    def _on_message(self, msg: dict[str, Any], sender: int | None) -> None:
+        op, iid = msg.get("op"), str(msg.get("id") or "")
+        if op in ("ready", "failed") and not iid:
+            if self._started is not None and not self._started.done():
+                self._started.set_result(msg)
+        elif op == "forked" and iid in self._forks:
+            fut = self._forks.pop(iid)
+            if not fut.done():
+                fut.set_result(int(msg["pid"]))
+        elif op == "error" and iid in self._forks:
+            fut = self._forks.pop(iid)
+            if not fut.done():
+                fut.set_exception(ZygoteFailed(str(msg.get("error"))))
+        elif op == "ready" and iid in self._children:
+            child = self._children[iid]
+            if sender:
+                child.pid, child.pid_is_real = sender, True  # the zygote only knows the sandbox's numbering
+            if not child.ready.done():
+                child.ready.set_result(None)
+        elif op == "exit" and iid in self._children:
+            self._ended(self._children.pop(iid), ExitStatus(msg.get("code"), msg.get("signal")))
+
+    @staticmethod
+    def _ended(child: Child, status: ExitStatus) -> None:
+        if not child.ready.done():
+            child.ready.set_exception(ChildExited(status))
+            child.ready.exception()  # retrieved: the exit future carries the news
+        if not child.exited.done():
+            child.exited.set_result(status)
+
+    def _on_eof(self) -> None:
+        """The zygote died: its instances die with it (PDEATHSIG); tell everyone who waits."""
+        self.closed = True
+        if self._started is not None and not self._started.done():
+            self._started.set_result({"op": "failed", "error": ""})
+        for fut in self._forks.values():
+            if not fut.done():
+                fut.set_exception(ZygoteFailed("the zygote exited"))
+        self._forks.clear()
+        for child in self._children.values():
+            self._ended(child, ExitStatus(None, signal.SIGKILL))
+        self._children.clear()
+
+    async def fork(
+        self, instance_id: str, sock_path: Path, env: dict[str, str], log: LogWriter, cgroup_fds: list[int]
+    ) -> Child:
+        """A new instance; it joins its cgroups through `cgroup_fds` and writes its output to `log`."""
+        if self.closed or self._channel is None:
+            raise ZygoteFailed("the zygote is not running")
+        loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        child = Child(ready=loop.create_future(), exited=loop.create_future())
+        self._children[instance_id] = child
+        fut: asyncio.Future[int] = loop.create_future()
+        self._forks[instance_id] = fut
+        try:
+            self._channel.send(
+                {"op": "fork", "id": instance_id, "socket": str(sock_path), "env": env},
+                [out_w, err_w, *cgroup_fds],
+            )
+        except (OSError, ZygoteFailed) as e:
+            self._children.pop(instance_id, None)
+            self._forks.pop(instance_id, None)
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise ZygoteFailed(f"cannot reach the zygote: {e}") from e
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        forward_lines(out_r, lambda line: log.write(line, "stdout"))
+        forward_lines(err_r, lambda line: log.write(line, "stderr"))
+        inner = await asyncio.wait_for(fut, 10)
+        if not child.pid_is_real:  # `ready` may have come in the same read and told the real pid
+            child.pid, child.pid_is_real = inner, self.sandbox is None
+        return child
+
+    async def stop(self) -> None:
+        """Close the control socket: the zygote ends its instances, then itself."""
+        self.closed = True
+        if self._channel is not None:
+            self._channel.close()
+        if self.pid:
+            for _ in range(60):
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    return
+                await asyncio.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+async def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(60):
+        if proc.poll() is not None:
+            return
+        await asyncio.sleep(0.05)
+    proc.kill()
+    await asyncio.to_thread(proc.wait)
+
+
+def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
     """Read `fd` on the loop and hand each complete line to `emit`; close it at EOF."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     buf = bytearray()
-    registry.append(fd)
 
     def on_readable() -> None:
         try:
@@ -261,9 +388,9 @@ def _forward_lines(fd: int, emit: Callable[[str], None], registry: list[int]) ->
     loop.add_reader(fd, on_readable)
 
 
-def _base_env() -> dict[str, str]:
-    """What an instance inherits from the host: little, and nothing secret."""
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "HOME")
+def base_env() -> dict[str, str]:
+    """What the runtime inherits from the host: little, and nothing secret."""
+    keep = ("PATH", "LANG", "LC_ALL", "TZ")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"

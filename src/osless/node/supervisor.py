@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from osless.logs import LogWriter
-from osless.node.cgroups import Cgroups, InstanceCgroup
-from osless.node.spawn import ChildExited, ExitStatus, Zygote, ZygoteFailed
+from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
+from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
 
 __all__ = ["Supervisor", "exit_reason"]
 
@@ -51,7 +51,8 @@ class Supervisor:
         log_dir: Path,
         report: Callable[[str, dict[str, Any]], Awaitable[None]],
         cgroups: Cgroups | None = None,
-        memory_mb: int = 256,
+        limits: Limits | None = None,
+        sock_dir: Path | None = None,
     ) -> None:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
@@ -67,15 +68,17 @@ class Supervisor:
         }
         self._zygote = zygote
         self._cgroups = cgroups
-        self.memory_mb = memory_mb
+        self.limits = limits or Limits()
+        self._cgroup: InstanceCgroup | None = None
+        self._child: Child | None = None
         self._report = report
         name = hashlib.sha256(self.id.encode()).hexdigest()[:16]
-        self.cgroup_name = name
-        self.sock_path = run_dir / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
+        self.sock_path = (
+            sock_dir or run_dir
+        ) / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._pid: int | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
@@ -102,19 +105,28 @@ class Supervisor:
 
     async def _run_once(self) -> str:
         await self._set(phase="starting", message=None)
+        cgroup: InstanceCgroup | None = None
         try:
             zyg = await self._zygote()
             with contextlib.suppress(FileNotFoundError):
                 self.sock_path.unlink()
             env = {"OSLESS_APP": self.app, "OSLESS_INSTANCE": self.id, "OSLESS_RELEASE": str(self.release)}
-            child = await zyg.fork(self.id, self.sock_path, env, self.log)
-        except (ZygoteFailed, TimeoutError) as e:
+            cgroup = self._new_cgroup()
+            procs = cgroup.open_procs() if cgroup else []
+            try:
+                child = await zyg.fork(self.id, self.sock_path, env, self.log, procs)
+            finally:
+                for fd in procs:
+                    os.close(fd)
+        except (ZygoteFailed, TimeoutError, OSError) as e:
+            if cgroup is not None:
+                cgroup.remove()
             reason = f"the app failed to load: {e}"
             await self._set(last_exit={"code": None, "signal": None, "reason": reason, "at": time.time()})
             self.log.write(reason, "osless")
             return reason
-        self._pid = child.pid
-        cgroup = self._join_cgroup(child.pid)
+        self._cgroup = cgroup
+        self._child = child
         if self._stopping.is_set():  # stop() came while we were forking
             self._kill(signal.SIGTERM)
         try:
@@ -126,11 +138,13 @@ class Supervisor:
             self.log.write(f"not ready within {READY_TIMEOUT:.0f}s; killing it", "osless")
             self._kill(signal.SIGKILL)
         exited = await child.exited
-        self._pid = None
+        self._child = None
         oom = False
         if cgroup is not None:
             oom = cgroup.oom_kills() > 0
+            await asyncio.to_thread(cgroup.kill_all)  # whatever the instance started ends with it
             cgroup.remove()
+            self._cgroup = None
         reason = exit_reason(exited, oom)
         if not self._stopping.is_set():
             await self._set(
@@ -141,22 +155,28 @@ class Supervisor:
             self.log.write(f"instance {reason}", "osless")
         return reason
 
-    def _join_cgroup(self, pid: int) -> InstanceCgroup | None:
-        """A fresh memory cgroup per run, so its OOM counter speaks of this run only."""
+    def _new_cgroup(self) -> InstanceCgroup | None:
+        """Fresh groups per run, so the OOM counter speaks of this run only."""
         if self._cgroups is None:
             return None
         try:
-            cgroup = self._cgroups.create(f"{self.cgroup_name}-{self.status['restarts']}", self.memory_mb)
-            cgroup.add(pid)
-            return cgroup
+            return self._cgroups.create(self.limits)
         except OSError as e:
-            self.log.write(f"memory limit of {self.memory_mb} MB not applied: {e}", "osless")
+            self.log.write(f"resource limits not applied: {e}", "osless")
             return None
 
     def _kill(self, sig: int) -> None:
-        if self._pid is not None:
+        # Through the cgroup when there is one: it holds host pids, while a sandboxed instance's own
+        # pid means nothing on the host until its `ready` message told us the real one.
+        if self._cgroup is not None:
+            targets = self._cgroup.pids()
+        elif self._child is not None and self._child.pid_is_real:
+            targets = [self._child.pid]
+        else:
+            targets = []
+        for pid in targets:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, sig)
+                os.kill(pid, sig)
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""

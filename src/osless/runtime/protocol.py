@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MAX_FDS", "MAX_PACKET", "ProtocolError", "recv", "send"]
+__all__ = ["MAX_FDS", "MAX_PACKET", "ProtocolError", "recv", "recv_with_sender", "send"]
 
 MAX_PACKET = 64 * 1024
 MAX_FDS = 16
@@ -33,6 +35,33 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> N
 def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """Receive one packet: (message, fds), or (None, []) at EOF. The caller owns the fds."""
     data, fds, flags, _ = socket.recv_fds(sock, MAX_PACKET, MAX_FDS)
+    return _decode(data, fds, flags)
+
+
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+
+
+def recv_with_sender(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int], int | None]:
+    """Like `recv`, plus the sender's pid as this process's pid namespace sees it.
+
+    Needs SO_PASSCRED on `sock`. A process in a sandbox's pid namespace knows only its inner pid;
+    the kernel translates the credentials it attaches, so the agent learns the real one.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(
+        MAX_PACKET, socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(_UCRED.size)
+    )
+    fds: list[int] = []
+    pid = None
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = _UCRED.unpack(payload[: _UCRED.size])[0]
+    msg, fds = _decode(data, fds, flags)
+    return msg, fds, pid
+
+
+def _decode(data: bytes, fds: list[int], flags: int) -> tuple[dict[str, Any] | None, list[int]]:
     if not data and not fds:
         return None, []
     try:

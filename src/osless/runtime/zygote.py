@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -21,11 +23,11 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from osless.runtime import protocol
+from osless.runtime import protocol, sandbox, seccomp
 from osless.runtime.instance import Instance, create_instance, prewarm, serve
 from osless.runtime.loader import load_app
 
-__all__ = ["Zygote", "main", "set_parent_death_signal"]
+__all__ = ["Zygote", "main", "serve_release", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 # How long instances get to stop on SIGTERM before SIGKILL, when the zygote itself is told to stop.
@@ -43,7 +45,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 class Zygote:
     """The fork server around one warm Instance; see docs/architecture.md, "Zygote control"."""
 
-    def __init__(self, control: socket.socket, instance: Instance) -> None:
+    def __init__(self, control: socket.socket, instance: Instance | None) -> None:
         self.control = control
         self.instance = instance
         self.children: dict[int, Any] = {}  # pid -> instance id
@@ -84,8 +86,10 @@ class Zygote:
         if msg is None:
             self.stopping = True
             return
-        if msg.get("op") == "fork":
+        if msg.get("op") == "fork" and self.instance is not None:
             self._fork(msg, fds)
+        elif msg.get("op") == "spawn" and self.instance is None:
+            self._spawn(msg, fds)
         else:
             _close_all(fds)
             self._send({"op": "error", "id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
@@ -93,8 +97,8 @@ class Zygote:
     def _fork(self, msg: dict[str, Any], fds: list[int]) -> None:
         iid, path, env = msg.get("id"), msg.get("socket"), msg.get("env", {})
         problem = None
-        if len(fds) != 2:
-            problem = f"fork needs 2 fds (stdout, stderr), got {len(fds)}"
+        if len(fds) < 2:
+            problem = f"fork needs at least 2 fds (stdout, stderr, then cgroup.procs files), got {len(fds)}"
         elif not isinstance(path, str) or not path:
             problem = "fork needs a socket path"
         elif not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
@@ -124,6 +128,99 @@ class Zygote:
         self._send({"op": "forked", "id": iid, "pid": pid})
         os.close(order_w)
 
+    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Root zygote: fork a release zygote, in a sandbox when the request carries one."""
+        sid, code, deps, entry = msg.get("id"), msg.get("code"), msg.get("deps"), msg.get("entry")
+        if len(fds) != 3 or not isinstance(code, str) or not isinstance(entry, str):
+            _close_all(fds)
+            self._send(
+                {"op": "error", "id": sid, "error": "spawn needs code, entry and 3 fds (control, out, err)"}
+            )
+            return
+        try:
+            spec = sandbox.SandboxSpec.from_json(msg["sandbox"]) if msg.get("sandbox") else None
+        except (TypeError, ValueError) as e:
+            _close_all(fds)
+            self._send({"op": "error", "id": sid, "error": f"bad sandbox spec: {e}"})
+            return
+        _flush_stdio()
+        root_pid = os.getpid()
+        unshared_r, unshared_w = os.pipe()
+        mapped_r, mapped_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            _close_all([*fds, unshared_r, unshared_w, mapped_r, mapped_w])
+            self._send({"op": "error", "id": sid, "error": f"fork failed: {e}"})
+            return
+        if pid == 0:
+            os.close(unshared_r)
+            os.close(mapped_w)
+            self._release_child(root_pid, fds, spec, code, deps, entry, unshared_w, mapped_r)
+        os.close(unshared_w)
+        os.close(mapped_r)
+        _close_all(fds)
+        if spec is not None:
+            # The child has unshared its user namespace; only we, real root outside, may map its ids.
+            ready, _, _ = select.select([unshared_r], [], [], 10.0)
+            if ready and os.read(unshared_r, 1) == b"u":
+                try:
+                    sandbox.write_id_maps(pid, spec.uid)
+                    os.write(mapped_w, b"m")
+                except OSError as e:
+                    print(f"osless: mapping ids of sandbox {sid}: {e}", file=sys.stderr, flush=True)
+        os.close(unshared_r)
+        os.close(mapped_w)
+        self.children[pid] = sid
+        self._send({"op": "spawned", "id": sid, "pid": pid})
+
+    def _release_child(
+        self,
+        root_pid: int,
+        fds: list[int],
+        spec: sandbox.SandboxSpec | None,
+        code: str,
+        deps: str | None,
+        entry: str,
+        unshared_w: int,
+        mapped_r: int,
+    ) -> NoReturn:
+        status = 1
+        try:
+            os.setsid()
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != root_pid:
+                os._exit(1)
+            control_fd, out, err = fds
+            self._leave_loop(close_control=True)
+            self._become_instance([out, err], {})
+            control = socket.socket(fileno=control_fd)
+            if spec is None:
+                serve_release(control, code, deps, entry)
+            sandbox.prepare(spec)
+            sandbox.isolate()
+            os.write(unshared_w, b"u")
+            os.close(unshared_w)
+            if os.read(mapped_r, 1) != b"m":
+                raise sandbox.SandboxError("the root zygote did not map the sandbox's user ids")
+            os.close(mapped_r)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            pid = os.fork()  # the first child of a new pid namespace is its pid 1: the release zygote
+            if pid == 0:
+                set_parent_death_signal(signal.SIGKILL)
+                sandbox.enter(spec)
+                serve_release(control, code, deps, entry)
+            control.close()
+            _, wait_status = os.waitpid(pid, 0)
+            status = os.waitstatus_to_exitcode(wait_status)
+            status = status if status >= 0 else 128 - status
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            _flush_stdio()
+            os._exit(status)
+
     def _child(
         self, zygote_pid: int, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int
     ) -> NoReturn:
@@ -133,8 +230,11 @@ class Zygote:
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != zygote_pid:
                 os._exit(1)  # the zygote died before prctl took effect
-            self._become_instance(fds, env)
+            self._join_cgroups(fds[2:])
+            self._leave_loop(close_control=False)
+            self._become_instance(fds[:2], env)
             self._remove_stale_socket(path)
+            assert self.instance is not None
             code = serve(self.instance, path, lambda: self._report_ready(iid, order_r))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -145,8 +245,8 @@ class Zygote:
             _flush_stdio()
             os._exit(code)  # never return into the zygote's loop
 
-    def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
-        # Leave the zygote's loop behind: its signal plumbing, selector and wakeup pipe.
+    def _leave_loop(self, *, close_control: bool) -> None:
+        """In a forked child: drop the zygote's loop, its signal plumbing, selector and wakeup pipe."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -154,6 +254,10 @@ class Zygote:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if close_control:
+            self.control.close()
+
+    def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
         stdout, stderr = fds
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
@@ -165,6 +269,13 @@ class Zygote:
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         os.environ.update(env)
+
+    @staticmethod
+    def _join_cgroups(fds: list[int]) -> None:
+        """Join the instance's cgroups through files the agent opened, before any app code runs."""
+        for fd in fds:
+            os.write(fd, str(os.getpid()).encode())  # our pid as this pid namespace sees it
+            os.close(fd)
 
     @staticmethod
     def _remove_stale_socket(path: str) -> None:
@@ -191,14 +302,16 @@ class Zygote:
             pass
 
     def _reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            iid = self.children.pop(pid, None)
+            if pid not in self.children:
+                continue  # an orphan reparented to us (we are pid 1 in a sandbox), or the forwarder
+            iid = self.children.pop(pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             self._send({"op": "exit", "id": iid, "pid": pid, "code": code, "signal": sig})
@@ -255,21 +368,10 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    parser = argparse.ArgumentParser(prog="python -s -m osless.runtime.zygote", description=__doc__)
-    parser.add_argument("--code", required=True, help="the code layer (the app's source)")
-    parser.add_argument("--deps", help="the dependency layer")
-    parser.add_argument("--entry", required=True, help="module defining the App")
-    parser.add_argument("--control-fd", type=int, required=True, help="our end of the SEQPACKET socketpair")
-    args = parser.parse_args(argv)
-
-    parent = os.getppid()
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)  # the agent died before prctl took effect: nobody would ever stop us
-    control = socket.socket(fileno=args.control_fd)
+def serve_release(control: socket.socket, code: str, deps: str | None, entry: str) -> NoReturn:
+    """Import the app once, say `ready` (or `failed`), then fork instances on request forever."""
     try:
-        instance = create_instance(load_app(args.code, args.deps, args.entry))
+        instance = create_instance(load_app(code, deps, entry))
         prewarm(instance)
     except BaseException:
         error = traceback.format_exc()
@@ -284,8 +386,37 @@ def main(argv: list[str] | None = None) -> NoReturn:
             except OSError:
                 break
         os._exit(1)
+    # Objects that exist now are never collected: a collection would touch (and so copy) every
+    # page of the zygote's heap in each forked instance.
+    gc.collect()
+    gc.freeze()
     protocol.send(control, {"op": "ready", "pid": os.getpid()})
     Zygote(control, instance).run()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -s -m osless.runtime.zygote", description=__doc__)
+    parser.add_argument("--root", action="store_true", help="a root zygote: spawn release zygotes on request")
+    parser.add_argument("--code", help="the code layer (the app's source)")
+    parser.add_argument("--deps", help="the dependency layer")
+    parser.add_argument("--entry", help="module defining the App")
+    parser.add_argument("--control-fd", type=int, required=True, help="our end of the SEQPACKET socketpair")
+    args = parser.parse_args(argv)
+    if not args.root and not (args.code and args.entry):
+        parser.error("--code and --entry are required unless --root is given")
+
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # the agent died before prctl took effect: nobody would ever stop us
+    control = socket.socket(fileno=args.control_fd)
+    if args.root:
+        seccomp.unavailable_reason()  # loads libseccomp now, so no sandbox pays for it
+        gc.collect()
+        gc.freeze()
+        protocol.send(control, {"op": "ready", "pid": os.getpid()})
+        Zygote(control, None).run()
+    serve_release(control, args.code, args.deps, args.entry)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar
 
 from osless.sdk.errors import UsageError
@@ -16,6 +16,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # App names become URL path segments and host labels, so they follow DNS label rules.
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$|^[a-z]$")
+VOLUME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+# A volume may not cover what the sandbox itself provides.
+RESERVED = ("/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys", "/tmp", "/run")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -51,6 +55,9 @@ class App:
     """An osless application: `app = osless.App("shop")`, then decorate handlers with it."""
 
     name: str
+    _: KW_ONLY
+    volumes: dict[str, str] = field(default_factory=dict)
+    egress: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
 
@@ -60,6 +67,8 @@ class App:
                 f"invalid app name {self.name!r}: use 1-40 lowercase letters, digits and '-', "
                 'starting with a letter (for example App("shop"))'
             )
+        self.volumes = _check_volumes(self.volumes)
+        self.egress = _check_egress(self.egress)
 
     def function(
         self,
@@ -140,6 +149,8 @@ class App:
             "name": self.name,
             "functions": {n: f.manifest() for n, f in sorted(self.functions.items())},
             "web": self.web_spec.manifest() if self.web_spec else None,
+            "volumes": dict(sorted(self.volumes.items())),
+            "egress": sorted(self.egress),
         }
 
 
@@ -148,3 +159,29 @@ def _check_resources(where: str, memory_mb: int, timeout_s: float) -> None:
         raise UsageError(f"{where}(memory_mb={memory_mb!r}): give an int between 16 and 65536")
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not 0 < timeout_s <= 3600:
         raise UsageError(f"{where}(timeout_s={timeout_s!r}): give a number of seconds in (0, 3600]")
+
+
+def _check_volumes(volumes: object) -> dict[str, str]:
+    if not isinstance(volumes, dict):
+        raise UsageError('App(volumes=...) takes a dict of {"/path/inside": "volume-name"}')
+    for path, name in volumes.items():
+        if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
+            raise UsageError(f"volume path {path!r} must be an absolute path such as '/data'")
+        top = "/" + path.strip("/").split("/")[0]
+        if path.rstrip("/") in RESERVED or top in RESERVED[1:]:
+            raise UsageError(f"volume path {path!r} is reserved by the platform; use a path such as '/data'")
+        if not isinstance(name, str) or not VOLUME_RE.match(name):
+            raise UsageError(f"volume name {name!r} must be lowercase letters, digits and '-'")
+    return dict(volumes)
+
+
+def _check_egress(hosts: object) -> list[str]:
+    if not isinstance(hosts, list | tuple) or not all(isinstance(h, str) for h in hosts):
+        raise UsageError('App(egress=...) takes a list of host names, such as ["api.example.com"]')
+    for host in hosts:
+        if not HOST_RE.match(host):
+            raise UsageError(
+                f"egress host {host!r} must be a host name such as 'api.example.com' or "
+                "'*.example.com' (no scheme, port or path)"
+            )
+    return list(hosts)

@@ -1,0 +1,521 @@
+"""The node's egress proxy: the only way out of an instance, and only to the hosts its app declares.
+
+Instances have only loopback. Their `HTTP_PROXY`/`HTTPS_PROXY` point at the in-sandbox forwarder
+(`osless.runtime.forwarder`), which relays each connection to a unix socket of this proxy. There is
+one socket per app, so the socket a connection arrives on says which app is asking: nothing the
+app sends can claim to be another app.
+
+Per connection, one HTTP/1.1 request head:
+- `CONNECT host:port` (HTTPS and anything else over TCP): a tunnel, if the app may reach `host`;
+- `GET http://host[:port]/path` (any method, absolute-form): `{app}.osless` goes to that osless
+  app through the gateway (`Host: {app}.localhost`); any other allowed host directly. The head is
+  rewritten to origin-form with `Connection: close`, then bytes are relayed as they are: one
+  request per connection.
+Refusals are a 403 whose body says how to allow the host, and a line in the app's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from osless.sdk.app import NAME_RE
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "HEAD_LIMIT",
+    "HEAD_TIMEOUT_S",
+    "EgressProxy",
+    "host_allowed",
+]
+
+HEAD_LIMIT = 64 * 1024
+# A client that opens a connection and says nothing must not hold it forever.
+HEAD_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+OSLESS_SUFFIX = ".osless"
+GATEWAY_DOMAIN = "localhost"
+_CHUNK = 64 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+# Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own; Transfer-Encoding stays: the body is
+# relayed as it is, so its framing must travel with it.
+_HOP_BY_HOP = {
+    "connection",
+    "host",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+}
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _normalize(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def _ip(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_internal_address(ip: Address) -> bool:
+    """An address that reaches this node itself: loopback, or "any" (0.0.0.0 connects to loopback)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _is_internal_name(host: str) -> bool:
+    ip = _ip(host)
+    if ip is not None:
+        return _is_internal_address(ip)
+    return host == "localhost" or host.endswith(".localhost")
+
+
+class _Allowlist:
+    """An app's egress entries: exact hostnames, `*.domain` (subdomains only, any depth), or IPs."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.names: set[str] = set()
+        self.ips: set[Address] = set()
+        self.suffixes: list[str] = []
+        for raw in entries:
+            entry = _normalize(raw)
+            if entry.startswith("*."):
+                if not _HOSTNAME.fullmatch(entry[2:]):
+                    raise ValueError(f"bad egress entry {raw!r}: expected a host, *.domain or an IP")
+                self.suffixes.append(entry[1:])
+            elif (ip := _ip(entry)) is not None:
+                self.ips.add(ip)
+            elif _HOSTNAME.fullmatch(entry):
+                self.names.add(entry)
+            else:
+                raise ValueError(f"bad egress entry {raw!r}: expected a host, *.domain or an IP")
+
+    def exact(self, host: str) -> bool:
+        ip = _ip(host)
+        return ip in self.ips if ip is not None else host in self.names
+
+    def allows(self, host: str) -> bool:
+        if self.exact(host):
+            return True
+        # The node's own loopback only by exact entry: a wildcard must never open the platform's API.
+        if _is_internal_name(host) or _ip(host) is not None:
+            return False
+        return any(host.endswith(suffix) for suffix in self.suffixes)
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Whether an app with `App(egress=allowed)` may reach `host` (by name; the proxy also refuses
+    names that resolve to loopback unless the entry is the loopback name or address itself)."""
+    return _Allowlist(allowed).allows(_normalize(host))
+
+
+@dataclass
+class _Served:
+    app: str
+    path: Path
+    allowed: _Allowlist
+    server: asyncio.Server | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    removed: bool = False
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+
+class _Refused(Exception):
+    """The host resolved only to addresses of this node."""
+
+
+def _parse_head(head: bytes) -> _Request:
+    text = head.decode("latin-1")
+    lines = text[:-4].split("\r\n")
+    if any(c in line for line in lines for c in "\r\n\0"):
+        raise _BadRequest("bare CR, LF or NUL in the request head")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise _BadRequest("expected an HTTP/1.1 request line")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN.fullmatch(name):
+            raise _BadRequest(f"malformed header line {line[:100]!r}")
+        headers.append((name, value.strip(" \t")))
+    return _Request(parts[0], parts[1], parts[2], headers)
+
+
+def _split_authority(authority: str, default_port: int | None) -> tuple[str, int]:
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise _BadRequest(f"bad host in {authority!r}")
+        host, rest = authority[1:end], authority[end + 1 :]
+        if _ip(host) is None or (rest and not rest.startswith(":")):
+            raise _BadRequest(f"bad host in {authority!r}")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, sep, port_text = authority.partition(":")
+        if ":" in port_text:
+            raise _BadRequest(f"bad host in {authority!r} (IPv6 addresses go in brackets)")
+        if sep and not port_text:
+            raise _BadRequest(f"empty port in {authority!r}")
+    host = _normalize(host)
+    if not host or (_ip(host) is None and not _HOSTNAME.fullmatch(host)):
+        raise _BadRequest(f"bad host in {authority!r}")
+    if not port_text:
+        if default_port is None:
+            raise _BadRequest(f"CONNECT needs host:port, got {authority!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _BadRequest(f"bad port in {authority!r}")
+    return host, int(port_text)
+
+
+def _split_absolute(target: str) -> tuple[str, int, str]:
+    """`http://host[:port]/path?q` -> (host, port, `/path?q`)."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() != "http":
+        if target.startswith("/"):
+            raise _BadRequest("this is the egress proxy: send requests through it as a proxy (absolute-form)")
+        if scheme.lower() == "https":
+            raise _BadRequest("https goes through the proxy with CONNECT")
+        raise _BadRequest(f"expected http://host/path, got {target[:200]!r}")
+    rest = rest.split("#", 1)[0]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if "@" in authority:
+        raise _BadRequest("user info in the URL is not supported")
+    host, port = _split_authority(authority, 80)
+    if not path.startswith("/"):
+        path = "/" + path
+    return host, port, path
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _forward_head(request: _Request, origin: str, host_header: str) -> bytes:
+    """The request head for the upstream: origin-form, our Host, no hop-by-hop headers, and one
+    request per connection."""
+    drop = set(_HOP_BY_HOP)
+    for name, value in request.headers:
+        if name.lower() in ("connection", "proxy-connection"):
+            drop.update(v.strip().lower() for v in value.split(","))
+    lines = [f"{request.method} {origin} {request.version}", f"Host: {host_header}"]
+    lines += [f"{name}: {value}" for name, value in request.headers if name.lower() not in drop]
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, reason: str, body: str) -> None:
+    data = body.encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):
+        writer.write(head.encode() + data)
+        await writer.drain()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Copy until EOF, then pass the EOF on (half-close). drain() bounds what is buffered.
+    False if either side broke."""
+    try:
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        return True
+    except OSError:
+        return False
+
+
+def _closing_response_head(head: bytes) -> bytes:
+    """The response head with `Connection: close`: the client must not send a second request on a
+    connection that the proxy ends after this response."""
+    lines = head[:-4].split(b"\r\n")
+    drop = {b"connection", b"keep-alive", b"proxy-connection"}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection":
+            drop.update(v.strip().lower() for v in value.split(b","))
+    kept = [line for line in lines[1:] if line.partition(b":")[0].strip().lower() not in drop]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
+
+
+async def _pipe_response(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """`_pipe` for a forwarded request: the final response head gets `Connection: close`."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1."):
+                writer.write(head)  # not HTTP: not ours to fix, relay it as it is
+                break
+            interim = head[9:10] == b"1" and head[9:12] != b"101"  # 100 Continue, 103 Early Hints...
+            writer.write(head if interim else _closing_response_head(head))
+            if not interim:
+                break
+    except asyncio.IncompleteReadError as e:
+        writer.write(e.partial)
+    except asyncio.LimitOverrunError:
+        return False  # a response head past 64 KiB: end the connection rather than relay it unfixed
+    except OSError:
+        return False
+    return await _pipe(reader, writer)
+
+
+async def _relay(
+    client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    *,
+    forward: bool,
+) -> None:
+    """Bytes both ways. A tunnel ends when both directions have ended; a forwarded request when
+    its response has (the client may still hold its side open, waiting for the next response)."""
+    down = asyncio.create_task((_pipe_response if forward else _pipe)(upstream[0], client[1]))
+    up = asyncio.create_task(_pipe(client[0], upstream[1]))
+    pending: set[asyncio.Task[bool]] = {down, up}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # A broken side ends both directions.
+            if any(not t.result() for t in done) or (forward and down in done):
+                break
+    finally:
+        for t in (down, up):
+            t.cancel()
+        await asyncio.gather(down, up, return_exceptions=True)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+class EgressProxy:
+    """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs."""
+
+    def __init__(self, *, gateway: tuple[str, int], log: Callable[[str, str], None]) -> None:
+        self.gateway = gateway
+        self.log = log
+        self._apps: dict[str, _Served] = {}
+
+    async def add_app(self, app: str, socket_path: Path, allowed: list[str]) -> None:
+        """Serve `app` on `socket_path`; if it is already served, take the new allowlist (and the
+        new path, if it moved). Raises ValueError on an entry that is not a host, *.domain or IP."""
+        allowlist = _Allowlist(allowed)
+        served = self._apps.get(app)
+        if served is not None and served.path == Path(socket_path):
+            served.allowed = allowlist  # read per request: open tunnels keep what they were given
+            return
+        if served is not None:
+            await self.remove_app(app)
+        served = _Served(app, Path(socket_path), allowlist)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Python 3.11's start_server callback calls exception() on this task, which raises if
+            # the task ended cancelled: remove_app's cancel must end it normally.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._handle(served, reader, writer)
+
+        # The reader's limit is also the limit on the request head (readuntil).
+        served.server = await asyncio.start_unix_server(handle, path=str(socket_path), limit=HEAD_LIMIT)
+        self._apps[app] = served
+
+    async def remove_app(self, app: str) -> None:
+        """Stop serving `app`: close its socket (and remove the file) and its open connections."""
+        served = self._apps.pop(app, None)
+        if served is None:
+            return
+        served.removed = True
+        if served.server is not None:
+            served.server.close()
+        tasks = list(served.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if served.server is not None:
+            await served.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            served.path.unlink()
+
+    async def close(self) -> None:
+        for app in list(self._apps):
+            await self.remove_app(app)
+
+    async def _handle(
+        self, served: _Served, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        served.tasks.add(task)
+        try:
+            # Accepted just before remove_app, started just after: the app is gone all the same.
+            if not served.removed:
+                await self._serve(served, reader, writer)
+        except OSError:
+            pass  # the client went away: nothing to answer
+        finally:
+            served.tasks.discard(task)
+            await _close(writer)
+
+    async def _serve(
+        self, served: _Served, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            await _respond(
+                writer, 431, "Request Header Fields Too Large", "osless egress: request head too large\n"
+            )
+            return
+        except asyncio.IncompleteReadError as e:
+            if e.partial.strip():
+                await _respond(writer, 400, "Bad Request", "osless egress: incomplete request head\n")
+            return
+        except TimeoutError:
+            return
+        try:
+            request = _parse_head(head)
+            if request.method == "CONNECT":
+                host, port = _split_authority(request.target, None)
+                origin = ""
+            else:
+                host, port, origin = _split_absolute(request.target)
+        except _BadRequest as e:
+            await _respond(writer, 400, "Bad Request", f"osless egress: bad request: {e}\n")
+            return
+
+        app = served.app
+        where = _hostport(host, port)
+        if host.endswith(OSLESS_SUFFIX):
+            target = host[: -len(OSLESS_SUFFIX)]
+            if request.method == "CONNECT":
+                await _respond(
+                    writer,
+                    400,
+                    "Bad Request",
+                    f"osless egress: reach osless apps over plain http://{host}/\n",
+                )
+                return
+            if not NAME_RE.fullmatch(target):
+                await _respond(
+                    writer, 400, "Bad Request", f"osless egress: {host} is not an osless app name\n"
+                )
+                return
+            try:
+                upstream = await self._open(*self.gateway, allow_internal=True)
+            except (OSError, TimeoutError, _Refused) as e:
+                await self._fail(writer, app, where, e)
+                return
+            self.log(app, f"egress to {where}")
+            head = _forward_head(request, origin, f"{target}.{GATEWAY_DOMAIN}")
+            await self._tunnel(reader, writer, upstream, head, forward=True)
+            return
+
+        allowlist = served.allowed
+        if not allowlist.allows(host):
+            self.log(app, f"egress to {where} refused: not in App(egress=[...])")
+            body = (
+                f"osless egress: {host} is not allowed for app {app}; "
+                f'declare it with App("{app}", egress=["{host}"])\n'
+            )
+            await _respond(writer, 403, "Forbidden", body)
+            return
+        # Loopback only when the entry names it itself: not via a name that happens to resolve there.
+        allow_internal = allowlist.exact(host) and _is_internal_name(host)
+        try:
+            upstream = await self._open(host, port, allow_internal=allow_internal)
+        except _Refused as e:
+            self.log(app, f"egress to {where} refused: {e}")
+            await _respond(
+                writer, 403, "Forbidden", f"osless egress: {host} is not allowed for app {app}: {e}\n"
+            )
+            return
+        except (OSError, TimeoutError) as e:
+            await self._fail(writer, app, where, e)
+            return
+        self.log(app, f"egress to {where}")
+        if request.method == "CONNECT":
+            await self._tunnel(
+                reader, writer, upstream, b"HTTP/1.1 200 Connection established\r\n\r\n", forward=False
+            )
+        else:
+            host_header = where if port != 80 else (f"[{host}]" if ":" in host else host)
+            head = _forward_head(request, origin, host_header)
+            await self._tunnel(reader, writer, upstream, head, forward=True)
+
+    async def _fail(self, writer: asyncio.StreamWriter, app: str, where: str, error: BaseException) -> None:
+        reason = "timed out" if isinstance(error, TimeoutError) else str(error) or type(error).__name__
+        self.log(app, f"egress to {where} failed: {reason}")
+        await _respond(writer, 502, "Bad Gateway", f"osless egress: cannot connect to {where}: {reason}\n")
+
+    async def _tunnel(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        first: bytes,
+        *,
+        forward: bool,
+    ) -> None:
+        """Send `first` (the rewritten head upstream if `forward`, else the 200 to the client), relay."""
+        try:
+            (upstream[1] if forward else writer).write(first)
+            await _relay((reader, writer), upstream, forward=forward)
+        finally:
+            await _close(upstream[1])
+
+    async def _open(
+        self, host: str, port: int, *, allow_internal: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Resolve, drop this node's own addresses unless allowed, connect to the first that answers.
+        Connecting to the address we checked (not the name again) leaves no room for DNS rebinding."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            usable = [
+                a for a in addresses if allow_internal or not _is_internal_address(ipaddress.ip_address(a))
+            ]
+            if not usable:
+                raise _Refused(f"it resolves to {addresses[0]}, an address of this node")
+            error: OSError | None = None
+            for address in usable:
+                try:
+                    return await asyncio.open_connection(address, port, limit=HEAD_LIMIT)
+                except OSError as e:
+                    error = e
+            assert error is not None
+            raise error
