@@ -134,6 +134,11 @@ class Platform:
             time.sleep(0.05)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
+    def invoke(self, app: str, function: str, event: Any = None, timeout: float = 60) -> tuple[int, Any]:
+        """(status, JSON body) of a function call through the API."""
+        r = self.http("POST", f"/v1/apps/{app}/functions/{function}:invoke", json=event, timeout=timeout)
+        return r.status_code, r.json()
+
     def instances(self, app: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.http("GET", "/v1/instances", params={"app": app}).json()["items"]
         return items

@@ -29,7 +29,7 @@ class Limits:
     memory_mb: int = 256
     cpu_shares: int = 1024  # relative weight; v2 maps it to cpu.weight
     cpu_quota: float | None = 1.0  # CPUs at most; None for no cap
-    pids: int = 256
+    pids: int = 128  # threads count too: a busy instance uses a few dozen
 
 
 @dataclass

@@ -80,10 +80,11 @@ def _ip(host: str) -> Address | None:
 
 
 def _is_internal_address(ip: Address) -> bool:
-    """An address that reaches this node itself: loopback, or "any" (0.0.0.0 connects to loopback)."""
+    """An address that reaches this node or its host: loopback, "any" (0.0.0.0 connects to loopback),
+    or link-local (169.254.169.254 is a cloud's metadata service, with the host's credentials)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_unspecified
+    return ip.is_loopback or ip.is_unspecified or ip.is_link_local
 
 
 def _is_internal_name(host: str) -> bool:
@@ -326,9 +327,14 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class EgressProxy:
     """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs."""
 
-    def __init__(self, *, gateway: tuple[str, int], log: Callable[[str, str], None]) -> None:
+    def __init__(
+        self, *, gateway: tuple[str, int], log: Callable[[str, str], None], allow_internal: bool = False
+    ) -> None:
         self.gateway = gateway
         self.log = log
+        # Off in production: an app that lists 127.0.0.1 must still not reach the platform's API.
+        # Tests turn it on, to let a local server stand in for a host on the internet.
+        self.allow_internal = allow_internal
         self._apps: dict[str, _Served] = {}
 
     async def add_app(self, app: str, socket_path: Path, allowed: list[str]) -> None:
@@ -454,7 +460,7 @@ class EgressProxy:
             await _respond(writer, 403, "Forbidden", body)
             return
         # Loopback only when the entry names it itself: not via a name that happens to resolve there.
-        allow_internal = allowlist.exact(host) and _is_internal_name(host)
+        allow_internal = self.allow_internal and allowlist.exact(host) and _is_internal_name(host)
         try:
             upstream = await self._open(host, port, allow_internal=allow_internal)
         except _Refused as e:

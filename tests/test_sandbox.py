@@ -1,0 +1,195 @@
+"""A hostile app, kept here, tries to get out; the host and a second app must not notice.
+
+Every check asserts the specific error the kernel or the platform gives, not just a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def apps(platform: Platform) -> dict[str, Any]:
+    platform.deploy(APPS / "victim")
+    platform.deploy(APPS / "hostile")
+    return {"victim": platform.instances("victim")[0], "hostile": platform.instances("hostile")[0]}
+
+
+def call(platform: Platform, fn: str, event: Any = None) -> Any:
+    status, body = platform.invoke("hostile", fn, event)
+    assert status == 200, body
+    return body
+
+
+def test_the_app_sees_only_its_own_sandbox(platform: Platform, apps: dict[str, Any]) -> None:
+    me = call(platform, "whoami")
+    assert me["uid"] == 0 and me["hostname"] == "hostile"
+    inside, outside, count = me["uid_map"]
+    assert (inside, count) == ("0", "1") and int(outside) >= 100_000  # root inside is nobody outside
+    assert me["interfaces"] == ["lo"]
+    assert len(me["pids"]) <= 4 and 1 in me["pids"]  # its own pid namespace: zygote, instance, forwarder
+    assert platform.proc is not None and platform.proc.pid not in me["pids"]
+    assert me["cap_eff"] == me["cap_bnd"] == "0000000000000000"
+    assert me["no_new_privs"] == "1" and me["seccomp"] == "2"
+    assert me["proxy"] == "http://127.0.0.1:3128"
+
+
+def test_host_files_and_other_apps_are_out_of_view(platform: Platform, apps: dict[str, Any]) -> None:
+    victim_code = platform.invoke("victim", "where")[1]["code"]
+    platform.invoke("victim", "put", {"text": "secret"})
+    for path in (
+        "/etc/shadow",
+        str(platform.data_dir / "state.db"),
+        str(platform.data_dir / "admin-token"),
+        victim_code + "/app.py",
+        str(platform.data_dir / "volumes" / "victim" / "victim-data"),
+        str(Path(__file__).resolve().parent.parent / "README.md"),
+        "/root/.bash_history",
+    ):
+        assert call(platform, "read", {"path": path}) == {
+            "error": "FileNotFoundError",
+            "errno": errno.ENOENT,
+        }, path
+    passwd = call(platform, "read", {"path": "/etc/passwd"})["ok"]
+    assert passwd.startswith("root:x:0:0:app:") and "daemon" not in passwd
+
+
+def test_code_and_runtime_are_read_only(platform: Platform, apps: dict[str, Any]) -> None:
+    code = platform.http("GET", "/v1/apps/hostile").json()["release"]["manifest"]["layers"]["code"]
+    layer = str(platform.data_dir / "images" / "layers" / code)
+    assert call(platform, "read", {"path": layer + "/app.py"})["ok"].startswith('"""An app that tries')
+    denied = {"error": "PermissionError", "errno": errno.EACCES}  # owned by a uid that does not exist inside
+    read_only = {"error": "OSError", "errno": errno.EROFS}
+    expected = {
+        layer + "/app.py": denied,
+        "/etc/passwd": denied,
+        layer + "/new.py": read_only,
+        "/usr/lib/osless-was-here": read_only,
+        "/owned": read_only,
+    }
+    for path, error in expected.items():
+        assert call(platform, "write", {"path": path}) == error, path
+    # and beneath the permissions, the mounts themselves are read-only, except /tmp
+    flags = call(platform, "readonly", {"paths": [layer, "/usr", "/", "/etc", "/tmp"]})
+    assert flags == {layer: True, "/usr": True, "/": True, "/etc": True, "/tmp": False}
+    assert call(platform, "write", {"path": "/tmp/scratch"}) == {"ok": "written"}
+
+
+def test_no_direct_network_and_no_platform_sockets(platform: Platform, apps: dict[str, Any]) -> None:
+    refused = {"error": "ConnectionRefusedError", "errno": errno.ECONNREFUSED}
+    assert call(platform, "connect", {"host": "127.0.0.1", "port": platform.api_port}) == refused
+    assert call(platform, "connect", {"host": "127.0.0.1", "port": platform.http_port}) == refused
+    unreachable = call(platform, "connect", {"host": "1.1.1.1", "port": 80})
+    assert unreachable == {"error": "OSError", "errno": errno.ENETUNREACH}
+    victim_socket = platform.instances("victim")[0]["status"]["socket"]
+    assert call(platform, "connect", {"unix": victim_socket}) == {
+        "error": "FileNotFoundError",
+        "errno": errno.ENOENT,
+    }
+
+
+def test_egress_goes_through_the_proxy_and_only_where_allowed(
+    platform: Platform, apps: dict[str, Any]
+) -> None:
+    api = f"http://127.0.0.1:{platform.api_port}/v1/status"
+    direct = call(platform, "fetch", {"url": api})
+    assert direct["error"] == "URLError" and "Connection refused" in direct["message"]
+    proxied = call(platform, "fetch", {"url": api, "via_proxy": True})
+    assert proxied["status"] == 403 and "not allowed for app hostile" in proxied["body"]
+    outside = call(platform, "fetch", {"url": "http://example.com/"})
+    assert outside["status"] == 403
+    assert 'declare it with App("hostile", egress=["example.com"])' in outside["body"]
+    # other osless apps, by name, through the platform
+    assert call(platform, "fetch", {"url": "http://victim.osless/"}) == {"status": 200, "body": "fine"}
+    logs = platform.cli("logs", "hostile", "--tail", "50").stdout
+    assert "egress to example.com:80 refused" in logs
+
+
+def test_escape_system_calls_are_denied(platform: Platform, apps: dict[str, Any]) -> None:
+    out = call(platform, "escape")
+    for name in ("mount", "unshare_user", "unshare_mount", "setns", "ptrace", "sethostname"):
+        assert out[name] == {"errno": errno.EPERM}, name
+    assert out["chroot"] == {"error": "PermissionError", "errno": errno.EPERM}
+    assert out["setuid"] == {"error": "OSError", "errno": errno.EINVAL}  # no uid but root exists inside
+
+
+def test_fork_bomb_stops_at_the_pids_limit(platform: Platform, apps: dict[str, Any]) -> None:
+    out = call(platform, "forkbomb")
+    assert out["error"] == "BlockingIOError" and out["errno"] == errno.EAGAIN
+    assert 90 <= out["forked"] < 128  # the instance's pids.max, less what was already running
+    assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
+
+
+def test_tmp_is_capped(platform: Platform, apps: dict[str, Any]) -> None:
+    out = call(platform, "fill_tmp")
+    assert out["error"] == "OSError" and out["errno"] == errno.ENOSPC
+    assert 60 <= out["written_mb"] <= 64
+
+
+def test_memory_bomb_is_oom_killed_in_its_cgroup(platform: Platform, apps: dict[str, Any]) -> None:
+    status, body = platform.invoke("hostile", "hog")
+    assert status == 502 and body["error"]["code"] == "bad_gateway"
+    platform.wait_for(
+        lambda: any(
+            (i["status"].get("last_exit") or {}).get("reason", "").startswith("out of memory")
+            for i in platform.instances("hostile")
+        ),
+        what="the OOM kill to be reported",
+    )
+    assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
+    platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to restart")
+
+
+def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dict[str, Any]) -> None:
+    def p99(n: int = 150) -> float:
+        times = []
+        with httpx.Client() as client:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                assert client.get(f"{platform.gateway}/victim/").text == "fine"
+                times.append(time.perf_counter() - t0)
+        return statistics.quantiles(times, n=100)[98]
+
+    idle = p99()
+    spinner = threading.Thread(target=platform.invoke, args=("hostile", "spin", {"seconds": 8, "threads": 4}))
+    spinner.start()
+    time.sleep(1)
+    loaded = p99()
+    spinner.join()
+    assert loaded <= 2 * idle + 0.002, (
+        f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
+    )
+
+
+def test_volume_is_writable_and_survives_restarts(platform: Platform, apps: dict[str, Any]) -> None:
+    assert platform.invoke("victim", "put", {"text": "kept"}) == (200, "stored")
+    inst = platform.instances("victim")[0]
+    import os
+    import signal
+
+    os.kill(inst["status"]["pid"], signal.SIGKILL)
+    platform.wait_for(lambda: platform.invoke("victim", "get")[1] == "kept", what="the note after a restart")
+    platform.deploy(APPS / "victim")  # a new release: new zygote, new sandbox, same volume
+    assert platform.invoke("victim", "get") == (200, "kept")
+    host = platform.data_dir / "volumes" / "victim" / "victim-data" / "note.txt"
+    assert host.read_text() == "kept"
+
+
+def test_doctor_reports_every_protection(platform: Platform) -> None:
+    checks = json.loads(platform.cli("doctor", "--json").stdout)
+    names = {c["name"] for c in checks}
+    assert {"user namespace", "pid namespace", "net namespace", "seccomp", "cgroups"} <= names
+    assert all(c["ok"] for c in checks), checks
