@@ -7,10 +7,12 @@ with the admin token, exactly as they would be from other machines.
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -23,12 +25,13 @@ from osless.api.app import create_app
 from osless.api.auth import issue_token
 from osless.api.resources import Resources
 from osless.api.state import ApiState
-from osless.build import Builder, ImageStore
+from osless.build import Builder, ImageStore, stop_all_builds
 from osless.cli.config import credentials_path
 from osless.client import AsyncApi
 from osless.controllers import Scheduler
 from osless.gateway import Gateway, Router
-from osless.node import NodeAgent
+from osless.node import NodeAgent, doctor, run_dir_for
+from osless.node.isolation import build_spec
 from osless.store import SQLiteStore
 
 __all__ = ["UpConfig", "run", "save_credentials"]
@@ -42,7 +45,7 @@ class UpConfig:
     api_port: int = 7070
     http_port: int = 8080
     host: str = "127.0.0.1"
-    node_name: str = field(default_factory=socket.gethostname)
+    node_name: str = field(default_factory=lambda: default_node_name())
     max_upload_mb: int = 100
     save_credentials: bool = True
     sandbox: bool = True
@@ -54,6 +57,11 @@ class UpConfig:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+
+def default_node_name() -> str:
+    """The host name, made fit for a node name (lowercase letters, digits, '.' and '-')."""
+    return re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:80] or "node"
 
 
 def save_credentials(api: str, token: str, gateway: str) -> Path:
@@ -98,10 +106,23 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     resources = Resources(store)
     token = await _admin_token(resources, data_dir)
     images = ImageStore(data_dir / "images")
+    images.clean_tmp()
+    protections = doctor.check()
+    missing = {p.name: p.detail for p in protections if not p.ok}
+    for name, detail in missing.items():
+        log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
+    sandboxed = cfg.sandbox and not any(name in missing for name in doctor.REQUIRED)
+    if not sandboxed:
+        log.warning("APPS RUN WITHOUT A SANDBOX, their builds included: %s",
+                    "turned off by --no-sandbox" if not cfg.sandbox
+                    else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing))
+    run_dir = run_dir_for(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
     state = ApiState(
         resources=resources,
         images=images,
-        builder=Builder(images),
+        builder=Builder(images, sandbox=build_sandbox),
         data_dir=data_dir,
         gateway_url=cfg.gateway_url,
         max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
@@ -115,6 +136,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             log_level=uv_log,
             access_log=False,
             lifespan="on",
+            timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
         )
     )
     client = AsyncApi(cfg.api_url, token)
@@ -122,7 +144,8 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     gateway = Gateway(router, client)
     gw_server = _Server(
         uvicorn.Config(
-            gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log, access_log=False, lifespan="on"
+            gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log, access_log=False, lifespan="on",
+            timeout_graceful_shutdown=2,
         )
     )
     stop = asyncio.Event()
@@ -130,7 +153,9 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    servers = [asyncio.create_task(api_server.serve()), asyncio.create_task(gw_server.serve())]
+    servers = [asyncio.create_task(api_server.serve(), name="the API server"),
+               asyncio.create_task(gw_server.serve(), name="the gateway server")]
+    failed = False
     parts: list[asyncio.Task[None]] = []
     try:
         while not (api_server.started and gw_server.started):
@@ -149,9 +174,11 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             name=cfg.node_name,
             data_dir=data_dir,
             gateway=(cfg.host, cfg.http_port),
-            sandbox=cfg.sandbox,
+            sandbox=sandboxed,
+            protections=protections,
         )
-        parts = [asyncio.create_task(Scheduler(client).run()), asyncio.create_task(agent.run())]
+        parts = [asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
+                 asyncio.create_task(agent.run(), name="the node agent")]
         if cfg.save_credentials:
             save_credentials(cfg.api_url, token, cfg.gateway_url)
         if on_ready:
@@ -159,7 +186,14 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *servers, *parts], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        # A part that ended on its own is a failure: say which, loudly, and exit nonzero.
+        for task in [*servers, *parts]:
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                log.error("%s stopped: %r", task.get_name(), error, exc_info=error)
+                failed = True
     finally:
+        stop_all_builds()  # a build in flight fails now rather than hold the shutdown
         for t in parts:
             t.cancel()
         await asyncio.gather(*parts, return_exceptions=True)
@@ -169,3 +203,5 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         await asyncio.gather(*servers, return_exceptions=True)
         await client.aclose()
         await store.close()
+    if failed:
+        raise SystemExit("osless stopped because a part of it failed (see the error above)")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
+
+from osless.sdk.app import NAME_RE
 
 __all__ = [
     "App",
@@ -21,12 +22,14 @@ __all__ = [
     "check_app_name",
 ]
 
-APP_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 MAX_INSTANCES = 100
+# Instance ids and node names become file and URL path segments: no '/', '..' or control characters.
+ID_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,80}$"
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 
 
 def check_app_name(name: str) -> bool:
-    return bool(APP_NAME.match(name))
+    return bool(NAME_RE.match(name))
 
 
 def now() -> float:
@@ -84,17 +87,17 @@ class InstanceStatus(BaseModel):
 
 
 class Instance(BaseModel):
-    id: str
+    id: str = Field(pattern=ID_PATTERN)
     app: str
-    release: int
-    image: str
-    node: str
+    release: int = Field(ge=1)
+    image: str = Field(pattern=DIGEST_PATTERN)
+    node: str = Field(pattern=ID_PATTERN)
     created_at: float = Field(default_factory=now)
     status: InstanceStatus = Field(default_factory=InstanceStatus)
 
 
 class Node(BaseModel):
-    name: str
+    name: str = Field(pattern=ID_PATTERN)
     ttl_s: float = Field(default=10.0, gt=0, le=300)
     updated_at: float = Field(default_factory=now)
 

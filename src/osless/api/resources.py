@@ -102,8 +102,11 @@ class Resources:
             await self.store.delete(kv.key)
         await self.store.delete(f"/apps/{name}")
 
-    async def commit_release(self, app_name: str, make: Callable[[int], Release]) -> tuple[App, Release]:
-        """Create the app's next release and make it current in one transaction."""
+    async def commit_release(
+        self, app_name: str, make: Callable[[int], Release], deploy: Deploy | None = None
+    ) -> tuple[App, Release]:
+        """Create the app's next release and make it current in one transaction, which also
+        records the `deploy` that made it as succeeded: a crash can never leave one without the other."""
         for _ in range(20):
             got = await self._get(f"/apps/{app_name}", App)
             if got is None:
@@ -115,13 +118,17 @@ class Resources:
             app.current_release = release.version
             app.current_image = release.image
             app.updated_at = now()
+            puts: list[tuple[str, bytes, int | None]] = [
+                (f"/apps/{app_name}", _enc(app), rev),
+                (release_key(app_name, release.version), _enc(release), 0),
+            ]
+            if deploy is not None:
+                deploy.app, deploy.status, deploy.release, deploy.image = (
+                    app_name, "succeeded", release.version, release.image)
+                deploy.finished_at = now()
+                puts.append((f"/deploys/{deploy.id}", _enc(deploy), None))
             try:
-                await self.store.txn_put_many(
-                    [
-                        (f"/apps/{app_name}", _enc(app), rev),
-                        (release_key(app_name, release.version), _enc(release), 0),
-                    ]
-                )
+                await self.store.txn_put_many(puts)
                 return app, release
             except Conflict:
                 continue

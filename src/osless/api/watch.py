@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
+from osless.api.errors import ApiError
 from osless.api.resources import Resources
 from osless.store import Compacted
 
-__all__ = ["watch_response"]
+__all__ = ["list_or_watch", "watch_response"]
 
 BOOKMARK_S = 10.0
 
@@ -33,6 +35,8 @@ def watch_response(
                     await queue.put(ev)
             except Compacted:
                 await queue.put({"type": "ERROR", "code": "compacted", "revision": revision})
+            except Exception as e:  # the client must learn the stream is over, and list again
+                await queue.put({"type": "ERROR", "code": "watch_failed", "message": str(e), "revision": revision})
 
         # The store's watch runs in its own task so a bookmark timeout never cancels it midway.
         task = asyncio.create_task(pump())
@@ -57,3 +61,25 @@ def watch_response(
                 await task
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+async def list_or_watch(
+    resources: Resources,
+    kind: str,
+    *,
+    watch: bool,
+    revision: int | None,
+    items: Callable[[], Awaitable[tuple[Sequence[BaseModel], int]]],
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> Any:
+    """The answer of every list endpoint: the items and their revision, or the changes after one."""
+    if not watch:
+        listed, rev = await items()
+        return {"items": [x.model_dump() for x in listed], "revision": rev}
+    current = await resources.store.revision()
+    if revision is None:
+        revision = current
+    elif revision > current:
+        raise ApiError(400, "bad_revision", f"revision {revision} is ahead of the store ({current}): "
+                       "list first, then watch from the revision the list gave")
+    return watch_response(resources, kind, revision, keep)

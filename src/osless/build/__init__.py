@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from osless.build.builder import MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Builder, BuildError, BuildResult
+from osless.build.builder import (
+    MAX_SOURCE_BYTES,
+    MAX_SOURCE_FILES,
+    Builder,
+    BuildError,
+    BuildResult,
+    stop_all_builds,
+)
 from osless.build.images import ImageNotFoundError, ImageStore, canonical_json, sha256_hex
 from osless.build.source import SourceError, pack, unpack
 
@@ -18,5 +25,6 @@ __all__ = [
     "canonical_json",
     "pack",
     "sha256_hex",
+    "stop_all_builds",
     "unpack",
 ]

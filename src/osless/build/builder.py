@@ -66,9 +66,18 @@ class _Run:
 class Builder:
     """Builds images into `images` with `python` (the instances' interpreter) and `uv`."""
 
-    def __init__(self, images: ImageStore, *, python: str = sys.executable, uv: str | None = None) -> None:
+    def __init__(
+        self,
+        images: ImageStore,
+        *,
+        python: str = sys.executable,
+        uv: str | None = None,
+        sandbox: Callable[[Path, Path], dict[str, Any]] | None = None,
+    ) -> None:
+        """`sandbox(code_layer, deps_layer)`, when given, is the sandbox spec the app's import runs in."""
         self.images = images
         self.python = python
+        self.sandbox = sandbox
         self.uv = uv if uv is not None else _default_uv()
         self.locks_dir = images.root / "locks"
         self.locks_dir.mkdir(parents=True, exist_ok=True)
@@ -263,19 +272,13 @@ class Builder:
         except Exception as e:  # the loader's errors already say how to fix them
             raise BuildError(f"Could not find the app's entry module: {e}") from e
         log(f"==> Inspecting the app (entry module {entry!r})")
-        cmd = [
-            self.python,
-            "-s",
-            "-m",
-            "osless.runtime.inspect",
-            "--code",
-            str(code),
-            "--deps",
-            str(deps),
-            "--entry",
-            entry,
-        ]
-        run = _run(cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=code, env=_inspect_env(), stdout_prefix=None)
+        cmd = [self.python, "-s", "-P", "-m", "osless.runtime.inspect", "--code", str(code), "--deps", str(deps),
+               "--entry", entry]
+        if self.sandbox is not None:
+            # Not even an import at build time runs outside a sandbox.
+            spec = json.dumps(self.sandbox(code, deps))
+            cmd = [self.python, "-s", "-P", "-m", "osless.runtime.jail", spec, "--", *cmd]
+        run = _run(cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=Path("/"), env=_inspect_env(), stdout_prefix=None)
         if run.timed_out:
             raise BuildError(
                 f"Importing the app took longer than {INSPECT_TIMEOUT_S:.0f} s and was stopped. "
@@ -386,7 +389,8 @@ def _uv_env() -> dict[str, str]:
 
 
 def _inspect_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    # What an instance gets, no more: the platform's own environment (tokens, credentials) stays out.
+    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
     # The layers are read-only: do not even try to write bytecode into them.
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
@@ -420,6 +424,32 @@ def _run(
         )
     except OSError as e:
         raise BuildError(f"Could not run {cmd[0]!r}: {e}.") from e
+    with _running_lock:
+        _running.add(proc)
+    try:
+        return _collect(proc, log, timeout=timeout, stdin=stdin, stdout_prefix=stdout_prefix)
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+
+
+# Every build subprocess, so that a stopping platform can end them (they have sessions of their own).
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+
+
+def stop_all_builds() -> None:
+    """Kill every running build step; their builds fail at once."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _collect(
+    proc: subprocess.Popen[str], log: Log, *, timeout: float, stdin: str | None, stdout_prefix: str | None
+) -> _Run:
     out: list[str] = []
     err: list[str] = []
 

@@ -59,6 +59,14 @@ class ImageStore:
     def has_layer(self, digest: str) -> bool:
         return self.layer_path(digest).is_dir()
 
+    def clean_tmp(self) -> None:
+        """Remove what builds cut off by a crash left in the scratch folder; call before any build."""
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                _remove_tree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+
     def add_layer(self, digest: str, fill: Callable[[Path], None]) -> Path:
         """The layer `digest`, made by `fill(empty_dir)` unless it already exists.
 

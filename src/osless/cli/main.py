@@ -12,6 +12,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from rich.text import Text
+
 from osless.cli.output import console, fail, print_json, table, when
 from osless.client import Api, ApiError
 
@@ -55,6 +57,7 @@ def up(
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
+    node_name: Annotated[str | None, typer.Option(help="This node's name (default: the host name).")] = None,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
@@ -65,6 +68,8 @@ def up(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
+    if node_name:
+        cfg.node_name = node_name
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
@@ -129,7 +134,7 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
                 if line.startswith("==> "):
                     status.update(line[4:])
                     if not quiet:
-                        console.print(f"[bold]{line}[/]", highlight=False, soft_wrap=True)
+                        console.print(Text(line, style="bold"), soft_wrap=True)
                 elif not quiet:
                     console.print(f"    {line}", style="dim", highlight=False, markup=False, soft_wrap=True)
         except ApiError as e:
@@ -280,6 +285,7 @@ def invoke(
             f"/v1/apps/{app_name}/functions/{function}:invoke",
             content=raw.encode(),
             headers={"content-type": "application/json"},
+            timeout=None,  # a function may run for up to an hour; the platform enforces its timeout_s
         )
     except ApiError as e:
         if e.detail.get("traceback"):

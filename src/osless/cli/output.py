@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["console", "fail", "print_json", "table", "when"]
 
@@ -18,7 +19,8 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # The message may quote user code or build output: never read it as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(1)
 
 

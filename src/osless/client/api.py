@@ -37,6 +37,13 @@ def _raise_for(resp: httpx.Response) -> None:
     raise ApiError(resp.status_code, code, message, err)
 
 
+def _transport_error(e: httpx.TransportError, base_url: str) -> ApiError:
+    """The same words for the same failure, whichever client met it."""
+    if isinstance(e, httpx.TimeoutException):
+        return ApiError(0, "timeout", f"the API at {base_url} did not answer in time: {e}")
+    return ApiError(0, "unreachable", f"cannot reach the API at {base_url} ({e}); is `osless up` running?")
+
+
 def _verify(base_url: str) -> bool:
     # Loading the CA bundle costs ~0.3 s per client; plain-http URLs never use it.
     return base_url.startswith("https://")
@@ -62,7 +69,7 @@ class AsyncApi:
         try:
             resp = await self._client.request(method, path, **kw)
         except httpx.TransportError as e:
-            raise ApiError(0, "unreachable", f"cannot reach the API at {self.base_url}: {e}") from e
+            raise _transport_error(e, self.base_url) from e
         _raise_for(resp)
         return _body(resp)
 
@@ -110,12 +117,8 @@ class Api:
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
             resp = self._client.request(method, path, **kw)
-        except httpx.TimeoutException as e:
-            raise ApiError(0, "timeout", f"the API at {self.base_url} did not answer in time: {e}") from e
         except httpx.TransportError as e:
-            raise ApiError(
-                0, "unreachable", f"cannot reach the API at {self.base_url} ({e}); is `osless up` running?"
-            ) from e
+            raise _transport_error(e, self.base_url) from e
         _raise_for(resp)
         return _body(resp)
 

@@ -57,6 +57,8 @@ class Informer:
                     await self._changed()
             except ApiError as e:
                 log.debug("informer %s: %s", self.path, e)
+            except Exception:  # a bug in a handler must not end the watch for good
+                log.exception("informer %s failed; listing again", self.path)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import Counter
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = ["Scheduler", "desired_instances"]
 log = logging.getLogger("osless.scheduler")
 
 RESYNC_S = 5.0
+NODE_LOST_AFTER_S = 15.0
 
 
 def desired_instances(app: dict[str, Any]) -> int:
@@ -34,6 +36,7 @@ class Scheduler:
     def __init__(self, api: AsyncApi) -> None:
         self.api = api
         self._wake = asyncio.Event()
+        self._orphaned_since: dict[str, float] = {}
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._changed)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed)
         self.nodes = Informer(api, "/v1/nodes", key=lambda o: str(o["name"]), on_change=self._changed)
@@ -61,15 +64,29 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         apps = dict(self.apps.items)
-        instances = list(self.instances.items.values())
         nodes = sorted(self.nodes.items)
+        now = time.monotonic()
+        # Instances on a node that stopped renewing its lease are gone: after a grace period (a
+        # node restarting keeps its name) they are deleted, and the apps get new ones on live nodes.
+        for inst in list(self.instances.items.values()):
+            if inst["node"] in self.nodes.items:
+                self._orphaned_since.pop(inst["id"], None)
+            elif now - self._orphaned_since.setdefault(inst["id"], now) > NODE_LOST_AFTER_S:
+                log.warning("node %s is gone: replacing instance %s", inst["node"], inst["id"])
+                await self._delete(inst)
+        instances = list(self.instances.items.values())
         load = Counter(i["node"] for i in instances)
         for inst in instances:
             if inst["app"] not in apps:
                 await self._delete(inst)
         for name, app in apps.items():
             mine = [i for i in instances if i["app"] == name]
-            await self._reconcile_app(app, mine, nodes, load)
+            try:
+                await self._reconcile_app(app, mine, nodes, load)
+            except ApiError:
+                raise
+            except Exception:  # one app's bad record must not stop the others
+                log.exception("reconciling app %s failed", name)
 
     async def _reconcile_app(
         self, app: dict[str, Any], mine: list[dict[str, Any]], nodes: list[str], load: Counter[str]

@@ -55,7 +55,9 @@ class NodeAgent:
         data_dir: Path,
         gateway: tuple[str, int] | None = None,
         sandbox: bool = True,
+        protections: list[doctor.Protection] | None = None,
     ) -> None:
+        """`sandbox`: whether to sandbox apps, if this host can (`protections`, probed when not given)."""
         self.api = api
         self.name = name
         self.data_dir = data_dir
@@ -68,18 +70,10 @@ class NodeAgent:
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self.protections = doctor.check()
-        missing = {p.name: p.detail for p in self.protections if not p.ok}
-        for name, detail in missing.items():
-            log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
+        self.protections = protections if protections is not None else doctor.check()
+        missing = {p.name for p in self.protections if not p.ok}
+        # `osless up` has warned about each missing protection already.
         self.sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
-        if not self.sandboxed:
-            log.warning(
-                "APPS RUN WITHOUT A SANDBOX: %s",
-                "turned off by --no-sandbox"
-                if not sandbox
-                else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
-            )
         found = Cgroups.detect()
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.egress = (
@@ -107,7 +101,10 @@ class NodeAgent:
                     await asyncio.wait_for(self._wake.wait(), RESYNC_S)
                 self._wake.clear()
                 if self.informer.synced.is_set():
-                    await self.reconcile()
+                    try:
+                        await self.reconcile()
+                    except Exception:  # level-triggered: the next pass tries again
+                        log.exception("node reconcile failed")
         finally:
             for t in tasks:
                 t.cancel()
@@ -127,21 +124,28 @@ class NodeAgent:
                 self._background(sup.stop())
         for iid, obj in desired.items():
             if iid not in self.supervisors:
-                sup = Supervisor(
-                    obj,
-                    zygote=functools.partial(self.zygote, obj["image"]),
-                    run_dir=self.run_dir,
-                    log_dir=self.logs_dir / "apps" / obj["app"],
-                    report=self._report,
-                    cgroups=self.cgroups,
-                    limits=Limits(memory_mb=self._memory_mb(obj["image"])),
-                    sock_dir=app_socket_dir(self.run_dir, obj["app"]),
-                )
+                try:
+                    sup = self._supervisor(obj)
+                except (OSError, KeyError, ValueError) as e:  # e.g. an image this node does not have
+                    log.error("cannot run instance %s: %s", iid, e)
+                    continue
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
         if self.cgroups is not None:
             self.cgroups.fill_pool()
+
+    def _supervisor(self, obj: dict[str, Any]) -> Supervisor:
+        return Supervisor(
+            obj,
+            zygote=functools.partial(self.zygote, obj["image"]),
+            run_dir=self.run_dir,
+            log_dir=self.logs_dir / "apps" / obj["app"],
+            report=self._report,
+            cgroups=self.cgroups,
+            limits=Limits(memory_mb=self._memory_mb(obj["image"])),
+            sock_dir=app_socket_dir(self.run_dir, obj["app"]),
+        )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

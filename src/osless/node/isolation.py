@@ -9,7 +9,7 @@ from typing import Any
 
 from osless.runtime.sandbox import SandboxSpec
 
-__all__ = ["app_uid", "sandbox_spec"]
+__all__ = ["app_socket_dir", "app_uid", "build_spec", "sandbox_spec"]
 
 UID_BASE, UID_RANGE = 100_000, 900_000
 
@@ -47,6 +47,14 @@ def sandbox_spec(
         hide=[str(data_dir), str(run_dir)],
         proxy_socket=str(egress_socket) if egress_socket else None,
     )
+
+
+def build_spec(code: Path, deps: Path, *, data_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """The sandbox an app's import runs in at build time: its two layers, no network, no volumes."""
+    root = run_dir / "sandbox-root"
+    root.mkdir(parents=True, exist_ok=True)
+    return SandboxSpec(uid=app_uid("osless-build"), hostname="build", root=str(root),
+                       readonly=[str(code), str(deps)], hide=[str(data_dir), str(run_dir)]).to_json()
 
 
 def app_socket_dir(run_dir: Path, app: str, uid: int | None = None) -> Path:

@@ -20,11 +20,15 @@ import ctypes
 import fcntl
 import os
 import resource
+import select
+import signal
 import socket
 import struct
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from osless.runtime import forwarder, seccomp
 
@@ -37,6 +41,7 @@ __all__ = [
     "missing_protections",
     "prepare",
     "runtime_paths",
+    "spawn",
     "write_id_maps",
 ]
 
@@ -265,6 +270,69 @@ def enter(spec: SandboxSpec) -> None:
                 "no_proxy": no_proxy,
             }
         )
+
+
+def spawn(spec: SandboxSpec, child: Callable[[], NoReturn], before: Callable[[], None] | None = None) -> int:
+    """Fork a keeper that builds the sandbox and runs `child()` as its pid 1; returns the keeper's pid.
+
+    The keeper (outside the pid namespace, inside the others) waits for pid 1 and exits with its
+    status. `before()` runs first in the keeper. Steps 1 to 3 above; the id maps are written here,
+    by the caller, who must be root outside.
+    """
+    unshared_r, unshared_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(unshared_r)
+        os.close(mapped_w)
+        status = 1
+        try:
+            _set_parent_death_signal()
+            if os.getppid() != parent:
+                os._exit(1)
+            if before is not None:
+                before()
+            prepare(spec)
+            isolate()
+            os.write(unshared_w, b"u")
+            os.close(unshared_w)
+            if os.read(mapped_r, 1) != b"m":
+                raise SandboxError("the parent did not map the sandbox's user ids")
+            os.close(mapped_r)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            first = os.fork()  # the first child of a new pid namespace is its pid 1
+            if first == 0:
+                _set_parent_death_signal()
+                enter(spec)
+                child()
+            _, wait_status = os.waitpid(first, 0)
+            status = os.waitstatus_to_exitcode(wait_status)
+            status = status if status >= 0 else 128 - status
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+    os.close(unshared_w)
+    os.close(mapped_r)
+    try:
+        # The keeper has unshared its user namespace; only its parent, root outside, may map its ids.
+        ready, _, _ = select.select([unshared_r], [], [], 10.0)
+        if ready and os.read(unshared_r, 1) == b"u":
+            write_id_maps(pid, spec.uid)
+            os.write(mapped_w, b"m")
+    finally:
+        os.close(unshared_r)
+        os.close(mapped_w)
+    return pid
+
+
+def _set_parent_death_signal() -> None:
+    _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _loopback_up() -> None:

@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import gc
 import os
-import select
 import selectors
 import signal
 import socket
@@ -144,82 +143,36 @@ class Zygote:
             self._send({"op": "error", "id": sid, "error": f"bad sandbox spec: {e}"})
             return
         _flush_stdio()
-        root_pid = os.getpid()
-        unshared_r, unshared_w = os.pipe()
-        mapped_r, mapped_w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError as e:
-            _close_all([*fds, unshared_r, unshared_w, mapped_r, mapped_w])
-            self._send({"op": "error", "id": sid, "error": f"fork failed: {e}"})
-            return
-        if pid == 0:
-            os.close(unshared_r)
-            os.close(mapped_w)
-            self._release_child(root_pid, fds, spec, code, deps, entry, unshared_w, mapped_r)
-        os.close(unshared_w)
-        os.close(mapped_r)
-        _close_all(fds)
-        if spec is not None:
-            # The child has unshared its user namespace; only we, real root outside, may map its ids.
-            ready, _, _ = select.select([unshared_r], [], [], 10.0)
-            if ready and os.read(unshared_r, 1) == b"u":
-                try:
-                    sandbox.write_id_maps(pid, spec.uid)
-                    os.write(mapped_w, b"m")
-                except OSError as e:
-                    print(f"osless: mapping ids of sandbox {sid}: {e}", file=sys.stderr, flush=True)
-        os.close(unshared_r)
-        os.close(mapped_w)
-        self.children[pid] = sid
-        self._send({"op": "spawned", "id": sid, "pid": pid})
+        control_fd, out, err = fds
 
-    def _release_child(
-        self,
-        root_pid: int,
-        fds: list[int],
-        spec: sandbox.SandboxSpec | None,
-        code: str,
-        deps: str | None,
-        entry: str,
-        unshared_w: int,
-        mapped_r: int,
-    ) -> NoReturn:
-        status = 1
-        try:
+        def become_release_zygote() -> NoReturn:
+            serve_release(socket.socket(fileno=control_fd), code, deps, entry)
+
+        def detach() -> None:
+            """In the new process: leave the root's loop, write to the release's log."""
             os.setsid()
-            set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != root_pid:
-                os._exit(1)
-            control_fd, out, err = fds
             self._leave_loop(close_control=True)
             self._become_instance([out, err], {})
-            control = socket.socket(fileno=control_fd)
+
+        try:
             if spec is None:
-                serve_release(control, code, deps, entry)
-            sandbox.prepare(spec)
-            sandbox.isolate()
-            os.write(unshared_w, b"u")
-            os.close(unshared_w)
-            if os.read(mapped_r, 1) != b"m":
-                raise sandbox.SandboxError("the root zygote did not map the sandbox's user ids")
-            os.close(mapped_r)
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
-            pid = os.fork()  # the first child of a new pid namespace is its pid 1: the release zygote
-            if pid == 0:
-                set_parent_death_signal(signal.SIGKILL)
-                sandbox.enter(spec)
-                serve_release(control, code, deps, entry)
-            control.close()
-            _, wait_status = os.waitpid(pid, 0)
-            status = os.waitstatus_to_exitcode(wait_status)
-            status = status if status >= 0 else 128 - status
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            _flush_stdio()
-            os._exit(status)
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        set_parent_death_signal(signal.SIGKILL)
+                        detach()
+                        become_release_zygote()
+                    finally:
+                        os._exit(1)
+            else:
+                pid = sandbox.spawn(spec, become_release_zygote, before=detach)
+        except OSError as e:
+            _close_all(fds)
+            self._send({"op": "error", "id": sid, "error": f"spawn failed: {e}"})
+            return
+        _close_all(fds)
+        self.children[pid] = sid
+        self._send({"op": "spawned", "id": sid, "pid": pid})
 
     def _child(
         self, zygote_pid: int, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int

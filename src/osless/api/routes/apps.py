@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from osless.api.errors import ApiError
 from osless.api.models import App, Release, RollbackRequest, ScaleRequest, check_app_name, now
 from osless.api.state import ApiState, get_state
-from osless.api.watch import watch_response
+from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["apps"])
 
@@ -35,11 +35,7 @@ async def list_apps(
     state: ApiState = Depends(get_state),
 ) -> Any:
     res = state.resources
-    if watch:
-        rev = revision if revision is not None else await res.store.revision()
-        return watch_response(res, "apps", rev)
-    apps, rev = await res.list_apps()
-    return {"items": [a.model_dump() for a in apps], "revision": rev}
+    return await list_or_watch(res, "apps", watch=watch, revision=revision, items=res.list_apps)
 
 
 @router.post("/apps", status_code=201, response_model=App)

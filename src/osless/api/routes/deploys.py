@@ -80,14 +80,8 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
                 deploy_id=deploy.id,
             )
 
-        _, release = await state.resources.commit_release(name, make)
-        deploy.app, deploy.status, deploy.release, deploy.image = (
-            name,
-            "succeeded",
-            release.version,
-            result.image,
-        )
         deploy.deps_cached = result.deps_cached
+        _, release = await state.resources.commit_release(name, make, deploy)
         image = result.image[:12]
         emit(f"==> Released {name} v{release.version} (image sha256:{image}, {result.seconds:.2f}s)")
     except BuildError as e:
@@ -98,8 +92,9 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         deploy.status, deploy.error = "failed", f"internal error during build: {type(e).__name__}: {e}"
         emit(f"==> Build failed: {deploy.error}")
     finally:
-        deploy.finished_at = now()
-        await state.resources.put_deploy(deploy)
+        if deploy.status != "succeeded":  # a success was recorded with its release, atomically
+            deploy.finished_at = now()
+            await state.resources.put_deploy(deploy)
         writer.close()
 
 

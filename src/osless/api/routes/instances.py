@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from osless.api.errors import ApiError
 from osless.api.models import Instance, InstanceStatus, Node, now
 from osless.api.state import ApiState, get_state
-from osless.api.watch import watch_response
+from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["instances"])
 
@@ -23,24 +23,21 @@ async def list_instances(
     state: ApiState = Depends(get_state),
 ) -> Any:
     res = state.resources
-    if watch:
-        rev = revision if revision is not None else await res.store.revision()
 
-        def keep(ev: dict[str, Any]) -> bool:
-            obj = ev["object"]
-            # deletes carry no object: every watcher gets them and ignores unknown names
-            return obj is None or (
-                (app is None or obj["app"] == app) and (node is None or obj["node"] == node)
-            )
+    def keep(ev: dict[str, Any]) -> bool:
+        obj = ev["object"]
+        # deletes carry no object: every watcher gets them and ignores unknown names
+        return obj is None or ((app is None or obj["app"] == app) and (node is None or obj["node"] == node))
 
-        return watch_response(res, "instances", rev, keep)
-    items, rev = await res.list_instances(app=app, node=node)
-    return {"items": [i.model_dump() for i in items], "revision": rev}
+    return await list_or_watch(res, "instances", watch=watch, revision=revision, keep=keep,
+                               items=lambda: res.list_instances(app=app, node=node))
 
 
 @router.post("/instances", status_code=201, response_model=Instance)
 async def create_instance(body: Instance, state: ApiState = Depends(get_state)) -> Instance:
     await state.resources.get_app(body.app)
+    if not state.images.has_manifest(body.image):
+        raise ApiError(422, "unknown_image", f"no image {body.image[:12]}… is stored here; deploy the app first")
     return await state.resources.create_instance(body)
 
 
@@ -80,11 +77,8 @@ async def list_nodes(
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
 ) -> Any:
-    if watch:
-        rev = revision if revision is not None else await state.resources.store.revision()
-        return watch_response(state.resources, "nodes", rev)
-    items, rev = await state.resources.list_nodes()
-    return {"items": [n.model_dump() for n in items], "revision": rev}
+    res = state.resources
+    return await list_or_watch(res, "nodes", watch=watch, revision=revision, items=res.list_nodes)
 
 
 @router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
