@@ -22,11 +22,16 @@ DEFAULT_CAP = 2 * 1024 * 1024
 class LogWriter:
     """Appends records to a file; past `cap_bytes` the file moves to `<name>.1` and a new one starts."""
 
-    def __init__(self, path: Path, *, source: str, cap_bytes: int = DEFAULT_CAP) -> None:
+    def __init__(
+        self, path: Path, *, source: str, cap_bytes: int = DEFAULT_CAP, keep_files: int | None = None
+    ) -> None:
+        """`keep_files`: also delete all but the newest that many logs of the folder (old instances')."""
         self.path = path
         self.source = source
         self.cap_bytes = cap_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_files is not None:
+            _prune(path.parent, keep_files, keep=path)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the writer's life
         self._size = self._file.tell()
 
@@ -49,6 +54,15 @@ class LogWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _prune(folder: Path, count: int, keep: Path) -> None:
+    logs = sorted(
+        (p for p in folder.glob("*.log") if p != keep), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for old in logs[count:]:
+        for p in (old, old.with_name(old.name + ".1")):
+            p.unlink(missing_ok=True)
 
 
 def _parse(lines: Iterable[str]) -> list[dict[str, Any]]:

@@ -7,8 +7,8 @@ with the admin token, exactly as they would be from other machines.
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -113,9 +113,12 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
     sandboxed = cfg.sandbox and not any(name in missing for name in doctor.REQUIRED)
     if not sandboxed:
-        log.warning("APPS RUN WITHOUT A SANDBOX, their builds included: %s",
-                    "turned off by --no-sandbox" if not cfg.sandbox
-                    else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing))
+        log.warning(
+            "APPS RUN WITHOUT A SANDBOX, their builds included: %s",
+            "turned off by --no-sandbox"
+            if not cfg.sandbox
+            else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
+        )
     run_dir = run_dir_for(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
@@ -144,7 +147,12 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     gateway = Gateway(router, client)
     gw_server = _Server(
         uvicorn.Config(
-            gateway, host=cfg.host, port=cfg.http_port, log_level=uv_log, access_log=False, lifespan="on",
+            gateway,
+            host=cfg.host,
+            port=cfg.http_port,
+            log_level=uv_log,
+            access_log=False,
+            lifespan="on",
             timeout_graceful_shutdown=2,
         )
     )
@@ -153,8 +161,10 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    servers = [asyncio.create_task(api_server.serve(), name="the API server"),
-               asyncio.create_task(gw_server.serve(), name="the gateway server")]
+    servers = [
+        asyncio.create_task(api_server.serve(), name="the API server"),
+        asyncio.create_task(gw_server.serve(), name="the gateway server"),
+    ]
     failed = False
     parts: list[asyncio.Task[None]] = []
     try:
@@ -177,8 +187,10 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             sandbox=sandboxed,
             protections=protections,
         )
-        parts = [asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
-                 asyncio.create_task(agent.run(), name="the node agent")]
+        parts = [
+            asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
+            asyncio.create_task(agent.run(), name="the node agent"),
+        ]
         if cfg.save_credentials:
             save_credentials(cfg.api_url, token, cfg.gateway_url)
         if on_ready:

@@ -124,7 +124,11 @@ class Resources:
             ]
             if deploy is not None:
                 deploy.app, deploy.status, deploy.release, deploy.image = (
-                    app_name, "succeeded", release.version, release.image)
+                    app_name,
+                    "succeeded",
+                    release.version,
+                    release.image,
+                )
                 deploy.finished_at = now()
                 puts.append((f"/deploys/{deploy.id}", _enc(deploy), None))
             try:

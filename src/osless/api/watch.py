@@ -36,7 +36,9 @@ def watch_response(
             except Compacted:
                 await queue.put({"type": "ERROR", "code": "compacted", "revision": revision})
             except Exception as e:  # the client must learn the stream is over, and list again
-                await queue.put({"type": "ERROR", "code": "watch_failed", "message": str(e), "revision": revision})
+                await queue.put(
+                    {"type": "ERROR", "code": "watch_failed", "message": str(e), "revision": revision}
+                )
 
         # The store's watch runs in its own task so a bookmark timeout never cancels it midway.
         task = asyncio.create_task(pump())
@@ -80,6 +82,10 @@ async def list_or_watch(
     if revision is None:
         revision = current
     elif revision > current:
-        raise ApiError(400, "bad_revision", f"revision {revision} is ahead of the store ({current}): "
-                       "list first, then watch from the revision the list gave")
+        raise ApiError(
+            400,
+            "bad_revision",
+            f"revision {revision} is ahead of the store ({current}): "
+            "list first, then watch from the revision the list gave",
+        )
     return watch_response(resources, kind, revision, keep)

@@ -272,8 +272,19 @@ class Builder:
         except Exception as e:  # the loader's errors already say how to fix them
             raise BuildError(f"Could not find the app's entry module: {e}") from e
         log(f"==> Inspecting the app (entry module {entry!r})")
-        cmd = [self.python, "-s", "-P", "-m", "osless.runtime.inspect", "--code", str(code), "--deps", str(deps),
-               "--entry", entry]
+        cmd = [
+            self.python,
+            "-s",
+            "-P",
+            "-m",
+            "osless.runtime.inspect",
+            "--code",
+            str(code),
+            "--deps",
+            str(deps),
+            "--entry",
+            entry,
+        ]
         if self.sandbox is not None:
             # Not even an import at build time runs outside a sandbox.
             spec = json.dumps(self.sandbox(code, deps))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-
 from rich.text import Text
 
 from osless.cli.output import console, fail, print_json, table, when

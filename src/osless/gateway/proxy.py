@@ -31,6 +31,7 @@ HOP_BY_HOP = {
 WAIT_FOR_INSTANCE_S = 30.0
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
+TOKEN_CACHE_SIZE = 1024
 
 
 class Gateway:
@@ -74,13 +75,13 @@ class Gateway:
     ) -> None:
         try:
             backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+            manifest = await self.router.manifest(backend)
         except NoBackend as e:
             await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
             return
         headers = _forward_headers(scope, prefix)
         query = scope.get("query_string", b"")
         target = path + ("?" + query.decode("latin-1") if query else "")
-        manifest = await self.router.manifest(backend)
         timeout = float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
         await self._proxy(backend, scope["method"], target, headers, receive, send, timeout)
 
@@ -97,10 +98,10 @@ class Gateway:
         _, _, app, function = parts
         try:
             backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+            spec = ((await self.router.manifest(backend)).get("functions") or {}).get(function)
         except NoBackend as e:
             await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
             return
-        spec = ((await self.router.manifest(backend)).get("functions") or {}).get(function)
         if spec is None:
             await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
             return
@@ -165,6 +166,8 @@ class Gateway:
         except httpx.HTTPError:
             return False
         self._tokens[header] = (ok, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
+        while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
+            self._tokens.pop(next(iter(self._tokens)))
         return ok
 
     async def aclose(self) -> None:

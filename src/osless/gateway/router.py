@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from osless.client import AsyncApi, Informer
+from osless.client import ApiError, AsyncApi, Informer
 
 __all__ = ["Backend", "NoBackend", "Router"]
 
@@ -128,7 +128,14 @@ class Router:
         """The image manifest of the backend's release (timeouts, functions); releases never change."""
         key = (backend.app, backend.release)
         if key not in self._manifests:
-            release = await self.api.get(f"/v1/apps/{backend.app}/releases/{backend.release}")
+            try:
+                release = await self.api.get(f"/v1/apps/{backend.app}/releases/{backend.release}")
+            except ApiError as e:
+                raise NoBackend(
+                    502,
+                    "release_unavailable",
+                    f"cannot read release v{backend.release} of {backend.app!r} from the API: {e.message}",
+                ) from e
             self._manifests[key] = release["manifest"]
         return self._manifests[key]
 

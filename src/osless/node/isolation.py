@@ -53,8 +53,13 @@ def build_spec(code: Path, deps: Path, *, data_dir: Path, run_dir: Path) -> dict
     """The sandbox an app's import runs in at build time: its two layers, no network, no volumes."""
     root = run_dir / "sandbox-root"
     root.mkdir(parents=True, exist_ok=True)
-    return SandboxSpec(uid=app_uid("osless-build"), hostname="build", root=str(root),
-                       readonly=[str(code), str(deps)], hide=[str(data_dir), str(run_dir)]).to_json()
+    return SandboxSpec(
+        uid=app_uid("osless-build"),
+        hostname="build",
+        root=str(root),
+        readonly=[str(code), str(deps)],
+        hide=[str(data_dir), str(run_dir)],
+    ).to_json()
 
 
 def app_socket_dir(run_dir: Path, app: str, uid: int | None = None) -> Path:

@@ -330,7 +330,12 @@ class Zygote:
             os.close(err_w)
         forward_lines(out_r, lambda line: log.write(line, "stdout"))
         forward_lines(err_r, lambda line: log.write(line, "stderr"))
-        inner = await asyncio.wait_for(fut, 10)
+        try:
+            inner = await asyncio.wait_for(fut, 10)
+        except (TimeoutError, ZygoteFailed):
+            self._children.pop(instance_id, None)
+            self._forks.pop(instance_id, None)
+            raise
         if not child.pid_is_real:  # `ready` may have come in the same read and told the real pid
             child.pid, child.pid_is_real = inner, self.sandbox is None
         return child

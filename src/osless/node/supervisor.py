@@ -22,6 +22,7 @@ __all__ = ["Supervisor", "exit_reason"]
 log = logging.getLogger("osless.node")
 
 READY_TIMEOUT = 30.0
+KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this many
 STOP_GRACE = 5.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
@@ -76,7 +77,7 @@ class Supervisor:
         self.sock_path = (
             sock_dir or run_dir
         ) / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
-        self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id)
+        self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -114,7 +115,9 @@ class Supervisor:
             cgroup = self._new_cgroup()
             procs = cgroup.open_procs() if cgroup else []
             try:
-                child = await zyg.fork(self.id, self.sock_path, env, self.log, procs)
+                # A new id each run: a late message about an earlier run cannot be taken for this one.
+                run_id = f"{self.id}.{self.status['restarts']}"
+                child = await zyg.fork(run_id, self.sock_path, env, self.log, procs)
             finally:
                 for fd in procs:
                     os.close(fd)
@@ -171,7 +174,10 @@ class Supervisor:
         if self._cgroup is not None:
             targets = self._cgroup.pids()
         elif self._child is not None and self._child.pid_is_real:
-            targets = [self._child.pid]
+            # Without cgroups: the instance leads its own process group, which holds what it started.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._child.pid, sig)
+            return
         else:
             targets = []
         for pid in targets:

@@ -51,7 +51,8 @@ def write(event, ctx):
 
 @app.function()
 def whoami(event, ctx):
-    status = open("/proc/self/status").read()
+    with open("/proc/self/status") as f:
+        status = f.read()
     fields = dict(line.split(":", 1) for line in status.splitlines())
     return {
         "uid": os.getuid(),

@@ -29,15 +29,23 @@ async def list_instances(
         # deletes carry no object: every watcher gets them and ignores unknown names
         return obj is None or ((app is None or obj["app"] == app) and (node is None or obj["node"] == node))
 
-    return await list_or_watch(res, "instances", watch=watch, revision=revision, keep=keep,
-                               items=lambda: res.list_instances(app=app, node=node))
+    return await list_or_watch(
+        res,
+        "instances",
+        watch=watch,
+        revision=revision,
+        keep=keep,
+        items=lambda: res.list_instances(app=app, node=node),
+    )
 
 
 @router.post("/instances", status_code=201, response_model=Instance)
 async def create_instance(body: Instance, state: ApiState = Depends(get_state)) -> Instance:
     await state.resources.get_app(body.app)
     if not state.images.has_manifest(body.image):
-        raise ApiError(422, "unknown_image", f"no image {body.image[:12]}… is stored here; deploy the app first")
+        raise ApiError(
+            422, "unknown_image", f"no image {body.image[:12]}… is stored here; deploy the app first"
+        )
     return await state.resources.create_instance(body)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from osless.api.errors import ApiError
+from osless.api.models import ID_PATTERN
 from osless.api.state import ApiState, get_state
 from osless.logs import follow, read_tail
 
@@ -25,6 +28,10 @@ async def app_logs(
     state: ApiState = Depends(get_state),
 ) -> Any:
     await state.resources.get_app(app)
+    if instance is not None and not re.fullmatch(ID_PATTERN, instance):
+        raise ApiError(
+            422, "invalid_instance", f"{instance!r} is not an instance id; `osless ps {app}` lists them"
+        )
     folder = state.app_log_dir(app)
 
     def paths() -> list[Path]:
