@@ -193,3 +193,25 @@ def test_doctor_reports_every_protection(platform: Platform) -> None:
     names = {c["name"] for c in checks}
     assert {"user namespace", "pid namespace", "net namespace", "seccomp", "cgroups"} <= names
     assert all(c["ok"] for c in checks), checks
+
+
+def cgroup_dirs() -> set[Path]:
+    return {d for c in ("memory", "cpu", "pids") for d in Path(f"/sys/fs/cgroup/{c}/osless").glob("i-*")}
+
+
+def test_nothing_is_left_behind_when_an_instance_ends(platform: Platform, apps: dict[str, Any]) -> None:
+    before = cgroup_dirs()
+    call(platform, "leave_behind")
+    inst = platform.instances("hostile")[0]
+    mine = {d for d in cgroup_dirs() if str(inst["status"]["pid"]) in (d / "cgroup.procs").read_text().split()}
+    assert len(mine) == 3  # memory, cpu, pids
+    sleepers = [int(p) for d in mine for p in (d / "cgroup.procs").read_text().split()]
+    assert len(set(sleepers)) == 2  # the instance, and the sleep it started in a session of its own
+    platform.cli("scale", "hostile", "--min", "0", "--max", "1")
+    platform.wait_for(lambda: not platform.instances("hostile"), what="the instance to stop")
+    platform.wait_for(lambda: not any(d.exists() for d in mine), what="its cgroups to be removed")
+    for pid in sleepers:
+        assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    assert cgroup_dirs() - before <= {d for d in cgroup_dirs() if not (d / "cgroup.procs").read_text().strip()}
+    platform.cli("scale", "hostile", "--min", "1", "--max", "1")
+    platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to come back")

@@ -191,3 +191,11 @@ def errno_name(event, ctx):
 @app.function()
 def readonly(event, ctx):
     return {path: bool(os.statvfs(path).f_flag & os.ST_RDONLY) for path in event["paths"]}
+
+
+@app.function()
+def leave_behind(event, ctx):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # escapes its process group
+    return {"pid": child.pid}
