@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,11 @@ def build_hello(work: Path) -> Image:
     return Image(result.image, result.manifest, store.layers_dir)
 
 
+def host() -> dict[str, Any]:
+    """Context for the figures: this machine's CPUs and how busy it was (other work skews timings)."""
+    return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "kernel": os.uname().release}
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -91,7 +97,7 @@ class Instance:
     iid: str
     sock: Path
     child: Child
-    cgroup: InstanceCgroup
+    cgroup: InstanceCgroup | None  # None only in the diagnostic runs without resource limits
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Platform:
 
     @classmethod
     async def start(cls, work: Path, image: Image) -> Platform:
-        found = Cgroups.detect()
+        found = Cgroups.detect(scope=f"bench-{os.getpid()}")
         if not isinstance(found, Cgroups):
             raise SystemExit(f"cgroups unavailable: {found}")
         run_dir = work / "run"
@@ -158,7 +164,7 @@ class Platform:
         return platform
 
     def release_zygote_pid(self) -> int | None:
-        """`Zygote.pid` is the keeper outside the sandbox; the zygote proper is its only child (pid 1 inside)."""
+        """`Zygote.pid` is the keeper outside the sandbox; the zygote proper is its child (pid 1 inside)."""
         try:
             kids = Path(f"/proc/{self.zygote.pid}/task/{self.zygote.pid}/children").read_text().split()
         except OSError:
@@ -170,11 +176,12 @@ class Platform:
         self.groups.append(group)
         return group
 
-    async def fork(self, iid: str, group: InstanceCgroup | None = None) -> Instance:
+    async def fork(self, iid: str, group: InstanceCgroup | None = None, *, cgroup: bool = True) -> Instance:
         """Fork one instance (it is not necessarily ready when this returns: await `.child.ready`)."""
-        group = group or self.new_cgroup()
+        if cgroup and group is None:
+            group = self.new_cgroup()
         sock = self.sock_dir / f"{iid}.sock"
-        fds = group.open_procs()
+        fds = group.open_join_files() if group is not None else []
         try:
             child = await self.zygote.fork(iid, sock, {}, self.instance_log, fds)
         finally:
@@ -185,9 +192,11 @@ class Platform:
     async def kill(self, instances: list[Instance], timeout: float = 10.0) -> None:
         """SIGKILL through the cgroups, wait for the zygote's exit reports, remove the groups."""
         for inst in instances:
+            targets = inst.cgroup.pids() if inst.cgroup is not None else []
             if inst.child.pid_is_real:
                 self.pids.add(inst.child.pid)
-            for pid in inst.cgroup.pids():
+                targets.append(inst.child.pid)
+            for pid in targets:
                 self.pids.add(pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -196,8 +205,9 @@ class Platform:
                 asyncio.gather(*(i.child.exited for i in instances), return_exceptions=True), timeout
             )
         for inst in instances:
-            inst.cgroup.kill_all()
-            inst.cgroup.remove()
+            if inst.cgroup is not None:
+                inst.cgroup.kill_all()
+                inst.cgroup.remove()
             with contextlib.suppress(OSError):
                 inst.sock.unlink()
 
@@ -213,6 +223,7 @@ class Platform:
         while True:
             left = [d for g in self.groups for d in g.dirs if d.exists()]
             if not left or time.monotonic() > deadline:
+                self.cgroups.close()  # the pool, and this run's own scope folders
                 return [str(d) for d in left]
             for g in self.groups:
                 g.kill_all(timeout=0.2)
@@ -225,6 +236,32 @@ class Platform:
             with contextlib.suppress(OSError):
                 out += w.path.read_text(errors="replace").splitlines()[-n:]
         return "\n".join(out)
+
+
+def osless_agents() -> set[int]:
+    """Pids of `osless up` processes on this host (other agents: their start-up cgroup sweep reaches ours)."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"up" in argv and any(a.endswith(b"osless") for a in argv):
+            found.add(int(d.name))
+    return found
+
+
+def exit_statuses(instances: list[Instance]) -> dict[str, int]:
+    """How the instances that already ended ended, e.g. {"signal 9": 3}."""
+    out: dict[str, int] = {}
+    for inst in instances:
+        if inst.child.exited.done():
+            st = inst.child.exited.result()
+            key = f"signal {st.signal}" if st.signal is not None else f"code {st.code}"
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 def alive(pids: set[int] | list[int]) -> list[int]:
@@ -280,7 +317,9 @@ def _read_reply(s: socket.socket, first: bytes) -> tuple[int, bytes]:
     return status, body
 
 
-def get_first_byte(path: str | Path, timeout: float = 30.0, retry: bool = True) -> Reply:
+def get_first_byte(
+    path: str | Path, timeout: float = 30.0, retry: bool = True, cancel: threading.Event | None = None
+) -> Reply:
     """Connect (retrying until the socket exists and listens), send GET /, time the reply's first byte."""
     deadline = time.monotonic() + timeout
     while True:
@@ -289,7 +328,7 @@ def get_first_byte(path: str | Path, timeout: float = 30.0, retry: bool = True) 
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
-            if not retry or time.monotonic() > deadline:
+            if not retry or time.monotonic() > deadline or (cancel is not None and cancel.is_set()):
                 raise
             time.sleep(POLL_S)
             continue
@@ -306,9 +345,10 @@ def get_first_byte(path: str | Path, timeout: float = 30.0, retry: bool = True) 
             s.close()
 
 
-def answers(path: str | Path, timeout: float = 5.0) -> bool:
+def answers(path: str | Path, timeout: float = 5.0, retry: bool = False) -> bool:
+    """Whether GET / on `path` gets hello's 200 reply; with `retry`, wait for the socket to accept first."""
     try:
-        reply = get_first_byte(path, timeout=timeout, retry=False)
+        reply = get_first_byte(path, timeout=timeout, retry=retry)
     except OSError:
         return False
     return reply.status == 200 and EXPECTED_BODY in reply.body

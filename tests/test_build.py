@@ -295,6 +295,7 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore) -> None
         "web": None,
         "volumes": {},
         "egress": [],
+        "config": {},
     }
     assert result.image == sha256_hex(canonical_json(m)) and store.get_manifest(result.image) == m
     assert log.lines[-1] == f"==> Image sha256:{result.image}"

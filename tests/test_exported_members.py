@@ -6,7 +6,19 @@ import osless
 
 
 def test_osless_exports() -> None:
-    assert osless.__all__ == ["App", "Context", "OslessError", "UsageError"]
+    assert osless.__all__ == [
+        "JSON",
+        "App",
+        "ConfigError",
+        "Context",
+        "Field",
+        "OslessError",
+        "Secret",
+        "Service",
+        "Settings",
+        "UsageError",
+        "service",
+    ]
     for name in osless.__all__:
         assert getattr(osless, name).__module__.startswith("osless.sdk")
 

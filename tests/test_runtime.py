@@ -167,7 +167,7 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
     _, one, two = starlette
     assert one.pid != two.pid
     for instance, var in ((one, "first"), (two, "second")):
-        assert instance.client.get("/__osless__/health").json() == {"ok": True}
+        assert instance.client.get("/__osless__/health").json() == {"ok": True, "config_version": 0}
         r = instance.invoke("greet", {"name": instance.iid}, x_osless_request_id=f"req-{instance.iid}")
         assert r.status_code == 200
         assert r.headers["x-osless-request-id"] == f"req-{instance.iid}"
@@ -415,6 +415,7 @@ def test_inspect_prints_the_manifest() -> None:
             "web": {"name": "web", "memory_mb": 256, "timeout_s": 20, "kind": "wsgi"},
             "volumes": {},
             "egress": [],
+            "config": {},
         },
     }
     r = _inspect("--code", str(STARLETTE), "--entry", "app")

@@ -154,24 +154,26 @@ def test_memory_bomb_is_oom_killed_in_its_cgroup(platform: Platform, apps: dict[
 
 
 def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dict[str, Any]) -> None:
-    def p99(n: int = 150) -> float:
-        times = []
+    def p99() -> float:
+        """The median p99 of three rounds of 100 requests: this machine is shared and noisy."""
+        rounds = []
         with httpx.Client() as client:
-            for _ in range(n):
-                t0 = time.perf_counter()
-                assert client.get(f"{platform.gateway}/victim/").text == "fine"
-                times.append(time.perf_counter() - t0)
-        return statistics.quantiles(times, n=100)[98]
+            for _ in range(3):
+                times = []
+                for _ in range(100):
+                    t0 = time.perf_counter()
+                    assert client.get(f"{platform.gateway}/victim/").text == "fine"
+                    times.append(time.perf_counter() - t0)
+                rounds.append(statistics.quantiles(times, n=100)[98])
+        return statistics.median(rounds)
 
     idle = p99()
-    spinner = threading.Thread(target=platform.invoke, args=("hostile", "spin", {"seconds": 8, "threads": 4}))
+    spinner = threading.Thread(target=platform.invoke, args=("hostile", "spin", {"seconds": 10, "threads": 4}))
     spinner.start()
     time.sleep(1)
     loaded = p99()
     spinner.join()
-    assert loaded <= 2 * idle + 0.002, (
-        f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
-    )
+    assert loaded <= 2 * idle, f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
 
 
 def test_volume_is_writable_and_survives_restarts(platform: Platform, apps: dict[str, Any]) -> None:
@@ -196,14 +198,16 @@ def test_doctor_reports_every_protection(platform: Platform) -> None:
 
 
 def cgroup_dirs() -> set[Path]:
-    return {d for c in ("memory", "cpu", "pids") for d in Path(f"/sys/fs/cgroup/{c}/osless").glob("i-*")}
+    return {d for c in ("memory", "cpu", "pids") for d in Path(f"/sys/fs/cgroup/{c}/osless").glob("*/i-*")}
 
 
 def test_nothing_is_left_behind_when_an_instance_ends(platform: Platform, apps: dict[str, Any]) -> None:
     before = cgroup_dirs()
     call(platform, "leave_behind")
     inst = platform.instances("hostile")[0]
-    mine = {d for d in cgroup_dirs() if str(inst["status"]["pid"]) in (d / "cgroup.procs").read_text().split()}
+    mine = {
+        d for d in cgroup_dirs() if str(inst["status"]["pid"]) in (d / "cgroup.procs").read_text().split()
+    }
     assert len(mine) == 3  # memory, cpu, pids
     sleepers = [int(p) for d in mine for p in (d / "cgroup.procs").read_text().split()]
     assert len(set(sleepers)) == 2  # the instance, and the sleep it started in a session of its own
@@ -212,6 +216,8 @@ def test_nothing_is_left_behind_when_an_instance_ends(platform: Platform, apps: 
     platform.wait_for(lambda: not any(d.exists() for d in mine), what="its cgroups to be removed")
     for pid in sleepers:
         assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    assert cgroup_dirs() - before <= {d for d in cgroup_dirs() if not (d / "cgroup.procs").read_text().strip()}
+    assert cgroup_dirs() - before <= {
+        d for d in cgroup_dirs() if not (d / "cgroup.procs").read_text().strip()
+    }
     platform.cli("scale", "hostile", "--min", "1", "--max", "1")
     platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to come back")

@@ -77,6 +77,7 @@ def test_manifest_lists_functions_and_web() -> None:
         "web": {"name": "api", "memory_mb": 256, "timeout_s": 20},
         "volumes": {},
         "egress": [],
+        "config": {},
     }
 
 

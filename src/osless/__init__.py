@@ -7,7 +7,31 @@ so that an app's import stays small.
 
 from __future__ import annotations
 
-from osless.sdk import App, Context, OslessError, UsageError
+from osless.sdk import (
+    JSON,
+    App,
+    ConfigError,
+    Context,
+    Field,
+    OslessError,
+    Secret,
+    Service,
+    Settings,
+    UsageError,
+    service,
+)
 
-__all__ = ["App", "Context", "OslessError", "UsageError"]
+__all__ = [
+    "JSON",
+    "App",
+    "ConfigError",
+    "Context",
+    "Field",
+    "OslessError",
+    "Secret",
+    "Service",
+    "Settings",
+    "UsageError",
+    "service",
+]
 __version__ = "0.1.0"

@@ -24,9 +24,10 @@ import uvicorn
 from osless.api.app import create_app
 from osless.api.auth import issue_token
 from osless.api.resources import Resources
+from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
 from osless.build import Builder, ImageStore, stop_all_builds
-from osless.cli.config import credentials_path
+from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
 from osless.controllers import Scheduler
 from osless.gateway import Gateway, Router
@@ -49,6 +50,7 @@ class UpConfig:
     max_upload_mb: int = 100
     save_credentials: bool = True
     sandbox: bool = True
+    secret_key_file: Path | None = None
 
     @property
     def api_url(self) -> str:
@@ -97,6 +99,15 @@ async def _admin_token(resources: Resources, data_dir: Path) -> str:
     return token
 
 
+async def _node_token(resources: Resources, node: str) -> str:
+    """A fresh token for this node's agent each start; the previous one is revoked."""
+    items, _ = await resources.store.list("/tokens/")
+    for kv in items:
+        if json.loads(kv.value).get("name") == f"node:{node}":
+            await resources.store.delete(kv.key)
+    return await issue_token(resources, f"node:{node}", role="node")
+
+
 async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = None) -> None:
     """Start everything, call `on_ready(api_url, gateway_url, token)`, run until SIGINT/SIGTERM."""
     data_dir = cfg.data_dir.resolve()
@@ -122,7 +133,10 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     run_dir = run_dir_for(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
+    secrets = SecretBox(load_key(data_dir, cfg.secret_key_file))
+    node_token = await _node_token(resources, cfg.node_name)
     state = ApiState(
+        secrets=secrets,
         resources=resources,
         images=images,
         builder=Builder(images, sandbox=build_sandbox),
@@ -142,7 +156,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
         )
     )
-    client = AsyncApi(cfg.api_url, token)
+    client = AsyncApi(cfg.api_url, node_token)  # the parts act as this node, not as the admin
     router = Router(client)
     gateway = Gateway(router, client)
     gw_server = _Server(

@@ -11,6 +11,11 @@ from osless.sdk.app import NAME_RE
 
 __all__ = [
     "App",
+    "ConfigChange",
+    "ConfigPatch",
+    "ConfigRollback",
+    "ConfigState",
+    "ConfigVersion",
     "Deploy",
     "ExitInfo",
     "Instance",
@@ -115,3 +120,43 @@ class ScaleRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     to: int | None = Field(default=None, ge=1, description="release version; default: the one before")
+
+
+class ConfigState(BaseModel):
+    """An app's current config: every value set; secrets as {"$secret": <ciphertext>}."""
+
+    app: str
+    version: int = 0
+    values: dict[str, Any] = Field(default_factory=dict)
+    updated_at: float = Field(default_factory=now)
+    updated_by: str | None = None
+
+
+class ConfigVersion(BaseModel):
+    app: str
+    version: int = 0
+    updated_at: float = Field(default_factory=now)
+
+
+class ConfigChange(BaseModel):
+    """One revision of an app's config: who changed what (secrets masked), and the whole result."""
+
+    app: str
+    version: int
+    by: str | None
+    description: str
+    changes: dict[str, Any]
+    values: dict[str, Any]
+    at: float = Field(default_factory=now)
+
+
+class ConfigPatch(BaseModel):
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="keys to values (JSON, or strings to coerce)"
+    )
+    unset: list[str] = Field(default_factory=list)
+    revision: int | None = Field(default=None, ge=0, description="the version you read: 409 if it moved on")
+
+
+class ConfigRollback(BaseModel):
+    to: int = Field(ge=0, description="the config version to return to")

@@ -9,7 +9,17 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from osless.api.errors import ApiError
-from osless.api.models import App, Deploy, Instance, Node, Release, now
+from osless.api.models import (
+    App,
+    ConfigChange,
+    ConfigState,
+    ConfigVersion,
+    Deploy,
+    Instance,
+    Node,
+    Release,
+    now,
+)
 from osless.store import Conflict, Store
 
 __all__ = ["KINDS", "Resources"]
@@ -23,6 +33,7 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "deploys": ("/deploys/", Deploy),
     "instances": ("/instances/", Instance),
     "nodes": ("/nodes/", Node),
+    "config": ("/config/", ConfigVersion),  # watchers learn that a config moved on, not its values
 }
 
 
@@ -97,9 +108,11 @@ class Resources:
         await self.get_app(name)
         for inst in (await self.list_instances(app=name))[0]:
             await self.store.delete(f"/instances/{inst.id}")
-        items, _ = await self.store.list(f"/releases/{name}/")
-        for kv in items:
-            await self.store.delete(kv.key)
+        for prefix in (f"/releases/{name}/", f"/confighistory/{name}/"):
+            items, _ = await self.store.list(prefix)
+            for kv in items:
+                await self.store.delete(kv.key)
+        await self.store.delete(f"/config/{name}")
         await self.store.delete(f"/apps/{name}")
 
     async def commit_release(
@@ -201,6 +214,25 @@ class Resources:
         lease = await self.store.grant_lease(node.ttl_s)
         await self.store.put(f"/nodes/{node.name}", _enc(node), lease=lease)
         return node
+
+    # config
+    async def get_config(self, app: str) -> tuple[ConfigState, int]:
+        """The app's config and its store revision (0 when nothing was ever set)."""
+        got = await self._get(f"/config/{app}", ConfigState)
+        return got if got is not None else (ConfigState(app=app), 0)
+
+    async def commit_config(self, state: ConfigState, rev: int, change: ConfigChange) -> None:
+        """The new config and its history entry in one transaction; Conflict if it moved on."""
+        await self.store.txn_put_many(
+            [
+                (f"/config/{state.app}", _enc(state), rev),
+                (f"/confighistory/{state.app}/{change.version:08d}", _enc(change), 0),
+            ]
+        )
+
+    async def config_history(self, app: str) -> list[ConfigChange]:
+        items, _ = await self._list(f"/confighistory/{app}/", ConfigChange)
+        return items
 
     # tokens
     async def get_token(self, digest: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ import httpx
 from fastapi import Request
 
 from osless.api.resources import Resources
+from osless.api.secrets import SecretBox
 from osless.build import Builder, ImageStore
 
 __all__ = ["ApiState", "get_state"]
@@ -22,6 +23,7 @@ class ApiState:
     builder: Builder
     data_dir: Path
     gateway_url: str
+    secrets: SecretBox
     max_upload_bytes: int = 100 * 1024 * 1024
     max_body_bytes: int = 6 * 1024 * 1024
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))

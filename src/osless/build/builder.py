@@ -120,6 +120,7 @@ class Builder:
             "web": app["web"],
             "volumes": app.get("volumes") or {},
             "egress": app.get("egress") or [],
+            "config": app.get("config") or {},
         }
         # No timestamp: the image digest must depend on the content alone.
         try:

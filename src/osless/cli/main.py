@@ -13,6 +13,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
+from osless.cli.config import config_app
+from osless.cli.credentials import call, client
 from osless.cli.output import console, fail, print_json, table, when
 from osless.client import Api, ApiError
 
@@ -27,25 +29,6 @@ DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".loc
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _client() -> Api:
-    api, token = os.environ.get("OSLESS_API"), os.environ.get("OSLESS_TOKEN")
-    if not (api and token):
-        from osless.cli.config import load_credentials
-
-        saved = load_credentials()
-        api, token = api or saved.get("api"), token or saved.get("token")
-    if not (api and token):
-        fail("no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN")
-    return Api(api, token)
-
-
-def _call(fn: Any, *args: Any, **kw: Any) -> Any:
-    try:
-        return fn(*args, **kw)
-    except ApiError as e:
-        fail(e.message)
-
-
 @app.command()
 def up(
     data_dir: Annotated[Path, typer.Option(help="Where state, images and logs live.")] = DEFAULT_DATA_DIR,
@@ -57,6 +40,12 @@ def up(
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
     node_name: Annotated[str | None, typer.Option(help="This node's name (default: the host name).")] = None,
+    secret_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The key that encrypts secrets (default: DATA_DIR/secret.key; or set OSLESS_SECRET_KEY)."
+        ),
+    ] = None,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
@@ -69,6 +58,7 @@ def up(
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
     if node_name:
         cfg.node_name = node_name
+    cfg.secret_key_file = secret_key_file
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
@@ -83,10 +73,10 @@ def up(
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
-    client = Api(api_url, token)
+    api = Api(api_url, token)
     for path in paths:
         try:
-            _deploy(client, path, None, quiet=True, json_out=False, wait=True)
+            _deploy(api, path, None, quiet=True, json_out=False, wait=True)
         except (ApiError, typer.Exit, SystemExit) as e:
             console.print(f"[red]demo deploy of {path} failed[/]: {getattr(e, 'message', e)}")
 
@@ -99,10 +89,10 @@ def deploy_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Upload PATH, build it on the platform and roll it out; streams the build output."""
-    _deploy(_client(), path, name, quiet=json_out, json_out=json_out, wait=not detach)
+    _deploy(client(), path, name, quiet=json_out, json_out=json_out, wait=not detach)
 
 
-def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out: bool, wait: bool) -> None:
+def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bool, wait: bool) -> None:
     from osless.build.source import SourceError, pack
 
     if not path.is_dir():
@@ -112,8 +102,8 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
     except SourceError as e:
         fail(str(e))
     started = time.monotonic()
-    deploy = _call(
-        client.post,
+    deploy = call(
+        api.post,
         "/v1/deploys",
         params={"app": name} if name else None,
         content=archive,
@@ -125,7 +115,7 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
         spinner="dots",
     ) as status:
         try:
-            for rec in client.stream(f"/v1/deploys/{deploy['id']}/log", follow="true"):
+            for rec in api.stream(f"/v1/deploys/{deploy['id']}/log", follow="true"):
                 if "deploy" in rec:
                     final = rec["deploy"]
                     continue
@@ -145,27 +135,27 @@ def _deploy(client: Api, path: Path, name: str | None, *, quiet: bool, json_out:
         app_name, version = final["app"], final["release"]
         if wait:
             status.update(f"Starting {app_name} v{version}")
-            _wait_ready(client, app_name, version)
+            _wait_ready(api, app_name, version)
     if json_out:
         print_json(final)
         return
-    gateway = _gateway(client)
+    gateway = _gateway(api)
     elapsed = time.monotonic() - started
     console.print(
         f"[green]Deployed {app_name} v{version}[/] in {elapsed:.1f}s  image sha256:{final['image'][:12]}"
         + ("  (dependencies cached)" if final.get("deps_cached") else "")
     )
-    release = _call(client.get, f"/v1/apps/{app_name}/releases/{version}")
+    release = call(api.get, f"/v1/apps/{app_name}/releases/{version}")
     if release["manifest"].get("web"):
         console.print(f"  web:       {gateway}/{app_name}/")
     for fn in release["manifest"].get("functions") or {}:
         console.print(f"  function:  osless invoke {app_name}.{fn} '{{}}'")
 
 
-def _wait_ready(client: Api, app_name: str, version: int, timeout: float = 120.0) -> None:
+def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = _call(client.get, f"/v1/apps/{app_name}")
+        info = call(api.get, f"/v1/apps/{app_name}")
         if info.get("min", 1) == 0:
             return
         mine = [i for i in info["instances"] if i["release"] == version]
@@ -184,14 +174,21 @@ def _wait_ready(client: Api, app_name: str, version: int, timeout: float = 120.0
     )
 
 
-def _gateway(client: Api) -> str:
-    return str(_call(client.get, "/v1/status").get("gateway", ""))
+def _gateway(api: Api) -> str:
+    return str(call(api.get, "/v1/status").get("gateway", ""))
 
 
-@app.command()
-def apps(json_out: JsonOpt = False) -> None:
+apps_app = typer.Typer(help="List apps, or show one.")
+app.add_typer(apps_app, name="apps")
+app.add_typer(config_app, name="config")
+
+
+@apps_app.callback(invoke_without_command=True)
+def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """List apps."""
-    items = _call(_client().get, "/v1/apps")["items"]
+    if ctx.invoked_subcommand is not None:
+        return
+    items = call(client().get, "/v1/apps")["items"]
     if json_out:
         print_json(items)
         return
@@ -210,12 +207,34 @@ def apps(json_out: JsonOpt = False) -> None:
     )
 
 
+@apps_app.command("show")
+def apps_show(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt = False) -> None:
+    """One app: its release, instances, URLs, and which apps it calls and is called by."""
+    api = client()
+    info = call(api.get, f"/v1/apps/{app_name}")
+    ends = call(api.get, f"/v1/apps/{app_name}/endpoints")
+    if json_out:
+        print_json({**info, "endpoints": ends})
+        return
+    release = info.get("release") or {}
+    console.print(
+        f"[bold]{app_name}[/]  release v{info['current_release'] or '-'}  "
+        f"image {str(release.get('image', '-'))[:12]}  min {info['min']} max {info['max']}"
+    )
+    ready = len(ends["instances"])
+    console.print(f"  web:         {ends['url']}   (from other apps: {ends['internal_url']})")
+    console.print(f"  instances:   {ready} ready of {len(info['instances'])}")
+    for label, edges in (("calls", info.get("calls") or {}), ("called by", info.get("called_by") or {})):
+        text = ", ".join(f"{name} ({n})" for name, n in sorted(edges.items())) or "-"
+        console.print(f"  {label + ':':<12} {text}", highlight=False, markup=False)
+
+
 @app.command()
 def releases(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt = False) -> None:
     """An app's release history, newest first."""
-    client = _client()
-    current = _call(client.get, f"/v1/apps/{app_name}")["current_release"]
-    items = sorted(_call(client.get, f"/v1/apps/{app_name}/releases")["items"], key=lambda r: -r["version"])
+    api = client()
+    current = call(api.get, f"/v1/apps/{app_name}")["current_release"]
+    items = sorted(call(api.get, f"/v1/apps/{app_name}/releases")["items"], key=lambda r: -r["version"])
     if json_out:
         print_json(items)
         return
@@ -239,10 +258,10 @@ def ps(
     app_name: Annotated[str | None, typer.Argument(metavar="[APP]")] = None, json_out: JsonOpt = False
 ) -> None:
     """Instances and their state; the last exit says why an instance stopped."""
-    client = _client()
-    items = _call(client.get, "/v1/instances", **({"app": app_name} if app_name else {}))["items"]
+    api = client()
+    items = call(api.get, "/v1/instances", **({"app": app_name} if app_name else {}))["items"]
     if app_name and not items:
-        _call(client.get, f"/v1/apps/{app_name}")  # an unknown app is an error, not an empty table
+        call(api.get, f"/v1/apps/{app_name}")  # an unknown app is an error, not an empty table
     if json_out:
         print_json(items)
         return
@@ -280,7 +299,7 @@ def invoke(
     except ValueError as e:
         fail(f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'')
     try:
-        result = _client().post(
+        result = client().post(
             f"/v1/apps/{app_name}/functions/{function}:invoke",
             content=raw.encode(),
             headers={"content-type": "application/json"},
@@ -303,7 +322,7 @@ def logs(
 ) -> None:
     """An app's logs (stdout, stderr and platform events of every instance)."""
     try:
-        for rec in _client().stream(
+        for rec in client().stream(
             f"/v1/apps/{app_name}/logs", tail=tail, follow=str(follow).lower(), instance=instance
         ):
             if json_out:
@@ -328,7 +347,7 @@ def rollback(
     json_out: JsonOpt = False,
 ) -> None:
     """Release an earlier image again, as a new release."""
-    release = _call(_client().post, f"/v1/apps/{app_name}/rollback", {"to": to})
+    release = call(client().post, f"/v1/apps/{app_name}/rollback", {"to": to})
     if json_out:
         print_json(release)
         return
@@ -343,7 +362,7 @@ def scale(
     json_out: JsonOpt = False,
 ) -> None:
     """Set an app's instance bounds."""
-    result = _call(_client().put, f"/v1/apps/{app_name}/scale", {"min": min_, "max": max_})
+    result = call(client().put, f"/v1/apps/{app_name}/scale", {"min": min_, "max": max_})
     if json_out:
         print_json(result)
         return
@@ -373,7 +392,7 @@ def doctor(json_out: JsonOpt = False) -> None:
 @app.command()
 def status(json_out: JsonOpt = False) -> None:
     """The platform at a glance."""
-    st = _call(_client().get, "/v1/status")
+    st = call(client().get, "/v1/status")
     if json_out:
         print_json(st)
         return

@@ -25,7 +25,7 @@ from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
 from osless.node.egress import EgressProxy
 from osless.node.isolation import app_socket_dir, app_uid, sandbox_spec
-from osless.node.spawn import RootZygote, Zygote
+from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 
 __all__ = ["NodeAgent", "run_dir_for"]
@@ -74,7 +74,8 @@ class NodeAgent:
         missing = {p.name for p in self.protections if not p.ok}
         # `osless up` has warned about each missing protection already.
         self.sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
-        found = Cgroups.detect()
+        # Scoped by data dir: other agents (other data dirs) on this host keep their groups.
+        found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.egress = (
             EgressProxy(gateway=gateway, log=self._egress_log) if self.sandboxed and gateway else None
@@ -85,6 +86,11 @@ class NodeAgent:
         self.informer = Informer(
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
         )
+        self.configs: dict[str, dict[str, Any]] = {}  # app -> {"values", "version", "token"}
+        self._config_versions = Informer(
+            api, "/v1/config", key=lambda o: str(o["app"]), on_change=self._config_changed
+        )
+        self._config_lock = asyncio.Lock()
 
     async def _changed(self) -> None:
         self._wake.set()
@@ -94,7 +100,11 @@ class NodeAgent:
         if self.cgroups is not None:
             self.cgroups.sweep()  # groups an earlier run left behind (kill -9)
             self.cgroups.fill_pool()
-        tasks = [asyncio.create_task(self.informer.run()), asyncio.create_task(self._heartbeat())]
+        tasks = [
+            asyncio.create_task(self.informer.run()),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._config_versions.run()),
+        ]
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -111,9 +121,14 @@ class NodeAgent:
             await self.shutdown()
 
     async def _heartbeat(self) -> None:
+        reported: dict[tuple[str, str], int] = {}
         while True:
             with contextlib.suppress(ApiError):
                 await self.api.put(f"/v1/nodes/{self.name}", {"name": self.name, "ttl_s": HEARTBEAT_S * 4})
+                if self.egress is not None and dict(self.egress.calls) != reported:
+                    reported = dict(self.egress.calls)
+                    edges = [{"caller": a, "callee": b, "count": n} for (a, b), n in sorted(reported.items())]
+                    await self.api.put(f"/v1/nodes/{self.name}/calls", {"calls": edges})
             await asyncio.sleep(HEARTBEAT_S)
 
     async def reconcile(self) -> None:
@@ -134,6 +149,47 @@ class NodeAgent:
         await self._retire_zygotes()
         if self.cgroups is not None:
             self.cgroups.fill_pool()
+
+    async def app_config(self, app: str, refresh: bool = False) -> dict[str, Any]:
+        """The app's config in clear and its token, as the API gives them to this node only."""
+        if refresh or app not in self.configs:
+            self.configs[app] = await self.api.get(f"/v1/nodes/{self.name}/apps/{app}/config")
+        return self.configs[app]
+
+    async def _config_changed(self) -> None:
+        self._background(self._push_configs())
+
+    async def _push_configs(self) -> None:
+        """Every app running here whose config moved on gets the new one, live."""
+        async with self._config_lock:  # one push at a time, so versions arrive in order
+            for app, seen in list(self._config_versions.items.items()):
+                running = [z for z in self.zygotes.values() if z.app == app and not z.closed]
+                have = self.configs.get(app, {}).get("version")
+                if not running or have == seen["version"]:
+                    continue
+                try:
+                    await self._push_config(app, running)
+                except (ApiError, ZygoteFailed, TimeoutError) as e:
+                    log.warning("config v%s of %s not pushed: %s", seen["version"], app, e)
+
+    async def _push_config(self, app: str, zygotes: list[Zygote]) -> None:
+        old = dict(self.configs.get(app, {}).get("values") or {})
+        cfg = await self.app_config(app, refresh=True)
+        changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
+        for zyg in zygotes:
+            schema = self._manifest(zyg.image).get("config") or {}
+            if any(schema.get(k, {}).get("restart") for k in changed):
+                await self._roll(zyg, cfg)  # read once at start: a new zygote, instances one by one
+            else:
+                await zyg.configure(cfg["values"], cfg["version"])
+
+    async def _roll(self, old: Zygote, cfg: dict[str, Any]) -> None:
+        new = await self._new_zygote(old.image)
+        self.zygotes[old.image] = new
+        for sup in [s for s in self.supervisors.values() if s.image == old.image]:
+            await sup.restart()  # it forks from `new` now; one at a time, each ready before the next
+        await old.stop()
+        old.log.close()
 
     def _supervisor(self, obj: dict[str, Any]) -> Supervisor:
         return Supervisor(
@@ -186,6 +242,11 @@ class NodeAgent:
         return max(sizes, default=256)
 
     async def _start_zygote(self, image: str) -> Zygote:
+        zyg = await self._new_zygote(image)
+        self.zygotes[image] = zyg
+        return zyg
+
+    async def _new_zygote(self, image: str) -> Zygote:
         if not self.root.running:  # it died: start it again before anything else
             await self.root.start()
         manifest = self._manifest(image)
@@ -206,10 +267,13 @@ class NodeAgent:
                 run_dir=self.run_dir,
                 egress_socket=egress_socket,
             ).to_json()
+        cfg = await self.app_config(app, refresh=True)
         zyg = Zygote(
             image=image,
             app=app,
             sandbox=spec,
+            config={"values": cfg["values"], "version": cfg["version"]},
+            instance_env={"OSLESS_TOKEN": cfg["token"]},  # its only credential: scoped to its own app
             code_dir=layers / manifest["layers"]["code"],
             deps_dir=layers / manifest["layers"]["deps"],
             entry=manifest["entry"],
@@ -218,7 +282,6 @@ class NodeAgent:
             ),
         )
         await zyg.start(self.root)
-        self.zygotes[image] = zyg
         return zyg
 
     def _egress_log(self, app: str, message: str) -> None:
@@ -257,3 +320,5 @@ class NodeAgent:
         if self.egress is not None:
             await self.egress.close()
         await self.root.stop()
+        if self.cgroups is not None:
+            self.cgroups.close()

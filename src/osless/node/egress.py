@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,7 @@ class EgressProxy:
         # Off in production: an app that lists 127.0.0.1 must still not reach the platform's API.
         # Tests turn it on, to let a local server stand in for a host on the internet.
         self.allow_internal = allow_internal
+        self.calls: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> requests: who calls whom
         self._apps: dict[str, _Served] = {}
 
     async def add_app(self, app: str, socket_path: Path, allowed: list[str]) -> None:
@@ -446,6 +448,7 @@ class EgressProxy:
                 await self._fail(writer, app, where, e)
                 return
             self.log(app, f"egress to {where}")
+            self.calls[(app, target)] += 1
             head = _forward_head(request, origin, f"{target}.{GATEWAY_DOMAIN}")
             await self._tunnel(reader, writer, upstream, head, forward=True)
             return

@@ -206,6 +206,8 @@ class Zygote:
     entry: str
     log: LogWriter
     sandbox: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None  # {"values": ..., "version": N}
+    instance_env: dict[str, str] = field(default_factory=dict)  # for every instance: its app token
     pid: int = 0
     closed: bool = False
     _channel: _Channel | None = None
@@ -213,6 +215,7 @@ class Zygote:
     _forks: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     _started: asyncio.Future[dict[str, Any]] | None = None
     _last_error: list[str] = field(default_factory=list)
+    _configured: dict[int, asyncio.Future[int]] = field(default_factory=dict)
 
     async def start(self, root: RootZygote) -> None:
         loop = asyncio.get_running_loop()
@@ -228,6 +231,7 @@ class Zygote:
             "deps": str(self.deps_dir),
             "entry": self.entry,
             "sandbox": self.sandbox,
+            "config": self.config,  # applied before the app's import: module-level reads see it
         }
         try:
             self.pid = await root.spawn(
@@ -277,6 +281,10 @@ class Zygote:
                 child.pid, child.pid_is_real = sender, True  # the zygote only knows the sandbox's numbering
             if not child.ready.done():
                 child.ready.set_result(None)
+        elif op == "configured":
+            waiter = self._configured.pop(int(msg.get("version", -1)), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(int(msg.get("instances", 0)))
         elif op == "exit" and iid in self._children:
             self._ended(self._children.pop(iid), ExitStatus(msg.get("code"), msg.get("signal")))
 
@@ -316,7 +324,12 @@ class Zygote:
         self._forks[instance_id] = fut
         try:
             self._channel.send(
-                {"op": "fork", "id": instance_id, "socket": str(sock_path), "env": env},
+                {
+                    "op": "fork",
+                    "id": instance_id,
+                    "socket": str(sock_path),
+                    "env": {**self.instance_env, **env},
+                },
                 [out_w, err_w, *cgroup_fds],
             )
         except (OSError, ZygoteFailed) as e:
@@ -339,6 +352,19 @@ class Zygote:
         if not child.pid_is_real:  # `ready` may have come in the same read and told the real pid
             child.pid, child.pid_is_real = inner, self.sandbox is None
         return child
+
+    async def configure(self, values: dict[str, Any], version: int, timeout: float = 10.0) -> int:
+        """Push a config to the zygote and, through it, to its instances; returns how many got it."""
+        if self.closed or self._channel is None:
+            raise ZygoteFailed("the zygote is not running")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._configured[version] = fut
+        self.config = {"values": values, "version": version}
+        try:
+            self._channel.send({"op": "config", "values": values, "version": version})
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._configured.pop(version, fut)
 
     async def stop(self) -> None:
         """Close the control socket: the zygote ends its instances, then itself."""

@@ -58,6 +58,7 @@ class Supervisor:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
+        self.image: str = instance["image"]
         status = instance.get("status") or {}
         self.status: dict[str, Any] = {
             "phase": "pending",
@@ -80,6 +81,8 @@ class Supervisor:
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._restarting = False
+        self._ready = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
@@ -95,6 +98,9 @@ class Supervisor:
             status = await self._run_once()
             if self._stopping.is_set():
                 break
+            if self._restarting:  # asked for (a config change): no backoff, not a crash
+                self._restarting = False
+                continue
             if time.monotonic() - started > HEALTHY_AFTER:
                 backoff = BACKOFF_START
             self.status["restarts"] += 1
@@ -113,7 +119,7 @@ class Supervisor:
                 self.sock_path.unlink()
             env = {"OSLESS_APP": self.app, "OSLESS_INSTANCE": self.id, "OSLESS_RELEASE": str(self.release)}
             cgroup = self._new_cgroup()
-            procs = cgroup.open_procs() if cgroup else []
+            procs = cgroup.open_join_files() if cgroup else []
             try:
                 # A new id each run: a late message about an earlier run cannot be taken for this one.
                 run_id = f"{self.id}.{self.status['restarts']}"
@@ -135,12 +141,14 @@ class Supervisor:
         try:
             await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
             await self._set(phase="ready", pid=child.pid, socket=str(self.sock_path))
+            self._ready.set()
         except ChildExited:
             pass
         except TimeoutError:
             self.log.write(f"not ready within {READY_TIMEOUT:.0f}s; killing it", "osless")
             self._kill(signal.SIGKILL)
         exited = await child.exited
+        self._ready.clear()
         self._child = None
         oom = False
         if cgroup is not None:
@@ -183,6 +191,16 @@ class Supervisor:
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+
+    async def restart(self, timeout: float = READY_TIMEOUT) -> None:
+        """Replace the running instance with a new one (from the zygote of now); back once it is ready."""
+        if self._child is None:
+            return
+        self._restarting = True
+        self._ready.clear()
+        self._kill(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""

@@ -22,8 +22,10 @@ from typing import Any, Literal, cast
 
 import uvicorn
 
+from osless.runtime import protocol
 from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
+from osless.sdk import config as app_config
 
 __all__ = ["ASGIApp", "Instance", "create_instance", "prewarm", "serve"]
 
@@ -79,7 +81,7 @@ class Instance:
                         send, 405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET")]
                     )
                     return
-                await _send_json(send, 200, {"ok": True})
+                await _send_json(send, 200, {"ok": True, "config_version": app_config.current_version()})
                 return
         if self.web is None:
             await self._no_web_app(scope, receive, send)
@@ -90,6 +92,75 @@ class Instance:
             # uvicorn would log and swallow it; honour it the way a plain Python program would.
             self.request_exit(_exit_code(e))
             raise
+
+    def watch_config(self, channel: socket.socket) -> None:
+        """Apply each config the zygote forwards on `channel`, then run the app's hooks; in the loop."""
+        channel.setblocking(False)
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._on_config, channel)
+
+    def _on_config(self, channel: socket.socket) -> None:
+        # Each message carries every value, so of a backlog only the newest matters.
+        latest: tuple[dict[str, Any], int] | None = None
+        while True:
+            try:
+                msg, fds = protocol.recv(channel)
+            except BlockingIOError:
+                break
+            except protocol.ProtocolError as e:
+                print(f"osless: ignored a bad config message: {e}", file=sys.stderr, flush=True)
+                continue
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                # Only a zygote that gave up on us closes it; it is also gone when the zygote dies, and
+                # then this instance dies with it.
+                asyncio.get_running_loop().remove_reader(channel.fileno())
+                channel.close()
+                print(
+                    "osless: config channel closed: no further config changes reach this instance",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+            values, version = msg.get("values"), msg.get("version")
+            if msg.get("op") != "config" or not isinstance(values, dict) or not isinstance(version, int):
+                print(
+                    f"osless: ignored a config message of op {msg.get('op')!r}", file=sys.stderr, flush=True
+                )
+                continue
+            latest = values, version
+        if latest is not None:
+            changed = app_config.apply(*latest)
+            if changed:
+                self._run_hooks(changed)
+
+    def _run_hooks(self, changed: dict[str, Any]) -> None:
+        for hook in self.app.config_hooks:
+            # Sync hooks run right here in the loop (they should be quick); async ones as tasks.
+            try:
+                result = hook(dict(changed))  # a copy each: one hook's edits are not the next one's input
+            except SystemExit as e:
+                self.request_exit(_exit_code(e))
+                continue
+            except Exception as e:
+                _hook_failed(hook, e)
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(self._await_hook(hook, result))
+                self._pending.add(task)  # the loop holds tasks only weakly
+                task.add_done_callback(self._pending.discard)
+
+    async def _await_hook(self, hook: Callable[..., Any], awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            pass  # the instance is stopping
+        except SystemExit as e:  # caught here: out of a task, asyncio would let it stop the loop
+            self.request_exit(_exit_code(e))
+        except Exception as e:
+            _hook_failed(hook, e)
 
     def request_exit(self, code: int) -> None:
         """Stop serving gracefully; the instance process then exits with `code`."""
@@ -264,6 +335,13 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
         raise _Raised(e) from None
 
 
+def _hook_failed(hook: Callable[..., Any], e: BaseException) -> None:
+    name = getattr(hook, "__qualname__", None) or repr(hook)
+    print(f"on_config_change hook {name} failed:", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def create_instance(app: App) -> Instance:
     """Call the app's web factory (if any) once and wrap everything in an Instance."""
     web = app.web_spec.factory() if app.web_spec is not None else None
@@ -299,21 +377,43 @@ def prewarm(instance: Instance) -> None:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_listening: Callable[[], None] | None,
+        instance: Instance,
+        config_channel: socket.socket | None,
+    ) -> None:
         super().__init__(config)
         self._on_listening = on_listening
+        self._instance = instance
+        self._config_channel = config_channel
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # startup() returns once lifespan startup is done and the socket is bound and listening.
         await super().startup(sockets=sockets)
-        if self.started and self._on_listening is not None:
+        if not self.started:
+            return
+        # After the app's lifespan startup, so no hook runs before the app is set up; changes sent
+        # meanwhile wait in the channel.
+        if self._config_channel is not None:
+            self._instance.watch_config(self._config_channel)
+        if self._on_listening is not None:
             self._on_listening()
 
 
-def serve(instance: Instance, socket_path: str, on_listening: Callable[[], None] | None = None) -> int:
-    """Serve `instance` on the unix socket until told to stop; returns the process exit code."""
+def serve(
+    instance: Instance,
+    socket_path: str,
+    on_listening: Callable[[], None] | None = None,
+    config_channel: socket.socket | None = None,
+) -> int:
+    """Serve `instance` on the unix socket until told to stop; returns the process exit code.
+
+    `config_channel` is the instance's end of its zygote's config channel (see `Instance.watch_config`).
+    """
     _log_to_stderr()
-    server = _Server(_config(instance, socket_path), on_listening)
+    server = _Server(_config(instance, socket_path), on_listening, instance, config_channel)
     instance.server = server
     server.run()
     return instance.exit_code or 0

@@ -1,7 +1,9 @@
 """The zygote: import an app once, then fork a warm instance for each `fork` request.
 
 Run by the node agent as `python -s -m osless.runtime.zygote --code DIR [--deps DIR] --entry MOD
---control-fd N`, N being its end of a SOCK_SEQPACKET socketpair (see `runtime.protocol`).
+--control-fd N [--config JSON]`, N being its end of a SOCK_SEQPACKET socketpair (see `runtime.protocol`).
+A release zygote keeps the app's config current (`config` messages) and forwards each change to its
+instances over one SOCK_SEQPACKET channel per instance.
 Single-threaded on purpose: fork() copies only the calling thread, so a zygote with threads could
 hand its children locks held by threads that no longer exist.
 """
@@ -12,6 +14,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import selectors
 import signal
@@ -25,8 +28,9 @@ from typing import Any, NoReturn
 from osless.runtime import protocol, sandbox, seccomp
 from osless.runtime.instance import Instance, create_instance, prewarm, serve
 from osless.runtime.loader import load_app
+from osless.sdk import config as app_config
 
-__all__ = ["Zygote", "main", "serve_release", "set_parent_death_signal"]
+__all__ = ["Zygote", "check_config", "main", "serve_release", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 # How long instances get to stop on SIGTERM before SIGKILL, when the zygote itself is told to stop.
@@ -48,6 +52,11 @@ class Zygote:
         self.control = control
         self.instance = instance
         self.children: dict[int, Any] = {}  # pid -> instance id
+        # pid -> the zygote's end of the instance's config channel, and the pids whose channel was full
+        # at the last change: they get the latest values once it drains.
+        self.channels: dict[int, socket.socket] = {}
+        self.behind: set[int] = set()
+        self.last_config = b""  # the last `config` message, encoded once for every instance
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -60,15 +69,17 @@ class Zygote:
         signal.signal(signal.SIGCHLD, _noop)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        self.selector.register(self.control, selectors.EVENT_READ)
-        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         while not self.stopping:
             for key, _ in self.selector.select():
-                if key.fileobj is self.control:
+                if key.data == "control":
                     self._on_control()
-                else:
+                elif key.data == "wakeup":
                     self._drain_wakeup()
                     self._reap()
+                else:
+                    self._catch_up(key.data)
         self._shutdown()
 
     def _stop(self, signum: int, frame: Any) -> None:
@@ -87,6 +98,9 @@ class Zygote:
             return
         if msg.get("op") == "fork" and self.instance is not None:
             self._fork(msg, fds)
+        elif msg.get("op") == "config" and self.instance is not None:
+            _close_all(fds)
+            self._configure(msg)
         elif msg.get("op") == "spawn" and self.instance is None:
             self._spawn(msg, fds)
         else:
@@ -110,22 +124,93 @@ class Zygote:
         # Anything still buffered would otherwise be written twice, once by each process.
         _flush_stdio()
         zygote_pid = os.getpid()
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            _close_all(fds)
+            self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
+            return
         # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
         order_r, order_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as e:
             _close_all([*fds, order_r, order_w])
+            ours.close()
+            theirs.close()
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
             return
         if pid == 0:
             os.close(order_w)
-            self._child(zygote_pid, iid, path, env, fds, order_r)
+            ours.close()
+            self._child(zygote_pid, iid, path, env, fds, order_r, theirs)
         os.close(order_r)
         _close_all(fds)
+        theirs.close()
+        ours.setblocking(False)  # a stuck instance must never stall the zygote
         self.children[pid] = iid
+        self.channels[pid] = ours
         self._send({"op": "forked", "id": iid, "pid": pid})
         os.close(order_w)
+
+    def _configure(self, msg: dict[str, Any]) -> None:
+        """Release zygote: keep the new values (later forks inherit them) and pass them to each instance."""
+        try:
+            values, version = check_config(msg)
+        except ValueError as e:
+            self._send({"op": "error", "id": msg.get("id"), "error": str(e)})
+            return
+        # Encoded once, as protocol.send would, rather than once per instance: it is the same packet.
+        data = json.dumps(
+            {"op": "config", "values": values, "version": version}, separators=(",", ":")
+        ).encode()
+        if len(data) > protocol.MAX_PACKET:
+            error = f"config of {len(data)} bytes exceeds the {protocol.MAX_PACKET}-byte packet limit"
+            self._send({"op": "error", "id": msg.get("id"), "error": error})
+            return
+        app_config.apply(values, version)
+        self.last_config = data
+        delivered = 0
+        for pid in list(self.channels):
+            delivered += self._push(pid)
+        self._send({"op": "configured", "version": version, "instances": delivered})
+
+    def _push(self, pid: int) -> int:
+        """Send the latest config to one instance: 1 if it went, 0 if it waits or the channel is gone."""
+        channel = self.channels[pid]
+        try:
+            channel.send(self.last_config)  # one packet, all or nothing
+        except BlockingIOError:
+            # Its queue is full (an instance whose loop is busy): each message carries every value, so
+            # sending only the latest once it drains loses nothing.
+            if pid not in self.behind:
+                self.behind.add(pid)
+                self.selector.register(channel, selectors.EVENT_WRITE, pid)
+            return 0
+        except OSError as e:  # the instance is gone or going; its exit is reported when it is reaped
+            print(
+                f"instance {self.children.get(pid)!r} (pid {pid}) left the config channel: {e}",
+                file=sys.stderr,
+            )
+            self._drop_channel(pid)
+            return 0
+        if pid in self.behind:
+            self.behind.discard(pid)
+            self.selector.unregister(channel)
+        return 1
+
+    def _catch_up(self, pid: int) -> None:
+        if pid in self.channels:
+            self._push(pid)
+
+    def _drop_channel(self, pid: int) -> None:
+        channel = self.channels.pop(pid, None)
+        if channel is None:
+            return
+        if pid in self.behind:
+            self.behind.discard(pid)
+            self.selector.unregister(channel)
+        channel.close()
 
     def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
         """Root zygote: fork a release zygote, in a sandbox when the request carries one."""
@@ -136,6 +221,14 @@ class Zygote:
                 {"op": "error", "id": sid, "error": "spawn needs code, entry and 3 fds (control, out, err)"}
             )
             return
+        config = msg.get("config")
+        if config is not None:
+            try:
+                check_config(config)
+            except ValueError as e:
+                _close_all(fds)
+                self._send({"op": "error", "id": sid, "error": f"bad spawn config: {e}"})
+                return
         try:
             spec = sandbox.SandboxSpec.from_json(msg["sandbox"]) if msg.get("sandbox") else None
         except (TypeError, ValueError) as e:
@@ -146,7 +239,7 @@ class Zygote:
         control_fd, out, err = fds
 
         def become_release_zygote() -> NoReturn:
-            serve_release(socket.socket(fileno=control_fd), code, deps, entry)
+            serve_release(socket.socket(fileno=control_fd), code, deps, entry, config)
 
         def detach() -> None:
             """In the new process: leave the root's loop, write to the release's log."""
@@ -175,7 +268,14 @@ class Zygote:
         self._send({"op": "spawned", "id": sid, "pid": pid})
 
     def _child(
-        self, zygote_pid: int, iid: Any, path: str, env: dict[str, str], fds: list[int], order_r: int
+        self,
+        zygote_pid: int,
+        iid: Any,
+        path: str,
+        env: dict[str, str],
+        fds: list[int],
+        order_r: int,
+        channel: socket.socket,
     ) -> NoReturn:
         code = 1
         try:
@@ -188,7 +288,9 @@ class Zygote:
             self._become_instance(fds[:2], env)
             self._remove_stale_socket(path)
             assert self.instance is not None
-            code = serve(self.instance, path, lambda: self._report_ready(iid, order_r))
+            code = serve(
+                self.instance, path, lambda: self._report_ready(iid, order_r), config_channel=channel
+            )
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
@@ -207,6 +309,11 @@ class Zygote:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        # The other instances' channels are the zygote's to write, not this child's.
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        self.behind.clear()
         if close_control:
             self.control.close()
 
@@ -225,9 +332,13 @@ class Zygote:
 
     @staticmethod
     def _join_cgroups(fds: list[int]) -> None:
-        """Join the instance's cgroups through files the agent opened, before any app code runs."""
+        """Join the instance's cgroups through files the agent opened, before any app code runs.
+
+        "0" means the writer itself; on cgroup v1 the files are `tasks`, where a thread moving
+        itself skips the kernel's global lock (see `node.cgroups`). Still single-threaded here.
+        """
         for fd in fds:
-            os.write(fd, str(os.getpid()).encode())  # our pid as this pid namespace sees it
+            os.write(fd, b"0")
             os.close(fd)
 
     @staticmethod
@@ -265,6 +376,7 @@ class Zygote:
             if pid not in self.children:
                 continue  # an orphan reparented to us (we are pid 1 in a sandbox), or the forwarder
             iid = self.children.pop(pid)
+            self._drop_channel(pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             self._send({"op": "exit", "id": iid, "pid": pid, "code": code, "signal": sig})
@@ -275,6 +387,9 @@ class Zygote:
             protocol.send(self.control, msg)
 
     def _shutdown(self) -> NoReturn:
+        for pid in list(self.behind):  # a writable channel would turn the waits below into a busy loop
+            self.behind.discard(pid)
+            self.selector.unregister(self.channels[pid])
         for pid in list(self.children):
             _kill(pid, signal.SIGTERM, group=False)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -321,9 +436,26 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def serve_release(control: socket.socket, code: str, deps: str | None, entry: str) -> NoReturn:
-    """Import the app once, say `ready` (or `failed`), then fork instances on request forever."""
+def check_config(obj: object) -> tuple[dict[str, Any], int]:
+    """(values, version) of a `{"values": {...}, "version": N}` object; ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f'config must be {{"values": {{...}}, "version": N}}, got {type(obj).__name__}')
+    values, version = obj.get("values"), obj.get("version")
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ValueError("config values must be an object of key names to values")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError("config version must be an integer >= 0")
+    return values, version
+
+
+def serve_release(
+    control: socket.socket, code: str, deps: str | None, entry: str, config: object = None
+) -> NoReturn:
+    """Apply the initial config, import the app once, say `ready` (or `failed`), then fork instances."""
     try:
+        if config is not None:
+            # Before the import, so that module-level reads of the settings see the values.
+            app_config.apply(*check_config(config))
         instance = create_instance(load_app(code, deps, entry))
         prewarm(instance)
     except BaseException:
@@ -354,9 +486,18 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--deps", help="the dependency layer")
     parser.add_argument("--entry", help="module defining the App")
     parser.add_argument("--control-fd", type=int, required=True, help="our end of the SEQPACKET socketpair")
+    parser.add_argument(
+        "--config",
+        help='initial config, {"values": {...}, "version": N}; any user can read a command line, so the '
+        "agent sends secrets in its spawn request instead",
+    )
     args = parser.parse_args(argv)
     if not args.root and not (args.code and args.entry):
         parser.error("--code and --entry are required unless --root is given")
+    try:
+        config = json.loads(args.config) if args.config is not None else None
+    except ValueError as e:
+        parser.error(f"--config is not JSON: {e}")
 
     parent = os.getppid()
     set_parent_death_signal(signal.SIGKILL)
@@ -369,7 +510,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         gc.freeze()
         protocol.send(control, {"op": "ready", "pid": os.getpid()})
         Zygote(control, None).run()
-    serve_release(control, args.code, args.deps, args.entry)
+    serve_release(control, args.code, args.deps, args.entry, config)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from osless.sdk.app import App, FunctionSpec, WebSpec
+from osless.sdk.config import JSON, Field, Secret, Settings
 from osless.sdk.context import Context
-from osless.sdk.errors import OslessError, UsageError
+from osless.sdk.errors import ConfigError, OslessError, UsageError
+from osless.sdk.service import Service, service
 
-__all__ = ["App", "Context", "FunctionSpec", "OslessError", "UsageError", "WebSpec"]
+__all__ = [
+    "JSON",
+    "App",
+    "ConfigError",
+    "Context",
+    "Field",
+    "FunctionSpec",
+    "OslessError",
+    "Secret",
+    "Service",
+    "Settings",
+    "UsageError",
+    "WebSpec",
+    "service",
+]

@@ -6,13 +6,17 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
+from osless.sdk.config import Field, Settings, check_fields
 from osless.sdk.errors import UsageError
 
-__all__ = ["App", "FunctionSpec", "WebSpec"]
+__all__ = ["App", "ConfigHook", "FunctionSpec", "WebSpec"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Called with {key: new value} after each change; sync or async.
+ConfigHook = Callable[[dict[str, Any]], Any]
+H = TypeVar("H", bound=ConfigHook)
 
 # App names become URL path segments and host labels, so they follow DNS label rules.
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$|^[a-z]$")
@@ -60,6 +64,8 @@ class App:
     egress: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
+    settings: Settings | None = field(default=None, init=False, repr=False)
+    config_hooks: list[ConfigHook] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
@@ -143,6 +149,36 @@ class App:
 
         return register
 
+    def config(self, **fields: type[Any] | Field) -> Settings:
+        """Declare what the app can be told, once: `settings = app.config(greeting=str, n=osless.Field(int))`.
+
+        Each value is a type (str, int, float, bool, osless.JSON, osless.Secret) or an osless.Field;
+        `settings.greeting` then reads the current value.
+        """
+        if self.settings is not None:
+            raise UsageError(
+                f"app {self.name!r} already declared its config; declare all keys in one app.config(...) call"
+            )
+        self.settings = Settings(self.name, check_fields(self.name, fields))
+        return self.settings
+
+    @overload
+    def on_config_change(self, fn: H, /) -> H: ...
+
+    @overload
+    def on_config_change(self, fn: None = None, /) -> Callable[[H], H]: ...
+
+    def on_config_change(self, fn: H | None = None, /) -> H | Callable[[H], H]:
+        """Register `hook(changed)`, called in each instance after a change with {key: new value}."""
+
+        def register(hook: H) -> H:
+            if not callable(hook):
+                raise UsageError(f"@app.on_config_change decorates a function, not {type(hook).__name__}")
+            self.config_hooks.append(hook)
+            return hook
+
+        return register if fn is None else register(fn)
+
     def manifest(self) -> dict[str, Any]:
         """What the platform needs to know without running the app: names and resources."""
         return {
@@ -151,6 +187,7 @@ class App:
             "web": self.web_spec.manifest() if self.web_spec else None,
             "volumes": dict(sorted(self.volumes.items())),
             "egress": sorted(self.egress),
+            "config": self.settings.manifest() if self.settings is not None else {},
         }
 
 

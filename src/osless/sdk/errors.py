@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OslessError", "UsageError"]
+__all__ = ["ConfigError", "OslessError", "UsageError"]
 
 
 class OslessError(Exception):
@@ -11,3 +11,7 @@ class OslessError(Exception):
 
 class UsageError(OslessError):
     """The SDK was used wrongly; the message says how to fix it."""
+
+
+class ConfigError(OslessError):
+    """A config key the app reads has no usable value; the message says how to set it."""

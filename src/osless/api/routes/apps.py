@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -50,10 +52,62 @@ async def get_app(app: str, state: ApiState = Depends(get_state)) -> dict[str, A
     a = await res.get_app(app)
     instances, _ = await res.list_instances(app=app)
     release = await res.get_release(app, a.current_release) if a.current_release else None
+    calls, called_by = await _call_graph(state, app)
     return {
         **a.model_dump(),
         "release": release.model_dump() if release else None,
         "instances": [i.model_dump() for i in instances],
+        "calls": calls,
+        "called_by": called_by,
+    }
+
+
+async def _call_graph(state: ApiState, app: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Whom the app called and who called it, by name through the egress proxies, summed over nodes."""
+    calls: Counter[str] = Counter()
+    called_by: Counter[str] = Counter()
+    items, _ = await state.resources.store.list("/calls/")
+    for kv in items:
+        for edge in json.loads(kv.value):
+            if edge.get("caller") == app:
+                calls[str(edge.get("callee"))] += int(edge.get("count", 0))
+            if edge.get("callee") == app:
+                called_by[str(edge.get("caller"))] += int(edge.get("count", 0))
+    return dict(calls), dict(called_by)
+
+
+@router.get(
+    "/apps/{app}/endpoints",
+    summary="Where the app answers: its URLs and its ready instances "
+    "(watch=true streams the app's instance changes)",
+)
+async def endpoints(
+    app: str,
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
+) -> Any:
+    res = state.resources
+    await res.get_app(app)
+
+    def keep(ev: dict[str, Any]) -> bool:
+        return ev["object"] is None or ev["object"]["app"] == app
+
+    async def items() -> tuple[list[Any], int]:
+        found, rev = await res.list_instances(app=app)
+        return [i for i in found if i.status.phase == "ready"], rev
+
+    if watch:
+        return await list_or_watch(res, "instances", watch=True, revision=revision, items=items, keep=keep)
+    ready, rev = await items()
+    return {
+        "app": app,
+        "url": f"{state.gateway_url}/{app}/",
+        "internal_url": f"http://{app}.osless",
+        "instances": [
+            {"id": i.id, "node": i.node, "release": i.release, "socket": i.status.socket} for i in ready
+        ],
+        "revision": rev,
     }
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from osless.api.errors import ApiError
 from osless.api.models import Deploy, Release, check_app_name, now
+from osless.api.routes.config import config_misfits
 from osless.api.state import ApiState, get_state
 from osless.build import BuildError
 from osless.logs import LogWriter, follow, read_tail
@@ -69,6 +70,17 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
     try:
         result = await asyncio.to_thread(state.builder.build, archive, emit, app_name=deploy.app)
         name = str(result.manifest["app"])
+        cfg, _ = await state.resources.get_config(name)
+        refused, unset = config_misfits(result.manifest.get("config") or {}, cfg)
+        if refused:
+            raise BuildError(
+                "The stored config does not fit this release's schema, so nothing was rolled out: "
+                + "; ".join(refused)
+                + f". Fix it with `osless config set {name} KEY=VALUE` "
+                f"or `osless config unset {name} KEY`, then deploy again."
+            )
+        for problem in unset:
+            emit(f"==> Config: {problem}; set it with `osless config set {name} KEY=VALUE`")
 
         def make(version: int) -> Release:
             return Release(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
+from pydantic import BaseModel, Field
 
 from osless.api.errors import ApiError
 from osless.api.models import Instance, InstanceStatus, Node, now
@@ -95,3 +97,13 @@ async def heartbeat_node(name: str, body: Node, state: ApiState = Depends(get_st
         raise ApiError(422, "name_mismatch", f"body names node {body.name!r} but the path names {name!r}")
     body.updated_at = now()
     return await state.resources.heartbeat_node(body)
+
+
+class Calls(BaseModel):
+    calls: list[dict[str, Any]] = Field(description='[{"caller": app, "callee": app, "count": n}, ...]')
+
+
+@router.put("/nodes/{name}/calls", summary="Which apps called which through this node's egress proxy")
+async def put_calls(name: str, body: Calls, state: ApiState = Depends(get_state)) -> dict[str, int]:
+    await state.resources.store.put(f"/calls/{name}", json.dumps(body.calls).encode())
+    return {"calls": len(body.calls)}
