@@ -168,7 +168,9 @@ def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dic
         return statistics.median(rounds)
 
     idle = p99()
-    spinner = threading.Thread(target=platform.invoke, args=("hostile", "spin", {"seconds": 10, "threads": 4}))
+    spinner = threading.Thread(
+        target=platform.invoke, args=("hostile", "spin", {"seconds": 10, "threads": 4})
+    )
     spinner.start()
     time.sleep(1)
     loaded = p99()

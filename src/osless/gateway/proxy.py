@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -29,9 +29,14 @@ HOP_BY_HOP = {
     b"host",
 }
 WAIT_FOR_INSTANCE_S = 30.0
+CONNECT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
 TOKEN_CACHE_SIZE = 1024
+
+
+class _NotSent(Exception):
+    """The instance refused the connection (it is stopping, say): the request was not sent at all."""
 
 
 class Gateway:
@@ -73,17 +78,44 @@ class Gateway:
     async def _web(
         self, scope: Scope, receive: Receive, send: Send, app: str, path: str, prefix: str
     ) -> None:
-        try:
-            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
-            manifest = await self.router.manifest(backend)
-        except NoBackend as e:
-            await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
-            return
         headers = _forward_headers(scope, prefix)
         query = scope.get("query_string", b"")
         target = path + ("?" + query.decode("latin-1") if query else "")
-        timeout = float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
-        await self._proxy(backend, scope["method"], target, headers, receive, send, timeout)
+
+        async def timeout(backend: Backend) -> float | None:
+            manifest = await self.router.manifest(backend)
+            return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
+
+        await self._route(app, scope["method"], target, headers, receive, send, timeout)
+
+    async def _route(
+        self,
+        app: str,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+        timeout: Callable[[Backend], Awaitable[float | None]],
+    ) -> None:
+        """Pick an instance and proxy; one that refuses the connection is passed over for the next."""
+        refused: set[str] = set()
+        for _ in range(CONNECT_ATTEMPTS):
+            try:
+                backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
+                seconds = await timeout(backend)
+            except NoBackend as e:
+                await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
+                return
+            if seconds is None:
+                return  # `timeout` answered the request itself
+            try:
+                await self._proxy(backend, method, target, headers, receive, send, seconds)
+                return
+            except _NotSent as e:
+                refused.add(backend.id)
+                reason = str(e)
+        await _error(send, 502, "bad_gateway", f"no instance of {app!r} accepted the connection: {reason}")
 
     async def _function(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         parts = path.split("/")
@@ -96,22 +128,18 @@ class Gateway:
             )
             return
         _, _, app, function = parts
-        try:
-            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+
+        async def timeout(backend: Backend) -> float | None:
             spec = ((await self.router.manifest(backend)).get("functions") or {}).get(function)
-        except NoBackend as e:
-            await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
-            return
-        if spec is None:
-            await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
-            return
-        timeout = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S))
-        # A caller's own x-osless-deadline passes through; the instance applies the function's
-        # timeout_s itself and answers 504. The extra second covers the trip back.
+            if spec is None:
+                await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
+                return None
+            # The instance applies the function's timeout_s itself and answers 504; the extra
+            # second covers the trip back. A caller's own x-osless-deadline passes through.
+            return float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
+
         headers = [(k, v) for k, v in _forward_headers(scope, "") if k != b"authorization"]
-        await self._proxy(
-            backend, "POST", f"/__osless__/invoke/{function}", headers, receive, send, timeout + 1
-        )
+        await self._route(app, "POST", f"/__osless__/invoke/{function}", headers, receive, send, timeout)
 
     async def _proxy(
         self,
@@ -133,6 +161,8 @@ class Gateway:
             )
             try:
                 resp = await backend.client.send(req, stream=True)
+            except httpx.ConnectError as e:
+                raise _NotSent(str(e)) from e  # nothing was sent: another instance may take it
             except httpx.TimeoutException:
                 await _error(
                     send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s"

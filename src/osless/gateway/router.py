@@ -96,14 +96,17 @@ class Router:
         preferred = [b for b in all_ready if b.release == current]
         return preferred or all_ready
 
-    async def pick(self, app: str, wait_s: float) -> Backend:
-        """The ready instance with the fewest outstanding requests; waits while instances are starting."""
+    async def pick(self, app: str, wait_s: float, exclude: frozenset[str] = frozenset()) -> Backend:
+        """The ready instance with the fewest outstanding requests; waits while instances are starting.
+
+        `exclude`: instances that just refused a connection (they are stopping) are not picked again.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             if app not in self.apps.items:
                 raise NoBackend(404, "app_not_found", f"no app named {app!r} is deployed here")
-            found = self.candidates(app)
+            found = [b for b in self.candidates(app) if b.id not in exclude]
             if found:
                 least = min(b.outstanding for b in found)
                 return random.choice([b for b in found if b.outstanding == least])

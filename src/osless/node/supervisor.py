@@ -22,6 +22,7 @@ __all__ = ["Supervisor", "exit_reason"]
 log = logging.getLogger("osless.node")
 
 READY_TIMEOUT = 30.0
+DRAIN_S = 0.2  # time for the gateways to see an instance leave before it stops accepting
 KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this many
 STOP_GRACE = 5.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
@@ -198,6 +199,9 @@ class Supervisor:
             return
         self._restarting = True
         self._ready.clear()
+        # Out of the gateway's rotation first, then a graceful stop: requests in flight finish.
+        await self._set(phase="stopping")
+        await asyncio.sleep(DRAIN_S)
         self._kill(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), timeout)

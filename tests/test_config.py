@@ -1,0 +1,223 @@
+"""Configuration as an API: typed, versioned, pushed live into running instances; secrets kept secret."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.platform import Platform, copy_app
+
+APPS = Path(__file__).parent / "apps"
+SECRET = "s3cret-do-not-leak-4711"
+
+
+@pytest.fixture(scope="module")
+def configured(platform: Platform) -> dict[str, Any]:
+    return platform.deploy(APPS / "configured")
+
+
+def read(platform: Platform, app: str = "configured") -> dict[str, Any]:
+    status, body = platform.invoke(app, "read")
+    assert status == 200, body
+    return dict(body)
+
+
+def patch(platform: Platform, body: dict[str, Any], app: str = "configured") -> httpx.Response:
+    return platform.http("PATCH", f"/v1/apps/{app}/config", json=body)
+
+
+def test_set_and_read_with_types_and_defaults(platform: Platform, configured: dict[str, Any]) -> None:
+    schema = platform.cli_json("config", "schema", "configured")
+    assert schema["workers"] == {"type": "int", "default": 4, "required": False, "restart": True}
+    assert schema["db_password"] == {"type": "secret", "required": True, "restart": False}
+    platform.cli("config", "set", "configured", "ratio=0.25", "enabled=true", 'extra={"a": [1, 2]}')
+    got = read(platform)
+    assert (got["ratio"], got["enabled"], got["extra"]) == (0.25, True, {"a": [1, 2]})
+    assert got["greeting"] == "hello"  # a default, never set
+    assert platform.cli("config", "get", "configured", "ratio").stdout.strip() == "0.25"
+
+
+def test_a_running_instance_sees_a_change_without_restart(
+    platform: Platform, configured: dict[str, Any]
+) -> None:
+    before = read(platform)
+    version = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    r = patch(platform, {"set": {"greeting": "bonjour"}, "revision": version})
+    assert r.status_code == 200 and r.json()["version"] == version + 1
+    after = platform.wait_for(
+        lambda: (g := read(platform))["greeting"] == "bonjour" and g, what="the new value"
+    )
+    assert after["pid"] == before["pid"] and after["workers_at_start"] == before["workers_at_start"]
+    assert ["greeting"] in platform.invoke("configured", "hook_calls")[1]  # the hook ran, with that key
+
+
+def test_stale_revision_is_409_and_bad_values_are_422(platform: Platform, configured: dict[str, Any]) -> None:
+    version = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    assert patch(platform, {"set": {"greeting": "a"}, "revision": version}).status_code == 200
+    stale = patch(platform, {"set": {"greeting": "b"}, "revision": version})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_revision"
+    bad = patch(platform, {"set": {"max_items": "many", "enabled": "perhaps"}})
+    assert bad.status_code == 422
+    message = bad.json()["error"]["message"]
+    assert "max_items: expected an integer" in message and "enabled: expected a boolean" in message
+    unknown = patch(platform, {"set": {"colour": "red"}})
+    assert (
+        unknown.status_code == 422
+        and "colour: not in the config schema" in unknown.json()["error"]["message"]
+    )
+    r = platform.cli("config", "set", "configured", "max_items=many", check=False)
+    assert r.returncode == 1 and r.stderr.strip() == "error: max_items: expected an integer, got 'many'"
+
+
+def test_history_and_rollback(platform: Platform, configured: dict[str, Any]) -> None:
+    patch(platform, {"set": {"max_items": 11}})
+    v_eleven = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    patch(platform, {"set": {"max_items": 12}})
+    history = platform.cli_json("config", "history", "configured")
+    assert history[0]["changes"] == {"max_items": {"set": 12}} and history[0]["by"] == "admin"
+    assert history[1]["version"] == v_eleven
+    platform.cli("config", "rollback", "configured", "--to", str(v_eleven))
+    platform.wait_for(lambda: read(platform)["max_items"] == 11, what="the rolled-back value")
+    assert (
+        platform.cli_json("config", "history", "configured")[0]["description"]
+        == f"rollback to version {v_eleven}"
+    )
+
+
+def test_secrets_are_delivered_but_never_shown(platform: Platform, configured: dict[str, Any]) -> None:
+    platform.cli("config", "set", "configured", "db_password=-", input=SECRET + "\n")
+    import hashlib
+
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    platform.wait_for(
+        lambda: platform.invoke("configured", "password_digest")[1] == digest, what="the secret"
+    )
+    shown = [
+        platform.http("GET", "/v1/apps/configured/config").text,
+        platform.http("GET", "/v1/apps/configured/config/history").text,
+        platform.cli("config", "get", "configured").stdout,
+        platform.cli("config", "history", "configured").stdout,
+        platform.cli("logs", "configured", "--tail", "1000").stdout,
+        json.dumps(platform.invoke("configured", "leak_password")[1]),
+        platform.http("GET", "/v1/apps/configured").text,
+    ]
+    for text in shown:
+        assert SECRET not in text
+    assert "********" in shown[0]
+    assert SECRET.encode() not in (platform.data_dir / "state.db").read_bytes()
+    for log in (platform.data_dir / "logs").rglob("*"):
+        if log.is_file():
+            assert SECRET.encode() not in log.read_bytes(), log
+    # the admin token cannot read it in clear either: only a node agent's token can
+    r = platform.http("GET", "/v1/nodes/anything/apps/configured/config")
+    assert r.status_code == 403
+
+
+def test_an_app_token_opens_only_its_own_app(platform: Platform, configured: dict[str, Any]) -> None:
+    platform.deploy(APPS / "victim")
+    token = platform.invoke("configured", "token")[1]
+    assert token.startswith("osla_configured_")
+    own = httpx.get(f"{platform.api}/v1/apps/configured/config", headers={"authorization": f"Bearer {token}"})
+    assert own.status_code == 200 and SECRET not in own.text
+    for path in ("/v1/apps/victim/config", "/v1/apps", "/v1/nodes/x/apps/configured/config"):
+        r = httpx.get(platform.api + path, headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 403, path
+    r = httpx.post(
+        f"{platform.api}/v1/apps/configured/functions/read:invoke",
+        headers={"authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 403
+
+
+def test_restart_fields_roll_the_instances_without_failing_requests(
+    platform: Platform, configured: dict[str, Any]
+) -> None:
+    platform.cli("scale", "configured", "--min", "2", "--max", "2")
+    platform.wait_for(
+        lambda: len([i for i in platform.instances("configured") if i["status"]["phase"] == "ready"]) == 2,
+        what="2 instances",
+    )
+    failures: list[Any] = []
+    done = threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            status, body = platform.invoke("configured", "read")
+            if status != 200:
+                failures.append(body)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        patch(platform, {"set": {"workers": 9}})
+        platform.wait_for(
+            lambda: all(read(platform)["workers_at_start"] == 9 for _ in range(6)),
+            timeout=60,
+            what="every instance restarted with workers=9",
+        )
+    finally:
+        done.set()
+        worker.join()
+        platform.cli("scale", "configured", "--min", "1", "--max", "10")
+    assert failures == []
+
+
+def test_a_deploy_whose_schema_no_longer_fits_is_refused(
+    platform: Platform, configured: dict[str, Any], tmp_path: Path
+) -> None:
+    patch(platform, {"set": {"max_items": 7}})
+    current = platform.http("GET", "/v1/apps/configured").json()["current_release"]
+    src = copy_app(APPS / "configured_v2", tmp_path / "v2")
+    r = platform.cli("deploy", str(src), check=False)
+    assert r.returncode == 1
+    assert "max_items: expected a boolean (true or false), got 7" in r.stderr
+    assert "nothing was rolled out" in r.stderr
+    assert platform.http("GET", "/v1/apps/configured").json()["current_release"] == current
+
+
+def test_apps_find_each_other_by_name(platform: Platform, configured: dict[str, Any]) -> None:
+    platform.deploy(APPS / "victim")
+    status, body = platform.invoke("configured", "call_other", {"app": "victim", "path": "/"})
+    assert (status, body) == (200, {"status": 200, "body": "fine"})
+    ends = platform.http("GET", "/v1/apps/victim/endpoints").json()
+    assert ends["internal_url"] == "http://victim.osless" and ends["url"] == f"{platform.gateway}/victim/"
+    assert len(ends["instances"]) >= 1 and ends["instances"][0]["socket"]
+
+    def shown() -> bool:
+        info = platform.cli_json("apps", "show", "configured")
+        return "victim" in (info.get("calls") or {})
+
+    platform.wait_for(shown, timeout=15, what="the call to show in `osless apps show`")
+    assert "called by:   configured" in platform.cli("apps", "show", "victim").stdout
+
+
+def test_endpoints_can_be_watched(platform: Platform, configured: dict[str, Any]) -> None:
+    listed = platform.http("GET", "/v1/apps/configured/endpoints").json()
+    events: list[dict[str, Any]] = []
+
+    def watch() -> None:
+        with httpx.stream(
+            "GET",
+            f"{platform.api}/v1/apps/configured/endpoints",
+            params={"watch": "true", "revision": listed["revision"]},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=30,
+        ) as r:
+            for line in r.iter_lines():
+                events.append(json.loads(line))
+                if events[-1].get("type") == "PUT":
+                    return
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    platform.cli("scale", "configured", "--min", "2", "--max", "10")
+    t.join(20)
+    platform.cli("scale", "configured", "--min", "1", "--max", "10")
+    assert events and events[-1]["object"]["app"] == "configured"
