@@ -22,7 +22,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 @pytest.fixture(scope="session")
 def hello(platform: Platform) -> dict[str, object]:
     """examples/hello, deployed once."""
-    return platform.deploy(EXAMPLES / "hello")
+    return platform.deploy_warm(EXAMPLES / "hello")
 
 
 @pytest.fixture
@@ -38,4 +38,4 @@ def own_platform(tmp_path: Path) -> Iterator[Platform]:
 @pytest.fixture(scope="session")
 def flask_demo(platform: Platform) -> dict[str, object]:
     """examples/flask, deployed once."""
-    return platform.deploy(EXAMPLES / "flask")
+    return platform.deploy_warm(EXAMPLES / "flask")

@@ -124,6 +124,12 @@ class Platform:
         result: dict[str, Any] = self.cli_json("deploy", str(path), *extra)
         return result
 
+    def deploy_warm(self, path: Path, *extra: str) -> dict[str, Any]:
+        """Deploy, and keep one instance up whatever the traffic: for fixtures that outlive the idle window."""
+        result = self.deploy(path, *extra)
+        self.cli("scale", str(result["app"]), "--min", "1")
+        return result
+
     def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         last = None

@@ -19,7 +19,7 @@ SECRET = "s3cret-do-not-leak-4711"
 
 @pytest.fixture(scope="module")
 def configured(platform: Platform) -> dict[str, Any]:
-    return platform.deploy(APPS / "configured")
+    return platform.deploy_warm(APPS / "configured")
 
 
 def read(platform: Platform, app: str = "configured") -> dict[str, Any]:

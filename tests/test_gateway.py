@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.platform import EXAMPLES, Platform
+from tests.platform import Platform
 
 APPS = Path(__file__).parent / "apps"
 
@@ -45,19 +45,6 @@ def test_unknown_app_is_a_json_404(platform: Platform) -> None:
     r = httpx.get(f"{platform.gateway}/no-such-app/")
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "app_not_found"
-
-
-def test_app_scaled_to_zero_answers_503(platform: Platform) -> None:
-    platform.deploy(EXAMPLES / "hello", "--name", "hello-zero")
-    platform.cli("scale", "hello-zero", "--min", "0", "--max", "1")
-    platform.wait_for(lambda: not platform.instances("hello-zero"), what="instances to stop")
-    r = httpx.get(f"{platform.gateway}/hello-zero/", timeout=40)
-    assert r.status_code == 503
-    assert r.json()["error"]["code"] == "no_instances" and r.headers["retry-after"] == "1"
-    platform.cli("scale", "hello-zero", "--min", "1", "--max", "1")
-    platform.wait_for(
-        lambda: httpx.get(f"{platform.gateway}/hello-zero/").status_code == 200, what="scale up"
-    )
 
 
 def test_function_invoke_over_the_gateway_needs_a_token(platform: Platform, hello: dict[str, object]) -> None:

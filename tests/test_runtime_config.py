@@ -68,6 +68,8 @@ def test_a_change_reaches_every_instance_without_a_restart(live: ConfigZygote) -
     pids = [i.pid for i in instances]
     for instance in instances:
         assert _health_version(instance) == 1
+        # Inherited from the zygote at the fork, not applied by the instance itself: no time.
+        assert "config_applied_at" not in instance.client.get("/__osless__/health").json()
         assert instance.invoke("read").json() == {
             "greeting": "hi",
             "n": 1,
@@ -81,11 +83,15 @@ def test_a_change_reaches_every_instance_without_a_restart(live: ConfigZygote) -
         assert shown["as_dict"]["token"] == "s3cret"
 
     started = time.perf_counter()
+    sent_at = time.time()
     values = {"greeting": "hello", "n": 1, "token": "s3cret", "not_in_schema": True}
     assert live.configure(values, 2) == {"op": "configured", "version": 2, "instances": 3}
     replied = time.perf_counter() - started
     _wait_version(instances, 2)
     everywhere = time.perf_counter() - started
+    for instance in instances:  # when each instance applied v2, for a reader that comes later
+        applied_at = instance.client.get("/__osless__/health").json()["config_applied_at"]
+        assert sent_at <= applied_at <= time.time()
     print(
         f"config push: configured after {replied * 1e3:.2f} ms, all 3 at v2 after {everywhere * 1e3:.2f} ms"
     )

@@ -23,8 +23,8 @@ APPS = Path(__file__).parent / "apps"
 
 @pytest.fixture(scope="module")
 def apps(platform: Platform) -> dict[str, Any]:
-    platform.deploy(APPS / "victim")
-    platform.deploy(APPS / "hostile")
+    platform.deploy_warm(APPS / "victim")
+    platform.deploy_warm(APPS / "hostile")
     return {"victim": platform.instances("victim")[0], "hostile": platform.instances("hostile")[0]}
 
 
@@ -213,7 +213,7 @@ def test_nothing_is_left_behind_when_an_instance_ends(platform: Platform, apps: 
     assert len(mine) == 3  # memory, cpu, pids
     sleepers = [int(p) for d in mine for p in (d / "cgroup.procs").read_text().split()]
     assert len(set(sleepers)) == 2  # the instance, and the sleep it started in a session of its own
-    platform.cli("scale", "hostile", "--min", "0", "--max", "1")
+    platform.cli("scale", "hostile", "--min", "0", "--idle", "1")  # no traffic now: to zero within a second
     platform.wait_for(lambda: not platform.instances("hostile"), what="the instance to stop")
     platform.wait_for(lambda: not any(d.exists() for d in mine), what="its cgroups to be removed")
     for pid in sleepers:
@@ -221,5 +221,5 @@ def test_nothing_is_left_behind_when_an_instance_ends(platform: Platform, apps: 
     assert cgroup_dirs() - before <= {
         d for d in cgroup_dirs() if not (d / "cgroup.procs").read_text().strip()
     }
-    platform.cli("scale", "hostile", "--min", "1", "--max", "1")
+    platform.cli("scale", "hostile", "--min", "1", "--idle", "60")
     platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to come back")

@@ -29,7 +29,7 @@ from osless.api.state import ApiState
 from osless.build import Builder, ImageStore, stop_all_builds
 from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
-from osless.controllers import Scheduler
+from osless.controllers import Autoscaler, Scheduler
 from osless.gateway import Gateway, Router
 from osless.node import NodeAgent, doctor, run_dir_for
 from osless.node.isolation import build_spec
@@ -203,6 +203,8 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         )
         parts = [
             asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
+            asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
+            asyncio.create_task(gateway.traffic.report(client, cfg.node_name), name="the gateway's reports"),
             asyncio.create_task(agent.run(), name="the node agent"),
         ]
         if cfg.save_credentials:

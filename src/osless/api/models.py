@@ -11,13 +11,16 @@ from osless.sdk.app import NAME_RE
 
 __all__ = [
     "App",
+    "Autoscale",
     "ConfigChange",
     "ConfigPatch",
     "ConfigRollback",
     "ConfigState",
     "ConfigVersion",
     "Deploy",
+    "DesiredRequest",
     "ExitInfo",
+    "GatewayStats",
     "Instance",
     "InstanceStatus",
     "Node",
@@ -41,13 +44,34 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+class Autoscale(BaseModel):
+    """How an app follows its traffic (Knative's KPA, in short): concurrency per instance."""
+
+    target: float = Field(default=10.0, gt=0, le=10_000, description="concurrent requests per instance")
+    idle_s: float = Field(
+        default=60.0, ge=1, le=86_400, description="idle this long, then zero (if min is 0)"
+    )
+    stable_s: float = Field(
+        default=60.0, ge=1, le=3_600, description="the window scaling decisions average over"
+    )
+    panic_s: float = Field(default=6.0, ge=1, le=600, description="the short window that reacts to bursts")
+    concurrency_limit: int = Field(
+        default=1000, ge=1, le=100_000, description="in flight at once; past it 429"
+    )
+    max_body_mb: float = Field(default=10.0, gt=0, le=1024, description="request body limit; past it 413")
+
+
 class App(BaseModel):
     name: str
     current_release: int | None = None
     current_image: str | None = None
     latest_release: int = 0
-    min: int = 1
+    min: int = 0
     max: int = 10
+    autoscale: Autoscale = Field(default_factory=Autoscale)
+    desired: int | None = None  # status: set by the autoscaler (and by a deploy, and by the activator)
+    scale_reason: str = ""
+    woken_at: float | None = None  # status: when a request last found the app at zero
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
 
@@ -108,14 +132,34 @@ class Node(BaseModel):
 
 
 class ScaleRequest(BaseModel):
-    min: int = Field(ge=0, le=MAX_INSTANCES)
-    max: int = Field(ge=1, le=MAX_INSTANCES)
+    """Only the fields given change."""
+
+    min: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
+    max: int | None = Field(default=None, ge=1, le=MAX_INSTANCES)
+    target: float | None = Field(default=None, gt=0, le=10_000)
+    idle_s: float | None = Field(default=None, ge=1, le=86_400)
+    concurrency_limit: int | None = Field(default=None, ge=1, le=100_000)
+    max_body_mb: float | None = Field(default=None, gt=0, le=1024)
 
     @model_validator(mode="after")
     def _ordered(self) -> ScaleRequest:
-        if self.min > self.max:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
         return self
+
+
+class DesiredRequest(BaseModel):
+    desired: int = Field(ge=0, le=MAX_INSTANCES)
+    reason: str = Field(default="", max_length=200)
+
+
+class GatewayStats(BaseModel):
+    """What a gateway saw of each app over its last interval."""
+
+    interval_s: float = Field(gt=0, le=60)
+    apps: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description='{app: {"concurrency": avg in flight, "requests": n, "waiting": n}}'
+    )
 
 
 class RollbackRequest(BaseModel):

@@ -130,6 +130,10 @@ class Resources:
             app.latest_release = release.version
             app.current_release = release.version
             app.current_image = release.image
+            # A new release starts with one instance warm (Knative's initial scale); the autoscaler
+            # takes it from there, down to zero after the idle window if nothing comes.
+            app.desired = max(app.desired or 0, 1, app.min)
+            app.scale_reason = f"release v{release.version}"
             app.updated_at = now()
             puts: list[tuple[str, bytes, int | None]] = [
                 (f"/apps/{app_name}", _enc(app), rev),

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import Request
 
+from osless.api.models import GatewayStats
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
 from osless.build import Builder, ImageStore
@@ -28,6 +29,7 @@ class ApiState:
     max_body_bytes: int = 6 * 1024 * 1024
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    stats: dict[str, tuple[float, GatewayStats]] = field(default_factory=dict)  # gateway -> (at, report)
 
     @property
     def logs_dir(self) -> Path:

@@ -156,8 +156,8 @@ def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = call(api.get, f"/v1/apps/{app_name}")
-        if info.get("min", 1) == 0:
-            return
+        if not info.get("desired"):
+            return  # the app is at zero: its first request will start the new release
         mine = [i for i in info["instances"] if i["release"] == version]
         if any(i["status"]["phase"] == "ready" for i in mine):
             return
@@ -193,13 +193,15 @@ def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         print_json(items)
         return
     table(
-        ["APP", "RELEASE", "MIN", "MAX", "UPDATED"],
+        ["APP", "RELEASE", "MIN", "MAX", "DESIRED", "WHY", "UPDATED"],
         [
             [
                 a["name"],
                 f"v{a['current_release']}" if a["current_release"] else "-",
                 a["min"],
                 a["max"],
+                "-" if a.get("desired") is None else a["desired"],
+                a.get("scale_reason") or "-",
                 when(a["updated_at"]),
             ]
             for a in items
@@ -281,6 +283,15 @@ def ps(
                 when(i["created_at"]),
             ]
         )
+    apps_shown = [call(api.get, f"/v1/apps/{app_name}")] if app_name else call(api.get, "/v1/apps")["items"]
+    for a in apps_shown:
+        ready = sum(1 for i in items if i["app"] == a["name"] and i["status"]["phase"] == "ready")
+        desired = "-" if a.get("desired") is None else a["desired"]
+        console.print(
+            f"{a['name']}: desired {desired}, ready {ready}  ({a.get('scale_reason') or 'no decision yet'})",
+            markup=False,
+            highlight=False,
+        )
     table(["INSTANCE", "RELEASE", "STATE", "PID", "RESTARTS", "LAST EXIT", "NODE", "CREATED"], rows)
 
 
@@ -357,16 +368,38 @@ def rollback(
 @app.command()
 def scale(
     app_name: Annotated[str, typer.Argument(metavar="APP")],
-    min_: Annotated[int, typer.Option("--min", help="Instances always running.")],
-    max_: Annotated[int, typer.Option("--max", help="Upper bound on instances.")],
+    min_: Annotated[
+        int | None, typer.Option("--min", help="Instances always running (0: scale to zero).")
+    ] = None,
+    max_: Annotated[int | None, typer.Option("--max", help="Upper bound on instances.")] = None,
+    target: Annotated[float | None, typer.Option(help="Concurrent requests per instance to aim for.")] = None,
+    idle: Annotated[
+        float | None, typer.Option(help="Seconds without a request before scaling to zero.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Requests in flight at once; past it, 429.")] = None,
+    max_body_mb: Annotated[float | None, typer.Option(help="Request body limit in MB; past it, 413.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Set an app's instance bounds."""
-    result = call(client().put, f"/v1/apps/{app_name}/scale", {"min": min_, "max": max_})
+    """Set an app's instance bounds and autoscaling policy (only what you give changes)."""
+    body = {
+        "min": min_,
+        "max": max_,
+        "target": target,
+        "idle_s": idle,
+        "concurrency_limit": limit,
+        "max_body_mb": max_body_mb,
+    }
+    result = call(
+        client().put, f"/v1/apps/{app_name}/scale", {k: v for k, v in body.items() if v is not None}
+    )
     if json_out:
         print_json(result)
         return
-    console.print(f"{app_name}: min {result['min']}, max {result['max']}")
+    policy = result["autoscale"]
+    console.print(
+        f"{app_name}: min {result['min']}, max {result['max']}, target {policy['target']:g} in flight "
+        f"per instance, to zero after {policy['idle_s']:g}s idle, limit {policy['concurrency_limit']}"
+    )
 
 
 @app.command()

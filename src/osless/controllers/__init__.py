@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from osless.controllers.autoscaler import Autoscaler, decide
 from osless.controllers.scheduler import Scheduler, desired_instances
 
-__all__ = ["Scheduler", "desired_instances"]
+__all__ = ["Autoscaler", "Scheduler", "decide", "desired_instances"]

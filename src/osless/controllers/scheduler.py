@@ -26,10 +26,12 @@ NODE_LOST_AFTER_S = 15.0
 
 
 def desired_instances(app: dict[str, Any]) -> int:
-    """How many instances the app should have now (the autoscaler will move this between min and max)."""
+    """How many instances the app should have now: the autoscaler's figure, within min and max."""
     if app.get("current_release") is None:
         return 0
-    return max(0, min(int(app["min"]), int(app["max"])))
+    lo, hi = int(app["min"]), int(app["max"])
+    wanted = app.get("desired")
+    return min(hi, max(lo, lo if wanted is None else int(wanted)))
 
 
 class Scheduler:

@@ -4,6 +4,8 @@ both ways; `POST /_functions/{app}/{function}` (with an API token) invokes a fun
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,9 +13,12 @@ from typing import Any
 
 import httpx
 from starlette.types import Receive, Scope, Send
+from websockets.asyncio.client import unix_connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from osless.client import AsyncApi
 from osless.gateway.router import Backend, NoBackend, Router
+from osless.gateway.traffic import Traffic
 
 __all__ = ["Gateway"]
 
@@ -29,6 +34,10 @@ HOP_BY_HOP = {
     b"host",
 }
 WAIT_FOR_INSTANCE_S = 30.0
+WS_MAX_DURATION_S = 3600.0
+WS_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_CONCURRENCY_LIMIT = 1000
+DEFAULT_MAX_BODY_MB = 10.0
 CONNECT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
@@ -37,6 +46,24 @@ TOKEN_CACHE_SIZE = 1024
 
 class _NotSent(Exception):
     """The instance refused the connection (it is stopping, say): the request was not sent at all."""
+
+
+class _TooLarge(Exception):
+    """The streamed request body went past the app's limit."""
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Any:
+        nonlocal seen
+        msg = await receive()
+        seen += len(msg.get("body", b""))
+        if seen > limit:
+            raise _TooLarge()
+        return msg
+
+    return wrapped
 
 
 class Gateway:
@@ -48,17 +75,23 @@ class Gateway:
         self.base_domain = base_domain
         self._tokens: dict[str, tuple[bool, float]] = {}
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
+        self.traffic = Traffic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
-        if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1011})  # websockets arrive with the hot-path issue
-            return
         path: str = scope["path"]
         host = _header(scope, b"host").split(":")[0].lower()
-        if host.endswith("." + self.base_domain) and host.count(".") == self.base_domain.count(".") + 1:
+        by_host = host.endswith("." + self.base_domain) and host.count(".") == self.base_domain.count(".") + 1
+        if scope["type"] == "websocket":
+            if by_host:
+                await self._websocket(scope, receive, send, host.split(".")[0], path)
+            else:
+                _, app, rest = [*path.split("/", 2), "", ""][:3]
+                await self._websocket(scope, receive, send, app, "/" + rest)
+            return
+        if by_host:
             await self._web(scope, receive, send, host.split(".")[0], path, prefix="")
             return
         if path == "/_health":
@@ -99,10 +132,31 @@ class Gateway:
         timeout: Callable[[Backend], Awaitable[float | None]],
     ) -> None:
         """Pick an instance and proxy; one that refuses the connection is passed over for the next."""
+        policy = (self.router.apps.items.get(app) or {}).get("autoscale") or {}
+        limit = int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT))
+        if self.traffic.in_flight(app) >= limit:
+            # At once, rather than a queue with no end: the client knows to come back.
+            await _error(
+                send,
+                429,
+                "too_many_requests",
+                f"app {app!r} is at its limit of {limit} requests in flight; retry shortly",
+                retry_after=True,
+            )
+            return
+        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
+        length = dict(headers).get(b"content-length", b"")
+        if length.isdigit() and int(length) > max_body:
+            await _error(
+                send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
+            )
+            return
         refused: set[str] = set()
+        reason = ""
         for _ in range(CONNECT_ATTEMPTS):
             try:
-                backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
+                with self.traffic.waiting(app):
+                    backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
                 seconds = await timeout(backend)
             except NoBackend as e:
                 await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
@@ -110,12 +164,75 @@ class Gateway:
             if seconds is None:
                 return  # `timeout` answered the request itself
             try:
-                await self._proxy(backend, method, target, headers, receive, send, seconds)
+                with self.traffic.serving(app):
+                    await self._proxy(
+                        backend, method, target, headers, _limited(receive, max_body), send, seconds
+                    )
                 return
             except _NotSent as e:
                 refused.add(backend.id)
                 reason = str(e)
+            except _TooLarge:
+                await _error(
+                    send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
+                )
+                return
         await _error(send, 502, "bad_gateway", f"no instance of {app!r} accepted the connection: {reason}")
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, app: str, path: str) -> None:
+        """Relay a websocket to an instance, message by message, until either side closes."""
+        try:
+            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
+        except NoBackend:
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in HOP_BY_HOP and not k.startswith(b"sec-websocket-")
+        ]
+        try:
+            upstream = await unix_connect(
+                backend.socket,
+                f"ws://{app}{path}" + (f"?{query}" if query else ""),
+                additional_headers=headers,
+                subprotocols=scope.get("subprotocols") or None,
+                open_timeout=10,
+                max_size=WS_MAX_MESSAGE,
+            )
+        except (OSError, TimeoutError, WebSocketException):
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def inbound() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                if msg.get("text") is not None:
+                    await upstream.send(msg["text"])
+                elif msg.get("bytes") is not None:
+                    await upstream.send(msg["bytes"])
+
+        async def outbound() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for data in upstream:
+                    key = "text" if isinstance(data, str) else "bytes"
+                    await send({"type": "websocket.send", key: data})
+
+        with self.traffic.serving(app):
+            tasks = [asyncio.create_task(inbound()), asyncio.create_task(outbound())]
+            # Idle connections live on; none outlives the maximum duration.
+            await asyncio.wait(tasks, timeout=WS_MAX_DURATION_S, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await upstream.close()
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": upstream.close_code or 1000})
 
     async def _function(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         parts = path.split("/")

@@ -20,6 +20,9 @@ from osless.client import ApiError, AsyncApi, Informer
 __all__ = ["Backend", "NoBackend", "Router"]
 
 
+WAKE_EVERY_S = 3.0
+
+
 class NoBackend(Exception):
     """No instance can take the request; `status` and `code` say why (404 unknown app, 503 none ready)."""
 
@@ -52,6 +55,7 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
+        self._woken: dict[str, float] = {}
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
@@ -110,22 +114,30 @@ class Router:
             if found:
                 least = min(b.outstanding for b in found)
                 return random.choice([b for b in found if b.outstanding == least])
-            starting = [
-                i
-                for i in self.instances.items.values()
-                if i["app"] == app and i["status"]["phase"] in ("pending", "starting", "backoff")
-            ]
+            if self.apps.items[app].get("current_release") is None:
+                raise NoBackend(503, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it")
+            # The activator: an app at zero (or whose instances all went) is woken, and the request
+            # waits here while an instance forks. Asked again every few seconds while it waits.
+            if loop.time() - self._woken.get(app, -WAKE_EVERY_S) >= WAKE_EVERY_S and not self._starting(app):
+                self._woken[app] = loop.time()
+                with contextlib.suppress(ApiError):
+                    await self.api.post(f"/v1/apps/{app}/wake")
             remaining = deadline - loop.time()
-            if not starting or remaining <= 0:
-                reason = "its instances are starting" if starting else "it has no running instance"
+            if remaining <= 0:
                 raise NoBackend(
-                    503,
-                    "no_instances",
-                    f"app {app!r} has no ready instance ({reason}); "
+                    504,
+                    "timeout",
+                    f"no instance of {app!r} was ready within {wait_s:.0f}s; "
                     f"see `osless ps {app}` and `osless logs {app}`",
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), min(remaining, WAKE_EVERY_S))
+
+    def _starting(self, app: str) -> bool:
+        return any(
+            i["app"] == app and i["status"]["phase"] in ("pending", "starting")
+            for i in self.instances.items.values()
+        )
 
     async def manifest(self, backend: Backend) -> dict[str, Any]:
         """The image manifest of the backend's release (timeouts, functions); releases never change."""

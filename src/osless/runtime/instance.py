@@ -63,6 +63,8 @@ class Instance:
         # Created on first use, so the zygote never forks while holding worker threads.
         self._executor: ThreadPoolExecutor | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        # time.time() when this instance applied its current config version; None for one it inherited.
+        self.config_applied_at: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -81,7 +83,10 @@ class Instance:
                         send, 405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET")]
                     )
                     return
-                await _send_json(send, 200, {"ok": True, "config_version": app_config.current_version()})
+                health: dict[str, Any] = {"ok": True, "config_version": app_config.current_version()}
+                if self.config_applied_at is not None:
+                    health["config_applied_at"] = self.config_applied_at
+                await _send_json(send, 200, health)
                 return
         if self.web is None:
             await self._no_web_app(scope, receive, send)
@@ -133,6 +138,7 @@ class Instance:
             latest = values, version
         if latest is not None:
             changed = app_config.apply(*latest)
+            self.config_applied_at = time.time()
             if changed:
                 self._run_hooks(changed)
 

@@ -10,7 +10,16 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel
 
 from osless.api.errors import ApiError
-from osless.api.models import App, Release, RollbackRequest, ScaleRequest, check_app_name, now
+from osless.api.models import (
+    App,
+    DesiredRequest,
+    GatewayStats,
+    Release,
+    RollbackRequest,
+    ScaleRequest,
+    check_app_name,
+    now,
+)
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
@@ -169,10 +178,65 @@ async def rollback(
     return release
 
 
-@router.put("/apps/{app}/scale", response_model=App)
+@router.put("/apps/{app}/scale", response_model=App, summary="Instance bounds and the autoscaling policy")
 async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_state)) -> App:
+    current = await state.resources.get_app(app)
+    lo = body.min if body.min is not None else current.min
+    hi = body.max if body.max is not None else current.max
+    if lo > hi:
+        raise ApiError(422, "invalid_request", f"min ({lo}) must not exceed max ({hi})")
+
     def change(a: App) -> App:
-        a.min, a.max, a.updated_at = body.min, body.max, now()
+        a.min, a.max, a.updated_at = lo, hi, now()
+        policy = body.model_dump(exclude_none=True, exclude={"min", "max"})
+        a.autoscale = a.autoscale.model_copy(update=policy)
         return a
 
     return await state.resources.update_app(app, change)
+
+
+@router.put(
+    "/apps/{app}/desired", response_model=App, summary="The autoscaler's decision: instances wanted now"
+)
+async def set_desired(app: str, body: DesiredRequest, state: ApiState = Depends(get_state)) -> App:
+    def change(a: App) -> App | None:
+        if a.desired == body.desired and a.scale_reason == body.reason:
+            return None
+        a.desired, a.scale_reason = body.desired, body.reason
+        return a
+
+    return await state.resources.update_app(app, change)
+
+
+@router.post("/apps/{app}/wake", response_model=App, summary="A request found the app at zero: start one")
+async def wake(app: str, state: ApiState = Depends(get_state)) -> App:
+    def change(a: App) -> App | None:
+        if a.current_release is None:
+            return None
+        a.woken_at = now()
+        if not a.desired:
+            a.desired, a.scale_reason = max(1, a.min), "a request arrived while at zero"
+        return a
+
+    return await state.resources.update_app(app, change)
+
+
+@router.put("/gateways/{name}/stats", summary="What a gateway saw of each app (for the autoscaler)")
+async def put_stats(name: str, body: GatewayStats, state: ApiState = Depends(get_state)) -> dict[str, int]:
+    # Not in the store: the next report replaces it, and a restart loses nothing worth keeping.
+    state.stats[name] = (now(), body)
+    return {"apps": len(body.apps)}
+
+
+@router.get("/stats", summary="Traffic per app, summed over the gateways that reported lately")
+async def get_stats(state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    fresh_after = now() - 5
+    apps: dict[str, dict[str, float]] = {}
+    for at, report in state.stats.values():
+        if at < fresh_after:
+            continue
+        for app, figures in report.apps.items():
+            into = apps.setdefault(app, {"concurrency": 0.0, "requests": 0.0, "waiting": 0.0})
+            for key in into:
+                into[key] += float(figures.get(key, 0.0))
+    return {"apps": apps, "at": now()}

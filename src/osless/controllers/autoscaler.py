@@ -1,0 +1,114 @@
+"""The autoscaler: instances follow concurrency, in the manner of Knative's KPA.
+
+Every tick it reads what the gateways saw (average requests in flight per app), keeps a stable
+window and a short panic window of it, and wants `ceil(concurrency / target)` instances. A burst
+that would double the instances switches to the panic window, which scales up at once and never
+down. With `min` at 0, an app that saw no request for its idle window goes to zero; the gateway's
+activator wakes it again on the next request. The decision and its reason go to the app's
+`desired` and `scale_reason`, which the scheduler and `osless ps` read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from osless.client import ApiError, AsyncApi, Informer
+
+__all__ = ["Autoscaler", "decide"]
+
+log = logging.getLogger("osless.autoscaler")
+
+TICK_S = 1.0
+
+
+@dataclass
+class Window:
+    """One app's recent concurrency samples, and when it last saw traffic."""
+
+    samples: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4096))
+    last_active: float = 0.0
+    panic_until: float = 0.0
+    release: int | None = None
+
+    def average(self, now: float, seconds: float) -> float:
+        recent = [c for t, c in self.samples if t >= now - seconds]
+        return sum(recent) / len(recent) if recent else 0.0
+
+
+def decide(app: dict[str, Any], window: Window, now: float) -> tuple[int, str]:
+    """The instances `app` should have now, and why."""
+    policy = app.get("autoscale") or {}
+    target = float(policy.get("target", 10.0))
+    lo, hi = int(app["min"]), int(app["max"])
+    current = int(app.get("desired") or 0)
+    stable = window.average(now, float(policy.get("stable_s", 60.0)))
+    panic = window.average(now, float(policy.get("panic_s", 6.0)))
+    want_stable, want_panic = math.ceil(stable / target), math.ceil(panic / target)
+    if want_panic >= 2 * max(current, 1) and want_panic > current:
+        window.panic_until = now + float(policy.get("panic_s", 6.0))
+    if now < window.panic_until:
+        wanted, reason = max(current, want_panic), f"panic: {panic:.1f} in flight over the short window"
+    else:
+        wanted, reason = want_stable, f"{stable:.1f} in flight on average, target {target:g} per instance"
+    idle = now - window.last_active
+    if lo == 0 and idle > float(policy.get("idle_s", 60.0)):
+        # No request for the whole idle window: whatever the averages still remember, go to zero.
+        wanted, reason = 0, f"no request for {idle:.0f}s: scaled to zero"
+    elif wanted == 0:
+        wanted, reason = 1, "kept warm: traffic within the idle window" if lo == 0 else reason
+    wanted = min(hi, max(lo, wanted))
+    return wanted, reason
+
+
+class Autoscaler:
+    def __init__(self, api: AsyncApi, tick_s: float = TICK_S) -> None:
+        self.api = api
+        self.tick_s = tick_s
+        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]))
+        self.windows: dict[str, Window] = {}
+
+    async def run(self) -> None:
+        informer = asyncio.create_task(self.apps.run())
+        try:
+            await self.apps.synced.wait()
+            while True:
+                with contextlib.suppress(ApiError):
+                    await self.tick(time.time())
+                await asyncio.sleep(self.tick_s)
+        finally:
+            informer.cancel()
+
+    async def tick(self, now: float) -> None:
+        stats = (await self.api.get("/v1/stats"))["apps"]
+        for name, app in list(self.apps.items.items()):
+            if app.get("current_release") is None:
+                continue
+            window = self.windows.setdefault(name, Window(last_active=now))  # a restart counts as activity
+            seen = stats.get(name) or {}
+            concurrency = float(seen.get("concurrency", 0.0)) + float(seen.get("waiting", 0.0))
+            window.samples.append((now, concurrency))
+            if concurrency > 0 or float(seen.get("requests", 0.0)) > 0:
+                window.last_active = now
+            # a new release or a wake-up is activity too: the idle clock starts again
+            if app["current_release"] != window.release:
+                window.release, window.last_active = app["current_release"], now
+            window.last_active = max(window.last_active, float(app.get("woken_at") or 0))
+            wanted, reason = decide(app, window, now)
+            if wanted != app.get("desired"):
+                log.info("%s: %s -> %s instances (%s)", name, app.get("desired"), wanted, reason)
+                try:
+                    updated = await self.api.put(
+                        f"/v1/apps/{name}/desired", {"desired": wanted, "reason": reason}
+                    )
+                    self.apps.items[name] = updated
+                except ApiError as e:
+                    log.warning("autoscaling %s: %s", name, e.message)
+        for gone in set(self.windows) - set(self.apps.items):
+            del self.windows[gone]

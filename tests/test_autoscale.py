@@ -1,0 +1,174 @@
+"""Elastic: bursts are absorbed, idle apps go to zero and wake on the next request, limits answer at once."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.platform import EXAMPLES, Platform, copy_app
+
+APPS = Path(__file__).parent / "apps"
+
+
+def ready(platform: Platform, app: str) -> list[dict[str, Any]]:
+    return [i for i in platform.instances(app) if i["status"]["phase"] == "ready"]
+
+
+@pytest.fixture(scope="module")
+def streamer(platform: Platform) -> dict[str, Any]:
+    return platform.deploy_warm(APPS / "streamer")
+
+
+def test_idle_app_scales_to_zero_and_the_next_request_wakes_it(platform: Platform) -> None:
+    platform.deploy(EXAMPLES / "hello", "--name", "sleepy")
+    platform.cli("scale", "sleepy", "--min", "0", "--idle", "1")
+    platform.wait_for(lambda: not platform.instances("sleepy"), what="scale to zero")
+    assert "no request for" in platform.cli("ps", "sleepy").stdout
+    t0 = time.monotonic()
+    r = httpx.get(f"{platform.gateway}/sleepy/", timeout=30)
+    assert r.status_code == 200 and r.text == "Hello from osless!\n"
+    woke_in = time.monotonic() - t0
+    assert woke_in < 5, woke_in
+    assert "a request arrived while at zero" in platform.cli("ps", "sleepy").stdout
+    # functions wake it too: any trigger that reaches the platform
+    platform.wait_for(lambda: not platform.instances("sleepy"), what="scale to zero again")
+    assert (
+        json.loads(platform.cli("invoke", "sleepy.greet", '{"name": "Zed"}').stdout)["message"]
+        == "Hello, Zed!"
+    )
+
+
+def test_a_burst_scales_up_and_every_request_is_answered(
+    platform: Platform, streamer: dict[str, Any]
+) -> None:
+    platform.cli("scale", "streamer", "--min", "1", "--max", "6", "--target", "2")
+    with httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(24) as pool:
+
+        def one(_: int) -> int:
+            return client.get(f"{platform.gateway}/streamer/slow", params={"s": "0.5"}).status_code
+
+        deadline = time.monotonic() + 8
+        statuses: list[int] = []
+        peak = 0
+        while time.monotonic() < deadline:
+            statuses += list(pool.map(one, range(24)))
+            peak = max(peak, len(ready(platform, "streamer")))
+    assert statuses and all(s == 200 for s in statuses), set(statuses)
+    assert peak >= 3, peak  # 24 in flight at a target of 2 each: the autoscaler went well past 1
+    platform.cli("scale", "streamer", "--min", "1", "--max", "10", "--target", "10")
+
+
+def test_past_the_concurrency_limit_429_with_retry_after(
+    platform: Platform, streamer: dict[str, Any]
+) -> None:
+    platform.cli("scale", "streamer", "--limit", "2")
+    try:
+        with httpx.Client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(
+                pool.map(
+                    lambda _: client.get(f"{platform.gateway}/streamer/slow", params={"s": "1"}), range(6)
+                )
+            )
+        limited = [r for r in responses if r.status_code == 429]
+        assert limited and all(r.headers["retry-after"] == "1" for r in limited)
+        assert limited[0].json()["error"]["code"] == "too_many_requests"
+        assert limited[0].elapsed.total_seconds() < 0.5  # at once, not queued
+        assert sum(r.status_code == 200 for r in responses) >= 2
+    finally:
+        platform.cli("scale", "streamer", "--limit", "1000")
+
+
+def test_body_limit_is_413(platform: Platform, streamer: dict[str, Any]) -> None:
+    platform.cli("scale", "streamer", "--max-body-mb", "1")
+    try:
+        r = httpx.post(f"{platform.gateway}/streamer/slow", content=b"x" * (2 * 1024 * 1024), timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    finally:
+        platform.cli("scale", "streamer", "--max-body-mb", "10")
+
+
+def test_server_sent_events_and_websockets_pass_through(platform: Platform, streamer: dict[str, Any]) -> None:
+    with httpx.stream("GET", f"{platform.gateway}/streamer/events", timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines == ["data: tick 0", "data: tick 1", "data: tick 2"]
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{platform.http_port}/streamer/ws") as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "echo: hi"
+        ws.send("again")
+        assert ws.recv(timeout=10) == "echo: again"
+
+
+def test_an_instance_dying_mid_request_is_a_502_and_the_next_succeeds(
+    platform: Platform, streamer: dict[str, Any]
+) -> None:
+    platform.cli("scale", "streamer", "--min", "1", "--max", "1")
+    inst = ready(platform, "streamer")[0]
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["r"] = httpx.get(f"{platform.gateway}/streamer/slow", params={"s": "5"}, timeout=30)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(1)
+    os.kill(inst["status"]["pid"], signal.SIGKILL)
+    t.join()
+    assert result["r"].status_code == 502 and result["r"].json()["error"]["code"] == "bad_gateway"
+    r = httpx.get(f"{platform.gateway}/streamer/slow", params={"s": "0"}, timeout=30)
+    assert r.status_code == 200
+    platform.cli("scale", "streamer", "--min", "1", "--max", "10")
+
+
+def test_redeploy_and_rollback_under_load_fail_no_request(platform: Platform, tmp_path: Path) -> None:
+    src = copy_app(APPS / "e2e_versioned", tmp_path / "steady")
+    platform.deploy(src, "--name", "steady")
+    platform.cli("scale", "steady", "--min", "2", "--max", "4")
+    platform.wait_for(lambda: len(ready(platform, "steady")) == 2, what="2 instances")
+    failures: list[Any] = []
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                r = client.get(f"{platform.gateway}/steady/")
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                else:
+                    seen.add(r.text)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        app_py = src / "app.py"
+        app_py.write_text(app_py.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+        platform.deploy(src, "--name", "steady")
+        platform.wait_for(lambda: "two" in seen, what="the new release to serve")
+        platform.cli("rollback", "steady")
+        platform.wait_for(
+            lambda: (
+                all(i["release"] == 3 for i in ready(platform, "steady"))
+                and len(ready(platform, "steady")) == 2
+            ),
+            what="the rollback to finish",
+        )
+        time.sleep(1)
+    finally:
+        done.set()
+        for w in workers:
+            w.join()
+    assert failures == []
+    assert seen == {"one", "two"}
