@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from osless.client import AsyncApi
 from osless.gateway.router import Backend, NoBackend, Router
 from osless.gateway.traffic import Traffic
+from osless.gateway.upstream import Unreachable, UpstreamError
 
 __all__ = ["Gateway"]
 
@@ -151,6 +152,14 @@ class Gateway:
                 send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
             )
             return
+        try:
+            # Read once, here: a request passed over to another instance must not need it again.
+            content = await _content(_limited(receive, max_body))
+        except _TooLarge:
+            await _error(
+                send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
+            )
+            return
         refused: set[str] = set()
         reason = ""
         for _ in range(CONNECT_ATTEMPTS):
@@ -165,9 +174,7 @@ class Gateway:
                 return  # `timeout` answered the request itself
             try:
                 with self.traffic.serving(app):
-                    await self._proxy(
-                        backend, method, target, headers, _limited(receive, max_body), send, seconds
-                    )
+                    await self._proxy(backend, method, target, headers, content, send, seconds)
                 return
             except _NotSent as e:
                 refused.add(backend.id)
@@ -264,41 +271,34 @@ class Gateway:
         method: str,
         target: str,
         headers: list[tuple[bytes, bytes]],
-        receive: Receive,
+        content: bytes | AsyncIterator[bytes],
         send: Send,
         timeout: float,
     ) -> None:
         async with self.router.use(backend):
-            req = backend.client.build_request(
-                method,
-                target,
-                headers=headers,
-                content=_body(receive),
-                timeout=httpx.Timeout(None, connect=5.0, read=timeout),
-            )
             try:
-                resp = await backend.client.send(req, stream=True)
-            except httpx.ConnectError as e:
+                resp = await backend.upstream.request(method, target, headers, content, timeout)
+            except Unreachable as e:
                 raise _NotSent(str(e)) from e  # nothing was sent: another instance may take it
-            except httpx.TimeoutException:
+            except TimeoutError:
                 await _error(
                     send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s"
                 )
                 return
-            except httpx.HTTPError as e:
+            except (UpstreamError, OSError) as e:
                 await _error(send, 502, "bad_gateway", f"instance {backend.id} failed before answering: {e}")
                 return
             try:
-                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
-                await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+                out = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 try:
-                    async for chunk in resp.aiter_raw():
+                    async for chunk in resp.body():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except httpx.HTTPError:
+                except (UpstreamError, OSError):
                     pass  # the instance died mid-body: end what we have; the client sees a short body
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
-                await resp.aclose()
+                resp.release()
 
     async def _authorized(self, header: str) -> bool:
         now = time.monotonic()
@@ -329,7 +329,7 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 def _forward_headers(scope: Scope, prefix: str) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+    headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP or k == b"host"]
     client = scope.get("client")
     headers.append((b"x-forwarded-for", (client[0] if client else "").encode()))
     headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
@@ -337,6 +337,21 @@ def _forward_headers(scope: Scope, prefix: str) -> list[tuple[bytes, bytes]]:
     if prefix:
         headers.append((b"x-forwarded-prefix", prefix.encode()))
     return headers
+
+
+async def _content(receive: Receive) -> bytes | AsyncIterator[bytes]:
+    """The request body: as bytes when it came in one piece (most requests: no chunked framing, no
+    generator), else streamed on as it comes."""
+    first = await receive()
+    if first["type"] != "http.request" or not first.get("more_body", False):
+        return bytes(first.get("body", b""))
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield bytes(first.get("body", b""))
+        async for chunk in _body(receive):
+            yield chunk
+
+    return rest()
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from osless.client import ApiError, AsyncApi, Informer
+from osless.gateway.upstream import Upstream
 
 __all__ = ["Backend", "NoBackend", "Router"]
 
@@ -41,7 +40,7 @@ class Backend:
     app: str
     release: int
     socket: str
-    client: httpx.AsyncClient
+    upstream: Upstream
     outstanding: int = 0
 
 
@@ -64,7 +63,7 @@ class Router:
         for t in self._tasks:
             t.cancel()
         for b in self.backends.values():
-            await b.client.aclose()
+            await b.upstream.close()
 
     async def _rebuild(self) -> None:
         live: dict[str, dict[str, Any]] = {
@@ -82,14 +81,8 @@ class Router:
         for iid, inst in live.items():
             if iid not in self.backends:
                 sock = inst["status"]["socket"]
-                client = httpx.AsyncClient(
-                    transport=httpx.AsyncHTTPTransport(uds=sock, retries=0),
-                    base_url="http://instance",
-                    timeout=None,
-                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                )
                 self.backends[iid] = Backend(
-                    id=iid, app=inst["app"], release=inst["release"], socket=sock, client=client
+                    id=iid, app=inst["app"], release=inst["release"], socket=sock, upstream=Upstream(sock)
                 )
         self._changed.set()
         self._changed = asyncio.Event()
@@ -169,4 +162,4 @@ async def _close_later(b: Backend) -> None:
         if b.outstanding == 0:
             break
         await asyncio.sleep(0.1)
-    await b.client.aclose()
+    await b.upstream.close()
