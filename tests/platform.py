@@ -125,7 +125,7 @@ class Platform:
         return result
 
     def deploy_warm(self, path: Path, *extra: str) -> dict[str, Any]:
-        """Deploy, and keep one instance up whatever the traffic: for fixtures that outlive the idle window."""
+        """Deploy, and keep one instance up whatever the traffic: for fixtures outliving the idle window."""
         result = self.deploy(path, *extra)
         self.cli("scale", str(result["app"]), "--min", "1")
         return result

@@ -48,6 +48,7 @@ class Response:
     _done: list[bool]
     _read_timeout: float
     _body_expected: bool
+    _keep_alive: bool
     _closed: bool = field(default=False)
 
     async def body(self) -> AsyncIterator[bytes]:
@@ -81,7 +82,12 @@ class Response:
         if self._closed:
             return
         self._closed = True
-        if self._done[0] and not self._chunks and self._parser.should_keep_alive():
+        if (
+            self._done[0]
+            and not self._chunks
+            and self._keep_alive
+            and len(self._upstream.idle) < self._upstream.max_idle
+        ):
             self._upstream.idle.append(self._conn)
         else:
             self._conn.close()
@@ -152,6 +158,7 @@ class Upstream:
         chunks: list[bytes] = []
         done = [False]
         headers_done = [False]
+        keep_alive = [False]
 
         class Callbacks:
             def on_header(self, name: bytes, value: bytes) -> None:
@@ -159,6 +166,7 @@ class Upstream:
 
             def on_headers_complete(self) -> None:
                 headers_done[0] = True
+                keep_alive[0] = parser.should_keep_alive()  # only meaningful here: it resets at the end
 
             def on_body(self, data: bytes) -> None:
                 chunks.append(data)
@@ -182,7 +190,7 @@ class Upstream:
                 raise UpstreamError(f"bad response from the instance: {e}") from e
         code = parser.get_status_code()
         expected = method != "HEAD" and code not in NO_BODY_STATUS and code >= 200
-        return Response(code, got, self, conn, parser, chunks, done, read_timeout, expected)
+        return Response(code, got, self, conn, parser, chunks, done, read_timeout, expected, keep_alive[0])
 
     async def close(self) -> None:
         for conn in self.idle:
