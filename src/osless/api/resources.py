@@ -34,6 +34,7 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "instances": ("/instances/", Instance),
     "nodes": ("/nodes/", Node),
     "config": ("/config/", ConfigVersion),  # watchers learn that a config moved on, not its values
+    "config_values": ("/config/", ConfigState),  # for node agents only: see routes/config.py
 }
 
 

@@ -25,7 +25,10 @@ def watch_response(
     kind: str,
     revision: int,
     keep: Callable[[dict[str, Any]], bool] | None = None,
+    view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> StreamingResponse:
+    """`keep` filters events; `view` reshapes each event's object before it is sent."""
+
     async def stream() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -56,6 +59,8 @@ def watch_response(
                     return
                 last = ev["revision"]
                 if keep is None or keep(ev):
+                    if view is not None and ev["object"] is not None:
+                        ev["object"] = view(ev["object"])
                     yield (json.dumps(ev) + "\n").encode()
         finally:
             task.cancel()
@@ -73,11 +78,13 @@ async def list_or_watch(
     revision: int | None,
     items: Callable[[], Awaitable[tuple[Sequence[BaseModel], int]]],
     keep: Callable[[dict[str, Any]], bool] | None = None,
+    view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
     """The answer of every list endpoint: the items and their revision, or the changes after one."""
     if not watch:
         listed, rev = await items()
-        return {"items": [x.model_dump() for x in listed], "revision": rev}
+        shaped = [x.model_dump() for x in listed]
+        return {"items": [view(x) for x in shaped] if view else shaped, "revision": rev}
     current = await resources.store.revision()
     if revision is None:
         revision = current
@@ -88,4 +95,4 @@ async def list_or_watch(
             f"revision {revision} is ahead of the store ({current}): "
             "list first, then watch from the revision the list gave",
         )
-    return watch_response(resources, kind, revision, keep)
+    return watch_response(resources, kind, revision, keep, view)

@@ -87,8 +87,9 @@ class NodeAgent:
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
         )
         self.configs: dict[str, dict[str, Any]] = {}  # app -> {"values", "version", "token"}
+        # Values in clear ride on the events (this node's token only): no second request per change.
         self._config_versions = Informer(
-            api, "/v1/config", key=lambda o: str(o["app"]), on_change=self._config_changed
+            api, f"/v1/nodes/{name}/config", key=lambda o: str(o["app"]), on_change=self._config_changed
         )
         self._config_lock = asyncio.Lock()
 
@@ -174,7 +175,8 @@ class NodeAgent:
 
     async def _push_config(self, app: str, zygotes: list[Zygote]) -> None:
         old = dict(self.configs.get(app, {}).get("values") or {})
-        cfg = await self.app_config(app, refresh=True)
+        cfg = self._config_versions.items.get(app) or await self.app_config(app, refresh=True)
+        self.configs[app] = cfg
         changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
         for zyg in zygotes:
             schema = self._manifest(zyg.image).get("config") or {}

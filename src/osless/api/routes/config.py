@@ -227,6 +227,35 @@ async def list_configs(
 
 
 @router.get(
+    "/nodes/{node}/config",
+    dependencies=[require_role("node")],
+    summary="Every app's config in clear, with its token (watch=true streams changes): for node agents",
+)
+async def node_configs(
+    node: str,
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
+) -> Any:
+    res = state.resources
+
+    async def items() -> tuple[list[Any], int]:
+        found, rev = await res.store.list("/config/")
+        return [ConfigState.model_validate_json(kv.value) for kv in found], rev
+
+    def view(obj: dict[str, Any]) -> dict[str, Any]:
+        # The values travel with the event: an agent pushes them on without asking again.
+        return {
+            "app": obj["app"],
+            "version": obj["version"],
+            "values": reveal(state, obj["values"]),
+            "token": state.secrets.app_token(obj["app"]),
+        }
+
+    return await list_or_watch(res, "config_values", watch=watch, revision=revision, items=items, view=view)
+
+
+@router.get(
     "/nodes/{node}/apps/{app}/config",
     dependencies=[require_role("node")],
     summary="The app's config in clear, and its app token: for the node agent that runs it",
