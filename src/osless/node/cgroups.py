@@ -22,6 +22,9 @@ __all__ = ["Cgroups", "InstanceCgroup", "Limits"]
 CGROUP_FS = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 POOL_SIZE = 4
+# All of a node's instances together weigh a quarter of one platform process when the CPU is
+# contended: a busy app cannot make the gateway that serves every other app slow.
+APPS_CPU_SHARES = 256
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class Cgroups:
                         f.write("+memory +cpu +pids")
             except OSError as e:
                 return f"cannot set up cgroup v2 control at {root}: {e.strerror}"
+            with contextlib.suppress(OSError):
+                (root / "cpu.weight").write_text(str(max(1, APPS_CPU_SHARES * 100 // 1024)))
             return cls([root], 2)
         roots = []
         for controller in V1_CONTROLLERS:
@@ -127,6 +132,8 @@ class Cgroups:
             if not os.access(root, os.W_OK):
                 return f"cannot write to {root} (resource limits need root)"
             roots.append(root)
+        with contextlib.suppress(OSError):
+            (roots[1] / "cpu.shares").write_text(str(APPS_CPU_SHARES))
         return cls(roots, 1)
 
     def _make(self) -> InstanceCgroup:
@@ -144,7 +151,7 @@ class Cgroups:
     def create(self, limits: Limits) -> InstanceCgroup:
         group = self._pool.pop() if self._pool else self._make()
         memory = str(limits.memory_mb * 1024 * 1024)
-        period = 100_000
+        period = 20_000  # short: a quota spent in bursts across cores stalls its neighbours less
         quota = "max" if limits.cpu_quota is None else str(int(limits.cpu_quota * period))
         if self.version == 2:
             d = group.dirs[0]
