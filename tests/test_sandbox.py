@@ -10,6 +10,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ import pytest
 from tests.platform import Platform
 
 APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """A platform of this module's own: the CPU test measures latency, so no other test's apps run."""
+    p = Platform(tmp_path_factory.mktemp("sandbox") / "data").start()
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture(scope="module")
