@@ -16,7 +16,6 @@ __all__ = [
     "ConfigPatch",
     "ConfigRollback",
     "ConfigState",
-    "ConfigVersion",
     "Deploy",
     "DesiredRequest",
     "ExitInfo",
@@ -174,12 +173,6 @@ class ConfigState(BaseModel):
     values: dict[str, Any] = Field(default_factory=dict)
     updated_at: float = Field(default_factory=now)
     updated_by: str | None = None
-
-
-class ConfigVersion(BaseModel):
-    app: str
-    version: int = 0
-    updated_at: float = Field(default_factory=now)
 
 
 class ConfigChange(BaseModel):

@@ -13,7 +13,6 @@ from osless.api.models import (
     App,
     ConfigChange,
     ConfigState,
-    ConfigVersion,
     Deploy,
     Instance,
     Node,
@@ -33,7 +32,6 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "deploys": ("/deploys/", Deploy),
     "instances": ("/instances/", Instance),
     "nodes": ("/nodes/", Node),
-    "config": ("/config/", ConfigVersion),  # watchers learn that a config moved on, not its values
     "config_values": ("/config/", ConfigState),  # for node agents only: see routes/config.py
 }
 

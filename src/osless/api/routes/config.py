@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query
 
 from osless.api.auth import require_role, require_token
 from osless.api.errors import ApiError
-from osless.api.models import ConfigChange, ConfigPatch, ConfigRollback, ConfigState, ConfigVersion, now
+from osless.api.models import ConfigChange, ConfigPatch, ConfigRollback, ConfigState, now
 from osless.api.schema import MASK, coerce, misfits
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
@@ -209,21 +209,6 @@ def config_misfits(schema: dict[str, dict[str, Any]], cfg: ConfigState) -> tuple
     problems = misfits(schema, _plain_types({k: v for k, v in cfg.values.items() if k in schema}))
     unset = [p for p in problems if p.endswith("required and not set")]
     return [p for p in problems if p not in unset], unset
-
-
-@router.get("/config", summary="Config versions of every app (watch=true streams them): for node agents")
-async def list_configs(
-    watch: bool = False,
-    revision: int | None = Query(default=None, ge=0),
-    state: ApiState = Depends(get_state),
-) -> Any:
-    res = state.resources
-
-    async def items() -> tuple[list[Any], int]:
-        found, rev = await res.store.list("/config/")
-        return [ConfigVersion.model_validate_json(kv.value) for kv in found], rev
-
-    return await list_or_watch(res, "config", watch=watch, revision=revision, items=items)
 
 
 @router.get(
