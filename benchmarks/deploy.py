@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from _platform import BIN, running_platform
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TARGET_S = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_text(url: str, text: str, timeout: float = 60.0, **kw: object) -> None:
@@ -64,37 +55,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="osless-bench-deploy-"))
-    app_dir = work / "hello"
-    shutil.copytree(ROOT / "examples" / "hello", app_dir, ignore=shutil.ignore_patterns("__pycache__"))
-    api_port, http_port = free_port(), free_port()
-    env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
-    up = subprocess.Popen(
-        [
-            str(BIN / "osless"),
-            "up",
-            "--data-dir",
-            str(work / "data"),
-            "--api-port",
-            str(api_port),
-            "--http-port",
-            str(http_port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        while not (work / "cfg" / "credentials.json").exists():
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{http_port}/hello/"
+    with running_platform("osless-bench-deploy-") as platform:
+        work = platform.work
+        app_dir = work / "hello"
+        shutil.copytree(ROOT / "examples" / "hello", app_dir, ignore=shutil.ignore_patterns("__pycache__"))
+        url = f"{platform.gateway}/hello/"
 
         def deploy(marker: str) -> float:
             set_marker(app_dir, marker)
             t0 = time.perf_counter()
             subprocess.run(
                 [str(BIN / "osless"), "deploy", str(app_dir)],
-                env=env,
+                env=platform.env,
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -107,10 +79,10 @@ def main() -> None:
 
         # Baseline: a fresh interpreter serving the same image's code and dependency layers with uvicorn.
         manifests = sorted(
-            (work / "data" / "images" / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime
+            (platform.data_dir / "images" / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime
         )
         manifest = json.loads(manifests[-1].read_text())
-        layers = work / "data" / "images" / "layers"
+        layers = platform.data_dir / "images" / "layers"
         code, deps = layers / manifest["layers"]["code"], layers / manifest["layers"]["deps"]
         sock = work / "baseline.sock"
         script = (
@@ -127,10 +99,6 @@ def main() -> None:
             base_runs.append(time.perf_counter() - t0)
             proc.send_signal(signal.SIGTERM)
             proc.wait()
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
 
     o, b = summary(osless_runs), summary(base_runs)
     result = {

@@ -14,29 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _platform import running_platform
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def crowd(port: int, path: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -121,32 +108,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--idle", type=float, default=3.0, help="the app's idle window before zero")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="osless-bench-scale-"))
-    env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
-    api_port, http_port = free_port(), free_port()
-    up = subprocess.Popen(
-        [
-            str(BIN / "osless"),
-            "up",
-            "--data-dir",
-            str(work / "data"),
-            "--api-port",
-            str(api_port),
-            "--http-port",
-            str(http_port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-
-    def osless(*a: str) -> None:
-        subprocess.run([str(BIN / "osless"), *a], env=env, check=True, stdout=subprocess.DEVNULL)
-
-    try:
-        while not (work / "cfg" / "credentials.json").exists():
-            time.sleep(0.05)
-        token = (work / "data" / "admin-token").read_text().strip()
+    with running_platform("osless-bench-scale-") as platform:
+        api_port, http_port, token, osless = (
+            platform.api_port,
+            platform.http_port,
+            platform.token,
+            platform.osless,
+        )
         osless("deploy", str(ROOT / "examples" / "hello"))
         osless("scale", "hello", "--min", "0", "--max", "20", "--target", "10", "--idle", str(args.idle))
         wait(
@@ -179,10 +147,6 @@ def main() -> None:
         osless("scale", "hello", "--min", str(max(peak, 1)), "--max", "20")
         wait(lambda: ready(api_port, token) >= max(peak, 1), 120)
         warm = asyncio.run(crowd(http_port, "/hello/", args.clients, args.seconds))
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
     errors = sum(cold["errors"].values())
     print(
         json.dumps(

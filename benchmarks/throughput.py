@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from _platform import free_port, running_platform
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TARGET_RATIO, TARGET_ADDED_P50_MS = 0.6, 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ok(url: str, timeout: float = 60) -> None:
@@ -79,64 +70,33 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
-    work = Path(tempfile.mkdtemp(prefix="osless-bench-tp-"))
-    env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
-    api_port, http_port, direct_port = free_port(), free_port(), free_port()
-    up = subprocess.Popen(
-        [
-            str(BIN / "osless"),
-            "up",
-            "--data-dir",
-            str(work / "data"),
-            "--api-port",
-            str(api_port),
-            "--http-port",
-            str(http_port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    direct_port = free_port()
     direct = None
-    try:
-        while not (work / "cfg" / "credentials.json").exists():
-            time.sleep(0.05)
-        subprocess.run(
-            [str(BIN / "osless"), "deploy", str(ROOT / "examples" / "hello")],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        subprocess.run(
-            [str(BIN / "osless"), "scale", "hello", "--min", "1", "--max", "1"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        manifest = next(
-            json.loads(p.read_text()) for p in (work / "data" / "images" / "manifests").glob("*.json")
-        )
-        layers = work / "data" / "images" / "layers"
-        script = (
-            f"import sys; sys.path[:0] = [{str(layers / manifest['layers']['code'])!r}, "
-            f"{str(layers / manifest['layers']['deps'])!r}]\n"
-            "import uvicorn, app\n"
-            f"uvicorn.run(app.web(), host='127.0.0.1', port={direct_port}, log_level='warning', "
-            "loop='uvloop', http='httptools', access_log=False)\n"
-        )
-        direct = subprocess.Popen([sys.executable, "-s", "-c", script])
-        wait_ok(f"http://127.0.0.1:{direct_port}/")
-        wait_ok(f"http://127.0.0.1:{http_port}/hello/")
-        wrk(f"http://127.0.0.1:{direct_port}/", 1, args.connections)  # warm both up
-        wrk(f"http://127.0.0.1:{http_port}/hello/", 1, args.connections)
-        base = wrk(f"http://127.0.0.1:{direct_port}/", args.seconds, args.connections)
-        osless = wrk(f"http://127.0.0.1:{http_port}/hello/", args.seconds, args.connections)
-    finally:
-        for proc in (direct, up):
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+    with running_platform("osless-bench-tp-") as platform:
+        try:
+            platform.osless("deploy", str(ROOT / "examples" / "hello"))
+            platform.osless("scale", "hello", "--min", "1", "--max", "1")
+            stored = (platform.data_dir / "images" / "manifests").glob("*.json")
+            manifest = next(json.loads(p.read_text()) for p in stored)
+            layers = platform.data_dir / "images" / "layers"
+            script = (
+                f"import sys; sys.path[:0] = [{str(layers / manifest['layers']['code'])!r}, "
+                f"{str(layers / manifest['layers']['deps'])!r}]\n"
+                "import uvicorn, app\n"
+                f"uvicorn.run(app.web(), host='127.0.0.1', port={direct_port}, log_level='warning', "
+                "loop='uvloop', http='httptools', access_log=False)\n"
+            )
+            direct = subprocess.Popen([sys.executable, "-s", "-c", script])
+            wait_ok(f"http://127.0.0.1:{direct_port}/")
+            wait_ok(f"{platform.gateway}/hello/")
+            wrk(f"http://127.0.0.1:{direct_port}/", 1, args.connections)  # warm both up
+            wrk(f"{platform.gateway}/hello/", 1, args.connections)
+            base = wrk(f"http://127.0.0.1:{direct_port}/", args.seconds, args.connections)
+            osless = wrk(f"{platform.gateway}/hello/", args.seconds, args.connections)
+        finally:
+            if direct is not None:
+                direct.send_signal(signal.SIGTERM)
+                direct.wait(30)
     ratio = osless["requests_per_s"] / base["requests_per_s"] if base["requests_per_s"] else 0.0
     added = osless["p50_ms"] - base["p50_ms"]
     print(
