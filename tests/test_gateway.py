@@ -17,9 +17,10 @@ def test_asgi_app_by_path_and_by_host(platform: Platform, hello: dict[str, objec
     r = httpx.get(f"{platform.gateway}/hello/")
     assert r.status_code == 200 and r.text == "Hello from osless!\n"
     r = httpx.get(f"{platform.gateway}/hello/echo", params={"x": "1"})
-    assert r.json() == {"path": "/echo", "query": {"x": "1"}}
+    # the prefix the gateway strips is the app's root_path, so the app can build its own URLs
+    assert r.json() == {"path": "/echo", "query": {"x": "1"}, "root_path": "/hello"}
     r = httpx.get(f"{platform.gateway}/echo", params={"x": "2"}, headers={"host": "hello.localhost"})
-    assert r.json() == {"path": "/echo", "query": {"x": "2"}}
+    assert r.json() == {"path": "/echo", "query": {"x": "2"}, "root_path": ""}
 
 
 def test_wsgi_flask_app(platform: Platform, flask_demo: dict[str, object]) -> None:

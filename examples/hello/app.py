@@ -22,6 +22,12 @@ def web():
         return PlainTextResponse("Hello from osless!\n")
 
     async def echo(request):
-        return JSONResponse({"path": request.url.path, "query": dict(request.query_params)})
+        return JSONResponse(
+            {
+                "path": request.url.path,
+                "query": dict(request.query_params),
+                "root_path": request.scope["root_path"],
+            }
+        )
 
     return Starlette(routes=[Route("/", index), Route("/echo", echo)])

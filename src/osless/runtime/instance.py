@@ -91,6 +91,13 @@ class Instance:
         if self.web is None:
             await self._no_web_app(scope, receive, send)
             return
+        if scope["type"] in ("http", "websocket"):
+            # The gateway strips /{app} and says so: as root_path, the app builds its own URLs
+            # (FastAPI's docs, Flask's url_for) with the prefix. Only the gateway reaches this socket.
+            for name, value in scope["headers"]:
+                if name == b"x-forwarded-prefix":
+                    scope = {**scope, "root_path": scope.get("root_path", "") + value.decode("latin-1")}
+                    break
         try:
             await self.web(scope, receive, send)
         except SystemExit as e:
