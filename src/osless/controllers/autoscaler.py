@@ -11,7 +11,6 @@ activator wakes it again on the next request. The decision and its reason go to 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -79,8 +78,12 @@ class Autoscaler:
         try:
             await self.apps.synced.wait()
             while True:
-                with contextlib.suppress(ApiError):
+                try:
                     await self.tick(time.time())
+                except ApiError:
+                    pass
+                except Exception:  # a bad record must not stop the autoscaling of every app
+                    log.exception("autoscaler tick failed")
                 await asyncio.sleep(self.tick_s)
         finally:
             informer.cancel()

@@ -33,6 +33,7 @@ HOP_BY_HOP = {
     b"transfer-encoding",
     b"upgrade",
     b"host",
+    b"expect",  # uvicorn answers the client's 100-continue itself; the instance must not
 }
 WAIT_FOR_INSTANCE_S = 30.0
 WS_MAX_DURATION_S = 3600.0
@@ -160,6 +161,8 @@ class Gateway:
                 send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
             )
             return
+        except _ClientGone:
+            return
         refused: set[str] = set()
         reason = ""
         for _ in range(CONNECT_ATTEMPTS):
@@ -179,6 +182,8 @@ class Gateway:
             except _NotSent as e:
                 refused.add(backend.id)
                 reason = str(e)
+            except _ClientGone:
+                return  # nobody to answer; the instance's connection was dropped with the body unfinished
             except _TooLarge:
                 await _error(
                     send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
@@ -309,8 +314,9 @@ class Gateway:
             return False
         try:
             resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
+            # An app's own token opens its config and endpoints, never another app's functions.
+            ok = resp.status_code == 200 and resp.json().get("role") != "app"
+        except (httpx.HTTPError, ValueError):
             return False
         self._tokens[header] = (ok, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
         while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
@@ -343,7 +349,9 @@ async def _content(receive: Receive) -> bytes | AsyncIterator[bytes]:
     """The request body: as bytes when it came in one piece (most requests: no chunked framing, no
     generator), else streamed on as it comes."""
     first = await receive()
-    if first["type"] != "http.request" or not first.get("more_body", False):
+    if first["type"] == "http.disconnect":
+        raise _ClientGone()
+    if not first.get("more_body", False):
         return bytes(first.get("body", b""))
 
     async def rest() -> AsyncIterator[bytes]:
@@ -354,11 +362,15 @@ async def _content(receive: Receive) -> bytes | AsyncIterator[bytes]:
     return rest()
 
 
+class _ClientGone(Exception):
+    """The client left before its body was whole: the instance must not get a cut-off one as complete."""
+
+
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            return
+            raise _ClientGone()
         body = msg.get("body", b"")
         if body:
             yield body

@@ -28,6 +28,10 @@ class Unreachable(UpstreamError):
     """The connection was refused: nothing was sent, so another instance may take the request."""
 
 
+class _Stale(Exception):
+    """The connection closed before any byte of an answer: the request may be sent again."""
+
+
 class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -86,6 +90,7 @@ class Response:
             self._done[0]
             and not self._chunks
             and self._keep_alive
+            and not self._upstream.closed
             and len(self._upstream.idle) < self._upstream.max_idle
         ):
             self._upstream.idle.append(self._conn)
@@ -100,18 +105,21 @@ class Upstream:
         self.path = path
         self.max_idle = max_idle
         self.idle: list[_Conn] = []
+        self.closed = False  # retired: connections coming back are closed, not kept
 
-    async def _connect(self) -> _Conn:
-        while self.idle:
+    async def _connect(self, reuse: bool = True) -> tuple[_Conn, bool]:
+        """A connection, and whether it was reused (a reused one may have just been closed by the
+        instance's keep-alive timer: the caller retries such a failure on a fresh connection)."""
+        while reuse and self.idle:
             conn = self.idle.pop()
             if not conn.reader.at_eof() and not conn.writer.is_closing():
-                return conn
+                return conn, True
             conn.close()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 5)
         except (OSError, TimeoutError) as e:
             raise Unreachable(str(e) or type(e).__name__) from e
-        return _Conn(reader, writer)
+        return _Conn(reader, writer), False
 
     async def request(
         self,
@@ -121,9 +129,22 @@ class Upstream:
         body: bytes | AsyncIterator[bytes],
         read_timeout: float,
     ) -> Response:
-        conn = await self._connect()
+        conn, reused = await self._connect()
         try:
             return await self._exchange(conn, method, target, headers, body, read_timeout)
+        except _Stale:
+            conn.close()
+            if not reused or not isinstance(body, bytes):
+                raise UpstreamError("the instance closed the connection before answering") from None
+        except BaseException:
+            conn.close()
+            raise
+        conn, _ = await self._connect(reuse=False)  # nothing reached the app: once more, afresh
+        try:
+            return await self._exchange(conn, method, target, headers, body, read_timeout)
+        except _Stale:
+            conn.close()
+            raise UpstreamError("the instance closed the connection before answering") from None
         except BaseException:
             conn.close()
             raise
@@ -150,9 +171,12 @@ class Upstream:
             async for chunk in body:
                 if chunk:
                     conn.writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    await conn.writer.drain()
+                    await asyncio.wait_for(conn.writer.drain(), read_timeout)  # an app not reading
             conn.writer.write(b"0\r\n\r\n")
-        await conn.writer.drain()
+        try:
+            await asyncio.wait_for(conn.writer.drain(), read_timeout)
+        except ConnectionError as e:
+            raise _Stale() from e
 
         got: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
@@ -181,7 +205,7 @@ class Upstream:
             except TimeoutError as e:
                 raise TimeoutError(f"no answer within {read_timeout:.0f}s") from e
             if not data:
-                raise UpstreamError("the instance closed the connection before answering")
+                raise _Stale()
             try:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade:
@@ -189,10 +213,15 @@ class Upstream:
             except httptools.HttpParserError as e:
                 raise UpstreamError(f"bad response from the instance: {e}") from e
         code = parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # The gateway drops Expect, so none should come; one that does must not be taken for
+            # the answer (the real one would then reach whoever uses this connection next).
+            raise UpstreamError(f"unexpected interim response {code} from the instance")
         expected = method != "HEAD" and code not in NO_BODY_STATUS and code >= 200
         return Response(code, got, self, conn, parser, chunks, done, read_timeout, expected, keep_alive[0])
 
     async def close(self) -> None:
+        self.closed = True
         for conn in self.idle:
             conn.close()
             with contextlib.suppress(Exception):

@@ -176,7 +176,6 @@ class NodeAgent:
     async def _push_config(self, app: str, zygotes: list[Zygote]) -> None:
         old = dict(self.configs.get(app, {}).get("values") or {})
         cfg = self._config_versions.items.get(app) or await self.app_config(app, refresh=True)
-        self.configs[app] = cfg
         changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
         for zyg in zygotes:
             schema = self._manifest(zyg.image).get("config") or {}
@@ -184,8 +183,13 @@ class NodeAgent:
                 await self._roll(zyg, cfg)  # read once at start: a new zygote, instances one by one
             else:
                 await zyg.configure(cfg["values"], cfg["version"])
+        self.configs[app] = cfg  # only now: a push that failed is tried again on the next pass
 
     async def _roll(self, old: Zygote, cfg: dict[str, Any]) -> None:
+        starting = self._zygote_starts.get(old.image)
+        if starting is not None:  # let a start under way finish first, or it would overwrite ours
+            with contextlib.suppress(Exception):
+                await asyncio.shield(starting)
         new = await self._new_zygote(old.image)
         self.zygotes[old.image] = new
         for sup in [s for s in self.supervisors.values() if s.image == old.image]:

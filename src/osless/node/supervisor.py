@@ -203,8 +203,13 @@ class Supervisor:
         await self._set(phase="stopping")
         await asyncio.sleep(DRAIN_S)
         self._kill(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            # It would not stop (or not come back): force it, rather than leave it out of rotation.
+            self._kill(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""
