@@ -205,7 +205,8 @@ class Upstream:
             except TimeoutError as e:
                 raise TimeoutError(f"no answer within {read_timeout:.0f}s") from e
             if not data:
-                raise _Stale()
+                # After the request went out this may be a crash mid-request: never sent twice.
+                raise UpstreamError("the instance closed the connection before answering")
             try:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade:
