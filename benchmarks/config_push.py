@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _platform import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,12 +45,6 @@ IDLE_APP = "config-push-idle"
 TARGET_P99_MS = 20.0
 SETTLE_S = 0.1  # between rounds
 HEALTH_REQUEST = b"GET /__osless__/health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(xs: list[float], p: float) -> float:
