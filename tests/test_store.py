@@ -219,6 +219,33 @@ def test_watch_many_watchers_and_large_history(tmp_path: Path) -> None:
     run_with_store(tmp_path, body)
 
 
+def test_watch_reads_the_table_then_memory_and_both_agree(tmp_path: Path) -> None:
+    """More events than the store keeps in memory: an old cursor reads the table until memory
+    reaches back to it, and a watcher over a restarted store reads only the table."""
+    expected = [(rev, f"/m/{rev:03}/{i:03}") for rev in range(1, 51) for i in range(0, 100, 2)]
+
+    async def body(store: SQLiteStore) -> None:
+        for rev in range(1, 51):
+            puts = [(f"/{'m' if i % 2 == 0 else 'n'}/{rev:03}/{i:03}", b"v", None) for i in range(100)]
+            assert await store.txn_put_many(puts) == rev
+        assert len(store._recent) < 5000  # some of it is in the table only
+        async with contextlib.aclosing(store.watch("/m/", after_revision=0)) as events:
+            got = await take(events, len(expected), timeout=10)
+            assert [(e.revision, e.key) for e in got] == expected
+            await store.put("/m/live", b"x")
+            assert summary(await take(events, 1)) == [("PUT", "/m/live", b"x", 51)]
+
+    run_with_store(tmp_path, body)
+
+    async def reopened() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            assert not store._recent
+            got = await take(store.watch("/m/", after_revision=25), 1251, timeout=10)
+            assert [(e.revision, e.key) for e in got] == [*expected[25 * 50 :], (51, "/m/live")]
+
+    asyncio.run(reopened())
+
+
 def test_watch_stops_cleanly(tmp_path: Path) -> None:
     async def body(store: SQLiteStore) -> None:
         await store.put("/w/1", b"1")
@@ -407,6 +434,39 @@ def test_acked_write_survives_sigkill(tmp_path: Path) -> None:
             assert await store.revision() == 1
 
     asyncio.run(check())
+
+
+def test_acknowledged_after_an_fsync_of_the_wal_shared_by_concurrent_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watchers see a commit at once; the writer hears back only after an fsync that began after
+    its commit, and concurrent writers share fsyncs rather than queue one each."""
+    log: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        log.append(("fsync-start", name))
+        real_fsync(fd)
+        log.append(("fsync-end", name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    async def body(store: SQLiteStore) -> None:
+        await store.put("/warm", b"0")
+        log.clear()
+
+        async def put(i: int) -> None:
+            await store.put(f"/k/{i}", b"v")
+            log.append(("acked", str(i)))
+
+        await asyncio.gather(*(put(i) for i in range(50)))
+        acks = [i for i, (what, _) in enumerate(log) if what == "acked"]
+        syncs = [i for i, (what, name) in enumerate(log) if what == "fsync-end" and name.endswith("-wal")]
+        assert len(acks) == 50 and syncs and syncs[0] < acks[0]
+        assert len(syncs) < 25, f"{len(syncs)} WAL fsyncs for 50 concurrent writes: no group commit"
+
+    run_with_store(tmp_path, body)
 
 
 def test_open_store(tmp_path: Path) -> None:

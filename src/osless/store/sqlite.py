@@ -1,19 +1,34 @@
 """SQLite backend of the store.
 
-All SQLite work runs on one dedicated thread (one connection, created there): the event loop never
-waits on an fsync, and writes are serialised without any locking of our own. Watchers are woken
-in-process after a commit and read what is new from the `events` table.
+Writes, lists and history reads run on one dedicated thread (one connection, created there): the
+event loop never waits on an fsync, and writes are serialised without any locking of our own. A
+point read (`get`, `revision`) is one indexed lookup in pages the OS has cached, cheaper than a trip
+to that thread and back, so it runs on the loop over a second, read-only connection; in WAL mode
+it never waits for the writer. Watchers are woken
+in-process after a commit. The events of recent commits are also kept in memory, handed over by the
+store thread as it commits, so a watcher that keeps up never queues a read behind other work on
+that thread; one that fell behind (or starts from an older revision) reads the `events` table.
+
+Durability is pipelined. A commit only writes the WAL (synchronous=NORMAL), so it is visible at once
+and already survives the process being killed; a second thread then fsyncs the WAL, and a write is
+acknowledged to its caller only after that (group commit: one fsync covers every commit before it).
+Watchers on this machine may therefore act on a change a few milliseconds before it is on disk;
+only a power loss in that window could lose it, and that takes them down with it. An unacknowledged
+write was never promised, so nothing acknowledged is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+RECENT_EVENTS = 4096  # kept in memory for watchers, at most (never more than the history)
 DEFAULT_HISTORY = 10_000  # revisions of watch history kept (each revision has at least one event)
 _WATCH_BATCH = 500  # events read per query, so a far-behind watcher does not load all history at once
 _SCHEMA_VERSION = 1
@@ -100,7 +116,7 @@ def _check_if_revision(if_revision: int | None) -> None:
 
 
 class SQLiteStore(Store):
-    """The store in one SQLite file (WAL, synchronous=FULL: an acknowledged write is on disk).
+    """The store in one SQLite file (WAL, fsynced before a write is acknowledged; see above).
 
     Call `start()` (or use `async with`) before anything else; one process should own the file.
     """
@@ -115,6 +131,7 @@ class SQLiteStore(Store):
         self._sweep_interval = sweep_interval
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the executor's thread
+        self._reader: sqlite3.Connection | None = None  # touched only on the loop's thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -122,6 +139,13 @@ class SQLiteStore(Store):
         # reading, so a commit that lands after its read still wakes it.
         self._changed = asyncio.Event()
         self._watchers = 0  # live watch generators; lets tests see that a stopped watch cleaned up
+        self._syncer: ThreadPoolExecutor | None = None
+        self._committed = 0  # commits so far (counted on the store thread)
+        self._durable = 0  # of those, how many an fsync has covered
+        self._flush_lock = asyncio.Lock()
+        self._pending: builtins.list[Event] = []  # the open transaction's events (store thread)
+        # The newest events in revision order, appended on the loop in commit order.
+        self._recent: collections.deque[Event] = collections.deque(maxlen=min(RECENT_EVENTS, history))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -132,11 +156,16 @@ class SQLiteStore(Store):
             return
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="osless-store")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="osless-store-fsync")
         try:
             await self._run(self._open_sync)
+            uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
+            self._reader = sqlite3.connect(uri, uri=True, isolation_level=None)
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
+            self._syncer.shutdown(wait=False)
+            self._syncer = None
             raise
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="osless-store-lease-sweeper")
 
@@ -148,11 +177,17 @@ class SQLiteStore(Store):
             self._sweeper.cancel()
             await asyncio.wait([self._sweeper])  # unlike `await task`, does not re-raise its cancel
             self._sweeper = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         executor = self._executor
         if executor is not None:
             # Queued after any work already submitted, so in-flight operations finish first.
             await asyncio.wrap_future(executor.submit(self._close_sync))
             executor.shutdown(wait=True)  # the thread is idle by now: this does not block
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)  # an fsync under way finishes; closing synced the rest
+            self._syncer = None
         self._wake()  # waiting watchers see `_closed` and stop
 
     async def __aenter__(self) -> SQLiteStore:
@@ -171,23 +206,69 @@ class SQLiteStore(Store):
             raise StoreError("store is not started: call start() first")
         return await asyncio.wrap_future(self._executor.submit(fn))
 
+    async def _acknowledge(self, result: T) -> T:
+        """Return `result` once every commit so far is on disk (sharing an fsync with concurrent
+        writers), so an acknowledged write survives a power loss, not only a crash."""
+        wanted = self._committed
+        async with self._flush_lock:
+            if self._durable >= wanted:
+                return result  # another writer's fsync covered this commit
+            if self._syncer is None:
+                return result  # closed since: closing checkpointed the WAL, with an fsync
+            covered = self._committed  # read before the fsync: all of these are in the WAL already
+            await asyncio.wrap_future(self._syncer.submit(self._fsync_sync))
+            self._durable = max(self._durable, covered)
+        return result
+
+    def _fsync_sync(self) -> None:
+        # The WAL holds every commit not yet checkpointed; a checkpoint (under NORMAL) fsyncs the
+        # WAL before and the database after, so syncing both covers wherever a commit now lives.
+        for path in (Path(f"{self.path}-wal"), self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _notify(self) -> None:
-        """Wake watchers after a commit. Called on the store thread, so even a write whose caller
-        was cancelled while it ran still wakes them."""
+    def _publish(self, events: builtins.list[Event]) -> None:
+        self._recent.extend(events)
+        self._wake()
+
+    def _from_recent(self, prefix: str, cursor: int) -> tuple[builtins.list[Event], int] | None:
+        """The events after `cursor` from memory, and the revision read up to; None when memory
+        does not reach back that far (the table has them)."""
+        recent = self._recent
+        if not recent or recent[0].revision > cursor + 1:
+            return None
+        newer: builtins.list[Event] = []
+        for event in reversed(recent):  # a watcher that keeps up wants only the last few
+            if event.revision <= cursor:
+                break
+            newer.append(event)
+        newer.reverse()
+        head = newer[-1].revision if newer else cursor
+        return [e for e in newer if e.key.startswith(prefix)], head
+
+    def _notify(self, events: builtins.list[Event]) -> None:
+        """Hand a commit's events to the loop and wake watchers. Called on the store thread, so
+        even a write whose caller was cancelled while it ran still wakes them."""
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to wake
-            loop.call_soon_threadsafe(self._wake)
+            loop.call_soon_threadsafe(self._publish, events)
 
     # -- async API --------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        return await self._run(lambda: self._get_sync(self._db(), key))
+        return self._get_sync(self._read(), key)
 
     async def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
         return await self._run(lambda: self._list_sync(prefix))
@@ -199,11 +280,11 @@ class SQLiteStore(Store):
             raise ValueError("key must not be empty")
         _check_if_revision(if_revision)
         data = bytes(value)
-        return await self._run(lambda: self._put_sync(key, data, if_revision, lease))
+        return await self._acknowledge(await self._run(lambda: self._put_sync(key, data, if_revision, lease)))
 
     async def delete(self, key: str, *, if_revision: int | None = None) -> bool:
         _check_if_revision(if_revision)
-        return await self._run(lambda: self._delete_sync(key, if_revision))
+        return await self._acknowledge(await self._run(lambda: self._delete_sync(key, if_revision)))
 
     async def txn_put_many(self, puts: builtins.list[tuple[str, bytes, int | None]]) -> int:
         items = [(key, bytes(value), if_rev) for key, value, if_rev in puts]
@@ -214,7 +295,7 @@ class SQLiteStore(Store):
             if not key:
                 raise ValueError("key must not be empty")
             _check_if_revision(if_rev)
-        return await self._run(lambda: self._txn_sync(items))
+        return await self._acknowledge(await self._run(lambda: self._txn_sync(items)))
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncGenerator[Event, None]:
         if after_revision < 0:
@@ -224,11 +305,16 @@ class SQLiteStore(Store):
         try:
             while True:
                 changed = self._changed  # before the read; see __init__
-                # partial, not a lambda: binds the cursor's value now
-                batch = await self._run(functools.partial(self._events_sync, prefix, cursor))
+                recent = self._from_recent(prefix, cursor)
+                if recent is not None:
+                    batch, cursor = recent
+                else:
+                    # partial, not a lambda: binds the cursor's value now
+                    batch = await self._run(functools.partial(self._events_sync, prefix, cursor))
+                    if batch:
+                        # Batches end on a revision boundary, so the cursor can be a revision.
+                        cursor = batch[-1].revision
                 if batch:
-                    # Batches end on a revision boundary, so the cursor can be a revision.
-                    cursor = batch[-1].revision
                     for event in batch:
                         yield event
                     continue
@@ -239,18 +325,20 @@ class SQLiteStore(Store):
             self._watchers -= 1
 
     async def revision(self) -> int:
-        return await self._run(lambda: self._meta(self._db(), "revision"))
+        return self._meta(self._read(), "revision")
 
     async def grant_lease(self, ttl_s: float) -> int:
         if not ttl_s > 0:
             raise ValueError(f"lease ttl must be positive, not {ttl_s}")
-        return await self._run(lambda: self._grant_sync(float(ttl_s)))
+        return await self._acknowledge(await self._run(lambda: self._grant_sync(float(ttl_s))))
 
     async def keepalive(self, lease_id: int) -> None:
+        # Not waited onto disk: a keepalive lost with the power had holders that went with it.
         await self._run(lambda: self._keepalive_sync(lease_id))
 
     async def revoke(self, lease_id: int) -> None:
         await self._run(lambda: self._revoke_sync(lease_id))
+        await self._acknowledge(None)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -264,6 +352,13 @@ class SQLiteStore(Store):
             await asyncio.sleep(self._sweep_interval)
 
     # -- on the store thread ----------------------------------------------------------------------
+
+    def _read(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("store is closed")
+        if self._reader is None:
+            raise StoreError("store is not started: call start() first")
+        return self._reader
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -280,9 +375,9 @@ class SQLiteStore(Store):
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode!r})")
-            # FULL (not NORMAL) in WAL mode: the WAL is fsynced at every commit, so an
-            # acknowledged write survives a crash, not only a clean exit.
-            conn.execute("PRAGMA synchronous = FULL")
+            # NORMAL: a commit writes the WAL without an fsync; `_acknowledge` syncs it off this
+            # thread before any write is acknowledged (see the module's docstring).
+            conn.execute("PRAGMA synchronous = NORMAL")
             with self._txn(conn):
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > _SCHEMA_VERSION:
@@ -307,10 +402,15 @@ class SQLiteStore(Store):
         try:
             yield
             conn.execute("COMMIT")
+            self._committed += 1
         except BaseException:
+            self._pending = []
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if self._pending:
+            events, self._pending = self._pending, []
+            self._notify(events)
 
     @staticmethod
     def _meta(conn: sqlite3.Connection, name: str) -> int:
@@ -377,10 +477,10 @@ class SQLiteStore(Store):
         conn.execute("DELETE FROM kv WHERE key = ?", (key,))
         self._append_event(conn, rev, "DELETE", key, None)
 
-    @staticmethod
     def _append_event(
-        conn: sqlite3.Connection, rev: int, type_: EventType, key: str, kv: KeyValue | None
+        self, conn: sqlite3.Connection, rev: int, type_: EventType, key: str, kv: KeyValue | None
     ) -> None:
+        self._pending.append(Event(type_, key, kv, rev))
         conn.execute(
             "INSERT INTO events (rev, key, type, value, create_rev, version, lease)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -409,7 +509,6 @@ class SQLiteStore(Store):
             current = self._get_sync(conn, key)
             self._check(key, current, if_revision)
             kv = self._write_kv(conn, key, value, current, self._bump(conn), lease)
-        self._notify()
         return kv
 
     def _delete_sync(self, key: str, if_revision: int | None) -> bool:
@@ -420,7 +519,6 @@ class SQLiteStore(Store):
                 return False
             self._check(key, current, if_revision)
             self._delete_kv(conn, key, self._bump(conn))
-        self._notify()
         return True
 
     def _txn_sync(self, items: builtins.list[tuple[str, bytes, int | None]]) -> int:
@@ -435,7 +533,6 @@ class SQLiteStore(Store):
             rev = self._bump(conn)
             for (key, value, _), current in zip(items, currents, strict=True):
                 self._write_kv(conn, key, value, current, rev, None)
-        self._notify()
         return rev
 
     def _events_sync(self, prefix: str, after: int) -> builtins.list[Event]:
@@ -498,9 +595,7 @@ class SQLiteStore(Store):
         with self._txn(conn):
             if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
                 raise LeaseNotFound(lease_id)
-            changed = self._drop_lease(conn, lease_id)
-        if changed:
-            self._notify()
+            self._drop_lease(conn, lease_id)
 
     def _expire_sync(self) -> None:
         conn = self._db()
@@ -508,10 +603,7 @@ class SQLiteStore(Store):
         # Cheap read first: most sweeps find nothing and should not take the write lock or fsync.
         if conn.execute("SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (now,)).fetchone() is None:
             return
-        changed = False
         with self._txn(conn):
             expired = [row[0] for row in conn.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
             for lease_id in expired:
-                changed = self._drop_lease(conn, lease_id) or changed
-        if changed:
-            self._notify()
+                self._drop_lease(conn, lease_id)
