@@ -7,6 +7,7 @@ with the admin token, exactly as they would be from other machines.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import functools
 import json
@@ -159,37 +160,29 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     client = AsyncApi(cfg.api_url, node_token)  # the parts act as this node, not as the admin
     router = Router(client)
     gateway = Gateway(router, client)
-    gw_server = _Server(
-        uvicorn.Config(
-            gateway,
-            host=cfg.host,
-            port=cfg.http_port,
-            log_level=uv_log,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=2,
-        )
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    servers = [
-        asyncio.create_task(api_server.serve(), name="the API server"),
-        asyncio.create_task(gw_server.serve(), name="the gateway server"),
-    ]
+    servers = [asyncio.create_task(api_server.serve(), name="the API server")]
     failed = False
     parts: list[asyncio.Task[None]] = []
     try:
-        while not (api_server.started and gw_server.started):
+        try:
+            await gateway.listen(cfg.host, cfg.http_port)
+        except OSError as e:
+            raise SystemExit(
+                f"could not listen on {cfg.host}:{cfg.http_port}: {e.strerror or e} "
+                "(port in use? pass --http-port)"
+            ) from None
+        while not api_server.started:
             if any(t.done() for t in servers):
                 for t in servers:
                     if t.done() and t.exception():
                         raise t.exception()  # type: ignore[misc]
                 raise SystemExit(
-                    f"could not listen on {cfg.host}:{cfg.api_port} and :{cfg.http_port} "
-                    "(ports in use? pass --api-port/--http-port)"
+                    f"could not listen on {cfg.host}:{cfg.api_port} (port in use? pass --api-port)"
                 )
             await asyncio.sleep(0.01)
         await router.start()
@@ -207,6 +200,9 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             asyncio.create_task(gateway.traffic.report(client, cfg.node_name), name="the gateway's reports"),
             asyncio.create_task(agent.run(), name="the node agent"),
         ]
+        # What start-up built lives as long as the process: out of the collector's way, so that a
+        # collection triggered by requests does not walk it each time.
+        gc.freeze()
         if cfg.save_credentials:
             save_credentials(cfg.api_url, token, cfg.gateway_url)
         if on_ready:
@@ -227,7 +223,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         await asyncio.gather(*parts, return_exceptions=True)
         await router.close()
         await gateway.aclose()
-        api_server.should_exit = gw_server.should_exit = True
+        api_server.should_exit = True
         await asyncio.gather(*servers, return_exceptions=True)
         await client.aclose()
         await store.close()

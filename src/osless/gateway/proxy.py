@@ -1,28 +1,31 @@
 """HTTP ingress: `/{app}/...` or `Host: {app}.localhost` to the app's web instances, bodies streamed
 both ways; `POST /_functions/{app}/{function}` (with an API token) invokes a function.
+
+Routing, limits and the activator live here, one coroutine per request; the bytes move in
+`gateway.http` (the client's side) and `gateway.upstream` (the instance's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
+import httptools
 import httpx
-from starlette.types import Receive, Scope, Send
-from websockets.asyncio.client import unix_connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from osless.client import AsyncApi
+from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router
 from osless.gateway.traffic import Traffic
-from osless.gateway.upstream import Unreachable, UpstreamError
+from osless.gateway.upstream import Unreachable, UpstreamConn
 
 __all__ = ["Gateway"]
 
+# Not passed on: they describe the client's connection, not the request (or the gateway answers
+# them itself: Expect), and the gateway's own x-forwarded-* replace whatever the client sent.
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -30,14 +33,18 @@ HOP_BY_HOP = {
     b"proxy-authorization",
     b"te",
     b"trailers",
-    b"transfer-encoding",
     b"upgrade",
-    b"host",
-    b"expect",  # uvicorn answers the client's 100-continue itself; the instance must not
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-prefix",
 }
+JSON = [(b"content-type", b"application/json")]
+RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
-WS_MAX_DURATION_S = 3600.0
-WS_MAX_MESSAGE = 16 * 1024 * 1024
+TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
+TUNNEL_MAX_S = 3600.0  # and none lives longer than this
 DEFAULT_CONCURRENCY_LIMIT = 1000
 DEFAULT_MAX_BODY_MB = 10.0
 CONNECT_ATTEMPTS = 3
@@ -45,31 +52,13 @@ DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
 TOKEN_CACHE_SIZE = 1024
 
-
-class _NotSent(Exception):
-    """The instance refused the connection (it is stopping, say): the request was not sent at all."""
-
-
-class _TooLarge(Exception):
-    """The streamed request body went past the app's limit."""
-
-
-def _limited(receive: Receive, limit: int) -> Receive:
-    seen = 0
-
-    async def wrapped() -> Any:
-        nonlocal seen
-        msg = await receive()
-        seen += len(msg.get("body", b""))
-        if seen > limit:
-            raise _TooLarge()
-        return msg
-
-    return wrapped
+# The seconds an instance may take between bytes of its answer, from its release's manifest; None
+# when there is nothing to ask it (the function answered the request itself).
+Timeout = Callable[[dict[str, Any]], float | None]
 
 
 class Gateway:
-    """The ASGI app of the gateway port."""
+    """The gateway port: `listen()` serves it; `handle` is each request's coroutine."""
 
     def __init__(self, router: Router, api: AsyncApi, *, base_domain: str = "localhost") -> None:
         self.router = router
@@ -78,232 +67,229 @@ class Gateway:
         self._tokens: dict[str, tuple[bool, float]] = {}
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
         self.traffic = Traffic()
+        self.connections: set[ClientConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host_suffix = "." + base_domain
+        self._host_dots = base_domain.count(".") + 1
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        path: str = scope["path"]
-        host = _header(scope, b"host").split(":")[0].lower()
-        by_host = host.endswith("." + self.base_domain) and host.count(".") == self.base_domain.count(".") + 1
-        if scope["type"] == "websocket":
-            if by_host:
-                await self._websocket(scope, receive, send, host.split(".")[0], path)
-            else:
-                _, app, rest = [*path.split("/", 2), "", ""][:3]
-                await self._websocket(scope, receive, send, app, "/" + rest)
-            return
-        if by_host:
-            await self._web(scope, receive, send, host.split(".")[0], path, prefix="")
-            return
-        if path == "/_health":
-            await _json(send, 200, {"ok": True})
-            return
-        if path.startswith("/_functions/"):
-            await self._function(scope, receive, send, path)
-            return
-        parts = path.split("/", 2)
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        self._loop = loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._connection, host, port, backlog=2048)
+        return self._server
+
+    def _connection(self) -> ClientConnection:
+        assert self._loop is not None
+        conn = ClientConnection(self.handle, self._loop, self.fast)
+        self.connections.add(conn)
+        conn.on_close = self.connections.discard
+        return conn
+
+    def _where(self, req: Request) -> tuple[str, str, bytes, bytes]:
+        """(what, app, target, prefix): what is "web" (app, its target, the prefix taken off the
+        path), "health", "function", "bad_url" or "no_app"."""
+        url = req.url
+        if not url.startswith(b"/"):  # absolute-form, as a forward proxy sends it
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                return "bad_url", "", b"", b""
+            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+            host = (parsed.host or b"").decode("latin-1").lower()
+        else:
+            host = req.header(b"host").decode("latin-1").rsplit(":", 1)[0].lower()
+        if host.endswith(self._host_suffix) and host.count(".") == self._host_dots:
+            return "web", host.split(".", 1)[0], url, b""
+        path, sep, query = url.partition(b"?")
+        if path == b"/_health":
+            return "health", "", b"", b""
+        if path.startswith(b"/_functions/"):
+            return "function", "", path, b""
+        parts = path.split(b"/", 2)
         if len(parts) < 2 or not parts[1]:
-            await _error(send, 404, "no_app", "route requests as /{app}/... or with Host: {app}.localhost")
-            return
-        app = parts[1]
-        rest = "/" + parts[2] if len(parts) > 2 else "/"
-        await self._web(scope, receive, send, app, rest, prefix="/" + app)
+            return "no_app", "", b"", b""
+        rest = b"/" + parts[2] if len(parts) > 2 else b"/"
+        return "web", parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
+
+    def fast(self, conn: ClientConnection, req: Request) -> bool:
+        """The common case without a coroutine: a plain request for an app with a ready instance
+        and an idle connection to it. Anything else, or any doubt, goes to `handle`."""
+        if req.upgrade or req.header(b"expect"):
+            return False
+        what, app, target, prefix = self._where(req)
+        router = self.router
+        found = router.apps.items.get(app) if what == "web" else None
+        if found is None:
+            return False
+        policy = found.get("autoscale") or {}
+        if self.traffic.in_flight(app) >= int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT)):
+            return False
+        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
+        length = req.header(b"content-length")
+        if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:
+            return False
+        backend = router.pick_now(app)
+        manifest = None if backend is None else router.cached_manifest(backend)
+        if backend is None or manifest is None:
+            return False
+        up = backend.upstream.take_idle()
+        if up is None:
+            return False
+        req.limit = max_body
+        exchange = _Exchange(self, conn, req, backend, up, _web_timeout(manifest))
+        head = _head(req, target, self._forward_headers(conn, req, prefix))
+        exchange.start(head).add_done_callback(exchange.settle_fast)
+        return True
+
+    async def handle(self, conn: ClientConnection, req: Request) -> None:
+        what, app, target, prefix = self._where(req)
+        if what == "web":
+            await self._web(conn, req, app, target, prefix)
+        elif what == "health":
+            conn.respond(200, b'{"ok": true}', JSON)
+        elif what == "function":
+            await self._function(conn, req, target)
+        elif what == "bad_url":
+            conn.respond(400, error_response("bad_request", "the request target is not a URL"), JSON, True)
+        else:
+            message = "route requests as /{app}/... or with Host: {app}.localhost"
+            conn.respond(404, error_response("no_app", message), JSON)
 
     async def _web(
-        self, scope: Scope, receive: Receive, send: Send, app: str, path: str, prefix: str
+        self, conn: ClientConnection, req: Request, app: str, target: bytes, prefix: bytes
     ) -> None:
-        headers = _forward_headers(scope, prefix)
-        query = scope.get("query_string", b"")
-        target = path + ("?" + query.decode("latin-1") if query else "")
+        await self._route(conn, req, app, target, self._forward_headers(conn, req, prefix), _web_timeout)
 
-        async def timeout(backend: Backend) -> float | None:
-            manifest = await self.router.manifest(backend)
-            return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
-
-        await self._route(app, scope["method"], target, headers, receive, send, timeout)
-
-    async def _route(
-        self,
-        app: str,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        receive: Receive,
-        send: Send,
-        timeout: Callable[[Backend], Awaitable[float | None]],
-    ) -> None:
-        """Pick an instance and proxy; one that refuses the connection is passed over for the next."""
-        policy = (self.router.apps.items.get(app) or {}).get("autoscale") or {}
-        limit = int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT))
-        if self.traffic.in_flight(app) >= limit:
-            # At once, rather than a queue with no end: the client knows to come back.
-            await _error(
-                send,
-                429,
-                "too_many_requests",
-                f"app {app!r} is at its limit of {limit} requests in flight; retry shortly",
-                retry_after=True,
+    async def _function(self, conn: ClientConnection, req: Request, path: bytes) -> None:
+        parts = path.split(b"/")
+        if len(parts) != 4 or req.method != b"POST":
+            conn.respond(
+                404,
+                error_response("not_found", "invoke functions with POST /_functions/{app}/{function}"),
+                JSON,
             )
             return
-        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
-        length = dict(headers).get(b"content-length", b"")
-        if length.isdigit() and int(length) > max_body:
-            await _error(
-                send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
-            )
+        if not await self._authorized(req.header(b"authorization").decode("latin-1")):
+            message = "invoking a function needs 'Authorization: Bearer <token>'"
+            conn.respond(401, error_response("unauthorized", message), JSON)
             return
-        try:
-            # Read once, here: a request passed over to another instance must not need it again.
-            content = await _content(_limited(receive, max_body))
-        except _TooLarge:
-            await _error(
-                send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
-            )
-            return
-        except _ClientGone:
-            return
-        refused: set[str] = set()
-        reason = ""
-        for _ in range(CONNECT_ATTEMPTS):
-            try:
-                with self.traffic.waiting(app):
-                    backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
-                seconds = await timeout(backend)
-            except NoBackend as e:
-                await _error(send, e.status, e.code, e.message, retry_after=e.status == 503)
-                return
-            if seconds is None:
-                return  # `timeout` answered the request itself
-            try:
-                with self.traffic.serving(app):
-                    await self._proxy(backend, method, target, headers, content, send, seconds)
-                return
-            except _NotSent as e:
-                refused.add(backend.id)
-                reason = str(e)
-            except _ClientGone:
-                return  # nobody to answer; the instance's connection was dropped with the body unfinished
-            except _TooLarge:
-                await _error(
-                    send, 413, "too_large", f"the request body exceeds {app!r}'s limit of {max_body} bytes"
-                )
-                return
-        await _error(send, 502, "bad_gateway", f"no instance of {app!r} accepted the connection: {reason}")
+        app, function = parts[2].decode("latin-1"), parts[3].decode("latin-1")
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, app: str, path: str) -> None:
-        """Relay a websocket to an instance, message by message, until either side closes."""
-        try:
-            backend = await self.router.pick(app, WAIT_FOR_INSTANCE_S)
-        except NoBackend:
-            await send({"type": "websocket.close", "code": 1013})  # try again later
-            return
-        if (await receive())["type"] != "websocket.connect":
-            return
-        query = scope.get("query_string", b"").decode("latin-1")
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in HOP_BY_HOP and not k.startswith(b"sec-websocket-")
-        ]
-        try:
-            upstream = await unix_connect(
-                backend.socket,
-                f"ws://{app}{path}" + (f"?{query}" if query else ""),
-                additional_headers=headers,
-                subprotocols=scope.get("subprotocols") or None,
-                open_timeout=10,
-                max_size=WS_MAX_MESSAGE,
-            )
-        except (OSError, TimeoutError, WebSocketException):
-            await send({"type": "websocket.close", "code": 1011})
-            return
-        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-
-        async def inbound() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "websocket.disconnect":
-                    return
-                if msg.get("text") is not None:
-                    await upstream.send(msg["text"])
-                elif msg.get("bytes") is not None:
-                    await upstream.send(msg["bytes"])
-
-        async def outbound() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                async for data in upstream:
-                    key = "text" if isinstance(data, str) else "bytes"
-                    await send({"type": "websocket.send", key: data})
-
-        with self.traffic.serving(app):
-            tasks = [asyncio.create_task(inbound()), asyncio.create_task(outbound())]
-            # Idle connections live on; none outlives the maximum duration.
-            await asyncio.wait(tasks, timeout=WS_MAX_DURATION_S, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                task.cancel()
-            await upstream.close()
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": upstream.close_code or 1000})
-
-    async def _function(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        parts = path.split("/")
-        if len(parts) != 4 or scope["method"] != "POST":
-            await _error(send, 404, "not_found", "invoke functions with POST /_functions/{app}/{function}")
-            return
-        if not await self._authorized(_header(scope, b"authorization")):
-            await _error(
-                send, 401, "unauthorized", "invoking a function needs 'Authorization: Bearer <token>'"
-            )
-            return
-        _, _, app, function = parts
-
-        async def timeout(backend: Backend) -> float | None:
-            spec = ((await self.router.manifest(backend)).get("functions") or {}).get(function)
+        def timeout(manifest: dict[str, Any]) -> float | None:
+            spec = (manifest.get("functions") or {}).get(function)
             if spec is None:
-                await _error(send, 404, "unknown_function", f"app {app!r} has no function {function!r}")
+                message = f"app {app!r} has no function {function!r}"
+                conn.respond(404, error_response("unknown_function", message), JSON)
                 return None
             # The instance applies the function's timeout_s itself and answers 504; the extra
             # second covers the trip back. A caller's own x-osless-deadline passes through.
             return float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
 
-        headers = [(k, v) for k, v in _forward_headers(scope, "") if k != b"authorization"]
-        await self._route(app, "POST", f"/__osless__/invoke/{function}", headers, receive, send, timeout)
+        headers = [(k, v) for k, v in self._forward_headers(conn, req, b"") if k != b"authorization"]
+        await self._route(conn, req, app, b"/__osless__/invoke/" + parts[3], headers, timeout)
 
-    async def _proxy(
+    async def _route(
         self,
-        backend: Backend,
-        method: str,
-        target: str,
+        conn: ClientConnection,
+        req: Request,
+        app: str,
+        target: bytes,
         headers: list[tuple[bytes, bytes]],
-        content: bytes | AsyncIterator[bytes],
-        send: Send,
-        timeout: float,
+        timeout: Timeout,
     ) -> None:
-        async with self.router.use(backend):
+        """Limits first, then an instance (waiting while one starts); one that refuses the
+        connection is passed over for the next."""
+        policy = (self.router.apps.items.get(app) or {}).get("autoscale") or {}
+        limit = int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT))
+        if self.traffic.in_flight(app) >= limit:
+            # At once, rather than a queue with no end: the client knows to come back.
+            message = f"app {app!r} is at its limit of {limit} requests in flight; retry shortly"
+            conn.respond(429, error_response("too_many_requests", message), RETRY_AFTER)
+            return
+        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
+        length = req.header(b"content-length")
+        req.limit = max_body
+        if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:
+            message = f"the request body exceeds {app!r}'s limit of {max_body} bytes"
+            conn.respond(413, error_response("too_large", message), JSON, close=True)
+            return
+        if not req.complete and req.header(b"expect").lower() == b"100-continue":
+            conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        head = _head(req, target, headers)
+        refused: set[str] = set()
+        reason = ""
+        router = self.router
+        for _ in range(CONNECT_ATTEMPTS):
             try:
-                resp = await backend.upstream.request(method, target, headers, content, timeout)
-            except Unreachable as e:
-                raise _NotSent(str(e)) from e  # nothing was sent: another instance may take it
-            except TimeoutError:
-                await _error(
-                    send, 504, "timeout", f"instance {backend.id} did not answer within {timeout:.0f}s"
+                # At once when an instance is ready (the common case); else the activator's wait.
+                backend = router.pick_now(app, frozenset(refused)) if app in router.apps.items else None
+                if backend is None:
+                    with self.traffic.waiting(app):
+                        backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
+                manifest = router.cached_manifest(backend) or await router.manifest(backend)
+                seconds = timeout(manifest)
+            except NoBackend as e:
+                conn.respond(
+                    e.status, error_response(e.code, e.message), RETRY_AFTER if e.status == 503 else JSON
                 )
                 return
-            except (UpstreamError, OSError) as e:
-                await _error(send, 502, "bad_gateway", f"instance {backend.id} failed before answering: {e}")
-                return
+            if seconds is None:
+                return  # `timeout` answered the request itself
             try:
-                out = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
-                await send({"type": "http.response.start", "status": resp.status, "headers": out})
-                try:
-                    async for chunk in resp.body():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except (UpstreamError, OSError):
-                    pass  # the instance died mid-body: end what we have; the client sees a short body
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                up = await backend.upstream.acquire(fresh=req.upgrade)
+            except Unreachable as e:
+                refused.add(backend.id)  # nothing was sent: another instance may take it
+                reason = str(e)
+                continue
+            await self._exchange(_Exchange(self, conn, req, backend, up, seconds), head)
+            return
+        message = f"no instance of {app!r} accepted the connection: {reason}"
+        conn.respond(502, error_response("bad_gateway", message), JSON)
+
+    async def _exchange(self, exchange: _Exchange, head: bytes) -> None:
+        done = exchange.start(head)
+        try:
+            with contextlib.suppress(Exception):
+                await done
+        finally:
+            upgraded = exchange.settle()  # also when cancelled: the client left
+        if upgraded:
+            try:
+                await self._tunnel(exchange.conn, exchange.up)
             finally:
-                resp.release()
+                exchange.end()
+
+    async def _tunnel(self, conn: ClientConnection, up: UpstreamConn) -> None:
+        """A websocket (any 101): bytes both ways until either side closes, it idles, or it is old."""
+        loop = conn.loop
+        conn.start_tunnel(up)
+        ends = loop.time() + TUNNEL_MAX_S
+        try:
+            while not conn.closed and not up.lost:
+                now = loop.time()
+                last = max(up.last_data, conn.last_data)
+                if now >= ends or now - last >= TUNNEL_IDLE_S:
+                    break
+                await asyncio.wait([conn.lost], timeout=min(ends, last + TUNNEL_IDLE_S) - now)
+        finally:
+            if up.transport is not None:
+                up.transport.close()
+            conn.transport.close()
+
+    def _forward_headers(
+        self, conn: ClientConnection, req: Request, prefix: bytes
+    ) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in req.headers if k not in HOP_BY_HOP]
+        if req.upgrade:
+            headers += [(b"connection", b"upgrade"), (b"upgrade", req.header(b"upgrade"))]
+        headers += [
+            (b"x-forwarded-for", conn.client.encode()),
+            (b"x-forwarded-proto", b"http"),
+            (b"x-forwarded-host", req.header(b"host")),
+        ]
+        if prefix:
+            headers.append((b"x-forwarded-prefix", prefix))
+        return headers
 
     async def _authorized(self, header: str) -> bool:
         now = time.monotonic()
@@ -324,82 +310,115 @@ class Gateway:
         return ok
 
     async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.transport.close()
         await self._auth_client.aclose()
 
 
-def _header(scope: Scope, name: bytes) -> str:
-    for k, v in scope["headers"]:
-        if k == name:
-            return str(v.decode("latin-1"))
-    return ""
+class _TimedOut(Exception):
+    """No byte of the answer within the app's timeout."""
 
 
-def _forward_headers(scope: Scope, prefix: str) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP or k == b"host"]
-    client = scope.get("client")
-    headers.append((b"x-forwarded-for", (client[0] if client else "").encode()))
-    headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
-    headers.append((b"x-forwarded-host", _header(scope, b"host").encode("latin-1")))
-    if prefix:
-        headers.append((b"x-forwarded-prefix", prefix.encode()))
-    return headers
+def _web_timeout(manifest: dict[str, Any]) -> float:
+    return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
 
 
-async def _content(receive: Receive) -> bytes | AsyncIterator[bytes]:
-    """The request body: as bytes when it came in one piece (most requests: no chunked framing, no
-    generator), else streamed on as it comes."""
-    first = await receive()
-    if first["type"] == "http.disconnect":
-        raise _ClientGone()
-    if not first.get("more_body", False):
-        return bytes(first.get("body", b""))
-
-    async def rest() -> AsyncIterator[bytes]:
-        yield bytes(first.get("body", b""))
-        async for chunk in _body(receive):
-            yield chunk
-
-    return rest()
+def _head(req: Request, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = b"".join([k + b": " + v + b"\r\n" for k, v in headers])
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (req.method, target, req.version.encode(), lines)
 
 
-class _ClientGone(Exception):
-    """The client left before its body was whole: the instance must not get a cut-off one as complete."""
+class _Exchange:
+    """One request relayed to one instance: its timer, its count in the traffic, its outcome."""
 
+    __slots__ = ("backend", "conn", "done", "gateway", "req", "seconds", "timer", "up")
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise _ClientGone()
-        body = msg.get("body", b"")
-        if body:
-            yield body
-        if not msg.get("more_body", False):
-            return
+    def __init__(
+        self,
+        gateway: Gateway,
+        conn: ClientConnection,
+        req: Request,
+        backend: Backend,
+        up: UpstreamConn,
+        seconds: float,
+    ) -> None:
+        self.gateway = gateway
+        self.conn = conn
+        self.req = req
+        self.backend = backend
+        self.up = up
+        self.seconds = seconds
+        self.timer: asyncio.TimerHandle | None = None
+        self.done: asyncio.Future[None] | None = None
 
+    def start(self, head: bytes) -> asyncio.Future[None]:
+        up, conn = self.up, self.conn
+        self.gateway.traffic.start(self.backend.app)
+        self.backend.outstanding += 1
+        self.done = done = up.begin(conn, head_only=self.req.method == b"HEAD")
+        up.write(head)
+        conn.attach(up)
+        self.req.attach(up)
+        # `seconds` bounds the wait for each byte of the answer, not the whole of it: a stream
+        # that keeps sending lives on.
+        self.timer = conn.loop.call_at(up.last_data + self.seconds, self._check)
+        return done
 
-async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), *(headers or [])],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
+    def _check(self) -> None:
+        due = self.up.last_data + self.seconds
+        if self.conn.loop.time() >= due:
+            self.up.fail(_TimedOut())
+        else:
+            self.timer = self.conn.loop.call_at(due, self._check)
 
+    def settle(self) -> bool:
+        """Answer for what went wrong, if anything, and hand the instance's connection back;
+        True if it became a tunnel (the caller relays it, then calls `end`)."""
+        conn, req, up, done = self.conn, self.req, self.up, self.done
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        req.detach()
+        conn.detach()
+        error = done.exception() if done is not None and done.done() else ClientGone()
+        try:
+            if isinstance(error, _TimedOut):
+                up.abort()
+                if up.started:
+                    conn.transport.close()  # cut mid-answer: the client sees it end short
+                else:
+                    message = f"instance {self.backend.id} did not answer within {self.seconds:.0f}s"
+                    conn.respond(504, error_response("timeout", message), JSON, close=not req.complete)
+            elif isinstance(error, TooLarge):
+                up.abort()
+                message = f"the request body exceeds {self.backend.app!r}'s limit of {req.limit} bytes"
+                conn.respond(413, error_response("too_large", message), JSON, close=True)
+                conn.must_close = True
+            elif error is not None:
+                if up.started:
+                    conn.must_close = True  # the instance died mid-answer (or the client left)
+                else:
+                    message = f"instance {self.backend.id} failed before answering: {error}"
+                    conn.respond(502, error_response("bad_gateway", message), JSON, close=not req.complete)
+            elif up.upgraded:
+                return True
+            elif not req.complete:
+                up.keep_alive = False  # answered before the body ended: the instance may still read it
+                conn.must_close = True
+            elif not up.keep_alive:
+                conn.must_close = True  # the answer said `connection: close`, and the client heard it
+        finally:
+            if not up.upgraded:
+                self.backend.upstream.release(up)
+                self.end()
+        return False
 
-async def _error(send: Send, status: int, code: str, message: str, retry_after: bool = False) -> None:
-    extra = [(b"retry-after", b"1")] if retry_after else []
-    await _json(send, status, {"error": {"code": code, "message": message}}, extra)
+    def end(self) -> None:
+        self.backend.outstanding -= 1
+        self.gateway.traffic.end(self.backend.app)
 
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif msg["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    def settle_fast(self, _: asyncio.Future[None]) -> None:
+        self.settle()  # never a tunnel: upgrades take the coroutine
+        self.conn.finished(None)

@@ -50,6 +50,7 @@ class Router:
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._rebuild)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
         self.backends: dict[str, Backend] = {}
+        self.by_app: dict[str, list[Backend]] = {}
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
@@ -84,14 +85,26 @@ class Router:
                 self.backends[iid] = Backend(
                     id=iid, app=inst["app"], release=inst["release"], socket=sock, upstream=Upstream(sock)
                 )
+        by_app: dict[str, list[Backend]] = {}
+        for b in self.backends.values():
+            by_app.setdefault(b.app, []).append(b)
+        self.by_app = by_app
         self._changed.set()
         self._changed = asyncio.Event()
 
     def candidates(self, app: str) -> list[Backend]:
         current = (self.apps.items.get(app) or {}).get("current_release")
-        all_ready = [b for b in self.backends.values() if b.app == app]
+        all_ready = self.by_app.get(app, [])
         preferred = [b for b in all_ready if b.release == current]
         return preferred or all_ready
+
+    def pick_now(self, app: str, exclude: frozenset[str] = frozenset()) -> Backend | None:
+        """`pick` without waiting: None when no ready instance can take it right now."""
+        found = [b for b in self.candidates(app) if b.id not in exclude]
+        if not found:
+            return None
+        least = min(b.outstanding for b in found)
+        return random.choice([b for b in found if b.outstanding == least])
 
     async def pick(self, app: str, wait_s: float, exclude: frozenset[str] = frozenset()) -> Backend:
         """The ready instance with the fewest outstanding requests; waits while instances are starting.
@@ -103,10 +116,9 @@ class Router:
         while True:
             if app not in self.apps.items:
                 raise NoBackend(404, "app_not_found", f"no app named {app!r} is deployed here")
-            found = [b for b in self.candidates(app) if b.id not in exclude]
-            if found:
-                least = min(b.outstanding for b in found)
-                return random.choice([b for b in found if b.outstanding == least])
+            found = self.pick_now(app, exclude)
+            if found is not None:
+                return found
             if self.apps.items[app].get("current_release") is None:
                 raise NoBackend(503, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it")
             # The activator: an app at zero (or whose instances all went) is woken, and the request
@@ -146,6 +158,9 @@ class Router:
                 ) from e
             self._manifests[key] = release["manifest"]
         return self._manifests[key]
+
+    def cached_manifest(self, backend: Backend) -> dict[str, Any] | None:
+        return self._manifests.get((backend.app, backend.release))
 
     @contextlib.asynccontextmanager
     async def use(self, backend: Backend) -> AsyncIterator[Backend]:

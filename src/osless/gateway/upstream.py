@@ -1,230 +1,217 @@
-"""HTTP/1.1 to an instance over its unix socket: kept-alive connections, bytes relayed as they come.
+"""HTTP/1.1 to an instance over its unix socket: kept-alive connections whose answers are relayed
+to the client byte for byte as they arrive.
 
-The gateway's hot path. A general client (httpx) spends most of a request here on its pool's
-bookkeeping; an instance is one socket that speaks one protocol, so this keeps a stack of idle
-connections and parses responses with httptools (the C parser uvicorn uses).
+The gateway's hot path. An instance's answer is already HTTP/1.1 for the client, so it is written
+on unchanged; httptools (the C parser uvicorn uses) only finds where it ends, so that the
+connection can take the next request. A `101 Switching Protocols` turns the connection into a
+tunnel both ways (websockets).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import httptools
 
-__all__ = ["Response", "Unreachable", "Upstream", "UpstreamError"]
+__all__ = ["Peer", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
 
-READ_CHUNK = 64 * 1024
-NO_BODY_STATUS = {204, 304}
+CONNECT_TIMEOUT_S = 5.0
+# Instances close a kept-alive connection after 5 s idle (uvicorn's default); one idle for less
+# than this is reused, older ones are closed rather than risk a request racing that close.
+REUSE_IDLE_S = 2.0
+MAX_IDLE = 64
 
 
 class UpstreamError(Exception):
-    """The instance broke the exchange (closed early, sent garbage, or was too slow)."""
+    """The instance broke the exchange (closed early, or sent something that is not HTTP)."""
 
 
 class Unreachable(UpstreamError):
     """The connection was refused: nothing was sent, so another instance may take the request."""
 
 
-class _Stale(Exception):
-    """The connection closed before any byte of an answer: the request may be sent again."""
+class Peer(Protocol):
+    """The client side an exchange relays to: its transport, and flow control back to it."""
+
+    transport: asyncio.Transport
+    responded: bool  # set once a byte of the instance's answer went out: the gateway's own cannot
+
+    def upstream_paused(self, paused: bool) -> None:
+        """The instance's socket is full (or has room again): stop (resume) reading the client."""
 
 
-class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an instance; between `begin` and `Upstream.release`, one exchange."""
 
-    def close(self) -> None:
-        self.writer.close()
+    def __init__(self, pool: Upstream, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop  # kept: asyncio.get_running_loop() costs a getpid() each call on 3.11
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.idle_since = 0.0
+        self.peer: Peer | None = None
+        self.started = False  # a byte of the answer has reached the client
+        self.complete = False
+        self.keep_alive = False
+        self.upgraded = False
+        self.last_data = 0.0
+        self.done: asyncio.Future[None] | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_only = False
+        self._interim = False
+        self._upgrading = False
 
+    def begin(self, peer: Peer, head_only: bool) -> asyncio.Future[None]:
+        """Start an exchange; the future ends with the answer (an `UpstreamError` if it breaks)."""
+        loop = self.loop
+        self.peer = peer
+        self.started = self.complete = self.keep_alive = self.upgraded = False
+        self._interim = self._upgrading = False
+        self._head_only = head_only
+        self._parser = httptools.HttpResponseParser(self)
+        self.last_data = loop.time()
+        self.done = loop.create_future()
+        return self.done
 
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    _upstream: Upstream
-    _conn: _Conn
-    _parser: httptools.HttpResponseParser
-    _chunks: list[bytes]
-    _done: list[bool]
-    _read_timeout: float
-    _body_expected: bool
-    _keep_alive: bool
-    _closed: bool = field(default=False)
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
-    async def body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (chunked framing already removed by the parser)."""
-        if not self._body_expected:
-            self._done[0] = True
+    def fail(self, error: Exception) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(error)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or (self.complete and not self.upgraded):
+            self.abort()  # an instance talking out of turn is not reused
             return
-        while True:
-            while self._chunks:
-                yield self._chunks.pop(0)
-            if self._done[0]:
-                return
-            try:
-                data = await asyncio.wait_for(self._conn.reader.read(READ_CHUNK), self._read_timeout)
-            except TimeoutError as e:
-                raise UpstreamError(f"no data for {self._read_timeout:.0f}s") from e
-            if not data:
-                with contextlib.suppress(httptools.HttpParserError):
-                    self._parser.feed_data(b"")  # a body delimited by the connection's end
-                if not self._done[0] and not self._chunks:
-                    raise UpstreamError("the instance closed the connection mid-response")
-                self._done[0] = True
-                continue
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserError as e:
-                raise UpstreamError(f"bad response from the instance: {e}") from e
-
-    def release(self) -> None:
-        """Back to the pool if the exchange ended cleanly and may continue, else closed."""
-        if self._closed:
+        self.last_data = self.loop.time()
+        self.started = peer.responded = True
+        peer.transport.write(data)  # relayed first; the parser only finds the end
+        if self.upgraded:
             return
-        self._closed = True
-        if (
-            self._done[0]
-            and not self._chunks
-            and self._keep_alive
-            and not self._upstream.closed
-            and len(self._upstream.idle) < self._upstream.max_idle
-        ):
-            self._upstream.idle.append(self._conn)
-        else:
-            self._conn.close()
+        assert self._parser is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True  # the bytes after the 101's head were relayed above
+            self._finish()
+        except httptools.HttpParserError as e:
+            self.fail(UpstreamError(f"bad response from the instance: {e}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close: half-open connections are not kept
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pool.forget(self)
+        if self.done is not None and not self.done.done():
+            when = "mid-response" if self.started else "before answering"
+            self.fail(UpstreamError(f"the instance closed the connection {when}"))
+        elif self.upgraded and self.peer is not None:
+            self.peer.transport.close()  # the tunnel's far end closed
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.upstream_paused(False)
+
+    # -- httptools callbacks -------------------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        code = self._parser.get_status_code()
+        if code == 101:
+            self._upgrading = True
+            return
+        if code < 200:
+            self._interim = True  # 1xx before the answer: relayed, and the answer follows
+            return
+        self.keep_alive = self._parser.should_keep_alive()  # only meaningful here
+        if self._head_only or code in (204, 304):
+            self._finish()  # no body follows, whatever its headers say
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self._upgrading:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.complete = True
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
 
 class Upstream:
     """One instance's socket and its idle connections."""
 
-    def __init__(self, path: str, max_idle: int = 64) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.max_idle = max_idle
-        self.idle: list[_Conn] = []
+        self.idle: list[UpstreamConn] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # retired: connections coming back are closed, not kept
 
-    async def _connect(self, reuse: bool = True) -> tuple[_Conn, bool]:
-        """A connection, and whether it was reused (a reused one may have just been closed by the
-        instance's keep-alive timer: the caller retries such a failure on a fresh connection)."""
-        while reuse and self.idle:
+    def take_idle(self) -> UpstreamConn | None:
+        """An idle connection fit to reuse, if there is one."""
+        while self.idle:
             conn = self.idle.pop()
-            if not conn.reader.at_eof() and not conn.writer.is_closing():
-                return conn, True
-            conn.close()
+            if not conn.lost and conn.loop.time() - conn.idle_since < REUSE_IDLE_S:
+                return conn
+            conn.abort()
+        return None
+
+    async def acquire(self, fresh: bool = False) -> UpstreamConn:
+        """An idle connection, else a new one; `Unreachable` if the instance refuses."""
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        found = None if fresh else self.take_idle()
+        if found is not None:
+            return found
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 5)
+            _, conn = await asyncio.wait_for(
+                loop.create_unix_connection(lambda: UpstreamConn(self, loop), self.path), CONNECT_TIMEOUT_S
+            )
         except (OSError, TimeoutError) as e:
             raise Unreachable(str(e) or type(e).__name__) from e
-        return _Conn(reader, writer), False
+        return conn
 
-    async def request(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
-        read_timeout: float,
-    ) -> Response:
-        conn, reused = await self._connect()
-        try:
-            return await self._exchange(conn, method, target, headers, body, read_timeout)
-        except _Stale:
-            conn.close()
-            if not reused or not isinstance(body, bytes):
-                raise UpstreamError("the instance closed the connection before answering") from None
-        except BaseException:
-            conn.close()
-            raise
-        conn, _ = await self._connect(reuse=False)  # nothing reached the app: once more, afresh
-        try:
-            return await self._exchange(conn, method, target, headers, body, read_timeout)
-        except _Stale:
-            conn.close()
-            raise UpstreamError("the instance closed the connection before answering") from None
-        except BaseException:
-            conn.close()
-            raise
-
-    async def _exchange(
-        self,
-        conn: _Conn,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
-        read_timeout: float,
-    ) -> Response:
-        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
-        head += [
-            k + b": " + v + b"\r\n" for k, v in headers if k not in (b"content-length", b"transfer-encoding")
-        ]
-        if isinstance(body, bytes):
-            if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-                head.append(b"content-length: %d\r\n" % len(body))
-            conn.writer.write(b"".join(head) + b"\r\n" + body)
+    def release(self, conn: UpstreamConn) -> None:
+        """Back to the pool if its exchange ended cleanly and may continue, else closed."""
+        conn.peer = None
+        conn.done = None
+        reusable = conn.complete and conn.keep_alive and not conn.lost and not conn.upgraded
+        if reusable and not self.closed and len(self.idle) < MAX_IDLE:
+            conn.idle_since = conn.loop.time()
+            self.idle.append(conn)
+            return
+        if conn.upgraded and conn.transport is not None:
+            conn.transport.close()
         else:
-            conn.writer.write(b"".join(head) + b"transfer-encoding: chunked\r\n\r\n")
-            async for chunk in body:
-                if chunk:
-                    conn.writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    await asyncio.wait_for(conn.writer.drain(), read_timeout)  # an app not reading
-            conn.writer.write(b"0\r\n\r\n")
-        try:
-            await asyncio.wait_for(conn.writer.drain(), read_timeout)
-        except ConnectionError as e:
-            raise _Stale() from e
+            conn.abort()
 
-        got: list[tuple[bytes, bytes]] = []
-        chunks: list[bytes] = []
-        done = [False]
-        headers_done = [False]
-        keep_alive = [False]
-
-        class Callbacks:
-            def on_header(self, name: bytes, value: bytes) -> None:
-                got.append((name, value))
-
-            def on_headers_complete(self) -> None:
-                headers_done[0] = True
-                keep_alive[0] = parser.should_keep_alive()  # only meaningful here: it resets at the end
-
-            def on_body(self, data: bytes) -> None:
-                chunks.append(data)
-
-            def on_message_complete(self) -> None:
-                done[0] = True
-
-        parser = httptools.HttpResponseParser(Callbacks())
-        while not headers_done[0]:
-            try:
-                data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), read_timeout)
-            except TimeoutError as e:
-                raise TimeoutError(f"no answer within {read_timeout:.0f}s") from e
-            if not data:
-                # After the request went out this may be a crash mid-request: never sent twice.
-                raise UpstreamError("the instance closed the connection before answering")
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                break
-            except httptools.HttpParserError as e:
-                raise UpstreamError(f"bad response from the instance: {e}") from e
-        code = parser.get_status_code()
-        if 100 <= code < 200 and code != 101:
-            # The gateway drops Expect, so none should come; one that does must not be taken for
-            # the answer (the real one would then reach whoever uses this connection next).
-            raise UpstreamError(f"unexpected interim response {code} from the instance")
-        expected = method != "HEAD" and code not in NO_BODY_STATUS and code >= 200
-        return Response(code, got, self, conn, parser, chunks, done, read_timeout, expected, keep_alive[0])
+    def forget(self, conn: UpstreamConn) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
 
     async def close(self) -> None:
         self.closed = True
         for conn in self.idle:
-            conn.close()
-            with contextlib.suppress(Exception):
-                await conn.writer.wait_closed()
+            if conn.transport is not None:
+                conn.transport.close()
         self.idle.clear()

@@ -1,0 +1,379 @@
+"""The gateway's client side: HTTP/1.1 connections parsed with httptools, one request at a time.
+
+Each request's head is handed to a handler coroutine (`Gateway.handle`) that routes it; its body
+follows as it arrives, straight into the instance's connection once one is attached (buffered
+until then). Answers come back through `upstream.UpstreamConn`, byte for byte. Pipelined requests
+wait their turn; a `101` turns the connection into a tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+from osless.gateway.upstream import UpstreamConn
+
+__all__ = ["ClientConnection", "ClientGone", "Request", "TooLarge", "error_response"]
+
+log = logging.getLogger("osless.gateway")
+
+KEEP_ALIVE_S = 15.0  # an idle client connection is closed after this
+MAX_HEAD_BYTES = 64 * 1024
+BUFFER_BYTES = 1024 * 1024  # of body read ahead of an instance to send it to
+
+
+class TooLarge(Exception):
+    """The request body went past the app's limit."""
+
+
+class Request:
+    """One request: its head as parsed, and its body as it comes."""
+
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "buffered",
+        "chunked",
+        "complete",
+        "conn",
+        "head_bytes",
+        "headers",
+        "keep_alive",
+        "limit",
+        "method",
+        "sink",
+        "tunnel_data",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.url = b""
+        self.method = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
+        self.head_bytes = 0
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked = False
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.body_bytes = 0
+        self.complete = False
+        self.limit: int | None = None
+        self.sink: UpstreamConn | None = None
+        self.tunnel_data = b""
+
+    def header(self, name: bytes) -> bytes:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return b""
+
+    def attach(self, sink: UpstreamConn) -> None:
+        """From now on the body goes to `sink` (what was buffered first, framed as the head says)."""
+        self.sink = sink
+        for chunk in self.body:
+            sink.write(self._frame(chunk))
+        self.body.clear()
+        self.buffered = 0
+        self.conn.pause("buffer", False)
+        if self.complete and self.chunked:
+            sink.write(b"0\r\n\r\n")
+
+    def detach(self) -> None:
+        self.sink = None
+
+    def feed(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.limit is not None and self.body_bytes > self.limit:
+            self.body.clear()
+            if self.sink is not None:
+                self.sink.fail(TooLarge())
+            self.conn.pause("buffer", True)  # read no more of it: the connection ends after the 413
+            return
+        if self.sink is not None:
+            self.sink.write(self._frame(data))
+            return
+        self.body.append(data)
+        self.buffered += len(data)
+        if self.buffered > BUFFER_BYTES:
+            self.conn.pause("buffer", True)
+
+    def finish(self) -> None:
+        self.complete = True
+        if self.sink is not None and self.chunked:
+            self.sink.write(b"0\r\n\r\n")
+
+    def _frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+
+
+Handler = Callable[["ClientConnection", Request], Coroutine[Any, Any, None]]
+# Takes the request on without a coroutine if it can (then calls `finished` itself): True if so.
+FastHandler = Callable[["ClientConnection", Request], bool]
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's connection to the gateway port."""
+
+    def __init__(
+        self, handler: Handler, loop: asyncio.AbstractEventLoop, fast: FastHandler | None = None
+    ) -> None:
+        self.handler = handler
+        self.fast = fast
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time on 3.11.
+        self.loop = loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.client = ""
+        self.closed = False
+        self.must_close = False  # after the current answer
+        self.responded = False  # the current request has had (a start of) an answer
+        self.tunnel: UpstreamConn | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: Request | None = None
+        self._current: Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: deque[Request] = deque()
+        self._paused: set[str] = set()
+        self._write_paused = False
+        self._sink: UpstreamConn | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgraded = False
+        self.last_data = 0.0  # of the tunnel's client side
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.on_close: Callable[[ClientConnection], None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) else ""
+        self._idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.last_data = self.loop.time()
+            self.tunnel.write(data)
+            return
+        if self._upgraded:  # before the tunnel is up: kept for it
+            if self._parsing is not None:
+                self._parsing.tunnel_data += data
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded = True
+            if self._parsing is not None:
+                self._parsing.tunnel_data = data[e.args[0] :]
+            self.pause("upgrade", True)
+        except httptools.HttpParserError as e:
+            self._bad(400, "bad_request", f"this is not a valid HTTP/1.1 request: {e}")
+        except _HeadTooLarge:
+            self._bad(431, "head_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.on_close is not None:
+            self.on_close(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # its cleanup drops the instance's connection
+        elif self._current is not None and self._sink is not None:
+            self._sink.fail(ClientGone())  # a request on the fast path: it ends, and drops it
+        if self.tunnel is not None:
+            self.tunnel.abort()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        sink = self.tunnel or self._sink
+        if sink is not None and sink.transport is not None:
+            sink.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        sink = self.tunnel or self._sink
+        if sink is not None and sink.transport is not None:
+            sink.transport.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = Request(self)
+
+    def on_url(self, url: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        req.url += url
+        req.head_bytes += len(url)
+        if req.head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        req.headers.append((name.lower(), value))
+        req.head_bytes += len(name) + len(value)
+        if req.head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge()
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        p = self._parser
+        req.method = p.get_method()
+        req.version = p.get_http_version()
+        req.keep_alive = p.should_keep_alive()
+        req.upgrade = p.should_upgrade()
+        req.chunked = b"chunked" in req.header(b"transfer-encoding").lower()
+        if self._current is None:
+            self._start(req)
+        else:
+            self._pending.append(req)
+            self.pause("pipeline", True)  # one at a time: read on when it is its turn
+
+    def on_body(self, data: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.finish()
+
+    # -- for the handler -----------------------------------------------------------------------------
+
+    def attach(self, sink: UpstreamConn) -> None:
+        """`sink` answers the current request: flow control now runs between the two."""
+        self._sink = sink
+        if self._write_paused and sink.transport is not None:
+            sink.transport.pause_reading()
+
+    def detach(self) -> None:
+        self._sink = None
+
+    def upstream_paused(self, paused: bool) -> None:
+        self.pause("upstream", paused)
+
+    def start_tunnel(self, sink: UpstreamConn) -> None:
+        """After a 101: bytes flow both ways unparsed until either side closes."""
+        self.tunnel = sink
+        self.last_data = self.loop.time()
+        if self._current is not None and self._current.tunnel_data:
+            sink.write(self._current.tunnel_data)
+            self._current.tunnel_data = b""
+        self.pause("upgrade", False)
+
+    def respond(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, close: bool = False
+    ) -> None:
+        """An answer of the gateway's own (errors, health)."""
+        if self.closed or self.responded:
+            return
+        self.responded = True
+        if close:
+            self.must_close = True
+        phrase = HTTPStatus(status).phrase.encode()
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, phrase), b"content-length: %d\r\n" % len(body)]
+        lines += [k + b": " + v + b"\r\n" for k, v in headers or []]
+        if self.must_close:
+            lines.append(b"connection: close\r\n")
+        self.transport.write(b"".join(lines) + b"\r\n" + body)
+
+    def pause(self, reason: str, on: bool) -> None:
+        """Reading the client stops while any reason holds."""
+        before = bool(self._paused)
+        if on:
+            self._paused.add(reason)
+        else:
+            self._paused.discard(reason)
+        if self.closed or before == bool(self._paused):
+            return
+        if self._paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- one request after another -------------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._current = req
+        self.responded = False
+        if self.fast is not None and self.fast(self, req):
+            return
+        self._task = self.loop.create_task(self.handler(self, req))
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        self.finished(None if task.cancelled() else task.exception())
+
+    def finished(self, error: BaseException | None) -> None:
+        """The current request is over (answered, or failed with `error`): on to the next."""
+        req = self._current
+        self._current = None
+        self._sink = None
+        if error is not None:
+            log.error("the gateway failed on a request", exc_info=error)
+            if not self.responded:
+                self.respond(500, error_response("internal", "the gateway failed; see its log"), close=True)
+            self.must_close = True
+        if self.closed:
+            return
+        if self.tunnel is not None:
+            return  # the tunnel owns the connection now
+        if self._upgraded or req is None or not req.keep_alive or not req.complete or self.must_close:
+            # A body not read to its end leaves no way to find where the next request starts.
+            self.transport.close()
+            return
+        if self._pending:
+            self._start(self._pending.popleft())
+            if not self._pending:
+                self.pause("pipeline", False)
+            return
+        self.pause("pipeline", False)
+        self._idle()
+
+    def _idle(self) -> None:
+        self._timer = self.loop.call_later(KEEP_ALIVE_S, self._expire)
+
+    def _expire(self) -> None:
+        if self._current is None and not self.closed:
+            self.transport.close()
+
+    def _bad(self, status: int, code: str, message: str) -> None:
+        if self._current is None:  # else an answer is under way, and this would garble it
+            self.responded = False
+            self.respond(
+                status, error_response(code, message), [(b"content-type", b"application/json")], close=True
+            )
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.transport.close()
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was whole."""
+
+
+def error_response(code: str, message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, **extra}}).encode()
