@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httptools
 import httpx
 
 from tests.platform import Platform
@@ -80,3 +84,121 @@ def test_requests_spread_over_instances(platform: Platform) -> None:
     )
     pids = {json.loads(platform.cli("invoke", "spread.ok").stdout)["pid"] for _ in range(12)}
     assert len(pids) >= 2
+
+
+def _responses(
+    sock: socket.socket, n: int, head_only: bool = False
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read `n` whole answers off a raw connection (HEAD answers have no body, whatever they say)."""
+    out: list[tuple[int, dict[str, str], bytes]] = []
+    current: dict[str, Any] = {}
+
+    class Callbacks:
+        def on_message_begin(self) -> None:
+            current.update(headers={}, body=b"")
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            current["headers"][name.decode().lower()] = value.decode()
+
+        def on_headers_complete(self) -> None:
+            if head_only:
+                out.append((parser.get_status_code(), current["headers"], b""))
+
+        def on_body(self, body: bytes) -> None:
+            current["body"] += body
+
+        def on_message_complete(self) -> None:
+            if not head_only:
+                out.append((parser.get_status_code(), current["headers"], current["body"]))
+
+    parser = httptools.HttpResponseParser(Callbacks())
+    while len(out) < n:
+        data = sock.recv(65536)
+        assert data, f"the gateway closed the connection after {len(out)} of {n} answers"
+        parser.feed_data(data)
+    return out
+
+
+def _connect(platform: Platform) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", platform.http_port), timeout=10)
+    return sock
+
+
+def test_one_connection_carries_pipelined_and_kept_alive_requests(
+    platform: Platform, hello: dict[str, object]
+) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(
+            b"GET /hello/ HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /hello/echo?n=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /echo?n=3 HTTP/1.1\r\nHost: hello.localhost\r\n\r\n"
+        )
+        first, second, third = _responses(sock, 3)
+        assert first[0] == 200 and first[2] == b"Hello from osless!\n"
+        assert json.loads(second[2])["query"] == {"n": "2"}  # in the order asked
+        assert json.loads(third[2]) == {"path": "/echo", "query": {"n": "3"}, "root_path": ""}
+        sock.sendall(b"HEAD /hello/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, headers, body),) = _responses(sock, 1, head_only=True)
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\n\r\n")  # still usable after a HEAD
+        assert _responses(sock, 1)[0][2] == b"Hello from osless!\n"
+
+
+def test_expect_continue_http10_and_chunked_uploads(
+    platform: Platform, flask_demo: dict[str, object]
+) -> None:
+    body = b'{"a": 1}'
+    with _connect(platform) as sock:
+        sock.sendall(
+            b"POST /flask-demo/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body)
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # before any body is sent
+        sock.sendall(body)
+        ((status, _, answer),) = _responses(sock, 1)
+        assert status == 200 and json.loads(answer)["received"] == {"a": 1}
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"parts": '
+        yield b"[1, 2, 3]}"
+
+    r = httpx.post(
+        f"{platform.gateway}/flask-demo/echo", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200 and r.json()["received"] == {"parts": [1, 2, 3]}
+
+    with _connect(platform) as sock:
+        sock.sendall(b"GET /flask-demo/ HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):  # an HTTP/1.0 answer ends with the connection
+            data += chunk
+        assert data.startswith(b"HTTP/1.") and data.endswith(b"Hello from Flask on osless!\n")
+
+
+def test_garbage_is_a_400_and_forwarded_headers_are_the_gateways(
+    platform: Platform, hello: dict[str, object]
+) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        ((status, headers, body),) = _responses(sock, 1)
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "bad_request"
+    r = httpx.get(f"{platform.gateway}/hello/echo", headers={"x-forwarded-prefix": "/forged"})
+    assert r.json()["root_path"] == "/hello"
+
+
+def test_a_chunked_upload_past_the_limit_is_413(platform: Platform, flask_demo: dict[str, object]) -> None:
+    def chunked() -> Iterator[bytes]:  # no length up front: counted as it streams
+        for _ in range(32):
+            yield b"x" * (64 * 1024)
+
+    platform.cli("scale", "flask-demo", "--max-body-mb", "1")
+    try:
+        # JSON, so that the app reads the body (rather than answer before it is all there)
+        headers = {"content-type": "application/json"}
+        r = httpx.post(f"{platform.gateway}/flask-demo/echo", content=chunked(), headers=headers, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    finally:
+        platform.cli("scale", "flask-demo", "--max-body-mb", "10")
+    r = httpx.post(f"{platform.gateway}/flask-demo/echo", content=chunked(), timeout=30)
+    assert r.status_code == 200  # 2 MiB under a 10 MiB limit

@@ -186,7 +186,10 @@ def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dic
     time.sleep(1)
     loaded = p99()
     spinner.join()
-    assert loaded <= 2 * idle, f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
+    # Twice the idle p99, or 5 ms more, whichever is larger: a CPU-bound neighbour costs the kernel's
+    # wakeup latency (a few ms) however fast the idle path is; starving would cost far more.
+    allowed = max(2 * idle, idle + 0.005)
+    assert loaded <= allowed, f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
 
 
 def test_volume_is_writable_and_survives_restarts(platform: Platform, apps: dict[str, Any]) -> None:

@@ -54,7 +54,7 @@ class Instance:
         if self.web_kind == "wsgi":
             from a2wsgi import WSGIMiddleware  # only WSGI apps pay for the import
 
-            self.web = cast(ASGIApp, WSGIMiddleware(web))
+            self.web = cast(ASGIApp, WSGIMiddleware(_chunked_input(web)))
         elif self.web_kind == "asgi":
             self.web = cast(ASGIApp, web)
         # Set by serve(): a function calling sys.exit() asks the server to stop with that code.
@@ -547,3 +547,18 @@ async def _send_error(
     send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     await _send_body(send, status, _error_body(code, message), headers)
+
+
+def _chunked_input(wsgi: Any) -> Any:
+    """A chunked request body has no CONTENT_LENGTH, and WSGI frameworks (Werkzeug) then read
+    nothing unless the server says the input ends by itself, which a2wsgi's does."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if (
+            not environ.get("CONTENT_LENGTH")
+            and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        ):
+            environ["wsgi.input_terminated"] = True
+        return wsgi(environ, start_response)
+
+    return app
