@@ -7,9 +7,9 @@ with the admin token, exactly as they would be from other machines.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
