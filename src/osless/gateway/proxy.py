@@ -18,7 +18,7 @@ import httpx
 
 from osless.client import AsyncApi
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
-from osless.gateway.router import Backend, NoBackend, Router
+from osless.gateway.router import DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_BODY_MB, Backend, NoBackend, Router
 from osless.gateway.traffic import Traffic
 from osless.gateway.upstream import Unreachable, UpstreamConn
 
@@ -45,8 +45,7 @@ RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
 TUNNEL_MAX_S = 3600.0  # and none lives longer than this
-DEFAULT_CONCURRENCY_LIMIT = 1000
-DEFAULT_MAX_BODY_MB = 10.0
+_NO_LIMITS = (DEFAULT_CONCURRENCY_LIMIT, int(DEFAULT_MAX_BODY_MB * 1024 * 1024))  # an app not yet known
 CONNECT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
@@ -121,10 +120,9 @@ class Gateway:
         found = router.apps.items.get(app) if what == "web" else None
         if found is None:
             return False
-        policy = found.get("autoscale") or {}
-        if self.traffic.in_flight(app) >= int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT)):
+        limit, max_body = router.limits.get(app, _NO_LIMITS)
+        if self.traffic.in_flight(app) >= limit:
             return False
-        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
         length = req.header(b"content-length")
         if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:
             return False
@@ -199,14 +197,12 @@ class Gateway:
     ) -> None:
         """Limits first, then an instance (waiting while one starts); one that refuses the
         connection is passed over for the next."""
-        policy = (self.router.apps.items.get(app) or {}).get("autoscale") or {}
-        limit = int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT))
+        limit, max_body = self.router.limits.get(app, _NO_LIMITS)
         if self.traffic.in_flight(app) >= limit:
             # At once, rather than a queue with no end: the client knows to come back.
             message = f"app {app!r} is at its limit of {limit} requests in flight; retry shortly"
             conn.respond(429, error_response("too_many_requests", message), RETRY_AFTER)
             return
-        max_body = int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024)
         length = req.header(b"content-length")
         req.limit = max_body
         if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:

@@ -20,6 +20,8 @@ __all__ = ["Backend", "NoBackend", "Router"]
 
 
 WAKE_EVERY_S = 3.0
+DEFAULT_CONCURRENCY_LIMIT = 1000
+DEFAULT_MAX_BODY_MB = 10.0
 
 
 class NoBackend(Exception):
@@ -51,6 +53,9 @@ class Router:
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
         self.backends: dict[str, Backend] = {}
         self.by_app: dict[str, list[Backend]] = {}
+        self._candidates: dict[str, list[Backend]] = {}
+        # app -> (requests in flight at most, request body bytes at most)
+        self.limits: dict[str, tuple[int, int]] = {}
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
@@ -88,19 +93,31 @@ class Router:
         by_app: dict[str, list[Backend]] = {}
         for b in self.backends.values():
             by_app.setdefault(b.app, []).append(b)
-        self.by_app = by_app
+        # Worked out here, on each change, rather than on each request.
+        self._candidates = {}
+        self.limits = {}
+        for app, ready in by_app.items():
+            current = (self.apps.items.get(app) or {}).get("current_release")
+            self._candidates[app] = [b for b in ready if b.release == current] or ready
+        for app, obj in self.apps.items.items():
+            policy = obj.get("autoscale") or {}
+            self.limits[app] = (
+                int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT)),
+                int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024),
+            )
         self._changed.set()
         self._changed = asyncio.Event()
 
     def candidates(self, app: str) -> list[Backend]:
-        current = (self.apps.items.get(app) or {}).get("current_release")
-        all_ready = self.by_app.get(app, [])
-        preferred = [b for b in all_ready if b.release == current]
-        return preferred or all_ready
+        return self._candidates.get(app, [])
 
     def pick_now(self, app: str, exclude: frozenset[str] = frozenset()) -> Backend | None:
         """`pick` without waiting: None when no ready instance can take it right now."""
-        found = [b for b in self.candidates(app) if b.id not in exclude]
+        found = self._candidates.get(app, [])
+        if len(found) == 1 and not exclude:
+            return found[0]
+        if exclude:
+            found = [b for b in found if b.id not in exclude]
         if not found:
             return None
         least = min(b.outstanding for b in found)

@@ -68,8 +68,11 @@ class UpstreamConn(asyncio.Protocol):
         self.peer = peer
         self.started = self.complete = self.keep_alive = self.upgraded = False
         self._interim = self._upgrading = False
+        # One parser for the connection's answers, one after another; a fresh one only after an
+        # answer whose end the parser could not see (HEAD, 204, 304: a body announced, none sent).
+        if self._parser is None or self._head_only:
+            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
-        self._parser = httptools.HttpResponseParser(self)
         self.last_data = loop.time()
         self.done = loop.create_future()
         return self.done
@@ -143,6 +146,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.keep_alive = self._parser.should_keep_alive()  # only meaningful here
         if self._head_only or code in (204, 304):
+            self._head_only = True  # the next exchange needs a fresh parser
             self._finish()  # no body follows, whatever its headers say
 
     def on_message_complete(self) -> None:
