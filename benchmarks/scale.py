@@ -3,7 +3,8 @@
 examples/hello at zero instances (min 0, a short idle window); 200 clients start at once, each
 sending requests back to back for a few seconds. Reported: the time until every client had its
 first answer, the instances the autoscaler started, errors (there must be none), and the time back
-to zero once the load stops. Side by side, the same crowd against the app already warm, with as
+to zero once the load stops, then single requests each sent to the app at zero (the activator's
+wake: fork, not boot). Side by side, the same crowd against the app already warm, with as
 many instances running. Prints one JSON object as its last line.
 
     .venv/bin/python benchmarks/scale.py [--clients 200] [--seconds 5]
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import threading
 import time
@@ -82,6 +84,21 @@ async def crowd(port: int, path: str, clients: int, seconds: float) -> dict[str,
     }
 
 
+def one_request(port: int, path: str) -> float:
+    """Seconds for one GET on a fresh connection, connect to last byte (a raw socket: no client
+    library's own start-up in the figure)."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    elapsed = time.perf_counter() - t0
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"GET {path}: {data[:200]!r}")
+    return elapsed
+
+
 def api(port: int, token: str, path: str) -> Any:
     return httpx.get(
         f"http://127.0.0.1:{port}{path}", headers={"authorization": f"Bearer {token}"}, timeout=10
@@ -107,6 +124,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--idle", type=float, default=3.0, help="the app's idle window before zero")
+    parser.add_argument("--lone", type=int, default=5, help="single requests timed from zero")
     args = parser.parse_args()
     with running_platform("osless-bench-scale-") as platform:
         api_port, http_port, token, osless = (
@@ -143,6 +161,13 @@ def main() -> None:
         back_to_zero = wait(lambda: not api(api_port, token, "/v1/instances?app=hello")["items"], 180)
         reason = api(api_port, token, "/v1/apps/hello")["scale_reason"]
 
+        # One request alone, each time after the app went back to zero: the activator's wake.
+        lone: list[float] = []
+        for _ in range(args.lone):
+            wait(lambda: not api(api_port, token, "/v1/instances?app=hello")["items"], 180)
+            lone.append(one_request(http_port, "/hello/"))
+        lone_warm = one_request(http_port, "/hello/")  # the same, now warm
+
         # Baseline: the same crowd with the instances already running.
         osless("scale", "hello", "--min", str(max(peak, 1)), "--max", "20")
         wait(lambda: ready(api_port, token) >= max(peak, 1), 120)
@@ -160,6 +185,12 @@ def main() -> None:
                 "back_to_zero_s_after_load": round(back_to_zero, 2),
                 "idle_window_s": args.idle,
                 "last_reason": reason,
+                "lone_request_from_zero_ms": {
+                    "n": len(lone),
+                    "p50": round(statistics.median(lone) * 1000, 1) if lone else None,
+                    "max": round(max(lone) * 1000, 1) if lone else None,
+                    "same_request_warm": round(lone_warm * 1000, 1),
+                },
                 "baseline_already_warm": warm,
                 "errors": errors,
                 "meets_no_errors": errors == 0 and cold["all_served_s"] is not None,
