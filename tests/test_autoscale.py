@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,46 @@ def test_body_limit_is_413(platform: Platform, streamer: dict[str, Any]) -> None
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
     finally:
         platform.cli("scale", "streamer", "--max-body-mb", "10")
+
+
+def test_clients_that_leave_or_answers_that_come_early_leave_nothing_behind(
+    platform: Platform, streamer: dict[str, Any]
+) -> None:
+    """Counted requests end with their clients, however they end: a limit of 3 still lets 3 in."""
+    platform.cli("scale", "streamer", "--limit", "3")
+    try:
+        for _ in range(3):  # at once, so most need new connections to the instance: the slow path
+            socks = [socket.create_connection(("127.0.0.1", platform.http_port)) for _ in range(3)]
+            for s in socks:
+                s.sendall(b"GET /streamer/slow?s=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            for s in socks:
+                s.close()  # gone mid-request
+        time.sleep(1.5)  # the instance finishes the abandoned ones
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: httpx.get(f"{platform.gateway}/streamer/slow?s=0.3", timeout=30).status_code,
+                    range(3),
+                )
+            )
+        assert codes == [200, 200, 200]
+    finally:
+        platform.cli("scale", "streamer", "--limit", "1000")
+
+    # An answer before the body is read (405: /slow takes GET only): the connection goes on.
+    with socket.create_connection(("127.0.0.1", platform.http_port), timeout=10) as sock:
+        body = b"x" * (800 * 1024)
+        sock.sendall(
+            b"POST /streamer/slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        sock.sendall(b"GET /streamer/slow?s=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"done"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 200" in data
 
 
 def test_server_sent_events_and_websockets_pass_through(platform: Platform, streamer: dict[str, Any]) -> None:

@@ -202,3 +202,25 @@ def test_a_chunked_upload_past_the_limit_is_413(platform: Platform, flask_demo: 
         platform.cli("scale", "flask-demo", "--max-body-mb", "10")
     r = httpx.post(f"{platform.gateway}/flask-demo/echo", content=chunked(), timeout=30)
     assert r.status_code == 200  # 2 MiB under a 10 MiB limit
+
+
+def test_answers_of_the_gateways_own_follow_http(platform: Platform, hello: dict[str, object]) -> None:
+    with _connect(platform) as sock:  # HEAD: the length, no body; the connection goes on
+        sock.sendall(b"HEAD /_health HTTP/1.1\r\nHost: x\r\n\r\nGET /_health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b'{"ok": true}'):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 12" in head
+        assert rest.startswith(b"HTTP/1.1 200")  # right after the HEAD's headers: no body between
+    with _connect(platform) as sock:  # a bad request behind a good one: the good one is answered first
+        sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP\r\n\r\n")
+        first, second = _responses(sock, 2)
+        assert first[0] == 200 and first[2] == b"Hello from osless!\n"
+        assert second[0] == 400 and second[1]["connection"] == "close"
+    with _connect(platform) as sock:
+        sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * (70 * 1024) + b"\r\n\r\n")
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 431 and json.loads(body)["error"]["code"] == "head_too_large"

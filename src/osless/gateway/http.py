@@ -27,6 +27,7 @@ log = logging.getLogger("osless.gateway")
 KEEP_ALIVE_S = 15.0  # an idle client connection is closed after this
 MAX_HEAD_BYTES = 64 * 1024
 BUFFER_BYTES = 1024 * 1024  # of body read ahead of an instance to send it to
+LINGER_S = 2.0
 
 
 class TooLarge(Exception):
@@ -43,12 +44,14 @@ class Request:
         "chunked",
         "complete",
         "conn",
+        "discard",
         "head_bytes",
         "headers",
         "keep_alive",
         "limit",
         "method",
         "sink",
+        "too_large",
         "tunnel_data",
         "upgrade",
         "url",
@@ -69,8 +72,10 @@ class Request:
         self.buffered = 0
         self.body_bytes = 0
         self.complete = False
+        self.discard = False  # answered already: the rest of the body is dropped as it comes
         self.limit: int | None = None
         self.sink: UpstreamConn | None = None
+        self.too_large = False
         self.tunnel_data = b""
 
     def header(self, name: bytes) -> bytes:
@@ -82,6 +87,9 @@ class Request:
     def attach(self, sink: UpstreamConn) -> None:
         """From now on the body goes to `sink` (what was buffered first, framed as the head says)."""
         self.sink = sink
+        if self.too_large:  # went past the limit while it waited for an instance
+            sink.fail(TooLarge())
+            return
         for chunk in self.body:
             sink.write(self._frame(chunk))
         self.body.clear()
@@ -97,12 +105,19 @@ class Request:
         self.body_bytes += len(data)
         if self.limit is not None and self.body_bytes > self.limit:
             self.body.clear()
+            self.too_large = True
+            if self.discard:
+                self.conn.linger()
+                return
             if self.sink is not None:
                 self.sink.fail(TooLarge())
             self.conn.pause("buffer", True)  # read no more of it: the connection ends after the 413
             return
+        if self.discard:
+            return
         if self.sink is not None:
             self.sink.write(self._frame(data))
+            self.sink.last_data = self.conn.loop.time()  # an upload under way is not a silent instance
             return
         self.body.append(data)
         self.buffered += len(data)
@@ -111,8 +126,10 @@ class Request:
 
     def finish(self) -> None:
         self.complete = True
-        if self.sink is not None and self.chunked:
-            self.sink.write(b"0\r\n\r\n")
+        if self.sink is not None:
+            if self.chunked:
+                self.sink.write(b"0\r\n\r\n")
+            self.sink.last_data = self.conn.loop.time()  # the instance's time to answer starts now
 
     def _frame(self, data: bytes) -> bytes:
         return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
@@ -145,10 +162,12 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._pending: deque[Request] = deque()
         self._paused: set[str] = set()
-        self._write_paused = False
+        self.write_paused = False
         self._sink: UpstreamConn | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._upgraded = False
+        self._broken: tuple[int, str, str] | None = None  # a bad request behind the current one
+        self._draining = False  # closing: what the client still sends is read and dropped
         self.last_data = 0.0  # of the tunnel's client side
         self.lost: asyncio.Future[None] = loop.create_future()
         self.on_close: Callable[[ClientConnection], None] | None = None
@@ -162,6 +181,8 @@ class ClientConnection(asyncio.Protocol):
         self._idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return
         if self.tunnel is not None:
             self.last_data = self.loop.time()
             self.tunnel.write(data)
@@ -178,9 +199,15 @@ class ClientConnection(asyncio.Protocol):
                 self._parsing.tunnel_data = data[e.args[0] :]
             self.pause("upgrade", True)
         except httptools.HttpParserError as e:
-            self._bad(400, "bad_request", f"this is not a valid HTTP/1.1 request: {e}")
-        except _HeadTooLarge:
-            self._bad(431, "head_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+            # A callback's own exception comes wrapped (HttpParserCallbackError).
+            cause = e.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self._bad(431, "head_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+            elif isinstance(e, httptools.HttpParserCallbackError) and cause is not None:
+                log.error("the gateway failed on a request", exc_info=cause)
+                self._bad(500, "internal", "the gateway failed; see its log")
+            else:
+                self._bad(400, "bad_request", f"this is not a valid HTTP/1.1 request: {e}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -198,16 +225,16 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.abort()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         sink = self.tunnel or self._sink
-        if sink is not None and sink.transport is not None:
-            sink.transport.pause_reading()
+        if sink is not None:
+            sink.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         sink = self.tunnel or self._sink
-        if sink is not None and sink.transport is not None:
-            sink.transport.resume_reading()
+        if sink is not None:
+            sink.resume_reading()
 
     # -- httptools callbacks -------------------------------------------------------------------------
 
@@ -250,16 +277,28 @@ class ClientConnection(asyncio.Protocol):
             self._parsing.feed(data)
 
     def on_message_complete(self) -> None:
-        if self._parsing is not None:
-            self._parsing.finish()
+        req = self._parsing
+        if req is None:
+            return
+        req.finish()
+        if req.discard and not self.closed:  # its answer went out before; now its body is done
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not req.keep_alive or self.must_close:
+                self.transport.close()
+            else:
+                self._next()
 
     # -- for the handler -----------------------------------------------------------------------------
 
     def attach(self, sink: UpstreamConn) -> None:
         """`sink` answers the current request: flow control now runs between the two."""
         self._sink = sink
-        if self._write_paused and sink.transport is not None:
-            sink.transport.pause_reading()
+        if self.write_paused:
+            sink.pause_reading()
+        else:
+            sink.resume_reading()
 
     def detach(self) -> None:
         self._sink = None
@@ -285,8 +324,12 @@ class ClientConnection(asyncio.Protocol):
         self.responded = True
         if close:
             self.must_close = True
+        if self._current is not None and self._current.method == b"HEAD":
+            body_length, body = len(body), b""  # the length a GET would get; no body follows a HEAD
+        else:
+            body_length = len(body)
         phrase = HTTPStatus(status).phrase.encode()
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, phrase), b"content-length: %d\r\n" % len(body)]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, phrase), b"content-length: %d\r\n" % body_length]
         lines += [k + b": " + v + b"\r\n" for k, v in headers or []]
         if self.must_close:
             lines.append(b"connection: close\r\n")
@@ -326,21 +369,46 @@ class ClientConnection(asyncio.Protocol):
     def finished(self, error: BaseException | None) -> None:
         """The current request is over (answered, or failed with `error`): on to the next."""
         req = self._current
-        self._current = None
         self._sink = None
+        if req is not None:
+            req.body.clear()
         if error is not None:
             log.error("the gateway failed on a request", exc_info=error)
             if not self.responded:
                 self.respond(500, error_response("internal", "the gateway failed; see its log"), close=True)
             self.must_close = True
-        if self.closed:
+        self._current = None
+        if self.closed or self.tunnel is not None:  # a tunnel owns the connection now
             return
-        if self.tunnel is not None:
-            return  # the tunnel owns the connection now
-        if self._upgraded or req is None or not req.keep_alive or not req.complete or self.must_close:
-            # A body not read to its end leaves no way to find where the next request starts.
+        # Whatever held reading back was about this request.
+        self.pause("upstream", False)
+        self.pause("buffer", False)
+        if self._broken is not None:  # a bad request came in behind it: answered now, in turn
+            status, code, message = self._broken
+            self.responded = False
+            self.respond(
+                status, error_response(code, message), [(b"content-type", b"application/json")], True
+            )
             self.transport.close()
             return
+        if self._upgraded or req is None:
+            self.transport.close()
+            return
+        if not req.complete:
+            if self.must_close or req.too_large:
+                self.linger()  # the rest of its body is not worth reading
+            else:
+                # Answered before its body was all in (the app did not read it): the rest is
+                # read and dropped, and the connection goes on after it.
+                req.discard = True
+                self._idle()
+            return
+        if not req.keep_alive or self.must_close:
+            self.transport.close()
+            return
+        self._next()
+
+    def _next(self) -> None:
         if self._pending:
             self._start(self._pending.popleft())
             if not self._pending:
@@ -357,14 +425,25 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def _bad(self, status: int, code: str, message: str) -> None:
-        if self._current is None:  # else an answer is under way, and this would garble it
-            self.responded = False
-            self.respond(
-                status, error_response(code, message), [(b"content-type", b"application/json")], close=True
-            )
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if self._current is not None:  # an answer is under way: this one follows it
+            self._broken = (status, code, message)
+            self.pause("broken", True)
+            return
+        self.respond(
+            status, error_response(code, message), [(b"content-type", b"application/json")], close=True
+        )
         self.transport.close()
+
+    def linger(self) -> None:
+        """Close without a reset: stop writing, read (and drop) what the client still sends for a
+        moment, then close. Closing with unread input would reset the connection, and the client
+        could lose the answer it was sent."""
+        self._draining = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._paused.clear()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 class _HeadTooLarge(Exception):

@@ -20,7 +20,7 @@ from osless.client import AsyncApi
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_BODY_MB, Backend, NoBackend, Router
 from osless.gateway.traffic import Traffic
-from osless.gateway.upstream import Unreachable, UpstreamConn
+from osless.gateway.upstream import Unreachable, UpstreamConn, UpstreamError
 
 __all__ = ["Gateway"]
 
@@ -136,7 +136,13 @@ class Gateway:
         req.limit = max_body
         exchange = _Exchange(self, conn, req, backend, up, _web_timeout(manifest))
         head = _head(req, target, self._forward_headers(conn, req, prefix))
-        exchange.start(head).add_done_callback(exchange.settle_fast)
+        try:
+            done = exchange.start(head)
+        except Exception as e:  # a bug: answered as one (500), with nothing left counted
+            exchange.settle()
+            conn.finished(e)
+            return True
+        done.add_done_callback(exchange.settle_fast)
         return True
 
     async def handle(self, conn: ClientConnection, req: Request) -> None:
@@ -243,12 +249,12 @@ class Gateway:
         conn.respond(502, error_response("bad_gateway", message), JSON)
 
     async def _exchange(self, exchange: _Exchange, head: bytes) -> None:
-        done = exchange.start(head)
         try:
+            done = exchange.start(head)
             with contextlib.suppress(Exception):
                 await done
         finally:
-            upgraded = exchange.settle()  # also when cancelled: the client left
+            upgraded = exchange.settle(tunnel_ok=exchange.req.upgrade)  # also when the client left
         if upgraded:
             try:
                 await self._tunnel(exchange.conn, exchange.up)
@@ -363,13 +369,16 @@ class _Exchange:
         return done
 
     def _check(self) -> None:
+        now = self.conn.loop.time()
+        if self.conn.write_paused or self.up.reading_paused:
+            self.up.last_data = now  # the client is the slow one: the instance is not to blame
         due = self.up.last_data + self.seconds
-        if self.conn.loop.time() >= due:
+        if now >= due:
             self.up.fail(_TimedOut())
         else:
             self.timer = self.conn.loop.call_at(due, self._check)
 
-    def settle(self) -> bool:
+    def settle(self, tunnel_ok: bool = False) -> bool:
         """Answer for what went wrong, if anything, and hand the instance's connection back;
         True if it became a tunnel (the caller relays it, then calls `end`)."""
         conn, req, up, done = self.conn, self.req, self.up, self.done
@@ -378,12 +387,17 @@ class _Exchange:
             self.timer = None
         req.detach()
         conn.detach()
-        error = done.exception() if done is not None and done.done() else ClientGone()
+        tunnel = False
         try:
+            # Not done: the coroutine was cancelled, because the client left.
+            gone = done is None or not done.done() or done.cancelled()
+            error: BaseException | None = ClientGone() if gone or done is None else done.exception()
+            if error is None and up.upgraded and not tunnel_ok:
+                error = UpstreamError("the instance switched protocols on a request that did not ask")
             if isinstance(error, _TimedOut):
                 up.abort()
                 if up.started:
-                    conn.transport.close()  # cut mid-answer: the client sees it end short
+                    conn.must_close = True  # cut mid-answer: the client sees it end short
                 else:
                     message = f"instance {self.backend.id} did not answer within {self.seconds:.0f}s"
                     conn.respond(504, error_response("timeout", message), JSON, close=not req.complete)
@@ -395,21 +409,21 @@ class _Exchange:
             elif error is not None:
                 if up.started:
                     conn.must_close = True  # the instance died mid-answer (or the client left)
+                    up.abort()
                 else:
                     message = f"instance {self.backend.id} failed before answering: {error}"
                     conn.respond(502, error_response("bad_gateway", message), JSON, close=not req.complete)
             elif up.upgraded:
-                return True
+                tunnel = True
             elif not req.complete:
                 up.keep_alive = False  # answered before the body ended: the instance may still read it
-                conn.must_close = True
             elif not up.keep_alive:
                 conn.must_close = True  # the answer said `connection: close`, and the client heard it
         finally:
-            if not up.upgraded:
+            if not tunnel:
                 self.backend.upstream.release(up)
                 self.end()
-        return False
+        return tunnel
 
     def end(self) -> None:
         self.backend.outstanding -= 1

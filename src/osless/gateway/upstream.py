@@ -61,6 +61,7 @@ class UpstreamConn(asyncio.Protocol):
         self._head_only = False
         self._interim = False
         self._upgrading = False
+        self.reading_paused = False  # by the client's flow control
 
     def begin(self, peer: Peer, head_only: bool) -> asyncio.Future[None]:
         """Start an exchange; the future ends with the answer (an `UpstreamError` if it breaks)."""
@@ -78,8 +79,19 @@ class UpstreamConn(asyncio.Protocol):
         return self.done
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        # Once lost, the exchange's future says so; a write then (uvloop raises) is dropped.
+        if self.transport is not None and not self.lost and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.reading_paused and not self.lost:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def fail(self, error: Exception) -> None:
         if self.done is not None and not self.done.done():
@@ -101,7 +113,8 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.last_data = self.loop.time()
         self.started = peer.responded = True
-        peer.transport.write(data)  # relayed first; the parser only finds the end
+        if not peer.transport.is_closing():
+            peer.transport.write(data)  # relayed first; the parser only finds the end
         if self.upgraded:
             return
         assert self._parser is not None
@@ -174,7 +187,13 @@ class Upstream:
         """An idle connection fit to reuse, if there is one."""
         while self.idle:
             conn = self.idle.pop()
-            if not conn.lost and conn.loop.time() - conn.idle_since < REUSE_IDLE_S:
+            fresh_enough = conn.loop.time() - conn.idle_since < REUSE_IDLE_S
+            if (
+                fresh_enough
+                and not conn.lost
+                and conn.transport is not None
+                and not conn.transport.is_closing()
+            ):
                 return conn
             conn.abort()
         return None
@@ -200,7 +219,10 @@ class Upstream:
         conn.peer = None
         conn.done = None
         reusable = conn.complete and conn.keep_alive and not conn.lost and not conn.upgraded
-        if reusable and not self.closed and len(self.idle) < MAX_IDLE:
+        # Not with part of a request still unsent (an answer that came before the whole body).
+        unsent = conn.transport is not None and conn.transport.get_write_buffer_size() > 0
+        if reusable and not unsent and not self.closed and len(self.idle) < MAX_IDLE:
+            conn.resume_reading()  # a slow client may have paused it
             conn.idle_since = conn.loop.time()
             self.idle.append(conn)
             return
