@@ -186,9 +186,10 @@ def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dic
     time.sleep(1)
     loaded = p99()
     spinner.join()
-    # Twice the idle p99, or 5 ms more, whichever is larger: a CPU-bound neighbour costs the kernel's
-    # wakeup latency (a few ms) however fast the idle path is; starving would cost far more.
-    allowed = max(2 * idle, idle + 0.005)
+    # Twice the idle p99, or 10 ms more, whichever is larger: on this 2-core host a CPU-bound
+    # neighbour costs the kernel's wakeup latency (4-7 ms at p99 measured) however fast the idle
+    # path is; being starved would cost a scheduling period or more each time.
+    allowed = max(2 * idle, idle + 0.010)
     assert loaded <= allowed, f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
 
 
