@@ -18,7 +18,7 @@ import httpx
 
 from osless.client import AsyncApi
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
-from osless.gateway.router import DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_BODY_MB, Backend, NoBackend, Router
+from osless.gateway.router import Backend, NoBackend, Router
 from osless.gateway.traffic import Traffic
 from osless.gateway.upstream import Unreachable, UpstreamConn, UpstreamError
 
@@ -45,7 +45,6 @@ RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
 TUNNEL_MAX_S = 3600.0  # and none lives longer than this
-_NO_LIMITS = (DEFAULT_CONCURRENCY_LIMIT, int(DEFAULT_MAX_BODY_MB * 1024 * 1024))  # an app not yet known
 CONNECT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
@@ -120,11 +119,10 @@ class Gateway:
         found = router.apps.items.get(app) if what == "web" else None
         if found is None:
             return False
-        limit, max_body = router.limits.get(app, _NO_LIMITS)
+        limit, max_body = router.limits(app)
         if self.traffic.in_flight(app) >= limit:
             return False
-        length = req.header(b"content-length")
-        if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:
+        if _over(req, max_body):
             return False
         backend = router.pick_now(app)
         manifest = None if backend is None else router.cached_manifest(backend)
@@ -203,15 +201,14 @@ class Gateway:
     ) -> None:
         """Limits first, then an instance (waiting while one starts); one that refuses the
         connection is passed over for the next."""
-        limit, max_body = self.router.limits.get(app, _NO_LIMITS)
+        limit, max_body = self.router.limits(app)
         if self.traffic.in_flight(app) >= limit:
             # At once, rather than a queue with no end: the client knows to come back.
             message = f"app {app!r} is at its limit of {limit} requests in flight; retry shortly"
             conn.respond(429, error_response("too_many_requests", message), RETRY_AFTER)
             return
-        length = req.header(b"content-length")
         req.limit = max_body
-        if (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body:
+        if _over(req, max_body):
             message = f"the request body exceeds {app!r}'s limit of {max_body} bytes"
             conn.respond(413, error_response("too_large", message), JSON, close=True)
             return
@@ -325,6 +322,12 @@ class _TimedOut(Exception):
 
 def _web_timeout(manifest: dict[str, Any]) -> float:
     return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
+
+
+def _over(req: Request, max_body: int) -> bool:
+    """The body is past `max_body`, by what it says of itself or by what came of it so far."""
+    length = req.header(b"content-length")
+    return (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body
 
 
 def _head(req: Request, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

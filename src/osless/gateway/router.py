@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ __all__ = ["Backend", "NoBackend", "Router"]
 WAKE_EVERY_S = 3.0
 DEFAULT_CONCURRENCY_LIMIT = 1000
 DEFAULT_MAX_BODY_MB = 10.0
+_DEFAULT_LIMITS = (DEFAULT_CONCURRENCY_LIMIT, int(DEFAULT_MAX_BODY_MB * 1024 * 1024))
 
 
 class NoBackend(Exception):
@@ -52,10 +52,9 @@ class Router:
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._rebuild)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
         self.backends: dict[str, Backend] = {}
-        self.by_app: dict[str, list[Backend]] = {}
         self._candidates: dict[str, list[Backend]] = {}
         # app -> (requests in flight at most, request body bytes at most)
-        self.limits: dict[str, tuple[int, int]] = {}
+        self._limits: dict[str, tuple[int, int]] = {}
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
@@ -95,21 +94,22 @@ class Router:
             by_app.setdefault(b.app, []).append(b)
         # Worked out here, on each change, rather than on each request.
         self._candidates = {}
-        self.limits = {}
+        self._limits = {}
         for app, ready in by_app.items():
             current = (self.apps.items.get(app) or {}).get("current_release")
             self._candidates[app] = [b for b in ready if b.release == current] or ready
         for app, obj in self.apps.items.items():
             policy = obj.get("autoscale") or {}
-            self.limits[app] = (
+            self._limits[app] = (
                 int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT)),
                 int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024),
             )
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def candidates(self, app: str) -> list[Backend]:
-        return self._candidates.get(app, [])
+    def limits(self, app: str) -> tuple[int, int]:
+        """(requests in flight at most, request body bytes at most) for `app`."""
+        return self._limits.get(app, _DEFAULT_LIMITS)
 
     def pick_now(self, app: str, exclude: frozenset[str] = frozenset()) -> Backend | None:
         """`pick` without waiting: None when no ready instance can take it right now."""
@@ -178,14 +178,6 @@ class Router:
 
     def cached_manifest(self, backend: Backend) -> dict[str, Any] | None:
         return self._manifests.get((backend.app, backend.release))
-
-    @contextlib.asynccontextmanager
-    async def use(self, backend: Backend) -> AsyncIterator[Backend]:
-        backend.outstanding += 1
-        try:
-            yield backend
-        finally:
-            backend.outstanding -= 1
 
 
 async def _close_later(b: Backend) -> None:
