@@ -184,7 +184,17 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
             "pid": instance.pid,
             "lifespan_pid": instance.pid,
             "client": None,
+            "scheme": "http",
+            "root_path": "",
         }
+        # What the gateway says of the request (only the gateway reaches the socket) is what the app sees.
+        forwarded = {
+            "x-forwarded-for": "10.1.2.3",
+            "x-forwarded-proto": "https",
+            "x-forwarded-prefix": "/app",
+        }
+        web = instance.client.get("/some/path", headers=forwarded).json()
+        assert (web["client"], web["scheme"], web["root_path"]) == ("10.1.2.3", "https", "/app")
         with unix_connect(instance.path, "ws://instance/ws") as ws:
             ws.send("hi")
             assert ws.recv(timeout=5) == "echo hi"

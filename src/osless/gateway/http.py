@@ -44,9 +44,12 @@ class Request:
         "chunked",
         "complete",
         "conn",
+        "content_length",
         "discard",
+        "expect",
         "head_bytes",
         "headers",
+        "host",
         "keep_alive",
         "limit",
         "method",
@@ -64,6 +67,10 @@ class Request:
         self.method = b""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
+        # Noted as they are parsed (the first of each), for the routing that follows.
+        self.host = b""
+        self.expect = b""
+        self.content_length = b""
         self.head_bytes = 0
         self.keep_alive = True
         self.upgrade = False
@@ -90,11 +97,12 @@ class Request:
         if self.too_large:  # went past the limit while it waited for an instance
             sink.fail(TooLarge())
             return
-        for chunk in self.body:
-            sink.write(self._frame(chunk))
-        self.body.clear()
-        self.buffered = 0
-        self.conn.pause("buffer", False)
+        if self.body:
+            for chunk in self.body:
+                sink.write(self._frame(chunk))
+            self.body.clear()
+            self.buffered = 0
+            self.conn.pause("buffer", False)
         if self.complete and self.chunked:
             sink.write(b"0\r\n\r\n")
 
@@ -138,6 +146,9 @@ class Request:
 Handler = Callable[["ClientConnection", Request], Coroutine[Any, Any, None]]
 # Takes the request on without a coroutine if it can (then calls `finished` itself): True if so.
 FastHandler = Callable[["ClientConnection", Request], bool]
+# The current request's own clock, read by the connection's watchdog: given the time now, act on
+# whatever is overdue and say when to look again (None: no need).
+Deadline = Callable[[float], float | None]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -152,6 +163,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self.client = ""
+        self.client_ip = b""
         self.closed = False
         self.must_close = False  # after the current answer
         self.responded = False  # the current request has had (a start of) an answer
@@ -164,7 +176,12 @@ class ClientConnection(asyncio.Protocol):
         self._paused: set[str] = set()
         self.write_paused = False
         self._sink: UpstreamConn | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # One timer for the connection's life, re-armed only when it fires or must fire sooner:
+        # a request then costs no timer of its own (they cost more than the rest of the hop).
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
+        self._idle_since = 0.0
+        self.deadline: Deadline | None = None
         self._upgraded = False
         self._broken: tuple[int, str, str] | None = None  # a bad request behind the current one
         self._draining = False  # closing: what the client still sends is read and dropped
@@ -178,7 +195,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.client_ip = self.client.encode()
         self._idle()
+        self.watch_until(self._idle_since + KEEP_ALIVE_S)
 
     def data_received(self, data: bytes) -> None:
         if self._draining:
@@ -215,8 +234,9 @@ class ClientConnection(asyncio.Protocol):
             self.lost.set_result(None)
         if self.on_close is not None:
             self.on_close(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._task is not None and not self._task.done():
             self._task.cancel()  # its cleanup drops the instance's connection
         elif self._current is not None and self._sink is not None:
@@ -252,7 +272,17 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
-        req.headers.append((name.lower(), value))
+        name = name.lower()
+        req.headers.append((name, value))
+        if name in _NOTED:
+            if name == b"host":
+                req.host = req.host or value
+            elif name == b"content-length":
+                req.content_length = req.content_length or value
+            elif name == b"expect":
+                req.expect = req.expect or value
+            elif not req.chunked:  # transfer-encoding
+                req.chunked = b"chunked" in value.lower()
         req.head_bytes += len(name) + len(value)
         if req.head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge()
@@ -265,7 +295,6 @@ class ClientConnection(asyncio.Protocol):
         req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
         req.upgrade = p.should_upgrade()
-        req.chunked = b"chunked" in req.header(b"transfer-encoding").lower()
         if self._current is None:
             self._start(req)
         else:
@@ -282,9 +311,6 @@ class ClientConnection(asyncio.Protocol):
             return
         req.finish()
         if req.discard and not self.closed:  # its answer went out before; now its body is done
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             if not req.keep_alive or self.must_close:
                 self.transport.close()
             else:
@@ -337,6 +363,8 @@ class ClientConnection(asyncio.Protocol):
 
     def pause(self, reason: str, on: bool) -> None:
         """Reading the client stops while any reason holds."""
+        if not on and not self._paused:
+            return  # the common case, on the hot path
         before = bool(self._paused)
         if on:
             self._paused.add(reason)
@@ -352,9 +380,6 @@ class ClientConnection(asyncio.Protocol):
     # -- one request after another -------------------------------------------------------------------
 
     def _start(self, req: Request) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._current = req
         self.responded = False
         if self.fast is not None and self.fast(self, req):
@@ -418,11 +443,35 @@ class ClientConnection(asyncio.Protocol):
         self._idle()
 
     def _idle(self) -> None:
-        self._timer = self.loop.call_later(KEEP_ALIVE_S, self._expire)
+        self._idle_since = self.loop.time()  # the watchdog closes it KEEP_ALIVE_S from now
 
-    def _expire(self) -> None:
-        if self._current is None and not self.closed:
-            self.transport.close()
+    def watch_until(self, when: float) -> None:
+        """Make sure the watchdog looks at this connection by `when`."""
+        if self._watch is not None:
+            if self._watch_at <= when:
+                return
+            self._watch.cancel()
+        if not self.closed:
+            self._watch_at = when
+            self._watch = self.loop.call_at(when, self._look)
+
+    def _look(self) -> None:
+        self._watch = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        if self._current is None:
+            due = self._idle_since + KEEP_ALIVE_S
+            if now >= due:
+                self.transport.close()
+                return
+        else:
+            due = now + KEEP_ALIVE_S  # busy: nothing of its own to expire
+            if self.deadline is not None:
+                mine = self.deadline(now)
+                if mine is not None:
+                    due = min(due, mine)
+        self.watch_until(due)
 
     def _bad(self, status: int, code: str, message: str) -> None:
         if self._current is not None:  # an answer is under way: this one follows it
@@ -444,6 +493,9 @@ class ClientConnection(asyncio.Protocol):
         self._paused.clear()
         self.transport.resume_reading()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+_NOTED = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
 
 
 class _HeadTooLarge(Exception):

@@ -8,7 +8,6 @@ Routing, limits and the activator live here, one coroutine per request; the byte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,35 +17,38 @@ import httpx
 
 from osless.client import AsyncApi
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
-from osless.gateway.router import Backend, NoBackend, Router
+from osless.gateway.router import DEFAULT_TIMEOUT_S, Backend, NoBackend, Router, web_timeout
 from osless.gateway.traffic import Traffic
-from osless.gateway.upstream import Unreachable, UpstreamConn, UpstreamError
+from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
 
 __all__ = ["Gateway"]
 
 # Not passed on: they describe the client's connection, not the request (or the gateway answers
 # them itself: Expect), and the gateway's own x-forwarded-* replace whatever the client sent.
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailers",
-    b"upgrade",
-    b"expect",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-prefix",
-}
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailers",
+        b"upgrade",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-prefix",
+    }
+)
+NOT_TO_FUNCTIONS = HOP_BY_HOP | {b"authorization"}  # the caller's token stays with the gateway
+HOSTS_REMEMBERED = 1024
 JSON = [(b"content-type", b"application/json")]
 RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
 TUNNEL_MAX_S = 3600.0  # and none lives longer than this
 CONNECT_ATTEMPTS = 3
-DEFAULT_TIMEOUT_S = 60.0
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
 TOKEN_CACHE_SIZE = 1024
 
@@ -70,6 +72,7 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host_suffix = "." + base_domain
         self._host_dots = base_domain.count(".") + 1
+        self._hosts: dict[bytes, str] = {}  # Host header -> the app it names ("" for none)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         self._loop = loop = asyncio.get_running_loop()
@@ -93,11 +96,11 @@ class Gateway:
             except httptools.HttpParserInvalidURLError:
                 return "bad_url", "", b"", b""
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-            host = (parsed.host or b"").decode("latin-1").lower()
+            app = self._app_of_host(parsed.host or b"")
         else:
-            host = req.header(b"host").decode("latin-1").rsplit(":", 1)[0].lower()
-        if host.endswith(self._host_suffix) and host.count(".") == self._host_dots:
-            return "web", host.split(".", 1)[0], url, b""
+            app = self._app_of_host(req.host)
+        if app:
+            return "web", app, url, b""
         path, sep, query = url.partition(b"?")
         if path == b"/_health":
             return "health", "", b"", b""
@@ -109,38 +112,44 @@ class Gateway:
         rest = b"/" + parts[2] if len(parts) > 2 else b"/"
         return "web", parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
 
+    def _app_of_host(self, host: bytes) -> str:
+        """The app a Host header names ({app}.localhost, any port), "" if none; remembered."""
+        app = self._hosts.get(host)
+        if app is None:
+            name = host.decode("latin-1").rsplit(":", 1)[0].lower()
+            named = name.endswith(self._host_suffix) and name.count(".") == self._host_dots
+            app = name.split(".", 1)[0] if named else ""
+            if len(self._hosts) >= HOSTS_REMEMBERED:  # made-up hosts cannot grow it
+                self._hosts.clear()
+            self._hosts[host] = app
+        return app
+
     def fast(self, conn: ClientConnection, req: Request) -> bool:
         """The common case without a coroutine: a plain request for an app with a ready instance
         and an idle connection to it. Anything else, or any doubt, goes to `handle`."""
-        if req.upgrade or req.header(b"expect"):
+        if req.upgrade or req.expect:
             return False
         what, app, target, prefix = self._where(req)
+        if what != "web":
+            return False
         router = self.router
-        found = router.apps.items.get(app) if what == "web" else None
-        if found is None:
-            return False
         limit, max_body = router.limits(app)
-        if self.traffic.in_flight(app) >= limit:
-            return False
-        if _over(req, max_body):
+        if self.traffic.in_flight(app) >= limit or _over(req, max_body):
             return False
         backend = router.pick_now(app)
-        manifest = None if backend is None else router.cached_manifest(backend)
-        if backend is None or manifest is None:
+        if backend is None or backend.web_timeout is None:
             return False
         up = backend.upstream.take_idle()
         if up is None:
             return False
         req.limit = max_body
-        exchange = _Exchange(self, conn, req, backend, up, _web_timeout(manifest))
-        head = _head(req, target, self._forward_headers(conn, req, prefix))
+        exchange = _Exchange(self, conn, req, backend, up, backend.web_timeout)
+        head = _head(conn, req, target, prefix)
         try:
-            done = exchange.start(head)
+            exchange.start(head, exchange.settle_fast)
         except Exception as e:  # a bug: answered as one (500), with nothing left counted
             exchange.settle()
             conn.finished(e)
-            return True
-        done.add_done_callback(exchange.settle_fast)
         return True
 
     async def handle(self, conn: ClientConnection, req: Request) -> None:
@@ -160,7 +169,7 @@ class Gateway:
     async def _web(
         self, conn: ClientConnection, req: Request, app: str, target: bytes, prefix: bytes
     ) -> None:
-        await self._route(conn, req, app, target, self._forward_headers(conn, req, prefix), _web_timeout)
+        await self._route(conn, req, app, _head(conn, req, target, prefix), web_timeout)
 
     async def _function(self, conn: ClientConnection, req: Request, path: bytes) -> None:
         parts = path.split(b"/")
@@ -187,16 +196,15 @@ class Gateway:
             # second covers the trip back. A caller's own x-osless-deadline passes through.
             return float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
 
-        headers = [(k, v) for k, v in self._forward_headers(conn, req, b"") if k != b"authorization"]
-        await self._route(conn, req, app, b"/__osless__/invoke/" + parts[3], headers, timeout)
+        head = _head(conn, req, b"/__osless__/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
+        await self._route(conn, req, app, head, timeout)
 
     async def _route(
         self,
         conn: ClientConnection,
         req: Request,
         app: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        head: bytes,
         timeout: Timeout,
     ) -> None:
         """Limits first, then an instance (waiting while one starts); one that refuses the
@@ -212,9 +220,8 @@ class Gateway:
             message = f"the request body exceeds {app!r}'s limit of {max_body} bytes"
             conn.respond(413, error_response("too_large", message), JSON, close=True)
             return
-        if not req.complete and req.header(b"expect").lower() == b"100-continue":
+        if not req.complete and req.expect.lower() == b"100-continue":
             conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        head = _head(req, target, headers)
         refused: set[str] = set()
         reason = ""
         router = self.router
@@ -225,7 +232,7 @@ class Gateway:
                 if backend is None:
                     with self.traffic.waiting(app):
                         backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
-                manifest = router.cached_manifest(backend) or await router.manifest(backend)
+                manifest = await router.manifest(backend)
                 seconds = timeout(manifest)
             except NoBackend as e:
                 conn.respond(
@@ -246,10 +253,15 @@ class Gateway:
         conn.respond(502, error_response("bad_gateway", message), JSON)
 
     async def _exchange(self, exchange: _Exchange, head: bytes) -> None:
+        done = exchange.conn.loop.create_future()
+
+        def on_done(_: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(None)
+
         try:
-            done = exchange.start(head)
-            with contextlib.suppress(Exception):
-                await done
+            exchange.start(head, on_done)
+            await done
         finally:
             upgraded = exchange.settle(tunnel_ok=exchange.req.upgrade)  # also when the client left
         if upgraded:
@@ -274,21 +286,6 @@ class Gateway:
             if up.transport is not None:
                 up.transport.close()
             conn.transport.close()
-
-    def _forward_headers(
-        self, conn: ClientConnection, req: Request, prefix: bytes
-    ) -> list[tuple[bytes, bytes]]:
-        headers = [(k, v) for k, v in req.headers if k not in HOP_BY_HOP]
-        if req.upgrade:
-            headers += [(b"connection", b"upgrade"), (b"upgrade", req.header(b"upgrade"))]
-        headers += [
-            (b"x-forwarded-for", conn.client.encode()),
-            (b"x-forwarded-proto", b"http"),
-            (b"x-forwarded-host", req.header(b"host")),
-        ]
-        if prefix:
-            headers.append((b"x-forwarded-prefix", prefix))
-        return headers
 
     async def _authorized(self, header: str) -> bool:
         now = time.monotonic()
@@ -320,25 +317,35 @@ class _TimedOut(Exception):
     """No byte of the answer within the app's timeout."""
 
 
-def _web_timeout(manifest: dict[str, Any]) -> float:
-    return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
-
-
 def _over(req: Request, max_body: int) -> bool:
     """The body is past `max_body`, by what it says of itself or by what came of it so far."""
-    length = req.header(b"content-length")
+    length = req.content_length
     return (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body
 
 
-def _head(req: Request, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = b"".join([k + b": " + v + b"\r\n" for k, v in headers])
-    return b"%s %s HTTP/%s\r\n%s\r\n" % (req.method, target, req.version.encode(), lines)
+def _head(
+    conn: ClientConnection, req: Request, target: bytes, prefix: bytes, drop: frozenset[bytes] = HOP_BY_HOP
+) -> bytes:
+    """The request's head as the instance gets it: its target, the client's headers but `drop`,
+    and the gateway's x-forwarded-* (with the prefix taken off the path, if any)."""
+    lines = [b"%s %s HTTP/%s\r\n" % (req.method, target, req.version.encode())]
+    lines += [b"%s: %s\r\n" % kv for kv in req.headers if kv[0] not in drop]
+    if req.upgrade:
+        lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
+    lines.append(
+        b"x-forwarded-for: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n"
+        % (conn.client_ip, req.host)
+    )
+    if prefix:
+        lines.append(b"x-forwarded-prefix: %s\r\n" % prefix)
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 class _Exchange:
-    """One request relayed to one instance: its timer, its count in the traffic, its outcome."""
+    """One request relayed to one instance: its deadline, its count in the traffic, its outcome."""
 
-    __slots__ = ("backend", "conn", "done", "gateway", "req", "seconds", "timer", "up")
+    __slots__ = ("backend", "conn", "gateway", "req", "seconds", "up")
 
     def __init__(
         self,
@@ -355,46 +362,44 @@ class _Exchange:
         self.backend = backend
         self.up = up
         self.seconds = seconds
-        self.timer: asyncio.TimerHandle | None = None
-        self.done: asyncio.Future[None] | None = None
 
-    def start(self, head: bytes) -> asyncio.Future[None]:
+    def start(self, head: bytes, on_done: OnDone) -> None:
         up, conn = self.up, self.conn
         self.gateway.traffic.start(self.backend.app)
         self.backend.outstanding += 1
-        self.done = done = up.begin(conn, head_only=self.req.method == b"HEAD")
+        up.begin(conn, self.req.method == b"HEAD", on_done)
         up.write(head)
         conn.attach(up)
         self.req.attach(up)
         # `seconds` bounds the wait for each byte of the answer, not the whole of it: a stream
         # that keeps sending lives on.
-        self.timer = conn.loop.call_at(up.last_data + self.seconds, self._check)
-        return done
+        conn.deadline = self._due
+        conn.watch_until(up.last_data + self.seconds)
 
-    def _check(self) -> None:
-        now = self.conn.loop.time()
-        if self.conn.write_paused or self.up.reading_paused:
-            self.up.last_data = now  # the client is the slow one: the instance is not to blame
-        due = self.up.last_data + self.seconds
+    def _due(self, now: float) -> float | None:
+        """The connection's watchdog asks: time out the answer if it is overdue."""
+        up = self.up
+        if up.ended:
+            return None
+        if self.conn.write_paused or up.reading_paused:
+            up.last_data = now  # the client is the slow one: the instance is not to blame
+        due = up.last_data + self.seconds
         if now >= due:
-            self.up.fail(_TimedOut())
-        else:
-            self.timer = self.conn.loop.call_at(due, self._check)
+            up.fail(_TimedOut())
+            return None
+        return due
 
     def settle(self, tunnel_ok: bool = False) -> bool:
         """Answer for what went wrong, if anything, and hand the instance's connection back;
         True if it became a tunnel (the caller relays it, then calls `end`)."""
-        conn, req, up, done = self.conn, self.req, self.up, self.done
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        conn, req, up = self.conn, self.req, self.up
+        conn.deadline = None
         req.detach()
         conn.detach()
         tunnel = False
         try:
-            # Not done: the coroutine was cancelled, because the client left.
-            gone = done is None or not done.done() or done.cancelled()
-            error: BaseException | None = ClientGone() if gone or done is None else done.exception()
+            # Not ended: the coroutine was cancelled, because the client left.
+            error = up.error if up.ended else ClientGone()
             if error is None and up.upgraded and not tunnel_ok:
                 error = UpstreamError("the instance switched protocols on a request that did not ask")
             if isinstance(error, _TimedOut):
@@ -432,6 +437,6 @@ class _Exchange:
         self.backend.outstanding -= 1
         self.gateway.traffic.end(self.backend.app)
 
-    def settle_fast(self, _: asyncio.Future[None]) -> None:
+    def settle_fast(self, _: BaseException | None) -> None:
         self.settle()  # never a tunnel: upgrades take the coroutine
         self.conn.finished(None)

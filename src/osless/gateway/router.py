@@ -15,12 +15,13 @@ from typing import Any
 from osless.client import ApiError, AsyncApi, Informer
 from osless.gateway.upstream import Upstream
 
-__all__ = ["Backend", "NoBackend", "Router"]
+__all__ = ["Backend", "NoBackend", "Router", "web_timeout"]
 
 
 WAKE_EVERY_S = 3.0
 DEFAULT_CONCURRENCY_LIMIT = 1000
 DEFAULT_MAX_BODY_MB = 10.0
+DEFAULT_TIMEOUT_S = 60.0
 _DEFAULT_LIMITS = (DEFAULT_CONCURRENCY_LIMIT, int(DEFAULT_MAX_BODY_MB * 1024 * 1024))
 
 
@@ -44,6 +45,9 @@ class Backend:
     socket: str
     upstream: Upstream
     outstanding: int = 0
+    # The web route's timeout_s from the release's manifest, once the router has read it (the
+    # hot path takes only instances whose manifest it has).
+    web_timeout: float | None = None
 
 
 class Router:
@@ -86,9 +90,13 @@ class Router:
         for iid, inst in live.items():
             if iid not in self.backends:
                 sock = inst["status"]["socket"]
-                self.backends[iid] = Backend(
+                b = Backend(
                     id=iid, app=inst["app"], release=inst["release"], socket=sock, upstream=Upstream(sock)
                 )
+                manifest = self._manifests.get((b.app, b.release))
+                if manifest is not None:
+                    b.web_timeout = web_timeout(manifest)
+                self.backends[iid] = b
         by_app: dict[str, list[Backend]] = {}
         for b in self.backends.values():
             by_app.setdefault(b.app, []).append(b)
@@ -173,11 +181,16 @@ class Router:
                     "release_unavailable",
                     f"cannot read release v{backend.release} of {backend.app!r} from the API: {e.message}",
                 ) from e
-            self._manifests[key] = release["manifest"]
+            manifest = self._manifests[key] = release["manifest"]
+            for b in self.backends.values():
+                if (b.app, b.release) == key:
+                    b.web_timeout = web_timeout(manifest)
         return self._manifests[key]
 
-    def cached_manifest(self, backend: Backend) -> dict[str, Any] | None:
-        return self._manifests.get((backend.app, backend.release))
+
+def web_timeout(manifest: dict[str, Any]) -> float:
+    """The seconds an instance may take between bytes of a web answer."""
+    return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
 
 
 async def _close_later(b: Backend) -> None:

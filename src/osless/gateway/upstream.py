@@ -10,11 +10,12 @@ tunnel both ways (websockets).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
 
-__all__ = ["Peer", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
+__all__ = ["OnDone", "Peer", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
 
 CONNECT_TIMEOUT_S = 5.0
 # Instances close a kept-alive connection after 5 s idle (uvicorn's default); one idle for less
@@ -41,6 +42,10 @@ class Peer(Protocol):
         """The instance's socket is full (or has room again): stop (resume) reading the client."""
 
 
+# Told how an exchange ended: None for a whole answer, else what broke it.
+OnDone = Callable[[BaseException | None], None]
+
+
 class UpstreamConn(asyncio.Protocol):
     """One connection to an instance; between `begin` and `Upstream.release`, one exchange."""
 
@@ -56,27 +61,29 @@ class UpstreamConn(asyncio.Protocol):
         self.keep_alive = False
         self.upgraded = False
         self.last_data = 0.0
-        self.done: asyncio.Future[None] | None = None
+        self.on_done: OnDone | None = None
+        self.ended = False  # the exchange has its outcome: `error`, None for a whole answer
+        self.error: BaseException | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
         self._interim = False
         self._upgrading = False
         self.reading_paused = False  # by the client's flow control
 
-    def begin(self, peer: Peer, head_only: bool) -> asyncio.Future[None]:
-        """Start an exchange; the future ends with the answer (an `UpstreamError` if it breaks)."""
-        loop = self.loop
+    def begin(self, peer: Peer, head_only: bool, on_done: OnDone) -> None:
+        """Start an exchange; `on_done` hears once how it ended (an `UpstreamError` if it broke),
+        never from within a caller's own call."""
         self.peer = peer
-        self.started = self.complete = self.keep_alive = self.upgraded = False
+        self.on_done = on_done
+        self.started = self.complete = self.keep_alive = self.upgraded = self.ended = False
+        self.error = None
         self._interim = self._upgrading = False
         # One parser for the connection's answers, one after another; a fresh one only after an
         # answer whose end the parser could not see (HEAD, 204, 304: a body announced, none sent).
         if self._parser is None or self._head_only:
             self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
-        self.last_data = loop.time()
-        self.done = loop.create_future()
-        return self.done
+        self.last_data = self.loop.time()
 
     def write(self, data: bytes) -> None:
         # Once lost, the exchange's future says so; a write then (uvloop raises) is dropped.
@@ -93,9 +100,16 @@ class UpstreamConn(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def fail(self, error: Exception) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(error)
+    def fail(self, error: BaseException) -> None:
+        """End the exchange with `error` (if it has not ended); heard in a later turn of the loop."""
+        if self.on_done is not None and not self.ended:
+            self.ended = True
+            self.error = error
+            self.loop.call_soon(self._tell, self.on_done)
+
+    def _tell(self, on_done: OnDone) -> None:
+        if on_done is self.on_done:  # still the same exchange
+            on_done(self.error)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -125,6 +139,11 @@ class UpstreamConn(asyncio.Protocol):
             self._finish()
         except httptools.HttpParserError as e:
             self.fail(UpstreamError(f"bad response from the instance: {e}"))
+        if self.complete and self.on_done is not None and not self.ended:
+            # Told here, once the parser is done with the data, rather than a turn later: the
+            # hot path's answer costs no scheduled callback.
+            self.ended = True
+            self.on_done(None)
 
     def eof_received(self) -> bool | None:
         return None  # close: half-open connections are not kept
@@ -132,7 +151,7 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.pool.forget(self)
-        if self.done is not None and not self.done.done():
+        if self.on_done is not None and not self.ended:
             when = "mid-response" if self.started else "before answering"
             self.fail(UpstreamError(f"the instance closed the connection {when}"))
         elif self.upgraded and self.peer is not None:
@@ -169,9 +188,7 @@ class UpstreamConn(asyncio.Protocol):
             self._finish()
 
     def _finish(self) -> None:
-        self.complete = True
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
+        self.complete = True  # `data_received` tells the exchange, once the parser returns
 
 
 class Upstream:
@@ -217,7 +234,7 @@ class Upstream:
     def release(self, conn: UpstreamConn) -> None:
         """Back to the pool if its exchange ended cleanly and may continue, else closed."""
         conn.peer = None
-        conn.done = None
+        conn.on_done = None
         reusable = conn.complete and conn.keep_alive and not conn.lost and not conn.upgraded
         # Not with part of a request still unsent (an answer that came before the whole body).
         unsent = conn.transport is not None and conn.transport.get_write_buffer_size() > 0

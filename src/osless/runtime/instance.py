@@ -92,12 +92,7 @@ class Instance:
             await self._no_web_app(scope, receive, send)
             return
         if scope["type"] in ("http", "websocket"):
-            # The gateway strips /{app} and says so: as root_path, the app builds its own URLs
-            # (FastAPI's docs, Flask's url_for) with the prefix. Only the gateway reaches this socket.
-            for name, value in scope["headers"]:
-                if name == b"x-forwarded-prefix":
-                    scope = {**scope, "root_path": scope.get("root_path", "") + value.decode("latin-1")}
-                    break
+            _forwarded(scope)
         try:
             await self.web(scope, receive, send)
         except SystemExit as e:
@@ -374,12 +369,34 @@ def _config(instance: Instance, socket_path: str) -> uvicorn.Config:
         log_level="warning",
         access_log=False,
         loop="uvloop" if _HAS_UVLOOP else "asyncio",
-        http="httptools" if _HAS_HTTPTOOLS else "h11",
-        # Only the platform's gateway can reach the socket, so its X-Forwarded-* headers are trusted.
-        forwarded_allow_ips="*",
+        http=_http_protocol(),
+        proxy_headers=False,  # applied by Instance itself, in the same pass as the prefix
         # No request legitimately outlives the longest timeout; past that, a stop stops.
         timeout_graceful_shutdown=int(max(timeouts, default=30.0)) + 1,
     )
+
+
+def _http_protocol() -> Any:
+    if not _HAS_HTTPTOOLS:
+        return "h11"
+    from osless.runtime.http import CorkedHttpToolsProtocol
+
+    return CorkedHttpToolsProtocol
+
+
+def _forwarded(scope: Scope) -> None:
+    """What the gateway says of the request, into the scope. Only the gateway reaches this
+    socket, so its X-Forwarded-* headers are trusted (and it drops any a client sent)."""
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            scope["client"] = (value.decode("latin-1"), 0)
+        elif name == b"x-forwarded-proto":
+            proto = value.decode("latin-1")
+            scope["scheme"] = proto.replace("http", "ws") if scope["type"] == "websocket" else proto
+        elif name == b"x-forwarded-prefix":
+            # The gateway strips /{app} and says so: as root_path, the app builds its own URLs
+            # (FastAPI's docs, Flask's url_for) with the prefix.
+            scope["root_path"] = scope.get("root_path", "") + value.decode("latin-1")
 
 
 _PRELOADED: dict[int, uvicorn.Config] = {}

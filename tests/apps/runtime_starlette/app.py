@@ -106,6 +106,8 @@ def web() -> Starlette:
                 "pid": os.getpid(),
                 "lifespan_pid": request.state.lifespan_pid,
                 "client": request.client and request.client.host,
+                "scheme": request.url.scheme,
+                "root_path": request.scope["root_path"],
             }
         )
 
