@@ -149,6 +149,27 @@ def test_server_sent_events_and_websockets_pass_through(platform: Platform, stre
         assert ws.recv(timeout=10) == "echo: hi"
         ws.send("again")
         assert ws.recv(timeout=10) == "echo: again"
+    # an upgrade pipelined behind a plain request: answered in its turn, then a tunnel
+    with socket.create_connection(("127.0.0.1", platform.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /streamer/slow?s=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /streamer/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"HTTP/1.1 101" not in data or not data.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"\r\n\r\ndoneHTTP/1.1 101" in data
+        mask = b"\x01\x02\x03\x04"
+        sock.sendall(b"\x81\x82" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"hi")))
+        frame = b""
+        while len(frame) < 10:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {frame!r}"
+            frame += chunk
+        assert frame == b"\x81\x08echo: hi"
 
 
 def test_an_instance_dying_mid_request_is_a_502_and_the_next_succeeds(

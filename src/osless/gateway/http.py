@@ -416,7 +416,9 @@ class ClientConnection(asyncio.Protocol):
             )
             self.transport.close()
             return
-        if self._upgraded or req is None:
+        if req is None or (self._upgraded and not self._pending):
+            # The upgrade was this request's, and it did not become a tunnel: what follows on the
+            # connection is not HTTP. (One still pending is started in its turn, below.)
             self.transport.close()
             return
         if not req.complete:
