@@ -11,6 +11,7 @@ from typing import Any
 
 import httptools
 import httpx
+import pytest
 
 from tests.platform import Platform
 
@@ -73,6 +74,26 @@ def test_timeouts_are_504_and_streams_arrive_as_they_are_sent(platform: Platform
             arrivals.append((time.monotonic(), line))
     assert [line for _, line in arrivals] == [f"chunk {i}" for i in range(5)]
     assert arrivals[-1][0] - arrivals[0][0] > 0.6  # streamed, not buffered until the end
+
+    # Never silent for a second, but no request outlives max_duration_s (2 s): neither a stream...
+    t0, ticks = time.monotonic(), 0
+    with pytest.raises(httpx.RemoteProtocolError):  # cut short: the chunked answer never ends
+        with httpx.stream("GET", f"{platform.gateway}/slow/forever", timeout=10) as resp:
+            for _ in resp.iter_lines():
+                ticks += 1
+    assert 1.5 < time.monotonic() - t0 < 5 and ticks >= 4
+    # ...nor a websocket
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    t0 = time.monotonic()
+    with connect(f"ws://127.0.0.1:{platform.http_port}/slow/ws") as ws:
+        with pytest.raises(ConnectionClosed):
+            while time.monotonic() - t0 < 10:
+                ws.send("hi")
+                assert ws.recv(timeout=5) == "hi"
+                time.sleep(0.3)
+    assert 1.5 < time.monotonic() - t0 < 5
 
 
 def test_requests_spread_over_instances(platform: Platform) -> None:

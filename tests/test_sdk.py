@@ -60,6 +60,8 @@ def test_bad_resources() -> None:
         app.function(memory_mb=1)
     with pytest.raises(UsageError, match="timeout_s"):
         app.function(timeout_s=0)
+    with pytest.raises(UsageError, match="max_duration_s"):
+        app.web(max_duration_s=0)
 
 
 def test_manifest_lists_functions_and_web() -> None:
@@ -74,7 +76,7 @@ def test_manifest_lists_functions_and_web() -> None:
     assert app.manifest() == {
         "name": "shop",
         "functions": {"quote": {"memory_mb": 128, "timeout_s": 5, "async": True}},
-        "web": {"name": "api", "memory_mb": 256, "timeout_s": 20},
+        "web": {"name": "api", "memory_mb": 256, "timeout_s": 20, "max_duration_s": 3600.0},
         "volumes": {},
         "egress": [],
         "config": {},

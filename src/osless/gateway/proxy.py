@@ -17,7 +17,7 @@ import httpx
 
 from osless.client import AsyncApi
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
-from osless.gateway.router import DEFAULT_TIMEOUT_S, Backend, NoBackend, Router, web_timeout
+from osless.gateway.router import DEFAULT_TIMEOUT_S, Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import Traffic
 from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
 
@@ -47,14 +47,13 @@ JSON = [(b"content-type", b"application/json")]
 RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
-TUNNEL_MAX_S = 3600.0  # and none lives longer than this
 CONNECT_ATTEMPTS = 3
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
 TOKEN_CACHE_SIZE = 1024
 
-# The seconds an instance may take between bytes of its answer, from its release's manifest; None
+# The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
-Timeout = Callable[[dict[str, Any]], float | None]
+TimeoutsOf = Callable[[dict[str, Any]], Timeouts | None]
 
 
 class Gateway:
@@ -137,13 +136,13 @@ class Gateway:
         if self.traffic.in_flight(app) >= limit or _over(req, max_body):
             return False
         backend = router.pick_now(app)
-        if backend is None or backend.web_timeout is None:
+        if backend is None or backend.web_timeouts is None:
             return False
         up = backend.upstream.take_idle()
         if up is None:
             return False
         req.limit = max_body
-        exchange = _Exchange(self, conn, req, backend, up, backend.web_timeout)
+        exchange = _Exchange(self, conn, req, backend, up, backend.web_timeouts)
         head = _head(conn, req, target, prefix)
         try:
             exchange.start(head, exchange.settle_fast)
@@ -169,7 +168,7 @@ class Gateway:
     async def _web(
         self, conn: ClientConnection, req: Request, app: str, target: bytes, prefix: bytes
     ) -> None:
-        await self._route(conn, req, app, _head(conn, req, target, prefix), web_timeout)
+        await self._route(conn, req, app, _head(conn, req, target, prefix), web_timeouts)
 
     async def _function(self, conn: ClientConnection, req: Request, path: bytes) -> None:
         parts = path.split(b"/")
@@ -186,7 +185,7 @@ class Gateway:
             return
         app, function = parts[2].decode("latin-1"), parts[3].decode("latin-1")
 
-        def timeout(manifest: dict[str, Any]) -> float | None:
+        def timeouts(manifest: dict[str, Any]) -> Timeouts | None:
             spec = (manifest.get("functions") or {}).get(function)
             if spec is None:
                 message = f"app {app!r} has no function {function!r}"
@@ -194,10 +193,11 @@ class Gateway:
                 return None
             # The instance applies the function's timeout_s itself and answers 504; the extra
             # second covers the trip back. A caller's own x-osless-deadline passes through.
-            return float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
+            seconds = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
+            return Timeouts(seconds, seconds)
 
         head = _head(conn, req, b"/__osless__/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
-        await self._route(conn, req, app, head, timeout)
+        await self._route(conn, req, app, head, timeouts)
 
     async def _route(
         self,
@@ -205,7 +205,7 @@ class Gateway:
         req: Request,
         app: str,
         head: bytes,
-        timeout: Timeout,
+        timeouts_of: TimeoutsOf,
     ) -> None:
         """Limits first, then an instance (waiting while one starts); one that refuses the
         connection is passed over for the next."""
@@ -233,13 +233,13 @@ class Gateway:
                     with self.traffic.waiting(app):
                         backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
                 manifest = await router.manifest(backend)
-                seconds = timeout(manifest)
+                timeouts = timeouts_of(manifest)
             except NoBackend as e:
                 conn.respond(
                     e.status, error_response(e.code, e.message), RETRY_AFTER if e.status == 503 else JSON
                 )
                 return
-            if seconds is None:
+            if timeouts is None:
                 return  # `timeout` answered the request itself
             try:
                 up = await backend.upstream.acquire(fresh=req.upgrade)
@@ -247,7 +247,7 @@ class Gateway:
                 refused.add(backend.id)  # nothing was sent: another instance may take it
                 reason = str(e)
                 continue
-            await self._exchange(_Exchange(self, conn, req, backend, up, seconds), head)
+            await self._exchange(_Exchange(self, conn, req, backend, up, timeouts), head)
             return
         message = f"no instance of {app!r} accepted the connection: {reason}"
         conn.respond(502, error_response("bad_gateway", message), JSON)
@@ -266,15 +266,16 @@ class Gateway:
             upgraded = exchange.settle(tunnel_ok=exchange.req.upgrade)  # also when the client left
         if upgraded:
             try:
-                await self._tunnel(exchange.conn, exchange.up)
+                await self._tunnel(exchange)
             finally:
                 exchange.end()
 
-    async def _tunnel(self, conn: ClientConnection, up: UpstreamConn) -> None:
-        """A websocket (any 101): bytes both ways until either side closes, it idles, or it is old."""
+    async def _tunnel(self, exchange: _Exchange) -> None:
+        """A websocket (any 101): bytes both ways until either side closes, it idles, or it is
+        older than the app's max_duration_s."""
+        conn, up, ends = exchange.conn, exchange.up, exchange.ends
         loop = conn.loop
         conn.start_tunnel(up)
-        ends = loop.time() + TUNNEL_MAX_S
         try:
             while not conn.closed and not up.lost:
                 now = loop.time()
@@ -317,6 +318,10 @@ class _TimedOut(Exception):
     """No byte of the answer within the app's timeout."""
 
 
+class _TooOld(Exception):
+    """The request lived past the app's max_duration_s."""
+
+
 def _over(req: Request, max_body: int) -> bool:
     """The body is past `max_body`, by what it says of itself or by what came of it so far."""
     length = req.content_length
@@ -345,7 +350,7 @@ def _head(
 class _Exchange:
     """One request relayed to one instance: its deadline, its count in the traffic, its outcome."""
 
-    __slots__ = ("backend", "conn", "gateway", "req", "seconds", "up")
+    __slots__ = ("backend", "conn", "ends", "gateway", "req", "timeouts", "up")
 
     def __init__(
         self,
@@ -354,14 +359,15 @@ class _Exchange:
         req: Request,
         backend: Backend,
         up: UpstreamConn,
-        seconds: float,
+        timeouts: Timeouts,
     ) -> None:
         self.gateway = gateway
         self.conn = conn
         self.req = req
         self.backend = backend
         self.up = up
-        self.seconds = seconds
+        self.timeouts = timeouts
+        self.ends = conn.loop.time() + timeouts.whole
 
     def start(self, head: bytes, on_done: OnDone) -> None:
         up, conn = self.up, self.conn
@@ -371,23 +377,26 @@ class _Exchange:
         up.write(head)
         conn.attach(up)
         self.req.attach(up)
-        # `seconds` bounds the wait for each byte of the answer, not the whole of it: a stream
-        # that keeps sending lives on.
+        # `idle` bounds the wait for each byte of the answer: a stream that keeps sending lives
+        # on, until it is `whole` seconds old.
         conn.deadline = self._due
-        conn.watch_until(up.last_data + self.seconds)
+        conn.watch_until(min(up.last_data + self.timeouts.idle, self.ends))
 
     def _due(self, now: float) -> float | None:
         """The connection's watchdog asks: time out the answer if it is overdue."""
         up = self.up
         if up.ended:
             return None
+        if now >= self.ends:
+            up.fail(_TooOld())
+            return None
         if self.conn.write_paused or up.reading_paused:
             up.last_data = now  # the client is the slow one: the instance is not to blame
-        due = up.last_data + self.seconds
+        due = up.last_data + self.timeouts.idle
         if now >= due:
             up.fail(_TimedOut())
             return None
-        return due
+        return min(due, self.ends)
 
     def settle(self, tunnel_ok: bool = False) -> bool:
         """Answer for what went wrong, if anything, and hand the instance's connection back;
@@ -402,12 +411,16 @@ class _Exchange:
             error = up.error if up.ended else ClientGone()
             if error is None and up.upgraded and not tunnel_ok:
                 error = UpstreamError("the instance switched protocols on a request that did not ask")
-            if isinstance(error, _TimedOut):
+            if isinstance(error, _TimedOut | _TooOld):
                 up.abort()
                 if up.started:
                     conn.must_close = True  # cut mid-answer: the client sees it end short
                 else:
-                    message = f"instance {self.backend.id} did not answer within {self.seconds:.0f}s"
+                    if isinstance(error, _TimedOut):
+                        message = f"instance {self.backend.id} did not answer within {self.timeouts.idle:g}s"
+                    else:
+                        whole = self.timeouts.whole
+                        message = f"the request outlived the app's max_duration_s of {whole:g}s"
                     conn.respond(504, error_response("timeout", message), JSON, close=not req.complete)
             elif isinstance(error, TooLarge):
                 up.abort()

@@ -10,18 +10,28 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from osless.client import ApiError, AsyncApi, Informer
 from osless.gateway.upstream import Upstream
 
-__all__ = ["Backend", "NoBackend", "Router", "web_timeout"]
+__all__ = ["Backend", "NoBackend", "Router", "Timeouts", "web_timeouts"]
 
 
 WAKE_EVERY_S = 3.0
 DEFAULT_CONCURRENCY_LIMIT = 1000
 DEFAULT_MAX_BODY_MB = 10.0
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_DURATION_S = 3600.0
+
+
+class Timeouts(NamedTuple):
+    """How long a request may wait for each byte of its answer (`idle`), and live in all (`whole`)."""
+
+    idle: float
+    whole: float
+
+
 _DEFAULT_LIMITS = (DEFAULT_CONCURRENCY_LIMIT, int(DEFAULT_MAX_BODY_MB * 1024 * 1024))
 
 
@@ -45,9 +55,9 @@ class Backend:
     socket: str
     upstream: Upstream
     outstanding: int = 0
-    # The web route's timeout_s from the release's manifest, once the router has read it (the
-    # hot path takes only instances whose manifest it has).
-    web_timeout: float | None = None
+    # The web route's timeouts from the release's manifest, once the router has read it (the hot
+    # path takes only instances whose manifest it has).
+    web_timeouts: Timeouts | None = None
 
 
 class Router:
@@ -95,7 +105,7 @@ class Router:
                 )
                 manifest = self._manifests.get((b.app, b.release))
                 if manifest is not None:
-                    b.web_timeout = web_timeout(manifest)
+                    b.web_timeouts = web_timeouts(manifest)
                 self.backends[iid] = b
         by_app: dict[str, list[Backend]] = {}
         for b in self.backends.values():
@@ -184,13 +194,17 @@ class Router:
             manifest = self._manifests[key] = release["manifest"]
             for b in self.backends.values():
                 if (b.app, b.release) == key:
-                    b.web_timeout = web_timeout(manifest)
+                    b.web_timeouts = web_timeouts(manifest)
         return self._manifests[key]
 
 
-def web_timeout(manifest: dict[str, Any]) -> float:
-    """The seconds an instance may take between bytes of a web answer."""
-    return float((manifest.get("web") or {}).get("timeout_s", DEFAULT_TIMEOUT_S))
+def web_timeouts(manifest: dict[str, Any]) -> Timeouts:
+    """A web request's timeouts, from its release's manifest."""
+    web = manifest.get("web") or {}
+    return Timeouts(
+        float(web.get("timeout_s", DEFAULT_TIMEOUT_S)),
+        float(web.get("max_duration_s", DEFAULT_MAX_DURATION_S)),
+    )
 
 
 async def _close_later(b: Backend) -> None:

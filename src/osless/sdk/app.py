@@ -48,10 +48,16 @@ class WebSpec:
     name: str
     factory: Callable[[], Any]
     memory_mb: int
-    timeout_s: float
+    timeout_s: float  # the longest the app may stay silent: before an answer, or within a stream
+    max_duration_s: float = 3600.0  # no request (a stream, a websocket) lives longer
 
     def manifest(self) -> dict[str, Any]:
-        return {"name": self.name, "memory_mb": self.memory_mb, "timeout_s": self.timeout_s}
+        return {
+            "name": self.name,
+            "memory_mb": self.memory_mb,
+            "timeout_s": self.timeout_s,
+            "max_duration_s": self.max_duration_s,
+        }
 
 
 @dataclass
@@ -131,11 +137,24 @@ class App:
         *,
         memory_mb: int = 256,
         timeout_s: float = 60.0,
+        max_duration_s: float = 3600.0,
     ) -> Callable[[F], F]:
-        """Register a factory that returns the app's ASGI or WSGI application."""
+        """Register a factory that returns the app's ASGI or WSGI application.
+
+        `timeout_s` bounds the wait for each byte of an answer (the first, and each of a stream);
+        `max_duration_s` the whole life of a request, streams and websockets included.
+        """
         if _fn is not None:
             raise UsageError("@app.web needs parentheses: write @app.web() instead of @app.web")
         _check_resources("@app.web", memory_mb, timeout_s)
+        if (
+            not isinstance(max_duration_s, int | float)
+            or isinstance(max_duration_s, bool)
+            or not 0 < max_duration_s <= 86_400
+        ):
+            raise UsageError(
+                f"@app.web(max_duration_s={max_duration_s!r}): give a number of seconds in (0, 86400]"
+            )
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -144,7 +163,7 @@ class App:
                 raise UsageError(
                     f"app {self.name!r} already has a web app ({self.web_spec.name}); an app has at most one"
                 )
-            self.web_spec = WebSpec(name=fn.__name__, factory=fn, memory_mb=memory_mb, timeout_s=timeout_s)
+            self.web_spec = WebSpec(fn.__name__, fn, memory_mb, timeout_s, float(max_duration_s))
             return fn
 
         return register

@@ -12,11 +12,22 @@ def nap(event, ctx):
     return "rested"
 
 
-@app.web(timeout_s=1)
+@app.web(timeout_s=1, max_duration_s=2)
 def web():
     async def asgi(scope, receive, send):
+        if scope["type"] == "websocket":  # an echo, for as long as it is allowed to live
+            await receive()
+            await send({"type": "websocket.accept"})
+            while (message := await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": message.get("text")})
+            return
         if scope["type"] != "http":
             return
+        if scope["path"] == "/forever":  # never silent for long, but never done
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+                await asyncio.sleep(0.3)
         if scope["path"] == "/stream":
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
