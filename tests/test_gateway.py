@@ -77,22 +77,22 @@ def test_timeouts_are_504_and_streams_arrive_as_they_are_sent(platform: Platform
 
     # Never silent for a second, but no request outlives max_duration_s (2 s): neither a stream...
     t0, ticks = time.monotonic(), 0
-    with pytest.raises(httpx.RemoteProtocolError):  # cut short: the chunked answer never ends
-        with httpx.stream("GET", f"{platform.gateway}/slow/forever", timeout=10) as resp:
-            for _ in resp.iter_lines():
-                ticks += 1
+    forever = httpx.stream("GET", f"{platform.gateway}/slow/forever", timeout=10)
+    # cut short: the chunked answer never ends
+    with pytest.raises(httpx.RemoteProtocolError), forever as resp:
+        for _ in resp.iter_lines():
+            ticks += 1
     assert 1.5 < time.monotonic() - t0 < 5 and ticks >= 4
     # ...nor a websocket
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     t0 = time.monotonic()
-    with connect(f"ws://127.0.0.1:{platform.http_port}/slow/ws") as ws:
-        with pytest.raises(ConnectionClosed):
-            while time.monotonic() - t0 < 10:
-                ws.send("hi")
-                assert ws.recv(timeout=5) == "hi"
-                time.sleep(0.3)
+    with connect(f"ws://127.0.0.1:{platform.http_port}/slow/ws") as ws, pytest.raises(ConnectionClosed):
+        while time.monotonic() - t0 < 10:
+            ws.send("hi")
+            assert ws.recv(timeout=5) == "hi"
+            time.sleep(0.3)
     assert 1.5 < time.monotonic() - t0 < 5
 
 

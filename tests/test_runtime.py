@@ -422,7 +422,13 @@ def test_inspect_prints_the_manifest() -> None:
         "app": {
             "name": "runtime-flask",
             "functions": {"add": {"memory_mb": 128, "timeout_s": 5, "async": False}},
-            "web": {"name": "web", "memory_mb": 256, "timeout_s": 20, "max_duration_s": 3600.0, "kind": "wsgi"},
+            "web": {
+                "name": "web",
+                "memory_mb": 256,
+                "timeout_s": 20,
+                "max_duration_s": 3600.0,
+                "kind": "wsgi",
+            },
             "volumes": {},
             "egress": [],
             "config": {},
