@@ -200,6 +200,35 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
             assert ws.recv(timeout=5) == "echo hi"
 
 
+def test_kept_alive_connections_live_while_used_and_close_when_idle(
+    starlette: tuple[Zygote, Instance, Instance],
+) -> None:
+    _, one, _ = starlette
+
+    def ask(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET /kept HTTP/1.1\r\nHost: i\r\n\r\n")
+        data = b""
+        while not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        return data
+
+    busy, idle = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with busy, idle:
+        busy.connect(one.path)
+        idle.connect(one.path)
+        assert ask(idle).startswith(b"HTTP/1.1 200")
+        # uvicorn's keep-alive is 5 s: a connection that keeps asking lives on past it, one that
+        # went quiet is closed once it has been quiet that long.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 7:
+            assert b'"path":"/kept"' in ask(busy)
+            time.sleep(1)
+        idle.settimeout(5)
+        assert idle.recv(1) == b""
+
+
 def test_function_output_reaches_the_instance_pipes(starlette: tuple[Zygote, Instance, Instance]) -> None:
     _, one, two = starlette
     one.invoke("greet", {"name": "pipes-one"})

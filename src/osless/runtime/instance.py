@@ -379,9 +379,9 @@ def _config(instance: Instance, socket_path: str) -> uvicorn.Config:
 def _http_protocol() -> Any:
     if not _HAS_HTTPTOOLS:
         return "h11"
-    from osless.runtime.http import CorkedHttpToolsProtocol
+    from osless.runtime.http import InstanceHttpProtocol
 
-    return CorkedHttpToolsProtocol
+    return InstanceHttpProtocol
 
 
 def _forwarded(scope: Scope) -> None:
