@@ -40,6 +40,12 @@ def test_idle_app_scales_to_zero_and_the_next_request_wakes_it(platform: Platfor
     woke_in = time.monotonic() - t0
     assert woke_in < 5, woke_in
     assert "a request arrived while at zero" in platform.cli("ps", "sleepy").stdout
+    # back at zero a moment later (its idle window is a second), and woken again as fast
+    platform.wait_for(lambda: not platform.instances("sleepy"), what="scale to zero again")
+    t0 = time.monotonic()
+    assert httpx.get(f"{platform.gateway}/sleepy/", timeout=30).status_code == 200
+    woke_again_in = time.monotonic() - t0
+    assert woke_again_in < 2, woke_again_in
     # functions wake it too: any trigger that reaches the platform
     platform.wait_for(lambda: not platform.instances("sleepy"), what="scale to zero again")
     assert (

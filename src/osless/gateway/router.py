@@ -74,6 +74,7 @@ class Router:
         self._closing: set[asyncio.Task[None]] = set()
         self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
         self._woken: dict[str, float] = {}
+        self._waking: set[str] = set()  # apps with a wake call under way
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
@@ -149,6 +150,7 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
+            changed = self._changed  # set by any change from now on, even one during the wake call
             if app not in self.apps.items:
                 raise NoBackend(404, "app_not_found", f"no app named {app!r} is deployed here")
             found = self.pick_now(app, exclude)
@@ -157,11 +159,19 @@ class Router:
             if self.apps.items[app].get("current_release") is None:
                 raise NoBackend(503, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it")
             # The activator: an app at zero (or whose instances all went) is woken, and the request
-            # waits here while an instance forks. Asked again every few seconds while it waits.
-            if loop.time() - self._woken.get(app, -WAKE_EVERY_S) >= WAKE_EVERY_S and not self._starting(app):
-                self._woken[app] = loop.time()
-                with contextlib.suppress(ApiError):
-                    await self.api.post(f"/v1/apps/{app}/wake")
+            # waits here while an instance forks. At once when the app wants no instance; when it
+            # already wants some, asked again every few seconds while it waits. One call at a time.
+            now = loop.time()
+            wanted = self.apps.items[app].get("desired")
+            due = not wanted or now - self._woken.get(app, -WAKE_EVERY_S) >= WAKE_EVERY_S
+            if due and app not in self._waking and not self._starting(app):
+                self._woken[app] = now
+                self._waking.add(app)
+                try:
+                    with contextlib.suppress(ApiError):
+                        await self.api.post(f"/v1/apps/{app}/wake")
+                finally:
+                    self._waking.discard(app)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise NoBackend(
@@ -171,7 +181,7 @@ class Router:
                     f"see `osless ps {app}` and `osless logs {app}`",
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, WAKE_EVERY_S))
+                await asyncio.wait_for(changed.wait(), min(remaining, WAKE_EVERY_S))
 
     def _starting(self, app: str) -> bool:
         return any(

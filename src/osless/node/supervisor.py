@@ -84,13 +84,29 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._restarting = False
         self._ready = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
+        self._unreported = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
 
-    async def _set(self, **changes: Any) -> None:
+    def _set_soon(self, **changes: Any) -> asyncio.Task[None]:
+        """Change the status and have it reported, in order, without waiting for the API: each
+        report carries the whole status, so of several pending only the newest is sent."""
         self.status.update(changes)
-        await self._report(self.id, dict(self.status))
+        self._unreported = True
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.create_task(self._send_reports())
+        return self._reporter
+
+    async def _send_reports(self) -> None:
+        while self._unreported:
+            self._unreported = False
+            await self._report(self.id, dict(self.status))
+
+    async def _set(self, **changes: Any) -> None:
+        """`_set_soon`, back once the API has it."""
+        await asyncio.shield(self._set_soon(**changes))
 
     async def _run(self) -> None:
         backoff = BACKOFF_START
@@ -112,7 +128,8 @@ class Supervisor:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _run_once(self) -> str:
-        await self._set(phase="starting", message=None)
+        # Not waited for: a start from zero is on a request's path, and the fork needs nothing of it.
+        self._set_soon(phase="starting", message=None)
         cgroup: InstanceCgroup | None = None
         try:
             zyg = await self._zygote()
