@@ -229,6 +229,17 @@ def test_kept_alive_connections_live_while_used_and_close_when_idle(
         assert idle.recv(1) == b""
 
 
+def test_a_fast_stream_waits_for_a_slow_reader(starlette: tuple[Zygote, Instance, Instance]) -> None:
+    _, _, two = starlette
+    with socket.socket(socket.AF_UNIX) as reader:  # asks for 64 MiB, then reads none of it
+        reader.connect(two.path)
+        reader.sendall(b"GET /flood HTTP/1.1\r\nHost: i\r\n\r\n")
+        time.sleep(1)
+        # Flow control holds the app back once the socket and a buffer's worth are full: a few MiB
+        # made, not all 64 held in the instance's memory.
+        assert two.client.get("/flooded").json()["chunks"] < 8
+
+
 def test_function_output_reaches_the_instance_pipes(starlette: tuple[Zygote, Instance, Instance]) -> None:
     _, one, two = starlette
     one.invoke("greet", {"name": "pipes-one"})

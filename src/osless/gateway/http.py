@@ -459,7 +459,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _look(self) -> None:
         self._watch = None
-        if self.closed:
+        if self.closed or self._draining:  # lingering: that has a close of its own
             return
         now = self.loop.time()
         if self._current is None:

@@ -86,7 +86,7 @@ class UpstreamConn(asyncio.Protocol):
         self.last_data = self.loop.time()
 
     def write(self, data: bytes) -> None:
-        # Once lost, the exchange's future says so; a write then (uvloop raises) is dropped.
+        # Once lost, the exchange hears of it; a write then (uvloop raises) is dropped.
         if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
 

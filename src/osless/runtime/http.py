@@ -2,9 +2,10 @@
 
 Two costs of uvicorn's own are taken out of each request, for the gateway's hot path:
 - it writes an answer's head and its body in two system calls, so the gateway on the other end of
-  the unix socket is woken twice for one answer. Here every write an ASGI task makes in one turn of
-  the loop goes out in one call: a whole answer as soon as it is complete, the parts of a stream at
-  the end of the turn that wrote them;
+  the unix socket is woken twice for one answer. Here the small writes an ASGI task makes in one turn
+  of the loop go out in one call: a whole answer as soon as it is complete, the parts of a stream at
+  the end of the turn that wrote them. Past `CORK_BYTES` held, writes go straight on, so that
+  uvicorn's flow control (which watches the real transport's buffer) still holds a fast producer back;
 - it cancels a keep-alive timer when a request arrives and starts a new one when it is answered.
   Here one timer per connection looks at the connection when it fires, and closes it only if it
   has been idle for the whole keep-alive time.
@@ -17,25 +18,36 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["CorkedTransport", "InstanceHttpProtocol"]
+__all__ = ["CORK_BYTES", "CorkedTransport", "InstanceHttpProtocol"]
+
+CORK_BYTES = 64 * 1024  # uvicorn's high-water mark: more than this is never held back
 
 
 class CorkedTransport:
     """A transport whose writes within one turn of the loop are joined into one."""
 
-    __slots__ = ("_held", "_loop", "transport")
+    __slots__ = ("_held", "_held_bytes", "_loop", "transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self._loop = loop
         self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) >= CORK_BYTES:  # big enough to go alone, after what was held
+            self.flush()
+            self.transport.write(data)
+            return
         if self._held is None:
             self._held = [bytes(data)]
+            self._held_bytes = len(data)
             self._loop.call_soon(self.flush)
-        else:
-            self._held.append(bytes(data))
+            return
+        self._held.append(bytes(data))
+        self._held_bytes += len(data)
+        if self._held_bytes >= CORK_BYTES:
+            self.flush()
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -47,8 +59,7 @@ class CorkedTransport:
             self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def get_write_buffer_size(self) -> int:
-        held = sum(len(c) for c in self._held) if self._held else 0
-        return held + self.transport.get_write_buffer_size()
+        return (self._held_bytes if self._held else 0) + self.transport.get_write_buffer_size()
 
     def write_eof(self) -> None:
         self.flush()

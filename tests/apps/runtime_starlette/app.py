@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -111,9 +111,23 @@ def web() -> Starlette:
             }
         )
 
+    produced = {"chunks": 0}
+
+    async def flood(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:  # never waits of its own accord
+            for _ in range(64):
+                produced["chunks"] += 1
+                yield b"x" * (1024 * 1024)
+
+        return StreamingResponse(chunks())
+
+    async def flooded(request: Request) -> JSONResponse:
+        return JSONResponse(produced)
+
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()
         await websocket.send_text("echo " + await websocket.receive_text())
         await websocket.close()
 
-    return Starlette(routes=[Route("/{path:path}", home), WebSocketRoute("/ws", echo)], lifespan=lifespan)
+    routes = [Route("/flood", flood), Route("/flooded", flooded), Route("/{path:path}", home)]
+    return Starlette(routes=[*routes, WebSocketRoute("/ws", echo)], lifespan=lifespan)
