@@ -207,8 +207,7 @@ class Gateway:
         head: bytes,
         timeouts_of: TimeoutsOf,
     ) -> None:
-        """Limits first, then an instance (waiting while one starts); one that refuses the
-        connection is passed over for the next."""
+        """Limits first, then an instance and a connection to it, then the exchange."""
         limit, max_body = self.router.limits(app)
         if self.traffic.in_flight(app) >= limit:
             # At once, rather than a queue with no end: the client knows to come back.
@@ -222,6 +221,18 @@ class Gateway:
             return
         if not req.complete and req.expect.lower() == b"100-continue":
             conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Counted from here (the autoscaler sees a crowd at once, not as connections open), and in
+        # flight once its exchange starts.
+        with self.traffic.waiting(app):
+            found = await self._connect(conn, app, req.upgrade, timeouts_of)
+        if found is not None:
+            await self._exchange(_Exchange(self, conn, req, *found), head)
+
+    async def _connect(
+        self, conn: ClientConnection, app: str, upgrade: bool, timeouts_of: TimeoutsOf
+    ) -> tuple[Backend, UpstreamConn, Timeouts] | None:
+        """An instance (waiting while one starts) and a connection to it; one that refuses the
+        connection is passed over for the next. None if the request was answered here instead."""
         refused: set[str] = set()
         reason = ""
         router = self.router
@@ -230,27 +241,26 @@ class Gateway:
                 # At once when an instance is ready (the common case); else the activator's wait.
                 backend = router.pick_now(app, frozenset(refused)) if app in router.apps.items else None
                 if backend is None:
-                    with self.traffic.waiting(app):
-                        backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
+                    backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
                 manifest = await router.manifest(backend)
                 timeouts = timeouts_of(manifest)
             except NoBackend as e:
                 conn.respond(
                     e.status, error_response(e.code, e.message), RETRY_AFTER if e.status == 503 else JSON
                 )
-                return
+                return None
             if timeouts is None:
-                return  # `timeout` answered the request itself
+                return None  # `timeouts_of` answered the request itself
             try:
-                up = await backend.upstream.acquire(fresh=req.upgrade)
+                up = await backend.upstream.acquire(fresh=upgrade)
             except Unreachable as e:
                 refused.add(backend.id)  # nothing was sent: another instance may take it
                 reason = str(e)
                 continue
-            await self._exchange(_Exchange(self, conn, req, backend, up, timeouts), head)
-            return
+            return backend, up, timeouts
         message = f"no instance of {app!r} accepted the connection: {reason}"
         conn.respond(502, error_response("bad_gateway", message), JSON)
+        return None
 
     async def _exchange(self, exchange: _Exchange, head: bytes) -> None:
         done = exchange.conn.loop.create_future()

@@ -73,6 +73,8 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
+        # One read of a release's manifest at a time, however many requests want it at once.
+        self._fetching: dict[tuple[str, int], asyncio.Task[dict[str, Any]]] = {}
         self._woken: dict[str, float] = {}
         self._waking: set[str] = set()  # apps with a wake call under way
 
@@ -107,6 +109,8 @@ class Router:
                 manifest = self._manifests.get((b.app, b.release))
                 if manifest is not None:
                     b.web_timeouts = web_timeouts(manifest)
+                else:  # read now, so the first requests find it (and take the hot path)
+                    self._fetch((b.app, b.release)).add_done_callback(_retrieve)
                 self.backends[iid] = b
         by_app: dict[str, list[Backend]] = {}
         for b in self.backends.values():
@@ -191,21 +195,34 @@ class Router:
 
     async def manifest(self, backend: Backend) -> dict[str, Any]:
         """The image manifest of the backend's release (timeouts, functions); releases never change."""
-        key = (backend.app, backend.release)
-        if key not in self._manifests:
-            try:
-                release = await self.api.get(f"/v1/apps/{backend.app}/releases/{backend.release}")
-            except ApiError as e:
-                raise NoBackend(
-                    502,
-                    "release_unavailable",
-                    f"cannot read release v{backend.release} of {backend.app!r} from the API: {e.message}",
-                ) from e
-            manifest = self._manifests[key] = release["manifest"]
-            for b in self.backends.values():
-                if (b.app, b.release) == key:
-                    b.web_timeouts = web_timeouts(manifest)
-        return self._manifests[key]
+        found = self._manifests.get((backend.app, backend.release))
+        if found is not None:
+            return found
+        # Shielded: a request whose client leaves does not cancel the read the others wait on.
+        return await asyncio.shield(self._fetch((backend.app, backend.release)))
+
+    def _fetch(self, key: tuple[str, int]) -> asyncio.Task[dict[str, Any]]:
+        task = self._fetching.get(key)
+        if task is None:
+            task = self._fetching[key] = asyncio.create_task(self._read_manifest(*key))
+            task.add_done_callback(lambda _: self._fetching.pop(key, None))  # a failure is tried again
+        return task
+
+    async def _read_manifest(self, app: str, release: int) -> dict[str, Any]:
+        try:
+            got = await self.api.get(f"/v1/apps/{app}/releases/{release}")
+        except ApiError as e:
+            raise NoBackend(
+                502,
+                "release_unavailable",
+                f"cannot read release v{release} of {app!r} from the API: {e.message}",
+            ) from e
+        manifest: dict[str, Any] = got["manifest"]
+        self._manifests[(app, release)] = manifest
+        for b in self.backends.values():
+            if (b.app, b.release) == (app, release):
+                b.web_timeouts = web_timeouts(manifest)
+        return manifest
 
 
 def web_timeouts(manifest: dict[str, Any]) -> Timeouts:
@@ -215,6 +232,11 @@ def web_timeouts(manifest: dict[str, Any]) -> Timeouts:
         float(web.get("timeout_s", DEFAULT_TIMEOUT_S)),
         float(web.get("max_duration_s", DEFAULT_MAX_DURATION_S)),
     )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed read ahead is tried again by the request that needs it
 
 
 async def _close_later(b: Backend) -> None:

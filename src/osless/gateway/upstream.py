@@ -21,7 +21,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Instances close a kept-alive connection after 5 s idle (uvicorn's default); one idle for less
 # than this is reused, older ones are closed rather than risk a request racing that close.
 REUSE_IDLE_S = 2.0
-MAX_IDLE = 64
+MAX_IDLE = 1024  # per instance; kept-alive ones close after 5 s idle anyway
 
 
 class UpstreamError(Exception):
