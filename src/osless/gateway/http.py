@@ -162,8 +162,7 @@ class ClientConnection(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call each time on 3.11.
         self.loop = loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
-        self.client = ""
-        self.client_ip = b""
+        self.client_ip = b""  # as the x-forwarded-for the instance gets
         self.closed = False
         self.must_close = False  # after the current answer
         self.responded = False  # the current request has had (a start of) an answer
@@ -194,8 +193,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
         peer = transport.get_extra_info("peername")
-        self.client = str(peer[0]) if isinstance(peer, tuple) else ""
-        self.client_ip = self.client.encode()
+        self.client_ip = str(peer[0]).encode() if isinstance(peer, tuple) else b""
         self._idle()
         self.watch_until(self._idle_since + KEEP_ALIVE_S)
 

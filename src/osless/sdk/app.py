@@ -147,14 +147,7 @@ class App:
         if _fn is not None:
             raise UsageError("@app.web needs parentheses: write @app.web() instead of @app.web")
         _check_resources("@app.web", memory_mb, timeout_s)
-        if (
-            not isinstance(max_duration_s, int | float)
-            or isinstance(max_duration_s, bool)
-            or not 0 < max_duration_s <= 86_400
-        ):
-            raise UsageError(
-                f"@app.web(max_duration_s={max_duration_s!r}): give a number of seconds in (0, 86400]"
-            )
+        _check_seconds("@app.web", "max_duration_s", max_duration_s, 86_400)
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -213,8 +206,12 @@ class App:
 def _check_resources(where: str, memory_mb: int, timeout_s: float) -> None:
     if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 16 <= memory_mb <= 65536:
         raise UsageError(f"{where}(memory_mb={memory_mb!r}): give an int between 16 and 65536")
-    if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not 0 < timeout_s <= 3600:
-        raise UsageError(f"{where}(timeout_s={timeout_s!r}): give a number of seconds in (0, 3600]")
+    _check_seconds(where, "timeout_s", timeout_s, 3600)
+
+
+def _check_seconds(where: str, name: str, value: float, most: int) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= most:
+        raise UsageError(f"{where}({name}={value!r}): give a number of seconds in (0, {most}]")
 
 
 def _check_volumes(volumes: object) -> dict[str, str]:
