@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 OSLESS = str(Path(sys.executable).parent / "osless")
+
+
+def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    """What `sock` sends until `done` says it is all there; the peer closing first fails the test."""
+    data = b""
+    while not done(data):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.platform import EXAMPLES, Platform, copy_app
+from tests.platform import EXAMPLES, Platform, copy_app, recv_until
 
 APPS = Path(__file__).parent / "apps"
 
@@ -135,11 +135,7 @@ def test_clients_that_leave_or_answers_that_come_early_leave_nothing_behind(
             b"POST /streamer/slow HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         sock.sendall(b"GET /streamer/slow?s=0 HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"done"):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
+        data = recv_until(sock, lambda d: d.count(b"HTTP/1.1 ") >= 2 and d.endswith(b"done"))
         assert data.startswith(b"HTTP/1.1 405") and b"HTTP/1.1 200" in data
 
 
@@ -162,20 +158,11 @@ def test_server_sent_events_and_websockets_pass_through(platform: Platform, stre
             b"GET /streamer/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        data = b""
-        while b"HTTP/1.1 101" not in data or not data.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
+        data = recv_until(sock, lambda d: b"HTTP/1.1 101" in d and d.endswith(b"\r\n\r\n"))
         assert data.startswith(b"HTTP/1.1 200") and b"\r\n\r\ndoneHTTP/1.1 101" in data
         mask = b"\x01\x02\x03\x04"
         sock.sendall(b"\x81\x82" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"hi")))
-        frame = b""
-        while len(frame) < 10:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {frame!r}"
-            frame += chunk
-        assert frame == b"\x81\x08echo: hi"
+        assert recv_until(sock, lambda d: len(d) >= 10) == b"\x81\x08echo: hi"
 
 
 def test_an_instance_dying_mid_request_is_a_502_and_the_next_succeeds(

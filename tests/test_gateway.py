@@ -13,7 +13,7 @@ import httptools
 import httpx
 import pytest
 
-from tests.platform import Platform
+from tests.platform import Platform, recv_until
 
 APPS = Path(__file__).parent / "apps"
 
@@ -228,11 +228,7 @@ def test_a_chunked_upload_past_the_limit_is_413(platform: Platform, flask_demo: 
 def test_answers_of_the_gateways_own_follow_http(platform: Platform, hello: dict[str, object]) -> None:
     with _connect(platform) as sock:  # HEAD: the length, no body; the connection goes on
         sock.sendall(b"HEAD /_health HTTP/1.1\r\nHost: x\r\n\r\nGET /_health HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while not data.endswith(b'{"ok": true}'):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
+        data = recv_until(sock, lambda d: d.endswith(b'{"ok": true}'))
         head, _, rest = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"content-length: 12" in head
         assert rest.startswith(b"HTTP/1.1 200")  # right after the HEAD's headers: no body between

@@ -23,6 +23,7 @@ from websockets.sync.client import unix_connect
 from osless.runtime import protocol
 from osless.runtime.loader import find_entry, load_app, web_kind
 from osless.sdk import UsageError
+from tests.platform import recv_until
 
 APPS = Path(__file__).parent / "apps"
 STARLETTE = APPS / "runtime_starlette"
@@ -207,12 +208,7 @@ def test_kept_alive_connections_live_while_used_and_close_when_idle(
 
     def ask(sock: socket.socket) -> bytes:
         sock.sendall(b"GET /kept HTTP/1.1\r\nHost: i\r\n\r\n")
-        data = b""
-        while not data.endswith(b"}"):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
-        return data
+        return recv_until(sock, lambda d: d.endswith(b"}"))
 
     busy, idle = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
     with busy, idle:
