@@ -27,7 +27,7 @@ from typing import Any
 from osless.build import Builder, ImageStore, pack
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
-from osless.node.isolation import app_socket_dir, sandbox_spec
+from osless.node.isolation import sandbox_spec
 from osless.node.spawn import Child, RootZygote, Zygote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +92,28 @@ def raise_nofile() -> int:
 # -- the platform: root zygote, the release's sandboxed zygote, cgroups --------------------------------
 
 
+# The host uid the benchmarks' sandboxes run as (on the platform, the API allocates one per app).
+BENCH_UID = 199_999
+
+
+def _sockets_dir(run_dir: Path) -> Path:
+    path = run_dir / "sockets"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def bind_sockets(web: Path) -> tuple[socket.socket, socket.socket]:
+    """An instance's web socket at `web` and its control socket beside it, bound as the agent does."""
+    pair = []
+    for path in (web, web.with_suffix(".ctl")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        pair.append(sock)
+    return pair[0], pair[1]
+
+
 @dataclass
 class Instance:
     iid: str
@@ -128,13 +150,18 @@ class Platform:
         ]
         root = RootZygote(writers[0])
         await root.start()
-        # sandbox_spec first: it creates the app's socket folder and hands it to the sandbox's uid.
         spec = sandbox_spec(
-            image.manifest, layers=image.layers, data_dir=work, run_dir=run_dir, egress_socket=None
+            image.manifest,
+            uid=BENCH_UID,
+            layers=image.layers,
+            data_dir=work,
+            run_dir=run_dir,
+            egress_socket=None,
         ).to_json()
         zygote = Zygote(
             image=image.digest,
             app=str(image.manifest["app"]),
+            uid=BENCH_UID,
             code_dir=image.code,
             deps_dir=image.deps,
             entry=image.manifest["entry"],
@@ -150,7 +177,7 @@ class Platform:
             work=work,
             image=image,
             run_dir=run_dir,
-            sock_dir=app_socket_dir(run_dir, str(image.manifest["app"])),
+            sock_dir=_sockets_dir(run_dir),
             cgroups=found,
             root=root,
             zygote=zygote,
@@ -181,12 +208,15 @@ class Platform:
         if cgroup and group is None:
             group = self.new_cgroup()
         sock = self.sock_dir / f"{iid}.sock"
+        sockets = bind_sockets(sock)
         fds = group.open_join_files() if group is not None else []
         try:
-            child = await self.zygote.fork(iid, sock, {}, self.instance_log, fds)
+            child = await self.zygote.fork(iid, sockets, {}, self.instance_log, fds)
         finally:
             for fd in fds:
                 os.close(fd)
+            for s in sockets:
+                s.close()
         return Instance(iid, sock, child, group)
 
     async def kill(self, instances: list[Instance], timeout: float = 10.0) -> None:

@@ -2,7 +2,7 @@
 
 A real `osless up` in a subprocess; the app of benchmarks/apps/config_push deployed with the CLI and
 scaled to N instances. Each repetition sets `greeting` to a new value and reads every instance's
-`/__osless__/health` over its unix socket until all report the new `config_version`; the latency is
+`/health` over its control socket until all report the new `config_version`; the latency is
 the latest `config_applied_at` (the instance's own clock reading when it applied that version) minus
 the time just before the PATCH was sent, so polling adds no error to it. The wall time until the
 polling saw every instance is reported too, as a secondary figure.
@@ -44,7 +44,7 @@ APP = "config-push"
 IDLE_APP = "config-push-idle"
 TARGET_P99_MS = 20.0
 SETTLE_S = 0.1  # between rounds
-HEALTH_REQUEST = b"GET /__osless__/health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
+HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -314,7 +314,7 @@ def main() -> None:
         ready = bench.wait_ready(APP, args.instances, args.ready_timeout)
         bench.wait_ready(IDLE_APP, 0, 60)
         setup["scale_s"] = time.perf_counter() - t
-        sockets = {i["id"]: i["status"]["socket"] for i in ready}
+        sockets = {i["id"]: i["status"]["control"] for i in ready}
         restarts_before = sum(int(i["status"].get("restarts", 0)) for i in ready)
 
         for w in range(args.warmup):

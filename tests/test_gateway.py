@@ -60,6 +60,40 @@ def test_function_invoke_over_the_gateway_needs_a_token(platform: Platform, hell
     assert r.status_code == 200 and r.json()["message"] == "Hello, Lin!"
 
 
+def test_internal_paths_never_reach_an_instance(platform: Platform, hello: dict[str, object]) -> None:
+    """Finding 1: the instance's own endpoints answered anyone through the gateway, with no token."""
+    functions_only = platform.deploy_warm(APPS / "runtime_functions")["app"]
+    for app in ("hello", functions_only):
+        for path in ("/__osless__/invoke/greet", "/__osless__/invoke/ping", "/__osless__/health"):
+            for r in (
+                httpx.post(f"{platform.gateway}/{app}{path}", json={"name": "x"}),
+                httpx.post(f"{platform.gateway}{path}", json={}, headers={"host": f"{app}.localhost"}),
+            ):
+                assert r.status_code == 404, (app, path, r.text)
+                assert r.json()["error"]["code"] == "not_found"
+    # The platform's endpoints are not on the web socket either, whatever the path.
+    for path in ("/invoke/ping", "/health"):
+        r = httpx.post(f"{platform.gateway}/{functions_only}{path}", json={})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "no_web_app")
+    # Through the platform's own way, with a token, the function answers.
+    assert platform.invoke(functions_only, "ping") == (200, "pong")
+
+
+def test_names_strangers_make_up_do_not_grow_the_traffic_figures(platform: Platform) -> None:
+    """Finding 14: every unknown app name requested became an entry of /v1/stats."""
+    seen: set[str] = set()
+    with httpx.Client(base_url=platform.gateway) as client:
+        n = 0
+        until = time.monotonic() + 3  # three reports' worth, each read as it arrives
+        while time.monotonic() < until:
+            n += 1
+            assert client.get(f"/made-up-{n}/").status_code == 404
+            assert client.get("/", headers={"host": f"also-made-up-{n}.localhost"}).status_code == 404
+            if n % 20 == 0:
+                seen.update(platform.http("GET", "/v1/stats").json()["apps"])
+    assert not [name for name in seen if "made-up" in name], sorted(seen)[:5]
+
+
 def test_timeouts_are_504_and_streams_arrive_as_they_are_sent(platform: Platform) -> None:
     platform.deploy(APPS / "e2e_slow")
     r = httpx.get(f"{platform.gateway}/slow/", timeout=10)

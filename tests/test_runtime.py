@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -36,16 +37,20 @@ BROKEN = APPS / "runtime_broken"
 
 
 class Instance:
-    """A forked instance as the agent sees it: pid, socket, and the read ends of its stdout/stderr."""
+    """A forked instance as the agent sees it: pid, its web and control sockets, and the read ends
+    of its stdout/stderr."""
 
     def __init__(self, iid: str, pid: int, path: str, out: int, err: int) -> None:
         self.iid, self.pid, self.path, self.out, self.err = iid, pid, path, out, err
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://instance")
+        self.control = httpx.Client(
+            transport=httpx.HTTPTransport(uds=control_path(path)), base_url="http://instance"
+        )
         self._read: dict[int, bytes] = {out: b"", err: b""}
 
     def invoke(self, function: str, event: Any = None, **headers: str) -> httpx.Response:
-        return self.client.post(
-            f"/__osless__/invoke/{function}",
+        return self.control.post(
+            f"/invoke/{function}",
             content=json.dumps(event),
             headers={k.replace("_", "-"): v for k, v in headers.items()},
         )
@@ -65,6 +70,7 @@ class Instance:
 
     def close(self) -> None:
         self.client.close()
+        self.control.close()
         for fd in (self.out, self.err):
             os.close(fd)
 
@@ -106,9 +112,13 @@ class Zygote:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         path = path or str(self.tmp / f"{iid}.sock")
-        protocol.send(self.sock, {"op": "fork", "id": iid, "socket": path, "env": env or {}}, [out_w, err_w])
+        sockets = bind_pair(path)
+        fds = [out_w, err_w, *(s.fileno() for s in sockets)]
+        protocol.send(self.sock, {"op": "fork", "id": iid, "env": env or {}}, fds)
         os.close(out_w)
         os.close(err_w)
+        for s in sockets:
+            s.close()
         forked = self.expect(lambda m: m.get("id") == iid)
         assert forked["op"] == "forked", forked
         assert self.expect(lambda m: m.get("id") == iid) == {"op": "ready", "id": iid}
@@ -128,6 +138,22 @@ class Zygote:
             self.proc.wait()
         for instance in self.instances:
             instance.close()
+
+
+def control_path(path: str) -> str:
+    return path + ".ctl"
+
+
+def bind_pair(path: str) -> list[socket.socket]:
+    """The web socket at `path` and the control socket beside it, bound as the node agent binds them."""
+    pair = []
+    for p in (path, control_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(p)
+        pair.append(sock)
+    return pair
 
 
 def _alive(pid: int) -> bool:
@@ -168,7 +194,7 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
     _, one, two = starlette
     assert one.pid != two.pid
     for instance, var in ((one, "first"), (two, "second")):
-        assert instance.client.get("/__osless__/health").json() == {"ok": True, "config_version": 0}
+        assert instance.control.get("/health").json() == {"ok": True, "config_version": 0}
         r = instance.invoke("greet", {"name": instance.iid}, x_osless_request_id=f"req-{instance.iid}")
         assert r.status_code == 200
         assert r.headers["x-osless-request-id"] == f"req-{instance.iid}"
@@ -275,10 +301,10 @@ def test_invoke_errors(starlette: tuple[Zygote, Instance, Instance]) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_function"
     assert "has no function 'nope' (functions: a_set, aexit3, agreet," in r.json()["error"]["message"]
 
-    r = one.client.post("/__osless__/invoke/greet", content=b"{not json")
+    r = one.control.post("/invoke/greet", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_event"
-    assert one.client.post("/__osless__/invoke/agreet").json() == {"async": True, "event": None}
-    assert one.client.get("/__osless__/invoke/greet").status_code == 405
+    assert one.control.post("/invoke/agreet").json() == {"async": True, "event": None}
+    assert one.control.get("/invoke/greet").status_code == 405
 
 
 def test_invoke_timeouts(starlette: tuple[Zygote, Instance, Instance]) -> None:
@@ -328,16 +354,17 @@ def test_instance_exits_are_reported(starlette: tuple[Zygote, Instance, Instance
 
 def test_bad_fork_requests_get_an_error(starlette: tuple[Zygote, Instance, Instance]) -> None:
     zygote, one, _ = starlette
-    protocol.send(zygote.sock, {"op": "fork", "id": "nofds", "socket": "/tmp/x.sock", "env": {}})
+    protocol.send(zygote.sock, {"op": "fork", "id": "nofds", "env": {}})
     error = zygote.expect(lambda m: m.get("id") == "nofds")
     assert error == {
         "op": "error",
         "id": "nofds",
-        "error": "fork needs at least 2 fds (stdout, stderr, then cgroup.procs files), got 0",
+        "error": "fork needs at least 4 fds (stdout, stderr, the web and control sockets, then "
+        "cgroup.procs files), got 0",
     }
     protocol.send(zygote.sock, {"op": "launch", "id": "what"})
     assert zygote.expect(lambda m: m.get("id") == "what")["error"] == "unknown op 'launch'"
-    assert one.client.get("/__osless__/health").status_code == 200  # the zygote carries on
+    assert one.control.get("/health").status_code == 200  # the zygote carries on
 
 
 # --- other apps ------------------------------------------------------------------------------
@@ -399,8 +426,11 @@ def test_zygote_and_instances_die_with_the_agent(tmp_path: Path) -> None:
                    "--entry", "app", "--control-fd", str(theirs.fileno())]
             zygote = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
             assert protocol.recv(mine)[0]["op"] == "ready"
-            fork = {{"op": "fork", "id": "x", "socket": {str(tmp_path / "x.sock")!r}, "env": {{}}}}
-            protocol.send(mine, fork, [1, 2])
+            web, control = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+            web.bind({str(tmp_path / "x.sock")!r})
+            control.bind({str(tmp_path / "x.ctl")!r})
+            fds = [1, 2, web.fileno(), control.fileno()]
+            protocol.send(mine, {{"op": "fork", "id": "x", "env": {{}}}}, fds)
             forked = protocol.recv(mine)[0]
             assert protocol.recv(mine)[0]["op"] == "ready"
             print(zygote.pid, forked["pid"], flush=True)

@@ -43,7 +43,7 @@ class ConfigZygote(Zygote):
 
 
 def _health_version(instance: Instance) -> int:
-    body = instance.client.get("/__osless__/health").json()
+    body = instance.control.get("/health").json()
     assert body["ok"] is True
     return int(body["config_version"])
 
@@ -69,7 +69,7 @@ def test_a_change_reaches_every_instance_without_a_restart(live: ConfigZygote) -
     for instance in instances:
         assert _health_version(instance) == 1
         # Inherited from the zygote at the fork, not applied by the instance itself: no time.
-        assert "config_applied_at" not in instance.client.get("/__osless__/health").json()
+        assert "config_applied_at" not in instance.control.get("/health").json()
         assert instance.invoke("read").json() == {
             "greeting": "hi",
             "n": 1,
@@ -90,7 +90,7 @@ def test_a_change_reaches_every_instance_without_a_restart(live: ConfigZygote) -
     _wait_version(instances, 2)
     everywhere = time.perf_counter() - started
     for instance in instances:  # when each instance applied v2, for a reader that comes later
-        applied_at = instance.client.get("/__osless__/health").json()["config_applied_at"]
+        applied_at = instance.control.get("/health").json()["config_applied_at"]
         assert sent_at <= applied_at <= time.time()
     print(
         f"config push: configured after {replied * 1e3:.2f} ms, all 3 at v2 after {everywhere * 1e3:.2f} ms"

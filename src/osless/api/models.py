@@ -62,6 +62,8 @@ class Autoscale(BaseModel):
 
 class App(BaseModel):
     name: str
+    # The host uid that is root inside the app's sandboxes: allocated by the API, unique, never reused.
+    uid: int | None = None
     current_release: int | None = None
     current_image: str | None = None
     latest_release: int = 0
@@ -107,7 +109,11 @@ class ExitInfo(BaseModel):
 class InstanceStatus(BaseModel):
     phase: Literal["pending", "starting", "ready", "backoff", "failed", "stopping"] = "pending"
     pid: int | None = None
-    socket: str | None = None
+    # The host uid the instance runs as (its app's, or root without a sandbox): the gateway checks
+    # that the process answering on `socket` is this uid and `pid` before it sends it traffic.
+    uid: int | None = None
+    socket: str | None = None  # the web socket: what the gateway relays clients' requests to
+    control: str | None = None  # the control socket: function calls and health, the platform's only
     restarts: int = 0
     last_exit: ExitInfo | None = None
     message: str | None = None
@@ -120,6 +126,7 @@ class Instance(BaseModel):
     release: int = Field(ge=1)
     image: str = Field(pattern=DIGEST_PATTERN)
     node: str = Field(pattern=ID_PATTERN)
+    uid: int | None = Field(default=None, description="the app's uid; set by the API, not the caller")
     created_at: float = Field(default_factory=now)
     status: InstanceStatus = Field(default_factory=InstanceStatus)
 

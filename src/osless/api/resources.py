@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,10 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "nodes": ("/nodes/", Node),
     "config_values": ("/config/", ConfigState),  # for node agents only: see routes/config.py
 }
+
+
+# App uids: each app gets a host uid of its own, that no other app and no host user has.
+UID_BASE, UID_RANGE = 100_000, 900_000
 
 
 def _enc(obj: BaseModel) -> bytes:
@@ -89,7 +94,32 @@ class Resources:
     async def get_app_rev(self, name: str) -> tuple[App, int] | None:
         return await self._get(f"/apps/{name}", App)
 
+    async def app_uid(self, name: str) -> int:
+        """The app's host uid, allocated on first use: unique, and never handed out again.
+
+        `/uids/{uid}` claims a uid (kept after the app is deleted, so it is never reused while
+        anything of the old app may remain); `/appuids/{app}` says which one is the app's.
+        """
+        for _ in range(50):
+            kv = await self.store.get(f"/appuids/{name}")
+            if kv is not None:
+                return int(json.loads(kv.value)["uid"])
+            uid = UID_BASE + secrets.randbelow(UID_RANGE)
+            claim = json.dumps({"owner": name, "at": now()}).encode()
+            try:
+                await self.store.txn_put_many(
+                    [
+                        (f"/uids/{uid}", claim, 0),
+                        (f"/appuids/{name}", json.dumps({"uid": uid}).encode(), 0),
+                    ]
+                )
+                return uid
+            except Conflict:
+                continue  # the uid was taken, or another request allocated the app's: look again
+        raise ApiError(503, "uid_exhausted", "could not allocate a uid for the app; try again")
+
     async def create_app(self, app: App) -> App:
+        app.uid = await self.app_uid(app.name)
         try:
             await self.store.put(f"/apps/{app.name}", _enc(app), if_revision=0)
         except Conflict as e:
@@ -113,6 +143,8 @@ class Resources:
                 await self.store.delete(kv.key)
         await self.store.delete(f"/config/{name}")
         await self.store.delete(f"/apps/{name}")
+        # The uid's claim in /uids/ stays: a new app of the same name gets a new uid.
+        await self.store.delete(f"/appuids/{name}")
 
     async def commit_release(
         self, app_name: str, make: Callable[[int], Release], deploy: Deploy | None = None
@@ -122,7 +154,7 @@ class Resources:
         for _ in range(20):
             got = await self._get(f"/apps/{app_name}", App)
             if got is None:
-                app, rev = App(name=app_name), 0
+                app, rev = App(name=app_name, uid=await self.app_uid(app_name)), 0
             else:
                 app, rev = got
             release = make(app.latest_release + 1)
@@ -189,6 +221,7 @@ class Resources:
         return [i for i in items if (app is None or i.app == app) and (node is None or i.node == node)], rev
 
     async def create_instance(self, inst: Instance) -> Instance:
+        inst.uid = await self.app_uid(inst.app)  # the API's word, never the caller's
         try:
             await self.store.put(f"/instances/{inst.id}", _enc(inst), if_revision=0)
         except Conflict as e:

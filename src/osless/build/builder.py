@@ -72,9 +72,10 @@ class Builder:
         *,
         python: str = sys.executable,
         uv: str | None = None,
-        sandbox: Callable[[Path, Path], dict[str, Any]] | None = None,
+        sandbox: Callable[..., dict[str, Any]] | None = None,
     ) -> None:
-        """`sandbox(code_layer, deps_layer)`, when given, is the sandbox spec the app's import runs in."""
+        """`sandbox(code_layer, deps_layer, uid=N)`, when given, is the sandbox spec the app's
+        import runs in."""
         self.images = images
         self.python = python
         self.sandbox = sandbox
@@ -83,7 +84,9 @@ class Builder:
         self.locks_dir.mkdir(parents=True, exist_ok=True)
         self._python_version: str | None = None
 
-    def build(self, archive: bytes, log: Log, *, app_name: str | None = None) -> BuildResult:
+    def build(
+        self, archive: bytes, log: Log, *, app_name: str | None = None, uid: int | None = None
+    ) -> BuildResult:
         """Build an image from a source archive made by `source.pack`; raise BuildError on failure."""
         started = time.monotonic()
         log_lock = threading.Lock()
@@ -104,7 +107,7 @@ class Builder:
             deps = self.images.layer_path(deps_digest)
         else:
             deps = self._deps_layer(deps_digest, lock, safe_log)
-        app, entry = self._inspect(code, deps, safe_log)
+        app, entry = self._inspect(code, deps, safe_log, uid)
         name = app["name"]
         if app_name is not None and app_name != name:
             safe_log(f"==> App name: deploying as {app_name!r} (the code says App({name!r}))")
@@ -265,7 +268,7 @@ class Builder:
         except OSError as e:
             raise BuildError(f"Could not store the {what} layer: {e}. Check the image store's disk.") from e
 
-    def _inspect(self, code: Path, deps: Path, log: Log) -> tuple[dict[str, Any], str]:
+    def _inspect(self, code: Path, deps: Path, log: Log, uid: int | None) -> tuple[dict[str, Any], str]:
         try:
             from osless.runtime.loader import find_entry
 
@@ -288,7 +291,9 @@ class Builder:
         ]
         if self.sandbox is not None:
             # Not even an import at build time runs outside a sandbox.
-            spec = json.dumps(self.sandbox(code, deps))
+            if uid is None:
+                raise BuildError("internal error: a sandboxed build needs a uid")
+            spec = json.dumps(self.sandbox(code, deps, uid=uid))
             cmd = [self.python, "-s", "-P", "-m", "osless.runtime.jail", spec, "--", *cmd]
         run = _run(cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=Path("/"), env=_inspect_env(), stdout_prefix=None)
         if run.timed_out:

@@ -43,6 +43,9 @@ HOP_BY_HOP = frozenset(
 )
 NOT_TO_FUNCTIONS = HOP_BY_HOP | {b"authorization"}  # the caller's token stays with the gateway
 HOSTS_REMEMBERED = 1024
+# Instances used to serve the platform's endpoints under this prefix; they now have a socket of
+# their own, and the gateway still refuses the prefix, so no app can be reached through it either.
+INTERNAL = b"/__osless__"
 JSON = [(b"content-type", b"application/json")]
 RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
@@ -50,6 +53,8 @@ TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is cl
 CONNECT_ATTEMPTS = 3
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
 TOKEN_CACHE_SIZE = 1024
+# Roles whose tokens may call functions (an app's own token, role "app", may not).
+INVOKERS = frozenset({"admin", "deploy", "invoke"})
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
@@ -63,7 +68,8 @@ class Gateway:
         self.router = router
         self.api_url = api.base_url
         self.base_domain = base_domain
-        self._tokens: dict[str, tuple[bool, float]] = {}
+        # Authorization header -> (False if refused, else the app it is limited to or None; until)
+        self._tokens: dict[str, tuple[str | bool | None, float]] = {}
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
         self.traffic = Traffic()
         self.connections: set[ClientConnection] = set()
@@ -87,7 +93,7 @@ class Gateway:
 
     def _where(self, req: Request) -> tuple[str, str, bytes, bytes]:
         """(what, app, target, prefix): what is "web" (app, its target, the prefix taken off the
-        path), "health", "function", "bad_url" or "no_app"."""
+        path), "internal" (a path of the platform's), "health", "function", "bad_url" or "no_app"."""
         url = req.url
         if not url.startswith(b"/"):  # absolute-form, as a forward proxy sends it
             try:
@@ -99,7 +105,7 @@ class Gateway:
         else:
             app = self._app_of_host(req.host)
         if app:
-            return "web", app, url, b""
+            return ("internal" if url.startswith(INTERNAL) else "web"), app, url, b""
         path, sep, query = url.partition(b"?")
         if path == b"/_health":
             return "health", "", b"", b""
@@ -109,7 +115,8 @@ class Gateway:
         if len(parts) < 2 or not parts[1]:
             return "no_app", "", b"", b""
         rest = b"/" + parts[2] if len(parts) > 2 else b"/"
-        return "web", parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
+        what = "internal" if rest.startswith(INTERNAL) else "web"
+        return what, parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
 
     def _app_of_host(self, host: bytes) -> str:
         """The app a Host header names ({app}.localhost, any port), "" if none; remembered."""
@@ -159,6 +166,9 @@ class Gateway:
             conn.respond(200, b'{"ok": true}', JSON)
         elif what == "function":
             await self._function(conn, req, target)
+        elif what == "internal":
+            message = "paths under /__osless__/ are the platform's own and never reach an app"
+            conn.respond(404, error_response("not_found", message), JSON)
         elif what == "bad_url":
             conn.respond(400, error_response("bad_request", "the request target is not a URL"), JSON, True)
         else:
@@ -179,11 +189,14 @@ class Gateway:
                 JSON,
             )
             return
-        if not await self._authorized(req.header(b"authorization").decode("latin-1")):
-            message = "invoking a function needs 'Authorization: Bearer <token>'"
+        app, function = parts[2].decode("latin-1"), parts[3].decode("latin-1")
+        if not await self._authorized(req.header(b"authorization").decode("latin-1"), app):
+            message = (
+                f"invoking a function of {app!r} needs 'Authorization: Bearer <token>' with a token of "
+                f"role admin, deploy or invoke for {app!r}"
+            )
             conn.respond(401, error_response("unauthorized", message), JSON)
             return
-        app, function = parts[2].decode("latin-1"), parts[3].decode("latin-1")
 
         def timeouts(manifest: dict[str, Any]) -> Timeouts | None:
             spec = (manifest.get("functions") or {}).get(function)
@@ -196,8 +209,8 @@ class Gateway:
             seconds = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
             return Timeouts(seconds, seconds)
 
-        head = _head(conn, req, b"/__osless__/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
-        await self._route(conn, req, app, head, timeouts)
+        head = _head(conn, req, b"/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
+        await self._route(conn, req, app, head, timeouts, control=True)
 
     async def _route(
         self,
@@ -206,8 +219,15 @@ class Gateway:
         app: str,
         head: bytes,
         timeouts_of: TimeoutsOf,
+        control: bool = False,
     ) -> None:
-        """Limits first, then an instance and a connection to it, then the exchange."""
+        """Limits first, then an instance and a connection to it (its control socket for a function
+        call), then the exchange."""
+        if app not in self.router.apps.items:
+            # Before anything is counted: names strangers make up must not grow the traffic figures.
+            message = f"no app named {app!r} is deployed here"
+            conn.respond(404, error_response("app_not_found", message), JSON)
+            return
         limit, max_body = self.router.limits(app)
         if self.traffic.in_flight(app) >= limit:
             # At once, rather than a queue with no end: the client knows to come back.
@@ -224,12 +244,12 @@ class Gateway:
         # Counted from here (the autoscaler sees a crowd at once, not as connections open), and in
         # flight once its exchange starts.
         with self.traffic.waiting(app):
-            found = await self._connect(conn, app, req.upgrade, timeouts_of)
+            found = await self._connect(conn, app, req.upgrade, timeouts_of, control)
         if found is not None:
             await self._exchange(_Exchange(self, conn, req, *found), head)
 
     async def _connect(
-        self, conn: ClientConnection, app: str, upgrade: bool, timeouts_of: TimeoutsOf
+        self, conn: ClientConnection, app: str, upgrade: bool, timeouts_of: TimeoutsOf, control: bool
     ) -> tuple[Backend, UpstreamConn, Timeouts] | None:
         """An instance (waiting while one starts) and a connection to it; one that refuses the
         connection is passed over for the next. None if the request was answered here instead."""
@@ -252,9 +272,9 @@ class Gateway:
             if timeouts is None:
                 return None  # `timeouts_of` answered the request itself
             try:
-                up = await backend.upstream.acquire(fresh=upgrade)
+                up = await (backend.control if control else backend.upstream).acquire(fresh=upgrade)
             except Unreachable as e:
-                refused.add(backend.id)  # nothing was sent: another instance may take it
+                refused.add(backend.socket)  # nothing was sent: another instance may take it
                 reason = str(e)
                 continue
             return backend, up, timeouts
@@ -298,23 +318,27 @@ class Gateway:
                 up.transport.close()
             conn.transport.close()
 
-    async def _authorized(self, header: str) -> bool:
+    async def _authorized(self, header: str, app: str) -> bool:
+        """Whether the token in `header` may invoke `app`'s functions (asked of the API, cached)."""
         now = time.monotonic()
         cached = self._tokens.get(header)
-        if cached and cached[1] > now:
-            return cached[0]
-        if not header.lower().startswith("bearer "):
-            return False
-        try:
-            resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
-            # An app's own token opens its config and endpoints, never another app's functions.
-            ok = resp.status_code == 200 and resp.json().get("role") != "app"
-        except (httpx.HTTPError, ValueError):
-            return False
-        self._tokens[header] = (ok, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
-        while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
-            self._tokens.pop(next(iter(self._tokens)))
-        return ok
+        if cached is None or cached[1] <= now:
+            if not header.lower().startswith("bearer "):
+                return False
+            try:
+                resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
+                who = resp.json() if resp.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return False
+            ok = isinstance(who, dict) and who.get("role") in INVOKERS
+            scope = who.get("app") if ok and isinstance(who, dict) else None
+            cached = (scope if ok else False, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
+            self._tokens[header] = cached
+            while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
+                self._tokens.pop(next(iter(self._tokens)))
+        scope = cached[0]
+        # False: refused; None: any app; else the one app the token is for.
+        return scope is not False and (scope is None or scope == app)
 
     async def aclose(self) -> None:
         if self._server is not None:
@@ -452,7 +476,7 @@ class _Exchange:
                 conn.must_close = True  # the answer said `connection: close`, and the client heard it
         finally:
             if not tunnel:
-                self.backend.upstream.release(up)
+                up.pool.release(up)
                 self.end()
         return tunnel
 

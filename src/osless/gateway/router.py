@@ -47,13 +47,15 @@ class NoBackend(Exception):
 
 @dataclass
 class Backend:
-    """A ready instance and the pooled HTTP/1.1 connections to its unix socket."""
+    """A ready instance and the pooled HTTP/1.1 connections to its two unix sockets: `upstream`
+    for web requests, `control` for function calls (the platform's own socket)."""
 
     id: str
     app: str
     release: int
     socket: str
     upstream: Upstream
+    control: Upstream
     outstanding: int = 0
     # The web route's timeouts from the release's manifest, once the router has read it (the hot
     # path takes only instances whose manifest it has).
@@ -86,12 +88,13 @@ class Router:
             t.cancel()
         for b in self.backends.values():
             await b.upstream.close()
+            await b.control.close()
 
     async def _rebuild(self) -> None:
         live: dict[str, dict[str, Any]] = {
             i["id"]: i
             for i in self.instances.items.values()
-            if i["status"]["phase"] == "ready" and i["status"].get("socket")
+            if i["status"]["phase"] == "ready" and i["status"].get("socket") and i["status"].get("control")
         }
         for iid in list(self.backends):
             b = self.backends[iid]
@@ -102,9 +105,18 @@ class Router:
                 task.add_done_callback(self._closing.discard)
         for iid, inst in live.items():
             if iid not in self.backends:
-                sock = inst["status"]["socket"]
+                status = inst["status"]
+                sock = status["socket"]
+                # Who must be listening: the process the node agent started, as the uid it gave it.
+                known = status.get("uid") is not None and status.get("pid") is not None
+                peer = (int(status["pid"]), int(status["uid"])) if known else None
                 b = Backend(
-                    id=iid, app=inst["app"], release=inst["release"], socket=sock, upstream=Upstream(sock)
+                    id=iid,
+                    app=inst["app"],
+                    release=inst["release"],
+                    socket=sock,
+                    upstream=Upstream(sock, peer),
+                    control=Upstream(status["control"], peer),
                 )
                 manifest = self._manifests.get((b.app, b.release))
                 if manifest is not None:
@@ -140,7 +152,7 @@ class Router:
         if len(found) == 1 and not exclude:
             return found[0]
         if exclude:
-            found = [b for b in found if b.id not in exclude]
+            found = [b for b in found if b.socket not in exclude]
         if not found:
             return None
         least = min(b.outstanding for b in found)
@@ -149,7 +161,8 @@ class Router:
     async def pick(self, app: str, wait_s: float, exclude: frozenset[str] = frozenset()) -> Backend:
         """The ready instance with the fewest outstanding requests; waits while instances are starting.
 
-        `exclude`: instances that just refused a connection (they are stopping) are not picked again.
+        `exclude`: the sockets of instances that just refused a connection (they are stopping) are
+        not picked again; the same instance's next run has new ones.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
@@ -246,3 +259,4 @@ async def _close_later(b: Backend) -> None:
             break
         await asyncio.sleep(0.1)
     await b.upstream.close()
+    await b.control.close()

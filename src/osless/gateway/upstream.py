@@ -10,6 +10,8 @@ tunnel both ways (websockets).
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -191,11 +193,19 @@ class UpstreamConn(asyncio.Protocol):
         self.complete = True  # `data_received` tells the exchange, once the parser returns
 
 
-class Upstream:
-    """One instance's socket and its idle connections."""
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-    def __init__(self, path: str) -> None:
+
+class Upstream:
+    """One instance's socket and its idle connections.
+
+    `peer` is the (pid, uid) the node agent reported for the instance: a new connection whose
+    listening process is anything else (SO_PEERCRED) is refused before a byte is sent to it.
+    """
+
+    def __init__(self, path: str, peer: tuple[int, int] | None = None) -> None:
         self.path = path
+        self.peer = peer
         self.idle: list[UpstreamConn] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # retired: connections coming back are closed, not kept
@@ -229,7 +239,28 @@ class Upstream:
             )
         except (OSError, TimeoutError) as e:
             raise Unreachable(str(e) or type(e).__name__) from e
+        if self.peer is not None:
+            self._check_peer(conn)
         return conn
+
+    def _check_peer(self, conn: UpstreamConn) -> None:
+        expected = self.peer
+        assert expected is not None
+        sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, _ = _UCRED.unpack(cred)
+        except OSError as e:
+            conn.abort()
+            raise Unreachable(f"cannot tell who listens on {self.path}: {e}") from e
+        if (pid, uid) != expected:
+            conn.abort()
+            raise Unreachable(
+                f"{self.path} is served by pid {pid} uid {uid}, not by the instance (pid {expected[0]} "
+                f"uid {expected[1]}): refused"
+            )
 
     def release(self, conn: UpstreamConn) -> None:
         """Back to the pool if its exchange ended cleanly and may continue, else closed."""

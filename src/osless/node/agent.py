@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -24,7 +25,7 @@ from osless.logs import LogWriter
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
 from osless.node.egress import EgressProxy
-from osless.node.isolation import app_socket_dir, app_uid, sandbox_spec
+from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 
@@ -65,6 +66,9 @@ class NodeAgent:
         self.logs_dir = data_dir / "logs"
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The instances' sockets: the node's alone (root, 700), never shown to a sandbox.
+        self.sockets_dir = self.run_dir / "sockets"
+        self.sockets_dir.mkdir(exist_ok=True, mode=0o700)
         self.supervisors: dict[str, Supervisor] = {}
         self.zygotes: dict[str, Zygote] = {}
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
@@ -142,7 +146,7 @@ class NodeAgent:
             if iid not in self.supervisors:
                 try:
                     sup = self._supervisor(obj)
-                except (OSError, KeyError, ValueError) as e:  # e.g. an image this node does not have
+                except (OSError, KeyError, ValueError, TypeError) as e:  # e.g. an image this node lacks
                     log.error("cannot run instance %s: %s", iid, e)
                     continue
                 self.supervisors[iid] = sup
@@ -190,7 +194,7 @@ class NodeAgent:
         if starting is not None:  # let a start under way finish first, or it would overwrite ours
             with contextlib.suppress(Exception):
                 await asyncio.shield(starting)
-        new = await self._new_zygote(old.image)
+        new = await self._new_zygote(old.image, old.uid)
         self.zygotes[old.image] = new
         for sup in [s for s in self.supervisors.values() if s.image == old.image]:
             await sup.restart()  # it forks from `new` now; one at a time, each ready before the next
@@ -198,15 +202,16 @@ class NodeAgent:
         old.log.close()
 
     def _supervisor(self, obj: dict[str, Any]) -> Supervisor:
+        uid = int(obj["uid"]) if self.sandboxed else os.getuid()
         return Supervisor(
             obj,
-            zygote=functools.partial(self.zygote, obj["image"]),
-            run_dir=self.run_dir,
+            zygote=functools.partial(self.zygote, obj["image"], uid),
+            run_dir=self.sockets_dir,
             log_dir=self.logs_dir / "apps" / obj["app"],
             report=self._report,
             cgroups=self.cgroups,
             limits=Limits(memory_mb=self._memory_mb(obj["image"])),
-            sock_dir=app_socket_dir(self.run_dir, obj["app"]),
+            uid=uid,
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -223,14 +228,15 @@ class NodeAgent:
             if e.status != 404:
                 log.warning("status of %s not reported: %s", iid, e.message)
 
-    async def zygote(self, image: str) -> Zygote:
-        """The running zygote of `image`, started once however many instances ask at the same time."""
+    async def zygote(self, image: str, uid: int) -> Zygote:
+        """The running zygote of `image`, started once however many instances ask at the same time;
+        `uid` is its app's (sandboxes run as it)."""
         zyg = self.zygotes.get(image)
         if zyg is not None and not zyg.closed:
             return zyg
         task = self._zygote_starts.get(image)
         if task is None:
-            task = asyncio.create_task(self._start_zygote(image))
+            task = asyncio.create_task(self._start_zygote(image, uid))
             self._zygote_starts[image] = task
             task.add_done_callback(lambda _: self._zygote_starts.pop(image, None))
         return await asyncio.shield(task)
@@ -247,12 +253,12 @@ class NodeAgent:
             sizes.append(int(m["web"]["memory_mb"]))
         return max(sizes, default=256)
 
-    async def _start_zygote(self, image: str) -> Zygote:
-        zyg = await self._new_zygote(image)
+    async def _start_zygote(self, image: str, uid: int) -> Zygote:
+        zyg = await self._new_zygote(image, uid)
         self.zygotes[image] = zyg
         return zyg
 
-    async def _new_zygote(self, image: str) -> Zygote:
+    async def _new_zygote(self, image: str, uid: int) -> Zygote:
         if not self.root.running:  # it died: start it again before anything else
             await self.root.start()
         manifest = self._manifest(image)
@@ -262,12 +268,15 @@ class NodeAgent:
         if self.sandboxed:
             egress_socket = None
             if self.egress is not None:
-                egress_socket = self.run_dir / "egress" / f"{app_uid(app)}.sock"
-                egress_socket.parent.mkdir(parents=True, exist_ok=True)
+                # Named by uid (unique per app) rather than by name: socket paths are short.
+                egress_socket = self.run_dir / "egress" / f"{uid}.sock"
+                egress_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 await self.egress.add_app(app, egress_socket, list(manifest.get("egress") or []))
-                egress_socket.chmod(0o666)  # the sandbox's unprivileged uid connects to it
+                os.chown(egress_socket, uid, uid)  # the sandbox's uid connects to it; nobody else
+                egress_socket.chmod(0o600)
             spec = sandbox_spec(
                 manifest,
+                uid=uid,
                 layers=layers,
                 data_dir=self.data_dir,
                 run_dir=self.run_dir,
@@ -277,6 +286,7 @@ class NodeAgent:
         zyg = Zygote(
             image=image,
             app=app,
+            uid=uid,
             sandbox=spec,
             config={"values": cfg["values"], "version": cfg["version"]},
             instance_env={"OSLESS_TOKEN": cfg["token"]},  # its only credential: scoped to its own app

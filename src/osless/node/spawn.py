@@ -201,6 +201,7 @@ class Zygote:
 
     image: str
     app: str
+    uid: int  # the host uid its sandbox runs as
     code_dir: Path
     deps_dir: Path
     entry: str
@@ -310,9 +311,15 @@ class Zygote:
         self._children.clear()
 
     async def fork(
-        self, instance_id: str, sock_path: Path, env: dict[str, str], log: LogWriter, cgroup_fds: list[int]
+        self,
+        instance_id: str,
+        sockets: tuple[socket.socket, socket.socket],
+        env: dict[str, str],
+        log: LogWriter,
+        cgroup_fds: list[int],
     ) -> Child:
-        """A new instance; it joins its cgroups through `cgroup_fds` and writes its output to `log`."""
+        """A new instance; it listens on `sockets` (web, control: bound, not yet listening), joins
+        its cgroups through `cgroup_fds` and writes its output to `log`."""
         if self.closed or self._channel is None:
             raise ZygoteFailed("the zygote is not running")
         loop = asyncio.get_running_loop()
@@ -324,13 +331,8 @@ class Zygote:
         self._forks[instance_id] = fut
         try:
             self._channel.send(
-                {
-                    "op": "fork",
-                    "id": instance_id,
-                    "socket": str(sock_path),
-                    "env": {**self.instance_env, **env},
-                },
-                [out_w, err_w, *cgroup_fds],
+                {"op": "fork", "id": instance_id, "env": {**self.instance_env, **env}},
+                [out_w, err_w, *(s.fileno() for s in sockets), *cgroup_fds],
             )
         except (OSError, ZygoteFailed) as e:
             self._children.pop(instance_id, None)

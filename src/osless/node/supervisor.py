@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -54,8 +55,10 @@ class Supervisor:
         report: Callable[[str, dict[str, Any]], Awaitable[None]],
         cgroups: Cgroups | None = None,
         limits: Limits | None = None,
-        sock_dir: Path | None = None,
+        uid: int | None = None,
     ) -> None:
+        """`run_dir`: a folder of the node's own (no app sees it) for the instance's sockets;
+        `uid`: the host uid the instance runs as, reported so the gateway can check it."""
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
@@ -64,7 +67,9 @@ class Supervisor:
         self.status: dict[str, Any] = {
             "phase": "pending",
             "pid": None,
+            "uid": uid if uid is not None else os.getuid(),
             "socket": None,
+            "control": None,
             "restarts": int(status.get("restarts", 0)),
             "last_exit": status.get("last_exit"),
             "message": None,
@@ -75,10 +80,10 @@ class Supervisor:
         self._cgroup: InstanceCgroup | None = None
         self._child: Child | None = None
         self._report = report
-        name = hashlib.sha256(self.id.encode()).hexdigest()[:16]
-        self.sock_path = (
-            sock_dir or run_dir
-        ) / f"{name}.sock"  # short: unix socket paths are capped at 108 bytes
+        # Short: unix socket paths are capped at 108 bytes. A new pair each run (see `_bind`).
+        self._sock_base = run_dir / hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        self._sock_paths: list[Path] = []
+        self._runs = 0
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -133,18 +138,19 @@ class Supervisor:
         cgroup: InstanceCgroup | None = None
         try:
             zyg = await self._zygote()
-            with contextlib.suppress(FileNotFoundError):
-                self.sock_path.unlink()
+            sockets = self._bind()
             env = {"OSLESS_APP": self.app, "OSLESS_INSTANCE": self.id, "OSLESS_RELEASE": str(self.release)}
             cgroup = self._new_cgroup()
             procs = cgroup.open_join_files() if cgroup else []
             try:
                 # A new id each run: a late message about an earlier run cannot be taken for this one.
                 run_id = f"{self.id}.{self.status['restarts']}"
-                child = await zyg.fork(run_id, self.sock_path, env, self.log, procs)
+                child = await zyg.fork(run_id, sockets, env, self.log, procs)
             finally:
                 for fd in procs:
                     os.close(fd)
+                for sock in sockets:
+                    sock.close()  # the instance has its own copies
         except (ZygoteFailed, TimeoutError, OSError) as e:
             if cgroup is not None:
                 cgroup.remove()
@@ -158,7 +164,8 @@ class Supervisor:
             self._kill(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
-            await self._set(phase="ready", pid=child.pid, socket=str(self.sock_path))
+            web, control = self._sock_paths
+            await self._set(phase="ready", pid=child.pid, socket=str(web), control=str(control))
             self._ready.set()
         except ChildExited:
             pass
@@ -168,6 +175,7 @@ class Supervisor:
         exited = await child.exited
         self._ready.clear()
         self._child = None
+        self._unlink_sockets()
         oom = False
         if cgroup is not None:
             oom = cgroup.oom_kills() > 0
@@ -183,6 +191,34 @@ class Supervisor:
             )
             self.log.write(f"instance {reason}", "osless")
         return reason
+
+    def _bind(self) -> tuple[socket.socket, socket.socket]:
+        """The run's web and control sockets, bound here, by the node, in its own folder: the
+        instance only listens on them, so no app can bind, replace or even see them. Named anew each
+        run, so a socket path in the routing table always means one run of the instance."""
+        self._unlink_sockets()
+        self._runs += 1
+        bound: list[socket.socket] = []
+        try:
+            for kind in ("web", "ctl"):
+                path = Path(f"{self._sock_base}.{self._runs}.{kind}")
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                bound.append(sock)
+                sock.bind(str(path))
+                self._sock_paths.append(path)
+        except OSError:
+            for sock in bound:
+                sock.close()
+            raise
+        return bound[0], bound[1]
+
+    def _unlink_sockets(self) -> None:
+        for path in self._sock_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._sock_paths = []
 
     def _new_cgroup(self) -> InstanceCgroup | None:
         """Fresh groups per run, so the OOM counter speaks of this run only."""
@@ -240,5 +276,4 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._task, 2)
         self.log.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.sock_path.unlink()
+        self._unlink_sockets()

@@ -1,4 +1,9 @@
-"""The instance's HTTP server: platform endpoints (`/__osless__/…`) in front of the user's web app."""
+"""The instance's HTTP servers: the user's web app on one socket, the platform's endpoints on another.
+
+The web socket carries what the gateway relays from clients; the control socket (function calls and
+the health check) is reached only by the platform: both are bound by the node agent in a folder no
+app can see, and passed in at fork, so neither a client nor another app can reach the control one.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-INVOKE_PREFIX = "/__osless__/invoke/"
-HEALTH_PATH = "/__osless__/health"
+# On the control socket (see `serve`): the web socket has no path of the platform's.
+INVOKE_PREFIX = "/invoke/"
+HEALTH_PATH = "/health"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 _JSON_HINT = "return dict, list, str, int, float, bool or None"
@@ -67,27 +73,8 @@ class Instance:
         self.config_applied_at: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path: str = scope["path"]
-            if path.startswith(INVOKE_PREFIX):
-                if scope["method"] != "POST":
-                    await _send_error(
-                        send, 405, "method_not_allowed", f"use POST for {path}", [(b"allow", b"POST")]
-                    )
-                    return
-                await self._invoke(scope, receive, send, path[len(INVOKE_PREFIX) :])
-                return
-            if path == HEALTH_PATH:
-                if scope["method"] not in ("GET", "HEAD"):
-                    await _send_error(
-                        send, 405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET")]
-                    )
-                    return
-                health: dict[str, Any] = {"ok": True, "config_version": app_config.current_version()}
-                if self.config_applied_at is not None:
-                    health["config_applied_at"] = self.config_applied_at
-                await _send_json(send, 200, health)
-                return
+        """The web socket's app: every request goes to the user's web app (the platform's own
+        endpoints are on the control socket, which only the platform reaches)."""
         if self.web is None:
             await self._no_web_app(scope, receive, send)
             return
@@ -99,6 +86,31 @@ class Instance:
             # uvicorn would log and swallow it; honour it the way a plain Python program would.
             self.request_exit(_exit_code(e))
             raise
+
+    async def control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The control socket's app: function calls and the health check, for the platform only."""
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if path.startswith(INVOKE_PREFIX):
+            if scope["method"] != "POST":
+                await _send_error(
+                    send, 405, "method_not_allowed", f"use POST for {path}", [(b"allow", b"POST")]
+                )
+                return
+            await self._invoke(scope, receive, send, path[len(INVOKE_PREFIX) :])
+        elif path == HEALTH_PATH:
+            if scope["method"] not in ("GET", "HEAD"):
+                await _send_error(
+                    send, 405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET")]
+                )
+                return
+            health: dict[str, Any] = {"ok": True, "config_version": app_config.current_version()}
+            if self.config_applied_at is not None:
+                health["config_applied_at"] = self.config_applied_at
+            await _send_json(send, 200, health)
+        else:
+            await _send_error(send, 404, "not_found", f"no control endpoint {path}")
 
     def watch_config(self, channel: socket.socket) -> None:
         """Apply each config the zygote forwards on `channel`, then run the app's hooks; in the loop."""
@@ -356,13 +368,12 @@ def create_instance(app: App) -> Instance:
     return Instance(app, web)
 
 
-def _config(instance: Instance, socket_path: str) -> uvicorn.Config:
+def _config(instance: Instance) -> uvicorn.Config:
     timeouts = [f.timeout_s for f in instance.app.functions.values()]
     if instance.app.web_spec is not None:
         timeouts.append(instance.app.web_spec.timeout_s)
     return uvicorn.Config(
         instance,
-        uds=socket_path,
         interface="asgi3",
         lifespan="auto" if instance.web is not None else "off",
         ws="auto" if instance.web is not None else "none",
@@ -373,6 +384,19 @@ def _config(instance: Instance, socket_path: str) -> uvicorn.Config:
         proxy_headers=False,  # applied by Instance itself, in the same pass as the prefix
         # No request legitimately outlives the longest timeout; past that, a stop stops.
         timeout_graceful_shutdown=int(max(timeouts, default=30.0)) + 1,
+    )
+
+
+def _control_config(instance: Instance) -> uvicorn.Config:
+    return uvicorn.Config(
+        instance.control,
+        interface="asgi3",
+        lifespan="off",
+        ws="none",
+        log_level="warning",
+        access_log=False,
+        http=_http_protocol(),
+        proxy_headers=False,
     )
 
 
@@ -399,39 +423,54 @@ def _forwarded(scope: Scope) -> None:
             scope["root_path"] = scope.get("root_path", "") + value.decode("latin-1")
 
 
-_PRELOADED: dict[int, uvicorn.Config] = {}
+_PRELOADED: dict[int, tuple[uvicorn.Config, uvicorn.Config]] = {}
 
 
 def prewarm(instance: Instance) -> None:
-    """Import and build everything serve() needs, so a forked instance only binds and serves.
+    """Import and build everything serve() needs, so a forked instance only listens and serves.
 
-    The loaded uvicorn config (its logging set up, protocol classes imported, app wrapped) is
-    kept: a child inherits it and only sets its own socket path, which saves ~1.5 ms a start.
+    The loaded uvicorn configs (logging set up, protocol classes imported, apps wrapped) are kept:
+    a child inherits them, which saves ~1.5 ms a start.
     """
-    config = _config(instance, os.devnull)
+    config = _config(instance)
     config.load()  # imports the protocol, websocket and lifespan classes
     config.get_loop_factory()  # imports uvloop
-    _PRELOADED[id(instance)] = config
+    control = _control_config(instance)
+    control.load()
+    _PRELOADED[id(instance)] = (config, control)
 
 
 class _Server(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
+        control: tuple[uvicorn.Config, socket.socket],
         on_listening: Callable[[], None] | None,
         instance: Instance,
         config_channel: socket.socket | None,
     ) -> None:
         super().__init__(config)
+        self._control = control
         self._on_listening = on_listening
         self._instance = instance
         self._config_channel = config_channel
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # startup() returns once lifespan startup is done and the socket is bound and listening.
+        # startup() returns once lifespan startup is done and the web socket is listening.
         await super().startup(sockets=sockets)
         if not self.started:
             return
+        config, sock = self._control
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state={}, _loop=loop
+            )
+
+        # Listening here, in the instance, is what makes SO_PEERCRED name this process to the
+        # gateway; shut down with the web server (uvicorn closes every server in `servers`).
+        self.servers.append(await loop.create_server(protocol, sock=sock, backlog=config.backlog))
         # After the app's lifespan startup, so no hook runs before the app is set up; changes sent
         # meanwhile wait in the channel.
         if self._config_channel is not None:
@@ -442,22 +481,26 @@ class _Server(uvicorn.Server):
 
 def serve(
     instance: Instance,
-    socket_path: str,
+    web: socket.socket,
+    control: socket.socket,
     on_listening: Callable[[], None] | None = None,
     config_channel: socket.socket | None = None,
 ) -> int:
-    """Serve `instance` on the unix socket until told to stop; returns the process exit code.
+    """Serve `instance` on two bound unix sockets until told to stop; returns the exit code.
 
-    `config_channel` is the instance's end of its zygote's config channel (see `Instance.watch_config`).
+    `web` gets the web app, `control` the platform's endpoints; both are listened on here.
+    `config_channel` is the instance's end of its zygote's config channel (`Instance.watch_config`).
     """
     _log_to_stderr()
-    config = _PRELOADED.pop(id(instance), None)  # this process's own copy, after the fork
-    if config is None:
-        config = _config(instance, socket_path)
-    config.uds = socket_path
-    server = _Server(config, on_listening, instance, config_channel)
+    configs = _PRELOADED.pop(id(instance), None)  # this process's own copies, after the fork
+    config, control_config = (
+        configs if configs is not None else (_config(instance), _control_config(instance))
+    )
+    if not control_config.loaded:
+        control_config.load()
+    server = _Server(config, (control_config, control), on_listening, instance, config_channel)
     instance.server = server
-    server.run()
+    server.run(sockets=[web])
     return instance.exit_code or 0
 
 

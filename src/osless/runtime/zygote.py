@@ -19,7 +19,6 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import sys
 import time
 import traceback
@@ -108,19 +107,20 @@ class Zygote:
             self._send({"op": "error", "id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
 
     def _fork(self, msg: dict[str, Any], fds: list[int]) -> None:
-        iid, path, env = msg.get("id"), msg.get("socket"), msg.get("env", {})
+        iid, env = msg.get("id"), msg.get("env", {})
         problem = None
-        if len(fds) < 2:
-            problem = f"fork needs at least 2 fds (stdout, stderr, then cgroup.procs files), got {len(fds)}"
-        elif not isinstance(path, str) or not path:
-            problem = "fork needs a socket path"
+        if len(fds) < 4:
+            problem = (
+                "fork needs at least 4 fds (stdout, stderr, the web and control sockets, then "
+                f"cgroup.procs files), got {len(fds)}"
+            )
         elif not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             problem = "fork env must map names to strings"
         if problem is not None:
             _close_all(fds)
             self._send({"op": "error", "id": iid, "error": problem})
             return
-        assert isinstance(path, str) and isinstance(env, dict)
+        assert isinstance(env, dict)
         # Anything still buffered would otherwise be written twice, once by each process.
         _flush_stdio()
         zygote_pid = os.getpid()
@@ -143,7 +143,7 @@ class Zygote:
         if pid == 0:
             os.close(order_w)
             ours.close()
-            self._child(zygote_pid, iid, path, env, fds, order_r, theirs)
+            self._child(zygote_pid, iid, env, fds, order_r, theirs)
         os.close(order_r)
         _close_all(fds)
         theirs.close()
@@ -271,7 +271,6 @@ class Zygote:
         self,
         zygote_pid: int,
         iid: Any,
-        path: str,
         env: dict[str, str],
         fds: list[int],
         order_r: int,
@@ -283,13 +282,13 @@ class Zygote:
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != zygote_pid:
                 os._exit(1)  # the zygote died before prctl took effect
-            self._join_cgroups(fds[2:])
+            self._join_cgroups(fds[4:])
             self._leave_loop(close_control=False)
+            web, control = (socket.socket(fileno=fd) for fd in fds[2:4])
             self._become_instance(fds[:2], env)
-            self._remove_stale_socket(path)
             assert self.instance is not None
             code = serve(
-                self.instance, path, lambda: self._report_ready(iid, order_r), config_channel=channel
+                self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel
             )
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -340,15 +339,6 @@ class Zygote:
         for fd in fds:
             os.write(fd, b"0")
             os.close(fd)
-
-    @staticmethod
-    def _remove_stale_socket(path: str) -> None:
-        # Left behind by an instance that died on this path; a regular file there is not ours to delete.
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def _report_ready(self, iid: Any, order_r: int) -> None:
         os.read(order_r, 1)  # returns at EOF, once the zygote has sent `forked`

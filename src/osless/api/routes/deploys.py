@@ -68,7 +68,9 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
             writer.write(line.rstrip("\n"), "build")
 
     try:
-        result = await asyncio.to_thread(state.builder.build, archive, emit, app_name=deploy.app)
+        # TODO(build slice): the name from the code when the deploy does not give one.
+        uid = await state.resources.app_uid(deploy.app or "-build")
+        result = await asyncio.to_thread(state.builder.build, archive, emit, app_name=deploy.app, uid=uid)
         name = str(result.manifest["app"])
         cfg, _ = await state.resources.get_config(name)
         refused, unset = config_misfits(result.manifest.get("config") or {}, cfg)
