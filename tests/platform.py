@@ -45,6 +45,7 @@ class Platform:
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     token: str = ""
+    up_args: list[str] = field(default_factory=list)  # more `osless up` options, e.g. --egress-allow
 
     @property
     def api(self) -> str:
@@ -76,6 +77,7 @@ class Platform:
                 str(self.api_port),
                 "--http-port",
                 str(self.http_port),
+                *self.up_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

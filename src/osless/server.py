@@ -33,6 +33,7 @@ from osless.client import AsyncApi
 from osless.controllers import Autoscaler, Scheduler
 from osless.gateway import Gateway, Router
 from osless.node import NodeAgent, doctor, run_dir_for
+from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
 from osless.store import SQLiteStore
 
@@ -52,6 +53,9 @@ class UpConfig:
     save_credentials: bool = True
     sandbox: bool = True
     secret_key_file: Path | None = None
+    # Internal ranges apps may reach when they list them (`--egress-allow`); everything internal is
+    # refused otherwise, whatever an app lists (`node/egress_rules`).
+    egress_allow: list[Network] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -193,6 +197,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             gateway=(cfg.host, cfg.http_port),
             sandbox=sandboxed,
             protections=protections,
+            egress_allow=cfg.egress_allow,
         )
         parts = [
             asyncio.create_task(Scheduler(client).run(), name="the scheduler"),

@@ -46,24 +46,41 @@ def up(
             help="The key that encrypts secrets (default: DATA_DIR/secret.key; or set OSLESS_SECRET_KEY)."
         ),
     ] = None,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CIDR",
+            help="Let apps reach this internal range when they list it in App(egress=...) (repeatable). "
+            "Private, loopback, link-local and this host's own addresses are refused otherwise; "
+            "this host's own addresses open only to their own entry (ADDR/32).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
     import logging
     import threading
 
+    from osless.node.egress_rules import parse_networks
     from osless.server import UpConfig, run
 
+    try:
+        allowed = parse_networks(egress_allow or [])
+    except ValueError as e:
+        fail(str(e))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
     if node_name:
         cfg.node_name = node_name
     cfg.secret_key_file = secret_key_file
+    cfg.egress_allow = allowed
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
         console.print(f"  API:     {api_url}   (docs: {api_url}/docs)")
         console.print(f"  Gateway: {gateway_url}")
+        if allowed:
+            console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
         console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
         if deploy:
             threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()

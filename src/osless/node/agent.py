@@ -25,6 +25,7 @@ from osless.logs import LogWriter
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
 from osless.node.egress import EgressProxy
+from osless.node.egress_rules import Network
 from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
@@ -57,8 +58,10 @@ class NodeAgent:
         gateway: tuple[str, int] | None = None,
         sandbox: bool = True,
         protections: list[doctor.Protection] | None = None,
+        egress_allow: list[Network] | None = None,
     ) -> None:
-        """`sandbox`: whether to sandbox apps, if this host can (`protections`, probed when not given)."""
+        """`sandbox`: whether to sandbox apps, if this host can (`protections`, probed when not given).
+        `egress_allow`: internal ranges apps may reach when they list them (`osless up --egress-allow`)."""
         self.api = api
         self.name = name
         self.data_dir = data_dir
@@ -82,7 +85,9 @@ class NodeAgent:
         found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.egress = (
-            EgressProxy(gateway=gateway, log=self._egress_log) if self.sandboxed and gateway else None
+            EgressProxy(gateway=gateway, log=self._egress_log, allow=egress_allow or [])
+            if self.sandboxed and gateway
+            else None
         )
         self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
         self._tasks: set[asyncio.Task[None]] = set()

@@ -11,7 +11,12 @@ Per connection, one HTTP/1.1 request head:
   app through the gateway (`Host: {app}.localhost`); any other allowed host directly. The head is
   rewritten to origin-form with `Connection: close`, then bytes are relayed as they are: one
   request per connection.
-Refusals are a 403 whose body says how to allow the host, and a line in the app's log.
+Where a connection may go is decided twice: the app's list names the hosts (by name, `*.domain` or
+address), and the operator's rules (`egress_rules`) refuse internal addresses and this host's own,
+whatever the app lists, unless `osless up --egress-allow CIDR` allows them. A name is resolved once;
+each address is checked, and the proxy connects to the very address it checked.
+Refusals are a 403 whose body says how to allow the host (or that only the operator can), and a
+line in the app's log.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import ipaddress
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from osless.node.egress_rules import AddressPolicy, Network
 from osless.sdk.app import NAME_RE
 
 __all__ = [
@@ -43,8 +50,10 @@ CONNECT_TIMEOUT_S = 10.0
 OSLESS_SUFFIX = ".osless"
 GATEWAY_DOMAIN = "localhost"
 _CHUNK = 64 * 1024
+_OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own; Transfer-Encoding stays: the body is
 # relayed as it is, so its framing must travel with it.
 _HOP_BY_HOP = {
@@ -80,21 +89,6 @@ def _ip(host: str) -> Address | None:
         return None
 
 
-def _is_internal_address(ip: Address) -> bool:
-    """An address that reaches this node or its host: loopback, "any" (0.0.0.0 connects to loopback),
-    or link-local (169.254.169.254 is a cloud's metadata service, with the host's credentials)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_unspecified or ip.is_link_local
-
-
-def _is_internal_name(host: str) -> bool:
-    ip = _ip(host)
-    if ip is not None:
-        return _is_internal_address(ip)
-    return host == "localhost" or host.endswith(".localhost")
-
-
 class _Allowlist:
     """An app's egress entries: exact hostnames, `*.domain` (subdomains only, any depth), or IPs."""
 
@@ -122,15 +116,12 @@ class _Allowlist:
     def allows(self, host: str) -> bool:
         if self.exact(host):
             return True
-        # The node's own loopback only by exact entry: a wildcard must never open the platform's API.
-        if _is_internal_name(host) or _ip(host) is not None:
-            return False
-        return any(host.endswith(suffix) for suffix in self.suffixes)
+        return _ip(host) is None and any(host.endswith(suffix) for suffix in self.suffixes)
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
-    """Whether an app with `App(egress=allowed)` may reach `host` (by name; the proxy also refuses
-    names that resolve to loopback unless the entry is the loopback name or address itself)."""
+    """Whether `App(egress=allowed)` names `host`. The proxy then also checks each address the host
+    resolves to against the operator's rules (`egress_rules`), whatever the app lists."""
     return _Allowlist(allowed).allows(_normalize(host))
 
 
@@ -153,7 +144,7 @@ class _Request:
 
 
 class _Refused(Exception):
-    """The host resolved only to addresses of this node."""
+    """Every address the host resolves to is one the operator's rules refuse."""
 
 
 def _parse_head(head: bytes) -> _Request:
@@ -218,6 +209,14 @@ def _split_absolute(target: str) -> tuple[str, int, str]:
     if not path.startswith("/"):
         path = "/" + path
     return host, port, path
+
+
+def _single(address: str) -> str:
+    """`address` as a one-address CIDR, for the operator's `--egress-allow`."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ip.ipv4_mapped or ipaddress.IPv6Address(int(ip))  # as the rules judge it: no %scope
+    return f"{ip}/{ip.max_prefixlen}"
 
 
 def _hostport(host: str, port: int) -> str:
@@ -326,16 +325,15 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 class EgressProxy:
-    """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs."""
+    """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs.
+    `allow`: the internal ranges the operator opens to apps that list them (`--egress-allow`)."""
 
     def __init__(
-        self, *, gateway: tuple[str, int], log: Callable[[str, str], None], allow_internal: bool = False
+        self, *, gateway: tuple[str, int], log: Callable[[str, str], None], allow: Iterable[Network] = ()
     ) -> None:
         self.gateway = gateway
         self.log = log
-        # Off in production: an app that lists 127.0.0.1 must still not reach the platform's API.
-        # Tests turn it on, to let a local server stand in for a host on the internet.
-        self.allow_internal = allow_internal
+        self.policy = AddressPolicy(allow)
         self.calls: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> requests: who calls whom
         self._apps: dict[str, _Served] = {}
 
@@ -443,8 +441,10 @@ class EgressProxy:
                 )
                 return
             try:
-                upstream = await self._open(*self.gateway, allow_internal=True)
-            except (OSError, TimeoutError, _Refused) as e:
+                # The platform's own gateway: a fixed target of the platform's choosing, not the app's.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    upstream = await asyncio.open_connection(*self.gateway, limit=HEAD_LIMIT)
+            except (OSError, TimeoutError) as e:
                 await self._fail(writer, app, where, e)
                 return
             self.log(app, f"egress to {where}")
@@ -453,19 +453,19 @@ class EgressProxy:
             await self._tunnel(reader, writer, upstream, head, forward=True)
             return
 
-        allowlist = served.allowed
-        if not allowlist.allows(host):
+        if not served.allowed.allows(host):
             self.log(app, f"egress to {where} refused: not in App(egress=[...])")
             body = (
                 f"osless egress: {host} is not allowed for app {app}; "
-                f'declare it with App("{app}", egress=["{host}"])\n'
+                f'declare it with App("{app}", egress=["{host}"])'
             )
-            await _respond(writer, 403, "Forbidden", body)
+            ip = _ip(host)
+            if ip is not None and (why := self.policy.refusal(ip)) is not None:
+                body += f"; it is also {why}, which {_OPERATOR} {_single(host)}"
+            await _respond(writer, 403, "Forbidden", body + "\n")
             return
-        # Loopback only when the entry names it itself: not via a name that happens to resolve there.
-        allow_internal = self.allow_internal and allowlist.exact(host) and _is_internal_name(host)
         try:
-            upstream = await self._open(host, port, allow_internal=allow_internal)
+            upstream = await self._open(host, port)
         except _Refused as e:
             self.log(app, f"egress to {where} refused: {e}")
             await _respond(
@@ -506,25 +506,41 @@ class EgressProxy:
         finally:
             await _close(upstream[1])
 
-    async def _open(
-        self, host: str, port: int, *, allow_internal: bool
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Resolve, drop this node's own addresses unless allowed, connect to the first that answers.
-        Connecting to the address we checked (not the name again) leaves no room for DNS rebinding."""
+    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Resolve once, keep the addresses the operator's rules allow, connect to the first that
+        answers, in the resolver's order. The socket connects to the very address checked: the name
+        is never resolved again, which leaves no room for DNS rebinding."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            usable = [
-                a for a in addresses if allow_internal or not _is_internal_address(ipaddress.ip_address(a))
-            ]
+            usable: list[tuple[int, tuple[Any, ...]]] = []
+            refused: list[tuple[str, str]] = []
+            for family, _, _, _, sockaddr in infos:
+                address = str(sockaddr[0])
+                why = self.policy.refusal(address)
+                if why is None:
+                    if (family, sockaddr) not in usable:
+                        usable.append((family, sockaddr))
+                else:
+                    refused.append((address, why))
             if not usable:
-                raise _Refused(f"it resolves to {addresses[0]}, an address of this node")
+                if not refused:
+                    raise OSError(f"{host} has no address")
+                address, why = refused[0]
+                said = f"it is {why}" if address == host else f"it resolves to {address}, {why}"
+                raise _Refused(f"{said}, which {_OPERATOR} {_single(address)}")
             error: OSError | None = None
-            for address in usable:
+            for kind, sockaddr in usable:
+                sock = socket.socket(kind, socket.SOCK_STREAM)
+                sock.setblocking(False)
                 try:
-                    return await asyncio.open_connection(address, port, limit=HEAD_LIMIT)
+                    await loop.sock_connect(sock, sockaddr)
+                    return await asyncio.open_connection(sock=sock, limit=HEAD_LIMIT)
                 except OSError as e:
+                    sock.close()
                     error = e
+                except BaseException:
+                    sock.close()
+                    raise
             assert error is not None
             raise error
