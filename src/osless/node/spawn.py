@@ -53,6 +53,8 @@ class Child:
 
     ready: asyncio.Future[None]
     exited: asyncio.Future[ExitStatus]
+    # Set with the reason when the instance asks to be replaced (a handler ran past its deadline).
+    recycle: asyncio.Future[str]
     pid: int = 0
     pid_is_real: bool = False  # False while `pid` is the sandbox's numbering
 
@@ -282,6 +284,11 @@ class Zygote:
                 child.pid, child.pid_is_real = sender, True  # the zygote only knows the sandbox's numbering
             if not child.ready.done():
                 child.ready.set_result(None)
+        elif op == "recycle" and iid in self._children:
+            child = self._children[iid]
+            # Only the instance itself (its pid came with `ready`) may ask for its own replacement.
+            if child.pid_is_real and sender == child.pid and not child.recycle.done():
+                child.recycle.set_result(str(msg.get("reason") or "asked by the instance")[:500])
         elif op == "configured":
             waiter = self._configured.pop(int(msg.get("version", -1)), None)
             if waiter is not None and not waiter.done():
@@ -325,7 +332,7 @@ class Zygote:
         loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        child = Child(ready=loop.create_future(), exited=loop.create_future())
+        child = Child(ready=loop.create_future(), exited=loop.create_future(), recycle=loop.create_future())
         self._children[instance_id] = child
         fut: asyncio.Future[int] = loop.create_future()
         self._forks[instance_id] = fut

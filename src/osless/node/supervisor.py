@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this
 STOP_GRACE = 5.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
+# The health check, on the control socket: a stuck instance (its loop blocked, its egress gone) fails
+# it this many times in a row, and is replaced.
+HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 3.0, 2.0, 3
+RETIRE_GRACE_S = 30.0  # a replaced instance's other requests get this long to finish
+HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
 
 
 def exit_reason(status: ExitStatus, oom: bool = False) -> str:
@@ -42,8 +49,52 @@ def exit_reason(status: ExitStatus, oom: bool = False) -> str:
     return f"exited with code {status.code}"
 
 
+@dataclass(eq=False)  # hashed by identity: kept in a set while retiring
+class _Run:
+    """One process of the instance: what it was forked with and what is left to clean up."""
+
+    number: int
+    sockets: list[Path] = field(default_factory=list)  # web, control
+    cgroup: InstanceCgroup | None = None
+    child: Child | None = None
+
+    def kill(self, sig: int) -> None:
+        # Through the cgroup when there is one: it holds host pids, while a sandboxed instance's own
+        # pid means nothing on the host until its `ready` message told us the real one.
+        if self.cgroup is not None:
+            targets = self.cgroup.pids()
+        elif self.child is not None and self.child.pid_is_real:
+            # Without cgroups: the instance leads its own process group, which holds what it started.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, sig)
+            return
+        else:
+            targets = []
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    async def clean_up(self) -> bool:
+        """Kill what the run left, remove its groups and sockets; whether it ran out of memory."""
+        for path in self.sockets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.cgroup is None:
+            return False
+        oom = self.cgroup.oom_kills() > 0
+        await asyncio.to_thread(self.cgroup.kill_all)  # whatever the instance started ends with it
+        self.cgroup.remove()
+        self.cgroup = None
+        return oom
+
+
 class Supervisor:
-    """Keeps one instance running until `stop()`; reports each change through `report`."""
+    """Keeps one instance running until `stop()`; reports each change through `report`.
+
+    An instance that asks to be replaced (a function ran past its deadline) or fails its health
+    check is replaced at once: the next run starts while the old one stops, gracefully when it
+    asked, by SIGKILL when it is stuck.
+    """
 
     def __init__(
         self,
@@ -77,13 +128,13 @@ class Supervisor:
         self._zygote = zygote
         self._cgroups = cgroups
         self.limits = limits or Limits()
-        self._cgroup: InstanceCgroup | None = None
-        self._child: Child | None = None
         self._report = report
         # Short: unix socket paths are capped at 108 bytes. A new pair each run (see `_bind`).
         self._sock_base = run_dir / hashlib.sha256(self.id.encode()).hexdigest()[:16]
-        self._sock_paths: list[Path] = []
         self._runs = 0
+        self._current: _Run | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: set[_Run] = set()
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -117,10 +168,10 @@ class Supervisor:
         backoff = BACKOFF_START
         while not self._stopping.is_set():
             started = time.monotonic()
-            status = await self._run_once()
+            status, replaced = await self._run_once()
             if self._stopping.is_set():
                 break
-            if self._restarting:  # asked for (a config change): no backoff, not a crash
+            if replaced or self._restarting:  # asked for (a config change, a replacement): no backoff
                 self._restarting = False
                 continue
             if time.monotonic() - started > HEALTHY_AFTER:
@@ -132,56 +183,60 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _run_once(self) -> str:
+    async def _run_once(self) -> tuple[str, bool]:
+        """One run: (why it ended, whether it was replaced rather than ended)."""
         # Not waited for: a start from zero is on a request's path, and the fork needs nothing of it.
         self._set_soon(phase="starting", message=None)
-        cgroup: InstanceCgroup | None = None
+        self._runs += 1
+        run = _Run(self._runs)
         try:
             zyg = await self._zygote()
-            sockets = self._bind()
+            sockets = self._bind(run)
             env = {"OSLESS_APP": self.app, "OSLESS_INSTANCE": self.id, "OSLESS_RELEASE": str(self.release)}
-            cgroup = self._new_cgroup()
-            procs = cgroup.open_join_files() if cgroup else []
+            run.cgroup = self._new_cgroup()
+            procs = run.cgroup.open_join_files() if run.cgroup else []
             try:
                 # A new id each run: a late message about an earlier run cannot be taken for this one.
-                run_id = f"{self.id}.{self.status['restarts']}"
-                child = await zyg.fork(run_id, sockets, env, self.log, procs)
+                run.child = await zyg.fork(f"{self.id}.{run.number}", sockets, env, self.log, procs)
             finally:
                 for fd in procs:
                     os.close(fd)
                 for sock in sockets:
                     sock.close()  # the instance has its own copies
         except (ZygoteFailed, TimeoutError, OSError) as e:
-            if cgroup is not None:
-                cgroup.remove()
+            await run.clean_up()
             reason = f"the app failed to load: {e}"
             await self._set(last_exit={"code": None, "signal": None, "reason": reason, "at": time.time()})
             self.log.write(reason, "osless")
-            return reason
-        self._cgroup = cgroup
-        self._child = child
+            return reason, False
+        child = run.child
+        self._current = run
         if self._stopping.is_set():  # stop() came while we were forking
-            self._kill(signal.SIGTERM)
+            run.kill(signal.SIGTERM)
+        watch: asyncio.Task[tuple[str, bool]] | None = None
         try:
             await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
-            web, control = self._sock_paths
+            web, control = run.sockets
             await self._set(phase="ready", pid=child.pid, socket=str(web), control=str(control))
             self._ready.set()
+            watch = asyncio.create_task(self._watch(run))
+            either: list[asyncio.Future[Any]] = [watch, child.exited]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         except ChildExited:
             pass
         except TimeoutError:
             self.log.write(f"not ready within {READY_TIMEOUT:.0f}s; killing it", "osless")
-            self._kill(signal.SIGKILL)
+            run.kill(signal.SIGKILL)
+        if watch is not None and watch.done() and not child.exited.done() and not self._stopping.is_set():
+            reason, graceful = watch.result()
+            self._replace(run, reason, graceful)
+            return reason, True
+        if watch is not None:
+            watch.cancel()
         exited = await child.exited
         self._ready.clear()
-        self._child = None
-        self._unlink_sockets()
-        oom = False
-        if cgroup is not None:
-            oom = cgroup.oom_kills() > 0
-            await asyncio.to_thread(cgroup.kill_all)  # whatever the instance started ends with it
-            cgroup.remove()
-            self._cgroup = None
+        self._current = None
+        oom = await run.clean_up()
         reason = exit_reason(exited, oom)
         if not self._stopping.is_set():
             await self._set(
@@ -190,35 +245,81 @@ class Supervisor:
                 pid=None,
             )
             self.log.write(f"instance {reason}", "osless")
-        return reason
+        return reason, False
 
-    def _bind(self) -> tuple[socket.socket, socket.socket]:
+    async def _watch(self, run: _Run) -> tuple[str, bool]:
+        """Until the instance asks to be replaced or fails its health check HEALTH_FAILURES times
+        in a row: (why, whether to let it stop gracefully)."""
+        assert run.child is not None
+        failures = 0
+        while True:
+            done, _ = await asyncio.wait([run.child.recycle], timeout=HEALTH_EVERY_S)
+            if done:
+                return run.child.recycle.result(), True
+            problem = await _health_problem(run.sockets[1])
+            failures = failures + 1 if problem else 0
+            if problem:
+                self.log.write(f"health check failed ({failures} of {HEALTH_FAILURES}): {problem}", "osless")
+            if failures >= HEALTH_FAILURES:
+                return f"unhealthy: {problem}", False
+
+    def _replace(self, run: _Run, reason: str, graceful: bool) -> None:
+        """Take the run out of rotation, start retiring it, and let `_run` start the next one now."""
+        self._ready.clear()
+        self._current = None
+        self.status["restarts"] += 1
+        self._set_soon(phase="starting", pid=None, message=f"replaced: {reason}")
+        self.log.write(f"replacing the instance: {reason}", "osless")
+        self._retired.add(run)
+        task = asyncio.create_task(self._retire(run, reason, graceful))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, run: _Run, reason: str, graceful: bool) -> None:
+        assert run.child is not None
+        try:
+            if graceful:
+                await asyncio.sleep(DRAIN_S)  # the gateways see it leave before it stops accepting
+            run.kill(signal.SIGTERM if graceful else signal.SIGKILL)
+            try:
+                await asyncio.wait_for(asyncio.shield(run.child.exited), RETIRE_GRACE_S if graceful else 5)
+            except TimeoutError:
+                run.kill(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(run.child.exited), 5)
+        finally:
+            await run.clean_up()
+            self._retired.discard(run)
+        exited = run.child.exited.result() if run.child.exited.done() else None
+        if exited is not None and not self._stopping.is_set():
+            self._set_soon(
+                last_exit={
+                    "code": exited.code,
+                    "signal": exited.signal,
+                    "reason": f"replaced ({reason}); {exit_reason(exited)}",
+                    "at": time.time(),
+                }
+            )
+
+    def _bind(self, run: _Run) -> tuple[socket.socket, socket.socket]:
         """The run's web and control sockets, bound here, by the node, in its own folder: the
         instance only listens on them, so no app can bind, replace or even see them. Named anew each
         run, so a socket path in the routing table always means one run of the instance."""
-        self._unlink_sockets()
-        self._runs += 1
         bound: list[socket.socket] = []
         try:
             for kind in ("web", "ctl"):
-                path = Path(f"{self._sock_base}.{self._runs}.{kind}")
+                path = Path(f"{self._sock_base}.{run.number}.{kind}")
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 bound.append(sock)
                 sock.bind(str(path))
-                self._sock_paths.append(path)
+                run.sockets.append(path)
         except OSError:
             for sock in bound:
                 sock.close()
             raise
         return bound[0], bound[1]
-
-    def _unlink_sockets(self) -> None:
-        for path in self._sock_paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._sock_paths = []
 
     def _new_cgroup(self) -> InstanceCgroup | None:
         """Fresh groups per run, so the OOM counter speaks of this run only."""
@@ -231,24 +332,12 @@ class Supervisor:
             return None
 
     def _kill(self, sig: int) -> None:
-        # Through the cgroup when there is one: it holds host pids, while a sandboxed instance's own
-        # pid means nothing on the host until its `ready` message told us the real one.
-        if self._cgroup is not None:
-            targets = self._cgroup.pids()
-        elif self._child is not None and self._child.pid_is_real:
-            # Without cgroups: the instance leads its own process group, which holds what it started.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._child.pid, sig)
-            return
-        else:
-            targets = []
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        if self._current is not None:
+            self._current.kill(sig)
 
     async def restart(self, timeout: float = READY_TIMEOUT) -> None:
         """Replace the running instance with a new one (from the zygote of now); back once it is ready."""
-        if self._child is None:
+        if self._current is None:
             return
         self._restarting = True
         self._ready.clear()
@@ -268,6 +357,8 @@ class Supervisor:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""
         self._stopping.set()
         self._kill(signal.SIGTERM)
+        for run in list(self._retired):
+            run.kill(signal.SIGTERM)
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE)
@@ -275,5 +366,40 @@ class Supervisor:
                 self._kill(signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._task, 2)
+        for run in list(self._retired):
+            run.kill(signal.SIGKILL)
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=STOP_GRACE)
         self.log.close()
-        self._unlink_sockets()
+
+
+async def _health_problem(control: Path) -> str | None:
+    """What is wrong with the instance, asked on its control socket; None when it is healthy."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(control)), HEALTH_TIMEOUT_S)
+    except (OSError, TimeoutError) as e:
+        return f"its control socket refused the connection: {e or type(e).__name__}"
+    try:
+        writer.write(HEALTH_REQUEST)
+        answer = b""
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            while len(answer) < 16384:  # the instance is the app's: read a bounded answer
+                chunk = await reader.read(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    except TimeoutError:
+        return f"no answer within {HEALTH_TIMEOUT_S:g}s (its event loop may be blocked)"
+    except OSError as e:
+        return f"the health check broke off: {e}"
+    finally:
+        writer.close()
+    if answer.startswith(b"HTTP/1.1 200 "):
+        return None
+    status = answer.split(b"\r\n", 1)[0].decode("latin-1")[:100] or "nothing"
+    body = answer.partition(b"\r\n\r\n")[2]
+    try:
+        problem = json.loads(body).get("problem")
+    except (ValueError, AttributeError):
+        problem = None
+    return str(problem)[:300] if problem else f"it answered {status!r}"

@@ -16,10 +16,12 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["BUFFER_LIMIT", "run_forwarder", "start_forwarder_process"]
+__all__ = ["BUFFER_LIMIT", "reaped", "retry", "retry_in", "run_forwarder", "start", "start_forwarder_process"]
 
 # Bytes held per direction before we stop reading from the sender: memory stays bounded.
 BUFFER_LIMIT = 64 * 1024
@@ -227,3 +229,59 @@ def start_forwarder_process(listen_port: int, unix_path: str) -> int:
         detail = message.decode(errors="replace") or "it exited before listening"
         raise OSError(f"egress forwarder on 127.0.0.1:{listen_port} failed to start: {detail}")
     return pid
+
+
+# The sandbox's forwarder, supervised by its pid 1 (the release zygote): the app runs as the same
+# user and can kill it, and without it the app has no egress at all.
+RETRY_S = (0.05, 0.5, 2.0, 5.0)
+
+
+@dataclass
+class _Supervised:
+    port: int
+    path: str
+    pid: int | None = None  # None while down
+    failures: int = 0
+    retry_at: float | None = None
+
+
+_current: _Supervised | None = None
+
+
+def start(listen_port: int, unix_path: str) -> int:
+    """`start_forwarder_process`, remembered so that `reaped` can start it again."""
+    global _current
+    pid = start_forwarder_process(listen_port, unix_path)
+    _current = _Supervised(listen_port, unix_path, pid)
+    return pid
+
+
+def reaped(pid: int) -> bool:
+    """Whether `pid` (just reaped by pid 1) was the forwarder; if so it is started again."""
+    if _current is None or _current.pid != pid:
+        return False
+    _current.pid = None
+    print("osless: the egress forwarder exited; starting it again", file=sys.stderr, flush=True)
+    retry()
+    return True
+
+
+def retry_in() -> float | None:
+    """Seconds until the forwarder should be tried again; None when nothing waits."""
+    if _current is None or _current.retry_at is None:
+        return None
+    return max(0.0, _current.retry_at - time.monotonic())
+
+
+def retry() -> None:
+    """Start the forwarder again if it is down and due; on failure, try later (with backoff)."""
+    f = _current
+    if f is None or f.pid is not None or (f.retry_at is not None and time.monotonic() < f.retry_at):
+        return
+    try:
+        f.pid = start_forwarder_process(f.port, f.path)
+        f.failures, f.retry_at = 0, None
+    except OSError as e:
+        f.retry_at = time.monotonic() + RETRY_S[min(f.failures, len(RETRY_S) - 1)]
+        f.failures += 1
+        print(f"osless: {e}", file=sys.stderr, flush=True)

@@ -71,6 +71,10 @@ class Instance:
         self._pending: set[asyncio.Future[Any]] = set()
         # time.time() when this instance applied its current config version; None for one it inherited.
         self.config_applied_at: float | None = None
+        # Set once a handler ran past its deadline: the instance asked to be replaced (`recycle`).
+        self.overran = False
+        # How to ask the node for a fresh instance in this one's place (set by the zygote at fork).
+        self.recycle: Callable[[str], None] = _no_recycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The web socket's app: every request goes to the user's web app (the platform's own
@@ -108,7 +112,10 @@ class Instance:
             health: dict[str, Any] = {"ok": True, "config_version": app_config.current_version()}
             if self.config_applied_at is not None:
                 health["config_applied_at"] = self.config_applied_at
-            await _send_json(send, 200, health)
+            problem = await _egress_problem()
+            if problem is not None:
+                health.update(ok=False, problem=problem)
+            await _send_json(send, 200 if problem is None else 503, health)
         else:
             await _send_error(send, 404, "not_found", f"no control endpoint {path}")
 
@@ -242,6 +249,11 @@ class Instance:
         await _send_body(send, status, payload, extra)
         if self.exit_code is not None and self.server is not None:
             self.server.should_exit = True  # only now, so the caller still gets its answer
+        if status == 504 and self.overran:
+            # A handler past its deadline may run on (a thread cannot be stopped), holding a worker
+            # and whatever it holds: as Lambda resets the environment, the node replaces this
+            # instance with a fresh one, and this one stops once its other requests are done.
+            self.recycle(f"function {name} ran past its deadline (request {request_id})")
 
     async def _run(self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool) -> tuple[int, bytes]:
         """Run the handler within the deadline: (status, JSON body)."""
@@ -266,6 +278,7 @@ class Instance:
             if inspect.isawaitable(result):  # a sync-looking wrapper around an async handler
                 result = await self._within(asyncio.ensure_future(_await(result)), ctx.deadline)
         except _Deadline:
+            self.overran = True
             return 504, _error_body("timeout", timeout_msg)
         except _Raised as raised:
             e = raised.error
@@ -315,6 +328,28 @@ class Instance:
                 f.exception()
 
         future.add_done_callback(done)
+
+
+def _no_recycle(reason: str) -> None:
+    print(f"osless: this instance should be replaced: {reason}", file=sys.stderr, flush=True)
+
+
+async def _egress_problem() -> str | None:
+    """Why the sandbox's egress forwarder cannot be reached, if the instance has one (its proxy
+    variables say so) and it cannot: an instance without its egress is not healthy."""
+    proxy = os.environ.get("HTTP_PROXY", "")
+    if not proxy.startswith("http://127.0.0.1:"):
+        return None
+    try:
+        port = int(proxy.rsplit(":", 1)[1])
+    except ValueError:
+        return f"HTTP_PROXY is {proxy[:100]!r}, not the sandbox's forwarder"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError) as e:
+        return f"the egress forwarder on 127.0.0.1:{port} is unreachable: {e or type(e).__name__}"
+    writer.close()
+    return None
 
 
 class _Deadline(Exception):

@@ -257,7 +257,7 @@ def enter(spec: SandboxSpec) -> None:
         _set_no_new_privs()
     if spec.proxy_socket:
         # Started last, so the forwarder holds no capability and runs under the filter like the app.
-        forwarder.start_forwarder_process(spec.proxy_port, "/run/osless/egress.sock")
+        forwarder.start(spec.proxy_port, "/run/osless/egress.sock")
         proxy = f"http://127.0.0.1:{spec.proxy_port}"
         no_proxy = "localhost,127.0.0.1"
         os.environ.update(

@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from osless.runtime import protocol, sandbox, seccomp
+from osless.runtime import forwarder, protocol, sandbox, seccomp
 from osless.runtime.instance import Instance, create_instance, prewarm, serve
 from osless.runtime.loader import load_app
 from osless.sdk import config as app_config
@@ -71,7 +71,7 @@ class Zygote:
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         while not self.stopping:
-            for key, _ in self.selector.select():
+            for key, _ in self.selector.select(forwarder.retry_in()):
                 if key.data == "control":
                     self._on_control()
                 elif key.data == "wakeup":
@@ -79,6 +79,7 @@ class Zygote:
                     self._reap()
                 else:
                     self._catch_up(key.data)
+            forwarder.retry()
         self._shutdown()
 
     def _stop(self, signum: int, frame: Any) -> None:
@@ -287,6 +288,9 @@ class Zygote:
             web, control = (socket.socket(fileno=fd) for fd in fds[2:4])
             self._become_instance(fds[:2], env)
             assert self.instance is not None
+            self.instance.recycle = lambda reason: self._send(
+                {"op": "recycle", "id": iid, "reason": reason[:500]}
+            )
             code = serve(
                 self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel
             )
@@ -344,9 +348,8 @@ class Zygote:
         os.read(order_r, 1)  # returns at EOF, once the zygote has sent `forked`
         os.close(order_r)
         protocol.send(self.control, {"op": "ready", "id": iid})
-        # The instance has no further use for the control channel; dropping it means the agent sees EOF
-        # as soon as the zygote is gone, whatever the instances do.
-        self.control.close()
+        # Kept, to ask for a replacement (`recycle`); when the zygote dies the instances die with it
+        # (PDEATHSIG), so the agent still sees EOF at once.
 
     def _drain_wakeup(self) -> None:
         try:
@@ -363,8 +366,10 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if forwarder.reaped(pid):
+                continue  # the egress forwarder died (the app may kill it): started again
             if pid not in self.children:
-                continue  # an orphan reparented to us (we are pid 1 in a sandbox), or the forwarder
+                continue  # an orphan reparented to us (we are pid 1 in a sandbox)
             iid = self.children.pop(pid)
             self._drop_channel(pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
