@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from osless.build import (
+    MAX_MANIFEST_BYTES,
     Builder,
     BuildError,
     BuildResult,
     ImageNotFoundError,
     ImageStore,
+    ManifestTooLarge,
     SourceError,
     canonical_json,
     pack,
@@ -520,6 +522,22 @@ def test_unsafe_archive_fails_the_build(builder: Builder, store: ImageStore) -> 
     with pytest.raises(BuildError, match=r"source archive was refused.*outside"):
         builder.build(_tar(("../x", b"x", "file")), Log())
     assert _manifests(store) == before
+
+
+def test_a_manifest_past_its_limit_fails_the_build_saying_what_is_too_big(
+    builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    # A release record carries the manifest, and store values stop at 1 MiB: builds keep it far below.
+    code = (
+        "import osless\napp = osless.App('many')\n"
+        "for i in range(4000):\n"
+        "    app.function(name=f'a_function_with_a_rather_long_name_{i:05d}')(lambda event, ctx: None)\n"
+    )
+    message, _ = _fails(builder, store, _app(tmp_path, {"app.py": code}))
+    assert f"past the limit of {MAX_MANIFEST_BYTES // 1024} KiB (largest parts: functions" in message
+    assert message.startswith("The app's manifest is too large") and "Declare fewer functions" in message
+    with pytest.raises(ManifestTooLarge, match="largest parts: lock 300 KiB, app 0 KiB"):
+        store.put_manifest({"app": "x", "lock": "x" * 300 * 1024})
 
 
 def test_log_lines_are_streamed_as_they_come(builder: Builder, tmp_path: Path) -> None:
