@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from osless.bounds import cap
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
@@ -148,7 +149,7 @@ class Supervisor:
         except (ZygoteFailed, TimeoutError, OSError) as e:
             if cgroup is not None:
                 cgroup.remove()
-            reason = f"the app failed to load: {e}"
+            reason = cap(f"the app failed to load: {e}")  # the app's own error: stored, so capped
             await self._set(last_exit={"code": None, "signal": None, "reason": reason, "at": time.time()})
             self.log.write(reason, "osless")
             return reason
