@@ -361,6 +361,31 @@ def test_image_store_keeps_a_layer_made_meanwhile(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_image_store_collects_what_no_kept_image_names(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    code, deps, old_code = (sha256_hex(x) for x in (b"code", b"deps", b"old"))
+    for digest in (code, deps, old_code):
+        store.add_layer(digest, lambda d: (d / "f").write_text("x" * 1000))
+    kept = store.put_manifest({"layers": {"code": code, "deps": deps}, "lock": "six==1.16.0\n"})
+    old = store.put_manifest({"layers": {"code": old_code, "deps": deps}, "lock": "six==1.15.0\n"})
+    for lock in ("six==1.16.0\n", "six==1.15.0\n"):
+        (store.locks_dir / f"{sha256_hex(lock.encode() + b'req')}.txt").write_text(lock)
+
+    def collect(grace_s: float, busy: bool = False) -> tuple[int, int, int, bool]:
+        c = store.collect(
+            keep_images={kept}, keep_locks={sha256_hex(b"six==1.16.0\n")}, grace_s=grace_s, busy=lambda: busy
+        )
+        return c.manifests, c.layers, c.locks, c.stopped
+
+    assert collect(grace_s=3600) == (0, 0, 0, False)  # all of it is younger than the grace
+    assert collect(grace_s=0, busy=True) == (0, 0, 0, True)  # a build is running: nothing goes
+    assert collect(grace_s=0) == (1, 1, 1, False)
+    assert store.has_manifest(kept) and not store.has_manifest(old)
+    assert store.has_layer(code) and store.has_layer(deps) and not store.has_layer(old_code)
+    assert [f.read_text() for f in store.locks_dir.iterdir()] == ["six==1.16.0\n"]
+    assert collect(grace_s=0) == (0, 0, 0, False)
+
+
 # -- builder --------------------------------------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ class Collected:
     manifests: int = 0
     layers: int = 0
     locks: int = 0
-    bytes: int = 0
+    bytes_freed: int = 0
     stopped: bool = False  # a build started: the rest waits for the next collection
 
 
@@ -199,7 +199,7 @@ class ImageStore:
             except (ImageNotFoundError, ValueError):
                 continue  # nothing of it to keep
         old = time.time() - grace_s
-        counts = {"manifests": 0, "layers": 0, "locks": 0, "bytes": 0}
+        counts = {"manifests": 0, "layers": 0, "locks": 0, "bytes_freed": 0}
 
         def remove(path: Path, kind: str) -> bool:
             with self._lock:  # checked under the lock: a build registers before it looks anything up
@@ -212,10 +212,10 @@ class ImageStore:
                 if max(st.st_mtime, st.st_ctime) > old:
                     return True
                 if stat.S_ISDIR(st.st_mode):
-                    counts["bytes"] += _tree_bytes(path)
+                    counts["bytes_freed"] += _tree_bytes(path)
                     _remove_tree(path)
                 else:
-                    counts["bytes"] += st.st_size
+                    counts["bytes_freed"] += st.st_size
                     path.unlink(missing_ok=True)
                 counts[kind] += 1
                 return True
