@@ -69,6 +69,17 @@ def test_oversized_bodies_are_413(platform: Platform) -> None:
     assert r.status_code == 413
 
 
+def test_a_write_past_the_store_value_limit_is_413(platform: Platform) -> None:
+    # Under the 6 MiB body limit, but the record it would make passes the store's 1 MiB per value.
+    calls = [{"caller": "a" * 40, "callee": "b" * 40, "count": i} for i in range(20_000)]
+    r = platform.http("PUT", "/v1/nodes/big/calls", json={"calls": calls})
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "value_too_large"
+    assert "/calls/big" in error["message"] and "past the limit of 1024 KiB per record" in error["message"]
+    assert platform.http("PUT", "/v1/nodes/big/calls", json={"calls": []}).status_code == 200
+
+
 def test_upload_of_wrong_type_or_garbage_is_4xx(platform: Platform) -> None:
     r = platform.http("POST", "/v1/deploys", content=b"hello", headers={"content-type": "text/plain"})
     assert r.status_code == 415

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -9,16 +10,19 @@ import shutil
 import stat
 import tarfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from osless.build import (
+    MAX_MANIFEST_BYTES,
     Builder,
     BuildError,
     BuildResult,
     ImageNotFoundError,
     ImageStore,
+    ManifestTooLarge,
     SourceError,
     canonical_json,
     pack,
@@ -167,6 +171,136 @@ def test_unpack_rejects(archive: bytes, message: str, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not Path("/etc/x").exists()
 
 
+def _header(name: str, kind: bytes, size: int, **pax: str) -> bytes:
+    """One raw member header (with its pax header when `pax` is given), as a hostile packer writes it."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    if pax:
+        info.pax_headers = pax
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def bomb(kind: bytes, size: int) -> bytes:
+    """A tar.gz whose first entry is an extended header (`kind`) of `size` bytes of 'a', then app.py."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz:
+        gz.write(_header("././@LongLink", kind, size))
+        chunk = b"a" * (1 << 20)
+        for start in range(0, size, len(chunk)):
+            gz.write(chunk[: size - start])
+        gz.write(b"\0" * (-size % tarfile.BLOCKSIZE))
+        gz.write(_header("app.py", tarfile.REGTYPE, 0) + b"\0" * 1024)
+    return buf.getvalue()
+
+
+def _gz(*blocks: bytes) -> bytes:
+    return gzip.compress(b"".join(blocks) + b"\0" * 1024, mtime=0)
+
+
+def test_a_longname_bomb_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # Finding 4: 300 MB of GNU long name in a 300 KB upload; tarfile would read it whole.
+    archive = bomb(tarfile.GNUTYPE_LONGNAME, 300 * 1024 * 1024)
+    assert len(archive) < 400 * 1024
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SourceError) as e:
+            unpack(archive, tmp_path / "out", max_bytes=200 << 20, max_files=20_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 1
+    assert peak < 4 * 1024 * 1024, f"unpacking peaked at {peak >> 20} MiB"
+    assert "GNU long name of 314572800 bytes, past the limit of 64 KiB" in str(e.value)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [
+        (tarfile.GNUTYPE_LONGLINK, "GNU long link name"),
+        (tarfile.XHDTYPE, "pax header"),
+        (tarfile.XGLTYPE, "pax global header"),
+        (tarfile.SOLARIS_XHDTYPE, "Solaris extended header"),
+    ],
+    ids=["longlink", "pax", "pax-global", "solaris"],
+)
+def test_extended_headers_past_their_limit_are_refused(kind: bytes, what: str, tmp_path: Path) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceError, match=f"has a {what} of 67108864 bytes, past the limit"):
+            unpack(bomb(kind, 64 << 20), tmp_path / "out", max_bytes=200 << 20, max_files=20_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"unpacking peaked at {peak >> 20} MiB"
+
+
+def test_extended_headers_within_their_limit_still_work(tmp_path: Path) -> None:
+    # Long names (pack writes them as pax headers) and a global header, as `git archive` writes one.
+    name = "pkg/" + "d" * 200 + "/m.py"
+    archive = _gz(
+        _header("pax_global_header", tarfile.XGLTYPE, 52),
+        _padded(b"52 comment=0123456789abcdef0123456789abcdef01234567\n"),
+        _header(name, tarfile.REGTYPE, 2, path=name),
+        _padded(b"ok"),
+        _header("x", tarfile.GNUTYPE_LONGNAME, 9),
+        _padded(b"long.py\0"),
+        _header("x", tarfile.REGTYPE, 3),
+        _padded(b"yes"),
+    )
+    unpack(archive, tmp_path / "out", max_bytes=1000, max_files=10)
+    assert (tmp_path / "out" / name).read_text() == "ok"
+    assert (tmp_path / "out" / "long.py").read_text() == "yes"
+
+
+def test_a_chain_of_extended_headers_is_refused(tmp_path: Path) -> None:
+    record = _padded(b"10 a=bcde\n")
+    chain = [_header("x", tarfile.XHDTYPE, 10) + record for _ in range(9)]
+    with pytest.raises(SourceError, match="more than 8 extended headers in a row"):
+        unpack(_gz(*chain, _header("a.py", tarfile.REGTYPE, 0)), tmp_path / "out", max_bytes=10, max_files=5)
+
+
+def test_extended_headers_in_all_are_bounded(tmp_path: Path) -> None:
+    # Each under the limit, but tarfile keeps every one (global ones for good): 8 MiB in all at most.
+    blocks = []
+    for i in range(200):
+        record = b"60012 k%03d=%s\n" % (i, b"v" * 60_000)
+        assert len(record) == 60012
+        blocks += [_header("g", tarfile.XGLTYPE, len(record)), _padded(record)]
+        blocks.append(_header(f"f{i}", tarfile.REGTYPE, 0))
+    with pytest.raises(SourceError, match="extended headers pass 8 MiB in all"):
+        unpack(_gz(*blocks), tmp_path / "out", max_bytes=10, max_files=1000)
+
+
+def test_sparse_files_are_refused_before_their_map_is_read(tmp_path: Path) -> None:
+    old_gnu = _gz(_header("s.py", tarfile.GNUTYPE_SPARSE, 0))
+    with pytest.raises(SourceError, match="sparse file"):
+        unpack(old_gnu, tmp_path / "a", max_bytes=10, max_files=5)
+    # GNU sparse 1.0: a map of as many numbers as the pax header says, read from the member's data.
+    pax_10 = gzip.compress(
+        _header("s.py", tarfile.REGTYPE, 1 << 30, **{"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})
+        + b"99999999999\n"
+        + b"1\n" * (8 << 20),
+        mtime=0,
+    )
+    with pytest.raises(SourceError, match="sparse file"):
+        unpack(pax_10, tmp_path / "b", max_bytes=10, max_files=5)
+
+
+def test_long_names_are_refused_and_quoted_short(tmp_path: Path) -> None:
+    name = "a" * 60_000
+    archive = _gz(_header(name, tarfile.REGTYPE, 0, path=name))
+    with pytest.raises(SourceError, match="longer than 4096 characters") as e:
+        unpack(archive, tmp_path / "out", max_bytes=10, max_files=5)
+    assert len(str(e.value)) < 400 and "(60000 characters)" in str(e.value)
+
+
 # -- image store ----------------------------------------------------------------------------------
 
 
@@ -225,6 +359,31 @@ def test_image_store_keeps_a_layer_made_meanwhile(tmp_path: Path) -> None:
     path = store.add_layer(digest, fill)
     assert [p.name for p in path.iterdir()] == ["theirs"]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_image_store_collects_what_no_kept_image_names(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    code, deps, old_code = (sha256_hex(x) for x in (b"code", b"deps", b"old"))
+    for digest in (code, deps, old_code):
+        store.add_layer(digest, lambda d: (d / "f").write_text("x" * 1000))
+    kept = store.put_manifest({"layers": {"code": code, "deps": deps}, "lock": "six==1.16.0\n"})
+    old = store.put_manifest({"layers": {"code": old_code, "deps": deps}, "lock": "six==1.15.0\n"})
+    for lock in ("six==1.16.0\n", "six==1.15.0\n"):
+        (store.locks_dir / f"{sha256_hex(lock.encode() + b'req')}.txt").write_text(lock)
+
+    def collect(grace_s: float, busy: bool = False) -> tuple[int, int, int, bool]:
+        c = store.collect(
+            keep_images={kept}, keep_locks={sha256_hex(b"six==1.16.0\n")}, grace_s=grace_s, busy=lambda: busy
+        )
+        return c.manifests, c.layers, c.locks, c.stopped
+
+    assert collect(grace_s=3600) == (0, 0, 0, False)  # all of it is younger than the grace
+    assert collect(grace_s=0, busy=True) == (0, 0, 0, True)  # a build is running: nothing goes
+    assert collect(grace_s=0) == (1, 1, 1, False)
+    assert store.has_manifest(kept) and not store.has_manifest(old)
+    assert store.has_layer(code) and store.has_layer(deps) and not store.has_layer(old_code)
+    assert [f.read_text() for f in store.locks_dir.iterdir()] == ["six==1.16.0\n"]
+    assert collect(grace_s=0) == (0, 0, 0, False)
 
 
 # -- builder --------------------------------------------------------------------------------------
@@ -388,6 +547,22 @@ def test_unsafe_archive_fails_the_build(builder: Builder, store: ImageStore) -> 
     with pytest.raises(BuildError, match=r"source archive was refused.*outside"):
         builder.build(_tar(("../x", b"x", "file")), Log())
     assert _manifests(store) == before
+
+
+def test_a_manifest_past_its_limit_fails_the_build_saying_what_is_too_big(
+    builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    # A release record carries the manifest, and store values stop at 1 MiB: builds keep it far below.
+    code = (
+        "import osless\napp = osless.App('many')\n"
+        "for i in range(4000):\n"
+        "    app.function(name=f'a_function_with_a_rather_long_name_{i:05d}')(lambda event, ctx: None)\n"
+    )
+    message, _ = _fails(builder, store, _app(tmp_path, {"app.py": code}))
+    assert f"past the limit of {MAX_MANIFEST_BYTES // 1024} KiB (largest parts: functions" in message
+    assert message.startswith("The app's manifest is too large") and "Declare fewer functions" in message
+    with pytest.raises(ManifestTooLarge, match="largest parts: lock 300 KiB, app 0 KiB"):
+        store.put_manifest({"app": "x", "lock": "x" * 300 * 1024})
 
 
 def test_log_lines_are_streamed_as_they_come(builder: Builder, tmp_path: Path) -> None:

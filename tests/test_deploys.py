@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from osless.api.routes.deploys import DEPLOY_LOG_CAP
+from osless.build import pack
 from tests.platform import EXAMPLES, Platform, copy_app
+from tests.test_build import bomb
 
 APPS = Path(__file__).parent / "apps"
 
@@ -110,3 +116,68 @@ def test_function_error_shows_its_traceback(platform: Platform) -> None:
     assert r.returncode == 1
     assert "Traceback" in r.stderr and 'raise ValueError("the answer is not 42")' in r.stderr
     assert r.stderr.rstrip().splitlines()[-1] == "error: ValueError: the answer is not 42"
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _wait_failed(platform: Platform, deploy_id: str, timeout: float = 60) -> dict[str, Any]:
+    def failed() -> dict[str, Any] | None:
+        d: dict[str, Any] = platform.http("GET", f"/v1/deploys/{deploy_id}").json()
+        return d if d["status"] != "building" else None
+
+    d: dict[str, Any] = platform.wait_for(failed, timeout=timeout, what=f"deploy {deploy_id} to end")
+    assert d["status"] == "failed"
+    return d
+
+
+def test_a_longname_bomb_fails_fast_and_small(own_platform: Platform) -> None:
+    # Finding 4: a 300 KB upload whose GNU long name is 300 MB once unpacked.
+    platform = own_platform
+    assert platform.proc is not None
+    archive = bomb(tarfile.GNUTYPE_LONGNAME, 300 * 1024 * 1024)
+    assert len(archive) < 400 * 1024
+    before = _vm_hwm_mb(platform.proc.pid)
+    started = time.monotonic()
+    r = platform.http("POST", "/v1/deploys", content=archive, headers={"content-type": "application/gzip"})
+    assert r.status_code == 202
+    deploy = _wait_failed(platform, r.json()["id"])
+    assert time.monotonic() - started < 5
+    assert "GNU long name of 314572800 bytes, past the limit of 64 KiB" in deploy["error"]
+    assert len(deploy["error"]) < 400
+    assert _vm_hwm_mb(platform.proc.pid) - before < 100
+    listed = platform.http("GET", "/v1/deploys")
+    assert len(listed.content) < 4096 and listed.json()["items"][0]["id"] == deploy["id"]
+    log = platform.http("GET", f"/v1/deploys/{deploy['id']}/log")
+    assert len(log.content) < 8192
+    data = platform.data_dir
+    on_disk = sum(p.stat().st_size for p in data.glob("state.db*")) + sum(
+        p.stat().st_size for p in (data / "logs" / "deploys").iterdir()
+    )
+    assert on_disk < 16 * 1024 * 1024
+
+
+def test_a_build_that_prints_without_end_is_stored_and_logged_capped(
+    platform: Platform, tmp_path: Path
+) -> None:
+    src = tmp_path / "loud"
+    src.mkdir()
+    (src / "app.py").write_text(
+        "import sys\n"
+        "sys.stderr.write('L' * 30_000_000 + '\\n')\n"
+        "for i in range(120_000):\n"
+        "    print('line', i, 'x' * 80, file=sys.stderr)\n"
+        "raise RuntimeError('E' * 100_000)\n"
+    )
+    r = platform.http("POST", "/v1/deploys", content=pack(src), headers={"content-type": "application/gzip"})
+    deploy = _wait_failed(platform, r.json()["id"], timeout=120)
+    assert len(deploy["error"]) <= 4096 and "characters cut" in deploy["error"]
+    assert deploy["error"].startswith("Importing the app") and "deploy again" in deploy["error"]
+    path = platform.data_dir / "logs" / "deploys" / f"{deploy['id']}.log"
+    assert path.stat().st_size <= DEPLOY_LOG_CAP
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    assert "reached its cap" in last["line"]

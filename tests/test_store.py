@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from osless.store import (
+    MAX_VALUE_BYTES,
     Compacted,
     Conflict,
     Event,
@@ -23,6 +24,7 @@ from osless.store import (
     SQLiteStore,
     Store,
     StoreError,
+    ValueTooLarge,
     open_store,
 )
 from osless.store.sqlite import _prefix_end
@@ -156,6 +158,24 @@ def test_txn_put_many(tmp_path: Path) -> None:
         assert await store.txn_put_many([]) == rev
         with pytest.raises(ValueError):
             await store.txn_put_many([("/x", b"1", None), ("/x", b"2", None)])
+
+    run_with_store(tmp_path, body)
+
+
+def test_values_past_the_limit_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        assert MAX_VALUE_BYTES == 1024 * 1024
+        at_limit = await store.put("/big", b"x" * MAX_VALUE_BYTES)
+        with pytest.raises(ValueTooLarge) as info:
+            await store.put("/big", b"y" * (MAX_VALUE_BYTES + 1))
+        assert isinstance(info.value, StoreError)
+        assert (info.value.key, info.value.size) == ("/big", MAX_VALUE_BYTES + 1)
+        assert "'/big' would be 1048577 bytes, past the store's limit of 1048576 bytes" in str(info.value)
+        with pytest.raises(ValueTooLarge):
+            await store.txn_put_many([("/small", b"s", None), ("/big", b"z" * (MAX_VALUE_BYTES + 1), None)])
+        assert await store.get("/small") is None
+        assert await store.get("/big") == at_limit
+        assert await store.revision() == at_limit.mod_revision
 
     run_with_store(tmp_path, body)
 

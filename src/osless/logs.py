@@ -14,42 +14,73 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from osless.bounds import MAX_LINE_CHARS, cap
+
 __all__ = ["LogWriter", "follow", "read_tail"]
 
 DEFAULT_CAP = 2 * 1024 * 1024
+_NOTICE_ROOM = 512  # kept free at the end of a capped log for the line that says it was cut
 
 
 class LogWriter:
-    """Appends records to a file; past `cap_bytes` the file moves to `<name>.1` and a new one starts."""
+    """Appends records to a file that never grows past `cap_bytes`; each line is cut to fit.
+
+    `rotate=True` (instances): past the cap the file moves to `<name>.1` and a new one starts, so the
+    newest output is kept. `rotate=False` (a build): the file stops at its cap, its last line saying so.
+    """
 
     def __init__(
-        self, path: Path, *, source: str, cap_bytes: int = DEFAULT_CAP, keep_files: int | None = None
+        self,
+        path: Path,
+        *,
+        source: str,
+        cap_bytes: int = DEFAULT_CAP,
+        rotate: bool = True,
+        keep_files: int | None = None,
     ) -> None:
         """`keep_files`: also delete all but the newest that many logs of the folder (old instances')."""
+        if cap_bytes < 4 * _NOTICE_ROOM:
+            raise ValueError(f"a log's cap must be at least {4 * _NOTICE_ROOM} bytes, not {cap_bytes}")
         self.path = path
         self.source = source
         self.cap_bytes = cap_bytes
+        self.rotate = rotate
+        # A character takes at most 6 bytes in a record (a JSON escape): a line always fits the cap.
+        self._line_chars = min(MAX_LINE_CHARS, cap_bytes // 16)
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_files is not None:
             _prune(path.parent, keep_files, keep=path)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the writer's life
+        self._file = open(path, "ab")  # noqa: SIM115 - kept open for the writer's life
         self._size = self._file.tell()
+        self._full = not rotate and self._size >= cap_bytes - _NOTICE_ROOM
 
     def write(self, line: str, stream: str = "stdout") -> None:
+        if self._full:
+            return
+        rec = self._record(cap(line, self._line_chars), stream)
+        if self.rotate:
+            if self._size and self._size + len(rec) > self.cap_bytes:
+                self._rotate()
+        elif self._size + len(rec) > self.cap_bytes - _NOTICE_ROOM:
+            self._full = True
+            rec = self._record(
+                f"log cut: it reached its cap of {self.cap_bytes} bytes; later lines were dropped", "osless"
+            )
+        self._file.write(rec)
+        self._file.flush()
+        self._size += len(rec)
+
+    def _record(self, line: str, stream: str) -> bytes:
         rec = json.dumps(
             {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line},
             ensure_ascii=False,
         )
-        self._file.write(rec + "\n")
-        self._file.flush()
-        self._size += len(rec) + 1
-        if self._size > self.cap_bytes:
-            self._rotate()
+        return (rec + "\n").encode("utf-8", "replace")
 
     def _rotate(self) -> None:
         self._file.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = open(self.path, "ab")  # noqa: SIM115
         self._size = 0
 
     def close(self) -> None:

@@ -204,6 +204,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
             asyncio.create_task(gateway.traffic.report(client, cfg.node_name), name="the gateway's reports"),
             asyncio.create_task(agent.run(), name="the node agent"),
+            asyncio.create_task(state.collector.run(), name="the collector"),
         ]
         # What start-up built lives as long as the process: out of the collector's way, so that a
         # collection triggered by requests does not walk it each time.

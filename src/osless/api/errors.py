@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from osless.store import MAX_VALUE_BYTES, ValueTooLarge
+
 __all__ = ["ApiError", "error_body", "install_error_handlers"]
 
 log = logging.getLogger("osless.api")
@@ -75,6 +77,15 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "no such path; the API lives under /v1 (see /openapi.json)"
         return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
 
+    async def value_too_large(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ValueTooLarge)
+        message = (
+            f"this change would make the record {exc.key} {exc.size} bytes, past the limit of "
+            f"{MAX_VALUE_BYTES // 1024} KiB per record; nothing was written. "
+            "Send less: fewer or shorter values"
+        )
+        return JSONResponse(error_body("value_too_large", message), 413)
+
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}: {exc}"), 500)
@@ -82,4 +93,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ValueTooLarge, value_too_large)
     app.add_exception_handler(Exception, unexpected)

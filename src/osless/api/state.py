@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import Request
 
+from osless.api.collector import Collector
 from osless.api.models import GatewayStats
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
@@ -30,6 +31,10 @@ class ApiState:
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     stats: dict[str, tuple[float, GatewayStats]] = field(default_factory=dict)  # gateway -> (at, report)
+    collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
+
+    def __post_init__(self) -> None:
+        self.collector = Collector(self)
 
     @property
     def logs_dir(self) -> Path:
@@ -38,8 +43,12 @@ class ApiState:
     def app_log_dir(self, app: str) -> Path:
         return self.logs_dir / "apps" / app
 
+    @property
+    def deploy_logs_dir(self) -> Path:
+        return self.logs_dir / "deploys"
+
     def deploy_log(self, deploy_id: str) -> Path:
-        return self.logs_dir / "deploys" / f"{deploy_id}.log"
+        return self.deploy_logs_dir / f"{deploy_id}.log"
 
 
 def get_state(request: Request) -> ApiState:

@@ -10,17 +10,28 @@ from osless.build.builder import (
     BuildResult,
     stop_all_builds,
 )
-from osless.build.images import ImageNotFoundError, ImageStore, canonical_json, sha256_hex
+from osless.build.images import (
+    MAX_MANIFEST_BYTES,
+    Collected,
+    ImageNotFoundError,
+    ImageStore,
+    ManifestTooLarge,
+    canonical_json,
+    sha256_hex,
+)
 from osless.build.source import SourceError, pack, unpack
 
 __all__ = [
+    "MAX_MANIFEST_BYTES",
     "MAX_SOURCE_BYTES",
     "MAX_SOURCE_FILES",
     "BuildError",
     "BuildResult",
     "Builder",
+    "Collected",
     "ImageNotFoundError",
     "ImageStore",
+    "ManifestTooLarge",
     "SourceError",
     "canonical_json",
     "pack",

@@ -18,12 +18,13 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from osless.build.images import ImageStore, sha256_hex
+from osless.build.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
 from osless.build.source import SourceError, unpack
 
 __all__ = ["MAX_SOURCE_BYTES", "MAX_SOURCE_FILES", "BuildError", "BuildResult", "Builder"]
@@ -34,6 +35,10 @@ INSPECT_TIMEOUT_S = 60.0
 RESOLVE_TIMEOUT_S = 600.0
 INSTALL_TIMEOUT_S = 1800.0
 _TAIL_LINES = 6
+# What a step prints is kept (and logged) within bounds: an app's import can print without end.
+_LINE_CHARS = 16384  # of one stderr line
+_STDOUT_CHARS = 4 * 1024 * 1024  # of stdout, kept whole for its caller (a lock, the manifest line)
+_STDERR_LINES = 200  # the last lines of stderr, kept for the error message
 # PEP 508 name at the start of a requirement; the rest (extras, versions, markers) is uv's business.
 _REQ_NAME_RE = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
 
@@ -57,6 +62,7 @@ class _Run:
     returncode: int | None  # None: killed at the timeout
     stdout: str
     stderr_lines: list[str] = field(default_factory=list)
+    stdout_cut: bool = False  # stdout passed _STDOUT_CHARS: `stdout` is its start only
 
     @property
     def timed_out(self) -> bool:
@@ -80,8 +86,7 @@ class Builder:
         self.python = python
         self.sandbox = sandbox
         self.uv = uv if uv is not None else _default_uv()
-        self.locks_dir = images.root / "locks"
-        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        self.locks_dir = images.locks_dir
         self._python_version: str | None = None
 
     def build(
@@ -128,6 +133,11 @@ class Builder:
         # No timestamp: the image digest must depend on the content alone.
         try:
             image = self.images.put_manifest(manifest)
+        except ManifestTooLarge as e:
+            raise BuildError(
+                f"The app's manifest is too large: {e}. Declare fewer functions, shorten config "
+                "descriptions and defaults, or depend on fewer packages, then deploy again."
+            ) from e
         except OSError as e:
             raise BuildError(f"Could not store the image manifest: {e}. Check the image store's disk.") from e
         safe_log(f"==> Image sha256:{image}")
@@ -208,6 +218,11 @@ class Builder:
                 "Resolving dependencies failed:\n"
                 + _tail(run.stderr_lines)
                 + "\nCheck the package names and versions in your requirements, then deploy again."
+            )
+        if run.stdout_cut:
+            raise BuildError(
+                f"The resolved dependencies pass {_STDOUT_CHARS >> 20} MiB of pinned requirements; "
+                "depend on fewer packages."
             )
         _write_atomic(cached, run.stdout, self.images.tmp_dir)
         return run.stdout
@@ -307,6 +322,12 @@ class Builder:
                 f"Importing the app (module {entry!r}) failed:\n"
                 + _tail(run.stderr_lines)
                 + "\nThe full traceback is in the build log. Fix the error and deploy again."
+            )
+        if run.stdout_cut:
+            raise BuildError(
+                f"The app's manifest passes {_STDOUT_CHARS >> 20} MiB (the limit is "
+                f"{MAX_MANIFEST_BYTES // 1024} KiB). Declare fewer functions, or shorter config "
+                "descriptions and defaults, then deploy again."
             )
         lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
         try:
@@ -468,18 +489,31 @@ def _collect(
     proc: subprocess.Popen[str], log: Log, *, timeout: float, stdin: str | None, stdout_prefix: str | None
 ) -> _Run:
     out: list[str] = []
-    err: list[str] = []
+    err: deque[str] = deque(maxlen=_STDERR_LINES)
+    out_chars = 0
+    out_cut = False
 
-    def pump(stream: IO[str], sink: list[str], prefix: str | None) -> None:
-        for line in stream:
-            sink.append(line)
-            if prefix is not None:
-                log(prefix + line.rstrip("\r\n"))
+    def pump_out(stream: IO[str]) -> None:
+        nonlocal out_chars, out_cut
+        # Bounded reads: a line without end is taken in pieces, never whole.
+        while line := stream.readline(_STDOUT_CHARS):
+            if stdout_prefix is not None:
+                log(stdout_prefix + line.rstrip("\r\n"))
+            if out_chars + len(line) > _STDOUT_CHARS:
+                out_cut = True
+            if not out_cut:
+                out.append(line)
+                out_chars += len(line)
+
+    def pump_err(stream: IO[str]) -> None:
+        while line := stream.readline(_LINE_CHARS):
+            err.append(line)
+            log(line.rstrip("\r\n"))
 
     assert proc.stdout is not None and proc.stderr is not None
     readers = [
-        threading.Thread(target=pump, args=(proc.stdout, out, stdout_prefix), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, err, ""), daemon=True),
+        threading.Thread(target=pump_out, args=(proc.stdout,), daemon=True),
+        threading.Thread(target=pump_err, args=(proc.stderr,), daemon=True),
     ]
     for t in readers:
         t.start()
@@ -503,7 +537,7 @@ def _collect(
     for stream in (proc.stdout, proc.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.close()
-    return _Run(returncode, "".join(out), [ln.rstrip("\r\n") for ln in err])
+    return _Run(returncode, "".join(out), [ln.rstrip("\r\n") for ln in err], out_cut)
 
 
 def _tail(lines: list[str]) -> str:

@@ -1,7 +1,8 @@
 """The content-addressed image store: read-only layer directories and JSON image manifests.
 
-Layout under `root`: `layers/<hex>/`, `manifests/<hex>.json`, and `tmp/` where everything is
-built before being renamed into place, so a digest never names something half-written.
+Layout under `root`: `layers/<hex>/`, `manifests/<hex>.json`, `locks/<hex>.txt` (the builder's
+cache of resolved requirements), and `tmp/` where everything is built before being renamed into
+place, so a digest never names something half-written. `collect` removes what nothing keeps.
 """
 
 from __future__ import annotations
@@ -15,13 +16,26 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ImageNotFoundError", "ImageStore", "canonical_json", "sha256_hex"]
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "Collected",
+    "ImageNotFoundError",
+    "ImageStore",
+    "ManifestTooLarge",
+    "canonical_json",
+    "sha256_hex",
+]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+# A release record carries its manifest, and store values stop at 1 MiB: well below that.
+MAX_MANIFEST_BYTES = 256 * 1024
 
 
 def sha256_hex(data: bytes) -> str:
@@ -42,6 +56,21 @@ class ImageNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "image not found"
 
 
+class ManifestTooLarge(ValueError):
+    """An image manifest past MAX_MANIFEST_BYTES; the message names its largest parts."""
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What one `collect` removed."""
+
+    manifests: int = 0
+    layers: int = 0
+    locks: int = 0
+    bytes_freed: int = 0
+    stopped: bool = False  # a build started: the rest waits for the next collection
+
+
 class ImageStore:
     """Layers and manifests under `root`, created on first use."""
 
@@ -49,15 +78,20 @@ class ImageStore:
         self.root = Path(root)
         self.layers_dir = self.root / "layers"
         self.manifests_dir = self.root / "manifests"
+        self.locks_dir = self.root / "locks"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.layers_dir, self.manifests_dir, self.tmp_dir):
+        for d in (self.layers_dir, self.manifests_dir, self.locks_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # Held while a digest is looked up or placed, and while `collect` removes one: a build
+        # finds a layer whole, or not at all and makes it again.
+        self._lock = threading.Lock()
 
     def layer_path(self, digest: str) -> Path:
         return self.layers_dir / _check_digest(digest)
 
     def has_layer(self, digest: str) -> bool:
-        return self.layer_path(digest).is_dir()
+        with self._lock:
+            return self.layer_path(digest).is_dir()
 
     def clean_tmp(self) -> None:
         """Remove what builds cut off by a crash left in the scratch folder; call before any build."""
@@ -75,7 +109,7 @@ class ImageStore:
         existing one is kept (equal digests mean equal content).
         """
         final = self.layer_path(digest)
-        if final.is_dir():
+        if self.has_layer(digest):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f"layer-{digest[:12]}-", dir=self.tmp_dir))
         try:
@@ -85,7 +119,8 @@ class ImageStore:
             # rename: moving a directory needs write access to it (for its `..` entry).
             _seal_contents(tmp)
             try:
-                os.rename(tmp, final)
+                with self._lock:
+                    os.rename(tmp, final)
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():
                     _remove_tree(tmp)
@@ -99,14 +134,20 @@ class ImageStore:
             raise
 
     def has_manifest(self, digest: str) -> bool:
-        return self._manifest_path(digest).is_file()
+        with self._lock:
+            return self._manifest_path(digest).is_file()
 
     def put_manifest(self, manifest: dict[str, Any]) -> str:
-        """Store `manifest` and return its digest: the sha256 of its canonical JSON."""
+        """Store `manifest` and return its digest: the sha256 of its canonical JSON.
+
+        Raises ManifestTooLarge past MAX_MANIFEST_BYTES, naming what takes the room.
+        """
         data = canonical_json(manifest)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestTooLarge(_too_large(manifest, len(data)))
         digest = sha256_hex(data)
         final = self._manifest_path(digest)
-        if final.is_file():
+        if self.has_manifest(digest):
             return digest
         fd, tmp_name = tempfile.mkstemp(prefix=f"manifest-{digest[:12]}-", suffix=".json", dir=self.tmp_dir)
         try:
@@ -115,7 +156,8 @@ class ImageStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp_name, 0o444)
-            os.replace(tmp_name, final)
+            with self._lock:
+                os.replace(tmp_name, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
@@ -136,6 +178,84 @@ class ImageStore:
 
     def _manifest_path(self, digest: str) -> Path:
         return self.manifests_dir / f"{_check_digest(digest)}.json"
+
+    def collect(
+        self,
+        *,
+        keep_images: Collection[str],
+        keep_locks: Collection[str],
+        grace_s: float,
+        busy: Callable[[], bool] = lambda: False,
+    ) -> Collected:
+        """Remove the manifests not in `keep_images`, the layers none of the kept manifests names,
+        and the lock files whose sha256 is not in `keep_locks`: only those older than `grace_s`.
+
+        Stops as soon as `busy()` (a build is running): a build may be about to use what is left.
+        """
+        keep_layers: set[str] = set()
+        for image in keep_images:
+            try:
+                keep_layers.update(str(d) for d in self.get_manifest(image).get("layers", {}).values())
+            except (ImageNotFoundError, ValueError):
+                continue  # nothing of it to keep
+        old = time.time() - grace_s
+        counts = {"manifests": 0, "layers": 0, "locks": 0, "bytes_freed": 0}
+
+        def remove(path: Path, kind: str) -> bool:
+            with self._lock:  # checked under the lock: a build registers before it looks anything up
+                if busy():
+                    return False
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    return True
+                if max(st.st_mtime, st.st_ctime) > old:
+                    return True
+                if stat.S_ISDIR(st.st_mode):
+                    counts["bytes_freed"] += _tree_bytes(path)
+                    _remove_tree(path)
+                else:
+                    counts["bytes_freed"] += st.st_size
+                    path.unlink(missing_ok=True)
+                counts[kind] += 1
+                return True
+
+        def sweep() -> bool:
+            for path in self.manifests_dir.glob("*.json"):
+                if path.stem not in keep_images and not remove(path, "manifests"):
+                    return False
+            for path in self.layers_dir.iterdir():
+                if path.name not in keep_layers and not remove(path, "layers"):
+                    return False
+            for path in self.locks_dir.glob("*.txt"):
+                try:
+                    digest = sha256_hex(path.read_bytes())
+                except FileNotFoundError:
+                    continue
+                if digest not in keep_locks and not remove(path, "locks"):
+                    return False
+            return True
+
+        done = sweep()
+        return Collected(**counts, stopped=not done)
+
+
+def _too_large(manifest: dict[str, Any], size: int) -> str:
+    parts = sorted(((len(canonical_json(v)), k) for k, v in manifest.items()), reverse=True)
+    largest = ", ".join(f"{k} {n / 1024:.0f} KiB" for n, k in parts[:3])
+    return (
+        f"it would be {size / 1024:.0f} KiB, past the limit of {MAX_MANIFEST_BYTES // 1024} KiB "
+        f"(largest parts: {largest})"
+    )
+
+
+def _tree_bytes(top: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(top):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _check_digest(digest: str) -> str:

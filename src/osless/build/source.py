@@ -12,7 +12,9 @@ from pathlib import Path, PurePosixPath
 
 import pathspec
 
-__all__ = ["ALWAYS_EXCLUDED", "SourceError", "pack", "unpack"]
+from osless.bounds import quoted
+
+__all__ = ["ALWAYS_EXCLUDED", "MAX_HEADER_BYTES", "SourceError", "pack", "unpack"]
 
 # Never part of an app's source, whatever its ignore files say.
 ALWAYS_EXCLUDED = (
@@ -27,6 +29,19 @@ ALWAYS_EXCLUDED = (
 )
 IGNORE_FILES = (".gitignore", ".oslessignore")
 _CHUNK = 1 << 20
+# Extended headers (GNU longname/longlink, pax records) are read whole by tarfile, so their sizes are
+# checked before: one of 300 MB compresses to 300 KB.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_CHAIN = 8  # extended headers in a row before a member (pack writes at most one)
+MAX_HEADERS_TOTAL = 8 * 1024 * 1024  # of every extended header in an archive: tarfile keeps them all
+MAX_PATH_CHARS = 4096  # PATH_MAX: a longer path could not be extracted anyway
+_EXTENDED = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+    tarfile.XHDTYPE: "pax header",
+    tarfile.XGLTYPE: "pax global header",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended header",
+}
 
 
 class SourceError(Exception):
@@ -123,19 +138,73 @@ def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
     return info
 
 
+class _BoundedInfo(tarfile.TarInfo):
+    """A member header whose extended headers are size-checked before tarfile reads them.
+
+    `_proc_member` is the hook tarfile documents for subclasses; it runs once the 512-byte header is
+    parsed and before any data after it is read.
+    """
+
+    def _proc_member(self, tar: _BoundedTarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise SourceError(_SPARSE)
+        what = _EXTENDED.get(self.type)
+        if what is None:
+            return self._proc(tar)
+        if self.size > MAX_HEADER_BYTES:
+            raise SourceError(
+                f"the source archive has a {what} of {self.size} bytes, past the limit of "
+                f"{MAX_HEADER_BYTES // 1024} KiB; pack it again with osless deploy"
+            )
+        tar.headers_total += self.size
+        if tar.headers_total > MAX_HEADERS_TOTAL:
+            raise SourceError(
+                f"the source archive's extended headers pass {MAX_HEADERS_TOTAL >> 20} MiB in all; "
+                "pack it again with osless deploy"
+            )
+        # tarfile reads the member after an extended header by recursing: count the depth.
+        if tar.chain >= MAX_HEADER_CHAIN:
+            raise SourceError(
+                f"the source archive has more than {MAX_HEADER_CHAIN} extended headers in a row; "
+                "pack it again with osless deploy"
+            )
+        tar.chain += 1
+        try:
+            return self._proc(tar)
+        finally:
+            tar.chain -= 1
+
+    def _proc(self, tar: _BoundedTarFile) -> tarfile.TarInfo:
+        info: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return info
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: object, tar: object) -> None:
+        # Its sparse map is read for as many entries as a pax record says: refused before it starts.
+        raise SourceError(_SPARSE)
+
+
+_SPARSE = "the source archive has a sparse file; only regular files and folders are accepted"
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    tarinfo = _BoundedInfo
+    chain = 0  # extended headers being processed in a row
+    headers_total = 0  # bytes of extended headers seen in this archive
+
+
 def unpack(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
     """Extract an archive made by `pack` into `dest`, refusing anything but plain files and folders.
 
     Raises SourceError for absolute paths, `..`, links, devices, more than `max_files` entries, more
-    than `max_bytes` of file content, or a corrupt archive. `dest` may be left partly filled: the
-    caller extracts into a scratch directory.
+    than `max_bytes` of file content, extended headers past their limits, or a corrupt archive.
+    `dest` may be left partly filled: the caller extracts into a scratch directory.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     total = 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        with _BoundedTarFile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             # Iterating reads one header at a time, so a huge member list is stopped at the limit.
             for member in tar:
                 count += 1
@@ -144,6 +213,8 @@ def unpack(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
                         f"the source archive has more than {max_files} files and folders; "
                         "exclude generated or data files with .gitignore or .oslessignore"
                     )
+                if member.sparse is not None:
+                    raise SourceError(_SPARSE)
                 parts = _safe_parts(member.name)
                 if not parts:
                     continue
@@ -153,7 +224,7 @@ def unpack(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
                     continue
                 if not member.isreg():
                     raise SourceError(
-                        f"the source archive entry {member.name!r} is a {_kind(member)}; "
+                        f"the source archive entry {quoted(member.name)} is a {_kind(member)}; "
                         "only regular files and folders are accepted"
                     )
                 total += member.size
@@ -172,13 +243,17 @@ def unpack(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
 
 
 def _safe_parts(name: str) -> tuple[str, ...]:
+    if len(name) > MAX_PATH_CHARS:
+        raise SourceError(
+            f"the source archive entry {quoted(name)} has a path longer than {MAX_PATH_CHARS} characters"
+        )
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise SourceError(
-            f"the source archive entry {name!r} has an absolute path; only relative paths are accepted"
+            f"the source archive entry {quoted(name)} has an absolute path; only relative paths are accepted"
         )
     parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
     if ".." in parts or any("\\" in p or "\0" in p for p in parts):
-        raise SourceError(f"the source archive entry {name!r} points outside the app's folder")
+        raise SourceError(f"the source archive entry {quoted(name)} points outside the app's folder")
     return parts
 
 
@@ -195,14 +270,14 @@ def _kind(member: tarfile.TarInfo) -> str:
 def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
     src = tar.extractfile(member)
     if src is None:
-        raise SourceError(f"the source archive entry {member.name!r} has no content")
+        raise SourceError(f"the source archive entry {quoted(member.name)} has no content")
     target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     mode = 0o755 if member.mode & 0o111 else 0o644
     # O_EXCL: a second entry with the same name must not silently replace the first.
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise SourceError(f"the source archive has {member.name!r} twice; pack it again") from None
+        raise SourceError(f"the source archive has {quoted(member.name)} twice; pack it again") from None
     with os.fdopen(fd, "wb") as out, src:
         while chunk := src.read(_CHUNK):
             out.write(chunk)

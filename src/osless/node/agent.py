@@ -179,7 +179,8 @@ class NodeAgent:
                     continue
                 try:
                     await self._push_config(app, running)
-                except (ApiError, ZygoteFailed, TimeoutError) as e:
+                except (ApiError, ZygoteFailed, TimeoutError, OSError) as e:
+                    # OSError: a lingering zygote's image may have been collected meanwhile.
                     log.warning("config v%s of %s not pushed: %s", seen["version"], app, e)
 
     async def _push_config(self, app: str, zygotes: list[Zygote]) -> None:

@@ -419,6 +419,9 @@ def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
             for line in lines:
                 emit(line.decode("utf-8", "replace")[:16384])
             buf[:] = rest
+            if len(buf) > 65536:  # a line without end is passed on in pieces, never held whole
+                emit(buf.decode("utf-8", "replace")[:16384])
+                buf.clear()
             return
         if buf:
             emit(buf.decode("utf-8", "replace"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osless.bounds import cap
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
@@ -205,7 +206,7 @@ class Supervisor:
                     sock.close()  # the instance has its own copies
         except (ZygoteFailed, TimeoutError, OSError) as e:
             await run.clean_up()
-            reason = f"the app failed to load: {e}"
+            reason = cap(f"the app failed to load: {e}")  # the app's own error: stored, so capped
             await self._set(last_exit={"code": None, "signal": None, "reason": reason, "at": time.time()})
             self.log.write(reason, "osless")
             return reason, False

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from osless.store.base import (
+    MAX_VALUE_BYTES,
     Compacted,
     Conflict,
     Event,
@@ -14,10 +15,12 @@ from osless.store.base import (
     LeaseNotFound,
     Store,
     StoreError,
+    ValueTooLarge,
 )
 from osless.store.sqlite import SQLiteStore
 
 __all__ = [
+    "MAX_VALUE_BYTES",
     "Compacted",
     "Conflict",
     "Event",
@@ -27,6 +30,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "ValueTooLarge",
     "open_store",
 ]
 

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from osless.bounds import quoted
+
 __all__ = [
+    "MAX_VALUE_BYTES",
     "Compacted",
     "Conflict",
     "Event",
@@ -19,9 +22,14 @@ __all__ = [
     "LeaseNotFound",
     "Store",
     "StoreError",
+    "ValueTooLarge",
 ]
 
 EventType = Literal["PUT", "DELETE"]
+
+# The largest value a backend takes (etcd's request limit is 1.5 MiB). Each record is sized well
+# below it: a release carries its manifest, which a build keeps under 256 KiB.
+MAX_VALUE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,18 @@ class Conflict(StoreError):
         super().__init__(f"conflict on {key!r}: expected it {want}, but it is {have}")
 
 
+class ValueTooLarge(StoreError):
+    """A put's value passes MAX_VALUE_BYTES; nothing was written."""
+
+    def __init__(self, key: str, size: int) -> None:
+        self.key = key
+        self.size = size
+        super().__init__(
+            f"the value for {quoted(key)} would be {size} bytes, "
+            f"past the store's limit of {MAX_VALUE_BYTES} bytes"
+        )
+
+
 class Compacted(StoreError):
     """A watch asked for events older than the retained history; list again and watch from there."""
 
@@ -87,6 +107,7 @@ class Store(Protocol):
 
     Every successful write bumps the one global revision. `if_revision`: None = unconditional,
     0 = the key must not exist, N = the key's mod_revision must be N; otherwise `Conflict`.
+    A value past MAX_VALUE_BYTES is refused with `ValueTooLarge` before anything is written.
     """
 
     # `builtins.list` in signatures: inside this class body, plain `list` is the method below.

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from osless.store.base import (
+    MAX_VALUE_BYTES,
     Compacted,
     Conflict,
     Event,
@@ -44,6 +45,7 @@ from osless.store.base import (
     LeaseNotFound,
     Store,
     StoreError,
+    ValueTooLarge,
 )
 
 __all__ = ["DEFAULT_HISTORY", "SQLiteStore"]
@@ -108,6 +110,11 @@ def _prefix_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
     if end is None:
         return "key >= ?", (prefix,)
     return "key >= ? AND key < ?", (prefix, end)
+
+
+def _check_value(key: str, value: bytes) -> None:
+    if len(value) > MAX_VALUE_BYTES:
+        raise ValueTooLarge(key, len(value))
 
 
 def _check_if_revision(if_revision: int | None) -> None:
@@ -280,6 +287,7 @@ class SQLiteStore(Store):
             raise ValueError("key must not be empty")
         _check_if_revision(if_revision)
         data = bytes(value)
+        _check_value(key, data)
         return await self._acknowledge(await self._run(lambda: self._put_sync(key, data, if_revision, lease)))
 
     async def delete(self, key: str, *, if_revision: int | None = None) -> bool:
@@ -295,6 +303,8 @@ class SQLiteStore(Store):
             if not key:
                 raise ValueError("key must not be empty")
             _check_if_revision(if_rev)
+        for key, value, _ in items:
+            _check_value(key, value)
         return await self._acknowledge(await self._run(lambda: self._txn_sync(items)))
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncGenerator[Event, None]:

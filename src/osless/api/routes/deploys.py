@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import threading
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +18,14 @@ from osless.api.errors import ApiError
 from osless.api.models import Deploy, Release, check_app_name, now
 from osless.api.routes.config import config_misfits
 from osless.api.state import ApiState, get_state
+from osless.bounds import cap
 from osless.build import BuildError
 from osless.logs import LogWriter, follow, read_tail
 
 router = APIRouter(tags=["deploys"])
 log = logging.getLogger("osless.api.deploys")
 
+DEPLOY_LOG_CAP = 8 * 1024 * 1024
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 
 
@@ -60,7 +63,8 @@ async def create_deploy(
 
 
 async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
-    writer = LogWriter(state.deploy_log(deploy.id), source=deploy.id, cap_bytes=8 * 1024 * 1024)
+    # Not rotated: a build's log keeps its start, and stops at its cap saying so.
+    writer = LogWriter(state.deploy_log(deploy.id), source=deploy.id, cap_bytes=DEPLOY_LOG_CAP, rotate=False)
     lock = threading.Lock()
 
     def emit(line: str) -> None:
@@ -99,11 +103,12 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         image = result.image[:12]
         emit(f"==> Released {name} v{release.version} (image sha256:{image}, {result.seconds:.2f}s)")
     except BuildError as e:
-        deploy.status, deploy.error = "failed", str(e)
-        emit(f"==> Build failed: {e}")
+        # The message may quote an upload or an app's output: capped before it is stored or logged.
+        deploy.status, deploy.error = "failed", cap(str(e))
+        emit(f"==> Build failed: {deploy.error}")
     except Exception as e:  # the deploy must end as failed, whatever broke
-        log.exception("deploy %s crashed", deploy.id)
-        deploy.status, deploy.error = "failed", f"internal error during build: {type(e).__name__}: {e}"
+        log.error("deploy %s crashed: %s", deploy.id, cap("".join(traceback.format_exception(e))))
+        deploy.status, deploy.error = "failed", cap(f"internal error during build: {type(e).__name__}: {e}")
         emit(f"==> Build failed: {deploy.error}")
     finally:
         if deploy.status != "succeeded":  # a success was recorded with its release, atomically

@@ -1,0 +1,278 @@
+"""The collector: what the retention no longer keeps is deleted, records first, then files.
+
+One pass: old deploy records and their build logs; old releases (never the current one, nor one with
+instances); logs of instances long gone; then, mark and sweep, the image manifests, layers and lock
+files that no kept release names and that are older than the grace period. It runs in the API's
+process rather than as a controller because the image store and the log folders are on the API's
+disk, and a build in flight (which only the API sees) stops the sweep until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from osless.api.models import Deploy, Release
+from osless.build import sha256_hex
+from osless.store import Conflict
+
+if TYPE_CHECKING:
+    from osless.api.state import ApiState
+
+__all__ = ["Collection", "Collector", "Retention"]
+
+log = logging.getLogger("osless.collector")
+
+RETENTION_KEY = "/retention"
+DAY_S = 86_400.0
+
+
+class Retention(BaseModel):
+    """How long what the platform makes is kept. Fields not given take their defaults."""
+
+    deploys_days: float = Field(
+        default=30.0, ge=0, le=3650, description="deploy records and their build logs are kept this long"
+    )
+    deploys_per_app: int = Field(
+        default=100, ge=1, le=10_000, description="and at most this many of them per app, the newest"
+    )
+    releases_per_app: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="releases kept per app, the newest; the current one and any with instances are kept too",
+    )
+    instance_logs_days: float = Field(
+        default=7.0, ge=0, le=3650, description="logs of instances that no longer exist are kept this long"
+    )
+    grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        le=30 * DAY_S,
+        description="image layers, manifests and lock files younger than this are never collected",
+    )
+    interval_s: float = Field(default=3600.0, ge=1, le=7 * DAY_S, description="how often the collector runs")
+
+
+class Collection(BaseModel):
+    """What one pass deleted."""
+
+    deploys: int = 0
+    releases: int = 0
+    logs: int = 0  # log files
+    manifests: int = 0
+    layers: int = 0
+    locks: int = 0
+    bytes_freed: int = 0  # by the files deleted from the image store and the log folders
+    images_deferred: bool = Field(
+        default=False, description="a build was running: the image store is swept on a later pass"
+    )
+    started_at: float = 0.0
+    seconds: float = 0.0
+
+
+class Collector:
+    """Runs a pass every `interval_s`, or now (`collect`); one pass at a time."""
+
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self.last: Collection | None = None
+
+    async def retention(self) -> Retention:
+        kv = await self.state.resources.store.get(RETENTION_KEY)
+        return Retention() if kv is None else Retention.model_validate_json(kv.value)
+
+    async def set_retention(self, retention: Retention) -> Retention:
+        await self.state.resources.store.put(RETENTION_KEY, retention.model_dump_json().encode())
+        self._wake.set()  # the wait for the next pass follows the new interval
+        return retention
+
+    async def run(self) -> None:
+        """Collect, then wait the retention's interval, for ever."""
+        while True:
+            try:
+                await self.collect()
+            except Exception:  # a failed pass (disk, store) is retried at the next one
+                log.exception("collection failed")
+            await self._wait()
+
+    async def _wait(self) -> None:
+        """Until `interval_s` after now, as the retention says at each change of it."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while True:
+            self._wake.clear()
+            try:
+                interval = (await self.retention()).interval_s
+            except Exception:
+                interval = Retention().interval_s
+            left = since + interval - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
+    async def collect(self) -> Collection:
+        """One pass now, after any pass under way."""
+        async with self._lock:
+            started = time.time()
+            retention = await self.retention()
+            out = Collection(started_at=started)
+            kept_deploys = await self._deploys(retention, started, out)
+            keep_images, keep_locks, instance_ids, apps = await self._releases(retention, out)
+            await asyncio.to_thread(
+                self._logs, retention, started, kept_deploys, instance_ids, apps, keep_images, out
+            )
+            builds = self.state.builds
+            swept = await asyncio.to_thread(
+                self.state.images.collect,
+                keep_images=keep_images,
+                keep_locks=keep_locks,
+                grace_s=retention.grace_s,
+                busy=lambda: bool(builds),
+            )
+            out.manifests, out.layers, out.locks = swept.manifests, swept.layers, swept.locks
+            out.bytes_freed += swept.bytes_freed
+            out.images_deferred = swept.stopped
+            out.seconds = round(time.time() - started, 3)
+            self.last = out
+            if out.deploys or out.releases or out.logs or out.manifests or out.layers or out.locks:
+                log.info("collected %s", out.model_dump_json())
+            return out
+
+    async def _deploys(self, retention: Retention, now: float, out: Collection) -> set[str]:
+        """Delete the deploys past the retention (with their logs); the ids of those kept."""
+        store = self.state.resources.store
+        items, _ = await store.list("/deploys/")
+        by_app: dict[str | None, list[tuple[Deploy, int]]] = defaultdict(list)
+        for kv in items:
+            d = Deploy.model_validate_json(kv.value)
+            by_app[d.app].append((d, kv.mod_revision))
+        kept: set[str] = set()
+        oldest = now - retention.deploys_days * DAY_S
+        for deploys in by_app.values():
+            deploys.sort(key=lambda pair: pair[0].created_at, reverse=True)
+            for rank, (d, rev) in enumerate(deploys):
+                building = d.status == "building" or d.id in self.state.builds
+                recent = (d.finished_at or d.created_at) >= oldest
+                if building or (recent and rank < retention.deploys_per_app):
+                    kept.add(d.id)
+                    continue
+                with contextlib.suppress(Conflict):  # changed meanwhile: the next pass decides
+                    if await store.delete(f"/deploys/{d.id}", if_revision=rev):
+                        out.deploys += 1
+                        _unlink_log(self.state.deploy_log(d.id), out)
+        return kept
+
+    async def _releases(
+        self, retention: Retention, out: Collection
+    ) -> tuple[set[str], set[str], set[str], set[str]]:
+        """Delete the releases past the retention. Returns what the rest of the pass keeps: the
+        images (of kept releases and of instances), the sha256 of their locks, instance ids, apps."""
+        res = self.state.resources
+        apps, _ = await res.list_apps()
+        instances, _ = await res.list_instances()
+        with_instances = {(i.app, i.release) for i in instances}
+        keep_images = {i.image for i in instances} | {a.current_image for a in apps if a.current_image}
+        keep_locks: set[str] = set()
+        for app in apps:
+            # One app at a time: a release carries its manifest, so all of them at once could be big.
+            items, _ = await res.store.list(f"/releases/{app.name}/")
+            releases = sorted(
+                ((Release.model_validate_json(kv.value), kv) for kv in items),
+                key=lambda pair: pair[0].version,
+                reverse=True,
+            )
+            for rank, (release, kv) in enumerate(releases):
+                keep = (
+                    rank < retention.releases_per_app
+                    or release.version == app.current_release
+                    or (app.name, release.version) in with_instances
+                )
+                if not keep:
+                    with contextlib.suppress(Conflict):
+                        if await res.store.delete(kv.key, if_revision=kv.mod_revision):
+                            out.releases += 1
+                            continue
+                keep_images.add(release.image)
+                lock = release.manifest.get("lock")
+                if isinstance(lock, str) and lock:
+                    keep_locks.add(sha256_hex(lock.encode()))
+        return keep_images, keep_locks, {i.id for i in instances}, {a.name for a in apps}
+
+    def _logs(
+        self,
+        retention: Retention,
+        now: float,
+        kept_deploys: set[str],
+        instance_ids: set[str],
+        apps: set[str],
+        images: set[str],
+        out: Collection,
+    ) -> None:
+        """Delete build logs without a deploy, and the logs of instances, zygotes and egress proxies
+        nothing runs any more once they are older than the retention."""
+        for path in _files(self.state.deploy_logs_dir):
+            if _log_id(path) not in kept_deploys and _mtime(path) < now - retention.grace_s:
+                _unlink_log(path, out, rotated=False)
+        prefixes = {image[:12] for image in images}
+        oldest = now - retention.instance_logs_days * DAY_S
+        apps_dir = self.state.logs_dir / "apps"
+        for folder in _files(apps_dir):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in _files(folder):
+                name = _log_id(path)
+                live = (
+                    name in instance_ids
+                    or (name.startswith("zygote-") and name[len("zygote-") :] in prefixes)
+                    or (name == "egress" and folder.name in apps)
+                )
+                if not live and _mtime(path) < oldest:
+                    _unlink_log(path, out, rotated=False)
+            if folder.name not in apps:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only once empty
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _log_id(path: Path) -> str:
+    """`i-1` for `i-1.log` and `i-1.log.1`."""
+    name = path.name.removesuffix(".1")
+    return name.removesuffix(".log")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _unlink_log(path: Path, out: Collection, rotated: bool = True) -> None:
+    """Delete `path` (and its rotated `.1`), counted in `out`."""
+    for p in (path, path.with_name(path.name + ".1")) if rotated else (path,):
+        try:
+            size = p.lstat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        out.logs += 1
+        out.bytes_freed += size
