@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import Request
 
+from osless.api.auth import Tokens
 from osless.api.models import GatewayStats
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
@@ -30,6 +31,10 @@ class ApiState:
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     stats: dict[str, tuple[float, GatewayStats]] = field(default_factory=dict)  # gateway -> (at, report)
+    tokens: Tokens = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = Tokens(self.resources.store)
 
     @property
     def logs_dir(self) -> Path:

@@ -114,7 +114,7 @@ class ImageStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp_name, 0o444)
+            os.chmod(tmp_name, 0o400)  # read-only; for the platform alone, like everything in the data dir
             os.replace(tmp_name, final)
         except BaseException:
             with contextlib.suppress(OSError):

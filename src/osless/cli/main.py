@@ -13,9 +13,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
+from osless.cli.audit import audit
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
 
 app = typer.Typer(
@@ -62,7 +64,7 @@ def up(
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
-        console.print(f"  API:     {api_url}   (docs: {api_url}/docs)")
+        console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
         console.print(f"  Gateway: {gateway_url}")
         console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
         if deploy:
@@ -186,6 +188,8 @@ def _gateway(api: Api) -> str:
 apps_app = typer.Typer(help="List apps, or show one.")
 app.add_typer(apps_app, name="apps")
 app.add_typer(config_app, name="config")
+app.add_typer(tokens_app, name="tokens")
+app.command("audit")(audit)
 
 
 @apps_app.callback(invoke_without_command=True)
