@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from osless.api import audit
+from osless.api.auth import Tokens
 from osless.store import SQLiteStore
 from tests.platform import OSLESS, Platform
 
@@ -194,6 +195,26 @@ def test_writes_are_audited_with_who_what_and_where(platform: Platform, hello: d
     assert call(platform, token, "GET", "/v1/audit").status_code == 403
 
 
+def test_expired_tokens_are_collected_after_their_grace(tmp_path: Path) -> None:
+    async def main() -> list[str]:
+        store = SQLiteStore(tmp_path / "state.db")
+        await store.start()
+        try:
+            tokens = Tokens(store)
+            expired, _, _ = await tokens.issue("old", "read", expires_at=time.time() - 10)
+            recent, _, _ = await tokens.issue("recent", "read", expires_at=time.time() - 1)
+            await tokens.issue("forever", "read")
+            await tokens.issue("later", "read", expires_at=time.time() + 3600)
+            assert await tokens.lookup(expired) is not None  # refused as expired, not unknown, until then
+            assert await tokens.collect_expired(grace_s=5) == 1
+            assert await tokens.lookup(expired) is None and await tokens.lookup(recent) is not None
+            return sorted(r.name for _, r in await tokens.list())
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == ["forever", "later", "recent"]
+
+
 def test_audit_keeps_the_newest_entries_within_the_age_limit(tmp_path: Path) -> None:
     async def main() -> tuple[list[str], list[str]]:
         store = SQLiteStore(tmp_path / "state.db")
@@ -287,7 +308,8 @@ def test_tokens_and_audit_commands(platform: Platform) -> None:
     assert token.startswith("osl_") and "\n" not in token  # the token alone on stdout
     assert "debug" in plain.stderr and "hello" in plain.stderr
     listed = platform.cli_json("tokens", "ls")
-    assert made["id"] in [t["id"] for t in listed]
+    mine = next(t for t in listed if t["id"] == made["id"])
+    assert mine["last_used_at"] is not None and mine["last_used_at"] >= since - 1
     assert all("token" not in t for t in listed)
     shown = platform.cli("tokens", "ls").stdout
     assert (
