@@ -161,6 +161,7 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
 
 def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
+    pause = 0.02
     while time.monotonic() < deadline:
         info = call(api.get, f"/v1/apps/{app_name}")
         if not info.get("desired"):
@@ -174,7 +175,10 @@ def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -
                 f"v{version} was released but its instances keep failing ({failing[0]}); "
                 f"see `osless logs {app_name}`. The previous release keeps serving."
             )
-        time.sleep(0.02)
+        time.sleep(pause)
+        # Quick at first, when a warm start is about to be ready; then slower, well within the
+        # API's requests per token (20 a second) however long the instances take.
+        pause = min(pause * 1.25, 0.25)
     fail(
         f"v{version} was released but no instance became ready within {timeout:.0f}s; "
         f"see `osless ps {app_name}`"
