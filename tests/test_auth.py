@@ -12,8 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter
 
 from osless.api import audit
+from osless.api.app import _check_permissions
 from osless.api.auth import Tokens
 from osless.store import SQLiteStore
 from tests.platform import OSLESS, Platform
@@ -332,3 +334,14 @@ def test_tokens_and_audit_commands(platform: Platform) -> None:
         assert r.returncode == 1 and says in r.stderr, (bad, r.stderr)
     r = platform.cli("tokens", "revoke", "0123456789ab", check=False)
     assert r.returncode == 1 and "no token" in r.stderr
+
+
+def test_a_route_without_a_permission_stops_the_api() -> None:
+    router = APIRouter()
+
+    @router.get("/open")
+    async def open_route() -> int:
+        return 1
+
+    with pytest.raises(RuntimeError, match=r"/open \(GET\) declares no permission"):
+        _check_permissions(router)

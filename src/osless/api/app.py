@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -107,13 +107,13 @@ async def _upkeep(state: ApiState) -> None:
         await asyncio.sleep(UPKEEP_S)
 
 
-def _check_permissions(app: FastAPI) -> None:
+def _check_permissions(router: APIRouter) -> None:
     """Every API route declares the permission it needs: a route without one would be open to any
     token, so the API refuses to start instead."""
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
-            continue
-        if not any(isinstance(d.call, Require) for d in route.dependant.dependencies):
+    for route in router.routes:
+        if isinstance(route, APIRoute) and not any(
+            isinstance(d.call, Require) for d in route.dependant.dependencies
+        ):
             raise RuntimeError(
                 f"{route.path} ({', '.join(sorted(route.methods or ()))}) declares no permission"
             )
@@ -150,8 +150,8 @@ def create_app(state: ApiState) -> FastAPI:
     app.state.osless = state
     install_error_handlers(app)
     for module in (apps, config, deploys, instances, invoke, logs, system, tokens, audit_routes):
+        _check_permissions(module.router)
         app.include_router(module.router, prefix="/v1")
-    _check_permissions(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:
