@@ -21,7 +21,7 @@ def test_every_v1_path_needs_a_token(platform: Platform) -> None:
 
 
 def test_openapi_lists_the_resources(platform: Platform) -> None:
-    spec = httpx.get(platform.api + "/openapi.json").json()
+    spec = platform.http("GET", "/openapi.json").json()
     for path in (
         "/v1/apps",
         "/v1/deploys",

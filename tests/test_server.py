@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 from pathlib import Path
 
 import httpx
@@ -89,5 +91,40 @@ def test_up_saves_credentials_for_the_cli(tmp_path: Path) -> None:
         r = subprocess.run([OSLESS, "status", "--json"], env=env, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["gateway"] == p.gateway
+    finally:
+        p.stop()
+
+
+def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
+    p = Platform(tmp_path / "data").start()
+    try:
+        p.deploy(EXAMPLES / "hello")
+        # the sandboxed app reads its layers, though nothing above them is open to its uid
+        assert httpx.get(f"{p.gateway}/hello/").status_code == 200
+        data = p.data_dir
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        layers = data / "images" / "layers"
+        seen: set[str] = set()
+        layer_files = 0
+        for dirpath, dirnames, filenames in os.walk(data):
+            here = Path(dirpath)
+            if here.parent == layers:  # inside a layer: readable by all, for the sandboxes' uids
+                for inside in [here, *here.rglob("*")]:
+                    if not inside.is_symlink():
+                        want = 0o005 if inside.is_dir() else 0o004
+                        assert inside.stat().st_mode & want == want, inside
+                        layer_files += 1
+                dirnames.clear()
+                continue
+            for name in filenames + (dirnames if here != layers else []):
+                mode = os.lstat(here / name).st_mode
+                if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode):
+                    continue
+                assert mode & 0o077 == 0, f"{here / name} is {stat.filemode(mode)}"
+                seen.add(name)
+        assert {"state.db", "state.db-wal", "state.db-shm", "admin-token", "secret.key"} <= seen
+        assert any(n.startswith("d-") and n.endswith(".log") for n in seen)  # a deploy's log
+        assert any(n.endswith(".json") for n in seen)  # an image manifest
+        assert layer_files > 2
     finally:
         p.stop()

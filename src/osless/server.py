@@ -23,7 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from osless.api.app import create_app
-from osless.api.auth import issue_token
+from osless.api.auth import Tokens, issue_token
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
@@ -91,10 +91,14 @@ class _Server(uvicorn.Server):
 
 
 async def _admin_token(resources: Resources, data_dir: Path) -> str:
-    """The admin token: made on first start, kept in the data dir (mode 600) for later starts."""
+    """The admin token: made on first start, kept in the data dir (mode 600) for later starts; made
+    again if it was revoked, so that whoever holds the data dir can always get in."""
     path = data_dir / "admin-token"
     if path.exists():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if await Tokens(resources.store).lookup(token) is not None:
+            return token
+        log.warning("the admin token in %s was revoked: a new one replaces it", path)
     token = await issue_token(resources, "admin")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -106,17 +110,33 @@ async def _admin_token(resources: Resources, data_dir: Path) -> str:
 
 async def _node_token(resources: Resources, node: str) -> str:
     """A fresh token for this node's agent each start; the previous one is revoked."""
-    items, _ = await resources.store.list("/tokens/")
-    for kv in items:
-        if json.loads(kv.value).get("name") == f"node:{node}":
-            await resources.store.delete(kv.key)
+    tokens = Tokens(resources.store)
+    for digest, record in await tokens.list():
+        if record.role == "node" and record.name == f"node:{node}":
+            await tokens.revoke(digest)
     return await issue_token(resources, f"node:{node}", role="node")
+
+
+def _private(data_dir: Path) -> None:
+    """Nothing the platform writes is for other local users: state, tokens, keys, app code, logs.
+
+    The umask covers every file and folder made from here on (sandboxes set their own, for the roots
+    they build); the data dir itself, and the files an older version made readable, are fixed here.
+    Image layers stay readable by all inside (their own modes, set when sealed): sandboxes bind each
+    one at its own path as an unprivileged uid, which never needs to cross the data dir.
+    """
+    os.umask(0o077)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    for name in ("state.db", "state.db-wal", "state.db-shm", "admin-token", "secret.key"):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / name).chmod(0o600)
 
 
 async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = None) -> None:
     """Start everything, call `on_ready(api_url, gateway_url, token)`, run until SIGINT/SIGTERM."""
     data_dir = cfg.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _private(data_dir)
     store = SQLiteStore(data_dir / "state.db")
     await store.start()
     resources = Resources(store)

@@ -1,22 +1,34 @@
-"""The REST API: FastAPI app assembly, the auth wall, body limits and the startup repair."""
+"""The REST API: FastAPI app assembly, the guard in front, body limits, the startup repair and upkeep."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from osless import __version__
-from osless.api.auth import require_token
+from osless.api import audit
+from osless.api.auth import Require
 from osless.api.errors import error_body, install_error_handlers
+from osless.api.guard import Guard
 from osless.api.models import now
-from osless.api.routes import apps, config, deploys, instances, invoke, logs, retention, system
+from osless.api.routes import apps, config, deploys, instances, invoke, logs, retention, system, tokens
+from osless.api.routes import audit as audit_routes
 from osless.api.state import ApiState
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("osless.api")
+
+UPKEEP_S = 60.0
+EXPIRED_TOKEN_GRACE_S = 86400.0  # an expired token answers "token expired" for a day, then is collected
 
 
 class BodyLimit:
@@ -83,6 +95,30 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _upkeep(state: ApiState) -> None:
+    """Now and then: tokens' last use written down, expired tokens collected, the audit log pruned."""
+    while True:
+        try:
+            await state.tokens.flush_last_used()
+            await state.tokens.collect_expired(EXPIRED_TOKEN_GRACE_S)
+            await audit.prune(state.resources.store)
+        except Exception:  # a failed round is retried at the next
+            log.exception("API upkeep failed")
+        await asyncio.sleep(UPKEEP_S)
+
+
+def _check_permissions(router: APIRouter) -> None:
+    """Every API route declares the permission it needs: a route without one would be open to any
+    token, so the API refuses to start instead."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and not any(
+            isinstance(d.call, Require) for d in route.dependant.dependencies
+        ):
+            raise RuntimeError(
+                f"{route.path} ({', '.join(sorted(route.methods or ()))}) declares no permission"
+            )
+
+
 def create_app(state: ApiState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +132,11 @@ def create_app(state: ApiState) -> FastAPI:
                     now(),
                 )
                 await state.resources.put_deploy(d)
+        upkeep = asyncio.create_task(_upkeep(state), name="API upkeep")
         yield
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
         for task in list(state.builds.values()):
             task.cancel()
         await state.http.aclose()
@@ -109,13 +149,14 @@ def create_app(state: ApiState) -> FastAPI:
     )
     app.state.osless = state
     install_error_handlers(app)
-    secured = [Depends(require_token)]
-    for module in (apps, config, deploys, instances, invoke, logs, retention, system):
-        app.include_router(module.router, prefix="/v1", dependencies=secured)
+    for module in (apps, config, deploys, instances, invoke, logs, retention, system, tokens, audit_routes):
+        _check_permissions(module.router)
+        app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
     app.add_middleware(BodyLimit, state=state)
+    app.add_middleware(Guard, state=state)  # added last: it runs first, before anything reads the request
     return app

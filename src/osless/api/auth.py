@@ -1,76 +1,261 @@
-"""Bearer tokens: stored by their sha256, never in clear."""
+"""Who is calling and what they may do: bearer tokens, their roles, and the one permission matrix.
+
+Tokens are stored by their sha256 (`/tokens/{digest}`), never in clear; a token's id is the first
+12 hex digits of that digest. App tokens (`osla_...`, api/secrets.py) are derived, never stored.
+The guard (api/guard.py) authenticates every request before routing; each route then declares the
+permission it needs with `require(...)`, checked against `ROLES` below.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
 import re
 import secrets
-from typing import Any
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
 
 from osless.api.errors import ApiError
 from osless.api.models import now
 from osless.api.resources import Resources
-from osless.api.state import ApiState, get_state
+from osless.store import Conflict, Store
 
-__all__ = ["issue_token", "require_role", "require_token", "token_digest"]
+__all__ = [
+    "GRANTABLE",
+    "ROLES",
+    "Caller",
+    "Permission",
+    "Require",
+    "TokenRecord",
+    "Tokens",
+    "check_scope",
+    "issue_token",
+    "require",
+    "token_digest",
+]
+
+log = logging.getLogger("osless.api.auth")
+
+Permission = Literal["whoami", "describe", "read", "logs", "deploy", "invoke", "operate", "secrets", "admin"]
+
+_READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
+
+# The permission matrix. `describe` is an app's config (secrets masked), schema and endpoints: what
+# an app's own token may read of itself. `operate` is the platform's control loop (instances, node
+# heartbeats, gateway reports, desired counts); `secrets` is config in clear, for node agents only.
+ROLES: dict[str, frozenset[Permission]] = {
+    "admin": _READ | {"logs", "deploy", "invoke", "operate", "admin"},
+    "deploy": _READ | {"deploy", "invoke"},
+    "read": _READ,
+    "debug": _READ | {"logs"},
+    "invoke": frozenset({"whoami", "invoke"}),
+    # The agent's, made by `osless up`: what it always had (everything but tokens and audit).
+    "node": _READ | {"logs", "deploy", "invoke", "operate", "secrets"},
+    # An app's own token, scoped to that app.
+    "app": frozenset({"whoami", "describe"}),
+}
+GRANTABLE = ("admin", "deploy", "read", "debug", "invoke")  # what `POST /v1/tokens` makes
+TOKEN_PREFIX = "osl_"
+ID_LEN = 12
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"
 
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class TokenRecord(BaseModel):
+    """What is stored of a token (under its digest)."""
+
+    name: str
+    role: str
+    app: str | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+    last_used_at: float | None = None
+
+    def expired(self, at: float | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (at if at is not None else now())
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request comes from, as the guard found it."""
+
+    id: str  # the token's id, or "app:NAME" for an app's own token
+    name: str
+    role: str
+    app: str | None = None  # set: the caller may act on this app only
+    expires_at: float | None = None
+
+    def may(self, permission: Permission) -> bool:
+        return permission in ROLES.get(self.role, frozenset())
+
+    def sees(self, app: str | None) -> bool:
+        """Whether something of `app` concerns this caller (app-less things concern unscoped callers)."""
+        return self.app is None or app == self.app
+
+
+class Tokens:
+    """The stored tokens, with a short cache in front: the platform's parts call many times a second.
+
+    A cached answer lives `ttl_s`, so a token revoked elsewhere stops working within that; one revoked
+    through this process stops at once. Unknown tokens are cached too, in the same bounded LRU, so a
+    flood of made-up ones costs one store read each per `ttl_s` and no memory past `size`.
+    """
+
+    def __init__(self, store: Store, *, ttl_s: float = 1.0, size: int = 4096) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.size = size
+        self._cache: OrderedDict[str, tuple[float, TokenRecord | None]] = OrderedDict()
+        self._used: dict[str, float] = {}  # digest -> last use, flushed to the store now and then
+        self._flushed: dict[str, float] = {}
+
+    async def issue(
+        self, name: str, role: str, *, app: str | None = None, expires_at: float | None = None
+    ) -> tuple[str, str, TokenRecord]:
+        """A new token: (the token, its digest, its record). The token itself is never stored."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        digest = token_digest(token)
+        record = TokenRecord(name=name, role=role, app=app, created_at=now(), expires_at=expires_at)
+        await self.store.put(f"/tokens/{digest}", record.model_dump_json().encode(), if_revision=0)
+        return token, digest, record
+
+    async def lookup(self, token: str) -> tuple[str, TokenRecord] | None:
+        """(digest, record) of a stored token, expired ones included; None if it is unknown."""
+        digest = token_digest(token)
+        at = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and at - cached[0] < self.ttl_s:
+            self._cache.move_to_end(digest)
+            record = cached[1]
+        else:
+            record = await self._read(digest)
+            self._cache[digest] = (at, record)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return None if record is None else (digest, record)
+
+    async def _read(self, digest: str) -> TokenRecord | None:
+        kv = await self.store.get(f"/tokens/{digest}")
+        if kv is None:
+            return None
+        try:
+            return TokenRecord.model_validate_json(kv.value)
+        except ValidationError:
+            log.warning("token %s has an unreadable record; refusing it", digest[:ID_LEN])
+            return None
+
+    def touch(self, digest: str) -> None:
+        self._used[digest] = now()
+
+    def last_used(self, digest: str) -> float | None:
+        return self._used.get(digest)
+
+    async def list(self) -> list[tuple[str, TokenRecord]]:
+        """(digest, record) of every stored token."""
+        items, _ = await self.store.list("/tokens/")
+        out = []
+        for kv in items:
+            try:
+                out.append((kv.key.rsplit("/", 1)[1], TokenRecord.model_validate_json(kv.value)))
+            except ValidationError:
+                continue
+        return out
+
+    async def find(self, token_id: str) -> tuple[str, TokenRecord] | None:
+        if not re.fullmatch(f"[0-9a-f]{{{ID_LEN}}}", token_id):
+            return None
+        return next(((d, r) for d, r in await self.list() if d.startswith(token_id)), None)
+
+    async def revoke(self, digest: str) -> bool:
+        gone = await self.store.delete(f"/tokens/{digest}")
+        self._cache.pop(digest, None)
+        self._used.pop(digest, None)
+        return gone
+
+    async def flush_last_used(self) -> None:
+        """Write the last use of each token used since the previous flush (compare-and-swap: a token
+        revoked meanwhile must not come back)."""
+        for digest, at in list(self._used.items()):
+            if self._flushed.get(digest) == at:
+                continue
+            kv = await self.store.get(f"/tokens/{digest}")
+            if kv is None:
+                self._used.pop(digest, None)
+                continue
+            info = json.loads(kv.value)
+            info["last_used_at"] = at
+            try:
+                await self.store.put(kv.key, json.dumps(info).encode(), if_revision=kv.mod_revision)
+                self._flushed[digest] = at
+            except Conflict:
+                continue  # changed meanwhile: the next flush tries again
+        for digest in set(self._flushed) - set(self._used):
+            del self._flushed[digest]
+
+    async def collect_expired(self, grace_s: float) -> int:
+        """Delete tokens expired more than `grace_s` ago (until then they answer "token expired")."""
+        cutoff = now() - grace_s
+        old = [d for d, r in await self.list() if r.expires_at is not None and r.expires_at < cutoff]
+        await asyncio.gather(*(self.revoke(d) for d in old))
+        return len(old)
+
+
 async def issue_token(resources: Resources, name: str, role: str = "admin") -> str:
-    token = "osl_" + secrets.token_urlsafe(32)
-    await resources.put_token(token_digest(token), {"name": name, "role": role, "created_at": now()})
+    token, _, _ = await Tokens(resources.store).issue(name, role)
     return token
 
 
-async def require_token(request: Request, state: ApiState = Depends(get_state)) -> dict[str, Any]:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing bearer token: send 'Authorization: Bearer <token>' "
-            "(the CLI reads it from `osless up`'s saved credentials or OSLESS_TOKEN)",
-            headers={"www-authenticate": "Bearer"},
-        )
-    token = token.strip()
-    app = state.secrets.app_of(token)
-    if app is not None:
-        _check_app_scope(request, app)
-        return {"name": f"app:{app}", "role": "app", "app": app}
-    info = await state.resources.get_token(token_digest(token))
-    if info is None:
-        raise ApiError(401, "unauthorized", "invalid token", headers={"www-authenticate": "Bearer"})
-    request.state.caller = info
-    return info
+class Require:
+    """A route's dependency: the caller holds `permission`, and an app-scoped caller only reaches its
+    own app. Routes without an `{app}` in their path refuse app-scoped callers unless they `narrow`
+    what they answer to the caller's app themselves (with `Caller.sees`)."""
 
+    def __init__(self, permission: Permission, narrows: bool) -> None:
+        self.permission = permission
+        self.narrows = narrows
 
-# What an app's own token opens: reading its own config (secrets masked) and endpoints.
-_APP_SCOPE = re.compile(r"^/v1/(whoami|apps/(?P<app>[a-z0-9-]+)/(config|config/schema|endpoints))$")
-
-
-def _check_app_scope(request: Request, app: str) -> None:
-    match = _APP_SCOPE.match(request.url.path)
-    if request.method != "GET" or match is None or match.group("app") not in (None, app):
-        raise ApiError(
-            403,
-            "forbidden",
-            f"this token belongs to app {app!r}: it can read {app!r}'s own "
-            "config and endpoints, nothing else",
-        )
-
-
-def require_role(*roles: str) -> Any:
-    """A dependency: the caller's token must have one of `roles`."""
-
-    async def check(caller: dict[str, Any] = Depends(require_token)) -> dict[str, Any]:
-        if caller.get("role") not in roles:
-            raise ApiError(403, "forbidden", f"this needs a {' or '.join(roles)} token")
+    async def __call__(self, request: Request) -> Caller:
+        caller: Caller | None = request.scope.get("osless.caller")
+        if caller is None:  # only reachable if the guard were taken away: refuse, never allow
+            raise ApiError(401, "unauthorized", "not authenticated", headers={"www-authenticate": "Bearer"})
+        request.scope["osless.permission"] = self.permission  # the guard's audit reads it
+        if not caller.may(self.permission):
+            roles = ", ".join(r for r, p in ROLES.items() if self.permission in p and r in GRANTABLE)
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this needs the {self.permission!r} permission, which a {caller.role!r} token lacks "
+                f"(roles that have it: {roles}); `osless tokens create --role ROLE` makes one",
+            )
+        if caller.app is not None:
+            app = request.path_params.get("app")
+            if (app is None and not self.narrows) or (app is not None and app != caller.app):
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"this token is limited to app {caller.app!r}: it cannot reach "
+                    f"{'app ' + repr(app) if app else 'this path'}",
+                )
         return caller
 
-    return Depends(check)
+
+def require(permission: Permission, *, narrows: bool = False) -> Any:
+    """`caller: Caller = require("deploy")` in a route's signature."""
+    return Depends(Require(permission, narrows))
+
+
+def check_scope(caller: Caller, app: str | None) -> None:
+    """For routes that find the app only in what they load (a deploy, an instance)."""
+    if not caller.sees(app):
+        raise ApiError(403, "forbidden", f"this token is limited to app {caller.app!r}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import Request
 
+from osless.api.auth import Tokens
 from osless.api.collector import Collector
 from osless.api.models import GatewayStats
 from osless.api.resources import Resources
@@ -32,9 +33,11 @@ class ApiState:
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     stats: dict[str, tuple[float, GatewayStats]] = field(default_factory=dict)  # gateway -> (at, report)
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
+    tokens: Tokens = field(init=False)
 
     def __post_init__(self) -> None:
         self.collector = Collector(self)
+        self.tokens = Tokens(self.resources.store)
 
     @property
     def logs_dir(self) -> Path:

@@ -155,7 +155,7 @@ class ImageStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp_name, 0o444)
+            os.chmod(tmp_name, 0o400)  # read-only; for the platform alone, like everything in the data dir
             with self._lock:
                 os.replace(tmp_name, final)
         except BaseException:

@@ -13,9 +13,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
+from osless.cli.audit import audit
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
 
 app = typer.Typer(
@@ -77,7 +79,7 @@ def up(
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
-        console.print(f"  API:     {api_url}   (docs: {api_url}/docs)")
+        console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
         console.print(f"  Gateway: {gateway_url}")
         if allowed:
             console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
@@ -176,6 +178,7 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
 
 def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
+    pause = 0.02
     while time.monotonic() < deadline:
         info = call(api.get, f"/v1/apps/{app_name}")
         if not info.get("desired"):
@@ -189,7 +192,10 @@ def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -
                 f"v{version} was released but its instances keep failing ({failing[0]}); "
                 f"see `osless logs {app_name}`. The previous release keeps serving."
             )
-        time.sleep(0.02)
+        time.sleep(pause)
+        # Quick at first, when a warm start is about to be ready; then slower, well within the
+        # API's requests per token (20 a second) however long the instances take.
+        pause = min(pause * 1.25, 0.25)
     fail(
         f"v{version} was released but no instance became ready within {timeout:.0f}s; "
         f"see `osless ps {app_name}`"
@@ -203,6 +209,8 @@ def _gateway(api: Api) -> str:
 apps_app = typer.Typer(help="List apps, or show one.")
 app.add_typer(apps_app, name="apps")
 app.add_typer(config_app, name="config")
+app.add_typer(tokens_app, name="tokens")
+app.command("audit")(audit)
 
 
 @apps_app.callback(invoke_without_command=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any, NoReturn
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["console", "fail", "print_json", "table", "when"]
+__all__ = ["console", "err_console", "fail", "parse_duration", "print_json", "table", "until", "when"]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -46,3 +47,27 @@ def when(ts: float | None) -> str:
         if ago >= size:
             return f"{int(ago // size)}{unit} ago"
     return f"{int(ago)}s ago"
+
+
+def until(ts: float | None) -> str:
+    """How far in the future `ts` is ("in 29d"), or that it has passed."""
+    if not ts:
+        return "never"
+    left = ts - time.time()
+    if left <= 0:
+        return f"expired {when(ts)}"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if left >= size:
+            return f"in {int(left // size)}{unit}"
+    return f"in {int(left)}s"
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds in "90s", "15m", "12h", "30d", "2w" (or a bare number of seconds); fails with a message."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None or float(match.group(1)) <= 0:
+        fail(f"{option} takes a duration such as 90s, 15m, 12h, 30d or 2w, not {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]

@@ -330,6 +330,8 @@ class Gateway:
                 who = resp.json() if resp.status_code == 200 else None
             except (httpx.HTTPError, ValueError):
                 return False
+            if who is None and resp.status_code not in (401, 403):
+                return False  # the API could not say (429, 5xx): refused now, asked again next time
             ok = isinstance(who, dict) and who.get("role") in INVOKERS
             scope = who.get("app") if ok and isinstance(who, dict) else None
             cached = (scope if ok else False, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))

@@ -160,6 +160,9 @@ def _outermost(paths: list[str]) -> list[str]:
 
 def prepare(spec: SandboxSpec) -> None:
     """Step 1, as real root: a new mount namespace holding the app's read-only root at `spec.root`."""
+    # What is made here (folders leading to the binds, /etc's files) must be readable by the app's
+    # uid, whatever umask the platform keeps for its own files (`osless up`'s is 077).
+    os.umask(0o022)
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount may propagate to the host
     root = spec.root

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel
 
+from osless.api.auth import Caller, check_scope, require
 from osless.api.errors import ApiError
 from osless.api.models import (
     App,
@@ -44,19 +45,32 @@ async def list_apps(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("read", narrows=True),
 ) -> Any:
     res = state.resources
-    return await list_or_watch(res, "apps", watch=watch, revision=revision, items=res.list_apps)
+
+    async def items() -> tuple[list[App], int]:
+        found, rev = await res.list_apps()
+        return [a for a in found if caller.sees(a.name)], rev
+
+    return await list_or_watch(
+        res, "apps", watch=watch, revision=revision, items=items, keep=lambda ev: caller.sees(ev["name"])
+    )
 
 
 @router.post("/apps", status_code=201, response_model=App)
-async def create_app(body: CreateApp, state: ApiState = Depends(get_state)) -> App:
+async def create_app(
+    body: CreateApp, state: ApiState = Depends(get_state), caller: Caller = require("deploy", narrows=True)
+) -> App:
     _check_name(body.name)
+    check_scope(caller, body.name)
     return await state.resources.create_app(App(name=body.name))
 
 
 @router.get("/apps/{app}")
-async def get_app(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_app(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
+) -> dict[str, Any]:
     res = state.resources
     a = await res.get_app(app)
     instances, _ = await res.list_instances(app=app)
@@ -95,6 +109,7 @@ async def endpoints(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("describe"),
 ) -> Any:
     res = state.resources
     await res.get_app(app)
@@ -121,26 +136,35 @@ async def endpoints(
 
 
 @router.delete("/apps/{app}", status_code=204)
-async def delete_app(app: str, state: ApiState = Depends(get_state)) -> Response:
+async def delete_app(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
+) -> Response:
     await state.resources.delete_app(app)
     return Response(status_code=204)
 
 
 @router.get("/apps/{app}/releases")
-async def list_releases(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def list_releases(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
+) -> dict[str, Any]:
     await state.resources.get_app(app)
     releases, rev = await state.resources.list_releases(app)
     return {"items": [r.model_dump(exclude={"manifest"}) for r in releases], "revision": rev}
 
 
 @router.get("/apps/{app}/releases/{version}", response_model=Release)
-async def get_release(app: str, version: int, state: ApiState = Depends(get_state)) -> Release:
+async def get_release(
+    app: str, version: int, state: ApiState = Depends(get_state), caller: Caller = require("read")
+) -> Release:
     return await state.resources.get_release(app, version)
 
 
 @router.post("/apps/{app}/rollback", response_model=Release, status_code=201)
 async def rollback(
-    app: str, body: RollbackRequest | None = None, state: ApiState = Depends(get_state)
+    app: str,
+    body: RollbackRequest | None = None,
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("deploy"),
 ) -> Release:
     res = state.resources
     a = await res.get_app(app)
@@ -179,7 +203,9 @@ async def rollback(
 
 
 @router.put("/apps/{app}/scale", response_model=App, summary="Instance bounds and the autoscaling policy")
-async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_state)) -> App:
+async def scale(
+    app: str, body: ScaleRequest, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
+) -> App:
     current = await state.resources.get_app(app)
     lo = body.min if body.min is not None else current.min
     hi = body.max if body.max is not None else current.max
@@ -198,7 +224,9 @@ async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_stat
 @router.put(
     "/apps/{app}/desired", response_model=App, summary="The autoscaler's decision: instances wanted now"
 )
-async def set_desired(app: str, body: DesiredRequest, state: ApiState = Depends(get_state)) -> App:
+async def set_desired(
+    app: str, body: DesiredRequest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> App:
     def change(a: App) -> App | None:
         if a.desired == body.desired and a.scale_reason == body.reason:
             return None
@@ -209,7 +237,7 @@ async def set_desired(app: str, body: DesiredRequest, state: ApiState = Depends(
 
 
 @router.post("/apps/{app}/wake", response_model=App, summary="A request found the app at zero: start one")
-async def wake(app: str, state: ApiState = Depends(get_state)) -> App:
+async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = require("operate")) -> App:
     def change(a: App) -> App | None:
         if a.current_release is None:
             return None
@@ -222,20 +250,26 @@ async def wake(app: str, state: ApiState = Depends(get_state)) -> App:
 
 
 @router.put("/gateways/{name}/stats", summary="What a gateway saw of each app (for the autoscaler)")
-async def put_stats(name: str, body: GatewayStats, state: ApiState = Depends(get_state)) -> dict[str, int]:
+async def put_stats(
+    name: str, body: GatewayStats, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> dict[str, int]:
     # Not in the store: the next report replaces it, and a restart loses nothing worth keeping.
     state.stats[name] = (now(), body)
     return {"apps": len(body.apps)}
 
 
 @router.get("/stats", summary="Traffic per app, summed over the gateways that reported lately")
-async def get_stats(state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_stats(
+    state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
+) -> dict[str, Any]:
     fresh_after = now() - 5
     apps: dict[str, dict[str, float]] = {}
     for at, report in state.stats.values():
         if at < fresh_after:
             continue
         for app, figures in report.apps.items():
+            if not caller.sees(app):
+                continue
             into = apps.setdefault(app, {"concurrency": 0.0, "requests": 0.0, "waiting": 0.0})
             for key in into:
                 into[key] += float(figures.get(key, 0.0))

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from osless.api.auth import require_role, require_token
+from osless.api.auth import Caller, require
 from osless.api.errors import ApiError
 from osless.api.models import ConfigChange, ConfigPatch, ConfigRollback, ConfigState, now
 from osless.api.schema import MASK, coerce, misfits
@@ -60,14 +60,18 @@ def _view(cfg: ConfigState, schema: dict[str, dict[str, Any]] | None) -> dict[st
 
 
 @router.get("/apps/{app}/config", summary="The app's config (secrets masked) and its schema")
-async def get_config(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_config(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("describe")
+) -> dict[str, Any]:
     schema = await app_schema(state, app)
     cfg, _ = await state.resources.get_config(app)
     return _view(cfg, schema)
 
 
 @router.get("/apps/{app}/config/schema", summary="What the app's code declares it can be told")
-async def get_schema(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_schema(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("describe")
+) -> dict[str, Any]:
     return {"app": app, "schema": await app_schema(state, app)}
 
 
@@ -76,7 +80,7 @@ async def patch_config(
     app: str,
     body: ConfigPatch,
     state: ApiState = Depends(get_state),
-    caller: dict[str, Any] = Depends(require_token),
+    caller: Caller = require("deploy"),
 ) -> dict[str, Any]:
     schema = await app_schema(state, app)
     unknown = sorted((set(body.set) | set(body.unset)) - set(schema))
@@ -126,13 +130,13 @@ async def _commit(
     rev: int,
     values: dict[str, Any],
     changes: dict[str, Any],
-    caller: dict[str, Any],
+    caller: Caller,
     description: str,
 ) -> dict[str, Any]:
     if not changes:
         return _view(cfg, None)
     new = ConfigState(
-        app=app, version=cfg.version + 1, values=values, updated_at=now(), updated_by=caller.get("name")
+        app=app, version=cfg.version + 1, values=values, updated_at=now(), updated_by=caller.name
     )
     change = ConfigChange(
         app=app,
@@ -152,7 +156,9 @@ async def _commit(
 
 
 @router.get("/apps/{app}/config/history", summary="Every version of the app's config: who, when, what")
-async def config_history(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def config_history(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
+) -> dict[str, Any]:
     await state.resources.get_app(app)
     items = await state.resources.config_history(app)
     return {"items": [c.model_dump(exclude={"values"}) for c in sorted(items, key=lambda c: -c.version)]}
@@ -163,7 +169,7 @@ async def config_rollback(
     app: str,
     body: ConfigRollback,
     state: ApiState = Depends(get_state),
-    caller: dict[str, Any] = Depends(require_token),
+    caller: Caller = require("deploy"),
 ) -> dict[str, Any]:
     schema = await app_schema(state, app)
     cfg, rev = await state.resources.get_config(app)
@@ -213,7 +219,6 @@ def config_misfits(schema: dict[str, dict[str, Any]], cfg: ConfigState) -> tuple
 
 @router.get(
     "/nodes/{node}/config",
-    dependencies=[require_role("node")],
     summary="Every app's config in clear, with its token (watch=true streams changes): for node agents",
 )
 async def node_configs(
@@ -221,6 +226,7 @@ async def node_configs(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("secrets"),
 ) -> Any:
     res = state.resources
 
@@ -242,10 +248,11 @@ async def node_configs(
 
 @router.get(
     "/nodes/{node}/apps/{app}/config",
-    dependencies=[require_role("node")],
     summary="The app's config in clear, and its app token: for the node agent that runs it",
 )
-async def node_config(node: str, app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def node_config(
+    node: str, app: str, state: ApiState = Depends(get_state), caller: Caller = require("secrets")
+) -> dict[str, Any]:
     await state.resources.get_app(app)
     cfg, _ = await state.resources.get_config(app)
     return {

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
+from osless.api.auth import Caller, check_scope, require
 from osless.api.errors import ApiError
 from osless.api.models import Deploy, Release, check_app_name, now
 from osless.api.routes.config import config_misfits
@@ -39,7 +40,11 @@ async def create_deploy(
     request: Request,
     app: str | None = Query(default=None, description="app name; default: App(name) in code"),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("deploy", narrows=True),
 ) -> Deploy:
+    if caller.app is not None:  # a token of one app deploys that app, whatever the code names
+        check_scope(caller, app if app is not None else caller.app)
+        app = caller.app
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype not in ARCHIVE_TYPES:
         raise ApiError(
@@ -119,23 +124,33 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
 
 @router.get("/deploys", summary="Recent deploys, newest first")
 async def list_deploys(
-    limit: int = Query(default=20, ge=1, le=500), state: ApiState = Depends(get_state)
+    limit: int = Query(default=20, ge=1, le=500),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("read", narrows=True),
 ) -> Any:
     items, rev = await state.resources.list_deploys()
+    items = [d for d in items if caller.sees(d.app)]
     items.sort(key=lambda d: d.created_at, reverse=True)
     return {"items": [d.model_dump() for d in items[:limit]], "revision": rev}
 
 
 @router.get("/deploys/{deploy_id}", response_model=Deploy)
-async def get_deploy(deploy_id: str, state: ApiState = Depends(get_state)) -> Deploy:
-    return await state.resources.get_deploy(deploy_id)
+async def get_deploy(
+    deploy_id: str, state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
+) -> Deploy:
+    deploy = await state.resources.get_deploy(deploy_id)
+    check_scope(caller, deploy.app)
+    return deploy
 
 
 @router.get("/deploys/{deploy_id}/log", summary="The build log as NDJSON; follow=true streams until the end")
 async def deploy_log(
-    deploy_id: str, follow_: bool = Query(default=False, alias="follow"), state: ApiState = Depends(get_state)
+    deploy_id: str,
+    follow_: bool = Query(default=False, alias="follow"),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("read", narrows=True),
 ) -> Any:
-    await state.resources.get_deploy(deploy_id)
+    check_scope(caller, (await state.resources.get_deploy(deploy_id)).app)
     path = state.deploy_log(deploy_id)
 
     async def stream() -> AsyncIterator[bytes]:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
+from osless.api.auth import Caller, check_scope, require
 from osless.api.errors import ApiError
 from osless.api.models import Instance, InstanceStatus, Node, now
 from osless.api.state import ApiState, get_state
@@ -23,8 +24,12 @@ async def list_instances(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("read", narrows=True),
 ) -> Any:
     res = state.resources
+    if caller.app is not None:
+        check_scope(caller, app if app is not None else caller.app)
+        app = caller.app
 
     def keep(ev: dict[str, Any]) -> bool:
         obj = ev["object"]
@@ -42,7 +47,9 @@ async def list_instances(
 
 
 @router.post("/instances", status_code=201, response_model=Instance)
-async def create_instance(body: Instance, state: ApiState = Depends(get_state)) -> Instance:
+async def create_instance(
+    body: Instance, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> Instance:
     await state.resources.get_app(body.app)
     if not state.images.has_manifest(body.image):
         raise ApiError(
@@ -52,10 +59,13 @@ async def create_instance(body: Instance, state: ApiState = Depends(get_state)) 
 
 
 @router.get("/instances/{instance_id}", response_model=Instance)
-async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Instance:
+async def get_instance(
+    instance_id: str, state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
+) -> Instance:
     items, _ = await state.resources.list_instances()
     for i in items:
         if i.id == instance_id:
+            check_scope(caller, i.app)
             return i
     raise ApiError(
         404, "instance_not_found", f"instance {instance_id!r} does not exist; `osless ps` lists them"
@@ -64,7 +74,10 @@ async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -
 
 @router.put("/instances/{instance_id}/status", response_model=Instance)
 async def put_instance_status(
-    instance_id: str, body: InstanceStatus, state: ApiState = Depends(get_state)
+    instance_id: str,
+    body: InstanceStatus,
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("operate"),
 ) -> Instance:
     def change(i: Instance) -> Instance:
         i.status = body
@@ -75,7 +88,9 @@ async def put_instance_status(
 
 
 @router.delete("/instances/{instance_id}", status_code=204)
-async def delete_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Response:
+async def delete_instance(
+    instance_id: str, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> Response:
     if not await state.resources.delete_instance(instance_id):
         raise ApiError(404, "instance_not_found", f"instance {instance_id!r} does not exist")
     return Response(status_code=204)
@@ -86,13 +101,16 @@ async def list_nodes(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
     state: ApiState = Depends(get_state),
+    caller: Caller = require("read"),
 ) -> Any:
     res = state.resources
     return await list_or_watch(res, "nodes", watch=watch, revision=revision, items=res.list_nodes)
 
 
 @router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
-async def heartbeat_node(name: str, body: Node, state: ApiState = Depends(get_state)) -> Node:
+async def heartbeat_node(
+    name: str, body: Node, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> Node:
     if body.name != name:
         raise ApiError(422, "name_mismatch", f"body names node {body.name!r} but the path names {name!r}")
     body.updated_at = now()
@@ -104,6 +122,8 @@ class Calls(BaseModel):
 
 
 @router.put("/nodes/{name}/calls", summary="Which apps called which through this node's egress proxy")
-async def put_calls(name: str, body: Calls, state: ApiState = Depends(get_state)) -> dict[str, int]:
+async def put_calls(
+    name: str, body: Calls, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> dict[str, int]:
     await state.resources.store.put(f"/calls/{name}", json.dumps(body.calls).encode())
     return {"calls": len(body.calls)}

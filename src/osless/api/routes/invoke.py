@@ -7,6 +7,7 @@ import json
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 
+from osless.api.auth import Caller, require
 from osless.api.errors import ApiError
 from osless.api.state import ApiState, get_state
 
@@ -17,7 +18,13 @@ router = APIRouter(tags=["functions"])
     "/apps/{app}/functions/{function}:invoke",
     summary="Invoke a function with a JSON event; the answer is the function's JSON result",
 )
-async def invoke(app: str, function: str, request: Request, state: ApiState = Depends(get_state)) -> Response:
+async def invoke(
+    app: str,
+    function: str,
+    request: Request,
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("invoke"),
+) -> Response:
     a = await state.resources.get_app(app)
     if a.current_release is None:
         raise ApiError(409, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it first")

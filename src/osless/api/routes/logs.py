@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from osless.api.auth import Caller, require
 from osless.api.errors import ApiError
 from osless.api.models import ID_PATTERN
 from osless.api.state import ApiState, get_state
@@ -26,6 +27,7 @@ async def app_logs(
     follow_: bool = Query(default=False, alias="follow"),
     instance: str | None = None,
     state: ApiState = Depends(get_state),
+    caller: Caller = require("logs"),
 ) -> Any:
     await state.resources.get_app(app)
     if instance is not None and not re.fullmatch(ID_PATTERN, instance):

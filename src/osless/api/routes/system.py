@@ -9,24 +9,28 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from osless import __version__
-from osless.api.auth import require_token
+from osless.api.auth import Caller, require
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["system"])
 STARTED = time.time()
 
 
-@router.get("/whoami")
-async def whoami(token: dict[str, Any] = Depends(require_token)) -> dict[str, Any]:
-    return {"name": token.get("name"), "role": token.get("role")}
+@router.get("/whoami", summary="The caller: its token's name, role, app (if limited to one) and expiry")
+async def whoami(caller: Caller = require("whoami", narrows=True)) -> dict[str, Any]:
+    # The gateway reads this to decide who may invoke an app's functions: keep its shape.
+    return {"name": caller.name, "role": caller.role, "app": caller.app, "expires_at": caller.expires_at}
 
 
 @router.get("/status")
-async def status(state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def status(
+    state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
+) -> dict[str, Any]:
     res = state.resources
     apps, rev = await res.list_apps()
-    instances, _ = await res.list_instances()
+    instances, _ = await res.list_instances(app=caller.app)
     nodes, _ = await res.list_nodes()
+    apps = [a for a in apps if caller.sees(a.name)]
     phases = Counter(i.status.phase for i in instances)
     return {
         "version": __version__,

@@ -1,0 +1,89 @@
+"""Tokens: made with a role (and optionally one app and an expiry), listed without their secret, revoked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, Field
+
+from osless.api.auth import GRANTABLE, ID_LEN, NAME_PATTERN, Caller, TokenRecord, require
+from osless.api.errors import ApiError
+from osless.api.models import check_app_name, now
+from osless.api.state import ApiState, get_state
+
+router = APIRouter(tags=["tokens"])
+
+MAX_LIFETIME_S = 10 * 365 * 86400
+
+
+class CreateToken(BaseModel):
+    role: str = Field(description="admin, deploy, read, debug or invoke")
+    app: str | None = Field(default=None, description="limit the token to this app")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the role (and app)")
+    expires_in_s: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S, description="default: never")
+
+
+def _view(digest: str, record: TokenRecord, last_used: float | None = None) -> dict[str, Any]:
+    return {
+        "id": digest[:ID_LEN],
+        "name": record.name,
+        "role": record.role,
+        "app": record.app,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "expired": record.expired(),
+        "last_used_at": max(filter(None, (last_used, record.last_used_at)), default=None),
+    }
+
+
+@router.post("/tokens", status_code=201, summary="Make a token; the answer is the only time it is shown")
+async def create_token(
+    body: CreateToken, state: ApiState = Depends(get_state), caller: Caller = require("admin")
+) -> dict[str, Any]:
+    if body.role not in GRANTABLE:
+        raise ApiError(422, "invalid_role", f"role {body.role!r} is not one of: {', '.join(GRANTABLE)}")
+    if body.app is not None:
+        if not check_app_name(body.app):
+            raise ApiError(422, "invalid_app_name", f"invalid app name {body.app!r}")
+        if body.role == "admin":
+            raise ApiError(
+                422,
+                "invalid_request",
+                "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
+            )
+    name = body.name or (f"{body.role}-{body.app}" if body.app else body.role)
+    expires_at = None if body.expires_in_s is None else round(now() + body.expires_in_s, 3)
+    token, digest, record = await state.tokens.issue(name, body.role, app=body.app, expires_at=expires_at)
+    return {**_view(digest, record), "token": token}
+
+
+@router.get("/tokens", summary="Every token (never the token itself): role, app, expiry, last use")
+async def list_tokens(
+    state: ApiState = Depends(get_state), caller: Caller = require("admin")
+) -> dict[str, Any]:
+    found = await state.tokens.list()
+    items = [_view(d, r, state.tokens.last_used(d)) for d, r in found]
+    items.sort(key=lambda t: t["created_at"])
+    return {"items": items}
+
+
+@router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token: it stops working at once")
+async def revoke_token(
+    token_id: str, state: ApiState = Depends(get_state), caller: Caller = require("admin")
+) -> Response:
+    found = await state.tokens.find(token_id)
+    if found is None:
+        raise ApiError(
+            404, "token_not_found", f"no token with id {token_id!r}; `osless tokens ls` lists them"
+        )
+    digest, record = found
+    if record.role == "node":
+        raise ApiError(
+            409,
+            "node_token",
+            "this is a node agent's token: the platform's own parts act with it, and `osless up` replaces "
+            "it at each start; restart the node to rotate it",
+        )
+    await state.tokens.revoke(digest)
+    return Response(status_code=204)
