@@ -98,7 +98,11 @@ class Router:
         }
         for iid in list(self.backends):
             b = self.backends[iid]
-            if iid not in live or live[iid]["status"]["socket"] != b.socket:
+            if (
+                iid not in live
+                or live[iid]["status"]["socket"] != b.socket
+                or _peer(live[iid]) != b.upstream.peer
+            ):
                 del self.backends[iid]
                 task = asyncio.create_task(_close_later(b))
                 self._closing.add(task)  # the loop keeps only weak references to tasks
@@ -107,9 +111,7 @@ class Router:
             if iid not in self.backends:
                 status = inst["status"]
                 sock = status["socket"]
-                # Who must be listening: the process the node agent started, as the uid it gave it.
-                known = status.get("uid") is not None and status.get("pid") is not None
-                peer = (int(status["pid"]), int(status["uid"])) if known else None
+                peer = _peer(inst)
                 b = Backend(
                     id=iid,
                     app=inst["app"],
@@ -236,6 +238,15 @@ class Router:
             if (b.app, b.release) == (app, release):
                 b.web_timeouts = web_timeouts(manifest)
         return manifest
+
+
+def _peer(instance: dict[str, Any]) -> tuple[int, int] | None:
+    """Who must listen on the instance's sockets: the process the node agent started (pid), as
+    the uid it gave it."""
+    status = instance["status"]
+    if status.get("uid") is None or status.get("pid") is None:
+        return None
+    return int(status["pid"]), int(status["uid"])
 
 
 def web_timeouts(manifest: dict[str, Any]) -> Timeouts:

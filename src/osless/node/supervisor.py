@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -130,8 +131,9 @@ class Supervisor:
         self._cgroups = cgroups
         self.limits = limits or Limits()
         self._report = report
-        # Short: unix socket paths are capped at 108 bytes. A new pair each run (see `_bind`).
-        self._sock_base = run_dir / hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        # Short: unix socket paths are capped at 108 bytes. A new pair each run (see `_bind`), and
+        # names no earlier agent used: a record left from before a restart never names a new socket.
+        self._sock_base = run_dir / (hashlib.sha256(self.id.encode()).hexdigest()[:12] + secrets.token_hex(3))
         self._runs = 0
         self._current: _Run | None = None
         self._retiring: set[asyncio.Task[None]] = set()
