@@ -8,7 +8,8 @@ import spy_report
 import osless
 
 app = osless.App("spy")
-IMPORTED_AS = open("/proc/self/uid_map").read().split()[1]
+with open("/proc/self/uid_map") as f:
+    IMPORTED_AS = f.read().split()[1]
 
 
 @app.function()
