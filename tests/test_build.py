@@ -16,7 +16,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,14 +289,22 @@ def egress(data_dir: Path) -> Iterator[BuildEgress]:
     egress.close()
 
 
+class AppBuilder(Builder):
+    """The builder as the API drives it: each app's steps run as the uid the API gives that app."""
+
+    def __init__(self, *args: Any, uids: Uids, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.uids = uids
+
+    def build(self, archive: bytes, log: Callable[[str], None], **kw: Any) -> BuildResult:
+        return super().build(archive, log, uid_for=self.uids, **kw)
+
+
 @pytest.fixture(scope="session")
 def builder(store: ImageStore, data_dir: Path, egress: BuildEgress, uids: Uids) -> Builder:
     """The builder as `osless up` makes it: sandboxed steps, the build's egress."""
     sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=data_dir / "run")
-    built = Builder(store, sandbox=sandbox, egress=egress)
-    real = built.build
-    built.build = functools.partial(real, uid_for=uids)  # type: ignore[method-assign]
-    return built
+    return AppBuilder(store, sandbox=sandbox, egress=egress, uids=uids)
 
 
 @pytest.fixture(scope="session")
@@ -507,7 +515,7 @@ def test_local_packages_are_never_served_from_the_lock_cache(
     assert digests[0] != digests[1]
 
 
-def _hang_uid_processes(uid: int) -> list[int]:
+def _processes_of(uid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -537,7 +545,7 @@ def test_stop_all_builds_kills_a_stuck_setup_py(builder: Builder, store: ImageSt
         assert time.monotonic() < deadline and thread.is_alive(), errors
         time.sleep(0.1)
     uid = uids("hang")
-    assert _hang_uid_processes(uid)  # the setup.py, as the app's uid on the host
+    assert _processes_of(uid)  # the setup.py, as the app's uid on the host
     started = time.monotonic()
     stop_all_builds()
     thread.join(30)
@@ -545,8 +553,8 @@ def test_stop_all_builds_kills_a_stuck_setup_py(builder: Builder, store: ImageSt
     assert len(errors) == 1 and isinstance(errors[0], BuildError)
     assert "Resolving dependencies failed" in str(errors[0])
     deadline = time.monotonic() + 5
-    while _hang_uid_processes(uid):  # the whole sandbox went, whatever left the process group
-        assert time.monotonic() < deadline, _hang_uid_processes(uid)
+    while _processes_of(uid):  # the whole sandbox went, whatever left the process group
+        assert time.monotonic() < deadline, _processes_of(uid)
         time.sleep(0.05)
     assert not list(store.tmp_dir.glob("build-*"))
 

@@ -25,14 +25,14 @@ def read_app_name(code: Path, entry: str) -> str:
     path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
     if path is None:
         raise BuildError(f"The entry module {entry!r} is not in the uploaded source; {_HOW}.")
-    shown = path.relative_to(code)
+    shown = str(path.relative_to(code))[:200]
     with path.open("rb") as f:
         source = f.read(MAX_ENTRY_BYTES + 1)
     if len(source) > MAX_ENTRY_BYTES:
         raise BuildError(f"{shown} is larger than {MAX_ENTRY_BYTES // 1024 // 1024} MB; {_HOW}.")
     try:
         tree = ast.parse(source, filename=str(shown))
-    except (SyntaxError, ValueError) as e:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         where = f" line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
         raise BuildError(
             f"{shown}{where}: SyntaxError: {getattr(e, 'msg', e)}. Fix it and deploy again."
@@ -53,12 +53,12 @@ def read_app_name(code: Path, entry: str) -> str:
             f"Could not read the app's name from {shown} (it must be known before the build runs); {_HOW}."
         )
     if len(names) > 1:
-        listed = ", ".join(repr(n) for n in sorted(names))
+        listed = ", ".join(repr(n[:50]) for n in sorted(names)[:5])
         raise BuildError(f"{shown} names several apps ({listed}); {_HOW}.")
     name = names.pop()
     if not NAME_RE.match(name):
         raise BuildError(
-            f"invalid app name {name!r} in {shown}: use 1-40 lowercase letters, digits and '-', "
+            f"invalid app name {name[:50]!r} in {shown}: use 1-40 lowercase letters, digits and '-', "
             'starting with a letter (for example App("shop")).'
         )
     return name

@@ -26,6 +26,8 @@ from osless.build.process import BuildError, Log
 
 __all__ = ["Requirements", "read_requirements"]
 
+_SHOWN = 200  # an app's own text quoted in a message or the log: never more than this
+
 # uv reads a requirement as a path or URL, not a name, when its first word looks like one of these
 # (uv's `looks_like_unnamed_requirement`): the same test here, so that both agree on what it is.
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -73,7 +75,7 @@ def read_requirements(code: Path, log: Log, *, src: str) -> Requirements:
                     'like dependencies = ["requests>=2"].'
                 )
             log("==> Requirements: pyproject.toml [project].dependencies")
-            raw = [(f"pyproject.toml dependency {d.strip()!r}", d.strip()) for d in deps if d.strip()]
+            raw = [(f"pyproject.toml dependency {_quote(d.strip())}", d.strip()) for d in deps if d.strip()]
     if (code / "uv.toml").is_file():
         log("==> uv.toml is ignored: builds use the platform's index and settings")
     if raw is None:
@@ -90,7 +92,7 @@ def read_requirements(code: Path, log: Log, *, src: str) -> Requirements:
         if checked is not None:
             reqs.lines.append(checked)
         else:
-            log(f"==> Requirements: dropping {line!r}: the platform provides osless itself")
+            log(f"==> Requirements: dropping {_quote(line)}: the platform provides osless itself")
     return reqs
 
 
@@ -105,7 +107,7 @@ def _requirements_txt(text: str) -> list[tuple[int, str]]:
             continue
         if line.startswith("-"):
             raise BuildError(
-                f"requirements.txt line {number}: {line!r} is not supported; options such as -r, -e, "
+                f"requirements.txt line {number}: {_quote(line)} is not supported; options such as -r, -e, "
                 "-c and --index-url are not allowed. List each requirement on its own line "
                 "(for example requests>=2)."
             )
@@ -122,7 +124,7 @@ def _check(line: str, where: str, code: Path, src: str, local: list[str]) -> str
         spec, hashes = line[: m.start()], line[m.start() :]
         if not _HASHES_RE.fullmatch(hashes):
             raise BuildError(
-                f"{where}: {hashes.strip()!r} is not supported; of the per-requirement options "
+                f"{where}: {_quote(hashes.strip())} is not supported; of the per-requirement options "
                 "only --hash is allowed."
             )
     first, _, rest = spec.partition(" ")
@@ -133,7 +135,7 @@ def _check(line: str, where: str, code: Path, src: str, local: list[str]) -> str
     try:
         req = Requirement(spec)
     except InvalidRequirement as e:
-        raise BuildError(f"{where}: {spec!r} is not a valid requirement ({e}).") from e
+        raise BuildError(f"{where}: {_quote(spec)} is not a valid requirement ({str(e)[:_SHOWN]}).") from e
     if re.sub(r"[-_.]+", "-", req.name).lower() == "osless":
         return None
     if req.url is None:
@@ -162,19 +164,19 @@ def _split_extras(word: str) -> tuple[str, str]:
 
 def _local(target: str, where: str, code: Path, src: str, local: list[str]) -> str:
     """The path inside the source that `target` names, as uv will see its copy under `src`."""
-    shown = target
+    shown = _quote(target)
     if target.lower().startswith("file:"):
         parts = urlsplit(target)
         if parts.netloc not in ("", "localhost"):
             raise BuildError(
-                f"{where}: {shown!r} names a file on another host; only paths inside the app's "
+                f"{where}: {shown} names a file on another host; only paths inside the app's "
                 "source are allowed."
             )
         target = unquote(parts.path)
     elif _SCHEME_RE.match(target):
         kind = "a VCS URL" if target.lower().startswith(_VCS) else "a URL"
         raise BuildError(
-            f"{where}: {shown!r} is {kind}; builds install from the package index only. Publish the "
+            f"{where}: {shown} is {kind}; builds install from the package index only. Publish the "
             "package to the index, or put it in the app's folder (for example ./vendor/mylib) and "
             "name that path."
         )
@@ -183,14 +185,16 @@ def _local(target: str, where: str, code: Path, src: str, local: list[str]) -> s
     real = os.path.realpath(os.path.join(root, target))
     if real != root and not real.startswith(root + os.sep):
         raise BuildError(
-            f"{where}: {shown!r} points outside the app's source; a requirement that is a path must "
+            f"{where}: {shown} points outside the app's source; a requirement that is a path must "
             "stay inside the uploaded folder (for example ./vendor/mylib)."
         )
     if not os.path.exists(real):
-        raise BuildError(
-            f"{where}: {shown!r} is not in the uploaded source; check the path (and .gitignore)."
-        )
+        raise BuildError(f"{where}: {shown} is not in the uploaded source; check the path (and .gitignore).")
     rel = os.path.relpath(real, root)
     if rel not in local:
         local.append(rel)
     return src if rel == "." else f"{src}/{rel}"
+
+
+def _quote(text: str) -> str:
+    return repr(text) if len(text) <= _SHOWN else repr(text[:_SHOWN]) + "..."
