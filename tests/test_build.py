@@ -454,6 +454,7 @@ def _spy_targets(data_dir: Path, *, api_port: int, forks: int) -> dict[str, Any]
         "connect": [["127.0.0.1", api_port], [socket.gethostbyname("pypi.org"), 443]],
         "proxy": ["pypi.org", "example.com", "api.osless"],
         "forks": forks,
+        "plant": str(data_dir / "victim"),
     }
 
 
@@ -483,6 +484,10 @@ def test_dependency_build_code_runs_sandboxed_as_the_app(
     # does, when uv asks it for its metadata (resolving) and builds its wheel (installing).
     (data_dir / "admin-token").write_text("osl_secret\n")
     (data_dir / "state.db").write_text("state")
+    victim = data_dir / "victim"  # where the link it leaves in its layer points
+    victim.write_text("mine")
+    os.chown(victim, 12345, 12345)
+    victim.chmod(0o640)
     api_port = 7070
     root = _spy(tmp_path, _spy_targets(data_dir, api_port=api_port, forks=BUILD_NPROC + 500))
     log = Log()
@@ -497,6 +502,15 @@ def test_dependency_build_code_runs_sandboxed_as_the_app(
     # The app's import ran as its uid too; the lock names the copy of ./vendor/spy the steps saw.
     assert f"imported_as_{uid}" in result.manifest["functions"]
     assert result.manifest["lock"] == "/build/src/vendor/spy\n"
+    # What it left in the layer was taken over without following it: the link's target untouched.
+    assert report["plant"] == "planted"
+    st = victim.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (12345, 0o640)
+    link = (deps / "planted-link").lstat()
+    assert stat.S_ISLNK(link.st_mode) and link.st_uid == 0
+    assert not (deps / "planted-fifo").exists() and not (deps / "planted-fifo").is_symlink()
+    suid = (deps / "planted-suid").lstat()
+    assert (suid.st_uid, stat.S_IMODE(suid.st_mode)) == (0, 0o555)
 
 
 def test_local_packages_are_never_served_from_the_lock_cache(

@@ -78,6 +78,21 @@ def forks(limit):
     return {"count": len(pids), "stopped": stopped}
 
 
+def plant(target):
+    """Leave in the layer being installed what its new owner must not trip on: a link to a host file
+    (`target`), a fifo and a set-uid file."""
+    layer = "/build/layer"
+    if not os.path.isdir(layer):
+        return "no layer"
+    os.symlink(target, os.path.join(layer, "planted-link"))
+    os.mkfifo(os.path.join(layer, "planted-fifo"))
+    suid = os.path.join(layer, "planted-suid")
+    with open(suid, "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(suid, 0o4777)
+    return "planted"
+
+
 def spy():
     with open(os.path.join(HERE, "targets.json")) as f:
         targets = json.load(f)
@@ -93,6 +108,7 @@ def spy():
         "proxy": {h: outcome(lambda h=h: via_proxy(h)) for h in targets["proxy"]},
         "env": sorted(os.environ),
         "forks": forks(targets["forks"]),
+        "plant": outcome(lambda: plant(targets["plant"])),
     }
 
 
