@@ -203,14 +203,15 @@ class Builder:
             else:
                 deps = self._deps_layer(deps_digest, lock, uid, scratch, safe_log)
         app, entry = self._inspect(code, deps, entry, uid, safe_log)
+        said = str(app["name"])[:50]  # the inspector's output: the app could have printed it
         if app_name is not None:
             if app["name"] != app_name:
-                safe_log(f"==> App name: deploying as {app_name!r} (the code says App({app['name']!r}))")
+                safe_log(f"==> App name: deploying as {app_name!r} (the code says App({said!r}))")
         elif app["name"] != name:
             raise BuildError(
-                f"The app's name is {app['name']!r} once imported, but the build read App({name!r}) from "
+                f"The app's name is {said!r} once imported, but the build read App({name!r}) from "
                 f"the entry module and ran as that app. Give App(...) its name as a literal, "
-                f"or pass --name {app['name']}."
+                f"or pass --name {said}."
             )
         manifest: dict[str, Any] = {
             "schema": 1,
