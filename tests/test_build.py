@@ -1,21 +1,31 @@
-"""The build part: source archives, the image store and the builder (real uv, real subprocesses)."""
+"""The build part: source archives, the image store and the builder (real uv, real subprocesses).
+
+The builder is the one `osless up` ships: every step in the real jail, as the app's uid, with the
+build's egress to the package index; its tests build real packages from PyPI.
+"""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
 import os
 import shutil
+import socket
 import stat
 import tarfile
+import threading
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from osless.build import (
+    BUILD_NPROC,
     MAX_MANIFEST_BYTES,
     Builder,
     BuildError,
@@ -27,8 +37,12 @@ from osless.build import (
     canonical_json,
     pack,
     sha256_hex,
+    stop_all_builds,
     unpack,
 )
+from osless.build.egress import BuildEgress, index_hosts
+from osless.node.isolation import build_spec
+from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
 SIX_LOCK = "six==1.16.0\n"
@@ -401,15 +415,55 @@ class Log:
         return "\n".join(self.lines)
 
 
+class Uids:
+    """What the API's `app_uid` does for the builder: one host uid per app name, never shared."""
+
+    def __init__(self) -> None:
+        self.uids: dict[str, int] = {}
+
+    def __call__(self, name: str) -> int:
+        return self.uids.setdefault(name, 170_000 + len(self.uids))
+
+
 @pytest.fixture(scope="session")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def store(data_dir: Path) -> ImageStore:
     # One store for the whole session, so that later builds hit the lock and layer caches.
-    return ImageStore(tmp_path_factory.mktemp("images"))
+    return ImageStore(data_dir / "images")
 
 
 @pytest.fixture(scope="session")
-def builder(store: ImageStore) -> Builder:
-    return Builder(store)
+def uids() -> Uids:
+    return Uids()
+
+
+@pytest.fixture(scope="session")
+def egress(data_dir: Path) -> Iterator[BuildEgress]:
+    egress = BuildEgress(data_dir / "run" / "build-egress", hosts=index_hosts(os.environ))
+    yield egress
+    egress.close()
+
+
+class AppBuilder(Builder):
+    """The builder as the API drives it: each app's steps run as the uid the API gives that app."""
+
+    def __init__(self, *args: Any, uids: Uids, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.uids = uids
+
+    def build(self, archive: bytes, log: Callable[[str], None], **kw: Any) -> BuildResult:
+        return super().build(archive, log, uid_for=self.uids, **kw)
+
+
+@pytest.fixture(scope="session")
+def builder(store: ImageStore, data_dir: Path, egress: BuildEgress, uids: Uids) -> Builder:
+    """The builder as `osless up` makes it: sandboxed steps, the build's egress."""
+    sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=data_dir / "run")
+    return AppBuilder(store, sandbox=sandbox, egress=egress, uids=uids)
 
 
 @pytest.fixture(scope="session")
@@ -429,26 +483,27 @@ def _manifests(store: ImageStore) -> set[str]:
     return {p.name for p in store.manifests_dir.iterdir()}
 
 
-def _fails(builder: Builder, store: ImageStore, root: Path) -> tuple[str, Log]:
+def _fails(builder: Builder, store: ImageStore, root: Path, **kw: Any) -> tuple[str, Log]:
     before = _manifests(store)
     log = Log()
     with pytest.raises(BuildError) as e:
-        builder.build(pack(root), log)
+        builder.build(pack(root), log, **kw)
     assert _manifests(store) == before
     return str(e.value), log
 
 
-def test_build_without_dependencies(builder: Builder, store: ImageStore) -> None:
+def test_build_without_dependencies(builder: Builder, store: ImageStore, uids: Uids) -> None:
     archive = pack(APPS / "build_hello")
     log = Log()
     result = builder.build(archive, log)
     m = result.manifest
+    uid = uids("hello")
     assert m == {
         "schema": 1,
         "app": "hello",
         "entry": "app",
         "python": "3.11",
-        "layers": {"code": sha256_hex(archive), "deps": sha256_hex(b"\npython=3.11")},
+        "layers": {"code": sha256_hex(archive), "deps": sha256_hex(f"\npython=3.11\nuid={uid}".encode())},
         "lock": "",
         "functions": {"greet": {"memory_mb": 256, "timeout_s": 30.0, "async": False}},
         "web": None,
@@ -458,14 +513,18 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore) -> None
     }
     assert result.image == sha256_hex(canonical_json(m)) and store.get_manifest(result.image) == m
     assert log.lines[-1] == f"==> Image sha256:{result.image}"
+    assert f"==> Building hello (sandboxed, uid {uid})" in log.lines
     assert any(ln.startswith("==> Requirements: none") for ln in log.lines)
     code, deps = store.layer_path(m["layers"]["code"]), store.layer_path(m["layers"]["deps"])
     assert (code / "app.py").is_file() and list(deps.iterdir()) == []
     assert stat.S_IMODE(code.stat().st_mode) == 0o555  # read-only, and readable by a sandbox's uid
     assert stat.S_IMODE((code / "app.py").stat().st_mode) == 0o444
 
+    # ?app= overrides the name in the code, and the build runs as that app.
     again = builder.build(archive, Log(), app_name="greeter")
-    assert again.deps_cached and again.manifest["app"] == "greeter" and again.image != result.image
+    assert again.manifest["app"] == "greeter" and again.image != result.image
+    assert again.manifest["layers"]["code"] == m["layers"]["code"]  # unpacking runs no app code: shared
+    assert again.manifest["layers"]["deps"] != m["layers"]["deps"]
     assert builder.build(archive, Log()).image == result.image  # content-addressed: same input, same image
 
 
@@ -477,6 +536,11 @@ def test_build_with_requirements_txt(six_build: tuple[BuildResult, Log], store: 
     assert (deps / "six.py").is_file()
     assert "==> Requirements: requirements.txt" in log.lines
     assert any("six==1.16.0" in ln for ln in log.lines if not ln.startswith("==> "))  # uv output streamed
+    assert "    egress to pypi.org:443" in log.lines  # through the build's egress proxy
+    # Taken over by the image store: ours, read-only, whatever uid installed it.
+    for path in [deps, *deps.rglob("*")]:
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o222 == 0, path
 
 
 def test_code_only_change_reuses_dependencies(
@@ -499,6 +563,31 @@ def test_code_only_change_reuses_dependencies(
     assert f"==> Dependencies: cached {result.manifest['layers']['deps'][:12]}" in log.lines
 
 
+def test_apps_never_share_dependency_layers(
+    six_build: tuple[BuildResult, Log], builder: Builder, store: ImageStore, uids: Uids, data_dir: Path
+) -> None:
+    # The same requirements: a layer ran its app's build code, so each app gets its own.
+    first, _ = six_build
+    archive = pack(APPS / "build_six")
+    log = Log()
+    other = builder.build(archive, log, app_name="six-other")
+    assert other.manifest["lock"] == first.manifest["lock"] == SIX_LOCK
+    assert other.manifest["layers"]["deps"] != first.manifest["layers"]["deps"] and not other.deps_cached
+    assert "==> Resolving dependencies (1 requirement, Python 3.11)" in log.lines  # its own lock too
+    assert (store.layer_path(other.manifest["layers"]["deps"]) / "six.py").is_file()
+    for name in ("sixer", "six-other"):  # and each its own uv cache, which no other uid may enter
+        cache = data_dir / "cache" / "uv" / str(uids(name))
+        st = cache.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uids(name), 0o700) and any(cache.iterdir())
+    # A redeploy of the app with unchanged requirements hits its own cache.
+    log = Log()
+    started = time.monotonic()
+    again = builder.build(archive, log, app_name="six-other")
+    assert again.deps_cached and time.monotonic() - started < 10
+    assert again.manifest["layers"]["deps"] == other.manifest["layers"]["deps"]
+    assert "==> Resolving dependencies (cached)" in log.lines
+
+
 def test_pyproject_dependencies(builder: Builder, store: ImageStore) -> None:
     log = Log()
     result = builder.build(pack(APPS / "build_pyproject"), log)
@@ -507,6 +596,260 @@ def test_pyproject_dependencies(builder: Builder, store: ImageStore) -> None:
     assert "==> Requirements: pyproject.toml [project].dependencies" in log.lines
     assert any(ln.startswith("==> Requirements: dropping 'osless>=0.1'") for ln in log.lines)
     assert (store.layer_path(result.manifest["layers"]["deps"]) / "six.py").is_file()
+
+
+def _spy(tmp_path: Path, targets: dict[str, Any]) -> Path:
+    root = copy_app(APPS / "build_spy", tmp_path / "spy")
+    (root / "vendor" / "spy" / "targets.json").write_text(json.dumps(targets))
+    return root
+
+
+def _spy_targets(data_dir: Path, *, api_port: int, forks: int) -> dict[str, Any]:
+    return {
+        "read": [str(data_dir / "admin-token"), str(data_dir / "state.db"), "/etc/shadow"],
+        "list": [str(data_dir), str(data_dir / "images")],
+        "write": ["/etc/spy", "/usr/spy"],
+        # The API's port, and the index's own address, directly rather than through the egress proxy.
+        "connect": [["127.0.0.1", api_port], [socket.gethostbyname("pypi.org"), 443]],
+        "proxy": ["pypi.org", "example.com", "api.osless"],
+        "forks": forks,
+        "plant": str(data_dir / "victim"),
+    }
+
+
+def _check_spy(report: dict[str, Any], *, uid: int, data_dir: Path, api_port: int) -> None:
+    """What a dependency's setup.py saw: its app's uid, no platform secret, the index only."""
+    assert report["uid_map"] == ["0", str(uid), "1"] and report["getuid"] == 0
+    assert report["read"] == {
+        str(data_dir / "admin-token"): "ENOENT",
+        str(data_dir / "state.db"): "ENOENT",
+        "/etc/shadow": "ENOENT",
+    }
+    assert report["list"] == {str(data_dir): "ENOENT", str(data_dir / "images"): "ENOENT"}
+    assert set(report["write"].values()) == {"EROFS"}
+    pypi = socket.gethostbyname("pypi.org")
+    assert report["connect"] == {f"127.0.0.1:{api_port}": "ECONNREFUSED", f"{pypi}:443": "ENETUNREACH"}
+    assert report["resolve"] != "resolved"
+    assert report["proxy"] == {"pypi.org": 200, "example.com": 403, "api.osless": 403}
+    # Of the platform's environment, what uv needs and nothing else (no token, no credentials).
+    leaked = set(report["env"]) & (set(os.environ) | {"OSLESS_CONFIG_DIR"})
+    assert leaked <= {"PATH", "LANG", "LC_ALL", "TZ", "HOME", "SSL_CERT_FILE", "SSL_CERT_DIR"}, leaked
+
+
+def test_dependency_build_code_runs_sandboxed_as_the_app(
+    builder: Builder, store: ImageStore, uids: Uids, data_dir: Path, tmp_path: Path
+) -> None:
+    # What the platform keeps: the admin token, the state. The spy's setup.py runs, as any sdist's
+    # does, when uv asks it for its metadata (resolving) and builds its wheel (installing).
+    (data_dir / "admin-token").write_text("osl_secret\n")
+    (data_dir / "state.db").write_text("state")
+    victim = data_dir / "victim"  # where the link it leaves in its layer points
+    victim.write_text("mine")
+    os.chown(victim, 12345, 12345)
+    victim.chmod(0o640)
+    api_port = 7070
+    root = _spy(tmp_path, _spy_targets(data_dir, api_port=api_port, forks=BUILD_NPROC + 500))
+    log = Log()
+    result = builder.build(pack(root), log)
+    uid = uids("spy")
+    deps = store.layer_path(result.manifest["layers"]["deps"])
+    report = json.loads((deps / "spy_report.py").read_text().split("REPORT = ", 1)[1].split("\n")[0][1:-1])
+    _check_spy(report, uid=uid, data_dir=data_dir, api_port=api_port)
+    # A fork bomb stalls at the sandbox's process cap (its own count: uv's threads are part of it).
+    assert report["nproc"] == [BUILD_NPROC, BUILD_NPROC]
+    assert report["forks"]["stopped"] == "EAGAIN" and 0 < report["forks"]["count"] < BUILD_NPROC
+    # The app's import ran as its uid too; the lock names the copy of ./vendor/spy the steps saw.
+    assert f"imported_as_{uid}" in result.manifest["functions"]
+    assert result.manifest["lock"] == "/build/src/vendor/spy\n"
+    # What it left in the layer was taken over without following it: the link's target untouched.
+    assert report["plant"] == "planted"
+    st = victim.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (12345, 0o640)
+    link = (deps / "planted-link").lstat()
+    assert stat.S_ISLNK(link.st_mode) and link.st_uid == 0
+    assert not (deps / "planted-fifo").exists() and not (deps / "planted-fifo").is_symlink()
+    suid = (deps / "planted-suid").lstat()
+    assert (suid.st_uid, stat.S_IMODE(suid.st_mode)) == (0, 0o555)
+
+
+def test_local_packages_are_never_served_from_the_lock_cache(
+    builder: Builder, store: ImageStore, data_dir: Path, tmp_path: Path
+) -> None:
+    # The same requirements text, other code: the lock and the layer must follow the code.
+    digests = []
+    for n, forks in enumerate((0, 1)):
+        root = _spy(tmp_path / str(n), _spy_targets(data_dir, api_port=7070, forks=forks))
+        log = Log()
+        result = builder.build(pack(root), log)
+        assert "==> Resolving dependencies (1 requirement, Python 3.11)" in log.lines
+        deps = store.layer_path(result.manifest["layers"]["deps"])
+        assert f'"count": {forks}' in (deps / "spy_report.py").read_text()
+        digests.append(result.manifest["layers"]["deps"])
+    assert digests[0] != digests[1]
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            uid_line = next(ln for ln in status.splitlines() if ln.startswith("Uid:"))
+            if int(uid_line.split()[1]) == uid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_stop_all_builds_kills_a_stuck_setup_py(builder: Builder, store: ImageStore, uids: Uids) -> None:
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            builder.build(pack(APPS / "build_hang"), Log())
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not list(store.tmp_dir.glob("build-*/tmp/hang-started")):
+        assert time.monotonic() < deadline and thread.is_alive(), errors
+        time.sleep(0.1)
+    uid = uids("hang")
+    assert _processes_of(uid)  # the setup.py, as the app's uid on the host
+    started = time.monotonic()
+    stop_all_builds()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - started < 10
+    assert len(errors) == 1 and isinstance(errors[0], BuildError)
+    assert "Resolving dependencies failed" in str(errors[0])
+    deadline = time.monotonic() + 5
+    while _processes_of(uid):  # the whole sandbox went, whatever left the process group
+        assert time.monotonic() < deadline, _processes_of(uid)
+        time.sleep(0.05)
+    assert not list(store.tmp_dir.glob("build-*"))
+
+
+def _victim_digest() -> str:
+    """Another app's code layer, named as an attacker would: the sha256 of its (deterministic) upload."""
+    return sha256_hex(pack(APPS / "build_six"))
+
+
+REFUSED = [
+    ("spy @ file:///etc/passwd", "points outside the app's source"),
+    ("file:///etc", "points outside the app's source"),
+    ("/etc/passwd", "points outside the app's source"),
+    ("../{victim}", "points outside the app's source"),
+    ("./../{victim}/requirements.txt", "points outside the app's source"),
+    ("spy @ file:../{victim}", "points outside the app's source"),
+    ("git+https://github.com/benjaminp/six", "is a VCS URL"),
+    ("six @ git+https://github.com/benjaminp/six@1.16.0", "is a VCS URL"),
+    ("six @ https://files.pythonhosted.org/packages/six-1.16.0.tar.gz", "is a URL"),
+    ("https://example.com/six-1.16.0-py2.py3-none-any.whl", "is a URL"),
+    ("six-1.16.0.tar.gz", "is not in the uploaded source"),
+    ("spy @ file://otherhost/x", "names a file on another host"),
+    ("six==${HOME}", "environment variables"),
+]
+
+
+@pytest.mark.parametrize("source", ["requirements.txt", "pyproject.toml"])
+@pytest.mark.parametrize(("requirement", "message"), REFUSED, ids=[r for r, _ in REFUSED])
+def test_url_and_path_requirements_are_refused(
+    source: str,
+    requirement: str,
+    message: str,
+    builder: Builder,
+    store: ImageStore,
+    six_build: tuple[BuildResult, Log],
+    tmp_path: Path,
+) -> None:
+    first, _ = six_build
+    victim = _victim_digest()
+    assert first.manifest["layers"]["code"] == victim and store.has_layer(victim)  # it is there to be read
+    requirement = requirement.replace("{victim}", victim)
+    files = {"app.py": "import osless\napp = osless.App('attacker')\n"}
+    if source == "requirements.txt":
+        files["requirements.txt"] = f"six==1.16.0\n{requirement}\n"
+        where = "requirements.txt line 2"
+    else:
+        files["pyproject.toml"] = (
+            f"[project]\nname = 'a'\nversion = '1'\ndependencies = ['six', {requirement!r}]\n"
+        )
+        where = f"pyproject.toml dependency {requirement!r}"
+    text, log = _fails(builder, store, _app(tmp_path, files))
+    assert text.startswith(f"{where}: ") and message in text, text
+    assert not any(ln.startswith("==> Resolving") for ln in log.lines)  # refused before uv ever ran
+
+
+def test_tool_uv_settings_are_ignored(builder: Builder, tmp_path: Path) -> None:
+    pyproject = """[project]
+name = "a"
+version = "1"
+dependencies = ["six==1.16.0"]
+
+[tool.uv.sources]
+six = { git = "https://github.com/benjaminp/six" }
+
+[[tool.uv.index]]
+url = "https://example.com/simple"
+default = true
+"""
+    files = {"app.py": "import six\nimport osless\napp = osless.App('uvcfg')\n", "pyproject.toml": pyproject}
+    files["uv.toml"] = 'index-url = "https://example.com/simple"\n'
+    log = Log()
+    result = builder.build(pack(_app(tmp_path, files)), log)
+    assert result.manifest["lock"] == SIX_LOCK  # from the platform's index, not the app's
+    assert any(ln.startswith("==> pyproject.toml [tool.uv] is ignored") for ln in log.lines)
+    assert any(ln.startswith("==> uv.toml is ignored") for ln in log.lines)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("import osless\nNAME = 'x'\napp = osless.App(NAME)\n", "Could not read the app's name from app.py"),
+        ("from shop import app\n", "Could not read the app's name from app.py"),
+        (
+            "import osless\na = osless.App('one')\nb = osless.App('two')\n",
+            "app.py names several apps ('one', 'two')",
+        ),
+        ("import osless\napp = osless.App('Not_Valid')\n", "invalid app name 'Not_Valid'"),
+        ("import osless\ndef broken(:\n", "app.py line 2: SyntaxError"),
+    ],
+    ids=["variable", "imported", "several", "invalid", "syntax"],
+)
+def test_app_name_must_be_readable_before_the_build(
+    code: str, message: str, builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    text, log = _fails(builder, store, _app(tmp_path, {"app.py": code, "requirements.txt": "six\n"}))
+    assert message in text, text
+    if "SyntaxError" not in message and "invalid" not in message:
+        assert 'pass --name NAME to osless deploy, or write App("name") with a literal name' in text
+    assert not any(ln.startswith("==> Building") for ln in log.lines)  # refused before anything ran
+
+
+def test_name_given_on_deploy_needs_no_literal(builder: Builder, tmp_path: Path) -> None:
+    root = _app(tmp_path, {"app.py": "import osless\nNAME = 'named'\napp = osless.App(NAME)\n"})
+    assert builder.build(pack(root), Log(), app_name="named").manifest["app"] == "named"
+
+
+def test_app_whose_name_changes_at_import_fails_the_build(
+    builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    code = "from osless import App as _App\n\ndef App(name):\n    return _App('other')\n\napp = App('shop')\n"
+    text, _ = _fails(builder, store, _app(tmp_path, {"app.py": code}))
+    assert "The app's name is 'other' once imported, but the build read App('shop')" in text
+    assert "--name other" in text
+
+
+def test_unsandboxed_builder_builds(store: ImageStore, tmp_path: Path) -> None:
+    # `osless up --no-sandbox`: the same steps on the host, uv's cache shared by the apps.
+    log = Log()
+    result = Builder(store).build(pack(APPS / "build_six"), log)
+    assert result.manifest["lock"] == SIX_LOCK and "==> Building sixer" in log.lines
+    assert (store.layer_path(result.manifest["layers"]["deps"]) / "six.py").is_file()
+    assert result.manifest["layers"]["deps"] == sha256_hex(f"{SIX_LOCK}\npython=3.11".encode())
 
 
 def test_import_error_fails_the_build(builder: Builder, store: ImageStore, tmp_path: Path) -> None:
@@ -519,6 +862,10 @@ def test_import_error_fails_the_build(builder: Builder, store: ImageStore, tmp_p
 def test_syntax_error_fails_the_build(builder: Builder, store: ImageStore, tmp_path: Path) -> None:
     message, _ = _fails(builder, store, _app(tmp_path, {"app.py": "import osless\ndef broken(:\n"}))
     assert "SyntaxError" in message
+    # With the name given, the import itself says so.
+    root = _app(tmp_path / "named", {"app.py": "import osless\ndef broken(:\n"})
+    message, _ = _fails(builder, store, root, app_name="broken")
+    assert "SyntaxError" in message and "Importing the app" in message
 
 
 def test_missing_entry_fails_the_build(builder: Builder, store: ImageStore, tmp_path: Path) -> None:
@@ -540,6 +887,17 @@ def test_requirement_options_are_refused(
     files = {"app.py": "import osless\napp = osless.App('x')\n", "requirements.txt": f"six\n{line}\n"}
     message, _ = _fails(builder, store, _app(tmp_path, files))
     assert f"line 2: {line!r} is not supported" in message
+
+
+def test_per_requirement_options_other_than_hash_are_refused(
+    builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    files = {
+        "app.py": "import osless\napp = osless.App('x')\n",
+        "requirements.txt": "six --config-settings x=y\n",
+    }
+    message, _ = _fails(builder, store, _app(tmp_path, files))
+    assert message.startswith("requirements.txt line 1: '--config-settings x=y' is not supported")
 
 
 def test_unsafe_archive_fails_the_build(builder: Builder, store: ImageStore) -> None:
@@ -581,3 +939,33 @@ def test_log_lines_are_streamed_as_they_come(builder: Builder, tmp_path: Path) -
 def test_manifest_is_json_serialisable(six_build: tuple[BuildResult, Log], store: ImageStore) -> None:
     result, _ = six_build
     assert json.loads((store.manifests_dir / f"{result.image}.json").read_bytes()) == result.manifest
+
+
+# -- end to end: the build of a deploy on a running platform ----------------------------------------
+
+
+def test_deploy_builds_dependencies_sandboxed_as_the_app(platform: Platform, tmp_path: Path) -> None:
+    root = _spy(tmp_path, _spy_targets(platform.data_dir, api_port=platform.api_port, forks=0))
+    out = platform.deploy(root)
+    assert out["app"] == "spy"
+    uid = platform.http("GET", "/v1/apps/spy").json()["uid"]
+    status, report = platform.invoke("spy", "report")
+    assert status == 200, report
+    _check_spy(report, uid=uid, data_dir=platform.data_dir, api_port=platform.api_port)
+    status, imported_as = platform.invoke("spy", f"imported_as_{uid}")
+    assert (status, imported_as) == (200, str(uid))
+
+
+def test_deploy_refuses_url_requirements(platform: Platform, tmp_path: Path) -> None:
+    files = {"app.py": "import osless\napp = osless.App('urlreq')\n", "requirements.txt": "file:///etc\n"}
+    r = platform.cli("deploy", str(_app(tmp_path, files)), check=False)
+    assert r.returncode != 0
+    assert "requirements.txt line 1: 'file:///etc' points outside the app's source" in r.stdout + r.stderr
+
+
+def test_deploy_needs_a_readable_name(platform: Platform, tmp_path: Path) -> None:
+    files = {"app.py": "import osless\nNAME = 'dyn'\napp = osless.App(NAME)\n"}
+    root = _app(tmp_path, files)
+    r = platform.cli("deploy", str(root), check=False)
+    assert r.returncode != 0 and "pass --name NAME" in r.stdout + r.stderr
+    assert platform.deploy(root, "--name", "dyn")["app"] == "dyn"

@@ -28,6 +28,7 @@ from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
 from osless.build import Builder, ImageStore, stop_all_builds
+from osless.build.egress import BuildEgress, index_hosts
 from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
 from osless.controllers import Autoscaler, Scheduler
@@ -158,13 +159,21 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     run_dir = run_dir_for(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
+    # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
+    build_egress = (
+        BuildEgress(run_dir / "build-egress", hosts=index_hosts(os.environ), allow=cfg.egress_allow)
+        if sandboxed
+        else None
+    )
     secrets = SecretBox(load_key(data_dir, cfg.secret_key_file))
     node_token = await _node_token(resources, cfg.node_name)
     state = ApiState(
         secrets=secrets,
         resources=resources,
         images=images,
-        builder=Builder(images, sandbox=build_sandbox),
+        builder=Builder(
+            images, sandbox=build_sandbox, egress=build_egress, cache_dir=data_dir / "cache" / "uv"
+        ),
         data_dir=data_dir,
         gateway_url=cfg.gateway_url,
         max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
@@ -244,6 +253,8 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
                 failed = True
     finally:
         stop_all_builds()  # a build in flight fails now rather than hold the shutdown
+        if build_egress is not None:
+            build_egress.close()
         for t in parts:
             t.cancel()
         await asyncio.gather(*parts, return_exceptions=True)

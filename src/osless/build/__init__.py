@@ -1,14 +1,19 @@
-"""Building images: source archives (`source`), the image store (`images`) and the builder (`builder`)."""
+"""Building images: source archives (`source`), the image store (`images`) and the builder (`builder`).
+
+The builder's helpers: `appname` (the app's name, read before anything runs), `requirements` (what
+uv may be asked for), `process` (one step as a subprocess). `egress` (the build's way out, to the
+package index only) is imported by the server alone: it needs the node's egress proxy.
+"""
 
 from __future__ import annotations
 
 from osless.build.builder import (
+    BUILD_NPROC,
     MAX_SOURCE_BYTES,
     MAX_SOURCE_FILES,
     Builder,
     BuildError,
     BuildResult,
-    stop_all_builds,
 )
 from osless.build.images import (
     MAX_MANIFEST_BYTES,
@@ -19,9 +24,11 @@ from osless.build.images import (
     canonical_json,
     sha256_hex,
 )
+from osless.build.process import stop_all_builds
 from osless.build.source import SourceError, pack, unpack
 
 __all__ = [
+    "BUILD_NPROC",
     "MAX_MANIFEST_BYTES",
     "MAX_SOURCE_BYTES",
     "MAX_SOURCE_FILES",

@@ -2,6 +2,21 @@
 
 Synchronous on purpose: the API runs it in a worker thread and hands `log` a line at a time, so
 subprocess output is streamed line by line as it comes.
+
+Every step that may run the app's code or its dependencies' (resolving, whose sdists' setup.py run
+to give their metadata; installing, which builds them; importing the app) runs in a sandbox of its
+own (`python -m osless.runtime.jail`) as the app's own uid, when the builder has a `sandbox`:
+- the app's name is read from its entry module before anything runs (`appname`), and its uid asked
+  for that name (`uid_for`); after the import, an app whose name is not that one fails the build;
+- uv runs with `--no-config` and `--no-sources`, a minimal environment, in a neutral folder, and
+  reaches the network only through the build's egress (`egress`): the package index and no more;
+- what it writes is bound writable at fixed paths (`/build/...`): the app's own uv cache, the
+  build's scratch (TMPDIR, and the copies of the source's local packages), and the layer being
+  installed, owned by the app's uid during the build and taken over by the image store after it;
+- uv's cache, the lock cache and dependency layers are the app's own (keyed by its uid): a layer
+  ran its app's build code, so no other app may ever reuse it.
+Without a sandbox (`osless up --no-sandbox`, or a host without the protections) the same steps run
+on the host, as the platform's user, as they did before builds were sandboxed.
 """
 
 from __future__ import annotations
@@ -9,44 +24,80 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
+from osless.build.appname import read_app_name
 from osless.build.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
+from osless.build.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
+from osless.build.requirements import Requirements, read_requirements
 from osless.build.source import SourceError, unpack
 
-__all__ = ["MAX_SOURCE_BYTES", "MAX_SOURCE_FILES", "BuildError", "BuildResult", "Builder"]
+__all__ = [
+    "BUILD_NPROC",
+    "MAX_SOURCE_BYTES",
+    "MAX_SOURCE_FILES",
+    "BuildError",
+    "BuildResult",
+    "Builder",
+    "Egress",
+    "SandboxMaker",
+]
 
 MAX_SOURCE_BYTES = 200 * 1024 * 1024
 MAX_SOURCE_FILES = 20_000
 INSPECT_TIMEOUT_S = 60.0
 RESOLVE_TIMEOUT_S = 600.0
 INSTALL_TIMEOUT_S = 1800.0
-_TAIL_LINES = 6
-# What a step prints is kept (and logged) within bounds: an app's import can print without end.
-_LINE_CHARS = 16384  # of one stderr line
-_STDOUT_CHARS = 4 * 1024 * 1024  # of stdout, kept whole for its caller (a lock, the manifest line)
-_STDERR_LINES = 200  # the last lines of stderr, kept for the error message
-# PEP 508 name at the start of a requirement; the rest (extras, versions, markers) is uv's business.
-_REQ_NAME_RE = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
+# Processes and threads of one build sandbox: uv's own threads scale with the host's cores, a fork
+# bomb in a setup.py stops here (`runtime.jail --nproc`).
+BUILD_NPROC = 1024
+# Where a sandboxed step sees its folders: fixed, so that a lock naming a local package reads the
+# same in every build.
+_INSIDE = "/build"
+# What uv may take from the platform's environment: its index and TLS settings, nothing else.
+_UV_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "UV_NATIVE_TLS",
+    "UV_SYSTEM_CERTS",
+    "UV_INDEX_URL",
+    "UV_EXTRA_INDEX_URL",
+    "UV_DEFAULT_INDEX",
+    "UV_INDEX",
+    "UV_INDEX_STRATEGY",
+    "UV_HTTP_TIMEOUT",
+    "UV_CONCURRENT_DOWNLOADS",
+    "UV_CONCURRENT_BUILDS",
+    "UV_CONCURRENT_INSTALLS",
+)
 
-Log = Callable[[str], None]
+
+class SandboxMaker(Protocol):
+    """The sandbox spec (JSON) of one build step: `osless.node.isolation.build_spec`, bound to a node."""
+
+    def __call__(
+        self, *, uid: int, readonly: list[Path], volumes: dict[str, Path], egress_socket: Path | None
+    ) -> dict[str, Any]: ...
 
 
-class BuildError(Exception):
-    """A build failed; the message says what failed and how to fix it."""
+class Egress(Protocol):
+    """Egress sockets to the package index, one per step: `osless.build.egress.BuildEgress`."""
+
+    def socket(self, uid: int, log: Log) -> AbstractContextManager[Path]: ...
 
 
 @dataclass(frozen=True)
@@ -57,20 +108,31 @@ class BuildResult:
     seconds: float
 
 
-@dataclass
-class _Run:
-    returncode: int | None  # None: killed at the timeout
-    stdout: str
-    stderr_lines: list[str] = field(default_factory=list)
-    stdout_cut: bool = False  # stdout passed _STDOUT_CHARS: `stdout` is its start only
+@dataclass(frozen=True)
+class _Scratch:
+    """One build's folders on the host, and the paths its steps see them at."""
 
-    @property
-    def timed_out(self) -> bool:
-        return self.returncode is None
+    src: Path  # copies of the source's local packages (building one writes into its folder)
+    tmp: Path  # TMPDIR: on disk, where a sandbox's /tmp is a small tmpfs
+    cache: Path  # uv's cache: the app's own
+    inside: str | None  # the folder the steps see these in; None: on the host, at their own paths
+
+    def path(self, name: str) -> str:
+        return f"{self.inside}/{name}" if self.inside else str(getattr(self, name))
+
+    def to_lock(self, text: str) -> str:
+        """`text` with the host's source copy named as in a sandbox: a lock reads the same either way."""
+        return text if self.inside else text.replace(str(self.src), f"{_INSIDE}/src")
+
+    def from_lock(self, text: str) -> str:
+        return text if self.inside else text.replace(f"{_INSIDE}/src", str(self.src))
 
 
 class Builder:
-    """Builds images into `images` with `python` (the instances' interpreter) and `uv`."""
+    """Builds images into `images` with `python` (the instances' interpreter) and `uv`.
+
+    `sandbox` and `egress`: how steps run sandboxed (`osless up` passes both); without `sandbox`
+    they run on the host. `cache_dir`: where each app's uv cache goes."""
 
     def __init__(
         self,
@@ -78,21 +140,34 @@ class Builder:
         *,
         python: str = sys.executable,
         uv: str | None = None,
-        sandbox: Callable[..., dict[str, Any]] | None = None,
+        sandbox: SandboxMaker | None = None,
+        egress: Egress | None = None,
+        cache_dir: Path | None = None,
+        nproc: int = BUILD_NPROC,
     ) -> None:
-        """`sandbox(code_layer, deps_layer, uid=N)`, when given, is the sandbox spec the app's
-        import runs in."""
         self.images = images
         self.python = python
         self.sandbox = sandbox
+        self.egress = egress
+        self.nproc = nproc
         self.uv = uv if uv is not None else _default_uv()
         self.locks_dir = images.locks_dir
+        self.cache_dir = cache_dir if cache_dir is not None else images.root.parent / "cache" / "uv"
+        self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._python_version: str | None = None
 
     def build(
-        self, archive: bytes, log: Log, *, app_name: str | None = None, uid: int | None = None
+        self,
+        archive: bytes,
+        log: Log,
+        *,
+        app_name: str | None = None,
+        uid_for: Callable[[str], int] | None = None,
     ) -> BuildResult:
-        """Build an image from a source archive made by `source.pack`; raise BuildError on failure."""
+        """Build an image from a source archive made by `source.pack`; raise BuildError on failure.
+
+        `app_name` overrides the name in the code. `uid_for(name)` gives the app's uid, which its
+        steps run as (required with a sandbox)."""
         started = time.monotonic()
         log_lock = threading.Lock()
 
@@ -103,20 +178,40 @@ class Builder:
 
         py = self.python_version()
         code = self._code_layer(archive, safe_log)
-        requirements = _read_requirements(code, safe_log)
-        lock = self._lock(requirements, py, safe_log)
-        deps_digest = sha256_hex(f"{lock}\npython={py}".encode())
-        deps_cached = self.images.has_layer(deps_digest)
-        if deps_cached:
-            safe_log(f"==> Dependencies: cached {deps_digest[:12]}")
-            deps = self.images.layer_path(deps_digest)
-        else:
-            deps = self._deps_layer(deps_digest, lock, safe_log)
-        app, entry = self._inspect(code, deps, safe_log, uid)
-        name = app["name"]
-        if app_name is not None and app_name != name:
-            safe_log(f"==> App name: deploying as {app_name!r} (the code says App({name!r}))")
-            name = app_name
+        entry = _entry(code)
+        name = app_name if app_name is not None else read_app_name(code, entry)
+        uid = uid_for(name) if uid_for is not None else None
+        if self.sandbox is not None and uid is None:
+            raise BuildError("internal error: a sandboxed build needs the app's uid")
+        safe_log(f"==> Building {name}" + (f" (sandboxed, uid {uid})" if self.sandbox is not None else ""))
+        with self.images.scratch("build-") as folder:
+            scratch = self._scratch(folder, uid)
+            reqs = read_requirements(code, safe_log, src=scratch.path("src"))
+            self._copy_local(code, reqs, scratch, uid)
+            lock = self._lock(reqs, py, uid, scratch, safe_log)
+            key = f"{lock}\npython={py}"
+            if uid is not None:
+                key += f"\nuid={uid}"  # a layer ran its app's build code: never another app's
+            if reqs.local:
+                key += f"\ncode={code.name}"  # local packages are part of the code
+            deps_digest = sha256_hex(key.encode())
+            deps_cached = self.images.has_layer(deps_digest)
+            if deps_cached:
+                safe_log(f"==> Dependencies: cached {deps_digest[:12]}")
+                deps = self.images.layer_path(deps_digest)
+            else:
+                deps = self._deps_layer(deps_digest, lock, uid, scratch, safe_log)
+        app, entry = self._inspect(code, deps, entry, uid, safe_log)
+        said = str(app["name"])[:50]  # the inspector's output: the app could have printed it
+        if app_name is not None:
+            if app["name"] != app_name:
+                safe_log(f"==> App name: deploying as {app_name!r} (the code says App({said!r}))")
+        elif app["name"] != name:
+            raise BuildError(
+                f"The app's name is {said!r} once imported, but the build read App({name!r}) from "
+                f"the entry module and ran as that app. Give App(...) its name as a literal, "
+                f"or pass --name {said}."
+            )
         manifest: dict[str, Any] = {
             "schema": 1,
             "app": name,
@@ -170,6 +265,7 @@ class Builder:
     # -- steps ---------------------------------------------------------------------------------
 
     def _code_layer(self, archive: bytes, log: Log) -> Path:
+        # Shared by apps that upload the same bytes: unpacking runs none of their code.
         digest = sha256_hex(archive)
         if self.images.has_layer(digest):
             log(f"==> Code: cached {digest[:12]}")
@@ -184,92 +280,110 @@ class Builder:
         except OSError as e:
             raise BuildError(f"Could not store the code layer: {e}. Check the image store's disk.") from e
 
-    def _lock(self, requirements: list[str], py: str, log: Log) -> str:
-        if not requirements:
+    def _scratch(self, folder: Path, uid: int | None) -> _Scratch:
+        owner = uid if self.sandbox is not None else None
+        cache = _owned(self.cache_dir / (str(uid) if owner is not None else "host"), owner)
+        return _Scratch(
+            src=_owned(folder / "src", owner),
+            tmp=_owned(folder / "tmp", owner),
+            cache=cache,
+            inside=_INSIDE if self.sandbox is not None else None,
+        )
+
+    def _copy_local(self, code: Path, reqs: Requirements, scratch: _Scratch, uid: int | None) -> None:
+        """Copy the local packages the requirements name, writable by the build (the layer is not)."""
+        for rel in reqs.local:
+            source, dest = code / rel, scratch.src / rel
+            if source.is_dir():
+                shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest)
+        owner = uid if self.sandbox is not None else None
+        for dirpath, dirnames, filenames in os.walk(scratch.src):
+            for name in (*dirnames, *filenames):
+                path = os.path.join(dirpath, name)
+                if owner is not None:
+                    os.chown(path, owner, owner, follow_symlinks=False)
+                if not os.path.islink(path):
+                    os.chmod(path, os.lstat(path).st_mode | 0o200)
+
+    def _lock(self, reqs: Requirements, py: str, uid: int | None, scratch: _Scratch, log: Log) -> str:
+        if not reqs.lines:
             return ""
-        text = "".join(f"{r}\n" for r in requirements)
+        text = reqs.text
+        # Per app: a resolution may run an sdist's setup.py (for its metadata), which may shape it.
+        locks = self.locks_dir / (str(uid) if uid is not None else "host")
+        locks.mkdir(mode=0o700, exist_ok=True)
         key = sha256_hex(f"{text}\npython={py}".encode())
-        cached = self.locks_dir / f"{key}.txt"
+        cached = locks / f"{key}.txt"
         # Keyed by the requirements text: an unchanged requirements list is not resolved again, so
-        # unpinned names keep their first resolution until the list changes.
-        if cached.is_file():
+        # unpinned names keep their first resolution until the list changes. Not with local packages:
+        # their content, and so their dependencies, can change with the code.
+        if not reqs.local and cached.is_file():
             log("==> Resolving dependencies (cached)")
             return cached.read_text(encoding="utf-8")
-        count = f"{len(requirements)} requirement{'s' if len(requirements) > 1 else ''}"
+        count = f"{len(reqs.lines)} requirement{'s' if len(reqs.lines) > 1 else ''}"
         log(f"==> Resolving dependencies ({count}, Python {py})")
-        cmd = [self._uv(), "pip", "compile", "-", "--python-version", py]
-        cmd += ["--no-header", "--no-annotate", "--quiet"]
-        run = _run(
-            cmd,
-            log,
-            stdin=text,
-            timeout=RESOLVE_TIMEOUT_S,
-            cwd=self.images.tmp_dir,
-            env=_uv_env(),
-            stdout_prefix="    ",
+        cmd = [self._uv(), "pip", "compile", "-", "--python", self.python, "--python-version", py]
+        cmd += ["--no-header", "--no-annotate", "--quiet", *_UV_FLAGS]
+        result = self._step(
+            cmd, log, uid=uid, scratch=scratch, stdin=scratch.from_lock(text), timeout=RESOLVE_TIMEOUT_S
         )
-        if run.timed_out:
+        if result.timed_out:
             raise BuildError(
                 f"Resolving dependencies took longer than {RESOLVE_TIMEOUT_S:.0f} s and was stopped. "
                 "Check that the package index is reachable, or pin versions to make resolution easier."
             )
-        if run.returncode != 0:
+        if result.returncode != 0:
             raise BuildError(
                 "Resolving dependencies failed:\n"
-                + _tail(run.stderr_lines)
+                + tail(result.stderr_lines)
                 + "\nCheck the package names and versions in your requirements, then deploy again."
             )
-        if run.stdout_cut:
+        if result.stdout_cut:
             raise BuildError(
-                f"The resolved dependencies pass {_STDOUT_CHARS >> 20} MiB of pinned requirements; "
+                f"The resolved dependencies pass {STDOUT_CHARS >> 20} MiB of pinned requirements; "
                 "depend on fewer packages."
             )
-        _write_atomic(cached, run.stdout, self.images.tmp_dir)
-        return run.stdout
+        lock = scratch.to_lock(result.stdout)
+        if not reqs.local:
+            _write_atomic(cached, lock, self.images.tmp_dir)
+        return lock
 
-    def _deps_layer(self, digest: str, lock: str, log: Log) -> Path:
+    def _deps_layer(self, digest: str, lock: str, uid: int | None, scratch: _Scratch, log: Log) -> Path:
         if not lock.strip():
             log(f"==> Dependencies: none (empty layer {digest[:12]})")
             return self._add_layer(digest, lambda d: None, "dependency")
         log(f"==> Installing dependencies into layer {digest[:12]}")
 
         def fill(target: Path) -> None:
-            with tempfile.TemporaryDirectory(prefix="lock-", dir=self.images.tmp_dir) as tmp:
-                lock_file = Path(tmp) / "requirements.txt"
-                lock_file.write_text(lock, encoding="utf-8")
-                # copy: the default hardlinks into uv's cache, and sealing the layer read-only would
-                # then change the cache's files too. Bytecode is compiled now because the layer is
-                # read-only and every zygote would otherwise recompile it.
-                run = _run(
-                    [
-                        self._uv(),
-                        "pip",
-                        "install",
-                        "--target",
-                        str(target),
-                        "--python",
-                        self.python,
-                        "--link-mode",
-                        "copy",
-                        "--compile-bytecode",
-                        "-r",
-                        str(lock_file),
-                    ],
-                    log,
-                    timeout=INSTALL_TIMEOUT_S,
-                    cwd=self.images.tmp_dir,
-                    env=_uv_env(),
-                    stdout_prefix="",
-                )
-            if run.timed_out:
+            if self.sandbox is not None and uid is not None:
+                os.chown(target, uid, uid)  # the image store takes it back once filled
+            inside = f"{_INSIDE}/layer" if self.sandbox is not None else str(target)
+            # copy: the default hardlinks into uv's cache, and sealing the layer read-only would
+            # then change the cache's files too. Bytecode is compiled now because the layer is
+            # read-only and every zygote would otherwise recompile it.
+            cmd = [self._uv(), "pip", "install", "--target", inside, "--python", self.python]
+            cmd += ["--link-mode", "copy", "--compile-bytecode", *_UV_FLAGS, "-r", "-"]
+            result = self._step(
+                cmd,
+                log,
+                uid=uid,
+                scratch=scratch,
+                stdin=scratch.from_lock(lock),
+                timeout=INSTALL_TIMEOUT_S,
+                layer=target,
+            )
+            if result.timed_out:
                 raise BuildError(
                     f"Installing dependencies took longer than {INSTALL_TIMEOUT_S:.0f} s and was stopped. "
                     "Check that the package index is reachable."
                 )
-            if run.returncode != 0:
+            if result.returncode != 0:
                 raise BuildError(
                     "Installing dependencies failed:\n"
-                    + _tail(run.stderr_lines)
+                    + tail(result.stderr_lines)
                     + "\nA package may not support Python "
                     + self.python_version()
                     + " on this platform, or need a compiler to build; pin a version that ships a wheel."
@@ -277,59 +391,95 @@ class Builder:
 
         return self._add_layer(digest, fill, "dependency")
 
+    def _step(
+        self,
+        cmd: list[str],
+        log: Log,
+        *,
+        uid: int | None,
+        scratch: _Scratch,
+        stdin: str,
+        timeout: float,
+        layer: Path | None = None,
+    ) -> Run:
+        """Run uv: in a sandbox as the app's uid, with egress to the index only; else on the host."""
+        env = {k: os.environ[k] for k in _UV_ENV if k in os.environ}
+        tmp = scratch.path("tmp")
+        env.update(
+            HOME=tmp,  # a sandbox sets its own
+            TMPDIR=tmp,
+            UV_CACHE_DIR=scratch.path("cache"),
+            UV_NO_CONFIG="1",
+            UV_PYTHON_DOWNLOADS="never",
+            NO_COLOR="1",
+        )
+        if self.sandbox is None:
+            return run(cmd, log, timeout=timeout, cwd=scratch.tmp, env=env, stdin=stdin, stdout_prefix="    ")
+        assert uid is not None
+        volumes = {
+            f"{_INSIDE}/src": scratch.src,
+            f"{_INSIDE}/tmp": scratch.tmp,
+            f"{_INSIDE}/cache": scratch.cache,
+        }
+        if layer is not None:
+            volumes[f"{_INSIDE}/layer"] = layer
+        # The CA bundle uv is told to trust, where the sandbox's own /etc/ssl does not have it.
+        certs = [
+            Path(env[k]) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if k in env and os.path.exists(env[k])
+        ]
+        egress = self.egress.socket(uid, log) if self.egress is not None else contextlib.nullcontext(None)
+        with egress as sock:
+            spec = self.sandbox(uid=uid, readonly=certs, volumes=volumes, egress_socket=sock)
+            return run(
+                self._jail(spec, cmd),
+                log,
+                timeout=timeout,
+                cwd=Path("/"),
+                env=env,
+                stdin=stdin,
+                stdout_prefix="    ",
+            )
+
     def _add_layer(self, digest: str, fill: Callable[[Path], None], what: str) -> Path:
         try:
             return self.images.add_layer(digest, fill)
         except OSError as e:
             raise BuildError(f"Could not store the {what} layer: {e}. Check the image store's disk.") from e
 
-    def _inspect(self, code: Path, deps: Path, log: Log, uid: int | None) -> tuple[dict[str, Any], str]:
-        try:
-            from osless.runtime.loader import find_entry
-
-            entry = find_entry(str(code))
-        except Exception as e:  # the loader's errors already say how to fix them
-            raise BuildError(f"Could not find the app's entry module: {e}") from e
+    def _inspect(
+        self, code: Path, deps: Path, entry: str, uid: int | None, log: Log
+    ) -> tuple[dict[str, Any], str]:
         log(f"==> Inspecting the app (entry module {entry!r})")
-        cmd = [
-            self.python,
-            "-s",
-            "-P",
-            "-m",
-            "osless.runtime.inspect",
-            "--code",
-            str(code),
-            "--deps",
-            str(deps),
-            "--entry",
-            entry,
-        ]
+        cmd = [self.python, "-s", "-P", "-m", "osless.runtime.inspect"]
+        cmd += ["--code", str(code), "--deps", str(deps), "--entry", entry]
         if self.sandbox is not None:
+            assert uid is not None
             # Not even an import at build time runs outside a sandbox.
-            if uid is None:
-                raise BuildError("internal error: a sandboxed build needs a uid")
-            spec = json.dumps(self.sandbox(code, deps, uid=uid))
-            cmd = [self.python, "-s", "-P", "-m", "osless.runtime.jail", spec, "--", *cmd]
-        run = _run(cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=Path("/"), env=_inspect_env(), stdout_prefix=None)
-        if run.timed_out:
+            cmd = self._jail(
+                self.sandbox(uid=uid, readonly=[code, deps], volumes={}, egress_socket=None), cmd
+            )
+        result = run(
+            cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=Path("/"), env=_inspect_env(), stdout_prefix=None
+        )
+        if result.timed_out:
             raise BuildError(
                 f"Importing the app took longer than {INSPECT_TIMEOUT_S:.0f} s and was stopped. "
                 "Move slow work (network calls, model loading) out of module import, into the functions "
                 "or the web app factory."
             )
-        if run.returncode != 0:
+        if result.returncode != 0:
             raise BuildError(
                 f"Importing the app (module {entry!r}) failed:\n"
-                + _tail(run.stderr_lines)
+                + tail(result.stderr_lines)
                 + "\nThe full traceback is in the build log. Fix the error and deploy again."
             )
-        if run.stdout_cut:
+        if result.stdout_cut:
             raise BuildError(
-                f"The app's manifest passes {_STDOUT_CHARS >> 20} MiB (the limit is "
+                f"The app's manifest passes {STDOUT_CHARS >> 20} MiB (the limit is "
                 f"{MAX_MANIFEST_BYTES // 1024} KiB). Declare fewer functions, or shorter config "
                 "descriptions and defaults, then deploy again."
             )
-        lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
         try:
             out = json.loads(lines[-1])
             app = out["app"]
@@ -346,6 +496,10 @@ class Builder:
             ) from e
         return app, entry
 
+    def _jail(self, spec: dict[str, Any], cmd: list[str]) -> list[str]:
+        jail = [self.python, "-s", "-P", "-m", "osless.runtime.jail", json.dumps(spec)]
+        return [*jail, "--nproc", str(self.nproc), "--", *cmd]
+
     def _uv(self) -> str:
         if self.uv is None:
             raise BuildError(
@@ -355,6 +509,11 @@ class Builder:
         return self.uv
 
 
+# uv's configuration files (the app's pyproject.toml [tool.uv], uv.toml) and its sources table must
+# not steer a build: where it fetches from is the platform's to say.
+_UV_FLAGS = ("--no-config", "--no-sources", "--no-python-downloads")
+
+
 def _default_uv() -> str | None:
     beside = Path(sys.executable).parent / "uv"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -362,68 +521,22 @@ def _default_uv() -> str | None:
     return shutil.which("uv")
 
 
-def _read_requirements(code: Path, log: Log) -> list[str]:
-    """The app's requirements: pyproject `[project].dependencies`, else requirements.txt, else none."""
-    reqs: list[str] | None = None
-    pyproject = code / "pyproject.toml"
-    if pyproject.is_file():
-        try:
-            data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise BuildError(f"pyproject.toml is not valid TOML ({e}); fix it and deploy again.") from e
-        project = data.get("project")
-        deps = project.get("dependencies") if isinstance(project, dict) else None
-        if deps is not None:
-            if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-                raise BuildError(
-                    "pyproject.toml [project].dependencies must be a list of requirement strings, "
-                    'like dependencies = ["requests>=2"].'
-                )
-            log("==> Requirements: pyproject.toml [project].dependencies")
-            reqs = [d.strip() for d in deps if d.strip()]
-    if reqs is None:
-        req_file = code / "requirements.txt"
-        if not req_file.is_file():
-            log("==> Requirements: none (no pyproject.toml dependencies, no requirements.txt)")
-            return []
-        log("==> Requirements: requirements.txt")
-        reqs = _parse_requirements_txt(req_file.read_text(encoding="utf-8", errors="replace"))
-    kept = []
-    for req in reqs:
-        m = _REQ_NAME_RE.match(req)
-        if m and re.sub(r"[-_.]+", "-", m.group(1)).lower() == "osless":
-            log(f"==> Requirements: dropping {req!r}: the platform provides osless itself")
-            continue
-        kept.append(req)
-    return kept
+def _entry(code: Path) -> str:
+    try:
+        from osless.runtime.loader import find_entry
+
+        return find_entry(str(code))
+    except Exception as e:  # the loader's errors already say how to fix them
+        raise BuildError(f"Could not find the app's entry module: {e}") from e
 
 
-def _parse_requirements_txt(text: str) -> list[str]:
-    reqs = []
-    for number, raw in enumerate(text.replace("\\\n", "").splitlines(), 1):
-        line = raw.strip()
-        if line.startswith("#"):
-            continue
-        line = re.sub(r"\s+#.*$", "", line).strip()
-        if not line:
-            continue
-        if line.startswith("-"):
-            raise BuildError(
-                f"requirements.txt line {number}: {line!r} is not supported; options such as -r, -e, "
-                "-c and --index-url are not allowed. List each requirement on its own line "
-                "(for example requests>=2)."
-            )
-        reqs.append(line)
-    return reqs
-
-
-def _uv_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The builder's own virtualenv must not leak into the app's resolution or install.
-    for var in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH", "PYTHONHOME", "UV_SYSTEM_PYTHON"):
-        env.pop(var, None)
-    env["NO_COLOR"] = "1"
-    return env
+def _owned(path: Path, uid: int | None) -> Path:
+    """`path`, made if missing, mode 700, owned by `uid` (None: by us)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    if uid is not None:
+        os.chown(path, uid, uid)
+    path.chmod(0o700)
+    return path
 
 
 def _inspect_env() -> dict[str, str]:
@@ -433,119 +546,6 @@ def _inspect_env() -> dict[str, str]:
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def _run(
-    cmd: Sequence[str],
-    log: Log,
-    *,
-    timeout: float,
-    cwd: Path,
-    env: dict[str, str],
-    stdin: str | None = None,
-    stdout_prefix: str | None = "",
-) -> _Run:
-    """Run `cmd`, logging each stderr line (and stdout line, if `stdout_prefix` is not None) as it comes."""
-    try:
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,  # so a timeout kills the whole tree, not only the direct child
-        )
-    except OSError as e:
-        raise BuildError(f"Could not run {cmd[0]!r}: {e}.") from e
-    with _running_lock:
-        _running.add(proc)
-    try:
-        return _collect(proc, log, timeout=timeout, stdin=stdin, stdout_prefix=stdout_prefix)
-    finally:
-        with _running_lock:
-            _running.discard(proc)
-
-
-# Every build subprocess, so that a stopping platform can end them (they have sessions of their own).
-_running: set[subprocess.Popen[str]] = set()
-_running_lock = threading.Lock()
-
-
-def stop_all_builds() -> None:
-    """Kill every running build step; their builds fail at once."""
-    with _running_lock:
-        procs = list(_running)
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _collect(
-    proc: subprocess.Popen[str], log: Log, *, timeout: float, stdin: str | None, stdout_prefix: str | None
-) -> _Run:
-    out: list[str] = []
-    err: deque[str] = deque(maxlen=_STDERR_LINES)
-    out_chars = 0
-    out_cut = False
-
-    def pump_out(stream: IO[str]) -> None:
-        nonlocal out_chars, out_cut
-        # Bounded reads: a line without end is taken in pieces, never whole.
-        while line := stream.readline(_STDOUT_CHARS):
-            if stdout_prefix is not None:
-                log(stdout_prefix + line.rstrip("\r\n"))
-            if out_chars + len(line) > _STDOUT_CHARS:
-                out_cut = True
-            if not out_cut:
-                out.append(line)
-                out_chars += len(line)
-
-    def pump_err(stream: IO[str]) -> None:
-        while line := stream.readline(_LINE_CHARS):
-            err.append(line)
-            log(line.rstrip("\r\n"))
-
-    assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=pump_out, args=(proc.stdout,), daemon=True),
-        threading.Thread(target=pump_err, args=(proc.stderr,), daemon=True),
-    ]
-    for t in readers:
-        t.start()
-    if stdin is not None:
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(stdin)
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-    returncode: int | None
-    try:
-        returncode = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        returncode = None
-    for t in readers:
-        # Bounded: a grandchild that escaped the process group could hold the pipes open.
-        t.join(timeout=5)
-    for stream in (proc.stdout, proc.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.close()
-    return _Run(returncode, "".join(out), [ln.rstrip("\r\n") for ln in err], out_cut)
-
-
-def _tail(lines: list[str]) -> str:
-    # importlib's own frames say nothing about the app's error; the full traceback is in the log anyway.
-    kept = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith('File "<frozen importlib')]
-    if not kept:
-        return "    (no error output)"
-    return "\n".join("    " + ln for ln in kept[-_TAIL_LINES:])
 
 
 def _write_atomic(path: Path, text: str, tmp_dir: Path) -> None:

@@ -18,7 +18,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,8 @@ class ImageStore:
         tmp = Path(tempfile.mkdtemp(prefix=f"layer-{digest[:12]}-", dir=self.tmp_dir))
         try:
             fill(tmp)
-            # Contents go read-only and to disk before the rename, so what appears under the digest is
-            # complete even after a power loss. The top directory stays writable until after the
+            # Contents become ours, read-only and on disk before the rename, so what appears under the
+            # digest is complete even after a power loss. The top directory stays writable until after the
             # rename: moving a directory needs write access to it (for its `..` entry).
             _seal_contents(tmp)
             try:
@@ -132,6 +132,15 @@ class ImageStore:
         except BaseException:
             _remove_tree(tmp)
             raise
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str) -> Iterator[Path]:
+        """A folder of the scratch space for one build, removed afterwards (links not followed)."""
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+        try:
+            yield path
+        finally:
+            _remove_tree(path)
 
     def has_manifest(self, digest: str) -> bool:
         with self._lock:
@@ -227,7 +236,7 @@ class ImageStore:
             for path in self.layers_dir.iterdir():
                 if path.name not in keep_layers and not remove(path, "layers"):
                     return False
-            for path in self.locks_dir.glob("*.txt"):
+            for path in self.locks_dir.glob("**/*.txt"):  # locks/<uid>/<hex>.txt: one folder per app
                 try:
                     digest = sha256_hex(path.read_bytes())
                 except FileNotFoundError:
@@ -273,25 +282,39 @@ def _sealed_mode(mode: int) -> int:
 
 
 def _seal_contents(top: Path) -> None:
+    """Take `top`'s contents over: ours (a sandboxed build filled them as the app's uid), read-only, on disk.
+
+    Never follows a link the build left: each file and folder is opened with O_NOFOLLOW and changed
+    through its descriptor, links are changed themselves, and anything else (fifos, sockets) goes.
+    Owner first, then mode: the kernel clears set-id bits and file capabilities on a change of owner.
+    """
+    uid, gid = os.geteuid(), os.getegid()
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        for name in filenames:
+        for name in (*filenames, *dirnames):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(path, _sealed_mode(st.st_mode))
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode):
-                _fsync_dir(Path(path))
-                os.chmod(path, _sealed_mode(st.st_mode))
-    _fsync_dir(top)
+            if stat.S_ISLNK(st.st_mode):
+                os.chown(path, uid, gid, follow_symlinks=False)
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                _take(path, stat.S_ISDIR(st.st_mode), uid, gid, seal=True)
+            else:
+                os.unlink(path)
+    _take(str(top), True, uid, gid, seal=False)  # writable until renamed into place (see add_layer)
+
+
+def _take(path: str, is_dir: bool, uid: int, gid: int, *, seal: bool) -> None:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else os.O_NONBLOCK)
+    fd = os.open(path, flags)
+    try:
+        os.fchown(fd, uid, gid)
+        for acl in ("system.posix_acl_access", "system.posix_acl_default"):
+            with contextlib.suppress(OSError):  # none set (ENODATA), or no ACLs here (ENOTSUP)
+                os.removexattr(fd, acl)
+        if seal:
+            os.fchmod(fd, _sealed_mode(os.fstat(fd).st_mode))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_tree(top: Path) -> None:

@@ -326,10 +326,15 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 class EgressProxy:
     """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs.
-    `allow`: the internal ranges the operator opens to apps that list them (`--egress-allow`)."""
+    `allow`: the internal ranges the operator opens to apps that list them (`--egress-allow`).
+    `gateway` None: `{app}.osless` is refused (builds reach no app)."""
 
     def __init__(
-        self, *, gateway: tuple[str, int], log: Callable[[str, str], None], allow: Iterable[Network] = ()
+        self,
+        *,
+        gateway: tuple[str, int] | None,
+        log: Callable[[str, str], None],
+        allow: Iterable[Network] = (),
     ) -> None:
         self.gateway = gateway
         self.log = log
@@ -433,6 +438,12 @@ class EgressProxy:
                     400,
                     "Bad Request",
                     f"osless egress: reach osless apps over plain http://{host}/\n",
+                )
+                return
+            if self.gateway is None:
+                self.log(app, f"egress to {where} refused: no osless app is reachable from here")
+                await _respond(
+                    writer, 403, "Forbidden", f"osless egress: {host} is not reachable from here\n"
                 )
                 return
             if not NAME_RE.fullmatch(target):

@@ -8,7 +8,11 @@ from typing import Any
 
 from osless.runtime.sandbox import SandboxSpec
 
-__all__ = ["build_spec", "owned_dir", "sandbox_spec"]
+__all__ = ["BUILD_FSIZE_MB", "build_spec", "owned_dir", "sandbox_spec"]
+
+# Wheels and their archives in uv's cache outgrow an instance's 1 GB file size limit (CUDA builds of
+# torch are past 2 GB).
+BUILD_FSIZE_MB = 16 * 1024
 
 
 def owned_dir(path: Path, uid: int) -> Path:
@@ -50,14 +54,27 @@ def sandbox_spec(
     )
 
 
-def build_spec(code: Path, deps: Path, *, uid: int, data_dir: Path, run_dir: Path) -> dict[str, Any]:
-    """The sandbox an app's import runs in at build time: its two layers, no network, no volumes."""
+def build_spec(
+    *,
+    uid: int,
+    readonly: list[Path],
+    volumes: dict[str, Path],
+    egress_socket: Path | None,
+    data_dir: Path,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The sandbox a build step runs in, as the app's own `uid`: `readonly` bound at their own paths
+    (its layers), `volumes` (inside path -> host folder: the step's scratch, cache and output)
+    writable, and, to resolve and install, the build's egress socket to the package index."""
     root = run_dir / "sandbox-root"
     root.mkdir(parents=True, exist_ok=True)
     return SandboxSpec(
         uid=uid,
         hostname="build",
         root=str(root),
-        readonly=[str(code), str(deps)],
+        readonly=[str(p) for p in readonly],
+        volumes={inside: str(host) for inside, host in volumes.items()},
         hide=[str(data_dir), str(run_dir)],
+        proxy_socket=str(egress_socket) if egress_socket else None,
+        fsize_mb=BUILD_FSIZE_MB,
     ).to_json()

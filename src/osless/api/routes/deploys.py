@@ -27,6 +27,7 @@ router = APIRouter(tags=["deploys"])
 log = logging.getLogger("osless.api.deploys")
 
 DEPLOY_LOG_CAP = 8 * 1024 * 1024
+UID_TIMEOUT_S = 60.0
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 
 
@@ -76,10 +77,18 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         with lock:
             writer.write(line.rstrip("\n"), "build")
 
+    loop = asyncio.get_running_loop()
+
+    def uid_for(name: str) -> int:
+        # The build asks from its worker thread, once it knows the app's name (`?app=`, or read
+        # from the code before any of it runs): its steps run as that app's own uid.
+        future = asyncio.run_coroutine_threadsafe(state.resources.app_uid(name), loop)
+        return future.result(timeout=UID_TIMEOUT_S)
+
     try:
-        # TODO(build slice): the name from the code when the deploy does not give one.
-        uid = await state.resources.app_uid(deploy.app or "-build")
-        result = await asyncio.to_thread(state.builder.build, archive, emit, app_name=deploy.app, uid=uid)
+        result = await asyncio.to_thread(
+            state.builder.build, archive, emit, app_name=deploy.app, uid_for=uid_for
+        )
         name = str(result.manifest["app"])
         cfg, _ = await state.resources.get_config(name)
         refused, unset = config_misfits(result.manifest.get("config") or {}, cfg)

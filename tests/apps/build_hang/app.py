@@ -1,0 +1,5 @@
+"""An app whose local dependency's setup.py never returns: its build must still be stoppable."""
+
+import osless
+
+app = osless.App("hang")
