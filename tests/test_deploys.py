@@ -168,6 +168,8 @@ def test_a_build_that_prints_without_end_is_stored_and_logged_capped(
     src.mkdir()
     (src / "app.py").write_text(
         "import sys\n"
+        "import osless\n"
+        "app = osless.App('loud')\n"
         "sys.stderr.write('L' * 30_000_000 + '\\n')\n"
         "for i in range(120_000):\n"
         "    print('line', i, 'x' * 80, file=sys.stderr)\n"

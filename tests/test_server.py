@@ -104,6 +104,7 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
         data = p.data_dir
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
         layers = data / "images" / "layers"
+        uv_caches = data / "cache" / "uv"
         seen: set[str] = set()
         layer_files = 0
         for dirpath, dirnames, filenames in os.walk(data):
@@ -114,6 +115,10 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
                         want = 0o005 if inside.is_dir() else 0o004
                         assert inside.stat().st_mode & want == want, inside
                         layer_files += 1
+                dirnames.clear()
+                continue
+            if here.parent == uv_caches:  # an app's uv cache: uv sets its own modes, in a folder of 700
+                assert stat.S_IMODE(here.stat().st_mode) == 0o700, here
                 dirnames.clear()
                 continue
             for name in filenames + (dirnames if here != layers else []):

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # In the sandbox, every capability gone: lowering a limit needs none.
         if nproc is not None:
             resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        # What the command writes (the app's uv cache, a layer before the image store seals it) is
+        # its own alone, like everything else in the data dir.
+        os.umask(0o077)
         os.execv(command[0], command)
 
     keeper = sandbox.spawn(spec, run)
