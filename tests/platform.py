@@ -135,6 +135,37 @@ class Platform:
         result: dict[str, Any] = self.cli_json("deploy", str(path), *extra)
         return result
 
+    def upload(self, path: Path, app: str | None = None) -> dict[str, Any]:
+        """Start a deploy of `path` through the API and return at once, while it builds."""
+        from osless.build import pack
+
+        r = self.http(
+            "POST",
+            "/v1/deploys",
+            params={"app": app} if app else None,
+            content=pack(path),
+            headers={"content-type": "application/gzip"},
+        )
+        assert r.status_code == 202, r.text
+        deploy: dict[str, Any] = r.json()
+        return deploy
+
+    def wait_for_build_line(self, deploy_id: str, text: str, timeout: float = 60) -> None:
+        """Follow a deploy's build log until a line holds `text`; fail if the build ends first."""
+        with httpx.stream(
+            "GET",
+            f"{self.api}/v1/deploys/{deploy_id}/log",
+            params={"follow": "true"},
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=timeout,
+        ) as r:
+            for line in r.iter_lines():
+                record = json.loads(line)
+                assert "deploy" not in record, f"the build ended before {text!r}: {record}"
+                if text in record.get("line", ""):
+                    return
+        raise AssertionError(f"the log of {deploy_id} ended before {text!r}")
+
     def deploy_warm(self, path: Path, *extra: str) -> dict[str, Any]:
         """Deploy, and keep one instance up whatever the traffic: for fixtures outliving the idle window."""
         result = self.deploy(path, *extra)

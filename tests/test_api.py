@@ -182,3 +182,19 @@ def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Plat
         platform.http("GET", "/v1/apps/doomed/config").json()["version"] == 0
     )  # no old values, no old secret
     platform.http("DELETE", "/v1/apps/doomed")
+
+
+def test_an_app_with_a_deploy_building_is_not_deleted(platform: Platform) -> None:
+    assert platform.http("POST", "/v1/apps", json={"name": "busy"}).status_code == 201
+    deploy = platform.upload(APPS / "e2e_slow_import", app="busy")
+    platform.wait_for_build_line(deploy["id"], "importing slowly")
+    r = platform.http("DELETE", "/v1/apps/busy")
+    # deleted now, its release would bring the app back when the build ends
+    assert r.status_code == 409 and r.json()["error"]["code"] == "deploy_in_progress"
+    assert deploy["id"] in r.json()["error"]["message"]
+    platform.wait_for(
+        lambda: platform.http("GET", f"/v1/deploys/{deploy['id']}").json()["status"] != "building",
+        what="the build to end",
+    )
+    assert platform.http("DELETE", "/v1/apps/busy").status_code == 204
+    assert platform.http("GET", "/v1/apps/busy").status_code == 404

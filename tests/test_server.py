@@ -10,6 +10,9 @@ import httpx
 
 from tests.platform import EXAMPLES, Platform, copy_app
 
+APPS = Path(__file__).parent / "apps"
+SLOW_IMPORT = APPS / "e2e_slow_import"
+
 
 def running(pid: int) -> bool:
     try:
@@ -42,10 +45,11 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
             what="2 instances of v3",
         )
         old_pids = [i["status"]["pid"] for i in first.instances("hello")]
-        # a deploy still building at the moment of the kill must never be served
-        building = first.http(
-            "POST", "/v1/deploys", content=b"\x1f\x8b garbage", headers={"content-type": "application/gzip"}
-        ).json()
+        # A deploy of a good app, still building (importing the app) at the moment of the kill:
+        # it must be marked failed, never served, and the release before it must keep serving.
+        building = first.upload(SLOW_IMPORT, app="hello")
+        first.wait_for_build_line(building["id"], "importing slowly")
+        assert first.http("GET", f"/v1/deploys/{building['id']}").json()["status"] == "building"
     finally:
         first.stop(signal.SIGKILL)
 
@@ -65,13 +69,20 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
         ]
         deploy = second.http("GET", f"/v1/deploys/{building['id']}").json()
         assert deploy["status"] == "failed"
+        assert deploy["error"] == "interrupted: the platform restarted during the build"
         second.wait_for(
             lambda: len([i for i in second.instances("hello") if i["status"]["phase"] == "ready"]) == 2,
             what="instances to come back",
         )
+        assert {i["release"] for i in second.instances("hello")} == {3}
         r = second.cli("invoke", "hello.greet", '{"name": "Kim"}')
         assert json.loads(r.stdout)["message"] == "Hello, Kim!"
         assert httpx.get(f"{second.gateway}/hello/").status_code == 200
+        # The interrupted upload was good: deployed again, it builds and serves.
+        again = second.deploy(SLOW_IMPORT, "--name", "hello")
+        assert again["status"] == "succeeded" and again["release"] == 4
+        r = second.cli("invoke", "hello.greet", '{"name": "Kim"}')
+        assert json.loads(r.stdout)["message"] == "Howdy, Kim!"
     finally:
         second.stop()
 
