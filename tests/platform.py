@@ -32,6 +32,23 @@ def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
     return data
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` exists and has not ended (a zombie has: only its exit status waits for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def ns_pids(pid: int) -> list[int]:
+    """A process's pid in each pid namespace it belongs to, the host's first."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.platform import Platform
+from tests.platform import Platform, running
 
 APPS = Path(__file__).parent / "apps"
 
@@ -122,13 +122,6 @@ def test_watch_streams_app_changes(platform: Platform) -> None:
     assert events and events[-1]["type"] == "PUT" and events[-1]["object"]["name"] == "watched"
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Platform) -> None:
     deployed = platform.deploy(APPS / "configured", "--name", "doomed")
     platform.cli("config", "set", "doomed", "max_items=3", "db_password=-", input="hunter2\n")
@@ -171,7 +164,7 @@ def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Plat
     db.close()
     # Its instances end, the gateway no longer knows it, and the name is free for a new app.
     for pid in pids:
-        platform.wait_for(lambda pid=pid: not _running(pid), what=f"instance pid {pid} to end")
+        platform.wait_for(lambda pid=pid: not running(pid), what=f"instance pid {pid} to end")
     platform.wait_for(
         lambda: httpx.get(f"{platform.gateway}/doomed/").status_code == 404, what="the gateway to forget it"
     )

@@ -10,17 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.platform import OSLESS, Platform
+from tests.platform import OSLESS, Platform, ns_pids
 
 APPS = Path(__file__).parent / "apps"
-
-
-def ns_pids(pid: int) -> list[int]:
-    """A process's pid in each pid namespace it belongs to, the host's first."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    return []
 
 
 def ready(platform: Platform, app: str) -> list[dict[str, object]]:

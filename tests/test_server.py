@@ -8,18 +8,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.platform import EXAMPLES, Platform, copy_app
+from tests.platform import EXAMPLES, Platform, copy_app, running
 
 APPS = Path(__file__).parent / "apps"
 SLOW_IMPORT = APPS / "e2e_slow_import"
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has ended; only its exit status waits for a reaper
 
 
 def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
