@@ -89,6 +89,28 @@ def test_history_and_rollback(platform: Platform, configured: dict[str, Any]) ->
     )
 
 
+def test_unset_goes_back_to_the_defaults_live(platform: Platform, configured: dict[str, Any]) -> None:
+    platform.cli("config", "set", "configured", "greeting=yo", "max_items=7")
+    before = platform.wait_for(lambda: (g := read(platform))["greeting"] == "yo" and g, what="the values")
+    version = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    out = platform.cli("config", "unset", "configured", "greeting", "max_items").stdout
+    assert out.strip() == f"configured: config version {version + 1}"
+    after = platform.wait_for(lambda: (g := read(platform))["greeting"] == "hello" and g, what="the defaults")
+    assert after["max_items"] == 10 and after["pid"] == before["pid"]  # live: no restart
+    values = platform.http("GET", "/v1/apps/configured/config").json()["values"]
+    assert "greeting" not in values and "max_items" not in values
+    assert platform.cli("config", "get", "configured", "max_items").stdout.strip() == "10"
+    history = platform.cli_json("config", "history", "configured")
+    assert history[0]["version"] == version + 1
+    assert history[0]["changes"] == {"greeting": {"unset": True}, "max_items": {"unset": True}}
+    assert "greeting unset" in platform.cli("config", "history", "configured").stdout
+    # Unsetting what is not set changes nothing; a key the app does not declare is a clear error.
+    platform.cli("config", "unset", "configured", "greeting")
+    assert platform.http("GET", "/v1/apps/configured/config").json()["version"] == version + 1
+    r = platform.cli("config", "unset", "configured", "colour", check=False)
+    assert r.returncode == 1 and "colour: not in the config schema of 'configured'" in r.stderr
+
+
 def test_secrets_are_delivered_but_never_shown(platform: Platform, configured: dict[str, Any]) -> None:
     platform.cli("config", "set", "configured", "db_password=-", input=SECRET + "\n")
     import hashlib
