@@ -62,6 +62,8 @@ class Platform:
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     token: str = ""
+    args: list[str] = field(default_factory=list)  # more `osless up` options
+    up_env: dict[str, str] = field(default_factory=dict)  # more environment for `osless up`
 
     @property
     def api(self) -> str:
@@ -93,10 +95,11 @@ class Platform:
                 str(self.api_port),
                 "--http-port",
                 str(self.http_port),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config")},
+            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), **self.up_env},
         )
         log.close()
         deadline = time.monotonic() + timeout
