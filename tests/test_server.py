@@ -94,3 +94,30 @@ def test_up_saves_credentials_for_the_cli(tmp_path: Path) -> None:
         assert json.loads(r.stdout)["gateway"] == p.gateway
     finally:
         p.stop()
+
+
+def test_no_sandbox_says_so_loudly_and_apps_still_run(tmp_path: Path) -> None:
+    p = Platform(tmp_path / "data", args=["--no-sandbox"]).start()
+    try:
+        warning = "APPS RUN WITHOUT A SANDBOX, their builds included: turned off by --no-sandbox"
+        assert f"WARNING osless: {warning}" in p.output()
+        p.deploy(APPS / "hostile")
+        status, me = p.invoke("hostile", "whoami")
+        assert status == 200
+        # The app runs as the platform does: the host's own uids, hostname, network and processes.
+        assert me["uid_map"] == ["0", "0", "4294967295"] and me["hostname"] != "hostile"
+        assert me["seccomp"] == "0" and "lo" in me["interfaces"] and len(me["interfaces"]) > 1
+        assert p.proc is not None and p.proc.pid in me["pids"]
+    finally:
+        p.stop()
+    sandboxed = Platform(tmp_path / "data").start()  # the same data, sandboxed again once asked
+    try:
+        assert warning not in sandboxed.output().split("osless is up")[-1]
+        sandboxed.wait_for(
+            lambda: [running(i["status"]["pid"]) for i in sandboxed.instances("hostile")] == [True],
+            what="the instance to be back",
+        )
+        status, me = sandboxed.invoke("hostile", "whoami")
+        assert status == 200 and me["hostname"] == "hostile" and me["interfaces"] == ["lo"]
+    finally:
+        sandboxed.stop()
