@@ -241,3 +241,58 @@ def test_answers_of_the_gateways_own_follow_http(platform: Platform, hello: dict
         sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * (70 * 1024) + b"\r\n\r\n")
         ((status, _, body),) = _responses(sock, 1)
         assert status == 431 and json.loads(body)["error"]["code"] == "head_too_large"
+
+
+def _raw_get(platform: Platform, target: bytes, headers: bytes) -> Any:
+    """GET on a raw connection, with headers exactly as given (spellings an HTTP library would fix)."""
+    with _connect(platform) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\n%s\r\n" % (target, headers))
+        ((status, _, body),) = _responses(sock, 1)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_a_wsgi_app_sees_the_gateways_forwarded_headers_never_the_clients(
+    platform: Platform, inspector: dict[str, object]
+) -> None:
+    forged = (
+        b"Host: shop.example\r\n"
+        b"X-Forwarded-For: 6.6.6.6\r\nX-FORWARDED-PROTO: https\r\nx-forwarded-host: evil.example\r\n"
+        b"X-Forwarded-Prefix: /forged\r\n"
+        # WSGI reads an underscore as a dash: these would reach the app as HTTP_X_FORWARDED_*
+        b"X_Forwarded_For: 7.7.7.7\r\nx_forwarded_prefix: /forged2\r\nX_FORWARDED_HOST: evil2\r\n"
+    )
+    seen = _raw_get(platform, b"/inspector/where", forged)
+    assert seen["headers"] == {
+        "x-forwarded-for": "127.0.0.1",
+        "x-forwarded-proto": "http",
+        "x-forwarded-host": "shop.example",
+        "x-forwarded-prefix": "/inspector",
+    }
+    assert seen["environ"] == {
+        "HTTP_X_FORWARDED_FOR": "127.0.0.1",
+        "HTTP_X_FORWARDED_PROTO": "http",
+        "HTTP_X_FORWARDED_HOST": "shop.example",
+        "HTTP_X_FORWARDED_PREFIX": "/inspector",
+    }
+    assert (seen["remote_addr"], seen["scheme"]) == ("127.0.0.1", "http")
+    # by host: no prefix at all, whatever the client says
+    seen = _raw_get(platform, b"/where", b"Host: inspector.localhost\r\nX-Forwarded-Prefix: /forged\r\n")
+    assert "x-forwarded-prefix" not in seen["headers"] and seen["headers"]["x-forwarded-host"] == (
+        "inspector.localhost"
+    )
+
+
+def test_wsgi_script_name_is_the_prefix_so_url_for_works_through_the_gateway(
+    platform: Platform, inspector: dict[str, object]
+) -> None:
+    r = httpx.get(f"{platform.gateway}/inspector/where")
+    seen = r.json()
+    assert (seen["script_name"], seen["path_info"]) == ("/inspector", "/where")
+    assert seen["url_for"] == "/inspector/where"
+    host = f"127.0.0.1:{platform.http_port}"
+    assert seen["external"] == f"http://{host}/inspector/where"
+    assert httpx.get(seen["external"]).json() == seen  # the URL the app made leads back to it
+    by_host = httpx.get(f"{platform.gateway}/where", headers={"host": "inspector.localhost"}).json()
+    assert (by_host["script_name"], by_host["path_info"], by_host["url_for"]) == ("", "/where", "/where")
+    assert by_host["external"] == "http://inspector.localhost/where"
