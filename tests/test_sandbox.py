@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import statistics
 import threading
 import time
@@ -127,6 +128,55 @@ def test_egress_goes_through_the_proxy_and_only_where_allowed(
     assert call(platform, "fetch", {"url": "http://victim.osless/"}) == {"status": 200, "body": "fine"}
     logs = platform.cli("logs", "hostile", "--tail", "50").stdout
     assert "egress to example.com:80 refused" in logs
+
+
+def _concrete(path: str, app: str) -> str:
+    """An OpenAPI path with its parameters filled in, for `app`."""
+    values = {"app": app, "function": "whoami", "version": "1", "node": "x", "name": "x"}
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "x"), path)
+
+
+def test_the_authorization_matrix_of_an_app_token(platform: Platform, apps: dict[str, Any]) -> None:
+    """Every operation of the API, with no token, a forged one, and the hostile app's own token:
+    the app's token opens its own config, schema and endpoints (GET), and nothing else."""
+    token = call(platform, "token")
+    assert token.startswith("osla_hostile_")
+    own = {
+        "/v1/whoami",
+        "/v1/apps/hostile/config",
+        "/v1/apps/hostile/config/schema",
+        "/v1/apps/hostile/endpoints",
+    }
+    forged = {
+        "forged app token": f"osla_victim_{'0' * 40}",
+        "another app's token as the app's": token.replace("osla_hostile_", "osla_victim_"),
+        "no scheme": token,
+    }
+    spec = platform.http("GET", "/openapi.json").json()
+    checked = 0
+    with httpx.Client(base_url=platform.api, timeout=30) as client:
+        for path, operations in spec["paths"].items():
+            if not path.startswith("/v1/"):
+                continue
+            for method in operations:
+                for app in ("hostile", "victim"):
+                    url = _concrete(path, app)
+                    r = client.request(method, url)
+                    assert r.status_code == 401, (method, url, r.status_code)
+                    for what, bad in forged.items():
+                        header = bad if what == "no scheme" else f"Bearer {bad}"
+                        r = client.request(method, url, headers={"authorization": header})
+                        assert r.status_code == 401, (what, method, url, r.status_code)
+                    r = client.request(method, url, headers={"authorization": f"Bearer {token}"})
+                    if method == "get" and url in own:
+                        assert r.status_code == 200, (method, url, r.text)
+                    else:
+                        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (
+                            method,
+                            url,
+                        )
+                    checked += 1
+    assert checked > 60, checked
 
 
 def test_escape_system_calls_are_denied(platform: Platform, apps: dict[str, Any]) -> None:

@@ -199,3 +199,8 @@ def leave_behind(event, ctx):
 
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # escapes its process group
     return {"pid": child.pid}
+
+
+@app.function()
+def token(event, ctx):
+    return os.environ.get("OSLESS_TOKEN")  # its own credential: where an attack on the API starts
