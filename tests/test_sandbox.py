@@ -179,6 +179,28 @@ def test_the_authorization_matrix_of_an_app_token(platform: Platform, apps: dict
     assert checked > 60, checked
 
 
+def test_egress_never_reaches_this_node_however_the_app_spells_it(
+    platform: Platform, apps: dict[str, Any]
+) -> None:
+    """An app that lists loopback, "any" and link-local addresses in a dozen spellings as its own
+    egress gets none of them, by name or by CONNECT, at the API's port or the gateway's."""
+    r = platform.cli("deploy", str(APPS / "hostile_egress"), "--json", check=False)
+    if r.returncode != 0:  # refusing such a list outright protects as well
+        assert "egress" in r.stderr and "127.0.0.1" in r.stderr, r.stderr
+        return
+    listed = platform.http("GET", "/v1/apps/hostile-egress").json()["release"]["manifest"]["egress"]
+    assert "127.0.0.1" in listed and "0x7f000001" in listed  # as declared: the list is the app's
+    spellings = [*listed, "localhost.", "[::1]", "[::ffff:127.0.0.1]", "[0:0:0:0:0:0:0:1]", "[::]"]
+    status, out = platform.invoke(
+        "hostile-egress", "probe", {"hosts": spellings, "ports": [platform.api_port, platform.http_port]}
+    )
+    assert status == 200, out
+    assert len(out) == len(spellings) * 2 * 2
+    for what, (code, body) in out.items():
+        assert code == 403, (what, code, body)
+        assert "osless egress" in body and '"gateway"' not in body, (what, body)
+
+
 def test_escape_system_calls_are_denied(platform: Platform, apps: dict[str, Any]) -> None:
     out = call(platform, "escape")
     for name in ("mount", "unshare_user", "unshare_mount", "setns", "ptrace", "sethostname"):
