@@ -216,6 +216,62 @@ def test_fork_bomb_stops_at_the_pids_limit(platform: Platform, apps: dict[str, A
     assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
 
 
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_log_flood_is_capped_and_the_platform_keeps_serving(
+    platform: Platform, apps: dict[str, Any]
+) -> None:
+    assert platform.proc is not None
+    up = platform.proc.pid
+    rss_before = _rss_kb(up)
+    slowest = 0.0
+    flooding = threading.Event()
+
+    def watch() -> None:  # the gateway, the API and the agent share one loop: it must not stall
+        nonlocal slowest
+        while flooding.is_set():
+            t0 = time.monotonic()
+            assert httpx.get(f"{platform.gateway}/victim/", timeout=30).text == "fine"
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.05)
+
+    # 64 MiB in lines of 1 KiB, then 64 MiB in one line that never ends
+    for event in ({"mb": 64, "line": 1024}, {"mb": 64, "line": 0}):
+        flooding.set()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            assert platform.invoke("hostile", "flood", event, timeout=120) == (200, 64 << 20)
+        finally:
+            flooding.clear()
+            watcher.join()
+        took = time.monotonic() - t0
+        assert took < 30, (event, took)
+    assert slowest < 2.0, slowest
+    assert _rss_kb(up) < rss_before + 50 * 1024  # nothing of it is held in memory
+
+    def flood_done() -> list[dict[str, Any]]:
+        out = platform.cli("logs", "hostile", "--json", "--tail", "20").stdout
+        return [r for r in map(json.loads, out.splitlines()) if r["line"] == "flood done"]
+
+    platform.wait_for(flood_done, what="the end of the flood in the logs")
+    records = [
+        json.loads(x) for x in platform.cli("logs", "hostile", "--json", "--tail", "1000").stdout.splitlines()
+    ]
+    endless = [r["line"] for r in records if r["line"].startswith("y")]
+    assert endless == ["y" * 16384]  # the line that never ended: its first 16 KiB, once
+    # On disk: the current file and one rotated, each capped (2 MiB), whatever the app wrote.
+    inst = platform.instances("hostile")[0]
+    files = list((platform.data_dir / "logs" / "apps" / "hostile").glob(f"{inst['id']}.log*"))
+    assert files and sum(f.stat().st_size for f in files) < 5 << 20, [(f, f.stat().st_size) for f in files]
+
+
 def test_tmp_is_capped(platform: Platform, apps: dict[str, Any]) -> None:
     out = call(platform, "fill_tmp")
     assert out["error"] == "OSError" and out["errno"] == errno.ENOSPC
