@@ -296,3 +296,97 @@ def test_wsgi_script_name_is_the_prefix_so_url_for_works_through_the_gateway(
     by_host = httpx.get(f"{platform.gateway}/where", headers={"host": "inspector.localhost"}).json()
     assert (by_host["script_name"], by_host["path_info"], by_host["url_for"]) == ("", "/where", "/where")
     assert by_host["external"] == "http://inspector.localhost/where"
+
+
+SMUGGLED = b"GET /inspector/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+POST = b"POST /inspector/echo HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        POST + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED)),
+        POST + b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED)),
+        POST + b"Content-Length: 0\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED),
+        POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        b"POST /inspector/echo HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n0\n\n",
+        POST + b"Content-Length: +%d\r\n\r\n" % len(SMUGGLED),
+    ],
+    ids=[
+        "cl-te",
+        "te-cl",
+        "two-lengths",
+        "xchunked",
+        "gzip",
+        "two-coding-headers",
+        "chunked-identity",
+        "space-colon",
+        "obs-fold",
+        "bare-lf",
+        "plus",
+    ],
+)
+def test_ambiguous_framing_is_refused_and_smuggles_nothing(
+    platform: Platform, inspector: dict[str, object], attack: bytes
+) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(attack + SMUGGLED)
+        ((status, headers, body),) = _responses(sock, 1)
+        assert status == 400 and headers["connection"] == "close", body
+        assert json.loads(body)["error"]["code"] == "bad_request"
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # and nothing more: the rest was never taken for a request
+    # The instance never saw the request hidden in the body, and the next client gets its own answer.
+    seen = httpx.get(f"{platform.gateway}/inspector/seen").json()["paths"]
+    assert not any(p.startswith("/smuggled") for p in seen), seen
+    assert httpx.get(f"{platform.gateway}/inspector/where").json()["path_info"] == "/where"
+
+
+def test_a_request_inside_a_body_stays_a_body(platform: Platform, inspector: dict[str, object]) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED)
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 200 and body == SMUGGLED
+        sock.sendall(
+            POST + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+        )
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 200 and body == SMUGGLED
+    seen = httpx.get(f"{platform.gateway}/inspector/seen").json()["paths"]
+    assert not any(p.startswith("/smuggled") for p in seen), seen
+
+
+def test_slowloris_is_cut_off_and_starves_no_one(platform: Platform, inspector: dict[str, object]) -> None:
+    """Clients that send a request head a byte at a time hold a connection for the keep-alive
+    time at most (15 s), however long they keep trickling, and others are served meanwhile."""
+    slow = [_connect(platform) for _ in range(200)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /inspector/where HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+        t0 = time.monotonic()
+        alive = list(slow)
+        while alive:
+            assert time.monotonic() - t0 < 20, f"{len(alive)} slow heads still open"
+            r = httpx.get(f"{platform.gateway}/inspector/where", timeout=5)
+            assert r.status_code == 200 and r.elapsed.total_seconds() < 1
+            for sock in list(alive):
+                try:
+                    sock.sendall(b"X-A: b\r\n")  # a header line each round: never a whole head
+                    closed = sock.recv(1) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed:
+                    alive.remove(sock)
+            time.sleep(0.5)
+        assert time.monotonic() - t0 > 10  # not cut before its time either
+    finally:
+        for sock in slow:
+            sock.close()
