@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
+import threading
 from pathlib import Path
 
 import httpx
@@ -121,3 +123,56 @@ def test_no_sandbox_says_so_loudly_and_apps_still_run(tmp_path: Path) -> None:
         assert status == 200 and me["hostname"] == "hostile" and me["interfaces"] == ["lo"]
     finally:
         sandboxed.stop()
+
+
+def test_kill_9_during_a_burst_of_config_writes_keeps_every_acknowledged_one(tmp_path: Path) -> None:
+    first = Platform(tmp_path / "data").start()
+    acked: list[tuple[int, int]] = []  # (version, max_items) of each write answered 200
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(headers={"authorization": f"Bearer {first.token}"}, timeout=10) as client:
+            for k in itertools.count():
+                if stop.is_set():
+                    return
+                value = n * 100_000 + k
+                try:
+                    r = client.patch(
+                        f"{first.api}/v1/apps/configured/config", json={"set": {"max_items": value}}
+                    )
+                except httpx.HTTPError:
+                    return  # the platform is gone: not acknowledged, nothing promised
+                if r.status_code == 200:
+                    acked.append((r.json()["version"], value))
+
+    try:
+        first.deploy(APPS / "configured")
+        writers = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for w in writers:
+            w.start()
+        first.wait_for(lambda: len(acked) >= 10, what="writes to be acknowledged")
+    finally:
+        first.stop(signal.SIGKILL)
+        stop.set()
+        for w in writers:
+            w.join()
+
+    second = Platform(tmp_path / "data", api_port=first.api_port, http_port=first.http_port).start()
+    try:
+        config = second.http("GET", "/v1/apps/configured/config").json()
+        history = second.http("GET", "/v1/apps/configured/config/history").json()["items"]
+        # Every acknowledged write is there, as the version it was acknowledged as.
+        by_version = {h["version"]: h["changes"]["max_items"]["set"] for h in history}
+        for version, value in acked:
+            assert by_version.get(version) == value, (version, value)
+        # The config and its history went together: no version lost, none half-written.
+        assert sorted(by_version) == list(range(1, config["version"] + 1))
+        assert config["values"]["max_items"] == by_version[config["version"]]
+        assert config["version"] >= max(v for v, _ in acked)
+        second.wait_for(
+            lambda: [running(i["status"]["pid"]) for i in second.instances("configured")] == [True],
+            what="the instance to be back",
+        )
+        assert second.invoke("configured", "read")[1]["max_items"] == config["values"]["max_items"]
+    finally:
+        second.stop()
