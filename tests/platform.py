@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from osless.build import pack
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 OSLESS = str(Path(sys.executable).parent / "osless")
@@ -157,8 +159,6 @@ class Platform:
 
     def upload(self, path: Path, app: str | None = None) -> dict[str, Any]:
         """Start a deploy of `path` through the API and return at once, while it builds."""
-        from osless.build import pack
-
         r = self.http(
             "POST",
             "/v1/deploys",

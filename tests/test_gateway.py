@@ -374,7 +374,7 @@ def test_slowloris_is_cut_off_and_starves_no_one(platform: Platform, inspector: 
         while alive:
             assert time.monotonic() - t0 < 20, f"{len(alive)} slow heads still open"
             r = httpx.get(f"{platform.gateway}/inspector/where", timeout=5)
-            assert r.status_code == 200 and r.elapsed.total_seconds() < 1
+            assert r.status_code == 200 and r.elapsed.total_seconds() < 2
             for sock in list(alive):
                 try:
                     sock.sendall(b"X-A: b\r\n")  # a header line each round: never a whole head

@@ -231,10 +231,14 @@ def test_a_fast_stream_waits_for_a_slow_reader(starlette: tuple[Zygote, Instance
     def produced() -> int:
         return int(two.client.get("/flooded").json()["chunks"])
 
-    def settled(timeout: float = 10.0) -> int:
-        """The count of chunks once it has stopped growing for a while (the app is held back)."""
+    def settled(at_least: int, timeout: float = 10.0) -> int:
+        """The count of chunks once it is `at_least` and has stopped growing for a while (the app
+        is held back)."""
         deadline = time.monotonic() + timeout
-        last, since = produced(), time.monotonic()
+        while (last := produced()) < at_least:
+            assert time.monotonic() < deadline, f"the app produced {last} chunks, not {at_least}"
+            time.sleep(0.02)
+        since = time.monotonic()
         while time.monotonic() - since < 0.5:
             assert time.monotonic() < deadline, f"the app never stopped producing ({last} chunks)"
             time.sleep(0.02)
@@ -247,7 +251,7 @@ def test_a_fast_stream_waits_for_a_slow_reader(starlette: tuple[Zygote, Instance
         reader.sendall(b"GET /flood HTTP/1.1\r\nHost: i\r\n\r\n")
         # The app starts, then flow control holds it back once the socket and a buffer's worth are
         # full: a few MiB made, not all 64 held in the instance's memory.
-        held = settled()
+        held = settled(1)
         assert 1 <= held < 8, held
         # Reading lets it go on, by what was read, and it is held back again...
         got = 0
@@ -255,7 +259,7 @@ def test_a_fast_stream_waits_for_a_slow_reader(starlette: tuple[Zygote, Instance
             chunk = reader.recv(1 << 20)
             assert chunk, "closed mid-stream"
             got += len(chunk)
-        moved = settled()
+        moved = settled(got >> 20)
         print(f"flow control: held at {held} chunks, at {moved} after reading {got >> 20} MiB")
         assert got >> 20 <= moved < (got >> 20) + 8, (held, moved, got)
         # ...and a reader that reads it all gets all of it.

@@ -253,7 +253,7 @@ def test_a_log_flood_is_capped_and_the_platform_keeps_serving(
             watcher.join()
         took = time.monotonic() - t0
         assert took < 30, (event, took)
-    assert slowest < 2.0, slowest
+    assert slowest < 3.0, slowest
     assert _rss_kb(up) < rss_before + 50 * 1024  # nothing of it is held in memory
 
     def flood_done() -> list[dict[str, Any]]:
