@@ -39,3 +39,9 @@ def own_platform(tmp_path: Path) -> Iterator[Platform]:
 def flask_demo(platform: Platform) -> dict[str, object]:
     """examples/flask, deployed once."""
     return platform.deploy_warm(EXAMPLES / "flask")
+
+
+@pytest.fixture(scope="session")
+def inspector(platform: Platform) -> dict[str, object]:
+    """tests/apps/inspector (Flask: what a WSGI app is given), deployed once."""
+    return platform.deploy_warm(Path(__file__).parent / "apps" / "inspector")

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from osless.build import pack
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 OSLESS = str(Path(sys.executable).parent / "osless")
@@ -32,6 +34,23 @@ def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
     return data
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` exists and has not ended (a zombie has: only its exit status waits for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def ns_pids(pid: int) -> list[int]:
+    """A process's pid in each pid namespace it belongs to, the host's first."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +64,8 @@ class Platform:
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     token: str = ""
-    up_args: list[str] = field(default_factory=list)  # more `osless up` options, e.g. --egress-allow
+    args: list[str] = field(default_factory=list)  # more `osless up` options
+    up_env: dict[str, str] = field(default_factory=dict)  # more environment for `osless up`
 
     @property
     def api(self) -> str:
@@ -77,11 +97,11 @@ class Platform:
                 str(self.api_port),
                 "--http-port",
                 str(self.http_port),
-                *self.up_args,
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config")},
+            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), **self.up_env},
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -136,6 +156,35 @@ class Platform:
     def deploy(self, path: Path, *extra: str) -> dict[str, Any]:
         result: dict[str, Any] = self.cli_json("deploy", str(path), *extra)
         return result
+
+    def upload(self, path: Path, app: str | None = None) -> dict[str, Any]:
+        """Start a deploy of `path` through the API and return at once, while it builds."""
+        r = self.http(
+            "POST",
+            "/v1/deploys",
+            params={"app": app} if app else None,
+            content=pack(path),
+            headers={"content-type": "application/gzip"},
+        )
+        assert r.status_code == 202, r.text
+        deploy: dict[str, Any] = r.json()
+        return deploy
+
+    def wait_for_build_line(self, deploy_id: str, text: str, timeout: float = 60) -> None:
+        """Follow a deploy's build log until a line holds `text`; fail if the build ends first."""
+        with httpx.stream(
+            "GET",
+            f"{self.api}/v1/deploys/{deploy_id}/log",
+            params={"follow": "true"},
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=timeout,
+        ) as r:
+            for line in r.iter_lines():
+                record = json.loads(line)
+                assert "deploy" not in record, f"the build ended before {text!r}: {record}"
+                if text in record.get("line", ""):
+                    return
+        raise AssertionError(f"the log of {deploy_id} ended before {text!r}")
 
     def deploy_warm(self, path: Path, *extra: str) -> dict[str, Any]:
         """Deploy, and keep one instance up whatever the traffic: for fixtures outliving the idle window."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.platform import Platform
+from tests.platform import Platform, running
+
+APPS = Path(__file__).parent / "apps"
 
 
 def test_every_v1_path_needs_a_token(platform: Platform) -> None:
@@ -127,3 +131,74 @@ def test_watch_streams_app_changes(platform: Platform) -> None:
     assert platform.http("POST", "/v1/apps", json={"name": "watched"}).status_code == 201
     t.join(15)
     assert events and events[-1]["type"] == "PUT" and events[-1]["object"]["name"] == "watched"
+
+
+def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Platform) -> None:
+    deployed = platform.deploy(APPS / "configured", "--name", "doomed")
+    platform.cli("config", "set", "doomed", "max_items=3", "db_password=-", input="hunter2\n")
+    platform.cli("scale", "doomed", "--min", "2")
+    platform.wait_for(
+        lambda: len([i for i in platform.instances("doomed") if i["status"]["phase"] == "ready"]) == 2,
+        what="2 ready instances",
+    )
+    pids = [i["status"]["pid"] for i in platform.instances("doomed")]
+    ids = [i["id"] for i in platform.instances("doomed")]
+    db = sqlite3.connect(f"file:{platform.data_dir / 'state.db'}?mode=ro", uri=True)
+    before = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+    keys = [
+        "/apps/doomed",
+        "/config/doomed",
+        f"/deploys/{deployed['id']}",
+        *(f"/instances/{i}" for i in ids),
+    ]
+    assert all(db.execute("SELECT 1 FROM kv WHERE key = ?", (k,)).fetchone() for k in keys)
+
+    r = platform.http("DELETE", "/v1/apps/doomed")
+    assert r.status_code == 204
+    for path in ("/v1/apps/doomed", "/v1/apps/doomed/releases", "/v1/apps/doomed/config"):
+        r = platform.http("GET", path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "app_not_found", path
+    assert platform.instances("doomed") == []
+    assert all(d["app"] != "doomed" for d in platform.http("GET", "/v1/deploys").json()["items"])
+    # Nothing left in the store names it, and everything went at one revision: there is no moment
+    # (a kill -9, say) at which half of the app is left.
+    left = db.execute("SELECT key FROM kv WHERE key LIKE '%doomed%' OR value LIKE '%\"doomed\"%'").fetchall()
+    assert left == []
+    revisions = db.execute(
+        "SELECT DISTINCT rev FROM events WHERE type = 'DELETE' AND rev > ?"
+        " AND (key LIKE '%doomed%' OR key = ?)",
+        (before, f"/deploys/{deployed['id']}"),
+    ).fetchall()
+    assert len(revisions) == 1, revisions
+    deleted = db.execute("SELECT key FROM events WHERE rev = ? ORDER BY key", revisions[0]).fetchall()
+    assert {k for (k,) in deleted} >= {*keys, "/confighistory/doomed/00000001", "/releases/doomed/00000001"}
+    db.close()
+    # Its instances end, the gateway no longer knows it, and the name is free for a new app.
+    for pid in pids:
+        platform.wait_for(lambda pid=pid: not running(pid), what=f"instance pid {pid} to end")
+    platform.wait_for(
+        lambda: httpx.get(f"{platform.gateway}/doomed/").status_code == 404, what="the gateway to forget it"
+    )
+    assert platform.http("DELETE", "/v1/apps/doomed").status_code == 404
+    again = platform.deploy(APPS / "configured", "--name", "doomed")
+    assert again["release"] == 1
+    assert (
+        platform.http("GET", "/v1/apps/doomed/config").json()["version"] == 0
+    )  # no old values, no old secret
+    platform.http("DELETE", "/v1/apps/doomed")
+
+
+def test_an_app_with_a_deploy_building_is_not_deleted(platform: Platform) -> None:
+    assert platform.http("POST", "/v1/apps", json={"name": "busy"}).status_code == 201
+    deploy = platform.upload(APPS / "e2e_slow_import", app="busy")
+    platform.wait_for_build_line(deploy["id"], "importing slowly")
+    r = platform.http("DELETE", "/v1/apps/busy")
+    # deleted now, its release would bring the app back when the build ends
+    assert r.status_code == 409 and r.json()["error"]["code"] == "deploy_in_progress"
+    assert deploy["id"] in r.json()["error"]["message"]
+    platform.wait_for(
+        lambda: platform.http("GET", f"/v1/deploys/{deploy['id']}").json()["status"] != "building",
+        what="the build to end",
+    )
+    assert platform.http("DELETE", "/v1/apps/busy").status_code == 204
+    assert platform.http("GET", "/v1/apps/busy").status_code == 404

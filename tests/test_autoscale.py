@@ -227,3 +227,45 @@ def test_redeploy_and_rollback_under_load_fail_no_request(platform: Platform, tm
             w.join()
     assert failures == []
     assert seen == {"one", "two"}
+
+
+def test_the_default_policy_scales_a_burst_up_and_back_down(platform: Platform) -> None:
+    platform.deploy(APPS / "streamer", "--name", "crowd")  # no `osless scale`: the defaults
+    app = platform.http("GET", "/v1/apps/crowd").json()
+    assert (app["min"], app["max"], app["desired"]) == (0, 10, 1)  # a new release starts with one
+    assert app["autoscale"] == {
+        "target": 10.0,  # requests in flight per instance
+        "idle_s": 60.0,  # then zero
+        "stable_s": 60.0,
+        "panic_s": 6.0,
+        "concurrency_limit": 1000,
+        "max_body_mb": 10.0,
+    }
+    platform.wait_for(lambda: len(ready(platform, "crowd")) == 1, what="the first instance")
+
+    # 40 in flight, four times the target for one instance: the short window reacts at once.
+    peak: dict[str, Any] = {"desired": 1}
+    with httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(40) as pool:
+        statuses: list[int] = []
+        for _ in range(3):
+            statuses += pool.map(
+                lambda _: client.get(f"{platform.gateway}/crowd/slow", params={"s": "1"}).status_code,
+                range(40),
+            )
+            now = platform.http("GET", "/v1/apps/crowd").json()
+            if now["desired"] > peak["desired"]:
+                peak = now
+    assert set(statuses) == {200}
+    assert peak["desired"] >= 3 and peak["scale_reason"].startswith("panic"), peak
+    # Once it has passed, the stable window brings it back to one (not zero: within the idle window).
+    settled = platform.wait_for(
+        lambda: (a := platform.http("GET", "/v1/apps/crowd").json())["desired"] == 1 and a,
+        timeout=90,
+        what="the app back to one instance",
+    )
+    reason = settled["scale_reason"]
+    assert reason.endswith("in flight on average, target 10 per instance") or reason == (
+        "kept warm: traffic within the idle window"
+    ), reason
+    platform.wait_for(lambda: len(platform.instances("crowd")) == 1, what="the extra instances to stop")
+    platform.http("DELETE", "/v1/apps/crowd")

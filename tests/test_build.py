@@ -120,22 +120,27 @@ def test_pack_refuses_a_missing_dir(tmp_path: Path) -> None:
 # -- source: unpack -------------------------------------------------------------------------------
 
 
-def _tar(*members: tuple[str, bytes, str]) -> bytes:
-    """A tar.gz of (name, content, kind) with kind in file/dir/sym/hard/chr."""
+def _tar(*members: tuple[str, bytes, str], link: str = "app.py", pax_path: str | None = None) -> bytes:
+    """A tar.gz of (name, content, kind) with kind in file/dir/sym/hard/chr/blk/fifo; links point at
+    `link`; `pax_path` overrides the first member's name in a pax record, as tar readers honour."""
     kinds = {
         "file": tarfile.REGTYPE,
         "dir": tarfile.DIRTYPE,
         "sym": tarfile.SYMTYPE,
         "hard": tarfile.LNKTYPE,
         "chr": tarfile.CHRTYPE,
+        "blk": tarfile.BLKTYPE,
+        "fifo": tarfile.FIFOTYPE,
     }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for name, content, kind in members:
+        for i, (name, content, kind) in enumerate(members):
             info = tarfile.TarInfo(name)
             info.type = kinds[kind]
+            if pax_path is not None and i == 0:
+                info.pax_headers = {"path": pax_path}
             if kind in ("sym", "hard"):
-                info.linkname = "app.py"
+                info.linkname = link
             info.size = len(content) if kind == "file" else 0
             tar.addfile(info, io.BytesIO(content) if kind == "file" else None)
     return buf.getvalue()
@@ -156,9 +161,15 @@ def test_unpack_roundtrip(tree: Path, tmp_path: Path) -> None:
         (_tar(("../x", b"x", "file")), "outside"),
         (_tar(("a/../../x", b"x", "file")), "outside"),
         (_tar(("/etc/x", b"x", "file")), "absolute"),
+        (_tar(("ok.py", b"x", "file"), pax_path="../../x"), "outside"),
+        (_tar(("ok.py", b"x", "file"), pax_path="/etc/x"), "absolute"),
         (_tar(("app.py", b"x", "file"), ("evil", b"", "sym")), "symbolic link"),
+        (_tar(("etc", b"", "sym"), ("etc/x", b"x", "file"), link="/etc"), "symbolic link"),
         (_tar(("app.py", b"x", "file"), ("evil", b"", "hard")), "hard link"),
+        (_tar(("x", b"", "hard"), link="/etc/passwd"), "hard link"),
         (_tar(("dev", b"", "chr")), "device"),
+        (_tar(("disk", b"", "blk")), "device"),
+        (_tar(("pipe", b"", "fifo")), "fifo"),
         (_tar(("app.py", b"x", "file"), ("app.py", b"y", "file")), "twice"),
         (_tar(*[(f"f{i}.py", b"", "file") for i in range(6)]), "more than 5 files"),
         (_tar(("big.bin", b"x" * 2000, "file")), "larger than"),
@@ -169,9 +180,15 @@ def test_unpack_roundtrip(tree: Path, tmp_path: Path) -> None:
         "dotdot",
         "nested-dotdot",
         "absolute",
+        "pax-path-dotdot",
+        "pax-path-absolute",
         "symlink",
+        "symlink-dir-then-file-through-it",
         "hardlink",
+        "hardlink-to-host-file",
         "device",
+        "block-device",
+        "fifo",
         "duplicate",
         "too-many-files",
         "too-many-bytes",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.platform import Platform, copy_app
+from tests.platform import Platform, copy_app, ns_pids
 
 APPS = Path(__file__).parent / "apps"
 SECRET = "s3cret-do-not-leak-4711"
@@ -90,6 +89,28 @@ def test_history_and_rollback(platform: Platform, configured: dict[str, Any]) ->
     )
 
 
+def test_unset_goes_back_to_the_defaults_live(platform: Platform, configured: dict[str, Any]) -> None:
+    platform.cli("config", "set", "configured", "greeting=yo", "max_items=7")
+    before = platform.wait_for(lambda: (g := read(platform))["greeting"] == "yo" and g, what="the values")
+    version = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    out = platform.cli("config", "unset", "configured", "greeting", "max_items").stdout
+    assert out.strip() == f"configured: config version {version + 1}"
+    after = platform.wait_for(lambda: (g := read(platform))["greeting"] == "hello" and g, what="the defaults")
+    assert after["max_items"] == 10 and after["pid"] == before["pid"]  # live: no restart
+    values = platform.http("GET", "/v1/apps/configured/config").json()["values"]
+    assert "greeting" not in values and "max_items" not in values
+    assert platform.cli("config", "get", "configured", "max_items").stdout.strip() == "10"
+    history = platform.cli_json("config", "history", "configured")
+    assert history[0]["version"] == version + 1
+    assert history[0]["changes"] == {"greeting": {"unset": True}, "max_items": {"unset": True}}
+    assert "greeting unset" in platform.cli("config", "history", "configured").stdout
+    # Unsetting what is not set changes nothing; a key the app does not declare is a clear error.
+    platform.cli("config", "unset", "configured", "greeting")
+    assert platform.http("GET", "/v1/apps/configured/config").json()["version"] == version + 1
+    r = platform.cli("config", "unset", "configured", "colour", check=False)
+    assert r.returncode == 1 and "colour: not in the config schema of 'configured'" in r.stderr
+
+
 def test_secrets_are_delivered_but_never_shown(platform: Platform, configured: dict[str, Any]) -> None:
     platform.cli("config", "set", "configured", "db_password=-", input=SECRET + "\n")
     import hashlib
@@ -143,6 +164,7 @@ def test_restart_fields_roll_the_instances_without_failing_requests(
         lambda: len([i for i in platform.instances("configured") if i["status"]["phase"] == "ready"]) == 2,
         what="2 instances",
     )
+    old_pids = {i["status"]["pid"] for i in platform.instances("configured")}
     failures: list[Any] = []
     done = threading.Event()
 
@@ -156,11 +178,27 @@ def test_restart_fields_roll_the_instances_without_failing_requests(
     worker.start()
     try:
         patch(platform, {"set": {"workers": 9}})
-        platform.wait_for(
-            lambda: all(read(platform)["workers_at_start"] == 9 for _ in range(6)),
-            timeout=60,
-            what="every instance restarted with workers=9",
-        )
+
+        def rolled() -> set[int] | None:
+            """The instances' pids once both are ready and neither is one from before the change."""
+            instances = platform.instances("configured")
+            pids = {i["status"]["pid"] for i in instances}
+            done = len(instances) == 2 and all(i["status"]["phase"] == "ready" for i in instances)
+            return pids if done and not pids & old_pids else None
+
+        new_pids = platform.wait_for(rolled, timeout=60, what="the roll to replace both instances")
+        # Every instance now running was started after the change, and read workers=9 at its start
+        # (an instance knows itself by its pid inside its sandbox's pid namespace).
+        inner = {ns_pids(pid)[-1] for pid in new_pids}
+        seen: dict[int, int] = {}
+
+        def heard_from_each() -> bool:
+            got = read(platform)
+            seen[got["pid"]] = got["workers_at_start"]
+            return set(seen) >= inner
+
+        platform.wait_for(heard_from_each, what="an answer from each instance")
+        assert set(seen) == inner and set(seen.values()) == {9}, seen
     finally:
         done.set()
         worker.join()
@@ -199,7 +237,13 @@ def test_apps_find_each_other_by_name(platform: Platform, configured: dict[str, 
 
 def test_endpoints_can_be_watched(platform: Platform, configured: dict[str, Any]) -> None:
     listed = platform.http("GET", "/v1/apps/configured/endpoints").json()
+    known = {i["id"] for i in listed["instances"]}
     events: list[dict[str, Any]] = []
+    found = threading.Event()
+
+    def new_and_ready(event: dict[str, Any]) -> bool:
+        obj = event.get("object") or {}
+        return event.get("type") == "PUT" and obj.get("id") not in known and obj["status"]["phase"] == "ready"
 
     def watch() -> None:
         with httpx.stream(
@@ -211,13 +255,18 @@ def test_endpoints_can_be_watched(platform: Platform, configured: dict[str, Any]
         ) as r:
             for line in r.iter_lines():
                 events.append(json.loads(line))
-                if events[-1].get("type") == "PUT":
+                if new_and_ready(events[-1]):  # the event this is about: a second instance ready
+                    found.set()
                     return
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    time.sleep(0.3)
     platform.cli("scale", "configured", "--min", "2", "--max", "10")
-    t.join(20)
-    platform.cli("scale", "configured", "--min", "1", "--max", "10")
-    assert events and events[-1]["object"]["app"] == "configured"
+    try:
+        assert found.wait(30), events
+    finally:
+        platform.cli("scale", "configured", "--min", "1", "--max", "10")
+    t.join(5)
+    ready = [e for e in events if new_and_ready(e)]
+    assert ready[0]["object"]["app"] == "configured" and ready[0]["object"]["status"]["socket"]
+    assert all((e.get("object") or {}).get("app", "configured") == "configured" for e in events)

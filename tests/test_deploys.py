@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
 import time
@@ -183,3 +184,40 @@ def test_a_build_that_prints_without_end_is_stored_and_logged_capped(
     assert path.stat().st_size <= DEPLOY_LOG_CAP
     last = json.loads(path.read_bytes().splitlines()[-1])
     assert "reached its cap" in last["line"]
+
+
+def _gzip_bomb(unpacked_mb: int) -> bytes:
+    """A tar.gz of one file of `unpacked_mb` MiB of zeros, some 1,000 times smaller: the same
+    gzip member repeated (a gzip stream may have many), so making it costs nothing."""
+    size = unpacked_mb << 20
+    head = tarfile.TarInfo("app.py")
+    head.size = size
+    zeros = gzip.compress(bytes(1 << 20), compresslevel=9)
+    end = gzip.compress(bytes(1024))  # tar's two empty end blocks
+    return gzip.compress(head.tobuf(format=tarfile.GNU_FORMAT)) + zeros * unpacked_mb + end
+
+
+def test_a_gzip_bomb_fails_at_once_without_filling_the_disk(platform: Platform) -> None:
+    bomb = _gzip_bomb(1024)  # 1 GiB unpacked
+    assert len(bomb) < 2 << 20
+    assert platform.proc is not None
+    data_before = sum(f.stat().st_size for f in platform.data_dir.rglob("*") if f.is_file())
+    t0 = time.monotonic()
+    deploy = platform.http(
+        "POST",
+        "/v1/deploys",
+        params={"app": "bomb"},
+        content=bomb,
+        headers={"content-type": "application/gzip"},
+    ).json()
+    final = platform.wait_for(
+        lambda: (
+            (d := platform.http("GET", f"/v1/deploys/{deploy['id']}").json())["status"] != "building" and d
+        ),
+        what="the build to fail",
+    )
+    assert time.monotonic() - t0 < 10
+    assert final["status"] == "failed" and "the source is larger than 200 MB unpacked" in final["error"]
+    grown = sum(f.stat().st_size for f in platform.data_dir.rglob("*") if f.is_file()) - data_before
+    assert grown < 50 << 20, grown  # nothing of it was written out
+    assert platform.http("GET", "/v1/apps/bomb").status_code == 404

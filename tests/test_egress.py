@@ -628,7 +628,7 @@ def test_an_app_reaches_what_it_lists_and_the_operator_allows_and_nothing_else(
     app = copy_app(APPS / "fetcher", tmp_path / "fetcher")
     own = [(str(s.server_address[0]), s) for s in net.own if s.address_family == socket.AF_INET]
     (app / "egress.json").write_text(json.dumps([net.outside_ip, net.host_ip, *(a for a, _ in own)]))
-    platform = Platform(tmp_path / "data", up_args=["--egress-allow", net.network]).start()
+    platform = Platform(tmp_path / "data", args=["--egress-allow", net.network]).start()
     try:
         platform.deploy(app)
 

@@ -275,3 +275,152 @@ def test_answers_of_the_gateways_own_follow_http(platform: Platform, hello: dict
         sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * (70 * 1024) + b"\r\n\r\n")
         ((status, _, body),) = _responses(sock, 1)
         assert status == 431 and json.loads(body)["error"]["code"] == "head_too_large"
+
+
+def _raw_get(platform: Platform, target: bytes, headers: bytes) -> Any:
+    """GET on a raw connection, with headers exactly as given (spellings an HTTP library would fix)."""
+    with _connect(platform) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\n%s\r\n" % (target, headers))
+        ((status, _, body),) = _responses(sock, 1)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_a_wsgi_app_sees_the_gateways_forwarded_headers_never_the_clients(
+    platform: Platform, inspector: dict[str, object]
+) -> None:
+    forged = (
+        b"Host: shop.example\r\n"
+        b"X-Forwarded-For: 6.6.6.6\r\nX-FORWARDED-PROTO: https\r\nx-forwarded-host: evil.example\r\n"
+        b"X-Forwarded-Prefix: /forged\r\n"
+        # WSGI reads an underscore as a dash: these would reach the app as HTTP_X_FORWARDED_*
+        b"X_Forwarded_For: 7.7.7.7\r\nx_forwarded_prefix: /forged2\r\nX_FORWARDED_HOST: evil2\r\n"
+    )
+    seen = _raw_get(platform, b"/inspector/where", forged)
+    assert seen["headers"] == {
+        "x-forwarded-for": "127.0.0.1",
+        "x-forwarded-proto": "http",
+        "x-forwarded-host": "shop.example",
+        "x-forwarded-prefix": "/inspector",
+    }
+    assert seen["environ"] == {
+        "HTTP_X_FORWARDED_FOR": "127.0.0.1",
+        "HTTP_X_FORWARDED_PROTO": "http",
+        "HTTP_X_FORWARDED_HOST": "shop.example",
+        "HTTP_X_FORWARDED_PREFIX": "/inspector",
+    }
+    assert (seen["remote_addr"], seen["scheme"]) == ("127.0.0.1", "http")
+    # by host: no prefix at all, whatever the client says
+    seen = _raw_get(platform, b"/where", b"Host: inspector.localhost\r\nX-Forwarded-Prefix: /forged\r\n")
+    assert "x-forwarded-prefix" not in seen["headers"] and seen["headers"]["x-forwarded-host"] == (
+        "inspector.localhost"
+    )
+
+
+def test_wsgi_script_name_is_the_prefix_so_url_for_works_through_the_gateway(
+    platform: Platform, inspector: dict[str, object]
+) -> None:
+    r = httpx.get(f"{platform.gateway}/inspector/where")
+    seen = r.json()
+    assert (seen["script_name"], seen["path_info"]) == ("/inspector", "/where")
+    assert seen["url_for"] == "/inspector/where"
+    host = f"127.0.0.1:{platform.http_port}"
+    assert seen["external"] == f"http://{host}/inspector/where"
+    assert httpx.get(seen["external"]).json() == seen  # the URL the app made leads back to it
+    by_host = httpx.get(f"{platform.gateway}/where", headers={"host": "inspector.localhost"}).json()
+    assert (by_host["script_name"], by_host["path_info"], by_host["url_for"]) == ("", "/where", "/where")
+    assert by_host["external"] == "http://inspector.localhost/where"
+
+
+SMUGGLED = b"GET /inspector/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+POST = b"POST /inspector/echo HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        POST + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED)),
+        POST + b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n0\r\n\r\n" % (5 + len(SMUGGLED)),
+        POST + b"Content-Length: 0\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED),
+        POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        b"POST /inspector/echo HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n0\n\n",
+        POST + b"Content-Length: +%d\r\n\r\n" % len(SMUGGLED),
+    ],
+    ids=[
+        "cl-te",
+        "te-cl",
+        "two-lengths",
+        "xchunked",
+        "gzip",
+        "two-coding-headers",
+        "chunked-identity",
+        "space-colon",
+        "obs-fold",
+        "bare-lf",
+        "plus",
+    ],
+)
+def test_ambiguous_framing_is_refused_and_smuggles_nothing(
+    platform: Platform, inspector: dict[str, object], attack: bytes
+) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(attack + SMUGGLED)
+        ((status, headers, body),) = _responses(sock, 1)
+        assert status == 400 and headers["connection"] == "close", body
+        assert json.loads(body)["error"]["code"] == "bad_request"
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # and nothing more: the rest was never taken for a request
+    # The instance never saw the request hidden in the body, and the next client gets its own answer.
+    seen = httpx.get(f"{platform.gateway}/inspector/seen").json()["paths"]
+    assert not any(p.startswith("/smuggled") for p in seen), seen
+    assert httpx.get(f"{platform.gateway}/inspector/where").json()["path_info"] == "/where"
+
+
+def test_a_request_inside_a_body_stays_a_body(platform: Platform, inspector: dict[str, object]) -> None:
+    with _connect(platform) as sock:
+        sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED)
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 200 and body == SMUGGLED
+        sock.sendall(
+            POST + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+        )
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 200 and body == SMUGGLED
+    seen = httpx.get(f"{platform.gateway}/inspector/seen").json()["paths"]
+    assert not any(p.startswith("/smuggled") for p in seen), seen
+
+
+def test_slowloris_is_cut_off_and_starves_no_one(platform: Platform, inspector: dict[str, object]) -> None:
+    """Clients that send a request head a byte at a time hold a connection for the keep-alive
+    time at most (15 s), however long they keep trickling, and others are served meanwhile."""
+    slow = [_connect(platform) for _ in range(200)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /inspector/where HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+        t0 = time.monotonic()
+        alive = list(slow)
+        while alive:
+            assert time.monotonic() - t0 < 20, f"{len(alive)} slow heads still open"
+            r = httpx.get(f"{platform.gateway}/inspector/where", timeout=5)
+            assert r.status_code == 200 and r.elapsed.total_seconds() < 2
+            for sock in list(alive):
+                try:
+                    sock.sendall(b"X-A: b\r\n")  # a header line each round: never a whole head
+                    closed = sock.recv(1) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed:
+                    alive.remove(sock)
+            time.sleep(0.5)
+        assert time.monotonic() - t0 > 10  # not cut before its time either
+    finally:
+        for sock in slow:
+            sock.close()

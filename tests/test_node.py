@@ -10,17 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.platform import OSLESS, Platform
+from tests.platform import OSLESS, Platform, ns_pids
 
 APPS = Path(__file__).parent / "apps"
-
-
-def ns_pids(pid: int) -> list[int]:
-    """A process's pid in each pid namespace it belongs to, the host's first."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    return []
 
 
 def ready(platform: Platform, app: str) -> list[dict[str, object]]:
@@ -136,3 +128,18 @@ def test_logs_follow_streams_new_lines(platform: Platform, hello: dict[str, obje
         reader.join(5)
         assert follower.stdout is not None
         follower.stdout.close()
+
+
+def test_ctx_log_reaches_osless_logs(platform: Platform, inspector: dict[str, object]) -> None:
+    status, request_id = platform.invoke("inspector", "log", "hello")
+    assert status == 200
+    expected = f"INFO osless.app.inspector.log: ctx.log says hello (request {request_id})"
+
+    def records() -> list[dict[str, str]]:
+        out = platform.cli("logs", "inspector", "--json", "--tail", "200").stdout
+        return [r for r in map(json.loads, out.splitlines()) if request_id in r["line"]]
+
+    found = platform.wait_for(records, what="the ctx.log line in osless logs")
+    assert [(r["line"], r["stream"]) for r in found] == [(expected, "stderr")]  # its debug line is below INFO
+    assert found[0]["source"].startswith("inspector-v")
+    assert expected in platform.cli("logs", "inspector").stdout

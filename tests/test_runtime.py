@@ -253,13 +253,49 @@ def test_kept_alive_connections_live_while_used_and_close_when_idle(
 
 def test_a_fast_stream_waits_for_a_slow_reader(starlette: tuple[Zygote, Instance, Instance]) -> None:
     _, _, two = starlette
+
+    def produced() -> int:
+        return int(two.client.get("/flooded").json()["chunks"])
+
+    def settled(at_least: int, timeout: float = 10.0) -> int:
+        """The count of chunks once it is `at_least` and has stopped growing for a while (the app
+        is held back)."""
+        deadline = time.monotonic() + timeout
+        while (last := produced()) < at_least:
+            assert time.monotonic() < deadline, f"the app produced {last} chunks, not {at_least}"
+            time.sleep(0.02)
+        since = time.monotonic()
+        while time.monotonic() - since < 0.5:
+            assert time.monotonic() < deadline, f"the app never stopped producing ({last} chunks)"
+            time.sleep(0.02)
+            if (now := produced()) != last:
+                last, since = now, time.monotonic()
+        return last
+
     with socket.socket(socket.AF_UNIX) as reader:  # asks for 64 MiB, then reads none of it
         reader.connect(two.path)
         reader.sendall(b"GET /flood HTTP/1.1\r\nHost: i\r\n\r\n")
-        time.sleep(1)
-        # Flow control holds the app back once the socket and a buffer's worth are full: a few MiB
-        # made, not all 64 held in the instance's memory.
-        assert two.client.get("/flooded").json()["chunks"] < 8
+        # The app starts, then flow control holds it back once the socket and a buffer's worth are
+        # full: a few MiB made, not all 64 held in the instance's memory.
+        held = settled(1)
+        assert 1 <= held < 8, held
+        # Reading lets it go on, by what was read, and it is held back again...
+        got = 0
+        while got < 16 << 20:
+            chunk = reader.recv(1 << 20)
+            assert chunk, "closed mid-stream"
+            got += len(chunk)
+        moved = settled(got >> 20)
+        print(f"flow control: held at {held} chunks, at {moved} after reading {got >> 20} MiB")
+        assert got >> 20 <= moved < (got >> 20) + 8, (held, moved, got)
+        # ...and a reader that reads it all gets all of it.
+        tail = b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):
+            chunk = reader.recv(1 << 20)
+            assert chunk, "closed mid-stream"
+            got += len(chunk)
+            tail = (tail + chunk)[-16:]
+    assert produced() == 64 and got > 64 << 20
 
 
 def test_function_output_reaches_the_instance_pipes(starlette: tuple[Zygote, Instance, Instance]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import statistics
 import threading
 import time
@@ -129,6 +130,77 @@ def test_egress_goes_through_the_proxy_and_only_where_allowed(
     assert "egress to example.com:80 refused" in logs
 
 
+def _concrete(path: str, app: str) -> str:
+    """An OpenAPI path with its parameters filled in, for `app`."""
+    values = {"app": app, "function": "whoami", "version": "1", "node": "x", "name": "x"}
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "x"), path)
+
+
+def test_the_authorization_matrix_of_an_app_token(platform: Platform, apps: dict[str, Any]) -> None:
+    """Every operation of the API, with no token, a forged one, and the hostile app's own token:
+    the app's token opens its own config, schema and endpoints (GET), and nothing else."""
+    token = call(platform, "token")
+    assert token.startswith("osla_hostile_")
+    own = {
+        "/v1/whoami",
+        "/v1/apps/hostile/config",
+        "/v1/apps/hostile/config/schema",
+        "/v1/apps/hostile/endpoints",
+    }
+    forged = {
+        "forged app token": f"osla_victim_{'0' * 40}",
+        "another app's token as the app's": token.replace("osla_hostile_", "osla_victim_"),
+        "no scheme": token,
+    }
+    spec = platform.http("GET", "/openapi.json").json()
+    checked = 0
+    with httpx.Client(base_url=platform.api, timeout=30) as client:
+        for path, operations in spec["paths"].items():
+            if not path.startswith("/v1/"):
+                continue
+            for method in operations:
+                for app in ("hostile", "victim"):
+                    url = _concrete(path, app)
+                    r = client.request(method, url)
+                    assert r.status_code == 401, (method, url, r.status_code)
+                    for what, bad in forged.items():
+                        header = bad if what == "no scheme" else f"Bearer {bad}"
+                        r = client.request(method, url, headers={"authorization": header})
+                        assert r.status_code == 401, (what, method, url, r.status_code)
+                    r = client.request(method, url, headers={"authorization": f"Bearer {token}"})
+                    if method == "get" and url in own:
+                        assert r.status_code == 200, (method, url, r.text)
+                    else:
+                        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (
+                            method,
+                            url,
+                        )
+                    checked += 1
+    assert checked > 60, checked
+
+
+def test_egress_never_reaches_this_node_however_the_app_spells_it(
+    platform: Platform, apps: dict[str, Any]
+) -> None:
+    """An app that lists loopback, "any" and link-local addresses in a dozen spellings as its own
+    egress gets none of them, by name or by CONNECT, at the API's port or the gateway's."""
+    r = platform.cli("deploy", str(APPS / "hostile_egress"), "--json", check=False)
+    if r.returncode != 0:  # refusing such a list outright protects as well
+        assert "egress" in r.stderr and "127.0.0.1" in r.stderr, r.stderr
+        return
+    listed = platform.http("GET", "/v1/apps/hostile-egress").json()["release"]["manifest"]["egress"]
+    assert "127.0.0.1" in listed and "0x7f000001" in listed  # as declared: the list is the app's
+    spellings = [*listed, "localhost.", "[::1]", "[::ffff:127.0.0.1]", "[0:0:0:0:0:0:0:1]", "[::]"]
+    status, out = platform.invoke(
+        "hostile-egress", "probe", {"hosts": spellings, "ports": [platform.api_port, platform.http_port]}
+    )
+    assert status == 200, out
+    assert len(out) == len(spellings) * 2 * 2
+    for what, (code, body) in out.items():
+        assert code == 403, (what, code, body)
+        assert "osless egress" in body and '"gateway"' not in body, (what, body)
+
+
 def test_escape_system_calls_are_denied(platform: Platform, apps: dict[str, Any]) -> None:
     out = call(platform, "escape")
     for name in ("mount", "unshare_user", "unshare_mount", "setns", "ptrace", "sethostname"):
@@ -142,6 +214,62 @@ def test_fork_bomb_stops_at_the_pids_limit(platform: Platform, apps: dict[str, A
     assert out["error"] == "BlockingIOError" and out["errno"] == errno.EAGAIN
     assert 90 <= out["forked"] < 128  # the instance's pids.max, less what was already running
     assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_log_flood_is_capped_and_the_platform_keeps_serving(
+    platform: Platform, apps: dict[str, Any]
+) -> None:
+    assert platform.proc is not None
+    up = platform.proc.pid
+    rss_before = _rss_kb(up)
+    slowest = 0.0
+    flooding = threading.Event()
+
+    def watch() -> None:  # the gateway, the API and the agent share one loop: it must not stall
+        nonlocal slowest
+        while flooding.is_set():
+            t0 = time.monotonic()
+            assert httpx.get(f"{platform.gateway}/victim/", timeout=30).text == "fine"
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.05)
+
+    # 64 MiB in lines of 1 KiB, then 64 MiB in one line that never ends
+    for event in ({"mb": 64, "line": 1024}, {"mb": 64, "line": 0}):
+        flooding.set()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            assert platform.invoke("hostile", "flood", event, timeout=120) == (200, 64 << 20)
+        finally:
+            flooding.clear()
+            watcher.join()
+        took = time.monotonic() - t0
+        assert took < 30, (event, took)
+    assert slowest < 3.0, slowest
+    assert _rss_kb(up) < rss_before + 50 * 1024  # nothing of it is held in memory
+
+    def flood_done() -> list[dict[str, Any]]:
+        out = platform.cli("logs", "hostile", "--json", "--tail", "20").stdout
+        return [r for r in map(json.loads, out.splitlines()) if r["line"] == "flood done"]
+
+    platform.wait_for(flood_done, what="the end of the flood in the logs")
+    records = [
+        json.loads(x) for x in platform.cli("logs", "hostile", "--json", "--tail", "1000").stdout.splitlines()
+    ]
+    endless = [r["line"] for r in records if r["line"].startswith("y")]
+    assert endless == ["y" * 16384]  # the line that never ended: its first 16 KiB, once
+    # On disk: the current file and one rotated, each capped (2 MiB), whatever the app wrote.
+    inst = platform.instances("hostile")[0]
+    files = list((platform.data_dir / "logs" / "apps" / "hostile").glob(f"{inst['id']}.log*"))
+    assert files and sum(f.stat().st_size for f in files) < 5 << 20, [(f, f.stat().st_size) for f in files]
 
 
 def test_tmp_is_capped(platform: Platform, apps: dict[str, Any]) -> None:

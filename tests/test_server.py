@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import stat
+import threading
 from pathlib import Path
 
 import httpx
 
-from tests.platform import EXAMPLES, Platform, copy_app
+from tests.platform import EXAMPLES, Platform, copy_app, running
 
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has ended; only its exit status waits for a reaper
+APPS = Path(__file__).parent / "apps"
+SLOW_IMPORT = APPS / "e2e_slow_import"
 
 
 def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
@@ -44,10 +41,11 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
             what="2 instances of v3",
         )
         old_pids = [i["status"]["pid"] for i in first.instances("hello")]
-        # a deploy still building at the moment of the kill must never be served
-        building = first.http(
-            "POST", "/v1/deploys", content=b"\x1f\x8b garbage", headers={"content-type": "application/gzip"}
-        ).json()
+        # A deploy of a good app, still building (importing the app) at the moment of the kill:
+        # it must be marked failed, never served, and the release before it must keep serving.
+        building = first.upload(SLOW_IMPORT, app="hello")
+        first.wait_for_build_line(building["id"], "importing slowly")
+        assert first.http("GET", f"/v1/deploys/{building['id']}").json()["status"] == "building"
     finally:
         first.stop(signal.SIGKILL)
 
@@ -67,13 +65,20 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
         ]
         deploy = second.http("GET", f"/v1/deploys/{building['id']}").json()
         assert deploy["status"] == "failed"
+        assert deploy["error"] == "interrupted: the platform restarted during the build"
         second.wait_for(
             lambda: len([i for i in second.instances("hello") if i["status"]["phase"] == "ready"]) == 2,
             what="instances to come back",
         )
+        assert {i["release"] for i in second.instances("hello")} == {3}
         r = second.cli("invoke", "hello.greet", '{"name": "Kim"}')
         assert json.loads(r.stdout)["message"] == "Hello, Kim!"
         assert httpx.get(f"{second.gateway}/hello/").status_code == 200
+        # The interrupted upload was good: deployed again, it builds and serves.
+        again = second.deploy(SLOW_IMPORT, "--name", "hello")
+        assert again["status"] == "succeeded" and again["release"] == 4
+        r = second.cli("invoke", "hello.greet", '{"name": "Kim"}')
+        assert json.loads(r.stdout)["message"] == "Howdy, Kim!"
     finally:
         second.stop()
 
@@ -133,3 +138,83 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
         assert layer_files > 2
     finally:
         p.stop()
+
+
+def test_no_sandbox_says_so_loudly_and_apps_still_run(tmp_path: Path) -> None:
+    p = Platform(tmp_path / "data", args=["--no-sandbox"]).start()
+    try:
+        warning = "APPS RUN WITHOUT A SANDBOX, their builds included: turned off by --no-sandbox"
+        assert f"WARNING osless: {warning}" in p.output()
+        p.deploy(APPS / "hostile")
+        status, me = p.invoke("hostile", "whoami")
+        assert status == 200
+        # The app runs as the platform does: the host's own uids, hostname, network and processes.
+        assert me["uid_map"] == ["0", "0", "4294967295"] and me["hostname"] != "hostile"
+        assert me["seccomp"] == "0" and "lo" in me["interfaces"] and len(me["interfaces"]) > 1
+        assert p.proc is not None and p.proc.pid in me["pids"]
+    finally:
+        p.stop()
+    sandboxed = Platform(tmp_path / "data").start()  # the same data, sandboxed again once asked
+    try:
+        assert warning not in sandboxed.output().split("osless is up")[-1]
+        sandboxed.wait_for(
+            lambda: [running(i["status"]["pid"]) for i in sandboxed.instances("hostile")] == [True],
+            what="the instance to be back",
+        )
+        status, me = sandboxed.invoke("hostile", "whoami")
+        assert status == 200 and me["hostname"] == "hostile" and me["interfaces"] == ["lo"]
+    finally:
+        sandboxed.stop()
+
+
+def test_kill_9_during_a_burst_of_config_writes_keeps_every_acknowledged_one(tmp_path: Path) -> None:
+    first = Platform(tmp_path / "data").start()
+    acked: list[tuple[int, int]] = []  # (version, max_items) of each write answered 200
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(headers={"authorization": f"Bearer {first.token}"}, timeout=10) as client:
+            for k in itertools.count():
+                if stop.is_set():
+                    return
+                value = n * 100_000 + k
+                try:
+                    r = client.patch(
+                        f"{first.api}/v1/apps/configured/config", json={"set": {"max_items": value}}
+                    )
+                except httpx.HTTPError:
+                    return  # the platform is gone: not acknowledged, nothing promised
+                if r.status_code == 200:
+                    acked.append((r.json()["version"], value))
+
+    try:
+        first.deploy(APPS / "configured")
+        writers = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for w in writers:
+            w.start()
+        first.wait_for(lambda: len(acked) >= 10, what="writes to be acknowledged")
+    finally:
+        first.stop(signal.SIGKILL)
+        stop.set()
+        for w in writers:
+            w.join()
+
+    second = Platform(tmp_path / "data", api_port=first.api_port, http_port=first.http_port).start()
+    try:
+        config = second.http("GET", "/v1/apps/configured/config").json()
+        history = second.http("GET", "/v1/apps/configured/config/history").json()["items"]
+        # Every acknowledged write is there, as the version it was acknowledged as.
+        by_version = {h["version"]: h["changes"]["max_items"]["set"] for h in history}
+        for version, value in acked:
+            assert by_version.get(version) == value, (version, value)
+        # The config and its history went together: no version lost, none half-written.
+        assert sorted(by_version) == list(range(1, config["version"] + 1))
+        assert config["values"]["max_items"] == by_version[config["version"]]
+        assert config["version"] >= max(v for v, _ in acked)
+        second.wait_for(
+            lambda: [running(i["status"]["pid"]) for i in second.instances("configured")] == [True],
+            what="the instance to be back",
+        )
+        assert second.invoke("configured", "read")[1]["max_items"] == config["values"]["max_items"]
+    finally:
+        second.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -177,7 +178,88 @@ def test_values_past_the_limit_are_refused_and_nothing_is_written(tmp_path: Path
         assert await store.get("/big") == at_limit
         assert await store.revision() == at_limit.mod_revision
 
+
+def test_txn_deletes_keys_and_prefixes_with_puts_in_one_revision(tmp_path: Path) -> None:
+    async def body(store: SQLiteStore) -> None:
+        app = await store.put("/apps/a", b"a")
+        for key in ("/releases/a/1", "/releases/a/2", "/releases/ab/1", "/config/a", "/instances/i1"):
+            await store.put(key, b"x")
+        before = await store.revision()
+        watch = store.watch("/", after_revision=before)
+        with pytest.raises(Conflict) as info:  # the app changed since it was read: nothing is deleted
+            await store.txn(deletes=[("/apps/a", app.mod_revision + 1)], delete_prefixes=["/releases/a/"])
+        assert info.value.key == "/apps/a"
+        assert len((await store.list("/releases/a/"))[0]) == 2 and await store.revision() == before
+
+        rev = await store.txn(
+            deletes=[("/apps/a", app.mod_revision), ("/config/a", None), ("/never", None)],
+            delete_prefixes=["/releases/a/"],
+            puts=[("/tombstones/a", b"gone", 0)],
+        )
+        assert rev == before + 1
+        assert [(e.type, e.key, e.revision) for e in await take(watch, 5)] == [
+            ("DELETE", "/releases/a/1", rev),
+            ("DELETE", "/releases/a/2", rev),
+            ("DELETE", "/apps/a", rev),
+            ("DELETE", "/config/a", rev),
+            ("PUT", "/tombstones/a", rev),
+        ]
+        left = [kv.key for kv in (await store.list("/"))[0]]
+        assert left == [
+            "/instances/i1",
+            "/releases/ab/1",
+            "/tombstones/a",
+        ]  # "/releases/a/" is not "/releases/ab/"
+        assert await store.txn(deletes=[("/apps/a", None)], delete_prefixes=["/releases/a/"]) == rev
+        with pytest.raises(ValueError):
+            await store.txn(deletes=[("/x", None)], puts=[("/x", b"1", None)])
+        with pytest.raises(ValueError):
+            await store.txn(delete_prefixes=[""])
+
     run_with_store(tmp_path, body)
+
+
+def test_a_txn_cut_by_kill_9_is_all_or_nothing(tmp_path: Path) -> None:
+    """Deleting 20,000 keys in one transaction while being killed: after it, all or none are there."""
+    path = tmp_path / "state.db"
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from osless.store import SQLiteStore
+
+        async def main():
+            async with SQLiteStore(sys.argv[1]) as store:
+                if (await store.get("/apps/big")) is None:
+                    puts = [(f"/releases/big/{i:08d}", b"r" * 100, None) for i in range(20_000)]
+                    await store.txn(puts=[*puts, ("/apps/big", b"app", None)])
+                print("deleting", flush=True)
+                await store.txn(deletes=[("/apps/big", None)], delete_prefixes=["/releases/big/"])
+                print("deleted", flush=True)
+                await asyncio.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    # The delete takes ~0.2 s here: kills land before, during and after it.
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        with subprocess.Popen(
+            [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "deleting\n"
+            if delay:
+                select.select([proc.stdout], [], [], delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+        async def count() -> tuple[int, bool]:
+            async with SQLiteStore(path) as store:
+                return len((await store.list("/releases/big/"))[0]), await store.get("/apps/big") is not None
+
+        left, app = asyncio.run(count())
+        assert (left, app) in ((20_000, True), (0, False)), (delay, left, app)
+        if not left:
+            break
 
 
 # -- watch ------------------------------------------------------------------------------------------

@@ -134,17 +134,43 @@ class Resources:
         return await self.update(f"/apps/{name}", App, change)
 
     async def delete_app(self, name: str) -> None:
-        await self.get_app(name)
-        for inst in (await self.list_instances(app=name))[0]:
-            await self.store.delete(f"/instances/{inst.id}")
-        for prefix in (f"/releases/{name}/", f"/confighistory/{name}/"):
-            items, _ = await self.store.list(prefix)
-            for kv in items:
-                await self.store.delete(kv.key)
-        await self.store.delete(f"/config/{name}")
-        await self.store.delete(f"/apps/{name}")
-        # The uid's claim in /uids/ stays: a new app of the same name gets a new uid.
-        await self.store.delete(f"/appuids/{name}")
+        """The app and every record of it (releases, config and its history, instances, deploys)
+        in one transaction, so that a crash never leaves half an app. The node agents stop its
+        instances when they see them go."""
+        for _ in range(20):
+            got = await self._get(f"/apps/{name}", App)
+            if got is None:
+                raise ApiError(
+                    404, "app_not_found", f"app {name!r} does not exist; `osless apps` lists the apps"
+                )
+            _, rev = got
+            deploys = [d for d in (await self.list_deploys())[0] if d.app == name]
+            if building := [d.id for d in deploys if d.status == "building"]:
+                # Its release would bring the app back the moment it is committed.
+                raise ApiError(
+                    409,
+                    "deploy_in_progress",
+                    f"app {name!r} has a deploy building ({', '.join(building)}); "
+                    "delete the app once it has finished",
+                )
+            records = [f"/instances/{i.id}" for i in (await self.list_instances(app=name))[0]]
+            records += [f"/deploys/{d.id}" for d in deploys]
+            try:
+                # Checked against the app as read: a release committed meanwhile means read again.
+                await self.store.txn(
+                    deletes=[
+                        (f"/apps/{name}", rev),
+                        (f"/config/{name}", None),
+                        # The uid's claim in /uids/ stays: a new app of the same name gets a new uid.
+                        (f"/appuids/{name}", None),
+                        *((k, None) for k in records),
+                    ],
+                    delete_prefixes=[f"/releases/{name}/", f"/confighistory/{name}/"],
+                )
+                return
+            except Conflict:
+                continue
+        raise ApiError(409, "conflict", f"app {name!r} is changing too often; try again")
 
     async def commit_release(
         self, app_name: str, make: Callable[[int], Release], deploy: Deploy | None = None

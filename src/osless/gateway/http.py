@@ -42,6 +42,7 @@ class Request:
         "body_bytes",
         "buffered",
         "chunked",
+        "coded",
         "complete",
         "conn",
         "content_length",
@@ -75,6 +76,7 @@ class Request:
         self.keep_alive = True
         self.upgrade = False
         self.chunked = False
+        self.coded = False  # it had a Transfer-Encoding
         self.body: list[bytes] = []
         self.buffered = 0
         self.body_bytes = 0
@@ -220,6 +222,12 @@ class ClientConnection(asyncio.Protocol):
             cause = e.__context__
             if isinstance(cause, _HeadTooLarge):
                 self._bad(431, "head_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+            elif isinstance(cause, _BadFraming):
+                self._bad(
+                    400,
+                    "bad_request",
+                    "this is not a valid HTTP/1.1 request: a Transfer-Encoding must end in chunked",
+                )
             elif isinstance(e, httptools.HttpParserCallbackError) and cause is not None:
                 log.error("the gateway failed on a request", exc_info=cause)
                 self._bad(500, "internal", "the gateway failed; see its log")
@@ -279,8 +287,9 @@ class ClientConnection(asyncio.Protocol):
                 req.content_length = req.content_length or value
             elif name == b"expect":
                 req.expect = req.expect or value
-            elif not req.chunked:  # transfer-encoding
-                req.chunked = b"chunked" in value.lower()
+            else:  # transfer-encoding: the last coding of the last such header frames the body
+                req.coded = True
+                req.chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
         req.head_bytes += len(name) + len(value)
         if req.head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge()
@@ -288,6 +297,9 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._parsing
         assert req is not None
+        if req.coded and not req.chunked:
+            # Its body has no length anyone agrees on: refused before the instance sees its head.
+            raise _BadFraming()
         p = self._parser
         req.method = p.get_method()
         req.version = p.get_http_version()
@@ -500,6 +512,10 @@ _NOTED = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding")
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class _BadFraming(Exception):
+    """A Transfer-Encoding whose last coding is not chunked (RFC 9112 6.3: 400, then close)."""
 
 
 class ClientGone(Exception):

@@ -370,7 +370,13 @@ def _head(
     """The request's head as the instance gets it: its target, the client's headers but `drop`,
     and the gateway's x-forwarded-* (with the prefix taken off the path, if any)."""
     lines = [b"%s %s HTTP/%s\r\n" % (req.method, target, req.version.encode())]
-    lines += [b"%s: %s\r\n" % kv for kv in req.headers if kv[0] not in drop]
+    # WSGI reads `x_forwarded_for` as `x-forwarded-for` (both are HTTP_X_FORWARDED_FOR): such a
+    # spelling of a dropped header is dropped too.
+    lines += [
+        b"%s: %s\r\n" % kv
+        for kv in req.headers
+        if kv[0] not in drop and not (b"_" in kv[0] and kv[0].replace(b"_", b"-") in drop)
+    ]
     if req.upgrade:
         lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
     lines.append(

@@ -27,6 +27,7 @@ from osless.runtime import protocol
 __all__ = ["ChildExited", "ExitStatus", "RootZygote", "Zygote", "ZygoteFailed"]
 
 ZYGOTE_START_TIMEOUT = 60.0
+MAX_LINE = 16384  # bytes of one line of an instance's output kept in its log; the rest is dropped
 
 
 class ZygoteFailed(Exception):
@@ -401,12 +402,15 @@ async def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
-    """Read `fd` on the loop and hand each complete line to `emit`; close it at EOF."""
+    """Read `fd` on the loop and hand each complete line to `emit` (cut at MAX_LINE bytes); close
+    it at EOF."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     buf = bytearray()
+    skipping = False  # the line under way passed MAX_LINE: the rest of it is dropped as it comes
 
     def on_readable() -> None:
+        nonlocal skipping
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -414,14 +418,21 @@ def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
         except OSError:
             data = b""
         if data:
+            if skipping:
+                end = data.find(b"\n")
+                if end < 0:
+                    return
+                skipping, data = False, data[end + 1 :]
             buf.extend(data)
             *lines, rest = buf.split(b"\n")
             for line in lines:
-                emit(line.decode("utf-8", "replace")[:16384])
+                emit(line[:MAX_LINE].decode("utf-8", "replace"))
             buf[:] = rest
-            if len(buf) > 65536:  # a line without end is passed on in pieces, never held whole
-                emit(buf.decode("utf-8", "replace")[:16384])
+            # An app that never ends its line must not make this buffer (and each split of it) grow.
+            if len(buf) > MAX_LINE:
+                emit(buf[:MAX_LINE].decode("utf-8", "replace"))
                 buf.clear()
+                skipping = True
             return
         if buf:
             emit(buf.decode("utf-8", "replace"))

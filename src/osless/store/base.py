@@ -137,6 +137,22 @@ class Store(Protocol):
         """
         ...
 
+    async def txn(
+        self,
+        *,
+        puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
+        deletes: builtins.list[tuple[str, int | None]] | None = None,
+        delete_prefixes: builtins.list[str] | None = None,
+    ) -> int:
+        """Puts and deletes applied atomically under one revision, which is returned (as etcd's Txn).
+
+        Every key under `delete_prefixes` and each of `deletes` (key, if_revision) is deleted, then
+        the `puts` are written; a key appears at most once in `puts` and `deletes`, and a delete of an
+        absent key with no check deletes nothing. If any check fails, `Conflict` and nothing changes.
+        With nothing to change, the revision is not bumped.
+        """
+        ...
+
     def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[Event]:
         """Every event under `prefix` with revision > `after_revision`: history first, then live.
 

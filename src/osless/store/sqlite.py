@@ -295,17 +295,30 @@ class SQLiteStore(Store):
         return await self._acknowledge(await self._run(lambda: self._delete_sync(key, if_revision)))
 
     async def txn_put_many(self, puts: builtins.list[tuple[str, bytes, int | None]]) -> int:
-        items = [(key, bytes(value), if_rev) for key, value, if_rev in puts]
-        keys = [key for key, _, _ in items]
+        return await self.txn(puts=puts)
+
+    async def txn(
+        self,
+        *,
+        puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
+        deletes: builtins.list[tuple[str, int | None]] | None = None,
+        delete_prefixes: builtins.list[str] | None = None,
+    ) -> int:
+        items = [(key, bytes(value), if_rev) for key, value, if_rev in puts or []]
+        gone = list(deletes or [])
+        prefixes = list(delete_prefixes or [])
+        keys = [key for key, _, _ in items] + [key for key, _ in gone]
         if len(set(keys)) != len(keys):
-            raise ValueError("a transaction may put each key only once")
-        for key, _, if_rev in items:
+            raise ValueError("a transaction may put or delete each key only once")
+        for key, if_rev in [(key, if_rev) for key, _, if_rev in items] + gone:
             if not key:
                 raise ValueError("key must not be empty")
             _check_if_revision(if_rev)
         for key, value, _ in items:
             _check_value(key, value)
-        return await self._acknowledge(await self._run(lambda: self._txn_sync(items)))
+        if any(not prefix for prefix in prefixes):
+            raise ValueError("a prefix to delete must not be empty (that would be every key)")
+        return await self._acknowledge(await self._run(lambda: self._txn_sync(items, gone, prefixes)))
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncGenerator[Event, None]:
         if after_revision < 0:
@@ -531,18 +544,36 @@ class SQLiteStore(Store):
             self._delete_kv(conn, key, self._bump(conn))
         return True
 
-    def _txn_sync(self, items: builtins.list[tuple[str, bytes, int | None]]) -> int:
+    def _txn_sync(
+        self,
+        items: builtins.list[tuple[str, bytes, int | None]],
+        deletes: builtins.list[tuple[str, int | None]],
+        prefixes: builtins.list[str],
+    ) -> int:
         conn = self._db()
         with self._txn(conn):
-            if not items:
-                return self._meta(conn, "revision")
             # Check everything before writing anything: a Conflict leaves the store untouched.
             currents = [self._get_sync(conn, key) for key, _, _ in items]
             for (key, _, if_rev), current in zip(items, currents, strict=True):
                 self._check(key, current, if_rev)
+            doomed: dict[str, None] = {}  # ordered: prefixes first, then the keys, as given
+            for prefix in prefixes:
+                where, args = _prefix_clause(prefix)
+                for (key,) in conn.execute(f"SELECT key FROM kv WHERE {where} ORDER BY key", args):
+                    doomed[key] = None
+            for key, if_rev in deletes:
+                current = self._get_sync(conn, key)
+                self._check(key, current, if_rev)
+                if current is not None:
+                    doomed[key] = None
+            if not items and not doomed:
+                return self._meta(conn, "revision")
             rev = self._bump(conn)
+            for key in doomed:
+                self._delete_kv(conn, key, rev)
             for (key, value, _), current in zip(items, currents, strict=True):
-                self._write_kv(conn, key, value, current, rev, None)
+                # A put under a deleted prefix starts the key again (version 1), as after a delete.
+                self._write_kv(conn, key, value, None if key in doomed else current, rev, None)
         return rev
 
     def _events_sync(self, prefix: str, after: int) -> builtins.list[Event]:

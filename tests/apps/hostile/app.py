@@ -199,3 +199,25 @@ def leave_behind(event, ctx):
 
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # escapes its process group
     return {"pid": child.pid}
+
+
+@app.function()
+def token(event, ctx):
+    return os.environ.get("OSLESS_TOKEN")  # its own credential: where an attack on the API starts
+
+
+@app.function(timeout_s=120)
+def flood(event, ctx):
+    """Writes `mb` MiB to stdout as fast as it can, in lines of `line` bytes (0: one endless line)."""
+    import sys
+
+    size = int(event.get("line", 1024))
+    chunk = (b"x" * (size - 1) + b"\n") if size else b"y" * (1 << 20)
+    total = int(event["mb"]) << 20
+    written = 0
+    while written < total:
+        sys.stdout.buffer.write(chunk)
+        written += len(chunk)
+    sys.stdout.buffer.write(b"\nflood done\n")
+    sys.stdout.buffer.flush()
+    return written
