@@ -196,4 +196,7 @@ class ConfigPatch(BaseModel):
 
 
 class ConfigRollback(BaseModel):
-    to: int = Field(ge=0, description="the config version to return to")
+    to: int = Field(ge=0, description="the config version to return to; 0: no values at all")
+    drop_secrets: bool = Field(
+        default=False, description="remove the secrets set now that version `to` has no value for"
+    )
