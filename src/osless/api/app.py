@@ -13,6 +13,7 @@ from osless import __version__
 from osless.api.auth import require_token
 from osless.api.errors import error_body, install_error_handlers
 from osless.api.models import now
+from osless.api.openapi import install_openapi
 from osless.api.routes import apps, config, deploys, instances, invoke, logs, system
 from osless.api.state import ApiState
 
@@ -109,6 +110,7 @@ def create_app(state: ApiState) -> FastAPI:
     )
     app.state.osless = state
     install_error_handlers(app)
+    install_openapi(app)
     secured = [Depends(require_token)]
     for module in (apps, config, deploys, instances, invoke, logs, system):
         app.include_router(module.router, prefix="/v1", dependencies=secured)

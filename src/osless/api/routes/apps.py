@@ -7,39 +7,37 @@ from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel
 
-from osless.api.errors import ApiError
+from osless.api.errors import ApiError, responses
 from osless.api.models import (
     App,
+    AppCreate,
+    AppDetail,
+    AppList,
     DesiredRequest,
+    Endpoints,
     GatewayStats,
     Release,
+    ReleaseList,
     RollbackRequest,
     ScaleRequest,
-    check_app_name,
+    StatsReceived,
+    StatsView,
     now,
 )
+from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["apps"])
 
 
-class CreateApp(BaseModel):
-    name: str
-
-
-def _check_name(name: str) -> None:
-    if not check_app_name(name):
-        raise ApiError(
-            422,
-            "invalid_app_name",
-            f"invalid app name {name!r}: use 1-40 lowercase letters, digits and '-', starting with a letter",
-        )
-
-
-@router.get("/apps", summary="List apps (watch=true streams changes after `revision`)")
+@router.get(
+    "/apps",
+    response_model=AppList,
+    responses={**WATCHABLE, **responses(400)},
+    summary="List apps (watch=true streams changes after `revision`)",
+)
 async def list_apps(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
@@ -49,13 +47,12 @@ async def list_apps(
     return await list_or_watch(res, "apps", watch=watch, revision=revision, items=res.list_apps)
 
 
-@router.post("/apps", status_code=201, response_model=App)
-async def create_app(body: CreateApp, state: ApiState = Depends(get_state)) -> App:
-    _check_name(body.name)
+@router.post("/apps", status_code=201, response_model=App, responses=responses(409))
+async def create_app(body: AppCreate, state: ApiState = Depends(get_state)) -> App:
     return await state.resources.create_app(App(name=body.name))
 
 
-@router.get("/apps/{app}")
+@router.get("/apps/{app}", response_model=AppDetail, responses=responses(404))
 async def get_app(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     res = state.resources
     a = await res.get_app(app)
@@ -87,6 +84,8 @@ async def _call_graph(state: ApiState, app: str) -> tuple[dict[str, int], dict[s
 
 @router.get(
     "/apps/{app}/endpoints",
+    response_model=Endpoints,
+    responses={**WATCHABLE, **responses(400, 404)},
     summary="Where the app answers: its URLs and its ready instances "
     "(watch=true streams the app's instance changes)",
 )
@@ -120,25 +119,25 @@ async def endpoints(
     }
 
 
-@router.delete("/apps/{app}", status_code=204)
+@router.delete("/apps/{app}", status_code=204, responses=responses(404))
 async def delete_app(app: str, state: ApiState = Depends(get_state)) -> Response:
     await state.resources.delete_app(app)
     return Response(status_code=204)
 
 
-@router.get("/apps/{app}/releases")
+@router.get("/apps/{app}/releases", response_model=ReleaseList, responses=responses(404))
 async def list_releases(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     await state.resources.get_app(app)
     releases, rev = await state.resources.list_releases(app)
     return {"items": [r.model_dump(exclude={"manifest"}) for r in releases], "revision": rev}
 
 
-@router.get("/apps/{app}/releases/{version}", response_model=Release)
+@router.get("/apps/{app}/releases/{version}", response_model=Release, responses=responses(404))
 async def get_release(app: str, version: int, state: ApiState = Depends(get_state)) -> Release:
     return await state.resources.get_release(app, version)
 
 
-@router.post("/apps/{app}/rollback", response_model=Release, status_code=201)
+@router.post("/apps/{app}/rollback", response_model=Release, status_code=201, responses=responses(404, 409))
 async def rollback(
     app: str, body: RollbackRequest | None = None, state: ApiState = Depends(get_state)
 ) -> Release:
@@ -178,7 +177,12 @@ async def rollback(
     return release
 
 
-@router.put("/apps/{app}/scale", response_model=App, summary="Instance bounds and the autoscaling policy")
+@router.put(
+    "/apps/{app}/scale",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="Instance bounds and the autoscaling policy",
+)
 async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_state)) -> App:
     current = await state.resources.get_app(app)
     lo = body.min if body.min is not None else current.min
@@ -196,7 +200,10 @@ async def scale(app: str, body: ScaleRequest, state: ApiState = Depends(get_stat
 
 
 @router.put(
-    "/apps/{app}/desired", response_model=App, summary="The autoscaler's decision: instances wanted now"
+    "/apps/{app}/desired",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="The autoscaler's decision: instances wanted now",
 )
 async def set_desired(app: str, body: DesiredRequest, state: ApiState = Depends(get_state)) -> App:
     def change(a: App) -> App | None:
@@ -208,7 +215,12 @@ async def set_desired(app: str, body: DesiredRequest, state: ApiState = Depends(
     return await state.resources.update_app(app, change)
 
 
-@router.post("/apps/{app}/wake", response_model=App, summary="A request found the app at zero: start one")
+@router.post(
+    "/apps/{app}/wake",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="A request found the app at zero: start one",
+)
 async def wake(app: str, state: ApiState = Depends(get_state)) -> App:
     def change(a: App) -> App | None:
         if a.current_release is None:
@@ -221,14 +233,22 @@ async def wake(app: str, state: ApiState = Depends(get_state)) -> App:
     return await state.resources.update_app(app, change)
 
 
-@router.put("/gateways/{name}/stats", summary="What a gateway saw of each app (for the autoscaler)")
+@router.put(
+    "/gateways/{name}/stats",
+    response_model=StatsReceived,
+    summary="What a gateway saw of each app (for the autoscaler)",
+)
 async def put_stats(name: str, body: GatewayStats, state: ApiState = Depends(get_state)) -> dict[str, int]:
     # Not in the store: the next report replaces it, and a restart loses nothing worth keeping.
     state.stats[name] = (now(), body)
     return {"apps": len(body.apps)}
 
 
-@router.get("/stats", summary="Traffic per app, summed over the gateways that reported lately")
+@router.get(
+    "/stats",
+    response_model=StatsView,
+    summary="Traffic per app, summed over the gateways that reported lately",
+)
 async def get_stats(state: ApiState = Depends(get_state)) -> dict[str, Any]:
     fresh_after = now() - 5
     apps: dict[str, dict[str, float]] = {}

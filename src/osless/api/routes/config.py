@@ -15,8 +15,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 
 from osless.api.auth import require_role, require_token
-from osless.api.errors import ApiError
-from osless.api.models import ConfigChange, ConfigPatch, ConfigRollback, ConfigState, now
+from osless.api.errors import ApiError, responses
+from osless.api.models import (
+    ConfigChange,
+    ConfigHistory,
+    ConfigPatch,
+    ConfigRollback,
+    ConfigSchemaView,
+    ConfigState,
+    ConfigView,
+    NodeConfig,
+    NodeConfigList,
+    now,
+)
+from osless.api.openapi import WATCHABLE
 from osless.api.schema import MASK, coerce, misfits
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
@@ -62,19 +74,34 @@ def _view(cfg: ConfigState, schema: dict[str, dict[str, Any]] | None) -> dict[st
     }
 
 
-@router.get("/apps/{app}/config", summary="The app's config (secrets masked) and its schema")
+@router.get(
+    "/apps/{app}/config",
+    response_model=ConfigView,
+    responses=responses(404, 409),
+    summary="The app's config (secrets masked) and its schema",
+)
 async def get_config(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     schema = await app_schema(state, app)
     cfg, _ = await state.resources.get_config(app)
     return _view(cfg, schema)
 
 
-@router.get("/apps/{app}/config/schema", summary="What the app's code declares it can be told")
+@router.get(
+    "/apps/{app}/config/schema",
+    response_model=ConfigSchemaView,
+    responses=responses(404, 409),
+    summary="What the app's code declares it can be told",
+)
 async def get_schema(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     return {"app": app, "schema": await app_schema(state, app)}
 
 
-@router.patch("/apps/{app}/config", summary="Set and unset keys; `revision` makes it compare-and-swap")
+@router.patch(
+    "/apps/{app}/config",
+    response_model=ConfigView,
+    responses=responses(404, 409, 503),
+    summary="Set and unset keys; `revision` makes it compare-and-swap",
+)
 async def patch_config(
     app: str,
     body: ConfigPatch,
@@ -177,14 +204,24 @@ async def _write(
     )
 
 
-@router.get("/apps/{app}/config/history", summary="Every version of the app's config: who, when, what")
+@router.get(
+    "/apps/{app}/config/history",
+    response_model=ConfigHistory,
+    responses=responses(404),
+    summary="Every version of the app's config: who, when, what",
+)
 async def config_history(app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     await state.resources.get_app(app)
     items = await state.resources.config_history(app)
     return {"items": [c.model_dump(exclude={"values"}) for c in sorted(items, key=lambda c: -c.version)]}
 
 
-@router.post("/apps/{app}/config/rollback", summary="Make an earlier version's values current again")
+@router.post(
+    "/apps/{app}/config/rollback",
+    response_model=ConfigView,
+    responses=responses(404, 409, 503),
+    summary="Make an earlier version's values current again",
+)
 async def config_rollback(
     app: str,
     body: ConfigRollback,
@@ -271,6 +308,8 @@ def config_misfits(schema: dict[str, dict[str, Any]], cfg: ConfigState) -> tuple
 @router.get(
     "/nodes/{node}/config",
     dependencies=[require_role("node")],
+    response_model=NodeConfigList,
+    responses={**WATCHABLE, **responses(400)},
     summary="Every app's config in clear, with its token (watch=true streams changes): for node agents",
 )
 async def node_configs(
@@ -300,6 +339,8 @@ async def node_configs(
 @router.get(
     "/nodes/{node}/apps/{app}/config",
     dependencies=[require_role("node")],
+    response_model=NodeConfig,
+    responses=responses(404),
     summary="The app's config in clear, and its app token: for the node agent that runs it",
 )
 async def node_config(node: str, app: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:

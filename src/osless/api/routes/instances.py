@@ -5,18 +5,34 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Query, Response
 
-from osless.api.errors import ApiError
-from osless.api.models import Instance, InstanceStatus, Node, now
+from osless.api.errors import ApiError, responses
+from osless.api.models import (
+    ID_PATTERN,
+    CallsReceived,
+    CallsReport,
+    Instance,
+    InstanceList,
+    InstanceStatus,
+    Node,
+    NodeLease,
+    NodeList,
+    now,
+)
+from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["instances"])
 
 
-@router.get("/instances", summary="List instances (watch=true streams changes after `revision`)")
+@router.get(
+    "/instances",
+    response_model=InstanceList,
+    responses={**WATCHABLE, **responses(400)},
+    summary="List instances (watch=true streams changes after `revision`)",
+)
 async def list_instances(
     app: str | None = None,
     node: str | None = None,
@@ -41,17 +57,17 @@ async def list_instances(
     )
 
 
-@router.post("/instances", status_code=201, response_model=Instance)
+@router.post("/instances", status_code=201, response_model=Instance, responses=responses(404, 409))
 async def create_instance(body: Instance, state: ApiState = Depends(get_state)) -> Instance:
     await state.resources.get_app(body.app)
     if not state.images.has_manifest(body.image):
         raise ApiError(
-            422, "unknown_image", f"no image {body.image[:12]}… is stored here; deploy the app first"
+            404, "image_not_found", f"no image {body.image[:12]}… is stored here; deploy the app first"
         )
     return await state.resources.create_instance(body)
 
 
-@router.get("/instances/{instance_id}", response_model=Instance)
+@router.get("/instances/{instance_id}", response_model=Instance, responses=responses(404))
 async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Instance:
     items, _ = await state.resources.list_instances()
     for i in items:
@@ -62,7 +78,7 @@ async def get_instance(instance_id: str, state: ApiState = Depends(get_state)) -
     )
 
 
-@router.put("/instances/{instance_id}/status", response_model=Instance)
+@router.put("/instances/{instance_id}/status", response_model=Instance, responses=responses(404, 409))
 async def put_instance_status(
     instance_id: str, body: InstanceStatus, state: ApiState = Depends(get_state)
 ) -> Instance:
@@ -74,14 +90,14 @@ async def put_instance_status(
     return await state.resources.update_instance(instance_id, change)
 
 
-@router.delete("/instances/{instance_id}", status_code=204)
+@router.delete("/instances/{instance_id}", status_code=204, responses=responses(404))
 async def delete_instance(instance_id: str, state: ApiState = Depends(get_state)) -> Response:
     if not await state.resources.delete_instance(instance_id):
         raise ApiError(404, "instance_not_found", f"instance {instance_id!r} does not exist")
     return Response(status_code=204)
 
 
-@router.get("/nodes")
+@router.get("/nodes", response_model=NodeList, responses={**WATCHABLE, **responses(400)})
 async def list_nodes(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
@@ -92,18 +108,17 @@ async def list_nodes(
 
 
 @router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
-async def heartbeat_node(name: str, body: Node, state: ApiState = Depends(get_state)) -> Node:
-    if body.name != name:
-        raise ApiError(422, "name_mismatch", f"body names node {body.name!r} but the path names {name!r}")
-    body.updated_at = now()
-    return await state.resources.heartbeat_node(body)
+async def heartbeat_node(
+    body: NodeLease, name: str = Path(pattern=ID_PATTERN), state: ApiState = Depends(get_state)
+) -> Node:
+    return await state.resources.heartbeat_node(Node(name=name, ttl_s=body.ttl_s, updated_at=now()))
 
 
-class Calls(BaseModel):
-    calls: list[dict[str, Any]] = Field(description='[{"caller": app, "callee": app, "count": n}, ...]')
-
-
-@router.put("/nodes/{name}/calls", summary="Which apps called which through this node's egress proxy")
-async def put_calls(name: str, body: Calls, state: ApiState = Depends(get_state)) -> dict[str, int]:
+@router.put(
+    "/nodes/{name}/calls",
+    response_model=CallsReceived,
+    summary="Which apps called which through this node's egress proxy",
+)
+async def put_calls(name: str, body: CallsReport, state: ApiState = Depends(get_state)) -> dict[str, int]:
     await state.resources.store.put(f"/calls/{name}", json.dumps(body.calls).encode())
     return {"calls": len(body.calls)}

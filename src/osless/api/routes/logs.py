@@ -11,20 +11,26 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from osless.api.errors import ApiError
+from osless.api.errors import ApiError, responses
 from osless.api.models import ID_PATTERN
+from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
 from osless.logs import follow, read_tail
 
 router = APIRouter(tags=["logs"])
 
 
-@router.get("/apps/{app}/logs", summary="NDJSON log records of the app's instances; follow=true streams")
+@router.get(
+    "/apps/{app}/logs",
+    response_class=StreamingResponse,
+    responses={**LOG, **responses(404)},
+    summary="NDJSON log records of the app's instances; follow=true streams",
+)
 async def app_logs(
     app: str,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
-    instance: str | None = None,
+    instance: str | None = Query(default=None, json_schema_extra={"pattern": ID_PATTERN}),
     state: ApiState = Depends(get_state),
 ) -> Any:
     await state.resources.get_app(app)

@@ -10,18 +10,19 @@ from fastapi import APIRouter, Depends
 
 from osless import __version__
 from osless.api.auth import require_token
+from osless.api.models import StatusView, WhoAmI
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["system"])
 STARTED = time.time()
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model=WhoAmI)
 async def whoami(token: dict[str, Any] = Depends(require_token)) -> dict[str, Any]:
     return {"name": token.get("name"), "role": token.get("role")}
 
 
-@router.get("/status")
+@router.get("/status", response_model=StatusView)
 async def status(state: ApiState = Depends(get_state)) -> dict[str, Any]:
     res = state.resources
     apps, rev = await res.list_apps()

@@ -1,0 +1,87 @@
+"""The OpenAPI document is true to the answers: schemathesis drives a real platform by it.
+
+Every check, the coverage phase (boundaries and each kind of invalid input, operation by operation)
+and the fuzzing phase (random valid and invalid requests), against a platform of the test's own with
+one app deployed. On failure the assertion shows schemathesis's report: each failure with its curl
+line, and the seed; OSLESS_FUZZ_SEED=N runs with another seed, OSLESS_FUZZ_SECONDS=S for longer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.platform import EXAMPLES, Platform
+
+SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+HOOKS = Path(__file__).with_name("openapi_hooks.py")
+
+# Each exception to "every check on every operation" says why it must be made.
+CONFIG = """
+hooks = "{hooks}"
+headers = {{ Authorization = "Bearer ${{OSLESS_TOKEN}}" }}
+
+[[operations]]
+# A function's own failure (it raised, or returned what JSON cannot carry) is 500, as documented;
+# the example app's function raises on events that are not objects, and the fuzzer sends those.
+include-operation-id-regex = "^invoke"
+checks.not_a_server_error.expected-statuses = ["1xx", "2xx", "3xx", "4xx", "500"]
+
+[[operations]]
+# The keys and types a config takes are in the app's code, which the document cannot know: a
+# request of the right shape may still name a key the app does not declare (422).
+include-path-regex = "/config(/rollback)?$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
+[[operations]]
+# min <= max cannot be said in JSON Schema: {{"min": 5, "max": 2}} fits it and is refused (422).
+include-path-regex = "/scale$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+"""
+
+
+def test_the_api_answers_as_its_openapi_document_says(tmp_path: Path) -> None:
+    # A platform of its own: the fuzzer creates, scales and deletes whatever it can reach.
+    platform = Platform(tmp_path / "data").start()
+    try:
+        platform.deploy(EXAMPLES / "hello")
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(CONFIG.format(hooks=HOOKS))
+        seconds = os.environ.get("OSLESS_FUZZ_SECONDS", "60")
+        r = subprocess.run(
+            [
+                SCHEMATHESIS,
+                "--config-file",
+                str(config),
+                "run",
+                f"{platform.api}/openapi.json",
+                "--checks",
+                "all",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-examples",
+                "100",
+                "--max-time",
+                seconds,
+                "--request-timeout",
+                "10",
+                "--seed",
+                os.environ.get("OSLESS_FUZZ_SEED", "1"),
+                "--no-color",
+            ],
+            env={**os.environ, "OSLESS_TOKEN": platform.token, "COLUMNS": "120"},
+            capture_output=True,
+            text=True,
+            timeout=float(seconds) + 90,
+        )
+    finally:
+        platform.stop()
+    assert r.returncode == 0, "\n" + readable(r.stdout + r.stderr)
+
+
+def readable(report: str) -> str:
+    """From schemathesis's first section of errors or failures (each with a curl line) to its summary."""
+    found = [i for i in (report.find("=== ERRORS ==="), report.find("=== FAILURES ===")) if i >= 0]
+    return report[report.rfind("\n", 0, min(found)) + 1 :] if found else report
