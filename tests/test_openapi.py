@@ -39,6 +39,13 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 # min <= max cannot be said in JSON Schema: {{"min": 5, "max": 2}} fits it and is refused (422).
 include-path-regex = "/scale$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
+[[operations]]
+# The upload: values seen in earlier answers (ids, digests) seldom fit ?app=, and once the fuzzer
+# draws them there, so many cases are filtered out that hypothesis's health check gives up.
+include-path = "/v1/deploys"
+include-method = "POST"
+phases.fuzzing.extra-data-sources.responses = false
 """
 
 
@@ -49,7 +56,7 @@ def test_the_api_answers_as_its_openapi_document_says(tmp_path: Path) -> None:
         platform.deploy(EXAMPLES / "hello")
         config = tmp_path / "schemathesis.toml"
         config.write_text(CONFIG.format(hooks=HOOKS))
-        seconds = os.environ.get("OSLESS_FUZZ_SECONDS", "60")
+        seconds = os.environ.get("OSLESS_FUZZ_SECONDS", "75")
         r = subprocess.run(
             [
                 SCHEMATHESIS,
@@ -65,13 +72,15 @@ def test_the_api_answers_as_its_openapi_document_says(tmp_path: Path) -> None:
                 "100",
                 "--max-time",
                 seconds,
+                # A function call waits up to its timeout (10 s) plus 10 s, e.g. for an instance to wake.
                 "--request-timeout",
-                "10",
+                "30",
                 "--seed",
                 os.environ.get("OSLESS_FUZZ_SEED", "1"),
                 "--no-color",
             ],
             env={**os.environ, "OSLESS_TOKEN": platform.token, "COLUMNS": "120"},
+            cwd=tmp_path,  # its caches (.schemathesis/, which replays past failures first) start empty
             capture_output=True,
             text=True,
             timeout=float(seconds) + 90,

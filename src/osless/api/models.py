@@ -40,6 +40,7 @@ __all__ = [
     "ExitInfo",
     "GatewayStats",
     "Instance",
+    "InstanceId",
     "InstanceList",
     "InstanceStatus",
     "Integer",
@@ -85,10 +86,19 @@ def _app_name(name: str) -> str:
     return name
 
 
+def _instance_id(value: str) -> str:
+    if re.fullmatch(ID_PATTERN, value) is None:
+        raise PydanticCustomError(
+            "instance_id", "{value} is not an instance id; `osless ps APP` lists them", {"value": repr(value)}
+        )
+    return value
+
+
 # Validated here for a message that says how to fix it; the pattern is what the OpenAPI document shows.
 AppName = Annotated[
     str, AfterValidator(_app_name), Field(json_schema_extra={"pattern": APP_NAME_PATTERN}, max_length=40)
 ]
+InstanceId = Annotated[str, AfterValidator(_instance_id), Field(json_schema_extra={"pattern": ID_PATTERN})]
 
 
 def _whole(value: Any) -> Any:
@@ -169,17 +179,17 @@ class Deploy(BaseModel):
 
 
 class ExitInfo(Body):
-    code: MaybeInteger = None
-    signal: MaybeInteger = None
+    code: MaybeInteger = Field(default=None, ge=0, le=255)
+    signal: MaybeInteger = Field(default=None, ge=1, le=64)
     reason: str
     at: float = Field(default_factory=now)
 
 
 class InstanceStatus(Body):
     phase: Literal["pending", "starting", "ready", "backoff", "failed", "stopping"] = "pending"
-    pid: MaybeInteger = None
+    pid: MaybeInteger = Field(default=None, ge=1)
     socket: str | None = None
-    restarts: Integer = 0
+    restarts: Integer = Field(default=0, ge=0)
     last_exit: ExitInfo | None = None
     message: str | None = None
     updated_at: float = Field(default_factory=now)

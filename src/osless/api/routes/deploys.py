@@ -14,15 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from osless.api.errors import ApiError, responses
-from osless.api.models import (
-    APP_NAME_PATTERN,
-    APP_NAME_RULE,
-    Deploy,
-    DeployList,
-    Release,
-    check_app_name,
-    now,
-)
+from osless.api.models import AppName, Deploy, DeployList, Release, now
 from osless.api.openapi import DEPLOY_LOG
 from osless.api.routes.config import config_misfits
 from osless.api.state import ApiState, get_state
@@ -49,11 +41,7 @@ _ARCHIVE = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
 )
 async def create_deploy(
     request: Request,
-    app: str | None = Query(
-        default=None,
-        description="app name; default: App(name) in code",
-        json_schema_extra={"pattern": APP_NAME_PATTERN},
-    ),
+    app: AppName | None = Query(default=None, description="app name; default: App(name) in code"),
     state: ApiState = Depends(get_state),
 ) -> Deploy:
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
@@ -63,8 +51,6 @@ async def create_deploy(
             "unsupported_media_type",
             f"upload the source as application/gzip (a .tar.gz), not {ctype or 'nothing'}",
         )
-    if app is not None and not check_app_name(app):
-        raise ApiError(422, "invalid_app_name", f"invalid app name {app!r}: {APP_NAME_RULE}")
     archive = await request.body()
     if not archive:
         raise ApiError(400, "empty_upload", "the upload is empty; send the source as a .tar.gz body")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from osless.api.errors import ApiError, responses
-from osless.api.models import ID_PATTERN
+from osless.api.errors import responses
+from osless.api.models import InstanceId
 from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
 from osless.logs import follow, read_tail
@@ -30,14 +29,10 @@ async def app_logs(
     app: str,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
-    instance: str | None = Query(default=None, json_schema_extra={"pattern": ID_PATTERN}),
+    instance: InstanceId | None = None,
     state: ApiState = Depends(get_state),
 ) -> Any:
     await state.resources.get_app(app)
-    if instance is not None and not re.fullmatch(ID_PATTERN, instance):
-        raise ApiError(
-            422, "invalid_instance", f"{instance!r} is not an instance id; `osless ps {app}` lists them"
-        )
     folder = state.app_log_dir(app)
 
     def paths() -> list[Path]:
