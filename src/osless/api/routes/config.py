@@ -143,8 +143,14 @@ async def patch_config(
                 changes[key] = {"unset": True}
         return values, changes
 
-    what = "set " + ", ".join(sorted(set(stored) | set(body.unset)))
-    return await _write(state, app, caller, apply, what, cas=body.revision is not None)
+    return await _write(
+        state,
+        app,
+        caller,
+        apply,
+        lambda changes: "set " + ", ".join(sorted(changes)),
+        cas=body.revision is not None,
+    )
 
 
 def _stale(app: str, version: int, revision: int) -> ApiError:
@@ -165,7 +171,7 @@ async def _write(
     app: str,
     caller: dict[str, Any],
     apply: Callable[[ConfigState], tuple[dict[str, Any], dict[str, Any]]],
-    description: str,
+    describe: Callable[[dict[str, Any]], str],
     *,
     cas: bool = False,
 ) -> dict[str, Any]:
@@ -184,7 +190,7 @@ async def _write(
             app=app,
             version=new.version,
             by=new.updated_by,
-            description=description,
+            description=describe(changes),
             changes=changes,
             values=values,
         )
@@ -259,7 +265,7 @@ async def config_rollback(
                     changes[key] = {"set": MASK if is_secret(target[key]) else target[key]}
         return dict(target), changes
 
-    return await _write(state, app, caller, apply, f"rollback to version {body.to}")
+    return await _write(state, app, caller, apply, lambda _: f"rollback to version {body.to}")
 
 
 def _check_losses(
