@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,113 @@ def test_stale_revision_is_409_and_bad_values_are_422(platform: Platform, config
     )
     r = platform.cli("config", "set", "configured", "max_items=many", check=False)
     assert r.returncode == 1 and r.stderr.strip() == "error: max_items: expected an integer, got 'many'"
+
+
+def test_concurrent_writes_without_revision_all_land(platform: Platform, configured: dict[str, Any]) -> None:
+    before = platform.http("GET", "/v1/apps/configured/config").json()["version"]
+    writers = 40
+    start = threading.Barrier(writers)
+
+    def write(i: int) -> httpx.Response:
+        start.wait()
+        return patch(platform, {"set": {"greeting": f"writer {i}", "max_items": i}})
+
+    with ThreadPoolExecutor(writers) as pool:
+        answers = list(pool.map(write, range(writers)))
+    refused = [(r.status_code, r.text) for r in answers if r.status_code != 200]
+    assert refused == []
+    cfg = platform.http("GET", "/v1/apps/configured/config").json()
+    assert cfg["version"] == before + writers  # every write counted, none lost
+    last = cfg["values"]["max_items"]
+    assert (
+        last in range(writers) and cfg["values"]["greeting"] == f"writer {last}"
+    )  # one writer's whole write
+    history = platform.http("GET", "/v1/apps/configured/config/history").json()["items"]
+    assert {c["version"] for c in history} >= set(range(before + 1, before + writers + 1))
+
+
+def rollback(platform: Platform, app: str, body: dict[str, Any]) -> httpx.Response:
+    return platform.http("POST", f"/v1/apps/{app}/config/rollback", json=body)
+
+
+def versions(platform: Platform, app: str, *bodies: dict[str, Any]) -> list[int]:
+    """The config version after each PATCH of `bodies`."""
+    out = []
+    for body in bodies:
+        r = patch(platform, body, app=app)
+        assert r.status_code == 200, r.text
+        out.append(r.json()["version"])
+    return out
+
+
+def without_line(src: Path, dest: Path, line: str) -> Path:
+    """A copy of the app at `src` with one line of its app.py left out."""
+    copy_app(src, dest)
+    code = (dest / "app.py").read_text()
+    assert line in code
+    (dest / "app.py").write_text(code.replace(line, ""))
+    return dest
+
+
+def test_rollback_never_unsets_a_required_key(platform: Platform) -> None:
+    platform.deploy(APPS / "configured", "--name", "rb-required", "--detach")
+    v_greeting, v_password = versions(
+        platform, "rb-required", {"set": {"greeting": "hi"}}, {"set": {"db_password": SECRET}}
+    )
+    for to in (0, v_greeting):
+        r = rollback(platform, "rb-required", {"to": to, "drop_secrets": True})
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "would_unset_required"
+        assert f"version {to} has no value for db_password, which the current release" in error["message"]
+        assert "osless config history rb-required" in error["message"]
+    cfg = platform.http("GET", "/v1/apps/rb-required/config").json()
+    assert cfg["version"] == v_password and cfg["values"] == {"db_password": "********", "greeting": "hi"}
+    r = platform.cli("config", "rollback", "rb-required", "--to", "0", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: version 0 has no value for db_password")
+
+
+def test_rollback_drops_a_secret_only_when_told(platform: Platform, tmp_path: Path) -> None:
+    platform.deploy(APPS / "configured", "--name", "rb-secret", "--detach")
+    v_greeting, _ = versions(
+        platform, "rb-secret", {"set": {"greeting": "hi"}}, {"set": {"db_password": SECRET}}
+    )
+    # The next release no longer declares the secret: it is not required, but it is still set.
+    src = without_line(APPS / "configured", tmp_path / "nopw", "    db_password=osless.Secret,\n")
+    platform.deploy(src, "--name", "rb-secret", "--detach")
+    r = rollback(platform, "rb-secret", {"to": v_greeting})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "would_drop_secrets"
+    assert "the secret db_password, set now" in r.json()["error"]["message"]
+    assert "--drop-secrets" in r.json()["error"]["message"]
+    assert "db_password" in platform.http("GET", "/v1/apps/rb-secret/config").json()["values"]
+    refused = platform.cli("config", "rollback", "rb-secret", "--to", str(v_greeting), check=False)
+    assert refused.returncode == 1 and "drops secrets only when told to" in refused.stderr
+    platform.cli("config", "rollback", "rb-secret", "--to", str(v_greeting), "--drop-secrets")
+    cfg = platform.http("GET", "/v1/apps/rb-secret/config").json()
+    assert cfg["values"] == {"greeting": "hi"}
+    # Version 0 means no values at all: allowed, now that nothing required or secret would go.
+    r = rollback(platform, "rb-secret", {"to": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["values"] == {} and r.json()["version"] == cfg["version"] + 1
+    history = platform.http("GET", "/v1/apps/rb-secret/config/history").json()["items"]
+    assert history[0]["description"] == "rollback to version 0"
+    assert history[0]["changes"] == {"greeting": {"unset": True}}
+
+
+def test_rollback_refuses_values_the_schema_no_longer_fits(platform: Platform, tmp_path: Path) -> None:
+    platform.deploy(APPS / "configured", "--name", "rb-types", "--detach")
+    v_seven, v_unset = versions(platform, "rb-types", {"set": {"max_items": 7}}, {"unset": ["max_items"]})
+    src = copy_app(APPS / "configured_v2", tmp_path / "v2")  # max_items is a bool now
+    platform.deploy(src, "--name", "rb-types", "--detach")
+    r = rollback(platform, "rb-types", {"to": v_seven})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {
+        "code": "invalid_value",
+        "message": f"version {v_seven} does not fit the current schema: "
+        "max_items: expected a boolean (true or false), got 7",
+    }
+    assert platform.http("GET", "/v1/apps/rb-types/config").json()["version"] == v_unset
 
 
 def test_history_and_rollback(platform: Platform, configured: dict[str, Any]) -> None:

@@ -2,21 +2,26 @@
 
 ApiError ── raised by routes; carries the HTTP status, a stable code and a message that says
             what is wrong and how to fix it.
+ErrorBody ─ that shape as a model, declared once for the OpenAPI document: `responses(404, 409)`
+            is what a route decorator lists.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from osless.store import MAX_VALUE_BYTES, ValueTooLarge
 
-__all__ = ["ApiError", "error_body", "install_error_handlers"]
+__all__ = ["ERROR_REF", "ApiError", "ErrorBody", "error_body", "install_error_handlers", "responses"]
 
 log = logging.getLogger("osless.api")
 
@@ -30,6 +35,51 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    # A function's own error adds its traceback.
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="stable and machine-readable, e.g. app_not_found, stale_revision")
+    message: str = Field(description="what is wrong and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    """Every answer of 400 or more."""
+
+    error: ErrorDetail
+
+
+ERROR_REF = "#/components/schemas/ErrorBody"
+
+# Why each status can be answered, as the OpenAPI document says it.
+WHY = {
+    400: "Malformed: the body is not JSON, or a value the schema cannot express is wrong",
+    401: "No valid bearer token",
+    403: "The token's role or app does not allow this",
+    404: "No such resource",
+    409: "Conflicts with the current state: read it again, or do what the message says first",
+    413: "The body is over the limit",
+    415: "The body is not of a media type this accepts",
+    422: "A value is invalid: the message names it",
+    429: "Too many requests for this token: wait for Retry-After",
+    500: "An internal error; of a function call, the function's own (function_error, result_not_json)",
+    502: "The gateway could not be reached",
+    503: "Busy: try again after Retry-After",
+    504: "No answer in time",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can answer `statuses`, each with the one error body.
+
+    The body is given as its media type and schema (not `model=`), so that a route whose success is
+    a stream still declares its errors as JSON."""
+    return {
+        s: {"description": WHY[s], "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}
+        for s in statuses
+    }
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -69,13 +119,18 @@ def install_error_handlers(app: FastAPI) -> None:
         code, message, status = _describe(list(exc.errors()))
         return JSONResponse(error_body(code, message), status)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        headers = exc.headers
         if exc.status_code == 404 and message == "Not Found":
             message = "no such path; the API lives under /v1 (see /openapi.json)"
-        return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed here; {request.url.path} answers {', '.join(allowed)}"
+        return JSONResponse(error_body(code, message), exc.status_code, headers=headers)
 
     async def value_too_large(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ValueTooLarge)
@@ -95,3 +150,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ValueTooLarge, value_too_large)
     app.add_exception_handler(Exception, unexpected)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document gives this path: the router's 405 names only one route's."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    path = request.scope["path"]
+    return sorted({m.upper() for t, ops in paths.items() if _template(t).fullmatch(path) for m in ops})
+
+
+@functools.lru_cache(maxsize=256)
+def _template(path: str) -> re.Pattern[str]:
+    """/v1/apps/{app} as a pattern: each {parameter} is one path segment."""
+    return re.compile(
+        "".join(
+            "[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]*\})", path)
+        )
+    )

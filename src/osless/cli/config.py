@@ -117,11 +117,18 @@ def history(app: AppArg, json_out: JsonOpt = False) -> None:
 @config_app.command("rollback")
 def rollback(
     app: AppArg,
-    to: Annotated[int, typer.Option(help="The config version to return to.")],
+    to: Annotated[int, typer.Option(help="The config version to return to (0: no values).")],
+    drop_secrets: Annotated[
+        bool, typer.Option("--drop-secrets", help="Remove the secrets set now that version TO lacks.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Make an earlier version's values current again (as a new version)."""
-    cfg = call(client().post, f"/v1/apps/{app}/config/rollback", {"to": to})
+    """Make an earlier version's values current again (as a new version).
+
+    Refused if it would unset a key the current release requires, or drop a secret without
+    --drop-secrets."""
+    body: dict[str, Any] = {"to": to, "drop_secrets": True} if drop_secrets else {"to": to}
+    cfg = call(client().post, f"/v1/apps/{app}/config/rollback", body)
     if json_out:
         print_json(cfg)
         return

@@ -7,40 +7,38 @@ from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel
 
 from osless.api.auth import Caller, check_scope, require
-from osless.api.errors import ApiError
+from osless.api.errors import ApiError, responses
 from osless.api.models import (
     App,
+    AppCreate,
+    AppDetail,
+    AppList,
     DesiredRequest,
+    Endpoints,
     GatewayStats,
     Release,
+    ReleaseList,
     RollbackRequest,
     ScaleRequest,
-    check_app_name,
+    StatsReceived,
+    StatsView,
     now,
 )
+from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["apps"])
 
 
-class CreateApp(BaseModel):
-    name: str
-
-
-def _check_name(name: str) -> None:
-    if not check_app_name(name):
-        raise ApiError(
-            422,
-            "invalid_app_name",
-            f"invalid app name {name!r}: use 1-40 lowercase letters, digits and '-', starting with a letter",
-        )
-
-
-@router.get("/apps", summary="List apps (watch=true streams changes after `revision`)")
+@router.get(
+    "/apps",
+    response_model=AppList,
+    responses={**WATCHABLE, **responses(400)},
+    summary="List apps (watch=true streams changes after `revision`)",
+)
 async def list_apps(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
@@ -58,16 +56,15 @@ async def list_apps(
     )
 
 
-@router.post("/apps", status_code=201, response_model=App)
+@router.post("/apps", status_code=201, response_model=App, responses=responses(409))
 async def create_app(
-    body: CreateApp, state: ApiState = Depends(get_state), caller: Caller = require("deploy", narrows=True)
+    body: AppCreate, state: ApiState = Depends(get_state), caller: Caller = require("deploy", narrows=True)
 ) -> App:
-    _check_name(body.name)
     check_scope(caller, body.name)
     return await state.resources.create_app(App(name=body.name))
 
 
-@router.get("/apps/{app}")
+@router.get("/apps/{app}", response_model=AppDetail, responses=responses(404))
 async def get_app(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
 ) -> dict[str, Any]:
@@ -101,6 +98,8 @@ async def _call_graph(state: ApiState, app: str) -> tuple[dict[str, int], dict[s
 
 @router.get(
     "/apps/{app}/endpoints",
+    response_model=Endpoints,
+    responses={**WATCHABLE, **responses(400, 404)},
     summary="Where the app answers: its URLs and its ready instances "
     "(watch=true streams the app's instance changes)",
 )
@@ -135,7 +134,7 @@ async def endpoints(
     }
 
 
-@router.delete("/apps/{app}", status_code=204)
+@router.delete("/apps/{app}", status_code=204, responses=responses(404, 409))
 async def delete_app(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> Response:
@@ -143,7 +142,7 @@ async def delete_app(
     return Response(status_code=204)
 
 
-@router.get("/apps/{app}/releases")
+@router.get("/apps/{app}/releases", response_model=ReleaseList, responses=responses(404))
 async def list_releases(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
 ) -> dict[str, Any]:
@@ -152,14 +151,14 @@ async def list_releases(
     return {"items": [r.model_dump(exclude={"manifest"}) for r in releases], "revision": rev}
 
 
-@router.get("/apps/{app}/releases/{version}", response_model=Release)
+@router.get("/apps/{app}/releases/{version}", response_model=Release, responses=responses(404))
 async def get_release(
     app: str, version: int, state: ApiState = Depends(get_state), caller: Caller = require("read")
 ) -> Release:
     return await state.resources.get_release(app, version)
 
 
-@router.post("/apps/{app}/rollback", response_model=Release, status_code=201)
+@router.post("/apps/{app}/rollback", response_model=Release, status_code=201, responses=responses(404, 409))
 async def rollback(
     app: str,
     body: RollbackRequest | None = None,
@@ -202,7 +201,12 @@ async def rollback(
     return release
 
 
-@router.put("/apps/{app}/scale", response_model=App, summary="Instance bounds and the autoscaling policy")
+@router.put(
+    "/apps/{app}/scale",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="Instance bounds and the autoscaling policy",
+)
 async def scale(
     app: str, body: ScaleRequest, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> App:
@@ -222,7 +226,10 @@ async def scale(
 
 
 @router.put(
-    "/apps/{app}/desired", response_model=App, summary="The autoscaler's decision: instances wanted now"
+    "/apps/{app}/desired",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="The autoscaler's decision: instances wanted now",
 )
 async def set_desired(
     app: str, body: DesiredRequest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
@@ -236,7 +243,12 @@ async def set_desired(
     return await state.resources.update_app(app, change)
 
 
-@router.post("/apps/{app}/wake", response_model=App, summary="A request found the app at zero: start one")
+@router.post(
+    "/apps/{app}/wake",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="A request found the app at zero: start one",
+)
 async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = require("operate")) -> App:
     def change(a: App) -> App | None:
         if a.current_release is None:
@@ -249,7 +261,11 @@ async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = 
     return await state.resources.update_app(app, change)
 
 
-@router.put("/gateways/{name}/stats", summary="What a gateway saw of each app (for the autoscaler)")
+@router.put(
+    "/gateways/{name}/stats",
+    response_model=StatsReceived,
+    summary="What a gateway saw of each app (for the autoscaler)",
+)
 async def put_stats(
     name: str, body: GatewayStats, state: ApiState = Depends(get_state), caller: Caller = require("operate")
 ) -> dict[str, int]:
@@ -258,7 +274,11 @@ async def put_stats(
     return {"apps": len(body.apps)}
 
 
-@router.get("/stats", summary="Traffic per app, summed over the gateways that reported lately")
+@router.get(
+    "/stats",
+    response_model=StatsView,
+    summary="Traffic per app, summed over the gateways that reported lately",
+)
 async def get_stats(
     state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> dict[str, Any]:

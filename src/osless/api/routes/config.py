@@ -7,13 +7,28 @@ app's own instances.
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
 from osless.api.auth import Caller, require
-from osless.api.errors import ApiError
-from osless.api.models import ConfigChange, ConfigPatch, ConfigRollback, ConfigState, now
+from osless.api.errors import ApiError, responses
+from osless.api.models import (
+    ConfigChange,
+    ConfigHistory,
+    ConfigPatch,
+    ConfigRollback,
+    ConfigSchemaView,
+    ConfigState,
+    ConfigView,
+    NodeConfig,
+    NodeConfigList,
+    now,
+)
+from osless.api.openapi import WATCHABLE
 from osless.api.schema import MASK, coerce, misfits
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
@@ -59,7 +74,12 @@ def _view(cfg: ConfigState, schema: dict[str, dict[str, Any]] | None) -> dict[st
     }
 
 
-@router.get("/apps/{app}/config", summary="The app's config (secrets masked) and its schema")
+@router.get(
+    "/apps/{app}/config",
+    response_model=ConfigView,
+    responses=responses(404, 409),
+    summary="The app's config (secrets masked) and its schema",
+)
 async def get_config(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("describe")
 ) -> dict[str, Any]:
@@ -68,14 +88,24 @@ async def get_config(
     return _view(cfg, schema)
 
 
-@router.get("/apps/{app}/config/schema", summary="What the app's code declares it can be told")
+@router.get(
+    "/apps/{app}/config/schema",
+    response_model=ConfigSchemaView,
+    responses=responses(404, 409),
+    summary="What the app's code declares it can be told",
+)
 async def get_schema(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("describe")
 ) -> dict[str, Any]:
     return {"app": app, "schema": await app_schema(state, app)}
 
 
-@router.patch("/apps/{app}/config", summary="Set and unset keys; `revision` makes it compare-and-swap")
+@router.patch(
+    "/apps/{app}/config",
+    response_model=ConfigView,
+    responses=responses(404, 409, 503),
+    summary="Set and unset keys; `revision` makes it compare-and-swap",
+)
 async def patch_config(
     app: str,
     body: ConfigPatch,
@@ -95,67 +125,101 @@ async def patch_config(
     clash = sorted(set(body.set) & set(body.unset))
     if clash:
         raise ApiError(422, "invalid_request", f"{', '.join(clash)}: both set and unset")
-    problems, coerced = [], {}
+    problems, stored = [], {}
     for key, value in body.set.items():
         try:
-            coerced[key] = coerce(key, schema[key], value)
+            coerced = coerce(key, schema[key], value)
         except ValueError as e:
             problems.append(str(e))
+            continue
+        secret = schema[key]["type"] == "secret"
+        stored[key] = {"$secret": state.secrets.encrypt(coerced)} if secret else coerced
     if problems:
         raise ApiError(422, "invalid_value", "; ".join(problems))
-    cfg, rev = await state.resources.get_config(app)
-    if body.revision is not None and body.revision != cfg.version:
-        raise ApiError(
-            409,
-            "stale_revision",
-            f"the config of {app!r} is at version {cfg.version}, not "
-            f"{body.revision}: read it again, then retry",
-        )
-    changes: dict[str, Any] = {}
-    values = dict(cfg.values)
-    for key, value in coerced.items():
-        secret = schema[key]["type"] == "secret"
-        values[key] = {"$secret": state.secrets.encrypt(value)} if secret else value
-        changes[key] = {"set": MASK if secret else value}
-    for key in body.unset:
-        if values.pop(key, None) is not None:
-            changes[key] = {"unset": True}
-    return await _commit(state, app, cfg, rev, values, changes, caller, "set " + ", ".join(sorted(changes)))
+
+    def apply(cfg: ConfigState) -> tuple[dict[str, Any], dict[str, Any]]:
+        if body.revision is not None and body.revision != cfg.version:
+            raise _stale(app, cfg.version, body.revision)
+        values = {**cfg.values, **stored}
+        changes: dict[str, Any] = {k: {"set": MASK if is_secret(v) else v} for k, v in stored.items()}
+        for key in body.unset:
+            if values.pop(key, None) is not None:
+                changes[key] = {"unset": True}
+        return values, changes
+
+    return await _write(
+        state,
+        app,
+        caller,
+        apply,
+        lambda changes: "set " + ", ".join(sorted(changes)),
+        cas=body.revision is not None,
+    )
 
 
-async def _commit(
+def _stale(app: str, version: int, revision: int) -> ApiError:
+    return ApiError(
+        409,
+        "stale_revision",
+        f"the config of {app!r} is at version {version}, not {revision}: read it again, then retry",
+    )
+
+
+# A write without `revision` merges onto whatever is current: losing a race to another writer is no
+# reason to fail it, so it is applied again to the newer values. Each round one writer wins.
+WRITE_ATTEMPTS = 64
+
+
+async def _write(
     state: ApiState,
     app: str,
-    cfg: ConfigState,
-    rev: int,
-    values: dict[str, Any],
-    changes: dict[str, Any],
     caller: Caller,
-    description: str,
+    apply: Callable[[ConfigState], tuple[dict[str, Any], dict[str, Any]]],
+    describe: Callable[[dict[str, Any]], str],
+    *,
+    cas: bool = False,
 ) -> dict[str, Any]:
-    if not changes:
-        return _view(cfg, None)
-    new = ConfigState(
-        app=app, version=cfg.version + 1, values=values, updated_at=now(), updated_by=caller.name
+    """Read the config, `apply` the change (new values and what changed), commit; again on a conflict.
+
+    With `cas` the caller named the version it had read, so a conflict means that it is stale: 409."""
+    for attempt in range(WRITE_ATTEMPTS):
+        cfg, rev = await state.resources.get_config(app)
+        values, changes = apply(cfg)
+        if not changes:
+            return _view(cfg, None)
+        new = ConfigState(
+            app=app, version=cfg.version + 1, values=values, updated_at=now(), updated_by=caller.name
+        )
+        change = ConfigChange(
+            app=app,
+            version=new.version,
+            by=new.updated_by,
+            description=describe(changes),
+            changes=changes,
+            values=values,
+        )
+        try:
+            await state.resources.commit_config(new, rev, change)
+            return _view(new, None)
+        except Conflict:
+            if cas:
+                raise _stale(app, (await state.resources.get_config(app))[0].version, cfg.version) from None
+            # Jitter, so that the writers who lost together do not meet again in step.
+            await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
+    raise ApiError(
+        503,
+        "busy",
+        f"the config of {app!r} changed {WRITE_ATTEMPTS} times while this write was being applied; try again",
+        headers={"retry-after": "1"},
     )
-    change = ConfigChange(
-        app=app,
-        version=new.version,
-        by=new.updated_by,
-        description=description,
-        changes=changes,
-        values=values,
-    )
-    try:
-        await state.resources.commit_config(new, rev, change)
-    except Conflict as e:
-        raise ApiError(
-            409, "stale_revision", f"the config of {app!r} changed meanwhile; read it again"
-        ) from e
-    return _view(new, None)
 
 
-@router.get("/apps/{app}/config/history", summary="Every version of the app's config: who, when, what")
+@router.get(
+    "/apps/{app}/config/history",
+    response_model=ConfigHistory,
+    responses=responses(404),
+    summary="Every version of the app's config: who, when, what",
+)
 async def config_history(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("read")
 ) -> dict[str, Any]:
@@ -164,7 +228,12 @@ async def config_history(
     return {"items": [c.model_dump(exclude={"values"}) for c in sorted(items, key=lambda c: -c.version)]}
 
 
-@router.post("/apps/{app}/config/rollback", summary="Make an earlier version's values current again")
+@router.post(
+    "/apps/{app}/config/rollback",
+    response_model=ConfigView,
+    responses=responses(404, 409, 503),
+    summary="Make an earlier version's values current again",
+)
 async def config_rollback(
     app: str,
     body: ConfigRollback,
@@ -172,9 +241,8 @@ async def config_rollback(
     caller: Caller = require("deploy"),
 ) -> dict[str, Any]:
     schema = await app_schema(state, app)
-    cfg, rev = await state.resources.get_config(app)
     if body.to == 0:
-        target: dict[str, Any] = {}
+        target: dict[str, Any] = {}  # version 0: before anything was set
     else:
         found = [c for c in await state.resources.config_history(app) if c.version == body.to]
         if not found:
@@ -184,24 +252,56 @@ async def config_rollback(
                 f"the config of {app!r} has no version {body.to}; `osless config history {app}` lists them",
             )
         target = found[0].values
-    # A required key left unset is allowed here as anywhere: reading it raises in the app, clearly.
+    # Values refused as a PATCH would refuse them. Keys the current release does not declare come back
+    # as they were, unread (a deploy keeps them too), so that rolling the code back finds them again.
     problems = [p for p in misfits(schema, _plain_types(target)) if not p.endswith("required and not set")]
     if problems:
         raise ApiError(
             422, "invalid_value", f"version {body.to} does not fit the current schema: " + "; ".join(problems)
         )
-    changes: dict[str, Any] = {}
-    for key in sorted(set(target) | set(cfg.values)):
-        if target.get(key) != cfg.values.get(key):
-            if key not in target:
-                changes[key] = {"unset": True}
-            else:
-                changes[key] = {"set": MASK if is_secret(target[key]) else target[key]}
-    if not changes:
-        return _view(cfg, None)
-    return await _commit(
-        state, app, cfg, rev, dict(target), changes, caller, f"rollback to version {body.to}"
-    )
+
+    def apply(cfg: ConfigState) -> tuple[dict[str, Any], dict[str, Any]]:
+        _check_losses(app, schema, cfg.values, target, body)
+        changes: dict[str, Any] = {}
+        for key in sorted(set(target) | set(cfg.values)):
+            if target.get(key) != cfg.values.get(key):
+                if key not in target:
+                    changes[key] = {"unset": True}
+                else:
+                    changes[key] = {"set": MASK if is_secret(target[key]) else target[key]}
+        return dict(target), changes
+
+    return await _write(state, app, caller, apply, lambda _: f"rollback to version {body.to}")
+
+
+def _check_losses(
+    app: str,
+    schema: dict[str, dict[str, Any]],
+    current: dict[str, Any],
+    target: dict[str, Any],
+    body: ConfigRollback,
+) -> None:
+    """A rollback never unsets what the current release requires, and drops secrets only when told to."""
+    lost = sorted(k for k in current if k not in target)
+    required = [k for k in lost if schema.get(k, {}).get("required")]
+    if required:
+        raise ApiError(
+            409,
+            "would_unset_required",
+            f"version {body.to} has no value for {', '.join(required)}, which the current release of "
+            f"{app!r} requires (declared without a default): roll back to a version that sets "
+            f"{'it' if len(required) == 1 else 'them'} (`osless config history {app}` lists them), "
+            f"or change keys one by one with `osless config set` and `osless config unset`",
+        )
+    secrets = [k for k in lost if is_secret(current[k])]
+    if secrets and not body.drop_secrets:
+        raise ApiError(
+            409,
+            "would_drop_secrets",
+            f"version {body.to} has no value for the secret{'s' if len(secrets) > 1 else ''} "
+            f"{', '.join(secrets)}, set now: a rollback drops secrets only when told to, with "
+            f'{{"drop_secrets": true}} (`osless config rollback {app} --to {body.to} --drop-secrets`)',
+        )
 
 
 def _plain_types(values: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +319,8 @@ def config_misfits(schema: dict[str, dict[str, Any]], cfg: ConfigState) -> tuple
 
 @router.get(
     "/nodes/{node}/config",
+    response_model=NodeConfigList,
+    responses={**WATCHABLE, **responses(400)},
     summary="Every app's config in clear, with its token (watch=true streams changes): for node agents",
 )
 async def node_configs(
@@ -248,6 +350,8 @@ async def node_configs(
 
 @router.get(
     "/nodes/{node}/apps/{app}/config",
+    response_model=NodeConfig,
+    responses=responses(404),
     summary="The app's config in clear, and its app token: for the node agent that runs it",
 )
 async def node_config(

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, check_scope, require
-from osless.api.errors import ApiError
-from osless.api.models import Deploy, Release, check_app_name, now
+from osless.api.errors import ApiError, responses
+from osless.api.models import AppName, Deploy, DeployList, Release, now
+from osless.api.openapi import DEPLOY_LOG
 from osless.api.routes.config import config_misfits
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
@@ -29,17 +30,23 @@ log = logging.getLogger("osless.api.deploys")
 DEPLOY_LOG_CAP = 8 * 1024 * 1024
 UID_TIMEOUT_S = 60.0
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
+# The body is read as it comes (not parsed by FastAPI), so the document says what it is.
+_ARCHIVE = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
 
 
 @router.post(
     "/deploys",
     status_code=202,
     response_model=Deploy,
+    responses=responses(400, 413, 415),
+    openapi_extra={
+        "requestBody": {"required": True, "content": {t: _ARCHIVE for t in sorted(ARCHIVE_TYPES)}}
+    },
     summary="Upload a gzip'd tar of the app's source; the build runs in the background",
 )
 async def create_deploy(
     request: Request,
-    app: str | None = Query(default=None, description="app name; default: App(name) in code"),
+    app: AppName | None = Query(default=None, description="app name; default: App(name) in code"),
     state: ApiState = Depends(get_state),
     caller: Caller = require("deploy", narrows=True),
 ) -> Deploy:
@@ -52,10 +59,6 @@ async def create_deploy(
             415,
             "unsupported_media_type",
             f"upload the source as application/gzip (a .tar.gz), not {ctype or 'nothing'}",
-        )
-    if app is not None and not check_app_name(app):
-        raise ApiError(
-            422, "invalid_app_name", f"invalid app name {app!r}: use lowercase letters, digits and '-'"
         )
     archive = await request.body()
     if not archive:
@@ -131,7 +134,7 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         writer.close()
 
 
-@router.get("/deploys", summary="Recent deploys, newest first")
+@router.get("/deploys", response_model=DeployList, summary="Recent deploys, newest first")
 async def list_deploys(
     limit: int = Query(default=20, ge=1, le=500),
     state: ApiState = Depends(get_state),
@@ -143,7 +146,7 @@ async def list_deploys(
     return {"items": [d.model_dump() for d in items[:limit]], "revision": rev}
 
 
-@router.get("/deploys/{deploy_id}", response_model=Deploy)
+@router.get("/deploys/{deploy_id}", response_model=Deploy, responses=responses(404))
 async def get_deploy(
     deploy_id: str, state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> Deploy:
@@ -152,7 +155,12 @@ async def get_deploy(
     return deploy
 
 
-@router.get("/deploys/{deploy_id}/log", summary="The build log as NDJSON; follow=true streams until the end")
+@router.get(
+    "/deploys/{deploy_id}/log",
+    response_class=StreamingResponse,
+    responses={**DEPLOY_LOG, **responses(404)},
+    summary="The build log as NDJSON; follow=true streams until the end",
+)
 async def deploy_log(
     deploy_id: str,
     follow_: bool = Query(default=False, alias="follow"),

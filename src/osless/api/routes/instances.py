@@ -5,19 +5,35 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from osless.api.auth import Caller, check_scope, require
-from osless.api.errors import ApiError
-from osless.api.models import Instance, InstanceStatus, Node, now
+from osless.api.errors import ApiError, responses
+from osless.api.models import (
+    ID_PATTERN,
+    CallsReceived,
+    CallsReport,
+    Instance,
+    InstanceList,
+    InstanceStatus,
+    Node,
+    NodeLease,
+    NodeList,
+    now,
+)
+from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["instances"])
 
 
-@router.get("/instances", summary="List instances (watch=true streams changes after `revision`)")
+@router.get(
+    "/instances",
+    response_model=InstanceList,
+    responses={**WATCHABLE, **responses(400)},
+    summary="List instances (watch=true streams changes after `revision`)",
+)
 async def list_instances(
     app: str | None = None,
     node: str | None = None,
@@ -46,19 +62,19 @@ async def list_instances(
     )
 
 
-@router.post("/instances", status_code=201, response_model=Instance)
+@router.post("/instances", status_code=201, response_model=Instance, responses=responses(404, 409))
 async def create_instance(
     body: Instance, state: ApiState = Depends(get_state), caller: Caller = require("operate")
 ) -> Instance:
     await state.resources.get_app(body.app)
     if not state.images.has_manifest(body.image):
         raise ApiError(
-            422, "unknown_image", f"no image {body.image[:12]}… is stored here; deploy the app first"
+            404, "image_not_found", f"no image {body.image[:12]}… is stored here; deploy the app first"
         )
     return await state.resources.create_instance(body)
 
 
-@router.get("/instances/{instance_id}", response_model=Instance)
+@router.get("/instances/{instance_id}", response_model=Instance, responses=responses(404))
 async def get_instance(
     instance_id: str, state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> Instance:
@@ -72,7 +88,7 @@ async def get_instance(
     )
 
 
-@router.put("/instances/{instance_id}/status", response_model=Instance)
+@router.put("/instances/{instance_id}/status", response_model=Instance, responses=responses(404, 409))
 async def put_instance_status(
     instance_id: str,
     body: InstanceStatus,
@@ -87,7 +103,7 @@ async def put_instance_status(
     return await state.resources.update_instance(instance_id, change)
 
 
-@router.delete("/instances/{instance_id}", status_code=204)
+@router.delete("/instances/{instance_id}", status_code=204, responses=responses(404))
 async def delete_instance(
     instance_id: str, state: ApiState = Depends(get_state), caller: Caller = require("operate")
 ) -> Response:
@@ -96,7 +112,7 @@ async def delete_instance(
     return Response(status_code=204)
 
 
-@router.get("/nodes")
+@router.get("/nodes", response_model=NodeList, responses={**WATCHABLE, **responses(400)})
 async def list_nodes(
     watch: bool = False,
     revision: int | None = Query(default=None, ge=0),
@@ -109,21 +125,21 @@ async def list_nodes(
 
 @router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
 async def heartbeat_node(
-    name: str, body: Node, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    body: NodeLease,
+    name: str = Path(pattern=ID_PATTERN),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("operate"),
 ) -> Node:
-    if body.name != name:
-        raise ApiError(422, "name_mismatch", f"body names node {body.name!r} but the path names {name!r}")
-    body.updated_at = now()
-    return await state.resources.heartbeat_node(body)
+    return await state.resources.heartbeat_node(Node(name=name, ttl_s=body.ttl_s, updated_at=now()))
 
 
-class Calls(BaseModel):
-    calls: list[dict[str, Any]] = Field(description='[{"caller": app, "callee": app, "count": n}, ...]')
-
-
-@router.put("/nodes/{name}/calls", summary="Which apps called which through this node's egress proxy")
+@router.put(
+    "/nodes/{name}/calls",
+    response_model=CallsReceived,
+    summary="Which apps called which through this node's egress proxy",
+)
 async def put_calls(
-    name: str, body: Calls, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    name: str, body: CallsReport, state: ApiState = Depends(get_state), caller: Caller = require("operate")
 ) -> dict[str, int]:
     await state.resources.store.put(f"/calls/{name}", json.dumps(body.calls).encode())
     return {"calls": len(body.calls)}

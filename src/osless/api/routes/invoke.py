@@ -8,7 +8,7 @@ import httpx
 from fastapi import APIRouter, Depends, Request, Response
 
 from osless.api.auth import Caller, require
-from osless.api.errors import ApiError
+from osless.api.errors import ApiError, responses
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["functions"])
@@ -16,6 +16,13 @@ router = APIRouter(tags=["functions"])
 
 @router.post(
     "/apps/{app}/functions/{function}:invoke",
+    responses={
+        200: {"description": "The function's result", "content": {"application/json": {"schema": {}}}},
+        # 500: the function raised, or returned what JSON cannot carry (its error, not the platform's)
+        **responses(400, 404, 409, 413, 500, 502, 503, 504),
+    },
+    # The event is read as it comes: any JSON, or nothing (null).
+    openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {}}}}},
     summary="Invoke a function with a JSON event; the answer is the function's JSON result",
 )
 async def invoke(

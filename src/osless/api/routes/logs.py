@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,28 +11,30 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, require
-from osless.api.errors import ApiError
-from osless.api.models import ID_PATTERN
+from osless.api.errors import responses
+from osless.api.models import InstanceId
+from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
 from osless.logs import follow, read_tail
 
 router = APIRouter(tags=["logs"])
 
 
-@router.get("/apps/{app}/logs", summary="NDJSON log records of the app's instances; follow=true streams")
+@router.get(
+    "/apps/{app}/logs",
+    response_class=StreamingResponse,
+    responses={**LOG, **responses(404)},
+    summary="NDJSON log records of the app's instances; follow=true streams",
+)
 async def app_logs(
     app: str,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
-    instance: str | None = None,
+    instance: InstanceId | None = None,
     state: ApiState = Depends(get_state),
     caller: Caller = require("logs"),
 ) -> Any:
     await state.resources.get_app(app)
-    if instance is not None and not re.fullmatch(ID_PATTERN, instance):
-        raise ApiError(
-            422, "invalid_instance", f"{instance!r} is not an instance id; `osless ps {app}` lists them"
-        )
     folder = state.app_log_dir(app)
 
     def paths() -> list[Path]:

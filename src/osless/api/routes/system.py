@@ -10,19 +10,24 @@ from fastapi import APIRouter, Depends
 
 from osless import __version__
 from osless.api.auth import Caller, require
+from osless.api.models import StatusView, WhoAmI
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["system"])
 STARTED = time.time()
 
 
-@router.get("/whoami", summary="The caller: its token's name, role, app (if limited to one) and expiry")
+@router.get(
+    "/whoami",
+    response_model=WhoAmI,
+    summary="The caller: its token's name, role, app (if limited to one) and expiry",
+)
 async def whoami(caller: Caller = require("whoami", narrows=True)) -> dict[str, Any]:
     # The gateway reads this to decide who may invoke an app's functions: keep its shape.
     return {"name": caller.name, "role": caller.role, "app": caller.app, "expires_at": caller.expires_at}
 
 
-@router.get("/status")
+@router.get("/status", response_model=StatusView)
 async def status(
     state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> dict[str, Any]:
