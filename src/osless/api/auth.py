@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,7 @@ __all__ = [
     "GRANTABLE",
     "ROLES",
     "Caller",
+    "Grantable",
     "Permission",
     "Require",
     "TokenRecord",
@@ -61,7 +62,8 @@ ROLES: dict[str, frozenset[Permission]] = {
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
 }
-GRANTABLE = ("admin", "deploy", "read", "debug", "invoke")  # what `POST /v1/tokens` makes
+Grantable = Literal["admin", "deploy", "read", "debug", "invoke"]  # what `POST /v1/tokens` makes
+GRANTABLE: tuple[str, ...] = get_args(Grantable)
 TOKEN_PREFIX = "osl_"
 ID_LEN = 12
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
 
 from osless.api import audit
 from osless.api.auth import Caller, require
@@ -13,7 +14,15 @@ from osless.api.state import ApiState, get_state
 router = APIRouter(tags=["audit"])
 
 
-@router.get("/audit", summary="Writes to the API, newest first: who, what, when, from where, and the answer")
+class AuditList(BaseModel):
+    items: list[audit.AuditEntry]
+
+
+@router.get(
+    "/audit",
+    response_model=AuditList,
+    summary="Writes to the API, newest first: who, what, when, from where, and the answer",
+)
 async def list_audit(
     app: str | None = Query(default=None, max_length=64, description="only writes to this app"),
     since: float | None = Query(default=None, ge=0, description="only after this time (epoch seconds)"),

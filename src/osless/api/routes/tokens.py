@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from osless.api.auth import GRANTABLE, ID_LEN, NAME_PATTERN, Caller, TokenRecord, require
-from osless.api.errors import ApiError
-from osless.api.models import check_app_name, now
+from osless.api.auth import ID_LEN, NAME_PATTERN, Caller, Grantable, TokenRecord, require
+from osless.api.errors import ApiError, responses
+from osless.api.models import AppName, now
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["tokens"])
@@ -18,10 +18,31 @@ MAX_LIFETIME_S = 10 * 365 * 86400
 
 
 class CreateToken(BaseModel):
-    role: str = Field(description="admin, deploy, read, debug or invoke")
-    app: str | None = Field(default=None, description="limit the token to this app")
+    model_config = ConfigDict(extra="forbid")
+
+    role: Grantable
+    app: AppName | None = Field(default=None, description="limit the token to this app (not admin)")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the role (and app)")
     expires_in_s: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S, description="default: never")
+
+
+class TokenView(BaseModel):
+    id: str
+    name: str
+    role: str
+    app: str | None
+    created_at: float
+    expires_at: float | None
+    expired: bool
+    last_used_at: float | None
+
+
+class NewToken(TokenView):
+    token: str = Field(description="the token itself: shown this once, never again")
+
+
+class TokenList(BaseModel):
+    items: list[TokenView]
 
 
 def _view(digest: str, record: TokenRecord, last_used: float | None = None) -> dict[str, Any]:
@@ -37,28 +58,32 @@ def _view(digest: str, record: TokenRecord, last_used: float | None = None) -> d
     }
 
 
-@router.post("/tokens", status_code=201, summary="Make a token; the answer is the only time it is shown")
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=NewToken,
+    summary="Make a token; the answer is the only time it is shown",
+)
 async def create_token(
     body: CreateToken, state: ApiState = Depends(get_state), caller: Caller = require("admin")
 ) -> dict[str, Any]:
-    if body.role not in GRANTABLE:
-        raise ApiError(422, "invalid_role", f"role {body.role!r} is not one of: {', '.join(GRANTABLE)}")
-    if body.app is not None:
-        if not check_app_name(body.app):
-            raise ApiError(422, "invalid_app_name", f"invalid app name {body.app!r}")
-        if body.role == "admin":
-            raise ApiError(
-                422,
-                "invalid_request",
-                "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
-            )
+    if body.app is not None and body.role == "admin":
+        raise ApiError(
+            422,
+            "invalid_request",
+            "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
+        )
     name = body.name or (f"{body.role}-{body.app}" if body.app else body.role)
     expires_at = None if body.expires_in_s is None else round(now() + body.expires_in_s, 3)
     token, digest, record = await state.tokens.issue(name, body.role, app=body.app, expires_at=expires_at)
     return {**_view(digest, record), "token": token}
 
 
-@router.get("/tokens", summary="Every token (never the token itself): role, app, expiry, last use")
+@router.get(
+    "/tokens",
+    response_model=TokenList,
+    summary="Every token (never the token itself): role, app, expiry, last use",
+)
 async def list_tokens(
     state: ApiState = Depends(get_state), caller: Caller = require("admin")
 ) -> dict[str, Any]:
@@ -68,7 +93,12 @@ async def list_tokens(
     return {"items": items}
 
 
-@router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token: it stops working at once")
+@router.delete(
+    "/tokens/{token_id}",
+    status_code=204,
+    responses=responses(404, 409),
+    summary="Revoke a token: it stops working at once",
+)
 async def revoke_token(
     token_id: str, state: ApiState = Depends(get_state), caller: Caller = require("admin")
 ) -> Response:
@@ -78,6 +108,13 @@ async def revoke_token(
             404, "token_not_found", f"no token with id {token_id!r}; `osless tokens ls` lists them"
         )
     digest, record = found
+    if digest[:ID_LEN] == caller.id:
+        raise ApiError(
+            409,
+            "own_token",
+            "this is the token this request is made with: revoke it with another admin token "
+            "(`osless tokens create --role admin` makes one)",
+        )
     if record.role == "node":
         raise ApiError(
             409,
