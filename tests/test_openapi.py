@@ -109,7 +109,7 @@ def test_every_operation_declares_the_statuses_every_path_can_answer(platform: P
     assert doc["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": "A token: `osless up`'s admin one, one from `osless tokens create`, or an app's own",
+        "description": "A token: osless up's admin one, one from osless tokens create, or an app's",
     }
     assert doc["security"] == [{"bearer": []}]
     error = {"$ref": "#/components/schemas/ErrorBody"}

@@ -67,7 +67,7 @@ def _build(app: FastAPI) -> dict[str, Any]:
         "bearer": {
             "type": "http",
             "scheme": "bearer",
-            "description": "A token: `osless up`'s admin one, one from `osless tokens create`, or an app's own",
+            "description": "A token: osless up's admin one, one from osless tokens create, or an app's",
         }
     }
     doc["security"] = [{"bearer": []}]
