@@ -25,6 +25,8 @@ from typing import IO, Any
 
 from osless.build.images import ImageStore, sha256_hex
 from osless.build.source import SourceError, unpack
+from osless.sdk.app import read_volumes
+from osless.sdk.errors import UsageError
 
 __all__ = ["MAX_SOURCE_BYTES", "MAX_SOURCE_FILES", "BuildError", "BuildResult", "Builder"]
 
@@ -108,6 +110,7 @@ class Builder:
         else:
             deps = self._deps_layer(deps_digest, lock, safe_log)
         app, entry = self._inspect(code, deps, safe_log, uid)
+        volumes = _volumes(app.get("volumes"))
         name = app["name"]
         if app_name is not None and app_name != name:
             safe_log(f"==> App name: deploying as {app_name!r} (the code says App({name!r}))")
@@ -121,7 +124,7 @@ class Builder:
             "lock": lock,
             "functions": app["functions"],
             "web": app["web"],
-            "volumes": app.get("volumes") or {},
+            "volumes": volumes,
             "egress": app.get("egress") or [],
             "config": app.get("config") or {},
         }
@@ -332,6 +335,14 @@ class Builder:
                 "(pip install uv) to build apps with dependencies."
             )
         return self.uv
+
+
+def _volumes(raw: object) -> dict[str, Any]:
+    """`{"/data": {"name", "size_mb"}}`, checked here too: the app's own process printed them."""
+    try:
+        return {path: v.manifest() for path, v in read_volumes(raw).items()}
+    except UsageError as e:
+        raise BuildError(f"The app declares bad volumes: {str(e)[:300]}. Fix App(volumes=...).") from e
 
 
 def _default_uv() -> str | None:

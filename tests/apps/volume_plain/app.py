@@ -1,0 +1,29 @@
+"""An app whose volume is a plain name: it gets the default size."""
+
+import os
+
+import osless
+
+app = osless.App("notes", volumes={"/data": "notes-data"})
+
+
+@app.function()
+def put(event, ctx):
+    with open(f"/data/{event['name']}", "w") as f:
+        f.write(event["text"])
+    return "stored"
+
+
+@app.function()
+def get(event, ctx):
+    try:
+        with open(f"/data/{event['name']}") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+@app.function()
+def space(event, ctx):
+    st = os.statvfs("/data")
+    return {"total_mb": st.f_blocks * st.f_frsize / (1024 * 1024), "files": sorted(os.listdir("/data"))}
