@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         yield p
     finally:
         p.stop()
+        put_away(p)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,16 @@ def start(platform: Platform, *apps: str) -> None:
             ),
             what=f"{app} to be ready again",
         )
+
+
+def put_away(platform: Platform) -> None:
+    """What a test that failed between a kill -9 and the next start would leave on the host."""
+    for point in mounts_under(Path(os.path.realpath(run_dir_for(platform.data_dir)))):
+        subprocess.run(["umount", "--lazy", point], check=False)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().startswith(f"{os.path.realpath(platform.data_dir)}/"):
+                subprocess.run(["losetup", "--detach", f"/dev/{backing.parent.parent.name}"], check=False)
 
 
 def restart(platform: Platform, *apps: str) -> None:
@@ -210,3 +222,4 @@ def test_without_the_tools_volumes_are_plain_folders_then_move_into_images(
         assert call(p, "notes", "put", {"name": "note", "text": "in an image"}) == "stored"
     finally:
         p.stop()
+        put_away(p)

@@ -183,13 +183,17 @@ class NodeAgent:
     async def _put_volumes_away(self) -> None:
         """Unmount the volumes of apps that no longer run here (this run's, or a killed run's), and
         delete those of deleted apps."""
-        for app in self.volumes.mounted_apps():
-            if not self._in_use(app):
-                await self.volumes.detach(app, functools.partial(self._in_use, app))
-        if self.apps.synced.is_set():
-            for app in self.volumes.apps_on_disk() - set(self.apps.items):
-                if not self._in_use(app):
+        gone = self.volumes.apps_on_disk() - set(self.apps.items) if self.apps.synced.is_set() else set()
+        for app in self.volumes.mounted_apps() | gone:
+            if self._in_use(app):
+                continue
+            try:
+                if app in gone:
                     await self.volumes.delete(app, functools.partial(self._in_use, app))
+                else:
+                    await self.volumes.detach(app, functools.partial(self._in_use, app))
+            except (VolumeError, OSError) as e:  # tried again on the next pass
+                log.warning("the volumes of %s not put away: %s", app, e)
 
     async def app_config(self, app: str, refresh: bool = False) -> dict[str, Any]:
         """The app's config in clear and its token, as the API gives them to this node only."""

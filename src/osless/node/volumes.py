@@ -8,7 +8,8 @@
 A filesystem of its own per volume, rather than project quotas: it needs no mount option on the
 data dir's filesystem (prjquota is rarely set), gives the app a plain ENOSPC at its size, and the
 kernel alone writes the image, so the node reads nothing the app wrote. The node only ever names
-the image and the mount point, both in root's folders; it never walks what is inside a volume.
+the image and the mount point, both in root's folders. It walks what is inside a volume only to
+move a plain-folder one into its image, before any of the app runs, with tools that follow no link.
 
 Where the tools or loop devices are missing (`unavailable_reason`), volumes are plain folders
 (`DATA_DIR/volumes/<app>/<name>/`, as before sizes existed) and `osless up` says so loudly.
@@ -54,8 +55,8 @@ def unavailable_reason() -> str | None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         return f"{', '.join(missing)} not found on PATH (install e2fsprogs and util-linux)"
-    with tempfile.TemporaryDirectory(prefix="osless-volume-probe-") as tmp:
-        image, point = Path(tmp) / "probe.img", Path(tmp) / "mnt"
+    with tempfile.TemporaryDirectory(prefix="osless-volume-probe-", ignore_cleanup_errors=True) as tmp:
+        image, point = Path(os.path.realpath(tmp)) / "probe.img", Path(os.path.realpath(tmp)) / "mnt"
         point.mkdir()
         try:
             _make_image(image, 16, uid=0)
@@ -211,7 +212,10 @@ class Volumes:
 
     async def detach_all(self) -> None:
         for app in self.mounted_apps():
-            await self.detach(app, lambda: False)
+            try:
+                await self.detach(app, lambda: False)
+            except (VolumeError, OSError) as e:  # the next start finds them and puts them away
+                log.warning("the volumes of %s stay mounted: %s", app, e)
 
     # -- on a worker thread, one app at a time -------------------------------------------------
 
