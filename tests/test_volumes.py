@@ -212,6 +212,9 @@ def test_without_the_tools_volumes_are_plain_folders_then_move_into_images(
         assert call(p, "notes", "put", {"name": "note", "text": "in a folder"}) == "stored"
         folder = p.data_dir / "volumes" / "notes" / "notes-data"
         assert (folder / "note").read_text() == "in a folder"
+        # A link to a host file the app cannot see: a copy that followed it would hand it the file.
+        token = p.data_dir / "admin-token"
+        assert call(p, "notes", "link", {"name": "token", "target": str(token)}) == "linked"
         p.stop()
 
         monkeypatch.undo()  # the tools are back: the folder's data moves into an image
@@ -219,6 +222,9 @@ def test_without_the_tools_volumes_are_plain_folders_then_move_into_images(
         assert call(p, "notes", "get", {"name": "note"}) == "in a folder"
         assert not folder.exists() and image(p, "notes", "notes-data").is_file()
         assert os.path.ismount(mount_point(p, "notes", "notes-data"))
+        assert call(p, "notes", "get", {"name": "token"}) is None  # still a link to nothing it sees
+        assert os.readlink(mount_point(p, "notes", "notes-data") / "token") == str(token)
+        assert token.stat().st_uid == 0 and token.stat().st_mode & 0o077 == 0
         assert call(p, "notes", "put", {"name": "note", "text": "in an image"}) == "stored"
     finally:
         p.stop()

@@ -24,6 +24,13 @@ def get(event, ctx):
 
 
 @app.function()
+def link(event, ctx):
+    """A symlink in the volume to a path of the app's choosing: the host must never follow it."""
+    os.symlink(event["target"], f"/data/{event['name']}")
+    return "linked"
+
+
+@app.function()
 def space(event, ctx):
     st = os.statvfs("/data")
     return {"total_mb": st.f_blocks * st.f_frsize / (1024 * 1024), "files": sorted(os.listdir("/data"))}
