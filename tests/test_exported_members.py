@@ -17,6 +17,7 @@ def test_osless_exports() -> None:
         "Service",
         "Settings",
         "UsageError",
+        "Volume",
         "service",
     ]
     for name in osless.__all__:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from osless.node.agent import run_dir_for
 from tests.platform import Platform
 
 APPS = Path(__file__).parent / "apps"
@@ -331,7 +332,8 @@ def test_volume_is_writable_and_survives_restarts(platform: Platform, apps: dict
     platform.wait_for(lambda: platform.invoke("victim", "get")[1] == "kept", what="the note after a restart")
     platform.deploy(APPS / "victim")  # a new release: new zygote, new sandbox, same volume
     assert platform.invoke("victim", "get") == (200, "kept")
-    host = platform.data_dir / "volumes" / "victim" / "victim-data" / "note.txt"
+    # On the host the volume is an image, mounted where only the node looks.
+    host = run_dir_for(platform.data_dir) / "volumes" / "victim" / "victim-data" / "note.txt"
     assert host.read_text() == "kept"
 
 

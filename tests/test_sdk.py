@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import osless
-from osless import App, UsageError
+from osless import App, UsageError, Volume
+from osless.sdk.app import DEFAULT_VOLUME_MB, read_volumes
 
 
 def test_decorators_without_parentheses_say_so() -> None:
@@ -85,7 +86,7 @@ def test_manifest_lists_functions_and_web() -> None:
 
 def test_volumes_and_egress_are_checked() -> None:
     app = App("db", volumes={"/data": "db-data"}, egress=["api.example.com", "*.example.org"])
-    assert app.manifest()["volumes"] == {"/data": "db-data"}
+    assert app.manifest()["volumes"] == {"/data": {"name": "db-data", "size_mb": 1024}}
     assert app.manifest()["egress"] == ["*.example.org", "api.example.com"]
     with pytest.raises(UsageError, match="absolute path"):
         App("db", volumes={"data": "x"})
@@ -95,6 +96,47 @@ def test_volumes_and_egress_are_checked() -> None:
         App("db", volumes={"/data": "Bad Name"})
     with pytest.raises(UsageError, match="no scheme"):
         App("db", egress=["https://api.example.com"])
+
+
+def test_volumes_have_a_declared_size() -> None:
+    app = App("db", volumes={"/data": Volume("db-data", size_mb=512), "/cache": "db-cache"})
+    assert app.manifest()["volumes"] == {
+        "/cache": {"name": "db-cache", "size_mb": DEFAULT_VOLUME_MB},
+        "/data": {"name": "db-data", "size_mb": 512},
+    }
+    with pytest.raises(UsageError, match=r"size_mb=8\): give a whole number of MB between 16 and 1048576"):
+        Volume("db-data", size_mb=8)
+    for size in (2**21, 512.0, True, "512"):
+        with pytest.raises(UsageError, match="for example size_mb=512"):
+            Volume("db-data", size_mb=size)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"lowercase letters.*osless.Volume\(\"orders-data\"\)"):
+        Volume("Orders Data")
+    with pytest.raises(UsageError, match="lowercase"):
+        Volume("../etc")
+    with pytest.raises(TypeError):
+        Volume("db-data", 512)  # type: ignore[call-arg]
+    with pytest.raises(UsageError, match=r"give osless.Volume\(\"name\", size_mb=...\) or a volume name"):
+        App("db", volumes={"/data": 512})  # type: ignore[dict-item]
+    with pytest.raises(UsageError, match="declared with two sizes"):
+        App("db", volumes={"/a": Volume("v", size_mb=16), "/b": Volume("v", size_mb=32)})
+    with pytest.raises(UsageError, match="takes a dict"):
+        App("db", volumes=["/data"])  # type: ignore[arg-type]
+
+
+def test_stored_manifests_are_read_in_both_forms_and_checked_again() -> None:
+    assert read_volumes({"/data": "old-style"}) == {"/data": Volume("old-style", size_mb=DEFAULT_VOLUME_MB)}
+    assert read_volumes({"/data": {"name": "new", "size_mb": 64}}) == {"/data": Volume("new", size_mb=64)}
+    assert read_volumes(None) == {}
+    # What an app's own process printed is not trusted: paths out of a folder, sizes past the bounds.
+    for forged in (
+        {"/data": {"name": "../../etc", "size_mb": 64}},
+        {"/data": {"name": "x", "size_mb": 10**12}},
+        {"/data": {"name": "x", "size_mb": 64, "host": "/"}},
+        {"/proc": "x"},
+        ["x"],
+    ):
+        with pytest.raises(UsageError):
+            read_volumes(forged)
 
 
 def test_context_remaining_ms() -> None:

@@ -18,6 +18,7 @@ from osless.sdk import (
     Service,
     Settings,
     UsageError,
+    Volume,
     service,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "Service",
     "Settings",
     "UsageError",
+    "Volume",
     "service",
 ]
 __version__ = "0.1.0"

@@ -56,7 +56,7 @@ def read_app_name(code: Path, entry: str) -> str:
         listed = ", ".join(repr(n[:50]) for n in sorted(names)[:5])
         raise BuildError(f"{shown} names several apps ({listed}); {_HOW}.")
     name = names.pop()
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise BuildError(
             f"invalid app name {name[:50]!r} in {shown}: use 1-40 lowercase letters, digits and '-', "
             'starting with a letter (for example App("shop")).'

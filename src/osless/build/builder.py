@@ -41,6 +41,8 @@ from osless.build.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge
 from osless.build.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
 from osless.build.requirements import Requirements, read_requirements
 from osless.build.source import SourceError, unpack
+from osless.sdk.app import read_volumes
+from osless.sdk.errors import UsageError
 
 __all__ = [
     "BUILD_NPROC",
@@ -202,6 +204,7 @@ class Builder:
             else:
                 deps = self._deps_layer(deps_digest, lock, uid, scratch, safe_log)
         app, entry = self._inspect(code, deps, entry, uid, safe_log)
+        volumes = _volumes(app.get("volumes"))
         said = str(app["name"])[:50]  # the inspector's output: the app could have printed it
         if app_name is not None:
             if app["name"] != app_name:
@@ -221,7 +224,7 @@ class Builder:
             "lock": lock,
             "functions": app["functions"],
             "web": app["web"],
-            "volumes": app.get("volumes") or {},
+            "volumes": volumes,
             "egress": app.get("egress") or [],
             "config": app.get("config") or {},
         }
@@ -512,6 +515,14 @@ class Builder:
 # uv's configuration files (the app's pyproject.toml [tool.uv], uv.toml) and its sources table must
 # not steer a build: where it fetches from is the platform's to say.
 _UV_FLAGS = ("--no-config", "--no-sources", "--no-python-downloads")
+
+
+def _volumes(raw: object) -> dict[str, Any]:
+    """`{"/data": {"name", "size_mb"}}`, checked here too: the app's own process printed them."""
+    try:
+        return {path: v.manifest() for path, v in read_volumes(raw).items()}
+    except UsageError as e:
+        raise BuildError(f"The app declares bad volumes: {str(e)[:300]}. Fix App(volumes=...).") from e
 
 
 def _default_uv() -> str | None:

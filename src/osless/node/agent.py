@@ -29,6 +29,9 @@ from osless.node.egress_rules import Network
 from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
+from osless.node.volumes import VolumeError, Volumes
+from osless.sdk.app import read_volumes
+from osless.sdk.errors import UsageError
 
 __all__ = ["NodeAgent", "run_dir_for"]
 
@@ -81,6 +84,10 @@ class NodeAgent:
         missing = {p.name for p in self.protections if not p.ok}
         # `osless up` has warned about each missing protection already.
         self.sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
+        self.volumes = Volumes(
+            data_dir, self.run_dir, images=doctor.VOLUME_QUOTAS not in missing, warn=self._volume_log
+        )
+        self._starting: dict[str, int] = {}  # app -> zygotes of it being started
         # Scoped by data dir: other agents (other data dirs) on this host keep their groups.
         found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
@@ -92,6 +99,7 @@ class NodeAgent:
         self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
         self._tasks: set[asyncio.Task[None]] = set()
         self._egress_logs: dict[str, LogWriter] = {}
+        self._volume_logs: dict[str, LogWriter] = {}
         self.informer = Informer(
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
         )
@@ -101,6 +109,8 @@ class NodeAgent:
             api, f"/v1/nodes/{name}/config", key=lambda o: str(o["app"]), on_change=self._config_changed
         )
         self._config_lock = asyncio.Lock()
+        # Which apps exist: a deleted app's volumes go once nothing of it runs here.
+        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._changed)
 
     async def _changed(self) -> None:
         self._wake.set()
@@ -114,6 +124,7 @@ class NodeAgent:
             asyncio.create_task(self.informer.run()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._config_versions.run()),
+            asyncio.create_task(self.apps.run()),
         ]
         try:
             while True:
@@ -157,8 +168,32 @@ class NodeAgent:
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
+        await self._put_volumes_away()
         if self.cgroups is not None:
             self.cgroups.fill_pool()
+
+    def _in_use(self, app: str) -> bool:
+        """Whether a zygote of `app` runs or starts here, or an instance of it is assigned here."""
+        return (
+            self._starting.get(app, 0) > 0
+            or any(z.app == app and not z.closed for z in self.zygotes.values())
+            or any(o.get("app") == app and o.get("node") == self.name for o in self.informer.items.values())
+        )
+
+    async def _put_volumes_away(self) -> None:
+        """Unmount the volumes of apps that no longer run here (this run's, or a killed run's), and
+        delete those of deleted apps."""
+        gone = self.volumes.apps_on_disk() - set(self.apps.items) if self.apps.synced.is_set() else set()
+        for app in self.volumes.mounted_apps() | gone:
+            if self._in_use(app):
+                continue
+            try:
+                if app in gone:
+                    await self.volumes.delete(app, functools.partial(self._in_use, app))
+                else:
+                    await self.volumes.detach(app, functools.partial(self._in_use, app))
+            except (VolumeError, OSError) as e:  # tried again on the next pass
+                log.warning("the volumes of %s not put away: %s", app, e)
 
     async def app_config(self, app: str, refresh: bool = False) -> dict[str, Any]:
         """The app's config in clear and its token, as the API gives them to this node only."""
@@ -269,9 +304,22 @@ class NodeAgent:
             await self.root.start()
         manifest = self._manifest(image)
         app = str(manifest["app"])
+        self._starting[app] = self._starting.get(app, 0) + 1
+        try:
+            return await self._start_new_zygote(image, uid, manifest, app)
+        finally:
+            self._starting[app] -= 1
+            if not self._starting[app]:
+                del self._starting[app]
+
+    async def _start_new_zygote(self, image: str, uid: int, manifest: dict[str, Any], app: str) -> Zygote:
         layers = self.images_dir / "layers"
         spec = None
         if self.sandboxed:
+            try:  # checked again: the manifest was printed by the app's own process at build time
+                volumes = await self.volumes.attach(app, uid, read_volumes(manifest.get("volumes")))
+            except (UsageError, VolumeError, OSError) as e:
+                raise ZygoteFailed(f"its volumes are not ready: {e}") from e
             egress_socket = None
             if self.egress is not None:
                 # Named by uid (unique per app) rather than by name: socket paths are short.
@@ -286,6 +334,7 @@ class NodeAgent:
                 layers=layers,
                 data_dir=self.data_dir,
                 run_dir=self.run_dir,
+                volumes=volumes,
                 egress_socket=egress_socket,
             ).to_json()
         cfg = await self.app_config(app, refresh=True)
@@ -314,6 +363,15 @@ class NodeAgent:
             )
         writer.write(message, "osless")
 
+    def _volume_log(self, app: str, message: str) -> None:
+        log.warning("%s: %s", app, message)
+        writer = self._volume_logs.get(app)
+        if writer is None:
+            writer = self._volume_logs[app] = LogWriter(
+                self.logs_dir / "apps" / app / "volumes.log", source="volumes"
+            )
+        writer.write(message, "osless")
+
     async def _retire_zygotes(self) -> None:
         in_use = {
             s_image
@@ -325,7 +383,8 @@ class NodeAgent:
                 self._zygote_idle_since.pop(image, None)
                 continue
             since = self._zygote_idle_since.setdefault(image, now)
-            if zyg.closed or now - since > ZYGOTE_LINGER_S:
+            deleted = self.apps.synced.is_set() and zyg.app not in self.apps.items  # no rollback to come
+            if zyg.closed or deleted or now - since > ZYGOTE_LINGER_S:
                 del self.zygotes[image]
                 self._zygote_idle_since.pop(image, None)
                 await zyg.stop()
@@ -342,5 +401,6 @@ class NodeAgent:
         if self.egress is not None:
             await self.egress.close()
         await self.root.stop()
+        await self.volumes.detach_all()
         if self.cgroups is not None:
             self.cgroups.close()

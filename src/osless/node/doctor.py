@@ -7,10 +7,11 @@ import os
 import sys
 from dataclasses import dataclass
 
+from osless.node import volumes
 from osless.node.cgroups import Cgroups
 from osless.runtime import sandbox, seccomp
 
-__all__ = ["REQUIRED", "Protection", "check"]
+__all__ = ["REQUIRED", "VOLUME_QUOTAS", "Protection", "check"]
 
 NAMESPACES = {
     "user namespace": sandbox.CLONE_NEWUSER,
@@ -22,6 +23,7 @@ NAMESPACES = {
 }
 # Without these there is no sandbox at all; the rest can be missing with a warning.
 REQUIRED = ("root", "user namespace", "mount namespace", "pid namespace", "net namespace")
+VOLUME_QUOTAS = "volume quotas"
 
 
 @dataclass(frozen=True)
@@ -72,4 +74,13 @@ def check() -> list[Protection]:
         out.append(Protection("cgroups", True, f"v{found.version}: memory, cpu and pids limits"))
     else:
         out.append(Protection("cgroups", False, found))
+    reason = volumes.unavailable_reason()
+    if reason is None:
+        out.append(
+            Protection(VOLUME_QUOTAS, True, "an ext4 image per volume: writes past its size get ENOSPC")
+        )
+    else:
+        out.append(
+            Protection(VOLUME_QUOTAS, False, f"{reason}; volumes are plain folders with no size limit")
+        )
     return out

@@ -30,17 +30,15 @@ def sandbox_spec(
     layers: Path,
     data_dir: Path,
     run_dir: Path,
+    volumes: dict[str, str],
     egress_socket: Path | None,
 ) -> SandboxSpec:
     """An app's sandbox; `uid` is the app's own, allocated by the API (the instance record has it).
+    `volumes` maps each path inside to the host folder the node made ready for it (`node.volumes`).
 
     Nothing the node trusts is writable in it: the instances' sockets are bound by the node in a
     folder the sandbox never sees, and only the app's volumes are writable."""
     app = str(manifest["app"])
-    volumes = {
-        inside: str(owned_dir(data_dir / "volumes" / app / name, uid))
-        for inside, name in (manifest.get("volumes") or {}).items()
-    }
     root = run_dir / "sandbox-root"
     root.mkdir(parents=True, exist_ok=True)
     return SandboxSpec(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from osless.sdk.app import App, FunctionSpec, WebSpec
+from osless.sdk.app import App, FunctionSpec, Volume, WebSpec
 from osless.sdk.config import JSON, Field, Secret, Settings
 from osless.sdk.context import Context
 from osless.sdk.errors import ConfigError, OslessError, UsageError
@@ -20,6 +20,7 @@ __all__ = [
     "Service",
     "Settings",
     "UsageError",
+    "Volume",
     "WebSpec",
     "service",
 ]

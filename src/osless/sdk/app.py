@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar, overload
 
 from osless.sdk.config import Field, Settings, check_fields
 from osless.sdk.errors import UsageError
 
-__all__ = ["App", "ConfigHook", "FunctionSpec", "WebSpec"]
+__all__ = ["DEFAULT_VOLUME_MB", "App", "ConfigHook", "FunctionSpec", "Volume", "WebSpec", "read_volumes"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Called with {key: new value} after each change; sync or async.
@@ -25,6 +25,9 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-
 # A volume may not cover what the sandbox itself provides.
 RESERVED = ("/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys", "/tmp", "/run")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+DEFAULT_VOLUME_MB = 1024  # what a volume given as a plain name gets
+# Below 16 MB an ext4 with its journal leaves too little room; past 1 TiB, ask the operator for a disk.
+MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,40 @@ class WebSpec:
         }
 
 
+@dataclass(frozen=True)
+class Volume:
+    """A persistent, writable folder of a declared size: `osless.Volume("orders-data", size_mb=512)`.
+
+    Writing past `size_mb` fails with ENOSPC (no space left on device), as on a full disk."""
+
+    name: str
+    _: KW_ONLY
+    size_mb: int = DEFAULT_VOLUME_MB
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not VOLUME_RE.match(self.name):
+            raise UsageError(
+                f"volume name {self.name!r} must be 1-63 lowercase letters, digits and '-', starting with "
+                'a letter or digit (for example osless.Volume("orders-data"))'
+            )
+        size = self.size_mb
+        if not isinstance(size, int) or isinstance(size, bool) or not MIN_VOLUME_MB <= size <= MAX_VOLUME_MB:
+            raise UsageError(
+                f"Volume({self.name!r}, size_mb={size!r}): give a whole number of MB between "
+                f"{MIN_VOLUME_MB} and {MAX_VOLUME_MB}, for example size_mb=512"
+            )
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "size_mb": self.size_mb}
+
+
 @dataclass
 class App:
     """An osless application: `app = osless.App("shop")`, then decorate handlers with it."""
 
     name: str
     _: KW_ONLY
-    volumes: dict[str, str] = field(default_factory=dict)
+    volumes: Mapping[str, Volume | str] = field(default_factory=dict)
     egress: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
@@ -74,12 +104,12 @@ class App:
     config_hooks: list[ConfigHook] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             raise UsageError(
                 f"invalid app name {self.name!r}: use 1-40 lowercase letters, digits and '-', "
                 'starting with a letter (for example App("shop"))'
             )
-        self.volumes = _check_volumes(self.volumes)
+        self.volumes = _check_volumes(self.volumes)  # plain names become Volume(name) of the default size
         self.egress = _check_egress(self.egress)
 
     def function(
@@ -197,7 +227,7 @@ class App:
             "name": self.name,
             "functions": {n: f.manifest() for n, f in sorted(self.functions.items())},
             "web": self.web_spec.manifest() if self.web_spec else None,
-            "volumes": dict(sorted(self.volumes.items())),
+            "volumes": {path: _volume(v).manifest() for path, v in sorted(self.volumes.items())},
             "egress": sorted(self.egress),
             "config": self.settings.manifest() if self.settings is not None else {},
         }
@@ -214,18 +244,56 @@ def _check_seconds(where: str, name: str, value: float, most: int) -> None:
         raise UsageError(f"{where}({name}={value!r}): give a number of seconds in (0, {most}]")
 
 
-def _check_volumes(volumes: object) -> dict[str, str]:
-    if not isinstance(volumes, dict):
-        raise UsageError('App(volumes=...) takes a dict of {"/path/inside": "volume-name"}')
-    for path, name in volumes.items():
+def _check_volumes(volumes: object) -> dict[str, Volume]:
+    if not isinstance(volumes, Mapping):
+        raise UsageError(
+            'App(volumes=...) takes a dict of {"/path/inside": osless.Volume("name", size_mb=...)}; '
+            f"a plain name string gets {DEFAULT_VOLUME_MB} MB"
+        )
+    out: dict[str, Volume] = {}
+    sizes: dict[str, int] = {}
+    for path, given in volumes.items():
         if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
             raise UsageError(f"volume path {path!r} must be an absolute path such as '/data'")
         top = "/" + path.strip("/").split("/")[0]
         if path.rstrip("/") in RESERVED or top in RESERVED[1:]:
             raise UsageError(f"volume path {path!r} is reserved by the platform; use a path such as '/data'")
-        if not isinstance(name, str) or not VOLUME_RE.match(name):
-            raise UsageError(f"volume name {name!r} must be lowercase letters, digits and '-'")
-    return dict(volumes)
+        if isinstance(given, str):
+            given = Volume(given)
+        if not isinstance(given, Volume):
+            raise UsageError(
+                f'the volume at {path!r} is {given!r}: give osless.Volume("name", size_mb=...) '
+                "or a volume name"
+            )
+        if sizes.setdefault(given.name, given.size_mb) != given.size_mb:
+            raise UsageError(
+                f"volume {given.name!r} is declared with two sizes ({sizes[given.name]} and "
+                f"{given.size_mb} MB); give it one size_mb wherever it is mounted"
+            )
+        out[path] = given
+    return out
+
+
+def _volume(given: Volume | str) -> Volume:
+    return given if isinstance(given, Volume) else Volume(given)
+
+
+def read_volumes(raw: object) -> dict[str, Volume]:
+    """The volumes of a stored manifest, checked again: the manifest was printed by the app's own
+    process, and releases built before sizes existed hold plain names (`{"/data": "name"}`)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"the manifest's volumes are {type(raw).__name__}, not a mapping")
+    given: dict[str, Volume | str] = {}
+    for path, v in raw.items():
+        if isinstance(v, Mapping):
+            if set(v) != {"name", "size_mb"}:
+                raise UsageError(f"the manifest's volume at {path!r} needs exactly a name and a size_mb")
+            given[path] = Volume(v["name"], size_mb=v["size_mb"])
+        else:
+            given[path] = v
+    return _check_volumes(given)
 
 
 def _check_egress(hosts: object) -> list[str]:

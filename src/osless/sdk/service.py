@@ -23,6 +23,6 @@ class Service:
 
 def service(name: str) -> Service:
     """The app called `name`: `httpx.get(osless.service("orders").url + "/items")`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"osless.service({name!r}): give an app name, such as osless.service('orders')")
     return Service(name)

@@ -1,0 +1,231 @@
+"""Volumes of a declared size on a real platform: ENOSPC at the size, data kept across restarts and
+kill -9, apps kept apart, deleted with their app, and plain folders where the host lacks the tools."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from osless.node.agent import run_dir_for
+from tests.platform import Platform, copy_app
+
+APPS = Path(__file__).parent / "apps"
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    p = Platform(tmp_path_factory.mktemp("volumes") / "data").start()
+    try:
+        yield p
+    finally:
+        p.stop()
+        put_away(p)
+
+
+@pytest.fixture(scope="module")
+def apps(platform: Platform) -> None:
+    platform.deploy_warm(APPS / "volume_quota")
+    platform.deploy_warm(APPS / "volume_plain")
+
+
+def call(platform: Platform, app: str, fn: str, event: Any = None) -> Any:
+    status, body = platform.invoke(app, fn, event)
+    assert status == 200, body
+    return body
+
+
+def image(platform: Platform, app: str, name: str) -> Path:
+    return platform.data_dir / "volumes" / app / f"{name}.img"
+
+
+def mount_point(platform: Platform, app: str, name: str) -> Path:
+    return Path(os.path.realpath(run_dir_for(platform.data_dir))) / "volumes" / app / name
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """Mount points below `folder` in this (the host's) mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(f"{folder}/")]
+
+
+def loop_files() -> set[str]:
+    """The files behind the host's attached loop devices."""
+    found = set()
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):  # detached meanwhile
+            found.add(backing.read_text().strip())
+    return found
+
+
+def start(platform: Platform, *apps: str) -> None:
+    """Start the platform again and wait for each app's instance of this run: until it reports, the
+    record still says ready from before, and a call sent there waits for its timeout."""
+    since = time.time()
+    platform.start()
+    for app in apps:
+        platform.wait_for(
+            lambda app=app: any(
+                i["status"]["phase"] == "ready" and i["status"]["updated_at"] > since
+                for i in platform.instances(app)
+            ),
+            what=f"{app} to be ready again",
+        )
+
+
+def put_away(platform: Platform) -> None:
+    """What a test that failed between a kill -9 and the next start would leave on the host."""
+    for point in mounts_under(Path(os.path.realpath(run_dir_for(platform.data_dir)))):
+        subprocess.run(["umount", "--lazy", point], check=False)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().startswith(f"{os.path.realpath(platform.data_dir)}/"):
+                subprocess.run(["losetup", "--detach", f"/dev/{backing.parent.parent.name}"], check=False)
+
+
+def restart(platform: Platform, *apps: str) -> None:
+    platform.stop()
+    start(platform, *apps)
+
+
+def test_writing_past_the_size_fails_with_enospc(platform: Platform, apps: None) -> None:
+    assert call(platform, "quota", "put", {"name": "note", "text": "before"}) == "stored"
+    filled = call(platform, "quota", "fill", {"max_mb": 64})
+    assert filled["errno"] == errno.ENOSPC, filled
+    assert 10 <= filled["written_mb"] < 16, filled
+    # The host paid for the image and nothing else: the writes landed in it, not beside it.
+    img = image(platform, "quota", "quota-data")
+    assert img.stat().st_size == 16 * MB
+    assert img.stat().st_blocks * 512 <= 17 * MB
+    assert sorted(p.name for p in img.parent.iterdir()) == [".owner", "quota-data.img"]
+    assert os.path.ismount(mount_point(platform, "quota", "quota-data"))
+    # After the error the app serves on, its data intact, and writes again once it makes room.
+    assert call(platform, "quota", "get", {"name": "note"}) == "before"
+    web = httpx.get(f"{platform.gateway}/quota/", timeout=30)
+    assert (web.status_code, web.text) == (200, "fine")
+    assert call(platform, "quota", "drop") == "dropped"
+    assert call(platform, "quota", "fill", {"max_mb": 4}) == {"written_mb": 4, "errno": None}
+
+
+def test_apps_volumes_are_apart_and_a_plain_name_gets_the_default_size(
+    platform: Platform, apps: None
+) -> None:
+    call(platform, "quota", "put", {"name": "mine", "text": "quota's"})
+    call(platform, "notes", "put", {"name": "mine", "text": "notes'"})
+    assert call(platform, "quota", "get", {"name": "mine"}) == "quota's"
+    assert call(platform, "notes", "get", {"name": "mine"}) == "notes'"
+    notes = call(platform, "notes", "space")
+    assert notes["files"] == ["lost+found", "mine"]
+    assert 900 < notes["total_mb"] <= 1024  # 1024 MB less the filesystem's own
+    assert 12 < call(platform, "quota", "space")["total_mb"] <= 16
+    img = image(platform, "notes", "notes-data")
+    assert img.stat().st_size == 1024 * MB and img.stat().st_blocks * 512 < 64 * MB  # sparse
+
+
+def test_volumes_survive_a_restart_and_are_unmounted_when_the_platform_stops(
+    platform: Platform, apps: None
+) -> None:
+    call(platform, "quota", "put", {"name": "note", "text": "kept"})
+    points = mount_point(platform, "quota", "x").parent.parent
+    platform.stop()
+    assert mounts_under(points) == []
+    assert not {str(image(platform, a, f"{a}-data")) for a in ("quota", "notes")} & loop_files()
+    start(platform, "quota", "notes")
+    assert call(platform, "quota", "get", {"name": "note"}) == "kept"
+    assert call(platform, "notes", "get", {"name": "mine"}) == "notes'"
+
+
+def test_after_kill_9_the_volumes_mount_again_with_their_data(platform: Platform, apps: None) -> None:
+    call(platform, "quota", "put", {"name": "note", "text": "before the crash"})
+    point = mount_point(platform, "quota", "quota-data")
+    platform.stop(signal.SIGKILL)
+    assert os.path.ismount(point)  # a killed platform leaves its mounts behind
+    start(platform, "quota", "notes")
+    assert call(platform, "quota", "get", {"name": "note"}) == "before the crash"
+    assert mounts_under(point.parent) == [str(point)]  # reused, not mounted twice
+    backed = [f for f in loop_files() if f == str(image(platform, "quota", "quota-data"))]
+    assert len(backed) == 1, backed  # one loop device: two would be two filesystems on one image
+    restart(platform, "quota")  # and a clean stop after a crash still puts everything away
+    assert platform.invoke("quota", "get", {"name": "note"}) == (200, "before the crash")
+
+
+def test_a_volume_grows_with_its_declared_size_and_never_shrinks(
+    platform: Platform, apps: None, tmp_path: Path
+) -> None:
+    bigger = copy_app(APPS / "volume_quota", tmp_path / "bigger")
+    source = (bigger / "app.py").read_text()
+    (bigger / "app.py").write_text(source.replace("size_mb=16", "size_mb=32"))
+    platform.deploy(bigger)
+    # Online resizing needs CAP_SYS_RESOURCE; without it the image grows at its next mount.
+    restart(platform, "quota")
+    assert 28 < call(platform, "quota", "space")["total_mb"] <= 32
+    filled = call(platform, "quota", "fill", {"max_mb": 64})
+    assert filled["errno"] == errno.ENOSPC and 20 < filled["written_mb"] < 32, filled
+    assert call(platform, "quota", "get", {"name": "note"}) == "before the crash"
+    call(platform, "quota", "drop")
+
+    platform.deploy(APPS / "volume_quota")  # 16 MB again: refused quietly, never shrunk
+    restart(platform, "quota")
+    assert 28 < call(platform, "quota", "space")["total_mb"] <= 32
+    logs = platform.cli("logs", "quota").stdout
+    assert "never shrinks" in logs and "stays at 32 MB" in logs
+
+
+def test_deleting_an_app_deletes_its_volumes(platform: Platform, apps: None) -> None:
+    folder = platform.data_dir / "volumes" / "notes"
+    assert folder.is_dir()
+    assert platform.http("DELETE", "/v1/apps/notes").status_code == 204
+    platform.wait_for(lambda: not folder.exists(), what="the deleted app's volumes to go")
+    assert mounts_under(mount_point(platform, "notes", "x").parent) == []
+    assert (platform.data_dir / "volumes" / "quota" / "quota-data.img").exists()  # the others stay
+    # A new app of the same name (a new uid) starts empty.
+    platform.deploy_warm(APPS / "volume_plain")
+    assert call(platform, "notes", "get", {"name": "mine"}) is None
+
+
+def test_without_the_tools_volumes_are_plain_folders_then_move_into_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sbin = {"/sbin", "/usr/sbin", "/usr/local/sbin"}
+    plain_path = ":".join(d for d in os.environ["PATH"].split(":") if d.rstrip("/") not in sbin)
+    monkeypatch.setenv("PATH", plain_path)
+    assert shutil.which("mkfs.ext4") is None, "this test needs mkfs.ext4 out of PATH without the sbin folders"
+    p = Platform(tmp_path / "data").start()
+    try:
+        checks = {c["name"]: c for c in json.loads(p.cli("doctor", "--json", check=False).stdout)}
+        assert not checks["volume quotas"]["ok"] and "mkfs.ext4" in checks["volume quotas"]["detail"]
+        assert "PROTECTION MISSING on this host: volume quotas" in p.output()
+        p.deploy_warm(APPS / "volume_plain")
+        assert call(p, "notes", "put", {"name": "note", "text": "in a folder"}) == "stored"
+        folder = p.data_dir / "volumes" / "notes" / "notes-data"
+        assert (folder / "note").read_text() == "in a folder"
+        # A link to a host file the app cannot see: a copy that followed it would hand it the file.
+        token = p.data_dir / "admin-token"
+        assert call(p, "notes", "link", {"name": "token", "target": str(token)}) == "linked"
+        p.stop()
+
+        monkeypatch.undo()  # the tools are back: the folder's data moves into an image
+        start(p, "notes")
+        assert call(p, "notes", "get", {"name": "note"}) == "in a folder"
+        assert not folder.exists() and image(p, "notes", "notes-data").is_file()
+        assert os.path.ismount(mount_point(p, "notes", "notes-data"))
+        assert call(p, "notes", "get", {"name": "token"}) is None  # still a link to nothing it sees
+        assert os.readlink(mount_point(p, "notes", "notes-data") / "token") == str(token)
+        assert token.stat().st_uid == 0 and token.stat().st_mode & 0o077 == 0
+        assert call(p, "notes", "put", {"name": "note", "text": "in an image"}) == "stored"
+    finally:
+        p.stop()
+        put_away(p)
