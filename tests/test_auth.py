@@ -326,7 +326,7 @@ def test_tokens_and_audit_commands(platform: Platform) -> None:
     table = platform.cli("audit", "--since", "1m").stdout
     assert f"DELETE /v1/tokens/{made['id']}" in table
     for bad, says in (
-        (["--role", "root"], "role 'root'"),
+        (["--role", "root"], "should be 'admin', 'deploy', 'read', 'debug' or 'invoke'"),
         (["--role", "read", "--expires", "3x"], "--expires"),
         (["--role", "admin", "--app", "hello"], "cannot be limited"),
     ):

@@ -162,12 +162,13 @@ def test_the_authorization_matrix_of_an_app_token(platform: Platform, apps: dict
             for method in operations:
                 for app in ("hostile", "victim"):
                     url = _concrete(path, app)
+                    # Refused either way: 401, or 429 once this address has failed too often.
                     r = client.request(method, url)
-                    assert r.status_code == 401, (method, url, r.status_code)
+                    assert r.status_code in (401, 429), (method, url, r.status_code)
                     for what, bad in forged.items():
                         header = bad if what == "no scheme" else f"Bearer {bad}"
                         r = client.request(method, url, headers={"authorization": header})
-                        assert r.status_code == 401, (what, method, url, r.status_code)
+                        assert r.status_code in (401, 429), (what, method, url, r.status_code)
                     r = client.request(method, url, headers={"authorization": f"Bearer {token}"})
                     if method == "get" and url in own:
                         assert r.status_code == 200, (method, url, r.text)

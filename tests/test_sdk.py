@@ -49,7 +49,7 @@ def test_one_web_app_per_app() -> None:
         def second() -> object: ...
 
 
-@pytest.mark.parametrize("name", ["", "Upper", "has_underscore", "-lead", "x" * 41, "trailing-"])
+@pytest.mark.parametrize("name", ["", "Upper", "has_underscore", "-lead", "x" * 41, "trailing-", "newline\n"])
 def test_bad_app_names(name: str) -> None:
     with pytest.raises(UsageError, match="invalid app name"):
         App(name)

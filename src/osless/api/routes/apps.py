@@ -32,6 +32,9 @@ from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["apps"])
 
+STATS_FRESH_S = 5.0  # a gateway's report older than this no longer counts
+MAX_GATEWAYS = 1024  # reports kept in memory at most
+
 
 @router.get(
     "/apps",
@@ -270,7 +273,13 @@ async def put_stats(
     name: str, body: GatewayStats, state: ApiState = Depends(get_state), caller: Caller = require("operate")
 ) -> dict[str, int]:
     # Not in the store: the next report replaces it, and a restart loses nothing worth keeping.
-    state.stats[name] = (now(), body)
+    at = now()
+    state.stats[name] = (at, body)
+    if len(state.stats) > MAX_GATEWAYS:  # reports of gateways long gone, or made-up names, go first
+        for gone in [g for g, (seen, _) in state.stats.items() if seen < at - STATS_FRESH_S]:
+            del state.stats[gone]
+        while len(state.stats) > MAX_GATEWAYS:
+            del state.stats[min(state.stats, key=lambda g: state.stats[g][0])]
     return {"apps": len(body.apps)}
 
 
@@ -282,7 +291,7 @@ async def put_stats(
 async def get_stats(
     state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> dict[str, Any]:
-    fresh_after = now() - 5
+    fresh_after = now() - STATS_FRESH_S
     apps: dict[str, dict[str, float]] = {}
     for at, report in state.stats.values():
         if at < fresh_after:
