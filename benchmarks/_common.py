@@ -156,6 +156,7 @@ class Platform:
             layers=image.layers,
             data_dir=work,
             run_dir=run_dir,
+            volumes={},  # the benchmarks' apps declare none
             egress_socket=None,
         ).to_json()
         zygote = Zygote(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.platform import Platform
+from tests.platform import Platform, running
 
 APPS = Path(__file__).parent / "apps"
 
@@ -19,14 +19,6 @@ def recycled(platform: Platform) -> Iterator[dict[str, Any]]:
     deployed = platform.deploy(APPS / "recycled")
     platform.cli("scale", "recycled", "--min", "1", "--max", "1")
     yield deployed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _ready(platform: Platform) -> dict[str, Any]:
@@ -52,7 +44,7 @@ def test_a_function_past_its_timeout_leaves_no_running_code_behind(
         assert time.monotonic() - started < 5  # served at once, by a fresh instance
     assert who["pid"] != old_pid
     # The overrunning code is gone with its instance, not parked in a thread somewhere.
-    platform.wait_for(lambda: not _alive(old_pid), timeout=40, what=f"pid {old_pid} to end")
+    platform.wait_for(lambda: not running(old_pid), timeout=40, what=f"pid {old_pid} to end")
     instance = _ready(platform)
     assert instance["id"] == first["id"] and instance["status"]["restarts"] > first["status"]["restarts"]
     logs = platform.cli("logs", "recycled", "--tail", "200").stdout
@@ -69,7 +61,7 @@ def test_a_stuck_instance_fails_its_health_check_and_leaves_the_rotation(
         lambda: _ready(platform)["status"]["pid"] != stuck_pid, timeout=40, what="a replacement"
     )
     assert platform.invoke("recycled", "whoami")[0] == 200
-    platform.wait_for(lambda: not _alive(stuck_pid), timeout=15, what=f"pid {stuck_pid} to be killed")
+    platform.wait_for(lambda: not running(stuck_pid), timeout=15, what=f"pid {stuck_pid} to be killed")
     logs = platform.cli("logs", "recycled", "--tail", "200").stdout
     assert "replacing the instance: unhealthy: no answer within" in logs
 
