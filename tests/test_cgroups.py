@@ -29,7 +29,9 @@ def cgroup2(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     r = subprocess.run(["mount", "-t", "cgroup2", "none", str(mount)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount cgroup2 here: {r.stderr.strip()}")
+        pytest.fail(
+            f"cannot mount cgroup2 here (the tests need root and a kernel with cgroup2): {r.stderr.strip()}"
+        )
     made = not (mount / "osless").exists()  # the same hierarchy as the host's own v2 mount, if any
     try:
         yield mount
