@@ -48,7 +48,7 @@ def test_a_function_past_its_timeout_leaves_no_running_code_behind(
     instance = _ready(platform)
     assert instance["id"] == first["id"] and instance["status"]["restarts"] > first["status"]["restarts"]
     logs = platform.cli("logs", "recycled", "--tail", "200").stdout
-    assert "replacing the instance: function overrun ran past its deadline" in logs
+    assert "replacing the instance: function overrun ran past its timeout" in logs
 
 
 def test_a_stuck_instance_fails_its_health_check_and_leaves_the_rotation(

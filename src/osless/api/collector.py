@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -145,11 +148,36 @@ class Collector:
             out.manifests, out.layers, out.locks = swept.manifests, swept.layers, swept.locks
             out.bytes_freed += swept.bytes_freed
             out.images_deferred = swept.stopped
+            if not swept.stopped:
+                live_uids = await self._live_uids()
+                out.bytes_freed += await asyncio.to_thread(self._per_uid_folders, live_uids, retention)
             out.seconds = round(time.time() - started, 3)
             self.last = out
             if out.deploys or out.releases or out.logs or out.manifests or out.layers or out.locks:
                 log.info("collected %s", out.model_dump_json())
             return out
+
+    async def _live_uids(self) -> set[str]:
+        items, _ = await self.state.resources.store.list("/appuids/")
+        return {str(json.loads(kv.value)["uid"]) for kv in items}
+
+    def _per_uid_folders(self, live: set[str], retention: Retention) -> int:
+        """The uv caches and lock folders of apps that no longer exist (named by uid: a new app of
+        the same name has another): removed once past the grace period. Bytes freed."""
+        freed = 0
+        old = time.time() - retention.grace_s
+        for parent in (self.state.images.root.parent / "cache" / "uv", self.state.images.locks_dir):
+            for folder in _files(parent):
+                if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
+                    continue
+                if _mtime(folder) < old and not self.state.builds:
+                    # The app's build wrote in it: walked without following a link it may have left.
+                    for top, _, names in os.walk(folder, followlinks=False):
+                        for name in names:
+                            with contextlib.suppress(OSError):
+                                freed += os.lstat(os.path.join(top, name)).st_size
+                    shutil.rmtree(folder, ignore_errors=True)
+        return freed
 
     async def _deploys(self, retention: Retention, now: float, out: Collection) -> set[str]:
         """Delete the deploys past the retention (with their logs); the ids of those kept."""

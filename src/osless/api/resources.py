@@ -37,8 +37,10 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
 }
 
 
-# App uids: each app gets a host uid of its own, that no other app and no host user has.
-UID_BASE, UID_RANGE = 100_000, 900_000
+# App uids: each app gets a host uid of its own, that no other app and no host user has. Claims are
+# never given back (a uid is never reused), so the range is wide: a billion apps created and deleted
+# before random picks start to miss.
+UID_BASE, UID_RANGE = 1_000_000, 1_000_000_000
 
 
 def _enc(obj: BaseModel) -> bytes:

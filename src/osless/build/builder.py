@@ -41,7 +41,7 @@ from osless.build.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge
 from osless.build.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
 from osless.build.requirements import Requirements, read_requirements
 from osless.build.source import SourceError, unpack
-from osless.sdk.app import read_volumes
+from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
 
 __all__ = [
@@ -204,7 +204,6 @@ class Builder:
             else:
                 deps = self._deps_layer(deps_digest, lock, uid, scratch, safe_log)
         app, entry = self._inspect(code, deps, entry, uid, safe_log)
-        volumes = _volumes(app.get("volumes"))
         said = str(app["name"])[:50]  # the inspector's output: the app could have printed it
         if app_name is not None:
             if app["name"] != app_name:
@@ -224,9 +223,9 @@ class Builder:
             "lock": lock,
             "functions": app["functions"],
             "web": app["web"],
-            "volumes": volumes,
-            "egress": app.get("egress") or [],
-            "config": app.get("config") or {},
+            "volumes": app["volumes"],
+            "egress": app["egress"],
+            "config": app["config"],
         }
         # No timestamp: the image digest must depend on the content alone.
         try:
@@ -485,17 +484,22 @@ class Builder:
         lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
         try:
             out = json.loads(lines[-1])
-            app = out["app"]
-            if not isinstance(app, dict) or not isinstance(app.get("name"), str):
+            raw = out["app"]
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise TypeError("no app name")
-            app.setdefault("functions", {})
-            app.setdefault("web", None)
-            entry = str(out.get("entry", entry))
         except (IndexError, ValueError, KeyError, TypeError) as e:
             shown = lines[-1][:200] if lines else "(nothing)"
             raise BuildError(
                 f"The app inspector printed {shown!r} instead of the app's manifest ({e}). "
                 "Make sure the app does not print to stdout at import time, then deploy again."
+            ) from e
+        # Printed by the app's own process: checked as the SDK checks it, whatever the app did to it
+        # (a replaced App.manifest, a write to the real stdout). The entry is the one found here.
+        try:
+            app = read_app_manifest(raw)
+        except UsageError as e:
+            raise BuildError(
+                f"The app's manifest is refused: {str(e)[:300]}. Fix the App(...) declarations."
             ) from e
         return app, entry
 
@@ -515,14 +519,6 @@ class Builder:
 # uv's configuration files (the app's pyproject.toml [tool.uv], uv.toml) and its sources table must
 # not steer a build: where it fetches from is the platform's to say.
 _UV_FLAGS = ("--no-config", "--no-sources", "--no-python-downloads")
-
-
-def _volumes(raw: object) -> dict[str, Any]:
-    """`{"/data": {"name", "size_mb"}}`, checked here too: the app's own process printed them."""
-    try:
-        return {path: v.manifest() for path, v in read_volumes(raw).items()}
-    except UsageError as e:
-        raise BuildError(f"The app declares bad volumes: {str(e)[:300]}. Fix App(volumes=...).") from e
 
 
 def _default_uv() -> str | None:

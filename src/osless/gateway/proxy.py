@@ -51,7 +51,7 @@ RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
 CONNECT_ATTEMPTS = 3
-TOKEN_TTL_S, BAD_TOKEN_TTL_S = 60.0, 5.0
+TOKEN_TTL_S, BAD_TOKEN_TTL_S = 1.0, 1.0  # a revoked token stops here within TOKEN_TTL_S, as at the API
 TOKEN_CACHE_SIZE = 1024
 # Roles whose tokens may call functions (an app's own token, role "app", may not).
 INVOKERS = frozenset({"admin", "deploy", "invoke"})

@@ -289,9 +289,12 @@ class NodeAgent:
     def _memory_mb(self, image: str) -> int:
         """One instance serves every handler of the app, so it gets the largest memory any asks for."""
         m = self._manifest(image)
-        sizes = [int(f["memory_mb"]) for f in (m.get("functions") or {}).values()]
+        sizes = [f["memory_mb"] for f in (m.get("functions") or {}).values()]
         if m.get("web"):
-            sizes.append(int(m["web"]["memory_mb"]))
+            sizes.append(m["web"]["memory_mb"])
+        # Checked again here: the limit every instance of the app gets comes from its manifest.
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 16 <= n <= 65536 for n in sizes):
+            raise ValueError(f"image {image[:12]} asks for memory_mb outside 16..65536: {sizes[:5]}")
         return max(sizes, default=256)
 
     async def _start_zygote(self, image: str, uid: int) -> Zygote:

@@ -150,6 +150,14 @@ class Cgroups:
 
     def create(self, limits: Limits) -> InstanceCgroup:
         group = self._pool.pop() if self._pool else self._make()
+        try:
+            self._limit(group, limits)
+        except OSError:
+            group.remove()  # half-limited: never handed out, nor back to the pool
+            raise
+        return group
+
+    def _limit(self, group: InstanceCgroup, limits: Limits) -> None:
         memory = str(limits.memory_mb * 1024 * 1024)
         period = 20_000  # short: a quota spent in bursts across cores stalls its neighbours less
         quota = "max" if limits.cpu_quota is None else str(int(limits.cpu_quota * period))
@@ -170,7 +178,6 @@ class Cgroups:
             (cpu / "cpu.cfs_period_us").write_text(str(period))
             (cpu / "cpu.cfs_quota_us").write_text("-1" if quota == "max" else quota)
             (pids / "pids.max").write_text(str(limits.pids))
-        return group
 
     def sweep(self) -> None:
         """Remove what an earlier run of this agent left (after kill -9, say): only in its own scope."""

@@ -325,14 +325,14 @@ class Supervisor:
         return bound[0], bound[1]
 
     def _new_cgroup(self) -> InstanceCgroup | None:
-        """Fresh groups per run, so the OOM counter speaks of this run only."""
+        """Fresh groups per run, so the OOM counter speaks of this run only. Where this node has
+        cgroups, an instance never runs without its limits: a failure to set them fails the run."""
         if self._cgroups is None:
             return None
         try:
             return self._cgroups.create(self.limits)
         except OSError as e:
-            self.log.write(f"resource limits not applied: {e}", "osless")
-            return None
+            raise OSError(f"its resource limits ({self.limits}) could not be applied: {e}") from e
 
     def _kill(self, sig: int) -> None:
         if self._current is not None:

@@ -260,6 +260,7 @@ class Volumes:
             size = max(volume.size_mb, _migration_mb(legacy)) if migrate else volume.size_mb
             if size > volume.size_mb:
                 notes.append(f"volume {volume.name} holds more than {volume.size_mb} MB: made it {size} MB")
+            self._check_promise(app, image, size)
             _make_image(image, size, uid)
         point.mkdir(mode=0o700, parents=True, exist_ok=True)  # root's: nobody else writes it unmounted
         device = mounts().get(str(point))
@@ -267,6 +268,8 @@ class Volumes:
             _unmount(point)  # not this image (it was replaced): never hand it to the app
             device = None
         have = _filesystem_mb(image)
+        if have < volume.size_mb:
+            self._check_promise(app, image, volume.size_mb)
         if have < volume.size_mb and device is None and not _loop_devices(image):
             _grow_offline(image, volume.size_mb)  # the simplest resize: nobody has it mounted
             have = volume.size_mb
@@ -283,6 +286,19 @@ class Volumes:
             _migrate(legacy, point, uid)
             notes.append(f"volume {volume.name} moved from a plain folder into its image")
         return point
+
+    def _check_promise(self, app: str, image: Path, size_mb: int) -> None:
+        """Images are sparse, and their sizes are the apps' to declare: a size only protects the
+        host if the node never promises its volumes more than its disk holds, all apps together."""
+        disk = os.statvfs(self.root)
+        disk_mb = disk.f_blocks * disk.f_frsize // MB
+        promised = sum(os.lstat(other).st_size // MB for other in self.root.glob("*/*.img") if other != image)
+        if promised + size_mb > disk_mb:
+            raise VolumeError(
+                f"volume {image.stem!r} of {app} asks for {size_mb} MB, but this node's disk holds "
+                f"{disk_mb} MB and its volumes are promised {promised} MB already: declare a smaller "
+                "size_mb, or delete volumes (of apps deleted, or no longer needed)"
+            )
 
     def _detach(self, app: str) -> None:
         folder = self.points / app

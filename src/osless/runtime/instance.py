@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -45,6 +46,8 @@ INVOKE_PREFIX = "/invoke/"
 HEALTH_PATH = "/health"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# A handler still running this long after its function's own timeout gets its instance replaced.
+REPLACE_AFTER_S = 0.5
 _JSON_HINT = "return dict, list, str, int, float, bool or None"
 _HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 _HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
@@ -71,8 +74,6 @@ class Instance:
         self._pending: set[asyncio.Future[Any]] = set()
         # time.time() when this instance applied its current config version; None for one it inherited.
         self.config_applied_at: float | None = None
-        # Set once a handler ran past its deadline: the instance asked to be replaced (`recycle`).
-        self.overran = False
         # How to ask the node for a fresh instance in this one's place (set by the zygote at fork).
         self.recycle: Callable[[str], None] = _no_recycle
 
@@ -233,7 +234,7 @@ class Instance:
             await _send_error(send, 400, "bad_event", f"the event is not valid JSON: {e}", extra)
             return
 
-        deadline = time.time() + spec.timeout_s
+        deadline = own_deadline = time.time() + spec.timeout_s
         by_caller = False
         header = headers.get(b"x-osless-deadline")
         if header is not None:
@@ -245,17 +246,14 @@ class Instance:
                 deadline, by_caller = caller_deadline, True
         ctx = Context(request_id, self.app.name, name, deadline)
 
-        status, payload = await self._run(spec, event, ctx, by_caller)
+        status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
         await _send_body(send, status, payload, extra)
         if self.exit_code is not None and self.server is not None:
             self.server.should_exit = True  # only now, so the caller still gets its answer
-        if status == 504 and self.overran:
-            # A handler past its deadline may run on (a thread cannot be stopped), holding a worker
-            # and whatever it holds: as Lambda resets the environment, the node replaces this
-            # instance with a fresh one, and this one stops once its other requests are done.
-            self.recycle(f"function {name} ran past its deadline (request {request_id})")
 
-    async def _run(self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool) -> tuple[int, bytes]:
+    async def _run(
+        self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool, own_deadline: float
+    ) -> tuple[int, bytes]:
         """Run the handler within the deadline: (status, JSON body)."""
         name = spec.name
         if by_caller:
@@ -265,20 +263,22 @@ class Instance:
         if ctx.deadline <= time.time():
             return 504, _error_body("timeout", timeout_msg)
         future: asyncio.Future[Any]
+        finished = threading.Event()  # set when the handler's code has returned or raised, whatever waited
         if spec.is_async:
-            future = asyncio.ensure_future(_call_async(spec.handler, event, ctx))
+            future = asyncio.ensure_future(_call_async(spec.handler, event, ctx, finished))
         else:
             # Sync handlers run in a thread so one slow call does not stall the other requests.
             # copy_context: the handler sees the request's contextvars, as asyncio.to_thread would.
             call = contextvars.copy_context().run
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._pool(), call, _call_sync, spec.handler, event, ctx)
+            future = loop.run_in_executor(self._pool(), call, _call_sync, spec.handler, event, ctx, finished)
         try:
             result = await self._within(future, ctx.deadline)
             if inspect.isawaitable(result):  # a sync-looking wrapper around an async handler
-                result = await self._within(asyncio.ensure_future(_await(result)), ctx.deadline)
+                finished.clear()
+                result = await self._within(asyncio.ensure_future(_await(result, finished)), ctx.deadline)
         except _Deadline:
-            self.overran = True
+            self._replace_if_still_running(finished, own_deadline, f"function {name} ran past its timeout")
             return 504, _error_body("timeout", timeout_msg)
         except _Raised as raised:
             e = raised.error
@@ -290,6 +290,20 @@ class Instance:
                 message = f"{type(e).__name__}: {text}" if text else type(e).__name__
             return 500, self._function_error(ctx, message, _user_traceback(e, spec))
         return _serialise(name, result)
+
+    def _replace_if_still_running(self, finished: threading.Event, own_deadline: float, reason: str) -> None:
+        """A handler past its deadline may run on (a thread cannot be stopped; a task may ignore its
+        cancellation), holding a worker and whatever it holds. If it is still running shortly after
+        the function's own timeout (not merely a caller's shorter deadline), the node replaces this
+        instance with a fresh one, as Lambda resets an environment; this one stops once its other
+        requests are done."""
+
+        def check() -> None:
+            if not finished.is_set():
+                self.recycle(reason)
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, own_deadline - time.time()) + REPLACE_AFTER_S, check)
 
     async def _within(self, future: asyncio.Future[Any], deadline: float) -> Any:
         # asyncio.wait, not wait_for: a TimeoutError raised by the handler itself is its own error,
@@ -365,29 +379,37 @@ class _Raised(Exception):
         self.error = error
 
 
-async def _call_async(handler: Callable[..., Any], event: Any, ctx: Context) -> Any:
+async def _call_async(
+    handler: Callable[..., Any], event: Any, ctx: Context, finished: threading.Event
+) -> Any:
     try:
         return await handler(event, ctx)
     except asyncio.CancelledError:
         raise  # our own cancellation at the deadline
     except BaseException as e:
         raise _Raised(e) from None
+    finally:
+        finished.set()
 
 
-def _call_sync(handler: Callable[..., Any], event: Any, ctx: Context) -> Any:
+def _call_sync(handler: Callable[..., Any], event: Any, ctx: Context, finished: threading.Event) -> Any:
     try:
         return handler(event, ctx)
     except BaseException as e:
         raise _Raised(e) from None
+    finally:
+        finished.set()
 
 
-async def _await(awaitable: Awaitable[Any]) -> Any:
+async def _await(awaitable: Awaitable[Any], finished: threading.Event) -> Any:
     try:
         return await awaitable
     except asyncio.CancelledError:
         raise  # our own cancellation at the deadline
     except BaseException as e:
         raise _Raised(e) from None
+    finally:
+        finished.set()
 
 
 def _hook_failed(hook: Callable[..., Any], e: BaseException) -> None:

@@ -74,7 +74,7 @@ class Volume:
     size_mb: int = DEFAULT_VOLUME_MB
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not VOLUME_RE.match(self.name):
+        if not isinstance(self.name, str) or not VOLUME_RE.fullmatch(self.name):
             raise UsageError(
                 f"volume name {self.name!r} must be 1-63 lowercase letters, digits and '-', starting with "
                 'a letter or digit (for example osless.Volume("orders-data"))'
@@ -296,11 +296,59 @@ def read_volumes(raw: object) -> dict[str, Volume]:
     return _check_volumes(given)
 
 
+def read_app_manifest(raw: object) -> dict[str, Any]:
+    """The app's part of a manifest (`App.manifest()`), checked as the SDK checks what it is given:
+    at build time it is printed by the app's own process, which may print anything it likes."""
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"the app's manifest is {type(raw).__name__}, not a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UsageError(f"invalid app name {str(name)[:50]!r}")
+    functions = raw.get("functions") or {}
+    if not isinstance(functions, Mapping):
+        raise UsageError("the manifest's functions are not a mapping")
+    checked: dict[str, Any] = {}
+    for fn, spec in functions.items():
+        if not isinstance(fn, str) or not fn.isidentifier() or len(fn) > 100:
+            raise UsageError(f"function name {str(fn)[:50]!r} is not a Python identifier")
+        if not isinstance(spec, Mapping) or set(spec) != {"memory_mb", "timeout_s", "async"}:
+            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async")
+        _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
+        if not isinstance(spec["async"], bool):
+            raise UsageError(f"function {fn!r}: async must be true or false")
+        checked[fn] = dict(spec)
+    web = raw.get("web")
+    if web is not None:
+        keys = {"name", "memory_mb", "timeout_s", "max_duration_s"}
+        if not isinstance(web, Mapping) or not keys <= set(web) <= keys | {"kind"}:
+            raise UsageError(
+                "the web app needs exactly name, memory_mb, timeout_s, max_duration_s (and kind)"
+            )
+        if web.get("kind", "asgi") not in ("asgi", "wsgi"):
+            raise UsageError(f"web app kind {str(web['kind'])[:20]!r} is neither asgi nor wsgi")
+        if not isinstance(web["name"], str) or not web["name"].isidentifier():
+            raise UsageError(f"web app name {str(web['name'])[:50]!r} is not a Python identifier")
+        _check_resources("@app.web", web["memory_mb"], web["timeout_s"])
+        _check_seconds("@app.web", "max_duration_s", web["max_duration_s"], 86_400)
+        web = dict(web)
+    config = raw.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise UsageError("the manifest's config schema is not a mapping")
+    return {
+        "name": name,
+        "functions": checked,
+        "web": web,
+        "volumes": {path: v.manifest() for path, v in read_volumes(raw.get("volumes")).items()},
+        "egress": _check_egress(raw.get("egress") or []),
+        "config": dict(config),
+    }
+
+
 def _check_egress(hosts: object) -> list[str]:
     if not isinstance(hosts, list | tuple) or not all(isinstance(h, str) for h in hosts):
         raise UsageError('App(egress=...) takes a list of host names, such as ["api.example.com"]')
     for host in hosts:
-        if not HOST_RE.match(host):
+        if not HOST_RE.fullmatch(host):
             raise UsageError(
                 f"egress host {host!r} must be a host name such as 'api.example.com' or "
                 "'*.example.com' (no scheme, port or path)"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import secrets
+import shutil
 from collections import Counter
 from typing import Any
 
@@ -142,6 +146,13 @@ async def delete_app(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> Response:
     await state.resources.delete_app(app)
+    # Its logs go with it: a new app of the same name must never read them. Moved aside at once
+    # (one rename), then removed off the loop.
+    folder = state.app_log_dir(app)
+    gone = folder.with_name(f".deleted-{app}-{secrets.token_hex(4)}")
+    with contextlib.suppress(FileNotFoundError):
+        folder.rename(gone)
+        await asyncio.to_thread(shutil.rmtree, gone, True)
     return Response(status_code=204)
 
 
