@@ -1,12 +1,10 @@
 """A caller's own deadline (`x-osless-deadline`, passed through by the gateway) and what it costs.
 
-Finding A4 (weak): a function that ran past a deadline the caller set marked the instance
-`overran`, and it asked to be replaced (`recycle`), even when the handler was async and was
-cancelled cleanly (nothing ran on). Now only a handler still running past its function's own
-timeout has its instance replaced. So each call with a deadline a few milliseconds away could have, from the least
-token that may invoke (role invoke, one app), forked a new instance and retired the old one, with its
-warm state; a retiring instance with a slow request in flight lives on for up to 30 s
-(`RETIRE_GRACE_S`) beside its replacement, outside the app's `max`.
+Finding A4 (weak): a function that ran past a deadline the caller set had its instance replaced,
+even when the handler was async and was cancelled cleanly (nothing ran on). So any token that may
+invoke (role invoke, one app) could fork a new instance and retire the old one, warm state and all,
+with each call. Now only a handler still running past its function's own timeout has its instance
+replaced.
 """
 
 from __future__ import annotations
