@@ -227,6 +227,23 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
             assert ws.recv(timeout=5) == "echo hi"
 
 
+def test_an_instance_whose_egress_forwarder_is_not_listening_is_unhealthy(
+    starlette: tuple[Zygote, Instance, Instance],
+) -> None:
+    zygote, _, _ = starlette
+    with socket.socket() as s:  # a port nothing listens on: the forwarder is gone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cut_off = zygote.fork("no-egress", env={"HTTP_PROXY": f"http://127.0.0.1:{port}"})
+    r = cut_off.control.get("/health")
+    assert r.status_code == 503
+    assert r.json()["problem"] == f"the egress forwarder is not listening on 127.0.0.1:{port}"
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # and once one listens, healthy again
+        port = listener.getsockname()[1]
+        back = zygote.fork("egress-back", env={"HTTP_PROXY": f"http://127.0.0.1:{port}"})
+        assert back.control.get("/health").status_code == 200
+
+
 def test_kept_alive_connections_live_while_used_and_close_when_idle(
     starlette: tuple[Zygote, Instance, Instance],
 ) -> None:

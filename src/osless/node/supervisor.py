@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -34,7 +35,7 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
 # The health check, on the control socket: a stuck instance (its loop blocked, its egress gone) fails
 # it this many times in a row, and is replaced.
-HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 3.0, 2.0, 3
+HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 5.0, 2.0, 3
 RETIRE_GRACE_S = 30.0  # a replaced instance's other requests get this long to finish
 HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
 
@@ -256,7 +257,9 @@ class Supervisor:
         assert run.child is not None
         failures = 0
         while True:
-            done, _ = await asyncio.wait([run.child.recycle], timeout=HEALTH_EVERY_S)
+            # Spread out: instances started together are not all asked in the same instant.
+            every = HEALTH_EVERY_S * random.uniform(0.8, 1.2)
+            done, _ = await asyncio.wait([run.child.recycle], timeout=every)
             if done:
                 return run.child.recycle.result(), True
             problem = await _health_problem(run.sockets[1])
@@ -378,16 +381,20 @@ class Supervisor:
 
 async def _health_problem(control: Path) -> str | None:
     """What is wrong with the instance, asked on its control socket; None when it is healthy."""
+    # A bare socket on the loop rather than streams: the node asks every instance, all the time.
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    answer = b""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(control)), HEALTH_TIMEOUT_S)
-    except (OSError, TimeoutError) as e:
-        return f"its control socket refused the connection: {e or type(e).__name__}"
-    try:
-        writer.write(HEALTH_REQUEST)
-        answer = b""
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            try:
+                await loop.sock_connect(sock, str(control))
+            except OSError as e:
+                return f"its control socket refused the connection: {e}"
+            await loop.sock_sendall(sock, HEALTH_REQUEST)
             while len(answer) < 16384:  # the instance is the app's: read a bounded answer
-                chunk = await reader.read(4096)
+                chunk = await loop.sock_recv(sock, 4096)
                 if not chunk:
                     break
                 answer += chunk
@@ -396,7 +403,7 @@ async def _health_problem(control: Path) -> str | None:
     except OSError as e:
         return f"the health check broke off: {e}"
     finally:
-        writer.close()
+        sock.close()
     if answer.startswith(b"HTTP/1.1 200 "):
         return None
     status = answer.split(b"\r\n", 1)[0].decode("latin-1")[:100] or "nothing"
