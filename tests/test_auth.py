@@ -95,7 +95,9 @@ def test_each_role_reaches_what_it_may_and_nothing_else(
             assert r.status_code == 403, (role, permission, r.status_code, r.text)
             assert r.json()["error"]["code"] == "forbidden"
     who = call(platform, token, "GET", "/v1/whoami").json()
+    permissions = who.pop("permissions")
     assert who == {"name": role, "role": role, "app": None, "expires_at": None}
+    assert set(permissions) == ALLOWED[role] | {"whoami"}, permissions  # what the gateway reads
 
 
 def test_an_app_scoped_token_reaches_only_its_app(platform: Platform, hello: dict[str, Any]) -> None:
@@ -107,6 +109,7 @@ def test_an_app_scoped_token_reaches_only_its_app(platform: Platform, hello: dic
         "role": "deploy",
         "app": "hello",
         "expires_at": None,
+        "permissions": ["deploy", "describe", "invoke", "read", "whoami"],
     }
     assert call(platform, token, "GET", "/v1/apps/hello").status_code == 200
     assert call(platform, token, "PUT", "/v1/apps/hello/scale", json={"min": 1}).status_code == 200

@@ -2,7 +2,8 @@
 
 One pass: old deploy records and their build logs; old releases (never the current one, nor one with
 instances); logs of instances long gone; then, mark and sweep, the image manifests, layers and lock
-files that no kept release names and that are older than the grace period. It runs in the API's
+files that no kept release names and that are older than the grace period; last, the uv caches and
+lock folders of uids no app has any more. It runs in the API's
 process rather than as a controller because the image store and the log folders are on the API's
 disk, and a build in flight (which only the API sees) stops the sweep until it is done.
 """
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from osless.api.models import Deploy, Release
+from osless.api.models import Body, Deploy, Integer, Release
 from osless.build import sha256_hex
 from osless.store import Conflict
 
@@ -37,16 +38,16 @@ RETENTION_KEY = "/retention"
 DAY_S = 86_400.0
 
 
-class Retention(BaseModel):
+class Retention(Body):
     """How long what the platform makes is kept. Fields not given take their defaults."""
 
     deploys_days: float = Field(
         default=30.0, ge=0, le=3650, description="deploy records and their build logs are kept this long"
     )
-    deploys_per_app: int = Field(
+    deploys_per_app: Integer = Field(
         default=100, ge=1, le=10_000, description="and at most this many of them per app, the newest"
     )
-    releases_per_app: int = Field(
+    releases_per_app: Integer = Field(
         default=10,
         ge=1,
         le=10_000,
@@ -88,7 +89,6 @@ class Collector:
         self.state = state
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self.last: Collection | None = None
 
     async def retention(self) -> Retention:
         kv = await self.state.resources.store.get(RETENTION_KEY)
@@ -149,24 +149,42 @@ class Collector:
             out.bytes_freed += swept.bytes_freed
             out.images_deferred = swept.stopped
             if not swept.stopped:
-                live_uids = await self._live_uids()
+                live_uids = await self._live_uids(retention)
                 out.bytes_freed += await asyncio.to_thread(self._per_uid_folders, live_uids, retention)
             out.seconds = round(time.time() - started, 3)
-            self.last = out
             if out.deploys or out.releases or out.logs or out.manifests or out.layers or out.locks:
                 log.info("collected %s", out.model_dump_json())
             return out
 
-    async def _live_uids(self) -> set[str]:
-        items, _ = await self.state.resources.store.list("/appuids/")
-        return {str(json.loads(kv.value)["uid"]) for kv in items}
+    async def _live_uids(self, retention: Retention) -> set[str]:
+        """The uids of apps that exist. A uid given to a name whose first deploy failed (the build
+        asks for it before there is an app) is let go once past the grace period: its claim in
+        `/uids/` stays, so it is never handed out again, and its caches go with the next pass."""
+        store = self.state.resources.store
+        items, _ = await store.list("/appuids/")
+        apps = {kv.key.removeprefix("/apps/") for kv in (await store.list("/apps/"))[0]}
+        live: set[str] = set()
+        old = time.time() - retention.grace_s
+        for kv in items:
+            name, uid = kv.key.removeprefix("/appuids/"), str(json.loads(kv.value)["uid"])
+            if name in apps or self.state.builds:
+                live.add(uid)
+                continue
+            claim = await store.get(f"/uids/{uid}")
+            at = float(json.loads(claim.value).get("at", 0)) if claim is not None else 0.0
+            if at >= old:
+                live.add(uid)
+                continue
+            with contextlib.suppress(Conflict):  # taken meanwhile (a deploy of that name): kept
+                await store.delete(kv.key, if_revision=kv.mod_revision)
+        return live
 
     def _per_uid_folders(self, live: set[str], retention: Retention) -> int:
         """The uv caches and lock folders of apps that no longer exist (named by uid: a new app of
         the same name has another): removed once past the grace period. Bytes freed."""
         freed = 0
         old = time.time() - retention.grace_s
-        for parent in (self.state.images.root.parent / "cache" / "uv", self.state.images.locks_dir):
+        for parent in (self.state.builder.cache_dir, self.state.images.locks_dir):
             for folder in _files(parent):
                 if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
                     continue
@@ -265,7 +283,7 @@ class Collector:
                 live = (
                     name in instance_ids
                     or (name.startswith("zygote-") and name[len("zygote-") :] in prefixes)
-                    or (name == "egress" and folder.name in apps)
+                    or (name in ("egress", "volumes") and folder.name in apps)
                 )
                 if not live and _mtime(path) < oldest:
                     _unlink_log(path, out, rotated=False)

@@ -448,3 +448,4 @@ class WhoAmI(BaseModel):
     role: str | None
     app: str | None = None  # the one app the token is limited to
     expires_at: float | None = None
+    permissions: list[str] = []  # what its role may do (api/auth.py ROLES)

@@ -298,18 +298,6 @@ class Resources:
         items, _ = await self._list(f"/confighistory/{app}/", ConfigChange)
         return items
 
-    # tokens
-    async def get_token(self, digest: str) -> dict[str, Any] | None:
-        kv = await self.store.get(f"/tokens/{digest}")
-        return None if kv is None else dict(json.loads(kv.value))
-
-    async def put_token(self, digest: str, info: dict[str, Any]) -> None:
-        await self.store.put(f"/tokens/{digest}", json.dumps(info).encode())
-
-    async def any_token(self) -> bool:
-        items, _ = await self.store.list("/tokens/")
-        return bool(items)
-
     async def watch(self, kind: str, after_revision: int) -> AsyncIterator[dict[str, Any]]:
         prefix, model = KINDS[kind]
         async for ev in self.store.watch(prefix, after_revision=after_revision):

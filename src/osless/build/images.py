@@ -1,6 +1,6 @@
 """The content-addressed image store: read-only layer directories and JSON image manifests.
 
-Layout under `root`: `layers/<hex>/`, `manifests/<hex>.json`, `locks/<hex>.txt` (the builder's
+Layout under `root`: `layers/<hex>/`, `manifests/<hex>.json`, `locks/<uid>/<hex>.txt` (the builder's
 cache of resolved requirements), and `tmp/` where everything is built before being renamed into
 place, so a digest never names something half-written. `collect` removes what nothing keeps.
 """
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -143,8 +144,8 @@ class ImageStore:
             _remove_tree(path)
 
     def has_manifest(self, digest: str) -> bool:
-        with self._lock:
-            return self._manifest_path(digest).is_file()
+        # No lock: a manifest appears and goes by one rename, so it is either there or not.
+        return self._manifest_path(digest).is_file()
 
     def put_manifest(self, manifest: dict[str, Any]) -> str:
         """Store `manifest` and return its digest: the sha256 of its canonical JSON.
@@ -220,14 +221,18 @@ class ImageStore:
                     return True
                 if max(st.st_mtime, st.st_ctime) > old:
                     return True
-                if stat.S_ISDIR(st.st_mode):
-                    counts["bytes_freed"] += _tree_bytes(path)
-                    _remove_tree(path)
-                else:
-                    counts["bytes_freed"] += st.st_size
-                    path.unlink(missing_ok=True)
-                counts[kind] += 1
-                return True
+                # Only the rename under the lock (lookups wait on it, some on the API's loop); a
+                # layer of gigabytes is sized and deleted after, out of everyone's way.
+                gone = self.tmp_dir / f"collected-{kind}-{path.name}-{secrets.token_hex(4)}"
+                os.replace(path, gone)
+            if stat.S_ISDIR(st.st_mode):
+                counts["bytes_freed"] += _tree_bytes(gone)
+                _remove_tree(gone)
+            else:
+                counts["bytes_freed"] += st.st_size
+                gone.unlink(missing_ok=True)
+            counts[kind] += 1
+            return True
 
         def sweep() -> bool:
             for path in self.manifests_dir.glob("*.json"):

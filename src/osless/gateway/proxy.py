@@ -53,8 +53,7 @@ TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is cl
 CONNECT_ATTEMPTS = 3
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 1.0, 1.0  # a revoked token stops here within TOKEN_TTL_S, as at the API
 TOKEN_CACHE_SIZE = 1024
-# Roles whose tokens may call functions (an app's own token, role "app", may not).
-INVOKERS = frozenset({"admin", "deploy", "invoke"})
+TOKEN_PREFIXES = ("osl_", "osla_")  # what the API's tokens look like (an app's own: osla_)
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
@@ -323,8 +322,9 @@ class Gateway:
         now = time.monotonic()
         cached = self._tokens.get(header)
         if cached is None or cached[1] <= now:
-            if not header.lower().startswith("bearer "):
-                return False
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIXES):
+                return False  # not a token of ours: not worth asking the API
             try:
                 resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
                 who = resp.json() if resp.status_code == 200 else None
@@ -332,7 +332,8 @@ class Gateway:
                 return False
             if who is None and resp.status_code not in (401, 403):
                 return False  # the API could not say (429, 5xx): refused now, asked again next time
-            ok = isinstance(who, dict) and who.get("role") in INVOKERS
+            # The API's own permission table decides (api/auth.py ROLES), not a copy of it here.
+            ok = isinstance(who, dict) and "invoke" in (who.get("permissions") or ())
             scope = who.get("app") if ok and isinstance(who, dict) else None
             cached = (scope if ok else False, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
             self._tokens[header] = cached

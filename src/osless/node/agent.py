@@ -30,7 +30,7 @@ from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 from osless.node.volumes import VolumeError, Volumes
-from osless.sdk.app import read_volumes
+from osless.sdk.app import memory_ok, read_volumes
 from osless.sdk.errors import UsageError
 
 __all__ = ["NodeAgent", "run_dir_for"]
@@ -40,6 +40,7 @@ log = logging.getLogger("osless.node")
 RESYNC_S = 5.0
 ZYGOTE_LINGER_S = 60.0  # keep an unused release warm a while: a rollback then starts fast
 HEARTBEAT_S = 3.0
+VOLUMES_EVERY_S = 10.0
 
 
 def run_dir_for(data_dir: Path) -> Path:
@@ -98,8 +99,7 @@ class NodeAgent:
         )
         self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
         self._tasks: set[asyncio.Task[None]] = set()
-        self._egress_logs: dict[str, LogWriter] = {}
-        self._volume_logs: dict[str, LogWriter] = {}
+        self._app_logs: dict[tuple[str, str], LogWriter] = {}  # (app, egress|volumes) -> writer
         self.informer = Informer(
             api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
         )
@@ -110,9 +110,16 @@ class NodeAgent:
         )
         self._config_lock = asyncio.Lock()
         # Which apps exist: a deleted app's volumes go once nothing of it runs here.
-        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._changed)
+        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._apps_changed)
+        # Volumes are looked at when apps change or zygotes stop, and now and then: not on every
+        # instance change (a start from zero should not read the mount table).
+        self._volumes_checked = 0.0
 
     async def _changed(self) -> None:
+        self._wake.set()
+
+    async def _apps_changed(self) -> None:
+        self._volumes_checked = 0.0
         self._wake.set()
 
     async def run(self) -> None:
@@ -168,7 +175,9 @@ class NodeAgent:
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
-        await self._put_volumes_away()
+        if time.monotonic() - self._volumes_checked > VOLUMES_EVERY_S:
+            self._volumes_checked = time.monotonic()
+            await self._put_volumes_away()
         if self.cgroups is not None:
             self.cgroups.fill_pool()
 
@@ -184,6 +193,9 @@ class NodeAgent:
         """Unmount the volumes of apps that no longer run here (this run's, or a killed run's), and
         delete those of deleted apps."""
         gone = self.volumes.apps_on_disk() - set(self.apps.items) if self.apps.synced.is_set() else set()
+        if self.apps.synced.is_set():
+            for key in [k for k in self._app_logs if k[0] not in self.apps.items and not self._in_use(k[0])]:
+                self._app_logs.pop(key).close()  # a deleted app's: its folder is gone, or going
         for app in self.volumes.mounted_apps() | gone:
             if self._in_use(app):
                 continue
@@ -293,8 +305,10 @@ class NodeAgent:
         if m.get("web"):
             sizes.append(m["web"]["memory_mb"])
         # Checked again here: the limit every instance of the app gets comes from its manifest.
-        if not all(isinstance(n, int) and not isinstance(n, bool) and 16 <= n <= 65536 for n in sizes):
-            raise ValueError(f"image {image[:12]} asks for memory_mb outside 16..65536: {sizes[:5]}")
+        if not all(memory_ok(n) for n in sizes):
+            raise ValueError(
+                f"image {image[:12]} asks for memory_mb outside what the SDK allows: {sizes[:5]}"
+            )
         return max(sizes, default=256)
 
     async def _start_zygote(self, image: str, uid: int) -> Zygote:
@@ -359,19 +373,18 @@ class NodeAgent:
         return zyg
 
     def _egress_log(self, app: str, message: str) -> None:
-        writer = self._egress_logs.get(app)
-        if writer is None:
-            writer = self._egress_logs[app] = LogWriter(
-                self.logs_dir / "apps" / app / "egress.log", source="egress"
-            )
-        writer.write(message, "osless")
+        self._app_log(app, "egress", message)
 
     def _volume_log(self, app: str, message: str) -> None:
         log.warning("%s: %s", app, message)
-        writer = self._volume_logs.get(app)
+        self._app_log(app, "volumes", message)
+
+    def _app_log(self, app: str, name: str, message: str) -> None:
+        """A line of the node's own in the app's logs (`osless logs`), in `<name>.log`."""
+        writer = self._app_logs.get((app, name))
         if writer is None:
-            writer = self._volume_logs[app] = LogWriter(
-                self.logs_dir / "apps" / app / "volumes.log", source="volumes"
+            writer = self._app_logs[(app, name)] = LogWriter(
+                self.logs_dir / "apps" / app / f"{name}.log", source=name
             )
         writer.write(message, "osless")
 
@@ -392,6 +405,7 @@ class NodeAgent:
                 self._zygote_idle_since.pop(image, None)
                 await zyg.stop()
                 zyg.log.close()
+                self._volumes_checked = 0.0  # its app's volumes may be put away now
                 if self.egress is not None and not any(z.app == zyg.app for z in self.zygotes.values()):
                     await self.egress.remove_app(zyg.app)
 

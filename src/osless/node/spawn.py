@@ -220,6 +220,7 @@ class Zygote:
     _started: asyncio.Future[dict[str, Any]] | None = None
     _last_error: list[str] = field(default_factory=list)
     _configured: dict[int, asyncio.Future[int]] = field(default_factory=dict)
+    _real_pid: int | None = None  # the release zygote's host pid, from its `ready`
 
     async def start(self, root: RootZygote) -> None:
         loop = asyncio.get_running_loop()
@@ -270,8 +271,22 @@ class Zygote:
         op, iid = msg.get("op"), str(msg.get("id") or "")
         if op in ("ready", "failed") and not iid:
             if self._started is not None and not self._started.done():
+                self._real_pid = sender  # the release zygote itself, as the host numbers it
                 self._started.set_result(msg)
-        elif op == "forked" and iid in self._forks:
+            return
+        if op == "ready" and iid in self._children:
+            # From the new instance itself, before it drops its copy of this socket.
+            child = self._children[iid]
+            if sender:
+                child.pid, child.pid_is_real = sender, True  # the zygote only knows the sandbox's numbering
+            if not child.ready.done():
+                child.ready.set_result(None)
+            return
+        # Everything else is the zygote's word: app code may run in an instance that has not yet
+        # dropped its copy of this socket, and must not speak for the zygote about its siblings.
+        if sender is None or sender != self._real_pid:
+            return
+        if op == "forked" and iid in self._forks:
             fut = self._forks.pop(iid)
             if not fut.done():
                 fut.set_result(int(msg["pid"]))
@@ -279,16 +294,9 @@ class Zygote:
             fut = self._forks.pop(iid)
             if not fut.done():
                 fut.set_exception(ZygoteFailed(str(msg.get("error"))))
-        elif op == "ready" and iid in self._children:
-            child = self._children[iid]
-            if sender:
-                child.pid, child.pid_is_real = sender, True  # the zygote only knows the sandbox's numbering
-            if not child.ready.done():
-                child.ready.set_result(None)
         elif op == "recycle" and iid in self._children:
             child = self._children[iid]
-            # Only the instance itself (its pid came with `ready`) may ask for its own replacement.
-            if child.pid_is_real and sender == child.pid and not child.recycle.done():
+            if not child.recycle.done():
                 child.recycle.set_result(str(msg.get("reason") or "asked by the instance")[:500])
         elif op == "configured":
             waiter = self._configured.pop(int(msg.get("version", -1)), None)

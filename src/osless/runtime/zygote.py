@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -71,14 +72,14 @@ class Zygote:
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         while not self.stopping:
-            for key, _ in self.selector.select(forwarder.retry_in()):
+            for key, mask in self.selector.select(forwarder.retry_in()):
                 if key.data == "control":
                     self._on_control()
                 elif key.data == "wakeup":
                     self._drain_wakeup()
                     self._reap()
                 else:
-                    self._catch_up(key.data)
+                    self._on_channel(key.data, mask)
             forwarder.retry()
         self._shutdown()
 
@@ -151,6 +152,9 @@ class Zygote:
         ours.setblocking(False)  # a stuck instance must never stall the zygote
         self.children[pid] = iid
         self.channels[pid] = ours
+        # Read too: the instance asks for its replacement on it (`recycle`), and the zygote, which
+        # knows whose channel it is, tells the agent; the instance itself holds no channel to it.
+        self.selector.register(ours, selectors.EVENT_READ, pid)
         self._send({"op": "forked", "id": iid, "pid": pid})
         os.close(order_w)
 
@@ -186,7 +190,7 @@ class Zygote:
             # sending only the latest once it drains loses nothing.
             if pid not in self.behind:
                 self.behind.add(pid)
-                self.selector.register(channel, selectors.EVENT_WRITE, pid)
+                self.selector.modify(channel, selectors.EVENT_READ | selectors.EVENT_WRITE, pid)
             return 0
         except OSError as e:  # the instance is gone or going; its exit is reported when it is reaped
             print(
@@ -197,19 +201,37 @@ class Zygote:
             return 0
         if pid in self.behind:
             self.behind.discard(pid)
-            self.selector.unregister(channel)
+            self.selector.modify(channel, selectors.EVENT_READ, pid)
         return 1
 
-    def _catch_up(self, pid: int) -> None:
-        if pid in self.channels:
+    def _on_channel(self, pid: int, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and pid in self.channels:
             self._push(pid)
+        if mask & selectors.EVENT_READ and pid in self.channels:
+            self._from_instance(pid)
+
+    def _from_instance(self, pid: int) -> None:
+        """What an instance says on its channel: only `recycle`, sent on as coming from this pid's
+        instance (whatever id the message names: the channel says whose it is)."""
+        try:
+            msg, fds = protocol.recv(self.channels[pid])
+        except BlockingIOError:
+            return
+        except (OSError, protocol.ProtocolError):
+            msg, fds = None, []
+        _close_all(fds)
+        if msg is None:  # the instance is ending; its exit is reported when it is reaped
+            self._drop_channel(pid)
+        elif msg.get("op") == "recycle" and pid in self.children:
+            reason = str(msg.get("reason") or "asked by the instance")[:500]
+            self._send({"op": "recycle", "id": self.children[pid], "reason": reason})
 
     def _drop_channel(self, pid: int) -> None:
         channel = self.channels.pop(pid, None)
         if channel is None:
             return
-        if pid in self.behind:
-            self.behind.discard(pid)
+        self.behind.discard(pid)
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(channel)
         channel.close()
 
@@ -288,9 +310,7 @@ class Zygote:
             web, control = (socket.socket(fileno=fd) for fd in fds[2:4])
             self._become_instance(fds[:2], env)
             assert self.instance is not None
-            self.instance.recycle = lambda reason: self._send(
-                {"op": "recycle", "id": iid, "reason": reason[:500]}
-            )
+            self.instance.recycle = functools.partial(_ask_recycle, channel)
             code = serve(
                 self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel
             )
@@ -348,8 +368,10 @@ class Zygote:
         os.read(order_r, 1)  # returns at EOF, once the zygote has sent `forked`
         os.close(order_r)
         protocol.send(self.control, {"op": "ready", "id": iid})
-        # Kept, to ask for a replacement (`recycle`); when the zygote dies the instances die with it
-        # (PDEATHSIG), so the agent still sees EOF at once.
+        # The instance has no further use for the control channel (it asks for its replacement on
+        # its own channel to the zygote); dropping it means the agent sees EOF as soon as the zygote
+        # is gone, and app code never holds a way to speak to the agent as the zygote.
+        self.control.close()
 
     def _drain_wakeup(self) -> None:
         try:
@@ -382,9 +404,10 @@ class Zygote:
             protocol.send(self.control, msg)
 
     def _shutdown(self) -> NoReturn:
-        for pid in list(self.behind):  # a writable channel would turn the waits below into a busy loop
-            self.behind.discard(pid)
-            self.selector.unregister(self.channels[pid])
+        for pid in list(self.channels):  # a writable or closing channel would make the waits below spin
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.channels[pid])
+        self.behind.clear()
         for pid in list(self.children):
             _kill(pid, signal.SIGTERM, group=False)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -403,6 +426,12 @@ class Zygote:
                 break
             self.children.pop(pid, None)
         os._exit(0)
+
+
+def _ask_recycle(channel: socket.socket, reason: str) -> None:
+    """From the instance: ask its zygote (and through it the agent) for a fresh instance in its place."""
+    with contextlib.suppress(OSError, protocol.ProtocolError):
+        protocol.send(channel, {"op": "recycle", "reason": reason[:500]})
 
 
 def _flush_stdio() -> None:

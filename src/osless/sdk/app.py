@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar, overload
 
-from osless.sdk.config import Field, Settings, check_fields
+from osless.sdk.config import Field, Settings, check_fields, read_schema
 from osless.sdk.errors import UsageError
 
 __all__ = ["DEFAULT_VOLUME_MB", "App", "ConfigHook", "FunctionSpec", "Volume", "WebSpec", "read_volumes"]
@@ -28,6 +28,7 @@ FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 DEFAULT_VOLUME_MB = 1024  # what a volume given as a plain name gets
 # Below 16 MB an ext4 with its journal leaves too little room; past 1 TiB, ask the operator for a disk.
 MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
+MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class App:
             if not callable(fn):
                 raise UsageError(f"@app.function() decorates a function, not {type(fn).__name__}")
             fname = name or fn.__name__
-            if not FUNCTION_RE.match(fname):
+            if not FUNCTION_RE.fullmatch(fname):
                 raise UsageError(f"invalid function name {fname!r}: use letters, digits and '_'")
             if fname in self.functions:
                 raise UsageError(
@@ -233,9 +234,19 @@ class App:
         }
 
 
+def memory_ok(memory_mb: object) -> bool:
+    return (
+        isinstance(memory_mb, int)
+        and not isinstance(memory_mb, bool)
+        and MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB
+    )
+
+
 def _check_resources(where: str, memory_mb: int, timeout_s: float) -> None:
-    if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 16 <= memory_mb <= 65536:
-        raise UsageError(f"{where}(memory_mb={memory_mb!r}): give an int between 16 and 65536")
+    if not memory_ok(memory_mb):
+        raise UsageError(
+            f"{where}(memory_mb={memory_mb!r}): give an int between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
+        )
     _check_seconds(where, "timeout_s", timeout_s, 3600)
 
 
@@ -309,8 +320,8 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         raise UsageError("the manifest's functions are not a mapping")
     checked: dict[str, Any] = {}
     for fn, spec in functions.items():
-        if not isinstance(fn, str) or not fn.isidentifier() or len(fn) > 100:
-            raise UsageError(f"function name {str(fn)[:50]!r} is not a Python identifier")
+        if not isinstance(fn, str) or not FUNCTION_RE.fullmatch(fn):
+            raise UsageError(f"function name {str(fn)[:50]!r} is not a name of letters, digits and _")
         if not isinstance(spec, Mapping) or set(spec) != {"memory_mb", "timeout_s", "async"}:
             raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async")
         _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
@@ -326,21 +337,18 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
             )
         if web.get("kind", "asgi") not in ("asgi", "wsgi"):
             raise UsageError(f"web app kind {str(web['kind'])[:20]!r} is neither asgi nor wsgi")
-        if not isinstance(web["name"], str) or not web["name"].isidentifier():
+        if not isinstance(web["name"], str) or not FUNCTION_RE.fullmatch(web["name"]):
             raise UsageError(f"web app name {str(web['name'])[:50]!r} is not a Python identifier")
         _check_resources("@app.web", web["memory_mb"], web["timeout_s"])
         _check_seconds("@app.web", "max_duration_s", web["max_duration_s"], 86_400)
         web = dict(web)
-    config = raw.get("config") or {}
-    if not isinstance(config, Mapping):
-        raise UsageError("the manifest's config schema is not a mapping")
     return {
         "name": name,
         "functions": checked,
         "web": web,
         "volumes": {path: v.manifest() for path, v in read_volumes(raw.get("volumes")).items()},
         "egress": _check_egress(raw.get("egress") or []),
-        "config": dict(config),
+        "config": read_schema(raw.get("config") or {}),
     }
 
 

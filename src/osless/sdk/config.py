@@ -225,7 +225,7 @@ def check_fields(app: str, fields: Mapping[str, object]) -> dict[str, Field]:
         )
     out: dict[str, Field] = {}
     for name, spec in fields.items():
-        if not KEY_RE.match(name) or keyword.iskeyword(name) or name in _RESERVED:
+        if not KEY_RE.fullmatch(name) or keyword.iskeyword(name) or name in _RESERVED:
             raise UsageError(
                 f"config key {name!r}: use a lowercase Python identifier of up to 64 characters "
                 "(letters, digits, '_'; starting with a letter), other than 'as_dict'"
@@ -282,3 +282,27 @@ def _type_repr(kind: object) -> str:
     if kind in (JSON, Secret):
         return f"osless.{kind.__name__}"
     return getattr(kind, "__name__", None) or repr(kind)
+
+
+def read_schema(raw: object) -> dict[str, dict[str, Any]]:
+    """A config schema as a manifest holds it (`Settings.manifest()`), checked again: at build time
+    the app's own process printed it."""
+    if not isinstance(raw, Mapping):
+        raise UsageError("the config schema is not a mapping")
+    names = set(_TYPE_NAMES.values())
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in raw.items():
+        if not isinstance(name, str) or not KEY_RE.fullmatch(name) or name in _RESERVED:
+            raise UsageError(f"config key {str(name)[:50]!r} is not a valid key name")
+        if not isinstance(spec, Mapping) or not {"type", "required", "restart"} <= set(spec):
+            raise UsageError(f"config key {name!r} needs a type, required and restart")
+        if set(spec) - {"type", "required", "restart", "default", "doc"}:
+            raise UsageError(f"config key {name!r} has fields the platform does not know")
+        if spec["type"] not in names or not isinstance(spec["required"], bool):
+            raise UsageError(f"config key {name!r}: type must be one of {sorted(names)}, required a bool")
+        if not isinstance(spec["restart"], bool) or ("default" in spec) == spec["required"]:
+            raise UsageError(f"config key {name!r}: a default exactly when it is not required")
+        if "doc" in spec and (not isinstance(spec["doc"], str) or len(spec["doc"]) > 2000):
+            raise UsageError(f"config key {name!r}: doc must be text of at most 2000 characters")
+        out[name] = dict(spec)
+    return out

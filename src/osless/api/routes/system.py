@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from osless import __version__
-from osless.api.auth import Caller, require
+from osless.api.auth import ROLES, Caller, require
 from osless.api.models import StatusView, WhoAmI
 from osless.api.state import ApiState, get_state
 
@@ -20,11 +20,17 @@ STARTED = time.time()
 @router.get(
     "/whoami",
     response_model=WhoAmI,
-    summary="The caller: its token's name, role, app (if limited to one) and expiry",
+    summary="The caller: its token's name, role, app (if limited to one), expiry and permissions",
 )
 async def whoami(caller: Caller = require("whoami", narrows=True)) -> dict[str, Any]:
     # The gateway reads this to decide who may invoke an app's functions: keep its shape.
-    return {"name": caller.name, "role": caller.role, "app": caller.app, "expires_at": caller.expires_at}
+    return {
+        "name": caller.name,
+        "role": caller.role,
+        "app": caller.app,
+        "expires_at": caller.expires_at,
+        "permissions": sorted(ROLES.get(caller.role, ())),
+    }
 
 
 @router.get("/status", response_model=StatusView)

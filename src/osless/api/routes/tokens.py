@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from osless.api.auth import ID_LEN, NAME_PATTERN, Caller, Grantable, TokenRecord, require
 from osless.api.errors import ApiError, responses
-from osless.api.models import AppName, now
+from osless.api.models import AppName, Body, now
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["tokens"])
@@ -17,8 +17,8 @@ router = APIRouter(tags=["tokens"])
 MAX_LIFETIME_S = 10 * 365 * 86400
 
 
-class CreateToken(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CreateToken(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Grantable
     app: AppName | None = Field(default=None, description="limit the token to this app (not admin)")
