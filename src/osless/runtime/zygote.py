@@ -1,9 +1,10 @@
-"""The zygote: import an app once, then fork a warm instance for each `fork` request.
+"""The zygotes: import once, then fork warm processes on request.
 
-Run by the node agent as `python -s -m osless.runtime.zygote --code DIR [--deps DIR] --entry MOD
---control-fd N [--config JSON]`, N being its end of a SOCK_SEQPACKET socketpair (see `runtime.protocol`).
-A release zygote keeps the app's config current (`config` messages) and forwards each change to its
-instances over one SOCK_SEQPACKET channel per instance.
+Two roles, two classes over one loop (`_ForkServer`): the node's `RootZygote` (started by the agent as
+`python -s -m osless.runtime.zygote --root --control-fd N`) spawns a `ReleaseZygote` per release, in
+the app's sandbox; that one imports the app once, forks an instance for each `fork` request, and keeps
+the app's config current (`config` messages), forwarded to its instances over one SOCK_SEQPACKET
+channel per instance. N is the zygote's end of a SOCK_SEQPACKET socketpair (see `runtime.protocol`).
 Single-threaded on purpose: fork() copies only the calling thread, so a zygote with threads could
 hand its children locks held by threads that no longer exist.
 """
@@ -30,7 +31,7 @@ from osless.runtime.instance import Instance, create_instance, prewarm, serve
 from osless.runtime.loader import load_app
 from osless.sdk import config as app_config
 
-__all__ = ["Zygote", "check_config", "main", "serve_release", "set_parent_death_signal"]
+__all__ = ["ReleaseZygote", "RootZygote", "check_config", "main", "serve_release", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 # How long instances get to stop on SIGTERM before SIGKILL, when the zygote itself is told to stop.
@@ -45,18 +46,14 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
 
 
-class Zygote:
-    """The fork server around one warm Instance; see docs/architecture.md, "Zygote control"."""
+class _ForkServer:
+    """The loop both zygotes run, one thing at a time: the agent's messages on the control socket,
+    signals through a wakeup pipe, and children reaped and reported. See docs/architecture.md,
+    "Zygote control"."""
 
-    def __init__(self, control: socket.socket, instance: Instance | None) -> None:
+    def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.instance = instance
-        self.children: dict[int, Any] = {}  # pid -> instance id
-        # pid -> the zygote's end of the instance's config channel, and the pids whose channel was full
-        # at the last change: they get the latest values once it drains.
-        self.channels: dict[int, socket.socket] = {}
-        self.behind: set[int] = set()
-        self.last_config = b""  # the last `config` message, encoded once for every instance
+        self.children: dict[int, Any] = {}  # pid -> the id the agent gave it
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -79,7 +76,7 @@ class Zygote:
                     self._drain_wakeup()
                     self._reap()
                 else:
-                    self._on_channel(key.data, mask)
+                    self._on_other(key.data, mask)
             forwarder.retry()
         self._shutdown()
 
@@ -97,16 +94,202 @@ class Zygote:
         if msg is None:
             self.stopping = True
             return
-        if msg.get("op") == "fork" and self.instance is not None:
-            self._fork(msg, fds)
-        elif msg.get("op") == "config" and self.instance is not None:
-            _close_all(fds)
-            self._configure(msg)
-        elif msg.get("op") == "spawn" and self.instance is None:
+        self._handle(msg, fds)
+
+    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        _close_all(fds)
+        self._send({"op": "error", "id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
+
+    def _on_other(self, data: Any, mask: int) -> None:
+        """An event of a file the subclass registered with the selector."""
+
+    def _reaped(self, pid: int) -> None:
+        """A child of ours (in `children`) ended; its exit is reported next."""
+
+    def _before_shutdown(self) -> None:
+        """Anything to let go of before the children are stopped."""
+
+    def _leave_loop(self, *, close_control: bool) -> None:
+        """In a forked child: drop the zygote's loop, its signal plumbing, selector and wakeup pipe."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if close_control:
+            self.control.close()
+
+    def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
+        stdout, stderr = fds
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        _close_all([fd for fd in fds if fd > 2])  # an fd already numbered 1 or 2 is now in its place
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the agent's stdin is not the instance's
+        os.close(devnull)
+        # Line-buffered, so each print reaches the log as it happens rather than when a buffer fills.
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        os.environ.update(env)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if forwarder.reaped(pid):
+                continue  # the egress forwarder died (the app may kill it): started again
+            if pid not in self.children:
+                continue  # an orphan reparented to us (we are pid 1 in a sandbox)
+            iid = self.children.pop(pid)
+            self._reaped(pid)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            self._send({"op": "exit", "id": iid, "pid": pid, "code": code, "signal": sig})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        # OSError: the agent is gone; the next read sees EOF and the zygote shuts down.
+        with contextlib.suppress(OSError):
+            protocol.send(self.control, msg)
+
+    def _shutdown(self) -> NoReturn:
+        self._before_shutdown()
+        for pid in list(self.children):
+            _kill(pid, signal.SIGTERM, group=False)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            if self.children:
+                self.selector.select(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+                self._drain_wakeup()
+        # The whole group: also whatever the instance started that did not stop with it.
+        for pid in list(self.children):
+            _kill(pid, signal.SIGKILL, group=True)
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.pop(pid, None)
+        os._exit(0)
+
+
+class RootZygote(_ForkServer):
+    """The node's first interpreter (the runtime imported once): it spawns release zygotes, in a
+    sandbox when the request carries one."""
+
+    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        if msg.get("op") == "spawn":
             self._spawn(msg, fds)
         else:
+            super()._handle(msg, fds)
+
+    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Root zygote: fork a release zygote, in a sandbox when the request carries one."""
+        sid, code, deps, entry = msg.get("id"), msg.get("code"), msg.get("deps"), msg.get("entry")
+        if len(fds) != 3 or not isinstance(code, str) or not isinstance(entry, str):
             _close_all(fds)
-            self._send({"op": "error", "id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
+            self._send(
+                {"op": "error", "id": sid, "error": "spawn needs code, entry and 3 fds (control, out, err)"}
+            )
+            return
+        config = msg.get("config")
+        if config is not None:
+            try:
+                check_config(config)
+            except ValueError as e:
+                _close_all(fds)
+                self._send({"op": "error", "id": sid, "error": f"bad spawn config: {e}"})
+                return
+        try:
+            spec = sandbox.SandboxSpec.from_json(msg["sandbox"]) if msg.get("sandbox") else None
+        except (TypeError, ValueError) as e:
+            _close_all(fds)
+            self._send({"op": "error", "id": sid, "error": f"bad sandbox spec: {e}"})
+            return
+        _flush_stdio()
+        control_fd, out, err = fds
+
+        def become_release_zygote() -> NoReturn:
+            serve_release(socket.socket(fileno=control_fd), code, deps, entry, config)
+
+        def detach() -> None:
+            """In the new process: leave the root's loop, write to the release's log."""
+            os.setsid()
+            self._leave_loop(close_control=True)
+            self._become_instance([out, err], {})
+
+        try:
+            if spec is None:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        set_parent_death_signal(signal.SIGKILL)
+                        detach()
+                        become_release_zygote()
+                    finally:
+                        os._exit(1)
+            else:
+                pid = sandbox.spawn(spec, become_release_zygote, before=detach)
+        except OSError as e:
+            _close_all(fds)
+            self._send({"op": "error", "id": sid, "error": f"spawn failed: {e}"})
+            return
+        _close_all(fds)
+        self.children[pid] = sid
+        self._send({"op": "spawned", "id": sid, "pid": pid})
+
+
+class ReleaseZygote(_ForkServer):
+    """One release's fork server: the app imported once (`instance`), it forks instances and keeps
+    their config current, over one SEQPACKET channel per instance."""
+
+    def __init__(self, control: socket.socket, instance: Instance) -> None:
+        super().__init__(control)
+        self.instance = instance
+        # pid -> the zygote's end of the instance's config channel, and the pids whose channel was full
+        # at the last change: they get the latest values once it drains.
+        self.channels: dict[int, socket.socket] = {}
+        self.behind: set[int] = set()
+        self.last_config = b""  # the last `config` message, encoded once for every instance
+
+    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        if msg.get("op") == "fork":
+            self._fork(msg, fds)
+        elif msg.get("op") == "config":
+            _close_all(fds)
+            self._configure(msg)
+        else:
+            super()._handle(msg, fds)
+
+    def _reaped(self, pid: int) -> None:
+        self._drop_channel(pid)
+
+    def _before_shutdown(self) -> None:
+        for pid in list(self.channels):  # a writable or closing channel would make the waits below spin
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.channels[pid])
+        self.behind.clear()
+
+    def _leave_loop(self, *, close_control: bool) -> None:
+        # The other instances' channels are the zygote's to write, not this child's.
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        self.behind.clear()
+        super()._leave_loop(close_control=close_control)
 
     def _fork(self, msg: dict[str, Any], fds: list[int]) -> None:
         iid, env = msg.get("id"), msg.get("env", {})
@@ -204,7 +387,7 @@ class Zygote:
             self.selector.modify(channel, selectors.EVENT_READ, pid)
         return 1
 
-    def _on_channel(self, pid: int, mask: int) -> None:
+    def _on_other(self, pid: int, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and pid in self.channels:
             self._push(pid)
         if mask & selectors.EVENT_READ and pid in self.channels:
@@ -235,61 +418,6 @@ class Zygote:
             self.selector.unregister(channel)
         channel.close()
 
-    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
-        """Root zygote: fork a release zygote, in a sandbox when the request carries one."""
-        sid, code, deps, entry = msg.get("id"), msg.get("code"), msg.get("deps"), msg.get("entry")
-        if len(fds) != 3 or not isinstance(code, str) or not isinstance(entry, str):
-            _close_all(fds)
-            self._send(
-                {"op": "error", "id": sid, "error": "spawn needs code, entry and 3 fds (control, out, err)"}
-            )
-            return
-        config = msg.get("config")
-        if config is not None:
-            try:
-                check_config(config)
-            except ValueError as e:
-                _close_all(fds)
-                self._send({"op": "error", "id": sid, "error": f"bad spawn config: {e}"})
-                return
-        try:
-            spec = sandbox.SandboxSpec.from_json(msg["sandbox"]) if msg.get("sandbox") else None
-        except (TypeError, ValueError) as e:
-            _close_all(fds)
-            self._send({"op": "error", "id": sid, "error": f"bad sandbox spec: {e}"})
-            return
-        _flush_stdio()
-        control_fd, out, err = fds
-
-        def become_release_zygote() -> NoReturn:
-            serve_release(socket.socket(fileno=control_fd), code, deps, entry, config)
-
-        def detach() -> None:
-            """In the new process: leave the root's loop, write to the release's log."""
-            os.setsid()
-            self._leave_loop(close_control=True)
-            self._become_instance([out, err], {})
-
-        try:
-            if spec is None:
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        set_parent_death_signal(signal.SIGKILL)
-                        detach()
-                        become_release_zygote()
-                    finally:
-                        os._exit(1)
-            else:
-                pid = sandbox.spawn(spec, become_release_zygote, before=detach)
-        except OSError as e:
-            _close_all(fds)
-            self._send({"op": "error", "id": sid, "error": f"spawn failed: {e}"})
-            return
-        _close_all(fds)
-        self.children[pid] = sid
-        self._send({"op": "spawned", "id": sid, "pid": pid})
-
     def _child(
         self,
         zygote_pid: int,
@@ -309,7 +437,6 @@ class Zygote:
             self._leave_loop(close_control=False)
             web, control = (socket.socket(fileno=fd) for fd in fds[2:4])
             self._become_instance(fds[:2], env)
-            assert self.instance is not None
             self.instance.recycle = functools.partial(_ask_recycle, channel)
             code = serve(
                 self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel
@@ -322,36 +449,6 @@ class Zygote:
         finally:
             _flush_stdio()
             os._exit(code)  # never return into the zygote's loop
-
-    def _leave_loop(self, *, close_control: bool) -> None:
-        """In a forked child: drop the zygote's loop, its signal plumbing, selector and wakeup pipe."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        # The other instances' channels are the zygote's to write, not this child's.
-        for channel in self.channels.values():
-            channel.close()
-        self.channels.clear()
-        self.behind.clear()
-        if close_control:
-            self.control.close()
-
-    def _become_instance(self, fds: list[int], env: dict[str, str]) -> None:
-        stdout, stderr = fds
-        os.dup2(stdout, 1)
-        os.dup2(stderr, 2)
-        _close_all([fd for fd in fds if fd > 2])  # an fd already numbered 1 or 2 is now in its place
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)  # the agent's stdin is not the instance's
-        os.close(devnull)
-        # Line-buffered, so each print reaches the log as it happens rather than when a buffer fills.
-        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
-        os.environ.update(env)
 
     @staticmethod
     def _join_cgroups(fds: list[int]) -> None:
@@ -372,60 +469,6 @@ class Zygote:
         # its own channel to the zygote); dropping it means the agent sees EOF as soon as the zygote
         # is gone, and app code never holds a way to speak to the agent as the zygote.
         self.control.close()
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if forwarder.reaped(pid):
-                continue  # the egress forwarder died (the app may kill it): started again
-            if pid not in self.children:
-                continue  # an orphan reparented to us (we are pid 1 in a sandbox)
-            iid = self.children.pop(pid)
-            self._drop_channel(pid)
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            self._send({"op": "exit", "id": iid, "pid": pid, "code": code, "signal": sig})
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        # OSError: the agent is gone; the next read sees EOF and the zygote shuts down.
-        with contextlib.suppress(OSError):
-            protocol.send(self.control, msg)
-
-    def _shutdown(self) -> NoReturn:
-        for pid in list(self.channels):  # a writable or closing channel would make the waits below spin
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.channels[pid])
-        self.behind.clear()
-        for pid in list(self.children):
-            _kill(pid, signal.SIGTERM, group=False)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while self.children and time.monotonic() < deadline:
-            self._reap()
-            if self.children:
-                self.selector.select(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-                self._drain_wakeup()
-        # The whole group: also whatever the instance started that did not stop with it.
-        for pid in list(self.children):
-            _kill(pid, signal.SIGKILL, group=True)
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            self.children.pop(pid, None)
-        os._exit(0)
 
 
 def _ask_recycle(channel: socket.socket, reason: str) -> None:
@@ -500,7 +543,7 @@ def serve_release(
     gc.collect()
     gc.freeze()
     protocol.send(control, {"op": "ready", "pid": os.getpid()})
-    Zygote(control, instance).run()
+    ReleaseZygote(control, instance).run()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -533,7 +576,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         gc.collect()
         gc.freeze()
         protocol.send(control, {"op": "ready", "pid": os.getpid()})
-        Zygote(control, None).run()
+        RootZygote(control).run()
     serve_release(control, args.code, args.deps, args.entry, config)
 
 
