@@ -19,22 +19,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from osless.errors import ApiError
 from osless.store import MAX_VALUE_BYTES, ValueTooLarge
 
 __all__ = ["ERROR_REF", "ApiError", "ErrorBody", "error_body", "install_error_handlers", "responses"]
 
 log = logging.getLogger("osless.api")
-
-
-class ApiError(Exception):
-    """An expected failure, answered with `status` and a JSON error body."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class ErrorDetail(BaseModel):

@@ -1,7 +1,7 @@
 """HTTP clients of the API: `Api` (sync, for the CLI) and `AsyncApi` (for agents and controllers).
 
-ApiError ── any non-2xx answer, with the status, the stable error code and the message;
-            the same shape the server sends: {"error": {"code": ..., "message": ...}}.
+ApiError (`osless.errors`, the same class the API raises) ── any non-2xx answer, with the status,
+            the stable error code and the message; status 0 when the API could not be reached.
 """
 
 from __future__ import annotations
@@ -12,18 +12,9 @@ from typing import Any
 
 import httpx
 
+from osless.errors import ApiError
+
 __all__ = ["Api", "ApiError", "AsyncApi"]
-
-
-class ApiError(Exception):
-    """The API answered with an error (or could not be reached: status 0)."""
-
-    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail or {}  # the whole error object, e.g. a function's traceback
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -34,7 +25,7 @@ def _raise_for(resp: httpx.Response) -> None:
         code, message = str(err["code"]), str(err["message"])
     except (ValueError, KeyError, TypeError):
         code, message, err = "http_error", f"HTTP {resp.status_code}: {resp.text[:200]}", {}
-    raise ApiError(resp.status_code, code, message, err)
+    raise ApiError(resp.status_code, code, message, detail=err)
 
 
 def _transport_error(e: httpx.TransportError, base_url: str) -> ApiError:
