@@ -202,3 +202,18 @@ def test_an_app_with_a_deploy_building_is_not_deleted(platform: Platform) -> Non
     )
     assert platform.http("DELETE", "/v1/apps/busy").status_code == 204
     assert platform.http("GET", "/v1/apps/busy").status_code == 404
+
+
+def test_gateway_traffic_figures_live_in_the_store(own_platform: Platform) -> None:
+    """An API restart loses nothing of what the gateways reported (they lived in its memory)."""
+    p = own_platform
+    report = {"interval_s": 1.0, "apps": {"ghost": {"concurrency": 2.5, "requests": 7, "waiting": 0}}}
+    assert p.http("PUT", "/v1/gateways/far-gw-1/stats", json=report).status_code == 200
+    assert p.http("GET", "/v1/stats").json()["apps"]["ghost"]["concurrency"] == 2.5
+    p.stop()
+    db = sqlite3.connect(f"file:{p.data_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key = '/gatewaystats/far-gw-1'").fetchone()
+    finally:
+        db.close()
+    assert row is not None and json.loads(row[0])["apps"]["ghost"]["requests"] == 7

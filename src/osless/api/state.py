@@ -11,7 +11,6 @@ from fastapi import Request
 
 from osless.api.auth import Tokens
 from osless.api.collector import Collector
-from osless.api.models import GatewayStats
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
 from osless.build import Builder, ImageStore
@@ -31,7 +30,6 @@ class ApiState:
     max_body_bytes: int = 6 * 1024 * 1024
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    stats: dict[str, tuple[float, GatewayStats]] = field(default_factory=dict)  # gateway -> (at, report)
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
     tokens: Tokens = field(init=False)
 

@@ -10,11 +10,12 @@ import shutil
 from collections import Counter
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from osless.api.auth import Caller, check_scope, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
+    ID_PATTERN,
     App,
     AppCreate,
     AppDetail,
@@ -33,11 +34,13 @@ from osless.api.models import (
 from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
+from osless.store import Conflict
 
 router = APIRouter(tags=["apps"])
 
+STATS_PREFIX = "/gatewaystats/"  # a gateway's last report, under its name
 STATS_FRESH_S = 5.0  # a gateway's report older than this no longer counts
-MAX_GATEWAYS = 1024  # reports kept in memory at most
+STATS_KEPT_S = 60.0  # and one older than this is deleted
 
 
 @router.get(
@@ -281,16 +284,15 @@ async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = 
     summary="What a gateway saw of each app (for the autoscaler)",
 )
 async def put_stats(
-    name: str, body: GatewayStats, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    body: GatewayStats,
+    name: str = Path(pattern=ID_PATTERN),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("operate"),
 ) -> dict[str, int]:
-    # Not in the store: the next report replaces it, and a restart loses nothing worth keeping.
-    at = now()
-    state.stats[name] = (at, body)
-    if len(state.stats) > MAX_GATEWAYS:  # reports of gateways long gone, or made-up names, go first
-        for gone in [g for g, (seen, _) in state.stats.items() if seen < at - STATS_FRESH_S]:
-            del state.stats[gone]
-        while len(state.stats) > MAX_GATEWAYS:
-            del state.stats[min(state.stats, key=lambda g: state.stats[g][0])]
+    # In the store, so that an API restart (or another API server) loses nothing of it; the next
+    # report replaces it, and `GET /v1/stats` forgets reports past STATS_FRESH_S.
+    report = {"at": now(), "interval_s": body.interval_s, "apps": body.apps}
+    await state.resources.store.put(f"{STATS_PREFIX}{name}", json.dumps(report).encode())
     return {"apps": len(body.apps)}
 
 
@@ -302,12 +304,19 @@ async def put_stats(
 async def get_stats(
     state: ApiState = Depends(get_state), caller: Caller = require("read", narrows=True)
 ) -> dict[str, Any]:
-    fresh_after = now() - STATS_FRESH_S
+    store = state.resources.store
+    at = now()
     apps: dict[str, dict[str, float]] = {}
-    for at, report in state.stats.values():
-        if at < fresh_after:
+    items, _ = await store.list(STATS_PREFIX)
+    for kv in items:
+        report = json.loads(kv.value)
+        if report["at"] < at - STATS_KEPT_S:  # a gateway long gone (or a made-up name): forgotten
+            with contextlib.suppress(Conflict):
+                await store.delete(kv.key, if_revision=kv.mod_revision)
             continue
-        for app, figures in report.apps.items():
+        if report["at"] < at - STATS_FRESH_S:
+            continue
+        for app, figures in report["apps"].items():
             if not caller.sees(app):
                 continue
             into = apps.setdefault(app, {"concurrency": 0.0, "requests": 0.0, "waiting": 0.0})
