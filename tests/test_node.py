@@ -143,3 +143,16 @@ def test_ctx_log_reaches_osless_logs(platform: Platform, inspector: dict[str, ob
     assert [(r["line"], r["stream"]) for r in found] == [(expected, "stderr")]  # its debug line is below INFO
     assert found[0]["source"].startswith("inspector-v")
     assert expected in platform.cli("logs", "inspector").stdout
+
+
+def test_osless_nodes_lists_each_node_with_what_it_says_of_itself(platform: Platform) -> None:
+    [node] = platform.wait_for(
+        lambda: [n for n in platform.cli_json("nodes") if n.get("pid")] or None, what="a node's report"
+    )
+    assert node["ready"] is True and node["address"] == "127.0.0.1"
+    assert node["gateway"] == platform.gateway
+    assert platform.proc is not None and node["pid"] == platform.proc.pid  # one process: `osless up`
+    assert 0 < node["memory_free_mb"] <= node["memory_total_mb"]
+    assert node["instances"] >= node["instances_ready"] >= 0
+    table = platform.cli("nodes").stdout
+    assert node["name"] in table and platform.gateway in table and "yes" in table

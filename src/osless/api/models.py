@@ -213,10 +213,15 @@ class Instance(Body):
 
 
 class NodeLease(Body):
-    """A node's heartbeat: its name is the path's (any other field sent is ignored)."""
+    """A node's heartbeat, with what it says of itself: its name is the path's."""
 
     # At least a second: a lease shorter than the round trip that grants it is gone before it is used.
     ttl_s: float = Field(default=10.0, ge=1, le=300, description="gone this long without a heartbeat: lost")
+    address: str | None = Field(default=None, max_length=255, description="where the node is reached")
+    gateway: str | None = Field(default=None, max_length=255, description="the node's gateway URL")
+    pid: MaybeInteger = Field(default=None, ge=1, description="the node agent's process")
+    memory_total_mb: MaybeInteger = Field(default=None, ge=0)
+    memory_free_mb: MaybeInteger = Field(default=None, ge=0, description="available to new instances")
 
 
 class Node(NodeLease):

@@ -467,6 +467,47 @@ def status(json_out: JsonOpt = False) -> None:
     console.print(f"  nodes:     {', '.join(st['nodes']) or 'none'}")
 
 
+@app.command()
+def nodes(json_out: JsonOpt = False) -> None:
+    """The nodes: address, gateway, ready or not, instances, free memory, the node process's pid."""
+    api = client()
+    found = call(api.get, "/v1/nodes")["items"]
+    instances = call(api.get, "/v1/instances")["items"]
+    now = time.time()
+    rows = []
+    for n in found:
+        here = [i for i in instances if i["node"] == n["name"]]
+        rows.append(
+            {
+                **n,
+                # Listed means its lease holds; ready means it reported within its lease's time.
+                "ready": now - float(n["updated_at"]) < float(n["ttl_s"]),
+                "instances": len(here),
+                "instances_ready": sum(i["status"]["phase"] == "ready" for i in here),
+            }
+        )
+    if json_out:
+        print_json(rows)
+        return
+    table(
+        ["NODE", "ADDRESS", "GATEWAY", "READY", "INSTANCES", "FREE MEMORY", "PID"],
+        [
+            [
+                r["name"],
+                r.get("address") or "-",
+                r.get("gateway") or "-",
+                "yes" if r["ready"] else "no",
+                f"{r['instances_ready']}/{r['instances']}",
+                f"{r['memory_free_mb']} of {r['memory_total_mb']} MB"
+                if r.get("memory_free_mb") is not None
+                else "-",
+                str(r.get("pid") or "-"),
+            ]
+            for r in rows
+        ],
+    )
+
+
 def main() -> NoReturn:
     try:
         app()

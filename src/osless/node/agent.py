@@ -43,6 +43,19 @@ HEARTBEAT_S = 3.0
 VOLUMES_EVERY_S = 10.0
 
 
+def _memory_mb() -> dict[str, int]:
+    """The host's memory and what is available of it, from /proc/meminfo (empty where there is none)."""
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                found["memory_total_mb" if key == "MemTotal" else "memory_free_mb"] = (
+                    int(value.split()[0]) // 1024
+                )
+    return found
+
+
 def run_dir_for(data_dir: Path) -> Path:
     """Where instance sockets live: the data dir if its path is short enough for a unix socket."""
     candidate = data_dir / "run"
@@ -92,6 +105,7 @@ class NodeAgent:
         # Scoped by data dir: other agents (other data dirs) on this host keep their groups.
         found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
+        self.gateway = gateway  # (host, port) of this node's gateway, as reported in its heartbeat
         self.egress = (
             EgressProxy(gateway=gateway, log=self._egress_log, allow=egress_allow or [])
             if self.sandboxed and gateway
@@ -152,12 +166,21 @@ class NodeAgent:
         reported: dict[tuple[str, str], int] = {}
         while True:
             with contextlib.suppress(ApiError):
-                await self.api.put(f"/v1/nodes/{self.name}", {"name": self.name, "ttl_s": HEARTBEAT_S * 4})
+                await self.api.put(f"/v1/nodes/{self.name}", self._node_report())
                 if self.egress is not None and dict(self.egress.calls) != reported:
                     reported = dict(self.egress.calls)
                     edges = [{"caller": a, "callee": b, "count": n} for (a, b), n in sorted(reported.items())]
                     await self.api.put(f"/v1/nodes/{self.name}/calls", {"calls": edges})
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _node_report(self) -> dict[str, Any]:
+        """The heartbeat: the lease, and what `osless nodes` shows of this node."""
+        report: dict[str, Any] = {"ttl_s": HEARTBEAT_S * 4, "pid": os.getpid()}
+        if self.gateway is not None:
+            host, port = self.gateway
+            report.update(address=host, gateway=f"http://{host}:{port}")
+        report.update(_memory_mb())
+        return report
 
     async def reconcile(self) -> None:
         desired = {i: o for i, o in self.informer.items.items() if o.get("node") == self.name}

@@ -130,7 +130,7 @@ async def heartbeat_node(
     state: ApiState = Depends(get_state),
     caller: Caller = require("operate"),
 ) -> Node:
-    return await state.resources.heartbeat_node(Node(name=name, ttl_s=body.ttl_s, updated_at=now()))
+    return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **body.model_dump()))
 
 
 @router.put(
