@@ -3,10 +3,11 @@
 It drives etcd through the generated v3 stubs that `aetcd` ships (`aetcd.rpc`) rather than through
 `aetcd.Client`, which connects to a single host:port and hands back neither the revision of a put
 or transaction nor a watch's progress, both of which the Store contract needs. One gRPC channel
-spans every endpoint of the URL (`pick_first`): when the member in use goes away, calls wait (up to
-`timeout`) for the next one, reads are retried, and a watch resumes after the last revision it
-delivered. Every call carries etcd's `hasleader` flag, so a member cut off from its leader refuses
-at once (and a watch on it ends) instead of answering from a stale view.
+spans every endpoint of the URL, its calls spread over the members (round robin, as etcd's own
+client does): when a member goes away, calls wait (up to `timeout`) for another, reads are retried,
+and a watch resumes after the last revision it delivered. Every call carries etcd's `hasleader`
+flag, so a member cut off from its leader refuses at once (and a watch on it ends) instead of
+answering from a stale view; sent again, the call goes to another member.
 
 Keys live under a root (`/osless` unless the URL names one): platforms sharing one etcd, and tests,
 never see each other's keys. Roots must not nest (`/a` and `/a/b`).
@@ -68,6 +69,9 @@ PAGE = 1000  # keys per Range call in `list`, so no single answer holds the whol
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # between retries of a read, or reconnects of a watch
 _LEADER = (("hasleader", "true"),)
 _OPTIONS = [
+    # Spread calls over the members, as etcd's own client does: a call refused by a member that
+    # lost its leader (or a watch it ended) goes to another one when sent again.
+    ("grpc.lb_policy_name", "round_robin"),
     # A page of large values or a watch's catch-up batch can pass gRPC's 4 MiB default; etcd is ours.
     ("grpc.max_receive_message_length", -1),
     # Notice a member that froze or was cut off, not only one that closed its connections.
@@ -205,26 +209,27 @@ class EtcdStore(Store):
         `retry` (reads, and writes that cannot have been applied twice to any effect)."""
         self._check_open()
         deadline = time.monotonic() + self._timeout
-        for attempt in range(1_000_000):
+        attempt = 0
+        while True:
             try:
                 return await send(max(deadline - time.monotonic(), 0.001))
             except grpc.aio.AioRpcError as e:
                 if self._closed:
                     raise StoreError("store is closed") from e
                 code, details = e.code(), e.details() or ""
-                # A member without a leader refuses before doing anything: safe to send again.
+                # A member without a leader refuses before doing anything: safe to send again
+                # (round robin sends it to another member).
                 again = code == grpc.StatusCode.UNAVAILABLE and (retry or "no leader" in details)
                 pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
-                if again and time.monotonic() + pause < deadline:
-                    await asyncio.sleep(pause)
-                    continue
-                raise self._error(e, lease) from e
+                if not again or time.monotonic() + pause >= deadline:
+                    raise self._error(e, lease) from e
+                attempt += 1
+                await asyncio.sleep(pause)
             except asyncio.CancelledError:
                 self._raise_if_closed()
                 raise
             except grpc.aio.UsageError as e:  # the channel was closed under this call
                 raise StoreError("store is closed") from e
-        raise AssertionError("unreachable")
 
     def _raise_if_closed(self) -> None:
         """gRPC cancels a call when its channel closes: that is the store closing, not our task."""
@@ -425,7 +430,7 @@ class EtcdStore(Store):
         try:
             while True:
                 self._check_open()
-                call = self._watch.Watch(metadata=_LEADER)
+                call = self._watch.Watch(metadata=_LEADER, wait_for_ready=True)
                 try:
                     # From `cursor` itself, not cursor + 1: etcd refuses a start before its compaction
                     # revision C, and the events at C may be incomplete, so from C on we skip them.
