@@ -546,3 +546,6 @@ class EtcdStore(Store):
                 if self._closed:
                     return
                 log.warning("etcd compaction failed, trying again in %g s: %s", self._compact_interval, e)
+            except Exception:
+                # Keep compacting: without it etcd's history grows until its space quota stops writes.
+                log.exception("etcd compaction failed")
