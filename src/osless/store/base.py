@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 from osless.bounds import quoted
 
 __all__ = [
+    "DEFAULT_HISTORY",
     "MAX_VALUE_BYTES",
     "Compacted",
     "Conflict",
@@ -22,6 +23,7 @@ __all__ = [
     "LeaseNotFound",
     "Store",
     "StoreError",
+    "Unavailable",
     "ValueTooLarge",
 ]
 
@@ -30,6 +32,10 @@ EventType = Literal["PUT", "DELETE"]
 # The largest value a backend takes (etcd's request limit is 1.5 MiB). Each record is sized well
 # below it: a release carries its manifest, which a build keeps under 256 KiB.
 MAX_VALUE_BYTES = 1024 * 1024
+
+# Revisions of watch history a backend keeps (each revision has at least one event); a watch from
+# before them raises `Compacted`.
+DEFAULT_HISTORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +108,18 @@ class LeaseNotFound(StoreError):
         super().__init__(f"lease {lease_id} not found (unknown, revoked or expired)")
 
 
-class Store(Protocol):
-    """What `api` needs from a state backend (SQLite today, etcd later).
+class Unavailable(StoreError):
+    """The backend did not answer in time. A write it was sending may or may not have been applied."""
 
-    Every successful write bumps the one global revision. `if_revision`: None = unconditional,
-    0 = the key must not exist, N = the key's mod_revision must be N; otherwise `Conflict`.
-    A value past MAX_VALUE_BYTES is refused with `ValueTooLarge` before anything is written.
+
+class Store(Protocol):
+    """What `api` needs from a state backend (SQLite on one machine, etcd for a fleet).
+
+    Keys start with `/`; a prefix is '' (every key) or starts with `/`. Every successful write
+    bumps the one global revision: numbers are only ever compared, as a shared etcd's writes by
+    others bump it too. `if_revision`: None = unconditional, 0 = the key must not exist, N = the
+    key's mod_revision must be N; otherwise `Conflict`. A value past MAX_VALUE_BYTES is refused
+    with `ValueTooLarge` before anything is written.
     """
 
     # `builtins.list` in signatures: inside this class body, plain `list` is the method below.
@@ -147,9 +159,10 @@ class Store(Protocol):
         """Puts and deletes applied atomically under one revision, which is returned (as etcd's Txn).
 
         Every key under `delete_prefixes` and each of `deletes` (key, if_revision) is deleted, then
-        the `puts` are written; a key appears at most once in `puts` and `deletes`, and a delete of an
-        absent key with no check deletes nothing. If any check fails, `Conflict` and nothing changes.
-        With nothing to change, the revision is not bumped.
+        the `puts` are written; a key appears at most once in `puts` and `deletes`, no put falls under
+        a deleted prefix (`ValueError`, as etcd refuses both), and a delete of an absent key with no
+        check deletes nothing. If any check fails, `Conflict` and nothing changes. With nothing to
+        change, the revision is not bumped.
         """
         ...
 
@@ -163,7 +176,10 @@ class Store(Protocol):
 
     async def revision(self) -> int: ...
 
-    async def grant_lease(self, ttl_s: float) -> int: ...
+    async def grant_lease(self, ttl_s: float) -> int:
+        """A lease that lives `ttl_s` past its last keepalive, or a little longer: etcd counts whole
+        seconds, at least its minimum (1.5 election timeouts), and expires leases every 0.5 s."""
+        ...
 
     async def keepalive(self, lease_id: int) -> None: ...
 

@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from osless.store.base import (
-    MAX_VALUE_BYTES,
+    DEFAULT_HISTORY,
     Compacted,
     Conflict,
     Event,
@@ -45,8 +45,8 @@ from osless.store.base import (
     LeaseNotFound,
     Store,
     StoreError,
-    ValueTooLarge,
 )
+from osless.store.checks import check_if_revision, check_key, check_prefix, check_txn, check_value
 
 __all__ = ["DEFAULT_HISTORY", "SQLiteStore"]
 
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECENT_EVENTS = 4096  # kept in memory for watchers, at most (never more than the history)
-DEFAULT_HISTORY = 10_000  # revisions of watch history kept (each revision has at least one event)
 _WATCH_BATCH = 500  # events read per query, so a far-behind watcher does not load all history at once
 _SCHEMA_VERSION = 1
 
@@ -110,16 +109,6 @@ def _prefix_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
     if end is None:
         return "key >= ?", (prefix,)
     return "key >= ? AND key < ?", (prefix, end)
-
-
-def _check_value(key: str, value: bytes) -> None:
-    if len(value) > MAX_VALUE_BYTES:
-        raise ValueTooLarge(key, len(value))
-
-
-def _check_if_revision(if_revision: int | None) -> None:
-    if if_revision is not None and if_revision < 0:
-        raise ValueError(f"if_revision must be None, 0 or a revision, not {if_revision}")
 
 
 class SQLiteStore(Store):
@@ -275,23 +264,25 @@ class SQLiteStore(Store):
     # -- async API --------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
+        check_key(key)
         return self._get_sync(self._read(), key)
 
     async def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
+        check_prefix(prefix)
         return await self._run(lambda: self._list_sync(prefix))
 
     async def put(
         self, key: str, value: bytes, *, if_revision: int | None = None, lease: int | None = None
     ) -> KeyValue:
-        if not key:
-            raise ValueError("key must not be empty")
-        _check_if_revision(if_revision)
+        check_key(key)
+        check_if_revision(if_revision)
         data = bytes(value)
-        _check_value(key, data)
+        check_value(key, data)
         return await self._acknowledge(await self._run(lambda: self._put_sync(key, data, if_revision, lease)))
 
     async def delete(self, key: str, *, if_revision: int | None = None) -> bool:
-        _check_if_revision(if_revision)
+        check_key(key)
+        check_if_revision(if_revision)
         return await self._acknowledge(await self._run(lambda: self._delete_sync(key, if_revision)))
 
     async def txn_put_many(self, puts: builtins.list[tuple[str, bytes, int | None]]) -> int:
@@ -304,23 +295,11 @@ class SQLiteStore(Store):
         deletes: builtins.list[tuple[str, int | None]] | None = None,
         delete_prefixes: builtins.list[str] | None = None,
     ) -> int:
-        items = [(key, bytes(value), if_rev) for key, value, if_rev in puts or []]
-        gone = list(deletes or [])
-        prefixes = list(delete_prefixes or [])
-        keys = [key for key, _, _ in items] + [key for key, _ in gone]
-        if len(set(keys)) != len(keys):
-            raise ValueError("a transaction may put or delete each key only once")
-        for key, if_rev in [(key, if_rev) for key, _, if_rev in items] + gone:
-            if not key:
-                raise ValueError("key must not be empty")
-            _check_if_revision(if_rev)
-        for key, value, _ in items:
-            _check_value(key, value)
-        if any(not prefix for prefix in prefixes):
-            raise ValueError("a prefix to delete must not be empty (that would be every key)")
+        items, gone, prefixes = check_txn(puts, deletes, delete_prefixes)
         return await self._acknowledge(await self._run(lambda: self._txn_sync(items, gone, prefixes)))
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncGenerator[Event, None]:
+        check_prefix(prefix)
         if after_revision < 0:
             raise ValueError(f"after_revision must be >= 0, not {after_revision}")
         cursor = after_revision
@@ -572,8 +551,7 @@ class SQLiteStore(Store):
             for key in doomed:
                 self._delete_kv(conn, key, rev)
             for (key, value, _), current in zip(items, currents, strict=True):
-                # A put under a deleted prefix starts the key again (version 1), as after a delete.
-                self._write_kv(conn, key, value, None if key in doomed else current, rev, None)
+                self._write_kv(conn, key, value, current, rev, None)  # never under a deleted prefix
         return rev
 
     def _events_sync(self, prefix: str, after: int) -> builtins.list[Event]:
