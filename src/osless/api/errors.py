@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from osless.errors import ApiError
-from osless.store import MAX_VALUE_BYTES, ValueTooLarge
+from osless.store import MAX_VALUE_BYTES, Unavailable, ValueTooLarge
 
 __all__ = ["ERROR_REF", "ApiError", "ErrorBody", "error_body", "install_error_handlers", "responses"]
 
@@ -131,6 +131,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return JSONResponse(error_body("value_too_large", message), 413)
 
+    async def store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # A write under way may or may not have been applied: the caller reads again, then retries.
+        message = f"the state store did not answer in time ({exc}); read the state again, then retry"
+        return JSONResponse(error_body("store_unavailable", message), 503, headers={"retry-after": "1"})
+
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal", f"internal error: {type(exc).__name__}: {exc}"), 500)
@@ -139,6 +144,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ValueTooLarge, value_too_large)
+    app.add_exception_handler(Unavailable, store_unavailable)
     app.add_exception_handler(Exception, unexpected)
 
 
