@@ -313,14 +313,14 @@ def test_a_migration_cut_off_by_kill_9_is_finished_or_rolled_back_at_the_next_st
     data = upgraded
     add_old_apps(data, BULK)
     p = Platform(data, up_env={"PATH": without_volume_tools()})
-    # Killed right after the backup, at a random moment while uids are allocated, and as the
+    # Killed right after the backup, at a random moment once half the uids are allocated, and as the
     # records are written (one transaction): each time all of the migration is there, or none.
     kill_at(p, "upgrading the data dir", 0.0)
     assert consistent(data) == "before"
-    kill_at(p, "a uid for each of", random.uniform(0.2, 1.0))
+    kill_at(p, "uids for 2000 of", random.uniform(0.0, 0.2))
     assert consistent(data) == "before"
     allocated = len([k for k in read_store(data) if k.startswith("/appuids/")])
-    assert 0 < allocated < BULK + len(OLD_APPS), "the kill was to land while uids were allocated"
+    assert 2000 <= allocated < BULK + len(OLD_APPS), "the kill was to land while uids were allocated"
     kill_at(p, "records in one transaction", 0.0)
     consistent(data)  # either: the transaction is atomic
 

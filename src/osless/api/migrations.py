@@ -56,6 +56,7 @@ SCHEMA_KEY = "/meta/schema"  # {"version", "at", "by"}
 SCHEMA_FILE = "schema.json"  # in the data dir: the version its files were brought to
 KEEP_BACKUPS = 3
 ATTEMPTS = 20  # a store step that lost a race (another server migrating the same store) reads again
+PROGRESS_EVERY = 1000  # records: a long migration says now and then that it is still going
 
 
 class MigrationError(Exception):
@@ -98,9 +99,11 @@ async def _uids_to_records(res: Resources) -> Plan:
     apps, _ = await res.store.list("/apps/")
     log.warning("schema 2: a uid for each of %d apps", len(apps))
     uids: dict[str, int] = {}
-    for kv in apps:
+    for n, kv in enumerate(apps, 1):
         name = kv.key.removeprefix("/apps/")
         uids[name] = await res.app_uid(name)
+        if n % PROGRESS_EVERY == 0:
+            log.warning("schema 2: uids for %d of %d apps", n, len(apps))
     plan = Plan()
     for kv in apps:
         try:
