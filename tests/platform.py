@@ -66,6 +66,7 @@ class Platform:
     token: str = ""
     args: list[str] = field(default_factory=list)  # more `osless up` options
     up_env: dict[str, str] = field(default_factory=dict)  # more environment for `osless up`
+    osless: str = OSLESS  # the program run for `osless up` and the CLI (another release's, to upgrade from)
 
     @property
     def api(self) -> str:
@@ -89,7 +90,7 @@ class Platform:
         log = open(self.data_dir.parent / "up.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
-                OSLESS,
+                self.osless,
                 "up",
                 "--data-dir",
                 str(self.data_dir),
@@ -144,7 +145,7 @@ class Platform:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 180
     ) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
-            [OSLESS, *args], env=self.env, capture_output=True, text=True, input=input, timeout=timeout
+            [self.osless, *args], env=self.env, capture_output=True, text=True, input=input, timeout=timeout
         )
         if check and r.returncode != 0:
             raise AssertionError(f"osless {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")

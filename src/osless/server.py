@@ -24,6 +24,7 @@ import uvicorn
 
 from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
+from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
@@ -140,6 +141,16 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     _private(data_dir)
     store = SQLiteStore(data_dir / "state.db")
     await store.start()
+    run_dir = run_dir_for(data_dir)
+    try:
+        # Before anything reads the store: what an earlier release wrote is brought to this code's shapes.
+        await migrate(store, Paths(data_dir, run_dir), backup=functools.partial(backup_sqlite, store.path))
+    except MigrationError as e:
+        await store.close()
+        raise SystemExit(f"osless up: {e}") from None
+    except BaseException:
+        await store.close()
+        raise
     resources = Resources(store)
     token = await _admin_token(resources, data_dir)
     images = ImageStore(data_dir / "images")
@@ -156,7 +167,6 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             if not cfg.sandbox
             else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
         )
-    run_dir = run_dir_for(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
     # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
