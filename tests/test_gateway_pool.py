@@ -142,8 +142,11 @@ def test_a_second_platform_cannot_share_the_port(gateways: Platform, tmp_path: P
     """SO_REUSEPORT would let a second `osless up` of the same user join the port's group and take
     half its connections: it is refused instead, as any listener there."""
     second = Platform(tmp_path / "data", http_port=gateways.http_port)
-    with pytest.raises(RuntimeError, match=r"could not listen on 127\.0\.0\.1:"):
-        second.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"could not listen on 127\.0\.0\.1:"):
+            second.start()
+    finally:
+        second.stop()
     assert answered_by(gateways)
 
 
