@@ -5,14 +5,15 @@ serving the app's own image layers, and `osless up` serving it; load from `wrk` 
 `apt-get install -y wrk`) on loopback. Two comparisons: one uvicorn worker against one gateway
 process and one instance; then as many uvicorn workers as the machine has cores against as many
 gateway processes and instances (`multi_core`), where the gateway's throughput should grow with
-cores as uvicorn's does. The two take turns, round after round,
-so that a noisy neighbour on this shared machine hits both alike; the figures are the medians of
-the rounds. Each round runs the two back to back, so the ratio and the added p50 are worked out
-round by round (paired), and their medians reported: a neighbour slowing the whole machine for a
-while moves both sides of a round alike. The main load is `--connections` at once; a second pass
-with one connection shows what the hop costs a lone request, with no queueing in it. Only 2xx/3xx
-answers count as throughput; a run with any error answer or socket error (either side) does not
-meet the target. Prints one JSON object as its last line.
+cores as uvicorn's does. Each run also says what CPU each side's processes spent per answer
+(`*_cpu_us_per_request`, from /proc): once every core is busy, that is what bounds the ratio. The
+two take turns, round after round, so that a noisy neighbour on this shared machine hits both alike;
+the figures are the medians of the rounds. Each round runs the two back to back, so the ratio and
+the added p50 are worked out round by round (paired), and their medians reported: a neighbour
+slowing the whole machine for a while moves both sides of a round alike. The main load is
+`--connections` at once; a second pass with one connection shows what the hop costs a lone request,
+with no queueing in it. Only 2xx/3xx answers count as throughput; a run with any error answer or
+socket error (either side) does not meet the target. Prints one JSON object as its last line.
 
     .venv/bin/python benchmarks/throughput.py [--seconds 3] [--rounds 7] [--connections 32] [--cores N]
 """
@@ -75,6 +76,7 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
     # wrk's Requests/sec counts every answer, errors too: only good answers are throughput.
     good_per_s = float(rps.group(1)) * (answered - bad) / answered if answered else 0.0
     return {
+        "requests": float(answered - bad),
         "requests_per_s": round(good_per_s, 2),
         "p50_ms": ms("50%"),
         "p99_ms": ms("99%"),
@@ -122,6 +124,71 @@ def wait_ready(platform: RunningPlatform, instances: int, timeout: float = 120) 
     raise SystemExit(f"hello never had {instances} ready instances")
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, read from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(
+    platform: RunningPlatform, direct: subprocess.Popen[bytes]
+) -> dict[str, dict[str, list[int]]]:
+    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes and instances."""
+    gateways = [
+        pid
+        for pid in descendants(platform.proc.pid)
+        if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    instances = [
+        int(i["status"]["pid"])
+        for i in httpx.get(
+            f"http://127.0.0.1:{platform.api_port}/v1/instances",
+            params={"app": "hello"},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=10,
+        ).json()["items"]
+        if i["status"].get("pid")
+    ]
+    return {
+        "direct": {"uvicorn": [direct.pid, *descendants(direct.pid)]},
+        "osless": {"gateway": gateways, "instances": instances},
+    }
+
+
+def measured(url: str, seconds: int, connections: int, groups: dict[str, list[int]]) -> dict[str, float]:
+    """A wrk run, with the CPU each group of processes spent per good answer (microseconds)."""
+    before = {name: cpu_s(pids) for name, pids in groups.items()}
+    result = wrk(url, seconds, connections)
+    for name, pids in groups.items():
+        spent = cpu_s(pids) - before[name]
+        result[f"{name}_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
+    return result
+
+
 def compare(
     processes: int, args: argparse.Namespace, lone: bool
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
@@ -142,9 +209,10 @@ def compare(
             urls = {"direct": f"http://127.0.0.1:{direct_port}/", "osless": f"{platform.gateway}/hello/"}
             for url in urls.values():
                 wrk(url, 1, args.connections)  # warm up
+            groups = server_processes(platform, direct)
             for _ in range(args.rounds):
                 for name, url in urls.items():
-                    runs[name].append(wrk(url, args.seconds, args.connections))
+                    runs[name].append(measured(url, args.seconds, args.connections, groups[name]))
                 if lone:
                     for name, url in urls.items():
                         lone_runs[name].append(wrk(url, 1, 1))
