@@ -11,7 +11,7 @@ dies its socket goes with it and the kernel gives the others its connections; it
 listens only once its routing table is read.
 
 What the processes do not share, each keeps for itself, and it stays right: the traffic figures
-(each reports under `<node>:gw-<k>`, and the API sums them), the cache of tokens, and the
+(each process `gw-<k>` reports under `<node>:gw-<k>`, and the API sums them), the cache of tokens, and the
 activator's wake calls (at most one at a time per app and process). An app's `concurrency_limit`
 holds per process: see docs/architecture.md, "Following traffic".
 """
@@ -101,7 +101,8 @@ class GatewayPool:
         self._token = token
         self.host = host
         self.port = port
-        self.slots = [_Slot(f"{node}:gw-{k}") for k in range(1, count + 1)]
+        self.node = node
+        self.slots = [_Slot(f"gw-{k}") for k in range(1, count + 1)]
         self._addresses: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]] = []
         self._holds: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -171,6 +172,8 @@ class GatewayPool:
                     "osless.gateway",
                     "--api",
                     self.api_url,
+                    "--node",
+                    self.node,
                     "--name",
                     slot.name,
                     "--parent",

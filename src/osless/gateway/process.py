@@ -3,8 +3,8 @@
 It serves the HTTP port on a socket of its own, bound by `osless up` with `SO_REUSEPORT` and
 passed in as a file descriptor: the kernel spreads the port's connections over the processes. It
 has its own routing table, fed by the API's watches like any client's, and reports its traffic
-under its own name, so the API's sum over gateways stays the node's. It meets the rest of the
-platform over HTTP only.
+under its own name (`<node>:gw-<k>`), so the API's sum over gateways stays the node's. It meets
+the rest of the platform over HTTP only.
 
 The node token comes on the control socket (an inherited descriptor), never in argv or the
 environment, which other tools read and print; `ready` goes back on it once the routing table is
@@ -59,7 +59,7 @@ def _read_token(control: socket.socket) -> str:
 
 
 async def serve(
-    api_url: str, token: str, name: str, listeners: list[socket.socket], control: socket.socket
+    api_url: str, token: str, node: str, name: str, listeners: list[socket.socket], control: socket.socket
 ) -> None:
     """Serve the port until SIGTERM or `osless up` goes (EOF on `control`)."""
     loop = asyncio.get_running_loop()
@@ -85,7 +85,7 @@ async def serve(
         tasks = [
             asyncio.create_task(stop.wait()),
             asyncio.create_task(loop.sock_recv(control, 1)),  # b"": osless up is gone
-            asyncio.create_task(gateway.traffic.report(api, name)),
+            asyncio.create_task(gateway.traffic.report(api, f"{node}:{name}")),
         ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
@@ -103,7 +103,10 @@ async def serve(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m osless.gateway", description=__doc__.split("\n")[0])
     parser.add_argument("--api", required=True, help="the API's URL")
-    parser.add_argument("--name", required=True, help="the name this process reports its traffic under")
+    parser.add_argument("--node", required=True, help="the node's name")
+    parser.add_argument(
+        "--name", required=True, help="this process's, gw-<k>: its traffic is <node>:gw-<k>'s"
+    )
     parser.add_argument("--parent", type=int, required=True, help="the pid of osless up")
     parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
     parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     control = socket.socket(fileno=args.control_fd)
     token = _read_token(control)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
-    main_ = serve(args.api, token, args.name, listeners, control)
+    main_ = serve(args.api, token, args.node, args.name, listeners, control)
     try:
         import uvloop  # the faster loop, as `osless up` runs on
     except ImportError:

@@ -69,7 +69,8 @@ class Gateway:
     ) -> None:
         self.router = router
         self.name = name
-        # Which of the node's gateway processes answered (the kernel picks one per connection).
+        # Which of the node's gateway processes answered (the kernel picks one per connection); the
+        # process's own name (gw-<k>), not the node's, which is no business of the internet's.
         self._health_headers = [*JSON, (b"x-osless-gateway", name.encode("ascii"))]
         self.api_url = api.base_url
         self.base_domain = base_domain
