@@ -11,9 +11,9 @@ dies its socket goes with it and the kernel gives the others its connections; it
 listens only once its routing table is read.
 
 What the processes do not share, each keeps for itself, and it stays right: the traffic figures
-(each process `gw-<k>` reports under `<node>:gw-<k>`, and the API sums them), the cache of tokens, and the
-activator's wake calls (at most one at a time per app and process). An app's `concurrency_limit`
-holds per process: see docs/architecture.md, "Following traffic".
+(process `gw-<k>` reports under `<node>:gw-<k>`, and the API sums them), the cache of tokens, and
+the activator's wake calls (at most one at a time per app and process). An app's
+`concurrency_limit` holds per process: see docs/architecture.md, "Following traffic".
 """
 
 from __future__ import annotations
@@ -138,7 +138,12 @@ class GatewayPool:
         delay = BACKOFF_S[0]
         while not self._stopping.is_set():
             started = time.monotonic()
-            how = await self._run_once(slot)
+            try:
+                how = await self._run_once(slot)
+            except Exception as e:  # a bug, or the host out of something (fds): tried again all the same
+                log.exception("gateway process %s: starting it failed", slot.name)
+                slot.started(f"gateway process {slot.name} could not be started: {e!r}")
+                how = f"could not be started ({e!r})"
             if self._stopping.is_set():
                 return
             if time.monotonic() - started >= STEADY_S:
@@ -240,8 +245,11 @@ class GatewayPool:
 def _exit_of(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
     """Resolved with `proc`'s exit status when it ends: a pidfd on the loop, no thread, no polling."""
     loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # a kernel older than 5.3: a thread waits instead
+        return asyncio.ensure_future(asyncio.to_thread(proc.wait))
     done: asyncio.Future[int] = loop.create_future()
-    pidfd = os.pidfd_open(proc.pid)
 
     def on_exit() -> None:
         loop.remove_reader(pidfd)
