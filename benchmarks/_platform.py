@@ -52,7 +52,8 @@ class RunningPlatform:
 
 
 @contextlib.contextmanager
-def running_platform(prefix: str) -> Iterator[RunningPlatform]:
+def running_platform(prefix: str, *args: str) -> Iterator[RunningPlatform]:
+    """`osless up` with `args` added (e.g. "--gateways", "1")."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
     api_port, http_port = free_port(), free_port()
@@ -66,6 +67,7 @@ def running_platform(prefix: str) -> Iterator[RunningPlatform]:
             str(api_port),
             "--http-port",
             str(http_port),
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,23 +1,28 @@
 """A warm request through the osless gateway versus the same app served directly by uvicorn.
 
 examples/hello's web route, side by side in one run on the same cores: uvicorn (uvloop, httptools)
-serving the app's own image layers, and `osless up` with one instance of it; load from `wrk`
-(Debian's package: `apt-get install -y wrk`) on loopback. The two take turns, round after round,
-so that a noisy neighbour on this shared machine hits both alike; the figures are the medians of
-the rounds. Each round runs the two back to back, so the ratio and the added p50 are worked out
-round by round (paired), and their medians reported: a neighbour slowing the whole machine for a
-while moves both sides of a round alike. The main load is `--connections` at once; a second pass
-with one connection shows what the hop costs a lone request, with no queueing in it. Only 2xx/3xx
-answers count as throughput; a run with any error answer or socket error (either side) does not
-meet the target. Prints one JSON object as its last line.
+serving the app's own image layers, and `osless up` serving it; load from `wrk` (Debian's package:
+`apt-get install -y wrk`) on loopback. Two comparisons: one uvicorn worker against one gateway
+process and one instance; then as many uvicorn workers as the machine has cores against as many
+gateway processes and instances (`multi_core`), where the gateway's throughput should grow with
+cores as uvicorn's does. Each run also says what CPU each side's processes spent per answer
+(`*_cpu_us_per_request`, from /proc): once every core is busy, that is what bounds the ratio. The
+two take turns, round after round, so that a noisy neighbour on this shared machine hits both alike;
+the figures are the medians of the rounds. Each round runs the two back to back, so the ratio and
+the added p50 are worked out round by round (paired), and their medians reported: a neighbour
+slowing the whole machine for a while moves both sides of a round alike. The main load is
+`--connections` at once; a second pass with one connection shows what the hop costs a lone request,
+with no queueing in it. Only 2xx/3xx answers count as throughput; a run with any error answer or
+socket error (either side) does not meet the target. Prints one JSON object as its last line.
 
-    .venv/bin/python benchmarks/throughput.py [--seconds 3] [--rounds 7] [--connections 32]
+    .venv/bin/python benchmarks/throughput.py [--seconds 3] [--rounds 7] [--connections 32] [--cores N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _platform import free_port, running_platform
+from _platform import RunningPlatform, free_port, running_platform
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO, TARGET_ADDED_P50_MS = 0.6, 0.5
@@ -71,6 +76,7 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
     # wrk's Requests/sec counts every answer, errors too: only good answers are throughput.
     good_per_s = float(rps.group(1)) * (answered - bad) / answered if answered else 0.0
     return {
+        "requests": float(answered - bad),
         "requests_per_s": round(good_per_s, 2),
         "p50_ms": ms("50%"),
         "p99_ms": ms("99%"),
@@ -88,53 +94,160 @@ def median_of(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in results), 3) for k in results[0]}
 
 
+def serve_directly(platform: RunningPlatform, port: int, workers: int) -> subprocess.Popen[bytes]:
+    """uvicorn with `workers` processes, serving the image osless built (its own two layers)."""
+    stored = (platform.data_dir / "images" / "manifests").glob("*.json")
+    manifest = next(json.loads(p.read_text()) for p in stored)
+    layers = platform.data_dir / "images" / "layers"
+    script = (
+        f"import sys; sys.path[:0] = [{str(layers / manifest['layers']['code'])!r}, "
+        f"{str(layers / manifest['layers']['deps'])!r}]\n"
+        "import uvicorn\n"
+        f"uvicorn.run('app:web', factory=True, workers={workers}, host='127.0.0.1', port={port}, "
+        "log_level='warning', loop='uvloop', http='httptools', access_log=False)\n"
+    )
+    return subprocess.Popen([sys.executable, "-s", "-c", script])
+
+
+def wait_ready(platform: RunningPlatform, instances: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = httpx.get(
+            f"http://127.0.0.1:{platform.api_port}/v1/instances",
+            params={"app": "hello"},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=10,
+        ).json()["items"]
+        if sum(i["status"]["phase"] == "ready" for i in listed) >= instances:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"hello never had {instances} ready instances")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, read from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(
+    platform: RunningPlatform, direct: subprocess.Popen[bytes]
+) -> dict[str, dict[str, list[int]]]:
+    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes and instances."""
+    gateways = [
+        pid
+        for pid in descendants(platform.proc.pid)
+        if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    instances = [
+        int(i["status"]["pid"])
+        for i in httpx.get(
+            f"http://127.0.0.1:{platform.api_port}/v1/instances",
+            params={"app": "hello"},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=10,
+        ).json()["items"]
+        if i["status"].get("pid")
+    ]
+    return {
+        "direct": {"uvicorn": [direct.pid, *descendants(direct.pid)]},
+        "osless": {"gateway": gateways, "instances": instances},
+    }
+
+
+def measured(url: str, seconds: int, connections: int, groups: dict[str, list[int]]) -> dict[str, float]:
+    """A wrk run, with the CPU each group of processes spent per good answer (microseconds)."""
+    before = {name: cpu_s(pids) for name, pids in groups.items()}
+    result = wrk(url, seconds, connections)
+    for name, pids in groups.items():
+        spent = cpu_s(pids) - before[name]
+        result[f"{name}_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
+    return result
+
+
+def compare(
+    processes: int, args: argparse.Namespace, lone: bool
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
+    """Rounds of wrk against uvicorn with `processes` workers and against osless with `processes`
+    gateway processes and instances, paired round by round; with `lone`, a one-connection pass too."""
+    direct_port = free_port()
+    direct = None
+    runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
+    lone_runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
+    with running_platform(f"osless-bench-tp{processes}-", "--gateways", str(processes)) as platform:
+        try:
+            platform.osless("deploy", str(ROOT / "examples" / "hello"))
+            platform.osless("scale", "hello", "--min", str(processes), "--max", str(processes))
+            direct = serve_directly(platform, direct_port, processes)
+            wait_ok(f"http://127.0.0.1:{direct_port}/")
+            wait_ready(platform, processes)
+            wait_ok(f"{platform.gateway}/hello/")
+            urls = {"direct": f"http://127.0.0.1:{direct_port}/", "osless": f"{platform.gateway}/hello/"}
+            for url in urls.values():
+                wrk(url, 1, args.connections)  # warm up
+            groups = server_processes(platform, direct)
+            for _ in range(args.rounds):
+                for name, url in urls.items():
+                    runs[name].append(measured(url, args.seconds, args.connections, groups[name]))
+                if lone:
+                    for name, url in urls.items():
+                        lone_runs[name].append(wrk(url, 1, 1))
+        finally:
+            if direct is not None:
+                direct.send_signal(signal.SIGTERM)
+                direct.wait(30)
+    return runs, lone_runs
+
+
+def ratios(runs: dict[str, list[dict[str, float]]]) -> list[float]:
+    pairs = zip(runs["direct"], runs["osless"], strict=True)
+    return [
+        round(o["requests_per_s"] / d["requests_per_s"], 3) if d["requests_per_s"] else 0.0 for d, o in pairs
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=3, help="of each wrk run")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--cores", type=int, default=len(os.sched_getaffinity(0)), help="workers and gateway processes"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
-    direct_port = free_port()
-    direct = None
-    with running_platform("osless-bench-tp-") as platform:
-        try:
-            platform.osless("deploy", str(ROOT / "examples" / "hello"))
-            platform.osless("scale", "hello", "--min", "1", "--max", "1")
-            stored = (platform.data_dir / "images" / "manifests").glob("*.json")
-            manifest = next(json.loads(p.read_text()) for p in stored)
-            layers = platform.data_dir / "images" / "layers"
-            script = (
-                f"import sys; sys.path[:0] = [{str(layers / manifest['layers']['code'])!r}, "
-                f"{str(layers / manifest['layers']['deps'])!r}]\n"
-                "import uvicorn, app\n"
-                f"uvicorn.run(app.web(), host='127.0.0.1', port={direct_port}, log_level='warning', "
-                "loop='uvloop', http='httptools', access_log=False)\n"
-            )
-            direct = subprocess.Popen([sys.executable, "-s", "-c", script])
-            wait_ok(f"http://127.0.0.1:{direct_port}/")
-            wait_ok(f"{platform.gateway}/hello/")
-            urls = {"direct": f"http://127.0.0.1:{direct_port}/", "osless": f"{platform.gateway}/hello/"}
-            for url in urls.values():
-                wrk(url, 1, args.connections)  # warm up
-            runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
-            lone: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
-            for _ in range(args.rounds):
-                for name, url in urls.items():
-                    runs[name].append(wrk(url, args.seconds, args.connections))
-                for name, url in urls.items():
-                    lone[name].append(wrk(url, 1, 1))
-        finally:
-            if direct is not None:
-                direct.send_signal(signal.SIGTERM)
-                direct.wait(30)
+    runs, lone = compare(1, args, lone=True)
+    multi, _ = compare(args.cores, args, lone=False)
+
     base, osless = median_of(runs["direct"]), median_of(runs["osless"])
     lone_base, lone_osless = median_of(lone["direct"]), median_of(lone["osless"])
     pairs = list(zip(runs["direct"], runs["osless"], strict=True))
-    round_ratios = [
-        round(o["requests_per_s"] / d["requests_per_s"], 3) if d["requests_per_s"] else 0.0 for d, o in pairs
-    ]
+    round_ratios = ratios(runs)
     round_added = [round(o["p50_ms"] - d["p50_ms"], 3) for d, o in pairs]
     lone_added = [
         round(o["p50_ms"] - d["p50_ms"], 3) for d, o in zip(lone["direct"], lone["osless"], strict=True)
@@ -143,6 +256,10 @@ def main() -> None:
     failed = {name: failures(runs[name]) + failures(lone[name]) for name in runs}
     clean = not any(failed.values())
     meets_ratio, meets_added = clean and ratio >= TARGET_RATIO, clean and added <= TARGET_ADDED_P50_MS
+    multi_ratios = ratios(multi)
+    multi_ratio = statistics.median(multi_ratios)
+    multi_failed = {name: failures(multi[name]) for name in multi}
+    meets_multi = not any(multi_failed.values()) and multi_ratio >= TARGET_RATIO
     print(
         json.dumps(
             {
@@ -166,11 +283,22 @@ def main() -> None:
                     "osless_p50_ms": lone_osless["p50_ms"],
                     "added_p50_ms": round(statistics.median(lone_added), 3),
                 },
+                "multi_core": {
+                    "what": f"uvicorn with {args.cores} workers vs {args.cores} gateway processes "
+                    f"and {args.cores} instances",
+                    "cores": args.cores,
+                    "direct_uvicorn": median_of(multi["direct"]),
+                    "through_osless": median_of(multi["osless"]),
+                    "ratio_requests_per_s": round(multi_ratio, 3),
+                    "ratio_per_round": multi_ratios,
+                    "failed_requests": multi_failed,
+                    "meets_ratio": meets_multi,
+                },
                 "targets": {"ratio": TARGET_RATIO, "added_p50_ms": TARGET_ADDED_P50_MS},
                 "failed_requests": failed,
                 "meets_ratio": meets_ratio,
                 "meets_added_p50": meets_added,
-                "target_met": meets_ratio and meets_added,
+                "target_met": meets_ratio and meets_added and meets_multi,
             }
         )
     )

@@ -1,7 +1,8 @@
-"""`osless up`: every part of the platform in one process, on one machine, with state in SQLite.
+"""`osless up`: every part of the platform on one machine, with state in SQLite.
 
-The API serves the store; the scheduler, the node agent and the gateway are its clients over HTTP,
-with the admin token, exactly as they would be from other machines.
+The API serves the store; the scheduler, the node agent and the gateway processes are its clients
+over HTTP, with the node token, exactly as they would be from other machines. The gateway runs in
+processes of its own (`gateway.pool`), one per core; the rest share this process's loop.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from osless.build.egress import BuildEgress, index_hosts
 from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
 from osless.controllers import Autoscaler, Scheduler
-from osless.gateway import Gateway, Router
+from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, doctor, run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
@@ -50,6 +51,7 @@ class UpConfig:
     api_port: int = 7070
     http_port: int = 8080
     host: str = "127.0.0.1"
+    gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
     node_name: str = field(default_factory=lambda: default_node_name())
     max_upload_mb: int = 100
     save_credentials: bool = True
@@ -201,8 +203,14 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         )
     )
     client = AsyncApi(cfg.api_url, node_token)  # the parts act as this node, not as the admin
-    router = Router(client)
-    gateway = Gateway(router, client)
+    gateways = GatewayPool(
+        api_url=cfg.api_url,
+        token=node_token,
+        node=cfg.node_name,
+        host=cfg.host,
+        port=cfg.http_port,
+        count=cfg.gateways,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -213,7 +221,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     parts: list[asyncio.Task[None]] = []
     try:
         try:
-            await gateway.listen(cfg.host, cfg.http_port)
+            gateways.reserve()
         except OSError as e:
             raise SystemExit(
                 f"could not listen on {cfg.host}:{cfg.http_port}: {e.strerror or e} "
@@ -228,7 +236,10 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
                     f"could not listen on {cfg.host}:{cfg.api_port} (port in use? pass --api-port)"
                 )
             await asyncio.sleep(0.01)
-        await router.start()
+        try:
+            await gateways.start()
+        except RuntimeError as e:
+            raise SystemExit(f"the gateway could not start: {e}") from None
         agent = NodeAgent(
             client,
             name=cfg.node_name,
@@ -241,7 +252,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         parts = [
             asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
             asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
-            asyncio.create_task(gateway.traffic.report(client, cfg.node_name), name="the gateway's reports"),
+            asyncio.create_task(gateways.run(), name="the gateway processes"),
             asyncio.create_task(agent.run(), name="the node agent"),
             asyncio.create_task(state.collector.run(), name="the collector"),
         ]
@@ -268,8 +279,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         for t in parts:
             t.cancel()
         await asyncio.gather(*parts, return_exceptions=True)
-        await router.close()
-        await gateway.aclose()
+        await gateways.stop()
         api_server.should_exit = True
         await asyncio.gather(*servers, return_exceptions=True)
         await client.aclose()

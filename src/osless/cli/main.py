@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
+MAX_GATEWAYS = 256
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -37,6 +38,12 @@ def up(
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
     http_port: Annotated[int, typer.Option(help="Port of the gateway (apps' web traffic).")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    gateways: Annotated[
+        int | None,
+        typer.Option(
+            help="Gateway processes sharing the HTTP port (default: one per core).", show_default=False
+        ),
+    ] = None,
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
@@ -70,17 +77,23 @@ def up(
         allowed = parse_networks(egress_allow or [])
     except ValueError as e:
         fail(str(e))
+    if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
+        fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
     if node_name:
         cfg.node_name = node_name
+    if gateways is not None:
+        cfg.gateways = gateways
     cfg.secret_key_file = secret_key_file
     cfg.egress_allow = allowed
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
         console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
-        console.print(f"  Gateway: {gateway_url}")
+        console.print(
+            f"  Gateway: {gateway_url}   ({cfg.gateways} process{'es' if cfg.gateways > 1 else ''})"
+        )
         if allowed:
             console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
         console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")

@@ -8,8 +8,9 @@ Routing, limits and the activator live here, one coroutine per request; the byte
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httptools
@@ -63,8 +64,14 @@ TimeoutsOf = Callable[[dict[str, Any]], Timeouts | None]
 class Gateway:
     """The gateway port: `listen()` serves it; `handle` is each request's coroutine."""
 
-    def __init__(self, router: Router, api: AsyncApi, *, base_domain: str = "localhost") -> None:
+    def __init__(
+        self, router: Router, api: AsyncApi, *, name: str = "gateway", base_domain: str = "localhost"
+    ) -> None:
         self.router = router
+        self.name = name
+        # Which of the node's gateway processes answered (the kernel picks one per connection); the
+        # process's own name (gw-<k>), not the node's, which is no business of the internet's.
+        self._health_headers = [*JSON, (b"x-osless-gateway", name.encode("ascii"))]
         self.api_url = api.base_url
         self.base_domain = base_domain
         # Authorization header -> (False if refused, else the app it is limited to or None; until)
@@ -72,16 +79,17 @@ class Gateway:
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
         self.traffic = Traffic()
         self.connections: set[ClientConnection] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host_suffix = "." + base_domain
         self._host_dots = base_domain.count(".") + 1
         self._hosts: dict[bytes, str] = {}  # Host header -> the app it names ("" for none)
 
-    async def listen(self, host: str, port: int) -> asyncio.Server:
+    async def listen(self, sockets: Sequence[socket.socket]) -> None:
+        """Serve on bound sockets (one per address of the host); they listen from here on."""
         self._loop = loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._connection, host, port, backlog=2048)
-        return self._server
+        for sock in sockets:
+            self._servers.append(await loop.create_server(self._connection, sock=sock, backlog=2048))
 
     def _connection(self) -> ClientConnection:
         assert self._loop is not None
@@ -162,7 +170,7 @@ class Gateway:
         if what == "web":
             await self._web(conn, req, app, target, prefix)
         elif what == "health":
-            conn.respond(200, b'{"ok": true}', JSON)
+            conn.respond(200, b'{"ok": true}', self._health_headers)
         elif what == "function":
             await self._function(conn, req, target)
         elif what == "internal":
@@ -344,8 +352,8 @@ class Gateway:
         return scope is not False and (scope is None or scope == app)
 
     async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for conn in list(self.connections):
             conn.transport.close()
         await self._auth_client.aclose()

@@ -83,6 +83,11 @@ class Router:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
 
+    async def synced(self) -> None:
+        """Returns once both watches have listed what exists: the table is whole."""
+        await self.apps.synced.wait()
+        await self.instances.synced.wait()
+
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()

@@ -1,0 +1,129 @@
+"""One gateway process (`python -m osless.gateway`), as `osless up` starts one per core (`gateway.pool`).
+
+It serves the HTTP port on a socket of its own, bound by `osless up` with `SO_REUSEPORT` and
+passed in as a file descriptor: the kernel spreads the port's connections over the processes. It
+has its own routing table, fed by the API's watches like any client's, and reports its traffic
+under its own name (`<node>.gw-<k>`), so the API's sum over gateways stays the node's. It meets
+the rest of the platform over HTTP only.
+
+The node token comes on the control socket (an inherited descriptor), never in argv or the
+environment, which other tools read and print; `ready` goes back on it once the routing table is
+synced and the socket listens. The process dies with `osless up`: `PR_SET_PDEATHSIG`, and EOF on
+the control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import logging
+import os
+import signal
+import socket
+
+from osless.client import AsyncApi
+from osless.gateway.proxy import Gateway
+from osless.gateway.router import Router
+
+__all__ = ["READY", "main", "serve"]
+
+log = logging.getLogger("osless.gateway")
+
+READY = b"ready\n"
+MAX_TOKEN_BYTES = 4096
+SYNC_TIMEOUT_S = 30.0  # a routing table that cannot be read by then: exit, and `osless up` tries again
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when `osless up` dies, however it dies; at once if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        raise SystemExit("osless up is gone")
+
+
+def _read_token(control: socket.socket) -> str:
+    """The first line on the control socket: the token to act with (bounded; nothing else waits)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = control.recv(MAX_TOKEN_BYTES + 1 - len(data))
+        if not chunk or len(data) + len(chunk) > MAX_TOKEN_BYTES:
+            raise SystemExit("no token on the control socket")
+        data += chunk
+    return data.decode("ascii").strip()
+
+
+async def serve(
+    api_url: str, token: str, node: str, name: str, listeners: list[socket.socket], control: socket.socket
+) -> None:
+    """Serve the port until SIGTERM or `osless up` goes (EOF on `control`)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    api = AsyncApi(api_url, token)
+    router = Router(api)
+    gateway = Gateway(router, api, name=name)
+    control.setblocking(False)
+    tasks: list[asyncio.Task[object]] = []
+    try:
+        await router.start()
+        try:
+            await asyncio.wait_for(router.synced(), SYNC_TIMEOUT_S)
+        except TimeoutError:
+            raise SystemExit(f"{name}: could not read the routing table from {api_url}") from None
+        # What start-up built lives as long as the process: out of the collector's way, so that a
+        # collection triggered by requests does not walk it each time.
+        gc.freeze()
+        # Listening only now: until then the kernel gives this process's share to the others.
+        await gateway.listen(listeners)
+        await loop.sock_sendall(control, READY)
+        tasks = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(loop.sock_recv(control, 1)),  # b"": osless up is gone
+            asyncio.create_task(gateway.traffic.report(api, f"{node}.{name}")),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await gateway.aclose()
+        await router.close()
+        await api.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m osless.gateway", description=__doc__.split("\n")[0])
+    parser.add_argument("--api", required=True, help="the API's URL")
+    parser.add_argument("--node", required=True, help="the node's name")
+    parser.add_argument(
+        "--name", required=True, help="this process's, gw-<k>: its traffic is <node>.gw-<k>'s"
+    )
+    parser.add_argument("--parent", type=int, required=True, help="the pid of osless up")
+    parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
+    parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent)
+    # Ctrl-C in a terminal reaches the whole process group: `osless up` decides, and says SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s %(levelname)s %(name)s[{args.name}]: %(message)s"
+    )
+    control = socket.socket(fileno=args.control_fd)
+    token = _read_token(control)
+    listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
+    main_ = serve(args.api, token, args.node, args.name, listeners, control)
+    try:
+        import uvloop  # the faster loop, as `osless up` runs on
+    except ImportError:
+        asyncio.run(main_)
+    else:
+        uvloop.run(main_)
