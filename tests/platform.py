@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -216,3 +217,74 @@ class Platform:
 def copy_app(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+@dataclass
+class Node:
+    """A second machine's node on this one: `osless node join` against a running `Platform`, with a
+    node token made through the API, a data dir and a gateway port of its own."""
+
+    platform: Platform
+    name: str
+    data_dir: Path
+    http_port: int = field(default_factory=free_port)
+    args: list[str] = field(default_factory=list)  # more `osless node join` options
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 30.0) -> Node:
+        made = self.platform.cli_json("tokens", "create", "--role", "node", "--name", f"node:{self.name}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir.parent / f"node-{self.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                self.platform.osless,
+                "node",
+                "join",
+                "--api",
+                self.platform.api,
+                "--name",
+                self.name,
+                "--data-dir",
+                str(self.data_dir),
+                "--http-port",
+                str(self.http_port),
+                "--gateways",
+                "1",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OSLESS_NODE_TOKEN": made["token"]},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"node {self.name} exited with {self.proc.returncode}: {self.output()[-2000:]}"
+                )
+            nodes = self.platform.http("GET", "/v1/nodes").json()["items"]
+            if any(n["name"] == self.name for n in nodes):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.gateway}/_health", timeout=1).status_code == 200:
+                        return self
+            time.sleep(0.05)
+        raise RuntimeError(f"node {self.name} did not join in {timeout}s: {self.output()[-2000:]}")
+
+    def output(self) -> str:
+        p = self.data_dir.parent / f"node-{self.name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

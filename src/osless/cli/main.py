@@ -16,6 +16,7 @@ from rich.text import Text
 from osless.cli.audit import audit
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.output import console, fail, print_json, table, when
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -28,7 +29,6 @@ app = typer.Typer(
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
-MAX_GATEWAYS = 256
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -223,6 +223,7 @@ apps_app = typer.Typer(help="List apps, or show one.")
 app.add_typer(apps_app, name="apps")
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(node_app, name="node")
 app.command("audit")(audit)
 
 

@@ -16,7 +16,7 @@ tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: roles, scopes, 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ROLES_HELP = (
     "admin (everything), deploy (deploy, roll back, scale, config, and read), read (read only), "
-    "debug (read and app logs), invoke (call functions)"
+    "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`)"
 )
 
 

@@ -1,8 +1,9 @@
 """`osless up`: every part of the platform on one machine, with state in SQLite.
 
-The API serves the store; the scheduler, the node agent and the gateway processes are its clients
-over HTTP, with the node token, exactly as they would be from other machines. The gateway runs in
-processes of its own (`gateway.pool`), one per core; the rest share this process's loop.
+The API serves the store; the scheduler and this machine's node (`server.node.NodeHost`: the agent
+and the gateway processes) are its clients over HTTP, with the node token, exactly as they would be
+from other machines. The gateway runs in processes of its own (`gateway.pool`), one per core; the
+rest share this process's loop.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import gc
 import json
 import logging
 import os
-import re
 import signal
-import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,11 @@ from osless.build.egress import BuildEgress, index_hosts
 from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
 from osless.controllers import Autoscaler, Scheduler
-from osless.gateway.pool import GatewayPool, default_count
-from osless.node import NodeAgent, doctor, run_dir_for
+from osless.gateway.pool import default_count
+from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
+from osless.server.node import NodeConfig, NodeHost, default_node_name, host_protections, private_dir
 from osless.store import SQLiteStore
 
 __all__ = ["UpConfig", "run", "save_credentials"]
@@ -68,11 +68,6 @@ class UpConfig:
     @property
     def gateway_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
-
-
-def default_node_name() -> str:
-    """The host name, made fit for a node name (lowercase letters, digits, '.' and '-')."""
-    return re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:80] or "node"
 
 
 def save_credentials(api: str, token: str, gateway: str) -> Path:
@@ -129,9 +124,7 @@ def _private(data_dir: Path) -> None:
     Image layers stay readable by all inside (their own modes, set when sealed): sandboxes bind each
     one at its own path as an unprivileged uid, which never needs to cross the data dir.
     """
-    os.umask(0o077)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
+    private_dir(data_dir)
     for name in ("state.db", "state.db-wal", "state.db-shm", "admin-token", "secret.key"):
         with contextlib.suppress(FileNotFoundError):
             (data_dir / name).chmod(0o600)
@@ -157,18 +150,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     token = await _admin_token(resources, data_dir)
     images = ImageStore(data_dir / "images")
     images.clean_tmp()
-    protections = doctor.check()
-    missing = {p.name: p.detail for p in protections if not p.ok}
-    for name, detail in missing.items():
-        log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
-    sandboxed = cfg.sandbox and not any(name in missing for name in doctor.REQUIRED)
-    if not sandboxed:
-        log.warning(
-            "APPS RUN WITHOUT A SANDBOX, their builds included: %s",
-            "turned off by --no-sandbox"
-            if not cfg.sandbox
-            else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
-        )
+    sandboxed, protections = host_protections(cfg.sandbox)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
     # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
@@ -202,14 +184,21 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
         )
     )
-    client = AsyncApi(cfg.api_url, node_token)  # the parts act as this node, not as the admin
-    gateways = GatewayPool(
-        api_url=cfg.api_url,
-        token=node_token,
-        node=cfg.node_name,
-        host=cfg.host,
-        port=cfg.http_port,
-        count=cfg.gateways,
+    client = AsyncApi(cfg.api_url, node_token)  # the controllers act as this node, not as the admin
+    node = NodeHost(
+        NodeConfig(
+            api_url=cfg.api_url,
+            token=node_token,
+            data_dir=data_dir,
+            name=cfg.node_name,
+            host=cfg.host,
+            http_port=cfg.http_port,
+            gateways=cfg.gateways,
+            sandbox=cfg.sandbox,
+            egress_allow=cfg.egress_allow,
+        ),
+        sandboxed=sandboxed,
+        protections=protections,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -220,13 +209,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
     failed = False
     parts: list[asyncio.Task[None]] = []
     try:
-        try:
-            gateways.reserve()
-        except OSError as e:
-            raise SystemExit(
-                f"could not listen on {cfg.host}:{cfg.http_port}: {e.strerror or e} "
-                "(port in use? pass --http-port)"
-            ) from None
+        node.reserve()
         while not api_server.started:
             if any(t.done() for t in servers):
                 for t in servers:
@@ -236,31 +219,18 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
                     f"could not listen on {cfg.host}:{cfg.api_port} (port in use? pass --api-port)"
                 )
             await asyncio.sleep(0.01)
-        try:
-            await gateways.start()
-        except RuntimeError as e:
-            raise SystemExit(f"the gateway could not start: {e}") from None
-        agent = NodeAgent(
-            client,
-            name=cfg.node_name,
-            data_dir=data_dir,
-            gateway=(cfg.host, cfg.http_port),
-            sandbox=sandboxed,
-            protections=protections,
-            egress_allow=cfg.egress_allow,
-        )
-        parts = [
+        # Saved once the API answers, before the gateway does: whoever sees the gateway up finds them.
+        if cfg.save_credentials:
+            save_credentials(cfg.api_url, token, cfg.gateway_url)
+        parts = await node.start()
+        parts += [
             asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
             asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
-            asyncio.create_task(gateways.run(), name="the gateway processes"),
-            asyncio.create_task(agent.run(), name="the node agent"),
             asyncio.create_task(state.collector.run(), name="the collector"),
         ]
         # What start-up built lives as long as the process: out of the collector's way, so that a
         # collection triggered by requests does not walk it each time.
         gc.freeze()
-        if cfg.save_credentials:
-            save_credentials(cfg.api_url, token, cfg.gateway_url)
         if on_ready:
             on_ready(cfg.api_url, cfg.gateway_url, token)
         waiter = asyncio.create_task(stop.wait())
@@ -279,7 +249,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         for t in parts:
             t.cancel()
         await asyncio.gather(*parts, return_exceptions=True)
-        await gateways.stop()
+        await node.stop()
         api_server.should_exit = True
         await asyncio.gather(*servers, return_exceptions=True)
         await client.aclose()

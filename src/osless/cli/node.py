@@ -1,0 +1,100 @@
+"""`osless node join`: make this machine a node of a platform whose API runs elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from osless.cli.output import console, fail
+
+node_app = typer.Typer(no_args_is_help=True, help="This machine as a node: its agent and gateway.")
+
+MAX_GATEWAYS = 256
+
+
+@node_app.command("join")
+def join(
+    api: Annotated[str, typer.Option(help="The API's URL, e.g. http://10.0.0.1:7070.")],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="OSLESS_NODE_TOKEN",
+            help="A node token (`osless tokens create --role node --name NODE`); "
+            "or set OSLESS_NODE_TOKEN, which `ps` does not show.",
+        ),
+    ],
+    name: Annotated[str | None, typer.Option(help="This node's name (default: the host name).")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The node's own folder: logs, run dir, volumes (default: ~/.local/share/osless-node)."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address the gateway listens on, and other parts reach.")
+    ] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="Port of this node's gateway.")] = 8080,
+    gateways: Annotated[
+        int | None,
+        typer.Option(
+            help="Gateway processes sharing the HTTP port (default: one per core).", show_default=False
+        ),
+    ] = None,
+    sandbox: Annotated[
+        bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
+    ] = True,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CIDR", help="Let apps reach this internal range when they list it (repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """Run this machine's node agent and gateway against the API at --api, until stopped."""
+    import asyncio
+    import contextlib
+    import logging
+
+    from osless.node.egress_rules import parse_networks
+    from osless.server.node import NodeConfig, default_node_name, run_node
+
+    try:
+        allowed = parse_networks(egress_allow or [])
+    except ValueError as e:
+        fail(str(e))
+    if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
+        fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
+    if not token.strip():
+        fail("--token is empty: give a node token (`osless tokens create --role node --name NODE`)")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = NodeConfig(
+        api_url=api.rstrip("/"),
+        token=token.strip(),
+        data_dir=(
+            data_dir or Path(os.environ.get("OSLESS_NODE_DIR") or Path.home() / ".local/share/osless-node")
+        )
+        .expanduser()
+        .resolve(),
+        name=name or default_node_name(),
+        host=host,
+        http_port=http_port,
+        sandbox=sandbox,
+        egress_allow=allowed,
+    )
+    if gateways is not None:
+        cfg.gateways = gateways
+
+    def ready(c: NodeConfig) -> None:
+        console.print(f"[bold green]node {c.name} joined[/] {c.api_url}  data: {c.data_dir}")
+        console.print(f"  Gateway: {c.gateway_url}   ({c.gateways} process{'es' if c.gateways > 1 else ''})")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            import uvloop
+
+            uvloop.run(run_node(cfg, on_ready=ready))
+        except ImportError:
+            asyncio.run(run_node(cfg, on_ready=ready))

@@ -1,0 +1,178 @@
+"""A node: the machine's node agent and its gateway processes, reaching the API over HTTP only.
+
+`osless up` runs one in its own loop, next to the API; `osless node join --api URL --token T` runs one
+alone, on any machine that can reach the API. The node's own folder (its logs, its sandboxes' run
+dir, its volumes) is its data dir: never the API's, even when both are on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from osless.client import ApiError, AsyncApi
+from osless.gateway.pool import GatewayPool, default_count
+from osless.node import NodeAgent, doctor
+from osless.node.doctor import Protection
+from osless.node.egress_rules import Network
+
+__all__ = ["NodeConfig", "NodeHost", "default_node_name", "host_protections", "private_dir", "run_node"]
+
+log = logging.getLogger("osless")
+
+
+def default_node_name() -> str:
+    """The host name, made fit for a node name (lowercase letters, digits, '.' and '-')."""
+    return re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:80] or "node"
+
+
+def private_dir(path: Path) -> None:
+    """Nothing the platform writes is for other local users: the umask covers every file and folder
+    made from here on (sandboxes set their own, for the roots they build), and the folder itself is
+    made 0700."""
+    os.umask(0o077)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def host_protections(sandbox: bool) -> tuple[bool, list[Protection]]:
+    """Whether apps (and builds) run sandboxed here, and what the host gives; what is missing is
+    said loudly, never silently."""
+    protections = doctor.check()
+    missing = {p.name: p.detail for p in protections if not p.ok}
+    for name, detail in missing.items():
+        log.warning("PROTECTION MISSING on this host: %s (%s)", name, detail)
+    sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
+    if not sandboxed:
+        log.warning(
+            "APPS RUN WITHOUT A SANDBOX, their builds included: %s",
+            "turned off by --no-sandbox"
+            if not sandbox
+            else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),
+        )
+    return sandboxed, protections
+
+
+@dataclass
+class NodeConfig:
+    api_url: str
+    token: str  # a node token: `osless tokens create --role node --name NAME`
+    data_dir: Path
+    name: str = field(default_factory=default_node_name)
+    host: str = "127.0.0.1"  # where this node's gateway listens, and where other parts reach it
+    http_port: int = 8080
+    gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
+    sandbox: bool = True
+    # Internal ranges apps may reach when they list them (`--egress-allow`).
+    egress_allow: list[Network] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+class NodeHost:
+    """The node's parts, started in order: the gateway port reserved, the gateway processes up (they
+    read their routing table first), then the agent."""
+
+    def __init__(self, cfg: NodeConfig, *, sandboxed: bool, protections: list[Protection]) -> None:
+        self.cfg = cfg
+        self.api = AsyncApi(cfg.api_url, cfg.token)  # the parts act as this node
+        self.gateways = GatewayPool(
+            api_url=cfg.api_url,
+            token=cfg.token,
+            node=cfg.name,
+            host=cfg.host,
+            port=cfg.http_port,
+            count=cfg.gateways,
+        )
+        self.agent = NodeAgent(
+            self.api,
+            name=cfg.name,
+            data_dir=cfg.data_dir,
+            gateway=(cfg.host, cfg.http_port),
+            sandbox=sandboxed,
+            protections=protections,
+            egress_allow=cfg.egress_allow,
+        )
+
+    def reserve(self) -> None:
+        """Hold the gateway's port now: a taken port is this node's error, said before anything runs."""
+        try:
+            self.gateways.reserve()
+        except OSError as e:
+            raise SystemExit(
+                f"could not listen on {self.cfg.host}:{self.cfg.http_port}: {e.strerror or e} "
+                "(port in use? pass --http-port)"
+            ) from None
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        """The gateway processes started (the API must answer by now); the running parts as tasks."""
+        try:
+            await self.gateways.start()
+        except RuntimeError as e:
+            raise SystemExit(f"the gateway could not start: {e}") from None
+        return [
+            asyncio.create_task(self.gateways.run(), name="the gateway processes"),
+            asyncio.create_task(self.agent.run(), name="the node agent"),
+        ]
+
+    async def stop(self) -> None:
+        await self.gateways.stop()
+        await self.api.aclose()
+
+
+async def run_node(cfg: NodeConfig, on_ready: Callable[[NodeConfig], None] | None = None) -> None:
+    """`osless node join`: this machine's node, until SIGINT/SIGTERM or a part fails."""
+    private_dir(cfg.data_dir)
+    probe = AsyncApi(cfg.api_url, cfg.token)
+    try:
+        me = await probe.get("/v1/whoami")
+    except ApiError as e:
+        if e.status == 0:  # not an answer: unreachable, or no answer in time
+            raise SystemExit(f"the API does not answer: {e.message}") from None
+        raise SystemExit(f"the API at {cfg.api_url} refused this node's token: {e.message}") from None
+    finally:
+        await probe.aclose()
+    if me.get("role") != "node":
+        raise SystemExit(
+            f"the token given is a {me.get('role')!r} token, not a node's: make one with "
+            "`osless tokens create --role node --name NODE` on a machine that reaches the API"
+        )
+    sandboxed, protections = host_protections(cfg.sandbox)
+    host = NodeHost(cfg, sandboxed=sandboxed, protections=protections)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host.reserve()
+    parts: list[asyncio.Task[None]] = []
+    failed = False
+    try:
+        parts = await host.start()
+        if on_ready:
+            on_ready(cfg)
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, *parts], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        for task in parts:
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                log.error("%s stopped: %r", task.get_name(), error, exc_info=error)
+                failed = True
+    finally:
+        for t in parts:
+            t.cancel()
+        await asyncio.gather(*parts, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await host.stop()
+    if failed:
+        raise SystemExit("the node stopped because a part of it failed (see the error above)")
