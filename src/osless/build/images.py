@@ -380,20 +380,37 @@ def seal_contents(top: Path) -> None:
 
     Never follows a link the build left: each file and folder is opened with O_NOFOLLOW and changed
     through its descriptor, links are changed themselves, and anything else (fifos, sockets) goes.
+    So do links leading out of the layer (absolute, or up past its top): a node unpacking the layer's
+    archive accepts links inside it only (`node.images`), so what runs is the same on every node.
     Owner first, then mode: the kernel clears set-id bits and file capabilities on a change of owner.
     """
     uid, gid = os.geteuid(), os.getegid()
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+    real_top = os.path.realpath(top)
+    for dirpath, dirnames, filenames in os.walk(real_top, topdown=False):
         for name in (*filenames, *dirnames):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
+                if _leads_out(real_top, dirpath, os.readlink(path)):
+                    os.unlink(path)
+                    continue
                 os.chown(path, uid, gid, follow_symlinks=False)
             elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 _take(path, stat.S_ISDIR(st.st_mode), uid, gid, seal=True)
             else:
                 os.unlink(path)
     _take(str(top), True, uid, gid, seal=False)  # writable until renamed into place (see add_layer)
+
+
+def _leads_out(top: str, folder: str, target: str) -> bool:
+    """Whether a link in `folder` to `target` points outside `top` (a real path): by its text, or
+    through the links it passes (read, never followed into a file), as tarfile's `data` filter sees it."""
+    if os.path.isabs(target):
+        return True
+    by_text = os.path.normpath(os.path.join(os.path.relpath(folder, top), target))
+    if by_text == ".." or by_text.startswith("../"):
+        return True
+    return os.path.commonpath([top, os.path.realpath(os.path.join(folder, target))]) != top
 
 
 def _take(path: str, is_dir: bool, uid: int, gid: int, *, seal: bool) -> None:
