@@ -8,10 +8,12 @@ real data dir of that release in tests/test_migrations.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import stat
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ import httpx
 import pytest
 
 from osless.build import sha256_hex
-from osless.build.images import remove_tree
+from osless.build.images import ImageStore, remove_tree
 from osless.client import AsyncApi
-from osless.node.images import NodeImages
+from osless.node.images import LayerRefused, NodeImages
 from tests.platform import EXAMPLES, Platform
 from tests.test_auth import call, make_token
 
@@ -172,3 +174,57 @@ def test_concurrent_needs_share_one_pull_and_unused_layers_are_collected(
             await api.aclose()
 
     asyncio.run(run())
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o644
+    return info, b"planted"
+
+
+def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_matches(
+    platform: Platform, tmp_path: Path
+) -> None:
+    # What a tampered image store could serve, with a manifest that names it: the digests match,
+    # the unpacking still refuses it and writes nothing outside the layer.
+    store = ImageStore(platform.data_dir / "images")
+    hostile = {
+        "a path up": _tar(_member("../../escaped")),
+        "an absolute path": _tar(_member(str(tmp_path / "escaped"))),
+        "a link out": _tar(_member("out", tarfile.SYMTYPE, "/"), _member("out" + str(tmp_path / "escaped"))),
+        "a link up": _tar(_member("up", tarfile.SYMTYPE, "../..")),
+        "a hard link": _tar(_member("hard", tarfile.LNKTYPE, "/etc/passwd")),
+        "a device": _tar(_member("dev", tarfile.CHRTYPE)),
+    }
+
+    async def run() -> None:
+        api = AsyncApi(platform.api, platform.token)
+        try:
+            images = NodeImages(api, tmp_path / "node" / "cache")
+            for what, data in hostile.items():
+                sha = sha256_hex(data)
+                store.archive_path(sha).write_bytes(data)
+                image = store.put_manifest(
+                    {
+                        "app": "hello",
+                        "layers": {"code": sha},
+                        "layer_archives": {"code": {"sha256": sha, "size": len(data)}},
+                    }
+                )
+                with pytest.raises(LayerRefused, match=f"layer {sha} cannot be unpacked"):
+                    await images.layers(image)
+                assert not list(images.layers_dir.iterdir()) and not list(images.tmp_dir.iterdir()), what
+        finally:
+            await api.aclose()
+
+    asyncio.run(run())
+    assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "node" / "escaped").exists()

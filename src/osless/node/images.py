@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Collection
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from osless.build.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode
@@ -278,6 +278,9 @@ class NodeImages:
 def _only_inside(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """tarfile's `data` filter (no absolute or `..` paths, no link leading out, no devices), and
     regular files, folders and symbolic links only: what the image store archives."""
+    parts = PurePosixPath(member.name).parts
+    if member.name.startswith("/") or ".." in parts:  # the filter would make it relative; we refuse
+        raise tarfile.FilterError(f"{member.name!r} is not a path inside the layer")
     checked = tarfile.data_filter(member, dest)
     if not (checked.isreg() or checked.isdir() or checked.issym()):
         raise tarfile.FilterError(f"{member.name!r} is not a file, folder or symbolic link")
