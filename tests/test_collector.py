@@ -22,6 +22,10 @@ def _layers(p: Platform) -> set[str]:
     return {d.name for d in (p.data_dir / "images" / "layers").iterdir()}
 
 
+def _archives(p: Platform) -> set[str]:
+    return {f.name.removesuffix(".tar") for f in (p.data_dir / "images" / "archives").iterdir()}
+
+
 def _manifests(p: Platform) -> set[str]:
     return {f.stem for f in (p.data_dir / "images" / "manifests").iterdir()}
 
@@ -71,6 +75,8 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     old = {r["manifest"]["layers"]["code"] for r in releases[:2]} | {sha256_hex(pack(broken))}
     old |= set(_manifest_on_disk(p, gone_image)["layers"].values())  # hello's code, and starlette
     assert old <= _layers(p) and len(old) == 5
+    old_archives = {a["sha256"] for r in releases[:2] for a in r["manifest"]["layer_archives"].values()}
+    assert old_archives <= _archives(p)
     locks = p.data_dir / "images" / "locks"
     assert [f.read_text() for f in locks.glob("*/*.txt")] == [_manifest_on_disk(p, gone_image)["lock"]]
     assert p.http("GET", "/v1/retention").json()["releases_per_app"] == 10  # the default
@@ -100,6 +106,9 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     assert not old & _layers(p) and not list(locks.glob("*/*.txt"))
     assert set(current["manifest"]["layers"].values()) <= _layers(p)
     assert _manifests(p) == {current["image"]}
+    # The layers' archives went with them; what nodes pull of the current image stays.
+    assert _archives(p) == {a["sha256"] for a in current["manifest"]["layer_archives"].values()}
+    assert collected["archives"] >= 2  # the code layers of keep's first two releases, at least
     live = {i["id"] for i in p.instances("keep")}
     kept_logs = {
         f.name.removesuffix(".1").removesuffix(".log") for f in (p.data_dir / "logs/apps/keep").iterdir()

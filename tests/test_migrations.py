@@ -137,6 +137,17 @@ def test_the_previous_release_s_data_dir_serves_after_the_upgrade(upgraded: Path
             p.wait_for(lambda app=app, uid=uid: ready(p, app, uid), timeout=60, what=f"{app} to run")
         listed = p.cli_json("ps")
         assert {i["app"] for i in listed if i["status"]["phase"] == "ready"} == OLD_APPS
+        # Their images carry no layer archives: the API made them on the node's first ask, and the
+        # node pulled and checked them against those (tests/test_images.py has the rest).
+        for image in {i["image"] for i in listed}:
+            manifest = json.loads((data / "images" / "manifests" / f"{image}.json").read_bytes())
+            assert "layer_archives" not in manifest
+            archives = p.http("GET", f"/v1/images/{image}/layers").json()["layers"]
+            for name, layer in manifest["layers"].items():
+                made = json.loads((data / "images" / "archived" / f"{layer}.json").read_bytes())
+                assert (
+                    made == archives[name] and (data / "node" / "images" / "layers" / made["sha256"]).is_dir()
+                )
         assert all(i["uid"] == uids[i["app"]] for i in listed)
 
         # Web and functions, config and secrets, a volume's data: all as the previous release left them.

@@ -81,8 +81,11 @@ def test_host_files_and_other_apps_are_out_of_view(platform: Platform, apps: dic
 
 
 def test_code_and_runtime_are_read_only(platform: Platform, apps: dict[str, Any]) -> None:
-    code = platform.http("GET", "/v1/apps/hostile").json()["release"]["manifest"]["layers"]["code"]
-    layer = str(platform.data_dir / "images" / "layers" / code)
+    # The layer as the node pulled it into its image cache, by its archive's sha256.
+    manifest = platform.http("GET", "/v1/apps/hostile").json()["release"]["manifest"]
+    layer = str(
+        platform.data_dir / "node" / "images" / "layers" / manifest["layer_archives"]["code"]["sha256"]
+    )
     assert call(platform, "read", {"path": layer + "/app.py"})["ok"].startswith('"""An app that tries')
     denied = {"error": "PermissionError", "errno": errno.EACCES}  # owned by a uid that does not exist inside
     read_only = {"error": "OSError", "errno": errno.EROFS}

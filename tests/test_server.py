@@ -108,13 +108,13 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
         assert httpx.get(f"{p.gateway}/hello/").status_code == 200
         data = p.data_dir
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
-        layers = data / "images" / "layers"
+        layers = {data / "images" / "layers", data / "node" / "images" / "layers"}  # the API's, the node's
         uv_caches = data / "cache" / "uv"
         seen: set[str] = set()
         layer_files = 0
         for dirpath, dirnames, filenames in os.walk(data):
             here = Path(dirpath)
-            if here.parent == layers:  # inside a layer: readable by all, for the sandboxes' uids
+            if here.parent in layers:  # inside a layer: readable by all, for the sandboxes' uids
                 for inside in [here, *here.rglob("*")]:
                     if not inside.is_symlink():
                         want = 0o005 if inside.is_dir() else 0o004
@@ -126,7 +126,7 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
                 assert stat.S_IMODE(here.stat().st_mode) == 0o700, here
                 dirnames.clear()
                 continue
-            for name in filenames + (dirnames if here != layers else []):
+            for name in filenames + (dirnames if here not in layers else []):
                 mode = os.lstat(here / name).st_mode
                 if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode):
                     continue

@@ -2,8 +2,8 @@
 
 One pass: old deploy records and their build logs; old releases (never the current one, nor one with
 instances); logs of instances long gone; then, mark and sweep, the image manifests, layers and lock
-files that no kept release names and that are older than the grace period; last, the uv caches and
-lock folders of uids no app has any more. It runs in the API's
+files that no kept release names (with the layers' archives) and that are older than the grace
+period; last, the uv caches and lock folders of uids no app has any more. It runs in the API's
 process rather than as a controller because the image store and the log folders are on the API's
 disk, and a build in flight (which only the API sees) stops the sweep until it is done.
 """
@@ -74,6 +74,7 @@ class Collection(BaseModel):
     manifests: int = 0
     layers: int = 0
     locks: int = 0
+    archives: int = 0  # of layers, which nodes pull
     bytes_freed: int = 0  # by the files deleted from the image store and the log folders
     images_deferred: bool = Field(
         default=False, description="a build was running: the image store is swept on a later pass"
@@ -146,13 +147,14 @@ class Collector:
                 busy=lambda: bool(builds),
             )
             out.manifests, out.layers, out.locks = swept.manifests, swept.layers, swept.locks
+            out.archives = swept.archives
             out.bytes_freed += swept.bytes_freed
             out.images_deferred = swept.stopped
             if not swept.stopped:
                 live_uids = await self._live_uids(retention)
                 out.bytes_freed += await asyncio.to_thread(self._per_uid_folders, live_uids, retention)
             out.seconds = round(time.time() - started, 3)
-            if out.deploys or out.releases or out.logs or out.manifests or out.layers or out.locks:
+            if any((out.deploys, out.releases, out.logs, out.manifests, out.layers, out.locks, out.archives)):
                 log.info("collected %s", out.model_dump_json())
             return out
 
@@ -283,7 +285,7 @@ class Collector:
                 live = (
                     name in instance_ids
                     or (name.startswith("zygote-") and name[len("zygote-") :] in prefixes)
-                    or (name in ("egress", "volumes") and folder.name in apps)
+                    or (name in ("egress", "volumes", "images") and folder.name in apps)
                 )
                 if not live and _mtime(path) < oldest:
                     _unlink_log(path, out, rotated=False)

@@ -220,6 +220,8 @@ class Builder:
             "entry": entry,
             "python": py,
             "layers": {"code": code.name, "deps": deps_digest},
+            # What a node pulls and checks: the image digest covers these sha256s.
+            "layer_archives": self._archives({"code": code.name, "deps": deps_digest}),
             "lock": lock,
             "functions": app["functions"],
             "web": app["web"],
@@ -241,6 +243,12 @@ class Builder:
         return BuildResult(
             image=image, manifest=manifest, deps_cached=deps_cached, seconds=time.monotonic() - started
         )
+
+    def _archives(self, layers: dict[str, str]) -> dict[str, dict[str, Any]]:
+        try:
+            return {name: self.images.layer_archive(layer).to_json() for name, layer in layers.items()}
+        except OSError as e:
+            raise BuildError(f"Could not archive the layers: {e}. Check the image store's disk.") from e
 
     def python_version(self) -> str:
         """major.minor of the target interpreter (asked once, it may not be the builder's own)."""

@@ -1,8 +1,10 @@
-"""The content-addressed image store: read-only layer directories and JSON image manifests.
+"""The content-addressed image store: read-only layer directories, their archives and JSON manifests.
 
-Layout under `root`: `layers/<hex>/`, `manifests/<hex>.json`, `locks/<uid>/<hex>.txt` (the builder's
-cache of resolved requirements), and `tmp/` where everything is built before being renamed into
-place, so a digest never names something half-written. `collect` removes what nothing keeps.
+Layout under `root`: `layers/<id>/`, `archives/<sha256>.tar` (each layer as a deterministic tar:
+what nodes pull and check), `archived/<id>.json` (a layer's archive: its sha256 and size),
+`manifests/<hex>.json`, `locks/<uid>/<hex>.txt` (the builder's cache of resolved requirements), and
+`tmp/` where everything is built before being renamed into place, so a digest never names something
+half-written. `collect` removes what nothing keeps.
 """
 
 from __future__ import annotations
@@ -16,22 +18,29 @@ import re
 import secrets
 import shutil
 import stat
+import tarfile
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
     "Collected",
     "ImageNotFoundError",
     "ImageStore",
+    "LayerArchive",
     "ManifestTooLarge",
     "canonical_json",
+    "fsync_dir",
+    "remove_tree",
+    "seal_contents",
+    "sealed_mode",
     "sha256_hex",
+    "write_archive",
 ]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -62,12 +71,24 @@ class ManifestTooLarge(ValueError):
 
 
 @dataclass(frozen=True)
+class LayerArchive:
+    """A layer as a node pulls it: the sha256 and size of its deterministic tar (`write_archive`)."""
+
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
 class Collected:
     """What one `collect` removed."""
 
     manifests: int = 0
     layers: int = 0
     locks: int = 0
+    archives: int = 0
     bytes_freed: int = 0
     stopped: bool = False  # a build started: the rest waits for the next collection
 
@@ -80,12 +101,16 @@ class ImageStore:
         self.layers_dir = self.root / "layers"
         self.manifests_dir = self.root / "manifests"
         self.locks_dir = self.root / "locks"
+        self.archives_dir = self.root / "archives"
+        self.archived_dir = self.root / "archived"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.layers_dir, self.manifests_dir, self.locks_dir, self.tmp_dir):
+        dirs = (self.layers_dir, self.manifests_dir, self.locks_dir, self.archives_dir, self.archived_dir)
+        for d in (*dirs, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         # Held while a digest is looked up or placed, and while `collect` removes one: a build
         # finds a layer whole, or not at all and makes it again.
         self._lock = threading.Lock()
+        self._archiving = threading.Lock()  # one archive of a legacy layer made at a time
 
     def layer_path(self, digest: str) -> Path:
         return self.layers_dir / _check_digest(digest)
@@ -98,7 +123,7 @@ class ImageStore:
         """Remove what builds cut off by a crash left in the scratch folder; call before any build."""
         for entry in self.tmp_dir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
-                _remove_tree(entry)
+                remove_tree(entry)
             else:
                 entry.unlink(missing_ok=True)
 
@@ -118,21 +143,69 @@ class ImageStore:
             # Contents become ours, read-only and on disk before the rename, so what appears under the
             # digest is complete even after a power loss. The top directory stays writable until after the
             # rename: moving a directory needs write access to it (for its `..` entry).
-            _seal_contents(tmp)
+            seal_contents(tmp)
+            # Archived before the layer appears: every layer made here has its archive.
+            self._archive(digest, tmp)
             try:
                 with self._lock:
                     os.rename(tmp, final)
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():
-                    _remove_tree(tmp)
+                    remove_tree(tmp)
                     return final
                 raise
-            _fsync_dir(self.layers_dir)
-            os.chmod(final, _sealed_mode(os.lstat(final).st_mode))
+            fsync_dir(self.layers_dir)
+            os.chmod(final, sealed_mode(os.lstat(final).st_mode))
             return final
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
+
+    def layer_archive(self, layer: str) -> LayerArchive:
+        """The archive of layer `layer` (an id of `layers/`), made now for a layer of the previous
+        release, which had none. Raises FileNotFoundError when there is no such layer."""
+        found = self._archived(layer)
+        if found is not None:
+            return found
+        with self._archiving:
+            found = self._archived(layer)
+            if found is not None:
+                return found
+            path = self.layer_path(layer)
+            if not path.is_dir():
+                raise FileNotFoundError(f"no layer {layer} in the image store at {self.root}")
+            return self._archive(layer, path)
+
+    def archive_path(self, sha256: str) -> Path:
+        return self.archives_dir / f"{_check_digest(sha256)}.tar"
+
+    def _archived(self, layer: str) -> LayerArchive | None:
+        try:
+            record = json.loads((self.archived_dir / f"{_check_digest(layer)}.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        found = LayerArchive(sha256=_check_digest(record["sha256"]), size=int(record["size"]))
+        # An archive collected meanwhile (its layer was, too, and made again): made again as well.
+        return found if self.archive_path(found.sha256).is_file() else None
+
+    def _archive(self, layer: str, source: Path) -> LayerArchive:
+        """Write `source`'s archive into `archives/` and record it as layer `layer`'s."""
+        fd, tmp_name = tempfile.mkstemp(prefix=f"archive-{layer[:12]}-", suffix=".tar", dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                found = write_archive(source, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o400)
+            # Equal sha256, equal bytes: one already there (another layer's, same content) is kept.
+            os.replace(tmp_name, self.archive_path(found.sha256))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        fsync_dir(self.archives_dir)
+        _write_file(self.archived_dir / f"{layer}.json", canonical_json(found.to_json()), self.tmp_dir)
+        return found
 
     @contextlib.contextmanager
     def scratch(self, prefix: str) -> Iterator[Path]:
@@ -141,7 +214,7 @@ class ImageStore:
         try:
             yield path
         finally:
-            _remove_tree(path)
+            remove_tree(path)
 
     def has_manifest(self, digest: str) -> bool:
         # No lock: a manifest appears and goes by one rename, so it is either there or not.
@@ -172,16 +245,19 @@ class ImageStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
-        _fsync_dir(self.manifests_dir)
+        fsync_dir(self.manifests_dir)
         return digest
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        """The manifest's exact bytes, the ones its digest is the sha256 of."""
+        try:
+            return self._manifest_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"no image sha256:{digest} in the image store at {self.root}") from None
 
     def get_manifest(self, digest: str) -> dict[str, Any]:
         path = self._manifest_path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageNotFoundError(f"no image sha256:{digest} in the image store at {self.root}") from None
-        manifest = json.loads(data)
+        manifest = json.loads(self.manifest_bytes(digest))
         if not isinstance(manifest, dict):
             raise ValueError(f"image manifest {path} is not a JSON object")
         return manifest
@@ -197,8 +273,9 @@ class ImageStore:
         grace_s: float,
         busy: Callable[[], bool] = lambda: False,
     ) -> Collected:
-        """Remove the manifests not in `keep_images`, the layers none of the kept manifests names,
-        and the lock files whose sha256 is not in `keep_locks`: only those older than `grace_s`.
+        """Remove the manifests not in `keep_images`, the layers none of the kept manifests names
+        (and their archives, but those another kept layer shares), and the lock files whose sha256
+        is not in `keep_locks`: only those older than `grace_s`.
 
         Stops as soon as `busy()` (a build is running): a build may be about to use what is left.
         """
@@ -209,7 +286,7 @@ class ImageStore:
             except (ImageNotFoundError, ValueError):
                 continue  # nothing of it to keep
         old = time.time() - grace_s
-        counts = {"manifests": 0, "layers": 0, "locks": 0, "bytes_freed": 0}
+        counts = {"manifests": 0, "layers": 0, "locks": 0, "archives": 0, "archived": 0, "bytes_freed": 0}
 
         def remove(path: Path, kind: str) -> bool:
             with self._lock:  # checked under the lock: a build registers before it looks anything up
@@ -227,7 +304,7 @@ class ImageStore:
                 os.replace(path, gone)
             if stat.S_ISDIR(st.st_mode):
                 counts["bytes_freed"] += _tree_bytes(gone)
-                _remove_tree(gone)
+                remove_tree(gone)
             else:
                 counts["bytes_freed"] += st.st_size
                 gone.unlink(missing_ok=True)
@@ -241,6 +318,17 @@ class ImageStore:
             for path in self.layers_dir.iterdir():
                 if path.name not in keep_layers and not remove(path, "layers"):
                     return False
+            # A layer's archive goes with it (unless another layer has the same bytes).
+            keep_archives: set[str] = set()
+            for path in self.archived_dir.glob("*.json"):
+                if path.stem in keep_layers or (self.layers_dir / path.stem).exists():
+                    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+                        keep_archives.add(str(json.loads(path.read_bytes())["sha256"]))
+                elif not remove(path, "archived"):
+                    return False
+            for path in self.archives_dir.glob("*.tar"):
+                if path.stem not in keep_archives and not remove(path, "archives"):
+                    return False
             for path in self.locks_dir.glob("**/*.txt"):  # locks/<uid>/<hex>.txt: one folder per app
                 try:
                     digest = sha256_hex(path.read_bytes())
@@ -251,6 +339,7 @@ class ImageStore:
             return True
 
         done = sweep()
+        counts.pop("archived")  # the records of the archives: counted with them
         return Collected(**counts, stopped=not done)
 
 
@@ -279,32 +368,49 @@ def _check_digest(digest: str) -> str:
     return digest
 
 
-def _sealed_mode(mode: int) -> int:
+def sealed_mode(mode: int) -> int:
     """Read-only for everyone, and readable by everyone: sandboxes read layers as an unprivileged uid."""
     if stat.S_ISDIR(mode) or mode & 0o111:
         return 0o555
     return 0o444
 
 
-def _seal_contents(top: Path) -> None:
+def seal_contents(top: Path) -> None:
     """Take `top`'s contents over: ours (a sandboxed build filled them as the app's uid), read-only, on disk.
 
     Never follows a link the build left: each file and folder is opened with O_NOFOLLOW and changed
     through its descriptor, links are changed themselves, and anything else (fifos, sockets) goes.
+    So do links leading out of the layer (absolute, or up past its top): a node unpacking the layer's
+    archive accepts links inside it only (`node.images`), so what runs is the same on every node.
     Owner first, then mode: the kernel clears set-id bits and file capabilities on a change of owner.
     """
     uid, gid = os.geteuid(), os.getegid()
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+    real_top = os.path.realpath(top)
+    for dirpath, dirnames, filenames in os.walk(real_top, topdown=False):
         for name in (*filenames, *dirnames):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
+                if _leads_out(real_top, dirpath, os.readlink(path)):
+                    os.unlink(path)
+                    continue
                 os.chown(path, uid, gid, follow_symlinks=False)
             elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
                 _take(path, stat.S_ISDIR(st.st_mode), uid, gid, seal=True)
             else:
                 os.unlink(path)
     _take(str(top), True, uid, gid, seal=False)  # writable until renamed into place (see add_layer)
+
+
+def _leads_out(top: str, folder: str, target: str) -> bool:
+    """Whether a link in `folder` to `target` points outside `top` (a real path): by its text, or
+    through the links it passes (read, never followed into a file), as tarfile's `data` filter sees it."""
+    if os.path.isabs(target):
+        return True
+    by_text = os.path.normpath(os.path.join(os.path.relpath(folder, top), target))
+    if by_text == ".." or by_text.startswith("../"):
+        return True
+    return os.path.commonpath([top, os.path.realpath(os.path.join(folder, target))]) != top
 
 
 def _take(path: str, is_dir: bool, uid: int, gid: int, *, seal: bool) -> None:
@@ -316,13 +422,13 @@ def _take(path: str, is_dir: bool, uid: int, gid: int, *, seal: bool) -> None:
             with contextlib.suppress(OSError):  # none set (ENODATA), or no ACLs here (ENOTSUP)
                 os.removexattr(fd, acl)
         if seal:
-            os.fchmod(fd, _sealed_mode(os.fstat(fd).st_mode))
+            os.fchmod(fd, sealed_mode(os.fstat(fd).st_mode))
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _remove_tree(top: Path) -> None:
+def remove_tree(top: Path) -> None:
     # Sealed directories must be writable again before their entries can be removed.
     with contextlib.suppress(OSError):
         for dirpath, dirnames, _ in os.walk(top):
@@ -334,9 +440,79 @@ def _remove_tree(top: Path) -> None:
     shutil.rmtree(top, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Hashing:
+    """A file object that writes through, counting bytes and hashing them as they go."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+
+def write_archive(top: Path, out: BinaryIO) -> LayerArchive:
+    """Write the tree under `top` to `out` as a tar whose bytes depend only on names, contents,
+    modes and link targets: entries sorted, no times, owners or hard links. Uncompressed: writing
+    and reading it costs a third of gzip's time, and a pull is one per release per node."""
+    sink = _Hashing(out)
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        _archive_dir(tar, top, "")
+    return LayerArchive(sha256=sink.hash.hexdigest(), size=sink.size)
+
+
+def _archive_dir(tar: tarfile.TarFile, top: Path, rel: str) -> None:
+    with os.scandir(top / rel if rel else top) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = f"{rel}/{entry.name}" if rel else entry.name
+        st = entry.stat(follow_symlinks=False)
+        info = tarfile.TarInfo(name)
+        info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = (
+            st.st_mode & 0o7777,
+            0,
+            0,
+            0,
+            "",
+            "",
+        )
+        if stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(entry.path)
+            tar.addfile(info)
+        elif stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+            _archive_dir(tar, top, name)
+        elif stat.S_ISREG(st.st_mode):
+            with open(entry.path, "rb") as f:
+                info.type, info.size = tarfile.REGTYPE, os.fstat(f.fileno()).st_size
+                tar.addfile(info, f)
+        # anything else was dropped when the layer was sealed
+
+
+def _write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """`path` holds `data`, whole, read-only, on disk; or is as it was."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{path.stem[:12]}-", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o400)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)

@@ -91,6 +91,18 @@ class AsyncApi:
         except httpx.TransportError as e:
             raise ApiError(0, "unreachable", f"stream from {self.base_url}{path} broke: {e}") from e
 
+    async def download(self, path: str) -> AsyncIterator[bytes]:
+        """The raw bytes of a GET, in pieces as they arrive (the caller bounds how many it reads)."""
+        try:
+            async with self._client.stream("GET", path) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _raise_for(r)
+                async for chunk in r.aiter_bytes():
+                    yield chunk
+        except httpx.TransportError as e:
+            raise ApiError(0, "unreachable", f"download of {self.base_url}{path} broke: {e}") from e
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -26,6 +25,7 @@ from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
 from osless.node.egress import EgressProxy
 from osless.node.egress_rules import Network
+from osless.node.images import ImageError, NodeImages
 from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
@@ -41,6 +41,7 @@ RESYNC_S = 5.0
 ZYGOTE_LINGER_S = 60.0  # keep an unused release warm a while: a rollback then starts fast
 HEARTBEAT_S = 3.0
 VOLUMES_EVERY_S = 10.0
+IMAGES_EVERY_S = 60.0
 
 
 def _memory_mb() -> dict[str, int]:
@@ -82,7 +83,10 @@ class NodeAgent:
         self.api = api
         self.name = name
         self.data_dir = data_dir
-        self.images_dir = data_dir / "images"
+        # Pulled from the API by digest and checked, in the node's own folder: never the API's store.
+        self.images = NodeImages(api, data_dir / "node" / "images", report=self._image_log)
+        self._images_checked = time.monotonic()
+        self._image_failures: dict[str, str] = {}  # instance -> why its image could not be had
         self.logs_dir = data_dir / "logs"
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -190,6 +194,8 @@ class NodeAgent:
                 self._background(sup.stop())
         for iid, obj in desired.items():
             if iid not in self.supervisors:
+                if not await self._has_manifest(iid, obj):
+                    continue
                 try:
                     sup = self._supervisor(obj)
                 except (OSError, KeyError, ValueError, TypeError) as e:  # e.g. an image this node lacks
@@ -198,6 +204,9 @@ class NodeAgent:
                 self.supervisors[iid] = sup
                 sup.start()
         await self._retire_zygotes()
+        if time.monotonic() - self._images_checked > IMAGES_EVERY_S:
+            self._images_checked = time.monotonic()
+            await self._collect_images(desired)
         if time.monotonic() - self._volumes_checked > VOLUMES_EVERY_S:
             self._volumes_checked = time.monotonic()
             await self._put_volumes_away()
@@ -318,8 +327,34 @@ class NodeAgent:
         return await asyncio.shield(task)
 
     def _manifest(self, image: str) -> dict[str, Any]:
-        manifest: dict[str, Any] = json.loads((self.images_dir / "manifests" / f"{image}.json").read_text())
-        return manifest
+        return self.images.cached_manifest(image)  # pulled before the instance's supervisor is made
+
+    async def _has_manifest(self, iid: str, obj: dict[str, Any]) -> bool:
+        """Whether the manifest of the instance's image is here, pulled (and checked) now if need be;
+        if it cannot be had, the instance says why (once per reason), and the next pass tries again."""
+        self._image_failures = {i: m for i, m in self._image_failures.items() if i in self.informer.items}
+        try:
+            await self.images.manifest(str(obj["image"]))
+        except (ImageError, ValueError) as e:
+            log.error("cannot run instance %s: %s", iid, e)
+            if self._image_failures.get(iid) != str(e):
+                self._image_failures[iid] = str(e)
+                with contextlib.suppress(ApiError):
+                    await self.api.put(f"/v1/instances/{iid}/status", {"phase": "failed", "message": str(e)})
+            return False
+        self._image_failures.pop(iid, None)
+        return True
+
+    async def _collect_images(self, desired: dict[str, dict[str, Any]]) -> None:
+        in_use = {str(o["image"]) for o in desired.values()} | set(self.zygotes) | set(self._zygote_starts)
+        try:
+            await self.images.collect(in_use)
+        except OSError as e:  # tried again on the next round
+            log.warning("the node's image cache was not collected: %s", e)
+
+    def _image_log(self, app: str, message: str) -> None:
+        log.error("%s: %s", app, message)
+        self._app_log(app, "images", message)
 
     def _memory_mb(self, image: str) -> int:
         """One instance serves every handler of the app, so it gets the largest memory any asks for."""
@@ -353,7 +388,10 @@ class NodeAgent:
                 del self._starting[app]
 
     async def _start_new_zygote(self, image: str, uid: int, manifest: dict[str, Any], app: str) -> Zygote:
-        layers = self.images_dir / "layers"
+        try:
+            layers = await self.images.layers(image)
+        except (ImageError, OSError) as e:
+            raise ZygoteFailed(str(e)) from e
         spec = None
         if self.sandboxed:
             try:  # checked again: the manifest was printed by the app's own process at build time
@@ -371,7 +409,7 @@ class NodeAgent:
             spec = sandbox_spec(
                 manifest,
                 uid=uid,
-                layers=layers,
+                layers=[layers["code"], layers["deps"]],
                 data_dir=self.data_dir,
                 run_dir=self.run_dir,
                 volumes=volumes,
@@ -385,8 +423,8 @@ class NodeAgent:
             sandbox=spec,
             config={"values": cfg["values"], "version": cfg["version"]},
             instance_env={"OSLESS_TOKEN": cfg["token"]},  # its only credential: scoped to its own app
-            code_dir=layers / manifest["layers"]["code"],
-            deps_dir=layers / manifest["layers"]["deps"],
+            code_dir=layers["code"],
+            deps_dir=layers["deps"],
             entry=manifest["entry"],
             log=LogWriter(
                 self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"

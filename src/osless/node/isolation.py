@@ -27,13 +27,14 @@ def sandbox_spec(
     manifest: dict[str, Any],
     *,
     uid: int,
-    layers: Path,
+    layers: list[Path],
     data_dir: Path,
     run_dir: Path,
     volumes: dict[str, str],
     egress_socket: Path | None,
 ) -> SandboxSpec:
     """An app's sandbox; `uid` is the app's own, allocated by the API (the instance record has it).
+    `layers`: the image's layers in the node's image cache, bound read-only at their own paths.
     `volumes` maps each path inside to the host folder the node made ready for it (`node.volumes`).
 
     Nothing the node trusts is writable in it: the instances' sockets are bound by the node in a
@@ -45,7 +46,7 @@ def sandbox_spec(
         uid=uid,
         hostname=app,
         root=str(root),
-        readonly=[str(layers / manifest["layers"]["code"]), str(layers / manifest["layers"]["deps"])],
+        readonly=[str(p) for p in layers],
         volumes=volumes,
         hide=[str(data_dir), str(run_dir)],
         proxy_socket=str(egress_socket) if egress_socket else None,

@@ -1,0 +1,124 @@
+"""Images for nodes: a manifest's exact bytes, a layer's archive, by digest.
+
+A node checks what it gets: sha256(manifest bytes) is the image digest the instance record names,
+and each layer archive's sha256 is the one the manifest names. For the node role (and admin) only:
+an image holds an app's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import FileResponse, Response
+from pydantic import Field
+
+from osless.api.auth import Caller, require
+from osless.api.errors import ApiError, responses
+from osless.api.models import DIGEST_PATTERN, Body, Integer
+from osless.api.state import ApiState, get_state
+from osless.build import ImageNotFoundError
+
+router = APIRouter(tags=["images"])
+
+Digest = Annotated[str, Path(pattern=DIGEST_PATTERN, description="64 lowercase hex digits: a sha256")]
+TAR = "application/x-tar"
+
+
+class LayerArchive(Body):
+    sha256: str = Field(pattern=DIGEST_PATTERN)
+    size: Integer = Field(ge=0)
+
+
+class LayerArchives(Body):
+    """Each layer of an image (`code`, `deps`) as a node pulls it from `GET /v1/layers/{sha256}`."""
+
+    layers: dict[str, LayerArchive]
+
+
+def _no_image(digest: str) -> ApiError:
+    return ApiError(
+        404, "image_not_found", f"no image {digest} is stored here; it was never built here or was collected"
+    )
+
+
+@router.get(
+    "/images/{digest}",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The image manifest's exact bytes: their sha256 is the digest",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **responses(404, 422),
+    },
+    summary="An image manifest, byte for byte (for nodes)",
+)
+async def get_image(
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> Response:
+    try:
+        data = await asyncio.to_thread(state.images.manifest_bytes, digest)
+    except ImageNotFoundError:
+        raise _no_image(digest) from None
+    return Response(data, media_type="application/json")
+
+
+@router.get(
+    "/images/{digest}/layers",
+    response_model=LayerArchives,
+    responses=responses(404, 422),
+    summary="The sha256 and size of each layer's archive (for nodes; images of the previous release)",
+)
+async def get_image_layers(
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> Any:
+    """Images built since archives exist carry this in their manifest, under the image digest; an
+    image of the previous release does not, and its archives are made on the first ask."""
+    images = state.images
+    try:
+        manifest = await asyncio.to_thread(images.get_manifest, digest)
+    except (ImageNotFoundError, ValueError):
+        raise _no_image(digest) from None
+    found = manifest.get("layer_archives")
+    if isinstance(found, dict):
+        return {"layers": found}
+    layers = manifest.get("layers") or {}
+    try:
+        made = {
+            name: (await asyncio.to_thread(images.layer_archive, str(layer))).to_json()
+            for name, layer in layers.items()
+        }
+    except (FileNotFoundError, ValueError):
+        raise ApiError(
+            404,
+            "layer_not_found",
+            f"a layer of image {digest} is no longer stored here; deploy the app again",
+        ) from None
+    return {"layers": made}
+
+
+@router.get(
+    "/layers/{sha256}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The layer's archive (an uncompressed tar); its sha256 is the path's",
+            "content": {TAR: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **responses(404, 422),
+    },
+    summary="A layer's archive, streamed (for nodes)",
+)
+async def get_layer(
+    sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+) -> FileResponse:
+    path = state.images.archive_path(sha256)
+    if not path.is_file():
+        raise ApiError(
+            404,
+            "layer_not_found",
+            f"no layer archive {sha256} is stored here; it was never built here or was collected",
+        )
+    return FileResponse(path, media_type=TAR)

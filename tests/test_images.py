@@ -1,0 +1,230 @@
+"""Images across nodes: the node pulls manifests and layer archives from the API by digest, checks
+each sha256, refuses what does not match, caches what does, and collects what nothing uses.
+
+An image of the previous release's format (no archive digests in its manifest) is started from a
+real data dir of that release in tests/test_migrations.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from osless.build import sha256_hex
+from osless.build.images import ImageStore, remove_tree
+from osless.client import AsyncApi
+from osless.node.images import LayerRefused, NodeImages
+from tests.platform import EXAMPLES, Platform
+from tests.test_auth import call, make_token
+
+
+def _cache(p: Platform) -> Path:
+    return p.data_dir / "node" / "images"
+
+
+def _release(p: Platform, app: str) -> dict[str, Any]:
+    release: dict[str, Any] = p.http("GET", f"/v1/apps/{app}").json()["release"]
+    return release
+
+
+def _tree(top: Path) -> dict[str, tuple[int, bytes]]:
+    """Every entry under `top`: its mode, and its content or link target."""
+    found: dict[str, tuple[int, bytes]] = {}
+    for path in sorted(top.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            body = os.readlink(path).encode()
+        else:
+            body = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        found[str(path.relative_to(top))] = (st.st_mode, body)
+    return found
+
+
+def test_a_deploy_runs_from_layers_the_node_pulled_and_checked(
+    platform: Platform, hello: dict[str, object]
+) -> None:
+    release = _release(platform, "hello")
+    image, manifest = release["image"], release["manifest"]
+    # The manifest in the node's cache is the API's, byte for byte, and its sha256 is the image digest.
+    cached = (_cache(platform) / "manifests" / f"{image}.json").read_bytes()
+    assert sha256_hex(cached) == image and json.loads(cached) == manifest
+    assert set(manifest["layer_archives"]) == {"code", "deps"}
+    for name, archive in manifest["layer_archives"].items():
+        served = (platform.data_dir / "images" / "archives" / f"{archive['sha256']}.tar").read_bytes()
+        assert sha256_hex(served) == archive["sha256"] and len(served) == archive["size"]
+        # Unpacked and sealed on the node, named by that sha256: the very tree the build made.
+        layer = _cache(platform) / "layers" / archive["sha256"]
+        assert stat.S_IMODE(layer.stat().st_mode) == 0o555
+        assert _tree(layer) == _tree(platform.data_dir / "images" / "layers" / manifest["layers"][name])
+    assert list((_cache(platform) / "tmp").iterdir()) == []
+    assert httpx.get(f"{platform.gateway}/hello/", timeout=30).text == "Hello from osless!\n"
+
+
+def test_the_image_routes_serve_nodes_only(platform: Platform, hello: dict[str, object]) -> None:
+    release = _release(platform, "hello")
+    image, manifest = release["image"], release["manifest"]
+    code = manifest["layer_archives"]["code"]
+    r = platform.http("GET", f"/v1/images/{image}")
+    assert r.status_code == 200 and sha256_hex(r.content) == image
+    assert r.headers["content-type"] == "application/json"
+    r = platform.http("GET", f"/v1/layers/{code['sha256']}")
+    assert r.status_code == 200 and sha256_hex(r.content) == code["sha256"]
+    assert (
+        int(r.headers["content-length"]) == code["size"] and r.headers["content-type"] == "application/x-tar"
+    )
+    r = platform.http("GET", f"/v1/images/{image}/layers")
+    assert r.status_code == 200 and r.json() == {"layers": manifest["layer_archives"]}
+
+    paths = [f"/v1/images/{image}", f"/v1/images/{image}/layers", f"/v1/layers/{code['sha256']}"]
+    for role in ("read", "deploy"):
+        token = make_token(platform, role)["token"]
+        for path in paths:
+            r = call(platform, token, "GET", path)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (role, path, r.text)
+
+    unknown = "0" * 64
+    for path, code_ in (
+        (f"/v1/images/{unknown}", "image_not_found"),
+        (f"/v1/images/{unknown}/layers", "image_not_found"),
+        (f"/v1/layers/{unknown}", "layer_not_found"),
+    ):
+        r = platform.http("GET", path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == code_, r.text
+        assert unknown in r.json()["error"]["message"]
+    for bad in ("xyz", image.upper(), image + "0", "." * 64):
+        for path in (f"/v1/images/{bad}", f"/v1/images/{bad}/layers", f"/v1/layers/{bad}"):
+            r = platform.http("GET", path)
+            assert r.status_code == 422 and "64" in r.json()["error"]["message"], (path, r.text)
+
+
+def test_a_corrupted_layer_is_refused_and_a_good_one_then_runs(own_platform: Platform) -> None:
+    p = own_platform
+    p.deploy(EXAMPLES / "hello")
+    release = _release(p, "hello")
+    image, sha = release["image"], release["manifest"]["layer_archives"]["code"]["sha256"]
+    p.stop()
+    # A node that never had the layer, and the API's archive of it damaged on disk (same size).
+    remove_tree(_cache(p) / "layers" / sha)
+    archive = p.data_dir / "images" / "archives" / f"{sha}.tar"
+    good = archive.read_bytes()
+    bad = good.replace(b"Hello from osless!", b"Hello from 0sless!")
+    assert bad != good and len(bad) == len(good)
+    archive.chmod(0o600)
+    archive.write_bytes(bad)
+    p.start()
+
+    why = f"layer {sha} of image {image} is corrupt: expected sha256 {sha}, got {sha256_hex(bad)}; refused"
+
+    def refused() -> bool:
+        return any(
+            why in str((i["status"].get("last_exit") or {}).get("reason")) for i in p.instances("hello")
+        )
+
+    p.wait_for(refused, timeout=60, what="the instance to say its layer was refused")
+    logged = [json.loads(line) for line in p.cli("logs", "hello", "--json").stdout.splitlines()]
+    assert any(r["line"] == why and r["source"] == "images" for r in logged)  # in the app's own logs too
+    assert not (_cache(p) / "layers" / sha).exists() and list((_cache(p) / "tmp").iterdir()) == []
+    assert not any(i["status"]["phase"] == "ready" for i in p.instances("hello"))
+
+    # The good bytes back: the instance's next try pulls them and runs.
+    archive.write_bytes(good)
+    p.wait_for(
+        lambda: any(i["status"]["phase"] == "ready" for i in p.instances("hello")), timeout=60, what="ready"
+    )
+    assert httpx.get(f"{p.gateway}/hello/", timeout=30).text == "Hello from osless!\n"
+    assert (_cache(p) / "layers" / sha).is_dir()
+
+
+def test_concurrent_needs_share_one_pull_and_unused_layers_are_collected(
+    platform: Platform, hello: dict[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = _release(platform, "hello")
+    image, archives = release["image"], release["manifest"]["layer_archives"]
+
+    async def run() -> None:
+        api = AsyncApi(platform.api, platform.token)
+        try:
+            images = NodeImages(api, tmp_path / "cache", grace_s=3600)
+            with caplog.at_level(logging.INFO, logger="osless.node.images"):
+                found = await asyncio.gather(*(images.layers(image) for _ in range(4)))
+            assert all(f == found[0] for f in found)
+            assert {p.name for p in found[0].values()} == {a["sha256"] for a in archives.values()}
+            pulls = [r for r in caplog.records if r.getMessage().startswith("pulled layer")]
+            assert len(pulls) == 2  # one per layer, however many asked at once
+
+            # In use, or unused for less than the grace period: kept.
+            assert await images.collect({image}) == (0, 0)
+            assert await images.collect(set()) == (0, 0)
+            images.grace_s = 0
+            assert await images.collect({image}) == (0, 0)
+            assert await images.collect(set()) == (1, 2)
+            assert not list(images.layers_dir.iterdir()) and not list(images.manifests_dir.iterdir())
+            assert list(images.tmp_dir.iterdir()) == []
+        finally:
+            await api.aclose()
+
+    asyncio.run(run())
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o644
+    return info, b"planted"
+
+
+def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_matches(
+    platform: Platform, tmp_path: Path
+) -> None:
+    # What a tampered image store could serve, with a manifest that names it: the digests match,
+    # the unpacking still refuses it and writes nothing outside the layer.
+    store = ImageStore(platform.data_dir / "images")
+    hostile = {
+        "a path up": _tar(_member("../../escaped")),
+        "an absolute path": _tar(_member(str(tmp_path / "escaped"))),
+        "a link out": _tar(_member("out", tarfile.SYMTYPE, "/"), _member("out" + str(tmp_path / "escaped"))),
+        "a link up": _tar(_member("up", tarfile.SYMTYPE, "../..")),
+        "a hard link": _tar(_member("hard", tarfile.LNKTYPE, "/etc/passwd")),
+        "a device": _tar(_member("dev", tarfile.CHRTYPE)),
+    }
+
+    async def run() -> None:
+        api = AsyncApi(platform.api, platform.token)
+        try:
+            images = NodeImages(api, tmp_path / "node" / "cache")
+            for what, data in hostile.items():
+                sha = sha256_hex(data)
+                store.archive_path(sha).write_bytes(data)
+                image = store.put_manifest(
+                    {
+                        "app": "hello",
+                        "layers": {"code": sha},
+                        "layer_archives": {"code": {"sha256": sha, "size": len(data)}},
+                    }
+                )
+                with pytest.raises(LayerRefused, match=f"layer {sha} cannot be unpacked"):
+                    await images.layers(image)
+                assert not list(images.layers_dir.iterdir()) and not list(images.tmp_dir.iterdir()), what
+        finally:
+            await api.aclose()
+
+    asyncio.run(run())
+    assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "node" / "escaped").exists()
