@@ -33,6 +33,7 @@ log = logging.getLogger("osless.node.relay")
 PREAMBLE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
 TOKEN_TTL_S = 2.0  # a revoked node token stops opening connections here within this
+STALE_OK_S = 3600.0  # while the API cannot answer, a node token it said yes to within this stays good
 TOKEN_CACHE_SIZE = 1024
 TOKEN_PREFIX = "osl_"  # what the API's tokens look like: anything else is not worth asking about
 
@@ -70,8 +71,10 @@ class Relay:
         self.lookup = lookup
         self.node = node
         self._auth = httpx.AsyncClient(base_url=api_url, timeout=10)
-        # sha256 of a token -> (a node's?, until)
+        # sha256 of a token -> (a node's?, until); and when the API last said yes to it
         self._tokens: dict[bytes, tuple[bool, float]] = {}
+        self._known_good: dict[bytes, float] = {}
+        self._asking: dict[bytes, asyncio.Future[bool | None]] = {}
         self._server: asyncio.Server | None = None
         self.connections: set[_Inbound] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,28 +96,50 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._auth.aclose()
 
-    async def node_token(self, token: str) -> bool:
-        """Whether `token` is a node's, as the API says (`GET /v1/whoami`), remembered a moment."""
+    async def node_token(self, token: str) -> bool | None:
+        """Whether `token` is a node's, as the API says (`GET /v1/whoami`), remembered a moment;
+        None when the API cannot say and the token was never seen good. One question at a time per
+        token, however many connections wait on it (a gateway opens many at once under load)."""
         if not token.startswith(TOKEN_PREFIX):
             return False
         digest = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         cached = self._tokens.get(digest)
-        if cached is not None and cached[1] > now:
+        if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        asking = self._asking.get(digest)
+        if asking is None:
+            asking = self._asking[digest] = asyncio.ensure_future(self._ask(token))
+            asking.add_done_callback(lambda _: self._asking.pop(digest, None))
+        said = await asyncio.shield(asking)
+        now = time.monotonic()
+        if said is None:
+            # The API cannot say (unreachable, 429, 5xx): a token it said yes to a while ago stays
+            # good meanwhile, so the nodes keep reaching each other through an API outage.
+            known = self._known_good.get(digest)
+            return True if known is not None and now - known < STALE_OK_S else None
+        self._tokens[digest] = (said, now + TOKEN_TTL_S)
+        if said:
+            self._known_good[digest] = now
+        else:
+            self._known_good.pop(digest, None)
+        for remembered in (self._tokens, self._known_good):
+            while len(remembered) > TOKEN_CACHE_SIZE:  # made-up tokens cannot grow them
+                remembered.pop(next(iter(remembered)))
+        return said
+
+    async def _ask(self, token: str) -> bool | None:
         try:
             resp = await self._auth.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
             who = resp.json() if resp.status_code == 200 else None
         except (httpx.HTTPError, ValueError) as e:
             log.warning("the relay could not ask the API about a token: %s", type(e).__name__)
-            return False  # not remembered: asked again next time
-        if who is None and resp.status_code not in (401, 403):
-            return False  # the API could not say (429, 5xx)
-        ok = isinstance(who, dict) and who.get("role") == "node"
-        self._tokens[digest] = (ok, now + TOKEN_TTL_S)
-        while len(self._tokens) > TOKEN_CACHE_SIZE:  # made-up tokens cannot grow it
-            self._tokens.pop(next(iter(self._tokens)))
-        return ok
+            return None
+        if resp.status_code in (401, 403):
+            return False
+        if not isinstance(who, dict):
+            log.warning("the relay could not ask the API about a token: HTTP %d", resp.status_code)
+            return None
+        return who.get("role") == "node"
 
     def _background(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
@@ -127,7 +152,11 @@ class Relay:
         except ValueError as e:
             conn.refuse("bad_request", str(e))
             return
-        if not await self.node_token(asked.token):
+        verdict = await self.node_token(asked.token)
+        if verdict is None:
+            conn.refuse("unavailable", "the API cannot say whether the token is a node's; try again")
+            return
+        if not verdict:
             conn.refuse("unauthorized", "the relay takes a node token (`osless tokens create --role node`)")
             return
         found = self.lookup(asked.instance)
