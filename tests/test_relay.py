@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.platform import Node, Platform, recv_until
+from tests.platform import Node, Platform, copy_app, recv_until
 
 APP = Path(__file__).parent / "apps" / "relayed"
 
@@ -207,38 +207,75 @@ def test_the_relay_refuses_without_a_node_token(fleet: Fleet) -> None:
     assert node_token not in log and read_token not in log and fleet.platform.token not in log
 
 
+class _Load:
+    """Requests, one after another on each of a few threads, to `url`, each recorded (when it
+    ended, its status or error) until stopped."""
+
+    def __init__(self, url: str, workers: int = 4) -> None:
+        self.url = url
+        self.results: list[tuple[float, int | str]] = []
+        self._stop = threading.Event()
+        self.workers = [threading.Thread(target=self._run) for _ in range(workers)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=15) as client:
+            while not self._stop.is_set():
+                try:
+                    status: int | str = client.get(self.url).status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
+                self.results.append((time.monotonic(), status))
+
+    def __enter__(self) -> _Load:
+        for w in self.workers:
+            w.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for w in self.workers:
+            w.join()
+
+    def failed(self) -> list[tuple[float, int | str]]:
+        return [r for r in self.results if r[1] != 200]
+
+
+def test_a_rollout_across_nodes_fails_no_request(fleet: Fleet, tmp_path: Path) -> None:
+    url = f"{fleet.platform.gateway}/relayed/"
+    _answers(url, {fleet.local, fleet.remote})
+    app = copy_app(APP, tmp_path / "relayed")
+    (app / "app.py").write_text((app / "app.py").read_text() + "\n# v2\n")
+    with _Load(url) as load:
+        fleet.platform.deploy(app)
+
+        def rolled() -> dict[str, str] | None:
+            found = fleet.platform.instances("relayed")
+            ready = {
+                i["node"]: i["id"] for i in found if i["status"]["phase"] == "ready" and i["release"] == 2
+            }
+            return ready if len(ready) == 2 and len(found) == 2 else None
+
+        on = fleet.platform.wait_for(rolled, timeout=90, what="v2 ready on each node, v1 gone")
+        time.sleep(1)
+    assert not load.failed(), load.failed()
+    assert len(load.results) > 50
+    fleet.remote = on.pop("second")
+    (fleet.local,) = on.values()
+    _answers(url, {fleet.local, fleet.remote})
+
+
 def test_a_node_killed_leaves_the_other_gateway_serving_from_its_own_instance(fleet: Fleet) -> None:
     url = f"{fleet.platform.gateway}/relayed/"
     _answers(url, {fleet.local, fleet.remote})
-    results: list[tuple[float, int | str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=15) as client:
-            while not stop.is_set():
-                try:
-                    status: int | str = client.get(url).status_code
-                except httpx.HTTPError as e:
-                    status = type(e).__name__
-                results.append((time.monotonic(), status))
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
+    with _Load(url) as load:
         time.sleep(1)
         assert fleet.node.proc is not None
         fleet.node.proc.kill()
         killed = time.monotonic()
         fleet.node.proc.wait()
         time.sleep(4)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
-    failed = [r for r in results if r[1] != 200]
     # At most the requests in flight when it died (one a worker); none after.
-    assert len(failed) <= len(workers), failed
-    after = [r for r in results if r[0] > killed + 1]
-    assert len(after) > 20 and all(s == 200 for _, s in after), failed
+    assert len(load.failed()) <= len(load.workers), load.failed()
+    after = [r for r in load.results if r[0] > killed + 1]
+    assert len(after) > 20 and all(s == 200 for _, s in after), load.failed()
     assert _answers(url, {fleet.local}, tries=20) == {fleet.local}
