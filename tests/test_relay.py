@@ -3,6 +3,8 @@ instances of other nodes through their node's relay, authenticated node to node.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -13,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from osless import relaywire
+from osless.node.relay import Local, Relay
 from tests.platform import Node, Platform, copy_app, recv_until
 
 APP = Path(__file__).parent / "apps" / "relayed"
@@ -205,6 +209,90 @@ def test_the_relay_refuses_without_a_node_token(fleet: Fleet) -> None:
     # The node's log holds no token.
     log = fleet.node.output()
     assert node_token not in log and read_token not in log and fleet.platform.token not in log
+
+
+def test_the_relay_passes_half_closes_on_holds_back_a_fast_peer_and_checks_the_listener(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A relay in this process, against the platform's API, to unix sockets served here."""
+    token = fleet.platform.cli_json("tokens", "create", "--role", "node", "--name", "node:here")["token"]
+    me = (os.getpid(), os.getuid())
+    counting, holding, stranger = (str(tmp_path / n) for n in ("counting.sock", "holding.sock", "x.sock"))
+    instances = {
+        "counting": Local(counting, counting, me),
+        "holding": Local(holding, holding, me),
+        "stranger": Local(stranger, stranger, (me[0] + 1, me[1])),  # someone else listens there
+    }
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                data = await reader.read()  # until the peer's EOF, passed on by the relay
+                writer.write(str(len(data)).encode())
+                await writer.drain()
+            finally:
+                writer.close()
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await gate.wait()
+                while await reader.read(1 << 20):
+                    pass
+            finally:
+                writer.close()
+
+        servers = [
+            await asyncio.start_unix_server(count, counting),
+            await asyncio.start_unix_server(hold, holding),
+            await asyncio.start_unix_server(count, stranger),
+        ]
+        relay = Relay(fleet.platform.api, instances.get, node="here")
+        host, _, port = (await relay.start("127.0.0.1", 0)).rpartition(":")
+
+        async def opened(instance: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(relaywire.preamble(token, instance, "web"))
+            return reader, writer, await asyncio.wait_for(reader.readline(), 10)
+
+        try:
+            # Half-close: the instance hears the peer's EOF, and its answer still comes back.
+            reader, writer, answer = await opened("counting")
+            assert answer == b"OK\n"
+            writer.write(b"x" * 3_000_000)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 10) == b"3000000"
+            writer.close()
+            await writer.wait_closed()
+            # Backpressure: an instance that does not read holds the peer back, rather than the
+            # relay buffering whatever the peer sends.
+            reader, writer, answer = await opened("holding")
+            assert answer == b"OK\n"
+            sent, chunk = 0, b"y" * (1 << 20)
+            with contextlib.suppress(TimeoutError):
+                while sent < 256 << 20:
+                    writer.write(chunk)
+                    await asyncio.wait_for(writer.drain(), 2)
+                    sent += len(chunk)
+            assert sent < 64 << 20, f"{sent} bytes went in while the instance read none"
+            gate.set()
+            await asyncio.wait_for(writer.drain(), 30)  # it reads: the rest flows
+            writer.close()
+            await writer.wait_closed()
+            # Someone else listening on an instance's socket gets nothing.
+            _, writer, answer = await opened("stranger")
+            assert answer.startswith(b"ERR unreachable"), answer
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await relay.close()
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+            await asyncio.sleep(0.1)  # the servers' handlers see their connections close
+
+    asyncio.run(main())
 
 
 class _Load:

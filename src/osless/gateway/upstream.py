@@ -205,6 +205,9 @@ class Relayed(NamedTuple):
     instance: str
     kind: str  # "web" or "control"
 
+    def __repr__(self) -> str:  # never the token, wherever this is printed
+        return f"Relayed({self.host}:{self.port}, {self.instance}, {self.kind})"
+
 
 class _RelayedConn(UpstreamConn):
     """A connection through a relay: its first line in is the relay's answer to the preamble; then
