@@ -105,7 +105,7 @@ class Router:
 
     async def _nodes_changed(self) -> None:
         # Every heartbeat is a change: the table is rebuilt only when a relay's address is.
-        relays = {}
+        relays: dict[str, tuple[str, int]] = {}
         for name, obj in self.nodes.items.items():
             found = _address(obj.get("relay"))
             if found is not None:
