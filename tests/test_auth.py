@@ -329,7 +329,7 @@ def test_tokens_and_audit_commands(platform: Platform) -> None:
     table = platform.cli("audit", "--since", "1m").stdout
     assert f"DELETE /v1/tokens/{made['id']}" in table
     for bad, says in (
-        (["--role", "root"], "should be 'admin', 'deploy', 'read', 'debug' or 'invoke'"),
+        (["--role", "root"], "should be 'admin', 'deploy', 'read', 'debug', 'invoke' or 'node'"),
         (["--role", "read", "--expires", "3x"], "--expires"),
         (["--role", "admin", "--app", "hello"], "cannot be limited"),
     ):

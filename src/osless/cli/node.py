@@ -37,6 +37,15 @@ def join(
         str, typer.Option(help="Address the gateway listens on, and other parts reach.")
     ] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="Port of this node's gateway.")] = 8080,
+    relay_port: Annotated[
+        int,
+        typer.Option(
+            help="Port (on --host) where other nodes' gateways reach this node's instances; "
+            "0: a free one, reported in the node's heartbeat.",
+            min=0,
+            max=65535,
+        ),
+    ] = 0,
     gateways: Annotated[
         int | None,
         typer.Option(
@@ -81,6 +90,7 @@ def join(
         name=name or default_node_name(),
         host=host,
         http_port=http_port,
+        relay_port=relay_port,
         sandbox=sandbox,
         egress_allow=allowed,
     )

@@ -66,7 +66,7 @@ async def serve(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     api = AsyncApi(api_url, token)
-    router = Router(api)
+    router = Router(api, node=node, token=token)
     gateway = Gateway(router, api, name=name)
     control.setblocking(False)
     tasks: list[asyncio.Task[object]] = []

@@ -2,6 +2,8 @@
 
 Fed by watches of apps and instances. Ready instances of the app's current release are preferred;
 during a rollout, before any of them is ready, the previous release's ready instances serve.
+Instances of this node are reached over their unix sockets; those of other nodes through their
+node's relay (`node.relay`), whose address the watch of nodes gives.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from osless.client import ApiError, AsyncApi, Informer
-from osless.gateway.upstream import Upstream
+from osless.gateway.upstream import Relayed, Upstream
 
 __all__ = ["Backend", "NoBackend", "Router", "Timeouts", "web_timeouts"]
 
@@ -48,7 +50,8 @@ class NoBackend(Exception):
 @dataclass
 class Backend:
     """A ready instance and the pooled HTTP/1.1 connections to its two unix sockets: `upstream`
-    for web requests, `control` for function calls (the platform's own socket)."""
+    for web requests, `control` for function calls (the platform's own socket). `socket` names
+    where it is reached: its web socket's path, or for one on another node, that node's relay too."""
 
     id: str
     app: str
@@ -57,16 +60,24 @@ class Backend:
     upstream: Upstream
     control: Upstream
     outstanding: int = 0
+    peer: tuple[int, int] | None = None
     # The web route's timeouts from the release's manifest, once the router has read it (the hot
     # path takes only instances whose manifest it has).
     web_timeouts: Timeouts | None = None
 
 
 class Router:
-    def __init__(self, api: AsyncApi) -> None:
+    """`node`: the node this gateway is on (None: every instance is taken as local); `token`: the
+    node's token, which other nodes' relays ask for."""
+
+    def __init__(self, api: AsyncApi, *, node: str | None = None, token: str = "") -> None:
         self.api = api
+        self.node = node
+        self.token = token
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._rebuild)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
+        self.nodes = Informer(api, "/v1/nodes", key=lambda o: str(o["name"]), on_change=self._nodes_changed)
+        self.relays: dict[str, tuple[str, int]] = {}  # node -> its relay's (host, port)
         self.backends: dict[str, Backend] = {}
         self._candidates: dict[str, list[Backend]] = {}
         # app -> (requests in flight at most, request body bytes at most)
@@ -82,11 +93,40 @@ class Router:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
+        if self.node is not None:
+            self._tasks.append(asyncio.create_task(self.nodes.run()))
 
     async def synced(self) -> None:
-        """Returns once both watches have listed what exists: the table is whole."""
+        """Returns once the watches have listed what exists: the table is whole."""
         await self.apps.synced.wait()
         await self.instances.synced.wait()
+        if self.node is not None:
+            await self.nodes.synced.wait()
+
+    async def _nodes_changed(self) -> None:
+        # Every heartbeat is a change: the table is rebuilt only when a relay's address is.
+        relays: dict[str, tuple[str, int]] = {}
+        for name, obj in self.nodes.items.items():
+            found = _address(obj.get("relay"))
+            if found is not None:
+                relays[name] = found
+        if relays != self.relays:
+            self.relays = relays
+            await self._rebuild()
+
+    def _reach(self, instance: dict[str, Any]) -> tuple[str, Relayed | None] | None:
+        """How a ready instance is reached: (its name in the table, the relay to go through or None
+        for its unix socket here); None when it cannot be (its node's relay is unknown)."""
+        status = instance["status"]
+        node = instance.get("node")
+        if self.node is None or node is None or node == self.node:
+            return status["socket"], None
+        relay = self.relays.get(node)
+        if relay is None:
+            return None
+        return f"relay://{relay[0]}:{relay[1]}/{instance['id']}{status['socket']}", Relayed(
+            relay[0], relay[1], self.token, instance["id"], "web"
+        )
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -96,18 +136,16 @@ class Router:
             await b.control.close()
 
     async def _rebuild(self) -> None:
-        live: dict[str, dict[str, Any]] = {
-            i["id"]: i
-            for i in self.instances.items.values()
-            if i["status"]["phase"] == "ready" and i["status"].get("socket") and i["status"].get("control")
-        }
+        live: dict[str, dict[str, Any]] = {}
+        reach: dict[str, tuple[str, Relayed | None]] = {}
+        for i in self.instances.items.values():
+            if i["status"]["phase"] == "ready" and i["status"].get("socket") and i["status"].get("control"):
+                found = self._reach(i)
+                if found is not None:
+                    live[i["id"]], reach[i["id"]] = i, found
         for iid in list(self.backends):
             b = self.backends[iid]
-            if (
-                iid not in live
-                or live[iid]["status"]["socket"] != b.socket
-                or _peer(live[iid]) != b.upstream.peer
-            ):
+            if iid not in live or reach[iid][0] != b.socket or _peer(live[iid]) != b.peer:
                 del self.backends[iid]
                 task = asyncio.create_task(_close_later(b))
                 self._closing.add(task)  # the loop keeps only weak references to tasks
@@ -115,15 +153,21 @@ class Router:
         for iid, inst in live.items():
             if iid not in self.backends:
                 status = inst["status"]
-                sock = status["socket"]
+                name, relay = reach[iid]
                 peer = _peer(inst)
+                if relay is None:
+                    upstream, control = Upstream(name, peer), Upstream(status["control"], peer)
+                else:  # the relay checks the peer, on its node
+                    upstream = Upstream(name, relay=relay)
+                    control = Upstream(name + "#control", relay=relay._replace(kind="control"))
                 b = Backend(
                     id=iid,
                     app=inst["app"],
                     release=inst["release"],
-                    socket=sock,
-                    upstream=Upstream(sock, peer),
-                    control=Upstream(status["control"], peer),
+                    socket=name,
+                    upstream=upstream,
+                    control=control,
+                    peer=peer,
                 )
                 manifest = self._manifests.get((b.app, b.release))
                 if manifest is not None:
@@ -252,6 +296,16 @@ def _peer(instance: dict[str, Any]) -> tuple[int, int] | None:
     if status.get("uid") is None or status.get("pid") is None:
         return None
     return int(status["pid"]), int(status["uid"])
+
+
+def _address(relay: Any) -> tuple[str, int] | None:
+    """A node's relay "host:port" (host in brackets for IPv6) as (host, port); None if not one."""
+    if not isinstance(relay, str):
+        return None
+    host, sep, port = relay.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
 
 
 def web_timeouts(manifest: dict[str, Any]) -> Timeouts:

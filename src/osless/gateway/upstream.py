@@ -10,14 +10,17 @@ tunnel both ways (websockets).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
-__all__ = ["OnDone", "Peer", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
+from osless import relaywire
+from osless.peercred import PeerMismatch, check_peer
+
+__all__ = ["OnDone", "Peer", "Relayed", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
 
 CONNECT_TIMEOUT_S = 5.0
 # Instances close a kept-alive connection after 5 s idle (uvicorn's default); one idle for less
@@ -193,7 +196,61 @@ class UpstreamConn(asyncio.Protocol):
         self.complete = True  # `data_received` tells the exchange, once the parser returns
 
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+class Relayed(NamedTuple):
+    """An instance on another node: reached over TCP through that node's relay (`node.relay`)."""
+
+    host: str
+    port: int
+    token: str  # this node's token, which the relay asks the API about
+    instance: str
+    kind: str  # "web" or "control"
+
+    def __repr__(self) -> str:  # never the token, wherever this is printed
+        return f"Relayed({self.host}:{self.port}, {self.instance}, {self.kind})"
+
+
+class _RelayedConn(UpstreamConn):
+    """A connection through a relay: its first line in is the relay's answer to the preamble; then
+    it is a connection to the instance like any."""
+
+    def __init__(self, pool: Upstream, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(pool, loop)
+        self.answer: asyncio.Future[None] | None = loop.create_future()
+        self._line = b""
+
+    def data_received(self, data: bytes) -> None:
+        answer = self.answer
+        if answer is None:
+            super().data_received(data)
+            return
+        self._line += data
+        end = self._line.find(b"\n")
+        if end < 0:
+            if len(self._line) > relaywire.MAX_ANSWER:
+                self._refused("an answer too long")
+            return
+        line, rest = self._line[: end + 1], self._line[end + 1 :]
+        self.answer = None
+        if line != relaywire.OK:
+            self.abort()
+            answer.set_exception(Unreachable(f"the relay refused: {line.decode('ascii', 'replace').strip()}"))
+        elif rest:  # the instance does not speak first
+            self.abort()
+            answer.set_exception(Unreachable("the relay sent bytes before any request"))
+        else:
+            answer.set_result(None)
+
+    def _refused(self, what: str) -> None:
+        self.abort()
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(Unreachable(f"the relay sent {what}"))
+        self.answer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(Unreachable("the relay closed the connection before answering"))
+        self.answer = None
+        super().connection_lost(exc)
 
 
 class Upstream:
@@ -201,11 +258,14 @@ class Upstream:
 
     `peer` is the (pid, uid) the node agent reported for the instance: a new connection whose
     listening process is anything else (SO_PEERCRED) is refused before a byte is sent to it.
+    `relay`: the instance is on another node, reached through its relay (which checks the peer);
+    `path` then only names it.
     """
 
-    def __init__(self, path: str, peer: tuple[int, int] | None = None) -> None:
+    def __init__(self, path: str, peer: tuple[int, int] | None = None, relay: Relayed | None = None) -> None:
         self.path = path
         self.peer = peer
+        self.relay = relay
         self.idle: list[UpstreamConn] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # retired: connections coming back are closed, not kept
@@ -233,6 +293,8 @@ class Upstream:
         found = None if fresh else self.take_idle()
         if found is not None:
             return found
+        if self.relay is not None:
+            return await self._through_relay(loop, self.relay)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_unix_connection(lambda: UpstreamConn(self, loop), self.path), CONNECT_TIMEOUT_S
@@ -240,27 +302,35 @@ class Upstream:
         except (OSError, TimeoutError) as e:
             raise Unreachable(str(e) or type(e).__name__) from e
         if self.peer is not None:
-            self._check_peer(conn)
+            try:
+                check_peer(conn.transport, self.peer, self.path)  # type: ignore[arg-type]
+            except PeerMismatch as e:
+                conn.abort()
+                raise Unreachable(str(e)) from e
         return conn
 
-    def _check_peer(self, conn: UpstreamConn) -> None:
-        expected = self.peer
-        assert expected is not None
-        sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
-        try:
-            if sock is None:
-                raise OSError("no socket")
-            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            pid, uid, _ = _UCRED.unpack(cred)
-        except OSError as e:
-            conn.abort()
-            raise Unreachable(f"cannot tell who listens on {self.path}: {e}") from e
-        if (pid, uid) != expected:
-            conn.abort()
-            raise Unreachable(
-                f"{self.path} is served by pid {pid} uid {uid}, not by the instance (pid {expected[0]} "
-                f"uid {expected[1]}): refused"
+    async def _through_relay(self, loop: asyncio.AbstractEventLoop, relay: Relayed) -> UpstreamConn:
+        async def connect() -> UpstreamConn:
+            transport, conn = await loop.create_connection(
+                lambda: _RelayedConn(self, loop), relay.host, relay.port
             )
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # small requests go at once, not after the last one's ACK
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport.write(relaywire.preamble(relay.token, relay.instance, relay.kind))
+            assert conn.answer is not None
+            try:
+                await conn.answer
+            except BaseException:
+                conn.abort()
+                raise
+            return conn
+
+        try:
+            return await asyncio.wait_for(connect(), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            raise Unreachable(f"relay {relay.host}:{relay.port}: {e or type(e).__name__}") from e
 
     def release(self, conn: UpstreamConn) -> None:
         """Back to the pool if its exchange ended cleanly and may continue, else closed."""

@@ -110,6 +110,7 @@ class NodeAgent:
         found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.gateway = gateway  # (host, port) of this node's gateway, as reported in its heartbeat
+        self.relay: str | None = None  # "host:port" of this node's relay (`node.relay`), once it listens
         self.egress = (
             EgressProxy(gateway=gateway, log=self._egress_log, allow=egress_allow or [])
             if self.sandboxed and gateway
@@ -183,6 +184,8 @@ class NodeAgent:
         if self.gateway is not None:
             host, port = self.gateway
             report.update(address=host, gateway=f"http://{host}:{port}")
+        if self.relay is not None:
+            report["relay"] = self.relay
         report.update(_memory_mb())
         return report
 

@@ -1,4 +1,5 @@
-"""A node: the machine's node agent and its gateway processes, reaching the API over HTTP only.
+"""A node: the machine's node agent, its gateway processes and its relay (how other nodes' gateways
+reach its instances), reaching the API over HTTP only.
 
 `osless up` runs one in its own loop, next to the API; `osless node join --api URL --token T` runs one
 alone, on any machine that can reach the API. The node's own folder (its logs, its sandboxes' run
@@ -23,6 +24,7 @@ from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, doctor
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
+from osless.node.relay import Relay, supervised
 
 __all__ = ["NodeConfig", "NodeHost", "default_node_name", "host_protections", "private_dir", "run_node"]
 
@@ -73,6 +75,7 @@ class NodeConfig:
     sandbox: bool = True
     # Internal ranges apps may reach when they list them (`--egress-allow`).
     egress_allow: list[Network] = field(default_factory=list)
+    relay_port: int = 0  # where other nodes' gateways reach this node's instances (0: a free port)
 
     @property
     def gateway_url(self) -> str:
@@ -103,6 +106,7 @@ class NodeHost:
             protections=protections,
             egress_allow=cfg.egress_allow,
         )
+        self.relay = Relay(cfg.api_url, supervised(self.agent.supervisors), node=cfg.name)
 
     def reserve(self) -> None:
         """Hold the gateway's port now: a taken port is this node's error, said before anything runs."""
@@ -115,7 +119,16 @@ class NodeHost:
             ) from None
 
     async def start(self) -> list[asyncio.Task[None]]:
-        """The gateway processes started (the API must answer by now); the running parts as tasks."""
+        """The relay listening, the gateway processes started (the API must answer by now); the
+        running parts as tasks."""
+        try:
+            # Before the agent's first heartbeat, which tells the other nodes where it is.
+            self.agent.relay = await self.relay.start(self.cfg.host, self.cfg.relay_port)
+        except OSError as e:
+            raise SystemExit(
+                f"the relay could not listen on {self.cfg.host}:{self.cfg.relay_port}: {e.strerror or e} "
+                "(port in use? pass --relay-port)"
+            ) from None
         try:
             await self.gateways.start()
         except RuntimeError as e:
@@ -127,6 +140,7 @@ class NodeHost:
 
     async def stop(self) -> None:
         await self.gateways.stop()
+        await self.relay.close()
         await self.api.aclose()
 
 
