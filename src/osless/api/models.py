@@ -219,6 +219,12 @@ class NodeLease(Body):
     ttl_s: float = Field(default=10.0, ge=1, le=300, description="gone this long without a heartbeat: lost")
     address: str | None = Field(default=None, max_length=255, description="where the node is reached")
     gateway: str | None = Field(default=None, max_length=255, description="the node's gateway URL")
+    api: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^https?://[^/?#@\s]+$",
+        description="the node API's URL (the logs of its instances), as http(s)://host:port",
+    )
     pid: MaybeInteger = Field(default=None, ge=1, description="the node agent's process")
     memory_total_mb: MaybeInteger = Field(default=None, ge=0)
     memory_free_mb: MaybeInteger = Field(default=None, ge=0, description="available to new instances")

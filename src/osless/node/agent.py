@@ -84,6 +84,7 @@ class NodeAgent:
         self.data_dir = data_dir
         self.images_dir = data_dir / "images"
         self.logs_dir = data_dir / "logs"
+        self.node_api: str | None = None  # the node API's URL, reported in the heartbeat
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The instances' sockets: the node's alone (root, 700), never shown to a sandbox.
@@ -179,6 +180,8 @@ class NodeAgent:
         if self.gateway is not None:
             host, port = self.gateway
             report.update(address=host, gateway=f"http://{host}:{port}")
+        if self.node_api is not None:
+            report["api"] = self.node_api
         report.update(_memory_mb())
         return report
 
