@@ -220,7 +220,10 @@ def _gone(nodes: list[Node], instances: list[Any], instance: str | None) -> list
         if i.node and i.node not in live and (instance is None or i.id == instance):
             lost.setdefault(i.node, []).append(i.id)
     return [
-        _notice(f"node {name} is gone (no heartbeat): the logs of {', '.join(sorted(ids)[:10])} went with it")
+        _notice(
+            f"node {name} is gone (no heartbeat): its logs are missing here, those of "
+            f"{', '.join(sorted(ids)[:10])}{' and more' if len(ids) > 10 else ''} with them"
+        )
         for name, ids in sorted(lost.items())
     ]
 

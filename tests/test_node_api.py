@@ -1,0 +1,169 @@
+"""Logs across nodes: each node serves its instances' logs from its own disk (the node API), the API
+merges them by time, and a node that does not answer costs its lines, said, never the answer."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.platform import OSLESS, Node, Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Platform, Node]]:
+    """A platform and a second node, with the logger app's two instances one on each."""
+    root = tmp_path_factory.mktemp("fleet")
+    platform = Platform(root / "data").start()
+    second_dir = root / "second"
+    second_dir.mkdir()
+    # until nodes pull images over the API
+    (second_dir / "images").symlink_to(platform.data_dir / "images")
+    node = Node(platform, "second", second_dir)
+    try:
+        node.start()
+        platform.deploy(APPS / "logger")
+        platform.cli("scale", "logger", "--min", "2", "--max", "2")
+        platform.wait_for(
+            lambda: (
+                {i["node"] for i in platform.instances("logger") if i["status"]["phase"] == "ready"}
+                == {platform_node(platform), "second"}
+            ),
+            timeout=60,
+            what="an instance of logger ready on each node",
+        )
+        yield platform, node
+    finally:
+        node.stop()
+        platform.stop()
+
+
+def platform_node(platform: Platform) -> str:
+    return next(n["name"] for n in platform.cli_json("nodes") if n["name"] != "second")
+
+
+def sources(platform: Platform) -> dict[str, str]:
+    """instance id -> its node."""
+    return {i["id"]: i["node"] for i in platform.instances("logger")}
+
+
+def say_until_both_heard(platform: Platform, word: str, heard: Any) -> None:
+    """Invoke logger.say with `word`-N until `heard()` has lines of both instances."""
+    n = 0
+
+    def both() -> bool:
+        nonlocal n
+        n += 1
+        status, _ = platform.invoke("logger", "say", {"word": f"{word}-{n}"})
+        assert status == 200
+        return {r["source"] for r in heard() if r["line"].startswith(f"said {word}-")} >= set(
+            sources(platform)
+        )
+
+    platform.wait_for(both, timeout=60, what=f"lines of {word} from both nodes' instances")
+
+
+def records(platform: Platform, *args: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in platform.cli("logs", "logger", "--json", *args).stdout.splitlines()]
+
+
+def test_logs_merge_the_instances_of_both_nodes_in_time_order(fleet: tuple[Platform, Node]) -> None:
+    platform, _ = fleet
+    say_until_both_heard(platform, "merged", lambda: records(platform, "--tail", "1000"))
+    got = [r for r in records(platform, "--tail", "1000") if r["line"].startswith("said merged-")]
+    assert {sources(platform)[r["source"]] for r in got} == {platform_node(platform), "second"}
+    assert [r["ts"] for r in got] == sorted(r["ts"] for r in got)
+    # Each node's lines came from its own disk: the second node's are in its data dir only.
+    second = next(i for i, node in sources(platform).items() if node == "second")
+    assert (fleet[1].data_dir / "logs" / "apps" / "logger" / f"{second}.log").exists()
+    assert not (platform.data_dir / "logs" / "apps" / "logger" / f"{second}.log").exists()
+    # The tail is the last N overall, and --instance still picks one.
+    assert len(records(platform, "--tail", "3")) == 3
+    only = records(platform, "--tail", "1000", "--instance", second)
+    assert only and {r["source"] for r in only} == {second}
+
+
+def test_follow_shows_new_lines_of_both_nodes(fleet: tuple[Platform, Node]) -> None:
+    platform, _ = fleet
+    follower = subprocess.Popen(
+        [OSLESS, "logs", "logger", "-f", "--tail", "0", "--json"], env=platform.env, stdout=subprocess.PIPE
+    )
+    seen: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            seen.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        say_until_both_heard(platform, "followed", lambda: list(seen))
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        reader.join(5)
+        assert follower.stdout is not None
+        follower.stdout.close()
+
+
+def node_api(platform: Platform, name: str) -> str:
+    url: str = next(n for n in platform.cli_json("nodes") if n["name"] == name)["api"]
+    return url
+
+
+def test_the_node_api_decides_as_the_api_would(fleet: tuple[Platform, Node]) -> None:
+    platform, _ = fleet
+    platform.cli("deploy", str(APPS / "e2e_crashy"), "--name", "other")
+    url = f"{node_api(platform, 'second')}/logs/apps/logger?tail=5"
+
+    def get(token: str | None) -> httpx.Response:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(url, headers=headers, timeout=30)
+
+    def token(*args: str) -> str:
+        made: str = platform.cli_json("tokens", "create", *args)["token"]
+        return made
+
+    refused = get(None)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert get("osl_made-up").status_code == 401
+    other = get(token("--role", "debug", "--app", "other"))
+    assert other.status_code == 403 and "limited to app 'other'" in other.json()["error"]["message"]
+    reader = get(token("--role", "read"))
+    assert reader.status_code == 403 and "'logs'" in reader.json()["error"]["message"]
+    for allowed in (token("--role", "debug", "--app", "logger"), platform.token):
+        ok = get(allowed)
+        assert ok.status_code == 200, ok.text
+        lines = [json.loads(line) for line in ok.text.splitlines()]
+        assert lines and all(set(r) == {"ts", "source", "stream", "line"} for r in lines)
+    # Bad input is a clear 400, never a path outside the app's folder.
+    bad = httpx.get(f"{node_api(platform, 'second')}/logs/apps/logger?instance=..", timeout=30)
+    assert bad.status_code == 400 and "instance id" in bad.json()["error"]["message"]
+
+
+def test_a_dead_node_costs_its_lines_and_says_so(fleet: tuple[Platform, Node]) -> None:
+    platform, node = fleet
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    start = time.monotonic()
+    r = platform.cli("logs", "logger", "--tail", "1000", timeout=60)
+    assert time.monotonic() - start < 30
+    first = {i for i, n in sources(platform).items() if n != "second"}
+    assert any(i in r.stdout for i in first), r.stdout
+    assert "node second did not answer: its logs are missing here" in r.stdout, r.stdout
+    got = records(platform, "--tail", "1000")
+    assert any(rec["source"] in first and rec["line"].startswith("said ") for rec in got)
+    notice = [rec for rec in got if "node second" in rec["line"]]
+    assert notice and notice[-1]["source"] == "osless" and notice[-1]["stream"] == "osless"
