@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.platform import OSLESS, Node, Platform
+from tests.platform import OSLESS, Node, Platform, recv_until
 
 APPS = Path(__file__).parent / "apps"
 
@@ -167,3 +168,92 @@ def test_a_dead_node_costs_its_lines_and_says_so(fleet: tuple[Platform, Node]) -
     assert any(rec["source"] in first and rec["line"].startswith("said ") for rec in got)
     notice = [rec for rec in got if "node second" in rec["line"]]
     assert notice and notice[-1]["source"] == "osless" and notice[-1]["stream"] == "osless"
+
+
+class HostileNode:
+    """A node API that answers a tail with a 64 MiB line before a good record, and a follow with one
+    record before holding the connection open; it notes when the API lets go of it."""
+
+    HUGE = 64 * 1024 * 1024
+    RECORD = json.dumps({"ts": 1.0, "source": "h-1", "stream": "stdout", "line": "from the hostile node"})
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.follows_open = 0
+        self.follows_closed = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            head = recv_until(conn, lambda b: b"\r\n\r\n" in b)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n"
+            )
+            if b"follow=true" not in head.split(b"\r\n")[0]:
+                chunk = b"x" * (1024 * 1024)
+                for _ in range(self.HUGE // len(chunk)):
+                    conn.sendall(chunk)
+                conn.sendall(b"\n" + self.RECORD.encode() + b"\n")
+                return
+            self.follows_open += 1
+            conn.sendall(self.RECORD.encode() + b"\n")
+            while conn.recv(4096):  # until the API closes its end
+                pass
+            self.follows_closed += 1
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def peak_rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def test_a_node_cannot_make_the_api_buffer_without_limit(own_platform: Platform) -> None:
+    own_platform.deploy(APPS / "logger")
+    hostile = HostileNode()
+    try:
+        r = own_platform.http("PUT", "/v1/nodes/hostile", json={"ttl_s": 300, "api": hostile.url})
+        assert r.status_code == 200, r.text
+        assert own_platform.proc is not None
+        before = peak_rss_kb(own_platform.proc.pid)
+        got = [
+            json.loads(x)
+            for x in own_platform.cli("logs", "logger", "--json", timeout=120).stdout.splitlines()
+        ]
+        # The 64 MiB line was skipped as it came, never held whole: the API's peak memory barely moved.
+        assert peak_rss_kb(own_platform.proc.pid) - before < 24 * 1024
+        assert any(rec["line"] == "from the hostile node" for rec in got), got
+        assert any("node hostile sent a record longer than" in rec["line"] for rec in got), got
+    finally:
+        hostile.close()
+
+
+def test_a_follow_lets_go_of_the_nodes_when_its_client_goes(own_platform: Platform) -> None:
+    own_platform.deploy(APPS / "logger")
+    hostile = HostileNode()
+    try:
+        own_platform.http("PUT", "/v1/nodes/hostile", json={"ttl_s": 300, "api": hostile.url})
+        with httpx.stream(
+            "GET",
+            f"{own_platform.api}/v1/apps/logger/logs?follow=true&tail=0",
+            headers={"authorization": f"Bearer {own_platform.token}"},
+            timeout=30,
+        ) as resp:
+            for line in resp.iter_lines():
+                if "from the hostile node" in line:
+                    break
+            assert hostile.follows_open == 1 and hostile.follows_closed == 0
+        own_platform.wait_for(lambda: hostile.follows_closed == 1, timeout=10, what="the API to let go")
+    finally:
+        hostile.close()
