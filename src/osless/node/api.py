@@ -62,6 +62,7 @@ class Callers:
         self.ttl_s = ttl_s
         self.size = size
         self._cache: OrderedDict[str, tuple[float, _Who | None]] = OrderedDict()  # digest -> (until, who)
+        self._born: OrderedDict[str, tuple[float, float]] = OrderedDict()  # app -> (until, created_at)
         self._client = httpx.AsyncClient(
             base_url=api_url.rstrip("/"),
             verify=api_url.startswith("https://"),
@@ -88,6 +89,35 @@ class Callers:
         if who.app is not None and who.app != app:
             return _error(403, "forbidden", f"this token is limited to app {who.app!r}")
         return None
+
+    async def born(self, request: Request, app: str) -> float | Response:
+        """When `app` was made, as the API tells this (already checked) caller; or the answer to give.
+
+        Records older than that are of an earlier app of the same name, deleted: whoever reads the
+        new app must not read them, and the node keeps its folder until it is collected.
+        """
+        now = time.monotonic()
+        cached = self._born.get(app)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            resp = await self._client.get(
+                f"/v1/apps/{app}", headers={"authorization": request.headers["authorization"]}
+            )
+        except httpx.HTTPError as e:
+            return _error(503, "unavailable", f"the API could not say when app {app!r} was made: {e}")
+        if resp.status_code == 404:
+            return _error(404, "not_found", f"no app {app!r}: `osless apps` lists them")
+        created = None
+        with contextlib.suppress(ValueError, AttributeError):
+            created = resp.json().get("created_at") if resp.status_code == 200 else None
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            return _error(503, "unavailable", f"the API could not say when app {app!r} was made")
+        self._born[app] = (now + self.ttl_s, float(created))
+        self._born.move_to_end(app)
+        while len(self._born) > self.size:
+            self._born.popitem(last=False)
+        return float(created)
 
     async def _who(self, token: str) -> _Who | None:
         digest = hashlib.sha256(token.encode()).hexdigest()
@@ -150,6 +180,9 @@ def create_app(logs_dir: Path, callers: Callers) -> Starlette:
         refused = await callers.check(request, "logs", app)
         if refused is not None:
             return refused
+        born = await callers.born(request, app)
+        if isinstance(born, Response):
+            return born
         folder = logs_dir / "apps" / app
 
         def paths() -> list[Path]:
@@ -161,10 +194,12 @@ def create_app(logs_dir: Path, callers: Callers) -> Starlette:
             # A follow ends when the client goes: Starlette cancels this on its disconnect.
             if follow_ in ("true", "1"):
                 async for rec in follow(paths, tail=tail, poll_s=0.1):
-                    yield record_line(rec)
+                    if rec.get("ts", 0) >= born:
+                        yield record_line(rec)
             else:
                 for rec in read_tail(paths(), tail):
-                    yield record_line(rec)
+                    if rec.get("ts", 0) >= born:
+                        yield record_line(rec)
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
