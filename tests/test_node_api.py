@@ -295,10 +295,12 @@ def test_a_follow_lets_go_of_the_nodes_when_its_client_goes(own_platform: Platfo
             headers={"authorization": f"Bearer {own_platform.token}"},
             timeout=30,
         ) as resp:
+            seen = []
             for line in resp.iter_lines():
+                seen.append(line)
                 if "from the hostile node" in line:
                     break
-            assert hostile.follows_open == 1 and hostile.follows_closed == 0
+            assert hostile.follows_open == 1 and hostile.follows_closed == 0, seen
         own_platform.wait_for(lambda: hostile.follows_closed == 1, timeout=10, what="the API to let go")
     finally:
         hostile.close()
