@@ -240,6 +240,9 @@ class NodeApi:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
+            # Listening now: a caller that reads the heartbeat's URL before the server runs waits in
+            # the backlog instead of being refused.
+            sock.listen(2048)
         except OSError:
             sock.close()
             raise

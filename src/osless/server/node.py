@@ -111,7 +111,8 @@ class NodeHost:
         )
 
     def reserve(self) -> None:
-        """Hold the gateway's port now: a taken port is this node's error, said before anything runs."""
+        """Hold the gateway's and the node API's ports now: a taken port is this node's error, said
+        before anything runs."""
         try:
             self.gateways.reserve()
         except OSError as e:
