@@ -126,6 +126,7 @@ def node_api(platform: Platform, name: str) -> str:
 def test_the_node_api_decides_as_the_api_would(fleet: tuple[Platform, Node]) -> None:
     platform, _ = fleet
     platform.cli("deploy", str(APPS / "e2e_crashy"), "--name", "other")
+    say_until_both_heard(platform, "authz", lambda: records(platform, "--tail", "1000"))
     url = f"{node_api(platform, 'second')}/logs/apps/logger?tail=5"
 
     def get(token: str | None) -> httpx.Response:
@@ -148,6 +149,10 @@ def test_the_node_api_decides_as_the_api_would(fleet: tuple[Platform, Node]) -> 
         assert ok.status_code == 200, ok.text
         lines = [json.loads(line) for line in ok.text.splitlines()]
         assert lines and all(set(r) == {"ts", "source", "stream", "line"} for r in lines)
+    # A heartbeat names a node API by its http(s) origin only: the API sends callers' tokens there.
+    for bad_url in ("file:///etc/passwd", "http://user:pw@host:1", "http://host:1/path", "gopher://x"):
+        r = platform.http("PUT", "/v1/nodes/bogus", json={"api": bad_url})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (bad_url, r.text)
     # Bad input is a clear 400, never a path outside the app's folder.
     bad = httpx.get(f"{node_api(platform, 'second')}/logs/apps/logger?instance=..", timeout=30)
     assert bad.status_code == 400 and "instance id" in bad.json()["error"]["message"]
@@ -304,3 +309,24 @@ def test_a_follow_lets_go_of_the_nodes_when_its_client_goes(own_platform: Platfo
         own_platform.wait_for(lambda: hostile.follows_closed == 1, timeout=10, what="the API to let go")
     finally:
         hostile.close()
+
+
+def test_join_refuses_a_node_api_port_out_of_range(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            OSLESS,
+            "node",
+            "join",
+            "--api",
+            "http://127.0.0.1:9",
+            "--token",
+            "osl_x",
+            "--node-api-port",
+            "70000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert "--node-api-port must be a port from 0 to 65535" in r.stderr, r.stderr
