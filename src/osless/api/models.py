@@ -225,6 +225,12 @@ class NodeLease(Body):
         pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
         description="host:port where other nodes' gateways reach this node's instances (its relay)",
     )
+    api: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^https?://[^/?#@\s]+$",
+        description="the node API's URL (the logs of its instances), as http(s)://host:port",
+    )
     pid: MaybeInteger = Field(default=None, ge=1, description="the node agent's process")
     memory_total_mb: MaybeInteger = Field(default=None, ge=0)
     memory_free_mb: MaybeInteger = Field(default=None, ge=0, description="available to new instances")

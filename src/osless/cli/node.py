@@ -46,6 +46,10 @@ def join(
             max=65535,
         ),
     ] = 0,
+    node_api_port: Annotated[
+        int,
+        typer.Option(help="Port of the node API, which serves its logs to the API (0: a free port)."),
+    ] = 0,
     gateways: Annotated[
         int | None,
         typer.Option(
@@ -78,6 +82,8 @@ def join(
         fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
     if not token.strip():
         fail("--token is empty: give a node token (`osless tokens create --role node --name NODE`)")
+    if not 0 <= node_api_port <= 65535:
+        fail(f"--node-api-port must be a port from 0 to 65535 (0: a free one), not {node_api_port}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = NodeConfig(
         api_url=api.rstrip("/"),
@@ -91,6 +97,7 @@ def join(
         host=host,
         http_port=http_port,
         relay_port=relay_port,
+        node_api_port=node_api_port,
         sandbox=sandbox,
         egress_allow=allowed,
     )

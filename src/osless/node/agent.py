@@ -88,6 +88,7 @@ class NodeAgent:
         self._images_checked = time.monotonic()
         self._image_failures: dict[str, str] = {}  # instance -> why its image could not be had
         self.logs_dir = data_dir / "logs"
+        self.node_api: str | None = None  # the node API's URL, reported in the heartbeat
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The instances' sockets: the node's alone (root, 700), never shown to a sandbox.
@@ -186,6 +187,8 @@ class NodeAgent:
             report.update(address=host, gateway=f"http://{host}:{port}")
         if self.relay is not None:
             report["relay"] = self.relay
+        if self.node_api is not None:
+            report["api"] = self.node_api
         report.update(_memory_mb())
         return report
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, doctor
+from osless.node.api import NodeApi
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
 from osless.node.relay import Relay, supervised
@@ -71,6 +72,7 @@ class NodeConfig:
     name: str = field(default_factory=default_node_name)
     host: str = "127.0.0.1"  # where this node's gateway listens, and where other parts reach it
     http_port: int = 8080
+    node_api_port: int = 0  # the node API (the logs of its instances); 0: a free port
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
     sandbox: bool = True
     # Internal ranges apps may reach when they list them (`--egress-allow`).
@@ -83,8 +85,9 @@ class NodeConfig:
 
 
 class NodeHost:
-    """The node's parts, started in order: the gateway port reserved, the gateway processes up (they
-    read their routing table first), then the agent."""
+    """The node's parts, started in order: the gateway's and the node API's ports reserved, the
+    gateway processes up (they read their routing table first), the node API, then the agent (whose
+    heartbeat says where the node API is)."""
 
     def __init__(self, cfg: NodeConfig, *, sandboxed: bool, protections: list[Protection]) -> None:
         self.cfg = cfg
@@ -107,9 +110,13 @@ class NodeHost:
             egress_allow=cfg.egress_allow,
         )
         self.relay = Relay(cfg.api_url, supervised(self.agent.supervisors), node=cfg.name)
+        self.node_api = NodeApi(
+            api_url=cfg.api_url, logs_dir=self.agent.logs_dir, host=cfg.host, port=cfg.node_api_port
+        )
 
     def reserve(self) -> None:
-        """Hold the gateway's port now: a taken port is this node's error, said before anything runs."""
+        """Hold the gateway's and the node API's ports now: a taken port is this node's error, said
+        before anything runs."""
         try:
             self.gateways.reserve()
         except OSError as e:
@@ -117,6 +124,14 @@ class NodeHost:
                 f"could not listen on {self.cfg.host}:{self.cfg.http_port}: {e.strerror or e} "
                 "(port in use? pass --http-port)"
             ) from None
+        try:
+            self.node_api.reserve()
+        except OSError as e:
+            raise SystemExit(
+                f"could not listen on {self.cfg.host}:{self.cfg.node_api_port}: {e.strerror or e} "
+                "(port in use? pass --node-api-port, or 0 for a free one)"
+            ) from None
+        self.agent.node_api = self.node_api.url
 
     async def start(self) -> list[asyncio.Task[None]]:
         """The relay listening, the gateway processes started (the API must answer by now); the
@@ -135,12 +150,14 @@ class NodeHost:
             raise SystemExit(f"the gateway could not start: {e}") from None
         return [
             asyncio.create_task(self.gateways.run(), name="the gateway processes"),
+            asyncio.create_task(self.node_api.serve(), name="the node API"),
             asyncio.create_task(self.agent.run(), name="the node agent"),
         ]
 
     async def stop(self) -> None:
         await self.gateways.stop()
         await self.relay.close()
+        await self.node_api.stop()
         await self.api.aclose()
 
 

@@ -1,32 +1,241 @@
-"""An app's logs: the last lines of every instance, merged by time, optionally followed."""
+"""An app's logs: asked of every live node's API (`node/api.py`), merged by time, optionally followed.
+
+Nodes keep their instances' logs on their own disk; the API asks them, with the caller's own token
+(the node decides as the API would), and never keeps a copy. A node that does not answer costs its
+lines, said in a record of their place, never the whole answer. What a node sends is read in
+bounded records: a node cannot make the API buffer without limit.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
+import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+import httpx
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, require
 from osless.api.errors import responses
-from osless.api.models import InstanceId
+from osless.api.models import InstanceId, Node
 from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
-from osless.logs import follow, read_tail
+from osless.bounds import MAX_LINE_CHARS, MAX_NAME_CHARS, cap
 
 router = APIRouter(tags=["logs"])
+
+# A record of a node: its line (at most MAX_LINE_CHARS, each at most 6 bytes as JSON) and the rest.
+MAX_RECORD_BYTES = MAX_LINE_CHARS * 6 + 2048
+MAX_ERROR_BYTES = 4096  # of a node's refusal, shown in the notice
+NODE_CONNECT_S = 3.0
+NODE_TAIL_S = 20.0  # a whole tail answer, from the request to its last record
+FOLLOW_QUEUE = 256  # records read ahead of a slow client, per answer: past it, nodes wait
+
+
+class _NodeFailed(Exception):
+    """A node's logs could not be read; the message says why, for the notice."""
+
+
+def _notice(line: str) -> dict[str, Any]:
+    return {"ts": round(time.time(), 6), "source": "osless", "stream": "osless", "line": line}
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """A node's line as a record the API passes on: its shape checked, its text capped."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    ts, source, stream, line = (rec.get(k) for k in ("ts", "source", "stream", "line"))
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+        return None
+    if not (isinstance(source, str) and isinstance(stream, str) and isinstance(line, str)):
+        return None
+    return {
+        "ts": float(ts),
+        "source": cap(source, MAX_NAME_CHARS),
+        "stream": cap(stream, MAX_NAME_CHARS),
+        "line": cap(line, MAX_LINE_CHARS),
+    }
+
+
+async def _lines(resp: httpx.Response) -> AsyncIterator[bytes | None]:
+    """The lines of an NDJSON answer, none kept past MAX_RECORD_BYTES: a longer one is None (its
+    rest skipped, unread into memory)."""
+    buf = bytearray()
+    skipping = False
+    async for chunk in resp.aiter_bytes():
+        start = 0
+        while start < len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not skipping:
+                buf += piece
+                if len(buf) > MAX_RECORD_BYTES:
+                    buf.clear()
+                    skipping = True
+                    yield None
+            if end < 0:
+                break
+            if skipping:
+                skipping = False
+            elif buf.strip():
+                yield bytes(buf)
+            buf.clear()
+            start = end + 1
+    if buf.strip() and not skipping:
+        yield bytes(buf)
+
+
+async def _refusal(resp: httpx.Response) -> str:
+    """What a node that refused said, read no further than MAX_ERROR_BYTES."""
+    body = b""
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            break
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode("utf-8", "replace")
+    return f"it answered {resp.status_code}: {cap(str(message), 500)}"
+
+
+async def _node_records(
+    client: httpx.AsyncClient,
+    node: Node,
+    *,
+    app: str,
+    header: str,
+    tail: int,
+    follow: bool,
+    instance: str | None,
+) -> AsyncIterator[dict[str, Any]]:
+    """The records a node's API answers, in its order; _NodeFailed if it does not answer."""
+    if not node.api:
+        raise _NodeFailed("its heartbeat names no node API (a node of an earlier release?)")
+    params = {"tail": str(tail), "follow": "true" if follow else "false"}
+    if instance:
+        params["instance"] = instance
+    try:
+        async with client.stream(
+            "GET", f"{node.api}/logs/apps/{app}", params=params, headers={"authorization": header}
+        ) as resp:
+            if resp.status_code != 200:
+                raise _NodeFailed(await _refusal(resp))
+            async for raw in _lines(resp):
+                rec = _record(raw) if raw is not None else None
+                if rec is not None:
+                    yield rec
+                elif raw is None:
+                    yield _notice(
+                        f"node {node.name} sent a record longer than {MAX_RECORD_BYTES} bytes: dropped"
+                    )
+    except httpx.HTTPError as e:
+        raise _NodeFailed(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+
+
+def _missing(name: str, why: str) -> dict[str, Any]:
+    return _notice(f"node {name} did not answer: its logs are missing here ({cap(why, 1000)})")
+
+
+async def _tail_of(
+    client: httpx.AsyncClient, node: Node, tail: int, **ask: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """A node's last `tail` records; or the notice that it did not answer."""
+    out: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(NODE_TAIL_S):
+            async for rec in _node_records(client, node, tail=tail, follow=False, **ask):
+                out.append(rec)
+                if len(out) >= tail:
+                    break  # a node cannot send more than was asked
+    except _NodeFailed as e:
+        return [], _missing(node.name, str(e))
+    except TimeoutError:
+        return [], _missing(node.name, f"no whole answer in {NODE_TAIL_S:.0f}s")
+    return out, None
+
+
+async def _merged_tail(
+    client: httpx.AsyncClient, nodes: list[Node], tail: int, **ask: Any
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], set[str]]:
+    """The last `tail` records over all nodes by time, then the notices of the nodes that did not
+    answer; each node's records; the names of those that did not answer."""
+    if tail == 0:
+        return [], {}, set()
+    answers = await asyncio.gather(*(_tail_of(client, n, tail, **ask) for n in nodes))
+    records = sorted((r for rs, _ in answers for r in rs), key=lambda r: r["ts"])
+    notices = [notice for _, notice in answers if notice is not None]
+    by_node = {n.name: rs for n, (rs, _) in zip(nodes, answers, strict=True)}
+    failed = {n.name for n, (_, notice) in zip(nodes, answers, strict=True) if notice is not None}
+    return records[-tail:] + notices, by_node, failed
+
+
+async def _follow_node(
+    client: httpx.AsyncClient,
+    node: Node,
+    out: asyncio.Queue[dict[str, Any]],
+    *,
+    seen: list[dict[str, Any]],
+    said: bool,
+    tail: int,
+    **ask: Any,
+) -> None:
+    """A node's records from after those already `seen` (its tail), into `out` as they come.
+
+    The follow asks the same tail again, so that lines written between the two answers are not lost,
+    and skips what was already shown: older than the last seen, or the same record at its time.
+    `said`: the node's silence was already told; told again only if it answered in between.
+    """
+    last = max((r["ts"] for r in seen), default=None)
+    at_last = [r for r in seen if r["ts"] == last]
+    answered = False
+    try:
+        async for rec in _node_records(client, node, tail=tail, follow=True, **ask):
+            answered = True
+            if last is not None and (rec["ts"] < last or (rec["ts"] == last and rec in at_last)):
+                continue
+            await out.put(rec)
+        why = "its stream ended (the node stopped?)"
+    except _NodeFailed as e:
+        why = str(e)
+    if answered or not said:
+        await out.put(_notice(f"node {node.name} stopped answering: its new lines are missing here ({why})"))
+
+
+def _gone(nodes: list[Node], instances: list[Any], instance: str | None) -> list[dict[str, Any]]:
+    """Notices for the instances placed on nodes that have no heartbeat any more: their logs went with
+    their node."""
+    live = {n.name for n in nodes}
+    lost: dict[str, list[str]] = {}
+    for i in instances:
+        if i.node and i.node not in live and (instance is None or i.id == instance):
+            lost.setdefault(i.node, []).append(i.id)
+    return [
+        _notice(
+            f"node {name} is gone (no heartbeat): its logs are missing here, those of "
+            f"{', '.join(sorted(ids)[:10])}{' and more' if len(ids) > 10 else ''} with them"
+        )
+        for name, ids in sorted(lost.items())
+    ]
 
 
 @router.get(
     "/apps/{app}/logs",
     response_class=StreamingResponse,
     responses={**LOG, **responses(404)},
-    summary="NDJSON log records of the app's instances; follow=true streams",
+    summary="NDJSON log records of the app's instances on every node, merged by time; follow=true streams",
 )
 async def app_logs(
+    request: Request,
     app: str,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
@@ -35,19 +244,47 @@ async def app_logs(
     caller: Caller = require("logs"),
 ) -> Any:
     await state.resources.get_app(app)
-    folder = state.app_log_dir(app)
-
-    def paths() -> list[Path]:
-        if instance:
-            return [folder / f"{instance}.log"]
-        return sorted(folder.glob("*.log")) if folder.exists() else []
+    nodes, _ = await state.resources.list_nodes()
+    instances, _ = await state.resources.list_instances(app=app)
+    # The caller's own token goes to the nodes: each decides as this route did.
+    ask: dict[str, Any] = {"app": app, "header": request.headers["authorization"], "instance": instance}
+    gone = _gone(nodes, instances, instance)
 
     async def stream() -> AsyncIterator[bytes]:
-        if follow_:
-            async for rec in follow(paths, tail=tail, poll_s=0.1):
-                yield (json.dumps(rec) + "\n").encode()
-        else:
-            for rec in read_tail(paths(), tail):
-                yield (json.dumps(rec) + "\n").encode()
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(None if follow_ else NODE_TAIL_S, connect=NODE_CONNECT_S)
+        ) as client:
+            first, by_node, failed = await _merged_tail(client, nodes, tail, **ask)
+            for rec in first + gone:
+                yield _line(rec)
+            if not follow_:
+                return
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(FOLLOW_QUEUE)
+            readers = [
+                asyncio.create_task(
+                    _follow_node(
+                        client,
+                        n,
+                        queue,
+                        seen=by_node.get(n.name, []),
+                        said=n.name in failed,
+                        tail=tail,
+                        **ask,
+                    )
+                )
+                for n in nodes
+            ]
+            try:
+                while True:  # until the client goes: the server cancels this, and the readers with it
+                    yield _line(await queue.get())
+            finally:
+                for r in readers:
+                    r.cancel()
+                with contextlib.suppress(Exception):
+                    await asyncio.gather(*readers, return_exceptions=True)
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+def _line(rec: dict[str, Any]) -> bytes:
+    return (json.dumps(rec) + "\n").encode()

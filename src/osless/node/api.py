@@ -1,0 +1,278 @@
+"""The node API: a small HTTP server in the node process, for what stays on the node's own disk.
+
+Today it serves the logs of the node's instances (`GET /logs/apps/{app}`), which the API merges
+across nodes, as Kubernetes' API server asks the kubelet. The caller's own bearer token comes along;
+the node asks the API who it is (`GET /v1/whoami`, cached a moment by digest) and decides as the API
+would: the permission the route needs and, for a token limited to one app, that app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from osless.logs import follow, read_tail
+
+__all__ = ["Callers", "NodeApi", "create_app", "record_line"]
+
+MAX_TAIL = 100_000  # as the API's route
+# Names become path segments of the node's log folder: no '/', '..' or control characters.
+_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
+_TOKEN_PREFIXES = ("osl_", "osla_")  # what the API's tokens look like (an app's own: osla_)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def record_line(rec: dict[str, Any]) -> bytes:
+    """One NDJSON line. Characters are kept as UTF-8, not escaped: a record's size stays within
+    6 bytes a character of its line (a control character's escape), which readers bound."""
+    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+@dataclass
+class _Who:
+    permissions: frozenset[str]
+    app: str | None  # set: the token is limited to this app
+
+
+class Callers:
+    """Who a bearer token belongs to, as the API says (`GET /v1/whoami`), cached `ttl_s` by the
+    token's digest (never the token itself) in a bounded LRU, refusals included."""
+
+    def __init__(self, api_url: str, *, ttl_s: float = 2.0, size: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._cache: OrderedDict[str, tuple[float, _Who | None]] = OrderedDict()  # digest -> (until, who)
+        self._born: OrderedDict[str, tuple[float, float]] = OrderedDict()  # app -> (until, created_at)
+        self._client = httpx.AsyncClient(
+            base_url=api_url.rstrip("/"),
+            verify=api_url.startswith("https://"),
+            timeout=httpx.Timeout(10.0, connect=5.0),
+        )
+
+    async def check(self, request: Request, permission: str, app: str) -> Response | None:
+        """None when the request's token may do `permission` on `app`; else the refusal to answer."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error(401, "unauthorized", "not authenticated: send the API's bearer token")
+        token = token.strip()
+        if not token.startswith(_TOKEN_PREFIXES):
+            return _error(401, "unauthorized", "not an osless token")
+        try:
+            who = await self._who(token)
+        except _CannotSay as e:
+            return _error(503, "unavailable", f"the API could not say who this token is: {e}")
+        if who is None:
+            return _error(401, "unauthorized", "the API does not know this token (revoked or expired?)")
+        if permission not in who.permissions:
+            return _error(403, "forbidden", f"this token lacks the {permission!r} permission")
+        if who.app is not None and who.app != app:
+            return _error(403, "forbidden", f"this token is limited to app {who.app!r}")
+        return None
+
+    async def born(self, request: Request, app: str) -> float | Response:
+        """When `app` was made, as the API tells this (already checked) caller; or the answer to give.
+
+        Records older than that are of an earlier app of the same name, deleted: whoever reads the
+        new app must not read them, and the node keeps its folder until it is collected.
+        """
+        now = time.monotonic()
+        cached = self._born.get(app)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            resp = await self._client.get(
+                f"/v1/apps/{app}", headers={"authorization": request.headers["authorization"]}
+            )
+        except httpx.HTTPError as e:
+            return _error(503, "unavailable", f"the API could not say when app {app!r} was made: {e}")
+        if resp.status_code == 404:
+            return _error(404, "not_found", f"no app {app!r}: `osless apps` lists them")
+        created = None
+        with contextlib.suppress(ValueError, AttributeError):
+            created = resp.json().get("created_at") if resp.status_code == 200 else None
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            return _error(503, "unavailable", f"the API could not say when app {app!r} was made")
+        self._born[app] = (now + self.ttl_s, float(created))
+        self._born.move_to_end(app)
+        while len(self._born) > self.size:
+            self._born.popitem(last=False)
+        return float(created)
+
+    async def _who(self, token: str) -> _Who | None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            self._cache.move_to_end(digest)
+            return cached[1]
+        try:
+            resp = await self._client.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
+        except httpx.HTTPError as e:
+            raise _CannotSay(f"{type(e).__name__}: {e}") from None
+        who: _Who | None
+        if resp.status_code in (401, 403):
+            who = None
+        elif resp.status_code == 200:
+            try:
+                body = resp.json()
+                permissions = frozenset(str(p) for p in body.get("permissions") or ())
+                app = body.get("app")
+            except (ValueError, AttributeError, TypeError):
+                raise _CannotSay("its answer was not a whoami record") from None
+            who = _Who(permissions, app if isinstance(app, str) else None)
+        else:  # 429, 5xx: not an answer about the token; asked again next time
+            raise _CannotSay(f"it answered {resp.status_code}")
+        self._cache[digest] = (now + self.ttl_s, who)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.size:  # made-up tokens cannot grow it
+            self._cache.popitem(last=False)
+        return who
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _CannotSay(Exception):
+    """The API gave no answer about a token (unreachable, 429, 5xx)."""
+
+
+def create_app(logs_dir: Path, callers: Callers) -> Starlette:
+    """The node API's routes over the node's log folder (`<data dir>/logs`)."""
+
+    async def app_logs(request: Request) -> Response:
+        app = request.path_params["app"]
+        if not _NAME.fullmatch(app):
+            return _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
+        q = request.query_params
+        instance = q.get("instance") or None
+        if instance is not None and not _NAME.fullmatch(instance):
+            return _error(400, "invalid_request", f"{instance[:100]!r} is not an instance id")
+        try:
+            tail = int(q.get("tail", "100"))
+        except ValueError:
+            tail = -1
+        if not 0 <= tail <= MAX_TAIL:
+            return _error(400, "invalid_request", f"tail must be an integer from 0 to {MAX_TAIL}")
+        follow_ = q.get("follow", "false").lower()
+        if follow_ not in ("true", "false", "1", "0"):
+            return _error(400, "invalid_request", "follow must be true or false")
+        refused = await callers.check(request, "logs", app)
+        if refused is not None:
+            return refused
+        born = await callers.born(request, app)
+        if isinstance(born, Response):
+            return born
+        folder = logs_dir / "apps" / app
+
+        def paths() -> list[Path]:
+            if instance:
+                return [folder / f"{instance}.log"]
+            return sorted(folder.glob("*.log")) if folder.is_dir() else []
+
+        async def stream() -> AsyncIterator[bytes]:
+            # A follow ends when the client goes: Starlette cancels this on its disconnect.
+            if follow_ in ("true", "1"):
+                async for rec in follow(paths, tail=tail, poll_s=0.1):
+                    if rec.get("ts", 0) >= born:
+                        yield record_line(rec)
+            else:
+                for rec in read_tail(paths(), tail):
+                    if rec.get("ts", 0) >= born:
+                        yield record_line(rec)
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[
+            Route("/logs/apps/{app}", app_logs, methods=["GET"]),
+            Route("/healthz", health, methods=["GET"]),
+        ]
+    )
+
+
+class _Server(uvicorn.Server):
+    """Signals are the node's to handle: it stops every part together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class NodeApi:
+    """The node API's server: `reserve()` binds its port (0: a free one) so its URL is known before
+    the node reports it in its heartbeat; `serve()` runs it."""
+
+    def __init__(self, *, api_url: str, logs_dir: Path, host: str, port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.callers = Callers(api_url)
+        self.app = create_app(logs_dir, callers=self.callers)
+        self._sock: socket.socket | None = None
+        self._server: _Server | None = None
+
+    def reserve(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            # Listening now: a caller that reads the heartbeat's URL before the server runs waits in
+            # the backlog instead of being refused.
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(False)
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def serve(self) -> None:
+        if self._sock is None:
+            self.reserve()
+        assert self._sock is not None
+        self._server = _Server(
+            uvicorn.Config(
+                self.app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=2,  # open follows must not hold the node's shutdown
+            )
+        )
+        await self._server.serve(sockets=[self._sock])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        await self.callers.aclose()
+        if self._sock is not None:
+            self._sock.close()
