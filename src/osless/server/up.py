@@ -107,13 +107,14 @@ async def _admin_token(resources: Resources, data_dir: Path) -> str:
     return token
 
 
-async def _node_token(resources: Resources, node: str) -> str:
-    """A fresh token for this node's agent each start; the previous one is revoked."""
+async def fresh_token(resources: Resources, name: str, role: str) -> str:
+    """A token for one of the platform's own parts, made again at each start; the previous one of
+    that name is revoked."""
     tokens = Tokens(resources.store)
     for digest, record in await tokens.list():
-        if record.role == "node" and record.name == f"node:{node}":
+        if record.role == role and record.name == name:
             await tokens.revoke(digest)
-    return await issue_token(resources, f"node:{node}", role="node")
+    return await issue_token(resources, name, role=role)
 
 
 def _private(data_dir: Path) -> None:
@@ -160,7 +161,8 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         else None
     )
     secrets = SecretBox(load_key(data_dir, cfg.secret_key_file))
-    node_token = await _node_token(resources, cfg.node_name)
+    node_token = await fresh_token(resources, f"node:{cfg.node_name}", "node")
+    controller_token = await fresh_token(resources, "controller", "controller")
     state = ApiState(
         secrets=secrets,
         resources=resources,
@@ -184,7 +186,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
         )
     )
-    client = AsyncApi(cfg.api_url, node_token)  # the controllers act as this node, not as the admin
+    client = AsyncApi(cfg.api_url, controller_token)  # the controllers' own role: no secrets, no tokens
     node = NodeHost(
         NodeConfig(
             api_url=cfg.api_url,
