@@ -214,6 +214,49 @@ class Platform:
         return items
 
 
+@dataclass
+class Server(Platform):
+    """`osless server --etcd URL`: the API and the controllers on etcd, no node of its own (nodes join
+    with `Node`). Driven like a `Platform`: the CLI and `http` reach its API."""
+
+    etcd: str = ""  # etcd://HOST:PORT/ROOT
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir.parent / "up.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                self.osless,
+                "server",
+                "--etcd",
+                self.etcd,
+                "--data-dir",
+                str(self.data_dir),
+                "--api-port",
+                str(self.api_port),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), **self.up_env},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"osless server exited with {self.proc.returncode}: {self.output()[-2000:]}"
+                )
+            token_file = self.data_dir / "admin-token"
+            if token_file.exists():
+                self.token = token_file.read_text().strip()
+                with contextlib.suppress(httpx.HTTPError):
+                    if self.http("GET", "/v1/status", timeout=1).status_code == 200:
+                        return self
+            time.sleep(0.05)
+        raise RuntimeError(f"osless server did not come up in {timeout}s: {self.output()[-2000:]}")
+
+
 def copy_app(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest

@@ -18,6 +18,7 @@ from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
 
@@ -224,6 +225,7 @@ app.add_typer(apps_app, name="apps")
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
+app.command("server")(server)
 app.command("audit")(audit)
 
 
