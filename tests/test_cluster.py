@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +21,7 @@ import pytest
 from osless.server.api import backup_prefix
 from osless.store import open_store
 from tests.etcd import EtcdCluster
-from tests.platform import EXAMPLES, Node, Server
+from tests.platform import EXAMPLES, OSLESS, Node, Server, free_port, running
 
 
 @pytest.fixture
@@ -95,3 +101,77 @@ def test_an_etcd_backup_holds_the_platforms_keys_only(etcd: EtcdCluster, tmp_pat
     head, *lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert head["schema"] == 1 and head["revision"] > 0
     assert [(r["key"], base64.b64decode(r["value"])) for r in lines] == [("/apps/a", b"\x00binary")]
+
+
+def read_json(stream: Any) -> Any:
+    """The one JSON object a command prints once ready (it goes on running)."""
+    text = b""
+    while True:
+        line = stream.readline()
+        assert line, f"ended before a whole JSON object: {text!r}"
+        text += line
+        if line.rstrip() == b"}":
+            return json.loads(text)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under `pid` (read from /proc), in whatever session or pid namespace."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_cluster_up_starts_three_nodes_on_three_addresses_and_stops_them_all(tmp_path: Path) -> None:
+    env = {**os.environ, "OSLESS_CONFIG_DIR": str(tmp_path / "cli-config"), "COLUMNS": "200"}
+    ports = [str(free_port()) for _ in range(3)]
+    options = ["--api-port", ports[0], "--http-port", ports[1], "--etcd-port", ports[2]]
+    err = (tmp_path / "cluster.err").open("wb")
+    proc = subprocess.Popen(
+        [OSLESS, "cluster", "up", "--nodes", "3", "--dir", str(tmp_path / "c"), "--json", *options],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        env=env,
+    )
+    err.close()
+    try:
+        assert proc.stdout is not None
+        described = read_json(proc.stdout)
+        listed = json.loads(
+            subprocess.run(
+                [OSLESS, "nodes", "--json"], env=env, capture_output=True, check=True, timeout=60
+            ).stdout
+        )
+        addresses = {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
+        assert {(n["name"], n["address"], n["ready"]) for n in listed} == {
+            (f"n{k}", f"127.0.0.{k + 1}", True) for k in (1, 2, 3)
+        }, listed
+        assert {n["address"] for n in described["nodes"]} == addresses
+        for n in described["nodes"]:
+            assert httpx.get(f"{n['gateway']}/_health", timeout=5).status_code == 200
+        assert described["nodes"][0]["gateway"] == f"http://127.0.0.2:{ports[1]}"
+        # A part that dies is said loudly; the others go on.
+        running_before = descendants(proc.pid)
+        os.kill(described["nodes"][1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while "CLUSTER PART DIED: n2" not in (tmp_path / "cluster.err").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "cluster.err").read_text()[-2000:]
+            time.sleep(0.1)
+        assert httpx.get(f"{described['nodes'][0]['gateway']}/_health", timeout=5).status_code == 200
+        assert running_before
+    finally:
+        everything = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == 0, (tmp_path / "cluster.err").read_text()[-2000:]
+    left = [p for p in everything if running(p)]
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]

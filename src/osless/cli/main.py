@@ -14,6 +14,7 @@ import typer
 from rich.text import Text
 
 from osless.cli.audit import audit
+from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.node import MAX_GATEWAYS, node_app
@@ -226,6 +227,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
+app.add_typer(cluster_app, name="cluster")
 app.command("audit")(audit)
 
 
