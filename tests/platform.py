@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from osless.build import pack
+from tests.etcd import EtcdCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -273,10 +274,11 @@ class Node:
     http_port: int = field(default_factory=free_port)
     args: list[str] = field(default_factory=list)  # more `osless node join` options
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"  # its gateway's address (any of 127/8: each node may have its own)
 
     @property
     def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     def start(self, timeout: float = 30.0) -> Node:
         made = self.platform.cli_json("tokens", "create", "--role", "node", "--name", f"node:{self.name}")
@@ -293,6 +295,8 @@ class Node:
                 self.name,
                 "--data-dir",
                 str(self.data_dir),
+                "--host",
+                self.host,
                 "--http-port",
                 str(self.http_port),
                 "--gateways",
@@ -331,3 +335,50 @@ class Node:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    """A fleet on this machine: etcd (one member or three), an `osless server` on it, and `size` nodes,
+    node k on 127.0.0.(k+1) with one gateway port for all. Driven through `server` (a `Platform`);
+    each node, etcd member and the server can be stopped or killed on its own."""
+
+    root: Path
+    size: int = 3
+    etcd_members: int = 1
+    http_port: int = field(default_factory=free_port)
+    etcd: EtcdCluster = field(init=False)
+    server: Server = field(init=False)
+    nodes: list[Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.etcd = EtcdCluster(self.root / "etcd", size=self.etcd_members)
+        self.server = Server(self.root / "server" / "data")
+
+    def start(self) -> Cluster:
+        try:
+            self.etcd.start()
+            self.server.etcd = self.etcd.url()
+            self.server.start()
+            for k in range(1, self.size + 1):
+                self.add_node(f"n{k}", f"127.0.0.{k + 1}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_node(self, name: str, host: str) -> Node:
+        node_dir = self.root / name / "data"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        images = node_dir / "images"
+        if not images.exists():  # until nodes pull images over the API
+            images.symlink_to(self.server.data_dir / "images")
+        node = Node(self.server, name, node_dir, http_port=self.http_port, host=host)
+        self.nodes.append(node)
+        return node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.server.stop()
+        self.etcd.stop()

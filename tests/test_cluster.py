@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -21,7 +22,37 @@ import pytest
 from osless.server.api import backup_prefix
 from osless.store import open_store
 from tests.etcd import EtcdCluster
-from tests.platform import EXAMPLES, OSLESS, Node, Server, free_port, running
+from tests.platform import EXAMPLES, OSLESS, Cluster, Server, free_port, running
+
+
+def test_a_server_on_etcd_runs_apps_on_nodes_that_joined_it(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, size=2).start()
+    server = cluster.server
+    try:
+        listed = server.cli_json("nodes")  # the server has no node of its own
+        assert sorted((n["name"], n["ready"], n["gateway"]) for n in listed) == [
+            (n.name, True, n.gateway) for n in cluster.nodes
+        ]
+        deployed = server.deploy(EXAMPLES / "hello")  # built by the server, rolled out on the nodes
+        assert deployed["app"] == "hello" and deployed["status"] == "succeeded", deployed
+        server.cli("scale", "hello", "--min", "2")
+        server.wait_for(
+            lambda: (
+                sorted((i["node"], i["status"]["phase"]) for i in server.instances("hello"))
+                == [("n1", "ready"), ("n2", "ready")]
+            ),
+            timeout=60,
+            what="hello ready on both nodes",
+        )
+        for node in cluster.nodes:
+            assert httpx.get(f"{node.gateway}/hello/", timeout=10).text == "Hello from osless!\n"
+        # Function calls go through a live node's gateway, found by the server.
+        assert server.invoke("hello", "greet", {"name": "etcd"})[1]["message"] == "Hello, etcd!"
+        server.cli("config", "history", "hello")
+        assert [a["name"] for a in server.cli_json("apps")] == ["hello"]
+    finally:
+        cluster.stop()
+    assert server.proc is not None and server.proc.returncode == 0, server.output()[-2000:]
 
 
 @pytest.fixture
@@ -31,40 +62,6 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def test_a_server_on_etcd_runs_apps_on_a_node_that_joined_it(etcd: EtcdCluster, tmp_path: Path) -> None:
-    server = Server(tmp_path / "server" / "data", etcd=etcd.url(f"/t-{uuid.uuid4().hex[:8]}")).start()
-    try:
-        assert server.http("GET", "/v1/nodes").json()["items"] == []  # no node of its own
-        node_dir = tmp_path / "n1" / "data"
-        node_dir.mkdir(parents=True)
-        # until nodes pull images over the API
-        (node_dir / "images").symlink_to(server.data_dir / "images")
-        node = Node(server, "n1", node_dir).start()
-        try:
-            listed = server.cli_json("nodes")
-            assert [(n["name"], n["ready"], n["gateway"]) for n in listed] == [("n1", True, node.gateway)]
-            deployed = server.deploy(EXAMPLES / "hello")  # built by the server, rolled out on n1
-            assert deployed["app"] == "hello" and deployed["status"] == "succeeded", deployed
-            server.wait_for(
-                lambda: (
-                    [(i["node"], i["status"]["phase"]) for i in server.instances("hello")]
-                    == [("n1", "ready")]
-                ),
-                timeout=60,
-                what="hello ready on n1",
-            )
-            assert httpx.get(f"{node.gateway}/hello/", timeout=10).text == "Hello from osless!\n"
-            # Function calls go through a live node's gateway, found by the server.
-            assert server.invoke("hello", "greet", {"name": "etcd"})[1]["message"] == "Hello, etcd!"
-            server.cli("config", "history", "hello")
-            assert [a["name"] for a in server.cli_json("apps")] == ["hello"]
-        finally:
-            node.stop()
-    finally:
-        server.stop()
-    assert server.proc is not None and server.proc.returncode == 0, server.output()[-2000:]
 
 
 def test_a_second_server_with_another_secret_key_is_refused(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -103,12 +100,24 @@ def test_an_etcd_backup_holds_the_platforms_keys_only(etcd: EtcdCluster, tmp_pat
     assert [(r["key"], base64.b64decode(r["value"])) for r in lines] == [("/apps/a", b"\x00binary")]
 
 
-def read_json(stream: Any) -> Any:
+def two_free_ports() -> int:
+    """A free port whose next one is free too (etcd's client and peer ports)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def read_json(stream: Any, err: Path) -> Any:
     """The one JSON object a command prints once ready (it goes on running)."""
     text = b""
     while True:
         line = stream.readline()
-        assert line, f"ended before a whole JSON object: {text!r}"
+        assert line, f"ended before a whole JSON object: {text!r}; {err.read_text()[-3000:]}"
         text += line
         if line.rstrip() == b"}":
             return json.loads(text)
@@ -131,7 +140,7 @@ def descendants(pid: int) -> set[int]:
 
 def test_cluster_up_starts_three_nodes_on_three_addresses_and_stops_them_all(tmp_path: Path) -> None:
     env = {**os.environ, "OSLESS_CONFIG_DIR": str(tmp_path / "cli-config"), "COLUMNS": "200"}
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()), str(free_port()), str(two_free_ports())]
     options = ["--api-port", ports[0], "--http-port", ports[1], "--etcd-port", ports[2]]
     err = (tmp_path / "cluster.err").open("wb")
     proc = subprocess.Popen(
@@ -143,7 +152,7 @@ def test_cluster_up_starts_three_nodes_on_three_addresses_and_stops_them_all(tmp
     err.close()
     try:
         assert proc.stdout is not None
-        described = read_json(proc.stdout)
+        described = read_json(proc.stdout, tmp_path / "cluster.err")
         listed = json.loads(
             subprocess.run(
                 [OSLESS, "nodes", "--json"], env=env, capture_output=True, check=True, timeout=60
