@@ -220,3 +220,21 @@ def test_a_controller_token_schedules_and_reads_no_secrets(platform: Platform, a
         r = call(platform, ctl, method, path, json={})
         assert r.status_code == 403, (method, path, r.text)
         assert SECRET not in r.text
+
+
+def test_a_change_made_while_an_app_was_at_zero_reaches_its_next_instance(platform: Platform) -> None:
+    # Its zygote lingers on the node, warm, while no instance is placed there: the node is sent no
+    # values then, and must read them again when the app comes back.
+    platform.deploy(APPS / "configured", "--name", "roles-linger")
+    set_secret(platform, "roles-linger")
+    platform.cli("scale", "roles-linger", "--min", "0", "--idle", "1")
+    platform.wait_for(lambda: not platform.instances("roles-linger"), timeout=60, what="roles-linger at zero")
+    r = platform.http("PATCH", "/v1/apps/roles-linger/config", json={"set": {"greeting": "while-at-zero"}})
+    assert r.status_code == 200, r.text
+
+    def greeting() -> str:
+        status, body = platform.invoke("roles-linger", "read")  # wakes it
+        assert status == 200, body
+        return str(body["greeting"])
+
+    platform.wait_for(lambda: greeting() == "while-at-zero", timeout=20, what="the change made at zero")
