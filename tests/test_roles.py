@@ -158,20 +158,21 @@ def test_a_node_reports_only_for_itself(platform: Platform) -> None:
 def test_a_gateway_token_routes_and_reads_no_secrets(platform: Platform, apps: tuple[str, str]) -> None:
     placed, _ = apps
     node = own_node(platform)
-    made = call(platform, token(platform, "node", node), "POST", f"/v1/nodes/{node}/gateway-token")
-    assert made.status_code == 201 and made.json()["name"] == f"gateway:{node}"
+    # For a node of its own: asking again for the platform's node would revoke its gateways' token.
+    made = call(platform, token(platform, "node", "roles-gw"), "POST", "/v1/nodes/roles-gw/gateway-token")
+    assert made.status_code == 201 and made.json()["name"] == "gateway:roles-gw"
     gw = made.json()["token"]
     assert call(platform, gw, "GET", "/v1/apps").status_code == 200
     assert call(platform, gw, "GET", "/v1/instances").status_code == 200
     assert call(platform, gw, "POST", f"/v1/apps/{placed}/wake").status_code == 200
     stats = {"interval_s": 1, "apps": {}}
-    assert call(platform, gw, "PUT", f"/v1/gateways/{node}.gw-9/stats", json=stats).status_code == 200
-    assert call(platform, gw, "PUT", "/v1/gateways/roles-other.gw-1/stats", json=stats).status_code == 403
+    assert call(platform, gw, "PUT", "/v1/gateways/roles-gw.gw-9/stats", json=stats).status_code == 200
+    assert call(platform, gw, "PUT", f"/v1/gateways/{node}.gw-1/stats", json=stats).status_code == 403
     for method, path in (
         ("GET", f"/v1/nodes/{node}/apps/{placed}/config"),
-        ("GET", f"/v1/nodes/{node}/config"),
-        ("PUT", f"/v1/nodes/{node}"),
-        ("POST", f"/v1/nodes/{node}/gateway-token"),
+        ("GET", "/v1/nodes/roles-gw/config"),
+        ("PUT", "/v1/nodes/roles-gw"),
+        ("POST", "/v1/nodes/roles-gw/gateway-token"),
         ("DELETE", "/v1/instances/none"),
         ("POST", "/v1/tokens"),
         ("GET", f"/v1/apps/{placed}/logs"),
@@ -179,10 +180,12 @@ def test_a_gateway_token_routes_and_reads_no_secrets(platform: Platform, apps: t
         r = call(platform, gw, method, path, json={})
         assert r.status_code == 403, (method, path, r.text)
         assert SECRET not in r.text
-    # The node gave its gateway processes such a token, not its own: it is in use.
+    # One gateway token per node: asking again replaces it.
+    again = call(platform, token(platform, "node", "roles-gw"), "POST", "/v1/nodes/roles-gw/gateway-token")
+    assert again.status_code == 201
+    assert call(platform, gw, "GET", "/v1/apps").status_code == 401
     tokens = platform.http("GET", "/v1/tokens").json()["items"]
-    ours = [t for t in tokens if t["role"] == "gateway" and t["name"] == f"gateway:{node}"]
-    assert len(ours) == 1  # the one made above replaced the node's
+    assert len([t for t in tokens if t["role"] == "gateway" and t["name"] == "gateway:roles-gw"]) == 1
 
 
 def test_the_platforms_gateways_act_with_a_gateway_token(own_platform: Platform) -> None:
