@@ -1,90 +1,96 @@
-"""A real `osless up` for a benchmark: temp data dir, free ports, the CLI pointed at it, cleaned up."""
+"""A real `osless up` (or a whole cluster) for a benchmark: temp dir, free ports, the CLI pointed at it,
+cleaned up. The platform is the tests' own (`tests/platform.py`): one way to start one, for both."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/platform.py: what the tests start, benchmarks alike
+
+from tests.platform import Cluster, Platform, free_port  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
-__all__ = ["RunningPlatform", "free_port", "running_platform"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = [
+    "BIN",
+    "Cluster",
+    "Platform",
+    "RunningPlatform",
+    "free_port",
+    "running_cluster",
+    "running_platform",
+]
 
 
 @dataclass
 class RunningPlatform:
+    """A started `Platform` in `work`, with what benchmarks read of it."""
+
+    platform: Platform
     work: Path
-    api_port: int
-    http_port: int
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes]
 
     @property
     def data_dir(self) -> Path:
-        return self.work / "data"
+        return self.platform.data_dir
+
+    @property
+    def api_port(self) -> int:
+        return self.platform.api_port
+
+    @property
+    def http_port(self) -> int:
+        return self.platform.http_port
 
     @property
     def token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
+        return self.platform.token
 
     @property
     def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return self.platform.gateway
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.platform.env
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.platform.proc is not None  # started
+        return self.platform.proc
 
     def osless(self, *args: str) -> None:
         """Run the CLI against this platform; output discarded, failure raises."""
-        subprocess.run([str(BIN / "osless"), *args], env=self.env, check=True, stdout=subprocess.DEVNULL)
+        self.platform.cli(*args, timeout=600)
 
 
 @contextlib.contextmanager
 def running_platform(prefix: str, *args: str) -> Iterator[RunningPlatform]:
     """`osless up` with `args` added (e.g. "--gateways", "1")."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    env = {**os.environ, "OSLESS_CONFIG_DIR": str(work / "cfg")}
-    api_port, http_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "osless"),
-            "up",
-            "--data-dir",
-            str(work / "data"),
-            "--api-port",
-            str(api_port),
-            "--http-port",
-            str(http_port),
-            *args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    platform = Platform(work / "data", args=list(args))
     try:
-        deadline = time.monotonic() + 60
-        while not (work / "cfg" / "credentials.json").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("osless up did not start")
-            time.sleep(0.05)
-        yield RunningPlatform(work, api_port, http_port, env, proc)
+        platform.start(timeout=60)
+        yield RunningPlatform(platform, work)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        platform.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster(prefix: str, nodes: int = 3, etcd_members: int = 1) -> Iterator[Cluster]:
+    """etcd, an `osless server` and `nodes` nodes (node k on 127.0.0.(k+1)): for failover and the like."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = Cluster(work, size=nodes, etcd_members=etcd_members)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
         shutil.rmtree(work, ignore_errors=True)

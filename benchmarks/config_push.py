@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _platform import free_port
+from _platform import Platform, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -133,47 +133,16 @@ class Bench:
         self.client: httpx.Client | None = None
 
     def start(self, timeout: float = 60.0) -> None:
-        log = open(self.work / "up.log", "ab")  # noqa: SIM115 - handed to the child
-        self.up = subprocess.Popen(
-            [
-                str(BIN / "osless"),
-                "up",
-                "--data-dir",
-                str(self.data),
-                "--api-port",
-                str(self.api_port),
-                "--http-port",
-                str(self.http_port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
+        platform = Platform(self.data, api_port=self.api_port, http_port=self.http_port)
+        try:
+            platform.start(timeout)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        assert platform.proc is not None
+        self.up, self.env = platform.proc, platform.env
+        self.client = httpx.Client(
+            base_url=platform.api, headers={"authorization": f"Bearer {platform.token}"}, timeout=30
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.up.poll() is not None:
-                raise SystemExit(f"osless up exited with {self.up.returncode}:\n{self.up_log()}")
-            token = self.data / "admin-token"
-            if token.exists() and (self.work / "cfg" / "credentials.json").exists():
-                self.client = httpx.Client(
-                    base_url=f"http://127.0.0.1:{self.api_port}",
-                    headers={"authorization": f"Bearer {token.read_text().strip()}"},
-                    timeout=30,
-                )
-                try:
-                    if self.client.get("/v1/status").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                self.client.close()
-                self.client = None
-            time.sleep(0.05)
-        raise SystemExit(f"osless up did not come up in {timeout}s:\n{self.up_log()}")
-
-    def up_log(self) -> str:
-        path = self.work / "up.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def cli(self, *args: str) -> None:
         r = subprocess.run(

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from osless.build import pack
+from tests.etcd import EtcdCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -214,6 +215,49 @@ class Platform:
         return items
 
 
+@dataclass
+class Server(Platform):
+    """`osless server --etcd URL`: the API and the controllers on etcd, no node of its own (nodes join
+    with `Node`). Driven like a `Platform`: the CLI and `http` reach its API."""
+
+    etcd: str = ""  # etcd://HOST:PORT/ROOT
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir.parent / "up.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                self.osless,
+                "server",
+                "--etcd",
+                self.etcd,
+                "--data-dir",
+                str(self.data_dir),
+                "--api-port",
+                str(self.api_port),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OSLESS_CONFIG_DIR": str(self.data_dir / "cli-config"), **self.up_env},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"osless server exited with {self.proc.returncode}: {self.output()[-2000:]}"
+                )
+            token_file = self.data_dir / "admin-token"
+            if token_file.exists():
+                self.token = token_file.read_text().strip()
+                with contextlib.suppress(httpx.HTTPError):
+                    if self.http("GET", "/v1/status", timeout=1).status_code == 200:
+                        return self
+            time.sleep(0.05)
+        raise RuntimeError(f"osless server did not come up in {timeout}s: {self.output()[-2000:]}")
+
+
 def copy_app(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
@@ -230,10 +274,11 @@ class Node:
     http_port: int = field(default_factory=free_port)
     args: list[str] = field(default_factory=list)  # more `osless node join` options
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"  # its gateway's address (any of 127/8: each node may have its own)
 
     @property
     def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     def start(self, timeout: float = 30.0) -> Node:
         made = self.platform.cli_json("tokens", "create", "--role", "node", "--name", f"node:{self.name}")
@@ -250,6 +295,8 @@ class Node:
                 self.name,
                 "--data-dir",
                 str(self.data_dir),
+                "--host",
+                self.host,
                 "--http-port",
                 str(self.http_port),
                 "--gateways",
@@ -288,3 +335,47 @@ class Node:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    """A fleet on this machine: etcd (one member or three), an `osless server` on it, and `size` nodes,
+    node k on 127.0.0.(k+1) with one gateway port for all. Driven through `server` (a `Platform`);
+    each node, etcd member and the server can be stopped or killed on its own."""
+
+    root: Path
+    size: int = 3
+    etcd_members: int = 1
+    http_port: int = field(default_factory=free_port)
+    etcd: EtcdCluster = field(init=False)
+    server: Server = field(init=False)
+    nodes: list[Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.etcd = EtcdCluster(self.root / "etcd", size=self.etcd_members)
+        self.server = Server(self.root / "server" / "data")
+
+    def start(self) -> Cluster:
+        try:
+            self.etcd.start()
+            self.server.etcd = self.etcd.url()
+            self.server.start()
+            for k in range(1, self.size + 1):
+                self.add_node(f"n{k}", f"127.0.0.{k + 1}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_node(self, name: str, host: str) -> Node:
+        node_dir = self.root / name / "data"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        node = Node(self.server, name, node_dir, http_port=self.http_port, host=host)
+        self.nodes.append(node)
+        return node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.server.stop()
+        self.etcd.stop()

@@ -173,46 +173,57 @@ def _relay_says(address: tuple[str, int], data: bytes) -> bytes:
     return answer
 
 
-def test_the_relay_refuses_without_a_node_token(fleet: Fleet) -> None:
+def gateway_token(platform: Platform, node: str) -> tuple[str, str]:
+    """(node token, gateway token) of a node of that name, made through the API as a node makes them."""
+    node_token = platform.cli_json("tokens", "create", "--role", "node", "--name", node)["token"]
+    r = httpx.post(
+        f"{platform.api}/v1/nodes/{node}/gateway-token",
+        headers={"authorization": f"Bearer {node_token}"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    return node_token, r.json()["token"]
+
+
+def test_the_relay_refuses_without_a_gateway_token(fleet: Fleet) -> None:
     second = fleet.relay("second")
-    node_token = fleet.platform.cli_json("tokens", "create", "--role", "node", "--name", "node:probe")[
-        "token"
-    ]
+    node_token, gw_token = gateway_token(fleet.platform, "probe")
     read_token = fleet.platform.cli_json("tokens", "create", "--role", "read")["token"]
     for line, code in [
         (f"OSLESS-RELAY/1 {fleet.remote} web\n", b"ERR bad_request"),  # no token at all
         (f"OSLESS-RELAY/1 osl_notatoken {fleet.remote} web\n", b"ERR unauthorized"),
         (f"OSLESS-RELAY/1 {read_token} {fleet.remote} web\n", b"ERR unauthorized"),
         (f"OSLESS-RELAY/1 {fleet.platform.token} {fleet.remote} web\n", b"ERR unauthorized"),  # admin
-        (f"OSLESS-RELAY/1 {node_token} {fleet.local} web\n", b"ERR not_found"),  # not on this node
-        (f"OSLESS-RELAY/1 {node_token} {fleet.remote} shell\n", b"ERR bad_request"),
+        (f"OSLESS-RELAY/1 {node_token} {fleet.remote} web\n", b"ERR unauthorized"),  # a node's own
+        (f"OSLESS-RELAY/1 {gw_token} {fleet.local} web\n", b"ERR not_found"),  # not on this node
+        (f"OSLESS-RELAY/1 {gw_token} {fleet.remote} shell\n", b"ERR bad_request"),
         ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"ERR bad_request"),
     ]:
         answer = _relay_says(second, line.encode())
         assert answer.startswith(code), (line, answer)
-        assert node_token.encode() not in answer and fleet.platform.token.encode() not in answer
+        assert gw_token.encode() not in answer and fleet.platform.token.encode() not in answer
     # Too long a preamble, or none in time: refused, and closed.
     assert _relay_says(second, b"x" * 5000).startswith(b"ERR too_large")
     started = time.monotonic()
     assert _relay_says(second, b"OSLESS-RELAY/1 ").startswith(b"ERR timeout")
     assert time.monotonic() - started < 10
-    # With a node token, the instance of that node: OK, then the instance's HTTP.
+    # With a gateway token, the instance of that node: OK, then the instance's HTTP.
     with socket.create_connection(second, timeout=15) as s:
-        s.sendall(f"OSLESS-RELAY/1 {node_token} {fleet.remote} web\n".encode())
+        s.sendall(f"OSLESS-RELAY/1 {gw_token} {fleet.remote} web\n".encode())
         assert recv_until(s, lambda b: b"\n" in b) == b"OK\n"
         s.sendall(b"GET / HTTP/1.1\r\nHost: relayed\r\nConnection: close\r\n\r\n")
         answer = recv_until(s, lambda b: b.endswith(b"\r\n0\r\n\r\n"))
         assert answer.startswith(b"HTTP/1.1 200") and fleet.remote.encode() in answer
     # The node's log holds no token.
     log = fleet.node.output()
-    assert node_token not in log and read_token not in log and fleet.platform.token not in log
+    assert gw_token not in log and read_token not in log and fleet.platform.token not in log
 
 
 def test_the_relay_passes_half_closes_on_holds_back_a_fast_peer_and_checks_the_listener(
     fleet: Fleet, tmp_path: Path
 ) -> None:
     """A relay in this process, against the platform's API, to unix sockets served here."""
-    token = fleet.platform.cli_json("tokens", "create", "--role", "node", "--name", "node:here")["token"]
+    _, token = gateway_token(fleet.platform, "here")
     me = (os.getpid(), os.getuid())
     counting, holding, stranger = (str(tmp_path / n) for n in ("counting.sock", "holding.sock", "x.sock"))
     instances = {

@@ -28,42 +28,65 @@ from osless.api.resources import Resources
 from osless.store import Conflict, Store
 
 __all__ = [
+    "GATEWAY_PREFIX",
     "GRANTABLE",
+    "NODE_PREFIX",
+    "PLATFORM_ROLES",
     "ROLES",
+    "ROUTINE",
     "Caller",
     "Grantable",
     "Permission",
     "Require",
     "TokenRecord",
     "Tokens",
+    "check_node",
     "check_scope",
     "issue_token",
+    "node_of",
     "require",
     "token_digest",
 ]
 
 log = logging.getLogger("osless.api.auth")
 
-Permission = Literal["whoami", "describe", "read", "logs", "deploy", "invoke", "operate", "secrets", "admin"]
+Permission = Literal[
+    "whoami", "describe", "read", "logs", "deploy", "invoke", "operate", "report", "route", "secrets", "admin"
+]
 
 _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 
 # The permission matrix. `describe` is an app's config (secrets masked), schema and endpoints: what
-# an app's own token may read of itself. `operate` is the platform's control loop (instances, node
-# heartbeats, gateway reports, desired counts); `secrets` is config in clear, for node agents only.
+# an app's own token may read of itself. The platform's parts each hold a role of their own, with
+# only what they need:
+# - `operate`: the controllers' writes (instances placed and removed, the autoscaler's `desired`);
+# - `report`: a node's writes about itself (heartbeat, instance status, egress calls, its gateway's
+#   token), checked against the node the token was made for (`node_of`);
+# - `route`: a gateway's (wake an app at zero, traffic reports);
+# - `secrets`: config in clear, for node agents only, and only for the apps placed on their node.
 ROLES: dict[str, frozenset[Permission]] = {
-    "admin": _READ | {"logs", "deploy", "invoke", "operate", "admin"},
+    "admin": _READ | {"logs", "deploy", "invoke", "operate", "report", "route", "admin"},
     "deploy": _READ | {"deploy", "invoke"},
     "read": _READ,
     "debug": _READ | {"logs"},
     "invoke": frozenset({"whoami", "invoke"}),
-    # The agent's, made by `osless up`: what it always had (everything but tokens and audit).
-    "node": _READ | {"logs", "deploy", "invoke", "operate", "secrets"},
+    # A node agent: `osless node join` (and `osless up`'s own node) runs with one, named `node:NAME`.
+    "node": _READ | {"report", "secrets"},
+    # A node's gateway processes, with a token their node asks for (`POST /v1/nodes/{node}/gateway-token`).
+    "gateway": _READ | {"route"},
+    # The scheduler and the autoscaler.
+    "controller": _READ | {"operate"},
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
 }
+# The platform's own parts: never throttled, and their routine writes are not audited (they would
+# drown what people did).
+PLATFORM_ROLES = frozenset({"node", "gateway", "controller"})
+ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route"})
+NODE_PREFIX = "node:"
+GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.
-Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node"]
+Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node", "controller"]
 GRANTABLE: tuple[str, ...] = get_args(Grantable)
 TOKEN_PREFIX = "osl_"
 ID_LEN = 12
@@ -262,3 +285,26 @@ def check_scope(caller: Caller, app: str | None) -> None:
     """For routes that find the app only in what they load (a deploy, an instance)."""
     if not caller.sees(app):
         raise ApiError(403, "forbidden", f"this token is limited to app {caller.app!r}")
+
+
+def node_of(caller: Caller) -> str | None:
+    """The node a node or gateway token was made for (its name is `node:NAME` or `gateway:NAME`)."""
+    for role, prefix in (("node", NODE_PREFIX), ("gateway", GATEWAY_PREFIX)):
+        if caller.role == role and caller.name.startswith(prefix):
+            return caller.name[len(prefix) :]
+    return None
+
+
+def check_node(caller: Caller, node: str) -> None:
+    """A node's token acts for its own node only; other roles that reach the route act for any."""
+    if caller.role not in ("node", "gateway"):
+        return
+    mine = node_of(caller)
+    if mine != node:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this token is node {mine!r}'s: it cannot act for node {node!r}"
+            if mine
+            else f"this {caller.role} token is not named after a node ({caller.role}:NAME): it acts for none",
+        )

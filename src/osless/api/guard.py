@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from osless.api import audit
-from osless.api.auth import ID_LEN, Caller
+from osless.api.auth import ID_LEN, PLATFORM_ROLES, ROUTINE, Caller
 from osless.api.errors import error_body
 from osless.api.ratelimit import Buckets, Rate
 from osless.api.state import ApiState
@@ -28,8 +28,8 @@ log = logging.getLogger("osless.api.guard")
 OPEN_PATHS = frozenset({"/healthz"})
 CALLER_RATE = Rate(per_s=20, burst=100)  # per token, for people's and apps' tokens
 STRANGER_RATE = Rate(per_s=5, burst=50)  # per client address, for requests that fail to authenticate
-# The platform's own parts act with the node token many times a second: never throttle them.
-UNLIMITED_ROLES = frozenset({"node"})
+# The platform's own parts act many times a second: never throttle them.
+UNLIMITED_ROLES = PLATFORM_ROLES
 READS = frozenset({"GET", "HEAD"})
 
 MISSING = (
@@ -108,7 +108,7 @@ class Guard:
         permission = scope.get("osless.permission")
         if permission is None:
             return  # no route was reached (an unknown path or method)
-        if caller.role == "node" and permission == "operate":
+        if caller.role in PLATFORM_ROLES and permission in ROUTINE:
             return  # the control loop's routine reports (instance status, heartbeats...) would drown it
         query = scope.get("query_string", b"").decode("latin-1")
         app = scope.get("path_params", {}).get("app") or (parse_qs(query).get("app") or [None])[0]

@@ -26,8 +26,10 @@ def watch_response(
     revision: int,
     keep: Callable[[dict[str, Any]], bool] | None = None,
     view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    shape: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> StreamingResponse:
-    """`keep` filters events; `view` reshapes each event's object before it is sent."""
+    """`keep` filters events; `shape` (async: it may ask the store) gives the event to send instead,
+    or None for none; `view` reshapes each event's object before it is sent."""
 
     async def stream() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -58,6 +60,11 @@ def watch_response(
                     yield (json.dumps(ev) + "\n").encode()
                     return
                 last = ev["revision"]
+                if shape is not None:
+                    shaped = await shape(ev)
+                    if shaped is None:
+                        continue
+                    ev = shaped
                 if keep is None or keep(ev):
                     if view is not None and ev["object"] is not None:
                         ev["object"] = view(ev["object"])
@@ -79,6 +86,7 @@ async def list_or_watch(
     items: Callable[[], Awaitable[tuple[Sequence[BaseModel], int]]],
     keep: Callable[[dict[str, Any]], bool] | None = None,
     view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    shape: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> Any:
     """The answer of every list endpoint: the items and their revision, or the changes after one."""
     if not watch:
@@ -95,4 +103,4 @@ async def list_or_watch(
             f"revision {revision} is ahead of the store ({current}): "
             "list first, then watch from the revision the list gave",
         )
-    return watch_response(resources, kind, revision, keep, view)
+    return watch_response(resources, kind, revision, keep, view, shape)

@@ -14,10 +14,12 @@ import typer
 from rich.text import Text
 
 from osless.cli.audit import audit
+from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
 
@@ -224,6 +226,8 @@ app.add_typer(apps_app, name="apps")
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
+app.command("server")(server)
+app.add_typer(cluster_app, name="cluster")
 app.command("audit")(audit)
 
 

@@ -26,7 +26,9 @@ def join(
             "or set OSLESS_NODE_TOKEN, which `ps` does not show.",
         ),
     ],
-    name: Annotated[str | None, typer.Option(help="This node's name (default: the host name).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="This node's name (default: the one its token was made for).")
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -72,7 +74,7 @@ def join(
     import logging
 
     from osless.node.egress_rules import parse_networks
-    from osless.server.node import NodeConfig, default_node_name, run_node
+    from osless.server.node import NodeConfig, run_node
 
     try:
         allowed = parse_networks(egress_allow or [])
@@ -93,7 +95,7 @@ def join(
         )
         .expanduser()
         .resolve(),
-        name=name or default_node_name(),
+        name=name or "",  # the token's node, once the API says which (`run_node`)
         host=host,
         http_port=http_port,
         relay_port=relay_port,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from osless.cli.credentials import call, client
-from osless.cli.output import console, err_console, parse_duration, print_json, table, until, when
+from osless.cli.output import console, err_console, fail, parse_duration, print_json, table, until, when
 
 __all__ = ["tokens_app"]
 
@@ -16,7 +16,8 @@ tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: roles, scopes, 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ROLES_HELP = (
     "admin (everything), deploy (deploy, roll back, scale, config, and read), read (read only), "
-    "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`)"
+    "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`; "
+    "--name is the node's), controller (the scheduler and autoscaler)"
 )
 
 
@@ -31,6 +32,8 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Make a token. It is printed once, here: store it now."""
+    if role == "node" and not name:
+        fail("a node token is for one node: pass --name NODE, the name the node joins with")
     body: dict[str, object] = {"role": role}
     if app is not None:
         body["app"] = app

@@ -98,7 +98,7 @@ class GatewayPool:
 
     def __init__(self, *, api_url: str, token: str, node: str, host: str, port: int, count: int) -> None:
         self.api_url = api_url
-        self._token = token
+        self.token = token  # what its processes act with: a gateway token, set before `start`
         self.host = host
         self.port = port
         self.node = node
@@ -204,7 +204,7 @@ class GatewayPool:
         slot.proc = proc
         ended = _exit_of(proc)
         try:
-            ours.sendall(self._token.encode("ascii") + b"\n")
+            ours.sendall(self.token.encode("ascii") + b"\n")
             ours.setblocking(False)
             reply = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(ours, len(READY)))
             either: list[asyncio.Future[Any]] = [reply, ended]

@@ -213,6 +213,11 @@ class NodeAgent:
         if time.monotonic() - self._images_checked > IMAGES_EVERY_S:
             self._images_checked = time.monotonic()
             await self._collect_images(desired)
+        if any(
+            z.app not in self._config_versions.items and self._placed_here(z.app)
+            for z in self.zygotes.values()
+        ):
+            self._background(self._catch_up_configs())
         if time.monotonic() - self._volumes_checked > VOLUMES_EVERY_S:
             self._volumes_checked = time.monotonic()
             await self._put_volumes_away()
@@ -268,9 +273,34 @@ class NodeAgent:
                     # OSError: a lingering zygote's image may have been collected meanwhile.
                     log.warning("config v%s of %s not pushed: %s", seen["version"], app, e)
 
-    async def _push_config(self, app: str, zygotes: list[Zygote]) -> None:
+    async def _catch_up_configs(self) -> None:
+        """Lingering zygotes of apps placed here again: the API sends an app's changes only while it
+        has an instance on this node (a DELETE otherwise), so one changed meanwhile is read again."""
+        async with self._config_lock:
+            for app in {z.app for z in self.zygotes.values() if not z.closed} - set(
+                self._config_versions.items
+            ):
+                if app not in self.configs or not self._placed_here(app):
+                    continue
+                try:
+                    cfg = await self.api.get(f"/v1/nodes/{self.name}/apps/{app}/config")
+                    running = [z for z in self.zygotes.values() if z.app == app and not z.closed]
+                    if cfg["version"] != self.configs[app].get("version"):
+                        await self._push_config(app, running, cfg)
+                    self._config_versions.items.setdefault(
+                        app, cfg
+                    )  # known again: its changes come with the watch
+                except (ApiError, ZygoteFailed, TimeoutError, OSError) as e:
+                    log.warning("config of %s not caught up: %s", app, e)
+
+    def _placed_here(self, app: str) -> bool:
+        return any(o.get("app") == app and o.get("node") == self.name for o in self.informer.items.values())
+
+    async def _push_config(
+        self, app: str, zygotes: list[Zygote], fresh: dict[str, Any] | None = None
+    ) -> None:
         old = dict(self.configs.get(app, {}).get("values") or {})
-        cfg = self._config_versions.items.get(app) or await self.app_config(app, refresh=True)
+        cfg = fresh or self._config_versions.items.get(app) or await self.app_config(app, refresh=True)
         changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
         for zyg in zygotes:
             schema = self._manifest(zyg.image).get("config") or {}

@@ -1,11 +1,12 @@
 """The node's relay: how another node's gateway reaches an instance running here.
 
 A TCP listener on the node's address. A peer opens a connection and says one line
-(`relaywire`): a node token, an instance id, and which of its sockets. The relay asks the API
-whether the token is a node's (cached a moment, by the token's digest), checks that the instance
+(`relaywire`): a gateway token (what every node gives its gateway processes), an instance id, and
+which of its sockets. The relay asks the API whether the token is a gateway's (cached a moment, by
+the token's digest), checks that the instance
 runs here and is ready, connects to its unix socket with the same SO_PEERCRED check the gateway
 makes, answers `OK`, and from then on moves bytes both ways, with backpressure, until either side
-closes. Nothing reaches an instance through it without a node token. Tokens travel in clear (nodes
+closes. Nothing reaches an instance through it without a gateway token. Tokens travel in clear (nodes
 share a private network; TLS is later work) and are never logged.
 """
 
@@ -32,8 +33,8 @@ log = logging.getLogger("osless.node.relay")
 
 PREAMBLE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
-TOKEN_TTL_S = 2.0  # a revoked node token stops opening connections here within this
-STALE_OK_S = 3600.0  # while the API cannot answer, a node token it said yes to within this stays good
+TOKEN_TTL_S = 2.0  # a revoked gateway token stops opening connections here within this
+STALE_OK_S = 3600.0  # while the API cannot answer, a gateway token it said yes to within this stays good
 TOKEN_CACHE_SIZE = 1024
 TOKEN_PREFIX = "osl_"  # what the API's tokens look like: anything else is not worth asking about
 
@@ -139,7 +140,7 @@ class Relay:
         if not isinstance(who, dict):
             log.warning("the relay could not ask the API about a token: HTTP %d", resp.status_code)
             return None
-        return who.get("role") == "node"
+        return who.get("role") == "gateway"  # what a node gives its gateway processes
 
     def _background(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
@@ -157,7 +158,9 @@ class Relay:
             conn.refuse("unavailable", "the API cannot say whether the token is a node's; try again")
             return
         if not verdict:
-            conn.refuse("unauthorized", "the relay takes a node token (`osless tokens create --role node`)")
+            conn.refuse(
+                "unauthorized", "the relay takes a gateway token (what a node gives its gateways)"
+            )
             return
         found = self.lookup(asked.instance)
         if found is None:

@@ -94,7 +94,7 @@ class NodeHost:
         self.api = AsyncApi(cfg.api_url, cfg.token)  # the parts act as this node
         self.gateways = GatewayPool(
             api_url=cfg.api_url,
-            token=cfg.token,
+            token="",  # its own gateway token, asked for at `start`: never the node's, which reads secrets
             node=cfg.name,
             host=cfg.host,
             port=cfg.http_port,
@@ -145,6 +145,11 @@ class NodeHost:
                 "(port in use? pass --relay-port)"
             ) from None
         try:
+            made = await self.api.post(f"/v1/nodes/{self.cfg.name}/gateway-token")
+        except ApiError as e:
+            raise SystemExit(f"the API gave no token for this node's gateway: {e.message}") from None
+        self.gateways.token = made["token"]
+        try:
             await self.gateways.start()
         except RuntimeError as e:
             raise SystemExit(f"the gateway could not start: {e}") from None
@@ -177,6 +182,15 @@ async def run_node(cfg: NodeConfig, on_ready: Callable[[NodeConfig], None] | Non
         raise SystemExit(
             f"the token given is a {me.get('role')!r} token, not a node's: make one with "
             "`osless tokens create --role node --name NODE` on a machine that reaches the API"
+        )
+    # A node token acts for the one node it was made for (`node:NAME`): that is this node's name.
+    mine = str(me.get("name", "")).removeprefix("node:")
+    if not cfg.name:
+        cfg.name = mine
+    elif cfg.name != mine:
+        raise SystemExit(
+            f"the token given was made for node {mine!r}, not {cfg.name!r}: pass --name {mine}, or make "
+            f"a token for this one (`osless tokens create --role node --name {cfg.name}`)"
         )
     sandboxed, protections = host_protections(cfg.sandbox)
     host = NodeHost(cfg, sandboxed=sandboxed, protections=protections)

@@ -1,44 +1,32 @@
 """`osless up`: every part of the platform on one machine, with state in SQLite.
 
-The API serves the store; the scheduler and this machine's node (`server.node.NodeHost`: the agent
-and the gateway processes) are its clients over HTTP, with the node token, exactly as they would be
-from other machines. The gateway runs in processes of its own (`gateway.pool`), one per core; the
-rest share this process's loop.
+The API's process (`server.api.ApiHost`: the API, the controllers, the collector, the builder) and
+this machine's node (`server.node.NodeHost`: the agent and the gateway processes), which reaches the
+API over HTTP with a node token, exactly as it would from another machine. The gateway runs in
+processes of its own (`gateway.pool`), one per core; the rest share this process's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
-import json
 import logging
-import os
-import signal
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
-
-from osless.api.app import create_app
-from osless.api.auth import Tokens, issue_token
-from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
-from osless.api.resources import Resources
-from osless.api.secrets import SecretBox, load_key
-from osless.api.state import ApiState
-from osless.build import Builder, ImageStore, stop_all_builds
-from osless.build.egress import BuildEgress, index_hosts
-from osless.cli.credentials import credentials_path
-from osless.client import AsyncApi
-from osless.controllers import Autoscaler, Scheduler
 from osless.gateway.pool import default_count
-from osless.node import run_dir_for
 from osless.node.egress_rules import Network
-from osless.node.isolation import build_spec
-from osless.server.node import NodeConfig, NodeHost, default_node_name, host_protections, private_dir
-from osless.store import SQLiteStore
+from osless.server.api import (
+    ApiConfig,
+    ApiHost,
+    fresh_token,
+    private_data_dir,
+    save_credentials,
+    wait_for_stop,
+)
+from osless.server.node import NodeConfig, NodeHost, default_node_name, host_protections
 
 __all__ = ["UpConfig", "run", "save_credentials"]
 
@@ -70,121 +58,26 @@ class UpConfig:
         return f"http://{self.host}:{self.http_port}"
 
 
-def save_credentials(api: str, token: str, gateway: str) -> Path:
-    path = credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"api": api, "token": token, "gateway": gateway}, f)
-    os.replace(tmp, path)
-    return path
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to `run`, which stops every part together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-async def _admin_token(resources: Resources, data_dir: Path) -> str:
-    """The admin token: made on first start, kept in the data dir (mode 600) for later starts; made
-    again if it was revoked, so that whoever holds the data dir can always get in."""
-    path = data_dir / "admin-token"
-    if path.exists():
-        token = path.read_text().strip()
-        if await Tokens(resources.store).lookup(token) is not None:
-            return token
-        log.warning("the admin token in %s was revoked: a new one replaces it", path)
-    token = await issue_token(resources, "admin")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return token
-
-
-async def _node_token(resources: Resources, node: str) -> str:
-    """A fresh token for this node's agent each start; the previous one is revoked."""
-    tokens = Tokens(resources.store)
-    for digest, record in await tokens.list():
-        if record.role == "node" and record.name == f"node:{node}":
-            await tokens.revoke(digest)
-    return await issue_token(resources, f"node:{node}", role="node")
-
-
-def _private(data_dir: Path) -> None:
-    """Nothing the platform writes is for other local users: state, tokens, keys, app code, logs.
-
-    The umask covers every file and folder made from here on (sandboxes set their own, for the roots
-    they build); the data dir itself, and the files an older version made readable, are fixed here.
-    Image layers stay readable by all inside (their own modes, set when sealed): sandboxes bind each
-    one at its own path as an unprivileged uid, which never needs to cross the data dir.
-    """
-    private_dir(data_dir)
-    for name in ("state.db", "state.db-wal", "state.db-shm", "admin-token", "secret.key"):
-        with contextlib.suppress(FileNotFoundError):
-            (data_dir / name).chmod(0o600)
-
-
 async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = None) -> None:
     """Start everything, call `on_ready(api_url, gateway_url, token)`, run until SIGINT/SIGTERM."""
     data_dir = cfg.data_dir.resolve()
-    _private(data_dir)
-    store = SQLiteStore(data_dir / "state.db")
-    await store.start()
-    run_dir = run_dir_for(data_dir)
-    try:
-        # Before anything reads the store: what an earlier release wrote is brought to this code's shapes.
-        await migrate(store, Paths(data_dir, run_dir), backup=functools.partial(backup_sqlite, store.path))
-    except MigrationError as e:
-        await store.close()
-        raise SystemExit(f"osless up: {e}") from None
-    except BaseException:
-        await store.close()
-        raise
-    resources = Resources(store)
-    token = await _admin_token(resources, data_dir)
-    images = ImageStore(data_dir / "images")
-    images.clean_tmp()
+    private_data_dir(data_dir)
     sandboxed, protections = host_protections(cfg.sandbox)
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    build_sandbox = functools.partial(build_spec, data_dir=data_dir, run_dir=run_dir) if sandboxed else None
-    # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
-    build_egress = (
-        BuildEgress(run_dir / "build-egress", hosts=index_hosts(os.environ), allow=cfg.egress_allow)
-        if sandboxed
-        else None
-    )
-    secrets = SecretBox(load_key(data_dir, cfg.secret_key_file))
-    node_token = await _node_token(resources, cfg.node_name)
-    state = ApiState(
-        secrets=secrets,
-        resources=resources,
-        images=images,
-        builder=Builder(
-            images, sandbox=build_sandbox, egress=build_egress, cache_dir=data_dir / "cache" / "uv"
-        ),
-        data_dir=data_dir,
-        gateway_url=cfg.gateway_url,
-        max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
-    )
-    uv_log = "warning"
-    api_server = _Server(
-        uvicorn.Config(
-            create_app(state),
+    api = ApiHost(
+        ApiConfig(
+            data_dir=data_dir,
+            api_port=cfg.api_port,
             host=cfg.host,
-            port=cfg.api_port,
-            log_level=uv_log,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
-        )
+            max_upload_mb=cfg.max_upload_mb,
+            sandbox=cfg.sandbox,
+            secret_key_file=cfg.secret_key_file,
+            egress_allow=cfg.egress_allow,
+            gateway_url=cfg.gateway_url,
+        ),
+        command="osless up",
     )
-    client = AsyncApi(cfg.api_url, node_token)  # the controllers act as this node, not as the admin
+    resources = await api.open(sandboxed=sandboxed)
+    node_token = await fresh_token(resources, f"node:{cfg.node_name}", "node")
     node = NodeHost(
         NodeConfig(
             api_url=cfg.api_url,
@@ -200,59 +93,30 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
         sandboxed=sandboxed,
         protections=protections,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    servers = [asyncio.create_task(api_server.serve(), name="the API server")]
-    failed = False
+    servers: list[asyncio.Task[None]] = []
     parts: list[asyncio.Task[None]] = []
+    failed = False
     try:
         node.reserve()
-        while not api_server.started:
-            if any(t.done() for t in servers):
-                for t in servers:
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
-                raise SystemExit(
-                    f"could not listen on {cfg.host}:{cfg.api_port} (port in use? pass --api-port)"
-                )
-            await asyncio.sleep(0.01)
+        servers = [await api.serve()]
         # Saved once the API answers, before the gateway does: whoever sees the gateway up finds them.
         if cfg.save_credentials:
-            save_credentials(cfg.api_url, token, cfg.gateway_url)
+            save_credentials(cfg.api_url, api.token, cfg.gateway_url)
         parts = await node.start()
-        parts += [
-            asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
-            asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
-            asyncio.create_task(state.collector.run(), name="the collector"),
-        ]
+        parts += api.start_controllers()
         # What start-up built lives as long as the process: out of the collector's way, so that a
         # collection triggered by requests does not walk it each time.
         gc.freeze()
         if on_ready:
-            on_ready(cfg.api_url, cfg.gateway_url, token)
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait([waiter, *servers, *parts], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        # A part that ended on its own is a failure: say which, loudly, and exit nonzero.
-        for task in [*servers, *parts]:
-            if task.done() and not task.cancelled():
-                error = task.exception()
-                log.error("%s stopped: %r", task.get_name(), error, exc_info=error)
-                failed = True
+            on_ready(cfg.api_url, cfg.gateway_url, api.token)
+        failed = await wait_for_stop([*servers, *parts])
     finally:
-        stop_all_builds()  # a build in flight fails now rather than hold the shutdown
-        if build_egress is not None:
-            build_egress.close()
-        for t in parts:
+        node_parts = [t for t in parts if t not in api.tasks]
+        for t in node_parts:
             t.cancel()
-        await asyncio.gather(*parts, return_exceptions=True)
-        await node.stop()
-        api_server.should_exit = True
-        await asyncio.gather(*servers, return_exceptions=True)
-        await client.aclose()
-        await store.close()
+        await asyncio.gather(*node_parts, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await node.stop()
+        await api.stop(servers)
     if failed:
         raise SystemExit("osless stopped because a part of it failed (see the error above)")

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from osless.api.auth import Caller, check_scope, require
+from osless.api.auth import Caller, check_node, check_scope, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
     ID_PATTERN,
@@ -266,7 +266,7 @@ async def set_desired(
     responses=responses(404, 409),
     summary="A request found the app at zero: start one",
 )
-async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = require("operate")) -> App:
+async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = require("route")) -> App:
     def change(a: App) -> App | None:
         if a.current_release is None:
             return None
@@ -287,8 +287,10 @@ async def put_stats(
     body: GatewayStats,
     name: str = Path(pattern=ID_PATTERN),
     state: ApiState = Depends(get_state),
-    caller: Caller = require("operate"),
+    caller: Caller = require("route"),
 ) -> dict[str, int]:
+    if caller.role == "gateway":  # a gateway reports as one of its own node's: `<node>.gw-<k>`
+        check_node(caller, name.rsplit(".gw-", 1)[0])
     # In the store, so that an API restart (or another API server) loses nothing of it; the next
     # report replaces it, and `GET /v1/stats` forgets reports past STATS_FRESH_S.
     report = {"at": now(), "interval_s": body.interval_s, "apps": body.apps}

@@ -2,7 +2,7 @@
 
 Every change is a new version with who and when; secrets are encrypted at rest and shown masked.
 Only a node token reads them in clear (`/v1/nodes/{node}/apps/{app}/config`), to hand them to the
-app's own instances.
+app's own instances: the token of that node, and only for the apps with an instance placed on it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from osless.api.auth import Caller, require
+from osless.api.auth import Caller, check_node, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
     ConfigChange,
@@ -317,11 +317,27 @@ def config_misfits(schema: dict[str, dict[str, Any]], cfg: ConfigState) -> tuple
     return [p for p in problems if p not in unset], unset
 
 
+async def placed_apps(state: ApiState, node: str) -> set[str]:
+    """The apps with an instance placed on `node`: the only ones whose secrets it may read."""
+    items, _ = await state.resources.list_instances(node=node)
+    return {i.app for i in items}
+
+
+def _not_placed(app: str, node: str) -> ApiError:
+    return ApiError(
+        403,
+        "not_placed",
+        f"app {app!r} has no instance placed on node {node!r}: a node reads the config in clear only "
+        "of the apps it runs",
+    )
+
+
 @router.get(
     "/nodes/{node}/config",
     response_model=NodeConfigList,
     responses={**WATCHABLE, **responses(400)},
-    summary="Every app's config in clear, with its token (watch=true streams changes): for node agents",
+    summary="The config in clear, with its token, of each app placed on the node (watch=true streams "
+    "changes): for its node agent",
 )
 async def node_configs(
     node: str,
@@ -330,11 +346,22 @@ async def node_configs(
     state: ApiState = Depends(get_state),
     caller: Caller = require("secrets"),
 ) -> Any:
+    check_node(caller, node)
     res = state.resources
 
     async def items() -> tuple[list[Any], int]:
         found, rev = await res.store.list("/config/")
-        return [ConfigState.model_validate_json(kv.value) for kv in found], rev
+        placed = await placed_apps(state, node)
+        configs = [ConfigState.model_validate_json(kv.value) for kv in found]
+        return [c for c in configs if c.app in placed], rev
+
+    async def shape(ev: dict[str, Any]) -> dict[str, Any] | None:
+        # A change of an app no longer (or not yet) placed here goes out as a DELETE: the agent forgets
+        # what it held of it, and asks again (`/v1/nodes/{node}/apps/{app}/config`) once it runs it.
+        obj = ev["object"]
+        if obj is None or obj["app"] in await placed_apps(state, node):
+            return ev
+        return {"type": "DELETE", "name": obj["app"], "object": None, "revision": ev["revision"]}
 
     def view(obj: dict[str, Any]) -> dict[str, Any]:
         # The values travel with the event: an agent pushes them on without asking again.
@@ -345,7 +372,9 @@ async def node_configs(
             "token": state.secrets.app_token(obj["app"]),
         }
 
-    return await list_or_watch(res, "config_values", watch=watch, revision=revision, items=items, view=view)
+    return await list_or_watch(
+        res, "config_values", watch=watch, revision=revision, items=items, view=view, shape=shape
+    )
 
 
 @router.get(
@@ -357,7 +386,10 @@ async def node_configs(
 async def node_config(
     node: str, app: str, state: ApiState = Depends(get_state), caller: Caller = require("secrets")
 ) -> dict[str, Any]:
+    check_node(caller, node)
     await state.resources.get_app(app)
+    if app not in await placed_apps(state, node):
+        raise _not_placed(app, node)
     cfg, _ = await state.resources.get_config(app)
     return {
         "app": app,

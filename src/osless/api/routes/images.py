@@ -56,7 +56,7 @@ def _no_image(digest: str) -> ApiError:
     summary="An image manifest, byte for byte (for nodes)",
 )
 async def get_image(
-    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> Response:
     try:
         data = await asyncio.to_thread(state.images.manifest_bytes, digest)
@@ -72,7 +72,7 @@ async def get_image(
     summary="The sha256 and size of each layer's archive (for nodes; images of the previous release)",
 )
 async def get_image_layers(
-    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> Any:
     """Images built since archives exist carry this in their manifest, under the image digest; an
     image of the previous release does not, and its archives are made on the first ask."""
@@ -112,7 +112,7 @@ async def get_image_layers(
     summary="A layer's archive, streamed (for nodes)",
 )
 async def get_layer(
-    sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> FileResponse:
     path = state.images.archive_path(sha256)
     if not path.is_file():

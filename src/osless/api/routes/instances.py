@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, Field
 
-from osless.api.auth import Caller, check_scope, require
+from osless.api.auth import GATEWAY_PREFIX, Caller, check_node, check_scope, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
     ID_PATTERN,
@@ -26,6 +27,11 @@ from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 
 router = APIRouter(tags=["instances"])
+
+
+class GatewayToken(BaseModel):
+    name: str
+    token: str = Field(description="the token itself: shown this once, never again")
 
 
 @router.get(
@@ -93,7 +99,7 @@ async def put_instance_status(
     instance_id: str,
     body: InstanceStatus,
     state: ApiState = Depends(get_state),
-    caller: Caller = require("operate"),
+    caller: Caller = require("report"),
 ) -> Instance:
     def change(i: Instance) -> Instance:
         i.status = body
@@ -128,8 +134,9 @@ async def heartbeat_node(
     body: NodeLease,
     name: str = Path(pattern=ID_PATTERN),
     state: ApiState = Depends(get_state),
-    caller: Caller = require("operate"),
+    caller: Caller = require("report"),
 ) -> Node:
+    check_node(caller, name)
     return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **body.model_dump()))
 
 
@@ -139,7 +146,31 @@ async def heartbeat_node(
     summary="Which apps called which through this node's egress proxy",
 )
 async def put_calls(
-    name: str, body: CallsReport, state: ApiState = Depends(get_state), caller: Caller = require("operate")
+    name: str, body: CallsReport, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> dict[str, int]:
+    check_node(caller, name)
     await state.resources.store.put(f"/calls/{name}", json.dumps(body.calls).encode())
     return {"calls": len(body.calls)}
+
+
+@router.post(
+    "/nodes/{name}/gateway-token",
+    status_code=201,
+    response_model=GatewayToken,
+    responses=responses(403),
+    summary="A token for this node's gateway processes (routing reads, wakes, traffic; no secrets)",
+)
+async def gateway_token(
+    name: str = Path(pattern=ID_PATTERN),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("report"),
+) -> dict[str, str]:
+    # A node hands its gateways this rather than its own token, which reads secrets. One per node:
+    # the one made at the node's previous start is revoked.
+    check_node(caller, name)
+    token_name = GATEWAY_PREFIX + name
+    for digest, record in await state.tokens.list():
+        if record.role == "gateway" and record.name == token_name:
+            await state.tokens.revoke(digest)
+    token, _, _ = await state.tokens.issue(token_name, "gateway")
+    return {"name": token_name, "token": token}

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from osless.api.auth import ID_LEN, NAME_PATTERN, Caller, Grantable, TokenRecord, require
+from osless.api.auth import ID_LEN, NAME_PATTERN, NODE_PREFIX, Caller, Grantable, TokenRecord, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import AppName, Body, now
 from osless.api.state import ApiState, get_state
@@ -73,7 +73,16 @@ async def create_token(
             "invalid_request",
             "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
         )
+    if body.role in ("node", "controller") and body.app is not None:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"a {body.role} token serves every app: it cannot be limited to one (drop --app)",
+        )
     name = body.name or (f"{body.role}-{body.app}" if body.app else body.role)
+    if body.role == "node" and not name.startswith(NODE_PREFIX):
+        # The node it acts for, which `check_node` reads there (without a name: a node named "node").
+        name = NODE_PREFIX + name
     expires_at = None if body.expires_in_s is None else round(now() + body.expires_in_s, 3)
     token, digest, record = await state.tokens.issue(name, body.role, app=body.app, expires_at=expires_at)
     return {**_view(digest, record), "token": token}

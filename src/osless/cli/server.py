@@ -1,0 +1,94 @@
+"""`osless server --etcd URL`: the API and the controllers on etcd, for nodes that join from elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from osless.cli.output import console, fail, print_json
+
+__all__ = ["server"]
+
+DEFAULT_SERVER_DIR = Path(os.environ.get("OSLESS_SERVER_DIR") or Path.home() / ".local/share/osless-server")
+
+
+def server(
+    etcd: Annotated[
+        str,
+        typer.Option(
+            help="The etcd members, and the root the platform's keys live under: "
+            "etcd://HOST:2379,HOST:2379.../ROOT (ROOT, /osless by default, may be left out).",
+        ),
+    ],
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="This server's folder: images, build logs, its admin token, the secret key."),
+    ] = DEFAULT_SERVER_DIR,
+    api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    secret_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The key that encrypts secrets; every server of a platform needs the same one "
+            "(default: DATA_DIR/secret.key; or set OSLESS_SECRET_KEY)."
+        ),
+    ] = None,
+    sandbox: Annotated[bool, typer.Option(help="Run builds in sandboxes.")] = True,
+    save: Annotated[
+        bool, typer.Option("--save-credentials/--no-save-credentials", help="Save the CLI's credentials.")
+    ] = True,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Once ready, print one JSON object: the API and the token file.")
+    ] = False,
+) -> None:
+    """Run the API, the controllers and the collector (and, for now, the builder) on etcd; no node:
+    machines join with `osless node join --api URL`."""
+    import asyncio
+    import contextlib
+    import logging
+
+    from osless.server.api import ApiConfig, run_server
+
+    if not etcd.startswith("etcd://"):
+        fail(f"--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT]), not {etcd!r}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ApiConfig(
+        data_dir=data_dir.expanduser(),
+        store_url=etcd,
+        api_port=api_port,
+        host=host,
+        sandbox=sandbox,
+        secret_key_file=secret_key_file,
+    )
+
+    def ready(api_url: str, token: str) -> None:
+        token_file = cfg.data_dir.resolve() / "admin-token"
+        if json_out:
+            print_json(
+                {
+                    "api": api_url,
+                    "store": etcd,
+                    "data_dir": str(cfg.data_dir.resolve()),
+                    "token_file": str(token_file),
+                }
+            )
+            return
+        console.print(f"[bold green]osless server is up[/]  data: {cfg.data_dir.resolve()}")
+        console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
+        console.print(f"  Store:   {etcd}")
+        console.print(f"  Admin token: {token_file}" + ("; saved for the CLI" if save else ""))
+        console.print(
+            "  Nodes join with: osless tokens create --role node --name NODE, then "
+            f"osless node join --api {api_url} --name NODE (token in OSLESS_NODE_TOKEN)"
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            import uvloop
+
+            uvloop.run(run_server(cfg, save=save, on_ready=ready))
+        except ImportError:
+            asyncio.run(run_server(cfg, save=save, on_ready=ready))

@@ -1,0 +1,373 @@
+"""The API's process: the store opened and migrated, the admin token, the API server, the controllers
+and the collector (and, until builds move to a builder process, the builder).
+
+`osless up` runs an `ApiHost` on SQLite next to its machine's node; `osless server --etcd URL` runs
+one alone, on etcd, with nodes joining from elsewhere (`osless node join`). Several servers may share
+one etcd: they must share the secret key too (checked at start, see `check_secret_key`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import gc
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from osless.api.app import create_app
+from osless.api.auth import Tokens, issue_token
+from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
+from osless.api.resources import Resources
+from osless.api.secrets import SecretBox, load_key
+from osless.api.state import ApiState
+from osless.build import Builder, ImageStore, stop_all_builds
+from osless.build.egress import BuildEgress, index_hosts
+from osless.client import AsyncApi
+from osless.controllers import Autoscaler, Scheduler
+from osless.node import run_dir_for
+from osless.node.egress_rules import Network
+from osless.node.isolation import build_spec
+from osless.server.node import host_protections, private_dir
+from osless.store import Conflict, SQLiteStore, Store, StoreError, open_store
+
+__all__ = [
+    "ApiConfig",
+    "ApiHost",
+    "backup_prefix",
+    "check_secret_key",
+    "fresh_token",
+    "private_data_dir",
+    "run_server",
+    "save_credentials",
+    "wait_for_stop",
+]
+
+log = logging.getLogger("osless")
+
+KEEP_BACKUPS = 3
+SECRET_KEY_CHECK = "/meta/secretkey"
+GATEWAY_FOLLOW_S = 2.0
+
+
+@dataclass
+class ApiConfig:
+    """What the API's process needs, whichever command starts it."""
+
+    data_dir: Path  # images, build logs, the admin token, the secret key (unless given)
+    store_url: str = ""  # default: the SQLite store in data_dir
+    api_port: int = 7070
+    host: str = "127.0.0.1"
+    max_upload_mb: int = 100
+    sandbox: bool = True  # builds, in sandboxes
+    secret_key_file: Path | None = None
+    egress_allow: list[Network] = field(default_factory=list)
+    gateway_url: str = ""  # where function calls go; default: a live node's gateway, followed
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+
+def save_credentials(api: str, token: str, gateway: str) -> Path:
+    from osless.cli.credentials import credentials_path  # the CLI's (and typer's) only when saving
+
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"api": api, "token": token, "gateway": gateway}, f)
+    os.replace(tmp, path)
+    return path
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to its host, which stops every part together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def admin_token(resources: Resources, data_dir: Path) -> str:
+    """The admin token: made on first start, kept in the data dir (mode 600) for later starts; made
+    again if it was revoked, so that whoever holds the data dir can always get in."""
+    path = data_dir / "admin-token"
+    if path.exists():
+        token = path.read_text().strip()
+        if await Tokens(resources.store).lookup(token) is not None:
+            return token
+        log.warning("the admin token in %s was revoked: a new one replaces it", path)
+    token = await issue_token(resources, "admin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return token
+
+
+async def fresh_token(resources: Resources, name: str, role: str) -> str:
+    """A token for one of the platform's own parts, made again at each start; the previous one of
+    that name is revoked."""
+    tokens = Tokens(resources.store)
+    for digest, record in await tokens.list():
+        if record.role == role and record.name == name:
+            await tokens.revoke(digest)
+    return await issue_token(resources, name, role=role)
+
+
+async def backup_prefix(store: Store, dest_dir: Path, version: int, *, keep: int = KEEP_BACKUPS) -> Path:
+    """Every key of the platform (the store's root, nothing else of the etcd it shares), as JSON lines
+    in `dest_dir/store.v<version>-<UTC time>.backup`; the newest `keep` stay.
+
+    A dump rather than `etcdctl snapshot`: it needs no etcdctl on the server, covers this platform's
+    root alone (an etcd snapshot holds every root, and restoring one replaces the whole cluster), and
+    is put back key by key through the same `Store`. It is read at one revision, so it is consistent."""
+    items, revision = await store.list("")
+    at = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
+    dest = dest_dir / f"store.v{version}-{stamp}.backup"
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps({"revision": revision, "schema": version}) + "\n")
+        for kv in items:
+            f.write(json.dumps({"key": kv.key, "value": base64.b64encode(kv.value).decode()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)  # whole or absent
+    for old in sorted(dest_dir.glob("store.v*.backup"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+    return dest
+
+
+async def check_secret_key(store: Store, key: bytes) -> None:
+    """Servers sharing a store must share the key that encrypts its secrets: the first one records a
+    digest of it, and one started with another key stops before it writes a secret nobody can read."""
+    digest = hashlib.sha256(b"osless secret key check\0" + key).hexdigest()
+    with contextlib.suppress(Conflict):
+        await store.put(SECRET_KEY_CHECK, digest.encode(), if_revision=0)
+    kv = await store.get(SECRET_KEY_CHECK)
+    if kv is not None and kv.value.decode() != digest:
+        raise SystemExit(
+            "this server's secret key is not the one the store's secrets were written with: give every "
+            "server the same key (--secret-key-file, or OSLESS_SECRET_KEY)"
+        )
+
+
+class ApiHost:
+    """The API's parts on one loop: `open` (store, migrations, tokens), `serve` (the API answering),
+    `start_controllers`, `stop`."""
+
+    def __init__(self, cfg: ApiConfig, command: str = "osless server") -> None:
+        self.cfg = cfg
+        self.command = command  # how its errors begin
+        self.data_dir = cfg.data_dir.resolve()
+        try:
+            self.store: Store = (
+                open_store(cfg.store_url) if cfg.store_url else SQLiteStore(self.data_dir / "state.db")
+            )
+        except ValueError as e:  # a URL that names no store we have
+            raise SystemExit(f"{command}: {e}") from None
+        self.run_dir = run_dir_for(self.data_dir)
+        self.token = ""  # the admin's
+        self.controller_token = ""
+        self.state: ApiState | None = None
+        self.build_egress: BuildEgress | None = None
+        self.client: AsyncApi | None = None
+        self.server: _Server | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def open(self, *, sandboxed: bool) -> Resources:
+        """The store started and migrated, the admin and controller tokens made, the API's state built."""
+        cfg, data_dir = self.cfg, self.data_dir
+        try:
+            await self.store.start()
+        except StoreError as e:
+            raise SystemExit(
+                f"{self.command}: the store {cfg.store_url or data_dir} cannot be opened: {e}"
+            ) from None
+        try:
+            # Before anything reads the store: what an earlier release wrote is brought to this code's shapes.
+            backup: Callable[[int], Path]
+            if isinstance(self.store, SQLiteStore):
+                backup = functools.partial(backup_sqlite, self.store.path)
+            else:
+                loop = asyncio.get_running_loop()
+                store = self.store
+                # migrate() calls it from a worker thread: the dump runs on this loop.
+                backup = lambda version: asyncio.run_coroutine_threadsafe(  # noqa: E731
+                    backup_prefix(store, data_dir, version), loop
+                ).result()
+            await migrate(self.store, Paths(data_dir, self.run_dir), backup=backup)
+        except MigrationError as e:
+            await self.store.close()
+            raise SystemExit(f"{self.command}: {e}") from None
+        except BaseException:
+            await self.store.close()
+            raise
+        resources = Resources(self.store)
+        key = load_key(data_dir, cfg.secret_key_file)
+        secrets = SecretBox(key)
+        if not isinstance(self.store, SQLiteStore):  # a store other servers may share
+            await check_secret_key(self.store, key)
+        self.token = await admin_token(resources, data_dir)
+        self.controller_token = await fresh_token(resources, "controller", "controller")
+        images = ImageStore(data_dir / "images")
+        images.clean_tmp()
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        build_sandbox = (
+            functools.partial(build_spec, data_dir=data_dir, run_dir=self.run_dir) if sandboxed else None
+        )
+        # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
+        self.build_egress = (
+            BuildEgress(self.run_dir / "build-egress", hosts=index_hosts(os.environ), allow=cfg.egress_allow)
+            if sandboxed
+            else None
+        )
+        self.state = ApiState(
+            secrets=secrets,
+            resources=resources,
+            images=images,
+            builder=Builder(
+                images, sandbox=build_sandbox, egress=self.build_egress, cache_dir=data_dir / "cache" / "uv"
+            ),
+            data_dir=data_dir,
+            gateway_url=cfg.gateway_url,
+            max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
+        )
+        return resources
+
+    async def serve(self) -> asyncio.Task[None]:
+        """The API listening; its task (which ends only if the server does)."""
+        assert self.state is not None
+        self.server = _Server(
+            uvicorn.Config(
+                create_app(self.state),
+                host=self.cfg.host,
+                port=self.cfg.api_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
+            )
+        )
+        task = asyncio.create_task(self.server.serve(), name="the API server")
+        while not self.server.started:
+            if task.done():
+                if task.exception():
+                    raise task.exception()  # type: ignore[misc]
+                raise SystemExit(
+                    f"could not listen on {self.cfg.host}:{self.cfg.api_port} (port in use? pass --api-port)"
+                )
+            await asyncio.sleep(0.01)
+        return task
+
+    def start_controllers(self) -> list[asyncio.Task[None]]:
+        """The scheduler, the autoscaler (with the controller token: no secrets, no tokens), the
+        collector, and the gateway function calls go to when none was given."""
+        assert self.state is not None
+        self.client = AsyncApi(self.cfg.api_url, self.controller_token)
+        self.tasks = [
+            asyncio.create_task(Scheduler(self.client).run(), name="the scheduler"),
+            asyncio.create_task(Autoscaler(self.client).run(), name="the autoscaler"),
+            asyncio.create_task(self.state.collector.run(), name="the collector"),
+        ]
+        if not self.cfg.gateway_url:
+            self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
+        return self.tasks
+
+    async def _follow_gateways(self) -> None:
+        """Function calls go through a gateway: with no node here, one of a live node's."""
+        assert self.state is not None
+        state = self.state
+        while True:
+            with contextlib.suppress(Exception):  # the next round looks again
+                nodes, _ = await state.resources.list_nodes()
+                urls = sorted(n.gateway for n in nodes if n.gateway)
+                if urls and state.gateway_url not in urls:
+                    state.gateway_url = urls[0]
+            await asyncio.sleep(GATEWAY_FOLLOW_S)
+
+    async def stop(self, servers: list[asyncio.Task[None]]) -> None:
+        stop_all_builds()  # a build in flight fails now rather than hold the shutdown
+        if self.build_egress is not None:
+            self.build_egress.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            self.server.should_exit = True
+        await asyncio.gather(*servers, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+        await self.store.close()
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """Nothing the platform writes is for other local users: state, tokens, keys, app code, logs.
+
+    The umask covers every file and folder made from here on (sandboxes set their own, for the roots
+    they build); the data dir itself, and the files an older version made readable, are fixed here.
+    Image layers stay readable by all inside (their own modes, set when sealed): sandboxes bind each
+    one at its own path as an unprivileged uid, which never needs to cross the data dir.
+    """
+    private_dir(data_dir)
+    for name in ("state.db", "state.db-wal", "state.db-shm", "admin-token", "secret.key"):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / name).chmod(0o600)
+
+
+async def wait_for_stop(parts: list[asyncio.Task[None]]) -> bool:
+    """Run until SIGINT/SIGTERM or a part ends on its own; whether one did (said loudly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *parts], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    failed = False
+    for task in parts:
+        if task.done() and not task.cancelled():
+            error = task.exception()
+            log.error("%s stopped: %r", task.get_name(), error, exc_info=error)
+            failed = True
+    return failed
+
+
+async def run_server(
+    cfg: ApiConfig, *, save: bool = True, on_ready: Callable[[str, str], None] | None = None
+) -> None:
+    """`osless server`: the API, the controllers and the collector (and the builder), no node; until
+    SIGINT/SIGTERM. `on_ready(api_url, admin_token)` once it answers."""
+    private_data_dir(cfg.data_dir.resolve())
+    sandboxed, _ = host_protections(cfg.sandbox)
+    host = ApiHost(cfg)
+    await host.open(sandboxed=sandboxed)
+    servers: list[asyncio.Task[None]] = []
+    failed = False
+    try:
+        servers = [await host.serve()]
+        if save:
+            save_credentials(cfg.api_url, host.token, cfg.gateway_url)
+        parts = host.start_controllers()
+        gc.freeze()
+        if on_ready:
+            on_ready(cfg.api_url, host.token)
+        failed = await wait_for_stop([*servers, *parts])
+    finally:
+        await host.stop(servers)
+    if failed:
+        raise SystemExit("osless server stopped because a part of it failed (see the error above)")
