@@ -33,7 +33,7 @@ from osless.build import Builder, ImageStore, stop_all_builds
 from osless.build.egress import BuildEgress, index_hosts
 from osless.cli.credentials import credentials_path
 from osless.client import AsyncApi
-from osless.controllers import Autoscaler, Scheduler
+from osless.controllers import run_controllers
 from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, doctor, run_dir_for
 from osless.node.egress_rules import Network
@@ -250,8 +250,8 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             egress_allow=cfg.egress_allow,
         )
         parts = [
-            asyncio.create_task(Scheduler(client).run(), name="the scheduler"),
-            asyncio.create_task(Autoscaler(client).run(), name="the autoscaler"),
+            # One candidate among any controller processes run against this API: the leader acts.
+            asyncio.create_task(run_controllers(client), name="the controllers"),
             asyncio.create_task(gateways.run(), name="the gateway processes"),
             asyncio.create_task(agent.run(), name="the node agent"),
             asyncio.create_task(state.collector.run(), name="the collector"),

@@ -20,7 +20,18 @@ from osless.api.errors import error_body, install_error_handlers
 from osless.api.guard import Guard
 from osless.api.models import now
 from osless.api.openapi import install_openapi
-from osless.api.routes import apps, config, deploys, instances, invoke, logs, retention, system, tokens
+from osless.api.routes import (
+    apps,
+    config,
+    deploys,
+    instances,
+    invoke,
+    leaders,
+    logs,
+    retention,
+    system,
+    tokens,
+)
 from osless.api.routes import audit as audit_routes
 from osless.api.state import ApiState
 
@@ -151,7 +162,19 @@ def create_app(state: ApiState) -> FastAPI:
     app.state.osless = state
     install_error_handlers(app)
     install_openapi(app)
-    for module in (apps, config, deploys, instances, invoke, logs, retention, system, tokens, audit_routes):
+    for module in (
+        apps,
+        config,
+        deploys,
+        instances,
+        invoke,
+        leaders,
+        logs,
+        retention,
+        system,
+        tokens,
+        audit_routes,
+    ):
         _check_permissions(module.router)
         app.include_router(module.router, prefix="/v1")
 

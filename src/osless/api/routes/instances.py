@@ -95,12 +95,30 @@ async def put_instance_status(
     state: ApiState = Depends(get_state),
     caller: Caller = require("operate"),
 ) -> Instance:
+    node = node_of(caller)
+
     def change(i: Instance) -> Instance:
+        if node is not None and i.node != node:
+            # Fencing: a node cut off long enough to be replaced must not write over the new state.
+            raise ApiError(
+                409,
+                "not_this_node",
+                f"instance {instance_id!r} is assigned to node {i.node!r}, not to {node!r}: "
+                "a node reports only on its own instances (list them with ?node=)",
+            )
         i.status = body
         i.status.updated_at = now()
         return i
 
     return await state.resources.update_instance(instance_id, change)
+
+
+def node_of(caller: Caller) -> str | None:
+    """The node a node token speaks for (tokens of role `node` are named `node:<name>`), None for
+    other roles. A node token named otherwise speaks for no node, and so may write no status."""
+    if caller.role != "node":
+        return None
+    return caller.name.removeprefix("node:") if caller.name.startswith("node:") else ""
 
 
 @router.delete("/instances/{instance_id}", status_code=204, responses=responses(404))
