@@ -42,7 +42,7 @@ def _nodes(p: Platform) -> set[str]:
 def second_node(own_platform: Platform, tmp_path: Path) -> Iterator[Node]:
     """A second node agent on this machine, with a node token issued through the API."""
     p = own_platform
-    made = p.http("POST", "/v1/tokens", json={"role": "node", "name": "node:n2"})
+    made = p.http("POST", "/v1/nodes/n2/token")
     assert made.status_code == 201, made.text
     data = tmp_path / "n2"
     data.mkdir()

@@ -62,8 +62,7 @@ ROLES: dict[str, frozenset[Permission]] = {
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
 }
-# what `POST /v1/tokens` makes; a `node` token is named `node:<node>`, the node it speaks for
-Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node"]
+Grantable = Literal["admin", "deploy", "read", "debug", "invoke"]  # what `POST /v1/tokens` makes
 GRANTABLE: tuple[str, ...] = get_args(Grantable)
 TOKEN_PREFIX = "osl_"
 ID_LEN = 12

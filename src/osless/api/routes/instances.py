@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, Field
 
-from osless.api.auth import Caller, check_scope, require
+from osless.api.auth import ID_LEN, Caller, check_scope, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
     ID_PATTERN,
@@ -149,6 +150,28 @@ async def heartbeat_node(
     caller: Caller = require("operate"),
 ) -> Node:
     return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **body.model_dump()))
+
+
+class NodeToken(BaseModel):
+    id: str
+    name: str = Field(description="node:<node name>: the node it speaks for")
+    role: str
+    token: str = Field(description="the token itself: shown this once, never again")
+
+
+@router.post(
+    "/nodes/{name}/token",
+    status_code=201,
+    response_model=NodeToken,
+    summary="Make a token for the agent of node NAME (it writes the status of that node's instances only)",
+)
+async def create_node_token(
+    name: str = Path(pattern=ID_PATTERN),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("admin"),
+) -> NodeToken:
+    token, digest, record = await state.tokens.issue(f"node:{name}", "node")
+    return NodeToken(id=digest[:ID_LEN], name=record.name, role=record.role, token=token)
 
 
 @router.put(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
@@ -10,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from osless.api.auth import ID_LEN, NAME_PATTERN, Caller, Grantable, TokenRecord, require
 from osless.api.errors import ApiError, responses
-from osless.api.models import ID_PATTERN, AppName, Body, now
+from osless.api.models import AppName, Body, now
 from osless.api.state import ApiState, get_state
 
 router = APIRouter(tags=["tokens"])
@@ -73,17 +72,6 @@ async def create_token(
             422,
             "invalid_request",
             "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
-        )
-    if body.role == "node" and (
-        body.app is not None
-        or body.name is None
-        or not re.fullmatch(ID_PATTERN, body.name.removeprefix("node:"))
-        or not body.name.startswith("node:")
-    ):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "a node token speaks for one node: name it `node:<node name>` and limit it to no app",
         )
     name = body.name or (f"{body.role}-{body.app}" if body.app else body.role)
     expires_at = None if body.expires_in_s is None else round(now() + body.expires_in_s, 3)
