@@ -130,6 +130,8 @@ class Scheduler:
                     break
                 placement.place(app["name"], node, need)
                 await self._create(app, node)
+            else:
+                await self._say(app, f"placed: {want} instance(s) after waiting", only_if_waiting=True)
         elif len(current) > want:
             # drop the ones not serving first, then the newest
             surplus = sorted(current, key=lambda i: (i["status"]["phase"] == "ready", -i["created_at"]))
@@ -149,11 +151,20 @@ class Scheduler:
 
     async def _waiting(self, app: dict[str, Any], missing: int, need: int, placement: Placement) -> None:
         """No node can take the app's next instance now: it waits, and the app's status says why."""
-        free = ", ".join(f"{n}: {mb} MB" for n, mb in sorted(placement.free_mb().items())) or "no node is up"
-        reason = f"waiting: {missing} instance(s) need {need} MB each, and no node has it free ({free})"[:200]
-        if app.get("scale_reason") == reason:
-            return
+        if not placement.nodes:
+            return  # no node up at all (yet): nothing to say of this app in particular
+        waiting = f"waiting: {missing} instance(s) need {need} MB each, and no node has it free"
+        if str(app.get("scale_reason") or "").startswith(waiting):
+            return  # said already: free memory moves with every heartbeat, the reason need not
+        free = ", ".join(f"{n}: {mb} MB" for n, mb in sorted(placement.free_mb().items()))
+        reason = f"{waiting} ({free})" if free else waiting
         log.warning("%s: %s", app["name"], reason)
+        await self._say(app, reason[:200])
+
+    async def _say(self, app: dict[str, Any], reason: str, only_if_waiting: bool = False) -> None:
+        """The app's `scale_reason` (with its `desired` as it is)."""
+        if only_if_waiting and not str(app.get("scale_reason") or "").startswith("waiting:"):
+            return
         desired = app.get("desired")
         body = {"desired": desired_instances(app) if desired is None else int(desired), "reason": reason}
         if self.leadership.is_leader:
