@@ -308,7 +308,10 @@ class Resources:
                     try:
                         await self.store.keepalive(kv.lease)
                         held.renewed_at = now()
+                        await self.store.put(key, _enc(held), if_revision=kv.mod_revision, lease=kv.lease)
                         return held
+                    except Conflict:
+                        continue  # stepped down or taken meanwhile: look again
                     except LeaseNotFound:
                         pass
                 # Its lease ran out and the sweeper has not removed the key yet: a new term.
