@@ -87,6 +87,13 @@ def test_a_node_writes_the_status_of_its_own_instances_only(
     assert theirs["node"] in r.json()["error"]["message"]
     after = next(i for i in p.instances("holder") if i["id"] == theirs["id"])
     assert after["status"]["phase"] == "ready"
+    # nor does it keep another node alive
+    r = httpx.put(
+        f"{p.api}/v1/nodes/{theirs['node']}",
+        json={"ttl_s": 300},
+        headers={"authorization": f"Bearer {second_node.token}"},
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_this_node", r.text
 
 
 def test_a_stopped_node_is_replaced_within_10s_and_fences_itself_when_it_runs_again(

@@ -129,3 +129,16 @@ def test_one_leader_acts_and_another_takes_over_within_seconds_of_its_kill(
         timeout=30,
         what="two ready instances",
     )
+
+
+def test_the_controllers_process_takes_its_token_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OSLESS_TOKEN"}
+    cmd = [sys.executable, "-m", "osless.controllers", "--api", "http://127.0.0.1:9"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0 and "no token: set OSLESS_TOKEN or pass --token-file FILE" in r.stderr
+    r = subprocess.run(
+        [*cmd, "--token-file", str(tmp_path / "absent")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and "cannot read the token file" in r.stderr
+    r = subprocess.run([*cmd, "--ttl", "0.1"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ttl" in r.stderr

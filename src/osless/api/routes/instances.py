@@ -142,13 +142,22 @@ async def list_nodes(
     return await list_or_watch(res, "nodes", watch=watch, revision=revision, items=res.list_nodes)
 
 
-@router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
+@router.put(
+    "/nodes/{name}",
+    response_model=Node,
+    responses=responses(403),
+    summary="Register a node or renew its lease (heartbeat)",
+)
 async def heartbeat_node(
     body: NodeLease,
     name: str = Path(pattern=ID_PATTERN),
     state: ApiState = Depends(get_state),
     caller: Caller = require("operate"),
 ) -> Node:
+    speaks_for = node_of(caller)
+    if speaks_for is not None and speaks_for != name:
+        # Another node's heartbeat would keep a dead node's lease, and its instances, from failing over.
+        raise ApiError(403, "not_this_node", f"this token speaks for node {speaks_for!r}, not for {name!r}")
     return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **body.model_dump()))
 
 
