@@ -275,6 +275,7 @@ class Node:
     args: list[str] = field(default_factory=list)  # more `osless node join` options
     proc: subprocess.Popen[bytes] | None = None
     host: str = "127.0.0.1"  # its gateway's address (any of 127/8: each node may have its own)
+    token: str = ""  # its node token, once started
 
     @property
     def gateway(self) -> str:
@@ -282,6 +283,7 @@ class Node:
 
     def start(self, timeout: float = 30.0) -> Node:
         made = self.platform.cli_json("tokens", "create", "--role", "node", "--name", f"node:{self.name}")
+        self.token = made["token"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir.parent / f"node-{self.name}.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
@@ -305,7 +307,7 @@ class Node:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OSLESS_NODE_TOKEN": made["token"]},
+            env={**os.environ, "OSLESS_NODE_TOKEN": self.token},
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -329,6 +331,7 @@ class Node:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.proc.send_signal(signal.SIGCONT)  # a test may have stopped it
         self.proc.send_signal(sig)
         try:
             self.proc.wait(15)

@@ -303,7 +303,7 @@ def check_node(caller: Caller, node: str) -> None:
     if mine != node:
         raise ApiError(
             403,
-            "forbidden",
+            "not_this_node",
             f"this token is node {mine!r}'s: it cannot act for node {node!r}"
             if mine
             else f"this {caller.role} token is not named after a node ({caller.role}:NAME): it acts for none",

@@ -466,3 +466,20 @@ class WhoAmI(BaseModel):
     app: str | None = None  # the one app the token is limited to
     expires_at: float | None = None
     permissions: list[str] = []  # what its role may do (api/auth.py ROLES)
+
+
+class LeaderClaim(Body):
+    """A candidate asking for (or renewing) a leadership: taken only if free or already its own."""
+
+    holder: str = Field(pattern=ID_PATTERN, description="who asks: unique per candidate process")
+    # At least a second (a lease shorter than the round trip that grants it is gone before it is
+    # used); at most a minute, so that a dead leader is not waited on for long.
+    ttl_s: float = Field(default=3.0, ge=1, le=60, description="held this long without a renewal")
+
+
+class Leader(BaseModel):
+    name: str
+    holder: str
+    ttl_s: float
+    acquired_at: float = Field(default_factory=now)
+    renewed_at: float = Field(default_factory=now)

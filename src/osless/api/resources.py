@@ -16,11 +16,12 @@ from osless.api.models import (
     ConfigState,
     Deploy,
     Instance,
+    Leader,
     Node,
     Release,
     now,
 )
-from osless.store import Conflict, Store
+from osless.store import Conflict, LeaseNotFound, Store
 
 __all__ = ["KINDS", "Resources"]
 
@@ -33,6 +34,7 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "deploys": ("/deploys/", Deploy),
     "instances": ("/instances/", Instance),
     "nodes": ("/nodes/", Node),
+    "leaders": ("/leaders/", Leader),
     "config_values": ("/config/", ConfigState),  # for node agents only: see routes/config.py
 }
 
@@ -278,6 +280,68 @@ class Resources:
         lease = await self.store.grant_lease(node.ttl_s)
         await self.store.put(f"/nodes/{node.name}", _enc(node), lease=lease)
         return node
+
+    # leaders
+    async def get_leader(self, name: str) -> Leader | None:
+        got = await self._get(f"/leaders/{name}", Leader)
+        return None if got is None else got[0]
+
+    async def list_leaders(self) -> tuple[list[Leader], int]:
+        return await self._list("/leaders/", Leader)
+
+    async def claim_leader(self, name: str, holder: str, ttl_s: float) -> Leader:
+        """Grant or renew `name` to `holder` on a lease of `ttl_s` (compare-and-swap: taken only if
+        free or already the holder's). 409 naming the holder otherwise."""
+        key = f"/leaders/{name}"
+        for _ in range(20):
+            kv = await self.store.get(key)
+            if kv is not None:
+                held = Leader.model_validate_json(kv.value)
+                if held.holder != holder:
+                    raise ApiError(
+                        409,
+                        "leader_taken",
+                        f"{name!r} is held by {held.holder!r} (renewed at {held.renewed_at:.3f}, ttl "
+                        f"{held.ttl_s:g}s); try again once its lease runs out",
+                    )
+                if kv.lease is not None:
+                    try:
+                        await self.store.keepalive(kv.lease)
+                        held.renewed_at = now()
+                        await self.store.put(key, _enc(held), if_revision=kv.mod_revision, lease=kv.lease)
+                        return held
+                    except Conflict:
+                        continue  # stepped down or taken meanwhile: look again
+                    except LeaseNotFound:
+                        pass
+                # Its lease ran out and the sweeper has not removed the key yet: a new term.
+                try:
+                    await self.store.delete(key, if_revision=kv.mod_revision)
+                except Conflict:
+                    continue
+            lease = await self.store.grant_lease(ttl_s)
+            leader = Leader(name=name, holder=holder, ttl_s=ttl_s)
+            try:
+                await self.store.put(key, _enc(leader), if_revision=0, lease=lease)
+                return leader
+            except Conflict:
+                await self.store.revoke(lease)  # someone else was faster: read who, and answer 409
+                continue
+        raise ApiError(409, "conflict", f"leadership {name!r} is changing too often; try again")
+
+    async def release_leader(self, name: str, holder: str) -> bool:
+        """Step down: True if `holder` held it (and no longer does), False if nobody held it."""
+        kv = await self.store.get(f"/leaders/{name}")
+        if kv is None:
+            return False
+        held = Leader.model_validate_json(kv.value)
+        if held.holder != holder:
+            raise ApiError(409, "not_leader", f"{name!r} is held by {held.holder!r}, not by {holder!r}")
+        if kv.lease is not None:
+            await self.store.revoke(kv.lease)  # the key goes with its lease
+        else:
+            await self.store.delete(f"/leaders/{name}")
+        return True
 
     # config
     async def get_config(self, app: str) -> tuple[ConfigState, int]:

@@ -1,17 +1,28 @@
-"""List, then watch from the list's revision; start again on any break (level-triggered clients)."""
+"""List, then watch from the list's revision; start again on any break (level-triggered clients).
+
+What was listed stays while the API cannot be reached: a failed list or watch never clears
+`items`, so a client keeps acting on the last state it knew (a gateway keeps routing) until a new
+list replaces it whole.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, cast
 
 from osless.client.api import ApiError, AsyncApi
 
 __all__ = ["Informer"]
 
 log = logging.getLogger("osless.informer")
+
+# The API sends a bookmark every 10 s on an idle watch: a stream silent for this long is dead (the
+# API frozen, or a connection lost without a reset), and is listed again.
+WATCH_IDLE_S = 35.0
 
 
 class Informer:
@@ -32,35 +43,80 @@ class Informer:
         self.on_change = on_change
         self.items: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
+        self.down_since: float | None = None  # wall clock: the list or watch failing since then
+        self._relist = asyncio.Event()
+        self._listed = asyncio.Event()  # set (and replaced) at each list applied
+
+    async def relist(self) -> None:
+        """List again now (not trusting the watch to have delivered everything), and return once
+        that list is applied."""
+        listed = self._listed
+        self._relist.set()
+        await listed.wait()
 
     async def run(self) -> None:
         backoff = 0.1
         while True:
+            self._relist.clear()
+            cycle = asyncio.create_task(self._list_and_watch())
+            relist = asyncio.create_task(self._relist.wait())
             try:
-                listed = await self.api.get(self.path, **self.params)
-                self.items = {self.key(o): o for o in listed["items"]}
-                self.synced.set()
-                await self._changed()
-                backoff = 0.1
-                async for ev in self.api.stream(
-                    self.path, watch="true", revision=listed["revision"], **self.params
-                ):
-                    if ev["type"] == "PUT":
-                        self.items[self.key(ev["object"])] = ev["object"]
-                    elif ev["type"] == "DELETE":
-                        if self.items.pop(ev["name"], None) is None:
-                            continue
-                    elif ev["type"] == "ERROR":
-                        break
-                    else:
-                        continue
-                    await self._changed()
-            except ApiError as e:
-                log.debug("informer %s: %s", self.path, e)
-            except Exception:  # a bug in a handler must not end the watch for good
-                log.exception("informer %s failed; listing again", self.path)
+                await asyncio.wait([cycle, relist], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (cycle, relist):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+            if relist.done() and not relist.cancelled():
+                continue
+            if cycle.done() and not cycle.cancelled() and cycle.result():
+                backoff = 0.1  # it had listed: the next failure starts the backoff again
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _list_and_watch(self) -> bool:
+        """One list and the watch after it, until the stream ends; whether the list succeeded."""
+        listed_ok = False
+        try:
+            listed = await self.api.get(self.path, **self.params)
+            self.items = {self.key(o): o for o in listed["items"]}
+            listed_ok = True
+            self.down_since = None
+            self.synced.set()
+            self._listed.set()
+            self._listed = asyncio.Event()
+            await self._changed()
+            stream = self.api.stream(self.path, watch="true", revision=listed["revision"], **self.params)
+            events = cast(AsyncGenerator[dict[str, Any], None], stream)
+            try:
+                await self._follow(events)
+            finally:
+                await events.aclose()
+        except (ApiError, TimeoutError) as e:
+            log.debug("informer %s: %s", self.path, e)
+            if self.down_since is None:
+                self.down_since = time.time()
+        except Exception:  # a bug in a handler must not end the watch for good
+            log.exception("informer %s failed; listing again", self.path)
+        return listed_ok
+
+    async def _follow(self, events: AsyncGenerator[dict[str, Any], None]) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(WATCH_IDLE_S):  # in this task: the stream stays its own
+                    ev = await anext(events)
+            except StopAsyncIteration:
+                return
+            if ev["type"] == "PUT":
+                self.items[self.key(ev["object"])] = ev["object"]
+            elif ev["type"] == "DELETE":
+                if self.items.pop(ev["name"], None) is None:
+                    continue
+            elif ev["type"] == "ERROR":
+                return
+            else:
+                continue
+            await self._changed()
 
     async def _changed(self) -> None:
         if self.on_change is not None:

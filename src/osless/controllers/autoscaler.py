@@ -6,6 +6,9 @@ that would double the instances switches to the panic window, which scales up at
 down. With `min` at 0, an app that saw no request for its idle window goes to zero; the gateway's
 activator wakes it again on the next request. The decision and its reason go to the app's
 `desired` and `scale_reason`, which the scheduler and `osless ps` read.
+
+Every controller process samples; only the one whose `Leadership` holds writes decisions, so a new
+leader takes over with the windows already full.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer
+from osless.controllers.leader import Leadership
 
 __all__ = ["Autoscaler", "decide"]
 
@@ -67,8 +71,9 @@ def decide(app: dict[str, Any], window: Window, now: float) -> tuple[int, str]:
 
 
 class Autoscaler:
-    def __init__(self, api: AsyncApi, tick_s: float = TICK_S) -> None:
+    def __init__(self, api: AsyncApi, leadership: Leadership, tick_s: float = TICK_S) -> None:
         self.api = api
+        self.leadership = leadership
         self.tick_s = tick_s
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]))
         self.windows: dict[str, Window] = {}
@@ -104,7 +109,7 @@ class Autoscaler:
                 window.release, window.last_active = app["current_release"], now
             window.last_active = max(window.last_active, float(app.get("woken_at") or 0))
             wanted, reason = decide(app, window, now)
-            if wanted != app.get("desired"):
+            if wanted != app.get("desired") and self.leadership.is_leader:
                 log.info("%s: %s -> %s instances (%s)", name, app.get("desired"), wanted, reason)
                 try:
                     updated = await self.api.put(

@@ -3,6 +3,14 @@
 A reconcile looks only at the present (apps, instances, nodes) and is safe to repeat. A release
 change is a rollout: new instances are created first; the old release's instances are deleted only
 once the new ones are ready, so a release that cannot start leaves the old one serving.
+
+Placement spreads an app over the nodes (fewest of its instances first, then the least loaded node)
+among those with the memory its release asks (the largest `memory_mb` of its functions and web app)
+free: the node's last heartbeat's `memory_free_mb`, less what was placed on it since. No node fits:
+the instance waits, and the app's `scale_reason` says why. A node whose lease ran out is gone (its
+lease's ttl was the grace): its instances are replaced at once.
+
+Every controller process runs a scheduler; only the one whose `Leadership` holds acts.
 """
 
 from __future__ import annotations
@@ -11,18 +19,27 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections import Counter
 from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer
+from osless.controllers.leader import Leadership
 
-__all__ = ["Scheduler", "desired_instances"]
+__all__ = ["Scheduler", "desired_instances", "memory_mb"]
 
 log = logging.getLogger("osless.scheduler")
 
 RESYNC_S = 5.0
-NODE_LOST_AFTER_S = 15.0
+DEFAULT_MEMORY_MB = 256
+
+
+def memory_mb(manifest: dict[str, Any]) -> int:
+    """What one instance of a release asks: it serves every handler, so the largest any asks for
+    (as the node agent limits it)."""
+    sizes = [int(f.get("memory_mb") or 0) for f in (manifest.get("functions") or {}).values()]
+    if manifest.get("web"):
+        sizes.append(int(manifest["web"].get("memory_mb") or 0))
+    return max(sizes, default=DEFAULT_MEMORY_MB) or DEFAULT_MEMORY_MB
 
 
 def desired_instances(app: dict[str, Any]) -> int:
@@ -35,10 +52,11 @@ def desired_instances(app: dict[str, Any]) -> int:
 
 
 class Scheduler:
-    def __init__(self, api: AsyncApi) -> None:
+    def __init__(self, api: AsyncApi, leadership: Leadership) -> None:
         self.api = api
+        self.leadership = leadership
         self._wake = asyncio.Event()
-        self._orphaned_since: dict[str, float] = {}
+        self._memory: dict[tuple[str, int], int] = {}  # (app, release) -> MB one instance asks
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._changed)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed)
         self.nodes = Informer(api, "/v1/nodes", key=lambda o: str(o["name"]), on_change=self._changed)
@@ -48,12 +66,15 @@ class Scheduler:
 
     async def run(self) -> None:
         informers = [asyncio.create_task(i.run()) for i in (self.apps, self.instances, self.nodes)]
+        informers.append(asyncio.create_task(self._follow_leadership()))
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), RESYNC_S)
                 self._wake.clear()
-                if all(i.synced.is_set() for i in (self.apps, self.instances, self.nodes)):
+                if self.leadership.is_leader and all(
+                    i.synced.is_set() for i in (self.apps, self.instances, self.nodes)
+                ):
                     try:
                         await self.reconcile()
                     except ApiError as e:
@@ -64,43 +85,53 @@ class Scheduler:
             for t in informers:
                 t.cancel()
 
+    async def _follow_leadership(self) -> None:
+        """A new leader reconciles at once rather than at the next change."""
+        while True:
+            await self.leadership.changed.wait()
+            self.leadership.changed.clear()
+            self._wake.set()
+
     async def reconcile(self) -> None:
         apps = dict(self.apps.items)
-        nodes = sorted(self.nodes.items)
-        now = time.monotonic()
-        # Instances on a node that stopped renewing its lease are gone: after a grace period (a
-        # node restarting keeps its name) they are deleted, and the apps get new ones on live nodes.
+        # Instances on a node whose lease ran out are gone (the lease's ttl was the grace): they are
+        # deleted now, and the apps get new ones on live nodes. A node that comes back registers
+        # anew and gets new placements; what it ran before is deleted, and it stops it.
         for inst in list(self.instances.items.values()):
-            if inst["node"] in self.nodes.items:
-                self._orphaned_since.pop(inst["id"], None)
-            elif now - self._orphaned_since.setdefault(inst["id"], now) > NODE_LOST_AFTER_S:
+            if inst["node"] not in self.nodes.items:
                 log.warning("node %s is gone: replacing instance %s", inst["node"], inst["id"])
                 await self._delete(inst)
         instances = list(self.instances.items.values())
-        load = Counter(i["node"] for i in instances)
         for inst in instances:
             if inst["app"] not in apps:
                 await self._delete(inst)
+        placement = Placement(self.nodes.items, instances, self._memory)
         for name, app in apps.items():
             mine = [i for i in instances if i["app"] == name]
             try:
-                await self._reconcile_app(app, mine, nodes, load)
+                await self._reconcile_app(app, mine, placement)
             except ApiError:
                 raise
             except Exception:  # one app's bad record must not stop the others
                 log.exception("reconciling app %s failed", name)
 
     async def _reconcile_app(
-        self, app: dict[str, Any], mine: list[dict[str, Any]], nodes: list[str], load: Counter[str]
+        self, app: dict[str, Any], mine: list[dict[str, Any]], placement: Placement
     ) -> None:
         want = desired_instances(app)
         current = [i for i in mine if i["release"] == app["current_release"]]
         old = [i for i in mine if i["release"] != app["current_release"]]
-        if len(current) < want and nodes:
-            for _ in range(want - len(current)):
-                node = min(nodes, key=lambda n: load[n])
-                load[node] += 1
+        if len(current) < want:
+            need = await self._memory_of(app)
+            for placed in range(want - len(current)):
+                node = placement.pick(app["name"], need)
+                if node is None:
+                    await self._waiting(app, want - len(current) - placed, need, placement)
+                    break
+                placement.place(app["name"], node, need)
                 await self._create(app, node)
+            else:
+                await self._say(app, f"placed: {want} instance(s) after waiting", only_if_waiting=True)
         elif len(current) > want:
             # drop the ones not serving first, then the newest
             surplus = sorted(current, key=lambda i: (i["status"]["phase"] == "ready", -i["created_at"]))
@@ -111,7 +142,38 @@ class Scheduler:
             for inst in old:
                 await self._delete(inst)
 
+    async def _memory_of(self, app: dict[str, Any]) -> int:
+        key = (str(app["name"]), int(app["current_release"]))
+        if key not in self._memory:
+            release = await self.api.get(f"/v1/apps/{key[0]}/releases/{key[1]}")
+            self._memory[key] = memory_mb(release.get("manifest") or {})
+        return self._memory[key]
+
+    async def _waiting(self, app: dict[str, Any], missing: int, need: int, placement: Placement) -> None:
+        """No node can take the app's next instance now: it waits, and the app's status says why."""
+        if not placement.nodes:
+            return  # no node up at all (yet): nothing to say of this app in particular
+        waiting = f"waiting: {missing} instance(s) need {need} MB each, and no node has it free"
+        if str(app.get("scale_reason") or "").startswith(waiting):
+            return  # said already: free memory moves with every heartbeat, the reason need not
+        free = ", ".join(f"{n}: {mb} MB" for n, mb in sorted(placement.free_mb().items()))
+        reason = f"{waiting} ({free})" if free else waiting
+        log.warning("%s: %s", app["name"], reason)
+        await self._say(app, reason[:200])
+
+    async def _say(self, app: dict[str, Any], reason: str, only_if_waiting: bool = False) -> None:
+        """The app's `scale_reason` (with its `desired` as it is)."""
+        if only_if_waiting and not str(app.get("scale_reason") or "").startswith("waiting:"):
+            return
+        desired = app.get("desired")
+        body = {"desired": desired_instances(app) if desired is None else int(desired), "reason": reason}
+        if self.leadership.is_leader:
+            with contextlib.suppress(ApiError):
+                self.apps.items[app["name"]] = await self.api.put(f"/v1/apps/{app['name']}/desired", body)
+
     async def _create(self, app: dict[str, Any], node: str) -> None:
+        if not self.leadership.is_leader:  # lost it meanwhile: the new leader acts, not us
+            return
         iid = f"{app['name']}-v{app['current_release']}-{secrets.token_hex(3)}"
         body = {
             "id": iid,
@@ -124,6 +186,48 @@ class Scheduler:
         self.instances.items[iid] = created  # seen before the watch echoes it: no double creation
 
     async def _delete(self, inst: dict[str, Any]) -> None:
+        if not self.leadership.is_leader:
+            return
         with contextlib.suppress(ApiError):
             await self.api.delete(f"/v1/instances/{inst['id']}")
         self.instances.items.pop(inst["id"], None)
+
+
+class Placement:
+    """Where instances may go in one reconcile: live nodes, their free memory and their load."""
+
+    def __init__(
+        self,
+        nodes: dict[str, dict[str, Any]],
+        instances: list[dict[str, Any]],
+        memory: dict[tuple[str, int], int] | None = None,
+    ) -> None:
+        """`memory`: what one instance of (app, release) asks, where known."""
+        self.nodes = nodes
+        self.load: Counter[str] = Counter(i["node"] for i in instances)
+        self.per_app: Counter[tuple[str, str]] = Counter((i["app"], i["node"]) for i in instances)
+        self.free: dict[str, float] = {}  # node -> MB free; absent: the node does not say
+        for name, node in nodes.items():
+            if node.get("memory_free_mb") is None:
+                continue
+            # What the node reported, less what was placed on it after that report.
+            since = float(node.get("updated_at") or 0)
+            self.free[name] = float(node["memory_free_mb"])
+            for i in instances:
+                if i["node"] == name and float(i.get("created_at") or 0) > since:
+                    self.free[name] -= (memory or {}).get((i["app"], i["release"]), DEFAULT_MEMORY_MB)
+
+    def pick(self, app: str, need_mb: int) -> str | None:
+        fits = [n for n in self.nodes if self.free.get(n, float("inf")) >= need_mb]
+        if not fits:
+            return None
+        return min(fits, key=lambda n: (self.per_app[(app, n)], self.load[n], n))
+
+    def place(self, app: str, node: str, need_mb: int) -> None:
+        self.load[node] += 1
+        self.per_app[(app, node)] += 1
+        if node in self.free:
+            self.free[node] -= need_mb
+
+    def free_mb(self) -> dict[str, int]:
+        return {n: int(mb) for n, mb in self.free.items()}

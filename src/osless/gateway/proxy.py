@@ -8,6 +8,7 @@ Routing, limits and the activator live here, one coroutine per request; the byte
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -170,7 +171,7 @@ class Gateway:
         if what == "web":
             await self._web(conn, req, app, target, prefix)
         elif what == "health":
-            conn.respond(200, b'{"ok": true}', self._health_headers)
+            conn.respond(200, json.dumps(self.router.health()).encode(), self._health_headers)
         elif what == "function":
             await self._function(conn, req, target)
         elif what == "internal":

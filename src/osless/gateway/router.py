@@ -4,13 +4,19 @@ Fed by watches of apps and instances. Ready instances of the app's current relea
 during a rollout, before any of them is ready, the previous release's ready instances serve.
 Instances of this node are reached over their unix sockets; those of other nodes through their
 node's relay (`node.relay`), whose address the watch of nodes gives.
+
+Static stability: the table is what the API last said. While the API cannot be reached, the
+gateway keeps serving from it (the informers never clear what they listed), says so once in its
+log and in its health answer, and says so again once the API is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,12 +25,16 @@ from osless.gateway.upstream import Relayed, Upstream
 
 __all__ = ["Backend", "NoBackend", "Router", "Timeouts", "web_timeouts"]
 
+log = logging.getLogger("osless.gateway")
+
 
 WAKE_EVERY_S = 3.0
 DEFAULT_CONCURRENCY_LIMIT = 1000
 DEFAULT_MAX_BODY_MB = 10.0
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_DURATION_S = 3600.0
+API_PROBE_S = 1.0  # how often the gateway asks whether the API answers
+API_PROBE_TIMEOUT_S = 2.0
 
 
 class Timeouts(NamedTuple):
@@ -90,11 +100,52 @@ class Router:
         self._fetching: dict[tuple[str, int], asyncio.Task[dict[str, Any]]] = {}
         self._woken: dict[str, float] = {}
         self._waking: set[str] = set()  # apps with a wake call under way
+        self.api_down_since: float | None = None  # wall clock: the API not answering since then
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.instances.run())]
+        self._tasks = [
+            asyncio.create_task(self.apps.run()),
+            asyncio.create_task(self.instances.run()),
+            asyncio.create_task(self._probe_api()),
+        ]
         if self.node is not None:
             self._tasks.append(asyncio.create_task(self.nodes.run()))
+
+    async def _probe_api(self) -> None:
+        """A watch that stops speaking may be idle or may be dead: ask the API now and then."""
+        while True:
+            try:
+                await asyncio.wait_for(self.api.get("/healthz"), API_PROBE_TIMEOUT_S)
+                up = True
+            except (ApiError, TimeoutError):
+                up = False
+            if not up and self.api_down_since is None:
+                self.api_down_since = time.time()
+                log.warning(
+                    "API unreachable since %s; serving the last known routes (%d apps, %d ready instances)",
+                    _iso(self.api_down_since),
+                    len(self.apps.items),
+                    len(self.backends),
+                )
+            elif up and self.api_down_since is not None:
+                log.warning(
+                    "API reachable again (unreachable for %.0fs, since %s); routes follow it again",
+                    time.time() - self.api_down_since,
+                    _iso(self.api_down_since),
+                )
+                self.api_down_since = None
+            await asyncio.sleep(API_PROBE_S)
+
+    def health(self) -> dict[str, Any]:
+        """What the gateway's health answer says of the API and of its routes."""
+        if self.api_down_since is None:
+            return {"ok": True}
+        return {
+            "ok": True,
+            "api": f"unreachable since {_iso(self.api_down_since)}",
+            "api_unreachable_since": self.api_down_since,
+            "routes": "last known",
+        }
 
     async def synced(self) -> None:
         """Returns once the watches have listed what exists: the table is whole."""
@@ -315,6 +366,10 @@ def web_timeouts(manifest: dict[str, Any]) -> Timeouts:
         float(web.get("timeout_s", DEFAULT_TIMEOUT_S)),
         float(web.get("max_duration_s", DEFAULT_MAX_DURATION_S)),
     )
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -39,7 +39,10 @@ log = logging.getLogger("osless.node")
 
 RESYNC_S = 5.0
 ZYGOTE_LINGER_S = 60.0  # keep an unused release warm a while: a rollback then starts fast
-HEARTBEAT_S = 3.0
+HEARTBEAT_S = 1.0
+# No heartbeat for this long: the node's lease runs out, and the scheduler replaces its instances at
+# once. The node counts the same time on its side: past it, it assumes it was replaced (fenced).
+NODE_TTL_S = 3.0
 VOLUMES_EVERY_S = 10.0
 IMAGES_EVERY_S = 60.0
 
@@ -99,6 +102,7 @@ class NodeAgent:
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self._renewed = time.monotonic()  # when the last renewed lease was asked for
         self.protections = protections if protections is not None else doctor.check()
         missing = {p.name for p in self.protections if not p.ok}
         # `osless up` has warned about each missing protection already.
@@ -147,6 +151,7 @@ class NodeAgent:
         if self.cgroups is not None:
             self.cgroups.sweep()  # groups an earlier run left behind (kill -9)
             self.cgroups.fill_pool()
+        self._renewed = time.monotonic()  # the lease is asked for now: not lapsed yet
         tasks = [
             asyncio.create_task(self.informer.run()),
             asyncio.create_task(self._heartbeat()),
@@ -168,11 +173,27 @@ class NodeAgent:
                 t.cancel()
             await self.shutdown()
 
+    def fenced(self) -> bool:
+        """Whether this node's lease may have run out: then its instances may have been replaced
+        elsewhere, and it writes nothing of them until it has listed what is still assigned to it."""
+        return time.monotonic() - self._renewed > NODE_TTL_S
+
     async def _heartbeat(self) -> None:
         reported: dict[tuple[str, str], int] = {}
         while True:
-            with contextlib.suppress(ApiError):
+            sent = time.monotonic()
+            with contextlib.suppress(ApiError, TimeoutError):
                 await self.api.put(f"/v1/nodes/{self.name}", self._node_report())
+                if self.fenced():
+                    log.warning(
+                        "this node's lease lapsed (no heartbeat for %.1fs): registered anew; what is "
+                        "no longer assigned here is stopped once listed again",
+                        sent - self._renewed,
+                    )
+                    await asyncio.wait_for(self.informer.relist(), RESYNC_S)
+                    self._renewed = sent
+                    await self._after_lapse()
+                self._renewed = sent
                 if self.egress is not None and dict(self.egress.calls) != reported:
                     reported = dict(self.egress.calls)
                     edges = [{"caller": a, "callee": b, "count": n} for (a, b), n in sorted(reported.items())]
@@ -181,7 +202,7 @@ class NodeAgent:
 
     def _node_report(self) -> dict[str, Any]:
         """The heartbeat: the lease, and what `osless nodes` shows of this node."""
-        report: dict[str, Any] = {"ttl_s": HEARTBEAT_S * 4, "pid": os.getpid()}
+        report: dict[str, Any] = {"ttl_s": NODE_TTL_S, "pid": os.getpid()}
         if self.gateway is not None:
             host, port = self.gateway
             report.update(address=host, gateway=f"http://{host}:{port}")
@@ -340,9 +361,16 @@ class NodeAgent:
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
 
+    async def _after_lapse(self) -> None:
+        """Once listed afresh after a lapse: stop what is gone, and report the status of what is
+        still here (a fenced node wrote none)."""
+        await self.reconcile()
+        for iid, sup in list(self.supervisors.items()):
+            await self._report(iid, dict(sup.status))
+
     async def _report(self, iid: str, status: dict[str, Any]) -> None:
-        if iid not in self.supervisors:
-            return  # deleted meanwhile: nobody wants its status
+        if iid not in self.supervisors or self.fenced():
+            return  # deleted meanwhile, or maybe replaced elsewhere: nobody wants its status
         try:
             await self.api.put(f"/v1/instances/{iid}/status", status)
         except ApiError as e:

@@ -34,7 +34,7 @@ from osless.api.state import ApiState
 from osless.build import Builder, ImageStore, stop_all_builds
 from osless.build.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
-from osless.controllers import Autoscaler, Scheduler
+from osless.controllers import run_controllers
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
@@ -280,8 +280,8 @@ class ApiHost:
         assert self.state is not None
         self.client = AsyncApi(self.cfg.api_url, self.controller_token)
         self.tasks = [
-            asyncio.create_task(Scheduler(self.client).run(), name="the scheduler"),
-            asyncio.create_task(Autoscaler(self.client).run(), name="the autoscaler"),
+            # One candidate among any controller processes run against this API: the leader acts.
+            asyncio.create_task(run_controllers(self.client), name="the controllers"),
             asyncio.create_task(self.state.collector.run(), name="the collector"),
         ]
         if not self.cfg.gateway_url:

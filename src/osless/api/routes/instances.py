@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 
-from osless.api.auth import GATEWAY_PREFIX, Caller, check_node, check_scope, require
+from osless.api.auth import GATEWAY_PREFIX, Caller, check_node, check_scope, node_of, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
     ID_PATTERN,
@@ -101,7 +101,18 @@ async def put_instance_status(
     state: ApiState = Depends(get_state),
     caller: Caller = require("report"),
 ) -> Instance:
+    # A node token speaks for the node it was made for; one named otherwise, for none.
+    node = (node_of(caller) or "") if caller.role == "node" else None
+
     def change(i: Instance) -> Instance:
+        if node is not None and i.node != node:
+            # Fencing: a node cut off long enough to be replaced must not write over the new state.
+            raise ApiError(
+                409,
+                "not_this_node",
+                f"instance {instance_id!r} is assigned to node {i.node!r}, not to {node!r}: "
+                "a node reports only on its own instances (list them with ?node=)",
+            )
         i.status = body
         i.status.updated_at = now()
         return i
@@ -129,7 +140,12 @@ async def list_nodes(
     return await list_or_watch(res, "nodes", watch=watch, revision=revision, items=res.list_nodes)
 
 
-@router.put("/nodes/{name}", response_model=Node, summary="Register a node or renew its lease (heartbeat)")
+@router.put(
+    "/nodes/{name}",
+    response_model=Node,
+    responses=responses(403),
+    summary="Register a node or renew its lease (heartbeat)",
+)
 async def heartbeat_node(
     body: NodeLease,
     name: str = Path(pattern=ID_PATTERN),
