@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from osless.build import Builder, ImageStore, pack
+from osless.builder import Builder, pack
+from osless.images import ImageStore
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
 from osless.node.isolation import sandbox_spec

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from osless.build import pack
+from osless.builder import pack
 from tests.etcd import EtcdCluster
 
 ROOT = Path(__file__).resolve().parent.parent

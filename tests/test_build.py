@@ -24,24 +24,26 @@ from typing import Any
 
 import pytest
 
-from osless.build import (
+from osless.builder import (
     BUILD_NPROC,
-    MAX_MANIFEST_BYTES,
     Builder,
     BuildError,
     BuildResult,
-    ImageNotFoundError,
-    ImageStore,
-    ManifestTooLarge,
     SourceError,
-    canonical_json,
     pack,
-    sha256_hex,
     stop_all_builds,
     unpack,
 )
-from osless.build.egress import BuildEgress, index_hosts
-from osless.build.images import write_archive
+from osless.builder.egress import BuildEgress, index_hosts
+from osless.images import (
+    MAX_MANIFEST_BYTES,
+    ImageNotFoundError,
+    ImageStore,
+    ManifestTooLarge,
+    canonical_json,
+    sha256_hex,
+    write_archive,
+)
 from osless.node.isolation import build_spec
 from tests.platform import Platform, copy_app
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 
-from osless.build import pack, sha256_hex
+from osless.builder import pack
+from osless.images import sha256_hex
 from tests.platform import EXAMPLES, Platform, copy_app
 from tests.test_deploys import APPS, set_version
 

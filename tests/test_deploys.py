@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from osless.api.routes.deploys import DEPLOY_LOG_CAP
-from osless.build import pack
+from osless.builder import pack
 from tests.platform import EXAMPLES, Platform, copy_app
 from tests.test_build import bomb
 

@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from osless.build import sha256_hex
-from osless.build.images import ImageStore, remove_tree
 from osless.client import AsyncApi
+from osless.images import ImageStore, remove_tree, sha256_hex
 from osless.node.images import LayerRefused, NodeImages
 from tests.platform import EXAMPLES, Platform
 from tests.test_auth import call, make_token

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "osless"
-SERVER_SIDE = {"api", "store", "node", "gateway", "build", "controllers", "client", "cli", "server"}
+SERVER_SIDE = {"api", "store", "node", "gateway", "builder", "images", "controllers", "client", "cli", "server"}
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
@@ -39,8 +39,8 @@ def test_runtime_and_sdk_import_nothing_server_side() -> None:
 
 
 def test_cli_reaches_the_platform_over_http_only() -> None:
-    # build.source packs the upload; `up` hosts the server; `doctor` probes this very host
-    allowed = {"cli", "client", "build", "server", "node"}
+    # builder.source packs the upload; `up` hosts the server; `doctor` probes this very host
+    allowed = {"cli", "client", "builder", "server", "node"}
     for module, names in imports_of("cli").items():
         assert names <= allowed, f"{module} imports {names - allowed}"
     main = (SRC / "cli" / "main.py").read_text()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from osless.api.models import Body, Deploy, Integer, Release
-from osless.build import sha256_hex
+from osless.images import sha256_hex
 from osless.store import Conflict
 
 if TYPE_CHECKING:

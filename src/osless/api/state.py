@@ -13,7 +13,8 @@ from osless.api.auth import Tokens
 from osless.api.collector import Collector
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
-from osless.build import Builder, ImageStore
+from osless.builder import Builder
+from osless.images import ImageStore
 
 __all__ = ["ApiState", "get_state"]
 

@@ -132,7 +132,7 @@ def deploy_cmd(
 
 
 def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bool, wait: bool) -> None:
-    from osless.build.source import SourceError, pack
+    from osless.builder.source import SourceError, pack
 
     if not path.is_dir():
         fail(f"{path} is not a folder; give the folder that holds your app's code")

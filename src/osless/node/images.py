@@ -27,8 +27,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from osless.build.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode
 from osless.client import ApiError, AsyncApi
+from osless.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode
 
 __all__ = ["LAYER_GRACE_S", "ImageError", "LayerRefused", "NodeImages"]
 

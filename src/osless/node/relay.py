@@ -158,9 +158,7 @@ class Relay:
             conn.refuse("unavailable", "the API cannot say whether the token is a node's; try again")
             return
         if not verdict:
-            conn.refuse(
-                "unauthorized", "the relay takes a gateway token (what a node gives its gateways)"
-            )
+            conn.refuse("unauthorized", "the relay takes a gateway token (what a node gives its gateways)")
             return
         found = self.lookup(asked.instance)
         if found is None:

@@ -31,10 +31,11 @@ from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
-from osless.build import Builder, ImageStore, stop_all_builds
-from osless.build.egress import BuildEgress, index_hosts
+from osless.builder import Builder, stop_all_builds
+from osless.builder.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
 from osless.controllers import run_controllers
+from osless.images import ImageStore
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec

@@ -21,7 +21,7 @@ from osless.api.openapi import DEPLOY_LOG
 from osless.api.routes.config import config_misfits
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
-from osless.build import BuildError
+from osless.builder import BuildError
 from osless.logs import LogWriter, follow, read_tail
 
 router = APIRouter(tags=["deploys"])

@@ -18,7 +18,7 @@ from osless.api.auth import Caller, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import DIGEST_PATTERN, Body, Integer
 from osless.api.state import ApiState, get_state
-from osless.build import ImageNotFoundError
+from osless.images import ImageNotFoundError
 
 router = APIRouter(tags=["images"])
 

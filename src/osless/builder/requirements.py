@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from osless.build.process import BuildError, Log
+from osless.builder.process import BuildError, Log
 
 __all__ = ["Requirements", "read_requirements"]
 

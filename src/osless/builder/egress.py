@@ -12,7 +12,7 @@ a build moves hundreds of megabytes of wheels, and `osless up` runs the API and 
 loop, whose every request would wait behind those relays. The builder is synchronous (a worker
 thread) and stays usable without a running loop, in tests and benchmarks alike.
 
-Imported by `osless.server` (and tests) only: not from `osless.build`, whose `source` the CLI uses.
+Imported by `osless.server` (and tests) only: not from `osless.builder`, whose `source` the CLI uses.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from osless.build.process import Log
+from osless.builder.process import Log
 from osless.node.egress import EgressProxy
 from osless.node.egress_rules import Network
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from osless.build.process import BuildError
+from osless.builder.process import BuildError
 from osless.sdk.app import NAME_RE
 
 __all__ = ["MAX_ENTRY_BYTES", "read_app_name"]

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from osless.build.appname import read_app_name
-from osless.build.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
-from osless.build.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
-from osless.build.requirements import Requirements, read_requirements
-from osless.build.source import SourceError, unpack
+from osless.builder.appname import read_app_name
+from osless.builder.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
+from osless.builder.requirements import Requirements, read_requirements
+from osless.builder.source import SourceError, unpack
+from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
 from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
 
@@ -97,7 +97,7 @@ class SandboxMaker(Protocol):
 
 
 class Egress(Protocol):
-    """Egress sockets to the package index, one per step: `osless.build.egress.BuildEgress`."""
+    """Egress sockets to the package index, one per step: `osless.builder.egress.BuildEgress`."""
 
     def socket(self, uid: int, log: Log) -> AbstractContextManager[Path]: ...
 
