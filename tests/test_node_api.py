@@ -327,3 +327,65 @@ def test_join_refuses_a_node_api_port_out_of_range(tmp_path: Path) -> None:
     )
     assert r.returncode != 0
     assert "--node-api-port must be a port from 0 to 65535" in r.stderr, r.stderr
+
+
+class RecordingNode:
+    """A node API that notes the authorization header it is shown, and answers with no records."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.shown: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                head = recv_until(conn, lambda b: b"\r\n\r\n" in b).decode("latin-1")
+                for line in head.split("\r\n"):
+                    if line.lower().startswith("authorization:"):
+                        self.shown.append(line.split(":", 1)[1].strip())
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                    b"content-length: 0\r\nconnection: close\r\n\r\n"
+                )
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_nodes_are_shown_a_reader_of_that_app_never_the_caller_s_token(own_platform: Platform) -> None:
+    p = own_platform
+    p.deploy(APPS / "logger")
+    node = RecordingNode()
+    try:
+        assert p.http("PUT", "/v1/nodes/recorder", json={"ttl_s": 300, "api": node.url}).status_code == 200
+        assert p.http("GET", "/v1/apps/logger/logs", params={"tail": 5}).status_code == 200
+        assert node.shown, "the API did not ask the node"
+        shown = node.shown[-1]
+        assert p.token not in shown and shown.startswith("Bearer oslr_logger_"), shown
+        reader = shown.split(" ", 1)[1]
+
+        def as_reader(path: str) -> httpx.Response:
+            return httpx.get(p.api + path, headers={"authorization": f"Bearer {reader}"}, timeout=30)
+
+        me = as_reader("/v1/whoami").json()
+        assert me["role"] == "reader" and me["app"] == "logger" and "logs" in me["permissions"]
+        assert me["expires_at"] is not None and me["expires_at"] < time.time() + 400
+        # It reads that app (and its logs) and nothing else.
+        assert as_reader("/v1/apps/logger/logs?tail=1").status_code == 200
+        assert as_reader("/v1/tokens").status_code == 403
+        p.deploy(APPS / "logger", "--name", "other")
+        assert as_reader("/v1/apps/other/logs?tail=1").status_code == 403
+        # Forged or stretched: refused.
+        app_, expires, mac = reader.removeprefix("oslr_").rsplit("_", 2)
+        later = f"oslr_{app_}_{int(expires) + 3600}_{mac}"
+        for bad in (later, f"oslr_other_{expires}_{mac}", reader[:-1] + ("0" if reader[-1] != "0" else "1")):
+            r = httpx.get(p.api + "/v1/whoami", headers={"authorization": f"Bearer {bad}"}, timeout=30)
+            assert r.status_code == 401, (bad, r.text)
+    finally:
+        node.close()

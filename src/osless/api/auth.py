@@ -78,6 +78,9 @@ ROLES: dict[str, frozenset[Permission]] = {
     "controller": _READ | {"operate"},
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
+    # What the API shows nodes when it asks them for an app's logs (`secrets.reader_token`): a debug
+    # token of that one app, for a few minutes; never a caller's own, which a node has no business holding.
+    "reader": _READ | {"logs"},
 }
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).

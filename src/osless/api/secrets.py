@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import time
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -18,6 +19,7 @@ __all__ = ["SecretBox", "load_key"]
 
 KEY_ENV = "OSLESS_SECRET_KEY"
 APP_TOKEN_PREFIX = "osla_"
+READER_TOKEN_PREFIX = "oslr_"
 
 
 def load_key(data_dir: Path, key_file: Path | None = None) -> bytes:
@@ -51,6 +53,7 @@ class SecretBox:
         self._fernet = Fernet(key)
         # A separate key for app tokens, so that neither use weakens the other.
         self._token_key = hashlib.sha256(b"osless app token\0" + base64.urlsafe_b64decode(key)).digest()
+        self._reader_key = hashlib.sha256(b"osless log reader\0" + base64.urlsafe_b64decode(key)).digest()
 
     def encrypt(self, value: str) -> str:
         return self._fernet.encrypt(value.encode()).decode()
@@ -72,3 +75,24 @@ class SecretBox:
             return None
         app, _, _ = token[len(APP_TOKEN_PREFIX) :].rpartition("_")
         return app if app and hmac.compare_digest(self.app_token(app), token) else None
+
+    def reader_token(self, app: str, ttl_s: float) -> str:
+        """What the API shows a node when it asks for an app's logs, instead of its caller's token: it
+        reads that app's logs and nothing else, for `ttl_s`. Derived, never stored (servers sharing a
+        store share the key, so any of them vouches for it)."""
+        expires = int(time.time() + ttl_s)
+        return f"{READER_TOKEN_PREFIX}{app}_{expires}_{self._reader_mac(app, expires)}"
+
+    def reader_of(self, token: str) -> tuple[str, float] | None:
+        """(app, expiry) of a reader token still good, or None."""
+        if not token.startswith(READER_TOKEN_PREFIX):
+            return None
+        app, _, rest = token[len(READER_TOKEN_PREFIX) :].rpartition("_")
+        app, _, expires = app.rpartition("_")
+        if not app or not expires.isdigit() or int(expires) < time.time():
+            return None
+        ok = hmac.compare_digest(self._reader_mac(app, int(expires)), rest)
+        return (app, float(expires)) if ok else None
+
+    def _reader_mac(self, app: str, expires: int) -> str:
+        return hmac.new(self._reader_key, f"{app}\0{expires}".encode(), hashlib.sha256).hexdigest()[:40]

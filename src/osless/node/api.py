@@ -34,7 +34,7 @@ __all__ = ["Callers", "NodeApi", "create_app", "record_line"]
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
-_TOKEN_PREFIXES = ("osl_", "osla_")  # what the API's tokens look like (an app's own: osla_)
+_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_")  # the API's tokens (an app's own: osla_; a reader: oslr_)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -1,7 +1,8 @@
 """An app's logs: asked of every live node's API (`node/api.py`), merged by time, optionally followed.
 
-Nodes keep their instances' logs on their own disk; the API asks them, with the caller's own token
-(the node decides as the API would), and never keeps a copy. A node that does not answer costs its
+Nodes keep their instances' logs on their own disk; the API asks them, showing a reader token of
+that app (`secrets.reader_token`: its logs only, for a few minutes; the node checks it with the API
+as any token), never the caller's own, and never keeps a copy. A node that does not answer costs its
 lines, said in a record of their place, never the whole answer. What a node sends is read in
 bounded records: a node cannot make the API buffer without limit.
 """
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, require
@@ -34,6 +35,7 @@ MAX_RECORD_BYTES = MAX_LINE_CHARS * 6 + 2048
 MAX_ERROR_BYTES = 4096  # of a node's refusal, shown in the notice
 NODE_CONNECT_S = 3.0
 NODE_TAIL_S = 20.0  # a whole tail answer, from the request to its last record
+READER_TTL_S = 300.0  # the node checks it when a follow starts: a follow outlives it
 FOLLOW_QUEUE = 256  # records read ahead of a slow client, per answer: past it, nodes wait
 
 
@@ -235,7 +237,6 @@ def _gone(nodes: list[Node], instances: list[Any], instance: str | None) -> list
     summary="NDJSON log records of the app's instances on every node, merged by time; follow=true streams",
 )
 async def app_logs(
-    request: Request,
     app: str,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
@@ -246,8 +247,10 @@ async def app_logs(
     await state.resources.get_app(app)
     nodes, _ = await state.resources.list_nodes()
     instances, _ = await state.resources.list_instances(app=app)
-    # The caller's own token goes to the nodes: each decides as this route did.
-    ask: dict[str, Any] = {"app": app, "header": request.headers["authorization"], "instance": instance}
+    # Nodes are shown a token that reads this app's logs for a while, never the caller's own: a node
+    # taken over would otherwise collect the tokens of whoever reads logs (an admin's too).
+    reader = state.secrets.reader_token(app, READER_TTL_S)
+    ask: dict[str, Any] = {"app": app, "header": f"Bearer {reader}", "instance": instance}
     gone = _gone(nodes, instances, instance)
 
     async def stream() -> AsyncIterator[bytes]:
