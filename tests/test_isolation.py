@@ -80,3 +80,26 @@ def test_the_api_sets_an_instances_uid_whatever_the_caller_says(platform: Platfo
     r = platform.http("POST", "/v1/instances", json=body)
     assert r.status_code == 201 and r.json()["uid"] == app["uid"] != 0
     platform.http("DELETE", "/v1/instances/uid-claim-forged")  # the scheduler may have removed it already
+
+
+def test_an_instance_runs_only_an_image_its_own_app_released(platform: Platform) -> None:
+    """A controller token must not run one app's code as another app (its uid, secrets, volumes)."""
+    platform.deploy(APPS / "runtime_functions", "--name", "img-owner")
+    platform.deploy(APPS / "runtime_functions", "--name", "img-victim")
+    owner = platform.http("GET", "/v1/apps/img-owner").json()
+    victim = platform.http("GET", "/v1/apps/img-victim").json()
+    for image, release in (
+        (owner["current_image"], victim["current_release"]),
+        (victim["current_image"], 99),
+    ):
+        if image == victim["current_image"] and release == victim["current_release"]:
+            continue
+        body = {
+            "id": "img-victim-forged",
+            "app": "img-victim",
+            "release": release,
+            "image": image,
+            "node": "x",
+        }
+        r = platform.http("POST", "/v1/instances", json=body)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "image_not_released", r.text

@@ -78,9 +78,11 @@ ROLES: dict[str, frozenset[Permission]] = {
     "controller": _READ | {"operate"},
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
-    # What the API shows nodes when it asks them for an app's logs (`secrets.reader_token`): a debug
-    # token of that one app, for a few minutes; never a caller's own, which a node has no business holding.
+    # What the API shows another part for one request of its own (`secrets.scoped_token`), never its
+    # caller's token: `reader` to a node for an app's logs (the node API checks it was made for it;
+    # the API's own logs route refuses it, so a node cannot renew it), `invoker` to a gateway.
     "reader": _READ | {"logs"},
+    "invoker": frozenset({"whoami", "invoke"}),
 }
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).

@@ -88,14 +88,11 @@ class Guard:
         app = self.state.secrets.app_of(token)
         if app is not None:
             return Caller(id=f"app:{app}", name=f"app:{app}", role="app", app=app), "", ""
-        reader = self.state.secrets.reader_of(token)
-        if reader is not None:
-            app, expires = reader
-            return (
-                Caller(id=f"reader:{app}", name=f"reader:{app}", role="reader", app=app, expires_at=expires),
-                "",
-                "",
-            )
+        scoped = self.state.secrets.scoped_of(token)
+        if scoped is not None:
+            role, app, holder, expires = scoped
+            name = f"{role}:{app}@{holder}" if holder else f"{role}:{app}"
+            return Caller(id=f"{role}:{app}", name=name, role=role, app=app, expires_at=expires), "", ""
         found = await self.state.tokens.lookup(token)
         if found is None:
             return None, "unauthorized", "invalid token"

@@ -19,7 +19,8 @@ __all__ = ["SecretBox", "load_key"]
 
 KEY_ENV = "OSLESS_SECRET_KEY"
 APP_TOKEN_PREFIX = "osla_"
-READER_TOKEN_PREFIX = "oslr_"
+# Names of apps and nodes hold no "_", so the parts of a scoped token split cleanly.
+SCOPED_PREFIXES = {"reader": "oslr_", "invoker": "osli_"}
 
 
 def load_key(data_dir: Path, key_file: Path | None = None) -> bytes:
@@ -53,7 +54,7 @@ class SecretBox:
         self._fernet = Fernet(key)
         # A separate key for app tokens, so that neither use weakens the other.
         self._token_key = hashlib.sha256(b"osless app token\0" + base64.urlsafe_b64decode(key)).digest()
-        self._reader_key = hashlib.sha256(b"osless log reader\0" + base64.urlsafe_b64decode(key)).digest()
+        self._scoped_key = hashlib.sha256(b"osless scoped token\0" + base64.urlsafe_b64decode(key)).digest()
 
     def encrypt(self, value: str) -> str:
         return self._fernet.encrypt(value.encode()).decode()
@@ -76,23 +77,29 @@ class SecretBox:
         app, _, _ = token[len(APP_TOKEN_PREFIX) :].rpartition("_")
         return app if app and hmac.compare_digest(self.app_token(app), token) else None
 
-    def reader_token(self, app: str, ttl_s: float) -> str:
-        """What the API shows a node when it asks for an app's logs, instead of its caller's token: it
-        reads that app's logs and nothing else, for `ttl_s`. Derived, never stored (servers sharing a
-        store share the key, so any of them vouches for it)."""
+    def scoped_token(self, role: str, app: str, ttl_s: float, holder: str = "") -> str:
+        """A credential the API makes for one of its own requests to another part, instead of passing
+        on its caller's token (which that part has no business holding): `reader` (an app's logs, shown
+        to the node `holder`) or `invoker` (an app's functions, shown to a gateway). Limited to `app`,
+        good for `ttl_s`; derived, never stored (servers sharing a store share the key)."""
         expires = int(time.time() + ttl_s)
-        return f"{READER_TOKEN_PREFIX}{app}_{expires}_{self._reader_mac(app, expires)}"
+        return (
+            f"{SCOPED_PREFIXES[role]}{app}_{holder}_{expires}_{self._scoped_mac(role, app, holder, expires)}"
+        )
 
-    def reader_of(self, token: str) -> tuple[str, float] | None:
-        """(app, expiry) of a reader token still good, or None."""
-        if not token.startswith(READER_TOKEN_PREFIX):
+    def scoped_of(self, token: str) -> tuple[str, str, str, float] | None:
+        """(role, app, holder, expiry) of a scoped token still good, or None."""
+        role = next((r for r, prefix in SCOPED_PREFIXES.items() if token.startswith(prefix)), None)
+        if role is None:
             return None
-        app, _, rest = token[len(READER_TOKEN_PREFIX) :].rpartition("_")
-        app, _, expires = app.rpartition("_")
-        if not app or not expires.isdigit() or int(expires) < time.time():
+        parts = token[len(SCOPED_PREFIXES[role]) :].split("_")
+        if len(parts) != 4 or not parts[0] or not parts[2].isdigit() or int(parts[2]) < time.time():
             return None
-        ok = hmac.compare_digest(self._reader_mac(app, int(expires)), rest)
-        return (app, float(expires)) if ok else None
+        app, holder, expires, mac = parts
+        if not hmac.compare_digest(self._scoped_mac(role, app, holder, int(expires)), mac):
+            return None
+        return role, app, holder, float(expires)
 
-    def _reader_mac(self, app: str, expires: int) -> str:
-        return hmac.new(self._reader_key, f"{app}\0{expires}".encode(), hashlib.sha256).hexdigest()[:40]
+    def _scoped_mac(self, role: str, app: str, holder: str, expires: int) -> str:
+        message = f"{role}\0{app}\0{holder}\0{expires}".encode()
+        return hmac.new(self._scoped_key, message, hashlib.sha256).hexdigest()[:40]

@@ -79,9 +79,15 @@ def ls(json_out: JsonOpt = False) -> None:
 
 
 @tokens_app.command("revoke")
-def revoke(token_id: Annotated[str, typer.Argument(metavar="ID")], json_out: JsonOpt = False) -> None:
+def revoke(
+    token_id: Annotated[str, typer.Argument(metavar="ID")],
+    force: Annotated[
+        bool, typer.Option(help="Revoke a node's token too: that node stops, its instances move elsewhere.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """Revoke a token: it stops working at once."""
-    call(client().delete, f"/v1/tokens/{token_id}")
+    call(client().delete, f"/v1/tokens/{token_id}" + ("?force=true" if force else ""))
     if json_out:
         print_json({"id": token_id, "revoked": True})
         return

@@ -55,7 +55,8 @@ TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is cl
 CONNECT_ATTEMPTS = 3
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 1.0, 1.0  # a revoked token stops here within TOKEN_TTL_S, as at the API
 TOKEN_CACHE_SIZE = 1024
-TOKEN_PREFIXES = ("osl_", "osla_")  # what the API's tokens look like (an app's own: osla_)
+# What the API's tokens look like (an app's own: osla_; what the API shows for its own calls: osli_).
+TOKEN_PREFIXES = ("osl_", "osla_", "osli_")
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).

@@ -52,13 +52,16 @@ def record_line(rec: dict[str, Any]) -> bytes:
 class _Who:
     permissions: frozenset[str]
     app: str | None  # set: the token is limited to this app
+    role: str = ""
+    name: str = ""
 
 
 class Callers:
     """Who a bearer token belongs to, as the API says (`GET /v1/whoami`), cached `ttl_s` by the
     token's digest (never the token itself) in a bounded LRU, refusals included."""
 
-    def __init__(self, api_url: str, *, ttl_s: float = 2.0, size: int = 1024) -> None:
+    def __init__(self, api_url: str, *, node: str = "", ttl_s: float = 2.0, size: int = 1024) -> None:
+        self.node = node  # a reader token opens this node's logs only if it was made for it
         self.ttl_s = ttl_s
         self.size = size
         self._cache: OrderedDict[str, tuple[float, _Who | None]] = OrderedDict()  # digest -> (until, who)
@@ -88,6 +91,9 @@ class Callers:
             return _error(403, "forbidden", f"this token lacks the {permission!r} permission")
         if who.app is not None and who.app != app:
             return _error(403, "forbidden", f"this token is limited to app {who.app!r}")
+        if who.role == "reader" and not who.name.endswith(f"@{self.node}"):
+            # Shown to another node: that node may not read this one's logs with it.
+            return _error(403, "forbidden", "this reader token was made for another node")
         return None
 
     async def born(self, request: Request, app: str) -> float | Response:
@@ -138,9 +144,10 @@ class Callers:
                 body = resp.json()
                 permissions = frozenset(str(p) for p in body.get("permissions") or ())
                 app = body.get("app")
+                role, name = str(body.get("role") or ""), str(body.get("name") or "")
             except (ValueError, AttributeError, TypeError):
                 raise _CannotSay("its answer was not a whoami record") from None
-            who = _Who(permissions, app if isinstance(app, str) else None)
+            who = _Who(permissions, app if isinstance(app, str) else None, role, name)
         else:  # 429, 5xx: not an answer about the token; asked again next time
             raise _CannotSay(f"it answered {resp.status_code}")
         self._cache[digest] = (now + self.ttl_s, who)
@@ -226,10 +233,10 @@ class NodeApi:
     """The node API's server: `reserve()` binds its port (0: a free one) so its URL is known before
     the node reports it in its heartbeat; `serve()` runs it."""
 
-    def __init__(self, *, api_url: str, logs_dir: Path, host: str, port: int = 0) -> None:
+    def __init__(self, *, api_url: str, logs_dir: Path, host: str, port: int = 0, node: str = "") -> None:
         self.host = host
         self.port = port
-        self.callers = Callers(api_url)
+        self.callers = Callers(api_url, node=node)
         self.app = create_app(logs_dir, callers=self.callers)
         self._sock: socket.socket | None = None
         self._server: _Server | None = None

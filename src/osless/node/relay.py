@@ -34,8 +34,12 @@ log = logging.getLogger("osless.node.relay")
 PREAMBLE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
 TOKEN_TTL_S = 2.0  # a revoked gateway token stops opening connections here within this
-STALE_OK_S = 3600.0  # while the API cannot answer, a gateway token it said yes to within this stays good
+STALE_OK_S = 600.0  # while the API cannot answer, a gateway token it said yes to within this stays good
+# A 429 is an answer the API could give because someone flooded it with made-up tokens from here: a
+# token said good before stays good only a moment past its cache, or a revoked one would live on.
+THROTTLED_OK_S = 10.0
 TOKEN_CACHE_SIZE = 1024
+THROTTLED = "throttled"
 TOKEN_PREFIX = "osl_"  # what the API's tokens look like: anything else is not worth asking about
 
 
@@ -75,7 +79,7 @@ class Relay:
         # sha256 of a token -> (a node's?, until); and when the API last said yes to it
         self._tokens: dict[bytes, tuple[bool, float]] = {}
         self._known_good: dict[bytes, float] = {}
-        self._asking: dict[bytes, asyncio.Future[bool | None]] = {}
+        self._asking: dict[bytes, asyncio.Future[bool | str | None]] = {}
         self._server: asyncio.Server | None = None
         self.connections: set[_Inbound] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,11 +117,12 @@ class Relay:
             asking.add_done_callback(lambda _: self._asking.pop(digest, None))
         said = await asyncio.shield(asking)
         now = time.monotonic()
-        if said is None:
-            # The API cannot say (unreachable, 429, 5xx): a token it said yes to a while ago stays
-            # good meanwhile, so the nodes keep reaching each other through an API outage.
+        if not isinstance(said, bool):
+            # The API cannot say (unreachable, 5xx): a token it said yes to a while ago stays good
+            # meanwhile, so the nodes keep reaching each other through an API outage.
             known = self._known_good.get(digest)
-            return True if known is not None and now - known < STALE_OK_S else None
+            window = STALE_OK_S if said is None else THROTTLED_OK_S
+            return True if known is not None and now - known < window else None
         self._tokens[digest] = (said, now + TOKEN_TTL_S)
         if said:
             self._known_good[digest] = now
@@ -128,7 +133,7 @@ class Relay:
                 remembered.pop(next(iter(remembered)))
         return said
 
-    async def _ask(self, token: str) -> bool | None:
+    async def _ask(self, token: str) -> bool | str | None:
         try:
             resp = await self._auth.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
             who = resp.json() if resp.status_code == 200 else None
@@ -137,6 +142,8 @@ class Relay:
             return None
         if resp.status_code in (401, 403):
             return False
+        if resp.status_code == 429:
+            return THROTTLED
         if not isinstance(who, dict):
             log.warning("the relay could not ask the API about a token: HTTP %d", resp.status_code)
             return None

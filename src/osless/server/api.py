@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets as secrets_module
 import signal
 import time
 from collections.abc import Callable, Generator
@@ -117,6 +118,17 @@ async def admin_token(resources: Resources, data_dir: Path) -> str:
         f.flush()
         os.fsync(f.fileno())
     return token
+
+
+def server_id(data_dir: Path) -> str:
+    """This server's name among those sharing a store: made once, kept in its data dir."""
+    path = data_dir / "server-id"
+    with contextlib.suppress(FileNotFoundError):
+        if found := path.read_text().strip():
+            return found
+    made = secrets_module.token_hex(6)
+    path.write_text(made + "\n")
+    return made
 
 
 async def fresh_token(resources: Resources, name: str, role: str) -> str:
@@ -224,7 +236,11 @@ class ApiHost:
         if not isinstance(self.store, SQLiteStore):  # a store other servers may share
             await check_secret_key(self.store, key)
         self.token = await admin_token(resources, data_dir)
-        self.controller_token = await fresh_token(resources, "controller", "controller")
+        # Named after this server (its data dir keeps the name): a second server sharing the store
+        # revokes only its own previous token, never the one another server's controllers run with.
+        self.controller_token = await fresh_token(
+            resources, f"controller:{server_id(data_dir)}", "controller"
+        )
         images = ImageStore(data_dir / "images")
         images.clean_tmp()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -111,7 +111,11 @@ class NodeHost:
         )
         self.relay = Relay(cfg.api_url, supervised(self.agent.supervisors), node=cfg.name)
         self.node_api = NodeApi(
-            api_url=cfg.api_url, logs_dir=self.agent.logs_dir, host=cfg.host, port=cfg.node_api_port
+            api_url=cfg.api_url,
+            logs_dir=self.agent.logs_dir,
+            host=cfg.host,
+            port=cfg.node_api_port,
+            node=cfg.name,
         )
 
     def reserve(self) -> None:

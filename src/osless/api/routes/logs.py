@@ -1,10 +1,10 @@
 """An app's logs: asked of every live node's API (`node/api.py`), merged by time, optionally followed.
 
-Nodes keep their instances' logs on their own disk; the API asks them, showing a reader token of
-that app (`secrets.reader_token`: its logs only, for a few minutes; the node checks it with the API
-as any token), never the caller's own, and never keeps a copy. A node that does not answer costs its
-lines, said in a record of their place, never the whole answer. What a node sends is read in
-bounded records: a node cannot make the API buffer without limit.
+Nodes keep their instances' logs on their own disk; the API asks them, showing each a reader token
+of that app made for that node (`secrets.scoped_token`: its logs only, for a few minutes; the node
+checks it with the API as any token), never the caller's own, and never keeps a copy. A node that
+does not answer costs its lines, said in a record of their place, never the whole answer. What a
+node sends is read in bounded records: a node cannot make the API buffer without limit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, require
-from osless.api.errors import responses
+from osless.api.errors import ApiError, responses
 from osless.api.models import InstanceId, Node
 from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
@@ -115,7 +115,7 @@ async def _node_records(
     node: Node,
     *,
     app: str,
-    header: str,
+    shown: dict[str, str],
     tail: int,
     follow: bool,
     instance: str | None,
@@ -128,7 +128,7 @@ async def _node_records(
         params["instance"] = instance
     try:
         async with client.stream(
-            "GET", f"{node.api}/logs/apps/{app}", params=params, headers={"authorization": header}
+            "GET", f"{node.api}/logs/apps/{app}", params=params, headers={"authorization": shown[node.name]}
         ) as resp:
             if resp.status_code != 200:
                 raise _NodeFailed(await _refusal(resp))
@@ -244,13 +244,17 @@ async def app_logs(
     state: ApiState = Depends(get_state),
     caller: Caller = require("logs"),
 ) -> Any:
+    if caller.role == "reader":  # what nodes are shown: theirs to check, never to ask again with
+        raise ApiError(403, "forbidden", "a reader token opens a node's logs only, not this route")
     await state.resources.get_app(app)
     nodes, _ = await state.resources.list_nodes()
     instances, _ = await state.resources.list_instances(app=app)
-    # Nodes are shown a token that reads this app's logs for a while, never the caller's own: a node
-    # taken over would otherwise collect the tokens of whoever reads logs (an admin's too).
-    reader = state.secrets.reader_token(app, READER_TTL_S)
-    ask: dict[str, Any] = {"app": app, "header": f"Bearer {reader}", "instance": instance}
+    # Each node is shown a token that reads this app's logs on it alone, for a while, never the
+    # caller's own: a node taken over would otherwise collect the tokens of whoever reads logs.
+    shown = {
+        n.name: f"Bearer {state.secrets.scoped_token('reader', app, READER_TTL_S, n.name)}" for n in nodes
+    }
+    ask: dict[str, Any] = {"app": app, "shown": shown, "instance": instance}
     gone = _gone(nodes, instances, instance)
 
     async def stream() -> AsyncIterator[bytes]:

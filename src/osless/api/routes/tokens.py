@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from osless.api.auth import ID_LEN, NAME_PATTERN, NODE_PREFIX, Caller, Grantable, TokenRecord, require
@@ -109,7 +109,10 @@ async def list_tokens(
     summary="Revoke a token: it stops working at once",
 )
 async def revoke_token(
-    token_id: str, state: ApiState = Depends(get_state), caller: Caller = require("admin")
+    token_id: str,
+    force: bool = Query(default=False, description="revoke a node's token too (its node stops at once)"),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("admin"),
 ) -> Response:
     found = await state.tokens.find(token_id)
     if found is None:
@@ -124,12 +127,14 @@ async def revoke_token(
             "this is the token this request is made with: revoke it with another admin token "
             "(`osless tokens create --role admin` makes one)",
         )
-    if record.role == "node":
+    if record.role == "node" and not force:
+        # A node that lost its token stops heartbeating: its lease runs out and its instances are
+        # replaced elsewhere. Meant for a machine lost or stolen, so asked for explicitly.
         raise ApiError(
             409,
             "node_token",
-            "this is a node agent's token: the platform's own parts act with it, and `osless up` replaces "
-            "it at each start; restart the node to rotate it",
+            "this is a node agent's token: its node stops working at once (its instances move to other "
+            "nodes); pass force=true (`osless tokens revoke ID --force`) if that is what you want",
         )
     await state.tokens.revoke(digest)
     return Response(status_code=204)
