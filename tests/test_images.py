@@ -90,6 +90,15 @@ def test_the_image_routes_serve_nodes_only(platform: Platform, hello: dict[str, 
         for path in paths:
             r = call(platform, token, "GET", path)
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (role, path, r.text)
+    # A node pulls only what is placed on it: an image holds its app's code.
+    stranger = platform.cli_json("tokens", "create", "--role", "node", "--name", "node:stranger")["token"]
+    for path in paths:
+        r = call(platform, stranger, "GET", path)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_placed", (path, r.text)
+    here = next(i["node"] for i in platform.instances("hello") if i["image"] == image)
+    mine = platform.cli_json("tokens", "create", "--role", "node", "--name", f"node:{here}")["token"]
+    for path in paths:
+        assert call(platform, mine, "GET", path).status_code == 200, path
 
     unknown = "0" * 64
     for path, code_ in (

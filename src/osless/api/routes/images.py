@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import FileResponse, Response
 from pydantic import Field
 
-from osless.api.auth import Caller, require
+from osless.api.auth import Caller, node_of, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import DIGEST_PATTERN, Body, Integer
 from osless.api.state import ApiState, get_state
@@ -37,6 +37,44 @@ class LayerArchives(Body):
     layers: dict[str, LayerArchive]
 
 
+async def _placed_images(state: ApiState, caller: Caller) -> set[str] | None:
+    """The images a node token may pull: those of the instances placed on its node (an image holds
+    its app's code). None: any (the admin)."""
+    if caller.role != "node":
+        return None
+    instances, _ = await state.resources.list_instances(node=node_of(caller) or "")
+    return {i.image for i in instances}
+
+
+def _not_placed(what: str) -> ApiError:
+    return ApiError(
+        403, "not_placed", f"{what} belongs to no instance placed on this node: a node pulls what it runs"
+    )
+
+
+async def _may_pull_layer(state: ApiState, caller: Caller, sha256: str) -> bool:
+    placed = await _placed_images(state, caller)
+    if placed is None:
+        return True
+    for digest in placed:
+        try:
+            manifest = await asyncio.to_thread(state.images.get_manifest, digest)
+        except (ImageNotFoundError, ValueError):
+            continue
+        archives = manifest.get("layer_archives")
+        if not isinstance(archives, dict):  # an image of the previous release: archives made lazily
+            try:
+                archives = {
+                    name: (await asyncio.to_thread(state.images.layer_archive, str(layer))).to_json()
+                    for name, layer in (manifest.get("layers") or {}).items()
+                }
+            except (FileNotFoundError, ValueError):
+                continue
+        if any(isinstance(a, dict) and a.get("sha256") == sha256 for a in archives.values()):
+            return True
+    return False
+
+
 def _no_image(digest: str) -> ApiError:
     return ApiError(
         404, "image_not_found", f"no image {digest} is stored here; it was never built here or was collected"
@@ -51,13 +89,16 @@ def _no_image(digest: str) -> ApiError:
             "description": "The image manifest's exact bytes: their sha256 is the digest",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
-        **responses(404, 422),
+        **responses(403, 404, 422),
     },
     summary="An image manifest, byte for byte (for nodes)",
 )
 async def get_image(
     digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> Response:
+    placed = await _placed_images(state, caller)
+    if placed is not None and digest not in placed:
+        raise _not_placed(f"image {digest}")
     try:
         data = await asyncio.to_thread(state.images.manifest_bytes, digest)
     except ImageNotFoundError:
@@ -68,7 +109,7 @@ async def get_image(
 @router.get(
     "/images/{digest}/layers",
     response_model=LayerArchives,
-    responses=responses(404, 422),
+    responses=responses(403, 404, 422),
     summary="The sha256 and size of each layer's archive (for nodes; images of the previous release)",
 )
 async def get_image_layers(
@@ -76,6 +117,9 @@ async def get_image_layers(
 ) -> Any:
     """Images built since archives exist carry this in their manifest, under the image digest; an
     image of the previous release does not, and its archives are made on the first ask."""
+    placed = await _placed_images(state, caller)
+    if placed is not None and digest not in placed:
+        raise _not_placed(f"image {digest}")
     images = state.images
     try:
         manifest = await asyncio.to_thread(images.get_manifest, digest)
@@ -107,13 +151,15 @@ async def get_image_layers(
             "description": "The layer's archive (an uncompressed tar); its sha256 is the path's",
             "content": {TAR: {"schema": {"type": "string", "format": "binary"}}},
         },
-        **responses(404, 422),
+        **responses(403, 404, 422),
     },
     summary="A layer's archive, streamed (for nodes)",
 )
 async def get_layer(
     sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
 ) -> FileResponse:
+    if not await _may_pull_layer(state, caller, sha256):
+        raise _not_placed(f"layer {sha256}")
     path = state.images.archive_path(sha256)
     if not path.is_file():
         raise ApiError(
