@@ -207,6 +207,7 @@ def test_an_app_with_a_deploy_building_is_not_deleted(platform: Platform) -> Non
 def test_gateway_traffic_figures_live_in_the_store(own_platform: Platform) -> None:
     """An API restart loses nothing of what the gateways reported (they lived in its memory)."""
     p = own_platform
+    assert p.http("POST", "/v1/apps", json={"name": "ghost"}).status_code == 201
     report = {"interval_s": 1.0, "apps": {"ghost": {"concurrency": 2.5, "requests": 7, "waiting": 0}}}
     assert p.http("PUT", "/v1/gateways/far-gw-1/stats", json=report).status_code == 200
     assert p.http("GET", "/v1/stats").json()["apps"]["ghost"]["concurrency"] == 2.5

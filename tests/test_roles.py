@@ -168,6 +168,14 @@ def test_a_gateway_token_routes_and_reads_no_secrets(platform: Platform, apps: t
     stats = {"interval_s": 1, "apps": {}}
     assert call(platform, gw, "PUT", "/v1/gateways/roles-gw.gw-9/stats", json=stats).status_code == 200
     assert call(platform, gw, "PUT", f"/v1/gateways/{node}.gw-1/stats", json=stats).status_code == 403
+    # Only its own node's gateway names, only apps that exist, figures within bounds: made-up
+    # reports cannot drive the autoscaler or fill the store.
+    for name in ("roles-gw.gw-0", "roles-gw.gw-257", "roles-gw.evil", "roles-gw"):
+        assert call(platform, gw, "PUT", f"/v1/gateways/{name}/stats", json=stats).status_code == 422, name
+    made_up = {"interval_s": 1, "apps": {"no-such-app": {"concurrency": 5.0}}}
+    assert call(platform, gw, "PUT", "/v1/gateways/roles-gw.gw-9/stats", json=made_up).json() == {"apps": 0}
+    huge = {"interval_s": 1, "apps": {placed: {"concurrency": 1e9}}}
+    assert call(platform, gw, "PUT", "/v1/gateways/roles-gw.gw-9/stats", json=huge).status_code == 422
     for method, path in (
         ("GET", f"/v1/nodes/{node}/apps/{placed}/config"),
         ("GET", "/v1/nodes/roles-gw/config"),

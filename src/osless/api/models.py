@@ -263,12 +263,19 @@ class DesiredRequest(Body):
     reason: str = Field(default="", max_length=200)
 
 
+TrafficFigure = Literal["concurrency", "requests", "waiting"]
+
+
 class GatewayStats(Body):
     """What a gateway saw of each app over its last interval."""
 
     interval_s: float = Field(gt=0, le=60)
-    apps: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description='{app: {"concurrency": avg in flight, "requests": n, "waiting": n}}'
+    apps: dict[
+        str, dict[Literal["concurrency", "requests", "waiting"], Annotated[float, Field(ge=0, le=1e6)]]
+    ] = Field(
+        default_factory=dict,
+        max_length=10_000,
+        description='{app: {"concurrency": avg in flight, "requests": n, "waiting": n}}',
     )
 
 

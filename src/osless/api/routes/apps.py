@@ -36,6 +36,8 @@ from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 from osless.store import Conflict
 
+MAX_GATEWAYS_PER_NODE = 256  # as `osless up --gateways` allows
+
 router = APIRouter(tags=["apps"])
 
 STATS_PREFIX = "/gatewaystats/"  # a gateway's last report, under its name
@@ -290,7 +292,19 @@ async def put_stats(
     caller: Caller = require("route"),
 ) -> dict[str, int]:
     if caller.role == "gateway":  # a gateway reports as one of its own node's: `<node>.gw-<k>`
-        check_node(caller, name.rsplit(".gw-", 1)[0])
+        node, _, k = name.rpartition(".gw-")
+        if not (k.isdigit() and 1 <= int(k) <= MAX_GATEWAYS_PER_NODE):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"a gateway reports as <node>.gw-<k>, k from 1 to {MAX_GATEWAYS_PER_NODE}, not {name!r}",
+            )
+        check_node(caller, node)
+    # Only apps that exist (one deleted meanwhile is dropped, not refused: the rest still counts);
+    # figures are bounded by the model. Made-up ones would drive the autoscaler or fill the store.
+    apps, _ = await state.resources.list_apps()
+    known = {a.name for a in apps}
+    body.apps = {app: figures for app, figures in body.apps.items() if app in known}
     # In the store, so that an API restart (or another API server) loses nothing of it; the next
     # report replaces it, and `GET /v1/stats` forgets reports past STATS_FRESH_S.
     report = {"at": now(), "interval_s": body.interval_s, "apps": body.apps}
