@@ -19,6 +19,8 @@ __all__ = [
     "AppDetail",
     "AppList",
     "AppName",
+    "AppStatus",
+    "AppStatusList",
     "Autoscale",
     "Body",
     "CallsReceived",
@@ -148,10 +150,18 @@ class App(BaseModel):
     min: int = 0
     max: int = 10
     autoscale: Autoscale = Field(default_factory=Autoscale)
-    desired: int | None = None  # status: set by the autoscaler (and by a deploy, and by the activator)
-    scale_reason: str = ""
-    woken_at: float | None = None  # status: when a request last found the app at zero
     created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class AppStatus(BaseModel):
+    """What the controllers say of an app, stored apart from its spec (`/appstatus/{app}`): their
+    writes never conflict with people's (`osless scale`), nor wake what watches the spec."""
+
+    app: str
+    desired: int | None = None  # set by the autoscaler (and by a release, and by the activator)
+    scale_reason: str = ""  # why `desired` is what it is, or why instances wait
+    woken_at: float | None = None  # when a request last found the app at zero
     updated_at: float = Field(default_factory=now)
 
 
@@ -332,7 +342,13 @@ class AppList(BaseModel):
     revision: int = Field(description="watch from here: ?watch=true&revision=N")
 
 
+class AppStatusList(BaseModel):
+    items: list[AppStatus]
+    revision: int = Field(description="watch from here: ?watch=true&revision=N")
+
+
 class AppDetail(App):
+    status: AppStatus = Field(description="what the controllers say of it: desired instances and why")
     release: Release | None = Field(description="the current release")
     instances: list[Instance]
     calls: dict[str, int] = Field(description="apps this one called through the egress proxies: {app: n}")

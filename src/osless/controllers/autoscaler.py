@@ -5,7 +5,7 @@ window and a short panic window of it, and wants `ceil(concurrency / target)` in
 that would double the instances switches to the panic window, which scales up at once and never
 down. With `min` at 0, an app that saw no request for its idle window goes to zero; the gateway's
 activator wakes it again on the next request. The decision and its reason go to the app's
-`desired` and `scale_reason`, which the scheduler and `osless ps` read.
+status (`desired`, `scale_reason`: apart from its spec), which the scheduler and `osless ps` read.
 
 Every controller process samples; only the one whose `Leadership` holds writes decisions, so a new
 leader takes over with the windows already full.
@@ -45,12 +45,11 @@ class Window:
         return sum(recent) / len(recent) if recent else 0.0
 
 
-def decide(app: dict[str, Any], window: Window, now: float) -> tuple[int, str]:
-    """The instances `app` should have now, and why."""
+def decide(app: dict[str, Any], current: int, window: Window, now: float) -> tuple[int, str]:
+    """The instances `app` should have now (it wants `current`), and why."""
     policy = app.get("autoscale") or {}
     target = float(policy.get("target", 10.0))
     lo, hi = int(app["min"]), int(app["max"])
-    current = int(app.get("desired") or 0)
     stable = window.average(now, float(policy.get("stable_s", 60.0)))
     panic = window.average(now, float(policy.get("panic_s", 6.0)))
     want_stable, want_panic = math.ceil(stable / target), math.ceil(panic / target)
@@ -76,12 +75,14 @@ class Autoscaler:
         self.leadership = leadership
         self.tick_s = tick_s
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]))
+        self.statuses = Informer(api, "/v1/appstatus", key=lambda o: str(o["app"]))
         self.windows: dict[str, Window] = {}
 
     async def run(self) -> None:
-        informer = asyncio.create_task(self.apps.run())
+        informers = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.statuses.run())]
         try:
             await self.apps.synced.wait()
+            await self.statuses.synced.wait()
             while True:
                 try:
                     await self.tick(time.time())
@@ -91,7 +92,8 @@ class Autoscaler:
                     log.exception("autoscaler tick failed")
                 await asyncio.sleep(self.tick_s)
         finally:
-            informer.cancel()
+            for t in informers:
+                t.cancel()
 
     async def tick(self, now: float) -> None:
         stats = (await self.api.get("/v1/stats"))["apps"]
@@ -107,15 +109,17 @@ class Autoscaler:
             # a new release or a wake-up is activity too: the idle clock starts again
             if app["current_release"] != window.release:
                 window.release, window.last_active = app["current_release"], now
-            window.last_active = max(window.last_active, float(app.get("woken_at") or 0))
-            wanted, reason = decide(app, window, now)
-            if wanted != app.get("desired") and self.leadership.is_leader:
-                log.info("%s: %s -> %s instances (%s)", name, app.get("desired"), wanted, reason)
+            status = self.statuses.items.get(name) or {}
+            desired = status.get("desired")
+            window.last_active = max(window.last_active, float(status.get("woken_at") or 0))
+            wanted, reason = decide(app, int(desired or 0), window, now)
+            if wanted != desired and self.leadership.is_leader:
+                log.info("%s: %s -> %s instances (%s)", name, desired, wanted, reason)
                 try:
                     updated = await self.api.put(
                         f"/v1/apps/{name}/desired", {"desired": wanted, "reason": reason}
                     )
-                    self.apps.items[name] = updated
+                    self.statuses.items[name] = updated
                 except ApiError as e:
                     log.warning("autoscaling %s: %s", name, e.message)
         for gone in set(self.windows) - set(self.apps.items):

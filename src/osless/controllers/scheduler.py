@@ -42,12 +42,13 @@ def memory_mb(manifest: dict[str, Any]) -> int:
     return max(sizes, default=DEFAULT_MEMORY_MB) or DEFAULT_MEMORY_MB
 
 
-def desired_instances(app: dict[str, Any]) -> int:
-    """How many instances the app should have now: the autoscaler's figure, within min and max."""
+def desired_instances(app: dict[str, Any], status: dict[str, Any] | None) -> int:
+    """How many instances the app should have now: the autoscaler's figure (in the app's status),
+    within min and max."""
     if app.get("current_release") is None:
         return 0
     lo, hi = int(app["min"]), int(app["max"])
-    wanted = app.get("desired")
+    wanted = (status or {}).get("desired")
     return min(hi, max(lo, lo if wanted is None else int(wanted)))
 
 
@@ -60,21 +61,21 @@ class Scheduler:
         self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._changed)
         self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed)
         self.nodes = Informer(api, "/v1/nodes", key=lambda o: str(o["name"]), on_change=self._changed)
+        self.statuses = Informer(api, "/v1/appstatus", key=lambda o: str(o["app"]), on_change=self._changed)
+        self.informers = (self.apps, self.statuses, self.instances, self.nodes)
 
     async def _changed(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        informers = [asyncio.create_task(i.run()) for i in (self.apps, self.instances, self.nodes)]
+        informers = [asyncio.create_task(i.run()) for i in self.informers]
         informers.append(asyncio.create_task(self._follow_leadership()))
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), RESYNC_S)
                 self._wake.clear()
-                if self.leadership.is_leader and all(
-                    i.synced.is_set() for i in (self.apps, self.instances, self.nodes)
-                ):
+                if self.leadership.is_leader and all(i.synced.is_set() for i in self.informers):
                     try:
                         await self.reconcile()
                     except ApiError as e:
@@ -118,7 +119,7 @@ class Scheduler:
     async def _reconcile_app(
         self, app: dict[str, Any], mine: list[dict[str, Any]], placement: Placement
     ) -> None:
-        want = desired_instances(app)
+        want = desired_instances(app, self.statuses.items.get(app["name"]))
         current = [i for i in mine if i["release"] == app["current_release"]]
         old = [i for i in mine if i["release"] != app["current_release"]]
         if len(current) < want:
@@ -154,7 +155,7 @@ class Scheduler:
         if not placement.nodes:
             return  # no node up at all (yet): nothing to say of this app in particular
         waiting = f"waiting: {missing} instance(s) need {need} MB each, and no node has it free"
-        if str(app.get("scale_reason") or "").startswith(waiting):
+        if self._reason(app).startswith(waiting):
             return  # said already: free memory moves with every heartbeat, the reason need not
         free = ", ".join(f"{n}: {mb} MB" for n, mb in sorted(placement.free_mb().items()))
         reason = f"{waiting} ({free})" if free else waiting
@@ -163,13 +164,20 @@ class Scheduler:
 
     async def _say(self, app: dict[str, Any], reason: str, only_if_waiting: bool = False) -> None:
         """The app's `scale_reason` (with its `desired` as it is)."""
-        if only_if_waiting and not str(app.get("scale_reason") or "").startswith("waiting:"):
+        if only_if_waiting and not self._reason(app).startswith("waiting:"):
             return
-        desired = app.get("desired")
-        body = {"desired": desired_instances(app) if desired is None else int(desired), "reason": reason}
+        status = self.statuses.items.get(app["name"])
+        desired = (status or {}).get("desired")
+        body = {
+            "desired": desired_instances(app, status) if desired is None else int(desired),
+            "reason": reason,
+        }
         if self.leadership.is_leader:
             with contextlib.suppress(ApiError):
-                self.apps.items[app["name"]] = await self.api.put(f"/v1/apps/{app['name']}/desired", body)
+                self.statuses.items[app["name"]] = await self.api.put(f"/v1/apps/{app['name']}/desired", body)
+
+    def _reason(self, app: dict[str, Any]) -> str:
+        return str((self.statuses.items.get(app["name"]) or {}).get("scale_reason") or "")
 
     async def _create(self, app: dict[str, Any], node: str) -> None:
         if not self.leadership.is_leader:  # lost it meanwhile: the new leader acts, not us

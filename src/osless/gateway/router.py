@@ -99,6 +99,10 @@ class Router:
         # One read of a release's manifest at a time, however many requests want it at once.
         self._fetching: dict[tuple[str, int], asyncio.Task[dict[str, Any]]] = {}
         self._woken: dict[str, float] = {}
+        # What the last wake answered the app wants: the router follows the apps' spec, not their
+        # status, so that the autoscaler's every write does not rebuild its table.
+        self._wanted: dict[str, int | None] = {}
+        self._placed: set[str] = set()  # apps with an instance at the last rebuild
         self._waking: set[str] = set()  # apps with a wake call under way
         self.api_down_since: float | None = None  # wall clock: the API not answering since then
 
@@ -189,6 +193,10 @@ class Router:
     async def _rebuild(self) -> None:
         live: dict[str, dict[str, Any]] = {}
         reach: dict[str, tuple[str, Relayed | None]] = {}
+        placed = {str(i["app"]) for i in self.instances.items.values()}
+        for gone in self._placed - placed:  # scaled to zero (or lost them all): the next request wakes it
+            self._wanted.pop(gone, None)
+        self._placed = placed
         for i in self.instances.items.values():
             if i["status"]["phase"] == "ready" and i["status"].get("socket") and i["status"].get("control"):
                 found = self._reach(i)
@@ -281,14 +289,15 @@ class Router:
             # waits here while an instance forks. At once when the app wants no instance; when it
             # already wants some, asked again every few seconds while it waits. One call at a time.
             now = loop.time()
-            wanted = self.apps.items[app].get("desired")
+            wanted = self._wanted.get(app)
             due = not wanted or now - self._woken.get(app, -WAKE_EVERY_S) >= WAKE_EVERY_S
             if due and app not in self._waking and not self._starting(app):
                 self._woken[app] = now
                 self._waking.add(app)
                 try:
                     with contextlib.suppress(ApiError):
-                        await self.api.post(f"/v1/apps/{app}/wake")
+                        status = await self.api.post(f"/v1/apps/{app}/wake")
+                        self._wanted[app] = status.get("desired")
                 finally:
                     self._waking.discard(app)
             remaining = deadline - loop.time()
