@@ -133,6 +133,51 @@ def test_watch_streams_app_changes(platform: Platform) -> None:
     assert events and events[-1]["type"] == "PUT" and events[-1]["object"]["name"] == "watched"
 
 
+def test_the_autoscaler_s_writes_never_conflict_with_osless_scale(platform: Platform) -> None:
+    assert platform.http("POST", "/v1/apps", json={"name": "both"}).status_code == 201
+    made = platform.http("POST", "/v1/tokens", json={"role": "controller", "name": "spec-status"})
+    controller = {"authorization": f"Bearer {made.json()['token']}"}
+    rounds = 25
+    answers: list[tuple[str, int, str]] = []
+
+    def people(k: int) -> None:  # `osless scale`, as it calls the API
+        for n in range(rounds):
+            r = platform.http("PUT", "/v1/apps/both/scale", json={"max": 10 + 2 * n + k})
+            answers.append(("scale", r.status_code, r.text))
+
+    def autoscaler(k: int) -> None:
+        for n in range(rounds):
+            body = {"desired": 2 * n + k, "reason": f"decision {k}.{n}"}
+            r = httpx.put(f"{platform.api}/v1/apps/both/desired", json=body, headers=controller, timeout=30)
+            answers.append(("desired", r.status_code, r.text))
+
+    threads = [threading.Thread(target=f, args=(k,)) for f in (people, autoscaler) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a for a in answers if a[1] != 200] == [] and len(answers) == 4 * rounds
+    # The spec changed with people's writes only: the status, stored apart, took the controller's.
+    db = sqlite3.connect(f"file:{platform.data_dir / 'state.db'}?mode=ro", uri=True)
+    writes = dict(
+        db.execute(
+            "SELECT key, count(*) FROM events WHERE key IN ('/apps/both', '/appstatus/both') GROUP BY key"
+        ).fetchall()
+    )
+    db.close()
+    assert writes == {"/apps/both": 1 + 2 * rounds, "/appstatus/both": 1 + 2 * rounds}, writes
+    app = platform.http("GET", "/v1/apps/both").json()
+    assert app["max"] in (10 + 2 * (rounds - 1), 11 + 2 * (rounds - 1))
+    assert (app["status"]["desired"], app["status"]["scale_reason"]) in (
+        (2 * (rounds - 1), f"decision 0.{rounds - 1}"),
+        (2 * (rounds - 1) + 1, f"decision 1.{rounds - 1}"),
+    )
+    assert "desired" not in app and "scale_reason" not in app
+    statuses = platform.http("GET", "/v1/appstatus").json()["items"]
+    assert [s for s in statuses if s["app"] == "both"] == [app["status"]]
+    assert platform.http("DELETE", "/v1/apps/both").status_code == 204
+
+
 def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Platform) -> None:
     deployed = platform.deploy(APPS / "configured", "--name", "doomed")
     platform.cli("config", "set", "doomed", "max_items=3", "db_password=-", input="hunter2\n")
@@ -148,6 +193,7 @@ def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Plat
     keys = [
         "/apps/doomed",
         "/config/doomed",
+        "/appstatus/doomed",
         f"/deploys/{deployed['id']}",
         *(f"/instances/{i}" for i in ids),
     ]

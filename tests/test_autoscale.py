@@ -232,7 +232,7 @@ def test_redeploy_and_rollback_under_load_fail_no_request(platform: Platform, tm
 def test_the_default_policy_scales_a_burst_up_and_back_down(platform: Platform) -> None:
     platform.deploy(APPS / "streamer", "--name", "crowd")  # no `osless scale`: the defaults
     app = platform.http("GET", "/v1/apps/crowd").json()
-    assert (app["min"], app["max"], app["desired"]) == (0, 10, 1)  # a new release starts with one
+    assert (app["min"], app["max"], app["status"]["desired"]) == (0, 10, 1)  # a new release starts with one
     assert app["autoscale"] == {
         "target": 10.0,  # requests in flight per instance
         "idle_s": 60.0,  # then zero
@@ -244,7 +244,7 @@ def test_the_default_policy_scales_a_burst_up_and_back_down(platform: Platform) 
     platform.wait_for(lambda: len(ready(platform, "crowd")) == 1, what="the first instance")
 
     # 40 in flight, four times the target for one instance: the short window reacts at once.
-    peak: dict[str, Any] = {"desired": 1}
+    peak: dict[str, Any] = {"desired": 1}  # the app's status
     with httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(40) as pool:
         statuses: list[int] = []
         for _ in range(3):
@@ -252,14 +252,14 @@ def test_the_default_policy_scales_a_burst_up_and_back_down(platform: Platform) 
                 lambda _: client.get(f"{platform.gateway}/crowd/slow", params={"s": "1"}).status_code,
                 range(40),
             )
-            now = platform.http("GET", "/v1/apps/crowd").json()
+            now = platform.http("GET", "/v1/apps/crowd").json()["status"]
             if now["desired"] > peak["desired"]:
                 peak = now
     assert set(statuses) == {200}
     assert peak["desired"] >= 3 and peak["scale_reason"].startswith("panic"), peak
     # Once it has passed, the stable window brings it back to one (not zero: within the idle window).
     settled = platform.wait_for(
-        lambda: (a := platform.http("GET", "/v1/apps/crowd").json())["desired"] == 1 and a,
+        lambda: (a := platform.http("GET", "/v1/apps/crowd").json()["status"])["desired"] == 1 and a,
         timeout=90,
         what="the app back to one instance",
     )

@@ -120,7 +120,7 @@ def test_a_node_without_the_memory_gets_nothing(own_platform: Platform) -> None:
         what="the bigmem build",
     )
     app = p.wait_for(
-        lambda: "65536 MB" in (a := p.http("GET", "/v1/apps/bigmem").json())["scale_reason"] and a,
+        lambda: "65536 MB" in (a := p.http("GET", "/v1/apps/bigmem").json()["status"])["scale_reason"] and a,
         timeout=15,
         what="the reason the app waits",
     )

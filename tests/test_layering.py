@@ -67,3 +67,16 @@ def test_app_import_stays_small() -> None:
     code = f"import osless, sys; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_contracts_and_the_controllers_import_no_fastapi() -> None:
+    import subprocess
+    import sys
+
+    # The typed resources are read by processes that are clients of the API: they pay for pydantic,
+    # never for the server.
+    mods, server = "osless.contracts, osless.client, osless.controllers", "('fastapi', 'osless.api')"
+    code = f"import {mods}, sys; print(sorted(m for m in sys.modules if m.startswith({server})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert imports_of("contracts") == {"contracts.py": set()}

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from osless.api.auth import TokenRecord
 from osless.api.migrations import KEEP_BACKUPS, LATEST, SCHEMA_FILE, SCHEMA_KEY, Paths, backup_sqlite, migrate
-from osless.api.models import App, ConfigChange, ConfigState, Deploy, Instance, Node, Release
+from osless.api.models import App, AppStatus, ConfigChange, ConfigState, Deploy, Instance, Node, Release
 from osless.api.resources import UID_BASE
 from osless.node.agent import run_dir_for
 from osless.store import SQLiteStore
@@ -40,6 +40,7 @@ APPS = Path(__file__).parent / "apps"
 OLD_APPS = {"hello", "flask-demo", "configured", "notes"}
 MODELS: dict[str, type[BaseModel]] = {
     "/apps/": App,
+    "/appstatus/": AppStatus,
     "/releases/": Release,
     "/deploys/": Deploy,
     "/instances/": Instance,
@@ -220,6 +221,18 @@ def test_every_record_of_the_previous_release_reads_with_this_code_once_migrated
     assert all(after[f"/uids/{uid}"]["owner"] == app for app, uid in uids.items())
     instances = [v for k, v in after.items() if k.startswith("/instances/")]
     assert instances and all(i["uid"] == uids[i["app"]] for i in instances)
+    # Schema 3: what the controllers wrote into the app moved to its status, the spec kept the rest.
+    for app in OLD_APPS:
+        spec, was = after[f"/apps/{app}"], before[f"/apps/{app}"]
+        assert not set(spec) & {"desired", "scale_reason", "woken_at"}
+        assert {k: spec[k] for k in was if k in spec and k != "uid"} == {
+            k: v for k, v in was.items() if k in spec and k != "uid"
+        }
+        status = after[f"/appstatus/{app}"]
+        assert (status["desired"], status["scale_reason"]) == (
+            was.get("desired"),
+            was.get("scale_reason", ""),
+        ), app
     # Nothing else changed: the releases, deploys, config and tokens are the previous release's own.
     for key, value in before.items():
         if not key.startswith(("/apps/", "/instances/", "/nodes/")):
@@ -268,9 +281,16 @@ def consistent(data_dir: Path) -> str:
         assert all(a.get("uid") is None for a in apps.values())
         assert all(i.get("uid") is None for i in instances)
         return "before"
-    assert records[SCHEMA_KEY]["version"] == LATEST
+    # Each step is one transaction: a kill between two leaves the first done, the next to do.
+    version = records[SCHEMA_KEY]["version"]
+    assert version in (2, LATEST)
     assert all(a["uid"] == allocated[name] for name, a in apps.items())
     assert all(i["uid"] == allocated[i["app"]] for i in instances)
+    statuses = {k.removeprefix("/appstatus/") for k in records if k.startswith("/appstatus/")}
+    if version == 2:
+        assert not statuses and all("desired" in a for a in apps.values())
+        return "between"
+    assert statuses == set(apps) and not any("desired" in a for a in apps.values())
     return "after"
 
 
@@ -334,12 +354,15 @@ def test_a_migration_cut_off_by_kill_9_is_finished_or_rolled_back_at_the_next_st
     assert 2000 <= allocated < BULK + len(OLD_APPS), "the kill was to land while uids were allocated"
     kill_at(p, "records in one transaction", 0.0)
     consistent(data)  # either: the transaction is atomic
+    kill_at(p, "schema 3: the status of", 0.0)
+    assert consistent(data) in ("between", "after")
 
     p.start(timeout=120)
     try:
         assert consistent(data) == "after"
         assert json.loads((data / SCHEMA_FILE).read_text())["version"] == LATEST
-        assert len(list(data.glob("state.db.v1-*.backup"))) == KEEP_BACKUPS  # one a start, the last few kept
+        # One a start (of schema 1, or 2 once a kill fell between the steps), the last few kept.
+        assert len(list(data.glob("state.db.v[12]-*.backup"))) == KEEP_BACKUPS
         apps = p.http("GET", "/v1/apps").json()["items"]
         assert len(apps) == BULK + len(OLD_APPS)
         assert len({a["uid"] for a in apps}) == len(apps)

@@ -216,8 +216,8 @@ def test_the_platforms_gateways_act_with_a_gateway_token(own_platform: Platform)
 def test_a_controller_token_schedules_and_reads_no_secrets(platform: Platform, apps: tuple[str, str]) -> None:
     placed, _ = apps
     ctl = token(platform, "controller", "roles-controller")
-    app = platform.http("GET", f"/v1/apps/{placed}").json()
-    body = {"desired": app["desired"], "reason": app["scale_reason"]}
+    status = platform.http("GET", f"/v1/apps/{placed}").json()["status"]
+    body = {"desired": status["desired"], "reason": status["scale_reason"]}
     assert call(platform, ctl, "PUT", f"/v1/apps/{placed}/desired", json=body).status_code == 200
     node = own_node(platform)
     for method, path in (

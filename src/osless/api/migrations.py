@@ -32,7 +32,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from osless import __version__
-from osless.api.models import App, Instance, now
+from osless.api.models import App, AppStatus, Instance, now
 from osless.api.resources import Resources
 from osless.store import Conflict, Store
 
@@ -107,13 +107,15 @@ async def _uids_to_records(res: Resources) -> Plan:
     plan = Plan()
     for kv in apps:
         try:
-            app = App.model_validate_json(kv.value)
+            App.model_validate_json(kv.value)
         except ValidationError as e:
             raise MigrationError(f"the record {kv.key} cannot be read: {e}") from None
+        # The record as it is, uid set: what later steps move out of it (its status) must stay in it.
+        raw = json.loads(kv.value)
         uid = uids[kv.key.removeprefix("/apps/")]
-        if app.uid != uid:
-            app.uid = uid
-            plan.puts.append((kv.key, app.model_dump_json().encode(), kv.mod_revision))
+        if raw.get("uid") != uid:
+            raw["uid"] = uid
+            plan.puts.append((kv.key, json.dumps(raw).encode(), kv.mod_revision))
     instances, _ = await res.store.list("/instances/")
     for kv in instances:
         value = _instance(kv.value, uids)
@@ -185,8 +187,34 @@ def _files_to_uids_sync(paths: Paths, uids: dict[str, int]) -> None:
     shutil.rmtree(paths.run_dir / "a", ignore_errors=True)
 
 
+# -- version 3: the app's status apart from its spec ------------------------------------------------
+
+STATUS_FIELDS = ("desired", "scale_reason", "woken_at")  # what schema 2 kept in the App record
+
+
+async def _status_apart(res: Resources) -> Plan:
+    """What the controllers wrote into the App record (`desired`, `scale_reason`, `woken_at`) moves to
+    `/appstatus/{app}`, so that their writes no longer conflict with people's nor bump the spec."""
+    apps, _ = await res.store.list("/apps/")
+    log.warning("schema 3: the status of %d apps apart from their spec", len(apps))
+    plan = Plan()
+    for kv in apps:
+        name = kv.key.removeprefix("/apps/")
+        try:
+            raw = json.loads(kv.value)
+            status = AppStatus(app=name, **{k: raw[k] for k in STATUS_FIELDS if k in raw})
+            spec = App.model_validate({k: v for k, v in raw.items() if k not in STATUS_FIELDS})
+        except (ValueError, TypeError, AttributeError) as e:  # pydantic's errors are ValueErrors
+            raise MigrationError(f"the record {kv.key} cannot be read: {e}") from None
+        plan.puts.append((kv.key, spec.model_dump_json().encode(), kv.mod_revision))
+        # Unchecked: a status left by an app of that name deleted since is replaced.
+        plan.puts.append((f"/appstatus/{name}", status.model_dump_json().encode(), None))
+    return plan
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "a uid of record for every app and instance", store=_uids_to_records, files=_files_to_uids),
+    Step(3, "the status of each app apart from its spec", store=_status_apart),
 )
 LATEST = STEPS[-1].version if STEPS else 1
 

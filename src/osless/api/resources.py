@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from osless.api.errors import ApiError
 from osless.api.models import (
     App,
+    AppStatus,
     ConfigChange,
     ConfigState,
     Deploy,
@@ -30,6 +31,7 @@ M = TypeVar("M", bound=BaseModel)
 # kind -> (key prefix, model); the watch streams serve these prefixes.
 KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "apps": ("/apps/", App),
+    "appstatus": ("/appstatus/", AppStatus),
     "releases": ("/releases/", Release),
     "deploys": ("/deploys/", Deploy),
     "instances": ("/instances/", Instance),
@@ -125,7 +127,13 @@ class Resources:
     async def create_app(self, app: App) -> App:
         app.uid = await self.app_uid(app.name)
         try:
-            await self.store.put(f"/apps/{app.name}", _enc(app), if_revision=0)
+            # A fresh status with it: nothing an earlier app of that name was told carries over.
+            await self.store.txn_put_many(
+                [
+                    (f"/apps/{app.name}", _enc(app), 0),
+                    (f"/appstatus/{app.name}", _enc(AppStatus(app=app.name)), None),
+                ]
+            )
         except Conflict as e:
             raise ApiError(409, "app_exists", f"app {app.name!r} already exists") from e
         return app
@@ -136,6 +144,33 @@ class Resources:
     async def update_app(self, name: str, change: Callable[[App], App | None]) -> App:
         await self.get_app(name)
         return await self.update(f"/apps/{name}", App, change)
+
+    async def get_app_status(self, name: str) -> tuple[AppStatus, int]:
+        """The app's status and its store revision (0: no controller has said anything yet)."""
+        got = await self._get(f"/appstatus/{name}", AppStatus)
+        return got if got is not None else (AppStatus(app=name), 0)
+
+    async def list_app_statuses(self) -> tuple[list[AppStatus], int]:
+        return await self._list("/appstatus/", AppStatus)
+
+    async def update_app_status(
+        self, name: str, change: Callable[[App, AppStatus], AppStatus | None]
+    ) -> AppStatus:
+        """Compare-and-swap on the status alone: the spec (and its revision) is never written, so the
+        controllers' writes and people's never conflict. `change` sees the spec as read."""
+        for _ in range(20):
+            app = await self.get_app(name)
+            status, rev = await self.get_app_status(name)
+            new = change(app, status.model_copy(deep=True))
+            if new is None:
+                return status
+            new.updated_at = now()
+            try:
+                await self.store.put(f"/appstatus/{name}", _enc(new), if_revision=rev)
+                return new
+            except Conflict:
+                continue
+        raise ApiError(409, "conflict", f"the status of app {name!r} is changing too often; try again")
 
     async def delete_app(self, name: str) -> None:
         """The app and every record of it (releases, config and its history, instances, deploys)
@@ -165,6 +200,7 @@ class Resources:
                     deletes=[
                         (f"/apps/{name}", rev),
                         (f"/config/{name}", None),
+                        (f"/appstatus/{name}", None),
                         # The uid's claim in /uids/ stays: a new app of the same name gets a new uid.
                         (f"/appuids/{name}", None),
                         *((k, None) for k in records),
@@ -185,19 +221,23 @@ class Resources:
             got = await self._get(f"/apps/{app_name}", App)
             if got is None:
                 app, rev = App(name=app_name, uid=await self.app_uid(app_name)), 0
+                status, status_rev = AppStatus(app=app_name), None  # whatever an earlier app left
             else:
                 app, rev = got
+                status, status_rev = await self.get_app_status(app_name)
             release = make(app.latest_release + 1)
             app.latest_release = release.version
             app.current_release = release.version
             app.current_image = release.image
+            app.updated_at = now()
             # A new release starts with one instance warm (Knative's initial scale); the autoscaler
             # takes it from there, down to zero after the idle window if nothing comes.
-            app.desired = max(app.desired or 0, 1, app.min)
-            app.scale_reason = f"release v{release.version}"
-            app.updated_at = now()
+            status.desired = max(status.desired or 0, 1, app.min)
+            status.scale_reason = f"release v{release.version}"
+            status.updated_at = now()
             puts: list[tuple[str, bytes, int | None]] = [
                 (f"/apps/{app_name}", _enc(app), rev),
+                (f"/appstatus/{app_name}", _enc(status), status_rev),
                 (release_key(app_name, release.version), _enc(release), 0),
             ]
             if deploy is not None:

@@ -196,7 +196,7 @@ def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -
     pause = 0.02
     while time.monotonic() < deadline:
         info = call(api.get, f"/v1/apps/{app_name}")
-        if not info.get("desired"):
+        if not info["status"].get("desired"):
             return  # the app is at zero: its first request will start the new release
         mine = [i for i in info["instances"] if i["release"] == version]
         if any(i["status"]["phase"] == "ready" for i in mine):
@@ -236,7 +236,10 @@ def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """List apps."""
     if ctx.invoked_subcommand is not None:
         return
-    items = call(client().get, "/v1/apps")["items"]
+    api = client()
+    items = call(api.get, "/v1/apps")["items"]
+    statuses = {s["app"]: s for s in call(api.get, "/v1/appstatus")["items"]}
+    items = [{**a, "status": statuses.get(a["name"]) or {}} for a in items]
     if json_out:
         print_json(items)
         return
@@ -248,8 +251,8 @@ def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
                 f"v{a['current_release']}" if a["current_release"] else "-",
                 a["min"],
                 a["max"],
-                "-" if a.get("desired") is None else a["desired"],
-                a.get("scale_reason") or "-",
+                "-" if a["status"].get("desired") is None else a["status"]["desired"],
+                a["status"].get("scale_reason") or "-",
                 when(a["updated_at"]),
             ]
             for a in items
@@ -270,6 +273,13 @@ def apps_show(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out:
     console.print(
         f"[bold]{app_name}[/]  release v{info['current_release'] or '-'}  "
         f"image {str(release.get('image', '-'))[:12]}  min {info['min']} max {info['max']}"
+    )
+    status = info["status"]
+    desired = "-" if status.get("desired") is None else status["desired"]
+    console.print(
+        f"  desired:     {desired}   ({status.get('scale_reason') or 'no decision yet'})",
+        highlight=False,
+        markup=False,
     )
     ready = len(ends["instances"])
     console.print(f"  web:         {ends['url']}   (from other apps: {ends['internal_url']})")
@@ -331,12 +341,15 @@ def ps(
                 when(i["created_at"]),
             ]
         )
-    apps_shown = [call(api.get, f"/v1/apps/{app_name}")] if app_name else call(api.get, "/v1/apps")["items"]
-    for a in apps_shown:
-        ready = sum(1 for i in items if i["app"] == a["name"] and i["status"]["phase"] == "ready")
-        desired = "-" if a.get("desired") is None else a["desired"]
+    if app_name:
+        shown = [call(api.get, f"/v1/apps/{app_name}")["status"]]
+    else:
+        shown = call(api.get, "/v1/appstatus")["items"]
+    for st in shown:
+        ready = sum(1 for i in items if i["app"] == st["app"] and i["status"]["phase"] == "ready")
+        desired = "-" if st.get("desired") is None else st["desired"]
         console.print(
-            f"{a['name']}: desired {desired}, ready {ready}  ({a.get('scale_reason') or 'no decision yet'})",
+            f"{st['app']}: desired {desired}, ready {ready}  ({st.get('scale_reason') or 'no decision yet'})",
             markup=False,
             highlight=False,
         )

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from osless.client.api import Api, ApiError, AsyncApi
-from osless.client.informer import Informer
+from osless.client.informer import Informer, ModelInformer
 
-__all__ = ["Api", "ApiError", "AsyncApi", "Informer"]
+__all__ = ["Api", "ApiError", "AsyncApi", "Informer", "ModelInformer"]

@@ -12,11 +12,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
+
+from pydantic import BaseModel, ValidationError
 
 from osless.client.api import ApiError, AsyncApi
 
-__all__ = ["Informer"]
+__all__ = ["Informer", "ModelInformer"]
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 log = logging.getLogger("osless.informer")
 
@@ -25,14 +30,14 @@ log = logging.getLogger("osless.informer")
 WATCH_IDLE_S = 35.0
 
 
-class Informer:
+class BaseInformer(Generic[T]):
     """Keeps `items` (name -> object) equal to a resource list, calling `on_change` after each change."""
 
     def __init__(
         self,
         api: AsyncApi,
         path: str,
-        key: Callable[[dict[str, Any]], str],
+        key: Callable[[T], str],
         on_change: Callable[[], Awaitable[None]] | None = None,
         **params: Any,
     ) -> None:
@@ -41,7 +46,7 @@ class Informer:
         self.key = key
         self.params = params
         self.on_change = on_change
-        self.items: dict[str, dict[str, Any]] = {}
+        self.items: dict[str, T] = {}
         self.synced = asyncio.Event()
         self.down_since: float | None = None  # wall clock: the list or watch failing since then
         self._relist = asyncio.Event()
@@ -79,7 +84,8 @@ class Informer:
         listed_ok = False
         try:
             listed = await self.api.get(self.path, **self.params)
-            self.items = {self.key(o): o for o in listed["items"]}
+            parsed = (self._read(o) for o in listed["items"])
+            self.items = {self.key(o): o for o in parsed if o is not None}
             listed_ok = True
             self.down_since = None
             self.synced.set()
@@ -108,7 +114,10 @@ class Informer:
             except StopAsyncIteration:
                 return
             if ev["type"] == "PUT":
-                self.items[self.key(ev["object"])] = ev["object"]
+                obj = self._read(ev["object"])
+                if obj is None:
+                    continue
+                self.items[self.key(obj)] = obj
             elif ev["type"] == "DELETE":
                 if self.items.pop(ev["name"], None) is None:
                     continue
@@ -121,3 +130,41 @@ class Informer:
     async def _changed(self) -> None:
         if self.on_change is not None:
             await self.on_change()
+
+    def read(self, obj: dict[str, Any]) -> T:
+        """An object as the API answered it, as `items` holds it."""
+        raise NotImplementedError
+
+    def _read(self, obj: dict[str, Any]) -> T | None:
+        try:
+            return self.read(obj)
+        except (ValidationError, LookupError, TypeError) as e:
+            # One record this client cannot read must not keep it from following the others.
+            log.warning("informer %s: an object skipped, unreadable: %s", self.path, str(e)[:300])
+            return None
+
+
+class Informer(BaseInformer[dict[str, Any]]):
+    """Objects as the API answers them: JSON dicts."""
+
+    def read(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return obj
+
+
+class ModelInformer(BaseInformer[M]):
+    """Objects read into their contract (`osless.contracts`): typed, checked once as they arrive."""
+
+    def __init__(
+        self,
+        api: AsyncApi,
+        path: str,
+        model: type[M],
+        key: Callable[[M], str],
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__(api, path, key, on_change, **params)
+        self.model = model
+
+    def read(self, obj: dict[str, Any]) -> M:
+        return self.model.model_validate(obj)

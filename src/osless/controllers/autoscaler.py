@@ -5,7 +5,7 @@ window and a short panic window of it, and wants `ceil(concurrency / target)` in
 that would double the instances switches to the panic window, which scales up at once and never
 down. With `min` at 0, an app that saw no request for its idle window goes to zero; the gateway's
 activator wakes it again on the next request. The decision and its reason go to the app's
-`desired` and `scale_reason`, which the scheduler and `osless ps` read.
+status (`desired`, `scale_reason`: apart from its spec), which the scheduler and `osless ps` read.
 
 Every controller process samples; only the one whose `Leadership` holds writes decisions, so a new
 leader takes over with the windows already full.
@@ -19,9 +19,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from osless.client import ApiError, AsyncApi, Informer
+from osless.client import ApiError, AsyncApi, ModelInformer
+from osless.contracts import App, AppStatus
 from osless.controllers.leader import Leadership
 
 __all__ = ["Autoscaler", "decide"]
@@ -45,23 +45,22 @@ class Window:
         return sum(recent) / len(recent) if recent else 0.0
 
 
-def decide(app: dict[str, Any], window: Window, now: float) -> tuple[int, str]:
-    """The instances `app` should have now, and why."""
-    policy = app.get("autoscale") or {}
-    target = float(policy.get("target", 10.0))
-    lo, hi = int(app["min"]), int(app["max"])
-    current = int(app.get("desired") or 0)
-    stable = window.average(now, float(policy.get("stable_s", 60.0)))
-    panic = window.average(now, float(policy.get("panic_s", 6.0)))
+def decide(app: App, current: int, window: Window, now: float) -> tuple[int, str]:
+    """The instances `app` should have now (it wants `current`), and why."""
+    policy = app.autoscale
+    target = policy.target
+    lo, hi = app.min, app.max
+    stable = window.average(now, policy.stable_s)
+    panic = window.average(now, policy.panic_s)
     want_stable, want_panic = math.ceil(stable / target), math.ceil(panic / target)
     if want_panic >= 2 * max(current, 1) and want_panic > current:
-        window.panic_until = now + float(policy.get("panic_s", 6.0))
+        window.panic_until = now + policy.panic_s
     if now < window.panic_until:
         wanted, reason = max(current, want_panic), f"panic: {panic:.1f} in flight over the short window"
     else:
         wanted, reason = want_stable, f"{stable:.1f} in flight on average, target {target:g} per instance"
     idle = now - window.last_active
-    if lo == 0 and idle > float(policy.get("idle_s", 60.0)):
+    if lo == 0 and idle > policy.idle_s:
         # No request for the whole idle window: whatever the averages still remember, go to zero.
         wanted, reason = 0, f"no request for {idle:.0f}s: scaled to zero"
     elif wanted == 0:
@@ -75,13 +74,15 @@ class Autoscaler:
         self.api = api
         self.leadership = leadership
         self.tick_s = tick_s
-        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]))
+        self.apps = ModelInformer(api, "/v1/apps", App, key=lambda a: a.name)
+        self.statuses = ModelInformer(api, "/v1/appstatus", AppStatus, key=lambda s: s.app)
         self.windows: dict[str, Window] = {}
 
     async def run(self) -> None:
-        informer = asyncio.create_task(self.apps.run())
+        informers = [asyncio.create_task(self.apps.run()), asyncio.create_task(self.statuses.run())]
         try:
             await self.apps.synced.wait()
+            await self.statuses.synced.wait()
             while True:
                 try:
                     await self.tick(time.time())
@@ -91,12 +92,13 @@ class Autoscaler:
                     log.exception("autoscaler tick failed")
                 await asyncio.sleep(self.tick_s)
         finally:
-            informer.cancel()
+            for t in informers:
+                t.cancel()
 
     async def tick(self, now: float) -> None:
         stats = (await self.api.get("/v1/stats"))["apps"]
         for name, app in list(self.apps.items.items()):
-            if app.get("current_release") is None:
+            if app.current_release is None:
                 continue
             window = self.windows.setdefault(name, Window(last_active=now))  # a restart counts as activity
             seen = stats.get(name) or {}
@@ -105,17 +107,19 @@ class Autoscaler:
             if concurrency > 0 or float(seen.get("requests", 0.0)) > 0:
                 window.last_active = now
             # a new release or a wake-up is activity too: the idle clock starts again
-            if app["current_release"] != window.release:
-                window.release, window.last_active = app["current_release"], now
-            window.last_active = max(window.last_active, float(app.get("woken_at") or 0))
-            wanted, reason = decide(app, window, now)
-            if wanted != app.get("desired") and self.leadership.is_leader:
-                log.info("%s: %s -> %s instances (%s)", name, app.get("desired"), wanted, reason)
+            if app.current_release != window.release:
+                window.release, window.last_active = app.current_release, now
+            status = self.statuses.items.get(name) or AppStatus(app=name)
+            desired = status.desired
+            window.last_active = max(window.last_active, status.woken_at or 0.0)
+            wanted, reason = decide(app, int(desired or 0), window, now)
+            if wanted != desired and self.leadership.is_leader:
+                log.info("%s: %s -> %s instances (%s)", name, desired, wanted, reason)
                 try:
                     updated = await self.api.put(
                         f"/v1/apps/{name}/desired", {"desired": wanted, "reason": reason}
                     )
-                    self.apps.items[name] = updated
+                    self.statuses.items[name] = AppStatus.model_validate(updated)
                 except ApiError as e:
                     log.warning("autoscaling %s: %s", name, e.message)
         for gone in set(self.windows) - set(self.apps.items):

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from osless.client import ApiError, AsyncApi, Informer
+from osless.client import ApiError, AsyncApi, ModelInformer
+from osless.contracts import App, Instance, Node
 from osless.gateway.upstream import Relayed, Upstream
 
 __all__ = ["Backend", "NoBackend", "Router", "Timeouts", "web_timeouts"]
@@ -84,9 +85,14 @@ class Router:
         self.api = api
         self.node = node
         self.token = token
-        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._rebuild)
-        self.instances = Informer(api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._rebuild)
-        self.nodes = Informer(api, "/v1/nodes", key=lambda o: str(o["name"]), on_change=self._nodes_changed)
+        # Read into their contracts as they arrive: the request path only reads what a rebuild made.
+        self.apps = ModelInformer(api, "/v1/apps", App, key=lambda a: a.name, on_change=self._rebuild)
+        self.instances = ModelInformer(
+            api, "/v1/instances", Instance, key=lambda i: i.id, on_change=self._rebuild
+        )
+        self.nodes = ModelInformer(
+            api, "/v1/nodes", Node, key=lambda n: n.name, on_change=self._nodes_changed
+        )
         self.relays: dict[str, tuple[str, int]] = {}  # node -> its relay's (host, port)
         self.backends: dict[str, Backend] = {}
         self._candidates: dict[str, list[Backend]] = {}
@@ -99,6 +105,10 @@ class Router:
         # One read of a release's manifest at a time, however many requests want it at once.
         self._fetching: dict[tuple[str, int], asyncio.Task[dict[str, Any]]] = {}
         self._woken: dict[str, float] = {}
+        # What the last wake answered the app wants: the router follows the apps' spec, not their
+        # status, so that the autoscaler's every write does not rebuild its table.
+        self._wanted: dict[str, int | None] = {}
+        self._placed: set[str] = set()  # apps with an instance at the last rebuild
         self._waking: set[str] = set()  # apps with a wake call under way
         self.api_down_since: float | None = None  # wall clock: the API not answering since then
 
@@ -158,25 +168,24 @@ class Router:
         # Every heartbeat is a change: the table is rebuilt only when a relay's address is.
         relays: dict[str, tuple[str, int]] = {}
         for name, obj in self.nodes.items.items():
-            found = _address(obj.get("relay"))
+            found = _address(obj.relay)
             if found is not None:
                 relays[name] = found
         if relays != self.relays:
             self.relays = relays
             await self._rebuild()
 
-    def _reach(self, instance: dict[str, Any]) -> tuple[str, Relayed | None] | None:
+    def _reach(self, instance: Instance) -> tuple[str, Relayed | None] | None:
         """How a ready instance is reached: (its name in the table, the relay to go through or None
         for its unix socket here); None when it cannot be (its node's relay is unknown)."""
-        status = instance["status"]
-        node = instance.get("node")
-        if self.node is None or node is None or node == self.node:
-            return status["socket"], None
+        socket, node = instance.status.socket or "", instance.node
+        if self.node is None or node == self.node:
+            return socket, None
         relay = self.relays.get(node)
         if relay is None:
             return None
-        return f"relay://{relay[0]}:{relay[1]}/{instance['id']}{status['socket']}", Relayed(
-            relay[0], relay[1], self.token, instance["id"], "web"
+        return f"relay://{relay[0]}:{relay[1]}/{instance.id}{socket}", Relayed(
+            relay[0], relay[1], self.token, instance.id, "web"
         )
 
     async def close(self) -> None:
@@ -187,13 +196,17 @@ class Router:
             await b.control.close()
 
     async def _rebuild(self) -> None:
-        live: dict[str, dict[str, Any]] = {}
+        live: dict[str, Instance] = {}
         reach: dict[str, tuple[str, Relayed | None]] = {}
+        placed = {i.app for i in self.instances.items.values()}
+        for gone in self._placed - placed:  # scaled to zero (or lost them all): the next request wakes it
+            self._wanted.pop(gone, None)
+        self._placed = placed
         for i in self.instances.items.values():
-            if i["status"]["phase"] == "ready" and i["status"].get("socket") and i["status"].get("control"):
+            if i.status.phase == "ready" and i.status.socket and i.status.control:
                 found = self._reach(i)
                 if found is not None:
-                    live[i["id"]], reach[i["id"]] = i, found
+                    live[i.id], reach[i.id] = i, found
         for iid in list(self.backends):
             b = self.backends[iid]
             if iid not in live or reach[iid][0] != b.socket or _peer(live[iid]) != b.peer:
@@ -203,18 +216,17 @@ class Router:
                 task.add_done_callback(self._closing.discard)
         for iid, inst in live.items():
             if iid not in self.backends:
-                status = inst["status"]
                 name, relay = reach[iid]
                 peer = _peer(inst)
                 if relay is None:
-                    upstream, control = Upstream(name, peer), Upstream(status["control"], peer)
+                    upstream, control = Upstream(name, peer), Upstream(inst.status.control or "", peer)
                 else:  # the relay checks the peer, on its node
                     upstream = Upstream(name, relay=relay)
                     control = Upstream(name + "#control", relay=relay._replace(kind="control"))
                 b = Backend(
                     id=iid,
-                    app=inst["app"],
-                    release=inst["release"],
+                    app=inst.app,
+                    release=inst.release,
                     socket=name,
                     upstream=upstream,
                     control=control,
@@ -233,14 +245,12 @@ class Router:
         self._candidates = {}
         self._limits = {}
         for app, ready in by_app.items():
-            current = (self.apps.items.get(app) or {}).get("current_release")
+            spec = self.apps.items.get(app)
+            current = None if spec is None else spec.current_release
             self._candidates[app] = [b for b in ready if b.release == current] or ready
         for app, obj in self.apps.items.items():
-            policy = obj.get("autoscale") or {}
-            self._limits[app] = (
-                int(policy.get("concurrency_limit", DEFAULT_CONCURRENCY_LIMIT)),
-                int(float(policy.get("max_body_mb", DEFAULT_MAX_BODY_MB)) * 1024 * 1024),
-            )
+            policy = obj.autoscale
+            self._limits[app] = (policy.concurrency_limit, int(policy.max_body_mb * 1024 * 1024))
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -275,20 +285,21 @@ class Router:
             found = self.pick_now(app, exclude)
             if found is not None:
                 return found
-            if self.apps.items[app].get("current_release") is None:
+            if self.apps.items[app].current_release is None:
                 raise NoBackend(503, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it")
             # The activator: an app at zero (or whose instances all went) is woken, and the request
             # waits here while an instance forks. At once when the app wants no instance; when it
             # already wants some, asked again every few seconds while it waits. One call at a time.
             now = loop.time()
-            wanted = self.apps.items[app].get("desired")
+            wanted = self._wanted.get(app)
             due = not wanted or now - self._woken.get(app, -WAKE_EVERY_S) >= WAKE_EVERY_S
             if due and app not in self._waking and not self._starting(app):
                 self._woken[app] = now
                 self._waking.add(app)
                 try:
                     with contextlib.suppress(ApiError):
-                        await self.api.post(f"/v1/apps/{app}/wake")
+                        status = await self.api.post(f"/v1/apps/{app}/wake")
+                        self._wanted[app] = status.get("desired")
                 finally:
                     self._waking.discard(app)
             remaining = deadline - loop.time()
@@ -304,8 +315,7 @@ class Router:
 
     def _starting(self, app: str) -> bool:
         return any(
-            i["app"] == app and i["status"]["phase"] in ("pending", "starting")
-            for i in self.instances.items.values()
+            i.app == app and i.status.phase in ("pending", "starting") for i in self.instances.items.values()
         )
 
     async def manifest(self, backend: Backend) -> dict[str, Any]:
@@ -340,13 +350,13 @@ class Router:
         return manifest
 
 
-def _peer(instance: dict[str, Any]) -> tuple[int, int] | None:
+def _peer(instance: Instance) -> tuple[int, int] | None:
     """Who must listen on the instance's sockets: the process the node agent started (pid), as
     the uid it gave it."""
-    status = instance["status"]
-    if status.get("uid") is None or status.get("pid") is None:
+    status = instance.status
+    if status.uid is None or status.pid is None:
         return None
-    return int(status["pid"]), int(status["uid"])
+    return status.pid, status.uid
 
 
 def _address(relay: Any) -> tuple[str, int] | None:

@@ -19,7 +19,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from osless.client import ApiError, AsyncApi, Informer
+from osless.client import ApiError, AsyncApi, Informer, ModelInformer
+from osless.contracts import App, Instance
 from osless.logs import LogWriter
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
@@ -124,8 +125,8 @@ class NodeAgent:
         self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
         self._tasks: set[asyncio.Task[None]] = set()
         self._app_logs: dict[tuple[str, str], LogWriter] = {}  # (app, egress|volumes) -> writer
-        self.informer = Informer(
-            api, "/v1/instances", key=lambda o: str(o["id"]), on_change=self._changed, node=name
+        self.informer = ModelInformer(
+            api, "/v1/instances", Instance, key=lambda i: i.id, on_change=self._changed, node=name
         )
         self.configs: dict[str, dict[str, Any]] = {}  # app -> {"values", "version", "token"}
         # Values in clear ride on the events (this node's token only): no second request per change.
@@ -134,7 +135,7 @@ class NodeAgent:
         )
         self._config_lock = asyncio.Lock()
         # Which apps exist: a deleted app's volumes go once nothing of it runs here.
-        self.apps = Informer(api, "/v1/apps", key=lambda o: str(o["name"]), on_change=self._apps_changed)
+        self.apps = ModelInformer(api, "/v1/apps", App, key=lambda a: a.name, on_change=self._apps_changed)
         # Volumes are looked at when apps change or zygotes stop, and now and then: not on every
         # instance change (a start from zero should not read the mount table).
         self._volumes_checked = 0.0
@@ -214,7 +215,7 @@ class NodeAgent:
         return report
 
     async def reconcile(self) -> None:
-        desired = {i: o for i, o in self.informer.items.items() if o.get("node") == self.name}
+        desired = {i: o for i, o in self.informer.items.items() if o.node == self.name}
         for iid in list(self.supervisors):
             if iid not in desired:
                 sup = self.supervisors.pop(iid)
@@ -250,7 +251,7 @@ class NodeAgent:
         return (
             self._starting.get(app, 0) > 0
             or any(z.app == app and not z.closed for z in self.zygotes.values())
-            or any(o.get("app") == app and o.get("node") == self.name for o in self.informer.items.values())
+            or any(o.app == app and o.node == self.name for o in self.informer.items.values())
         )
 
     async def _put_volumes_away(self) -> None:
@@ -315,7 +316,7 @@ class NodeAgent:
                     log.warning("config of %s not caught up: %s", app, e)
 
     def _placed_here(self, app: str) -> bool:
-        return any(o.get("app") == app and o.get("node") == self.name for o in self.informer.items.values())
+        return any(o.app == app and o.node == self.name for o in self.informer.items.values())
 
     async def _push_config(
         self, app: str, zygotes: list[Zygote], fresh: dict[str, Any] | None = None
@@ -343,16 +344,18 @@ class NodeAgent:
         await old.stop()
         old.log.close()
 
-    def _supervisor(self, obj: dict[str, Any]) -> Supervisor:
-        uid = int(obj["uid"]) if self.sandboxed else os.getuid()
+    def _supervisor(self, obj: Instance) -> Supervisor:
+        if self.sandboxed and obj.uid is None:
+            raise ValueError("the instance has no uid (the API sets it): it runs as nobody else's")
+        uid = int(obj.uid or 0) if self.sandboxed else os.getuid()
         return Supervisor(
-            obj,
-            zygote=functools.partial(self.zygote, obj["image"], uid),
+            obj.model_dump(),
+            zygote=functools.partial(self.zygote, obj.image, uid),
             run_dir=self.sockets_dir,
-            log_dir=self.logs_dir / "apps" / obj["app"],
+            log_dir=self.logs_dir / "apps" / obj.app,
             report=self._report,
             cgroups=self.cgroups,
-            limits=Limits(memory_mb=self._memory_mb(obj["image"])),
+            limits=Limits(memory_mb=self._memory_mb(obj.image)),
             uid=uid,
         )
 
@@ -393,12 +396,12 @@ class NodeAgent:
     def _manifest(self, image: str) -> dict[str, Any]:
         return self.images.cached_manifest(image)  # pulled before the instance's supervisor is made
 
-    async def _has_manifest(self, iid: str, obj: dict[str, Any]) -> bool:
+    async def _has_manifest(self, iid: str, obj: Instance) -> bool:
         """Whether the manifest of the instance's image is here, pulled (and checked) now if need be;
         if it cannot be had, the instance says why (once per reason), and the next pass tries again."""
         self._image_failures = {i: m for i, m in self._image_failures.items() if i in self.informer.items}
         try:
-            await self.images.manifest(str(obj["image"]))
+            await self.images.manifest(obj.image)
         except (ImageError, ValueError) as e:
             log.error("cannot run instance %s: %s", iid, e)
             if self._image_failures.get(iid) != str(e):
@@ -409,8 +412,8 @@ class NodeAgent:
         self._image_failures.pop(iid, None)
         return True
 
-    async def _collect_images(self, desired: dict[str, dict[str, Any]]) -> None:
-        in_use = {str(o["image"]) for o in desired.values()} | set(self.zygotes) | set(self._zygote_starts)
+    async def _collect_images(self, desired: dict[str, Instance]) -> None:
+        in_use = {o.image for o in desired.values()} | set(self.zygotes) | set(self._zygote_starts)
         try:
             await self.images.collect(in_use)
         except OSError as e:  # tried again on the next round
@@ -515,8 +518,7 @@ class NodeAgent:
 
     async def _retire_zygotes(self) -> None:
         in_use = {
-            s_image
-            for s_image in (o["image"] for o in self.informer.items.values() if o.get("node") == self.name)
+            s_image for s_image in (o.image for o in self.informer.items.values() if o.node == self.name)
         }
         now = time.monotonic()
         for image, zyg in list(self.zygotes.items()):

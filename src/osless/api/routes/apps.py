@@ -20,6 +20,8 @@ from osless.api.models import (
     AppCreate,
     AppDetail,
     AppList,
+    AppStatus,
+    AppStatusList,
     DesiredRequest,
     Endpoints,
     GatewayStats,
@@ -68,6 +70,29 @@ async def list_apps(
     )
 
 
+@router.get(
+    "/appstatus",
+    response_model=AppStatusList,
+    responses={**WATCHABLE, **responses(400)},
+    summary="The apps' status: desired instances and why (watch=true streams changes after `revision`)",
+)
+async def list_app_statuses(
+    watch: bool = False,
+    revision: int | None = Query(default=None, ge=0),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("read", narrows=True),
+) -> Any:
+    res = state.resources
+
+    async def items() -> tuple[list[AppStatus], int]:
+        found, rev = await res.list_app_statuses()
+        return [s for s in found if caller.sees(s.app)], rev
+
+    return await list_or_watch(
+        res, "appstatus", watch=watch, revision=revision, items=items, keep=lambda ev: caller.sees(ev["name"])
+    )
+
+
 @router.post("/apps", status_code=201, response_model=App, responses=responses(409))
 async def create_app(
     body: AppCreate, state: ApiState = Depends(get_state), caller: Caller = require("deploy", narrows=True)
@@ -82,11 +107,13 @@ async def get_app(
 ) -> dict[str, Any]:
     res = state.resources
     a = await res.get_app(app)
+    status, _ = await res.get_app_status(app)
     instances, _ = await res.list_instances(app=app)
     release = await res.get_release(app, a.current_release) if a.current_release else None
     calls, called_by = await _call_graph(state, app)
     return {
         **a.model_dump(),
+        "status": status.model_dump(),
         "release": release.model_dump() if release else None,
         "instances": [i.model_dump() for i in instances],
         "calls": calls,
@@ -246,38 +273,40 @@ async def scale(
 
 @router.put(
     "/apps/{app}/desired",
-    response_model=App,
+    response_model=AppStatus,
     responses=responses(404, 409),
-    summary="The autoscaler's decision: instances wanted now",
+    summary="The autoscaler's decision: instances wanted now (the app's status; its spec is untouched)",
 )
 async def set_desired(
     app: str, body: DesiredRequest, state: ApiState = Depends(get_state), caller: Caller = require("operate")
-) -> App:
-    def change(a: App) -> App | None:
-        if a.desired == body.desired and a.scale_reason == body.reason:
+) -> AppStatus:
+    def change(_: App, s: AppStatus) -> AppStatus | None:
+        if s.desired == body.desired and s.scale_reason == body.reason:
             return None
-        a.desired, a.scale_reason = body.desired, body.reason
-        return a
+        s.desired, s.scale_reason = body.desired, body.reason
+        return s
 
-    return await state.resources.update_app(app, change)
+    return await state.resources.update_app_status(app, change)
 
 
 @router.post(
     "/apps/{app}/wake",
-    response_model=App,
+    response_model=AppStatus,
     responses=responses(404, 409),
-    summary="A request found the app at zero: start one",
+    summary="A request found the app at zero: start one (answers the app's status)",
 )
-async def wake(app: str, state: ApiState = Depends(get_state), caller: Caller = require("route")) -> App:
-    def change(a: App) -> App | None:
+async def wake(
+    app: str, state: ApiState = Depends(get_state), caller: Caller = require("route")
+) -> AppStatus:
+    def change(a: App, s: AppStatus) -> AppStatus | None:
         if a.current_release is None:
             return None
-        a.woken_at = now()
-        if not a.desired:
-            a.desired, a.scale_reason = max(1, a.min), "a request arrived while at zero"
-        return a
+        s.woken_at = now()
+        if not s.desired:
+            s.desired, s.scale_reason = max(1, a.min), "a request arrived while at zero"
+        return s
 
-    return await state.resources.update_app(app, change)
+    return await state.resources.update_app_status(app, change)
 
 
 @router.put(
