@@ -160,7 +160,7 @@ def main() -> None:
             done.set()
             watcher.join()
         back_to_zero = wait(lambda: not api(api_port, token, "/v1/instances?app=hello")["items"], 180)
-        reason = api(api_port, token, "/v1/apps/hello")["scale_reason"]
+        reason = api(api_port, token, "/v1/apps/hello")["status"]["scale_reason"]
 
         # One request alone, each time after the app went back to zero: the activator's wake.
         lone: list[float] = []

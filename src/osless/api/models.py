@@ -6,7 +6,7 @@ with, so that the OpenAPI document says what really goes over the wire.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -138,9 +138,7 @@ class GatewayStats(Body):
     """What a gateway saw of each app over its last interval."""
 
     interval_s: float = Field(gt=0, le=60)
-    apps: dict[
-        str, dict[Literal["concurrency", "requests", "waiting"], Annotated[float, Field(ge=0, le=1e6)]]
-    ] = Field(
+    apps: dict[str, dict[TrafficFigure, Annotated[float, Field(ge=0, le=1e6)]]] = Field(
         default_factory=dict,
         max_length=10_000,
         description='{app: {"concurrency": avg in flight, "requests": n, "waiting": n}}',
