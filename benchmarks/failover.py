@@ -29,7 +29,7 @@ just before the PATCH to the last instance's own `config_applied_at` for the new
 Prints one JSON object as its last line; `target_met` is false on any unexplained failure or a
 missed target.
 
-    .venv/bin/python benchmarks/failover.py [--runs 2] [--instances 6] [--clients 8] [--hold 0.05]
+    .venv/bin/python benchmarks/failover.py [--runs 3] [--instances 6] [--clients 8] [--hold 0.05]
         [--push-instances 100] [--push-reps 30] [--cases other,gateway] [--no-push]
 """
 
@@ -238,7 +238,9 @@ def config_push_run(args: argparse.Namespace) -> dict[str, Any]:
         records: list[dict[str, Any]] = []
         for rep in range(args.push_reps):
             time.sleep(0.1)  # neither round's tail overlaps the next
-            records.append(push(api, sockets, f"v{rep}", args.push_timeout)[0])
+            records.append(
+                push(api, sockets, f"v{rep}", args.push_timeout, args.push_poll_delay_ms / 1000)[0]
+            )
         api.close()
     complete = [r["latency_s"] for r in records if r["latency_s"] is not None]
     latency = summary_ms(complete)
@@ -246,6 +248,7 @@ def config_push_run(args: argparse.Namespace) -> dict[str, Any]:
         "instances": n,
         "per_node": dict(sorted(per_node.items())),
         "reps": args.push_reps,
+        "poll_delay_ms": args.push_poll_delay_ms,
         "reps_complete": len(complete),
         "push_ms": latency,
         "push_first_instance_ms": summary_ms([r["first_s"] for r in records if r["first_s"] is not None]),
@@ -262,7 +265,7 @@ def median(xs: list[float | None]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--runs", type=int, default=2, help="fresh clusters per case")
+    parser.add_argument("--runs", type=int, default=3, help="fresh clusters per case")
     parser.add_argument("--cases", default="other,gateway", help="which node is killed: other, gateway")
     parser.add_argument("--instances", type=int, default=6)
     parser.add_argument("--clients", type=int, default=8, help="split over n1's and n2's gateways")
@@ -272,6 +275,13 @@ def main() -> None:
     parser.add_argument("--push-instances", type=int, default=100)
     parser.add_argument("--push-reps", type=int, default=30)
     parser.add_argument("--push-timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--push-poll-delay-ms",
+        type=float,
+        default=100.0,
+        help="wait this long after the PATCH answer before reading the instances, so that reading "
+        "them does not compete with the push for the CPUs (the figure comes from their own clocks)",
+    )
     parser.add_argument("--no-push", action="store_true", help="skip the config push")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
