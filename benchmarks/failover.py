@@ -24,7 +24,8 @@ flight on the dead node, or routed there while its lease still held (`in_flight_
 The config push: on one more cluster, benchmarks/apps/config_push at `--push-instances` instances
 spread over the three nodes, timed the way benchmarks/config_push.py times it (its own code): from
 just before the PATCH to the last instance's own `config_applied_at` for the new version, p99 over
-`--push-reps` pushes (target 50 ms or less).
+`--push-reps` pushes (target 50 ms or less); then, as the baseline, the same on a one-node cluster
+(`config_push_one_node`: what the spread over three nodes adds).
 
 Prints one JSON object as its last line; `target_met` is false on any unexplained failure or a
 missed target.
@@ -219,15 +220,15 @@ def failover_run(case: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def config_push_run(args: argparse.Namespace) -> dict[str, Any]:
-    with running_cluster("oslcp-", nodes=3) as cluster:
+def config_push_run(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
+    with running_cluster("oslcp-", nodes=nodes) as cluster:
         api = api_client(cluster)
         server = cluster.server
         t = time.monotonic()
         server.cli("deploy", str(PUSH_APP_DIR), timeout=600)
         n = args.push_instances
         server.cli("scale", PUSH_APP, "--min", str(n), "--max", str(n))
-        up = spread(api, PUSH_APP, n, 3, 600)
+        up = spread(api, PUSH_APP, n, nodes, 600)
         scale_s = time.monotonic() - t
         per_node: dict[str, int] = {}
         for i in up:
@@ -245,6 +246,7 @@ def config_push_run(args: argparse.Namespace) -> dict[str, Any]:
     complete = [r["latency_s"] for r in records if r["latency_s"] is not None]
     latency = summary_ms(complete)
     return {
+        "nodes": nodes,
         "instances": n,
         "per_node": dict(sorted(per_node.items())),
         "reps": args.push_reps,
@@ -253,6 +255,7 @@ def config_push_run(args: argparse.Namespace) -> dict[str, Any]:
         "push_ms": latency,
         "push_first_instance_ms": summary_ms([r["first_s"] for r in records if r["first_s"] is not None]),
         "setup_s": round(scale_s, 1),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "target_p99_ms": TARGET_PUSH_P99_MS,
         "met": len(complete) == args.push_reps and latency.get("p99", float("inf")) <= TARGET_PUSH_P99_MS,
     }
@@ -295,9 +298,12 @@ def main() -> None:
             run = failover_run(case, args)
             print(json.dumps(run), flush=True)
             runs[case].append(run)
-    pushed = None if args.no_push else config_push_run(args)
-    if pushed is not None:
+    pushed = one_node = None
+    if not args.no_push:
+        pushed = config_push_run(args, nodes=3)
         print(json.dumps(pushed), flush=True)
+        one_node = config_push_run(args, nodes=1)  # the baseline: the same push on one node, this run
+        print(json.dumps(one_node), flush=True)
 
     summary: dict[str, Any] = {}
     for case, rs in runs.items():
@@ -328,6 +334,7 @@ def main() -> None:
         "target_replaced_s": TARGET_REPLACED_S,
         "kubernetes_default_s": 300,
         "config_push": pushed,
+        "config_push_one_node": one_node,
         "unexplained_failures": unexplained,
         "total_s": round(time.monotonic() - t, 1),
         "host": {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
