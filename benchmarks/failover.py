@@ -30,19 +30,17 @@ just before the PATCH to the last instance's own `config_applied_at` for the new
 Prints one JSON object as its last line; `target_met` is false on any unexplained failure or a
 missed target.
 
-Measured (this 2-core machine, shared, load average 4 to 20; a full run takes about 4 minutes):
-instances ready again on the live nodes a median 2.6 s after the kill (2.5 to 3.2 s) when the killed
-node carried no load, 3.0 s (2.4 to 3.3 s) when it was a load gateway's: the rest of its 3 s lease,
-the scheduler acting on the lease's end at once, and a fork from the release's warm zygote. On the
-surviving gateways the only failures were the 1 to 3 requests in flight on the dead node (HTTP 502),
-and once one sent to it 10 ms after the kill; none unexplained. The killed gateway's own clients
-fail from the kill on (nothing listens there: a load balancer in front must drop it). Config push
-to 100 instances over three nodes: p50 30 ms, p99 85 ms at load 4 (p50 39, p99 202 ms at load 16);
-the same on one node in the same run: p50 23, p99 36 ms. The 50 ms p99 target is met on one node,
-not on three nodes sharing two cores, where three agents and three zygotes fan the change out at once.
-
-    .venv/bin/python benchmarks/failover.py [--runs 3] [--instances 6] [--clients 8] [--hold 0.05]
-        [--push-instances 100] [--push-reps 50] [--cases other,gateway] [--no-push]
+Measured (this 2-core machine, shared with other work, load average 4 to 20; a full run takes about
+5 minutes; two full runs): instances ready again on the live nodes 2.3 to 3.3 s after the kill,
+medians 2.6 and 3.1 s when the killed node carried no load, 3.0 and 2.5 s when it was a load
+gateway's: the rest of its 3 s lease, the scheduler acting on the lease's end at once, and a fork
+from the release's warm zygote. On the surviving gateways the only failures were the 1 to 3
+requests in flight on the dead node (HTTP 502), and once one sent to it 10 ms after the kill; none
+unexplained. The killed gateway's own clients fail from the kill on (nothing listens there: a load
+balancer in front must drop it). Config push to 100 instances over three nodes: p50 30 ms, p99
+85 ms at load 4 (one node, same run: 23 and 36 ms); p50 48, p99 449 ms at load 18 (one node: 21 and
+134 ms at load 14). The 50 ms p99 target is met on one node at load 4, not on three nodes
+sharing two cores, where three agents and three zygotes fan the change out at once.
 """
 
 from __future__ import annotations
