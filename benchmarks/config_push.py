@@ -173,14 +173,8 @@ class Bench:
             time.sleep(0.2)
 
     def patch(self, app: str, value: str) -> tuple[float, float, int]:
-        """(t0, t_response) on the wall clock, and the new config version."""
         assert self.client is not None
-        t0 = time.time()
-        r = self.client.patch(f"/v1/apps/{app}/config", json={"set": {"greeting": value}})
-        t1 = time.time()
-        if r.status_code != 200:
-            raise SystemExit(f"PATCH {app} config: {r.status_code} {r.text}")
-        return t0, t1, int(r.json()["version"])
+        return patch(self.client, app, value)
 
     def stop(self) -> list[int]:
         """SIGTERM `osless up` and wait; returns the pids of its processes still alive after (killed)."""
@@ -205,14 +199,30 @@ class Bench:
         return left
 
 
+def patch(client: httpx.Client, app: str, value: str) -> tuple[float, float, int]:
+    """(t0, t_response) on the wall clock, and the new config version."""
+    t0 = time.time()
+    r = client.patch(f"/v1/apps/{app}/config", json={"set": {"greeting": value}})
+    t1 = time.time()
+    if r.status_code != 200:
+        raise SystemExit(f"PATCH {app} config: {r.status_code} {r.text}")
+    return t0, t1, int(r.json()["version"])
+
+
 def push(
-    bench: Bench, sockets: dict[str, str], value: str, timeout: float, delay: float = 0.0
+    client: httpx.Client,
+    sockets: dict[str, str],
+    value: str,
+    timeout: float,
+    delay: float = 0.0,
+    app: str = APP,
 ) -> tuple[dict[str, Any], float]:
-    """One PATCH, then every instance's health until all show the new version.
+    """One PATCH, then every instance's health (over its control socket, on this machine) until all
+    show the new version: on one node or a cluster's nodes alike.
 
     Returns the round's figures (seconds from t0, just before the PATCH) and the PATCH round trip.
     """
-    t0, t1, version = bench.patch(APP, value)
+    t0, t1, version = patch(client, app, value)
     if delay:
         time.sleep(delay)  # reading the instances meanwhile would compete with the push for the CPUs
     pending = dict(sockets)
@@ -271,6 +281,8 @@ def main() -> None:
     try:
         t = time.perf_counter()
         bench.start()
+        client = bench.client
+        assert client is not None
         setup["up_s"] = time.perf_counter() - t
         t = time.perf_counter()
         bench.cli("deploy", str(APP_DIR))
@@ -287,13 +299,13 @@ def main() -> None:
         restarts_before = sum(int(i["status"].get("restarts", 0)) for i in ready)
 
         for w in range(args.warmup):
-            push(bench, sockets, f"warm-{w}", args.timeout)
+            push(client, sockets, f"warm-{w}", args.timeout)
             bench.patch(IDLE_APP, f"warm-{w}")
         for rep in range(args.reps):
             # A pause between rounds, so that neither round's tail (the agent handling the last
             # change) overlaps the next one.
             time.sleep(SETTLE_S)
-            record, rtt = push(bench, sockets, f"v{rep}", args.timeout, args.poll_delay_ms / 1000)
+            record, rtt = push(client, sockets, f"v{rep}", args.timeout, args.poll_delay_ms / 1000)
             records.append(record)
             patch_rtt.append(rtt)
             time.sleep(SETTLE_S)
