@@ -6,7 +6,18 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "osless"
-SERVER_SIDE = {"api", "store", "node", "gateway", "builder", "images", "controllers", "client", "cli", "server"}
+SERVER_SIDE = {
+    "api",
+    "store",
+    "node",
+    "gateway",
+    "builder",
+    "images",
+    "controllers",
+    "client",
+    "cli",
+    "server",
+}
 
 
 def imports_of(package: str) -> dict[str, set[str]]:

@@ -29,6 +29,7 @@ from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.resources import Resources
+from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
 from osless.builder import Builder, stop_all_builds
@@ -40,7 +41,7 @@ from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
 from osless.server.node import host_protections, private_dir
-from osless.store import Conflict, SQLiteStore, Store, StoreError, open_store
+from osless.store import Conflict, LeaseNotFound, SQLiteStore, Store, StoreError, open_store
 
 __all__ = [
     "ApiConfig",
@@ -59,6 +60,10 @@ log = logging.getLogger("osless")
 KEEP_BACKUPS = 3
 SECRET_KEY_CHECK = "/meta/secretkey"
 GATEWAY_FOLLOW_S = 2.0
+# A build's deploy is held by its server's builder lease: if the server dies, any server (or this
+# one, restarted) fails the deploy once the lease lapses. Kept alive several times per lease.
+BUILD_LEASE_S = 10.0
+BUILD_KEEPALIVE_S = 2.0
 
 
 @dataclass
@@ -189,6 +194,7 @@ class ApiHost:
         self.client: AsyncApi | None = None
         self.server: _Server | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.build_lease: int | None = None
 
     async def open(self, *, sandboxed: bool) -> Resources:
         """The store started and migrated, the admin and controller tokens made, the API's state built."""
@@ -237,7 +243,9 @@ class ApiHost:
             if sandboxed
             else None
         )
+        builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
         self.state = ApiState(
+            builder_id=builder_id,
             secrets=secrets,
             resources=resources,
             images=images,
@@ -284,6 +292,7 @@ class ApiHost:
             # One candidate among any controller processes run against this API: the leader acts.
             asyncio.create_task(run_controllers(self.client), name="the controllers"),
             asyncio.create_task(self.state.collector.run(), name="the collector"),
+            asyncio.create_task(self._hold_builds(), name="the build lease"),
         ]
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
@@ -301,6 +310,25 @@ class ApiHost:
                     state.gateway_url = urls[0]
             await asyncio.sleep(GATEWAY_FOLLOW_S)
 
+    async def _hold_builds(self) -> None:
+        """The builder lease kept alive, and the deploys of builders whose lease lapsed failed."""
+        assert self.state is not None and self.build_lease is not None
+        state, resources = self.state, self.state.resources
+        while True:
+            try:
+                await self.store.keepalive(self.build_lease)
+            except LeaseNotFound:
+                # Cut off past the lease: other servers may have failed this one's builds in flight
+                # (those end as they were recorded); builds from now on hold a new lease.
+                log.warning("the build lease lapsed: builds started before now end as recorded")
+                with contextlib.suppress(StoreError):
+                    state.builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
+            except StoreError as e:
+                log.warning("the build lease was not kept alive (trying again): %s", e)
+            with contextlib.suppress(Exception):  # the next round looks again
+                await fail_orphaned_builds(state)
+            await asyncio.sleep(BUILD_KEEPALIVE_S)
+
     async def stop(self, servers: list[asyncio.Task[None]]) -> None:
         stop_all_builds()  # a build in flight fails now rather than hold the shutdown
         if self.build_egress is not None:
@@ -313,6 +341,9 @@ class ApiHost:
         await asyncio.gather(*servers, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
+        if self.build_lease is not None:  # its builds ended above: other servers need not wait for it
+            with contextlib.suppress(StoreError):
+                await self.store.revoke(self.build_lease)
         await self.store.close()
 
 
