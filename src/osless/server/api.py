@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -134,6 +135,13 @@ async def fresh_token(resources: Resources, name: str, role: str) -> str:
     return await issue_token(resources, name, role=role)
 
 
+def controller_name(data_dir: Path) -> str:
+    """The name of this server's controller token: its own, so that a server starting on a shared
+    store revokes only its previous token, never another server's (whose controllers would then stop)."""
+    where = f"{socket.gethostname()}\0{data_dir}".encode()
+    return "controller-" + hashlib.sha256(where).hexdigest()[:12]
+
+
 async def backup_prefix(store: Store, dest_dir: Path, version: int, *, keep: int = KEEP_BACKUPS) -> Path:
     """Every key of the platform (the store's root, nothing else of the etcd it shares), as JSON lines
     in `dest_dir/store.v<version>-<UTC time>.backup`; the newest `keep` stay.
@@ -230,7 +238,7 @@ class ApiHost:
         if not isinstance(self.store, SQLiteStore):  # a store other servers may share
             await check_secret_key(self.store, key)
         self.token = await admin_token(resources, data_dir)
-        self.controller_token = await fresh_token(resources, "controller", "controller")
+        self.controller_token = await fresh_token(resources, controller_name(data_dir), "controller")
         images = ImageStore(data_dir / "images")
         images.clean_tmp()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
