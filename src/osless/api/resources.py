@@ -269,6 +269,13 @@ class Resources:
         await self.store.put(BUILDERS + name, b"{}", lease=lease)
         return name, lease
 
+    async def drop_builders(self) -> None:
+        """Forget every builder's key: for a store only this process can use, whose builders from
+        before this start are all gone (their leases may not have lapsed yet)."""
+        held, _ = await self.store.list(BUILDERS)
+        for kv in held:
+            await self.store.delete(kv.key)
+
     async def fail_orphaned_deploys(self, local: Callable[[str], bool], error: str) -> list[str]:
         """Fail the deploys left `building` by a builder whose lease is gone (a deploy this process
         builds, `local(id)`, is left alone); the ids failed. A deploy without a builder was written by

@@ -251,6 +251,8 @@ class ApiHost:
             if sandboxed
             else None
         )
+        if isinstance(self.store, SQLiteStore):  # no other server shares it: its builds all stopped
+            await resources.drop_builders()
         builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
         self.state = ApiState(
             builder_id=builder_id,
