@@ -250,3 +250,48 @@ def test_a_build_is_held_by_its_servers_lease_and_failed_only_once_that_lapses(
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_server_cut_off_past_its_build_lease_cannot_bring_back_a_deploy_another_failed(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Stopped (as if cut off) past its lease mid-build, a server has its deploy failed by the other;
+    running again, its build ends but releases nothing, and it builds again on a new lease."""
+    url = etcd.url(f"/t-{uuid.uuid4().hex[:8]}")
+    first = Server(tmp_path / "a" / "data", etcd=url).start()
+    key = (first.data_dir / "secret.key").read_text().strip()
+    second = Server(tmp_path / "b" / "data", etcd=url, up_env={"OSLESS_SECRET_KEY": key}).start()
+    try:
+        deploy = first.upload(slow_app(tmp_path / "slow", 20))
+        first.wait_for_build_line(deploy["id"], "importing slowly")
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            failed = second.wait_for(
+                lambda: (d := deploy_status(second, deploy["id"]))["status"] != "building" and d,
+                timeout=30,
+                what="the deploy failed by the other server",
+            )
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        assert failed["error"] == "the server building it stopped: deploy again", failed
+
+        def ended() -> str:
+            log = first.http("GET", f"/v1/deploys/{deploy['id']}/log").text
+            return log if "==> Not released" in log or "==> Released" in log else ""
+
+        log = first.wait_for(ended, timeout=60, what="the build to end on the server cut off")
+        assert "==> Not released: this server lost its build lease" in log and "==> Released" not in log
+        assert deploy_status(second, deploy["id"]) == failed  # as the other server wrote it
+        assert second.http("GET", "/v1/apps/slow").status_code == 404  # no release came of it
+        again = first.upload(EXAMPLES / "hello")  # on a new lease
+        assert again["builder"] != failed["builder"], again
+        done = first.wait_for(
+            lambda: (d := deploy_status(first, again["id"]))["status"] != "building" and d,
+            timeout=120,
+            what="the next build",
+        )
+        assert done["status"] == "succeeded", done
+    finally:
+        second.stop()
+        first.stop()

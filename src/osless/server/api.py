@@ -125,13 +125,17 @@ async def admin_token(resources: Resources, data_dir: Path) -> str:
     return token
 
 
-async def fresh_token(resources: Resources, name: str, role: str) -> str:
-    """A token for one of the platform's own parts, made again at each start; the previous one of
-    that name is revoked."""
+async def revoke_named(resources: Resources, name: str, role: str) -> None:
     tokens = Tokens(resources.store)
     for digest, record in await tokens.list():
         if record.role == role and record.name == name:
             await tokens.revoke(digest)
+
+
+async def fresh_token(resources: Resources, name: str, role: str) -> str:
+    """A token for one of the platform's own parts, made again at each start; the previous one of
+    that name is revoked."""
+    await revoke_named(resources, name, role)
     return await issue_token(resources, name, role=role)
 
 
@@ -239,6 +243,7 @@ class ApiHost:
             await check_secret_key(self.store, key)
         self.token = await admin_token(resources, data_dir)
         self.controller_token = await fresh_token(resources, controller_name(data_dir), "controller")
+        await revoke_named(resources, "controller", "controller")  # the one name of older releases
         images = ImageStore(data_dir / "images")
         images.clean_tmp()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

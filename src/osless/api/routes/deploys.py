@@ -30,6 +30,7 @@ log = logging.getLogger("osless.api.deploys")
 
 DEPLOY_LOG_CAP = 8 * 1024 * 1024
 ORPHANED = "the server building it stopped: deploy again"
+LOST = "this server lost its build lease and another failed the deploy meanwhile: deploy again"
 UID_TIMEOUT_S = 60.0
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 # The body is read as it comes (not parsed by FastAPI), so the document says what it is.
@@ -125,6 +126,7 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
             if e.code != "deploy_ended":
                 raise
             log.warning("deploy %s was failed by another server while this one built it", deploy.id)
+            emit(f"==> Not released: {LOST}")
             ended_elsewhere = True
             return  # as recorded already: nothing more to write
         image = result.image[:12]
