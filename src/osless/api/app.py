@@ -18,7 +18,6 @@ from osless.api import audit
 from osless.api.auth import Require
 from osless.api.errors import error_body, install_error_handlers
 from osless.api.guard import Guard
-from osless.api.models import now
 from osless.api.openapi import install_openapi
 from osless.api.routes import (
     apps,
@@ -34,6 +33,7 @@ from osless.api.routes import (
     tokens,
 )
 from osless.api.routes import audit as audit_routes
+from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.state import ApiState
 
 __all__ = ["create_app"]
@@ -135,16 +135,9 @@ def _check_permissions(router: APIRouter) -> None:
 def create_app(state: ApiState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # A build cut off by a crash or kill -9 never finishes: say so instead of leaving it "building".
-        items, _rev = await state.resources.list_deploys()
-        for d in items:
-            if d.status == "building" and d.id not in state.builds:
-                d.status, d.error, d.finished_at = (
-                    "failed",
-                    "interrupted: the platform restarted during the build",
-                    now(),
-                )
-                await state.resources.put_deploy(d)
+        # A build cut off by a crash or kill -9 never finishes: failed once its builder's lease is gone
+        # (the server's build lease fails later ones, see server/api.py), never while a server builds it.
+        await fail_orphaned_builds(state)
         upkeep = asyncio.create_task(_upkeep(state), name="API upkeep")
         yield
         upkeep.cancel()

@@ -105,6 +105,9 @@ class Deploy(BaseModel):
     image: str | None = None
     error: str | None = None
     deps_cached: bool | None = None
+    # Which server's builder holds it while `building`: a key under /builders/ on that server's lease.
+    # Once the key is gone (the server stopped or lost the store), any server fails the deploy.
+    builder: str | None = None
     created_at: float = Field(default_factory=now)
     finished_at: float | None = None
 

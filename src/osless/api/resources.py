@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +46,10 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
 # never given back (a uid is never reused), so the range is wide: a billion apps created and deleted
 # before random picks start to miss.
 UID_BASE, UID_RANGE = 1_000_000, 1_000_000_000
+
+
+# Builders (one per server process) hold a key here on their lease, named by the deploys they build.
+BUILDERS = "/builders/"
 
 
 def _enc(obj: BaseModel) -> bytes:
@@ -241,6 +246,13 @@ class Resources:
                 (release_key(app_name, release.version), _enc(release), 0),
             ]
             if deploy is not None:
+                # Only a deploy still building, and still this builder's: one failed meanwhile by
+                # another server (this one lost its lease) stays failed, and no release comes of it.
+                held = await self._get(f"/deploys/{deploy.id}", Deploy)
+                if held is None or held[0].status != "building" or held[0].builder != deploy.builder:
+                    raise ApiError(
+                        409, "deploy_ended", f"deploy {deploy.id} was ended while it built: deploy again"
+                    )
                 deploy.app, deploy.status, deploy.release, deploy.image = (
                     app_name,
                     "succeeded",
@@ -248,7 +260,7 @@ class Resources:
                     release.image,
                 )
                 deploy.finished_at = now()
-                puts.append((f"/deploys/{deploy.id}", _enc(deploy), None))
+                puts.append((f"/deploys/{deploy.id}", _enc(deploy), held[1]))
             try:
                 await self.store.txn_put_many(puts)
                 return app, release
@@ -273,6 +285,67 @@ class Resources:
     # deploys
     async def put_deploy(self, d: Deploy) -> None:
         await self.store.put(f"/deploys/{d.id}", _enc(d))
+
+    async def end_deploy(self, d: Deploy) -> bool:
+        """Record how a build ended, unless its deploy was ended meanwhile (failed by another server
+        when this one lost its builder lease): whether it was written."""
+        written = False
+
+        def change(stored: Deploy) -> Deploy | None:
+            nonlocal written
+            if stored.status != "building" or stored.builder != d.builder:
+                return None
+            written = True
+            return d
+
+        await self.update(f"/deploys/{d.id}", Deploy, change)
+        return written
+
+    async def hold_builds(self, ttl_s: float) -> tuple[str, int]:
+        """A builder key on a fresh lease: (its name, the lease). Deploys this server builds name it;
+        the key lives as long as the server keeps the lease alive."""
+        lease = await self.store.grant_lease(ttl_s)
+        name = secrets.token_hex(8)
+        await self.store.put(BUILDERS + name, b"{}", lease=lease)
+        return name, lease
+
+    async def drop_builders(self) -> None:
+        """Forget every builder's key: for a store only this process can use, whose builders from
+        before this start are all gone (their leases may not have lapsed yet)."""
+        held, _ = await self.store.list(BUILDERS)
+        for kv in held:
+            await self.store.delete(kv.key)
+
+    async def fail_orphaned_deploys(self, local: Callable[[str], bool], error: str) -> list[str]:
+        """Fail the deploys left `building` by a builder whose lease is gone (a deploy this process
+        builds, `local(id)`, is left alone); the ids failed. A deploy without a builder was written by
+        a release that had none: no server can still be building it once this one runs."""
+        items, _ = await self.list_deploys()
+        building = [d for d in items if d.status == "building" and not local(d.id)]
+        if not building:
+            return []
+        held, _ = await self.store.list(BUILDERS)
+        alive = {kv.key.removeprefix(BUILDERS) for kv in held}
+        failed = []
+        for d in building:
+            if d.builder is not None and d.builder in alive:
+                continue
+            seen = d.builder
+
+            done: list[str] = []
+
+            def change(stored: Deploy, seen: str | None = seen, done: list[str] = done) -> Deploy | None:
+                done.clear()
+                if stored.status != "building" or stored.builder != seen:  # ended, or held anew
+                    return None
+                stored.status, stored.error, stored.finished_at = "failed", error, now()
+                done.append(stored.id)
+                return stored
+
+            with contextlib.suppress(ApiError):  # deleted meanwhile, or busy: the next sweep
+                await self.update(f"/deploys/{d.id}", Deploy, change)
+            failed += done
+        return failed
 
     async def get_deploy(self, id: str) -> Deploy:
         got = await self._get(f"/deploys/{id}", Deploy)

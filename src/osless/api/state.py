@@ -31,6 +31,7 @@ class ApiState:
     max_body_bytes: int = 6 * 1024 * 1024
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    builder_id: str = ""  # this server's key under /builders/, on its lease: named by the deploys it builds
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
     tokens: Tokens = field(init=False)
 

@@ -17,8 +17,8 @@ import hashlib
 import json
 import logging
 import os
-import secrets as secrets_module
 import signal
+import socket
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.resources import Resources
+from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
 from osless.builder import Builder, stop_all_builds
@@ -41,7 +42,7 @@ from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
 from osless.server.node import host_protections, private_dir
-from osless.store import Conflict, SQLiteStore, Store, StoreError, open_store
+from osless.store import Conflict, LeaseNotFound, SQLiteStore, Store, StoreError, open_store
 
 __all__ = [
     "ApiConfig",
@@ -60,6 +61,10 @@ log = logging.getLogger("osless")
 KEEP_BACKUPS = 3
 SECRET_KEY_CHECK = "/meta/secretkey"
 GATEWAY_FOLLOW_S = 2.0
+# A build's deploy is held by its server's builder lease: if the server dies, any server (or this
+# one, restarted) fails the deploy once the lease lapses. Kept alive several times per lease.
+BUILD_LEASE_S = 10.0
+BUILD_KEEPALIVE_S = 2.0
 
 
 @dataclass
@@ -120,25 +125,25 @@ async def admin_token(resources: Resources, data_dir: Path) -> str:
     return token
 
 
-def server_id(data_dir: Path) -> str:
-    """This server's name among those sharing a store: made once, kept in its data dir."""
-    path = data_dir / "server-id"
-    with contextlib.suppress(FileNotFoundError):
-        if found := path.read_text().strip():
-            return found
-    made = secrets_module.token_hex(6)
-    path.write_text(made + "\n")
-    return made
+async def revoke_named(resources: Resources, name: str, role: str) -> None:
+    tokens = Tokens(resources.store)
+    for digest, record in await tokens.list():
+        if record.role == role and record.name == name:
+            await tokens.revoke(digest)
 
 
 async def fresh_token(resources: Resources, name: str, role: str) -> str:
     """A token for one of the platform's own parts, made again at each start; the previous one of
     that name is revoked."""
-    tokens = Tokens(resources.store)
-    for digest, record in await tokens.list():
-        if record.role == role and record.name == name:
-            await tokens.revoke(digest)
+    await revoke_named(resources, name, role)
     return await issue_token(resources, name, role=role)
+
+
+def controller_name(data_dir: Path) -> str:
+    """The name of this server's controller token: its own, so that a server starting on a shared
+    store revokes only its previous token, never another server's (whose controllers would then stop)."""
+    where = f"{socket.gethostname()}\0{data_dir}".encode()
+    return "controller-" + hashlib.sha256(where).hexdigest()[:12]
 
 
 async def backup_prefix(store: Store, dest_dir: Path, version: int, *, keep: int = KEEP_BACKUPS) -> Path:
@@ -201,6 +206,7 @@ class ApiHost:
         self.client: AsyncApi | None = None
         self.server: _Server | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.build_lease: int | None = None
 
     async def open(self, *, sandboxed: bool) -> Resources:
         """The store started and migrated, the admin and controller tokens made, the API's state built."""
@@ -236,11 +242,8 @@ class ApiHost:
         if not isinstance(self.store, SQLiteStore):  # a store other servers may share
             await check_secret_key(self.store, key)
         self.token = await admin_token(resources, data_dir)
-        # Named after this server (its data dir keeps the name): a second server sharing the store
-        # revokes only its own previous token, never the one another server's controllers run with.
-        self.controller_token = await fresh_token(
-            resources, f"controller:{server_id(data_dir)}", "controller"
-        )
+        self.controller_token = await fresh_token(resources, controller_name(data_dir), "controller")
+        await revoke_named(resources, "controller", "controller")  # the one name of older releases
         images = ImageStore(data_dir / "images")
         images.clean_tmp()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -253,7 +256,11 @@ class ApiHost:
             if sandboxed
             else None
         )
+        if isinstance(self.store, SQLiteStore):  # no other server shares it: its builds all stopped
+            await resources.drop_builders()
+        builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
         self.state = ApiState(
+            builder_id=builder_id,
             secrets=secrets,
             resources=resources,
             images=images,
@@ -300,6 +307,7 @@ class ApiHost:
             # One candidate among any controller processes run against this API: the leader acts.
             asyncio.create_task(run_controllers(self.client), name="the controllers"),
             asyncio.create_task(self.state.collector.run(), name="the collector"),
+            asyncio.create_task(self._hold_builds(), name="the build lease"),
         ]
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
@@ -317,6 +325,25 @@ class ApiHost:
                     state.gateway_url = urls[0]
             await asyncio.sleep(GATEWAY_FOLLOW_S)
 
+    async def _hold_builds(self) -> None:
+        """The builder lease kept alive, and the deploys of builders whose lease lapsed failed."""
+        assert self.state is not None and self.build_lease is not None
+        state, resources = self.state, self.state.resources
+        while True:
+            try:
+                await self.store.keepalive(self.build_lease)
+            except LeaseNotFound:
+                # Cut off past the lease: other servers may have failed this one's builds in flight
+                # (those end as they were recorded); builds from now on hold a new lease.
+                log.warning("the build lease lapsed: builds started before now end as recorded")
+                with contextlib.suppress(StoreError):
+                    state.builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
+            except StoreError as e:
+                log.warning("the build lease was not kept alive (trying again): %s", e)
+            with contextlib.suppress(Exception):  # the next round looks again
+                await fail_orphaned_builds(state)
+            await asyncio.sleep(BUILD_KEEPALIVE_S)
+
     async def stop(self, servers: list[asyncio.Task[None]]) -> None:
         stop_all_builds()  # a build in flight fails now rather than hold the shutdown
         if self.build_egress is not None:
@@ -329,6 +356,9 @@ class ApiHost:
         await asyncio.gather(*servers, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
+        if self.build_lease is not None:  # its builds ended above: other servers need not wait for it
+            with contextlib.suppress(StoreError):
+                await self.store.revoke(self.build_lease)
         await self.store.close()
 
 

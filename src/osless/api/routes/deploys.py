@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -28,6 +29,8 @@ router = APIRouter(tags=["deploys"])
 log = logging.getLogger("osless.api.deploys")
 
 DEPLOY_LOG_CAP = 8 * 1024 * 1024
+ORPHANED = "the server building it stopped: deploy again"
+LOST = "this server lost its build lease and another failed the deploy meanwhile: deploy again"
 UID_TIMEOUT_S = 60.0
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 # The body is read as it comes (not parsed by FastAPI), so the document says what it is.
@@ -63,7 +66,7 @@ async def create_deploy(
     archive = await request.body()
     if not archive:
         raise ApiError(400, "empty_upload", "the upload is empty; send the source as a .tar.gz body")
-    deploy = Deploy(id="d-" + secrets.token_hex(6), app=app)
+    deploy = Deploy(id="d-" + secrets.token_hex(6), app=app, builder=state.builder_id or None)
     await state.resources.put_deploy(deploy)
     task = asyncio.create_task(_run_build(state, deploy, archive))
     state.builds[deploy.id] = task
@@ -81,6 +84,7 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
             writer.write(line.rstrip("\n"), "build")
 
     loop = asyncio.get_running_loop()
+    ended_elsewhere = False
 
     def uid_for(name: str) -> int:
         # The build asks from its worker thread, once it knows the app's name (`?app=`, or read
@@ -116,7 +120,15 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
             )
 
         deploy.deps_cached = result.deps_cached
-        _, release = await state.resources.commit_release(name, make, deploy)
+        try:
+            _, release = await state.resources.commit_release(name, make, deploy)
+        except ApiError as e:
+            if e.code != "deploy_ended":
+                raise
+            log.warning("deploy %s was failed by another server while this one built it", deploy.id)
+            emit(f"==> Not released: {LOST}")
+            ended_elsewhere = True
+            return  # as recorded already: nothing more to write
         image = result.image[:12]
         emit(f"==> Released {name} v{release.version} (image sha256:{image}, {result.seconds:.2f}s)")
     except BuildError as e:
@@ -128,10 +140,23 @@ async def _run_build(state: ApiState, deploy: Deploy, archive: bytes) -> None:
         deploy.status, deploy.error = "failed", cap(f"internal error during build: {type(e).__name__}: {e}")
         emit(f"==> Build failed: {deploy.error}")
     finally:
-        if deploy.status != "succeeded":  # a success was recorded with its release, atomically
+        if (
+            deploy.status != "succeeded" and not ended_elsewhere
+        ):  # a success was recorded with its release, atomically
+            if deploy.status == "building":  # cancelled: this server is stopping
+                deploy.status, deploy.error = "failed", ORPHANED
             deploy.finished_at = now()
-            await state.resources.put_deploy(deploy)
+            with contextlib.suppress(ApiError):  # deleted meanwhile
+                if not await state.resources.end_deploy(deploy):
+                    log.warning("deploy %s was ended by another server while this one built it", deploy.id)
         writer.close()
+
+
+async def fail_orphaned_builds(state: ApiState) -> None:
+    """Fail the deploys whose builder's lease is gone: its server stopped mid-build (or lost the store
+    for longer than its lease). Never one a live server is building: its lease is kept alive."""
+    for id in await state.resources.fail_orphaned_deploys(lambda d: d in state.builds, ORPHANED):
+        log.warning("deploy %s failed: %s", id, ORPHANED)
 
 
 @router.get("/deploys", response_model=DeployList, summary="Recent deploys, newest first")
