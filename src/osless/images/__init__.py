@@ -17,6 +17,7 @@ from osless.images.store import (
     sealed_mode,
     sha256_hex,
     write_archive,
+    write_file,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "sealed_mode",
     "sha256_hex",
     "write_archive",
+    "write_file",
 ]

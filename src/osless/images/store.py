@@ -41,6 +41,7 @@ __all__ = [
     "sealed_mode",
     "sha256_hex",
     "write_archive",
+    "write_file",
 ]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -204,7 +205,7 @@ class ImageStore:
                 os.unlink(tmp_name)
             raise
         fsync_dir(self.archives_dir)
-        _write_file(self.archived_dir / f"{layer}.json", canonical_json(found.to_json()), self.tmp_dir)
+        write_file(self.archived_dir / f"{layer}.json", canonical_json(found.to_json()), self.tmp_dir)
         return found
 
     @contextlib.contextmanager
@@ -501,7 +502,7 @@ def _archive_dir(tar: tarfile.TarFile, top: Path, rel: str) -> None:
         # anything else was dropped when the layer was sealed
 
 
-def _write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
+def write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
     """`path` holds `data`, whole, read-only, on disk; or is as it was."""
     fd, tmp_name = tempfile.mkstemp(prefix=f"{path.stem[:12]}-", dir=tmp_dir)
     try:

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from osless.client import ApiError, AsyncApi
-from osless.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode
+from osless.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode, write_file
 
 __all__ = ["LAYER_GRACE_S", "ImageError", "LayerRefused", "NodeImages"]
 
@@ -120,7 +120,7 @@ class NodeImages:
         if got != image:
             raise LayerRefused(f"the manifest of image {image} is corrupt: its sha256 is {got}; refused")
         manifest = _parse(bytes(data), image)
-        _write(self.manifests_dir / f"{image}.json", bytes(data), self.tmp_dir)
+        write_file(self.manifests_dir / f"{image}.json", bytes(data), self.tmp_dir)
         self._manifests[image] = manifest
         return manifest
 
@@ -302,18 +302,3 @@ def _parse(data: bytes, image: str) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise LayerRefused(f"the manifest of image {image} is not a JSON object; refused")
     return manifest
-
-
-def _write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix="manifest-", dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o400)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
