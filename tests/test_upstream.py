@@ -12,14 +12,7 @@ from pathlib import Path
 import pytest
 
 from osless.gateway.outliers import Outliers
-from osless.gateway.upstream import (
-    RELAY_ANSWER_TIMEOUT_S,
-    RELAY_CONNECT_TIMEOUT_S,
-    RelayDown,
-    Relayed,
-    Unreachable,
-    Upstream,
-)
+from osless.gateway.upstream import RelayDown, Relayed, Unreachable, Upstream
 
 
 async def _serve(path: Path) -> asyncio.AbstractServer:
@@ -56,7 +49,8 @@ def _relayed(port: int) -> Relayed:
 def test_a_relay_that_takes_no_connection_is_given_up_on_at_once_and_marked_down() -> None:
     """A dead machine answers nothing: a listener whose queue is full drops the handshake (the
     connect timeout), one that never accepts never answers the preamble (the answer timeout), and
-    a closed port refuses. Each is `RelayDown` within a few seconds, and its address is marked."""
+    a closed port refuses. Each is `RelayDown` within seconds (a try elsewhere follows), and its
+    address is marked."""
 
     async def main() -> None:
         full = socket.socket()
@@ -73,8 +67,8 @@ def test_a_relay_that_takes_no_connection_is_given_up_on_at_once_and_marked_down
         outliers = Outliers()
         try:
             for port, said, within in [
-                (full.getsockname()[1], "no handshake within", RELAY_CONNECT_TIMEOUT_S + 0.5),
-                (silent.getsockname()[1], "no answer within", RELAY_ANSWER_TIMEOUT_S + 0.5),
+                (full.getsockname()[1], "no handshake within", 2.0),
+                (silent.getsockname()[1], "no answer within", 3.0),
                 (refused, "Connect call failed|refused", 0.5),
             ]:
                 up = Upstream("x", relay=_relayed(port), outliers=outliers)
