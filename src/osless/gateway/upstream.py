@@ -35,7 +35,8 @@ __all__ = [
 CONNECT_TIMEOUT_S = 5.0  # to an instance's unix socket here: it answers at once, or refuses
 # Through another node's relay: a dead machine on a real network answers nothing (no RST), so
 # the handshake is given a round trip's worth and more, not seconds; then the relay's answer,
-# which may wait on one question to the API about the token (cached by the relay).
+# which may wait on one question to the API about the token (cached by the relay, and bounded
+# there at 1.5 s: node.relay.ASK_TIMEOUT_S).
 RELAY_CONNECT_TIMEOUT_S = 1.0
 RELAY_ANSWER_TIMEOUT_S = 2.0
 # The relay's refusals that are about the one instance (it is gone, or refused the relay): its
