@@ -181,7 +181,7 @@ def test_an_instance_dying_mid_request_fails_a_post_and_its_next_run_answers_a_g
         result: dict[str, Any] = {}
 
         def slow() -> None:
-            url = f"{platform.gateway}/streamer/slow"
+            url = f"{platform.gateway}/streamer/work"  # /slow, for POST too
             result["r"] = httpx.request(method, url, params={"s": "5"}, timeout=30)  # noqa: B023
 
         t = threading.Thread(target=slow)

@@ -37,7 +37,8 @@ def web():
 
     return Starlette(
         routes=[
-            Route("/slow", slow, methods=["GET", "POST"]),
+            Route("/slow", slow),
+            Route("/work", slow, methods=["GET", "POST"]),
             Route("/events", events),
             WebSocketRoute("/ws", echo),
         ]
