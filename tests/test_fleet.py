@@ -195,10 +195,11 @@ def test_a_node_killed_under_load_has_its_instances_serve_elsewhere_within_10s(c
         took = time.monotonic() - killed
         time.sleep(2)
     assert took <= 10.0, f"its instances served elsewhere {took:.1f}s after the kill"
-    # Only requests around its death may fail (one per client thread at most), none a second after.
-    # Seen: a request sent a few ms after the kill answered 502 (the gateway tried the dead node's
-    # relay once and did not retry elsewhere): until the gateway retries those, this is what holds.
+    # The issue lets the requests in flight on it when it died fail; here none does: those are GETs
+    # (without a body), sent again to another instance, and one sent after the kill to its relay, or
+    # on a kept-alive connection to it, goes to another instance too.
     failed = [r for r in load.results if r[2] != 200]
-    assert len(failed) <= len(load.workers) and all(start <= killed + 1 for start, _, _ in failed), failed
+    assert all(start <= killed <= end for start, end, _ in failed), f"failed after the kill: {failed}"
+    assert not failed, f"failed in flight on the dead node, not retried: {failed}"
     after = [r for r in load.results if r[0] > killed]
     assert len(after) > 20, len(after)

@@ -394,7 +394,11 @@ class ClientConnection(asyncio.Protocol):
         self.responded = False
         if self.fast is not None and self.fast(self, req):
             return
-        self._task = self.loop.create_task(self.handler(self, req))
+        self.run(self.handler(self, req))
+
+    def run(self, work: Coroutine[Any, Any, None]) -> None:
+        """The current request goes on in `work`, a coroutine; its end is the request's."""
+        self._task = self.loop.create_task(work)
         self._task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:

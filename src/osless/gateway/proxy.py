@@ -52,7 +52,12 @@ JSON = [(b"content-type", b"application/json")]
 RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
-CONNECT_ATTEMPTS = 3
+# A request that failed on one instance before any byte of its answer goes to another, when
+# nothing was sent (the connection was refused) or it may be sent twice (`_replayable`): at most
+# this many tries, none starting later than this after the first failure.
+MAX_TRIES = 3
+RETRY_WITHIN_S = 10.0
+SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 1.0, 1.0  # a revoked token stops here within TOKEN_TTL_S, as at the API
 TOKEN_CACHE_SIZE = 1024
 # What the API's tokens look like (an app's own: osla_; what the API shows for its own calls: osli_).
@@ -250,64 +255,95 @@ class Gateway:
             return
         if not req.complete and req.expect.lower() == b"100-continue":
             conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # Counted from here (the autoscaler sees a crowd at once, not as connections open), and in
-        # flight once its exchange starts.
-        with self.traffic.waiting(app):
-            found = await self._connect(conn, app, req.upgrade, timeouts_of, control)
-        if found is not None:
-            await self._exchange(_Exchange(self, conn, req, *found), head)
+        await self._send(conn, req, app, head, timeouts_of, control, _Tries())
+
+    async def _send(
+        self,
+        conn: ClientConnection,
+        req: Request,
+        app: str,
+        head: bytes,
+        timeouts_of: TimeoutsOf,
+        control: bool,
+        tries: _Tries,
+    ) -> None:
+        """An instance, a connection to it, the exchange; again on another instance while what
+        failed may be tried again (`_Tries`)."""
+        while True:
+            # Counted from here (the autoscaler sees a crowd at once, not as connections open), and
+            # in flight once its exchange starts.
+            with self.traffic.waiting(app):
+                found = await self._connect(conn, app, req.upgrade, timeouts_of, control, tries)
+            if found is None or not await self._exchange(_Exchange(self, conn, req, *found), head, tries):
+                return
 
     async def _connect(
-        self, conn: ClientConnection, app: str, upgrade: bool, timeouts_of: TimeoutsOf, control: bool
+        self,
+        conn: ClientConnection,
+        app: str,
+        upgrade: bool,
+        timeouts_of: TimeoutsOf,
+        control: bool,
+        tries: _Tries,
     ) -> tuple[Backend, UpstreamConn, Timeouts] | None:
         """An instance (waiting while one starts) and a connection to it; one that refuses the
         connection is passed over for the next. None if the request was answered here instead."""
-        refused: set[str] = set()
-        reason = ""
         router = self.router
-        for _ in range(CONNECT_ATTEMPTS):
+        loop = conn.loop
+        while True:
             try:
                 # At once when an instance is ready (the common case); else the activator's wait.
-                backend = router.pick_now(app, frozenset(refused)) if app in router.apps.items else None
+                ready = app in router.apps.items
+                backend = router.pick_now(app, tries.refused) if ready else None
                 if backend is None:
-                    backend = await router.pick(app, WAIT_FOR_INSTANCE_S, exclude=frozenset(refused))
+                    backend = await router.pick(app, tries.wait(loop.time()), exclude=tries.refused)
                 manifest = await router.manifest(backend)
                 timeouts = timeouts_of(manifest)
             except NoBackend as e:
-                conn.respond(
-                    e.status, error_response(e.code, e.message), RETRY_AFTER if e.status == 503 else JSON
-                )
+                if tries.reason and e.status == 504:  # no other instance to retry on in time
+                    message = f"no instance of {app!r} took the request: {tries.reason}"
+                    conn.respond(502, error_response("bad_gateway", message), JSON)
+                else:
+                    conn.respond(
+                        e.status, error_response(e.code, e.message), RETRY_AFTER if e.status == 503 else JSON
+                    )
                 return None
             if timeouts is None:
                 return None  # `timeouts_of` answered the request itself
             try:
                 up = await (backend.control if control else backend.upstream).acquire(fresh=upgrade)
             except Unreachable as e:
-                refused.add(backend.socket)  # nothing was sent: another instance may take it
-                reason = str(e)
-                continue
+                # Nothing was sent: another instance may take it, whatever the request.
+                if tries.failed(backend, str(e), loop.time()):
+                    continue
+                message = f"no instance of {app!r} accepted the connection: {e}"
+                conn.respond(502, error_response("bad_gateway", message), JSON)
+                return None
             return backend, up, timeouts
-        message = f"no instance of {app!r} accepted the connection: {reason}"
-        conn.respond(502, error_response("bad_gateway", message), JSON)
-        return None
 
-    async def _exchange(self, exchange: _Exchange, head: bytes) -> None:
+    async def _exchange(self, exchange: _Exchange, head: bytes, tries: _Tries) -> bool:
+        """The request relayed to the instance, and its answer back; True if it failed in a way
+        that lets another instance take it (`tries` then knows why), the client told nothing."""
         done = exchange.conn.loop.create_future()
 
         def on_done(_: BaseException | None) -> None:
             if not done.done():
                 done.set_result(None)
 
+        retry = False
         try:
             exchange.start(head, on_done)
             await done
+            retry = exchange.retry(tries)
         finally:
-            upgraded = exchange.settle(tunnel_ok=exchange.req.upgrade)  # also when the client left
+            # Also when the client left.
+            upgraded = exchange.settle(tunnel_ok=exchange.req.upgrade, retrying=retry)
         if upgraded:
             try:
                 await self._tunnel(exchange)
             finally:
                 exchange.end()
+        return retry
 
     async def _tunnel(self, exchange: _Exchange) -> None:
         """A websocket (any 101): bytes both ways until either side closes, it idles, or it is
@@ -403,7 +439,7 @@ def _head(
 class _Exchange:
     """One request relayed to one instance: its deadline, its count in the traffic, its outcome."""
 
-    __slots__ = ("backend", "conn", "ends", "gateway", "req", "timeouts", "up")
+    __slots__ = ("backend", "conn", "ends", "gateway", "head", "req", "timeouts", "up")
 
     def __init__(
         self,
@@ -421,9 +457,11 @@ class _Exchange:
         self.up = up
         self.timeouts = timeouts
         self.ends = conn.loop.time() + timeouts.whole
+        self.head = b""
 
     def start(self, head: bytes, on_done: OnDone) -> None:
         up, conn = self.up, self.conn
+        self.head = head  # kept: sent again to another instance, if this one fails it
         self.gateway.traffic.start(self.backend.app)
         self.backend.outstanding += 1
         up.begin(conn, self.req.method == b"HEAD", on_done)
@@ -451,9 +489,10 @@ class _Exchange:
             return None
         return min(due, self.ends)
 
-    def settle(self, tunnel_ok: bool = False) -> bool:
-        """Answer for what went wrong, if anything, and hand the instance's connection back;
-        True if it became a tunnel (the caller relays it, then calls `end`)."""
+    def settle(self, tunnel_ok: bool = False, retrying: bool = False) -> bool:
+        """Answer for what went wrong, if anything (unless `retrying`: another instance will), and
+        hand the instance's connection back; True if it became a tunnel (the caller relays it,
+        then calls `end`)."""
         conn, req, up = self.conn, self.req, self.up
         conn.deadline = None
         req.detach()
@@ -484,7 +523,7 @@ class _Exchange:
                 if up.started:
                     conn.must_close = True  # the instance died mid-answer (or the client left)
                     up.abort()
-                else:
+                elif not retrying:
                     message = f"instance {self.backend.id} failed before answering: {error}"
                     conn.respond(502, error_response("bad_gateway", message), JSON, close=not req.complete)
             elif up.upgraded:
@@ -503,6 +542,69 @@ class _Exchange:
         self.backend.outstanding -= 1
         self.gateway.traffic.end(self.backend.app)
 
-    def settle_fast(self, _: BaseException | None) -> None:
+    def settle_fast(self, error: BaseException | None) -> None:
+        tries = None if error is None else _Tries()  # none made for an answer that came whole
+        if tries is not None and self.retry(tries):
+            self.settle(retrying=True)
+            # On another instance, in a coroutine (it may have to wait for one).
+            gateway, conn = self.gateway, self.conn
+            conn.run(gateway._send(conn, self.req, self.backend.app, self.head, web_timeouts, False, tries))
+            return
         self.settle()  # never a tunnel: upgrades take the coroutine
         self.conn.finished(None)
+
+    def retry(self, tries: _Tries) -> bool:
+        """Whether the request goes to another instance after this exchange (noted in `tries`):
+        the instance broke it before a byte of its answer, and the request may be sent twice."""
+        up, conn = self.up, self.conn
+        error = up.error
+        return (
+            up.ended
+            and isinstance(error, UpstreamError)
+            and not up.started
+            and not conn.responded
+            and not conn.closed
+            and _replayable(self.req)
+            and tries.failed(
+                self.backend, f"instance {self.backend.id} failed before answering: {error}", conn.loop.time()
+            )
+        )
+
+
+class _Tries:
+    """The instances one request tried, and why the last failed. Another try follows a failure only
+    while the request has had fewer than `MAX_TRIES` and the first failure is under
+    `RETRY_WITHIN_S` old; it waits for a ready instance no longer than that either."""
+
+    __slots__ = ("count", "reason", "refused", "until")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reason = ""
+        self.refused: frozenset[str] = frozenset()  # the sockets of the instances that failed it
+        self.until: float | None = None
+
+    def failed(self, backend: Backend, reason: str, now: float) -> bool:
+        """`backend` failed the request for `reason`: True if another instance may be tried."""
+        self.count += 1
+        self.reason = reason
+        self.refused |= {backend.socket}
+        if self.until is None:
+            self.until = now + RETRY_WITHIN_S
+        return self.count < MAX_TRIES and now < self.until
+
+    def wait(self, now: float) -> float:
+        """How long the next pick may wait for a ready instance."""
+        return WAIT_FOR_INSTANCE_S if self.until is None else max(0.0, self.until - now)
+
+
+def _replayable(req: Request) -> bool:
+    """Whether the request may reach an app twice: a safe method (RFC 9110 9.2.1), and no body, so
+    nothing that went out must be kept to send again."""
+    return (
+        req.method in SAFE_METHODS
+        and req.complete
+        and not req.coded
+        and req.content_length in (b"", b"0")
+        and req.body_bytes == 0
+    )

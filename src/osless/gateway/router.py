@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from osless.client import ApiError, AsyncApi, ModelInformer
 from osless.contracts import App, Instance, Node
+from osless.gateway.outliers import Address, Outliers
 from osless.gateway.upstream import Relayed, Upstream
 
 __all__ = ["Backend", "NoBackend", "Router", "Timeouts", "web_timeouts"]
@@ -75,6 +76,7 @@ class Backend:
     # The web route's timeouts from the release's manifest, once the router has read it (the hot
     # path takes only instances whose manifest it has).
     web_timeouts: Timeouts | None = None
+    relay: Address | None = None  # the relay it is reached through, if on another node
 
 
 class Router:
@@ -94,6 +96,7 @@ class Router:
             api, "/v1/nodes", Node, key=lambda n: n.name, on_change=self._nodes_changed
         )
         self.relays: dict[str, tuple[str, int]] = {}  # node -> its relay's (host, port)
+        self.outliers = Outliers()  # relays that just failed to take a connection
         self.backends: dict[str, Backend] = {}
         self._candidates: dict[str, list[Backend]] = {}
         # app -> (requests in flight at most, request body bytes at most)
@@ -173,6 +176,7 @@ class Router:
                 relays[name] = found
         if relays != self.relays:
             self.relays = relays
+            self.outliers.keep(relays.values())
             await self._rebuild()
 
     def _reach(self, instance: Instance) -> tuple[str, Relayed | None] | None:
@@ -221,8 +225,10 @@ class Router:
                 if relay is None:
                     upstream, control = Upstream(name, peer), Upstream(inst.status.control or "", peer)
                 else:  # the relay checks the peer, on its node
-                    upstream = Upstream(name, relay=relay)
-                    control = Upstream(name + "#control", relay=relay._replace(kind="control"))
+                    upstream = Upstream(name, relay=relay, outliers=self.outliers)
+                    control = Upstream(
+                        name + "#control", relay=relay._replace(kind="control"), outliers=self.outliers
+                    )
                 b = Backend(
                     id=iid,
                     app=inst.app,
@@ -231,6 +237,7 @@ class Router:
                     upstream=upstream,
                     control=control,
                     peer=peer,
+                    relay=None if relay is None else (relay.host, relay.port),
                 )
                 manifest = self._manifests.get((b.app, b.release))
                 if manifest is not None:
@@ -259,12 +266,16 @@ class Router:
         return self._limits.get(app, _DEFAULT_LIMITS)
 
     def pick_now(self, app: str, exclude: frozenset[str] = frozenset()) -> Backend | None:
-        """`pick` without waiting: None when no ready instance can take it right now."""
+        """`pick` without waiting: None when no ready instance can take it right now. Instances
+        behind a relay marked down are passed over while any other can take it."""
         found = self._candidates.get(app, [])
         if len(found) == 1 and not exclude:
             return found[0]
         if exclude:
             found = [b for b in found if b.socket not in exclude]
+        if len(found) > 1 and self.outliers.active():
+            down = self.outliers.down
+            found = [b for b in found if b.relay is None or not down(b.relay)] or found
         if not found:
             return None
         least = min(b.outstanding for b in found)

@@ -18,11 +18,30 @@ from typing import NamedTuple, Protocol
 import httptools
 
 from osless import relaywire
+from osless.gateway.outliers import Outliers
 from osless.peercred import PeerMismatch, check_peer
 
-__all__ = ["OnDone", "Peer", "Relayed", "Unreachable", "Upstream", "UpstreamConn", "UpstreamError"]
+__all__ = [
+    "OnDone",
+    "Peer",
+    "RelayDown",
+    "Relayed",
+    "Unreachable",
+    "Upstream",
+    "UpstreamConn",
+    "UpstreamError",
+]
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # to an instance's unix socket here: it answers at once, or refuses
+# Through another node's relay: a dead machine on a real network answers nothing (no RST), so
+# the handshake is given a round trip's worth and more, not seconds; then the relay's answer,
+# which may wait on one question to the API about the token (cached by the relay, and bounded
+# there at 1.5 s: node.relay.ASK_TIMEOUT_S).
+RELAY_CONNECT_TIMEOUT_S = 1.0
+RELAY_ANSWER_TIMEOUT_S = 2.0
+# The relay's refusals that are about the one instance (it is gone, or refused the relay): its
+# node is up, and its other instances may be reached. Any other failure is the node's.
+INSTANCE_REFUSALS = (b"ERR not_found ", b"ERR unreachable ")
 # Instances close a kept-alive connection after 5 s idle (uvicorn's default); one idle for less
 # than this is reused, older ones are closed rather than risk a request racing that close.
 REUSE_IDLE_S = 2.0
@@ -35,6 +54,11 @@ class UpstreamError(Exception):
 
 class Unreachable(UpstreamError):
     """The connection was refused: nothing was sent, so another instance may take the request."""
+
+
+class RelayDown(Unreachable):
+    """The relay itself failed (refused, reset, silent, or refused for a reason that is not the
+    instance's): nothing was sent, and the node's other instances are no better just now."""
 
 
 class Peer(Protocol):
@@ -233,22 +257,23 @@ class _RelayedConn(UpstreamConn):
         self.answer = None
         if line != relaywire.OK:
             self.abort()
-            answer.set_exception(Unreachable(f"the relay refused: {line.decode('ascii', 'replace').strip()}"))
+            said = f"the relay refused: {line.decode('ascii', 'replace').strip()}"
+            answer.set_exception(Unreachable(said) if line.startswith(INSTANCE_REFUSALS) else RelayDown(said))
         elif rest:  # the instance does not speak first
             self.abort()
-            answer.set_exception(Unreachable("the relay sent bytes before any request"))
+            answer.set_exception(RelayDown("the relay sent bytes before any request"))
         else:
             answer.set_result(None)
 
     def _refused(self, what: str) -> None:
         self.abort()
         if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(Unreachable(f"the relay sent {what}"))
+            self.answer.set_exception(RelayDown(f"the relay sent {what}"))
         self.answer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(Unreachable("the relay closed the connection before answering"))
+            self.answer.set_exception(RelayDown("the relay closed the connection before answering"))
         self.answer = None
         super().connection_lost(exc)
 
@@ -259,13 +284,20 @@ class Upstream:
     `peer` is the (pid, uid) the node agent reported for the instance: a new connection whose
     listening process is anything else (SO_PEERCRED) is refused before a byte is sent to it.
     `relay`: the instance is on another node, reached through its relay (which checks the peer);
-    `path` then only names it.
+    `path` then only names it. `outliers` hears whether the relay took each new connection.
     """
 
-    def __init__(self, path: str, peer: tuple[int, int] | None = None, relay: Relayed | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        peer: tuple[int, int] | None = None,
+        relay: Relayed | None = None,
+        outliers: Outliers | None = None,
+    ) -> None:
         self.path = path
         self.peer = peer
         self.relay = relay
+        self.outliers = outliers
         self.idle: list[UpstreamConn] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False  # retired: connections coming back are closed, not kept
@@ -310,10 +342,29 @@ class Upstream:
         return conn
 
     async def _through_relay(self, loop: asyncio.AbstractEventLoop, relay: Relayed) -> UpstreamConn:
-        async def connect() -> UpstreamConn:
-            transport, conn = await loop.create_connection(
-                lambda: _RelayedConn(self, loop), relay.host, relay.port
+        address = (relay.host, relay.port)
+        try:
+            conn = await self._relay_connection(loop, relay)
+        except RelayDown as e:
+            if self.outliers is not None:
+                self.outliers.failed(address, str(e))
+            raise
+        if self.outliers is not None:
+            self.outliers.ok(address)
+        return conn
+
+    async def _relay_connection(self, loop: asyncio.AbstractEventLoop, relay: Relayed) -> _RelayedConn:
+        where = f"relay {relay.host}:{relay.port}"
+        try:
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _RelayedConn(self, loop), relay.host, relay.port),
+                RELAY_CONNECT_TIMEOUT_S,
             )
+        except TimeoutError:
+            raise RelayDown(f"{where}: no handshake within {RELAY_CONNECT_TIMEOUT_S:g}s") from None
+        except OSError as e:
+            raise RelayDown(f"{where}: {e or type(e).__name__}") from e
+        try:
             sock = transport.get_extra_info("socket")
             if sock is not None:  # small requests go at once, not after the last one's ACK
                 with contextlib.suppress(OSError):
@@ -321,16 +372,15 @@ class Upstream:
             transport.write(relaywire.preamble(relay.token, relay.instance, relay.kind))
             assert conn.answer is not None
             try:
-                await conn.answer
-            except BaseException:
-                conn.abort()
-                raise
-            return conn
-
-        try:
-            return await asyncio.wait_for(connect(), CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as e:
-            raise Unreachable(f"relay {relay.host}:{relay.port}: {e or type(e).__name__}") from e
+                await asyncio.wait_for(conn.answer, RELAY_ANSWER_TIMEOUT_S)
+            except TimeoutError:
+                raise RelayDown(f"{where}: no answer within {RELAY_ANSWER_TIMEOUT_S:g}s") from None
+            except Unreachable as e:
+                raise type(e)(f"{where}: {e}") from None
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
 
     def release(self, conn: UpstreamConn) -> None:
         """Back to the pool if its exchange ended cleanly and may continue, else closed."""

@@ -32,7 +32,11 @@ __all__ = ["Local", "Lookup", "Relay", "supervised"]
 log = logging.getLogger("osless.node.relay")
 
 PREAMBLE_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 5.0
+# Both under the 2 s a gateway waits for the relay's answer (gateway.upstream): a slow instance is
+# refused as itself (`unreachable`), and a slow API is "cannot say" (a token seen good stays good),
+# rather than the gateway taking the whole node for down.
+CONNECT_TIMEOUT_S = 1.0
+ASK_TIMEOUT_S = 1.5
 TOKEN_TTL_S = 2.0  # a revoked gateway token stops opening connections here within this
 STALE_OK_S = 600.0  # while the API cannot answer, a gateway token it said yes to within this stays good
 # A 429 is an answer the API could give because someone flooded it with made-up tokens from here: a
@@ -75,7 +79,7 @@ class Relay:
     def __init__(self, api_url: str, lookup: Lookup, *, node: str) -> None:
         self.lookup = lookup
         self.node = node
-        self._auth = httpx.AsyncClient(base_url=api_url, timeout=10)
+        self._auth = httpx.AsyncClient(base_url=api_url, timeout=ASK_TIMEOUT_S)
         # sha256 of a token -> (a node's?, until); and when the API last said yes to it
         self._tokens: dict[bytes, tuple[bool, float]] = {}
         self._known_good: dict[bytes, float] = {}

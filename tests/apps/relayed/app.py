@@ -1,7 +1,9 @@
 """An app that says which instance answered: over HTTP, a websocket and functions; and calls
-itself by name (`http://relayed.osless`), as one app calls another."""
+itself by name (`http://relayed.osless`), as one app calls another. `/die?on=ID`: the instance ID
+dies of the request, before answering."""
 
 import os
+import urllib.parse
 import urllib.request
 
 import osless
@@ -38,6 +40,10 @@ def web():
         if scope["type"] != "http":
             return
         body = me().encode()
+        if scope["path"] == "/die" and urllib.parse.parse_qs(scope["query_string"].decode()).get("on") == [
+            me()
+        ]:
+            os._exit(1)  # the request reached this instance, which dies before answering
         if scope["path"] == "/echo":  # the request's body back: big bodies cross the relay both ways
             chunks = []
             while True:

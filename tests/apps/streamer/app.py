@@ -35,4 +35,11 @@ def web():
         async for message in websocket.iter_text():
             await websocket.send_text(f"echo: {message}")
 
-    return Starlette(routes=[Route("/slow", slow), Route("/events", events), WebSocketRoute("/ws", echo)])
+    return Starlette(
+        routes=[
+            Route("/slow", slow),
+            Route("/work", slow, methods=["GET", "POST"]),
+            Route("/events", events),
+            WebSocketRoute("/ws", echo),
+        ]
+    )

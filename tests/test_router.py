@@ -1,0 +1,50 @@
+"""gateway.router: which ready instance takes a request. The table is fed here as the watches feed
+it (apps, instances, nodes, read into their contracts), without an API behind it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from osless.client import AsyncApi
+from osless.contracts import App, Instance, InstanceStatus, Node
+from osless.gateway.router import Router
+
+IMAGE = "0" * 64
+
+
+def _instance(iid: str, node: str) -> Instance:
+    status = InstanceStatus(
+        phase="ready", pid=100, uid=1000, socket=f"/run/{iid}.web", control=f"/run/{iid}.ctl"
+    )
+    return Instance(id=iid, app="a", release=1, image=IMAGE, node=node, status=status)
+
+
+def test_instances_behind_a_relay_marked_down_are_passed_over_while_another_can_take_it() -> None:
+    async def main() -> None:
+        api = AsyncApi("http://127.0.0.1:9", "osl_unused")
+        router = Router(api, node="n1", token="osl_gateway")
+        router.apps.items["a"] = App(name="a", current_release=1)
+        router._manifests[("a", 1)] = {}  # read from the API by a live router
+        for iid, node in (("a-2", "n2"), ("a-3", "n3")):
+            router.instances.items[iid] = _instance(iid, node)
+        for name, port in (("n2", 7002), ("n3", 7003)):
+            router.nodes.items[name] = Node(name=name, relay=f"127.0.0.1:{port}")
+        try:
+            await router._nodes_changed()
+            assert {router.pick_now("a").id for _ in range(40)} == {"a-2", "a-3"}  # type: ignore[union-attr]
+            router.outliers.failed(("127.0.0.1", 7002), "refused")
+            assert {router.pick_now("a").id for _ in range(40)} == {"a-3"}  # type: ignore[union-attr]
+            # Every candidate marked: one is tried anyway, rather than none.
+            router.outliers.failed(("127.0.0.1", 7003), "refused")
+            assert router.pick_now("a") is not None
+            # n2 announces another address (it came back): its mark is gone with the old one.
+            del router.nodes.items["n2"]
+            await router._nodes_changed()
+            router.nodes.items["n2"] = Node(name="n2", relay="127.0.0.1:7012")
+            await router._nodes_changed()
+            assert {router.pick_now("a").id for _ in range(40)} == {"a-2"}  # type: ignore[union-attr]
+        finally:
+            await router.close()
+            await api.aclose()
+
+    asyncio.run(main())
