@@ -285,6 +285,9 @@ class ApiHost:
                 access_log=False,
                 lifespan="on",
                 timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
+                # The peer's address is the connection's: nodes are tied to it, and failed logins
+                # limited by it; an X-Forwarded-For from a local process must not stand in for it.
+                proxy_headers=False,
             )
         )
         task = asyncio.create_task(self.server.serve(), name="the API server")
