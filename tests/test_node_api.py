@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from osless.node.api import HEAD_TIMEOUT_S, MAX_CONNECTIONS
 from tests.platform import OSLESS, Node, Platform, recv_until
 
 APPS = Path(__file__).parent / "apps"
@@ -154,6 +155,28 @@ def test_the_node_api_decides_as_the_api_would(fleet: tuple[Platform, Node]) -> 
     # Bad input is a clear 400, never a path outside the app's folder.
     bad = httpx.get(f"{node_api(platform, 'second')}/logs/apps/logger?instance=..", timeout=30)
     assert bad.status_code == 400 and "instance id" in bad.json()["error"]["message"]
+
+
+def test_the_node_api_caps_its_connections_and_the_time_to_a_request(fleet: tuple[Platform, Node]) -> None:
+    platform, _ = fleet
+    url = httpx.URL(node_api(platform, "second"))
+    address = (str(url.host), int(url.port or 80))
+    held = [socket.create_connection(address, timeout=15) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(address, timeout=15) as extra:
+            answer = recv_until(extra, lambda b: b"\r\n\r\n" in b)
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+        # Those that never sent a request's head are let go.
+        started = time.monotonic()
+        held[0].settimeout(HEAD_TIMEOUT_S + 10)
+        assert held[0].recv(1024) == b""
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 5
+    finally:
+        for s in held:
+            s.close()
+    platform.wait_for(
+        lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=15, what="the node API"
+    )
 
 
 def test_a_new_app_of_a_deleted_app_s_name_never_reads_its_logs(fleet: tuple[Platform, Node]) -> None:
