@@ -362,6 +362,11 @@ class ApiHost:
         if self.build_lease is not None:  # its builds ended above: other servers need not wait for it
             with contextlib.suppress(StoreError):
                 await self.store.revoke(self.build_lease)
+        if self.state is not None and self.controller_token:
+            # Its controllers stepped down above: a server retired for good leaves no live token
+            # behind (one that starts again makes a new one anyway).
+            with contextlib.suppress(StoreError):
+                await revoke_named(self.state.resources, controller_name(self.data_dir), "controller")
         await self.store.close()
 
 
