@@ -443,16 +443,16 @@ class Resources:
                 continue
         raise ApiError(409, "conflict", f"leadership {name!r} is changing too often; try again")
 
-    async def release_leader(self, name: str, holder: str, token: str) -> bool:
+    async def release_leader(self, name: str, holder: str, token: str, *, any_token: bool = False) -> bool:
         """Step down: True if `holder` held it (and no longer does), False if nobody held it; only
-        with the token that took it."""
+        with the token that took it, unless `any_token` (an admin ending a term)."""
         kv = await self.store.get(f"/leaders/{name}")
         if kv is None:
             return False
         held = Leader.model_validate_json(kv.value)
         if held.holder != holder:
             raise ApiError(409, "not_leader", f"{name!r} is held by {held.holder!r}, not by {holder!r}")
-        if held.token not in (None, token):
+        if held.token not in (None, token) and not any_token:
             raise ApiError(
                 409, "not_leader", f"{name!r} was taken with another token: only that one steps down"
             )

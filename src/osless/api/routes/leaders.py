@@ -3,7 +3,7 @@
 Every candidate asks `PUT /v1/leaders/{name}` every third of its ttl; the first one gets the lease
 and keeps it while it renews; the others get 409 naming the holder, and take over once its lease
 has run out (the holder died, or cannot reach the API). A term is bound to the token that took it:
-another token cannot renew it or step it down, whatever holder it names.
+another token cannot renew it or step it down (but an admin's), whatever holder it names.
 """
 
 from __future__ import annotations
@@ -63,5 +63,6 @@ async def release_leader(
     state: ApiState = Depends(get_state),
     caller: Caller = require(CAMPAIGN),
 ) -> Response:
-    await state.resources.release_leader(name, holder, caller.id)
+    # An admin may end any term (an operator moving the leadership); a controller only its own.
+    await state.resources.release_leader(name, holder, caller.id, any_token=caller.role == "admin")
     return Response(status_code=204)
