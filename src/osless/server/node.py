@@ -91,7 +91,11 @@ def source_address(host: str) -> str | None:
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None  # a name: the API refuses a heartbeat that reports it, saying so
+        # A name could resolve anywhere, later: the API takes URLs on the node's own address only.
+        raise SystemExit(
+            f"--host {host[:100]!r} is not an IP address: give this node's address (e.g. 10.0.0.5), "
+            "where others reach it and from which it reaches the API"
+        ) from None
     return None if ip.is_unspecified else str(ip)
 
 
