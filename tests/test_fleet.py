@@ -133,11 +133,11 @@ def test_the_controllers_leader_killed_scaling_still_happens(cluster: Cluster) -
     ).start()
     try:
         assert other.proc is not None
-        theirs = f"-{other.proc.pid}"  # a server's holder: its host and pid
+        theirs = f"-{other.proc.pid}-"  # a server's holder: its host, pid and a random suffix
         # The leadership moved to the other server: its holder steps down until the other wins.
         # Often: the one to claim first after a step-down wins, and both claim once a second.
         deadline = time.monotonic() + 60
-        while not (now := _leader(server) or "").endswith(theirs):
+        while theirs not in (now := _leader(server) or ""):
             assert time.monotonic() < deadline, f"the other server never took the leadership: {now}"
             if now:
                 server.http("DELETE", "/v1/leaders/controllers", params={"holder": now})

@@ -199,6 +199,24 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[t
     return info, b"planted"
 
 
+def _past_path_max(outside: Path) -> bytes:
+    """CVE-2025-4517: links whose chain is longer than PATH_MAX, which `realpath` (and so tarfile's
+    `data` filter before Python 3.11.13) does not resolve; the last one leads out, and a file is
+    written through it."""
+    comp, steps, path, members = "d" * 247, "abcdefghijklmnop", "", []
+    for step in steps:
+        members += [
+            _member(f"{path}{comp}", tarfile.DIRTYPE),
+            _member(f"{path}{step}", tarfile.SYMTYPE, comp),
+        ]
+        path += comp + "/"
+    top = "/".join(steps) + "/" + "l" * 254
+    members.append(_member(top, tarfile.SYMTYPE, "../" * len(steps)))
+    members.append(_member("escape", tarfile.SYMTYPE, top + "/" + "../" * 64 + str(outside).lstrip("/")))
+    members.append(_member("escape/escaped"))
+    return _tar(*members)
+
+
 def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_matches(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -212,7 +230,15 @@ def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_match
         "a link up": _tar(_member("up", tarfile.SYMTYPE, "../..")),
         "a hard link": _tar(_member("hard", tarfile.LNKTYPE, "/etc/passwd")),
         "a device": _tar(_member("dev", tarfile.CHRTYPE)),
+        "a file through a link": _tar(
+            _member("sub", tarfile.DIRTYPE), _member("in", tarfile.SYMTYPE, "sub"), _member("in/f")
+        ),
+        "a link up through a link": _tar(
+            _member("here", tarfile.SYMTYPE, "."), _member("x", tarfile.SYMTYPE, "here/../..")
+        ),
+        "a link chain past PATH_MAX": _past_path_max(tmp_path / "outside"),
     }
+    (tmp_path / "outside").mkdir()
 
     async def run() -> None:
         api = AsyncApi(platform.api, platform.token)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from osless.controllers.leader import default_holder
 from tests.platform import ROOT, Platform
 
 APPS = Path(__file__).parent / "apps"
@@ -42,6 +43,30 @@ def test_a_leadership_is_taken_only_when_free_and_stepped_down_by_its_holder(pla
     assert platform.http("GET", f"/v1/leaders/{name}").status_code == 404
     bad = platform.http("PUT", f"/v1/leaders/{name}", json={"holder": "cand-a", "ttl_s": 0.1})
     assert bad.status_code == 422
+
+
+def test_a_term_is_kept_and_stepped_down_only_with_the_token_that_took_it(platform: Platform) -> None:
+    name = f"bound-{os.getpid()}"
+    other = platform.http("POST", "/v1/tokens", json={"role": "controller", "name": "ctl-other"}).json()
+    as_other = {"authorization": f"Bearer {other['token']}"}
+    claim = {"holder": "same-name", "ttl_s": 30}
+    taken = platform.http("PUT", f"/v1/leaders/{name}", json=claim)
+    assert taken.status_code == 200 and "token" not in taken.json(), taken.text
+    # Another controller naming the same holder neither renews the term nor ends it.
+    renewed = platform.http("PUT", f"/v1/leaders/{name}", json=claim, headers=as_other)
+    assert renewed.status_code == 409 and renewed.json()["error"]["code"] == "leader_taken", renewed.text
+    dropped = platform.http("DELETE", f"/v1/leaders/{name}", params={"holder": "same-name"}, headers=as_other)
+    assert dropped.status_code == 409 and "another token" in dropped.json()["error"]["message"], dropped.text
+    assert platform.http("PUT", f"/v1/leaders/{name}", json=claim).status_code == 200  # its own token
+    assert platform.http("DELETE", f"/v1/leaders/{name}", params={"holder": "same-name"}).status_code == 204
+    # A term another token took: an admin ends it too (an operator moving the leadership).
+    assert platform.http("PUT", f"/v1/leaders/{name}", json=claim, headers=as_other).status_code == 200
+    assert platform.http("DELETE", f"/v1/leaders/{name}", params={"holder": "same-name"}).status_code == 204
+
+
+def test_default_holders_differ_in_one_process() -> None:
+    # Host and pid collide across containers (each one's pid 1): a random part keeps them apart.
+    assert len({default_holder() for _ in range(3)}) == 3
 
 
 def test_campaigning_needs_the_operate_permission(platform: Platform) -> None:

@@ -3,6 +3,7 @@ merges them by time, and a node that does not answer costs its lines, said, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from osless.node.api import HEAD_TIMEOUT_S, MAX_CONNECTIONS
 from tests.platform import OSLESS, Node, Platform, recv_until
 
 APPS = Path(__file__).parent / "apps"
@@ -153,6 +155,28 @@ def test_the_node_api_decides_as_the_api_would(fleet: tuple[Platform, Node]) -> 
     # Bad input is a clear 400, never a path outside the app's folder.
     bad = httpx.get(f"{node_api(platform, 'second')}/logs/apps/logger?instance=..", timeout=30)
     assert bad.status_code == 400 and "instance id" in bad.json()["error"]["message"]
+
+
+def test_the_node_api_caps_its_connections_and_the_time_to_a_request(fleet: tuple[Platform, Node]) -> None:
+    platform, _ = fleet
+    url = httpx.URL(node_api(platform, "second"))
+    address = (str(url.host), int(url.port or 80))
+    held = [socket.create_connection(address, timeout=15) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(address, timeout=15) as extra:
+            answer = recv_until(extra, lambda b: b"\r\n\r\n" in b)
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+        # Those that never sent a request's head are let go.
+        started = time.monotonic()
+        held[0].settimeout(HEAD_TIMEOUT_S + 10)
+        assert held[0].recv(1024) == b""
+        assert time.monotonic() - started < HEAD_TIMEOUT_S + 5
+    finally:
+        for s in held:
+            s.close()
+    platform.wait_for(
+        lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=15, what="the node API"
+    )
 
 
 def test_a_new_app_of_a_deleted_app_s_name_never_reads_its_logs(fleet: tuple[Platform, Node]) -> None:
@@ -306,6 +330,60 @@ def test_a_follow_lets_go_of_the_nodes_when_its_client_goes(own_platform: Platfo
         own_platform.wait_for(lambda: hostile.follows_closed == 1, timeout=10, what="the API to let go")
     finally:
         hostile.close()
+
+
+class FloodingNode(HostileNode):
+    """A node API that answers a tail with as many long records as it is asked for (at most LINES)."""
+
+    LINES = 5000
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            recv_until(conn, lambda b: b"\r\n\r\n" in b)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n"
+            )
+            for k in range(self.LINES):
+                rec = {
+                    "ts": 1.0 + k / 1000,
+                    "source": "h-1",
+                    "stream": "stdout",
+                    "line": f"{k} " + "x" * 16000,
+                }
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(rec).encode() + b"\n")
+
+
+def test_the_merged_tail_holds_a_bounded_amount_over_all_nodes(own_platform: Platform) -> None:
+    own_platform.deploy(APPS / "logger")
+    floods = [FloodingNode(), FloodingNode()]
+    try:
+        for k, flood in enumerate(floods):
+            r = own_platform.http("PUT", f"/v1/nodes/flood{k}", json={"ttl_s": 300, "api": flood.url})
+            assert r.status_code == 200, r.text
+        assert own_platform.proc is not None
+        before = peak_rss_kb(own_platform.proc.pid)
+        kept, notices = 0, []
+        with httpx.stream(
+            "GET",
+            f"{own_platform.api}/v1/apps/logger/logs?tail=100000",
+            headers={"authorization": f"Bearer {own_platform.token}"},
+            timeout=120,
+        ) as resp:
+            for line in resp.iter_lines():
+                rec = json.loads(line)
+                if rec["source"] == "osless":
+                    notices.append(rec["line"])
+                else:
+                    kept += 1
+        # 2 x 5000 records of 16 KB (160 MB) were asked for: the API held and sent about 32 MiB of
+        # them, the newest, and said that the oldest were left out.
+        assert peak_rss_kb(own_platform.proc.pid) - before < 96 * 1024
+        assert 1000 < kept < 2 * FloodingNode.LINES, kept
+        assert any("oldest of the lines asked for were left out" in n for n in notices), notices
+    finally:
+        for flood in floods:
+            flood.close()
 
 
 def test_join_refuses_a_node_api_port_out_of_range(tmp_path: Path) -> None:

@@ -51,3 +51,19 @@ def test_join_says_when_the_api_does_not_answer(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "the API does not answer" in r.stderr and "127.0.0.1:9" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_join_takes_an_ip_address_as_host(tmp_path: Path) -> None:
+    # The API holds a node's URLs to the address it connects from: a name could resolve anywhere.
+    r = subprocess.run(
+        [
+            *(Platform(tmp_path).osless, "node", "join", "--api", "http://127.0.0.1:9", "--token", "osl_x"),
+            *("--host", "node.example", "--data-dir", str(tmp_path / "node")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert "--host 'node.example' is not an IP address" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

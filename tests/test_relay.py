@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from osless import relaywire
-from osless.node.relay import Local, Relay
+from osless.node.relay import MAX_OPENING, PREAMBLE_TIMEOUT_S, Local, Relay
 from tests.platform import Node, Platform, copy_app, recv_until
 
 APP = Path(__file__).parent / "apps" / "relayed"
@@ -264,6 +264,28 @@ def test_the_relay_refuses_without_a_gateway_token(fleet: Fleet) -> None:
     # The node's log holds no token.
     log = fleet.node.output()
     assert gw_token not in log and read_token not in log and fleet.platform.token not in log
+
+
+def test_the_relay_refuses_connections_past_its_cap_at_once(fleet: Fleet) -> None:
+    second = fleet.relay("second")
+    held = [socket.create_connection(second, timeout=15) for _ in range(MAX_OPENING)]
+    try:
+        # Every one of them said nothing yet: the next is refused at once, not left to hold an fd.
+        started = time.monotonic()
+        assert _relay_says(second, b"").startswith(b"ERR busy")
+        assert time.monotonic() - started < PREAMBLE_TIMEOUT_S
+    finally:
+        for s in held:
+            s.close()
+
+    def taken() -> bool:
+        try:
+            return _relay_says(second, b"OSLESS-RELAY/1 osl_x i shell\n").startswith(b"ERR bad_request")
+        except ConnectionResetError:  # still busy: what was sent came after its refusal
+            return False
+
+    # Those gone, the relay takes connections again.
+    fleet.platform.wait_for(taken, timeout=10, what="the relay to take connections again")
 
 
 def test_the_relay_passes_half_closes_on_holds_back_a_fast_peer_and_checks_the_listener(

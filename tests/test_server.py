@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from osless.store.sqlite import SQLiteStore
 from tests.platform import EXAMPLES, Platform, copy_app, running
 
 APPS = Path(__file__).parent / "apps"
@@ -218,3 +220,27 @@ def test_kill_9_during_a_burst_of_config_writes_keeps_every_acknowledged_one(tmp
         assert second.invoke("configured", "read")[1]["max_items"] == config["values"]["max_items"]
     finally:
         second.stop()
+
+
+def test_a_clean_stop_revokes_the_server_s_controller_token(tmp_path: Path) -> None:
+    p = Platform(tmp_path / "data").start()
+    try:
+        listed = p.http("GET", "/v1/tokens").json()["items"]
+        mine = [t["name"] for t in listed if t["role"] == "controller"]
+        assert len(mine) == 1 and mine[0].startswith("controller-"), listed
+        # Its controllers lead: it is all up (a SIGTERM before that ends it unhandled).
+        p.wait_for(lambda: p.http("GET", "/v1/leaders/controllers").status_code == 200, what="a leader")
+    finally:
+        p.stop()
+
+    async def controllers_left() -> list[str]:
+        store = SQLiteStore(tmp_path / "data" / "state.db")
+        await store.start()
+        try:
+            kvs, _ = await store.list("/tokens/")
+        finally:
+            await store.close()
+        return [json.loads(kv.value)["name"] for kv in kvs if json.loads(kv.value)["role"] == "controller"]
+
+    # A server retired for good leaves no token behind that acts as its controllers.
+    assert asyncio.run(controllers_left()) == []

@@ -1,10 +1,15 @@
 """The node relay's wire format, spoken by a gateway (`gateway.upstream`) to another node's relay
 (`node.relay`).
 
-One line opens the connection: `OSLESS-RELAY/1 <node token> <instance id> web|control\\n`, at most
+One line opens the connection: `OSLESS-RELAY/1 <gateway token> <instance id> web|control\\n`, at most
 `MAX_PREAMBLE` bytes; the relay answers `OK\\n`, after which the bytes are the instance's socket's
 both ways, or `ERR <code> <message>\\n` and closes. The token travels in clear: nodes are meant to
 share a private network (TLS between nodes is later work).
+
+`web` is the instance's web socket, `control` its control socket: function calls (`POST
+/invoke/{function}`, what a gateway sends there) and `/health`, nothing else. The relay opens the
+paths its node's supervisor gave; a preamble names no path. An instance's config reaches it over a
+socketpair from its zygote, which has no path and so no way in from here.
 """
 
 from __future__ import annotations

@@ -363,5 +363,8 @@ class Leader(BaseModel):
     name: str
     holder: str
     ttl_s: float
+    # The id of the token that took it: only that token renews it or steps it down, so a controller
+    # cannot keep or drop another's term by naming its holder. Not shown (`LEADER_HIDDEN`).
+    token: str | None = None
     acquired_at: float = Field(default_factory=now)
     renewed_at: float = Field(default_factory=now)

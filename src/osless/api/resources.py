@@ -402,15 +402,16 @@ class Resources:
     async def list_leaders(self) -> tuple[list[Leader], int]:
         return await self._list("/leaders/", Leader)
 
-    async def claim_leader(self, name: str, holder: str, ttl_s: float) -> Leader:
+    async def claim_leader(self, name: str, holder: str, ttl_s: float, token: str) -> Leader:
         """Grant or renew `name` to `holder` on a lease of `ttl_s` (compare-and-swap: taken only if
-        free or already the holder's). 409 naming the holder otherwise."""
+        free or already the holder's, asked with the token that took it). 409 naming the holder
+        otherwise."""
         key = f"/leaders/{name}"
         for _ in range(20):
             kv = await self.store.get(key)
             if kv is not None:
                 held = Leader.model_validate_json(kv.value)
-                if held.holder != holder:
+                if held.holder != holder or held.token not in (None, token):
                     raise ApiError(
                         409,
                         "leader_taken",
@@ -420,7 +421,7 @@ class Resources:
                 if kv.lease is not None:
                     try:
                         await self.store.keepalive(kv.lease)
-                        held.renewed_at = now()
+                        held.renewed_at, held.token = now(), token  # a term of an earlier release: bound now
                         await self.store.put(key, _enc(held), if_revision=kv.mod_revision, lease=kv.lease)
                         return held
                     except Conflict:
@@ -433,7 +434,7 @@ class Resources:
                 except Conflict:
                     continue
             lease = await self.store.grant_lease(ttl_s)
-            leader = Leader(name=name, holder=holder, ttl_s=ttl_s)
+            leader = Leader(name=name, holder=holder, ttl_s=ttl_s, token=token)
             try:
                 await self.store.put(key, _enc(leader), if_revision=0, lease=lease)
                 return leader
@@ -442,14 +443,19 @@ class Resources:
                 continue
         raise ApiError(409, "conflict", f"leadership {name!r} is changing too often; try again")
 
-    async def release_leader(self, name: str, holder: str) -> bool:
-        """Step down: True if `holder` held it (and no longer does), False if nobody held it."""
+    async def release_leader(self, name: str, holder: str, token: str, *, any_token: bool = False) -> bool:
+        """Step down: True if `holder` held it (and no longer does), False if nobody held it; only
+        with the token that took it, unless `any_token` (an admin ending a term)."""
         kv = await self.store.get(f"/leaders/{name}")
         if kv is None:
             return False
         held = Leader.model_validate_json(kv.value)
         if held.holder != holder:
             raise ApiError(409, "not_leader", f"{name!r} is held by {held.holder!r}, not by {holder!r}")
+        if held.token not in (None, token) and not any_token:
+            raise ApiError(
+                409, "not_leader", f"{name!r} was taken with another token: only that one steps down"
+            )
         if kv.lease is not None:
             await self.store.revoke(kv.lease)  # the key goes with its lease
         else:

@@ -47,13 +47,21 @@ def _body(resp: httpx.Response) -> Any:
 
 
 class AsyncApi:
-    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, token: str, *, timeout: float = 30.0, local_address: str | None = None
+    ) -> None:
+        """`local_address`: the source address of its connections (a node's own: the API ties the
+        URLs a node reports to the address it calls from)."""
         self.base_url = base_url.rstrip("/")
+        verify = _verify(self.base_url)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"authorization": f"Bearer {token}"},
-            verify=_verify(self.base_url),
+            verify=verify,
             timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=httpx.AsyncHTTPTransport(verify=verify, local_address=local_address)
+            if local_address
+            else None,
         )
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:

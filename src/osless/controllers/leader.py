@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 
@@ -27,9 +28,11 @@ TTL_S = 3.0
 
 
 def default_holder() -> str:
-    """This process, as a leader's name: host and pid (unique while it runs)."""
+    """This process, as a leader's name: host, pid and a random suffix. Host and pid alone collide:
+    containers share host names and each one's first process is pid 1 or so; two candidates of one
+    name would each take the other's renewals for their own, and both act."""
     host = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")[:60] or "host"
-    return f"{host}-{os.getpid()}"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class Leadership:

@@ -8,6 +8,7 @@ would: the permission the route needs and, for a token limited to one app, that 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless.logs import follow, read_tail
 
@@ -221,6 +223,54 @@ def create_app(logs_dir: Path, callers: Callers) -> Starlette:
     )
 
 
+# Connections at once, and how long one may take to send a request's head (or the next one's):
+# past the cap a new connection is answered 503 and closed, so one client cannot take the node's fds.
+MAX_CONNECTIONS = 256
+HEAD_TIMEOUT_S = 10.0
+_BUSY_BODY = json.dumps(
+    {"error": {"code": "unavailable", "message": "the node API has too many connections; try again"}}
+).encode()
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class _Capped(H11Protocol):
+    """uvicorn's h11 protocol, with a cap on connections and a time limit on a request's head: uvicorn
+    has neither (its keep-alive timeout starts only after a first answer)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > MAX_CONNECTIONS:
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        # No new request (a cycle) by then: the head never came whole; the connection goes.
+        waiting_on = self.cycle
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._late, waiting_on)
+
+    def _late(self, waiting_on: object) -> None:
+        if self.cycle is waiting_on and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
 class _Server(uvicorn.Server):
     """Signals are the node's to handle: it stops every part together."""
 
@@ -272,6 +322,7 @@ class NodeApi:
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
+                http=_Capped,
                 timeout_graceful_shutdown=2,  # open follows must not hold the node's shutdown
             )
         )

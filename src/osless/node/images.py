@@ -36,6 +36,7 @@ log = logging.getLogger("osless.node.images")
 
 LAYER_GRACE_S = 3600.0  # unused this long on the node: removed (a rollback within it starts at once)
 _HEX = re.compile(r"[0-9a-f]{64}")
+_DATA_FILTER = getattr(tarfile, "data_filter", None)  # 3.11.4+: a node refuses layers without it
 # A layer is a whole virtualenv at most: CUDA builds of torch pass 2 GB; past this a manifest lies.
 MAX_LAYER_BYTES = 64 << 30
 _CHUNK = 1 << 20
@@ -220,7 +221,7 @@ class NodeImages:
         try:
             try:
                 with tarfile.open(archive, mode="r:") as tar:
-                    tar.extractall(tmp, filter=_only_inside)
+                    tar.extractall(tmp, filter=_OnlyInside())
             except (tarfile.TarError, OSError) as e:
                 raise LayerRefused(f"layer {sha256} cannot be unpacked ({e}); refused") from e
             seal_contents(tmp)
@@ -275,16 +276,42 @@ class NodeImages:
         return removed["manifests"], removed["layers"]
 
 
-def _only_inside(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's `data` filter (no absolute or `..` paths, no link leading out, no devices), and
-    regular files, folders and symbolic links only: what the image store archives."""
-    parts = PurePosixPath(member.name).parts
-    if member.name.startswith("/") or ".." in parts:  # the filter would make it relative; we refuse
-        raise tarfile.FilterError(f"{member.name!r} is not a path inside the layer")
-    checked = tarfile.data_filter(member, dest)
-    if not (checked.isreg() or checked.isdir() or checked.issym()):
-        raise tarfile.FilterError(f"{member.name!r} is not a file, folder or symbolic link")
-    return checked
+class _OnlyInside:
+    """The extraction filter of a layer: tarfile's `data` filter (no absolute or `..` paths, no link
+    leading out, no devices, no set-id bits), regular files, folders and symbolic links only (what the
+    image store archives), and an own check that needs no `realpath`: Python before 3.11.13 lets a
+    chain of links longer than PATH_MAX past the `data` filter (CVE-2025-4517, -4138, -4330), and a
+    member then written through it lands anywhere. So nothing is written at or under a link the
+    archive made, and a link's target climbs (leading `..` only) no higher than its own folder's depth:
+    each link then resolves inside the layer by its text alone. Called for each member in order."""
+
+    def __init__(self) -> None:
+        self.links: set[tuple[str, ...]] = set()
+        self.seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        if _DATA_FILTER is None:
+            raise tarfile.FilterError("this Python has no tarfile.data_filter (3.11.4 or later has it)")
+        parts = tuple(p for p in PurePosixPath(member.name).parts if p != ".")
+        if member.name.startswith("/") or ".." in parts or not parts:
+            raise tarfile.FilterError(f"{member.name[:200]!r} is not a path inside the layer")
+        if any(parts[:k] in self.links for k in range(1, len(parts) + 1)):
+            raise tarfile.FilterError(f"{member.name[:200]!r} would be written through a link of the layer")
+        if parts in self.seen and not member.isdir():
+            raise tarfile.FilterError(f"{member.name[:200]!r} is in the layer twice")
+        checked: tarfile.TarInfo = _DATA_FILTER(member, dest)
+        if not (checked.isreg() or checked.isdir() or checked.issym()):
+            raise tarfile.FilterError(f"{member.name[:200]!r} is not a file, folder or symbolic link")
+        if checked.issym():
+            target = PurePosixPath(checked.linkname).parts
+            up = next((k for k, p in enumerate(target) if p != ".."), len(target))  # leading `..`
+            if checked.linkname.startswith("/") or ".." in target[up:] or up > len(parts) - 1:
+                raise tarfile.FilterError(
+                    f"link {member.name[:200]!r} -> {checked.linkname[:200]!r} may lead out of the layer"
+                )
+            self.links.add(parts)
+        self.seen.add(parts)
+        return checked
 
 
 def _check(digest: str) -> str:

@@ -37,6 +37,11 @@ PREAMBLE_TIMEOUT_S = 5.0
 # rather than the gateway taking the whole node for down.
 CONNECT_TIMEOUT_S = 1.0
 ASK_TIMEOUT_S = 1.5
+# Connections at once: past these a new one is refused at once (`ERR busy`), so that a peer cannot
+# take every fd of the node. Those still opening (no preamble checked yet: anyone's) have a tighter
+# cap than those relaying (a gateway token's), each of which holds two fds.
+MAX_OPENING = 128
+MAX_CONNECTIONS = 4096
 TOKEN_TTL_S = 2.0  # a revoked gateway token stops opening connections here within this
 STALE_OK_S = 600.0  # while the API cannot answer, a gateway token it said yes to within this stays good
 # A 429 is an answer the API could give because someone flooded it with made-up tokens from here: a
@@ -86,6 +91,7 @@ class Relay:
         self._asking: dict[bytes, asyncio.Future[bool | str | None]] = {}
         self._server: asyncio.Server | None = None
         self.connections: set[_Inbound] = set()
+        self.opening: set[_Inbound] = set()  # of `connections`, those not relaying yet
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> str:
@@ -261,7 +267,12 @@ class _Inbound(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.relay.connections.add(self)
+        relay = self.relay
+        if len(relay.opening) >= MAX_OPENING or len(relay.connections) >= MAX_CONNECTIONS:
+            self.refuse("busy", f"the relay of node {relay.node} has too many connections; try again")
+            return
+        relay.connections.add(self)
+        relay.opening.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -302,6 +313,7 @@ class _Inbound(_Side):
 
     def refuse(self, code: str, message: str) -> None:
         self.opening = False
+        self.relay.opening.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -317,6 +329,7 @@ class _Inbound(_Side):
             transport.abort()  # the peer left while the relay was checking
             return
         self.opening = False
+        self.relay.opening.discard(self)
         self.transport.write(relaywire.OK)
         if self.buffer:
             transport.write(self.buffer)
@@ -336,6 +349,7 @@ class _Inbound(_Side):
         if self.timer is not None:
             self.timer.cancel()
         self.relay.connections.discard(self)
+        self.relay.opening.discard(self)
         super().connection_lost(exc)
 
 

@@ -285,6 +285,9 @@ class ApiHost:
                 access_log=False,
                 lifespan="on",
                 timeout_graceful_shutdown=2,  # open log follows and watches must not hold shutdown
+                # The peer's address is the connection's: nodes are tied to it, and failed logins
+                # limited by it; an X-Forwarded-For from a local process must not stand in for it.
+                proxy_headers=False,
             )
         )
         task = asyncio.create_task(self.server.serve(), name="the API server")
@@ -359,6 +362,11 @@ class ApiHost:
         if self.build_lease is not None:  # its builds ended above: other servers need not wait for it
             with contextlib.suppress(StoreError):
                 await self.store.revoke(self.build_lease)
+        if self.state is not None and self.controller_token:
+            # Its controllers stepped down above: a server retired for good leaves no live token
+            # behind (one that starts again makes a new one anyway).
+            with contextlib.suppress(StoreError):
+                await revoke_named(self.state.resources, controller_name(self.data_dir), "controller")
         await self.store.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -84,6 +85,20 @@ class NodeConfig:
         return f"http://{self.host}:{self.http_port}"
 
 
+def source_address(host: str) -> str | None:
+    """The address a node's connections to the API come from: its own `--host`, unless that is a
+    wildcard (listening everywhere: the system picks, and the API takes it as the node's address)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        # A name could resolve anywhere, later: the API takes URLs on the node's own address only.
+        raise SystemExit(
+            f"--host {host[:100]!r} is not an IP address: give this node's address (e.g. 10.0.0.5), "
+            "where others reach it and from which it reaches the API"
+        ) from None
+    return None if ip.is_unspecified else str(ip)
+
+
 class NodeHost:
     """The node's parts, started in order: the gateway's and the node API's ports reserved, the
     gateway processes up (they read their routing table first), the node API, then the agent (whose
@@ -91,7 +106,8 @@ class NodeHost:
 
     def __init__(self, cfg: NodeConfig, *, sandboxed: bool, protections: list[Protection]) -> None:
         self.cfg = cfg
-        self.api = AsyncApi(cfg.api_url, cfg.token)  # the parts act as this node
+        # The parts act as this node, from its address: the API holds the URLs it reports to that.
+        self.api = AsyncApi(cfg.api_url, cfg.token, local_address=source_address(cfg.host))
         self.gateways = GatewayPool(
             api_url=cfg.api_url,
             token="",  # its own gateway token, asked for at `start`: never the node's, which reads secrets
@@ -173,12 +189,15 @@ class NodeHost:
 async def run_node(cfg: NodeConfig, on_ready: Callable[[NodeConfig], None] | None = None) -> None:
     """`osless node join`: this machine's node, until SIGINT/SIGTERM or a part fails."""
     private_dir(cfg.data_dir)
-    probe = AsyncApi(cfg.api_url, cfg.token)
+    probe = AsyncApi(cfg.api_url, cfg.token, local_address=source_address(cfg.host))
     try:
         me = await probe.get("/v1/whoami")
     except ApiError as e:
         if e.status == 0:  # not an answer: unreachable, or no answer in time
-            raise SystemExit(f"the API does not answer: {e.message}") from None
+            raise SystemExit(
+                f"the API does not answer from this node's address {cfg.host}: {e.message} "
+                "(--host is the address this node reaches the API from, and others reach it at)"
+            ) from None
         raise SystemExit(f"the API at {cfg.api_url} refused this node's token: {e.message}") from None
     finally:
         await probe.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from osless.api.auth import GATEWAY_PREFIX, Caller, check_node, check_scope, node_of, require
@@ -22,6 +22,7 @@ from osless.api.models import (
     NodeList,
     now,
 )
+from osless.api.nodeaddr import tie_to_client
 from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
@@ -155,17 +156,19 @@ async def list_nodes(
 @router.put(
     "/nodes/{name}",
     response_model=Node,
-    responses=responses(403),
-    summary="Register a node or renew its lease (heartbeat)",
+    responses=responses(400, 403),
+    summary="Register a node or renew its lease (heartbeat); its URLs must be on the address it calls from",
 )
 async def heartbeat_node(
     body: NodeLease,
+    request: Request,
     name: str = Path(pattern=ID_PATTERN),
     state: ApiState = Depends(get_state),
     caller: Caller = require("report"),
 ) -> Node:
     check_node(caller, name)
-    return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **body.model_dump()))
+    lease = tie_to_client(body, request.client.host if request.client else None)
+    return await state.resources.heartbeat_node(Node(name=name, updated_at=now(), **lease.model_dump()))
 
 
 @router.put(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import math
 import time
@@ -37,6 +38,55 @@ NODE_CONNECT_S = 3.0
 NODE_TAIL_S = 20.0  # a whole tail answer, from the request to its last record
 READER_TTL_S = 300.0  # the node checks it when a follow starts: a follow outlives it
 FOLLOW_QUEUE = 256  # records read ahead of a slow client, per answer: past it, nodes wait
+# What the merged tail holds at once, over all nodes: past it the oldest go, and a notice says so. A
+# tail of 100k lines of 16k characters from each of many nodes would otherwise be gigabytes.
+MAX_HELD_BYTES = 32 * 1024 * 1024
+RECORD_OVERHEAD = 200  # a record's dict, floats and keys, roughly, besides its text
+MAX_NODE_BYTES = 256 * 1024 * 1024  # read of one node's tail answer, records skipped or not
+MAX_AT_LAST = 1000  # records kept per node at its last time, to skip them when the follow starts
+
+
+def _size(rec: dict[str, Any]) -> int:
+    return len(rec["line"]) + len(rec["source"]) + len(rec["stream"]) + RECORD_OVERHEAD
+
+
+class _Newest:
+    """The newest `count` records over all nodes, and at most MAX_HELD_BYTES of them: a min-heap by
+    time, whose oldest goes when either bound is passed. `cut`: some went for the bytes alone."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.heap: list[tuple[float, int, dict[str, Any]]] = []
+        self.bytes = 0
+        self.cut = 0
+        self._seq = 0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (rec["ts"], self._seq, rec))
+        self.bytes += _size(rec)
+        while len(self.heap) > self.count or self.bytes > MAX_HELD_BYTES:
+            if len(self.heap) <= self.count:
+                self.cut += 1
+            self.bytes -= _size(heapq.heappop(self.heap)[2])
+
+    def records(self) -> list[dict[str, Any]]:
+        return [rec for _, _, rec in sorted(self.heap)]
+
+
+class _Seen:
+    """What the follow of a node skips: what its tail showed, told by its last time and the records at
+    that time (at most MAX_AT_LAST of them)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.at_last: list[dict[str, Any]] = []
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if self.last is None or rec["ts"] > self.last:
+            self.last, self.at_last = rec["ts"], []
+        if rec["ts"] == self.last and len(self.at_last) < MAX_AT_LAST:
+            self.at_last.append(rec)
 
 
 class _NodeFailed(Exception):
@@ -132,7 +182,12 @@ async def _node_records(
         ) as resp:
             if resp.status_code != 200:
                 raise _NodeFailed(await _refusal(resp))
+            read = 0
             async for raw in _lines(resp):
+                read += len(raw) if raw is not None else MAX_RECORD_BYTES
+                if not follow and read > MAX_NODE_BYTES:
+                    yield _notice(f"node {node.name} sent more than {MAX_NODE_BYTES} bytes: the rest dropped")
+                    return
                 rec = _record(raw) if raw is not None else None
                 if rec is not None:
                     yield rec
@@ -149,36 +204,48 @@ def _missing(name: str, why: str) -> dict[str, Any]:
 
 
 async def _tail_of(
-    client: httpx.AsyncClient, node: Node, tail: int, **ask: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """A node's last `tail` records; or the notice that it did not answer."""
-    out: list[dict[str, Any]] = []
+    client: httpx.AsyncClient, node: Node, tail: int, newest: _Newest, seen: _Seen, **ask: Any
+) -> dict[str, Any] | None:
+    """A node's last `tail` records, into `newest` (and `seen`); or the notice that it did not answer.
+    Records already in `newest` stay there whatever comes next."""
+    got = 0
     try:
         async with asyncio.timeout(NODE_TAIL_S):
             async for rec in _node_records(client, node, tail=tail, follow=False, **ask):
-                out.append(rec)
-                if len(out) >= tail:
+                newest.add(rec)
+                if rec["source"] != "osless":
+                    seen.add(rec)
+                got += 1
+                if got >= tail:
                     break  # a node cannot send more than was asked
     except _NodeFailed as e:
-        return [], _missing(node.name, str(e))
+        return _missing(node.name, str(e))
     except TimeoutError:
-        return [], _missing(node.name, f"no whole answer in {NODE_TAIL_S:.0f}s")
-    return out, None
+        return _missing(node.name, f"no whole answer in {NODE_TAIL_S:.0f}s")
+    return None
 
 
 async def _merged_tail(
     client: httpx.AsyncClient, nodes: list[Node], tail: int, **ask: Any
-) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], set[str]]:
-    """The last `tail` records over all nodes by time, then the notices of the nodes that did not
-    answer; each node's records; the names of those that did not answer."""
+) -> tuple[list[dict[str, Any]], dict[str, _Seen], set[str]]:
+    """The last `tail` records over all nodes by time (held within MAX_HELD_BYTES), then the notices
+    of the nodes that did not answer; what each node's tail showed; the names of those that did not
+    answer."""
+    seen = {n.name: _Seen() for n in nodes}
     if tail == 0:
-        return [], {}, set()
-    answers = await asyncio.gather(*(_tail_of(client, n, tail, **ask) for n in nodes))
-    records = sorted((r for rs, _ in answers for r in rs), key=lambda r: r["ts"])
-    notices = [notice for _, notice in answers if notice is not None]
-    by_node = {n.name: rs for n, (rs, _) in zip(nodes, answers, strict=True)}
-    failed = {n.name for n, (_, notice) in zip(nodes, answers, strict=True) if notice is not None}
-    return records[-tail:] + notices, by_node, failed
+        return [], seen, set()
+    newest = _Newest(tail)
+    answers = await asyncio.gather(*(_tail_of(client, n, tail, newest, seen[n.name], **ask) for n in nodes))
+    notices = [notice for notice in answers if notice is not None]
+    failed = {n.name for n, notice in zip(nodes, answers, strict=True) if notice is not None}
+    if newest.cut:
+        notices.append(
+            _notice(
+                f"the {newest.cut} oldest of the lines asked for were left out: the API holds at most "
+                f"{MAX_HELD_BYTES // (1024 * 1024)} MiB of a tail; ask a smaller --tail or one --instance"
+            )
+        )
+    return newest.records() + notices, seen, failed
 
 
 async def _follow_node(
@@ -186,7 +253,7 @@ async def _follow_node(
     node: Node,
     out: asyncio.Queue[dict[str, Any]],
     *,
-    seen: list[dict[str, Any]],
+    seen: _Seen,
     said: bool,
     tail: int,
     **ask: Any,
@@ -197,8 +264,7 @@ async def _follow_node(
     and skips what was already shown: older than the last seen, or the same record at its time.
     `said`: the node's silence was already told; told again only if it answered in between.
     """
-    last = max((r["ts"] for r in seen), default=None)
-    at_last = [r for r in seen if r["ts"] == last]
+    last, at_last = seen.last, seen.at_last
     answered = False
     try:
         async for rec in _node_records(client, node, tail=tail, follow=True, **ask):
@@ -273,7 +339,7 @@ async def app_logs(
                         client,
                         n,
                         queue,
-                        seen=by_node.get(n.name, []),
+                        seen=by_node.get(n.name, _Seen()),
                         said=n.name in failed,
                         tail=tail,
                         **ask,
