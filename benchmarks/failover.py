@@ -299,8 +299,13 @@ def main() -> None:
         "them does not compete with the push for the CPUs (the figure comes from their own clocks)",
     )
     parser.add_argument("--no-push", action="store_true", help="skip the config push")
+    parser.add_argument(
+        "--only", choices=("failover", "push"), help="run only the node failures, or only the config push"
+    )
     args = parser.parse_args()
-    cases = [c for c in args.cases.split(",") if c]
+    cases = [c for c in args.cases.split(",") if c] if args.only != "push" else []
+    if args.only == "failover":
+        args.no_push = True
     if unknown := set(cases) - set(KILLED):
         parser.error(f"unknown case(s) {sorted(unknown)}: choose from {sorted(KILLED)}")
 
