@@ -114,7 +114,8 @@ async def patch_config(
     state: ApiState = Depends(get_state),
     caller: Caller = require("deploy"),
 ) -> dict[str, Any]:
-    schema = await app_schema(state, app)
+    # Read side by side: a change is pushed only once written, so every round trip here delays it.
+    schema, current = await asyncio.gather(app_schema(state, app), state.resources.get_config(app))
     unknown = sorted((set(body.set) | set(body.unset)) - set(schema))
     if unknown:
         declared = ", ".join(sorted(schema)) or "nothing"
@@ -156,6 +157,7 @@ async def patch_config(
         apply,
         lambda changes: "set " + ", ".join(sorted(changes)),
         cas=body.revision is not None,
+        current=current,
     )
 
 
@@ -180,12 +182,14 @@ async def _write(
     describe: Callable[[dict[str, Any]], str],
     *,
     cas: bool = False,
+    current: tuple[ConfigState, int] | None = None,
 ) -> dict[str, Any]:
-    """Read the config, `apply` the change (new values and what changed), commit; again on a conflict.
+    """Read the config (or take `current`, just read), `apply` the change (new values and what
+    changed), commit; again on a conflict.
 
     With `cas` the caller named the version it had read, so a conflict means that it is stale: 409."""
     for attempt in range(WRITE_ATTEMPTS):
-        cfg, rev = await state.resources.get_config(app)
+        cfg, rev = current if current is not None and attempt == 0 else await state.resources.get_config(app)
         values, changes = apply(cfg)
         if not changes:
             return _view(cfg, None)
