@@ -52,11 +52,11 @@ also woke ten times a second (uvicorn's loop), 12% of a core for 100. Changed: o
 per change for all the nodes' watches (the last node 0.4 ms behind the first), the PATCH's reads
 side by side, a push to each zygote on its own task, idle instances waking once a second.
 Before, at load 1: p50 25.5 ms, p99 58 ms over three nodes (one node, same run: 18.6 and 35 ms).
-After, alternated with the code before in the same half hour, three runs each at load 6 to 22
-from other work on the machine (medians of the runs): three nodes p50 37 ms, p99 550 ms (code
-before: 59 and 424 ms), one node p50 42, p99 100 ms (before: 46 and 521 ms); the best run after,
-at load 11, 34 and 92 ms over three nodes. p99 at these loads is the machine's, not the
-platform's; the 50 ms target over three nodes was not shown met here.
+After, alternated with the code before in the same hour, at load 5 to 22 from other work on the
+machine (medians of the runs; five runs after, four before): three nodes p50 37 ms, p99 311 ms
+(before: 48 and 317 ms), one node p50 34, p99 88 ms (before: 41 and 400 ms); the runs' p99 over
+three nodes spread from 92 to 807 ms after, 68 to 484 ms before. p99 at these loads is the
+machine's, not the platform's; the 50 ms target over three nodes was not shown met here.
 """
 
 from __future__ import annotations
