@@ -156,3 +156,33 @@ def test_osless_nodes_lists_each_node_with_what_it_says_of_itself(platform: Plat
     assert node["instances"] >= node["instances_ready"] >= 0
     table = platform.cli("nodes").stdout
     assert node["name"] in table and platform.gateway in table and "yes" in table
+
+
+def test_a_stuck_zygote_holds_up_no_other_apps_config(platform: Platform) -> None:
+    """A config push waits up to 10 s for a zygote's answer: that wait is its own app's alone."""
+    for app in ("cfg-stuck", "cfg-free"):
+        platform.deploy_warm(APPS / "configured", "--name", app)
+        platform.wait_for(lambda app=app: ready(platform, app), what=f"an instance of {app}")
+    pid = int(ready(platform, "cfg-stuck")[0]["status"]["pid"])  # type: ignore[index, call-overload]
+    zygote = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    def greeting(app: str) -> str:
+        status, body = platform.invoke(app, "read")
+        assert status == 200, body
+        return str(body["greeting"])
+
+    os.kill(zygote, signal.SIGSTOP)  # it reads nothing more, and answers nothing
+    try:
+        r = platform.http("PATCH", "/v1/apps/cfg-stuck/config", json={"set": {"greeting": "later"}})
+        assert r.status_code == 200, r.text
+        start = time.monotonic()
+        r = platform.http("PATCH", "/v1/apps/cfg-free/config", json={"set": {"greeting": "now"}})
+        assert r.status_code == 200, r.text
+        platform.wait_for(lambda: greeting("cfg-free") == "now", what="the other app's change")
+        assert time.monotonic() - start < 5, "the other app's push waited for the stuck zygote"
+    finally:
+        os.kill(zygote, signal.SIGCONT)
+    # Once it reads again, the change it was sent reaches its instance: nothing was lost.
+    platform.wait_for(lambda: greeting("cfg-stuck") == "later", what="the stuck app's change")
+    for app in ("cfg-stuck", "cfg-free"):
+        assert platform.http("DELETE", f"/v1/apps/{app}").status_code == 204

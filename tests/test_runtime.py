@@ -405,6 +405,33 @@ def test_instance_exits_are_reported(starlette: tuple[Zygote, Instance, Instance
     assert zygote.exit_of(hard) == {"op": "exit", "id": "hard", "pid": hard.pid, "code": 3, "signal": None}
 
 
+def _wakes(pid: int) -> int:
+    """How many times the process's threads have gone to sleep and been woken."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_instance_wakes_once_a_second_yet_stops_at_once(
+    starlette: tuple[Zygote, Instance, Instance],
+) -> None:
+    zygote, _, _ = starlette
+    idle = zygote.fork("idle")
+    assert idle.control.get("/health").status_code == 200
+    time.sleep(0.5)
+    before = _wakes(idle.pid)
+    time.sleep(3)
+    # Hundreds of idle instances share a node: uvicorn's own loop looks ten times a second.
+    assert _wakes(idle.pid) - before <= 8
+    start = time.monotonic()
+    os.kill(idle.pid, signal.SIGTERM)
+    assert zygote.exit_of(idle)["signal"] == signal.SIGTERM  # shut down, then the signal raised again
+    assert time.monotonic() - start < 0.5
+
+
 def test_bad_fork_requests_get_an_error(starlette: tuple[Zygote, Instance, Instance]) -> None:
     zygote, one, _ = starlette
     protocol.send(zygote.sock, {"op": "fork", "id": "nofds", "env": {}})

@@ -133,7 +133,10 @@ class NodeAgent:
         self._config_versions = Informer(
             api, f"/v1/nodes/{name}/config", key=lambda o: str(o["app"]), on_change=self._config_changed
         )
-        self._config_lock = asyncio.Lock()
+        # id(zygote) -> the push to it under way, and the zygotes whose config moved on meanwhile.
+        self._config_pushes: dict[int, asyncio.Task[None]] = {}
+        self._config_again: set[int] = set()
+        self._catch_up_lock = asyncio.Lock()
         # Which apps exist: a deleted app's volumes go once nothing of it runs here.
         self.apps = ModelInformer(api, "/v1/apps", App, key=lambda a: a.name, on_change=self._apps_changed)
         # Volumes are looked at when apps change or zygotes stop, and now and then: not on every
@@ -279,26 +282,54 @@ class NodeAgent:
         return self.configs[app]
 
     async def _config_changed(self) -> None:
-        self._background(self._push_configs())
+        for zyg in list(self.zygotes.values()):
+            seen = self._config_versions.items.get(zyg.app)  # none: the app is not placed here
+            if seen is not None and _behind(zyg, seen):
+                self._push_config(zyg)
 
-    async def _push_configs(self) -> None:
-        """Every app running here whose config moved on gets the new one, live."""
-        async with self._config_lock:  # one push at a time, so versions arrive in order
-            for app, seen in list(self._config_versions.items.items()):
-                running = [z for z in self.zygotes.values() if z.app == app and not z.closed]
-                have = self.configs.get(app, {}).get("version")
-                if not running or have == seen["version"]:
-                    continue
-                try:
-                    await self._push_config(app, running)
-                except (ApiError, ZygoteFailed, TimeoutError, OSError) as e:
-                    # OSError: a lingering zygote's image may have been collected meanwhile.
-                    log.warning("config v%s of %s not pushed: %s", seen["version"], app, e)
+    def _push_config(self, zyg: Zygote) -> None:
+        """Send the zygote its app's latest config, now; if a push to it is under way, that one goes
+        again once done, so its versions arrive in order. Zygotes never wait on each other: one that
+        is stuck holds up only its own instances."""
+        task = self._config_pushes.get(id(zyg))
+        if task is not None and not task.done():
+            self._config_again.add(id(zyg))
+            return
+        task = self._config_pushes[id(zyg)] = asyncio.create_task(self._push_to(zyg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push_to(self, zyg: Zygote) -> None:
+        try:
+            while True:
+                self._config_again.discard(id(zyg))
+                seen = self._config_versions.items.get(zyg.app)
+                if seen is not None and not zyg.closed and _behind(zyg, seen):
+                    try:
+                        await self._configure(zyg, seen)
+                    except (ApiError, ZygoteFailed, TimeoutError, OSError) as e:
+                        # OSError: a lingering zygote's image may have been collected meanwhile.
+                        log.warning("config v%s of %s not pushed: %s", seen["version"], zyg.app, e)
+                if id(zyg) not in self._config_again:
+                    return
+        finally:
+            self._config_pushes.pop(id(zyg), None)
+
+    async def _configure(self, zyg: Zygote, cfg: dict[str, Any]) -> None:
+        old = dict((zyg.config or {}).get("values") or {})
+        changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
+        schema = self._manifest(zyg.image).get("config") or {}
+        if any(schema.get(k, {}).get("restart") for k in changed):
+            await self._roll(zyg)  # read once at start: a new zygote, instances one by one
+        else:
+            await zyg.configure(cfg["values"], cfg["version"])
+        if cfg["version"] > self.configs.get(zyg.app, {}).get("version", -1):
+            self.configs[zyg.app] = cfg
 
     async def _catch_up_configs(self) -> None:
         """Lingering zygotes of apps placed here again: the API sends an app's changes only while it
         has an instance on this node (a DELETE otherwise), so one changed meanwhile is read again."""
-        async with self._config_lock:
+        async with self._catch_up_lock:
             for app in {z.app for z in self.zygotes.values() if not z.closed} - set(
                 self._config_versions.items
             ):
@@ -306,39 +337,24 @@ class NodeAgent:
                     continue
                 try:
                     cfg = await self.api.get(f"/v1/nodes/{self.name}/apps/{app}/config")
-                    running = [z for z in self.zygotes.values() if z.app == app and not z.closed]
-                    if cfg["version"] != self.configs[app].get("version"):
-                        await self._push_config(app, running, cfg)
-                    self._config_versions.items.setdefault(
-                        app, cfg
-                    )  # known again: its changes come with the watch
-                except (ApiError, ZygoteFailed, TimeoutError, OSError) as e:
+                except ApiError as e:
                     log.warning("config of %s not caught up: %s", app, e)
+                    continue
+                # Known again (its changes come with the watch, which may have brought a newer one).
+                self._config_versions.items.setdefault(app, cfg)
+                await self._config_changed()
 
     def _placed_here(self, app: str) -> bool:
         return any(o.app == app and o.node == self.name for o in self.informer.items.values())
 
-    async def _push_config(
-        self, app: str, zygotes: list[Zygote], fresh: dict[str, Any] | None = None
-    ) -> None:
-        old = dict(self.configs.get(app, {}).get("values") or {})
-        cfg = fresh or self._config_versions.items.get(app) or await self.app_config(app, refresh=True)
-        changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
-        for zyg in zygotes:
-            schema = self._manifest(zyg.image).get("config") or {}
-            if any(schema.get(k, {}).get("restart") for k in changed):
-                await self._roll(zyg, cfg)  # read once at start: a new zygote, instances one by one
-            else:
-                await zyg.configure(cfg["values"], cfg["version"])
-        self.configs[app] = cfg  # only now: a push that failed is tried again on the next pass
-
-    async def _roll(self, old: Zygote, cfg: dict[str, Any]) -> None:
+    async def _roll(self, old: Zygote) -> None:
         starting = self._zygote_starts.get(old.image)
         if starting is not None:  # let a start under way finish first, or it would overwrite ours
             with contextlib.suppress(Exception):
                 await asyncio.shield(starting)
         new = await self._new_zygote(old.image, old.uid)
         self.zygotes[old.image] = new
+        await self._config_changed()
         for sup in [s for s in self.supervisors.values() if s.image == old.image]:
             await sup.restart()  # it forks from `new` now; one at a time, each ready before the next
         await old.stop()
@@ -439,6 +455,7 @@ class NodeAgent:
     async def _start_zygote(self, image: str, uid: int) -> Zygote:
         zyg = await self._new_zygote(image, uid)
         self.zygotes[image] = zyg
+        await self._config_changed()  # a change that came while it started (after its config was read)
         return zyg
 
     async def _new_zygote(self, image: str, uid: int) -> Zygote:
@@ -548,3 +565,8 @@ class NodeAgent:
         await self.volumes.detach_all()
         if self.cgroups is not None:
             self.cgroups.close()
+
+
+def _behind(zyg: Zygote, cfg: dict[str, Any]) -> bool:
+    """Whether `zyg` has not been sent `cfg` (nor a newer version) yet."""
+    return int((zyg.config or {}).get("version", -1)) < int(cfg["version"])

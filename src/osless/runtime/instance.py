@@ -8,6 +8,7 @@ app can see, and passed in at fork, so neither a client nor another app can reac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib.util
 import inspect
@@ -23,7 +24,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Literal, cast
 
 import uvicorn
@@ -67,7 +68,7 @@ class Instance:
         elif self.web_kind == "asgi":
             self.web = cast(ASGIApp, web)
         # Set by serve(): a function calling sys.exit() asks the server to stop with that code.
-        self.server: uvicorn.Server | None = None
+        self.server: _Server | None = None
         self.exit_code: int | None = None
         # Created on first use, so the zygote never forks while holding worker threads.
         self._executor: ThreadPoolExecutor | None = None
@@ -195,7 +196,7 @@ class Instance:
         if self.exit_code is None:
             self.exit_code = code
         if self.server is not None:
-            self.server.should_exit = True
+            self.server.exit_soon()
 
     async def _no_web_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -249,7 +250,7 @@ class Instance:
         status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
         await _send_body(send, status, payload, extra)
         if self.exit_code is not None and self.server is not None:
-            self.server.should_exit = True  # only now, so the caller still gets its answer
+            self.server.exit_soon()  # only now, so the caller still gets its answer
 
     async def _run(
         self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool, own_deadline: float
@@ -517,6 +518,32 @@ class _Server(uvicorn.Server):
         self._on_listening = on_listening
         self._instance = instance
         self._config_channel = config_channel
+        self._exit_asked = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def exit_soon(self) -> None:
+        """Stop serving gracefully, now rather than at the next tick."""
+        self.should_exit = True
+        self._exit_asked.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None:  # a signal handler: wake the loop wherever it waits
+            self._loop.call_soon_threadsafe(self._exit_asked.set)
+
+    async def main_loop(self) -> None:
+        # uvicorn looks every 0.1 s whether to exit: ten wakes a second for each of a node's idle
+        # instances, which on a busy host delays the work of the others (a config push reaches them
+        # all at once). Once a second instead (the Date header's pace), and at once when told to exit.
+        self._loop = asyncio.get_running_loop()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 10) % 864000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._exit_asked.wait()
+            should_exit = await self.on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # startup() returns once lifespan startup is done and the web socket is listening.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from osless.api.models import (
     now,
 )
 from osless.api.openapi import WATCHABLE
+from osless.api.resources import Resources
 from osless.api.schema import MASK, coerce, misfits
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
@@ -112,7 +114,8 @@ async def patch_config(
     state: ApiState = Depends(get_state),
     caller: Caller = require("deploy"),
 ) -> dict[str, Any]:
-    schema = await app_schema(state, app)
+    # Read side by side: a change is pushed only once written, so every round trip here delays it.
+    schema, current = await asyncio.gather(app_schema(state, app), state.resources.get_config(app))
     unknown = sorted((set(body.set) | set(body.unset)) - set(schema))
     if unknown:
         declared = ", ".join(sorted(schema)) or "nothing"
@@ -154,6 +157,7 @@ async def patch_config(
         apply,
         lambda changes: "set " + ", ".join(sorted(changes)),
         cas=body.revision is not None,
+        current=current,
     )
 
 
@@ -178,12 +182,14 @@ async def _write(
     describe: Callable[[dict[str, Any]], str],
     *,
     cas: bool = False,
+    current: tuple[ConfigState, int] | None = None,
 ) -> dict[str, Any]:
-    """Read the config, `apply` the change (new values and what changed), commit; again on a conflict.
+    """Read the config (or take `current`, just read), `apply` the change (new values and what
+    changed), commit; again on a conflict.
 
     With `cas` the caller named the version it had read, so a conflict means that it is stale: 409."""
     for attempt in range(WRITE_ATTEMPTS):
-        cfg, rev = await state.resources.get_config(app)
+        cfg, rev = current if current is not None and attempt == 0 else await state.resources.get_config(app)
         values, changes = apply(cfg)
         if not changes:
             return _view(cfg, None)
@@ -323,6 +329,55 @@ async def placed_apps(state: ApiState, node: str) -> set[str]:
     return {i.app for i in items}
 
 
+class Placements:
+    """Which apps have an instance on each node, read at a store revision at least as new as asked.
+
+    Every node's config watch sees each change at once and must check the placement after it: one
+    read of the instances serves them all (with N nodes, one list per change rather than N, which
+    on a busy API held the last node's push behind the others' reads).
+    """
+
+    def __init__(self, resources: Resources) -> None:
+        self.resources = resources
+        self._last: tuple[dict[str, set[str]], int] = ({}, -1)
+        self._reading: asyncio.Task[tuple[dict[str, set[str]], int]] | None = None
+
+    async def at(self, revision: int) -> dict[str, set[str]]:
+        """node -> apps placed there, as read at `revision` or later."""
+        while self._last[1] < revision:
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.create_task(self._read())
+                self._reading.add_done_callback(_retrieved)
+            # Shielded: one waiter going away (its watch closed) must not cancel the others' read.
+            found = await asyncio.shield(self._reading)
+            if found[1] > self._last[1]:
+                self._last = found
+        return self._last[0]
+
+    async def _read(self) -> tuple[dict[str, set[str]], int]:
+        items, rev = await self.resources.list_instances()
+        by_node: dict[str, set[str]] = {}
+        for i in items:
+            by_node.setdefault(i.node, set()).add(i.app)
+        return by_node, rev
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    # A failed read is raised to the waiters; with none left, it must not be reported as lost.
+    if not task.cancelled():
+        task.exception()
+
+
+_placements: weakref.WeakKeyDictionary[Resources, Placements] = weakref.WeakKeyDictionary()
+
+
+def placements(state: ApiState) -> Placements:
+    found = _placements.get(state.resources)
+    if found is None:
+        found = _placements[state.resources] = Placements(state.resources)
+    return found
+
+
 def _not_placed(app: str, node: str) -> ApiError:
     return ApiError(
         403,
@@ -359,7 +414,7 @@ async def node_configs(
         # A change of an app no longer (or not yet) placed here goes out as a DELETE: the agent forgets
         # what it held of it, and asks again (`/v1/nodes/{node}/apps/{app}/config`) once it runs it.
         obj = ev["object"]
-        if obj is None or obj["app"] in await placed_apps(state, node):
+        if obj is None or obj["app"] in (await placements(state).at(ev["revision"])).get(node, ()):
             return ev
         return {"type": "DELETE", "name": obj["app"], "object": None, "revision": ev["revision"]}
 
