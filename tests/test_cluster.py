@@ -227,12 +227,12 @@ def test_a_build_is_held_by_its_servers_lease_and_failed_only_once_that_lapses(
         first.stop(signal.SIGKILL)
         killed_at = time.monotonic()
         failed = second.wait_for(
-            lambda: (d := deploy_status(second, deploy["id"]))["status"] != "building" and d,
+            lambda: (d := deploy_status(second, deploy["id"]))["status"] not in ("queued", "building") and d,
             timeout=30,
             what="the deploy failed by the other server",
         )
         assert failed["status"] == "failed" and failed["finished_at"], failed
-        assert failed["error"] == "the server building it stopped: deploy again", failed
+        assert failed["error"] == "the builder building it stopped: deploy again", failed
         assert time.monotonic() - killed_at < 20
 
         # Alone: killed mid-build and started again, it fails its own deploy once its old lease lapses.
@@ -242,11 +242,11 @@ def test_a_build_is_held_by_its_servers_lease_and_failed_only_once_that_lapses(
         second.start()
         assert deploy_status(second, again["id"])["status"] == "building"  # its old lease lives on
         failed = second.wait_for(
-            lambda: (d := deploy_status(second, again["id"]))["status"] != "building" and d,
+            lambda: (d := deploy_status(second, again["id"]))["status"] not in ("queued", "building") and d,
             timeout=30,
             what="the restarted server to fail its own orphaned deploy",
         )
-        assert failed["error"] == "the server building it stopped: deploy again", failed
+        assert failed["error"] == "the builder building it stopped: deploy again", failed
     finally:
         second.stop()
         first.stop()
@@ -268,13 +268,15 @@ def test_a_server_cut_off_past_its_build_lease_cannot_bring_back_a_deploy_anothe
         first.proc.send_signal(signal.SIGSTOP)
         try:
             failed = second.wait_for(
-                lambda: (d := deploy_status(second, deploy["id"]))["status"] != "building" and d,
+                lambda: (
+                    (d := deploy_status(second, deploy["id"]))["status"] not in ("queued", "building") and d
+                ),
                 timeout=30,
                 what="the deploy failed by the other server",
             )
         finally:
             first.proc.send_signal(signal.SIGCONT)
-        assert failed["error"] == "the server building it stopped: deploy again", failed
+        assert failed["error"] == "the builder building it stopped: deploy again", failed
 
         def ended() -> str:
             log = first.http("GET", f"/v1/deploys/{deploy['id']}/log").text
@@ -287,7 +289,7 @@ def test_a_server_cut_off_past_its_build_lease_cannot_bring_back_a_deploy_anothe
         again = first.upload(EXAMPLES / "hello")  # on a new lease
         assert again["builder"] != failed["builder"], again
         done = first.wait_for(
-            lambda: (d := deploy_status(first, again["id"]))["status"] != "building" and d,
+            lambda: (d := deploy_status(first, again["id"]))["status"] not in ("queued", "building") and d,
             timeout=120,
             what="the next build",
         )

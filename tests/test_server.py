@@ -65,7 +65,7 @@ def test_kill_9_keeps_every_acknowledged_change(tmp_path: Path) -> None:
         ]
         deploy = second.http("GET", f"/v1/deploys/{building['id']}").json()
         assert deploy["status"] == "failed"
-        assert deploy["error"] == "the server building it stopped: deploy again"
+        assert deploy["error"] == "the builder building it stopped: deploy again"
         second.wait_for(
             lambda: len([i for i in second.instances("hello") if i["status"]["phase"] == "ready"]) == 2,
             what="instances to come back",

@@ -14,6 +14,7 @@ import typer
 from rich.text import Text
 
 from osless.cli.audit import audit
+from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
@@ -228,6 +229,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
+app.command("builder")(builder)
 app.command("audit")(audit)
 
 
