@@ -338,11 +338,12 @@ class Resources:
             with contextlib.suppress(LeaseNotFound):
                 await self.store.revoke(kv.lease)  # the key goes with it
 
-    async def claim_deploy(self, builder: str) -> Deploy | None:
-        """The oldest queued deploy, now `building` by `builder` (compare-and-swap: two builders
-        never both get one); None if none is queued."""
+    async def claim_deploy(self, builder: str, here: Callable[[str], bool]) -> Deploy | None:
+        """The oldest queued deploy whose source is `here(id)`, now `building` by `builder`
+        (compare-and-swap: two builders never both get one); None if none is queued."""
         items, _ = await self.list_deploys()
-        for d in sorted((d for d in items if d.status == "queued"), key=lambda d: d.created_at):
+        queued = [d for d in items if d.status == "queued" and here(d.id)]
+        for d in sorted(queued, key=lambda d: d.created_at):
             won: list[Deploy] = []
 
             def change(stored: Deploy, won: list[Deploy] = won) -> Deploy | None:

@@ -133,7 +133,8 @@ async def claim(
     deadline = loop.time() + wait_s
     while True:
         _, rev = await res.list_deploys()
-        got = await res.claim_deploy(builder)
+        # Only deploys uploaded to this server: their source is on its disk.
+        got = await res.claim_deploy(builder, lambda id: state.source(id).is_file())
         if got is not None:
             return got
         left = deadline - loop.time()
@@ -237,7 +238,8 @@ async def has_layer(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+            # An uncompressed tar, whatever the type sent says: its sha256 is what is checked.
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
     summary="Upload a layer archive; refused unless its bytes' sha256 is the path's",
