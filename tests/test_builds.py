@@ -146,11 +146,11 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
     pid = builder_pid(plat, hello["id"])
     os.kill(pid, signal.SIGSTOP)
     try:
-        queued = plat.upload(EXAMPLES / "hello", app="hello")
+        queued = plat.upload(EXAMPLES / "hello", app="hellotwo")
         time.sleep(0.5)
         got = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": mine})
         if got.status_code == 204:
-            queued = plat.upload(EXAMPLES / "hello", app="hello")
+            queued = plat.upload(EXAMPLES / "hello", app="hellotwo")
             got = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": mine})
         assert got.status_code == 200 and got.json()["id"] == queued["id"], got.text
         assert got.json()["status"] == "building" and got.json()["builder"] == mine
@@ -171,10 +171,13 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
         assert r.status_code == 400 and r.json()["error"]["code"] == "digest_mismatch", r.text
         # A manifest naming a layer the API does not have, or another app, is refused.
         app = as_token(plat, tok, "POST", base + "/app", params=q, json={"name": "other"}).json()
-        assert app["app"] == "hello" and app["uid"] > 0  # named at upload (`?app=`): that wins
+        assert app["app"] == "hellotwo" and app["uid"] > 0  # named at upload (`?app=`): that wins
         manifest = {"app": "evil", "layers": {}, "layer_archives": {}}
         data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         r = as_token(plat, tok, "PUT", base + "/image", params=q, content=data)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
+        # Nor is another app's image released by it.
+        r = as_token(plat, tok, "POST", base + "/result", params=q, json={"image": hello["image"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
         # The other builder cannot end it; this one can.
         r = as_token(plat, tok, "POST", base + "/result", params={"builder": other}, json={"error": "x"})

@@ -350,7 +350,11 @@ async def post_result(
         raise ApiError(
             409, "image_missing", f"image {body.image} was not uploaded: PUT its manifest first"
         ) from None
-    name = str(manifest["app"])  # checked against the deploy's when uploaded
+    name = str(manifest.get("app"))
+    if name != deploy.app:  # an image of another deploy's app: not this deploy's to release
+        raise ApiError(
+            400, "wrong_app", f"image {body.image} is not of app {deploy.app!r}, which {deploy_id} builds"
+        )
     cfg, _ = await state.resources.get_config(name)
     refused, unset = config_misfits(manifest.get("config") or {}, cfg)
     if refused:
