@@ -151,7 +151,9 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
     )
     final: dict[str, Any] = deploy
     with console.status(
-        f"Building {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded)",
+        # Until a builder process claims it (its first line says so).
+        f"Queued {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded): "
+        "waiting for a builder",
         spinner="dots",
     ) as status:
         try:
