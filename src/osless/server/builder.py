@@ -18,7 +18,9 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
+import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator
@@ -42,6 +44,7 @@ __all__ = ["BuilderConfig", "BuilderHost", "run_builder"]
 log = logging.getLogger("osless.builder")
 
 RENEW_S = 2.0
+COLLECT_S = 5.0
 CLAIM_WAIT_S = 20.0
 FLUSH_S = 0.2
 BATCH_CHARS = 512 * 1024  # of log text per post: at most ~3 MiB of JSON, escapes and all
@@ -146,6 +149,32 @@ class BuilderHost:
                     await self.register()
                 else:
                     log.warning("the builder's lease was not renewed (trying again): %s", e.message)
+
+    async def collect(self) -> None:
+        """The uv caches and locks of apps that no longer exist (by uid: a new app of the same name
+        has another), removed while this builder is idle, once past the retention's grace."""
+        while True:
+            await asyncio.sleep(COLLECT_S)
+            if self.busy:
+                continue
+            try:
+                live = await self.api.request("GET", "/v1/builds/uids")
+            except ApiError as e:
+                log.warning("the live uids were not read (trying again): %s", e.message)
+                continue
+            keep = {str(uid) for uid in live["uids"]}
+            old = time.time() - float(live["grace_s"])
+            await asyncio.to_thread(self._collect, keep, old)
+
+    def _collect(self, keep: set[str], old: float) -> None:
+        for parent in (self.builder.cache_dir, self.builder.images.locks_dir):
+            for folder in list(parent.iterdir()):
+                if not folder.name.isdigit() or folder.name in keep or folder.is_symlink():
+                    continue
+                with contextlib.suppress(OSError):
+                    if folder.lstat().st_mtime < old and not self.busy:
+                        # The app's build wrote in it: removed without following a link it left.
+                        shutil.rmtree(folder, ignore_errors=True)
 
     async def work(self) -> None:
         """One slot: claim a queued deploy, build it, again."""
@@ -303,6 +332,7 @@ async def run_builder(cfg: BuilderConfig) -> None:
     try:
         await host.register()
         lease = asyncio.create_task(host.keep_lease(), name="the builder's lease")
+        collector = asyncio.create_task(host.collect(), name="the builder's collector")
         slots = [asyncio.create_task(host.work(), name=f"build slot {k}") for k in range(cfg.concurrency)]
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, lease, *slots], return_when=asyncio.FIRST_COMPLETED)
@@ -314,9 +344,9 @@ async def run_builder(cfg: BuilderConfig) -> None:
             if task not in host.busy:
                 task.cancel()
         _, pending = await asyncio.wait(slots, timeout=STOP_GRACE_S)
-        for task in [*pending, lease]:
+        for task in [*pending, lease, collector]:
             task.cancel()
-        await asyncio.gather(*slots, lease, return_exceptions=True)
+        await asyncio.gather(*slots, lease, collector, return_exceptions=True)
         for task in (lease, *slots):
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise SystemExit(f"the builder stopped: {task.exception()!r}")

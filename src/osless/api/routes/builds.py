@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -64,6 +65,11 @@ class AppAnswer(Body):
 
 class LogLines(Body):
     lines: list[str] = Field(max_length=MAX_LOG_LINES)
+
+
+class LiveUids(Body):
+    uids: list[int]
+    grace_s: float
 
 
 class Present(Body):
@@ -112,6 +118,29 @@ async def drop_builder(
 ) -> Response:
     await state.resources.drop_builder(name, caller.id)
     return Response(status_code=204)
+
+
+@router.get(
+    "/builds/uids",
+    response_model=LiveUids,
+    summary="The uids whose build caches a builder keeps: those of apps that exist, or were just named",
+)
+async def live_uids(state: ApiState = Depends(get_state), caller: Caller = require("build")) -> Any:
+    """Numbers only, no names. A uid claimed for a name whose app does not exist (yet: its first
+    deploy may be building) stays live through the retention's grace period, as the collector has it."""
+    retention = await state.collector.retention()
+    store = state.resources.store
+    apps = {kv.key.removeprefix("/apps/") for kv in (await store.list("/apps/"))[0]}
+    old = time.time() - retention.grace_s
+    live: list[int] = []
+    for kv in (await store.list("/appuids/"))[0]:
+        uid = int(json.loads(kv.value)["uid"])
+        if kv.key.removeprefix("/appuids/") not in apps:
+            claim = await store.get(f"/uids/{uid}")
+            if claim is None or float(json.loads(claim.value).get("at", 0)) < old:
+                continue
+        live.append(uid)
+    return {"uids": sorted(live), "grace_s": retention.grace_s}
 
 
 @router.post(
