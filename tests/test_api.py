@@ -243,7 +243,9 @@ def test_an_app_with_a_deploy_building_is_not_deleted(platform: Platform) -> Non
     assert r.status_code == 409 and r.json()["error"]["code"] == "deploy_in_progress"
     assert deploy["id"] in r.json()["error"]["message"]
     platform.wait_for(
-        lambda: platform.http("GET", f"/v1/deploys/{deploy['id']}").json()["status"] != "building",
+        lambda: (
+            platform.http("GET", f"/v1/deploys/{deploy['id']}").json()["status"] not in ("queued", "building")
+        ),
         what="the build to end",
     )
     assert platform.http("DELETE", "/v1/apps/busy").status_code == 204

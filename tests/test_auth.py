@@ -337,7 +337,7 @@ def test_tokens_and_audit_commands(platform: Platform) -> None:
     for bad, says in (
         (
             ["--role", "root"],
-            "should be 'admin', 'deploy', 'read', 'debug', 'invoke', 'node' or 'controller'",
+            "should be 'admin', 'deploy', 'read', 'debug', 'invoke', 'node', 'controller' or 'builder'",
         ),
         (["--role", "read", "--expires", "3x"], "--expires"),
         (["--role", "admin", "--app", "hello"], "cannot be limited"),

@@ -20,7 +20,12 @@ SHORT = {"deploys_per_app": 1, "releases_per_app": 1, "instance_logs_days": 0, "
 
 
 def _layers(p: Platform) -> set[str]:
-    return {d.name for d in (p.data_dir / "images" / "layers").iterdir()}
+    """The layers the API holds: each as its archive, recorded under the layer's id (a builder
+    uploaded it), or as a folder (built in the API's process by an earlier release)."""
+    images = p.data_dir / "images"
+    return {d.name for d in (images / "layers").iterdir()} | {
+        f.stem for f in (images / "archived").glob("*.json")
+    }
 
 
 def _archives(p: Platform) -> set[str]:
@@ -73,21 +78,21 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     assert p.http("DELETE", "/v1/apps/gone").status_code == 204  # its layers are the collector's
     p.wait_for(lambda: _settled(p, "keep", current["version"]), what="keep on its last release only")
 
-    old = {r["manifest"]["layers"]["code"] for r in releases[:2]} | {sha256_hex(pack(broken))}
+    # A failed build uploads nothing: the broken code's layer stays in the builder's own store.
+    assert sha256_hex(pack(broken)) not in _layers(p)
+    old = {r["manifest"]["layers"]["code"] for r in releases[:2]}
     old |= set(_manifest_on_disk(p, gone_image)["layers"].values())  # hello's code, and starlette
-    assert old <= _layers(p) and len(old) == 5
+    assert old <= _layers(p) and len(old) == 4
     old_archives = {a["sha256"] for r in releases[:2] for a in r["manifest"]["layer_archives"].values()}
     assert old_archives <= _archives(p)
-    locks = p.data_dir / "images" / "locks"
-    assert [f.read_text() for f in locks.glob("*/*.txt")] == [_manifest_on_disk(p, gone_image)["lock"]]
     assert p.http("GET", "/v1/retention").json()["releases_per_app"] == 10  # the default
     r = p.http("PUT", "/v1/retention", json=SHORT)
     assert r.status_code == 200 and r.json()["grace_s"] == 0 and r.json()["deploys_days"] == 30
 
     collected = p.http("POST", "/v1/retention/collect").json()
     assert collected["deploys"] == 2 and collected["releases"] == 2 and not collected["images_deferred"]
-    # The five above, and flop's own empty dependency layer (dependency layers are per app).
-    assert (collected["layers"], collected["manifests"], collected["locks"]) == (6, 3, 1)
+    # The four above (locks are the builder's, in its own store).
+    assert (collected["layers"], collected["manifests"], collected["locks"]) == (4, 3, 0)
     assert collected["bytes_freed"] > 0
 
     # Records: the newest deploy per app, the current release.
@@ -104,7 +109,7 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     assert rollback.status_code == 404 and rollback.json()["error"]["code"] == "release_not_found"
 
     # Files: the current image's layers and manifest, the logs of what runs.
-    assert not old & _layers(p) and not list(locks.glob("*/*.txt"))
+    assert not old & _layers(p)
     assert set(current["manifest"]["layers"].values()) <= _layers(p)
     assert _manifests(p) == {current["image"]}
     # The layers' archives went with them; what nodes pull of the current image stays.
@@ -163,10 +168,11 @@ def test_a_build_in_flight_defers_the_sweep_and_a_young_layer_waits_its_grace(
     own_platform: Platform, tmp_path: Path
 ) -> None:
     p = own_platform
-    broken = copy_app(APPS / "e2e_broken", tmp_path / "broken")
-    assert p.cli("deploy", str(broken), "--name", "flop", check=False).returncode == 1
-    orphan = sha256_hex(pack(broken))
-    # The default grace (an hour) keeps a layer nothing names yet.
+    gone = p.deploy(copy_app(APPS / "e2e_versioned", tmp_path / "gone"), "--name", "gone")
+    orphan = str(_manifest_on_disk(p, str(gone["image"]))["layers"]["code"])
+    p.wait_for(lambda: p.instances("gone"), what="an instance of gone")
+    assert p.http("DELETE", "/v1/apps/gone").status_code == 204
+    # The default grace (an hour) keeps a layer nothing names any more.
     assert p.http("POST", "/v1/retention/collect").json()["layers"] == 0
     assert orphan in _layers(p)
 
@@ -190,7 +196,7 @@ def test_a_build_in_flight_defers_the_sweep_and_a_young_layer_waits_its_grace(
     t.join(60)
     assert result.get("status") == "succeeded"
     after = p.http("POST", "/v1/retention/collect").json()
-    # The broken code, and flop's own empty dependency layer (dependency layers are per app).
+    # gone's code, and its own empty dependency layer (dependency layers are per app).
     assert not after["images_deferred"] and after["layers"] == 2 and orphan not in _layers(p)
     release = _release(p, "slowbuild", int(result["release"]))
     assert set(release["manifest"]["layers"].values()) <= _layers(p)

@@ -64,7 +64,9 @@ def test_a_deploy_runs_from_layers_the_node_pulled_and_checked(
         # Unpacked and sealed on the node, named by that sha256: the very tree the build made.
         layer = _cache(platform) / "layers" / archive["sha256"]
         assert stat.S_IMODE(layer.stat().st_mode) == 0o555
-        assert _tree(layer) == _tree(platform.data_dir / "images" / "layers" / manifest["layers"][name])
+        assert _tree(layer) == _tree(
+            platform.data_dir / "builder" / "images" / "layers" / manifest["layers"][name]
+        )
     assert list((_cache(platform) / "tmp").iterdir()) == []
     assert httpx.get(f"{platform.gateway}/hello/", timeout=30).text == "Hello from osless!\n"
 

@@ -27,7 +27,7 @@ def deploy_outcome(platform: Platform, folder: Path, timeout: float = 120) -> di
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record: dict[str, Any] = platform.http("GET", f"/v1/deploys/{deploy['id']}").json()
-        if record["status"] != "building":
+        if record["status"] not in ("queued", "building"):
             return record
         time.sleep(0.2)
     raise AssertionError(f"deploy {deploy['id']} still building after {timeout}s")

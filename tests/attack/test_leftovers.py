@@ -36,12 +36,16 @@ def test_a_deleted_apps_build_cache_is_collected(own_platform: Platform, tmp_pat
     platform = own_platform
     platform.deploy(copy_app(APPS / "build_six", tmp_path / "six"), "--name", "cached")
     uid = platform.http("GET", "/v1/apps/cached").json()["uid"]
-    cache = platform.data_dir / "cache" / "uv" / str(uid)
-    locks = platform.data_dir / "images" / "locks" / str(uid)
+    # The builder process's: it removes those of apps gone (`GET /v1/builds/uids`) every few seconds.
+    cache = platform.data_dir / "builder" / "cache" / "uv" / str(uid)
+    locks = platform.data_dir / "builder" / "images" / "locks" / str(uid)
     assert cache.is_dir() and any(cache.iterdir()) and locks.is_dir()
     assert platform.http("DELETE", "/v1/apps/cached").status_code == 204
     time.sleep(1)
     print("collected:", _collect_everything(platform))
+    platform.wait_for(
+        lambda: not cache.exists() and not locks.exists(), timeout=30, what="the builder's sweep"
+    )
     left = [str(p) for p in (cache, locks) if p.exists()]
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
     assert not left, f"left for ever: {left} ({size} bytes of cache)"

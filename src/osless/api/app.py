@@ -21,6 +21,7 @@ from osless.api.guard import Guard
 from osless.api.openapi import install_openapi
 from osless.api.routes import (
     apps,
+    builds,
     config,
     deploys,
     images,
@@ -41,6 +42,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("osless.api")
 
 UPKEEP_S = 60.0
+BUILD_SWEEP_S = 2.0
 EXPIRED_TOKEN_GRACE_S = 86400.0  # an expired token answers "token expired" for a day, then is collected
 
 
@@ -55,8 +57,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/deploys"
+        path = scope["path"].rstrip("/")
+        is_upload = scope["method"] == "POST" and path == "/v1/deploys"
         limit = self.state.max_upload_bytes if is_upload else self.state.max_body_bytes
+        if scope["method"] == "PUT" and path.startswith("/v1/builds/") and "/layers/" in path:
+            limit = self.state.max_layer_bytes  # a builder's layer archive (routes/builds.py)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await self._reject(send, limit)
@@ -120,6 +125,13 @@ async def _upkeep(state: ApiState) -> None:
         await asyncio.sleep(UPKEEP_S)
 
 
+async def _sweep_builds(state: ApiState) -> None:
+    while True:
+        with contextlib.suppress(Exception):  # the next round looks again
+            await fail_orphaned_builds(state)
+        await asyncio.sleep(BUILD_SWEEP_S)
+
+
 def _check_permissions(router: APIRouter) -> None:
     """Every API route declares the permission it needs: a route without one would be open to any
     token, so the API refuses to start instead."""
@@ -135,16 +147,16 @@ def _check_permissions(router: APIRouter) -> None:
 def create_app(state: ApiState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # A build cut off by a crash or kill -9 never finishes: failed once its builder's lease is gone
-        # (the server's build lease fails later ones, see server/api.py), never while a server builds it.
+        # A build cut off by a builder's crash or kill -9 never finishes: failed once that builder's
+        # lease is gone (every server looks, every 2 s), never while a live builder holds it.
         await fail_orphaned_builds(state)
         upkeep = asyncio.create_task(_upkeep(state), name="API upkeep")
+        sweep = asyncio.create_task(_sweep_builds(state), name="orphaned builds")
         yield
-        upkeep.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await upkeep
-        for task in list(state.builds.values()):
+        for task in (upkeep, sweep):
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await state.http.aclose()
 
     app = FastAPI(
@@ -158,6 +170,7 @@ def create_app(state: ApiState) -> FastAPI:
     install_openapi(app)
     routers = (
         apps,
+        builds,
         config,
         deploys,
         images,

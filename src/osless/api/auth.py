@@ -51,7 +51,18 @@ __all__ = [
 log = logging.getLogger("osless.api.auth")
 
 Permission = Literal[
-    "whoami", "describe", "read", "logs", "deploy", "invoke", "operate", "report", "route", "secrets", "admin"
+    "whoami",
+    "describe",
+    "read",
+    "logs",
+    "deploy",
+    "invoke",
+    "operate",
+    "report",
+    "route",
+    "build",
+    "secrets",
+    "admin",
 ]
 
 _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
@@ -63,6 +74,8 @@ _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 # - `report`: a node's writes about itself (heartbeat, instance status, egress calls, its gateway's
 #   token), checked against the node the token was made for (`node_of`);
 # - `route`: a gateway's (wake an app at zero, traffic reports);
+# - `build`: a builder process's (claim a queued deploy, read its source, post its log, layers,
+#   image and result), only ever on the deploys it claimed (api/routes/builds.py);
 # - `secrets`: config in clear, for node agents only, and only for the apps placed on their node.
 ROLES: dict[str, frozenset[Permission]] = {
     "admin": _READ | {"logs", "deploy", "invoke", "operate", "report", "route", "admin"},
@@ -76,6 +89,8 @@ ROLES: dict[str, frozenset[Permission]] = {
     "gateway": _READ | {"route"},
     # The scheduler and the autoscaler.
     "controller": _READ | {"operate"},
+    # A builder process (`osless builder`): no read, no secrets; only the deploys it claimed.
+    "builder": frozenset({"whoami", "build"}),
     # An app's own token, scoped to that app.
     "app": frozenset({"whoami", "describe"}),
     # What the API shows another part for one request of its own (`secrets.scoped_token`), never its
@@ -86,12 +101,12 @@ ROLES: dict[str, frozenset[Permission]] = {
 }
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).
-PLATFORM_ROLES = frozenset({"node", "gateway", "controller"})
-ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route"})
+PLATFORM_ROLES = frozenset({"node", "gateway", "controller", "builder"})
+ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build"})
 NODE_PREFIX = "node:"
 GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.
-Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node", "controller"]
+Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node", "controller", "builder"]
 GRANTABLE: tuple[str, ...] = get_args(Grantable)
 TOKEN_PREFIX = "osl_"
 ID_LEN = 12

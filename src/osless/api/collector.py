@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from osless.api.buildlog import BuildLog
 from osless.api.models import Body, Deploy, Integer, Release
 from osless.images import sha256_hex
 from osless.store import Conflict
@@ -138,13 +139,14 @@ class Collector:
             await asyncio.to_thread(
                 self._logs, retention, started, kept_deploys, instance_ids, apps, keep_images, out
             )
-            builds = self.state.builds
+            # A builder uploads a build's layers before its manifest: none are collected meanwhile.
+            building = await self._building()
             swept = await asyncio.to_thread(
                 self.state.images.collect,
                 keep_images=keep_images,
                 keep_locks=keep_locks,
                 grace_s=retention.grace_s,
-                busy=lambda: bool(builds),
+                busy=lambda: building,
             )
             out.manifests, out.layers, out.locks = swept.manifests, swept.layers, swept.locks
             out.archives = swept.archives
@@ -163,13 +165,14 @@ class Collector:
         asks for it before there is an app) is let go once past the grace period: its claim in
         `/uids/` stays, so it is never handed out again, and its caches go with the next pass."""
         store = self.state.resources.store
+        building = await self._building()
         items, _ = await store.list("/appuids/")
         apps = {kv.key.removeprefix("/apps/") for kv in (await store.list("/apps/"))[0]}
         live: set[str] = set()
         old = time.time() - retention.grace_s
         for kv in items:
             name, uid = kv.key.removeprefix("/appuids/"), str(json.loads(kv.value)["uid"])
-            if name in apps or self.state.builds:
+            if name in apps or building:
                 live.add(uid)
                 continue
             claim = await store.get(f"/uids/{uid}")
@@ -181,16 +184,22 @@ class Collector:
                 await store.delete(kv.key, if_revision=kv.mod_revision)
         return live
 
+    async def _building(self) -> bool:
+        """Whether a deploy is queued or building now."""
+        deploys, _ = await self.state.resources.list_deploys()
+        return any(d.status in ("queued", "building") for d in deploys)
+
     def _per_uid_folders(self, live: set[str], retention: Retention) -> int:
         """The uv caches and lock folders of apps that no longer exist (named by uid: a new app of
         the same name has another): removed once past the grace period. Bytes freed."""
         freed = 0
         old = time.time() - retention.grace_s
-        for parent in (self.state.builder.cache_dir, self.state.images.locks_dir):
+        # Those of builds that ran in the API's process, before builders were processes of their own.
+        for parent in (self.state.data_dir / "cache" / "uv", self.state.images.locks_dir):
             for folder in _files(parent):
                 if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
                     continue
-                if _mtime(folder) < old and not self.state.builds:
+                if _mtime(folder) < old:
                     # The app's build wrote in it: walked without following a link it may have left.
                     for top, _, names in os.walk(folder, followlinks=False):
                         for name in names:
@@ -212,14 +221,18 @@ class Collector:
         for deploys in by_app.values():
             deploys.sort(key=lambda pair: pair[0].created_at, reverse=True)
             for rank, (d, rev) in enumerate(deploys):
-                building = d.status == "building" or d.id in self.state.builds
+                building = d.status in ("queued", "building")
                 recent = (d.finished_at or d.created_at) >= oldest
+                if not building:  # its source is no longer needed (left by a server that stopped)
+                    self.state.source(d.id).unlink(missing_ok=True)
                 if building or (recent and rank < retention.deploys_per_app):
                     kept.add(d.id)
                     continue
                 with contextlib.suppress(Conflict):  # changed meanwhile: the next pass decides
                     if await store.delete(f"/deploys/{d.id}", if_revision=rev):
                         out.deploys += 1
+                        await BuildLog(store, d.id, cap_bytes=1 << 20).delete()
+                        self.state.source(d.id).unlink(missing_ok=True)
                         _unlink_log(self.state.deploy_log(d.id), out)
         return kept
 

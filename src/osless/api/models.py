@@ -100,13 +100,14 @@ __all__ = [
 class Deploy(BaseModel):
     id: str
     app: str | None = None
-    status: Literal["building", "succeeded", "failed"] = "building"
+    # queued (stored, waiting for a builder) -> building (claimed) -> succeeded | failed
+    status: Literal["queued", "building", "succeeded", "failed"] = "queued"
     release: int | None = None
     image: str | None = None
     error: str | None = None
     deps_cached: bool | None = None
-    # Which server's builder holds it while `building`: a key under /builders/ on that server's lease.
-    # Once the key is gone (the server stopped or lost the store), any server fails the deploy.
+    # Which builder process claimed it while `building`: a key under /builders/ on that builder's
+    # lease. Once the key is gone (the builder stopped or lost the API), any server fails the deploy.
     builder: str | None = None
     created_at: float = Field(default_factory=now)
     finished_at: float | None = None

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from osless.api.buildlog import LOG_PREFIX
 from osless.api.errors import ApiError
 from osless.api.models import (
     App,
@@ -48,7 +49,8 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
 UID_BASE, UID_RANGE = 1_000_000, 1_000_000_000
 
 
-# Builders (one per server process) hold a key here on their lease, named by the deploys they build.
+# Builder processes each hold a key here on their lease (the token that registered it in its value),
+# named by the deploys they claimed.
 BUILDERS = "/builders/"
 
 
@@ -189,7 +191,7 @@ class Resources:
                 )
             _, rev = got
             deploys = [d for d in (await self.list_deploys())[0] if d.app == name]
-            if building := [d.id for d in deploys if d.status == "building"]:
+            if building := [d.id for d in deploys if d.status in ("queued", "building")]:
                 # Its release would bring the app back the moment it is committed.
                 raise ApiError(
                     409,
@@ -210,7 +212,11 @@ class Resources:
                         (f"/appuids/{name}", None),
                         *((k, None) for k in records),
                     ],
-                    delete_prefixes=[f"/releases/{name}/", f"/confighistory/{name}/"],
+                    delete_prefixes=[
+                        f"/releases/{name}/",
+                        f"/confighistory/{name}/",
+                        *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
+                    ],
                 )
                 return
             except Conflict:
@@ -301,13 +307,71 @@ class Resources:
         await self.update(f"/deploys/{d.id}", Deploy, change)
         return written
 
-    async def hold_builds(self, ttl_s: float) -> tuple[str, int]:
-        """A builder key on a fresh lease: (its name, the lease). Deploys this server builds name it;
-        the key lives as long as the server keeps the lease alive."""
+    async def register_builder(self, token_id: str, ttl_s: float) -> str:
+        """A new builder's key on a lease of its own: its name. Deploys it claims name it; the key
+        lives as long as the builder keeps the lease alive (`renew_builder`)."""
         lease = await self.store.grant_lease(ttl_s)
         name = secrets.token_hex(8)
-        await self.store.put(BUILDERS + name, b"{}", lease=lease)
-        return name, lease
+        value = json.dumps({"token": token_id, "lease": lease, "at": now()}).encode()
+        await self.store.put(BUILDERS + name, value, if_revision=0, lease=lease)
+        return name
+
+    async def builder_token(self, name: str) -> str | None:
+        """The id of the token that registered builder `name`; None once its lease is gone."""
+        kv = await self.store.get(BUILDERS + name)
+        return None if kv is None else str(json.loads(kv.value)["token"])
+
+    async def renew_builder(self, name: str, token_id: str) -> bool:
+        """Keep builder `name`'s lease alive; False if it is gone (the builder must register anew)."""
+        kv = await self.store.get(BUILDERS + name)
+        if kv is None or json.loads(kv.value)["token"] != token_id or kv.lease is None:
+            return False
+        try:
+            await self.store.keepalive(kv.lease)
+        except LeaseNotFound:
+            return False
+        return True
+
+    async def drop_builder(self, name: str, token_id: str) -> None:
+        kv = await self.store.get(BUILDERS + name)
+        if kv is not None and json.loads(kv.value)["token"] == token_id and kv.lease is not None:
+            with contextlib.suppress(LeaseNotFound):
+                await self.store.revoke(kv.lease)  # the key goes with it
+
+    async def claim_deploy(self, builder: str, here: Callable[[str], bool]) -> Deploy | None:
+        """The oldest queued deploy whose source is `here(id)`, now `building` by `builder`
+        (compare-and-swap: two builders never both get one); None if none is queued."""
+        items, _ = await self.list_deploys()
+        queued = [d for d in items if d.status == "queued" and here(d.id)]
+        for d in sorted(queued, key=lambda d: d.created_at):
+            won: list[Deploy] = []
+
+            def change(stored: Deploy, won: list[Deploy] = won) -> Deploy | None:
+                won.clear()
+                if stored.status != "queued":
+                    return None
+                stored.status, stored.builder = "building", builder
+                won.append(stored)
+                return stored
+
+            with contextlib.suppress(ApiError):  # deleted meanwhile, or busy: the next one
+                await self.update(f"/deploys/{d.id}", Deploy, change)
+            if won:
+                return won[0]
+        return None
+
+    async def set_deploy_app(self, deploy_id: str, builder: str, app: str) -> Deploy:
+        """Name the app of a deploy `builder` builds (read from its code); 409 if no longer its."""
+
+        def change(stored: Deploy) -> Deploy | None:
+            if stored.status != "building" or stored.builder != builder:
+                raise ApiError(409, "not_claimed", f"deploy {deploy_id} is not being built by {builder}")
+            if stored.app == app:
+                return None
+            stored.app = app
+            return stored
+
+        return await self.update(f"/deploys/{deploy_id}", Deploy, change)
 
     async def drop_builders(self) -> None:
         """Forget every builder's key: for a store only this process can use, whose builders from
@@ -316,12 +380,11 @@ class Resources:
         for kv in held:
             await self.store.delete(kv.key)
 
-    async def fail_orphaned_deploys(self, local: Callable[[str], bool], error: str) -> list[str]:
-        """Fail the deploys left `building` by a builder whose lease is gone (a deploy this process
-        builds, `local(id)`, is left alone); the ids failed. A deploy without a builder was written by
-        a release that had none: no server can still be building it once this one runs."""
+    async def fail_orphaned_deploys(self, error: str) -> list[str]:
+        """Fail the deploys left `building` by a builder whose lease is gone; the ids failed. A deploy
+        without a builder was written by a release that had none: nothing can still be building it."""
         items, _ = await self.list_deploys()
-        building = [d for d in items if d.status == "building" and not local(d.id)]
+        building = [d for d in items if d.status == "building"]
         if not building:
             return []
         held, _ = await self.store.list(BUILDERS)

@@ -1,8 +1,8 @@
-"""What the API's routes share: the resources, the image store and builder, paths and limits."""
+"""What the API's routes share: the resources, the image store, paths and limits (builds run in
+builder processes: the API stores what they upload, see routes/builds.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,6 @@ from osless.api.auth import Tokens
 from osless.api.collector import Collector
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
-from osless.builder import Builder
 from osless.images import ImageStore
 
 __all__ = ["ApiState", "get_state"]
@@ -23,15 +22,13 @@ __all__ = ["ApiState", "get_state"]
 class ApiState:
     resources: Resources
     images: ImageStore
-    builder: Builder
     data_dir: Path
     gateway_url: str
     secrets: SecretBox
     max_upload_bytes: int = 100 * 1024 * 1024
     max_body_bytes: int = 6 * 1024 * 1024
+    max_layer_bytes: int = 8 * 1024 * 1024 * 1024  # one layer archive a builder uploads
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
-    builds: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    builder_id: str = ""  # this server's key under /builders/, on its lease: named by the deploys it builds
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
     tokens: Tokens = field(init=False)
 
@@ -51,7 +48,16 @@ class ApiState:
         return self.logs_dir / "deploys"
 
     def deploy_log(self, deploy_id: str) -> Path:
+        """A build log on this server's disk: only those of releases before logs moved to the store."""
         return self.deploy_logs_dir / f"{deploy_id}.log"
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.data_dir / "sources"
+
+    def source(self, deploy_id: str) -> Path:
+        """A queued deploy's uploaded archive, until its build ends."""
+        return self.sources_dir / f"{deploy_id}.tar.gz"
 
 
 def get_state(request: Request) -> ApiState:

@@ -14,6 +14,7 @@ import typer
 from rich.text import Text
 
 from osless.cli.audit import audit
+from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
@@ -150,7 +151,9 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
     )
     final: dict[str, Any] = deploy
     with console.status(
-        f"Building {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded)",
+        # Until a builder process claims it (its first line says so).
+        f"Queued {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded): "
+        "waiting for a builder",
         spinner="dots",
     ) as status:
         try:
@@ -228,6 +231,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
+app.command("builder")(builder)
 app.command("audit")(audit)
 
 

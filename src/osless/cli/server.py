@@ -25,7 +25,9 @@ def server(
     ],
     data_dir: Annotated[
         Path,
-        typer.Option(help="This server's folder: images, build logs, its admin token, the secret key."),
+        typer.Option(
+            help="This server's folder: images, sources, its admin token, the secret key, its builder's."
+        ),
     ] = DEFAULT_SERVER_DIR,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -37,6 +39,12 @@ def server(
         ),
     ] = None,
     sandbox: Annotated[bool, typer.Option(help="Run builds in sandboxes.")] = True,
+    builder: Annotated[
+        bool,
+        typer.Option(
+            help="Start a builder process beside the API (builds need one, here or `osless builder`)."
+        ),
+    ] = True,
     save: Annotated[
         bool, typer.Option("--save-credentials/--no-save-credentials", help="Save the CLI's credentials.")
     ] = True,
@@ -44,8 +52,8 @@ def server(
         bool, typer.Option("--json", help="Once ready, print one JSON object: the API and the token file.")
     ] = False,
 ) -> None:
-    """Run the API, the controllers and the collector (and, for now, the builder) on etcd; no node:
-    machines join with `osless node join --api URL`."""
+    """Run the API, the controllers, the collector and a builder process on etcd; no node: machines
+    join with `osless node join --api URL`."""
     import asyncio
     import contextlib
     import logging
@@ -61,6 +69,7 @@ def server(
         api_port=api_port,
         host=host,
         sandbox=sandbox,
+        builder=builder,
         secret_key_file=secret_key_file,
     )
 

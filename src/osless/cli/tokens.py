@@ -17,7 +17,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 ROLES_HELP = (
     "admin (everything), deploy (deploy, roll back, scale, config, and read), read (read only), "
     "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`; "
-    "--name is the node's), controller (the scheduler and autoscaler)"
+    "--name is the node's), controller (the scheduler and autoscaler), builder (a build process: "
+    "`osless builder`)"
 )
 
 

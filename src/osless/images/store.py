@@ -312,13 +312,18 @@ class ImageStore:
             counts[kind] += 1
             return True
 
+        gone_layers: set[str] = set()
+
         def sweep() -> bool:
             for path in self.manifests_dir.glob("*.json"):
                 if path.stem not in keep_images and not remove(path, "manifests"):
                     return False
             for path in self.layers_dir.iterdir():
-                if path.name not in keep_layers and not remove(path, "layers"):
-                    return False
+                if path.name not in keep_layers:
+                    if not remove(path, "layers"):
+                        return False
+                    if not path.exists():
+                        gone_layers.add(path.name)
             # A layer's archive goes with it (unless another layer has the same bytes).
             keep_archives: set[str] = set()
             for path in self.archived_dir.glob("*.json"):
@@ -327,6 +332,9 @@ class ImageStore:
                         keep_archives.add(str(json.loads(path.read_bytes())["sha256"]))
                 elif not remove(path, "archived"):
                     return False
+                elif path.stem not in gone_layers and not path.exists():
+                    # A layer the API holds as its archive alone (a builder uploaded it): counted once.
+                    counts["layers"] += 1
             for path in self.archives_dir.glob("*.tar"):
                 if path.stem not in keep_archives and not remove(path, "archives"):
                     return False

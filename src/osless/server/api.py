@@ -1,5 +1,5 @@
 """The API's process: the store opened and migrated, the admin token, the API server, the controllers
-and the collector (and, until builds move to a builder process, the builder).
+and the collector; beside it, a builder process of its own (`server.builder_child`): never a build here.
 
 `osless up` runs an `ApiHost` on SQLite next to its machine's node; `osless server --etcd URL` runs
 one alone, on etcd, with nodes joining from elsewhere (`osless node join`). Several servers may share
@@ -30,19 +30,16 @@ from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.resources import Resources
-from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
-from osless.builder import Builder, stop_all_builds
-from osless.builder.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
 from osless.controllers import run_controllers
 from osless.images import ImageStore
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
-from osless.node.isolation import build_spec
+from osless.server.builder_child import BuilderChild
 from osless.server.node import host_protections, private_dir
-from osless.store import Conflict, LeaseNotFound, SQLiteStore, Store, StoreError, open_store
+from osless.store import Conflict, SQLiteStore, Store, StoreError, open_store
 
 __all__ = [
     "ApiConfig",
@@ -61,10 +58,6 @@ log = logging.getLogger("osless")
 KEEP_BACKUPS = 3
 SECRET_KEY_CHECK = "/meta/secretkey"
 GATEWAY_FOLLOW_S = 2.0
-# A build's deploy is held by its server's builder lease: if the server dies, any server (or this
-# one, restarted) fails the deploy once the lease lapses. Kept alive several times per lease.
-BUILD_LEASE_S = 10.0
-BUILD_KEEPALIVE_S = 2.0
 
 
 @dataclass
@@ -77,6 +70,7 @@ class ApiConfig:
     host: str = "127.0.0.1"
     max_upload_mb: int = 100
     sandbox: bool = True  # builds, in sandboxes
+    builder: bool = True  # a builder process beside the API (`<data dir>/builder`)
     secret_key_file: Path | None = None
     egress_allow: list[Network] = field(default_factory=list)
     gateway_url: str = ""  # where function calls go; default: a live node's gateway, followed
@@ -139,11 +133,11 @@ async def fresh_token(resources: Resources, name: str, role: str) -> str:
     return await issue_token(resources, name, role=role)
 
 
-def controller_name(data_dir: Path) -> str:
-    """The name of this server's controller token: its own, so that a server starting on a shared
-    store revokes only its previous token, never another server's (whose controllers would then stop)."""
+def controller_name(data_dir: Path, role: str = "controller") -> str:
+    """The name of this server's controller (or builder) token: its own, so that a server starting on a
+    shared store revokes only its previous token, never another server's (whose part would then stop)."""
     where = f"{socket.gethostname()}\0{data_dir}".encode()
-    return "controller-" + hashlib.sha256(where).hexdigest()[:12]
+    return f"{role}-" + hashlib.sha256(where).hexdigest()[:12]
 
 
 async def backup_prefix(store: Store, dest_dir: Path, version: int, *, keep: int = KEEP_BACKUPS) -> Path:
@@ -201,12 +195,13 @@ class ApiHost:
         self.run_dir = run_dir_for(self.data_dir)
         self.token = ""  # the admin's
         self.controller_token = ""
+        self.builder_token = ""
         self.state: ApiState | None = None
-        self.build_egress: BuildEgress | None = None
         self.client: AsyncApi | None = None
         self.server: _Server | None = None
         self.tasks: list[asyncio.Task[None]] = []
-        self.build_lease: int | None = None
+        self.builder: BuilderChild | None = None
+        self.sandboxed = True
 
     async def open(self, *, sandboxed: bool) -> Resources:
         """The store started and migrated, the admin and controller tokens made, the API's state built."""
@@ -244,29 +239,19 @@ class ApiHost:
         self.token = await admin_token(resources, data_dir)
         self.controller_token = await fresh_token(resources, controller_name(data_dir), "controller")
         await revoke_named(resources, "controller", "controller")  # the one name of older releases
+        if cfg.builder:
+            self.builder_token = await fresh_token(resources, controller_name(data_dir, "builder"), "builder")
+        self.sandboxed = sandboxed
         images = ImageStore(data_dir / "images")
         images.clean_tmp()
+        (data_dir / "sources").mkdir(mode=0o700, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        build_sandbox = (
-            functools.partial(build_spec, data_dir=data_dir, run_dir=self.run_dir) if sandboxed else None
-        )
-        # Builds reach the package index only, through an egress proxy of their own (`build.egress`).
-        self.build_egress = (
-            BuildEgress(self.run_dir / "build-egress", hosts=index_hosts(os.environ), allow=cfg.egress_allow)
-            if sandboxed
-            else None
-        )
-        if isinstance(self.store, SQLiteStore):  # no other server shares it: its builds all stopped
+        if isinstance(self.store, SQLiteStore):  # no other server shares it: its builder stopped with it
             await resources.drop_builders()
-        builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
         self.state = ApiState(
-            builder_id=builder_id,
             secrets=secrets,
             resources=resources,
             images=images,
-            builder=Builder(
-                images, sandbox=build_sandbox, egress=self.build_egress, cache_dir=data_dir / "cache" / "uv"
-            ),
             data_dir=data_dir,
             gateway_url=cfg.gateway_url,
             max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
@@ -310,8 +295,15 @@ class ApiHost:
             # One candidate among any controller processes run against this API: the leader acts.
             asyncio.create_task(run_controllers(self.client), name="the controllers"),
             asyncio.create_task(self.state.collector.run(), name="the collector"),
-            asyncio.create_task(self._hold_builds(), name="the build lease"),
         ]
+        if self.cfg.builder:
+            self.builder = BuilderChild(
+                api_url=self.cfg.api_url,
+                token=self.builder_token,
+                data_dir=self.data_dir / "builder",
+                sandbox=self.sandboxed,
+            )
+            self.tasks.append(asyncio.create_task(self.builder.run(), name="the builder process"))
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
         return self.tasks
@@ -328,29 +320,9 @@ class ApiHost:
                     state.gateway_url = urls[0]
             await asyncio.sleep(GATEWAY_FOLLOW_S)
 
-    async def _hold_builds(self) -> None:
-        """The builder lease kept alive, and the deploys of builders whose lease lapsed failed."""
-        assert self.state is not None and self.build_lease is not None
-        state, resources = self.state, self.state.resources
-        while True:
-            try:
-                await self.store.keepalive(self.build_lease)
-            except LeaseNotFound:
-                # Cut off past the lease: other servers may have failed this one's builds in flight
-                # (those end as they were recorded); builds from now on hold a new lease.
-                log.warning("the build lease lapsed: builds started before now end as recorded")
-                with contextlib.suppress(StoreError):
-                    state.builder_id, self.build_lease = await resources.hold_builds(BUILD_LEASE_S)
-            except StoreError as e:
-                log.warning("the build lease was not kept alive (trying again): %s", e)
-            with contextlib.suppress(Exception):  # the next round looks again
-                await fail_orphaned_builds(state)
-            await asyncio.sleep(BUILD_KEEPALIVE_S)
-
     async def stop(self, servers: list[asyncio.Task[None]]) -> None:
-        stop_all_builds()  # a build in flight fails now rather than hold the shutdown
-        if self.build_egress is not None:
-            self.build_egress.close()
+        if self.builder is not None:  # first, while the API answers: its builds in flight fail, saying so
+            await self.builder.stop()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -359,9 +331,6 @@ class ApiHost:
         await asyncio.gather(*servers, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
-        if self.build_lease is not None:  # its builds ended above: other servers need not wait for it
-            with contextlib.suppress(StoreError):
-                await self.store.revoke(self.build_lease)
         if self.state is not None and self.controller_token:
             # Its controllers stepped down above: a server retired for good leaves no live token
             # behind (one that starts again makes a new one anyway).
@@ -405,7 +374,7 @@ async def wait_for_stop(parts: list[asyncio.Task[None]]) -> bool:
 async def run_server(
     cfg: ApiConfig, *, save: bool = True, on_ready: Callable[[str, str], None] | None = None
 ) -> None:
-    """`osless server`: the API, the controllers and the collector (and the builder), no node; until
+    """`osless server`: the API, the controllers, the collector and a builder process, no node; until
     SIGINT/SIGTERM. `on_ready(api_url, admin_token)` once it answers."""
     private_data_dir(cfg.data_dir.resolve())
     sandboxed, _ = host_protections(cfg.sandbox)

@@ -47,9 +47,11 @@ def private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def host_protections(sandbox: bool) -> tuple[bool, list[Protection]]:
+def host_protections(
+    sandbox: bool, what: str = "APPS RUN WITHOUT A SANDBOX, their builds included"
+) -> tuple[bool, list[Protection]]:
     """Whether apps (and builds) run sandboxed here, and what the host gives; what is missing is
-    said loudly, never silently."""
+    said loudly (`what`: who runs without), never silently."""
     protections = doctor.check()
     missing = {p.name: p.detail for p in protections if not p.ok}
     for name, detail in missing.items():
@@ -57,7 +59,8 @@ def host_protections(sandbox: bool) -> tuple[bool, list[Protection]]:
     sandboxed = sandbox and not any(name in missing for name in doctor.REQUIRED)
     if not sandboxed:
         log.warning(
-            "APPS RUN WITHOUT A SANDBOX, their builds included: %s",
+            "%s: %s",
+            what,
             "turned off by --no-sandbox"
             if not sandbox
             else "this host lacks " + ", ".join(n for n in doctor.REQUIRED if n in missing),

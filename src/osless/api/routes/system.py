@@ -41,6 +41,7 @@ async def status(
     apps, rev = await res.list_apps()
     instances, _ = await res.list_instances(app=caller.app)
     nodes, _ = await res.list_nodes()
+    deploys, _ = await res.list_deploys()
     apps = [a for a in apps if caller.sees(a.name)]
     phases = Counter(i.status.phase for i in instances)
     return {
@@ -51,5 +52,5 @@ async def status(
         "apps": len(apps),
         "instances": dict(phases),
         "nodes": [n.name for n in nodes],
-        "builds_running": len(state.builds),
+        "builds_running": sum(d.status == "building" and caller.sees(d.app) for d in deploys),
     }

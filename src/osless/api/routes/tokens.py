@@ -73,7 +73,7 @@ async def create_token(
             "invalid_request",
             "an admin token cannot be limited to one app; use deploy, read, debug or invoke",
         )
-    if body.role in ("node", "controller") and body.app is not None:
+    if body.role in ("node", "controller", "builder") and body.app is not None:
         raise ApiError(
             422,
             "invalid_request",

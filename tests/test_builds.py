@@ -1,0 +1,238 @@
+"""Builds run in a builder process, never in the API's: what a builder token may do (only on the
+deploys it claimed), what the API checks of what it uploads, and what happens when it dies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from osless.builder import pack
+from tests.platform import EXAMPLES, Platform, running
+
+ORPHANED = "the builder building it stopped: deploy again"
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """A platform of this module's own: its tests stop and kill its builder."""
+    p = Platform(tmp_path_factory.mktemp("builds") / "data").start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def slow_app(dest: Path, seconds: int, name: str = "slow") -> Path:
+    """An app whose build stays `building` for `seconds` (its import sleeps, and a build imports it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "app.py").write_text(
+        "import sys, time\nimport osless\n"
+        "print('importing slowly', file=sys.stderr, flush=True)\n"
+        f"time.sleep({seconds})\n"
+        f"app = osless.App({name!r})\n"
+    )
+    return dest
+
+
+def log_lines(p: Platform, deploy_id: str, **params: str) -> list[dict[str, Any]]:
+    r = p.http("GET", f"/v1/deploys/{deploy_id}/log", params=params)
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def builder_pid(p: Platform, deploy_id: str) -> int:
+    for rec in log_lines(p, deploy_id):
+        if m := re.match(r"==> Builder [0-9a-f]+ \(pid (\d+)\)", rec.get("line", "")):
+            return int(m.group(1))
+    raise AssertionError(f"no builder line in the log of {deploy_id}")
+
+
+def ended(p: Platform, deploy_id: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        d: dict[str, Any] = p.http("GET", f"/v1/deploys/{deploy_id}").json()
+        return d if d["status"] not in ("queued", "building") else None
+
+    found: dict[str, Any] = p.wait_for(done, timeout=timeout, what=f"deploy {deploy_id} to end")
+    return found
+
+
+def as_token(p: Platform, tok: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(
+        method,
+        p.api + path,
+        headers={"authorization": f"Bearer {tok}", **kw.pop("headers", {})},
+        timeout=60,
+        **kw,
+    )
+
+
+def builder_token(p: Platform) -> str:
+    r = p.http("POST", "/v1/tokens", json={"role": "builder"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def test_a_deploy_builds_in_a_builder_process_not_the_apis(plat: Platform) -> None:
+    deploy = plat.deploy(EXAMPLES / "hello")
+    assert deploy["status"] == "succeeded", deploy
+    pid = builder_pid(plat, deploy["id"])
+    assert plat.proc is not None and pid != plat.proc.pid
+    assert b"osless.builder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[1]) == plat.proc.pid  # `osless up`'s child
+    assert re.fullmatch(r"[0-9a-f]{16}", deploy["builder"])
+    # The builder's image store is its own: the same requirements hit its dependency cache again.
+    again = plat.deploy(EXAMPLES / "hello")
+    assert again["deps_cached"] is True, again
+
+
+def test_the_api_process_never_imports_the_builder() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, osless.server.api, osless.server.up, osless.api.app\n"
+        "print(sorted(m for m in sys.modules if m in ('osless.builder.builder', 'osless.builder.egress')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not_claim(
+    plat: Platform,
+) -> None:
+    hello = plat.deploy(EXAMPLES / "hello")
+    tok = builder_token(plat)
+    archive = pack(EXAMPLES / "hello")
+    gz = {"content-type": "application/gzip"}
+    assert as_token(plat, tok, "POST", "/v1/deploys", content=archive, headers=gz).status_code == 403
+    assert as_token(plat, tok, "GET", "/v1/apps/hello/config").status_code == 403
+    assert as_token(plat, tok, "GET", "/v1/apps").status_code == 403
+    assert as_token(plat, tok, "GET", "/v1/deploys").status_code == 403
+    node = plat.http("GET", "/v1/nodes").json()["items"][0]["name"]
+    assert as_token(plat, tok, "GET", f"/v1/nodes/{node}/apps/hello/config").status_code == 403
+    assert (
+        as_token(plat, tok, "PUT", "/v1/leaders/controllers", json={"holder": "x", "ttl_s": 3}).status_code
+        == 403
+    )
+
+    mine = as_token(plat, tok, "POST", "/v1/builders").json()["name"]
+    other = as_token(plat, builder_token(plat), "POST", "/v1/builders").json()["name"]
+    # A deploy it did not claim (the platform's builder built it): no log, no source, no result.
+    base, q = f"/v1/builds/{hello['id']}", {"builder": mine}
+    for method, path, kw in (
+        ("POST", "/log", {"json": {"lines": ["forged"]}}),
+        ("GET", "/source", {}),
+        ("POST", "/result", {"json": {"error": "forged"}}),
+    ):
+        r = as_token(plat, tok, method, base + path, params=q, **kw)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_claimed", r.text
+    # Another token's builder name is not its to use.
+    r = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": other})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_this_builder", r.text
+
+    # The platform's builder stopped, a deploy stays queued for this one to claim, once. (A claim
+    # the stopped builder had in flight, answered by the API, takes the first one uploaded.)
+    pid = builder_pid(plat, hello["id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        queued = plat.upload(EXAMPLES / "hello", app="hellotwo")
+        time.sleep(0.5)
+        got = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": mine})
+        if got.status_code == 204:
+            queued = plat.upload(EXAMPLES / "hello", app="hellotwo")
+            got = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": mine})
+        assert got.status_code == 200 and got.json()["id"] == queued["id"], got.text
+        assert got.json()["status"] == "building" and got.json()["builder"] == mine
+        r = as_token(plat, tok, "POST", "/v1/builds/claim", params={"builder": mine})
+        assert r.status_code == 204, r.text  # nothing else queued: never the same deploy twice
+        base, q = f"/v1/builds/{queued['id']}", {"builder": mine}
+        assert as_token(plat, tok, "GET", base + "/source", params=q).content == archive
+        bad = b"not what the digest says"
+        r = as_token(
+            plat,
+            tok,
+            "PUT",
+            f"{base}/layers/{hashlib.sha256(b'other bytes').hexdigest()}",
+            params=q,
+            content=bad,
+            headers={"content-type": "application/x-tar"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "digest_mismatch", r.text
+        # A manifest naming a layer the API does not have, or another app, is refused.
+        app = as_token(plat, tok, "POST", base + "/app", params=q, json={"name": "other"}).json()
+        assert app["app"] == "hellotwo" and app["uid"] > 0  # named at upload (`?app=`): that wins
+        manifest = {"app": "evil", "layers": {}, "layer_archives": {}}
+        data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        r = as_token(plat, tok, "PUT", base + "/image", params=q, content=data)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
+        # Nor is another app's image released by it.
+        r = as_token(plat, tok, "POST", base + "/result", params=q, json={"image": hello["image"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
+        # The other builder cannot end it; this one can.
+        r = as_token(plat, tok, "POST", base + "/result", params={"builder": other}, json={"error": "x"})
+        assert r.status_code == 409, r.text
+        r = as_token(plat, tok, "POST", base + "/result", params=q, json={"error": "given up by the test"})
+        assert r.status_code == 200 and r.json()["status"] == "failed", r.text
+        r = as_token(plat, tok, "POST", base + "/result", params=q, json={"error": "again"})
+        assert r.status_code == 409, r.text
+        lines = [rec.get("line") for rec in log_lines(plat, queued["id"])]
+        assert lines[-2] == "==> Build failed: given up by the test", lines
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        as_token(plat, tok, "DELETE", f"/v1/builders/{mine}")
+
+
+def test_the_build_log_reads_the_same_followed_as_after_the_end(plat: Platform, tmp_path: Path) -> None:
+    deploy = plat.upload(slow_app(tmp_path / "s", 1, "slowlog"))
+    with httpx.stream(
+        "GET",
+        f"{plat.api}/v1/deploys/{deploy['id']}/log",
+        params={"follow": "true"},
+        headers={"authorization": f"Bearer {plat.token}"},
+        timeout=120,
+    ) as r:
+        followed = [json.loads(line) for line in r.iter_lines()]
+    after = log_lines(plat, deploy["id"])
+    assert followed[:-1] == after[:-1]
+    assert followed[-1]["deploy"]["status"] == after[-1]["deploy"]["status"] == "succeeded"
+    assert after[-2]["line"].startswith("==> Released slowlog v1")
+    out = plat.cli("deploy", str(tmp_path / "s")).stdout
+    assert "Released slowlog v2" in out or "slowlog v2" in out, out
+
+
+def test_a_builder_killed_mid_build_has_its_deploy_failed_and_the_next_builds(
+    plat: Platform, tmp_path: Path
+) -> None:
+    src = slow_app(tmp_path / "slow", 60)
+    deploy = plat.upload(src)
+    plat.wait_for_build_line(deploy["id"], "importing slowly")
+    pid = builder_pid(plat, deploy["id"])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    failed = ended(plat, deploy["id"], timeout=30)
+    assert failed["status"] == "failed" and failed["error"] == ORPHANED, failed
+    assert time.monotonic() - killed < 20  # the lease (10 s) and a sweep (2 s)
+    assert log_lines(plat, deploy["id"])[-2]["line"] == f"==> Build failed: {ORPHANED}"
+    # `osless up` started a new builder: it builds the next deploy.
+    nxt = plat.deploy(EXAMPLES / "hello")
+    assert nxt["status"] == "succeeded" and builder_pid(plat, nxt["id"]) != pid
+
+    # Stopped (SIGTERM) mid-build, a builder fails its build at once, saying why.
+    again = plat.upload(src)
+    plat.wait_for_build_line(again["id"], "importing slowly")
+    pid = builder_pid(plat, again["id"])
+    os.kill(pid, signal.SIGTERM)
+    stopped = ended(plat, again["id"], timeout=30)
+    assert stopped["error"] == "the builder stopped mid-build: deploy again", stopped
+    plat.wait_for(lambda: not running(pid), timeout=20, what="the builder to exit")
