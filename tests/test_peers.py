@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,6 +66,19 @@ def put_key(url: str, key: str, value: bytes) -> None:
     asyncio.run(put())
 
 
+def get_key(url: str, key: str) -> bytes | None:
+    async def get() -> bytes | None:
+        store = open_store(url)
+        await store.start()
+        try:
+            kv = await store.get(key)
+            return None if kv is None else kv.value
+        finally:
+            await store.close()
+
+    return asyncio.run(get())
+
+
 class FakePeer:
     """A 'server' on record that answers each path with the bytes it is given, noting what it is shown."""
 
@@ -75,7 +87,7 @@ class FakePeer:
         self.shown = shown
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 shown.append(self.headers.get("authorization", ""))
                 body = answers.get(self.path)
                 self.send_response(200 if body is not None else 404)
@@ -109,6 +121,14 @@ def test_a_release_built_through_one_server_runs_on_a_node_of_another(fleet: Fle
     assert (fleet.b.data_dir / "images" / "manifests" / f"{image}.json").read_bytes() == (
         fleet.a.data_dir / "images" / "manifests" / f"{image}.json"
     ).read_bytes()
+
+
+def test_a_deploy_uploaded_to_a_server_without_a_builder_is_built_by_another(fleet: Fleet) -> None:
+    deployed = fleet.b.deploy(EXAMPLES / "hello")  # B has no builder: A's claims it, and fetches the source
+    assert deployed["status"] == "succeeded", deployed
+    assert fleet.b.http("GET", f"/v1/deploys/{deployed['id']}/log").text.count("==> Released hello") == 1
+    # Once built, no record of its source is left for peers to fetch.
+    assert get_key(fleet.url, f"/sources/{deployed['id']}") is None
 
 
 def test_a_peer_copy_with_other_bytes_is_refused_and_a_peer_shown_a_peer_token(fleet: Fleet) -> None:

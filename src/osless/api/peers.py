@@ -157,6 +157,25 @@ class Peers:
                 return True
         return False
 
+    async def record_source(self, deploy_id: str, sha256: str) -> None:
+        """Deploy `deploy_id`'s source is on this server, with that sha256 (before it is queued)."""
+        value = json.dumps({"server": self.server_id, "sha256": sha256}).encode()
+        await self.store.put(SOURCES + deploy_id, value)
+
+    async def drop_source(self, deploy_id: str) -> None:
+        await self.store.delete(SOURCES + deploy_id)
+
+    async def reachable_sources(self) -> set[str]:
+        """The deploys whose source a live peer holds (the one it was uploaded to)."""
+        live = {server for server, _ in await self.live()}
+        items, _ = await self.store.list(SOURCES)
+        found: set[str] = set()
+        for kv in items:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(kv.value)["server"] in live:
+                    found.add(kv.key.removeprefix(SOURCES))
+        return found
+
     async def _read(self, url: str, limit: int) -> bytes:
         timeout = httpx.Timeout(READ_S, connect=CONNECT_S)
         async with self.http.stream("GET", url, headers=self._headers(), timeout=timeout) as r:
