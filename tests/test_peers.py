@@ -8,11 +8,13 @@ import asyncio
 import hashlib
 import json
 import signal
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +23,7 @@ import pytest
 from osless.images import canonical_json
 from osless.store import open_store
 from tests.etcd import EtcdCluster
-from tests.platform import EXAMPLES, Node, Server
+from tests.platform import EXAMPLES, OSLESS, Node, Server
 
 
 @dataclass
@@ -129,6 +131,29 @@ def test_a_deploy_uploaded_to_a_server_without_a_builder_is_built_by_another(fle
     assert fleet.b.http("GET", f"/v1/deploys/{deployed['id']}/log").text.count("==> Released hello") == 1
     # Once built, no record of its source is left for peers to fetch.
     assert get_key(fleet.url, f"/sources/{deployed['id']}") is None
+    # A node pulls images, never an app's source.
+    node = {"authorization": f"Bearer {fleet.node.token}"}
+    r = httpx.get(f"{fleet.b.api}/v1/sources/{deployed['id']}", headers=node, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+
+
+def test_a_server_listening_on_every_address_must_say_where_peers_reach_it(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            OSLESS,
+            "server",
+            "--etcd",
+            "etcd://127.0.0.1:1/x",
+            "--host",
+            "0.0.0.0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "--advertise-url" in r.stdout + r.stderr, (r.stdout, r.stderr)
 
 
 def test_a_peer_copy_with_other_bytes_is_refused_and_a_peer_shown_a_peer_token(fleet: Fleet) -> None:
