@@ -131,6 +131,14 @@ def test_a_deploy_uploaded_to_a_server_without_a_builder_is_built_by_another(fle
     assert fleet.b.http("GET", f"/v1/deploys/{deployed['id']}/log").text.count("==> Released hello") == 1
     # Once built, no record of its source is left for peers to fetch.
     assert get_key(fleet.url, f"/sources/{deployed['id']}") is None
+    # A record of a source whose deploy no longer builds (its app deleted meanwhile) goes at the next
+    # collection; one just written (its deploy about to be queued) stays.
+    put_key(fleet.url, "/sources/d-stale", json.dumps({"server": "x", "sha256": "0" * 64, "at": 0}).encode())
+    put_key(
+        fleet.url, "/sources/d-fresh", json.dumps({"server": "x", "sha256": "0" * 64, "at": 2e9}).encode()
+    )
+    assert fleet.b.http("POST", "/v1/retention/collect").status_code == 200
+    assert get_key(fleet.url, "/sources/d-stale") is None and get_key(fleet.url, "/sources/d-fresh")
     # A node pulls images, never an app's source.
     node = {"authorization": f"Bearer {fleet.node.token}"}
     r = httpx.get(f"{fleet.b.api}/v1/sources/{deployed['id']}", headers=node, timeout=10)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import httpx
 
 from osless.api.secrets import SecretBox
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, canonical_json, fsync_dir, write_file
-from osless.store import Store
+from osless.store import Conflict, Store
 
 __all__ = ["SERVERS", "SOURCES", "Peers", "ServerLease"]
 
@@ -40,6 +41,7 @@ SOURCES = "/sources/"  # deploy id -> {"server": the id of the one it was upload
 SERVER_TTL_S = 10.0
 RENEW_S = 2.0
 PEER_TOKEN_TTL_S = 60.0
+SOURCE_GRACE_S = 60.0  # a source's record is written just before its deploy is queued
 CONNECT_S = 3.0
 READ_S = 60.0  # between two chunks: a stalled peer gives way to the next
 
@@ -159,11 +161,29 @@ class Peers:
 
     async def record_source(self, deploy_id: str, sha256: str) -> None:
         """Deploy `deploy_id`'s source is on this server, with that sha256 (before it is queued)."""
-        value = json.dumps({"server": self.server_id, "sha256": sha256}).encode()
+        value = json.dumps({"server": self.server_id, "sha256": sha256, "at": time.time()}).encode()
         await self.store.put(SOURCES + deploy_id, value)
 
     async def drop_source(self, deploy_id: str) -> None:
         await self.store.delete(SOURCES + deploy_id)
+
+    async def forget_sources(self, building: set[str]) -> int:
+        """Drop the records of sources whose deploy no longer builds (deleted with its app, or ended
+        by a server that stopped before it dropped the record); not those just written, whose
+        deploy may be about to be queued. How many went."""
+        items, _ = await self.store.list(SOURCES)
+        gone = 0
+        for kv in items:
+            deploy = kv.key.removeprefix(SOURCES)
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if (
+                    deploy in building
+                    or time.time() - float(json.loads(kv.value).get("at", 0)) < SOURCE_GRACE_S
+                ):
+                    continue
+            with contextlib.suppress(Conflict):
+                gone += await self.store.delete(kv.key, if_revision=kv.mod_revision)
+        return gone
 
     async def reachable_sources(self) -> set[str]:
         """The deploys whose source a live peer holds (the one it was uploaded to)."""
