@@ -76,7 +76,7 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "secrets": ("GET", "/v1/nodes/any/apps/hello/config", {}),
 }
 ALLOWED = {
-    "admin": {"read", "describe", "logs", "deploy", "invoke", "operate", "report", "route", "admin"},
+    "admin": {"read", "describe", "logs", "deploy", "invoke", "operate", "report", "route", "pull", "admin"},
     "deploy": {"read", "describe", "deploy", "invoke"},
     "read": {"read", "describe"},
     "debug": {"read", "describe", "logs"},

@@ -61,6 +61,7 @@ Permission = Literal[
     "report",
     "route",
     "build",
+    "pull",
     "secrets",
     "admin",
 ]
@@ -76,15 +77,16 @@ _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 # - `route`: a gateway's (wake an app at zero, traffic reports);
 # - `build`: a builder process's (claim a queued deploy, read its source, post its log, layers,
 #   image and result), only ever on the deploys it claimed (api/routes/builds.py);
+# - `pull`: images and layer archives by digest (a node, only those it runs; see routes/images.py);
 # - `secrets`: config in clear, for node agents only, and only for the apps placed on their node.
 ROLES: dict[str, frozenset[Permission]] = {
-    "admin": _READ | {"logs", "deploy", "invoke", "operate", "report", "route", "admin"},
+    "admin": _READ | {"logs", "deploy", "invoke", "operate", "report", "route", "pull", "admin"},
     "deploy": _READ | {"deploy", "invoke"},
     "read": _READ,
     "debug": _READ | {"logs"},
     "invoke": frozenset({"whoami", "invoke"}),
     # A node agent: `osless node join` (and `osless up`'s own node) runs with one, named `node:NAME`.
-    "node": _READ | {"report", "secrets"},
+    "node": _READ | {"report", "pull", "secrets"},
     # A node's gateway processes, with a token their node asks for (`POST /v1/nodes/{node}/gateway-token`).
     "gateway": _READ | {"route"},
     # The scheduler and the autoscaler.
@@ -98,11 +100,13 @@ ROLES: dict[str, frozenset[Permission]] = {
     # the API's own logs route refuses it, so a node cannot renew it), `invoker` to a gateway.
     "reader": _READ | {"logs"},
     "invoker": frozenset({"whoami", "invoke"}),
+    # Another server (`secrets.peer_token`): what it lacks of images and deploy sources, nothing else.
+    "peer": frozenset({"pull"}),
 }
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).
-PLATFORM_ROLES = frozenset({"node", "gateway", "controller", "builder"})
-ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build"})
+PLATFORM_ROLES = frozenset({"node", "gateway", "controller", "builder", "peer"})
+ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build", "pull"})
 NODE_PREFIX = "node:"
 GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.

@@ -234,6 +234,11 @@ class Collector:
                         await BuildLog(store, d.id, cap_bytes=1 << 20).delete()
                         self.state.source(d.id).unlink(missing_ok=True)
                         _unlink_log(self.state.deploy_log(d.id), out)
+        if self.state.peers is not None:
+            queued = {
+                d.id for group in by_app.values() for d, _ in group if d.status in ("queued", "building")
+            }
+            await self.state.peers.forget_sources(queued)
         return kept
 
     async def _releases(

@@ -91,6 +91,12 @@ class Guard:
         scoped = self.state.secrets.scoped_of(token)
         if scoped is not None:
             role, app, holder, expires = scoped
+            if role == "peer":  # another server: for no app
+                return (
+                    Caller(id=f"peer:{holder}", name=f"peer:{holder}", role=role, expires_at=expires),
+                    "",
+                    "",
+                )
             name = f"{role}:{app}@{holder}" if holder else f"{role}:{app}"
             return Caller(id=f"{role}:{app}", name=name, role=role, app=app, expires_at=expires), "", ""
         found = await self.state.tokens.lookup(token)

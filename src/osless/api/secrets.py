@@ -20,7 +20,8 @@ __all__ = ["SecretBox", "load_key"]
 KEY_ENV = "OSLESS_SECRET_KEY"
 APP_TOKEN_PREFIX = "osla_"
 # Names of apps and nodes hold no "_", so the parts of a scoped token split cleanly.
-SCOPED_PREFIXES = {"reader": "oslr_", "invoker": "osli_"}
+SCOPED_PREFIXES = {"reader": "oslr_", "invoker": "osli_", "peer": "oslp_"}
+PEER_SCOPE = "platform"  # the `app` part of a peer token: it is for no app
 
 
 def load_key(data_dir: Path, key_file: Path | None = None) -> bytes:
@@ -80,12 +81,18 @@ class SecretBox:
     def scoped_token(self, role: str, app: str, ttl_s: float, holder: str = "") -> str:
         """A credential the API makes for one of its own requests to another part, instead of passing
         on its caller's token (which that part has no business holding): `reader` (an app's logs, shown
-        to the node `holder`) or `invoker` (an app's functions, shown to a gateway). Limited to `app`,
+        to the node `holder`), `invoker` (an app's functions, shown to a gateway) or `peer` (images,
+        layers and sources, shown by server `holder` to another server: `peer_token`). Limited to `app`,
         good for `ttl_s`; derived, never stored (servers sharing a store share the key)."""
         expires = int(time.time() + ttl_s)
         return (
             f"{SCOPED_PREFIXES[role]}{app}_{holder}_{expires}_{self._scoped_mac(role, app, holder, expires)}"
         )
+
+    def peer_token(self, server: str, ttl_s: float) -> str:
+        """What a server shows another for images, layers and sources it lacks: only servers hold the
+        key it is derived from (nodes, gateways and builders never see it)."""
+        return self.scoped_token("peer", PEER_SCOPE, ttl_s, server)
 
     def scoped_of(self, token: str) -> tuple[str, str, str, float] | None:
         """(role, app, holder, expiry) of a scoped token still good, or None."""

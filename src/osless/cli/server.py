@@ -31,6 +31,13 @@ def server(
     ] = DEFAULT_SERVER_DIR,
     api_port: Annotated[int, typer.Option(help="Port of the REST API.")] = 7070,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    advertise_url: Annotated[
+        str,
+        typer.Option(
+            help="This server's API URL as the other servers reach it, for images and sources they lack "
+            "(default: http://HOST:API_PORT)."
+        ),
+    ] = "",
     secret_key_file: Annotated[
         Path | None,
         typer.Option(
@@ -60,6 +67,10 @@ def server(
 
     from osless.server.api import ApiConfig, run_server
 
+    if advertise_url and not advertise_url.startswith(("http://", "https://")):
+        fail(f"--advertise-url takes an http:// or https:// URL, not {advertise_url!r}")
+    if not advertise_url and host in ("0.0.0.0", "::"):
+        fail(f"listening on {host}, give the URL other servers reach this one at: --advertise-url URL")
     if not etcd.startswith("etcd://"):
         fail(f"--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT]), not {etcd!r}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,6 +79,7 @@ def server(
         store_url=etcd,
         api_port=api_port,
         host=host,
+        advertise_url=advertise_url.rstrip("/"),
         sandbox=sandbox,
         builder=builder,
         secret_key_file=secret_key_file,

@@ -29,6 +29,7 @@ import uvicorn
 from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
+from osless.api.peers import Peers, ServerLease
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
@@ -74,6 +75,11 @@ class ApiConfig:
     secret_key_file: Path | None = None
     egress_allow: list[Network] = field(default_factory=list)
     gateway_url: str = ""  # where function calls go; default: a live node's gateway, followed
+    advertise_url: str = ""  # the API's URL as peer servers reach it; default: api_url
+
+    @property
+    def peer_url(self) -> str:
+        return self.advertise_url or self.api_url
 
     @property
     def api_url(self) -> str:
@@ -202,6 +208,7 @@ class ApiHost:
         self.tasks: list[asyncio.Task[None]] = []
         self.builder: BuilderChild | None = None
         self.sandboxed = True
+        self.server_lease: ServerLease | None = None
 
     async def open(self, *, sandboxed: bool) -> Resources:
         """The store started and migrated, the admin and controller tokens made, the API's state built."""
@@ -256,6 +263,17 @@ class ApiHost:
             gateway_url=cfg.gateway_url,
             max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
         )
+        if not isinstance(self.store, SQLiteStore):  # peers: other servers sharing the store
+            self.server_lease = ServerLease(self.store, controller_name(data_dir, "server"), cfg.peer_url)
+            self.state.peers = Peers(
+                store=self.store,
+                secrets=secrets,
+                http=self.state.http,
+                server_id=self.server_lease.server_id,
+                images=images,
+                max_layer_bytes=self.state.max_layer_bytes,
+                max_source_bytes=self.state.max_upload_bytes,
+            )
         return resources
 
     async def serve(self) -> asyncio.Task[None]:
@@ -306,6 +324,8 @@ class ApiHost:
             self.tasks.append(asyncio.create_task(self.builder.run(), name="the builder process"))
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
+        if self.server_lease is not None:  # once the API answers: peers may ask it at once
+            self.tasks.append(asyncio.create_task(self.server_lease.run(), name="the server's lease"))
         return self.tasks
 
     async def _follow_gateways(self) -> None:
@@ -326,6 +346,8 @@ class ApiHost:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server_lease is not None:  # peers stop asking it now, not when its lease lapses
+            await self.server_lease.drop()
         if self.server is not None:
             self.server.should_exit = True
         await asyncio.gather(*servers, return_exceptions=True)

@@ -32,7 +32,7 @@ from osless.api.auth import Caller, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import APP_NAME_PATTERN, DIGEST_PATTERN, ID_PATTERN, Body, Deploy, Release
 from osless.api.routes.config import config_misfits
-from osless.api.routes.deploys import build_log, end_build
+from osless.api.routes.deploys import build_log, drop_source, end_build
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
 from osless.images import MAX_MANIFEST_BYTES, canonical_json, fsync_dir, write_file
@@ -162,8 +162,13 @@ async def claim(
     deadline = loop.time() + wait_s
     while True:
         _, rev = await res.list_deploys()
-        # Only deploys uploaded to this server: their source is on its disk.
-        got = await res.claim_deploy(builder, lambda id: state.source(id).is_file())
+        # Only deploys whose source is on this server's disk, or on a live peer's (fetched when read).
+        away = await state.peers.reachable_sources() if state.peers is not None else set()
+
+        def here(id: str, away: set[str] = away) -> bool:
+            return id in away or state.source(id).is_file()
+
+        got = await res.claim_deploy(builder, here)
         if got is not None:
             return got
         left = deadline - loop.time()
@@ -195,12 +200,37 @@ async def get_source(
 ) -> FileResponse:
     await _claimed(state, caller, deploy_id, builder)
     path = state.source(deploy_id)
+    if not path.is_file() and state.peers is not None:  # uploaded through another server
+        await state.peers.source(deploy_id, path)
     if not path.is_file():
         raise ApiError(
             404,
             "source_not_found",
-            f"the source of deploy {deploy_id} is not on this server (uploaded to another?): fail the build",
+            f"the source of deploy {deploy_id} is neither on this server nor on a live peer: fail the build",
         )
+    return FileResponse(path, media_type="application/gzip")
+
+
+@router.get(
+    "/sources/{deploy_id}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+        **responses(403, 404, 422),
+    },
+    summary="A queued or building deploy's source, as uploaded here (for peer servers only)",
+)
+async def get_peer_source(
+    deploy_id: str = Path(pattern=ID_PATTERN),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("pull"),
+) -> FileResponse:
+    """Another server's builder builds it: that server fetches it here (and checks its sha256)."""
+    if caller.role != "peer":  # a node pulls images, never an app's source
+        raise ApiError(403, "forbidden", "a deploy's source is for the servers alone (a peer token)")
+    path = state.source(deploy_id)
+    if not path.is_file():
+        raise ApiError(404, "source_not_found", f"the source of deploy {deploy_id} is not on this server")
     return FileResponse(path, media_type="application/gzip")
 
 
@@ -421,7 +451,7 @@ async def post_result(
         raise
     line = f"==> Released {name} v{release.version} (image sha256:{body.image[:12]}, {body.seconds:.2f}s)"
     await logbook.append([line], close=True)
-    state.source(deploy_id).unlink(missing_ok=True)
+    await drop_source(state, deploy_id)
     return await state.resources.get_deploy(deploy_id)
 
 

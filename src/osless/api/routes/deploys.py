@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -69,12 +70,22 @@ async def create_deploy(
     deploy = Deploy(id="d-" + secrets.token_hex(6), app=app)
     # The archive whole on disk before the deploy is queued: a builder never claims a missing source.
     await asyncio.to_thread(write_file, state.source(deploy.id), archive, state.images.tmp_dir)
+    if state.peers is not None:  # a builder of another server fetches it from here, and checks it
+        await state.peers.record_source(deploy.id, hashlib.sha256(archive).hexdigest())
     await state.resources.put_deploy(deploy)
     return deploy
 
 
 def build_log(state: ApiState, deploy_id: str) -> BuildLog:
     return BuildLog(state.resources.store, deploy_id, cap_bytes=DEPLOY_LOG_CAP)
+
+
+async def drop_source(state: ApiState, deploy_id: str) -> None:
+    """A deploy's source once its build ended: here, and its record for peers (the copy on the
+    server it was uploaded to, if that is another, goes when that one ends a build of its own)."""
+    state.source(deploy_id).unlink(missing_ok=True)
+    if state.peers is not None:
+        await state.peers.drop_source(deploy_id)
 
 
 async def end_build(state: ApiState, deploy: Deploy, line: str) -> bool:
@@ -84,7 +95,7 @@ async def end_build(state: ApiState, deploy: Deploy, line: str) -> bool:
     written = await state.resources.end_deploy(deploy)
     if written:
         await build_log(state, deploy.id).append([line], close=True)
-        state.source(deploy.id).unlink(missing_ok=True)
+        await drop_source(state, deploy.id)
     return written
 
 
@@ -95,7 +106,7 @@ async def fail_orphaned_builds(state: ApiState) -> None:
         log.warning("deploy %s failed: %s", id, ORPHANED)
         with contextlib.suppress(Exception):  # the deploy's state is written: the log is a courtesy
             await build_log(state, id).append([f"==> Build failed: {ORPHANED}"], close=True)
-        state.source(id).unlink(missing_ok=True)
+        await drop_source(state, id)
 
 
 @router.get("/deploys", response_model=DeployList, summary="Recent deploys, newest first")

@@ -75,9 +75,18 @@ async def _may_pull_layer(state: ApiState, caller: Caller, sha256: str) -> bool:
     return False
 
 
+async def _fetch_image(state: ApiState, caller: Caller, digest: str) -> None:
+    """An image built through another server sharing the store: fetched from it first. Never for a
+    peer's own ask (each would ask the other back)."""
+    if state.peers is not None and caller.role != "peer":
+        await state.peers.manifest(digest)
+
+
 def _no_image(digest: str) -> ApiError:
     return ApiError(
-        404, "image_not_found", f"no image {digest} is stored here; it was never built here or was collected"
+        404,
+        "image_not_found",
+        f"no image {digest} is stored here nor on a live peer server; it was never built or was collected",
     )
 
 
@@ -94,11 +103,12 @@ def _no_image(digest: str) -> ApiError:
     summary="An image manifest, byte for byte (for nodes)",
 )
 async def get_image(
-    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("pull")
 ) -> Response:
     placed = await _placed_images(state, caller)
     if placed is not None and digest not in placed:
         raise _not_placed(f"image {digest}")
+    await _fetch_image(state, caller, digest)
     try:
         data = await asyncio.to_thread(state.images.manifest_bytes, digest)
     except ImageNotFoundError:
@@ -113,7 +123,7 @@ async def get_image(
     summary="The sha256 and size of each layer's archive (for nodes; images of the previous release)",
 )
 async def get_image_layers(
-    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
+    digest: Digest, state: ApiState = Depends(get_state), caller: Caller = require("pull")
 ) -> Any:
     """Images built since archives exist carry this in their manifest, under the image digest; an
     image of the previous release does not, and its archives are made on the first ask."""
@@ -121,6 +131,7 @@ async def get_image_layers(
     if placed is not None and digest not in placed:
         raise _not_placed(f"image {digest}")
     images = state.images
+    await _fetch_image(state, caller, digest)
     try:
         manifest = await asyncio.to_thread(images.get_manifest, digest)
     except (ImageNotFoundError, ValueError):
@@ -156,11 +167,13 @@ async def get_image_layers(
     summary="A layer's archive, streamed (for nodes)",
 )
 async def get_layer(
-    sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("report")
+    sha256: Digest, state: ApiState = Depends(get_state), caller: Caller = require("pull")
 ) -> FileResponse:
     if not await _may_pull_layer(state, caller, sha256):
         raise _not_placed(f"layer {sha256}")
     path = state.images.archive_path(sha256)
+    if not path.is_file() and state.peers is not None and caller.role != "peer":
+        await state.peers.archive(sha256)
     if not path.is_file():
         raise ApiError(
             404,
