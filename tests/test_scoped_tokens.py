@@ -56,7 +56,7 @@ class RecordingGateway:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    etcd = EtcdCluster(tmp_path / "etcd").start()
+    etcd = EtcdCluster(tmp_path / "etcd", tls=True).start()  # the server on etcd over TLS, as in production
     try:
         srv = Server(tmp_path / "server" / "data", etcd=etcd.url(f"/t-{uuid.uuid4().hex[:8]}")).start()
         try:

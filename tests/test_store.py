@@ -39,7 +39,7 @@ from osless.store import (
     ValueTooLarge,
     open_store,
 )
-from osless.store.etcd import EtcdStore
+from osless.store.etcd import EtcdStore, EtcdTLS
 from osless.store.sqlite import _prefix_end
 from tests.etcd import EtcdCluster, free_port
 
@@ -899,5 +899,71 @@ def test_etcd_cluster_serves_puts_cas_and_watches_with_a_member_stopped(
             asyncio.run(main())
         # The watch did lose its member once (and was not served by another all along).
         assert any("resumed after revision" in r.getMessage() for r in caplog.records)
+    finally:
+        cluster.stop()
+
+
+# -- etcd over TLS ------------------------------------------------------------------------------------
+
+
+def test_open_store_reads_an_etcds_url(tmp_path: Path) -> None:
+    from tests.certs import CA
+
+    ca = CA(tmp_path / "tls")
+    client = ca.issue("client")
+    url = f"etcds://10.0.0.1:2379,10.0.0.2:2379/team?ca={ca.cert}&cert={client.cert}&key={client.key}"
+    store = open_store(url)
+    assert isinstance(store, EtcdStore) and store.root == "/team"
+    assert open_store(f"etcds://a:2379?ca={ca.cert}&name=etcd.internal").endpoints == [("a", 2379)]
+    for bad, why in (
+        ("etcds://a:2379", "needs ca=PATH"),
+        (f"etcds://a:2379?ca={ca.cert}&cert={client.cert}", "needs its key"),
+        (f"etcds://a:2379?ca={tmp_path}/none.pem", "cannot read the etcd CA file"),
+        (f"etcds://a:2379?ca={ca.cert}&ca={ca.cert}", "at most once"),
+        (f"etcds://a:2379?ca={ca.cert}&verify=no", "bad TLS parameter 'verify'"),
+        (f"etcds://a:2379?ca={tmp_path}", "cannot read"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            open_store(bad)
+    (tmp_path / "not.pem").write_text("hello")
+    with pytest.raises(ValueError, match="is not PEM"):
+        open_store(f"etcds://a:2379?ca={tmp_path / 'not.pem'}")
+
+
+def test_etcd_over_tls_with_a_client_certificate_and_never_without(tmp_path: Path) -> None:
+    """etcd with `--client-cert-auth`: the store works through etcds:// with a certificate of the
+    cluster's CA; plain etcd://, no client certificate, or another CA's is refused, saying where."""
+    from tests.certs import CA
+
+    cluster = EtcdCluster(tmp_path / "etcd", tls=True).start()
+    try:
+        assert cluster.ca is not None and cluster.client is not None
+
+        async def works() -> None:
+            async with open_store(cluster.url("/tls")) as store:
+                assert isinstance(store, EtcdStore)
+                events = store.watch("/k/", after_revision=await store.revision())
+                await store.put("/k/a", b"1")
+                got = await take(events, 1)
+                assert got[0].key == "/k/a" and got[0].kv is not None and got[0].kv.value == b"1"
+                assert (await store.get("/k/a")).value == b"1"  # type: ignore[union-attr]
+                await events.aclose()  # type: ignore[attr-defined]
+
+        asyncio.run(works())
+        stranger = CA(tmp_path / "other", "another CA").issue("client")
+        where = cluster.endpoints
+        for tls in (
+            None,  # plain gRPC to a TLS port
+            EtcdTLS.from_files(cluster.ca.cert),  # no client certificate
+            EtcdTLS.from_files(cluster.ca.cert, stranger.cert, stranger.key),  # another CA's
+        ):
+
+            async def refused(tls: EtcdTLS | None = tls) -> None:
+                store = EtcdStore(where, root="/tls", timeout=1.0, tls=tls)
+                with pytest.raises(StoreError, match=where[0]):
+                    await store.start()
+                await store.close()
+
+            asyncio.run(refused())
     finally:
         cluster.stop()

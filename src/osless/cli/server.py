@@ -20,7 +20,8 @@ def server(
         str,
         typer.Option(
             help="The etcd members, and the root the platform's keys live under: "
-            "etcd://HOST:2379,HOST:2379.../ROOT (ROOT, /osless by default, may be left out).",
+            "etcd://HOST:2379,HOST:2379.../ROOT (ROOT, /osless by default, may be left out); "
+            "over TLS etcds://HOST:2379.../ROOT?ca=CA.pem&cert=CLIENT.pem&key=CLIENT-KEY.pem.",
         ),
     ],
     data_dir: Annotated[
@@ -71,8 +72,11 @@ def server(
         fail(f"--advertise-url takes an http:// or https:// URL, not {advertise_url!r}")
     if not advertise_url and host in ("0.0.0.0", "::"):
         fail(f"listening on {host}, give the URL other servers reach this one at: --advertise-url URL")
-    if not etcd.startswith("etcd://"):
-        fail(f"--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT]), not {etcd!r}")
+    if not etcd.startswith(("etcd://", "etcds://")):
+        fail(
+            "--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT], or etcds://...?ca=PATH "
+            f"for TLS), not {etcd!r}"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ApiConfig(
         data_dir=data_dir.expanduser(),

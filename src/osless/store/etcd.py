@@ -36,6 +36,8 @@ import math
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -57,7 +59,7 @@ from osless.store.base import (
 )
 from osless.store.checks import check_if_revision, check_key, check_prefix, check_txn, check_value
 
-__all__ = ["DEFAULT_ROOT", "EtcdStore", "parse_endpoint"]
+__all__ = ["DEFAULT_ROOT", "EtcdStore", "EtcdTLS", "parse_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,40 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """TLS to etcd: the CA that signed the members' certificates and, for etcd's
+    `--client-cert-auth` (the way etcd knows its clients), this client's certificate and key.
+
+    `server_name`: the name checked in the members' certificates (default: the first endpoint's
+    host as written in the URL), since the gRPC target names addresses, not the names certified."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls, ca: Path, cert: Path | None = None, key: Path | None = None, server_name: str | None = None
+    ) -> EtcdTLS:
+        if (cert is None) != (key is None):
+            raise ValueError("an etcd client certificate needs its key, and a key its certificate")
+
+        def read(what: str, path: Path | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read the etcd {what} {quoted(str(path))}: {e.strerror}") from e
+            if b"-----BEGIN" not in data:
+                raise ValueError(f"the etcd {what} {quoted(str(path))} is not PEM")
+            return data
+
+        return cls(read("CA file", ca) or b"", read("certificate", cert), read("key", key), server_name)
+
+
 class EtcdStore(Store):
     """The store in an etcd cluster, under `root`. Call `start()` (or use `async with`) first.
 
@@ -112,6 +148,7 @@ class EtcdStore(Store):
         history: int = DEFAULT_HISTORY,
         compact_interval: float = 60.0,
         timeout: float = 10.0,
+        tls: EtcdTLS | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("an etcd store needs at least one endpoint (HOST:PORT)")
@@ -125,6 +162,7 @@ class EtcdStore(Store):
         self._history = history
         self._compact_interval = compact_interval
         self._timeout = timeout
+        self._tls = tls
         self._channel: Any = None
         self._kv: Any = None
         self._leases: Any = None
@@ -145,7 +183,7 @@ class EtcdStore(Store):
             raise StoreError("store is closed; open a new one")
         if self._channel is not None:
             return
-        self._channel = grpc.aio.insecure_channel(await self._target(), options=_OPTIONS)
+        self._channel = self._open_channel(await self._target())
         self._kv = rpc.KVStub(self._channel)
         self._leases = rpc.LeaseStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
@@ -176,6 +214,18 @@ class EtcdStore(Store):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def _open_channel(self, target: str) -> Any:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(target, options=_OPTIONS)
+        tls = self._tls
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+        )
+        name = tls.server_name or self.endpoints[0][0]
+        return grpc.aio.secure_channel(
+            target, credentials, options=[*_OPTIONS, ("grpc.ssl_target_name_override", name)]
+        )
 
     async def _target(self) -> str:
         """A gRPC target naming every member's address (names resolved once, here)."""
