@@ -78,11 +78,10 @@ def main() -> None:
         osless_runs = [deploy(f"release {i}") for i in range(args.runs)]
 
         # Baseline: a fresh interpreter serving the same image's code and dependency layers with uvicorn.
-        manifests = sorted(
-            (platform.data_dir / "images" / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime
-        )
+        built = platform.data_dir / "builder" / "images"  # the builder's store: the API keeps archives only
+        manifests = sorted((built / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime)
         manifest = json.loads(manifests[-1].read_text())
-        layers = platform.data_dir / "images" / "layers"
+        layers = built / "layers"
         code, deps = layers / manifest["layers"]["code"], layers / manifest["layers"]["deps"]
         sock = work / "baseline.sock"
         script = (

@@ -95,10 +95,11 @@ def median_of(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def serve_directly(platform: RunningPlatform, port: int, workers: int) -> subprocess.Popen[bytes]:
-    """uvicorn with `workers` processes, serving the image osless built (its own two layers)."""
-    stored = (platform.data_dir / "images" / "manifests").glob("*.json")
+    """uvicorn with `workers` processes, serving the image osless built (its two layers, as the
+    builder process keeps them in its own image store: the API holds their archives only)."""
+    stored = (platform.data_dir / "builder" / "images" / "manifests").glob("*.json")
     manifest = next(json.loads(p.read_text()) for p in stored)
-    layers = platform.data_dir / "images" / "layers"
+    layers = platform.data_dir / "builder" / "images" / "layers"
     script = (
         f"import sys; sys.path[:0] = [{str(layers / manifest['layers']['code'])!r}, "
         f"{str(layers / manifest['layers']['deps'])!r}]\n"
