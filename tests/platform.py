@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,39 @@ def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
         assert chunk, f"closed after {data!r}"
         data += chunk
     return data
+
+
+class AuthRecorder:
+    """A peer the platform calls (a node API, a gateway) that a hostile node named: it notes every
+    Authorization header it is shown and answers 200 with `body` (of `content_type`)."""
+
+    def __init__(self, body: bytes = b"", content_type: str = "application/x-ndjson") -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.shown: list[str] = []
+        self._answer = (
+            f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                head = recv_until(conn, lambda b: b"\r\n\r\n" in b).decode("latin-1")
+                self.shown += [
+                    line.split(":", 1)[1].strip()
+                    for line in head.split("\r\n")
+                    if line.lower().startswith("authorization:")
+                ]
+                conn.sendall(self._answer)
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def running(pid: int) -> bool:

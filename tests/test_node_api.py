@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from osless.node.api import HEAD_TIMEOUT_S, MAX_CONNECTIONS
-from tests.platform import OSLESS, Node, Platform, recv_until
+from tests.platform import OSLESS, AuthRecorder, Node, Platform, recv_until
 
 APPS = Path(__file__).parent / "apps"
 
@@ -407,39 +407,10 @@ def test_join_refuses_a_node_api_port_out_of_range(tmp_path: Path) -> None:
     assert "--node-api-port must be a port from 0 to 65535" in r.stderr, r.stderr
 
 
-class RecordingNode:
-    """A node API that notes the authorization header it is shown, and answers with no records."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.shown: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                head = recv_until(conn, lambda b: b"\r\n\r\n" in b).decode("latin-1")
-                for line in head.split("\r\n"):
-                    if line.lower().startswith("authorization:"):
-                        self.shown.append(line.split(":", 1)[1].strip())
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
-                    b"content-length: 0\r\nconnection: close\r\n\r\n"
-                )
-
-    def close(self) -> None:
-        self.server.close()
-
-
 def test_nodes_are_shown_a_reader_of_that_app_never_the_caller_s_token(own_platform: Platform) -> None:
     p = own_platform
     p.deploy(APPS / "logger")
-    node = RecordingNode()
+    node = AuthRecorder()  # a node API answering no records
     try:
         assert p.http("PUT", "/v1/nodes/recorder", json={"ttl_s": 300, "api": node.url}).status_code == 200
         assert p.http("GET", "/v1/apps/logger/logs", params={"tail": 5}).status_code == 200

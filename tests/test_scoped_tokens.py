@@ -6,9 +6,6 @@ logs (tests/test_node_api.py) or invokes functions through the API (here).
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,40 +15,7 @@ import httpx
 import pytest
 
 from tests.etcd import EtcdCluster
-from tests.platform import EXAMPLES, Node, Platform, Server, recv_until
-
-
-class RecordingGateway:
-    """A 'gateway' a hostile node names in its heartbeat: notes what it is shown, answers 200."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.shown: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                head = recv_until(conn, lambda b: b"\r\n\r\n" in b).decode("latin-1")
-                self.shown += [
-                    line.split(":", 1)[1].strip()
-                    for line in head.split("\r\n")
-                    if line.lower().startswith("authorization:")
-                ]
-                body = json.dumps({"ok": True}).encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                    + f"content-length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-
-    def close(self) -> None:
-        self.server.close()
+from tests.platform import EXAMPLES, AuthRecorder, Node, Platform, Server
 
 
 @pytest.fixture
@@ -78,7 +42,7 @@ def test_a_gateway_is_shown_an_invoker_of_that_app_never_the_caller_s_token(
         assert status == 200 and body["message"] == "Hello, Kim!", body
     finally:
         node.stop()
-    hostile = RecordingGateway()
+    hostile = AuthRecorder(b'{"ok": true}', "application/json")  # a gateway answering 200
     try:
         # A node (here: as the admin may) names a gateway of its own; the server follows live nodes.
         r = server.http("PUT", "/v1/nodes/evil", json={"ttl_s": 300, "gateway": hostile.url})
