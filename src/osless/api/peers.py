@@ -6,9 +6,9 @@ store is written only by servers (nodes, gateways and builders reach it through 
 nothing a node or an app controls chooses where a server fetches from. A server shows a peer token
 (`SecretBox.peer_token`, derived from the key servers share), never its caller's. What comes back is
 checked before it is kept: a manifest's sha256 is its digest, an archive's its name, a source's the
-one recorded at upload. Lazily, on a miss only: a node pulls a release once, through its server,
-which then holds it for the next; copying every release to every server would cost each server
-the disk of all, for images most never serve.
+one recorded at upload. On a miss (a node pulls a release through a server that lacks it), and in
+the background after each release (`api.replicate`: every server copies each current image, so one
+survives the server it was built on).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -32,7 +32,7 @@ from osless.api.secrets import SecretBox
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, canonical_json, fsync_dir, write_file
 from osless.store import Conflict, Store
 
-__all__ = ["SERVERS", "SOURCES", "Peers", "ServerLease"]
+__all__ = ["SERVERS", "SOURCES", "Fetched", "Peers", "ServerLease"]
 
 log = logging.getLogger("osless.api.peers")
 
@@ -44,6 +44,10 @@ PEER_TOKEN_TTL_S = 60.0
 SOURCE_GRACE_S = 60.0  # a source's record is written just before its deploy is queued
 CONNECT_S = 3.0
 READ_S = 60.0  # between two chunks: a stalled peer gives way to the next
+
+# What a fetch came to: kept here; absent (every live peer answered that it has none, or none is
+# live: asking again cannot help); failed (a peer did not answer whole: worth asking again).
+Fetched = Literal["kept", "absent", "failed"]
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Peers:
     images: ImageStore
     max_layer_bytes: int
     max_source_bytes: int
-    _flights: dict[str, asyncio.Task[bool]] = field(default_factory=dict)
+    _flights: dict[str, asyncio.Task[Fetched]] = field(default_factory=dict)
 
     async def live(self, first: str | None = None) -> list[tuple[str, str]]:
         """(id, URL) of each live peer, `first` (a holder on record) first."""
@@ -78,7 +82,7 @@ class Peers:
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.secrets.peer_token(self.server_id, PEER_TOKEN_TTL_S)}"}
 
-    async def _once(self, key: str, fetch: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
+    async def _once(self, key: str, fetch: Callable[[], Coroutine[Any, Any, Fetched]]) -> Fetched:
         task = self._flights.get(key)
         if task is None:
             task = asyncio.create_task(fetch(), name=f"peer fetch {key}")
@@ -88,19 +92,27 @@ class Peers:
 
     async def manifest(self, digest: str) -> bool:
         """Whether image `digest` is here now, fetched from a peer if it was not."""
+        return await self.fetch_manifest(digest) == "kept"
+
+    async def fetch_manifest(self, digest: str) -> Fetched:
         if self.images.has_manifest(digest):
-            return True
+            return "kept"
         return await self._once(f"image {digest}", lambda: self._fetch_manifest(digest))
 
-    async def _fetch_manifest(self, digest: str) -> bool:
+    async def _fetch_manifest(self, digest: str) -> Fetched:
+        outcome: Fetched = "absent"
         for server, url in await self.live():
             try:
                 data = await self._read(f"{url}/v1/images/{digest}", MAX_MANIFEST_BYTES)
+            except _Absent:
+                continue
             except (httpx.HTTPError, _Refused) as e:
                 log.info("image %s not fetched from server %s: %s", digest[:12], server, e)
+                outcome = "failed"
                 continue
             if hashlib.sha256(data).hexdigest() != digest:
                 log.warning("server %s sent image %s with other bytes: refused", server, digest[:12])
+                outcome = "failed"
                 continue
             try:
                 manifest = json.loads(data)
@@ -108,10 +120,11 @@ class Peers:
                     raise ValueError("not canonical JSON")
             except ValueError as e:
                 log.warning("server %s sent image %s, not a manifest (%s): refused", server, digest[:12], e)
+                outcome = "failed"
                 continue
             await asyncio.to_thread(self._keep_manifest, manifest)
-            return True
-        return False
+            return "kept"
+        return outcome
 
     def _keep_manifest(self, manifest: dict[str, Any]) -> None:
         images = self.images
@@ -127,37 +140,52 @@ class Peers:
 
     async def archive(self, sha256: str) -> bool:
         """Whether layer archive `sha256` is here now, fetched from a peer if it was not."""
+        return await self.fetch_archive(sha256) == "kept"
+
+    async def fetch_archive(self, sha256: str) -> Fetched:
         if self.images.archive_path(sha256).is_file():
-            return True
+            return "kept"
         return await self._once(f"layer {sha256}", lambda: self._fetch_archive(sha256))
 
-    async def _fetch_archive(self, sha256: str) -> bool:
+    async def _fetch_archive(self, sha256: str) -> Fetched:
+        outcome: Fetched = "absent"
         for server, url in await self.live():
             dest = self.images.archive_path(sha256)
-            if await self._download(server, f"{url}/v1/layers/{sha256}", sha256, dest, self.max_layer_bytes):
+            got = await self._download(
+                server, f"{url}/v1/layers/{sha256}", sha256, dest, self.max_layer_bytes
+            )
+            if got == "kept":
                 fsync_dir(dest.parent)
-                return True
-        return False
+                return got
+            if got == "failed":
+                outcome = got
+        return outcome
 
     async def source(self, deploy_id: str, dest: Path) -> bool:
         """Whether deploy `deploy_id`'s source is at `dest` now, fetched from its holder (or any peer)
         if it was not, and checked against the sha256 recorded at its upload."""
+        return await self.fetch_source(deploy_id, dest) == "kept"
+
+    async def fetch_source(self, deploy_id: str, dest: Path) -> Fetched:
         if dest.is_file():
-            return True
+            return "kept"
         return await self._once(f"source {deploy_id}", lambda: self._fetch_source(deploy_id, dest))
 
-    async def _fetch_source(self, deploy_id: str, dest: Path) -> bool:
+    async def _fetch_source(self, deploy_id: str, dest: Path) -> Fetched:
         kv = await self.store.get(SOURCES + deploy_id)
         if kv is None:
-            return False
+            return "absent"
         record = json.loads(kv.value)
+        outcome: Fetched = "absent"
         for server, url in await self.live(first=str(record.get("server"))):
             got = await self._download(
                 server, f"{url}/v1/sources/{deploy_id}", str(record["sha256"]), dest, self.max_source_bytes
             )
-            if got:
-                return True
-        return False
+            if got == "kept":
+                return got
+            if got == "failed":
+                outcome = got
+        return outcome
 
     async def record_source(self, deploy_id: str, sha256: str) -> None:
         """Deploy `deploy_id`'s source is on this server, with that sha256 (before it is queued)."""
@@ -199,6 +227,8 @@ class Peers:
     async def _read(self, url: str, limit: int) -> bytes:
         timeout = httpx.Timeout(READ_S, connect=CONNECT_S)
         async with self.http.stream("GET", url, headers=self._headers(), timeout=timeout) as r:
+            if r.status_code == 404:
+                raise _Absent()
             if r.status_code != 200:
                 raise _Refused(f"{r.status_code}")
             data = b""
@@ -208,7 +238,7 @@ class Peers:
                     raise _Refused(f"past {limit} bytes")
             return data
 
-    async def _download(self, server: str, url: str, sha256: str, dest: Path, limit: int) -> bool:
+    async def _download(self, server: str, url: str, sha256: str, dest: Path, limit: int) -> Fetched:
         """`url`'s body at `dest` if its sha256 is `sha256` (else nothing is kept), at most `limit` bytes."""
         fd, tmp = tempfile.mkstemp(prefix=f"peer-{sha256[:12]}-", dir=self.images.tmp_dir)
         digest = hashlib.sha256()
@@ -217,14 +247,16 @@ class Peers:
         try:
             with os.fdopen(fd, "wb") as f:
                 async with self.http.stream("GET", url, headers=self._headers(), timeout=timeout) as r:
+                    if r.status_code == 404:
+                        return "absent"
                     if r.status_code != 200:
                         log.info("%s not fetched from server %s: %s", url, server, r.status_code)
-                        return False
+                        return "failed"
                     async for chunk in r.aiter_bytes():
                         size += len(chunk)
                         if size > limit:
                             log.warning("server %s sent past %d bytes for %s: refused", server, limit, url)
-                            return False
+                            return "failed"
                         digest.update(chunk)
                         await asyncio.to_thread(f.write, chunk)
                 await asyncio.to_thread(_sync, f)
@@ -236,13 +268,13 @@ class Peers:
                     digest.hexdigest(),
                     sha256,
                 )
-                return False
+                return "failed"
             os.chmod(tmp, 0o400)
             os.replace(tmp, dest)
-            return True
+            return "kept"
         except httpx.HTTPError as e:
             log.info("%s not fetched from server %s: %r", url, server, e)
-            return False
+            return "failed"
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -250,6 +282,10 @@ class Peers:
 
 class _Refused(Exception):
     """A peer's answer that is not the object asked for."""
+
+
+class _Absent(Exception):
+    """A peer's answer that it has no such object (404)."""
 
 
 def _sync(f: Any) -> None:

@@ -30,6 +30,7 @@ from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.peers import Peers, ServerLease
+from osless.api.replicate import Replicator
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox, load_key
 from osless.api.state import ApiState
@@ -326,6 +327,11 @@ class ApiHost:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
         if self.server_lease is not None:  # once the API answers: peers may ask it at once
             self.tasks.append(asyncio.create_task(self.server_lease.run(), name="the server's lease"))
+        if self.state.peers is not None:  # each release copied here too: it outlives its own server
+            replicas = Replicator(
+                self.state.resources, self.state.peers, self.state.images, self.state.source
+            )
+            self.tasks.append(asyncio.create_task(replicas.run(), name="the replicas"))
         return self.tasks
 
     async def _follow_gateways(self) -> None:
