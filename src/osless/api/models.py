@@ -111,6 +111,8 @@ class Deploy(BaseModel):
     builder: str | None = None
     created_at: float = Field(default_factory=now)
     finished_at: float | None = None
+    # Said when read, never stored: why a `queued` deploy waits (no builder runs, or its source is gone).
+    reason: str | None = Field(default=None, description="why a queued deploy waits; null otherwise")
 
 
 class ScaleRequest(Body):

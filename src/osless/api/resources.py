@@ -316,6 +316,11 @@ class Resources:
         await self.store.put(BUILDERS + name, value, if_revision=0, lease=lease)
         return name
 
+    async def count_builders(self) -> int:
+        """How many builder processes hold a lease now."""
+        items, _ = await self.store.list(BUILDERS)
+        return len(items)
+
     async def builder_token(self, name: str) -> str | None:
         """The id of the token that registered builder `name`; None once its lease is gone."""
         kv = await self.store.get(BUILDERS + name)

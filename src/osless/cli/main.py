@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -19,7 +20,7 @@ from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.node import MAX_GATEWAYS, node_app
-from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.output import console, err_console, fail, print_json, table, when
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -33,6 +34,7 @@ app = typer.Typer(
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+QUEUED_LOOK_S = 3.0  # a builder `osless up` starts registers within this: no false alarm at start
 
 
 @app.command()
@@ -150,6 +152,8 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
         headers={"content-type": "application/gzip"},
     )
     final: dict[str, Any] = deploy
+    stop_looking = threading.Event()
+    threading.Thread(target=_say_why_queued, args=(api, deploy["id"], stop_looking), daemon=True).start()
     with console.status(
         # Until a builder process claims it (its first line says so).
         f"Queued {path.name or path.resolve().name} ({len(archive) / 1024:.0f} KiB uploaded): "
@@ -170,6 +174,8 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
                     console.print(f"    {line}", style="dim", highlight=False, markup=False, soft_wrap=True)
         except ApiError as e:
             fail(e.message)
+        finally:
+            stop_looking.set()
         if final.get("status") != "succeeded":
             if json_out:
                 print_json(final)
@@ -192,6 +198,26 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
         console.print(f"  web:       {gateway}/{app_name}/")
     for fn in release["manifest"].get("functions") or {}:
         console.print(f"  function:  osless invoke {app_name}.{fn} '{{}}'")
+
+
+def _say_why_queued(api: Api, deploy_id: str, stop: threading.Event) -> None:
+    """While the deploy waits queued, say once (on stderr) if that is because no builder runs: it
+    would otherwise wait in silence until one starts."""
+    while not stop.wait(QUEUED_LOOK_S):
+        try:
+            deploy = api.get(f"/v1/deploys/{deploy_id}")
+        except Exception:  # a courtesy: the log stream reports what matters
+            return
+        if deploy.get("status") != "queued":
+            return
+        reason = str(deploy.get("reason") or "")
+        if reason.startswith("no builder"):
+            err_console.print(
+                "queued: " + reason.replace("--api URL", f"--api {api.base_url}"),
+                markup=False,
+                soft_wrap=True,
+            )
+            return
 
 
 def _wait_ready(api: Api, app_name: str, version: int, timeout: float = 120.0) -> None:

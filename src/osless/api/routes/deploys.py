@@ -33,6 +33,11 @@ log = logging.getLogger("osless.api.deploys")
 
 DEPLOY_LOG_CAP = 8 * 1024 * 1024
 ORPHANED = "the builder building it stopped: deploy again"
+NO_BUILDER = "no builder is running; start one with `osless builder --api URL`"
+SOURCE_GONE = (
+    "its source is on no live server (the one it was uploaded to stopped before another copied it): "
+    "deploy again"
+)
 ARCHIVE_TYPES = {"application/gzip", "application/x-gzip", "application/octet-stream", "application/x-tar"}
 # The body is read as it comes (not parsed by FastAPI), so the document says what it is.
 _ARCHIVE = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
@@ -73,7 +78,26 @@ async def create_deploy(
     if state.peers is not None:  # a builder of another server fetches it from here, and checks it
         await state.peers.record_source(deploy.id, hashlib.sha256(archive).hexdigest())
     await state.resources.put_deploy(deploy)
+    await say_why_queued(state, [deploy])
     return deploy
+
+
+async def say_why_queued(state: ApiState, deploys: list[Deploy]) -> None:
+    """Each queued deploy's `reason`: no builder runs (it waits until one starts: never failed for
+    it, as a build queue keeps its builds), or its source is on no live server, or a builder is
+    about to claim it."""
+    queued = [d for d in deploys if d.status == "queued"]
+    if not queued:
+        return
+    builders = await state.resources.count_builders()
+    reachable = await state.peers.reachable_sources() if state.peers is not None else set()
+    for d in queued:
+        if builders == 0:
+            d.reason = NO_BUILDER
+        elif d.id not in reachable and not state.source(d.id).is_file():
+            d.reason = SOURCE_GONE
+        else:
+            d.reason = f"waiting for a builder to claim it ({builders} running)"
 
 
 def build_log(state: ApiState, deploy_id: str) -> BuildLog:
@@ -118,6 +142,7 @@ async def list_deploys(
     items, rev = await state.resources.list_deploys()
     items = [d for d in items if caller.sees(d.app)]
     items.sort(key=lambda d: d.created_at, reverse=True)
+    await say_why_queued(state, items[:limit])
     return {"items": [d.model_dump() for d in items[:limit]], "revision": rev}
 
 
@@ -127,6 +152,7 @@ async def get_deploy(
 ) -> Deploy:
     deploy = await state.resources.get_deploy(deploy_id)
     check_scope(caller, deploy.app)
+    await say_why_queued(state, [deploy])
     return deploy
 
 
