@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pytest
 from osless.images import canonical_json
 from osless.store import open_store
 from tests.etcd import EtcdCluster
-from tests.platform import EXAMPLES, OSLESS, Node, Server
+from tests.platform import EXAMPLES, OSLESS, Node, Server, copy_app
 
 
 @dataclass
@@ -41,6 +42,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     etcd = EtcdCluster(tmp / "etcd").start()
     url = etcd.url(f"/t-{uuid.uuid4().hex[:8]}")
     a = b = node = None
+    fleet = None
     try:
         a = Server(tmp / "a" / "data", etcd=url).start()
         key = (a.data_dir / "secret.key").read_text().strip()
@@ -48,9 +50,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             tmp / "b" / "data", etcd=url, args=["--no-builder"], up_env={"OSLESS_SECRET_KEY": key}
         ).start()
         node = Node(b, "n1", tmp / "n1").start()
-        yield Fleet(etcd, url, a, b, node)
+        fleet = Fleet(etcd, url, a, b, node)
+        yield fleet
     finally:
-        for part in (node, b, a):
+        for part in (fleet.node if fleet else node, b, a):
             if part is not None:
                 part.stop()
         etcd.stop()
@@ -66,6 +69,18 @@ def put_key(url: str, key: str, value: bytes) -> None:
             await store.close()
 
     asyncio.run(put())
+
+
+def delete_key(url: str, key: str) -> None:
+    async def delete() -> None:
+        store = open_store(url)
+        await store.start()
+        try:
+            await store.delete(key)
+        finally:
+            await store.close()
+
+    asyncio.run(delete())
 
 
 def get_key(url: str, key: str) -> bytes | None:
@@ -185,12 +200,39 @@ def test_a_peer_copy_with_other_bytes_is_refused_and_a_peer_shown_a_peer_token(f
         apps = httpx.get(f"{fleet.a.api}/v1/apps", headers={"authorization": f"Bearer {token}"})
         assert apps.status_code == 403, apps.text
     finally:
+        delete_key(fleet.url, "/servers/zz-fake")  # a server gone: no longer asked
         peer.close()
 
 
-def test_with_the_server_that_built_it_gone_a_release_still_scales_up(fleet: Fleet) -> None:
+def holds(server: Server, image: str) -> bool:
+    """Whether `server` has image `image` whole on its disk: the manifest and each layer archive."""
+    images = server.data_dir / "images"
+    path = images / "manifests" / f"{image}.json"
+    if not path.is_file():
+        return False
+    archives = json.loads(path.read_bytes())["layer_archives"].values()
+    return all((images / "archives" / f"{a['sha256']}.tar").is_file() for a in archives)
+
+
+def test_with_the_server_that_built_it_gone_a_release_still_runs_and_scales_up(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     image = fleet.b.http("GET", "/v1/apps/hello").json()["current_image"]
+    # A release no node pulls through B (its one node is away): B copies it anyway, from A.
+    fleet.node.stop()
+    src = copy_app(EXAMPLES / "hello", tmp_path / "hello2")
+    (src / "app.py").write_text((src / "app.py").read_text() + "\n# another release\n")
+    deployed = fleet.a.deploy(src, "--name", "hello2", "--detach")
+    assert deployed["status"] == "succeeded", deployed
+    fleet.b.wait_for(lambda: holds(fleet.b, deployed["image"]), timeout=30, what="B to copy hello2's image")
     fleet.a.stop(signal.SIGKILL)
+    fleet.node = Node(fleet.b, "n1", fleet.node.data_dir, http_port=fleet.node.http_port).start()
+    fleet.b.wait_for(
+        lambda: [i["status"]["phase"] for i in fleet.b.instances("hello2")] == ["ready"],
+        timeout=90,
+        what="hello2 ready on the node, pulled through B",
+    )
+    assert httpx.get(f"{fleet.node.gateway}/hello2/", timeout=10).text == "Hello from osless!\n"
     assert fleet.b.http("GET", f"/v1/images/{image}").status_code == 200
     layers = fleet.b.http("GET", f"/v1/images/{image}/layers").json()["layers"]
     for archive in layers.values():
@@ -202,3 +244,31 @@ def test_with_the_server_that_built_it_gone_a_release_still_scales_up(fleet: Fle
         timeout=90,
         what="two instances of hello ready",
     )
+
+    # With A gone, no builder runs (B has none): a deploy waits queued, never failed for it, and
+    # says why, on the record and once in `osless deploy`'s output.
+    cli = subprocess.Popen(
+        [OSLESS, "deploy", str(EXAMPLES / "hello"), "--name", "hello3"],
+        env=fleet.b.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def waiting() -> list[dict[str, Any]]:
+            items = fleet.b.http("GET", "/v1/deploys").json()["items"]
+            return [d for d in items if d["app"] == "hello3" and (d["reason"] or "").startswith("no builder")]
+
+        queued = fleet.b.wait_for(waiting, timeout=30, what="hello3's deploy to say no builder runs")[0]
+        assert queued["status"] == "queued", queued
+        assert fleet.b.http("GET", f"/v1/deploys/{queued['id']}").json()["reason"] == (
+            "no builder is running; start one with `osless builder --api URL`"
+        )
+        time.sleep(4)  # the CLI looks every 3 s
+        assert cli.poll() is None  # still waiting
+    finally:
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=10)
+    said = f"queued: no builder is running; start one with `osless builder --api {fleet.b.api}`"
+    assert err.count(said) == 1, err
