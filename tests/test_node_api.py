@@ -326,7 +326,8 @@ def test_a_follow_lets_go_of_the_nodes_when_its_client_goes(own_platform: Platfo
         ) as resp:
             # One iterator, held: a `for` over `resp.iter_lines()` left with `break` drops it, and
             # httpx then closes the connection at once, so the API would let go before the check.
-            lines, seen = resp.iter_lines(), []
+            lines = resp.iter_lines()
+            seen: list[str] = []
             while not any("from the hostile node" in line for line in seen):
                 seen.append(next(lines))
             assert hostile.follows_open == 1 and hostile.follows_closed == 0, seen
