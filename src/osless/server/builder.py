@@ -171,7 +171,14 @@ class BuilderHost:
                 log.warning("what the retention keeps was not read (trying again): %s", e.message)
                 await asyncio.sleep(COLLECT_S)
                 continue
-            if kept is not None and await asyncio.to_thread(self._collect, kept):
+            if kept is None:
+                continue
+            try:
+                done = await asyncio.to_thread(self._collect, kept)
+            except Exception:  # a disk error: tried again at the next pass, not in a loop now
+                log.exception("the builder's collection failed")
+                done = True
+            if done:
                 after = int(kept["collection"])
 
     def _collect(self, kept: dict[str, Any]) -> bool:
