@@ -126,6 +126,20 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
         == 403
     )
 
+    # What the retention keeps, for its own store: digests and numbers, no names; a wait past a pass
+    # already seen answers 204.
+    kept = as_token(plat, tok, "GET", "/v1/builds/kept")
+    assert kept.status_code == 200 and set(kept.json()) == {
+        "collection",
+        "images",
+        "locks",
+        "uids",
+        "grace_s",
+    }
+    assert hello["image"] in kept.json()["images"] and kept.json()["collection"] > 0
+    again = as_token(plat, tok, "GET", "/v1/builds/kept", params={"after": kept.json()["collection"]})
+    assert again.status_code == 204, again.text
+
     mine = as_token(plat, tok, "POST", "/v1/builders").json()["name"]
     other = as_token(plat, builder_token(plat), "POST", "/v1/builders").json()["name"]
     # A deploy it did not claim (the platform's builder built it): no log, no source, no result.

@@ -28,6 +28,11 @@ def _layers(p: Platform) -> set[str]:
     }
 
 
+def _built(p: Platform) -> set[str]:
+    """The layers in the builder process's own store (`<data dir>/builder/images`)."""
+    return {d.name for d in (p.data_dir / "builder" / "images" / "layers").iterdir()}
+
+
 def _archives(p: Platform) -> set[str]:
     return {f.name.removesuffix(".tar") for f in (p.data_dir / "images" / "archives").iterdir()}
 
@@ -79,10 +84,12 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     p.wait_for(lambda: _settled(p, "keep", current["version"]), what="keep on its last release only")
 
     # A failed build uploads nothing: the broken code's layer stays in the builder's own store.
-    assert sha256_hex(pack(broken)) not in _layers(p)
+    broken_code = sha256_hex(pack(broken))
+    assert broken_code not in _layers(p) and broken_code in _built(p)
     old = {r["manifest"]["layers"]["code"] for r in releases[:2]}
     old |= set(_manifest_on_disk(p, gone_image)["layers"].values())  # hello's code, and starlette
     assert old <= _layers(p) and len(old) == 4
+    assert old <= _built(p)
     old_archives = {a["sha256"] for r in releases[:2] for a in r["manifest"]["layer_archives"].values()}
     assert old_archives <= _archives(p)
     assert p.http("GET", "/v1/retention").json()["releases_per_app"] == 10  # the default
@@ -94,6 +101,10 @@ def test_a_short_retention_collects_the_old_and_keeps_what_serves(
     # The four above (locks are the builder's, in its own store).
     assert (collected["layers"], collected["manifests"], collected["locks"]) == (4, 3, 0)
     assert collected["bytes_freed"] > 0
+    # The builder collects its own store after the pass, by the same rules: what no kept release
+    # names goes (the failed build's code too), the current release's layers stay.
+    p.wait_for(lambda: not (old | {broken_code}) & _built(p), timeout=30, what="the builder's sweep")
+    assert set(current["manifest"]["layers"].values()) <= _built(p)
 
     # Records: the newest deploy per app, the current release.
     listed = {d["id"] for d in p.http("GET", "/v1/deploys").json()["items"]}
@@ -193,8 +204,11 @@ def test_a_build_in_flight_defers_the_sweep_and_a_young_layer_waits_its_grace(
     p.wait_for(lambda: p.http("GET", "/v1/status").json()["builds_running"] == 1, what="the build")
     during = p.http("POST", "/v1/retention/collect").json()
     assert during["images_deferred"] and during["layers"] == 0 and orphan in _layers(p)
+    assert orphan in _built(p)  # nor does the builder sweep while it builds
     t.join(60)
     assert result.get("status") == "succeeded"
+    # The pass it skipped is swept once its build is done, without waiting for the next one.
+    p.wait_for(lambda: orphan not in _built(p), timeout=30, what="the builder's sweep after its build")
     after = p.http("POST", "/v1/retention/collect").json()
     # gone's code, and its own empty dependency layer (dependency layers are per app).
     assert not after["images_deferred"] and after["layers"] == 2 and orphan not in _layers(p)

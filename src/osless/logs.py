@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Any
 
 from osless.bounds import MAX_LINE_CHARS, cap
 
-__all__ = ["LogWriter", "follow", "read_tail"]
+__all__ = ["DELETED_PREFIX", "LogWriter", "follow", "read_tail", "remove_app_logs"]
 
 DEFAULT_CAP = 2 * 1024 * 1024
+DELETED_PREFIX = ".deleted-"  # a deleted app's log folder, moved aside (no app name starts with a dot)
 _NOTICE_ROOM = 512  # kept free at the end of a capped log for the line that says it was cut
 
 
@@ -85,6 +88,17 @@ class LogWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+async def remove_app_logs(folder: Path) -> None:
+    """A deleted app's log folder: moved aside at once (one rename: a new app of the same name never
+    reads it), then removed off the loop."""
+    gone = folder.with_name(f"{DELETED_PREFIX}{folder.name}-{secrets.token_hex(4)}")
+    try:
+        folder.rename(gone)
+    except FileNotFoundError:
+        return
+    await asyncio.to_thread(shutil.rmtree, gone, True)
 
 
 def _prune(folder: Path, count: int, keep: Path) -> None:

@@ -36,7 +36,7 @@ def test_a_deleted_apps_build_cache_is_collected(own_platform: Platform, tmp_pat
     platform = own_platform
     platform.deploy(copy_app(APPS / "build_six", tmp_path / "six"), "--name", "cached")
     uid = platform.http("GET", "/v1/apps/cached").json()["uid"]
-    # The builder process's: it removes those of apps gone (`GET /v1/builds/uids`) every few seconds.
+    # The builder process's: it removes those of apps gone after a pass (`GET /v1/builds/kept`).
     cache = platform.data_dir / "builder" / "cache" / "uv" / str(uid)
     locks = platform.data_dir / "builder" / "images" / "locks" / str(uid)
     assert cache.is_dir() and any(cache.iterdir()) and locks.is_dir()

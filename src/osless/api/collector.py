@@ -1,11 +1,12 @@
 """The collector: what the retention no longer keeps is deleted, records first, then files.
 
 One pass: old deploy records and their build logs; old releases (never the current one, nor one with
-instances); logs of instances long gone; then, mark and sweep, the image manifests, layers and lock
-files that no kept release names (with the layers' archives) and that are older than the grace
-period; last, the uv caches and lock folders of uids no app has any more. It runs in the API's
-process rather than as a controller because the image store and the log folders are on the API's
-disk, and a build in flight (which only the API sees) stops the sweep until it is done.
+instances); logs of instances long gone; then, mark and sweep, the image manifests, layer archives
+and lock files that no kept release names and that are older than the grace period; last, the uv
+caches and lock folders that builds in the API's own process left, before builders were processes
+of their own, of uids no app has any more. It runs in the API's process rather than as a controller
+because the image store and the log folders are on the API's disk. Each pass ends by writing
+`/collected`: builders watch it (`GET /v1/builds/kept`) and collect their own stores by what it keeps.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,17 +24,18 @@ from pydantic import BaseModel, Field
 
 from osless.api.buildlog import BuildLog
 from osless.api.models import Body, Deploy, Integer, Release
-from osless.images import sha256_hex
+from osless.images import collect_uid_folders, sha256_hex
 from osless.store import Conflict
 
 if TYPE_CHECKING:
     from osless.api.state import ApiState
 
-__all__ = ["Collection", "Collector", "Retention"]
+__all__ = ["COLLECTED_KEY", "Collection", "Collector", "Kept", "Retention"]
 
 log = logging.getLogger("osless.collector")
 
 RETENTION_KEY = "/retention"
+COLLECTED_KEY = "/collected"  # written at the end of each pass: its revision tells builders to collect
 DAY_S = 86_400.0
 
 
@@ -82,6 +82,16 @@ class Collection(BaseModel):
     )
     started_at: float = 0.0
     seconds: float = 0.0
+
+
+class Kept(BaseModel):
+    """What the retention keeps now, by which a builder collects its own store (numbers only)."""
+
+    collection: int = Field(description="the revision of the last pass: `after` of the next ask")
+    images: list[str] = Field(description="image digests kept releases and instances name")
+    locks: list[str] = Field(description="the sha256 of the locks of kept releases")
+    uids: list[int] = Field(description="the uids of apps that exist, or were just named")
+    grace_s: float
 
 
 class Collector:
@@ -153,17 +163,41 @@ class Collector:
             out.bytes_freed += swept.bytes_freed
             out.images_deferred = swept.stopped
             if not swept.stopped:
-                live_uids = await self._live_uids(retention)
-                out.bytes_freed += await asyncio.to_thread(self._per_uid_folders, live_uids, retention)
+                live_uids = await self._live_uids(retention, forget=True)
+                # Left by builds in the API's process before builders were processes: nothing writes
+                # them now, but a builder given this data dir would (see `osless builder --data-dir`).
+                out.bytes_freed += await asyncio.to_thread(
+                    collect_uid_folders,
+                    (self.state.data_dir / "cache" / "uv", self.state.images.locks_dir),
+                    live=live_uids,
+                    grace_s=retention.grace_s,
+                )
+            # Builders collect their own stores after each pass (`GET /v1/builds/kept` watches this).
+            await self.state.resources.store.put(COLLECTED_KEY, json.dumps({"at": started}).encode())
             out.seconds = round(time.time() - started, 3)
             if any((out.deploys, out.releases, out.logs, out.manifests, out.layers, out.locks, out.archives)):
                 log.info("collected %s", out.model_dump_json())
             return out
 
-    async def _live_uids(self, retention: Retention) -> set[str]:
+    async def kept(self) -> Kept:
+        """What the retention keeps now (deleting nothing): a builder collects its store by it."""
+        kv = await self.state.resources.store.get(COLLECTED_KEY)
+        retention = await self.retention()
+        images, locks, _, _ = await self._releases(retention, None)
+        uids = await self._live_uids(retention, forget=False)
+        return Kept(
+            collection=kv.mod_revision if kv is not None else 0,
+            images=sorted(images),
+            locks=sorted(locks),
+            uids=sorted(map(int, uids)),
+            grace_s=retention.grace_s,
+        )
+
+    async def _live_uids(self, retention: Retention, *, forget: bool) -> set[str]:
         """The uids of apps that exist. A uid given to a name whose first deploy failed (the build
         asks for it before there is an app) is let go once past the grace period: its claim in
-        `/uids/` stays, so it is never handed out again, and its caches go with the next pass."""
+        `/uids/` stays, so it is never handed out again, and its caches go with the next pass.
+        `forget`: the name's claim in `/appuids/` is deleted then, too."""
         store = self.state.resources.store
         building = await self._building()
         items, _ = await store.list("/appuids/")
@@ -180,33 +214,15 @@ class Collector:
             if at >= old:
                 live.add(uid)
                 continue
-            with contextlib.suppress(Conflict):  # taken meanwhile (a deploy of that name): kept
-                await store.delete(kv.key, if_revision=kv.mod_revision)
+            if forget:
+                with contextlib.suppress(Conflict):  # taken meanwhile (a deploy of that name): kept
+                    await store.delete(kv.key, if_revision=kv.mod_revision)
         return live
 
     async def _building(self) -> bool:
         """Whether a deploy is queued or building now."""
         deploys, _ = await self.state.resources.list_deploys()
         return any(d.status in ("queued", "building") for d in deploys)
-
-    def _per_uid_folders(self, live: set[str], retention: Retention) -> int:
-        """The uv caches and lock folders of apps that no longer exist (named by uid: a new app of
-        the same name has another): removed once past the grace period. Bytes freed."""
-        freed = 0
-        old = time.time() - retention.grace_s
-        # Those of builds that ran in the API's process, before builders were processes of their own.
-        for parent in (self.state.data_dir / "cache" / "uv", self.state.images.locks_dir):
-            for folder in _files(parent):
-                if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
-                    continue
-                if _mtime(folder) < old:
-                    # The app's build wrote in it: walked without following a link it may have left.
-                    for top, _, names in os.walk(folder, followlinks=False):
-                        for name in names:
-                            with contextlib.suppress(OSError):
-                                freed += os.lstat(os.path.join(top, name)).st_size
-                    shutil.rmtree(folder, ignore_errors=True)
-        return freed
 
     async def _deploys(self, retention: Retention, now: float, out: Collection) -> set[str]:
         """Delete the deploys past the retention (with their logs); the ids of those kept."""
@@ -242,10 +258,11 @@ class Collector:
         return kept
 
     async def _releases(
-        self, retention: Retention, out: Collection
+        self, retention: Retention, out: Collection | None
     ) -> tuple[set[str], set[str], set[str], set[str]]:
-        """Delete the releases past the retention. Returns what the rest of the pass keeps: the
-        images (of kept releases and of instances), the sha256 of their locks, instance ids, apps."""
+        """Delete the releases past the retention (none if `out` is None). Returns what the rest of
+        the pass keeps: the images (of kept releases and of instances), the sha256 of their locks,
+        instance ids, apps."""
         res = self.state.resources
         apps, _ = await res.list_apps()
         instances, _ = await res.list_instances()
@@ -266,7 +283,7 @@ class Collector:
                     or release.version == app.current_release
                     or (app.name, release.version) in with_instances
                 )
-                if not keep:
+                if not keep and out is not None:
                     with contextlib.suppress(Conflict):
                         if await res.store.delete(kv.key, if_revision=kv.mod_revision):
                             out.releases += 1

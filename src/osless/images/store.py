@@ -4,7 +4,8 @@ Layout under `root`: `layers/<id>/`, `archives/<sha256>.tar` (each layer as a de
 what nodes pull and check), `archived/<id>.json` (a layer's archive: its sha256 and size),
 `manifests/<hex>.json`, `locks/<uid>/<hex>.txt` (the builder's cache of resolved requirements), and
 `tmp/` where everything is built before being renamed into place, so a digest never names something
-half-written. `collect` removes what nothing keeps.
+half-written. `collect` removes what nothing keeps; `collect_uid_folders` the per-app folders (lock
+folders, a builder's uv caches) of apps gone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +36,7 @@ __all__ = [
     "LayerArchive",
     "ManifestTooLarge",
     "canonical_json",
+    "collect_uid_folders",
     "fsync_dir",
     "remove_tree",
     "seal_contents",
@@ -350,6 +352,35 @@ class ImageStore:
         done = sweep()
         counts.pop("archived")  # the records of the archives: counted with them
         return Collected(**counts, stopped=not done)
+
+
+def collect_uid_folders(
+    parents: Iterable[Path],
+    *,
+    live: Collection[str],
+    grace_s: float,
+    busy: Callable[[], bool] = lambda: False,
+) -> int:
+    """Remove the per-app folders `<parent>/<uid>` (uv caches, lock folders: named by uid, so a new app
+    of the same name has others) of the uids not in `live`, once older than `grace_s`; none once
+    `busy()` (a build may be writing in one). Bytes freed."""
+    freed = 0
+    old = time.time() - grace_s
+    for parent in parents:
+        try:
+            folders = list(parent.iterdir())
+        except FileNotFoundError:
+            continue
+        for folder in folders:
+            if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                if folder.lstat().st_mtime >= old or busy():
+                    continue
+                # The app's build wrote in it: sized and removed without following a link it left.
+                freed += _tree_bytes(folder)
+                remove_tree(folder)
+    return freed
 
 
 def _too_large(manifest: dict[str, Any], size: int) -> str:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -21,7 +22,7 @@ from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer, ModelInformer
 from osless.contracts import App, Instance
-from osless.logs import LogWriter
+from osless.logs import DELETED_PREFIX, LogWriter, remove_app_logs
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
 from osless.node.egress import EgressProxy
@@ -263,7 +264,8 @@ class NodeAgent:
         gone = self.volumes.apps_on_disk() - set(self.apps.items) if self.apps.synced.is_set() else set()
         if self.apps.synced.is_set():
             for key in [k for k in self._app_logs if k[0] not in self.apps.items and not self._in_use(k[0])]:
-                self._app_logs.pop(key).close()  # a deleted app's: its folder is gone, or going
+                self._app_logs.pop(key).close()  # a deleted app's: its folder goes next
+            await self._remove_deleted_logs()
         for app in self.volumes.mounted_apps() | gone:
             if self._in_use(app):
                 continue
@@ -274,6 +276,21 @@ class NodeAgent:
                     await self.volumes.detach(app, functools.partial(self._in_use, app))
             except (VolumeError, OSError) as e:  # tried again on the next pass
                 log.warning("the volumes of %s not put away: %s", app, e)
+
+    async def _remove_deleted_logs(self) -> None:
+        """The log folders of deleted apps of which nothing runs here any more (`DELETE /v1/apps/{app}`
+        removes the API's copy only): a new app of the same name never reads them, and they do not
+        fill the node's disk. Also what a stop between a move aside and its removal left."""
+        try:
+            folders = list((self.logs_dir / "apps").iterdir())
+        except FileNotFoundError:
+            return
+        for folder in folders:
+            app = folder.name
+            if app.startswith(DELETED_PREFIX) and not folder.is_symlink():
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            elif not app.startswith(".") and app not in self.apps.items and not self._in_use(app):
+                await remove_app_logs(folder)
 
     async def app_config(self, app: str, refresh: bool = False) -> dict[str, Any]:
         """The app's config in clear and its token, as the API gives them to this node only."""

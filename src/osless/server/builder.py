@@ -6,7 +6,8 @@ time per slot (`--concurrency`, 1 by default: a build uses the machine), reads i
 `builder.Builder` in a worker thread as the API once did (sandboxed, with its own egress to the
 package index and its own uv cache), posts its log in bounded batches, uploads the layer archives
 the API lacks and the manifest, then the result. Its image store is its own (`<data dir>/images`),
-so a redeploy with the same requirements finds its dependency layer here (`deps_cached`). On
+so a redeploy with the same requirements finds its dependency layer here (`deps_cached`); after each
+pass of the API's collector it collects that store by what the retention keeps (`collect`). On
 SIGTERM it stops its builds (their deploys fail, saying so) and its lease. Killed, its lease lapses
 and any server fails what it was building (api/routes/deploys.py `fail_orphaned_builds`).
 """
@@ -18,9 +19,7 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import signal
-import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from osless.builder import Builder, BuildError, stop_all_builds
 from osless.builder.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
 from osless.errors import ApiError
-from osless.images import ImageStore
+from osless.images import ImageStore, collect_uid_folders
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
@@ -44,7 +43,8 @@ __all__ = ["BuilderConfig", "BuilderHost", "run_builder"]
 log = logging.getLogger("osless.builder")
 
 RENEW_S = 2.0
-COLLECT_S = 5.0
+COLLECT_S = 5.0  # while a build runs, how often the builder looks whether it may sweep
+KEPT_WAIT_S = 20.0  # a long poll for the API collector's next pass
 CLAIM_WAIT_S = 20.0
 FLUSH_S = 0.2
 BATCH_CHARS = 512 * 1024  # of log text per post: at most ~3 MiB of JSON, escapes and all
@@ -151,30 +151,62 @@ class BuilderHost:
                     log.warning("the builder's lease was not renewed (trying again): %s", e.message)
 
     async def collect(self) -> None:
-        """The uv caches and locks of apps that no longer exist (by uid: a new app of the same name
-        has another), removed while this builder is idle, once past the retention's grace."""
+        """After each pass of the API's collector (`GET /v1/builds/kept` waits for one), its own store
+        by the same rules: the manifests, layers, archives and locks no kept release names, and the
+        uv caches and lock folders of uids no app has, once past the retention's grace. Never while
+        one of its builds runs: a pass that finds one busy is swept once the builds are done."""
+        after = 0
         while True:
-            await asyncio.sleep(COLLECT_S)
             if self.busy:
+                await asyncio.sleep(COLLECT_S)
                 continue
             try:
-                live = await self.api.request("GET", "/v1/builds/uids")
+                kept = await self.api.request(
+                    "GET",
+                    "/v1/builds/kept",
+                    params={"after": after, "wait_s": KEPT_WAIT_S},
+                    timeout=KEPT_WAIT_S + 30,
+                )
             except ApiError as e:
-                log.warning("the live uids were not read (trying again): %s", e.message)
+                log.warning("what the retention keeps was not read (trying again): %s", e.message)
+                await asyncio.sleep(COLLECT_S)
                 continue
-            keep = {str(uid) for uid in live["uids"]}
-            old = time.time() - float(live["grace_s"])
-            await asyncio.to_thread(self._collect, keep, old)
+            if kept is None:
+                continue
+            try:
+                done = await asyncio.to_thread(self._collect, kept)
+            except Exception:  # a disk error: tried again at the next pass, not in a loop now
+                log.exception("the builder's collection failed")
+                done = True
+            if done:
+                after = int(kept["collection"])
 
-    def _collect(self, keep: set[str], old: float) -> None:
-        for parent in (self.builder.cache_dir, self.builder.images.locks_dir):
-            for folder in list(parent.iterdir()):
-                if not folder.name.isdigit() or folder.name in keep or folder.is_symlink():
-                    continue
-                with contextlib.suppress(OSError):
-                    if folder.lstat().st_mtime < old and not self.busy:
-                        # The app's build wrote in it: removed without following a link it left.
-                        shutil.rmtree(folder, ignore_errors=True)
+    def _collect(self, kept: dict[str, Any]) -> bool:
+        """One sweep of the builder's store; False if a build started meanwhile (it stopped)."""
+
+        def busy() -> bool:
+            return bool(self.busy)
+
+        grace_s = float(kept["grace_s"])
+        images = self.builder.images
+        swept = images.collect(
+            keep_images=set(kept["images"]), keep_locks=set(kept["locks"]), grace_s=grace_s, busy=busy
+        )
+        if swept.stopped:
+            return False
+        live = {str(uid) for uid in kept["uids"]}
+        freed = collect_uid_folders(
+            (self.builder.cache_dir, images.locks_dir), live=live, grace_s=grace_s, busy=busy
+        )
+        if swept.manifests or swept.layers or swept.locks or freed:
+            log.info(
+                "collected %d manifests, %d layers, %d locks, %d bytes",
+                swept.manifests,
+                swept.layers,
+                swept.locks,
+                swept.bytes_freed + freed,
+            )
+        return not busy()
 
     async def work(self) -> None:
         """One slot: claim a queued deploy, build it, again."""

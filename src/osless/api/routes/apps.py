@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import secrets
-import shutil
 from collections import Counter
 from typing import Any
 
@@ -36,6 +33,7 @@ from osless.api.models import (
 from osless.api.openapi import WATCHABLE
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
+from osless.logs import remove_app_logs
 from osless.store import Conflict
 
 MAX_GATEWAYS_PER_NODE = 256  # as `osless up --gateways` allows
@@ -178,13 +176,9 @@ async def delete_app(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> Response:
     await state.resources.delete_app(app)
-    # Its logs go with it: a new app of the same name must never read them. Moved aside at once
-    # (one rename), then removed off the loop.
-    folder = state.app_log_dir(app)
-    gone = folder.with_name(f".deleted-{app}-{secrets.token_hex(4)}")
-    with contextlib.suppress(FileNotFoundError):
-        folder.rename(gone)
-        await asyncio.to_thread(shutil.rmtree, gone, True)
+    # Its logs go with it: a new app of the same name must never read them (each node removes its
+    # own copy once nothing of the app runs there).
+    await remove_app_logs(state.app_log_dir(app))
     return Response(status_code=204)
 
 

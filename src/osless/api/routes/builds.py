@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -29,6 +28,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from osless.api.auth import Caller, require
+from osless.api.collector import COLLECTED_KEY, Kept
 from osless.api.errors import ApiError, responses
 from osless.api.models import APP_NAME_PATTERN, DIGEST_PATTERN, ID_PATTERN, Body, Deploy, Release
 from osless.api.routes.config import config_misfits
@@ -65,11 +65,6 @@ class AppAnswer(Body):
 
 class LogLines(Body):
     lines: list[str] = Field(max_length=MAX_LOG_LINES)
-
-
-class LiveUids(Body):
-    uids: list[int]
-    grace_s: float
 
 
 class Present(Body):
@@ -121,26 +116,37 @@ async def drop_builder(
 
 
 @router.get(
-    "/builds/uids",
-    response_model=LiveUids,
-    summary="The uids whose build caches a builder keeps: those of apps that exist, or were just named",
+    "/builds/kept",
+    response_model=Kept,
+    responses={204: {"description": "no pass of the collector within wait_s"}},
+    summary="What the retention keeps (image digests, lock digests, uids), once the collector passed",
 )
-async def live_uids(state: ApiState = Depends(get_state), caller: Caller = require("build")) -> Any:
-    """Numbers only, no names. A uid claimed for a name whose app does not exist (yet: its first
-    deploy may be building) stays live through the retention's grace period, as the collector has it."""
-    retention = await state.collector.retention()
+async def kept(
+    request: Request,
+    after: int = Query(default=0, ge=0, description="the `collection` of the last answer: wait for a newer"),
+    wait_s: float = Query(default=0.0, ge=0, le=60),
+    state: ApiState = Depends(get_state),
+    caller: Caller = require("build"),
+) -> Any:
+    """A builder collects its own store by this after each pass of the API's collector (every
+    retention interval, and on `POST /v1/retention/collect`): answered at once if a pass came after
+    `after`, else when one comes, or 204 past `wait_s`. Digests and numbers only, no names."""
     store = state.resources.store
-    apps = {kv.key.removeprefix("/apps/") for kv in (await store.list("/apps/"))[0]}
-    old = time.time() - retention.grace_s
-    live: list[int] = []
-    for kv in (await store.list("/appuids/"))[0]:
-        uid = int(json.loads(kv.value)["uid"])
-        if kv.key.removeprefix("/appuids/") not in apps:
-            claim = await store.get(f"/uids/{uid}")
-            if claim is None or float(json.loads(claim.value).get("at", 0)) < old:
-                continue
-        live.append(uid)
-    return {"uids": sorted(live), "grace_s": retention.grace_s}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        items, rev = await store.list(COLLECTED_KEY)
+        if items and items[0].key == COLLECTED_KEY and items[0].mod_revision != after:
+            return await state.collector.kept()
+        left = deadline - loop.time()
+        if left <= 0 or await request.is_disconnected():
+            return Response(status_code=204)
+        # A second at most per wait (a server stopping waits for no longer, a client gone is seen).
+        watch = cast(AsyncGenerator[Event, None], store.watch(COLLECTED_KEY, after_revision=rev))
+        async with contextlib.aclosing(watch):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 1.0)):
+                    await anext(watch)
 
 
 @router.post(
