@@ -74,7 +74,7 @@ def running(pid: int) -> bool:
     """Whether `pid` exists and has not ended (a zombie has: only its exit status waits for a reaper)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return False
     return state not in ("Z", "X")
 
