@@ -281,8 +281,9 @@ class _ManifestPart(BaseModel):
     )
 
     @model_serializer(mode="wrap")
-    def _as_read(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
+    def _as_read(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An object in the OpenAPI document, as the manifest was before it was a model.
+        data: dict[str, Any] = handler(self)
         for name, field in type(self).model_fields.items():
             if name not in self.model_fields_set:
                 data.pop(field.alias or name, None)
