@@ -20,10 +20,15 @@ from typing import Any
 import httpx
 import pytest
 
+import osless
+from osless import contracts
 from osless.client import AsyncApi
 from osless.contracts import ImageManifest
 from osless.images import ImageStore, canonical_json, manifest_json, remove_tree, sha256_hex
 from osless.node.images import LayerRefused, NodeImages
+from osless.sdk import app as sdk_app
+from osless.sdk.app import read_app_manifest
+from osless.sdk.config import KEY_RE
 from tests.platform import EXAMPLES, Platform
 from tests.test_auth import call, make_token
 
@@ -175,6 +180,48 @@ def test_a_corrupted_layer_is_refused_and_a_good_one_then_runs(own_platform: Pla
     )
     assert httpx.get(f"{p.gateway}/hello/", timeout=30).text == "Hello from osless!\n"
     assert (_cache(p) / "layers" / sha).is_dir()
+
+
+def test_an_sdk_app_s_manifest_keeps_to_the_contract_and_dumps_as_it_was_written() -> None:
+    # The contract restates the SDK's rules (contracts imports nothing of osless): they must agree.
+    assert (contracts.MIN_MEMORY_MB, contracts.MAX_MEMORY_MB) == (
+        sdk_app.MIN_MEMORY_MB,
+        sdk_app.MAX_MEMORY_MB,
+    )
+    assert (contracts.MIN_VOLUME_MB, contracts.MAX_VOLUME_MB) == (
+        sdk_app.MIN_VOLUME_MB,
+        sdk_app.MAX_VOLUME_MB,
+    )
+    assert sdk_app.FUNCTION_RE.pattern == contracts.FUNCTION_NAME_PATTERN
+    assert sdk_app.VOLUME_RE.pattern == contracts.VOLUME_NAME_PATTERN
+    assert sdk_app.HOST_RE.pattern == contracts.HOST_PATTERN
+    assert KEY_RE.pattern == contracts.CONFIG_KEY_PATTERN
+    app = osless.App("shop", volumes={"/data": osless.Volume("orders", size_mb=64)}, egress=["*.example.com"])
+    app.function(name="quick", memory_mb=128, timeout_s=5)(lambda event, ctx: None)
+    app.function(name="slow", memory_mb=512, timeout_s=90.5)(lambda event, ctx: None)
+
+    @app.web(memory_mb=1024, max_duration_s=60)
+    def site() -> None: ...
+
+    app.config(
+        greeting=osless.Field(str, default="hi", doc="what it says"),
+        ratio=osless.Field(float, default=1),
+        extra=osless.Field(osless.JSON, default=None, restart=True),
+        password=osless.Secret,
+    )
+    declared = read_app_manifest({**app.manifest(), "web": {**app.manifest()["web"], "kind": "asgi"}})
+    fields = manifest_fields(
+        app="shop", **{k: declared[k] for k in ("functions", "web", "volumes", "egress", "config")}
+    )
+    manifest = ImageManifest.model_validate(fields)
+    assert manifest.memory_mb() == 1024 and manifest.functions["slow"].timeout_s == 90.5
+    assert manifest.config["extra"].default is None and "default" not in manifest.config_schema()["password"]
+    # Numbers keep their JSON type (5 stays 5), absent keys stay absent: the very bytes, both ways.
+    assert manifest_json(manifest) == canonical_json(fields)
+    assert manifest_json(ImageManifest.model_validate_json(canonical_json(fields))) == canonical_json(fields)
+    old = manifest_fields(volumes={"/data": "db"})  # the release before archives and volume sizes
+    del old["layer_archives"]
+    assert manifest_json(ImageManifest.model_validate_json(canonical_json(old))) == canonical_json(old)
 
 
 def test_a_manifest_off_its_contract_is_refused_by_the_node_naming_the_field(
