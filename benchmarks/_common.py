@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.builder import Builder, pack
+from osless.contracts import ImageManifest
 from osless.images import ImageStore
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
@@ -53,16 +54,16 @@ def remove_workdir(work: Path) -> None:
 @dataclass
 class Image:
     digest: str
-    manifest: dict[str, Any]
+    manifest: ImageManifest
     layers: Path
 
     @property
     def code(self) -> Path:
-        return self.layers / self.manifest["layers"]["code"]
+        return self.layers / self.manifest.layers.code
 
     @property
     def deps(self) -> Path:
-        return self.layers / self.manifest["layers"]["deps"]
+        return self.layers / self.manifest.layers.deps
 
 
 def build_hello(work: Path) -> Image:
@@ -162,11 +163,11 @@ class Platform:
         ).to_json()
         zygote = Zygote(
             image=image.digest,
-            app=str(image.manifest["app"]),
+            app=image.manifest.app,
             uid=BENCH_UID,
             code_dir=image.code,
             deps_dir=image.deps,
-            entry=image.manifest["entry"],
+            entry=image.manifest.entry,
             log=writers[1],
             sandbox=spec,
         )

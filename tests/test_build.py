@@ -35,6 +35,7 @@ from osless.builder import (
     unpack,
 )
 from osless.builder.egress import BuildEgress, index_hosts
+from osless.contracts import ImageManifest
 from osless.images import (
     MAX_MANIFEST_BYTES,
     ImageNotFoundError,
@@ -46,6 +47,7 @@ from osless.images import (
 )
 from osless.node.isolation import build_spec
 from tests.platform import Platform, copy_app
+from tests.test_images import manifest_fields
 
 APPS = Path(__file__).parent / "apps"
 SIX_LOCK = "six==1.16.0\n"
@@ -355,11 +357,11 @@ def test_image_store_layers_and_manifests(tmp_path: Path) -> None:
     assert store.add_layer(digest, lambda d: pytest.fail("must not rebuild")) == path
     assert list((tmp_path / "images" / "tmp").iterdir()) == []
 
-    manifest = {"schema": 1, "b": [1, 2], "a": "é"}
-    image = store.put_manifest(manifest)
-    assert image == sha256_hex(b'{"a":"\\u00e9","b":[1,2],"schema":1}')
-    assert image == sha256_hex(canonical_json(manifest))
-    assert store.get_manifest(image) == manifest and store.has_manifest(image)
+    fields = manifest_fields(lock="é==1\n")
+    image = store.put_manifest(ImageManifest.model_validate(fields))
+    assert b'"lock":"\\u00e9==1\\n"' in store.manifest_bytes(image)  # sorted keys, no spaces, ASCII
+    assert image == sha256_hex(canonical_json(fields)) == sha256_hex(store.manifest_bytes(image))
+    assert store.get_manifest(image).model_dump() == fields and store.has_manifest(image)
     with pytest.raises(ImageNotFoundError, match=r"no image sha256:0+ in the image store") as e:
         store.get_manifest("0" * 64)
     assert isinstance(e.value, KeyError)
@@ -400,8 +402,16 @@ def test_image_store_collects_what_no_kept_image_names(tmp_path: Path) -> None:
     code, deps, old_code = (sha256_hex(x) for x in (b"code", b"deps", b"old"))
     for digest in (code, deps, old_code):
         store.add_layer(digest, lambda d: (d / "f").write_text("x" * 1000))
-    kept = store.put_manifest({"layers": {"code": code, "deps": deps}, "lock": "six==1.16.0\n"})
-    old = store.put_manifest({"layers": {"code": old_code, "deps": deps}, "lock": "six==1.15.0\n"})
+    kept = store.put_manifest(
+        ImageManifest.model_validate(
+            manifest_fields(layers={"code": code, "deps": deps}, lock="six==1.16.0\n")
+        )
+    )
+    old = store.put_manifest(
+        ImageManifest.model_validate(
+            manifest_fields(layers={"code": old_code, "deps": deps}, lock="six==1.15.0\n")
+        )
+    )
     for lock in ("six==1.16.0\n", "six==1.15.0\n"):
         (store.locks_dir / f"{sha256_hex(lock.encode() + b'req')}.txt").write_text(lock)
 
@@ -523,7 +533,7 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore, uids: U
     archive = pack(APPS / "build_hello")
     log = Log()
     result = builder.build(archive, log)
-    m = result.manifest
+    m = result.manifest.model_dump()
     uid = uids("hello")
     layers = {"code": sha256_hex(archive), "deps": sha256_hex(f"\npython=3.11\nuid={uid}".encode())}
     assert m == {
@@ -541,7 +551,11 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore, uids: U
         "egress": [],
         "config": {},
     }
-    assert result.image == sha256_hex(canonical_json(m)) and store.get_manifest(result.image) == m
+    # The bytes stored are the canonical JSON of those keys, exactly as before the manifest was a model.
+    assert (store.manifests_dir / f"{result.image}.json").read_bytes() == canonical_json(m)
+    assert (
+        result.image == sha256_hex(canonical_json(m)) and store.get_manifest(result.image) == result.manifest
+    )
     assert log.lines[-1] == f"==> Image sha256:{result.image}"
     assert f"==> Building hello (sandboxed, uid {uid})" in log.lines
     assert any(ln.startswith("==> Requirements: none") for ln in log.lines)
@@ -552,17 +566,17 @@ def test_build_without_dependencies(builder: Builder, store: ImageStore, uids: U
 
     # ?app= overrides the name in the code, and the build runs as that app.
     again = builder.build(archive, Log(), app_name="greeter")
-    assert again.manifest["app"] == "greeter" and again.image != result.image
-    assert again.manifest["layers"]["code"] == m["layers"]["code"]  # unpacking runs no app code: shared
-    assert again.manifest["layers"]["deps"] != m["layers"]["deps"]
+    assert again.manifest.app == "greeter" and again.image != result.image
+    assert again.manifest.layers.code == m["layers"]["code"]  # unpacking runs no app code: shared
+    assert again.manifest.layers.deps != m["layers"]["deps"]
     assert builder.build(archive, Log()).image == result.image  # content-addressed: same input, same image
 
 
 def test_build_with_requirements_txt(six_build: tuple[BuildResult, Log], store: ImageStore) -> None:
     result, log = six_build
-    assert result.manifest["lock"] == SIX_LOCK
-    assert set(result.manifest["functions"]) == {"six_1_16_0"}  # six was importable by inspect
-    deps = store.layer_path(result.manifest["layers"]["deps"])
+    assert result.manifest.lock == SIX_LOCK
+    assert set(result.manifest.functions) == {"six_1_16_0"}  # six was importable by inspect
+    deps = store.layer_path(result.manifest.layers.deps)
     assert (deps / "six.py").is_file()
     assert "==> Requirements: requirements.txt" in log.lines
     assert any("six==1.16.0" in ln for ln in log.lines if not ln.startswith("==> "))  # uv output streamed
@@ -586,11 +600,11 @@ def test_code_only_change_reuses_dependencies(
     result = builder.build(pack(root), log)
     elapsed = time.monotonic() - started
     assert result.deps_cached and elapsed < 10
-    assert result.manifest["layers"]["deps"] == first.manifest["layers"]["deps"]
-    assert result.manifest["layers"]["code"] != first.manifest["layers"]["code"]
-    assert set(result.manifest["functions"]) == {"extra", "six_1_16_0"}
+    assert result.manifest.layers.deps == first.manifest.layers.deps
+    assert result.manifest.layers.code != first.manifest.layers.code
+    assert set(result.manifest.functions) == {"extra", "six_1_16_0"}
     assert "==> Resolving dependencies (cached)" in log.lines
-    assert f"==> Dependencies: cached {result.manifest['layers']['deps'][:12]}" in log.lines
+    assert f"==> Dependencies: cached {result.manifest.layers.deps[:12]}" in log.lines
 
 
 def test_apps_never_share_dependency_layers(
@@ -601,10 +615,10 @@ def test_apps_never_share_dependency_layers(
     archive = pack(APPS / "build_six")
     log = Log()
     other = builder.build(archive, log, app_name="six-other")
-    assert other.manifest["lock"] == first.manifest["lock"] == SIX_LOCK
-    assert other.manifest["layers"]["deps"] != first.manifest["layers"]["deps"] and not other.deps_cached
+    assert other.manifest.lock == first.manifest.lock == SIX_LOCK
+    assert other.manifest.layers.deps != first.manifest.layers.deps and not other.deps_cached
     assert "==> Resolving dependencies (1 requirement, Python 3.11)" in log.lines  # its own lock too
-    assert (store.layer_path(other.manifest["layers"]["deps"]) / "six.py").is_file()
+    assert (store.layer_path(other.manifest.layers.deps) / "six.py").is_file()
     for name in ("sixer", "six-other"):  # and each its own uv cache, which no other uid may enter
         cache = data_dir / "cache" / "uv" / str(uids(name))
         st = cache.stat()
@@ -614,18 +628,18 @@ def test_apps_never_share_dependency_layers(
     started = time.monotonic()
     again = builder.build(archive, log, app_name="six-other")
     assert again.deps_cached and time.monotonic() - started < 10
-    assert again.manifest["layers"]["deps"] == other.manifest["layers"]["deps"]
+    assert again.manifest.layers.deps == other.manifest.layers.deps
     assert "==> Resolving dependencies (cached)" in log.lines
 
 
 def test_pyproject_dependencies(builder: Builder, store: ImageStore) -> None:
     log = Log()
     result = builder.build(pack(APPS / "build_pyproject"), log)
-    assert result.manifest["lock"] == SIX_LOCK and result.manifest["app"] == "pyproj"
-    assert result.manifest["web"]["kind"] == "asgi"
+    assert result.manifest.lock == SIX_LOCK and result.manifest.app == "pyproj"
+    assert result.manifest.web is not None and result.manifest.web.kind == "asgi"
     assert "==> Requirements: pyproject.toml [project].dependencies" in log.lines
     assert any(ln.startswith("==> Requirements: dropping 'osless>=0.1'") for ln in log.lines)
-    assert (store.layer_path(result.manifest["layers"]["deps"]) / "six.py").is_file()
+    assert (store.layer_path(result.manifest.layers.deps) / "six.py").is_file()
 
 
 def _spy(tmp_path: Path, targets: dict[str, Any]) -> Path:
@@ -682,15 +696,15 @@ def test_dependency_build_code_runs_sandboxed_as_the_app(
     log = Log()
     result = builder.build(pack(root), log)
     uid = uids("spy")
-    deps = store.layer_path(result.manifest["layers"]["deps"])
+    deps = store.layer_path(result.manifest.layers.deps)
     report = json.loads((deps / "spy_report.py").read_text().split("REPORT = ", 1)[1].split("\n")[0][1:-1])
     _check_spy(report, uid=uid, data_dir=data_dir, api_port=api_port)
     # A fork bomb stalls at the sandbox's process cap (its own count: uv's threads are part of it).
     assert report["nproc"] == [BUILD_NPROC, BUILD_NPROC]
     assert report["forks"]["stopped"] == "EAGAIN" and 0 < report["forks"]["count"] < BUILD_NPROC
     # The app's import ran as its uid too; the lock names the copy of ./vendor/spy the steps saw.
-    assert f"imported_as_{uid}" in result.manifest["functions"]
-    assert result.manifest["lock"] == "/build/src/vendor/spy\n"
+    assert f"imported_as_{uid}" in result.manifest.functions
+    assert result.manifest.lock == "/build/src/vendor/spy\n"
     # What it left in the layer was taken over without following it: the link's target untouched.
     assert report["plant"] == "planted"
     st = victim.stat()
@@ -712,9 +726,9 @@ def test_local_packages_are_never_served_from_the_lock_cache(
         log = Log()
         result = builder.build(pack(root), log)
         assert "==> Resolving dependencies (1 requirement, Python 3.11)" in log.lines
-        deps = store.layer_path(result.manifest["layers"]["deps"])
+        deps = store.layer_path(result.manifest.layers.deps)
         assert f'"count": {forks}' in (deps / "spy_report.py").read_text()
-        digests.append(result.manifest["layers"]["deps"])
+        digests.append(result.manifest.layers.deps)
     assert digests[0] != digests[1]
 
 
@@ -797,7 +811,7 @@ def test_url_and_path_requirements_are_refused(
 ) -> None:
     first, _ = six_build
     victim = _victim_digest()
-    assert first.manifest["layers"]["code"] == victim and store.has_layer(victim)  # it is there to be read
+    assert first.manifest.layers.code == victim and store.has_layer(victim)  # it is there to be read
     requirement = requirement.replace("{victim}", victim)
     files = {"app.py": "import osless\napp = osless.App('attacker')\n"}
     if source == "requirements.txt":
@@ -830,7 +844,7 @@ default = true
     files["uv.toml"] = 'index-url = "https://example.com/simple"\n'
     log = Log()
     result = builder.build(pack(_app(tmp_path, files)), log)
-    assert result.manifest["lock"] == SIX_LOCK  # from the platform's index, not the app's
+    assert result.manifest.lock == SIX_LOCK  # from the platform's index, not the app's
     assert any(ln.startswith("==> pyproject.toml [tool.uv] is ignored") for ln in log.lines)
     assert any(ln.startswith("==> uv.toml is ignored") for ln in log.lines)
 
@@ -861,7 +875,7 @@ def test_app_name_must_be_readable_before_the_build(
 
 def test_name_given_on_deploy_needs_no_literal(builder: Builder, tmp_path: Path) -> None:
     root = _app(tmp_path, {"app.py": "import osless\nNAME = 'named'\napp = osless.App(NAME)\n"})
-    assert builder.build(pack(root), Log(), app_name="named").manifest["app"] == "named"
+    assert builder.build(pack(root), Log(), app_name="named").manifest.app == "named"
 
 
 def test_app_whose_name_changes_at_import_fails_the_build(
@@ -877,9 +891,9 @@ def test_unsandboxed_builder_builds(store: ImageStore, tmp_path: Path) -> None:
     # `osless up --no-sandbox`: the same steps on the host, uv's cache shared by the apps.
     log = Log()
     result = Builder(store).build(pack(APPS / "build_six"), log)
-    assert result.manifest["lock"] == SIX_LOCK and "==> Building sixer" in log.lines
-    assert (store.layer_path(result.manifest["layers"]["deps"]) / "six.py").is_file()
-    assert result.manifest["layers"]["deps"] == sha256_hex(f"{SIX_LOCK}\npython=3.11".encode())
+    assert result.manifest.lock == SIX_LOCK and "==> Building sixer" in log.lines
+    assert (store.layer_path(result.manifest.layers.deps) / "six.py").is_file()
+    assert result.manifest.layers.deps == sha256_hex(f"{SIX_LOCK}\npython=3.11".encode())
 
 
 def test_import_error_fails_the_build(builder: Builder, store: ImageStore, tmp_path: Path) -> None:
@@ -949,8 +963,8 @@ def test_a_manifest_past_its_limit_fails_the_build_saying_what_is_too_big(
     message, _ = _fails(builder, store, _app(tmp_path, {"app.py": code}))
     assert f"past the limit of {MAX_MANIFEST_BYTES // 1024} KiB (largest parts: functions" in message
     assert message.startswith("The app's manifest is too large") and "Declare fewer functions" in message
-    with pytest.raises(ManifestTooLarge, match="largest parts: lock 300 KiB, app 0 KiB"):
-        store.put_manifest({"app": "x", "lock": "x" * 300 * 1024})
+    with pytest.raises(ManifestTooLarge, match="largest parts: lock 300 KiB, "):
+        store.put_manifest(ImageManifest.model_validate(manifest_fields(lock="x" * 300 * 1024)))
 
 
 def test_log_lines_are_streamed_as_they_come(builder: Builder, tmp_path: Path) -> None:
@@ -968,7 +982,10 @@ def test_log_lines_are_streamed_as_they_come(builder: Builder, tmp_path: Path) -
 
 def test_manifest_is_json_serialisable(six_build: tuple[BuildResult, Log], store: ImageStore) -> None:
     result, _ = six_build
-    assert json.loads((store.manifests_dir / f"{result.image}.json").read_bytes()) == result.manifest
+    assert (
+        json.loads((store.manifests_dir / f"{result.image}.json").read_bytes())
+        == result.manifest.model_dump()
+    )
 
 
 # -- end to end: the build of a deploy on a running platform ----------------------------------------

@@ -17,7 +17,9 @@ import httpx
 import pytest
 
 from osless.builder import pack
+from osless.images import canonical_json
 from tests.platform import EXAMPLES, Platform, running
+from tests.test_images import manifest_fields
 
 ORPHANED = "the builder building it stopped: deploy again"
 
@@ -186,10 +188,14 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
         # A manifest naming a layer the API does not have, or another app, is refused.
         app = as_token(plat, tok, "POST", base + "/app", params=q, json={"name": "other"}).json()
         assert app["app"] == "hellotwo" and app["uid"] > 0  # named at upload (`?app=`): that wins
-        manifest = {"app": "evil", "layers": {}, "layer_archives": {}}
-        data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        data = canonical_json(manifest_fields(app="evil"))
         r = as_token(plat, tok, "PUT", base + "/image", params=q, content=data)
         assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
+        # Nor one that is not a manifest: the contract names what is wrong.
+        data = canonical_json(manifest_fields(app="hellotwo", functions={"f": {"memory_mb": 1 << 20}}))
+        r = as_token(plat, tok, "PUT", base + "/image", params=q, content=data)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_manifest", r.text
+        assert "functions.f.memory_mb: Input should be less than or equal to 65536" in r.text, r.text
         # Nor is another app's image released by it.
         r = as_token(plat, tok, "POST", base + "/result", params=q, json={"image": hello["image"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text

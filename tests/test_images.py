@@ -20,11 +20,38 @@ from typing import Any
 import httpx
 import pytest
 
+import osless
+from osless import contracts
 from osless.client import AsyncApi
-from osless.images import ImageStore, remove_tree, sha256_hex
+from osless.contracts import ImageManifest
+from osless.images import ImageStore, canonical_json, manifest_json, remove_tree, sha256_hex
 from osless.node.images import LayerRefused, NodeImages
+from osless.sdk import app as sdk_app
+from osless.sdk.app import read_app_manifest
+from osless.sdk.config import KEY_RE
 from tests.platform import EXAMPLES, Platform
 from tests.test_auth import call, make_token
+
+
+def manifest_fields(**changes: Any) -> dict[str, Any]:
+    """The keys of a valid image manifest (as a build writes them), with `changes` made."""
+    code, deps = sha256_hex(b"code"), sha256_hex(b"deps")
+    fields: dict[str, Any] = {
+        "schema": 1,
+        "app": "hello",
+        "entry": "app",
+        "python": "3.11",
+        "layers": {"code": code, "deps": deps},
+        "layer_archives": {"code": {"sha256": code, "size": 10}, "deps": {"sha256": deps, "size": 10}},
+        "lock": "",
+        "functions": {"greet": {"memory_mb": 256, "timeout_s": 30.0, "async": False}},
+        "web": None,
+        "volumes": {},
+        "egress": [],
+        "config": {},
+    }
+    fields.update(changes)
+    return fields
 
 
 def _cache(p: Platform) -> Path:
@@ -155,6 +182,103 @@ def test_a_corrupted_layer_is_refused_and_a_good_one_then_runs(own_platform: Pla
     assert (_cache(p) / "layers" / sha).is_dir()
 
 
+def test_an_sdk_app_s_manifest_keeps_to_the_contract_and_dumps_as_it_was_written() -> None:
+    # The contract restates the SDK's rules (contracts imports nothing of osless): they must agree.
+    assert (contracts.MIN_MEMORY_MB, contracts.MAX_MEMORY_MB) == (
+        sdk_app.MIN_MEMORY_MB,
+        sdk_app.MAX_MEMORY_MB,
+    )
+    assert (contracts.MIN_VOLUME_MB, contracts.MAX_VOLUME_MB) == (
+        sdk_app.MIN_VOLUME_MB,
+        sdk_app.MAX_VOLUME_MB,
+    )
+    assert sdk_app.FUNCTION_RE.pattern == contracts.FUNCTION_NAME_PATTERN
+    assert sdk_app.VOLUME_RE.pattern == contracts.VOLUME_NAME_PATTERN
+    assert sdk_app.HOST_RE.pattern == contracts.HOST_PATTERN
+    assert KEY_RE.pattern == contracts.CONFIG_KEY_PATTERN
+    app = osless.App("shop", volumes={"/data": osless.Volume("orders", size_mb=64)}, egress=["*.example.com"])
+    app.function(name="quick", memory_mb=128, timeout_s=5)(lambda event, ctx: None)
+    app.function(name="slow", memory_mb=512, timeout_s=90.5)(lambda event, ctx: None)
+
+    @app.web(memory_mb=1024, max_duration_s=60)
+    def site() -> None: ...
+
+    app.config(
+        greeting=osless.Field(str, default="hi", doc="what it says"),
+        ratio=osless.Field(float, default=1),
+        extra=osless.Field(osless.JSON, default=None, restart=True),
+        password=osless.Secret,
+    )
+    declared = read_app_manifest({**app.manifest(), "web": {**app.manifest()["web"], "kind": "asgi"}})
+    fields = manifest_fields(
+        app="shop", **{k: declared[k] for k in ("functions", "web", "volumes", "egress", "config")}
+    )
+    manifest = ImageManifest.model_validate(fields)
+    assert manifest.memory_mb() == 1024 and manifest.functions["slow"].timeout_s == 90.5
+    assert manifest.config["extra"].default is None and "default" not in manifest.config_schema()["password"]
+    # Numbers keep their JSON type (5 stays 5), absent keys stay absent: the very bytes, both ways.
+    assert manifest_json(manifest) == canonical_json(fields)
+    assert manifest_json(ImageManifest.model_validate_json(canonical_json(fields))) == canonical_json(fields)
+    old = manifest_fields(volumes={"/data": "db"})  # the release before archives and volume sizes
+    del old["layer_archives"]
+    assert manifest_json(ImageManifest.model_validate_json(canonical_json(old))) == canonical_json(old)
+
+
+def test_a_manifest_off_its_contract_is_refused_by_the_node_naming_the_field(
+    platform: Platform, tmp_path: Path
+) -> None:
+    # The app's own process printed part of the manifest at build time: what the node reads from it
+    # (memory limits, volumes, egress, entry) is held to the contract even when its digest matches.
+    function = {"memory_mb": 256, "timeout_s": 30, "async": False}
+    off = {
+        "functions.greet.memory_mb: Input should be a valid integer": manifest_fields(
+            functions={"greet": {**function, "memory_mb": "256"}}
+        ),
+        "functions.greet.memory_mb: Input should be less than or equal to 65536": manifest_fields(
+            functions={"greet": {**function, "memory_mb": 1 << 20}}
+        ),
+        "egress.0: String should have at most 253 characters": manifest_fields(egress=["a" * 300]),
+        "config.key.doc: String should have at most 2000 characters": manifest_fields(
+            config={"key": {"type": "str", "required": True, "restart": False, "doc": "d" * 5000}}
+        ),
+        "entry: String should match pattern": manifest_fields(entry="../../etc"),
+        "gpu: Extra inputs are not permitted": manifest_fields(gpu=True),
+        "schema: Input should be 1": manifest_fields(schema=2),
+    }
+    store = ImageStore(platform.data_dir / "images")
+
+    def stored(fields: dict[str, Any]) -> str:
+        data = canonical_json(fields)
+        digest = sha256_hex(data)
+        (store.manifests_dir / f"{digest}.json").write_bytes(data)  # as a tampered image store holds it
+        return digest
+
+    async def run() -> None:
+        api = AsyncApi(platform.api, platform.token)
+        try:
+            images = NodeImages(api, tmp_path / "cache")
+            for problem, fields in off.items():
+                image = stored(fields)
+                with pytest.raises(LayerRefused) as refused:
+                    await images.manifest(image)
+                message = str(refused.value)
+                assert message.startswith(f"the manifest of image {image} is refused: "), message
+                assert problem in message and len(message) < 1000, message
+                assert "a" * 300 not in message and "d" * 300 not in message  # named, not echoed
+                assert not list(images.manifests_dir.iterdir())
+            # One that keeps to it is read into the contract, and kept byte for byte.
+            image = stored(manifest_fields())
+            manifest = await images.manifest(image)
+            assert isinstance(manifest, ImageManifest) and manifest.app == "hello"
+            assert manifest.functions["greet"].memory_mb == 256 and manifest.memory_mb() == 256
+            kept = (images.manifests_dir / f"{image}.json").read_bytes()
+            assert kept == canonical_json(manifest_fields()) == manifest_json(manifest)
+        finally:
+            await api.aclose()
+
+    asyncio.run(run())
+
+
 def test_concurrent_needs_share_one_pull_and_unused_layers_are_collected(
     platform: Platform, hello: dict[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -249,13 +373,11 @@ def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_match
             for what, data in hostile.items():
                 sha = sha256_hex(data)
                 store.archive_path(sha).write_bytes(data)
-                image = store.put_manifest(
-                    {
-                        "app": "hello",
-                        "layers": {"code": sha},
-                        "layer_archives": {"code": {"sha256": sha, "size": len(data)}},
-                    }
+                archive = {"sha256": sha, "size": len(data)}
+                fields = manifest_fields(
+                    layers={"code": sha, "deps": sha}, layer_archives={"code": archive, "deps": archive}
                 )
+                image = store.put_manifest(ImageManifest.model_validate(fields))
                 with pytest.raises(LayerRefused, match=f"layer {sha} cannot be unpacked"):
                     await images.layers(image)
                 assert not list(images.layers_dir.iterdir()) and not list(images.tmp_dir.iterdir()), what

@@ -30,6 +30,8 @@ from osless.api.auth import TokenRecord
 from osless.api.migrations import KEEP_BACKUPS, LATEST, SCHEMA_FILE, SCHEMA_KEY, Paths, backup_sqlite, migrate
 from osless.api.models import App, AppStatus, ConfigChange, ConfigState, Deploy, Instance, Node, Release
 from osless.api.resources import UID_BASE
+from osless.contracts import ImageManifest
+from osless.images import manifest_json
 from osless.node.agent import run_dir_for
 from osless.store import SQLiteStore
 from tests.platform import EXAMPLES, ROOT, Platform, copy_app
@@ -215,7 +217,16 @@ def test_every_record_of_the_previous_release_reads_with_this_code_once_migrated
     for key, value in after.items():
         prefix = "/" + key.split("/")[1] + "/"
         if prefix in MODELS:
-            MODELS[prefix].model_validate_json(json.dumps(value))
+            read = MODELS[prefix].model_validate_json(json.dumps(value))
+            if prefix == "/releases/":  # served and stored again as it was
+                assert read.model_dump(mode="json")["manifest"] == value["manifest"], key
+    # The previous release's image manifests read into the contract, and dump to their very bytes:
+    # their digests, in its release and instance records, still hold.
+    manifests = list((data / "images" / "manifests").glob("*.json"))
+    assert len(manifests) >= len(OLD_APPS)
+    for path in manifests:
+        stored = path.read_bytes()
+        assert manifest_json(ImageManifest.model_validate_json(stored)) == stored, path.name
     uids = {k.removeprefix("/appuids/"): v["uid"] for k, v in after.items() if k.startswith("/appuids/")}
     assert set(uids) == OLD_APPS
     assert all(after[f"/uids/{uid}"]["owner"] == app for app, uid in uids.items())

@@ -25,6 +25,7 @@ from osless.images import canonical_json
 from osless.store import open_store
 from tests.etcd import EtcdCluster
 from tests.platform import EXAMPLES, OSLESS, Node, Server, copy_app
+from tests.test_images import manifest_fields
 
 
 @dataclass
@@ -180,15 +181,25 @@ def test_a_server_listening_on_every_address_must_say_where_peers_reach_it(tmp_p
 
 
 def test_a_peer_copy_with_other_bytes_is_refused_and_a_peer_shown_a_peer_token(fleet: Fleet) -> None:
-    good = canonical_json({"app": "ghost", "layers": {}, "layer_archives": {}})
+    good = canonical_json(manifest_fields(app="ghost"))
     good_digest = hashlib.sha256(good).hexdigest()
     bad_digest = hashlib.sha256(b"something else").hexdigest()
-    peer = FakePeer({f"/v1/images/{bad_digest}": good, f"/v1/images/{good_digest}": good})
+    # Its digest matches, but it is no manifest: an egress host past a DNS name's 253 characters.
+    hostile = canonical_json(manifest_fields(app="ghost", egress=["a" * 300]))
+    hostile_digest = hashlib.sha256(hostile).hexdigest()
+    peer = FakePeer(
+        {
+            f"/v1/images/{bad_digest}": good,
+            f"/v1/images/{good_digest}": good,
+            f"/v1/images/{hostile_digest}": hostile,
+        }
+    )
     try:
         put_key(fleet.url, "/servers/zz-fake", json.dumps({"url": peer.url}).encode())
-        r = fleet.b.http("GET", f"/v1/images/{bad_digest}")
-        assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found", r.text
-        assert not (fleet.b.data_dir / "images" / "manifests" / f"{bad_digest}.json").exists()
+        for digest in (bad_digest, hostile_digest):
+            r = fleet.b.http("GET", f"/v1/images/{digest}")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found", r.text
+            assert not (fleet.b.data_dir / "images" / "manifests" / f"{digest}.json").exists()
         r = fleet.b.http("GET", f"/v1/images/{good_digest}")  # the same peer, bytes that fit: kept
         assert r.status_code == 200 and r.content == good, r.text
         assert peer.shown and all(s.startswith("Bearer oslp_") for s in peer.shown), peer.shown

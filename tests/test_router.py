@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from osless.client import AsyncApi
-from osless.contracts import App, Instance, InstanceStatus, Node
+from osless.contracts import App, ImageManifest, Instance, InstanceStatus, Node
 from osless.gateway.router import Router
+from tests.test_images import manifest_fields
 
 IMAGE = "0" * 64
 
@@ -24,7 +25,8 @@ def test_instances_behind_a_relay_marked_down_are_passed_over_while_another_can_
         api = AsyncApi("http://127.0.0.1:9", "osl_unused")
         router = Router(api, node="n1", token="osl_gateway")
         router.apps.items["a"] = App(name="a", current_release=1)
-        router._manifests[("a", 1)] = {}  # read from the API by a live router
+        # Read from the API by a live router.
+        router._manifests[("a", 1)] = ImageManifest.model_validate(manifest_fields(app="a"))
         for iid, node in (("a-2", "n2"), ("a-3", "n3")):
             router.instances.items[iid] = _instance(iid, node)
         for name, port in (("n2", 7002), ("n3", 7003)):

@@ -1,5 +1,5 @@
 """The resources that pass between the platform's parts, defined once: apps (their spec and their
-status), releases, instances and nodes.
+status), releases, instances, nodes and image manifests.
 
 The API stores and serves these (`osless.api.models` re-exports them, next to its request bodies and
 answers); the client side (the controllers, the node agent, the gateway) reads what the API answers
@@ -12,7 +12,18 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -27,17 +38,26 @@ __all__ = [
     "AppStatus",
     "Autoscale",
     "Body",
+    "ConfigKeySpec",
     "ExitInfo",
+    "FunctionManifest",
+    "ImageArchives",
+    "ImageLayers",
+    "ImageManifest",
     "Instance",
     "InstanceId",
     "InstanceStatus",
     "Integer",
+    "LayerArchiveRef",
     "MaybeInteger",
     "Node",
     "NodeLease",
     "Release",
     "ReleaseSummary",
+    "VolumeManifest",
+    "WebManifest",
     "check_app_name",
+    "manifest_problem",
     "now",
 ]
 
@@ -150,7 +170,7 @@ class ReleaseSummary(BaseModel):
 
 
 class Release(ReleaseSummary):
-    manifest: dict[str, Any]
+    manifest: ImageManifest
 
 
 class ExitInfo(Body):
@@ -212,3 +232,167 @@ class NodeLease(Body):
 class Node(NodeLease):
     name: str = Field(pattern=ID_PATTERN)
     updated_at: float = Field(default_factory=now)
+
+
+# -- the image manifest -----------------------------------------------------------------------------
+# Written by the builder, partly from what the app's own process printed at build time (its functions,
+# web app, volumes, egress and config schema): untrusted wherever it is read. Every string is bounded
+# here; the collections are bounded by the manifest's own cap (256 KiB, `images.MAX_MANIFEST_BYTES`),
+# which every reader checks before it parses a byte.
+
+# The SDK's rules (`osless.sdk.app`, `osless.sdk.config`), as a manifest carries them.
+FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+VOLUME_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+HOST_PATTERN = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$"
+CONFIG_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
+MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
+# A layer is a whole virtualenv at most: CUDA builds of torch pass 2 GB; past this a manifest lies.
+MAX_LAYER_BYTES = 64 << 30
+
+Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
+FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
+MemoryMb = Annotated[int, Field(ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)]
+# Kept as written (30 stays 30, 30.0 stays 30.0): a manifest dumps to the bytes it was read from.
+Seconds = int | float
+
+
+def _within(most: float) -> AfterValidator:
+    def check(value: float) -> float:
+        if not 0 < value <= most:
+            raise PydanticCustomError("seconds", "give a number of seconds in (0, {most}]", {"most": most})
+        return value
+
+    return AfterValidator(check)
+
+
+class _ManifestPart(BaseModel):
+    """A part of an image manifest: JSON types as declared (never coerced), no key it does not know,
+    and dumped as it was read: a key that was absent stays absent (no default is ever written), so
+    `dump(parse(bytes)) == bytes` and the image digest holds.
+
+    `extra="forbid"`: what the app printed is already checked key by key at build time, so a key
+    unknown here comes from a tampered store or a newer builder, whose meaning (a limit, say) this
+    code cannot honour; the image is refused, naming the key, rather than run otherwise than built."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", frozen=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+    @model_serializer(mode="wrap")
+    def _as_read(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An object in the OpenAPI document, as the manifest was before it was a model.
+        data: dict[str, Any] = handler(self)
+        for name, field in type(self).model_fields.items():
+            if name not in self.model_fields_set:
+                data.pop(field.alias or name, None)
+        return data
+
+
+class LayerArchiveRef(_ManifestPart):
+    """A layer as a node pulls it: its deterministic tar's sha256 and size."""
+
+    sha256: Digest
+    size: int = Field(ge=0, le=MAX_LAYER_BYTES)
+
+
+class ImageLayers(_ManifestPart):
+    """The image's layers, by digest: the code (its source archive's sha256) and its dependencies."""
+
+    code: Digest
+    deps: Digest
+
+
+class ImageArchives(_ManifestPart):
+    code: LayerArchiveRef
+    deps: LayerArchiveRef
+
+
+class FunctionManifest(_ManifestPart):
+    memory_mb: MemoryMb
+    timeout_s: Annotated[Seconds, _within(3600)]
+    is_async: bool = Field(alias="async")
+
+
+class WebManifest(_ManifestPart):
+    name: FunctionName
+    memory_mb: MemoryMb
+    timeout_s: Annotated[Seconds, _within(3600)]
+    max_duration_s: Annotated[Seconds, _within(86_400)]
+    kind: Literal["asgi", "wsgi"] = "asgi"
+
+
+class VolumeManifest(_ManifestPart):
+    name: str = Field(pattern=VOLUME_NAME_PATTERN)
+    size_mb: int = Field(ge=MIN_VOLUME_MB, le=MAX_VOLUME_MB)
+
+
+class ConfigKeySpec(_ManifestPart):
+    """One key of the app's config schema (`osless.Field`)."""
+
+    type: Literal["str", "int", "float", "bool", "json", "secret"]
+    required: bool
+    restart: bool
+    default: JsonValue = None  # present exactly when the key is not required
+    doc: str = Field(default="", max_length=2000)
+
+    @model_validator(mode="after")
+    def _default_unless_required(self) -> ConfigKeySpec:
+        if ("default" in self.model_fields_set) == self.required:
+            raise PydanticCustomError("config_default", "a default exactly when the key is not required")
+        return self
+
+
+class ImageManifest(_ManifestPart):
+    """What an image is: its layers (and their archives), how to start it, and what the app declared.
+
+    Its digest is the sha256 of its canonical JSON (`images.canonical_json`): readers keep the exact
+    bytes they were given and parse them into this for reading, never serialise it again to check."""
+
+    schema_: Literal[1] = Field(alias="schema")
+    app: AppName
+    entry: str = Field(pattern=MODULE_PATTERN, max_length=200)
+    python: str = Field(pattern=r"^[0-9]{1,2}\.[0-9]{1,3}$")
+    layers: ImageLayers
+    # None: an image of a release from before archives (their sha256 is then the API's word).
+    layer_archives: ImageArchives | None = None
+    lock: str = ""  # the pinned requirements
+    functions: dict[FunctionName, FunctionManifest] = Field(default_factory=dict)
+    web: WebManifest | None = None
+    # A plain name: a release from before sizes (the SDK's default size).
+    volumes: dict[
+        Annotated[str, Field(pattern=r"^/", max_length=1024)],
+        VolumeManifest | Annotated[str, Field(pattern=VOLUME_NAME_PATTERN)],
+    ] = Field(default_factory=dict)
+    egress: list[Annotated[str, Field(pattern=HOST_PATTERN, max_length=253)]] = Field(default_factory=list)
+    config: dict[Annotated[str, Field(pattern=CONFIG_KEY_PATTERN)], ConfigKeySpec] = Field(
+        default_factory=dict
+    )
+
+    def archived_layers(self) -> dict[str, LayerArchiveRef]:
+        """Each layer's archive by the layer's id (none for an image from before archives)."""
+        if self.layer_archives is None:
+            return {}
+        return {self.layers.code: self.layer_archives.code, self.layers.deps: self.layer_archives.deps}
+
+    def config_schema(self) -> dict[str, dict[str, Any]]:
+        """The config schema as JSON, as the API shows it and checks values against it (`api.schema`)."""
+        return {key: spec.model_dump(mode="json") for key, spec in self.config.items()}
+
+    def memory_mb(self, default: int = 256) -> int:
+        """What one instance asks: it serves every handler, so the largest any of them asks for."""
+        sizes = [f.memory_mb for f in self.functions.values()]
+        if self.web is not None:
+            sizes.append(self.web.memory_mb)
+        return max(sizes, default=default)
+
+
+def manifest_problem(error: ValidationError) -> str:
+    """What is wrong with a manifest, naming the fields (at most three), without echoing their values."""
+    problems = []
+    for e in error.errors(include_url=False, include_input=False)[:3]:
+        where = ".".join(str(part)[:64] for part in e["loc"]) or "the manifest"
+        problems.append(f"{where}: {str(e['msg'])[:200]}")
+    more = error.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")

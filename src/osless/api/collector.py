@@ -289,9 +289,8 @@ class Collector:
                             out.releases += 1
                             continue
                 keep_images.add(release.image)
-                lock = release.manifest.get("lock")
-                if isinstance(lock, str) and lock:
-                    keep_locks.add(sha256_hex(lock.encode()))
+                if release.manifest.lock:
+                    keep_locks.add(sha256_hex(release.manifest.lock.encode()))
         return keep_images, keep_locks, {i.id for i in instances}, {a.name for a in apps}
 
     def _logs(

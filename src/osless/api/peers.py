@@ -27,9 +27,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from pydantic import ValidationError
 
 from osless.api.secrets import SecretBox
-from osless.images import MAX_MANIFEST_BYTES, ImageStore, canonical_json, fsync_dir, write_file
+from osless.contracts import ImageManifest, manifest_problem
+from osless.images import (
+    MAX_MANIFEST_BYTES,
+    ImageStore,
+    canonical_json,
+    fsync_dir,
+    manifest_json,
+    write_file,
+)
 from osless.store import Conflict, Store
 
 __all__ = ["SERVERS", "SOURCES", "Fetched", "Peers", "ServerLease"]
@@ -114,28 +123,25 @@ class Peers:
                 log.warning("server %s sent image %s with other bytes: refused", server, digest[:12])
                 outcome = "failed"
                 continue
-            try:
-                manifest = json.loads(data)
-                if not isinstance(manifest, dict) or canonical_json(manifest) != data:
+            try:  # the contract, and canonical JSON: what an upload is held to
+                manifest = ImageManifest.model_validate_json(data)
+                if manifest_json(manifest) != data:
                     raise ValueError("not canonical JSON")
             except ValueError as e:
-                log.warning("server %s sent image %s, not a manifest (%s): refused", server, digest[:12], e)
+                why = manifest_problem(e) if isinstance(e, ValidationError) else str(e)
+                log.warning("server %s sent image %s, not a manifest (%s): refused", server, digest[:12], why)
                 outcome = "failed"
                 continue
             await asyncio.to_thread(self._keep_manifest, manifest)
             return "kept"
         return outcome
 
-    def _keep_manifest(self, manifest: dict[str, Any]) -> None:
+    def _keep_manifest(self, manifest: ImageManifest) -> None:
         images = self.images
-        layers, archives = manifest.get("layers"), manifest.get("layer_archives")
-        if isinstance(layers, dict) and isinstance(archives, dict):
-            # What the collector reads to keep an image's archives, as an upload writes it.
-            for layer, archive in zip(layers.values(), archives.values(), strict=False):
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    record = canonical_json({"sha256": archive["sha256"], "size": int(archive["size"])})
-                    images.layer_path(str(layer))  # a layer id is a digest, or nothing is written
-                    write_file(images.archived_dir / f"{layer}.json", record, images.tmp_dir)
+        # What the collector reads to keep an image's archives, as an upload writes it.
+        for layer, archive in manifest.archived_layers().items():
+            record = canonical_json(archive.model_dump())
+            write_file(images.archived_dir / f"{layer}.json", record, images.tmp_dir)
         images.put_manifest(manifest)
 
     async def archive(self, sha256: str) -> bool:

@@ -162,16 +162,11 @@ class Replicator:
             manifest = await asyncio.to_thread(self.images.get_manifest, digest)
         except (ImageNotFoundError, ValueError):  # collected meanwhile: nothing to keep
             return "kept"
-        archives = manifest.get("layer_archives")
-        if not isinstance(archives, dict):
-            # An image of the release before archives: its holder makes them on a node's first ask,
-            # and this server fetches them then (on a miss).
-            return "kept"
+        archives = manifest.archived_layers()
+        # None for an image of the release before archives: its holder makes them on a node's first
+        # ask, and this server fetches them then (on a miss).
         for archive in archives.values():
-            sha256 = archive.get("sha256") if isinstance(archive, dict) else None
-            if not isinstance(sha256, str):
-                continue
-            outcome = await self.peers.fetch_archive(sha256)
+            outcome = await self.peers.fetch_archive(archive.sha256)
             if outcome != "kept":
                 return outcome
         log.info("image %s copied from a peer", digest[:12])

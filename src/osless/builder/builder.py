@@ -36,10 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from osless.builder.appname import read_app_name
 from osless.builder.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
 from osless.builder.requirements import Requirements, read_requirements
 from osless.builder.source import SourceError, unpack
+from osless.contracts import ImageManifest, manifest_problem
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
 from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
@@ -105,7 +108,7 @@ class Egress(Protocol):
 @dataclass(frozen=True)
 class BuildResult:
     image: str
-    manifest: dict[str, Any]
+    manifest: ImageManifest
     deps_cached: bool
     seconds: float
 
@@ -214,7 +217,7 @@ class Builder:
                 f"the entry module and ran as that app. Give App(...) its name as a literal, "
                 f"or pass --name {said}."
             )
-        manifest: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "schema": 1,
             "app": name,
             "entry": entry,
@@ -229,6 +232,12 @@ class Builder:
             "egress": app["egress"],
             "config": app["config"],
         }
+        try:  # the SDK checked the app's part; this is the contract every reader holds it to
+            manifest = ImageManifest.model_validate(fields)
+        except ValidationError as e:
+            raise BuildError(
+                f"The app's manifest is refused: {manifest_problem(e)}. Fix the App(...) declarations."
+            ) from e
         # No timestamp: the image digest must depend on the content alone.
         try:
             image = self.images.put_manifest(manifest)

@@ -20,10 +20,9 @@ import contextlib
 import logging
 import secrets
 from collections import Counter
-from typing import Any
 
 from osless.client import ApiError, AsyncApi, ModelInformer
-from osless.contracts import App, AppStatus, Instance, Node, Release
+from osless.contracts import App, AppStatus, ImageManifest, Instance, Node, Release
 from osless.controllers.leader import Leadership
 
 __all__ = ["Scheduler", "desired_instances", "memory_mb"]
@@ -34,13 +33,9 @@ RESYNC_S = 5.0
 DEFAULT_MEMORY_MB = 256
 
 
-def memory_mb(manifest: dict[str, Any]) -> int:
-    """What one instance of a release asks: it serves every handler, so the largest any asks for
-    (as the node agent limits it)."""
-    sizes = [int(f.get("memory_mb") or 0) for f in (manifest.get("functions") or {}).values()]
-    if manifest.get("web"):
-        sizes.append(int(manifest["web"].get("memory_mb") or 0))
-    return max(sizes, default=DEFAULT_MEMORY_MB) or DEFAULT_MEMORY_MB
+def memory_mb(manifest: ImageManifest) -> int:
+    """What one instance of a release asks (as the node agent limits it)."""
+    return manifest.memory_mb(DEFAULT_MEMORY_MB)
 
 
 def desired_instances(app: App, status: AppStatus | None) -> int:

@@ -12,14 +12,14 @@ import json
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import httptools
 import httpx
 
 from osless.client import AsyncApi
+from osless.contracts import ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
-from osless.gateway.router import DEFAULT_TIMEOUT_S, Backend, NoBackend, Router, Timeouts, web_timeouts
+from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import Traffic
 from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
 
@@ -65,7 +65,7 @@ TOKEN_PREFIXES = ("osl_", "osla_", "osli_")
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
-TimeoutsOf = Callable[[dict[str, Any]], Timeouts | None]
+TimeoutsOf = Callable[[ImageManifest], Timeouts | None]
 
 
 class Gateway:
@@ -212,15 +212,15 @@ class Gateway:
             conn.respond(401, error_response("unauthorized", message), JSON)
             return
 
-        def timeouts(manifest: dict[str, Any]) -> Timeouts | None:
-            spec = (manifest.get("functions") or {}).get(function)
+        def timeouts(manifest: ImageManifest) -> Timeouts | None:
+            spec = manifest.functions.get(function)
             if spec is None:
                 message = f"app {app!r} has no function {function!r}"
                 conn.respond(404, error_response("unknown_function", message), JSON)
                 return None
             # The instance applies the function's timeout_s itself and answers 504; the extra
             # second covers the trip back. A caller's own x-osless-deadline passes through.
-            seconds = float(spec.get("timeout_s", DEFAULT_TIMEOUT_S)) + 1
+            seconds = float(spec.timeout_s) + 1
             return Timeouts(seconds, seconds)
 
         head = _head(conn, req, b"/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)

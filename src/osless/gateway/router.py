@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from pydantic import ValidationError
+
 from osless.client import ApiError, AsyncApi, ModelInformer
-from osless.contracts import App, Instance, Node
+from osless.contracts import App, ImageManifest, Instance, Node, manifest_problem
 from osless.gateway.outliers import Address, Outliers
 from osless.gateway.upstream import Relayed, Upstream
 
@@ -104,9 +106,9 @@ class Router:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
-        self._manifests: dict[tuple[str, int], dict[str, Any]] = {}
+        self._manifests: dict[tuple[str, int], ImageManifest] = {}
         # One read of a release's manifest at a time, however many requests want it at once.
-        self._fetching: dict[tuple[str, int], asyncio.Task[dict[str, Any]]] = {}
+        self._fetching: dict[tuple[str, int], asyncio.Task[ImageManifest]] = {}
         self._woken: dict[str, float] = {}
         # What the last wake answered the app wants: the router follows the apps' spec, not their
         # status, so that the autoscaler's every write does not rebuild its table.
@@ -329,7 +331,7 @@ class Router:
             i.app == app and i.status.phase in ("pending", "starting") for i in self.instances.items.values()
         )
 
-    async def manifest(self, backend: Backend) -> dict[str, Any]:
+    async def manifest(self, backend: Backend) -> ImageManifest:
         """The image manifest of the backend's release (timeouts, functions); releases never change."""
         found = self._manifests.get((backend.app, backend.release))
         if found is not None:
@@ -337,23 +339,28 @@ class Router:
         # Shielded: a request whose client leaves does not cancel the read the others wait on.
         return await asyncio.shield(self._fetch((backend.app, backend.release)))
 
-    def _fetch(self, key: tuple[str, int]) -> asyncio.Task[dict[str, Any]]:
+    def _fetch(self, key: tuple[str, int]) -> asyncio.Task[ImageManifest]:
         task = self._fetching.get(key)
         if task is None:
             task = self._fetching[key] = asyncio.create_task(self._read_manifest(*key))
             task.add_done_callback(lambda _: self._fetching.pop(key, None))  # a failure is tried again
         return task
 
-    async def _read_manifest(self, app: str, release: int) -> dict[str, Any]:
+    async def _read_manifest(self, app: str, release: int) -> ImageManifest:
         try:
             got = await self.api.get(f"/v1/apps/{app}/releases/{release}")
+            manifest = ImageManifest.model_validate(got["manifest"])
         except ApiError as e:
             raise NoBackend(
                 502,
                 "release_unavailable",
                 f"cannot read release v{release} of {app!r} from the API: {e.message}",
             ) from e
-        manifest: dict[str, Any] = got["manifest"]
+        except (KeyError, TypeError, ValidationError) as e:
+            why = manifest_problem(e) if isinstance(e, ValidationError) else f"no manifest ({e})"
+            raise NoBackend(
+                502, "release_unavailable", f"release v{release} of {app!r} has no valid manifest: {why}"
+            ) from e
         self._manifests[(app, release)] = manifest
         for b in self.backends.values():
             if (b.app, b.release) == (app, release):
@@ -380,13 +387,12 @@ def _address(relay: Any) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def web_timeouts(manifest: dict[str, Any]) -> Timeouts:
+def web_timeouts(manifest: ImageManifest) -> Timeouts:
     """A web request's timeouts, from its release's manifest."""
-    web = manifest.get("web") or {}
-    return Timeouts(
-        float(web.get("timeout_s", DEFAULT_TIMEOUT_S)),
-        float(web.get("max_duration_s", DEFAULT_MAX_DURATION_S)),
-    )
+    web = manifest.web
+    if web is None:
+        return Timeouts(DEFAULT_TIMEOUT_S, DEFAULT_MAX_DURATION_S)
+    return Timeouts(float(web.timeout_s), float(web.max_duration_s))
 
 
 def _iso(t: float) -> str:

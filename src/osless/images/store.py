@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from osless.contracts import ImageManifest
+
 __all__ = [
     "MAX_MANIFEST_BYTES",
     "Collected",
@@ -38,6 +40,7 @@ __all__ = [
     "canonical_json",
     "collect_uid_folders",
     "fsync_dir",
+    "manifest_json",
     "remove_tree",
     "seal_contents",
     "sealed_mode",
@@ -59,6 +62,11 @@ def sha256_hex(data: bytes) -> str:
 def canonical_json(obj: Any) -> bytes:
     """The bytes an image digest is taken over: same content, same bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def manifest_json(manifest: ImageManifest) -> bytes:
+    """A manifest's canonical bytes, its digest's input: the keys it was given, and only those."""
+    return canonical_json(manifest.model_dump(mode="json"))
 
 
 class ImageNotFoundError(KeyError):
@@ -223,14 +231,14 @@ class ImageStore:
         # No lock: a manifest appears and goes by one rename, so it is either there or not.
         return self._manifest_path(digest).is_file()
 
-    def put_manifest(self, manifest: dict[str, Any]) -> str:
-        """Store `manifest` and return its digest: the sha256 of its canonical JSON.
+    def put_manifest(self, manifest: ImageManifest) -> str:
+        """Store `manifest` and return its digest: the sha256 of its canonical JSON (`manifest_json`).
 
         Raises ManifestTooLarge past MAX_MANIFEST_BYTES, naming what takes the room.
         """
-        data = canonical_json(manifest)
+        data = manifest_json(manifest)
         if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestTooLarge(_too_large(manifest, len(data)))
+            raise ManifestTooLarge(_too_large(manifest.model_dump(mode="json"), len(data)))
         digest = sha256_hex(data)
         final = self._manifest_path(digest)
         if self.has_manifest(digest):
@@ -258,12 +266,9 @@ class ImageStore:
         except FileNotFoundError:
             raise ImageNotFoundError(f"no image sha256:{digest} in the image store at {self.root}") from None
 
-    def get_manifest(self, digest: str) -> dict[str, Any]:
-        path = self._manifest_path(digest)
-        manifest = json.loads(self.manifest_bytes(digest))
-        if not isinstance(manifest, dict):
-            raise ValueError(f"image manifest {path} is not a JSON object")
-        return manifest
+    def get_manifest(self, digest: str) -> ImageManifest:
+        """The manifest read into its contract (pydantic's ValidationError, a ValueError, if not one)."""
+        return ImageManifest.model_validate_json(self.manifest_bytes(digest))
 
     def _manifest_path(self, digest: str) -> Path:
         return self.manifests_dir / f"{_check_digest(digest)}.json"
@@ -284,9 +289,12 @@ class ImageStore:
         """
         keep_layers: set[str] = set()
         for image in keep_images:
+            # Read loosely, not into the contract: a kept manifest this code could not run still
+            # keeps the layers it names (a sweep never takes "unreadable" for "names nothing").
             try:
-                keep_layers.update(str(d) for d in self.get_manifest(image).get("layers", {}).values())
-            except (ImageNotFoundError, ValueError):
+                layers = json.loads(self.manifest_bytes(image)).get("layers")
+                keep_layers.update(str(d) for d in layers.values())
+            except (ImageNotFoundError, ValueError, AttributeError):
                 continue  # nothing of it to keep
         old = time.time() - grace_s
         counts = {"manifests": 0, "layers": 0, "locks": 0, "archives": 0, "archived": 0, "bytes_freed": 0}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer, ModelInformer
-from osless.contracts import App, Instance
+from osless.contracts import App, ImageManifest, Instance
 from osless.logs import DELETED_PREFIX, LogWriter, remove_app_logs
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
@@ -32,7 +32,7 @@ from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 from osless.node.volumes import VolumeError, Volumes
-from osless.sdk.app import memory_ok, read_volumes
+from osless.sdk.app import read_volumes
 from osless.sdk.errors import UsageError
 
 __all__ = ["NodeAgent", "run_dir_for"]
@@ -335,8 +335,8 @@ class NodeAgent:
     async def _configure(self, zyg: Zygote, cfg: dict[str, Any]) -> None:
         old = dict((zyg.config or {}).get("values") or {})
         changed = {k for k in set(old) | set(cfg["values"]) if old.get(k) != cfg["values"].get(k)}
-        schema = self._manifest(zyg.image).get("config") or {}
-        if any(schema.get(k, {}).get("restart") for k in changed):
+        schema = self._manifest(zyg.image).config
+        if any(schema[k].restart for k in changed if k in schema):
             await self._roll(zyg)  # read once at start: a new zygote, instances one by one
         else:
             await zyg.configure(cfg["values"], cfg["version"])
@@ -426,7 +426,7 @@ class NodeAgent:
             task.add_done_callback(lambda _: self._zygote_starts.pop(image, None))
         return await asyncio.shield(task)
 
-    def _manifest(self, image: str) -> dict[str, Any]:
+    def _manifest(self, image: str) -> ImageManifest:
         return self.images.cached_manifest(image)  # pulled before the instance's supervisor is made
 
     async def _has_manifest(self, iid: str, obj: Instance) -> bool:
@@ -458,16 +458,8 @@ class NodeAgent:
 
     def _memory_mb(self, image: str) -> int:
         """One instance serves every handler of the app, so it gets the largest memory any asks for."""
-        m = self._manifest(image)
-        sizes = [f["memory_mb"] for f in (m.get("functions") or {}).values()]
-        if m.get("web"):
-            sizes.append(m["web"]["memory_mb"])
-        # Checked again here: the limit every instance of the app gets comes from its manifest.
-        if not all(memory_ok(n) for n in sizes):
-            raise ValueError(
-                f"image {image[:12]} asks for memory_mb outside what the SDK allows: {sizes[:5]}"
-            )
-        return max(sizes, default=256)
+        # Within the SDK's bounds: the manifest was checked against its contract when it was pulled.
+        return self._manifest(image).memory_mb()
 
     async def _start_zygote(self, image: str, uid: int) -> Zygote:
         zyg = await self._new_zygote(image, uid)
@@ -479,7 +471,7 @@ class NodeAgent:
         if not self.root.running:  # it died: start it again before anything else
             await self.root.start()
         manifest = self._manifest(image)
-        app = str(manifest["app"])
+        app = manifest.app
         self._starting[app] = self._starting.get(app, 0) + 1
         try:
             return await self._start_new_zygote(image, uid, manifest, app)
@@ -488,7 +480,7 @@ class NodeAgent:
             if not self._starting[app]:
                 del self._starting[app]
 
-    async def _start_new_zygote(self, image: str, uid: int, manifest: dict[str, Any], app: str) -> Zygote:
+    async def _start_new_zygote(self, image: str, uid: int, manifest: ImageManifest, app: str) -> Zygote:
         try:
             layers = await self.images.layers(image)
         except (ImageError, OSError) as e:
@@ -496,7 +488,10 @@ class NodeAgent:
         spec = None
         if self.sandboxed:
             try:  # checked again: the manifest was printed by the app's own process at build time
-                volumes = await self.volumes.attach(app, uid, read_volumes(manifest.get("volumes")))
+                declared = {
+                    p: v if isinstance(v, str) else v.model_dump() for p, v in manifest.volumes.items()
+                }
+                volumes = await self.volumes.attach(app, uid, read_volumes(declared))
             except (UsageError, VolumeError, OSError) as e:
                 raise ZygoteFailed(f"its volumes are not ready: {e}") from e
             egress_socket = None
@@ -504,7 +499,7 @@ class NodeAgent:
                 # Named by uid (unique per app) rather than by name: socket paths are short.
                 egress_socket = self.run_dir / "egress" / f"{uid}.sock"
                 egress_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                await self.egress.add_app(app, egress_socket, list(manifest.get("egress") or []))
+                await self.egress.add_app(app, egress_socket, list(manifest.egress))
                 os.chown(egress_socket, uid, uid)  # the sandbox's uid connects to it; nobody else
                 egress_socket.chmod(0o600)
             spec = sandbox_spec(
@@ -526,10 +521,8 @@ class NodeAgent:
             instance_env={"OSLESS_TOKEN": cfg["token"]},  # its only credential: scoped to its own app
             code_dir=layers["code"],
             deps_dir=layers["deps"],
-            entry=manifest["entry"],
-            log=LogWriter(
-                self.logs_dir / "apps" / manifest["app"] / f"zygote-{image[:12]}.log", source="zygote"
-            ),
+            entry=manifest.entry,
+            log=LogWriter(self.logs_dir / "apps" / app / f"zygote-{image[:12]}.log", source="zygote"),
         )
         await zyg.start(self.root)
         return zyg

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -25,9 +24,11 @@ import tempfile
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
-from typing import Any
+
+from pydantic import ValidationError
 
 from osless.client import ApiError, AsyncApi
+from osless.contracts import ImageArchives, ImageManifest, manifest_problem
 from osless.images import MAX_MANIFEST_BYTES, fsync_dir, remove_tree, seal_contents, sealed_mode, write_file
 
 __all__ = ["LAYER_GRACE_S", "ImageError", "LayerRefused", "NodeImages"]
@@ -37,8 +38,6 @@ log = logging.getLogger("osless.node.images")
 LAYER_GRACE_S = 3600.0  # unused this long on the node: removed (a rollback within it starts at once)
 _HEX = re.compile(r"[0-9a-f]{64}")
 _DATA_FILTER = getattr(tarfile, "data_filter", None)  # 3.11.4+: a node refuses layers without it
-# A layer is a whole virtualenv at most: CUDA builds of torch pass 2 GB; past this a manifest lies.
-MAX_LAYER_BYTES = 64 << 30
 _CHUNK = 1 << 20
 
 
@@ -75,15 +74,15 @@ class NodeImages:
             remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         self.report = report
         self.grace_s = grace_s
-        self._manifests: dict[str, dict[str, Any]] = {}
+        self._manifests: dict[str, ImageManifest] = {}
         self._pulls: dict[str, asyncio.Task[Path]] = {}  # sha256 -> the one pull of that layer
-        self._manifest_pulls: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._manifest_pulls: dict[str, asyncio.Task[ImageManifest]] = {}
         self._last_used: dict[str, float] = {}  # image or layer sha256 -> when last in use here
         self._image_layers: dict[str, set[str]] = {}  # image -> the sha256 of its layers' archives
 
     # -- manifests -------------------------------------------------------------------------------
 
-    def cached_manifest(self, image: str) -> dict[str, Any]:
+    def cached_manifest(self, image: str) -> ImageManifest:
         """The manifest of `image` if this node has pulled it (KeyError if not)."""
         found = self._manifests.get(image)
         if found is None:
@@ -94,7 +93,7 @@ class NodeImages:
             found = self._manifests[image] = _parse(data, image)
         return found
 
-    async def manifest(self, image: str) -> dict[str, Any]:
+    async def manifest(self, image: str) -> ImageManifest:
         """The manifest of `image`: from the cache, or pulled and checked (one pull for all asking)."""
         with contextlib.suppress(KeyError):
             return self.cached_manifest(image)
@@ -105,7 +104,7 @@ class NodeImages:
             task.add_done_callback(lambda _: self._manifest_pulls.pop(image, None))
         return await asyncio.shield(task)
 
-    async def _pull_manifest(self, image: str) -> dict[str, Any]:
+    async def _pull_manifest(self, image: str) -> ImageManifest:
         _check(image)
         data = bytearray()
         try:
@@ -135,7 +134,7 @@ class NodeImages:
         archives = await self._archives(image, manifest)
         self._image_layers[image] = {sha for sha, _ in archives.values()}
         found = await asyncio.gather(
-            *(self._layer(image, str(manifest.get("app", "")), a) for a in archives.values()),
+            *(self._layer(image, manifest.app, a) for a in archives.values()),
             return_exceptions=True,
         )
         for result in found:
@@ -143,23 +142,20 @@ class NodeImages:
                 raise result
         return {name: path for name, path in zip(archives, found, strict=True) if isinstance(path, Path)}
 
-    async def _archives(self, image: str, manifest: dict[str, Any]) -> dict[str, tuple[str, int]]:
-        table = manifest.get("layer_archives")
+    async def _archives(self, image: str, manifest: ImageManifest) -> dict[str, tuple[str, int]]:
+        table = manifest.layer_archives
         if table is None:  # an image of the previous release: its archives are the API's word
             try:
-                table = (await self.api.get(f"/v1/images/{image}/layers"))["layers"]
+                listed = (await self.api.get(f"/v1/images/{image}/layers"))["layers"]
             except (ApiError, KeyError, TypeError) as e:
                 raise ImageError(f"the layers of image {image} could not be listed: {e}") from e
-        try:
-            out = {str(name): (str(a["sha256"]), int(a["size"])) for name, a in table.items()}
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise LayerRefused(f"the manifest of image {image} has no valid layer archives ({e})") from e
-        names = set(manifest.get("layers") or {})
-        if set(out) != names or not all(
-            _HEX.fullmatch(s) and 0 <= n <= MAX_LAYER_BYTES for s, n in out.values()
-        ):
-            raise LayerRefused(f"the manifest of image {image} has no valid layer archives")
-        return out
+            try:
+                table = ImageArchives.model_validate(listed)
+            except ValidationError as e:
+                raise LayerRefused(
+                    f"the layer archives of image {image} are refused: {manifest_problem(e)}"
+                ) from e
+        return {"code": (table.code.sha256, table.code.size), "deps": (table.deps.sha256, table.deps.size)}
 
     def layer_path(self, sha256: str) -> Path:
         return self.layers_dir / _check(sha256)
@@ -321,11 +317,10 @@ def _check(digest: str) -> str:
     return digest
 
 
-def _parse(data: bytes, image: str) -> dict[str, Any]:
+def _parse(data: bytes, image: str) -> ImageManifest:
+    """The manifest's exact bytes (checked against the digest first) read into the contract: the app's
+    own process printed part of it, so a wrong type or a size past the SDK's is refused, named."""
     try:
-        manifest = json.loads(data)
-    except ValueError as e:
-        raise LayerRefused(f"the manifest of image {image} is not JSON ({e}); refused") from e
-    if not isinstance(manifest, dict):
-        raise LayerRefused(f"the manifest of image {image} is not a JSON object; refused")
-    return manifest
+        return ImageManifest.model_validate_json(data)
+    except ValidationError as e:
+        raise LayerRefused(f"the manifest of image {image} is refused: {manifest_problem(e)}") from e

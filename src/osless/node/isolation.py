@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from osless.contracts import ImageManifest
 from osless.runtime.sandbox import SandboxSpec
 
 __all__ = ["BUILD_FSIZE_MB", "build_spec", "owned_dir", "sandbox_spec"]
@@ -24,7 +25,7 @@ def owned_dir(path: Path, uid: int) -> Path:
 
 
 def sandbox_spec(
-    manifest: dict[str, Any],
+    manifest: ImageManifest,
     *,
     uid: int,
     layers: list[Path],
@@ -39,12 +40,11 @@ def sandbox_spec(
 
     Nothing the node trusts is writable in it: the instances' sockets are bound by the node in a
     folder the sandbox never sees, and only the app's volumes are writable."""
-    app = str(manifest["app"])
     root = run_dir / "sandbox-root"
     root.mkdir(parents=True, exist_ok=True)
     return SandboxSpec(
         uid=uid,
-        hostname=app,
+        hostname=manifest.app,
         root=str(root),
         readonly=[str(p) for p in layers],
         volumes=volumes,

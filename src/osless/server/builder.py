@@ -31,6 +31,7 @@ from osless.bounds import MAX_LINE_CHARS, cap
 from osless.builder import Builder, BuildError, stop_all_builds
 from osless.builder.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
+from osless.contracts import ImageManifest
 from osless.errors import ApiError
 from osless.images import ImageStore, collect_uid_folders
 from osless.node import run_dir_for
@@ -281,11 +282,11 @@ class BuilderHost:
                 raise BuildError(f"the source archive passes {MAX_SOURCE_BYTES} bytes: refused")
         return bytes(data)
 
-    async def _upload(self, base: str, params: dict[str, str], image: str, manifest: dict[str, Any]) -> None:
+    async def _upload(self, base: str, params: dict[str, str], image: str, manifest: ImageManifest) -> None:
         """The layer archives the API lacks, then the manifest (which names them)."""
         images = self.builder.images
-        for archive in manifest["layer_archives"].values():
-            sha = str(archive["sha256"])
+        for archive in manifest.archived_layers().values():
+            sha = archive.sha256
             have = await self.api.request("GET", f"{base}/layers/{sha}", params=params)
             if have["present"]:
                 continue

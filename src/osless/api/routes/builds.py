@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from osless.api.auth import Caller, require
 from osless.api.collector import COLLECTED_KEY, Kept
@@ -35,7 +34,8 @@ from osless.api.routes.config import config_misfits
 from osless.api.routes.deploys import build_log, drop_source, end_build
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
-from osless.images import MAX_MANIFEST_BYTES, canonical_json, fsync_dir, write_file
+from osless.contracts import ImageManifest, manifest_problem
+from osless.images import MAX_MANIFEST_BYTES, canonical_json, fsync_dir, manifest_json, write_file
 from osless.store import Event
 
 router = APIRouter(tags=["builds"])
@@ -369,24 +369,20 @@ async def put_image(
             raise ApiError(413, "too_large", f"an image manifest may be at most {MAX_MANIFEST_BYTES} bytes")
     manifest = _manifest(data, deploy)
     images = state.images
-    for archive in manifest["layer_archives"].values():
-        path = images.archive_path(archive["sha256"])
-        if not path.is_file() or path.stat().st_size != archive["size"]:
+    pairs = manifest.archived_layers().items()
+    for _, archive in pairs:
+        path = images.archive_path(archive.sha256)
+        if not path.is_file() or path.stat().st_size != archive.size:
             raise ApiError(
                 409,
                 "layer_missing",
-                f"layer archive {archive['sha256']} of this image is not uploaded (or not whole): "
+                f"layer archive {archive.sha256} of this image is not uploaded (or not whole): "
                 "upload it first",
             )
-    for layer, archive in zip(manifest["layers"].values(), manifest["layer_archives"].values(), strict=True):
+    for layer, archive in pairs:
         # What the collector reads to keep an image's archives (`images.store.collect`).
         record = images.archived_dir / f"{layer}.json"
-        await asyncio.to_thread(
-            write_file,
-            record,
-            canonical_json({"sha256": archive["sha256"], "size": archive["size"]}),
-            images.tmp_dir,
-        )
+        await asyncio.to_thread(write_file, record, canonical_json(archive.model_dump()), images.tmp_dir)
     image = await asyncio.to_thread(images.put_manifest, manifest)
     return {"image": image}
 
@@ -409,19 +405,19 @@ async def post_result(
         deploy.status, deploy.error = "failed", cap(body.error or "the builder gave no reason")
         await _end(state, deploy, f"==> Build failed: {deploy.error}")
         return deploy
-    try:
-        manifest = json.loads(await asyncio.to_thread(state.images.manifest_bytes, body.image))
+    try:  # checked against the contract when it was uploaded
+        manifest = await asyncio.to_thread(state.images.get_manifest, body.image)
     except (KeyError, ValueError):
         raise ApiError(
             409, "image_missing", f"image {body.image} was not uploaded: PUT its manifest first"
         ) from None
-    name = str(manifest.get("app"))
+    name = manifest.app
     if name != deploy.app:  # an image of another deploy's app: not this deploy's to release
         raise ApiError(
             400, "wrong_app", f"image {body.image} is not of app {deploy.app!r}, which {deploy_id} builds"
         )
     cfg, _ = await state.resources.get_config(name)
-    refused, unset = config_misfits(manifest.get("config") or {}, cfg)
+    refused, unset = config_misfits(manifest.config_schema(), cfg)
     if refused:
         deploy.status, deploy.error = (
             "failed",
@@ -495,51 +491,32 @@ async def _claimed(state: ApiState, caller: Caller, deploy_id: str, builder: str
     return deploy
 
 
-def _manifest(data: bytes, deploy: Deploy) -> dict[str, Any]:
-    """The manifest a builder sent, checked: canonical JSON (so its sha256 is the digest nodes check),
-    for the deploy's app, each layer with an archive."""
+def _manifest(data: bytes, deploy: Deploy) -> ImageManifest:
+    """The manifest a builder sent, checked: the contract, canonical JSON (so its sha256 is the digest
+    nodes check), for the deploy's app, each layer with an archive."""
     try:
-        manifest = json.loads(data)
-    except ValueError as e:
-        raise ApiError(400, "invalid_manifest", f"the image manifest is not JSON: {e}") from None
-    if not isinstance(manifest, dict) or canonical_json(manifest) != data:
+        manifest = ImageManifest.model_validate_json(data)
+    except ValidationError as e:
+        raise ApiError(
+            400, "invalid_manifest", f"the image manifest is refused: {manifest_problem(e)}"
+        ) from None
+    if manifest_json(manifest) != data:
         raise ApiError(
             400, "invalid_manifest", "send the image manifest as canonical JSON (sorted keys, no spaces)"
         )
-    if manifest.get("app") != deploy.app or deploy.app is None:
+    if manifest.app != deploy.app or deploy.app is None:
         raise ApiError(
             400,
             "wrong_app",
-            f"the manifest is of app {cap(str(manifest.get('app')), 100)!r}, but deploy {deploy.id} builds "
-            f"{deploy.app!r}",
+            f"the manifest is of app {manifest.app!r}, but deploy {deploy.id} builds {deploy.app!r}",
         )
-    layers, archives = manifest.get("layers"), manifest.get("layer_archives")
-    ok = (
-        isinstance(layers, dict)
-        and isinstance(archives, dict)
-        and layers.keys() == archives.keys()
-        and all(isinstance(v, str) and len(v) == 64 and _hex(v) for v in layers.values())
-        and all(
-            isinstance(a, dict)
-            and isinstance(a.get("sha256"), str)
-            and len(a["sha256"]) == 64
-            and _hex(a["sha256"])
-            and isinstance(a.get("size"), int)
-            and a["size"] >= 0
-            for a in archives.values()
-        )
-    )
-    if not ok:
+    if manifest.layer_archives is None:
         raise ApiError(
             400,
             "invalid_manifest",
             "the manifest must name each layer (`layers`) and its archive (`layer_archives`)",
         )
     return manifest
-
-
-def _hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
 
 
 def _sync(f: Any) -> None:

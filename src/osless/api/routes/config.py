@@ -49,8 +49,7 @@ async def app_schema(state: ApiState, app: str) -> dict[str, dict[str, Any]]:
             f"app {app!r} has no release yet: its config schema comes with its code, so deploy it first",
         )
     release = await state.resources.get_release(app, a.current_release)
-    schema: dict[str, dict[str, Any]] = release.manifest.get("config") or {}
-    return schema
+    return release.manifest.config_schema()
 
 
 def is_secret(value: Any) -> bool:

@@ -61,16 +61,17 @@ async def _may_pull_layer(state: ApiState, caller: Caller, sha256: str) -> bool:
             manifest = await asyncio.to_thread(state.images.get_manifest, digest)
         except (ImageNotFoundError, ValueError):
             continue
-        archives = manifest.get("layer_archives")
-        if not isinstance(archives, dict):  # an image of the previous release: archives made lazily
+        if manifest.layer_archives is not None:
+            shas = {manifest.layer_archives.code.sha256, manifest.layer_archives.deps.sha256}
+        else:  # an image of the previous release: archives made lazily
             try:
-                archives = {
-                    name: (await asyncio.to_thread(state.images.layer_archive, str(layer))).to_json()
-                    for name, layer in (manifest.get("layers") or {}).items()
+                shas = {
+                    (await asyncio.to_thread(state.images.layer_archive, layer)).sha256
+                    for layer in (manifest.layers.code, manifest.layers.deps)
                 }
             except (FileNotFoundError, ValueError):
                 continue
-        if any(isinstance(a, dict) and a.get("sha256") == sha256 for a in archives.values()):
+        if sha256 in shas:
             return True
     return False
 
@@ -136,14 +137,12 @@ async def get_image_layers(
         manifest = await asyncio.to_thread(images.get_manifest, digest)
     except (ImageNotFoundError, ValueError):
         raise _no_image(digest) from None
-    found = manifest.get("layer_archives")
-    if isinstance(found, dict):
-        return {"layers": found}
-    layers = manifest.get("layers") or {}
+    if manifest.layer_archives is not None:
+        return {"layers": manifest.layer_archives.model_dump()}
     try:
         made = {
-            name: (await asyncio.to_thread(images.layer_archive, str(layer))).to_json()
-            for name, layer in layers.items()
+            name: (await asyncio.to_thread(images.layer_archive, layer)).to_json()
+            for name, layer in manifest.layers.model_dump().items()
         }
     except (FileNotFoundError, ValueError):
         raise ApiError(

@@ -36,7 +36,7 @@ async def invoke(
     if a.current_release is None:
         raise ApiError(409, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it first")
     release = await state.resources.get_release(app, a.current_release)
-    functions = release.manifest.get("functions") or {}
+    functions = release.manifest.functions
     if function not in functions:
         names = ", ".join(sorted(functions)) or "none"
         raise ApiError(404, "unknown_function", f"app {app!r} has no function {function!r} (it has: {names})")
@@ -45,7 +45,7 @@ async def invoke(
         json.loads(body or b"null")
     except ValueError as e:
         raise ApiError(400, "malformed_json", f"the event must be JSON: {e}") from e
-    timeout = float(functions[function].get("timeout_s", 30)) + 10
+    timeout = float(functions[function].timeout_s) + 10
     # The gateway is shown a token that invokes this app for a while, never the caller's own: the
     # gateway may be on a node taken over, which would otherwise collect the tokens of whoever invokes.
     invoker = state.secrets.scoped_token("invoker", app, timeout + 60)
