@@ -155,7 +155,7 @@ class Platform:
         spec = sandbox_spec(
             image.manifest,
             uid=BENCH_UID,
-            layers=image.layers,
+            layers=[image.code, image.deps],
             data_dir=work,
             run_dir=run_dir,
             volumes={},  # the benchmarks' apps declare none
