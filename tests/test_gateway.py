@@ -361,15 +361,32 @@ def test_a_wsgi_apps_path_info_loses_the_prefix_once(
     assert httpx.get(f"{platform.gateway}/inspector/inspector/where").status_code == 404
 
 
-def test_django_over_asgi_builds_its_urls_and_redirects_with_the_prefix(platform: Platform) -> None:
+def test_django_over_asgi_and_wsgi_builds_its_urls_and_redirects_with_the_prefix(platform: Platform) -> None:
     """Django 5 reads scope["path"] whole: without the prefix there, its redirects left /{app}/."""
     platform.deploy(APPS / "django_site")
-    seen = httpx.get(f"{platform.gateway}/django-site/where/", timeout=30).json()
-    assert seen == {"path": "/django-site/where/", "path_info": "/where/", "reverse": "/django-site/where/"}
-    r = httpx.get(f"{platform.gateway}/django-site/go/")
-    assert r.status_code == 302 and r.headers["location"] == "/django-site/where/"
-    by_host = httpx.get(f"{platform.gateway}/where/", headers={"host": "django-site.localhost"}).json()
-    assert by_host == {"path": "/where/", "path_info": "/where/", "reverse": "/where/"}
+    for over in ("ASGIRequest", "WSGIRequest"):
+        if over == "WSGIRequest":  # a restart key: the factory runs again, and returns the WSGI app
+            platform.cli("config", "set", "django-site", "interface=wsgi")
+            platform.wait_for(
+                lambda: (
+                    httpx.get(f"{platform.gateway}/django-site/where/", timeout=30).json()["over"] == over
+                ),
+                timeout=60,
+                what="the WSGI app",
+            )
+        seen = httpx.get(f"{platform.gateway}/django-site/where/", timeout=30).json()
+        assert seen == {
+            "over": over,
+            "path": "/django-site/where/",
+            "path_info": "/where/",
+            "reverse": "/django-site/where/",
+        }
+        r = httpx.get(f"{platform.gateway}/django-site/go/")
+        assert r.status_code == 302 and r.headers["location"] == "/django-site/where/", over
+        by_host = httpx.get(f"{platform.gateway}/where/", headers={"host": "django-site.localhost"}).json()
+        assert by_host == {"over": over, "path": "/where/", "path_info": "/where/", "reverse": "/where/"}
+        # the prefix twice is the site's /django-site/where/, which it has not
+        assert httpx.get(f"{platform.gateway}/django-site/django-site/where/").status_code == 404, over
 
 
 SMUGGLED = b"GET /inspector/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -6,7 +6,14 @@ from django.urls import path, reverse
 
 
 def where(request):
-    return JsonResponse({"path": request.path, "path_info": request.path_info, "reverse": reverse("where")})
+    return JsonResponse(
+        {
+            "over": type(request).__name__,
+            "path": request.path,
+            "path_info": request.path_info,
+            "reverse": reverse("where"),
+        }
+    )
 
 
 def go(request):
