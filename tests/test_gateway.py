@@ -384,6 +384,9 @@ def test_django_over_asgi_and_wsgi_builds_its_urls_and_redirects_with_the_prefix
         }
         r = httpx.get(f"{platform.gateway}/django-site/go/")
         assert r.status_code == 302 and r.headers["location"] == "/django-site/where/", over
+        # a form posted where the redirect leads reaches the view (it was a 404 off the prefix)
+        r = httpx.post(f"{platform.gateway}{r.headers['location']}", data={"a": "1"})
+        assert r.status_code == 200 and r.json()["path"] == "/django-site/where/", over
         by_host = httpx.get(f"{platform.gateway}/where/", headers={"host": "django-site.localhost"}).json()
         assert by_host == {"over": over, "path": "/where/", "path_info": "/where/", "reverse": "/where/"}
         # the prefix twice is the site's /django-site/where/, which it has not
