@@ -23,7 +23,7 @@ def test_asgi_app_by_path_and_by_host(platform: Platform, hello: dict[str, objec
     assert r.status_code == 200 and r.text == "Hello from osless!\n"
     r = httpx.get(f"{platform.gateway}/hello/echo", params={"x": "1"})
     # the prefix the gateway strips is the app's root_path, so the app can build its own URLs
-    assert r.json() == {"path": "/echo", "query": {"x": "1"}, "root_path": "/hello"}
+    assert r.json() == {"path": "/hello/echo", "query": {"x": "1"}, "root_path": "/hello"}
     r = httpx.get(f"{platform.gateway}/echo", params={"x": "2"}, headers={"host": "hello.localhost"})
     assert r.json() == {"path": "/echo", "query": {"x": "2"}, "root_path": ""}
 
@@ -330,6 +330,67 @@ def test_wsgi_script_name_is_the_prefix_so_url_for_works_through_the_gateway(
     by_host = httpx.get(f"{platform.gateway}/where", headers={"host": "inspector.localhost"}).json()
     assert (by_host["script_name"], by_host["path_info"], by_host["url_for"]) == ("", "/where", "/where")
     assert by_host["external"] == "http://inspector.localhost/where"
+
+
+def test_an_asgi_app_sees_the_whole_path_with_the_prefix_as_root_path(platform: Platform) -> None:
+    """The path holds the prefix, root_path is it (as the ASGI spec says); by host, neither."""
+    platform.deploy(APPS / "scoped")
+    seen = httpx.get(f"{platform.gateway}/scoped/a/scope", timeout=30).json()
+    assert seen == {"type": "http", "path": "/scoped/a/scope", "root_path": "/scoped", "raw_path": "/a/scope"}
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{platform.http_port}/scoped/a/scope") as ws:
+        seen = json.loads(ws.recv(timeout=10))
+    assert (seen["type"], seen["path"], seen["root_path"]) == ("websocket", "/scoped/a/scope", "/scoped")
+    by_host = httpx.get(f"{platform.gateway}/a/scope", headers={"host": "scoped.localhost"}).json()
+    assert (by_host["path"], by_host["root_path"]) == ("/a/scope", "")
+    # Starlette takes root_path off once: /scoped/scoped/x is the app's /scoped/x, not its /x
+    r = httpx.get(f"{platform.gateway}/scoped/scoped/x")
+    assert r.json() == {"handler": "/scoped/x", "path": "/scoped/scoped/x"}
+    assert httpx.get(f"{platform.gateway}/scoped/x").json() == {"handler": "/x", "path": "/scoped/x"}
+    r = httpx.get(f"{platform.gateway}/x", headers={"host": "scoped.localhost"})
+    assert r.json() == {"handler": "/x", "path": "/x"}
+
+
+def test_a_wsgi_apps_path_info_loses_the_prefix_once(
+    platform: Platform, inspector: dict[str, object]
+) -> None:
+    seen = httpx.get(f"{platform.gateway}/inspector/where").json()
+    assert (seen["script_name"], seen["path_info"]) == ("/inspector", "/where")
+    # the app has no /inspector/where: the prefix twice is not its /where
+    assert httpx.get(f"{platform.gateway}/inspector/inspector/where").status_code == 404
+
+
+def test_django_over_asgi_and_wsgi_builds_its_urls_and_redirects_with_the_prefix(platform: Platform) -> None:
+    """Django 5 reads scope["path"] whole: without the prefix there, its redirects left /{app}/."""
+    platform.deploy(APPS / "django_site")
+    for over in ("ASGIRequest", "WSGIRequest"):
+        if over == "WSGIRequest":  # a restart key: the factory runs again, and returns the WSGI app
+            platform.cli("config", "set", "django-site", "interface=wsgi")
+            platform.wait_for(
+                lambda: (
+                    httpx.get(f"{platform.gateway}/django-site/where/", timeout=30).json().get("over")
+                    == "WSGIRequest"
+                ),
+                timeout=60,
+                what="the WSGI app",
+            )
+        seen = httpx.get(f"{platform.gateway}/django-site/where/", timeout=30).json()
+        assert seen == {
+            "over": over,
+            "path": "/django-site/where/",
+            "path_info": "/where/",
+            "reverse": "/django-site/where/",
+        }
+        r = httpx.get(f"{platform.gateway}/django-site/go/")
+        assert r.status_code == 302 and r.headers["location"] == "/django-site/where/", over
+        # a form posted where the redirect leads reaches the view (it was a 404 off the prefix)
+        r = httpx.post(f"{platform.gateway}{r.headers['location']}", data={"a": "1"})
+        assert r.status_code == 200 and r.json()["path"] == "/django-site/where/", over
+        by_host = httpx.get(f"{platform.gateway}/where/", headers={"host": "django-site.localhost"}).json()
+        assert by_host == {"over": over, "path": "/where/", "path_info": "/where/", "reverse": "/where/"}
+        # the prefix twice is the site's /django-site/where/, which it has not
+        assert httpx.get(f"{platform.gateway}/django-site/django-site/where/").status_code == 404, over
 
 
 SMUGGLED = b"GET /inspector/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -222,6 +222,7 @@ def test_instances_serve_functions_web_and_health(starlette: tuple[Zygote, Insta
         }
         web = instance.client.get("/some/path", headers=forwarded).json()
         assert (web["client"], web["scheme"], web["root_path"]) == ("10.1.2.3", "https", "/app")
+        assert web["path"] == "/app/some/path"  # whole, as the ASGI spec says: root_path its prefix
         with unix_connect(instance.path, "ws://instance/ws") as ws:
             ws.send("hi")
             assert ws.recv(timeout=5) == "echo hi"

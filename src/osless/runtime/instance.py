@@ -482,9 +482,14 @@ def _forwarded(scope: Scope) -> None:
             proto = value.decode("latin-1")
             scope["scheme"] = proto.replace("http", "ws") if scope["type"] == "websocket" else proto
         elif name == b"x-forwarded-prefix":
-            # The gateway strips /{app} and says so: as root_path, the app builds its own URLs
-            # (FastAPI's docs, Flask's url_for) with the prefix.
-            scope["root_path"] = scope.get("root_path", "") + value.decode("latin-1")
+            # The gateway strips /{app} and says so. As the ASGI spec wants, the path is whole again
+            # and root_path its prefix: frameworks take root_path off the path themselves (Django,
+            # Starlette, a2wsgi's PATH_INFO) and build their URLs with it. uvicorn has no root_path
+            # of its own here, so the path holds none yet. raw_path stays the bytes this server got:
+            # apps that route on it (Datasette) keep their routes.
+            prefix = value.decode("latin-1")
+            scope["root_path"] = prefix
+            scope["path"] = prefix + scope["path"]
 
 
 _PRELOADED: dict[int, tuple[uvicorn.Config, uvicorn.Config]] = {}

@@ -23,12 +23,13 @@ def web():
             return
         if scope["type"] != "http":
             return
-        if scope["path"] == "/forever":  # never silent for long, but never done
+        path = scope["path"].removeprefix(scope["root_path"])  # the path holds the /{app} prefix
+        if path == "/forever":  # never silent for long, but never done
             await send({"type": "http.response.start", "status": 200, "headers": []})
             while True:
                 await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
                 await asyncio.sleep(0.3)
-        if scope["path"] == "/stream":
+        if path == "/stream":
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
             )

@@ -39,12 +39,11 @@ def web():
             return
         if scope["type"] != "http":
             return
+        path = scope["path"].removeprefix(scope["root_path"])  # the path holds the /{app} prefix
         body = me().encode()
-        if scope["path"] == "/die" and urllib.parse.parse_qs(scope["query_string"].decode()).get("on") == [
-            me()
-        ]:
+        if path == "/die" and urllib.parse.parse_qs(scope["query_string"].decode()).get("on") == [me()]:
             os._exit(1)  # the request reached this instance, which dies before answering
-        if scope["path"] == "/echo":  # the request's body back: big bodies cross the relay both ways
+        if path == "/echo":  # the request's body back: big bodies cross the relay both ways
             chunks = []
             while True:
                 message = await receive()
