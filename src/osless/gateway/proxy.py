@@ -127,12 +127,12 @@ class Gateway:
             return "health", "", b"", b""
         if path.startswith(b"/_functions/"):
             return "function", "", path, b""
-        parts = path.split(b"/", 2)
-        if len(parts) < 2 or not parts[1]:
+        end = path.find(b"/", 1)  # /{app}/rest: the app's name ends at the second slash, if any
+        prefix, rest = (path, b"/") if end < 0 else (path[:end], path[end:])
+        if len(prefix) < 2:
             return "no_app", "", b"", b""
-        rest = b"/" + parts[2] if len(parts) > 2 else b"/"
         what = "internal" if rest.startswith(INTERNAL) else "web"
-        return what, parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
+        return what, prefix[1:].decode("latin-1"), rest + sep + query if sep else rest, prefix
 
     def _app_of_host(self, host: bytes) -> str:
         """The app a Host header names ({app}.localhost, any port), "" if none; remembered."""
