@@ -32,8 +32,9 @@ client, the gateway's own ClientConnection and UpstreamConn, a canned instance, 
 CPU time, median of the best of five), went from 19.2 to 16.3 us with one instance and from 19.5
 to 17.4 us with two. This benchmark could not show it: the machine was shared with other test runs
 (load 4 to 12 on its 2 cores) and moved every figure by more than that, the unchanged instance's
-too. Three runs each, old and new code back to back, medians: one per core, gateway 74 -> 69 us,
-instance 61 -> 61 us, ratio 0.31 -> 0.28; one worker, gateway 56 -> 41 us, ratio 0.47 -> 0.61.
+too (rounds of one run went from 0.16 to 0.85). Four runs each, old and new code back to back,
+medians: one per core, gateway 71 -> 69 us, instance 59 -> 60 us, ratio 0.30 -> 0.29; one worker,
+gateway 53 -> 43 us, instance 48 -> 43 us, ratio 0.50 -> 0.46: noise, both ways.
 Where the rest goes, on this VM: a request through the gateway is four system calls there (read
 and write on each side, and a share of one epoll_wait: strace), against two in uvicorn, and about
 one context switch of the gateway's per answer under this load; in the instance, uvicorn and the
