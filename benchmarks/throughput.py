@@ -23,6 +23,24 @@ request 0.08 ms): both targets met. Two uvicorn workers against two gateway proc
 instances: ratio 0.51 (rounds 0.43 to 0.54): the 0.6 target missed. With every core busy the ratio
 is the CPU per answer: 42 us for uvicorn, 58 (gateway) + 45 (instance) through osless, where the
 hop is a second process per request.
+
+2026-12-06, after trimming the gateway's hot path (traffic counted in two additions on the loop's
+clock, the x-forwarded-* block kept per connection, the least-outstanding pick in one pass, a
+request's defaults on its class, the common end of an exchange without `settle`'s questions):
+what the gateway process adds per answer, measured in one process with no neighbour in it (a
+client, the gateway's own ClientConnection and UpstreamConn, a canned instance, all on socketpairs;
+CPU time, median of the best of five), went from 19.2 to 16.3 us with one instance and from 19.5
+to 17.4 us with two. This benchmark could not show it: the machine was shared with other test runs
+(load 4 to 12 on its 2 cores) and moved every figure by more than that, the unchanged instance's
+too (rounds of one run went from 0.16 to 0.85). Four runs each, old and new code back to back,
+medians: one per core, gateway 71 -> 69 us, instance 59 -> 60 us, ratio 0.30 -> 0.29; one worker,
+gateway 53 -> 43 us, instance 48 -> 43 us, ratio 0.50 -> 0.46: noise, both ways.
+Where the rest goes, on this VM: a request through the gateway is four system calls there (read
+and write on each side, and a share of one epoll_wait: strace), against two in uvicorn, and about
+one context switch of the gateway's per answer under this load; in the instance, uvicorn and the
+app (Starlette) are nearly all of it (py-spy), as they are for uvicorn alone. Trimming Python
+further buys a few us at most: the 0.6 target needs fewer system calls and wakeups per answer
+(e.g. several requests to one instance in one write, pipelined), not fewer lines.
 """
 
 from __future__ import annotations

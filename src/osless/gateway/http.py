@@ -37,55 +37,34 @@ class TooLarge(Exception):
 class Request:
     """One request: its head as parsed, and its body as it comes."""
 
-    __slots__ = (
-        "body",
-        "body_bytes",
-        "buffered",
-        "chunked",
-        "coded",
-        "complete",
-        "conn",
-        "content_length",
-        "discard",
-        "expect",
-        "head_bytes",
-        "headers",
-        "host",
-        "keep_alive",
-        "limit",
-        "method",
-        "sink",
-        "too_large",
-        "tunnel_data",
-        "upgrade",
-        "url",
-        "version",
-    )
+    # Defaults on the class, so that a request sets only what it changes (no __slots__: a class
+    # default cannot share a name with a slot). Each request is a new object: half of what it
+    # costs was setting these one by one.
+    url = b""
+    method = b""
+    version = "1.1"
+    # Noted as they are parsed (the first of each), for the routing that follows.
+    host = b""
+    expect = b""
+    content_length = b""
+    head_bytes = 0
+    keep_alive = True
+    upgrade = False
+    chunked = False
+    coded = False  # it had a Transfer-Encoding
+    buffered = 0
+    body_bytes = 0
+    complete = False
+    discard = False  # answered already: the rest of the body is dropped as it comes
+    limit: int | None = None
+    sink: UpstreamConn | None = None
+    too_large = False
+    tunnel_data = b""
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-        self.url = b""
-        self.method = b""
-        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
-        # Noted as they are parsed (the first of each), for the routing that follows.
-        self.host = b""
-        self.expect = b""
-        self.content_length = b""
-        self.head_bytes = 0
-        self.keep_alive = True
-        self.upgrade = False
-        self.chunked = False
-        self.coded = False  # it had a Transfer-Encoding
         self.body: list[bytes] = []
-        self.buffered = 0
-        self.body_bytes = 0
-        self.complete = False
-        self.discard = False  # answered already: the rest of the body is dropped as it comes
-        self.limit: int | None = None
-        self.sink: UpstreamConn | None = None
-        self.too_large = False
-        self.tunnel_data = b""
 
     def header(self, name: bytes) -> bytes:
         for k, v in self.headers:
@@ -165,6 +144,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self.client_ip = b""  # as the x-forwarded-for the instance gets
+        # (Host, prefix, the x-forwarded-* lines) of the last request forwarded: the next is alike.
+        self.forwarded: tuple[bytes, bytes, bytes] | None = None
         self.closed = False
         self.must_close = False  # after the current answer
         self.responded = False  # the current request has had (a start of) an answer
@@ -333,7 +314,7 @@ class ClientConnection(asyncio.Protocol):
         self._sink = sink
         if self.write_paused:
             sink.pause_reading()
-        else:
+        elif sink.reading_paused:
             sink.resume_reading()
 
     def detach(self) -> None:
@@ -419,9 +400,9 @@ class ClientConnection(asyncio.Protocol):
         self._current = None
         if self.closed or self.tunnel is not None:  # a tunnel owns the connection now
             return
-        # Whatever held reading back was about this request.
-        self.pause("upstream", False)
-        self.pause("buffer", False)
+        if self._paused:  # whatever held reading back was about this request
+            self.pause("upstream", False)
+            self.pause("buffer", False)
         if self._broken is not None:  # a bad request came in behind it: answered now, in turn
             status, code, message = self._broken
             self.responded = False
@@ -455,8 +436,9 @@ class ClientConnection(asyncio.Protocol):
             if not self._pending:
                 self.pause("pipeline", False)
             return
-        self.pause("pipeline", False)
-        self._idle()
+        if self._paused:
+            self.pause("pipeline", False)
+        self._idle_since = self.loop.time()  # `_idle`, inline: the hot path's end
 
     def _idle(self) -> None:
         self._idle_since = self.loop.time()  # the watchdog closes it KEEP_ALIVE_S from now

@@ -20,7 +20,7 @@ from osless.client import AsyncApi
 from osless.contracts import ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
-from osless.gateway.traffic import Traffic
+from osless.gateway.traffic import AppTraffic, Traffic
 from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
 
 __all__ = ["Gateway"]
@@ -84,7 +84,8 @@ class Gateway:
         # Authorization header -> (False if refused, else the app it is limited to or None; until)
         self._tokens: dict[str, tuple[str | bool | None, float]] = {}
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
-        self.traffic = Traffic()
+        # On the loop's clock, which the hot path reads anyway (one clock read a turn of the loop).
+        self.traffic = Traffic(asyncio.get_running_loop().time)
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,7 +118,8 @@ class Gateway:
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             app = self._app_of_host(parsed.host or b"")
         else:
-            app = self._app_of_host(req.host)
+            known = self._hosts.get(req.host)  # `_app_of_host`'s own first step, without the call
+            app = self._app_of_host(req.host) if known is None else known
         if app:
             return ("internal" if url.startswith(INTERNAL) else "web"), app, url, b""
         path, sep, query = url.partition(b"?")
@@ -125,12 +127,12 @@ class Gateway:
             return "health", "", b"", b""
         if path.startswith(b"/_functions/"):
             return "function", "", path, b""
-        parts = path.split(b"/", 2)
-        if len(parts) < 2 or not parts[1]:
+        end = path.find(b"/", 1)  # /{app}/rest: the app's name ends at the second slash, if any
+        prefix, rest = (path, b"/") if end < 0 else (path[:end], path[end:])
+        if len(prefix) < 2:
             return "no_app", "", b"", b""
-        rest = b"/" + parts[2] if len(parts) > 2 else b"/"
         what = "internal" if rest.startswith(INTERNAL) else "web"
-        return what, parts[1].decode("latin-1"), rest + sep + query, b"/" + parts[1]
+        return what, prefix[1:].decode("latin-1"), rest + sep + query if sep else rest, prefix
 
     def _app_of_host(self, host: bytes) -> str:
         """The app a Host header names ({app}.localhost, any port), "" if none; remembered."""
@@ -154,7 +156,10 @@ class Gateway:
             return False
         router = self.router
         limit, max_body = router.limits(app)
-        if self.traffic.in_flight(app) >= limit or _over(req, max_body):
+        counts = self.traffic.apps.get(app)
+        if counts is not None and counts.in_flight + counts.waiting >= limit:
+            return False
+        if (req.content_length or req.body_bytes) and _over(req, max_body):
             return False
         backend = router.pick_now(app)
         if backend is None or backend.web_timeouts is None:
@@ -164,9 +169,8 @@ class Gateway:
             return False
         req.limit = max_body
         exchange = _Exchange(self, conn, req, backend, up, backend.web_timeouts)
-        head = _head(conn, req, target, prefix)
         try:
-            exchange.start(head, exchange.settle_fast)
+            exchange.start(_head(conn, req, target, prefix), exchange.settle_fast)
         except Exception as e:  # a bug: answered as one (500), with nothing left counted
             exchange.settle()
             conn.finished(e)
@@ -416,30 +420,37 @@ def _head(
 ) -> bytes:
     """The request's head as the instance gets it: its target, the client's headers but `drop`,
     and the gateway's x-forwarded-* (with the prefix taken off the path, if any)."""
-    lines = [b"%s %s HTTP/%s\r\n" % (req.method, target, req.version.encode())]
-    # WSGI reads `x_forwarded_for` as `x-forwarded-for` (both are HTTP_X_FORWARDED_FOR): such a
-    # spelling of a dropped header is dropped too.
-    lines += [
-        b"%s: %s\r\n" % kv
-        for kv in req.headers
-        if kv[0] not in drop and not (b"_" in kv[0] and kv[0].replace(b"_", b"-") in drop)
-    ]
+    parts = [req.method, b" ", target, _VERSIONS.get(req.version) or b" HTTP/%s\r\n" % req.version.encode()]
+    for kv in req.headers:
+        name = kv[0]
+        # WSGI reads `x_forwarded_for` as `x-forwarded-for` (both are HTTP_X_FORWARDED_FOR): such a
+        # spelling of a dropped header is dropped too.
+        if name in drop or (b"_" in name and name.replace(b"_", b"-") in drop):
+            continue
+        parts += (name, b": ", kv[1], b"\r\n")
     if req.upgrade:
-        lines.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
-    lines.append(
-        b"x-forwarded-for: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n"
-        % (conn.client_ip, req.host)
-    )
-    if prefix:
-        lines.append(b"x-forwarded-prefix: %s\r\n" % prefix)
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
+    # The x-forwarded-* block: the same for each request of a connection to one host and prefix.
+    host, block = req.host, conn.forwarded
+    if block is None or block[0] != host or block[1] != prefix:
+        lines = b"x-forwarded-for: %s\r\nx-forwarded-proto: http\r\nx-forwarded-host: %s\r\n" % (
+            conn.client_ip,
+            host,
+        )
+        if prefix:
+            lines += b"x-forwarded-prefix: %s\r\n" % prefix
+        block = conn.forwarded = (host, prefix, lines + b"\r\n")
+    parts.append(block[2])
+    return b"".join(parts)
+
+
+_VERSIONS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 
 
 class _Exchange:
     """One request relayed to one instance: its deadline, its count in the traffic, its outcome."""
 
-    __slots__ = ("backend", "conn", "ends", "gateway", "head", "req", "timeouts", "up")
+    __slots__ = ("backend", "conn", "counts", "ends", "gateway", "head", "req", "timeouts", "up")
 
     def __init__(
         self,
@@ -458,20 +469,23 @@ class _Exchange:
         self.timeouts = timeouts
         self.ends = conn.loop.time() + timeouts.whole
         self.head = b""
+        self.counts: AppTraffic | None = None  # once started
 
     def start(self, head: bytes, on_done: OnDone) -> None:
-        up, conn = self.up, self.conn
+        up, conn, req = self.up, self.conn, self.req
         self.head = head  # kept: sent again to another instance, if this one fails it
-        self.gateway.traffic.start(self.backend.app)
+        now = conn.loop.time()
+        self.counts = self.gateway.traffic.of(self.backend.app)
+        self.counts.start(now)
         self.backend.outstanding += 1
-        up.begin(conn, self.req.method == b"HEAD", on_done)
+        up.begin(conn, req.method == b"HEAD", on_done)
         up.write(head)
         conn.attach(up)
-        self.req.attach(up)
+        req.attach(up)
         # `idle` bounds the wait for each byte of the answer: a stream that keeps sending lives
         # on, until it is `whole` seconds old.
         conn.deadline = self._due
-        conn.watch_until(min(up.last_data + self.timeouts.idle, self.ends))
+        conn.watch_until(min(now + self.timeouts.idle, self.ends))
 
     def _due(self, now: float) -> float | None:
         """The connection's watchdog asks: time out the answer if it is overdue."""
@@ -540,9 +554,23 @@ class _Exchange:
 
     def end(self) -> None:
         self.backend.outstanding -= 1
-        self.gateway.traffic.end(self.backend.app)
+        if self.counts is not None:
+            self.counts.end(self.conn.loop.time())
 
     def settle_fast(self, error: BaseException | None) -> None:
+        up = self.up
+        if error is None and not up.upgraded and self.req.complete:
+            # The common end, whole and in time: `settle`'s last branch, without its questions.
+            conn = self.conn
+            conn.deadline = None
+            self.req.sink = None
+            conn.detach()
+            if not up.keep_alive:
+                conn.must_close = True  # the answer said `connection: close`, and the client heard it
+            up.pool.release(up)
+            self.end()
+            conn.finished(None)
+            return
         tries = None if error is None else _Tries()  # none made for an answer that came whole
         if tries is not None and self.retry(tries):
             self.settle(retrying=True)

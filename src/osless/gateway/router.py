@@ -278,10 +278,18 @@ class Router:
         if len(found) > 1 and self.outliers.active():
             down = self.outliers.down
             found = [b for b in found if b.relay is None or not down(b.relay)] or found
-        if not found:
-            return None
-        least = min(b.outstanding for b in found)
-        return random.choice([b for b in found if b.outstanding == least])
+        # The fewest outstanding, one of those tied picked at random (reservoir sampling): one pass,
+        # no list built, on each request that has a choice.
+        best, least, ties = None, 0, 0
+        for b in found:
+            n = b.outstanding
+            if best is None or n < least:
+                best, least, ties = b, n, 1
+            elif n == least:
+                ties += 1
+                if random.random() * ties < 1.0:
+                    best = b
+        return best
 
     async def pick(self, app: str, wait_s: float, exclude: frozenset[str] = frozenset()) -> Backend:
         """The ready instance with the fewest outstanding requests; waits while instances are starting.

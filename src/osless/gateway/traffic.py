@@ -1,7 +1,10 @@
 """What the gateway sees of each app: requests in flight, waiting for an instance, and their rate.
 
 The autoscaler scales on the average in flight over each report's interval, so every change of
-the count adds its duration to an integral rather than being sampled now and then.
+the count adds to an integral rather than being sampled now and then. On the hot path a change
+is two additions, on the loop's own clock (`loop.time()`, read once per turn of the loop): the
+integral of the count over an interval is what the count is now times the interval's end, plus
+the time of each end, minus the time of each start (`_AppTraffic.acc`).
 """
 
 from __future__ import annotations
@@ -9,44 +12,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 from osless.client import ApiError, AsyncApi
 
-__all__ = ["Traffic"]
+__all__ = ["AppTraffic", "Traffic"]
 
 log = logging.getLogger("osless.gateway")
 
 REPORT_EVERY_S = 1.0
 
 
-@dataclass
-class _AppTraffic:
-    in_flight: int = 0
-    waiting: int = 0
-    requests: int = 0
-    area: float = 0.0  # in-flight x seconds since the last report
-    waiting_area: float = 0.0
-    changed: float = 0.0
+class AppTraffic:
+    """One app's counts. The in-flight integral since the last snapshot is
+    `acc + in_flight * now` (and the same of `waiting`): a start at `t` takes `t` off, an end
+    at `t` adds it, and a snapshot at `t` starts the next interval with `-count * t`."""
 
-    def advance(self, now: float) -> None:
-        dt = now - self.changed
-        self.area += self.in_flight * dt
-        self.waiting_area += self.waiting * dt
-        self.changed = now
+    __slots__ = ("acc", "in_flight", "requests", "waiting", "waiting_acc")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.waiting = 0
+        self.requests = 0
+        self.acc = 0.0
+        self.waiting_acc = 0.0
+
+    def start(self, now: float) -> None:
+        """A request is served from `now` (the hot path: no call beyond this one)."""
+        self.in_flight += 1
+        self.requests += 1
+        self.acc -= now
+
+    def end(self, now: float) -> None:
+        self.in_flight -= 1
+        self.acc += now
 
 
 class Traffic:
-    def __init__(self) -> None:
-        self.apps: dict[str, _AppTraffic] = {}
-        self._since = time.monotonic()
+    def __init__(self, clock: Callable[[], float]) -> None:
+        """`clock`: the gateway loop's `time`, as the hot path passes it in."""
+        self.apps: dict[str, AppTraffic] = {}
+        self.clock = clock
+        self._since = clock()
 
-    def _get(self, app: str) -> _AppTraffic:
+    def of(self, app: str) -> AppTraffic:
+        """`app`'s counts; kept while anything of it is counted (until a snapshot finds it idle)."""
         found = self.apps.get(app)
         if found is None:
-            found = self.apps[app] = _AppTraffic(changed=time.monotonic())
+            found = self.apps[app] = AppTraffic()
+            # Its integral so far is zero: as if it had been counted since the interval began.
         return found
 
     def in_flight(self, app: str) -> int:
@@ -56,42 +70,31 @@ class Traffic:
     @contextlib.contextmanager
     def waiting(self, app: str) -> Iterator[None]:
         """A request held while an instance of `app` starts (the activator)."""
-        t = self._get(app)
-        t.advance(time.monotonic())
+        t = self.of(app)
         t.waiting += 1
+        t.waiting_acc -= self.clock()
         try:
             yield
         finally:
-            t.advance(time.monotonic())
             t.waiting -= 1
-
-    # A request being served: two calls rather than a context manager, for the gateway's hot
-    # path (a generator context costs more), and because the fast path ends in a callback.
-    def start(self, app: str) -> None:
-        t = self._get(app)
-        t.advance(time.monotonic())
-        t.in_flight += 1
-        t.requests += 1
-
-    def end(self, app: str) -> None:
-        t = self._get(app)
-        t.advance(time.monotonic())
-        t.in_flight -= 1
+            t.waiting_acc += self.clock()
 
     def snapshot(self) -> tuple[float, dict[str, dict[str, float]]]:
         """Averages since the last snapshot, which starts the next interval."""
-        now = time.monotonic()
+        now = self.clock()
         interval = max(now - self._since, 1e-6)
         self._since = now
         out = {}
         for app, t in list(self.apps.items()):
-            t.advance(now)
+            area = t.acc + t.in_flight * now
+            waiting_area = t.waiting_acc + t.waiting * now
             out[app] = {
-                "concurrency": round(t.area / interval, 3),
+                "concurrency": round(max(area, 0.0) / interval, 3),
                 "requests": float(t.requests),
-                "waiting": round(t.waiting_area / interval, 3),
+                "waiting": round(max(waiting_area, 0.0) / interval, 3),
             }
-            t.area = t.waiting_area = 0.0
+            t.acc = -t.in_flight * now
+            t.waiting_acc = -t.waiting * now
             t.requests = 0
             if not (t.in_flight or t.waiting or out[app]["requests"]):
                 del self.apps[app]  # idle: reported as zero once, then forgotten

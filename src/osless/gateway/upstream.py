@@ -390,7 +390,8 @@ class Upstream:
         # Not with part of a request still unsent (an answer that came before the whole body).
         unsent = conn.transport is not None and conn.transport.get_write_buffer_size() > 0
         if reusable and not unsent and not self.closed and len(self.idle) < MAX_IDLE:
-            conn.resume_reading()  # a slow client may have paused it
+            if conn.reading_paused:  # a slow client paused it
+                conn.resume_reading()
             conn.idle_since = conn.loop.time()
             self.idle.append(conn)
             return
