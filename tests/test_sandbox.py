@@ -194,7 +194,8 @@ def test_egress_never_reaches_this_node_however_the_app_spells_it(
     egress gets none of them, by name or by CONNECT, at the API's port or the gateway's."""
     r = platform.cli("deploy", str(APPS / "hostile_egress"), "--json", check=False)
     if r.returncode != 0:  # refusing such a list outright protects as well
-        assert "egress" in r.stderr and "127.0.0.1" in r.stderr, r.stderr
+        said = r.stdout + r.stderr  # under --json, the error is on stdout
+        assert "egress" in said and "127.0.0.1" in said, said
         return
     listed = platform.http("GET", "/v1/apps/hostile-egress").json()["release"]["manifest"]["egress"]
     assert "127.0.0.1" in listed and "0x7f000001" in listed  # as declared: the list is the app's

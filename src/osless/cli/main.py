@@ -14,13 +14,14 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
+from osless.cli.apps import apps_app, restart
 from osless.cli.audit import audit
 from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.node import MAX_GATEWAYS, node_app
-from osless.cli.output import console, err_console, fail, print_json, table, when
+from osless.cli.output import JsonOpt, console, err_console, fail, print_json, table, when
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -33,7 +34,6 @@ app = typer.Typer(
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 QUEUED_LOOK_S = 3.0  # a builder `osless up` starts registers within this: no false alarm at start
 
 
@@ -173,13 +173,16 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
                 elif not quiet:
                     console.print(f"    {line}", style="dim", highlight=False, markup=False, soft_wrap=True)
         except ApiError as e:
-            fail(e.message)
+            fail(e.message, e.code)
         finally:
             stop_looking.set()
         if final.get("status") != "succeeded":
-            if json_out:
-                print_json(final)
-            fail(f"deploy failed: {final.get('error') or 'see the build output above'}")
+            # Under --json, the deploy record goes with the error: it says which deploy, and its log.
+            fail(
+                f"deploy failed: {final.get('error') or 'see the build output above'}",
+                "deploy_failed",
+                deploy=final,
+            )
         app_name, version = final["app"], final["release"]
         if wait:
             status.update(f"Starting {app_name} v{version}")
@@ -250,8 +253,8 @@ def _gateway(api: Api) -> str:
     return str(call(api.get, "/v1/status").get("gateway", ""))
 
 
-apps_app = typer.Typer(help="List apps, or show one.")
 app.add_typer(apps_app, name="apps")
+app.command("restart")(restart)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
@@ -259,64 +262,6 @@ app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
-
-
-@apps_app.callback(invoke_without_command=True)
-def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """List apps."""
-    if ctx.invoked_subcommand is not None:
-        return
-    api = client()
-    items = call(api.get, "/v1/apps")["items"]
-    statuses = {s["app"]: s for s in call(api.get, "/v1/appstatus")["items"]}
-    items = [{**a, "status": statuses.get(a["name"]) or {}} for a in items]
-    if json_out:
-        print_json(items)
-        return
-    table(
-        ["APP", "RELEASE", "MIN", "MAX", "DESIRED", "WHY", "UPDATED"],
-        [
-            [
-                a["name"],
-                f"v{a['current_release']}" if a["current_release"] else "-",
-                a["min"],
-                a["max"],
-                "-" if a["status"].get("desired") is None else a["status"]["desired"],
-                a["status"].get("scale_reason") or "-",
-                when(a["updated_at"]),
-            ]
-            for a in items
-        ],
-    )
-
-
-@apps_app.command("show")
-def apps_show(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt = False) -> None:
-    """One app: its release, instances, URLs, and which apps it calls and is called by."""
-    api = client()
-    info = call(api.get, f"/v1/apps/{app_name}")
-    ends = call(api.get, f"/v1/apps/{app_name}/endpoints")
-    if json_out:
-        print_json({**info, "endpoints": ends})
-        return
-    release = info.get("release") or {}
-    console.print(
-        f"[bold]{app_name}[/]  release v{info['current_release'] or '-'}  "
-        f"image {str(release.get('image', '-'))[:12]}  min {info['min']} max {info['max']}"
-    )
-    status = info["status"]
-    desired = "-" if status.get("desired") is None else status["desired"]
-    console.print(
-        f"  desired:     {desired}   ({status.get('scale_reason') or 'no decision yet'})",
-        highlight=False,
-        markup=False,
-    )
-    ready = len(ends["instances"])
-    console.print(f"  web:         {ends['url']}   (from other apps: {ends['internal_url']})")
-    console.print(f"  instances:   {ready} ready of {len(info['instances'])}")
-    for label, edges in (("calls", info.get("calls") or {}), ("called by", info.get("called_by") or {})):
-        text = ", ".join(f"{name} ({n})" for name, n in sorted(edges.items())) or "-"
-        console.print(f"  {label + ':':<12} {text}", highlight=False, markup=False)
 
 
 @app.command()
@@ -390,16 +335,19 @@ def ps(
 def invoke(
     target: Annotated[str, typer.Argument(metavar="APP.FUNCTION")],
     event: Annotated[str | None, typer.Argument(metavar="[JSON|-]", help="The event; - reads stdin.")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Call a function synchronously and print its JSON result."""
+    """Call a function synchronously and print its JSON result (with --json, errors too)."""
     app_name, dot, function = target.partition(".")
     if not dot or not app_name or not function:
-        fail(f"give the function as APP.FUNCTION (for example hello.greet), not {target!r}")
+        fail(f"give the function as APP.FUNCTION (for example hello.greet), not {target!r}", "invalid_target")
     raw = sys.stdin.read() if event == "-" else (event if event is not None else "null")
     try:
         json.loads(raw)
     except ValueError as e:
-        fail(f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'')
+        fail(
+            f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'', "invalid_event"
+        )
     try:
         result = client().post(
             f"/v1/apps/{app_name}/functions/{function}:invoke",
@@ -408,9 +356,12 @@ def invoke(
             timeout=None,  # a function may run for up to an hour; the platform enforces its timeout_s
         )
     except ApiError as e:
-        if e.detail.get("traceback"):
-            sys.stderr.write(str(e.detail["traceback"]).rstrip() + "\n")
-        fail(e.message)
+        traceback = str(e.detail["traceback"]) if e.detail.get("traceback") else None
+        if json_out:  # the function's traceback goes with its error, in one document
+            fail(e.message, e.code, **({"traceback": traceback} if traceback else {}))
+        if traceback:
+            sys.stderr.write(traceback.rstrip() + "\n")
+        fail(e.message, e.code)
     print_json(result)
 
 
@@ -435,7 +386,7 @@ def logs(
                 console.print(f"[dim]{ts} {rec['source']}[/] ", end="", highlight=False)
                 console.print(rec["line"], style=style, markup=False, highlight=False)
     except ApiError as e:
-        fail(e.message)
+        fail(e.message, e.code)
     except KeyboardInterrupt:
         pass
 
