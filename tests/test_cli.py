@@ -133,7 +133,7 @@ def test_apps_delete_without_a_terminal_needs_yes(platform: Platform) -> None:
 def test_errors_under_json_are_one_json_object_on_stdout(platform: Platform, hello: dict[str, Any]) -> None:
     for args, code in [
         (["apps", "show", "nowhere"], "app_not_found"),
-        (["invoke", "hello.nowhere", "{}"], "function_not_found"),
+        (["invoke", "hello.nowhere", "{}"], "unknown_function"),
         (["invoke", "hello.greet", "{oops"], "invalid_event"),
         (["config", "get", "nowhere"], "app_not_found"),
     ]:
