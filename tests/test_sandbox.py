@@ -299,6 +299,14 @@ def test_memory_bomb_is_oom_killed_in_its_cgroup(platform: Platform, apps: dict[
     )
     assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
     platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to restart")
+    # `osless invoke` says why, from the instance's exit as its node reported it.
+    r = platform.cli("invoke", "hostile.hog", "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"] == {
+        "code": "out_of_memory",
+        "message": "the function ran out of memory (limit 256 MB): raise memory_mb in "
+        "@app.function(memory_mb=...) of hog",
+    }, r.stdout
+    platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to restart")
 
 
 def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.output import JsonOpt, console, err_console, fail, print_json, table, when
 from osless.cli.server import server
@@ -255,6 +255,7 @@ def _gateway(api: Api) -> str:
 
 app.add_typer(apps_app, name="apps")
 app.command("restart")(restart)
+app.command("invoke")(invoke)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
@@ -329,40 +330,6 @@ def ps(
             highlight=False,
         )
     table(["INSTANCE", "RELEASE", "STATE", "PID", "RESTARTS", "LAST EXIT", "NODE", "CREATED"], rows)
-
-
-@app.command()
-def invoke(
-    target: Annotated[str, typer.Argument(metavar="APP.FUNCTION")],
-    event: Annotated[str | None, typer.Argument(metavar="[JSON|-]", help="The event; - reads stdin.")] = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Call a function synchronously and print its JSON result (with --json, errors too)."""
-    app_name, dot, function = target.partition(".")
-    if not dot or not app_name or not function:
-        fail(f"give the function as APP.FUNCTION (for example hello.greet), not {target!r}", "invalid_target")
-    raw = sys.stdin.read() if event == "-" else (event if event is not None else "null")
-    try:
-        json.loads(raw)
-    except ValueError as e:
-        fail(
-            f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'', "invalid_event"
-        )
-    try:
-        result = client().post(
-            f"/v1/apps/{app_name}/functions/{function}:invoke",
-            content=raw.encode(),
-            headers={"content-type": "application/json"},
-            timeout=None,  # a function may run for up to an hour; the platform enforces its timeout_s
-        )
-    except ApiError as e:
-        traceback = str(e.detail["traceback"]) if e.detail.get("traceback") else None
-        if json_out:  # the function's traceback goes with its error, in one document
-            fail(e.message, e.code, **({"traceback": traceback} if traceback else {}))
-        if traceback:
-            sys.stderr.write(traceback.rstrip() + "\n")
-        fail(e.message, e.code)
-    print_json(result)
 
 
 @app.command()
