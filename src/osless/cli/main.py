@@ -422,6 +422,8 @@ def doctor(json_out: JsonOpt = False) -> None:
     else:
         table(["PROTECTION", "", "DETAIL"], [[c.name, "ok" if c.ok else "MISSING", c.detail] for c in checks])
     missing = [c.name for c in checks if not c.ok]
+    if missing and json_out:
+        raise typer.Exit(1)  # the list says what is missing: one document on stdout, not two
     if missing:
         required = [n for n in missing if n in probe.REQUIRED]
         fail(

@@ -58,7 +58,9 @@ def fail(message: str, code: str = "failed", **detail: Any) -> NoReturn:
     """Say what went wrong and exit 1: under --json, `{"error": {"code", "message", ...}}` on stdout
     (what a script reads); otherwise one red line on stderr."""
     if json_mode():
-        print_json({"error": {"code": code, "message": message, **detail}})
+        # One line: it may end an NDJSON stream (`osless logs --json`) as well as stand alone.
+        sys.stdout.write(json.dumps({"error": {"code": code, "message": message, **detail}}) + "\n")
+        sys.stdout.flush()
         raise typer.Exit(1)
     # The message may quote user code or build output: never read it as markup.
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
