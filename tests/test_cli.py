@@ -147,6 +147,15 @@ def test_errors_under_json_are_one_json_object_on_stdout(platform: Platform, hel
         assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("error: "), (args, r)
 
 
+def test_a_command_line_refused_under_json_is_a_json_error(platform: Platform) -> None:
+    for args in (["scale", "hello", "--min", "many"], ["restart"]):
+        r = platform.cli(*args, "--json", check=False)
+        assert r.returncode == 2 and r.stderr == "", (args, r)
+        assert json.loads(r.stdout)["error"]["code"] == "invalid_usage", (args, r.stdout)
+    r = platform.cli("scale", "hello", "--min", "many", check=False)
+    assert r.returncode == 2 and r.stdout == "" and "not a valid integer" in r.stderr, r
+
+
 def test_invoke_takes_json(platform: Platform, hello: dict[str, Any]) -> None:
     out = platform.cli_json("invoke", "hello.greet", '{"name": "Ada"}')
     assert out["message"] == "Hello, Ada!"

@@ -112,8 +112,10 @@ def restart(
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Replace every instance of APP with fresh ones of the same release, rolling: the new ones
-    start first, and each old one stops once they are ready, so the app keeps serving."""
+    """Replace every instance of APP with fresh ones of the same release.
+
+    Rolling: the new ones start first, and the old ones stop once they are ready, so the app keeps
+    serving."""
     api = client()
     spec = call(api.post, f"/v1/apps/{app_name}/restart")
     if not no_wait:

@@ -21,7 +21,7 @@ from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
-from osless.cli.output import JsonOpt, console, err_console, fail, print_json, table, when
+from osless.cli.output import JsonOpt, console, err_console, fail, print_json, table, usage_failed, when
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -490,8 +490,16 @@ def nodes(json_out: JsonOpt = False) -> None:
 
 
 def main() -> NoReturn:
+    import click
+
     try:
-        app()
+        # Not standalone: a command line click refuses is said here, in JSON under --json.
+        code = typer.main.get_command(app).main(standalone_mode=False)
+    except click.ClickException as e:
+        usage_failed(e)
+    except click.Abort:
+        err_console.print("Aborted.")
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    raise SystemExit(0)
+    raise SystemExit(code if isinstance(code, int) else 0)

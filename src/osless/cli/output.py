@@ -25,6 +25,7 @@ __all__ = [
     "print_json",
     "table",
     "until",
+    "usage_failed",
     "when",
 ]
 
@@ -65,6 +66,22 @@ def fail(message: str, code: str = "failed", **detail: Any) -> NoReturn:
     # The message may quote user code or build output: never read it as markup.
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(1)
+
+
+def usage_failed(e: click.ClickException) -> NoReturn:
+    """A command line click refused (an unknown option, a missing argument, a value of the wrong
+    type): as `fail` says an error, with click's exit code (2)."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.meta.get(_JSON):
+        sys.stdout.write(
+            json.dumps({"error": {"code": "invalid_usage", "message": e.format_message()}}) + "\n"
+        )
+        sys.stdout.flush()
+    else:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(e)  # as typer says it when it runs the command line itself
+    raise SystemExit(e.exit_code)
 
 
 def print_json(obj: Any) -> None:
