@@ -21,7 +21,17 @@ from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
-from osless.cli.output import JsonOpt, console, err_console, fail, print_json, table, usage_failed, when
+from osless.cli.output import (
+    JsonOpt,
+    console,
+    err_console,
+    fail,
+    json_option,
+    print_json,
+    table,
+    usage_failed,
+    when,
+)
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -69,6 +79,9 @@ def up(
             "this host's own addresses open only to their own entry (ADDR/32).",
         ),
     ] = None,
+    json_out: Annotated[
+        bool, json_option("Once up, print one JSON object: the API, the gateway and the data dir.")
+    ] = False,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
@@ -94,14 +107,10 @@ def up(
     cfg.egress_allow = allowed
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
-        console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
-        console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
-        console.print(
-            f"  Gateway: {gateway_url}   ({cfg.gateways} process{'es' if cfg.gateways > 1 else ''})"
-        )
-        if allowed:
-            console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
-        console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
+        if json_out:
+            print_json({"api": api_url, "gateway": gateway_url, "data_dir": str(cfg.data_dir.resolve())})
+        else:
+            _say_up(cfg, api_url, gateway_url, allowed)
         if deploy:
             threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()
 
@@ -112,6 +121,15 @@ def up(
             uvloop.run(run(cfg, on_ready=ready))
         except ImportError:
             asyncio.run(run(cfg, on_ready=ready))
+
+
+def _say_up(cfg: Any, api_url: str, gateway_url: str, allowed: list[Any]) -> None:
+    console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
+    console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
+    console.print(f"  Gateway: {gateway_url}   ({cfg.gateways} process{'es' if cfg.gateways > 1 else ''})")
+    if allowed:
+        console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
+    console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
