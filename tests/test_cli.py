@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,12 +17,13 @@ from tests.platform import EXAMPLES, Platform, running
 
 
 @pytest.fixture(scope="module")
-def rolling(platform: Platform) -> dict[str, Any]:
-    """examples/hello as `rolling`, with two instances ready."""
+def rolling(platform: Platform) -> Iterator[dict[str, Any]]:
+    """examples/hello as `rolling`, with two instances ready; deleted after (the platform is shared)."""
     deployed = platform.deploy(EXAMPLES / "hello", "--name", "rolling")
     platform.cli("scale", "rolling", "--min", "2")
     platform.wait_for(lambda: len(_ready(platform, "rolling")) == 2, what="2 ready instances")
-    return deployed
+    yield deployed
+    platform.http("DELETE", "/v1/apps/rolling")
 
 
 def _ready(platform: Platform, app: str) -> list[dict[str, Any]]:
