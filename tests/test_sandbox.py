@@ -194,7 +194,8 @@ def test_egress_never_reaches_this_node_however_the_app_spells_it(
     egress gets none of them, by name or by CONNECT, at the API's port or the gateway's."""
     r = platform.cli("deploy", str(APPS / "hostile_egress"), "--json", check=False)
     if r.returncode != 0:  # refusing such a list outright protects as well
-        assert "egress" in r.stderr and "127.0.0.1" in r.stderr, r.stderr
+        said = r.stdout + r.stderr  # under --json, the error is on stdout
+        assert "egress" in said and "127.0.0.1" in said, said
         return
     listed = platform.http("GET", "/v1/apps/hostile-egress").json()["release"]["manifest"]["egress"]
     assert "127.0.0.1" in listed and "0x7f000001" in listed  # as declared: the list is the app's
@@ -297,6 +298,14 @@ def test_memory_bomb_is_oom_killed_in_its_cgroup(platform: Platform, apps: dict[
         what="the OOM kill to be reported",
     )
     assert httpx.get(f"{platform.gateway}/victim/").text == "fine"
+    platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to restart")
+    # `osless invoke` says why, from the instance's exit as its node reported it.
+    r = platform.cli("invoke", "hostile.hog", "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"] == {
+        "code": "out_of_memory",
+        "message": "the function ran out of memory (limit 256 MB): raise memory_mb in "
+        "@app.function(memory_mb=...) of hog",
+    }, r.stdout
     platform.wait_for(lambda: platform.invoke("hostile", "whoami")[0] == 200, what="hostile to restart")
 
 

@@ -145,6 +145,8 @@ class App(BaseModel):
     min: int = 0
     max: int = 10
     autoscale: Autoscale = Field(default_factory=Autoscale)
+    # Bumped by `osless restart`: the scheduler replaces, rolling, the instances made for an earlier one.
+    restart: int = 0
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
 
@@ -200,6 +202,7 @@ class Instance(Body):
     release: Integer = Field(ge=1)
     image: str = Field(pattern=DIGEST_PATTERN)
     node: str = Field(pattern=ID_PATTERN)
+    restart: Integer = Field(default=0, ge=0, description="the app's `restart` it was made for")
     uid: int | None = Field(default=None, description="the app's uid; set by the API, not the caller")
     created_at: float = Field(default_factory=now)
     status: InstanceStatus = Field(default_factory=InstanceStatus)

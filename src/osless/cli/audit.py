@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from osless.cli.credentials import call, client
-from osless.cli.output import parse_duration, print_json, table
+from osless.cli.output import JsonOpt, parse_duration, print_json, table
 
 __all__ = ["audit"]
 
@@ -17,7 +17,7 @@ def audit(
     app: Annotated[str | None, typer.Option(help="Only writes to this app.")] = None,
     since: Annotated[str | None, typer.Option(help="Only the last 90s, 15m, 12h, 30d...")] = None,
     limit: Annotated[int, typer.Option(help="At most this many entries (newest first).")] = 100,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """The audit log: every write to the API, who made it, from where, and how it ended."""
     params: dict[str, Any] = {"limit": limit}

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from osless.cli.output import fail
+from osless.cli.output import fail, json_option
 
 __all__ = ["MAX_CONCURRENCY", "builder"]
 
@@ -38,6 +38,7 @@ def builder(
         list[str] | None,
         typer.Option(metavar="CIDR", help="Let builds reach this internal range (an index's; repeatable)."),
     ] = None,
+    json_out: Annotated[bool, json_option("Say an error as one JSON object on stdout.")] = False,
 ) -> None:
     """Build the API's queued deploys, one at a time by default, until stopped."""
     import asyncio

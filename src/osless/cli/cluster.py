@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from osless.cli.output import console, fail, print_json
+from osless.cli.output import console, fail, json_option, print_json
 
 __all__ = ["cluster_app"]
 
@@ -38,7 +38,7 @@ def up(
         bool, typer.Option(help="Run apps and builds in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Once ready, print one JSON object describing the cluster.")
+        bool, json_option("Once ready, print one JSON object describing the cluster.")
     ] = False,
 ) -> None:
     """Start one etcd, one `osless server --etcd` and NODES `osless node join` processes (node k's

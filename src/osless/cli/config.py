@@ -9,12 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from osless.cli.credentials import call, client
-from osless.cli.output import console, fail, print_json, table, when
+from osless.cli.output import JsonOpt, console, fail, print_json, table, when
 
 __all__ = ["config_app"]
 
 config_app = typer.Typer(no_args_is_help=True, help="An app's live configuration and secrets.")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 AppArg = Annotated[str, typer.Argument(metavar="APP")]
 
 

@@ -36,7 +36,10 @@ def client() -> Api:
         saved = load_credentials()
         api, token = api or saved.get("api"), token or saved.get("token")
     if not (api and token):
-        fail("no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN")
+        fail(
+            "no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN",
+            "no_credentials",
+        )
     return Api(api, token)
 
 
@@ -45,4 +48,4 @@ def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
     except ApiError as e:
-        fail(e.message)
+        fail(e.message, e.code)

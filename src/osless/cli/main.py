@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,13 +13,25 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.text import Text
 
+from osless.cli.apps import apps_app, restart
 from osless.cli.audit import audit
 from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
-from osless.cli.output import console, err_console, fail, print_json, table, when
+from osless.cli.output import (
+    JsonOpt,
+    console,
+    err_console,
+    fail,
+    json_option,
+    print_json,
+    table,
+    usage_failed,
+    when,
+)
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.client import Api, ApiError
@@ -33,7 +44,6 @@ app = typer.Typer(
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("OSLESS_DATA_DIR") or Path.home() / ".local/share/osless")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 QUEUED_LOOK_S = 3.0  # a builder `osless up` starts registers within this: no false alarm at start
 
 
@@ -69,6 +79,9 @@ def up(
             "this host's own addresses open only to their own entry (ADDR/32).",
         ),
     ] = None,
+    json_out: Annotated[
+        bool, json_option("Once up, print one JSON object: the API, the gateway and the data dir.")
+    ] = False,
 ) -> None:
     """Run the whole platform on this machine: API, gateway, scheduler and node agent."""
     import asyncio
@@ -94,14 +107,10 @@ def up(
     cfg.egress_allow = allowed
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
-        console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
-        console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
-        console.print(
-            f"  Gateway: {gateway_url}   ({cfg.gateways} process{'es' if cfg.gateways > 1 else ''})"
-        )
-        if allowed:
-            console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
-        console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
+        if json_out:
+            print_json({"api": api_url, "gateway": gateway_url, "data_dir": str(cfg.data_dir.resolve())})
+        else:
+            _say_up(cfg, api_url, gateway_url, allowed)
         if deploy:
             threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()
 
@@ -112,6 +121,15 @@ def up(
             uvloop.run(run(cfg, on_ready=ready))
         except ImportError:
             asyncio.run(run(cfg, on_ready=ready))
+
+
+def _say_up(cfg: Any, api_url: str, gateway_url: str, allowed: list[Any]) -> None:
+    console.print(f"[bold green]osless is up[/]  data: {cfg.data_dir.resolve()}")
+    console.print(f"  API:     {api_url}   (docs: {api_url}/docs, with a token)")
+    console.print(f"  Gateway: {gateway_url}   ({cfg.gateways} process{'es' if cfg.gateways > 1 else ''})")
+    if allowed:
+        console.print(f"  Egress:  apps may also reach {', '.join(map(str, allowed))} when they list it")
+    console.print("  Credentials saved for the CLI; try `osless status` in another terminal.")
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
@@ -173,13 +191,16 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
                 elif not quiet:
                     console.print(f"    {line}", style="dim", highlight=False, markup=False, soft_wrap=True)
         except ApiError as e:
-            fail(e.message)
+            fail(e.message, e.code)
         finally:
             stop_looking.set()
         if final.get("status") != "succeeded":
-            if json_out:
-                print_json(final)
-            fail(f"deploy failed: {final.get('error') or 'see the build output above'}")
+            # Under --json, the deploy record goes with the error: it says which deploy, and its log.
+            fail(
+                f"deploy failed: {final.get('error') or 'see the build output above'}",
+                "deploy_failed",
+                deploy=final,
+            )
         app_name, version = final["app"], final["release"]
         if wait:
             status.update(f"Starting {app_name} v{version}")
@@ -250,8 +271,9 @@ def _gateway(api: Api) -> str:
     return str(call(api.get, "/v1/status").get("gateway", ""))
 
 
-apps_app = typer.Typer(help="List apps, or show one.")
 app.add_typer(apps_app, name="apps")
+app.command("restart")(restart)
+app.command("invoke")(invoke)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(node_app, name="node")
@@ -259,64 +281,6 @@ app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
-
-
-@apps_app.callback(invoke_without_command=True)
-def apps(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """List apps."""
-    if ctx.invoked_subcommand is not None:
-        return
-    api = client()
-    items = call(api.get, "/v1/apps")["items"]
-    statuses = {s["app"]: s for s in call(api.get, "/v1/appstatus")["items"]}
-    items = [{**a, "status": statuses.get(a["name"]) or {}} for a in items]
-    if json_out:
-        print_json(items)
-        return
-    table(
-        ["APP", "RELEASE", "MIN", "MAX", "DESIRED", "WHY", "UPDATED"],
-        [
-            [
-                a["name"],
-                f"v{a['current_release']}" if a["current_release"] else "-",
-                a["min"],
-                a["max"],
-                "-" if a["status"].get("desired") is None else a["status"]["desired"],
-                a["status"].get("scale_reason") or "-",
-                when(a["updated_at"]),
-            ]
-            for a in items
-        ],
-    )
-
-
-@apps_app.command("show")
-def apps_show(app_name: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt = False) -> None:
-    """One app: its release, instances, URLs, and which apps it calls and is called by."""
-    api = client()
-    info = call(api.get, f"/v1/apps/{app_name}")
-    ends = call(api.get, f"/v1/apps/{app_name}/endpoints")
-    if json_out:
-        print_json({**info, "endpoints": ends})
-        return
-    release = info.get("release") or {}
-    console.print(
-        f"[bold]{app_name}[/]  release v{info['current_release'] or '-'}  "
-        f"image {str(release.get('image', '-'))[:12]}  min {info['min']} max {info['max']}"
-    )
-    status = info["status"]
-    desired = "-" if status.get("desired") is None else status["desired"]
-    console.print(
-        f"  desired:     {desired}   ({status.get('scale_reason') or 'no decision yet'})",
-        highlight=False,
-        markup=False,
-    )
-    ready = len(ends["instances"])
-    console.print(f"  web:         {ends['url']}   (from other apps: {ends['internal_url']})")
-    console.print(f"  instances:   {ready} ready of {len(info['instances'])}")
-    for label, edges in (("calls", info.get("calls") or {}), ("called by", info.get("called_by") or {})):
-        text = ", ".join(f"{name} ({n})" for name, n in sorted(edges.items())) or "-"
-        console.print(f"  {label + ':':<12} {text}", highlight=False, markup=False)
 
 
 @app.command()
@@ -387,34 +351,6 @@ def ps(
 
 
 @app.command()
-def invoke(
-    target: Annotated[str, typer.Argument(metavar="APP.FUNCTION")],
-    event: Annotated[str | None, typer.Argument(metavar="[JSON|-]", help="The event; - reads stdin.")] = None,
-) -> None:
-    """Call a function synchronously and print its JSON result."""
-    app_name, dot, function = target.partition(".")
-    if not dot or not app_name or not function:
-        fail(f"give the function as APP.FUNCTION (for example hello.greet), not {target!r}")
-    raw = sys.stdin.read() if event == "-" else (event if event is not None else "null")
-    try:
-        json.loads(raw)
-    except ValueError as e:
-        fail(f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'')
-    try:
-        result = client().post(
-            f"/v1/apps/{app_name}/functions/{function}:invoke",
-            content=raw.encode(),
-            headers={"content-type": "application/json"},
-            timeout=None,  # a function may run for up to an hour; the platform enforces its timeout_s
-        )
-    except ApiError as e:
-        if e.detail.get("traceback"):
-            sys.stderr.write(str(e.detail["traceback"]).rstrip() + "\n")
-        fail(e.message)
-    print_json(result)
-
-
-@app.command()
 def logs(
     app_name: Annotated[str, typer.Argument(metavar="APP")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
@@ -435,7 +371,7 @@ def logs(
                 console.print(f"[dim]{ts} {rec['source']}[/] ", end="", highlight=False)
                 console.print(rec["line"], style=style, markup=False, highlight=False)
     except ApiError as e:
-        fail(e.message)
+        fail(e.message, e.code)
     except KeyboardInterrupt:
         pass
 
@@ -504,6 +440,8 @@ def doctor(json_out: JsonOpt = False) -> None:
     else:
         table(["PROTECTION", "", "DETAIL"], [[c.name, "ok" if c.ok else "MISSING", c.detail] for c in checks])
     missing = [c.name for c in checks if not c.ok]
+    if missing and json_out:
+        raise typer.Exit(1)  # the list says what is missing: one document on stdout, not two
     if missing:
         required = [n for n in missing if n in probe.REQUIRED]
         fail(
@@ -570,8 +508,16 @@ def nodes(json_out: JsonOpt = False) -> None:
 
 
 def main() -> NoReturn:
+    import click
+
     try:
-        app()
+        # Not standalone: a command line click refuses is said here, in JSON under --json.
+        code = typer.main.get_command(app).main(standalone_mode=False)
+    except click.ClickException as e:
+        usage_failed(e)
+    except click.Abort:
+        err_console.print("Aborted.")
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    raise SystemExit(0)
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from osless.cli.output import console, fail
+from osless.cli.output import console, fail, json_option, print_json
 
 node_app = typer.Typer(no_args_is_help=True, help="This machine as a node: its agent and gateway.")
 
@@ -67,6 +67,9 @@ def join(
             metavar="CIDR", help="Let apps reach this internal range when they list it (repeatable)."
         ),
     ] = None,
+    json_out: Annotated[
+        bool, json_option("Once joined, print one JSON object: the node, its gateway and data dir.")
+    ] = False,
 ) -> None:
     """Run this machine's node agent and gateway against the API at --api, until stopped."""
     import asyncio
@@ -107,6 +110,11 @@ def join(
         cfg.gateways = gateways
 
     def ready(c: NodeConfig) -> None:
+        if json_out:
+            print_json(
+                {"node": c.name, "api": c.api_url, "gateway": c.gateway_url, "data_dir": str(c.data_dir)}
+            )
+            return
         console.print(f"[bold green]node {c.name} joined[/] {c.api_url}  data: {c.data_dir}")
         console.print(f"  Gateway: {c.gateway_url}   ({c.gateways} process{'es' if c.gateways > 1 else ''})")
 

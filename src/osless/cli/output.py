@@ -6,23 +6,82 @@ import json
 import re
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["console", "err_console", "fail", "parse_duration", "print_json", "table", "until", "when"]
+__all__ = [
+    "JsonOpt",
+    "console",
+    "err_console",
+    "fail",
+    "json_mode",
+    "json_option",
+    "parse_duration",
+    "print_json",
+    "table",
+    "until",
+    "usage_failed",
+    "when",
+]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+_JSON = "osless.json"  # the context's meta key: --json was given to the command running
 
 
-def fail(message: str) -> NoReturn:
+def _set_json_mode(ctx: click.Context, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON] = True  # meta is shared by the whole command chain, and seen by `fail`
+    return value
+
+
+def json_option(help: str) -> Any:
+    """The --json option: it also makes `fail` answer in JSON."""
+    # Eager: the mode is known before the other options are checked, so their errors speak JSON too.
+    return typer.Option("--json", help=help, callback=_set_json_mode, is_eager=True)
+
+
+JsonOpt = Annotated[bool, json_option("Machine-readable output.")]
+
+
+def json_mode() -> bool:
+    """Whether the command running was given --json."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and bool(ctx.meta.get(_JSON))
+
+
+def fail(message: str, code: str = "failed", **detail: Any) -> NoReturn:
+    """Say what went wrong and exit 1: under --json, `{"error": {"code", "message", ...}}` on stdout
+    (what a script reads); otherwise one red line on stderr."""
+    if json_mode():
+        # One line: it may end an NDJSON stream (`osless logs --json`) as well as stand alone.
+        sys.stdout.write(json.dumps({"error": {"code": code, "message": message, **detail}}) + "\n")
+        sys.stdout.flush()
+        raise typer.Exit(1)
     # The message may quote user code or build output: never read it as markup.
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(1)
+
+
+def usage_failed(e: click.ClickException) -> NoReturn:
+    """A command line click refused (an unknown option, a missing argument, a value of the wrong
+    type): as `fail` says an error, with click's exit code (2)."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.meta.get(_JSON):
+        sys.stdout.write(
+            json.dumps({"error": {"code": "invalid_usage", "message": e.format_message()}}) + "\n"
+        )
+        sys.stdout.flush()
+    else:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(e)  # as typer says it when it runs the command line itself
+    raise SystemExit(e.exit_code)
 
 
 def print_json(obj: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from osless.cli.output import console, fail, print_json
+from osless.cli.output import console, fail, json_option, print_json
 
 __all__ = ["server"]
 
@@ -57,7 +57,7 @@ def server(
         bool, typer.Option("--save-credentials/--no-save-credentials", help="Save the CLI's credentials.")
     ] = True,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Once ready, print one JSON object: the API and the token file.")
+        bool, json_option("Once ready, print one JSON object: the API and the token file.")
     ] = False,
 ) -> None:
     """Run the API, the controllers, the collector and a builder process on etcd; no node: machines

@@ -8,12 +8,21 @@ from typing import Annotated
 import typer
 
 from osless.cli.credentials import call, client
-from osless.cli.output import console, err_console, fail, parse_duration, print_json, table, until, when
+from osless.cli.output import (
+    JsonOpt,
+    console,
+    err_console,
+    fail,
+    parse_duration,
+    print_json,
+    table,
+    until,
+    when,
+)
 
 __all__ = ["tokens_app"]
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: roles, scopes, expiry.")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ROLES_HELP = (
     "admin (everything), deploy (deploy, roll back, scale, config, and read), read (read only), "
     "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`; "

@@ -2,7 +2,8 @@
 
 A reconcile looks only at the present (apps, instances, nodes) and is safe to repeat. A release
 change is a rollout: new instances are created first; the old release's instances are deleted only
-once the new ones are ready, so a release that cannot start leaves the old one serving.
+once the new ones are ready, so a release that cannot start leaves the old one serving. A restart
+(`App.restart` bumped) is the same rollout, within one release.
 
 Placement spreads an app over the nodes (fewest of its instances first, then the least loaded node)
 among those with the memory its release asks (the largest `memory_mb` of its functions and web app)
@@ -114,8 +115,10 @@ class Scheduler:
 
     async def _reconcile_app(self, app: App, mine: list[Instance], placement: Placement) -> None:
         want = desired_instances(app, self.statuses.items.get(app.name))
-        current = [i for i in mine if i.release == app.current_release]
-        old = [i for i in mine if i.release != app.current_release]
+        # An instance of an earlier release, or made before the last `osless restart`, is old: the
+        # same rollout replaces both (new ones first, the old deleted once they are ready).
+        current = [i for i in mine if i.release == app.current_release and i.restart == app.restart]
+        old = [i for i in mine if i.release != app.current_release or i.restart != app.restart]
         if len(current) < want:
             need = await self._memory_of(app)
             for placed in range(want - len(current)):
@@ -182,6 +185,7 @@ class Scheduler:
             "release": app.current_release,
             "image": app.current_image,
             "node": node,
+            "restart": app.restart,
         }
         created = Instance.model_validate(await self.api.post("/v1/instances", body))
         self.instances.items[iid] = created  # seen before the watch echoes it: no double creation

@@ -1,4 +1,4 @@
-"""Apps, their release history, rollback and scale."""
+"""Apps, their release history, rollback, restart and scale."""
 
 from __future__ import annotations
 
@@ -239,6 +239,27 @@ async def rollback(
 
     _, release = await res.commit_release(app, make)
     return release
+
+
+@router.post(
+    "/apps/{app}/restart",
+    response_model=App,
+    responses=responses(404, 409),
+    summary="Replace every instance of the app with fresh ones of the same release, rolling",
+)
+async def restart(app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")) -> App:
+    # The app's spec says "instances made after restart N": the scheduler replaces the others as it
+    # rolls out a release (new ones first, the old deleted once they are ready), so the app keeps
+    # serving, and a restart survives the CLI that asked for it and a change of leader.
+    current = await state.resources.get_app(app)
+    if current.current_release is None:
+        raise ApiError(409, "no_release", f"app {app!r} has no release to restart; deploy it first")
+
+    def change(a: App) -> App:
+        a.restart, a.updated_at = a.restart + 1, now()
+        return a
+
+    return await state.resources.update_app(app, change)
 
 
 @router.put(
