@@ -216,10 +216,11 @@ def measured(url: str, seconds: int, connections: int, groups: dict[str, list[in
 
 
 def compare(
-    processes: int, args: argparse.Namespace, lone: bool
+    processes: int, instances: int, args: argparse.Namespace, lone: bool
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
     """Rounds of wrk against uvicorn with `processes` workers and against osless with `processes`
-    gateway processes and instances, paired round by round; with `lone`, a one-connection pass too."""
+    gateway processes and `instances` instances, paired round by round; with `lone`, a
+    one-connection pass too."""
     direct_port = free_port()
     direct = None
     runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
@@ -227,10 +228,10 @@ def compare(
     with running_platform(f"osless-bench-tp{processes}-", "--gateways", str(processes)) as platform:
         try:
             platform.osless("deploy", str(ROOT / "examples" / "hello"))
-            platform.osless("scale", "hello", "--min", str(processes), "--max", str(processes))
+            platform.osless("scale", "hello", "--min", str(instances), "--max", str(instances))
             direct = serve_directly(platform, direct_port, processes)
             wait_ok(f"http://127.0.0.1:{direct_port}/")
-            wait_ready(platform, processes)
+            wait_ready(platform, instances)
             wait_ok(f"{platform.gateway}/hello/")
             urls = {"direct": f"http://127.0.0.1:{direct_port}/", "osless": f"{platform.gateway}/hello/"}
             for url in urls.values():
@@ -264,11 +265,18 @@ def main() -> None:
     parser.add_argument(
         "--cores", type=int, default=len(os.sched_getaffinity(0)), help="workers and gateway processes"
     )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="instances of the app in the multi-core run (default: as many as --cores)",
+    )
     args = parser.parse_args()
+    multi_instances = args.instances or args.cores
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
-    runs, lone = compare(1, args, lone=True)
-    multi, _ = compare(args.cores, args, lone=False)
+    runs, lone = compare(1, 1, args, lone=True)
+    multi, _ = compare(args.cores, multi_instances, args, lone=False)
 
     base, osless = median_of(runs["direct"]), median_of(runs["osless"])
     lone_base, lone_osless = median_of(lone["direct"]), median_of(lone["osless"])
@@ -311,8 +319,9 @@ def main() -> None:
                 },
                 "multi_core": {
                     "what": f"uvicorn with {args.cores} workers vs {args.cores} gateway processes "
-                    f"and {args.cores} instances",
+                    f"and {multi_instances} instance(s)",
                     "cores": args.cores,
+                    "instances": multi_instances,
                     "direct_uvicorn": median_of(multi["direct"]),
                     "through_osless": median_of(multi["osless"]),
                     "ratio_requests_per_s": round(multi_ratio, 3),
