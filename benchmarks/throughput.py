@@ -16,6 +16,7 @@ with no queueing in it. Only 2xx/3xx answers count as throughput; a run with any
 socket error (either side) does not meet the target. Prints one JSON object as its last line.
 
     .venv/bin/python benchmarks/throughput.py [--seconds 3] [--rounds 7] [--connections 32] [--cores N]
+        [--instances N]
 
 Measured on this 2-core machine, quiet (load under 2), after builds left the API's process: one
 worker against one gateway process, ratio 0.81 (rounds 0.77 to 0.91), added p50 0.32 ms (a lone
@@ -41,6 +42,19 @@ one context switch of the gateway's per answer under this load; in the instance,
 app (Starlette) are nearly all of it (py-spy), as they are for uvicorn alone. Trimming Python
 further buys a few us at most: the 0.6 target needs fewer system calls and wakeups per answer
 (e.g. several requests to one instance in one write, pipelined), not fewer lines.
+
+The same day, quiet (load under 1, no other test run), two runs of `--rounds 5`: one worker against
+one gateway, ratio 0.84 and 0.90, added p50 0.14 and 0.05 ms (gateway 29-30 us, instance 30-34 us,
+uvicorn 38-40 us per answer: the instance is cheaper than uvicorn alone, its writes corked). Two
+workers against two gateway processes: ratio 0.52 with two instances (`--instances 2`) and 0.52
+with one (`--instances 1`): the 0.6 target missed either way, whatever the instance count. Per
+answer, gateway 42-54 us and instance 37-45 us: half again what each costs when one of each has a
+core to itself. Two gateways and two instances are four busy processes on two cores besides wrk's
+threads (uvicorn's two workers are two): each wakes for fewer events at a time, and the context
+switches between them are paid per answer. Pinning each gateway to a core (taskset) did not help
+(15.0-15.6k against 14.7-16.5k answers/s unpinned). One gateway and one instance on this machine
+answer about 0.6 of what two uvicorn workers do: on two cores the platform's own default of one
+gateway per core is no better than one.
 """
 
 from __future__ import annotations
