@@ -52,9 +52,9 @@ answer, gateway 42-54 us and instance 37-45 us: half again what each costs when 
 core to itself. Two gateways and two instances are four busy processes on two cores besides wrk's
 threads (uvicorn's two workers are two): each wakes for fewer events at a time, and the context
 switches between them are paid per answer. Pinning each gateway to a core (taskset) did not help
-(15.0-15.6k against 14.7-16.5k answers/s unpinned). One gateway and one instance on this machine
-answer about 0.6 of what two uvicorn workers do: on two cores the platform's own default of one
-gateway per core is no better than one.
+(15.0-15.6k against 14.7-16.5k answers/s unpinned). One gateway and one instance (the first
+comparison's osless side) answered 0.71-0.72 of what two uvicorn workers did in the same runs (not
+paired round by round): on two cores, one gateway per core (the default) serves less than one.
 """
 
 from __future__ import annotations
