@@ -113,7 +113,7 @@ class Replicator:
     def _want(self, item: tuple[str, str] | None) -> None:
         if item is None or item in self._pending:
             return
-        if item[1] in self._done and self.images.has_manifest(item[1]):  # unless collected since
+        if item[1] in self._done and self.images.has_image(item[1]):  # unless collected since
             return
         self._pending.add(item)
         self._queue.put_nowait(item)
