@@ -3,6 +3,7 @@ releases, logs, manifests and layers, and whatever serves keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -10,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.fernet import Fernet
 
+from osless.api.collector import COLLECTED_KEY, Retention
+from osless.api.resources import Resources
+from osless.api.secrets import SecretBox
+from osless.api.state import ApiState
 from osless.builder import pack
-from osless.images import sha256_hex
+from osless.contracts import App, ImageManifest
+from osless.images import ImageStore, sha256_hex
+from osless.store import SQLiteStore
 from tests.platform import EXAMPLES, Platform, copy_app
 from tests.test_deploys import APPS, set_version
+from tests.test_images import manifest_fields
 
 SHORT = {"deploys_per_app": 1, "releases_per_app": 1, "instance_logs_days": 0, "grace_s": 0}
 
@@ -214,3 +223,34 @@ def test_a_build_in_flight_defers_the_sweep_and_a_young_layer_waits_its_grace(
     assert not after["images_deferred"] and after["layers"] == 2 and orphan not in _layers(p)
     release = _release(p, "slowbuild", int(result["release"]))
     assert set(release["manifest"]["layers"].values()) <= _layers(p)
+
+
+def test_a_release_off_the_contract_is_kept_and_never_stops_a_pass(tmp_path: Path) -> None:
+    # A newer builder's key in a rolling upgrade: the pass went on failing, nothing was ever freed.
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "state.db")
+        await store.start()
+        try:
+            images = ImageStore(tmp_path / "images")
+            resources = Resources(store)
+            state = ApiState(
+                resources, images, tmp_path, "http://127.0.0.1:1", SecretBox(Fernet.generate_key())
+            )
+            await state.collector.set_retention(Retention(grace_s=0))
+            kept = images.put_manifest(ImageManifest.model_validate(manifest_fields(lock="x==1")))
+            old = images.put_manifest(ImageManifest.model_validate(manifest_fields(app="old")))
+            await resources.create_app(App(name="hello"))
+            release = {"app": "hello", "version": 1, "image": kept, "description": "newer"}
+            release["manifest"] = {**manifest_fields(lock="x==1"), "from_a_newer_builder": True}
+            await store.put("/releases/hello/00000001", json.dumps(release).encode())
+            assert (await state.collector.collect()).manifests == 1  # the old image's
+            assert (await state.collector.collect()).manifests == 0  # every pass, not only the first
+            assert images.has_manifest(kept) and not images.has_manifest(old)
+            assert await store.get(COLLECTED_KEY) is not None
+            found = await state.collector.kept()
+            assert found.images == [kept] and found.locks == [sha256_hex(b"x==1")]
+        finally:
+            await state.http.aclose()
+            await store.close()
+
+    asyncio.run(main())

@@ -386,3 +386,35 @@ def test_an_archive_reaching_out_of_its_layer_is_refused_though_its_digest_match
 
     asyncio.run(run())
     assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "node" / "escaped").exists()
+
+
+def test_a_manifest_landing_mid_sweep_keeps_the_archive_it_names(tmp_path: Path) -> None:
+    # Review probe (issue 11): the keep list was built once, so an image copied during the sweep lost
+    # the deps archive it shares with an image the pass removes.
+    store = ImageStore(tmp_path / "images")
+    deps, code1, code2 = sha256_hex(b"deps"), sha256_hex(b"code1"), sha256_hex(b"code2")
+    for sha in (deps, code1, code2):
+        store.archive_path(sha).write_bytes(b"tar")
+    ref = {"sha256": deps, "size": 3}
+
+    def image(code: str) -> ImageManifest:
+        fields = manifest_fields(
+            layers={"code": code, "deps": deps},
+            layer_archives={"code": {"sha256": code, "size": 3}, "deps": ref},
+        )
+        return ImageManifest.model_validate(fields)
+
+    store.put_manifest(image(code1))  # released once, kept no more
+    landed: list[str] = []
+
+    def busy() -> bool:  # called under the store's lock at the first removal: a copy lands then
+        if not landed:
+            data = manifest_json(image(code2))
+            landed.append(sha256_hex(data))
+            (store.manifests_dir / f"{landed[0]}.json").write_bytes(data)
+        return False
+
+    found = store.collect(keep_images=set(), keep_locks=set(), grace_s=0.0, busy=busy)
+    assert found.manifests == 1 and not found.stopped
+    assert store.has_image(landed[0])  # its deps archive (shared) and its code archive are still there
+    assert not store.archive_path(code1).exists()

@@ -20,9 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 
-from osless.images import canonical_json
-from osless.store import open_store
+from osless.api.peers import Peers
+from osless.api.replicate import MAX_FAILURES, Replicator
+from osless.api.resources import Resources
+from osless.api.secrets import SecretBox
+from osless.images import ImageStore, canonical_json
+from osless.store import SQLiteStore, open_store
 from tests.etcd import EtcdCluster
 from tests.platform import EXAMPLES, OSLESS, Node, Server, copy_app
 from tests.test_images import manifest_fields
@@ -283,3 +288,62 @@ def test_with_the_server_that_built_it_gone_a_release_still_runs_and_scales_up(
         _, err = cli.communicate(timeout=10)
     said = f"queued: no builder is running; start one with `osless builder --api {fleet.b.api}`"
     assert err.count(said) == 1, err
+
+
+def test_a_copy_that_keeps_failing_is_set_aside_and_tried_again_when_a_server_appears(tmp_path: Path) -> None:
+    # It was asked for every 60 s forever (each time up to the cap from every peer); and one no peer
+    # held was given up for good, even once its holder was back.
+    good = canonical_json(manifest_fields(app="ghost"))
+    digest = hashlib.sha256(good).hexdigest()
+    huge = canonical_json(
+        manifest_fields(
+            app="huge",
+            layer_archives={
+                "code": {"sha256": "a" * 64, "size": 10},
+                "deps": {"sha256": "b" * 64, "size": 1 << 30},
+            },
+        )
+    )
+    huge_digest = hashlib.sha256(huge).hexdigest()
+    bad = FakePeer({f"/v1/images/{digest}": b"other bytes", f"/v1/images/{huge_digest}": huge})
+    archives = {f"/v1/layers/{hashlib.sha256(b).hexdigest()}": b for b in (b"code", b"deps")}
+    mended = FakePeer({f"/v1/images/{digest}": good, **archives})
+
+    async def main() -> tuple[int, int, bool, bool]:
+        store = SQLiteStore(tmp_path / "state.db")
+        await store.start()
+        http = httpx.AsyncClient()
+        images = ImageStore(tmp_path / "images")
+        peers = Peers(store, SecretBox(Fernet.generate_key()), http, "me", images, 1 << 20, 1 << 20)
+        replicas = Replicator(Resources(store), peers, images, lambda d: tmp_path / d, first_retry_s=0.02)
+        await store.put("/servers/zz-bad", json.dumps({"url": bad.url}).encode())
+        task = asyncio.create_task(replicas.run())
+        try:
+            replicas._want(("image", digest))
+            replicas._want(("image", huge_digest))  # its deps archive past the cap: refused at once
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if ("image", digest) in replicas._set_aside:
+                    break
+            await asyncio.sleep(1.0)  # nothing more asked meanwhile
+            asked = len(bad.shown)
+            await store.put("/servers/zz-mended", json.dumps({"url": mended.url}).encode())
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if images.has_image(digest):
+                    break
+            return asked, len(bad.shown), images.has_image(digest), images.has_manifest(huge_digest)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await http.aclose()
+            await store.close()
+
+    try:
+        asked, later, whole, huge_manifest = asyncio.run(main())
+    finally:
+        bad.close()
+        mended.close()
+    assert asked == MAX_FAILURES + 1  # five tries of the image, one of the huge manifest (no archive)
+    assert huge_manifest and whole
+    assert later > asked  # tried again (from both) once a server appeared

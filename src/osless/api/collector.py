@@ -101,6 +101,7 @@ class Collector:
         self.state = state
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._unreadable: set[str] = set()  # the releases logged as not fitting the contract (once each)
 
     async def retention(self) -> Retention:
         kv = await self.state.resources.store.get(RETENTION_KEY)
@@ -272,11 +273,15 @@ class Collector:
         for app in apps:
             # One app at a time: a release carries its manifest, so all of them at once could be big.
             items, _ = await res.store.list(f"/releases/{app.name}/")
-            releases = sorted(
-                ((Release.model_validate_json(kv.value), kv) for kv in items),
-                key=lambda pair: pair[0].version,
-                reverse=True,
-            )
+            parsed = []
+            for kv in items:
+                try:
+                    parsed.append((Release.model_validate_json(kv.value), kv))
+                except ValueError as e:
+                    # One this code cannot read (a newer builder's, mid-upgrade) is kept whole, never
+                    # fatal: a pass that stopped here would never free anything again.
+                    self._keep_unreadable(kv.key, kv.value, e, keep_images, keep_locks)
+            releases = sorted(parsed, key=lambda pair: pair[0].version, reverse=True)
             for rank, (release, kv) in enumerate(releases):
                 keep = (
                     rank < retention.releases_per_app
@@ -292,6 +297,23 @@ class Collector:
                 if release.manifest.lock:
                     keep_locks.add(sha256_hex(release.manifest.lock.encode()))
         return keep_images, keep_locks, {i.id for i in instances}, {a.name for a in apps}
+
+    def _keep_unreadable(
+        self, key: str, value: bytes, error: ValueError, keep_images: set[str], keep_locks: set[str]
+    ) -> None:
+        """Keep what release `key` names, read loosely from its JSON, as the image store's sweep reads
+        manifests; logged the first time."""
+        if key not in self._unreadable:
+            self._unreadable.add(key)
+            log.warning("release %s does not fit the contract (%s): kept as it is", key, str(error)[:300])
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            raw = json.loads(value)
+            image = raw.get("image")
+            if isinstance(image, str) and image:
+                keep_images.add(image)
+            lock = raw.get("manifest", {}).get("lock")
+            if isinstance(lock, str) and lock:
+                keep_locks.add(sha256_hex(lock.encode()))
 
     def _logs(
         self,

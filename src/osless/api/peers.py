@@ -149,7 +149,7 @@ class Peers:
         return await self.fetch_archive(sha256) == "kept"
 
     async def fetch_archive(self, sha256: str) -> Fetched:
-        if self.images.archive_path(sha256).is_file():
+        if await asyncio.to_thread(self.images.touch_archive, sha256):  # the grace protects it now
             return "kept"
         return await self._once(f"layer {sha256}", lambda: self._fetch_archive(sha256))
 

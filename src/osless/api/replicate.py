@@ -13,8 +13,11 @@ server that copies is one a node can pull through at once. A chosen second would
 again with its two holders, and choosing anew as servers come and go is more to get wrong.
 
 Bounded: one copy at a time per server (a queue); a copy that fails is tried again after 1 s, then
-twice as long each time up to 60 s, while a live peer may hold it; when every live peer answers that
-it has none (or none is live), it is given up, and logged.
+twice as long each time up to 60 s, at most `MAX_FAILURES` times (a peer that keeps sending other
+bytes, or past the layer cap, is not downloaded from forever); an archive its manifest sizes past the
+layer cap is refused at once. An item that failed that often, or that no live peer holds (its holder
+restarting, say), is set aside, logged, and tried again when a server appears in the servers list
+(`/servers/`) or every `SET_ASIDE_RETRY_S`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from osless.api.errors import ApiError
-from osless.api.peers import Fetched, Peers
+from osless.api.peers import SERVERS, Fetched, Peers
 from osless.api.resources import Resources
 from osless.images import ImageNotFoundError, ImageStore
+from osless.store import Event
 
 __all__ = ["Replicator"]
 
@@ -42,6 +46,8 @@ RELIST_S = 2.0  # after a watch ends (the store away, or its history compacted)
 # A deploy's source is copied only if no builder claimed it by then (most are claimed within a
 # second): one copy of each source that waits, not one for each build.
 SOURCE_WAIT_S = 5.0
+MAX_FAILURES = 5  # of one item in a row, before it is set aside
+SET_ASIDE_RETRY_S = 600.0  # what is set aside is tried again this often, or when a server appears
 
 
 @dataclass
@@ -54,10 +60,15 @@ class Replicator:
     _pending: set[tuple[str, str]] = field(default_factory=set)  # queued, copying, or waiting to retry
     _done: set[str] = field(default_factory=set)  # images copied whole (or found whole) here
     _retry_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    _failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    _set_aside: set[tuple[str, str]] = field(default_factory=set)  # given up until a server appears
+    first_retry_s: float = FIRST_RETRY_S
 
     async def run(self) -> None:
         tasks = [
             asyncio.create_task(self._copies(), name="replica copies"),
+            asyncio.create_task(self._servers(), name="replicas set aside"),
+            asyncio.create_task(self._every(), name="replicas set aside, again"),
             asyncio.create_task(self._follow("apps", self._app_image, 0.0), name="replicas of images"),
             asyncio.create_task(
                 self._follow("deploys", self._queued_source, SOURCE_WAIT_S), name="replicas of sources"
@@ -103,6 +114,37 @@ class Replicator:
                 log.info("the watch of %s for replicas ended (%r): listing again", kind, e)
             await asyncio.sleep(RELIST_S)
 
+    async def _servers(self) -> None:
+        """What was set aside is tried again when a server registers (a holder back, a new peer)."""
+        store = self.peers.store
+        while True:
+            try:
+                _, revision = await store.list(SERVERS)
+                events = cast(AsyncGenerator[Event, None], store.watch(SERVERS, after_revision=revision))
+                async with contextlib.aclosing(events):
+                    async for ev in events:
+                        if ev.type == "PUT":
+                            self.retry_set_aside()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the store away, or its history compacted: listed again
+                log.info("the watch of the servers for replicas ended (%r): listing again", e)
+                self.retry_set_aside()  # a server may have come meanwhile
+            await asyncio.sleep(RELIST_S)
+
+    async def _every(self) -> None:
+        """And every `SET_ASIDE_RETRY_S` all the same (a peer's bytes mended in place, say)."""
+        while True:
+            await asyncio.sleep(SET_ASIDE_RETRY_S)
+            self.retry_set_aside()
+
+    def retry_set_aside(self) -> None:
+        items, self._set_aside = self._set_aside, set()
+        if items:
+            log.info("trying again %d replica copies set aside", len(items))
+        for item in items:
+            self._want(item)
+
     async def _list(self, kind: str) -> tuple[list[dict[str, Any]], int]:
         if kind == "apps":
             apps, revision = await self.resources.list_apps()
@@ -113,7 +155,7 @@ class Replicator:
     def _want(self, item: tuple[str, str] | None) -> None:
         if item is None or item in self._pending:
             return
-        if item[1] in self._done and self.images.has_manifest(item[1]):  # unless collected since
+        if item[1] in self._done and self.images.has_image(item[1]):  # unless collected since
             return
         self._pending.add(item)
         self._queue.put_nowait(item)
@@ -128,30 +170,50 @@ class Replicator:
                 outcome = await (self._copy_image(name) if kind == "image" else self._copy_source(name))
             except asyncio.CancelledError:
                 raise
-            except ValueError as e:  # not a digest, or not a manifest: asking again cannot help
+            except ValueError as e:  # not a digest, or past the layer cap: asking again cannot help
                 log.warning("copying %s %s from a peer: %s; given up", kind, name[:12], e)
-                self._pending.discard(item)
+                self._settle(item)
                 continue
             except Exception as e:  # a disk error, a record of another shape: tried again later
                 log.warning("copying %s %s from a peer failed: %r", kind, name[:12], e)
                 outcome = "failed"
             if outcome == "failed":
-                delay = self._retry_s.get(item, FIRST_RETRY_S)
+                failures = self._failures.get(item, 0) + 1
+                if failures >= MAX_FAILURES:
+                    log.warning(
+                        "%s %s not copied from a peer after %d tries: set aside until a server appears",
+                        kind,
+                        name[:12],
+                        failures,
+                    )
+                    self._settle(item, aside=True)
+                    continue
+                self._failures[item] = failures
+                delay = self._retry_s.get(item, self.first_retry_s)
                 self._retry_s[item] = min(delay * 2, MAX_RETRY_S)
                 log.info("%s %s not copied from a peer yet: trying again in %.0f s", kind, name[:12], delay)
                 loop.call_later(delay, self._queue.put_nowait, item)
                 continue
-            self._pending.discard(item)
-            self._retry_s.pop(item, None)
             if outcome == "kept":
+                self._settle(item)
                 if kind == "image":
                     self._done.add(name)
                 continue
             log.warning(
-                "%s %s is on no live server (its holder stopped before any other copied it): given up",
+                "%s %s is on no live server (its holder stopped before any other copied it): set aside "
+                "until a server appears",
                 kind,
                 name[:12],
             )
+            self._settle(item, aside=True)
+
+    def _settle(self, item: tuple[str, str], *, aside: bool = False) -> None:
+        """`item` no longer copying: done, or set aside (`retry_set_aside`)."""
+        self._pending.discard(item)
+        self._retry_s.pop(item, None)
+        self._failures.pop(item, None)
+        if aside:
+            self._set_aside.add(item)
 
     async def _copy_image(self, digest: str) -> Fetched:
         """The manifest, then each layer archive it names."""
@@ -165,6 +227,12 @@ class Replicator:
         archives = manifest.archived_layers()
         # None for an image of the release before archives: its holder makes them on a node's first
         # ask, and this server fetches them then (on a miss).
+        for archive in archives.values():
+            if archive.size > self.peers.max_layer_bytes:  # never downloaded up to the cap to learn it
+                raise ValueError(
+                    f"its layer archive {archive.sha256[:12]} is {archive.size} bytes, past this server's "
+                    f"cap of {self.peers.max_layer_bytes}"
+                )
         for archive in archives.values():
             outcome = await self.peers.fetch_archive(archive.sha256)
             if outcome != "kept":

@@ -270,6 +270,39 @@ class ImageStore:
         """The manifest read into its contract (pydantic's ValidationError, a ValueError, if not one)."""
         return ImageManifest.model_validate_json(self.manifest_bytes(digest))
 
+    def _names(self, digest: str) -> tuple[set[str], set[str]]:
+        """The layers and the archives (sha256) manifest `digest` names, read loosely, not into the
+        contract: a manifest this code could not run still keeps what it names (a sweep never takes
+        "unreadable" for "names nothing"). Nothing for a manifest not here."""
+        try:
+            raw = json.loads(self.manifest_bytes(digest))
+        except (ImageNotFoundError, ValueError):
+            return set(), set()
+        layers: set[str] = set()
+        archives: set[str] = set()
+        with contextlib.suppress(AttributeError, TypeError):
+            layers.update(str(d) for d in raw.get("layers").values())
+        with contextlib.suppress(AttributeError, TypeError, KeyError):
+            archives.update(str(a["sha256"]) for a in (raw.get("layer_archives") or {}).values())
+        return layers, archives
+
+    def has_image(self, digest: str) -> bool:
+        """Whether manifest `digest` is here with every layer archive it names (a copy may lack one
+        the collector took meanwhile)."""
+        if not self.has_manifest(digest):
+            return False
+        return all(self.archive_path(sha).is_file() for sha in self._names(digest)[1])
+
+    def touch_archive(self, sha256: str) -> bool:
+        """Whether archive `sha256` is here, made young again if so: one a copy relies on waits out
+        the collector's grace from now (under the lock, so not between a sweep's check and removal)."""
+        with self._lock:
+            try:
+                os.utime(self.archive_path(sha256))
+            except FileNotFoundError:
+                return False
+            return True
+
     def _manifest_path(self, digest: str) -> Path:
         return self.manifests_dir / f"{_check_digest(digest)}.json"
 
@@ -287,22 +320,33 @@ class ImageStore:
 
         Stops as soon as `busy()` (a build is running): a build may be about to use what is left.
         """
+        # The manifests there before the kept ones are read: one that lands later (a peer's copy, an
+        # upload) during the sweep keeps what it names all the same (`new_refs`).
+        present = {p.name for p in self.manifests_dir.glob("*.json")}
         keep_layers: set[str] = set()
         for image in keep_images:
-            # Read loosely, not into the contract: a kept manifest this code could not run still
-            # keeps the layers it names (a sweep never takes "unreadable" for "names nothing").
-            try:
-                layers = json.loads(self.manifest_bytes(image)).get("layers")
-                keep_layers.update(str(d) for d in layers.values())
-            except (ImageNotFoundError, ValueError, AttributeError):
-                continue  # nothing of it to keep
+            keep_layers.update(self._names(image)[0])
         old = time.time() - grace_s
         counts = {"manifests": 0, "layers": 0, "locks": 0, "archives": 0, "archived": 0, "bytes_freed": 0}
+
+        def new_refs() -> tuple[set[str], set[str]]:
+            """The layers and archives the manifests that landed since the pass began name (called
+            under the lock, which a manifest lands under: one landing later is seen by the next)."""
+            layers: set[str] = set()
+            archives: set[str] = set()
+            for path in self.manifests_dir.glob("*.json"):
+                if path.name not in present:
+                    found = self._names(path.stem)
+                    layers.update(found[0])
+                    archives.update(found[1])
+            return layers, archives
 
         def remove(path: Path, kind: str) -> bool:
             with self._lock:  # checked under the lock: a build registers before it looks anything up
                 if busy():
                     return False
+                if kind in ("archives", "archived") and path.stem in new_refs()[kind == "archives"]:
+                    return True
                 try:
                     st = os.lstat(path)
                 except FileNotFoundError:
