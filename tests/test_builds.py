@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,21 @@ def test_a_builder_killed_mid_build_has_its_deploy_failed_and_the_next_builds(
     stopped = ended(plat, again["id"], timeout=30)
     assert stopped["error"] == "the builder stopped mid-build: deploy again", stopped
     plat.wait_for(lambda: not running(pid), timeout=20, what="the builder to exit")
+
+
+def test_a_second_builder_on_a_builders_folder_stops_at_once_saying_so(plat: Platform) -> None:
+    # Its sweep would remove what the running builder's builds use: it must not start.
+    folder = plat.data_dir / "builder"
+    env = {**plat.env, "OSLESS_BUILDER_TOKEN": builder_token(plat)}
+    start = time.monotonic()
+    r = subprocess.run(
+        [plat.osless, "builder", "--api", plat.api, "--data-dir", str(folder), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert str(folder) in error["message"] and "--data-dir" in error["message"], error
+    assert time.monotonic() - start < 30
