@@ -199,7 +199,11 @@ class BuilderHost:
             return False
         live = {str(uid) for uid in kept["uids"]}
         freed = collect_uid_folders(
-            (self.builder.cache_dir, images.locks_dir), live=live, grace_s=grace_s, busy=busy
+            (self.builder.cache_dir, images.locks_dir),
+            live=live,
+            grace_s=grace_s,
+            busy=busy,
+            in_use=self.builder.uid_folders,
         )
         if swept.manifests or swept.layers or swept.locks or freed:
             log.info(
