@@ -3,11 +3,14 @@ deploys it claimed), what the API checks of what it uploads, and what happens wh
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from osless.api.routes.builds import MAX_WAITERS
 from osless.builder import pack
 from osless.images import canonical_json
 from tests.platform import EXAMPLES, Platform, running
@@ -129,7 +133,8 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
     )
 
     # What the retention keeps, for its own store: digests and numbers, no names; a wait past a pass
-    # already seen answers 204.
+    # already seen answers 204. One answer per pass: a pass now, for the release just made.
+    assert plat.http("POST", "/v1/retention/collect").status_code == 200
     kept = as_token(plat, tok, "GET", "/v1/builds/kept")
     assert kept.status_code == 200 and set(kept.json()) == {
         "collection",
@@ -196,6 +201,24 @@ def test_a_builder_token_cannot_deploy_read_secrets_or_act_on_deploys_it_did_not
         r = as_token(plat, tok, "PUT", base + "/image", params=q, content=data)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_manifest", r.text
         assert "functions.f.memory_mb: Input should be less than or equal to 65536" in r.text, r.text
+        # Nor may it point another app's layer at an archive of its own: that app's archive would be
+        # collected from under its release (a layer id names one content).
+        store = plat.data_dir / "images"
+        theirs = json.loads((store / "manifests" / f"{hello['image']}.json").read_bytes())["layers"]["code"]
+        record = (store / "archived" / f"{theirs}.json").read_bytes()
+        own = b"an archive of its own"
+        sha = hashlib.sha256(own).hexdigest()
+        r = as_token(plat, tok, "PUT", f"{base}/layers/{sha}", params=q, content=own)
+        assert r.status_code == 204, r.text
+        ref = {"sha256": sha, "size": len(own)}
+        forged = manifest_fields(
+            app="hellotwo",
+            layers={"code": theirs, "deps": hashlib.sha256(b"its deps").hexdigest()},
+            layer_archives={"code": ref, "deps": ref},
+        )
+        r = as_token(plat, tok, "PUT", base + "/image", params=q, content=canonical_json(forged))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "layer_conflict", r.text
+        assert (store / "archived" / f"{theirs}.json").read_bytes() == record
         # Nor is another app's image released by it.
         r = as_token(plat, tok, "POST", base + "/result", params=q, json={"image": hello["image"]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_app", r.text
@@ -256,3 +279,62 @@ def test_a_builder_killed_mid_build_has_its_deploy_failed_and_the_next_builds(
     stopped = ended(plat, again["id"], timeout=30)
     assert stopped["error"] == "the builder stopped mid-build: deploy again", stopped
     plat.wait_for(lambda: not running(pid), timeout=20, what="the builder to exit")
+
+
+def test_a_second_builder_on_a_builders_folder_stops_at_once_saying_so(
+    plat: Platform, tmp_path: Path
+) -> None:
+    # Its sweep would remove what the first builder's builds use: it must not start. (The first is
+    # this test, holding the folder's lock as a builder does, so no restart of the platform's races.)
+    folder = tmp_path / "builder"
+    folder.mkdir()
+    env = {**plat.env, "OSLESS_BUILDER_TOKEN": builder_token(plat)}
+    with (folder / "builder.lock").open("ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run(
+            [plat.osless, "builder", "--api", plat.api, "--data-dir", str(folder), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert r.returncode == 1, r.stdout + r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert str(folder) in error["message"] and "--data-dir" in error["message"], error
+
+
+def test_long_polls_past_the_cap_are_refused_with_429_and_a_pass_is_answered_once(plat: Platform) -> None:
+    tok = builder_token(plat)
+    assert plat.http("POST", "/v1/retention/collect").status_code == 200
+    first = as_token(plat, tok, "GET", "/v1/builds/kept")
+    assert first.status_code == 200, first.text
+    mine = as_token(plat, tok, "POST", "/v1/builders").json()["name"]
+
+    async def polls(n: int, path: str, params: dict[str, Any]) -> list[httpx.Response]:
+        auth = {"authorization": f"Bearer {tok}"}
+        async with httpx.AsyncClient(base_url=plat.api, headers=auth, timeout=60) as c:
+            return await asyncio.gather(*(c.request(method_of(path), path, params=params) for _ in range(n)))
+
+    try:
+        for path in ("/v1/builds/kept", "/v1/builds/claim"):
+            for _ in range(3):  # again if a pass of the collector ended the waits meanwhile
+                after = as_token(plat, tok, "GET", "/v1/builds/kept").json()["collection"]
+                params = {"builder": mine, "after": after, "wait_s": 2}
+                got = asyncio.run(polls(MAX_WAITERS + 2, path, params))
+                if all(r.status_code != 200 for r in got):
+                    break
+            refused = [r for r in got if r.status_code == 429]
+            assert refused and all(r.json()["error"]["code"] == "too_many_waiters" for r in refused), path
+            assert {r.status_code for r in got} == {204, 429}, [r.text for r in got]
+            assert as_token(plat, tok, method_of(path), path, params=params).status_code == 204  # let go
+    finally:
+        as_token(plat, tok, "DELETE", f"/v1/builders/{mine}")
+    # One answer per pass of the collector: an app made since is in the next pass's, not in this one's.
+    plat.deploy(EXAMPLES / "hello", "--name", "keptlater")
+    again = as_token(plat, tok, "GET", "/v1/builds/kept")
+    if again.json()["collection"] == first.json()["collection"]:
+        assert again.json() == first.json()
+
+
+def method_of(path: str) -> str:
+    return "POST" if path.endswith("claim") else "GET"

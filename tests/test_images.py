@@ -14,6 +14,8 @@ import logging
 import os
 import stat
 import tarfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,15 @@ import osless
 from osless import contracts
 from osless.client import AsyncApi
 from osless.contracts import ImageManifest
-from osless.images import ImageStore, canonical_json, manifest_json, remove_tree, sha256_hex
+from osless.images import (
+    ImageStore,
+    UidFolders,
+    canonical_json,
+    collect_uid_folders,
+    manifest_json,
+    remove_tree,
+    sha256_hex,
+)
 from osless.node.images import LayerRefused, NodeImages
 from osless.sdk import app as sdk_app
 from osless.sdk.app import read_app_manifest
@@ -418,3 +428,35 @@ def test_a_manifest_landing_mid_sweep_keeps_the_archive_it_names(tmp_path: Path)
     assert found.manifests == 1 and not found.stopped
     assert store.has_image(landed[0])  # its deps archive (shared) and its code archive are still there
     assert not store.archive_path(code1).exists()
+
+
+def test_a_uid_folder_a_build_uses_is_never_swept_and_a_build_waits_out_a_sweep(tmp_path: Path) -> None:
+    # A name whose first deploy failed has a uid no app has: its next build reuses it, and the sweep
+    # (its busy() checked before) must not take the uv cache from under that build.
+    cache = tmp_path / "uv"
+    (cache / "4242").mkdir(parents=True)
+    (cache / "4242" / "wheel").write_bytes(b"x" * 100)
+    os.utime(cache / "4242", (0, 0))  # long past the grace
+    uids = UidFolders()
+    with uids.using(4242):
+        assert collect_uid_folders([cache], live=(), grace_s=1, in_use=uids) == 0
+        assert (cache / "4242" / "wheel").is_file()
+    # A build starting while the sweep removes them waits, then finds them gone (made anew).
+    started = threading.Event()
+    seen: list[bool] = []
+
+    def build() -> None:
+        started.set()
+        with uids.using(4242):
+            seen.append((cache / "4242").exists())
+
+    with uids.sweeping("4242") as free:
+        assert free
+        t = threading.Thread(target=build)
+        t.start()
+        started.wait()
+        time.sleep(0.2)
+        assert not seen  # still waiting
+        remove_tree(cache / "4242")
+    t.join(timeout=10)
+    assert seen == [False]

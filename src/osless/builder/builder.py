@@ -43,7 +43,7 @@ from osless.builder.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
 from osless.builder.requirements import Requirements, read_requirements
 from osless.builder.source import SourceError, unpack
 from osless.contracts import ImageManifest, manifest_problem
-from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, sha256_hex
+from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, UidFolders, sha256_hex
 from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
 
@@ -159,6 +159,7 @@ class Builder:
         self.locks_dir = images.locks_dir
         self.cache_dir = cache_dir if cache_dir is not None else images.root.parent / "cache" / "uv"
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.uid_folders = UidFolders()
         self._python_version: str | None = None
 
     def build(
@@ -189,7 +190,8 @@ class Builder:
         if self.sandbox is not None and uid is None:
             raise BuildError("internal error: a sandboxed build needs the app's uid")
         safe_log(f"==> Building {name}" + (f" (sandboxed, uid {uid})" if self.sandbox is not None else ""))
-        with self.images.scratch("build-") as folder:
+        # The uid's uv cache and locks are this build's while it uses them: the sweep leaves them.
+        with self.uid_folders.using(uid), self.images.scratch("build-") as folder:
             scratch = self._scratch(folder, uid)
             reqs = read_requirements(code, safe_log, src=scratch.path("src"))
             self._copy_local(code, reqs, scratch, uid)

@@ -69,5 +69,10 @@ def builder(
         concurrency=concurrency,
         egress_allow=allowed,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_builder(cfg))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_builder(cfg))
+    except SystemExit as e:
+        if isinstance(e.code, str):  # why it stopped (a second builder on its folder, a refused token)
+            fail(e.code, "builder_stopped")
+        raise

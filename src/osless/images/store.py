@@ -406,16 +406,62 @@ class ImageStore:
         return Collected(**counts, stopped=not done)
 
 
+class UidFolders:
+    """Which uids' folders (uv cache, locks) builds use now. A build holds its uid's (`using`) before
+    it touches them; a sweep removes a uid's only while none holds them (`sweeping`), and a build
+    starting meanwhile waits for the removal to end, then makes them anew: never removed mid-build."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._used: dict[str, int] = {}
+        self._swept: set[str] = set()
+
+    @contextlib.contextmanager
+    def using(self, uid: int | None) -> Iterator[None]:
+        if uid is None:
+            yield
+            return
+        key = str(uid)
+        with self._changed:
+            self._changed.wait_for(lambda: key not in self._swept)
+            self._used[key] = self._used.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used[key] -= 1
+                if not self._used[key]:
+                    del self._used[key]
+
+    @contextlib.contextmanager
+    def sweeping(self, uid: str) -> Iterator[bool]:
+        """True: the uid's folders are the sweep's until the block ends; False: a build uses them."""
+        with self._changed:
+            if uid in self._used:
+                free = False
+            else:
+                free = True
+                self._swept.add(uid)
+        try:
+            yield free
+        finally:
+            if free:
+                with self._changed:
+                    self._swept.discard(uid)
+                    self._changed.notify_all()
+
+
 def collect_uid_folders(
     parents: Iterable[Path],
     *,
     live: Collection[str],
     grace_s: float,
     busy: Callable[[], bool] = lambda: False,
+    in_use: UidFolders | None = None,
 ) -> int:
     """Remove the per-app folders `<parent>/<uid>` (uv caches, lock folders: named by uid, so a new app
     of the same name has others) of the uids not in `live`, once older than `grace_s`; none once
-    `busy()` (a build may be writing in one). Bytes freed."""
+    `busy()`, nor one a build holds in `in_use` (checked and removed under its lock). Bytes freed."""
     freed = 0
     old = time.time() - grace_s
     for parent in parents:
@@ -426,8 +472,8 @@ def collect_uid_folders(
         for folder in folders:
             if not folder.name.isdigit() or folder.name in live or folder.is_symlink():
                 continue
-            with contextlib.suppress(OSError):
-                if folder.lstat().st_mtime >= old or busy():
+            with contextlib.suppress(OSError), (in_use or UidFolders()).sweeping(folder.name) as free:
+                if not free or folder.lstat().st_mtime >= old or busy():
                     continue
                 # The app's build wrote in it: sized and removed without following a link it left.
                 freed += _tree_bytes(folder)

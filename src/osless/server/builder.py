@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -25,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from osless.bounds import MAX_LINE_CHARS, cap
 from osless.builder import Builder, BuildError, stop_all_builds
@@ -55,6 +56,7 @@ MAX_SOURCE_BYTES = 1024 * 1024 * 1024
 UID_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
 STOPPED = "the builder stopped mid-build: deploy again"
+LOCK_FILE = "builder.lock"
 
 
 @dataclass
@@ -197,7 +199,11 @@ class BuilderHost:
             return False
         live = {str(uid) for uid in kept["uids"]}
         freed = collect_uid_folders(
-            (self.builder.cache_dir, images.locks_dir), live=live, grace_s=grace_s, busy=busy
+            (self.builder.cache_dir, images.locks_dir),
+            live=live,
+            grace_s=grace_s,
+            busy=busy,
+            in_use=self.builder.uid_folders,
         )
         if swept.manifests or swept.layers or swept.locks or freed:
             log.info(
@@ -353,9 +359,29 @@ async def _read(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+def hold_data_dir(data_dir: Path) -> IO[bytes]:
+    """The builder's folder, its alone while the returned file stays open: another builder's sweep
+    would remove the layers and archives this one's builds use (its busy set is its own). A second
+    builder on the folder stops at once (SystemExit), saying so; the lock goes with the process."""
+    f = (data_dir / LOCK_FILE).open("ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SystemExit(
+            f"another builder uses the folder {data_dir}: give this one its own with --data-dir"
+        ) from None
+    return f
+
+
 async def run_builder(cfg: BuilderConfig) -> None:
     """`osless builder`: build queued deploys until SIGINT/SIGTERM."""
     private_dir(cfg.data_dir)
+    with hold_data_dir(cfg.data_dir):
+        await _run(cfg)
+
+
+async def _run(cfg: BuilderConfig) -> None:
     sandboxed, _ = host_protections(cfg.sandbox, "BUILDS RUN WITHOUT A SANDBOX")
     host = BuilderHost(cfg, sandboxed=sandboxed)
     stop = asyncio.Event()

@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncGenerator
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -27,7 +30,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field, ValidationError
 
 from osless.api.auth import Caller, require
-from osless.api.collector import COLLECTED_KEY, Kept
+from osless.api.collector import COLLECTED_KEY, Collector, Kept
 from osless.api.errors import ApiError, responses
 from osless.api.models import APP_NAME_PATTERN, DIGEST_PATTERN, ID_PATTERN, Body, Deploy, Release
 from osless.api.routes.config import config_misfits
@@ -35,7 +38,7 @@ from osless.api.routes.deploys import build_log, drop_source, end_build
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
 from osless.contracts import ImageManifest, manifest_problem
-from osless.images import MAX_MANIFEST_BYTES, canonical_json, fsync_dir, manifest_json, write_file
+from osless.images import MAX_MANIFEST_BYTES, ImageStore, canonical_json, fsync_dir, manifest_json, write_file
 from osless.store import Event
 
 router = APIRouter(tags=["builds"])
@@ -43,10 +46,44 @@ log = logging.getLogger("osless.api.builds")
 
 BUILDER_TTL_S = 10.0  # a builder renews every 2 s: one that stops has its builds failed within ~12 s
 CLAIM_WAIT_S = 20.0
+MAX_WAITERS = 64  # long polls of one kind waiting at once on this server; past it 429
 MAX_LOG_LINES = 1000  # per post; each line is cut to a log line's cap
 LOST = "the builder lost its claim (its lease lapsed) and the deploy was failed meanwhile: deploy again"
 Builder = Query(pattern=ID_PATTERN, description="the builder's name, from POST /v1/builders")
 Digest = Path(pattern=DIGEST_PATTERN, description="64 lowercase hex digits: a sha256")
+
+
+class _Waiters:
+    """The long polls of one route waiting now: each polls the store every second, so their number
+    is capped (a builder waits in one per slot and one for the collector)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.count >= MAX_WAITERS:
+            raise ApiError(
+                429,
+                "too_many_waiters",
+                f"{MAX_WAITERS} {self.what} long polls wait on this server already: "
+                "try again later, or ask with wait_s=0",
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+_kept_waiters = _Waiters("GET /v1/builds/kept")
+_claim_waiters = _Waiters("POST /v1/builds/claim")
+# The answer of `kept` per collector, for one pass (the revision of `/collected`): made once per pass,
+# not per builder asking (it reads every app and release and parses every manifest).
+_kept_answers: weakref.WeakKeyDictionary[Collector, tuple[int, Kept]] = weakref.WeakKeyDictionary()
+_kept_making: weakref.WeakKeyDictionary[Collector, asyncio.Lock] = weakref.WeakKeyDictionary()
+_records = threading.Lock()  # a layer's archived record: checked and written as one
 
 
 class BuilderLease(Body):
@@ -131,13 +168,29 @@ async def kept(
     """A builder collects its own store by this after each pass of the API's collector (every
     retention interval, and on `POST /v1/retention/collect`): answered at once if a pass came after
     `after`, else when one comes, or 204 past `wait_s`. Digests and numbers only, no names."""
+    with _kept_waiters.hold() if wait_s > 0 else contextlib.nullcontext():
+        return await _wait_kept(request, after, wait_s, state)
+
+
+async def _kept_of(collector: Collector, collection: int) -> Kept:
+    """The answer for the pass `collection` (made by the first asking after it, shared)."""
+    making = _kept_making.setdefault(collector, asyncio.Lock())
+    async with making:
+        found = _kept_answers.get(collector)
+        if found is None or found[0] != collection:
+            found = (collection, await collector.kept())
+            _kept_answers[collector] = found
+        return found[1]
+
+
+async def _wait_kept(request: Request, after: int, wait_s: float, state: ApiState) -> Any:
     store = state.resources.store
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while True:
         items, rev = await store.list(COLLECTED_KEY)
         if items and items[0].key == COLLECTED_KEY and items[0].mod_revision != after:
-            return await state.collector.kept()
+            return await _kept_of(state.collector, items[0].mod_revision)
         left = deadline - loop.time()
         if left <= 0 or await request.is_disconnected():
             return Response(status_code=204)
@@ -163,6 +216,11 @@ async def claim(
     caller: Caller = require("build"),
 ) -> Any:
     await _registered(state, caller, builder)
+    with _claim_waiters.hold() if wait_s > 0 else contextlib.nullcontext():
+        return await _wait_claim(request, builder, wait_s, state)
+
+
+async def _wait_claim(request: Request, builder: str, wait_s: float, state: ApiState) -> Any:
     res = state.resources
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
@@ -382,10 +440,31 @@ async def put_image(
             )
     for layer, archive in pairs:
         # What the collector reads to keep an image's archives (`images.store.collect`).
-        record = images.archived_dir / f"{layer}.json"
-        await asyncio.to_thread(write_file, record, canonical_json(archive.model_dump()), images.tmp_dir)
+        await asyncio.to_thread(_record_archive, images, layer, archive.sha256, archive.model_dump())
     image = await asyncio.to_thread(images.put_manifest, manifest)
     return {"image": image}
+
+
+def _record_archive(images: ImageStore, layer: str, sha256: str, record: dict[str, Any]) -> None:
+    """Layer `layer`'s archive is `sha256`'s. A layer id names one content (the source's sha256, or
+    the dependencies' inputs), so a record naming another archive that is still here is refused, not
+    overwritten: else any build could point another app's layer at its own archive, and that app's
+    archive would be collected from under its release."""
+    path = images.archived_dir / f"{layer}.json"
+    with _records:
+        try:
+            had = str(json.loads(path.read_bytes())["sha256"])
+            present = had != sha256 and images.archive_path(had).is_file()
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not one (overwritten)
+            present = False
+        if present:
+            raise ApiError(
+                409,
+                "layer_conflict",
+                f"layer {layer} is recorded here with archive {had}, not {sha256}: "
+                "a layer id names one content; build the image anew",
+            )
+        write_file(path, canonical_json(record), images.tmp_dir)
 
 
 @router.post(
