@@ -460,3 +460,21 @@ def test_a_uid_folder_a_build_uses_is_never_swept_and_a_build_waits_out_a_sweep(
         remove_tree(cache / "4242")
     t.join(timeout=10)
     assert seen == [False]
+
+
+def test_a_kept_manifest_keeps_the_archives_it_names_whatever_the_layer_records_say(tmp_path: Path) -> None:
+    # Two builds of one layer id need not make the same bytes (another builder, a wiped cache): the
+    # layer's record names the first archive, and the second image's own archive must stay all the same.
+    store = ImageStore(tmp_path / "images")
+    code, deps, first, second = (sha256_hex(b) for b in (b"code", b"deps", b"first", b"second"))
+    for sha in (code, first, second):
+        store.archive_path(sha).write_bytes(b"tar")
+    (store.archived_dir / f"{deps}.json").write_text(json.dumps({"sha256": first, "size": 3}))
+    fields = manifest_fields(
+        layers={"code": code, "deps": deps},
+        layer_archives={"code": {"sha256": code, "size": 3}, "deps": {"sha256": second, "size": 3}},
+    )
+    image = store.put_manifest(ImageManifest.model_validate(fields))
+    found = store.collect(keep_images={image}, keep_locks=set(), grace_s=0.0)
+    assert not found.stopped
+    assert store.has_image(image)  # `second`, named by the kept manifest, is still there

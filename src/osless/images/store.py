@@ -324,8 +324,11 @@ class ImageStore:
         # upload) during the sweep keeps what it names all the same (`new_refs`).
         present = {p.name for p in self.manifests_dir.glob("*.json")}
         keep_layers: set[str] = set()
+        kept_archives: set[str] = set()  # named by a kept manifest itself, whatever the records say
         for image in keep_images:
-            keep_layers.update(self._names(image)[0])
+            layers, archives = self._names(image)
+            keep_layers.update(layers)
+            kept_archives.update(archives)
         old = time.time() - grace_s
         counts = {"manifests": 0, "layers": 0, "locks": 0, "archives": 0, "archived": 0, "bytes_freed": 0}
 
@@ -379,7 +382,7 @@ class ImageStore:
                     if not path.exists():
                         gone_layers.add(path.name)
             # A layer's archive goes with it (unless another layer has the same bytes).
-            keep_archives: set[str] = set()
+            keep_archives = set(kept_archives)
             for path in self.archived_dir.glob("*.json"):
                 if path.stem in keep_layers or (self.layers_dir / path.stem).exists():
                     with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):

@@ -446,10 +446,11 @@ async def put_image(
 
 
 def _record_archive(images: ImageStore, layer: str, sha256: str, record: dict[str, Any]) -> None:
-    """Layer `layer`'s archive is `sha256`'s. A layer id names one content (the source's sha256, or
-    the dependencies' inputs), so a record naming another archive that is still here is refused, not
-    overwritten: else any build could point another app's layer at its own archive, and that app's
-    archive would be collected from under its release."""
+    """Layer `layer`'s archive is `sha256`'s, unless a record naming another archive that is still
+    here was written first: that one stays. A build may not repoint another app's layer (an image
+    from before archives is served by its records), and a rebuild of the same layer elsewhere (its
+    bytes need not be the same) loses nothing by it: its manifest names its own archive, which the
+    collector keeps for as long as the manifest is kept."""
     path = images.archived_dir / f"{layer}.json"
     with _records:
         try:
@@ -458,12 +459,10 @@ def _record_archive(images: ImageStore, layer: str, sha256: str, record: dict[st
         except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not one (overwritten)
             present = False
         if present:
-            raise ApiError(
-                409,
-                "layer_conflict",
-                f"layer {layer} is recorded here with archive {had}, not {sha256}: "
-                "a layer id names one content; build the image anew",
+            log.info(
+                "layer %s stays recorded with archive %s (this build's is %s)", layer, had[:12], sha256[:12]
             )
+            return
         write_file(path, canonical_json(record), images.tmp_dir)
 
 
