@@ -50,8 +50,9 @@ def test_runtime_and_sdk_import_nothing_server_side() -> None:
 
 
 def test_cli_reaches_the_platform_over_http_only() -> None:
-    # builder.source packs the upload; `up` hosts the server; `doctor` probes this very host
-    allowed = {"cli", "client", "builder", "server", "node"}
+    # builder.source packs the upload; `up` hosts the server; `doctor` probes this very host;
+    # errors: the client's ApiError, caught without importing the client (and httpx) up front
+    allowed = {"cli", "client", "errors", "builder", "server", "node"}
     for module, names in imports_of("cli").items():
         assert names <= allowed, f"{module} imports {names - allowed}"
     main = (SRC / "cli" / "main.py").read_text()
@@ -65,6 +66,19 @@ def test_app_import_stays_small() -> None:
 
     heavy = "('fastapi', 'httpx', 'uvicorn')"
     code = f"import osless, sys; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_cli_imports_only_what_a_command_needs() -> None:
+    import subprocess
+    import sys
+
+    # Each command must answer in well under 150 ms, and most of a short command's time is its
+    # imports: the CLI's main module pays for neither the SDK (pydantic), the informers nor httpx;
+    # a command that talks to the API imports the client when it runs.
+    heavy = "('pydantic', 'osless.sdk', 'osless.client', 'httpx', 'fastapi')"
+    code = f"import osless.cli.main, sys; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

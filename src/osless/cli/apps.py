@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from osless.cli.credentials import call, client
 from osless.cli.output import JsonOpt, console, fail, print_json, table, when
-from osless.client import Api
+
+if TYPE_CHECKING:
+    from osless.client import Api
 
 __all__ = ["apps_app", "restart"]
 

@@ -6,10 +6,13 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from osless.cli.output import fail
-from osless.client import Api, ApiError
+from osless.errors import ApiError
+
+if TYPE_CHECKING:
+    from osless.client import Api
 
 __all__ = ["call", "client", "credentials_path", "load_credentials"]
 
@@ -40,6 +43,8 @@ def client() -> Api:
             "no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN",
             "no_credentials",
         )
+    from osless.client.api import Api  # httpx: only for a command that talks to the API
+
     return Api(api, token)
 
 

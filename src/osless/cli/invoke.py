@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from osless.cli.credentials import client
 from osless.cli.output import JsonOpt, fail, print_json
-from osless.client import Api, ApiError
+from osless.errors import ApiError
+
+if TYPE_CHECKING:
+    from osless.client import Api
 
 __all__ = ["invoke"]
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.text import Text
@@ -34,7 +34,10 @@ from osless.cli.output import (
 )
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
-from osless.client import Api, ApiError
+from osless.errors import ApiError
+
+if TYPE_CHECKING:
+    from osless.client import Api
 
 app = typer.Typer(
     add_completion=False,
@@ -133,6 +136,8 @@ def _say_up(cfg: Any, api_url: str, gateway_url: str, allowed: list[Any]) -> Non
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
+    from osless.client.api import Api
+
     api = Api(api_url, token)
     for path in paths:
         try:
