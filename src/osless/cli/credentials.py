@@ -43,7 +43,7 @@ def client() -> Api:
             "no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN",
             "no_credentials",
         )
-    from osless.client.api import Api  # httpx: only for a command that talks to the API
+    from osless.client.sync import Api
 
     return Api(api, token)
 

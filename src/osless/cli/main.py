@@ -136,7 +136,7 @@ def _say_up(cfg: Any, api_url: str, gateway_url: str, allowed: list[Any]) -> Non
 
 
 def _deploy_all(api_url: str, token: str, paths: list[Path]) -> None:
-    from osless.client.api import Api
+    from osless.client.sync import Api
 
     api = Api(api_url, token)
     for path in paths:
@@ -512,12 +512,35 @@ def nodes(json_out: JsonOpt = False) -> None:
     )
 
 
+def _only(args: list[str]) -> typer.Typer:
+    """`app` with just the command (or group) the command line names, when it names one: typer builds
+    the options of every command it holds at each start (~20 ms for all of them), a run needs its own."""
+    name = args[0] if args else ""
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=app.info.help)
+    one.registered_commands = [
+        c
+        for c in app.registered_commands
+        if (c.name or (c.callback.__name__.lower().replace("_", "-") if c.callback else None)) == name
+    ]
+    one.registered_groups = [g for g in app.registered_groups if g.name == name]
+    if not one.registered_commands and not one.registered_groups:
+        return app  # --help, or a name click will refuse in its own words
+    one.callback()(_root)  # a group even of one: `osless NAME ...` keeps NAME
+    return one
+
+
+def _root() -> None:
+    """osless: run Python apps without an operating system to manage."""
+
+
 def main() -> NoReturn:
+    import sys
+
     import click
 
     try:
         # Not standalone: a command line click refuses is said here, in JSON under --json.
-        code = typer.main.get_command(app).main(standalone_mode=False)
+        code = typer.main.get_command(_only(sys.argv[1:])).main(standalone_mode=False)
     except click.ClickException as e:
         usage_failed(e)
     except click.Abort:

@@ -1,4 +1,5 @@
-"""HTTP clients of the API: `Api` (sync, for the CLI) and `AsyncApi` (for agents and controllers).
+"""HTTP clients of the API: `AsyncApi` (for agents and controllers) and `Api` (sync, for the CLI: in
+`osless.client.sync`, on the standard library, so that a command does not import httpx).
 
 ApiError (`osless.errors`, the same class the API raises) ── any non-2xx answer, with the status,
             the stable error code and the message; status 0 when the API could not be reached.
@@ -7,11 +8,12 @@ ApiError (`osless.errors`, the same class the API raises) ── any non-2xx ans
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from osless.client.sync import Api
 from osless.errors import ApiError
 
 __all__ = ["Api", "ApiError", "AsyncApi"]
@@ -113,56 +115,3 @@ class AsyncApi:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-class Api:
-    def __init__(self, base_url: str, token: str, *, timeout: float = 60.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers={"authorization": f"Bearer {token}"},
-            verify=_verify(self.base_url),
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
-
-    def request(self, method: str, path: str, **kw: Any) -> Any:
-        try:
-            resp = self._client.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise _transport_error(e, self.base_url) from e
-        _raise_for(resp)
-        return _body(resp)
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
-
-    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
-        if body is not None:
-            kw["json"] = body
-        return self.request("POST", path, **kw)
-
-    def put(self, path: str, body: Any) -> Any:
-        return self.request("PUT", path, json=body)
-
-    def delete(self, path: str) -> Any:
-        return self.request("DELETE", path)
-
-    def stream(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
-        try:
-            with self._client.stream(
-                "GET",
-                path,
-                params={k: v for k, v in params.items() if v is not None},
-                timeout=httpx.Timeout(None, connect=5.0),
-            ) as r:
-                if not r.is_success:
-                    r.read()
-                    _raise_for(r)
-                for line in r.iter_lines():
-                    if line.strip():
-                        yield json.loads(line)
-        except httpx.TransportError as e:
-            raise ApiError(0, "unreachable", f"stream from {self.base_url}{path} broke: {e}") from e
-
-    def close(self) -> None:
-        self._client.close()
