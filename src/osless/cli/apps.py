@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["apps_app", "restart"]
 
-apps_app = typer.Typer(help="List apps, show one, or delete one.")
+apps_app = typer.Typer(rich_markup_mode=None, help="List apps, show one, or delete one.")
 AppArg = Annotated[str, typer.Argument(metavar="APP")]
 RESTART_TIMEOUT_S = 120.0
 

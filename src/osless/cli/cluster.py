@@ -12,7 +12,9 @@ from osless.cli.output import console, fail, json_option, print_json
 
 __all__ = ["cluster_app"]
 
-cluster_app = typer.Typer(no_args_is_help=True, help="A whole cluster on this machine, to try it out.")
+cluster_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="A whole cluster on this machine, to try it out."
+)
 
 DEFAULT_CLUSTER_DIR = Path(
     os.environ.get("OSLESS_CLUSTER_DIR") or Path.home() / ".local/share/osless-cluster"

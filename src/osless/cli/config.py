@@ -13,7 +13,9 @@ from osless.cli.output import JsonOpt, console, fail, print_json, table, when
 
 __all__ = ["config_app"]
 
-config_app = typer.Typer(no_args_is_help=True, help="An app's live configuration and secrets.")
+config_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="An app's live configuration and secrets."
+)
 AppArg = Annotated[str, typer.Argument(metavar="APP")]
 
 

@@ -43,6 +43,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's own help pages: typer's rich ones import rich.markdown and more, ~50 ms of `--help`'s 150
+    rich_markup_mode=None,
     help="osless: run Python apps without an operating system to manage.",
 )
 
@@ -516,7 +518,9 @@ def _only(args: list[str]) -> typer.Typer:
     """`app` with just the command (or group) the command line names, when it names one: typer builds
     the options of every command it holds at each start (~20 ms for all of them), a run needs its own."""
     name = args[0] if args else ""
-    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=app.info.help)
+    one = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, help=app.info.help
+    )
     one.registered_commands = [
         c
         for c in app.registered_commands

@@ -10,7 +10,9 @@ import typer
 
 from osless.cli.output import console, fail, json_option, print_json
 
-node_app = typer.Typer(no_args_is_help=True, help="This machine as a node: its agent and gateway.")
+node_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="This machine as a node: its agent and gateway."
+)
 
 MAX_GATEWAYS = 256
 

@@ -22,7 +22,9 @@ from osless.cli.output import (
 
 __all__ = ["tokens_app"]
 
-tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: roles, scopes, expiry.")
+tokens_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="API tokens: roles, scopes, expiry."
+)
 ROLES_HELP = (
     "admin (everything), deploy (deploy, roll back, scale, config, and read), read (read only), "
     "debug (read and app logs), invoke (call functions), node (a machine that runs apps: `osless node join`; "
