@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.platform import EXAMPLES, Platform, running
+from tests.platform import EXAMPLES, OSLESS, Platform, free_port, running
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,33 @@ def test_a_command_line_refused_under_json_is_a_json_error(platform: Platform) -
 def test_invoke_takes_json(platform: Platform, hello: dict[str, Any]) -> None:
     out = platform.cli_json("invoke", "hello.greet", '{"name": "Ada"}')
     assert out["message"] == "Hello, Ada!"
+
+
+def test_help_lists_every_command_and_a_command_runs_alone() -> None:
+    # A run builds only the command it names (cli/main.py `_only`): the help and the errors must not notice.
+    code = (
+        "from osless.cli.main import app; print(*[c.name or c.callback.__name__.replace('_', '-')"
+        " for c in app.registered_commands], *[g.name for g in app.registered_groups])"
+    )
+    names = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([OSLESS, "--help"], env=env, capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(names), out
+    out = subprocess.run([OSLESS, "tokens", "--help"], env=env, capture_output=True, text=True, check=True)
+    assert {"create", "ls", "revoke"} <= set(out.stdout.split()), out.stdout
+    r = subprocess.run([OSLESS, "nowhere"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "No such command 'nowhere'" in r.stderr, r
+
+
+def test_an_api_that_does_not_answer_is_one_line_naming_it() -> None:
+    for api, says in [
+        (f"http://127.0.0.1:{free_port()}", "cannot reach the API at http://127.0.0.1:"),
+        ("127.0.0.1:7070", "is not an http:// or https:// URL"),
+    ]:
+        env = {**os.environ, "OSLESS_API": api, "OSLESS_TOKEN": "x"}
+        r = subprocess.run([OSLESS, "status"], env=env, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stdout == "", r
+        assert r.stderr.startswith("error: ") and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
