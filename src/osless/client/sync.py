@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -82,7 +83,12 @@ class Api:
 
             import certifi  # the roots httpx trusts, so that both clients trust the same servers
 
-            context = ssl.create_default_context(cafile=certifi.where())
+            # $SSL_CERT_FILE / $SSL_CERT_DIR first, as httpx reads them: an API behind a private CA.
+            context = ssl.create_default_context(
+                cafile=os.environ.get("SSL_CERT_FILE")
+                or (None if os.environ.get("SSL_CERT_DIR") else certifi.where()),
+                capath=os.environ.get("SSL_CERT_DIR") or None,
+            )
             conn = http.client.HTTPSConnection(
                 parts.hostname, parts.port, timeout=CONNECT_TIMEOUT_S, context=context
             )
