@@ -222,3 +222,16 @@ def test_a_gzip_bomb_fails_at_once_without_filling_the_disk(platform: Platform) 
     grown = sum(f.stat().st_size for f in platform.data_dir.rglob("*") if f.is_file()) - data_before
     assert grown < 50 << 20, grown  # nothing of it was written out
     assert platform.http("GET", "/v1/apps/bomb").status_code == 404
+
+
+def test_a_missing_module_says_which_package_to_add_once(platform: Platform, tmp_path: Path) -> None:
+    src = tmp_path / "needsml"
+    src.mkdir()
+    (src / "app.py").write_text("import osless\nimport sklearn\napp = osless.App('needsml')\n")
+    r = platform.cli("deploy", str(src), check=False)
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "app.py imports sklearn, which is not installed" in r.stderr
+    assert "scikit-learn" in r.stderr and "create" in r.stderr  # no requirements.txt: create one
+    assert out.count("No module named 'sklearn'") == 1  # the error once, not in the log and the error
+    assert "/layers/" not in out  # no absolute build path

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from osless.builder.appname import read_app_name
+from osless.builder.hints import missing_module, relative
 from osless.builder.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
 from osless.builder.requirements import Requirements, read_requirements
 from osless.builder.source import SourceError, unpack
@@ -479,8 +480,14 @@ class Builder:
             cmd = self._jail(
                 self.sandbox(uid=uid, readonly=[code, deps], volumes={}, egress_socket=None), cmd
             )
+        # The traceback's paths as the user's project has them, not the build's layer paths.
         result = run(
-            cmd, log, timeout=INSPECT_TIMEOUT_S, cwd=Path("/"), env=_inspect_env(), stdout_prefix=None
+            cmd,
+            lambda line: log(relative(line, code, deps)),
+            timeout=INSPECT_TIMEOUT_S,
+            cwd=Path("/"),
+            env=_inspect_env(),
+            stdout_prefix=None,
         )
         if result.timed_out:
             raise BuildError(
@@ -489,9 +496,12 @@ class Builder:
                 "or the web app factory."
             )
         if result.returncode != 0:
+            hint = missing_module(result.stderr_lines, code)
+            if hint is not None:
+                raise BuildError(hint)
             raise BuildError(
                 f"Importing the app (module {entry!r}) failed:\n"
-                + tail(result.stderr_lines)
+                + tail([relative(ln, code, deps) for ln in result.stderr_lines[-50:]])
                 + "\nThe full traceback is in the build log. Fix the error and deploy again."
             )
         if result.stdout_cut:

@@ -191,6 +191,8 @@ def _deploy(api: Api, path: Path, name: str | None, *, quiet: bool, json_out: bo
                     final = rec["deploy"]
                     continue
                 line = rec.get("line", "")
+                if line.startswith("==> Build failed: "):
+                    continue  # the failure's error is printed once, below, as the command's error
                 if line.startswith("==> "):
                     status.update(line[4:])
                     if not quiet:
