@@ -1016,3 +1016,28 @@ def test_deploy_needs_a_readable_name(platform: Platform, tmp_path: Path) -> Non
     r = platform.cli("deploy", str(root), check=False)
     assert r.returncode != 0 and "pass --name NAME" in r.stdout + r.stderr
     assert platform.deploy(root, "--name", "dyn")["app"] == "dyn"
+
+
+def test_a_missing_module_names_the_package_and_where_it_goes(tmp_path: Path) -> None:
+    from osless.builder.hints import missing_module, relative
+
+    code, deps = tmp_path / "layers" / "c0de", tmp_path / "layers" / "d3p5"
+    code.mkdir(parents=True)
+    tb = [
+        "Traceback (most recent call last):",
+        f'  File "{code}/pkg/util.py", line 3, in <module>',
+        "    import PIL.Image",
+        "ModuleNotFoundError: No module named 'PIL'",
+    ]
+    assert missing_module(tb, code) == (
+        "pkg/util.py imports PIL, which is not installed: create a requirements.txt next to the app "
+        "that lists Pillow (the package that provides PIL), then deploy again."
+    )
+    (code / "requirements.txt").write_text("six\n")
+    assert "add Pillow (the package that provides PIL) to requirements.txt" in str(missing_module(tb, code))
+    (code / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    assert "to [project].dependencies in pyproject.toml" in str(missing_module(tb, code))
+    assert missing_module([*tb[:-1], "ValueError: no"], code) is None
+    assert relative(tb[1], code, deps) == '  File "pkg/util.py", line 3, in <module>'
+    assert relative(f"{deps}/x.py" + "y" * 10_000, code, deps).startswith("site-packages/x.py")
+    assert len(relative("z" * 10_000, code, deps)) <= 2000

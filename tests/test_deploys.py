@@ -233,5 +233,6 @@ def test_a_missing_module_says_which_package_to_add_once(platform: Platform, tmp
     out = r.stdout + r.stderr
     assert "app.py imports sklearn, which is not installed" in r.stderr
     assert "scikit-learn" in r.stderr and "create" in r.stderr  # no requirements.txt: create one
-    assert out.count("No module named 'sklearn'") == 1  # the error once, not in the log and the error
+    # The error once (not in the log's last line and again as the command's error); the traceback once.
+    assert out.count("which is not installed") == 1 and out.count("No module named 'sklearn'") == 1
     assert "/layers/" not in out  # no absolute build path

@@ -27,10 +27,11 @@ _FRAME = re.compile(r'^\s*File "([^"\n]{1,500})", line \d+')
 
 
 def relative(line: str, code: Path, deps: Path) -> str:
-    """`line` with the build's layer paths made relative: /…/layers/<code>/app.py -> app.py."""
+    """`line` with the build's layer paths made the project's: /…/layers/<code>/app.py -> app.py,
+    /…/layers/<deps>/six.py -> site-packages/six.py (the dependency layer is the app's site-packages)."""
     line = line[:_MAX_LINE]
     line = line.replace(f"{code}/", "")
-    return line.replace(f"{deps}/", "")
+    return line.replace(f"{deps}/", "site-packages/")
 
 
 def missing_module(lines: list[str], code: Path) -> str | None:
