@@ -39,7 +39,7 @@ from osless.api.state import ApiState, get_state
 from osless.bounds import cap
 from osless.contracts import ImageManifest, manifest_problem
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, canonical_json, fsync_dir, manifest_json, write_file
-from osless.store import Event
+from osless.store import Event, Store
 
 router = APIRouter(tags=["builds"])
 log = logging.getLogger("osless.api.builds")
@@ -194,12 +194,7 @@ async def _wait_kept(request: Request, after: int, wait_s: float, state: ApiStat
         left = deadline - loop.time()
         if left <= 0 or await request.is_disconnected():
             return Response(status_code=204)
-        # A second at most per wait (a server stopping waits for no longer, a client gone is seen).
-        watch = cast(AsyncGenerator[Event, None], store.watch(COLLECTED_KEY, after_revision=rev))
-        async with contextlib.aclosing(watch):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, 1.0)):
-                    await anext(watch)
+        await _changed(store, COLLECTED_KEY, rev, left)
 
 
 @router.post(
@@ -238,13 +233,18 @@ async def _wait_claim(request: Request, builder: str, wait_s: float, state: ApiS
         left = deadline - loop.time()
         if left <= 0 or await request.is_disconnected():
             return Response(status_code=204)
-        # Wait for a change of a deploy (one queued), a second at most (a server stopping waits for
-        # no longer, and a builder gone is seen), then look again.
-        watch = cast(AsyncGenerator[Event, None], res.store.watch("/deploys/", after_revision=rev))
-        async with contextlib.aclosing(watch):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, 1.0)):
-                    await anext(watch)
+        await _changed(res.store, "/deploys/", rev, left)  # a deploy queued, then look again
+
+
+async def _changed(store: Store, prefix: str, rev: int, left: float) -> None:
+    """Until a change under `prefix` after `rev`, `left` seconds or one second, whichever comes first:
+    a long poll looks again at least each second, so a server stopping waits for no longer and a
+    client gone is seen."""
+    watch = cast(AsyncGenerator[Event, None], store.watch(prefix, after_revision=rev))
+    async with contextlib.aclosing(watch):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(left, 1.0)):
+                await anext(watch)
 
 
 @router.get(
