@@ -90,6 +90,7 @@ def test_an_answer_that_is_not_http_is_a_502_saying_why() -> None:
     ("result", "problem"),
     [
         ({"statusCode": 99}, "HTTP status"),
+        ({"statusCode": 101}, "HTTP status"),
         ({"statusCode": True}, "HTTP status"),
         ({"statusCode": 200, "body": {"a": 1}}, "json.dumps"),
         ({"statusCode": 200, "body": "@@", "isBase64Encoded": True}, "not base64"),
@@ -111,7 +112,7 @@ def test_answers_become_http() -> None:
     assert a.headers == [(b"x-on", b"true"), (b"content-type", b"application/json")]  # its length is ours
     assert answer_of("hi").body == b"hi"
     assert answer_of([1, None]).body == b"[1, null]"
-    assert answer_of({"statusCode": 204}).body == b""
+    assert answer_of({"statusCode": 204, "body": "dropped"}).body == b""
 
 
 def test_events_join_repeated_headers_and_parameters() -> None:

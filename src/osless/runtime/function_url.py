@@ -128,8 +128,9 @@ def answer_of(result: Any) -> Answer:
     status = result["statusCode"]
     if isinstance(status, str) and status.isdigit():
         status = int(status)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-        raise BadAnswer(f"statusCode {str(status)[:20]!r} is not an HTTP status (100 to 599)")
+    # No 1xx: an interim answer is the server's to send, never a final one.
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise BadAnswer(f"statusCode {str(status)[:20]!r} is not a final HTTP status (200 to 599)")
     headers: list[tuple[bytes, bytes]] = []
     given = result.get("headers") or {}
     if not isinstance(given, Mapping):
@@ -159,6 +160,8 @@ def answer_of(result: Any) -> Answer:
             raise BadAnswer(f"isBase64Encoded is true but the body is not base64: {e}") from None
     else:
         data = given_body.encode("utf-8")
+    if status in (204, 304):
+        data = b""  # these have no body: bytes after their head would be read as the next answer
     return Answer(status, headers, data)
 
 
