@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import context_sample
@@ -40,6 +41,16 @@ def whoami(event: Any, context: Any) -> dict[str, Any]:
 @app.function()
 def fails(event: Any, context: Any) -> None:
     raise ValueError(f"no quote for {event!r}")
+
+
+@app.function(timeout_s=0.5)
+def slow(event: Any, context: Any) -> None:
+    time.sleep(0.8)  # done before the instance would be replaced for running on (0.5 s after)
+
+
+@app.function()
+def unsendable(event: Any, context: Any) -> set[int]:
+    return {1, 2}
 
 
 @app.function(http=True)
