@@ -100,7 +100,11 @@ def test_boto3_sees_a_raising_handler_as_lambda_shows_it(platform: Platform, sam
     assert error["errorMessage"] == "no quote for 'q1'"
     assert any("raise ValueError" in frame for frame in error["stackTrace"]), error
     # Past its timeout, and a result JSON cannot carry: the function's failures too, named as Lambda's.
-    for name, kind in (("slow", "Sandbox.Timedout"), ("unsendable", "Runtime.MarshalError")):
+    for name, kind in (
+        ("slow", "Sandbox.Timedout"),
+        ("unsendable", "Runtime.MarshalError"),
+        ("exits", "Runtime.ExitError"),  # its instance died with the call: never sent again by boto3
+    ):
         resp = client.invoke(FunctionName=f"{APP}.{name}")
         assert (resp["StatusCode"], resp["FunctionError"]) == (200, "Unhandled")
         assert payload(resp)["errorType"] == kind

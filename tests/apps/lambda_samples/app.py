@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from typing import Any
 
@@ -51,6 +52,11 @@ def slow(event: Any, context: Any) -> None:
 @app.function()
 def unsendable(event: Any, context: Any) -> set[int]:
     return {1, 2}
+
+
+@app.function()
+def exits(event: Any, context: Any) -> None:
+    os._exit(3)
 
 
 @app.function(http=True)

@@ -31,6 +31,7 @@ __all__ = ["router"]
 FUNCTION_ERRORS = {
     (500, "result_not_json"): "Runtime.MarshalError",
     (504, "timeout"): "Sandbox.Timedout",
+    (502, "instance_exited"): "Runtime.ExitError",
 }
 LATEST = "$LATEST"
 _FRAME = re.compile(r"  File .*\n(?:    .*\n)*")
@@ -134,6 +135,10 @@ def _answer(resp: httpx.Response, release: Release) -> Response:
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         error, code, message = {}, "bad_gateway", f"the gateway answered {resp.status_code} without an error"
+    if code == "bad_gateway" and "failed before answering" in message:
+        # The instance died with the call in it (out of memory, os._exit): the function ran, so it is
+        # its failure, as Lambda says it; a 5xx would have boto3 run it again, up to 4 times.
+        code = "instance_exited"
     if code == "function_error" or (resp.status_code, code) in FUNCTION_ERRORS:
         kind = str(error.get("type") or FUNCTION_ERRORS.get((resp.status_code, code), "Exception"))
         text = message[len(kind) + 2 :] if message.startswith(f"{kind}: ") else message
