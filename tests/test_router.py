@@ -7,7 +7,7 @@ import asyncio
 
 from osless.client import AsyncApi
 from osless.contracts import App, ImageManifest, Instance, InstanceStatus, Node
-from osless.gateway.router import Router
+from osless.gateway.router import Router, Timeouts, web_timeouts
 from tests.test_images import manifest_fields
 
 IMAGE = "0" * 64
@@ -50,3 +50,15 @@ def test_instances_behind_a_relay_marked_down_are_passed_over_while_another_can_
             await api.aclose()
 
     asyncio.run(main())
+
+
+def test_web_requests_to_http_functions_may_take_the_functions_timeout() -> None:
+    def timeouts(functions: dict[str, object], web: object = None) -> Timeouts:
+        return web_timeouts(ImageManifest.model_validate(manifest_fields(functions=functions, web=web)))
+
+    slow = {"memory_mb": 256, "timeout_s": 300, "async": False}
+    assert timeouts({"page": {**slow, "http": True}}) == Timeouts(301.0, 301.0)
+    assert timeouts({"other": slow}) == Timeouts(60.0, 3600.0)  # not reached over HTTP: the defaults
+    web = {"name": "web", "memory_mb": 256, "timeout_s": 10, "max_duration_s": 100}
+    assert timeouts({"page": {**slow, "http": True}}, web) == Timeouts(301.0, 301.0)
+    assert timeouts({"other": slow}, web) == Timeouts(10.0, 100.0)

@@ -145,3 +145,42 @@ def test_context_remaining_ms() -> None:
     ctx = osless.Context(request_id="r", app="a", function="f", deadline=time.time() + 2)
     assert 1500 < ctx.remaining_ms() <= 2000
     assert ctx.log.name == "osless.app.a.f"
+
+
+def test_context_answers_as_lambdas_does() -> None:
+    import time
+
+    ctx = osless.Context(
+        "r1", "shop", "quote", time.time() + 2, release=3, memory_mb=512, instance="shop-v3-a"
+    )
+    assert (ctx.aws_request_id, ctx.function_name, ctx.function_version) == ("r1", "shop.quote", "3")
+    assert ctx.invoked_function_arn == "arn:aws:lambda:osless:000000000000:function:shop.quote"
+    assert (ctx.memory_limit_in_mb, ctx.log_group_name, ctx.log_stream_name) == (
+        512,
+        "/osless/shop",
+        "shop-v3-a",
+    )
+    assert 1500 < ctx.get_remaining_time_in_millis() <= 2000
+    assert ctx.identity is None and ctx.client_context is None
+    assert osless.Context("r", "a", "f", 0.0).function_version == "$LATEST"  # outside an instance
+
+
+def test_http_functions_in_the_manifest() -> None:
+    from osless.sdk.app import read_app_manifest
+
+    app = App("demo")
+
+    @app.function(http=True)
+    def page(event: object, ctx: object) -> None: ...
+
+    @app.function()
+    def plain(event: object, ctx: object) -> None: ...
+
+    manifest = app.manifest()
+    assert manifest["functions"]["page"]["http"] is True
+    assert "http" not in manifest["functions"]["plain"]  # older manifests' bytes stay as they were
+    assert read_app_manifest(manifest)["functions"] == manifest["functions"]
+    with pytest.raises(UsageError, match="http is true or absent"):
+        read_app_manifest({**manifest, "functions": {"plain": {**manifest["functions"]["plain"], "http": 1}}})
+    with pytest.raises(UsageError, match="give True or False"):
+        app.function(http="yes")  # type: ignore[arg-type]

@@ -316,6 +316,7 @@ class FunctionManifest(_ManifestPart):
     memory_mb: MemoryMb
     timeout_s: Annotated[Seconds, _within(3600)]
     is_async: bool = Field(alias="async")
+    http: bool = False  # `@app.function(http=True)`: HTTP requests reach it through the gateway
 
 
 class WebManifest(_ManifestPart):

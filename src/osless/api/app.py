@@ -27,6 +27,7 @@ from osless.api.routes import (
     images,
     instances,
     invoke,
+    lambda_invoke,
     leaders,
     logs,
     retention,
@@ -186,6 +187,9 @@ def create_app(state: ApiState) -> FastAPI:
     for module in routers:
         _check_permissions(module.router)
         app.include_router(module.router, prefix="/v1")
+    # AWS's own path, as boto3's `lambda` client calls it (with `endpoint_url=` the API).
+    _check_permissions(lambda_invoke.router)
+    app.include_router(lambda_invoke.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:

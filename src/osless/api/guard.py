@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from osless.api import audit
+from osless.api import audit, awslambda
 from osless.api.auth import ID_LEN, PLATFORM_ROLES, ROUTINE, Caller
 from osless.api.errors import error_body
 from osless.api.ratelimit import Buckets, Rate
@@ -84,7 +84,10 @@ class Guard:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return None, "unauthorized", MISSING
+            # boto3 signs Lambda calls with SigV4 and sends the osless token beside the signature.
+            token = awslambda.token_of(scope)
+            if not token:
+                return None, "unauthorized", awslambda.MISSING if awslambda.is_lambda(scope) else MISSING
         app = self.state.secrets.app_of(token)
         if app is not None:
             return Caller(id=f"app:{app}", name=f"app:{app}", role="app", app=app), "", ""
@@ -147,10 +150,16 @@ async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    headers = [(b"content-type", b"application/json")]
+    if awslambda.is_lambda(scope):  # in the shape boto3 reads
+        headers, body = awslambda.error(status, code, message)
+    else:
+        headers, body = (
+            [(b"content-type", b"application/json")],
+            json.dumps(error_body(code, message)).encode(),
+        )
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     if wait:
         headers.append((b"retry-after", Buckets.retry_after(wait).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": json.dumps(error_body(code, message)).encode()})
+    await send({"type": "http.response.body", "body": body})

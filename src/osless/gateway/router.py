@@ -396,11 +396,17 @@ def _address(relay: Any) -> tuple[str, int] | None:
 
 
 def web_timeouts(manifest: ImageManifest) -> Timeouts:
-    """A web request's timeouts, from its release's manifest."""
+    """A web request's timeouts, from its release's manifest. A function with `http=True` answers
+    web requests too (after its own timeout_s, which the instance applies, and a second for the
+    trip back)."""
     web = manifest.web
+    http = [float(f.timeout_s) + 1 for f in manifest.functions.values() if f.http]
     if web is None:
+        if http:
+            return Timeouts(max(http), max(http))
         return Timeouts(DEFAULT_TIMEOUT_S, DEFAULT_MAX_DURATION_S)
-    return Timeouts(float(web.timeout_s), float(web.max_duration_s))
+    idle = max([float(web.timeout_s), *http])
+    return Timeouts(idle, max(idle, float(web.max_duration_s)))
 
 
 def _iso(t: float) -> str:

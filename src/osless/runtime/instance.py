@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 
 import uvicorn
 
-from osless.runtime import protocol
+from osless.runtime import function_url, protocol
 from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
 from osless.sdk import config as app_config
@@ -45,6 +45,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # On the control socket (see `serve`): the web socket has no path of the platform's.
 INVOKE_PREFIX = "/invoke/"
 HEALTH_PATH = "/health"
+# On the web socket: `/{app}/_http/{fn}/...` reaches the function `fn` declared with http=True.
+HTTP_PREFIX = b"/_http/"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 # A handler still running this long after its function's own timeout gets its instance replaced.
@@ -77,15 +79,21 @@ class Instance:
         self.config_applied_at: float | None = None
         # How to ask the node for a fresh instance in this one's place (set by the zygote at fork).
         self.recycle: Callable[[str], None] = _no_recycle
+        self.http_functions = {n: f for n, f in app.functions.items() if f.http}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The web socket's app: every request goes to the user's web app (the platform's own
         endpoints are on the control socket, which only the platform reaches)."""
+        if scope["type"] in ("http", "websocket"):
+            _forwarded(scope)
+        if scope["type"] == "http" and self.http_functions:
+            target = self._http_target(scope)
+            if target is not None:
+                await self._http_function(scope, receive, send, *target)
+                return
         if self.web is None:
             await self._no_web_app(scope, receive, send)
             return
-        if scope["type"] in ("http", "websocket"):
-            _forwarded(scope)
         try:
             await self.web(scope, receive, send)
         except SystemExit as e:
@@ -209,13 +217,99 @@ class Instance:
                     return
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
+        elif self.http_functions:
+            paths = ", ".join(f"/{self.app.name}/_http/{n}/" for n in sorted(self.http_functions))
+            why = f"app {self.app.name} has no @app.web() handler; its http functions are at {paths}"
+            await _send_error(send, 404, "no_web_app", why)
         else:
             await _send_error(send, 404, "no_web_app", f"app {self.app.name} has no @app.web() handler")
+
+    def _http_target(self, scope: Scope) -> tuple[FunctionSpec, str] | None:
+        """The http function a web request is for, and its path under the function's own root:
+        `/_http/{fn}/...` names one; without a web app, an app with one http function takes every
+        path. None: the request is the web app's."""
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        raw = raw.split(b"?", 1)[0]
+        if raw.startswith(HTTP_PREFIX):
+            name, _, rest = raw[len(HTTP_PREFIX) :].partition(b"/")
+            spec = self.http_functions.get(name.decode("latin-1"))
+            if spec is not None:
+                return spec, "/" + rest.decode("latin-1")
+        if self.web is None and len(self.http_functions) == 1:
+            return next(iter(self.http_functions.values())), raw.decode("latin-1")
+        return None
+
+    async def _http_function(
+        self, scope: Scope, receive: Receive, send: Send, spec: FunctionSpec, raw_path: str
+    ) -> None:
+        """A web request to a function declared with http=True, as a Lambda Function URL event."""
+        request_id = str(uuid.uuid4())
+        extra = [(b"x-osless-request-id", request_id.encode("ascii"))]
+        body = await _read_body(receive, MAX_EVENT_BYTES)
+        if body is None:
+            return
+        if len(body) > MAX_EVENT_BYTES:
+            message = f"the request body is over the {MAX_EVENT_BYTES // (1024 * 1024)} MiB limit"
+            await _send_error(send, 413, "too_large", message, extra)
+            return
+        client = scope.get("client")
+        event = function_url.event_of(
+            method=scope["method"],
+            raw_path=raw_path,
+            query=scope.get("query_string", b""),
+            headers=scope["headers"],
+            body=body,
+            http_version=scope.get("http_version", "1.1"),
+            source_ip=str(client[0]) if client else "",
+            request_id=request_id,
+            app=self.app.name,
+            now=time.time(),
+        )
+        deadline = time.time() + spec.timeout_s
+        result, failure = await self._call(
+            spec, event, self._context(request_id, spec, deadline), False, deadline
+        )
+        if failure is not None:
+            status, error = failure
+            if status != 504:
+                # The caller has no token: what the function raised stays in the app's log
+                # (`_function_error`), as a Function URL answers an unhandled error with a bare 502.
+                status = 502
+                message = f"function {spec.name} failed; its error is in the app's log (request {request_id})"
+                error = _error_body("function_error", message)
+            await _send_body(send, status, error, extra)
+            return
+        try:
+            answer = function_url.answer_of(result)
+        except function_url.BadAnswer as e:
+            message = f"function {spec.name} answered what cannot be an HTTP answer: {e}"
+            print(f"{message} (request {request_id})", file=sys.stderr, flush=True)
+            await _send_error(send, 502, "bad_function_answer", message, extra)
+            return
+        headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode()), *extra]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+        if self.exit_code is not None and self.server is not None:
+            self.server.exit_soon()
+
+    def _context(self, request_id: str, spec: FunctionSpec, deadline: float) -> Context:
+        release = os.environ.get("OSLESS_RELEASE", "")  # set by the node at fork
+        return Context(
+            request_id,
+            self.app.name,
+            spec.name,
+            deadline,
+            release=int(release) if release.isdigit() else None,
+            memory_mb=spec.memory_mb,
+            instance=os.environ.get("OSLESS_INSTANCE", ""),
+        )
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-osless-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         extra = [(b"x-osless-request-id", request_id.encode("latin-1"))]
+        if release := os.environ.get("OSLESS_RELEASE", ""):
+            extra.append((b"x-osless-release", release.encode("latin-1")))  # Lambda's ExecutedVersion
         spec = self.app.functions.get(name)
         if spec is None:
             known = ", ".join(sorted(self.app.functions)) or "none"
@@ -245,7 +339,7 @@ class Instance:
                 caller_deadline = math.inf  # unreadable: the function's own timeout still applies
             if caller_deadline < deadline:
                 deadline, by_caller = caller_deadline, True
-        ctx = Context(request_id, self.app.name, name, deadline)
+        ctx = self._context(request_id, spec, deadline)
 
         status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
         await _send_body(send, status, payload, extra)
@@ -256,13 +350,20 @@ class Instance:
         self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool, own_deadline: float
     ) -> tuple[int, bytes]:
         """Run the handler within the deadline: (status, JSON body)."""
+        result, failure = await self._call(spec, event, ctx, by_caller, own_deadline)
+        return failure if failure is not None else _serialise(spec.name, result)
+
+    async def _call(
+        self, spec: FunctionSpec, event: Any, ctx: Context, by_caller: bool, own_deadline: float
+    ) -> tuple[Any, tuple[int, bytes] | None]:
+        """Run the handler within the deadline: (its result, None), or (None, (status, error body))."""
         name = spec.name
         if by_caller:
             timeout_msg = f"function {name} did not finish before the caller's deadline"
         else:
             timeout_msg = f"function {name} did not finish within {spec.timeout_s:g}s"
         if ctx.deadline <= time.time():
-            return 504, _error_body("timeout", timeout_msg)
+            return None, (504, _error_body("timeout", timeout_msg))
         future: asyncio.Future[Any]
         finished = threading.Event()  # set when the handler's code has returned or raised, whatever waited
         if spec.is_async:
@@ -280,7 +381,7 @@ class Instance:
                 result = await self._within(asyncio.ensure_future(_await(result, finished)), ctx.deadline)
         except _Deadline:
             self._replace_if_still_running(finished, own_deadline, f"function {name} ran past its timeout")
-            return 504, _error_body("timeout", timeout_msg)
+            return None, (504, _error_body("timeout", timeout_msg))
         except _Raised as raised:
             e = raised.error
             if isinstance(e, SystemExit):
@@ -289,8 +390,9 @@ class Instance:
             else:
                 text = str(e)
                 message = f"{type(e).__name__}: {text}" if text else type(e).__name__
-            return 500, self._function_error(ctx, message, _user_traceback(e, spec))
-        return _serialise(name, result)
+            error = self._function_error(ctx, message, _user_traceback(e, spec), type(e).__name__)
+            return None, (500, error)
+        return result, None
 
     def _replace_if_still_running(self, finished: threading.Event, own_deadline: float, reason: str) -> None:
         """A handler past its deadline may run on (a thread cannot be stopped; a task may ignore its
@@ -319,11 +421,11 @@ class Instance:
             raise _Raised(asyncio.CancelledError("the function's task was cancelled"))
         return future.result()
 
-    def _function_error(self, ctx: Context, message: str, tb: str) -> bytes:
+    def _function_error(self, ctx: Context, message: str, tb: str, kind: str) -> bytes:
         # Also to stderr: the caller sees the error, the instance log keeps it.
         print(f"function {ctx.function} failed (request {ctx.request_id}): {message}\n{tb}", file=sys.stderr)
         sys.stderr.flush()
-        return _error_body("function_error", message, tb)
+        return _error_body("function_error", message, tb, kind)
 
     def _pool(self) -> ThreadPoolExecutor:
         # Our own pool, not the loop's default one: asyncio.run() joins the default pool on exit, and a
@@ -652,10 +754,12 @@ def _serialise(name: str, result: Any) -> tuple[int, bytes]:
         return 500, _error_body("result_not_json", message)
 
 
-def _error_body(code: str, message: str, tb: str | None = None) -> bytes:
+def _error_body(code: str, message: str, tb: str | None = None, kind: str | None = None) -> bytes:
     error: dict[str, str] = {"code": code, "message": message}
     if tb is not None:
         error["traceback"] = tb
+    if kind is not None:
+        error["type"] = kind  # the exception's class: Lambda's errorType
     return json.dumps({"error": error}).encode()
 
 

@@ -40,9 +40,17 @@ class FunctionSpec:
     memory_mb: int
     timeout_s: float
     is_async: bool
+    http: bool = False  # HTTP requests reach it as Lambda Function URL events (runtime/function_url.py)
 
     def manifest(self) -> dict[str, Any]:
-        return {"memory_mb": self.memory_mb, "timeout_s": self.timeout_s, "async": self.is_async}
+        spec: dict[str, Any] = {
+            "memory_mb": self.memory_mb,
+            "timeout_s": self.timeout_s,
+            "async": self.is_async,
+        }
+        if self.http:  # absent otherwise: the manifests of apps without one stay as they were
+            spec["http"] = True
+        return spec
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,21 @@ class App:
         name: str | None = None,
         memory_mb: int = 256,
         timeout_s: float = 30.0,
+        http: bool = False,
     ) -> Callable[[F], F]:
-        """Register a Lambda-style handler `def handler(event, ctx)`; sync or async."""
+        """Register a Lambda-style handler `def handler(event, ctx)`; sync or async.
+
+        `http=True` also lets HTTP requests reach it, without a token, as a Lambda Function URL does:
+        each request is an API Gateway HTTP API (payload format 2.0) event, and its answer
+        (`{"statusCode", "headers", "body", ...}`) the HTTP answer (see docs/apps.md).
+        """
         if _fn is not None:
             raise UsageError(
                 "@app.function needs parentheses: write @app.function() instead of @app.function"
             )
         _check_resources("@app.function", memory_mb, timeout_s)
+        if not isinstance(http, bool):
+            raise UsageError(f"@app.function(http={http!r}): give True or False")
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -157,6 +173,7 @@ class App:
                 memory_mb=memory_mb,
                 timeout_s=timeout_s,
                 is_async=inspect.iscoroutinefunction(fn),
+                http=http,
             )
             return fn
 
@@ -322,11 +339,14 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
     for fn, spec in functions.items():
         if not isinstance(fn, str) or not FUNCTION_RE.fullmatch(fn):
             raise UsageError(f"function name {str(fn)[:50]!r} is not a name of letters, digits and _")
-        if not isinstance(spec, Mapping) or set(spec) != {"memory_mb", "timeout_s", "async"}:
-            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async")
+        keys = {"memory_mb", "timeout_s", "async"}
+        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | {"http"}:
+            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async (and http)")
         _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
         if not isinstance(spec["async"], bool):
             raise UsageError(f"function {fn!r}: async must be true or false")
+        if spec.get("http", True) is not True:
+            raise UsageError(f"function {fn!r}: http is true or absent")
         checked[fn] = dict(spec)
     web = raw.get("web")
     if web is not None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 
 from osless.api.auth import Caller, require
 from osless.api.errors import ApiError, responses
+from osless.api.models import Release
 from osless.api.state import ApiState, get_state
+from osless.contracts import FunctionManifest
 
 router = APIRouter(tags=["functions"])
 
@@ -32,6 +35,17 @@ async def invoke(
     state: ApiState = Depends(get_state),
     caller: Caller = require("invoke"),
 ) -> Response:
+    _, spec = await find_function(state, app, function)
+    resp = await call_function(state, app, function, spec, await request.body(), request.headers)
+    keep = {
+        k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")
+    }
+    return Response(resp.content, resp.status_code, headers=keep)
+
+
+async def find_function(state: ApiState, app: str, function: str) -> tuple[Release, FunctionManifest]:
+    """The app's current release and the function's spec in it; 409 or 404 saying what is missing.
+    Shared with the Lambda Invoke API (routes/lambda_invoke.py)."""
     a = await state.resources.get_app(app)
     if a.current_release is None:
         raise ApiError(409, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it first")
@@ -40,20 +54,32 @@ async def invoke(
     if function not in functions:
         names = ", ".join(sorted(functions)) or "none"
         raise ApiError(404, "unknown_function", f"app {app!r} has no function {function!r} (it has: {names})")
-    body = await request.body()
+    return release, functions[function]
+
+
+async def call_function(
+    state: ApiState,
+    app: str,
+    function: str,
+    spec: FunctionManifest,
+    body: bytes,
+    request_headers: Mapping[str, str],
+) -> httpx.Response:
+    """The function called with the JSON `body` through a gateway: the gateway's answer, whatever
+    its status (the function's own errors are 500s). Shared with the Lambda Invoke API."""
     try:
         json.loads(body or b"null")
     except ValueError as e:
         raise ApiError(400, "malformed_json", f"the event must be JSON: {e}") from e
-    timeout = float(functions[function].timeout_s) + 10
+    timeout = float(spec.timeout_s) + 10
     # The gateway is shown a token that invokes this app for a while, never the caller's own: the
     # gateway may be on a node taken over, which would otherwise collect the tokens of whoever invokes.
     invoker = state.secrets.scoped_token("invoker", app, timeout + 60)
     headers = {"content-type": "application/json", "authorization": f"Bearer {invoker}"}
-    if rid := request.headers.get("x-osless-request-id"):
+    if rid := request_headers.get("x-osless-request-id"):
         headers["x-osless-request-id"] = rid
     try:
-        resp = await state.http.post(
+        return await state.http.post(
             f"{state.gateway_url}/_functions/{app}/{function}", content=body, headers=headers, timeout=timeout
         )
     except httpx.TimeoutException as e:
@@ -62,7 +88,3 @@ async def invoke(
         raise ApiError(
             502, "gateway_unreachable", f"cannot reach the gateway at {state.gateway_url}: {e}"
         ) from e
-    keep = {
-        k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")
-    }
-    return Response(resp.content, resp.status_code, headers=keep)
