@@ -316,6 +316,8 @@ class FunctionManifest(_ManifestPart):
     memory_mb: MemoryMb
     timeout_s: Annotated[Seconds, _within(3600)]
     is_async: bool = Field(alias="async")
+    # Reachable through the gateway without a token (rate-limited per client); absent: not.
+    public: bool = False
 
 
 class WebManifest(_ManifestPart):

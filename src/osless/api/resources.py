@@ -215,6 +215,7 @@ class Resources:
                     delete_prefixes=[
                         f"/releases/{name}/",
                         f"/confighistory/{name}/",
+                        f"/grants/{name}/",  # who may call it: a new app of this name starts with none
                         *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
                     ],
                 )

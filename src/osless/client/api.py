@@ -74,6 +74,14 @@ class AsyncApi:
         _raise_for(resp)
         return _body(resp)
 
+    async def send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The answer as it is, whatever its status (`ApiError` only when the API cannot be reached):
+        for a caller that hands the API's answer on."""
+        try:
+            return await self._client.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.base_url) from e
+
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params=params)
 

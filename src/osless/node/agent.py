@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,8 @@ HEARTBEAT_S = 1.0
 NODE_TTL_S = 3.0
 VOLUMES_EVERY_S = 10.0
 IMAGES_EVERY_S = 60.0
+# An app's call of another's function: the longest function timeout (3600 s), and the trip.
+CALL_TIMEOUT_S = 3660.0
 
 
 def _memory_mb() -> dict[str, int]:
@@ -119,7 +122,9 @@ class NodeAgent:
         self.gateway = gateway  # (host, port) of this node's gateway, as reported in its heartbeat
         self.relay: str | None = None  # "host:port" of this node's relay (`node.relay`), once it listens
         self.egress = (
-            EgressProxy(gateway=gateway, log=self._egress_log, allow=egress_allow or [])
+            EgressProxy(
+                gateway=gateway, log=self._egress_log, allow=egress_allow or [], call=self._call_function
+            )
             if self.sandboxed and gateway
             else None
         )
@@ -526,6 +531,27 @@ class NodeAgent:
         )
         await zyg.start(self.root)
         return zyg
+
+    async def _call_function(
+        self, caller: str, app: str, function: str, event: bytes, request_id: str
+    ) -> tuple[int, str, bytes]:
+        """An app's call of another's function (from the egress proxy): the API decides, told by
+        this node's token which of its apps calls; its answer goes back to the app as it is."""
+        headers = {"content-type": "application/json"}
+        if request_id:
+            headers["x-osless-request-id"] = request_id
+        try:
+            resp = await self.api.send(
+                "POST",
+                f"/v1/nodes/{self.name}/apps/{caller}/invoke/{app}/{function}",
+                content=event,
+                headers=headers,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except ApiError as e:
+            failed = {"error": {"code": "api_unreachable", "message": e.message}}
+            return 502, "application/json", json.dumps(failed).encode()
+        return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content
 
     def _egress_log(self, app: str, message: str) -> None:
         self._app_log(app, "egress", message)

@@ -40,9 +40,17 @@ class FunctionSpec:
     memory_mb: int
     timeout_s: float
     is_async: bool
+    public: bool = False  # callable through the gateway without a token
 
     def manifest(self) -> dict[str, Any]:
-        return {"memory_mb": self.memory_mb, "timeout_s": self.timeout_s, "async": self.is_async}
+        spec: dict[str, Any] = {
+            "memory_mb": self.memory_mb,
+            "timeout_s": self.timeout_s,
+            "async": self.is_async,
+        }
+        if self.public:  # absent otherwise: the manifests (and digests) of other functions stay as they were
+            spec["public"] = True
+        return spec
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,20 @@ class App:
         name: str | None = None,
         memory_mb: int = 256,
         timeout_s: float = 30.0,
+        public: bool = False,
     ) -> Callable[[F], F]:
-        """Register a Lambda-style handler `def handler(event, ctx)`; sync or async."""
+        """Register a Lambda-style handler `def handler(event, ctx)`; sync or async.
+
+        `public=True`: anyone may call it through the gateway without a token
+        (`POST /_functions/{app}/{name}`), rate-limited per client address; otherwise a caller needs
+        a token that may invoke it, or, for another app, the grant `osless functions allow`."""
         if _fn is not None:
             raise UsageError(
                 "@app.function needs parentheses: write @app.function() instead of @app.function"
             )
         _check_resources("@app.function", memory_mb, timeout_s)
+        if not isinstance(public, bool):
+            raise UsageError(f"@app.function(public={public!r}): give True or False")
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -157,6 +172,7 @@ class App:
                 memory_mb=memory_mb,
                 timeout_s=timeout_s,
                 is_async=inspect.iscoroutinefunction(fn),
+                public=public,
             )
             return fn
 
@@ -322,11 +338,12 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
     for fn, spec in functions.items():
         if not isinstance(fn, str) or not FUNCTION_RE.fullmatch(fn):
             raise UsageError(f"function name {str(fn)[:50]!r} is not a name of letters, digits and _")
-        if not isinstance(spec, Mapping) or set(spec) != {"memory_mb", "timeout_s", "async"}:
-            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async")
+        keys = {"memory_mb", "timeout_s", "async"}
+        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | {"public"}:
+            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async (and public)")
         _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
-        if not isinstance(spec["async"], bool):
-            raise UsageError(f"function {fn!r}: async must be true or false")
+        if not isinstance(spec["async"], bool) or not isinstance(spec.get("public", False), bool):
+            raise UsageError(f"function {fn!r}: async and public must be true or false")
         checked[fn] = dict(spec)
     web = raw.get("web")
     if web is not None:

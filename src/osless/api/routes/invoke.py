@@ -7,7 +7,7 @@ import json
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 
-from osless.api.auth import Caller, require
+from osless.api.auth import Caller, check_invoke, require
 from osless.api.errors import ApiError, responses
 from osless.api.state import ApiState, get_state
 
@@ -32,6 +32,7 @@ async def invoke(
     state: ApiState = Depends(get_state),
     caller: Caller = require("invoke"),
 ) -> Response:
+    await check_invoke(state.resources.store, caller, app, function)
     a = await state.resources.get_app(app)
     if a.current_release is None:
         raise ApiError(409, "not_deployed", f"app {app!r} has no release yet; `osless deploy` it first")
