@@ -10,10 +10,9 @@ credential for it: its own token (`OSLESS_TOKEN`) opens only its config.
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel
 
 from osless.api import grants
@@ -22,7 +21,7 @@ from osless.api.errors import ApiError, responses
 from osless.api.routes.config import placed_apps
 from osless.api.routes.invoke import invoke
 from osless.api.state import ApiState, get_state
-from osless.contracts import APP_NAME_PATTERN, APP_NAME_RULE, FUNCTION_NAME_PATTERN
+from osless.contracts import APP_NAME_PATTERN
 
 router = APIRouter(tags=["functions"])
 
@@ -39,13 +38,11 @@ class GrantList(BaseModel):
     items: list[GrantView]
 
 
-def _check_names(function: str, caller: str) -> None:
-    if function != grants.ANY_FUNCTION and not re.fullmatch(FUNCTION_NAME_PATTERN, function):
-        raise ApiError(
-            422, "invalid_request", f"{function[:80]!r} is not a function name (letters, digits, _) nor *"
-        )
-    if not re.fullmatch(APP_NAME_PATTERN, caller):
-        raise ApiError(422, "invalid_request", f"invalid caller app name {caller[:80]!r}: {APP_NAME_RULE}")
+# A function's name, or `*` for every function of the app; the calling app's name.
+GrantedFunction = Annotated[
+    str, Path(pattern=r"^(\*|[A-Za-z_][A-Za-z0-9_]{0,63})$", description="a function's name, or * for all")
+]
+CallerApp = Annotated[str, Path(pattern=APP_NAME_PATTERN, max_length=40, description="the calling app")]
 
 
 @router.put(
@@ -56,12 +53,11 @@ def _check_names(function: str, caller: str) -> None:
 )
 async def allow_caller(
     app: str,
-    function: str,
-    caller: str,
+    function: GrantedFunction,
+    caller: CallerApp,
     state: ApiState = Depends(get_state),
     who: Caller = require("deploy"),
 ) -> dict[str, Any]:
-    _check_names(function, caller)
     await state.resources.get_app(app)
     grant = await grants.allow(state.resources.store, app, function, caller, who.name)
     return grant.model_dump()
@@ -75,12 +71,11 @@ async def allow_caller(
 )
 async def deny_caller(
     app: str,
-    function: str,
-    caller: str,
+    function: GrantedFunction,
+    caller: CallerApp,
     state: ApiState = Depends(get_state),
     who: Caller = require("deploy"),
 ) -> Response:
-    _check_names(function, caller)
     await state.resources.get_app(app)
     if not await grants.deny(state.resources.store, app, function, caller):
         raise ApiError(
