@@ -64,6 +64,12 @@ def test_a_token_invokes_the_functions_it_was_granted_and_no_other(
     assert at_gateway.status_code == 403 and at_gateway.json()["error"]["message"] == error["message"]
     unknown = _through_gateway(platform, "orders", "quote", "osl_made-up")
     assert unknown.status_code == 401 and "invalid token" in unknown.json()["error"]["message"]
+    # A token sent that may not invoke at all is a 403 saying so, not a 401 asking for a token.
+    reader = platform.cli_json("tokens", "create", "--role", "read")["token"]
+    lacking = _through_gateway(platform, "orders", "quote", reader)
+    assert lacking.status_code == 403 and "'invoke' permission" in lacking.json()["error"]["message"]
+    other = _through_gateway(platform, "orders", "quote", _token(platform, "--app", "shop"))
+    assert other.status_code == 403 and "limited to app 'shop'" in other.json()["error"]["message"]
 
 
 def test_function_grants_are_for_invoke_tokens_named_app_dot_function(platform: Platform) -> None:

@@ -112,7 +112,9 @@ ROLES: dict[str, frozenset[Permission]] = {
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).
 PLATFORM_ROLES = frozenset({"node", "gateway", "controller", "builder", "peer"})
-ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build", "pull"})
+# `egress`: an app's calls of other apps' functions are the data plane, like the gateway's (counted
+# per node in `/calls/{node}`, who called whom), not people's acts.
+ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build", "pull", "egress"})
 NODE_PREFIX = "node:"
 GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import httpx
 
 from osless.api.ratelimit import Buckets, Rate
 from osless.client import AsyncApi
-from osless.contracts import ImageManifest
+from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
@@ -68,6 +69,8 @@ PUBLIC_RATE = Rate(per_s=10.0, burst=20.0)
 PUBLIC_CLIENTS_REMEMBERED = 10_000
 # What the API's tokens look like (an app's own: osla_; what the API shows for its own calls: osli_).
 TOKEN_PREFIXES = ("osl_", "osla_", "osli_")
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9_.~+/=-]{1,512}")  # what any of them is made of
+FUNCTION_NAME = re.compile(FUNCTION_NAME_PATTERN)
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
@@ -218,6 +221,10 @@ class Gateway:
         if app not in self.router.apps.items:
             message = f"no app named {app!r} is deployed here"
             conn.respond(404, error_response("app_not_found", message), JSON)
+            return
+        if not FUNCTION_NAME.fullmatch(function):  # before it goes into a URL of the API's
+            message = f"{function[:80]!r} is not a function name (letters, digits and _)"
+            conn.respond(404, error_response("unknown_function", message), JSON)
             return
         header = req.header(b"authorization").decode("latin-1")
         if header:
@@ -418,7 +425,11 @@ class Gateway:
             return cached[0]
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIXES):
+        if (
+            scheme.lower() != "bearer"
+            or not token.startswith(TOKEN_PREFIXES)
+            or not TOKEN_CHARS.fullmatch(token)
+        ):
             # Not a token of ours: not worth asking the API.
             message = "the Authorization header holds no osless token: send 'Authorization: Bearer <token>'"
             return 401, error_response("unauthorized", message)
