@@ -141,6 +141,13 @@ def test_an_app_cannot_call_as_another_app(platform: Platform, shop: dict[str, o
         assert as_app.status_code == 403, as_app.text
         not_here = platform.http("POST", path, json={})
         assert not_here.status_code == 403 and not_here.json()["error"]["code"] == "not_placed"
+        # No header makes an identity at the gateway either: there is none it trusts.
+        claimed = httpx.post(
+            f"{platform.gateway}/_functions/orders/quote",
+            json={},
+            headers={"x-osless-caller-app": "billing", "x-osless-caller": "billing"},
+        )
+        assert claimed.status_code == 401, claimed.text
     finally:
         platform.cli("functions", "deny", "orders.*", "--app", "billing")
 
