@@ -172,16 +172,18 @@ def test_a_public_function_answers_without_a_token_within_its_rate(
     assert statuses.count(200) >= 20, statuses
 
 
-def test_grants_go_with_their_app(platform: Platform) -> None:
+def test_grants_go_with_their_app(platform: Platform, orders: dict[str, object]) -> None:
     assert platform.http("POST", "/v1/apps", json={"name": "granting"}).status_code in (200, 201)
     platform.cli("functions", "allow", "granting.*", "--app", "shop")
     assert [g["caller"] for g in platform.cli_json("functions", "grants", "granting")] == ["shop"]
     unknown = platform.cli("functions", "allow", "nosuchapp.quote", "--app", "shop", check=False)
     assert unknown.returncode != 0 and "nosuchapp" in unknown.stdout + unknown.stderr
+    platform.cli("functions", "allow", "orders.quote", "--app", "granting")  # as a caller too
     platform.cli("apps", "delete", "granting", "--yes")
     platform.http("POST", "/v1/apps", json={"name": "granting"})
     try:
-        # A new app of the name starts with none: the old owner's grants are not its.
+        # A new app of the name starts with none, either way: the old one's grants are not its.
         assert platform.cli_json("functions", "grants", "granting") == []
+        assert "granting" not in [g["caller"] for g in platform.cli_json("functions", "grants", "orders")]
     finally:
         platform.cli("apps", "delete", "granting", "--yes")

@@ -3,7 +3,7 @@
 Like Lambda's resource policy (`add-permission`): `osless functions allow orders.quote --app shop`
 stores `/grants/orders/quote/shop` (`*` for every function of `orders`), and an app calling
 through its node's egress proxy (api/routes/functions.py) is let through only if such a grant
-exists. Grants are deleted with their app (api/resources.py `delete_app`).
+exists. Grants are deleted with either app (api/resources.py `delete_app`).
 """
 
 from __future__ import annotations

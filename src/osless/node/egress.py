@@ -553,8 +553,8 @@ class EgressProxy:
             await _respond(writer, 403, "Forbidden", "osless egress: no function is callable from here\n")
             return
         headers = {name.lower(): value for name, value in request.headers}
-        length = headers.get("content-length", "0" if "transfer-encoding" not in headers else "")
-        if not length.isdigit():
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or "transfer-encoding" in headers:  # one framing, known before reading
             await _respond(
                 writer, 411, "Length Required", "osless egress: send the event with a Content-Length\n"
             )
