@@ -121,6 +121,9 @@ class NodeAgent:
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.gateway = gateway  # (host, port) of this node's gateway, as reported in its heartbeat
         self.relay: str | None = None  # "host:port" of this node's relay (`node.relay`), once it listens
+        # Apps' function calls wait as long as the function runs: on connections of their own, so
+        # that a crowd of them never holds up the heartbeat.
+        self._calls_api = api.clone()
         self.egress = (
             EgressProxy(
                 gateway=gateway, log=self._egress_log, allow=egress_allow or [], call=self._call_function
@@ -541,7 +544,7 @@ class NodeAgent:
         if request_id:
             headers["x-osless-request-id"] = request_id
         try:
-            resp = await self.api.send(
+            resp = await self._calls_api.send(
                 "POST",
                 f"/v1/nodes/{self.name}/apps/{caller}/invoke/{app}/{function}",
                 content=event,
@@ -597,6 +600,7 @@ class NodeAgent:
         self.zygotes.clear()
         if self.egress is not None:
             await self.egress.close()
+        await self._calls_api.aclose()
         await self.root.stop()
         await self.volumes.detach_all()
         if self.cgroups is not None:
