@@ -12,12 +12,15 @@ def test_osless_exports() -> None:
         "ConfigError",
         "Context",
         "Field",
+        "FunctionCallError",
         "OslessError",
+        "RemoteFunction",
         "Secret",
         "Service",
         "Settings",
         "UsageError",
         "Volume",
+        "function",
         "service",
     ]
     for name in osless.__all__:

@@ -100,6 +100,28 @@ def test_instances_spread_over_the_nodes_and_every_gateway_serves_every_app(clus
     assert answered == {i["id"] for i in instances}  # each gateway reaches instances on other nodes
 
 
+def test_an_app_calls_another_s_function_and_any_gateway_serves_a_public_one(cluster: Cluster) -> None:
+    # Issue 12: the call leaves shop's node through its egress proxy and agent, the API decides,
+    # and a gateway reaches orders wherever it runs; a public function answers on every gateway.
+    server = cluster.server
+    server.deploy(APPS / "orders")
+    server.deploy(APPS / "shop")
+    try:
+        server.cli("functions", "allow", "orders.quote", "--app", "shop")
+        status, body = server.invoke("shop", "buy", {"target": "orders.quote", "event": {"qty": 2}})
+        assert status == 200 and body == {"result": {"price": 6}}, body
+        status, body = server.invoke("shop", "buy", {"target": "orders.refund"})
+        assert body["error"]["code"] == "not_allowed", body
+        for node in cluster.nodes:
+            r = httpx.post(f"{node.gateway}/_functions/orders/ping", json={}, timeout=30)
+            assert r.status_code == 200 and r.json() == {"pong": True}, r.text
+            refused = httpx.post(f"{node.gateway}/_functions/orders/quote", json={}, timeout=30)
+            assert refused.status_code == 401, refused.text
+    finally:  # the tests after this one count instances: these two leave none behind
+        server.cli("apps", "delete", "shop", "--yes")
+        server.cli("apps", "delete", "orders", "--yes")
+
+
 def test_deploys_and_config_changes_work_with_one_etcd_member_stopped(cluster: Cluster) -> None:
     server, member = cluster.server, cluster.etcd.members[2]
     member.stop()

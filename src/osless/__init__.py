@@ -18,12 +18,15 @@ if TYPE_CHECKING:
         ConfigError,
         Context,
         Field,
+        FunctionCallError,
         OslessError,
+        RemoteFunction,
         Secret,
         Service,
         Settings,
         UsageError,
         Volume,
+        function,
         service,
     )
 
@@ -33,12 +36,15 @@ __all__ = [
     "ConfigError",
     "Context",
     "Field",
+    "FunctionCallError",
     "OslessError",
+    "RemoteFunction",
     "Secret",
     "Service",
     "Settings",
     "UsageError",
     "Volume",
+    "function",
     "service",
 ]
 __version__ = "0.1.0"

@@ -317,6 +317,8 @@ class FunctionManifest(_ManifestPart):
     timeout_s: Annotated[Seconds, _within(3600)]
     is_async: bool = Field(alias="async")
     http: bool = False  # `@app.function(http=True)`: HTTP requests reach it through the gateway
+    # Reachable through the gateway without a token (rate-limited per client); absent: not.
+    public: bool = False
 
 
 class WebManifest(_ManifestPart):

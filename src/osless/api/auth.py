@@ -22,12 +22,14 @@ from typing import Any, Literal, get_args
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from osless.api import grants
 from osless.api.errors import ApiError
 from osless.api.models import now
 from osless.api.resources import Resources
 from osless.store import Conflict, Store
 
 __all__ = [
+    "FUNCTION_GRANT_PATTERN",
     "GATEWAY_PREFIX",
     "GRANTABLE",
     "NODE_PREFIX",
@@ -40,6 +42,7 @@ __all__ = [
     "Require",
     "TokenRecord",
     "Tokens",
+    "check_invoke",
     "check_node",
     "check_scope",
     "issue_token",
@@ -57,6 +60,7 @@ Permission = Literal[
     "logs",
     "deploy",
     "invoke",
+    "egress",
     "operate",
     "report",
     "route",
@@ -72,6 +76,8 @@ _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 # an app's own token may read of itself. The platform's parts each hold a role of their own, with
 # only what they need:
 # - `operate`: the controllers' writes (instances placed and removed, the autoscaler's `desired`);
+# - `egress`: a node's egress proxy calls another app's function for an app placed on that node,
+#   with that app's identity (api/routes/functions.py); the callee's grants decide;
 # - `report`: a node's writes about itself (heartbeat, instance status, egress calls, its gateway's
 #   token), checked against the node the token was made for (`node_of`);
 # - `route`: a gateway's (wake an app at zero, traffic reports);
@@ -80,13 +86,13 @@ _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 # - `pull`: images and layer archives by digest (a node, only those it runs; see routes/images.py);
 # - `secrets`: config in clear, for node agents only, and only for the apps placed on their node.
 ROLES: dict[str, frozenset[Permission]] = {
-    "admin": _READ | {"logs", "deploy", "invoke", "operate", "report", "route", "pull", "admin"},
+    "admin": _READ | {"logs", "deploy", "invoke", "egress", "operate", "report", "route", "pull", "admin"},
     "deploy": _READ | {"deploy", "invoke"},
     "read": _READ,
     "debug": _READ | {"logs"},
     "invoke": frozenset({"whoami", "invoke"}),
     # A node agent: `osless node join` (and `osless up`'s own node) runs with one, named `node:NAME`.
-    "node": _READ | {"report", "pull", "secrets"},
+    "node": _READ | {"report", "pull", "secrets", "egress"},
     # A node's gateway processes, with a token their node asks for (`POST /v1/nodes/{node}/gateway-token`).
     "gateway": _READ | {"route"},
     # The scheduler and the autoscaler.
@@ -106,7 +112,9 @@ ROLES: dict[str, frozenset[Permission]] = {
 # The platform's own parts: never throttled, and their routine writes are not audited (they would
 # drown what people did).
 PLATFORM_ROLES = frozenset({"node", "gateway", "controller", "builder", "peer"})
-ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build", "pull"})
+# `egress`: an app's calls of other apps' functions are the data plane, like the gateway's (counted
+# per node in `/calls/{node}`, who called whom), not people's acts.
+ROUTINE: frozenset[Permission] = frozenset({"operate", "report", "route", "build", "pull", "egress"})
 NODE_PREFIX = "node:"
 GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.
@@ -115,6 +123,9 @@ GRANTABLE: tuple[str, ...] = get_args(Grantable)
 TOKEN_PREFIX = "osl_"
 ID_LEN = 12
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"
+# What an invoke token may be limited to: `APP.FUNCTION`, or `APP.*` for every function of APP.
+FUNCTION_GRANT_PATTERN = r"^([a-z]|[a-z][a-z0-9-]{0,38}[a-z0-9])\.(\*|[A-Za-z_][A-Za-z0-9_]{0,63})$"
+MAX_FUNCTION_GRANTS = 64
 
 
 def token_digest(token: str) -> str:
@@ -130,6 +141,8 @@ class TokenRecord(BaseModel):
     created_at: float = 0.0
     expires_at: float | None = None
     last_used_at: float | None = None
+    # `APP.FUNCTION` or `APP.*`: the functions it may invoke; None (records made before) for any.
+    functions: list[str] | None = None
 
     def expired(self, at: float | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (at if at is not None else now())
@@ -144,6 +157,7 @@ class Caller:
     role: str
     app: str | None = None  # set: the caller may act on this app only
     expires_at: float | None = None
+    functions: tuple[str, ...] | None = None  # set: the only functions it may invoke (`APP.FN`, `APP.*`)
 
     def may(self, permission: Permission) -> bool:
         return permission in ROLES.get(self.role, frozenset())
@@ -170,12 +184,20 @@ class Tokens:
         self._flushed: dict[str, float] = {}
 
     async def issue(
-        self, name: str, role: str, *, app: str | None = None, expires_at: float | None = None
+        self,
+        name: str,
+        role: str,
+        *,
+        app: str | None = None,
+        expires_at: float | None = None,
+        functions: list[str] | None = None,
     ) -> tuple[str, str, TokenRecord]:
         """A new token: (the token, its digest, its record). The token itself is never stored."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_digest(token)
-        record = TokenRecord(name=name, role=role, app=app, created_at=now(), expires_at=expires_at)
+        record = TokenRecord(
+            name=name, role=role, app=app, created_at=now(), expires_at=expires_at, functions=functions
+        )
         await self.store.put(f"/tokens/{digest}", record.model_dump_json().encode(), if_revision=0)
         return token, digest, record
 
@@ -331,4 +353,33 @@ def check_node(caller: Caller, node: str) -> None:
             f"this token is node {mine!r}'s: it cannot act for node {node!r}"
             if mine
             else f"this {caller.role} token is not named after a node ({caller.role}:NAME): it acts for none",
+        )
+
+
+def grant_covers(grants: tuple[str, ...] | list[str], app: str, function: str) -> bool:
+    """Whether an invoke token's `APP.FUNCTION` / `APP.*` list covers `app.function`."""
+    return f"{app}.{function}" in grants or f"{app}.*" in grants
+
+
+async def check_invoke(store: Store, caller: Caller, app: str, function: str) -> None:
+    """The one check every way of invoking a function makes, after `require("invoke")` (or, for an
+    app calling through its node's egress proxy, the node's `egress`): 403 `not_allowed` saying
+    what is missing and how to grant it. A token limited to some functions invokes those only; an
+    app calling with its own identity (role `app`, `app` its name) needs the callee's grant."""
+    target = f"{app}.{function}"
+    if caller.functions is not None and not grant_covers(caller.functions, app, function):
+        held = ", ".join(caller.functions) or "none"
+        raise ApiError(
+            403,
+            "not_allowed",
+            f"token {caller.name!r} may not invoke {target} (it may invoke: {held}); make one that may "
+            f"with `osless tokens create --role invoke --functions {target}`",
+        )
+    calling = caller.app if caller.role == "app" else None
+    if calling is not None and calling != app and not await grants.allowed(store, app, function, calling):
+        raise ApiError(
+            403,
+            "not_allowed",
+            f"app {calling} may not call {target}; grant it with "
+            f"`osless functions allow {target} --app {calling}`",
         )

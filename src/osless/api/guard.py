@@ -115,6 +115,7 @@ class Guard:
             role=record.role,
             app=record.app,
             expires_at=record.expires_at,
+            functions=None if record.functions is None else tuple(record.functions),
         )
         return caller, "", ""
 

@@ -201,6 +201,13 @@ class Resources:
                 )
             records = [f"/instances/{i.id}" for i in (await self.list_instances(app=name))[0]]
             records += [f"/deploys/{d.id}" for d in deploys]
+            # Its grants on other apps' functions (`/grants/{callee}/{fn}/{name}`): a new app of the
+            # name must not inherit them. Its own, as the callee, go with the prefix below.
+            records += [
+                kv.key
+                for kv in (await self.store.list("/grants/"))[0]
+                if kv.key.rsplit("/", 1)[1] == name and not kv.key.startswith(f"/grants/{name}/")
+            ]
             try:
                 # Checked against the app as read: a release committed meanwhile means read again.
                 await self.store.txn(
@@ -215,6 +222,7 @@ class Resources:
                     delete_prefixes=[
                         f"/releases/{name}/",
                         f"/confighistory/{name}/",
+                        f"/grants/{name}/",  # who may call it: a new app of the name starts with none
                         *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
                     ],
                 )

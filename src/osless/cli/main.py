@@ -19,6 +19,7 @@ from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.functions import functions_app
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.output import (
@@ -285,6 +286,7 @@ app.command("restart")(restart)
 app.command("invoke")(invoke)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(functions_app, name="functions")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")

@@ -41,6 +41,13 @@ def create(
         str | None, typer.Option(help="Lifetime such as 12h, 30d or 2w (default: never expires).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="A name to tell it by (default: role and app).")] = None,
+    functions: Annotated[
+        str | None,
+        typer.Option(
+            help="An invoke token: the only functions it may invoke, comma-separated APP.FUNCTION or "
+            "APP.* (for example orders.quote,billing.*)."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Make a token. It is printed once, here: store it now."""
@@ -53,11 +60,15 @@ def create(
         body["name"] = name
     if expires is not None:
         body["expires_in_s"] = parse_duration(expires, "--expires")
+    if functions is not None:
+        body["functions"] = [f.strip() for f in functions.split(",") if f.strip()]
     made = call(client().post, "/v1/tokens", body)
     if json_out:
         print_json(made)
         return
     scope = f" for app {made['app']}" if made["app"] else ""
+    if made.get("functions"):
+        scope += f" invoking {', '.join(made['functions'])} only"
     err_console.print(
         f"{made['role']} token {made['id']} ({made['name']}){scope}, expires {until(made['expires_at'])}. "
         "It is shown only now:",

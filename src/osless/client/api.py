@@ -55,6 +55,7 @@ class AsyncApi:
         """`local_address`: the source address of its connections (a node's own: the API ties the
         URLs a node reports to the address it calls from)."""
         self.base_url = base_url.rstrip("/")
+        self._made_with = (token, timeout, local_address)
         verify = _verify(self.base_url)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -73,6 +74,20 @@ class AsyncApi:
             raise _transport_error(e, self.base_url) from e
         _raise_for(resp)
         return _body(resp)
+
+    def clone(self) -> AsyncApi:
+        """Another client like this one, with a connection pool of its own: for calls that may
+        wait long (an app's function call), which must not hold up this one's."""
+        token, timeout, local_address = self._made_with
+        return AsyncApi(self.base_url, token, timeout=timeout, local_address=local_address)
+
+    async def send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The answer as it is, whatever its status (`ApiError` only when the API cannot be reached):
+        for a caller that hands the API's answer on."""
+        try:
+            return await self._client.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.base_url) from e
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params=params)

@@ -1,5 +1,7 @@
 """HTTP ingress: `/{app}/...` or `Host: {app}.localhost` to the app's web instances, bodies streamed
-both ways; `POST /_functions/{app}/{function}` (with an API token) invokes a function.
+both ways; `POST /_functions/{app}/{function}` invokes a function: with a token the API says may
+(the API decides, the gateway keeps its answer a second), or without one if the function is public
+(`@app.function(public=True)`), rate-limited per client address.
 
 Routing, limits and the activator live here, one coroutine per request; the bytes move in
 `gateway.http` (the client's side) and `gateway.upstream` (the instance's).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -16,8 +19,9 @@ from collections.abc import Callable, Sequence
 import httptools
 import httpx
 
+from osless.api.ratelimit import Buckets, Rate
 from osless.client import AsyncApi
-from osless.contracts import ImageManifest
+from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
@@ -60,8 +64,13 @@ RETRY_WITHIN_S = 10.0
 SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 TOKEN_TTL_S, BAD_TOKEN_TTL_S = 1.0, 1.0  # a revoked token stops here within TOKEN_TTL_S, as at the API
 TOKEN_CACHE_SIZE = 1024
+# Calls of public functions (no token) per client address, per gateway process: a token bucket.
+PUBLIC_RATE = Rate(per_s=10.0, burst=20.0)
+PUBLIC_CLIENTS_REMEMBERED = 10_000
 # What the API's tokens look like (an app's own: osla_; what the API shows for its own calls: osli_).
 TOKEN_PREFIXES = ("osl_", "osla_", "osli_")
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9_.~+/=-]{1,512}")  # what any of them is made of
+FUNCTION_NAME = re.compile(FUNCTION_NAME_PATTERN)
 
 # The timeouts of a request to an instance of a release, from its manifest; None
 # when there is nothing to ask it (the function answered the request itself).
@@ -81,8 +90,9 @@ class Gateway:
         self._health_headers = [*JSON, (b"x-osless-gateway", name.encode("ascii"))]
         self.api_url = api.base_url
         self.base_domain = base_domain
-        # Authorization header -> (False if refused, else the app it is limited to or None; until)
-        self._tokens: dict[str, tuple[str | bool | None, float]] = {}
+        # (Authorization header, app, function) -> (None if allowed, else the refusal to give; until)
+        self._tokens: dict[tuple[str, str, str], tuple[tuple[int, bytes] | None, float]] = {}
+        self._public_rate = Buckets(PUBLIC_RATE, size=PUBLIC_CLIENTS_REMEMBERED)
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
         # On the loop's clock, which the hot path reads anyway (one clock read a turn of the loop).
         self.traffic = Traffic(asyncio.get_running_loop().time)
@@ -208,12 +218,40 @@ class Gateway:
             )
             return
         app, function = parts[2].decode("latin-1"), parts[3].decode("latin-1")
-        if not await self._authorized(req.header(b"authorization").decode("latin-1"), app):
+        if app not in self.router.apps.items:
+            message = f"no app named {app!r} is deployed here"
+            conn.respond(404, error_response("app_not_found", message), JSON)
+            return
+        if not FUNCTION_NAME.fullmatch(function):  # before it goes into a URL of the API's
+            message = f"{function[:80]!r} is not a function name (letters, digits and _)"
+            conn.respond(404, error_response("unknown_function", message), JSON)
+            return
+        header = req.header(b"authorization").decode("latin-1")
+        if header:
+            refused = await self._refusal(header, app, function)
+            if refused is not None:
+                status, body = refused
+                conn.respond(status, body, RETRY_AFTER if status in (429, 503) else JSON)
+                return
+        elif not await self._public(app, function):
             message = (
-                f"invoking a function of {app!r} needs 'Authorization: Bearer <token>' with a token of "
-                f"role admin, deploy or invoke for {app!r}"
+                f"invoking {app}.{function} needs 'Authorization: Bearer <token>' with a token that may "
+                f"invoke it (`osless tokens create --role invoke --functions {app}.{function}`); or make "
+                "it public with @app.function(public=True)"
             )
-            conn.respond(401, error_response("unauthorized", message), JSON)
+            conn.respond(
+                401, error_response("unauthorized", message), [*JSON, (b"www-authenticate", b"Bearer")]
+            )
+            return
+        elif wait := self._public_rate.take(conn.client_ip.decode("latin-1")):
+            retry = Buckets.retry_after(wait)
+            message = (
+                f"too many calls of public functions from this address (at most {PUBLIC_RATE.per_s:g}/s, "
+                f"bursts of {PUBLIC_RATE.burst:g}); retry in {retry} s, or call with a token"
+            )
+            conn.respond(
+                429, error_response("too_many_requests", message), [*JSON, (b"retry-after", retry.encode())]
+            )
             return
 
         def timeouts(manifest: ImageManifest) -> Timeouts | None:
@@ -367,31 +405,52 @@ class Gateway:
                 up.transport.close()
             conn.transport.close()
 
-    async def _authorized(self, header: str, app: str) -> bool:
-        """Whether the token in `header` may invoke `app`'s functions (asked of the API, cached)."""
+    async def _public(self, app: str, function: str) -> bool:
+        """Whether the app's current release declares `function` with public=True."""
+        try:
+            manifest = await self.router.current_manifest(app)
+        except NoBackend:
+            return False
+        spec = None if manifest is None else manifest.functions.get(function)
+        return spec is not None and bool(spec.public)
+
+    async def _refusal(self, header: str, app: str, function: str) -> tuple[int, bytes] | None:
+        """None if the token in `header` may invoke `app.function`; else the answer to give. The API
+        decides (`GET /v1/apps/{app}/functions/{function}/access`, the same check as an invoke),
+        and its answer is kept a second, refusals too."""
         now = time.monotonic()
-        cached = self._tokens.get(header)
-        if cached is None or cached[1] <= now:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIXES):
-                return False  # not a token of ours: not worth asking the API
-            try:
-                resp = await self._auth_client.get("/v1/whoami", headers={"authorization": header})
-                who = resp.json() if resp.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
-                return False
-            if who is None and resp.status_code not in (401, 403):
-                return False  # the API could not say (429, 5xx): refused now, asked again next time
-            # The API's own permission table decides (api/auth.py ROLES), not a copy of it here.
-            ok = isinstance(who, dict) and "invoke" in (who.get("permissions") or ())
-            scope = who.get("app") if ok and isinstance(who, dict) else None
-            cached = (scope if ok else False, now + (TOKEN_TTL_S if ok else BAD_TOKEN_TTL_S))
-            self._tokens[header] = cached
-            while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
-                self._tokens.pop(next(iter(self._tokens)))
-        scope = cached[0]
-        # False: refused; None: any app; else the one app the token is for.
-        return scope is not False and (scope is None or scope == app)
+        key = (header, app, function)
+        cached = self._tokens.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if (
+            scheme.lower() != "bearer"
+            or not token.startswith(TOKEN_PREFIXES)
+            or not TOKEN_CHARS.fullmatch(token)
+        ):
+            # Not a token of ours: not worth asking the API.
+            message = "the Authorization header holds no osless token: send 'Authorization: Bearer <token>'"
+            return 401, error_response("unauthorized", message)
+        try:
+            resp = await self._auth_client.get(
+                f"/v1/apps/{app}/functions/{function}/access", headers={"authorization": f"Bearer {token}"}
+            )
+        except httpx.HTTPError as e:
+            return 503, error_response("api_unreachable", f"cannot check the token with the API now: {e}")
+        if resp.status_code == 200:
+            answer: tuple[int, bytes] | None = None
+        elif resp.status_code in (401, 403, 404) and _is_error(resp.content):
+            answer = resp.status_code, resp.content  # the API's own words: what is missing, and how to fix it
+        else:  # the API could not say (429, 5xx): refused now, asked again next time
+            return 503, error_response(
+                "api_unavailable", f"cannot check the token with the API now ({resp.status_code})"
+            )
+        self._tokens[key] = (answer, now + (TOKEN_TTL_S if answer is None else BAD_TOKEN_TTL_S))
+        while len(self._tokens) > TOKEN_CACHE_SIZE:  # callers with made-up tokens cannot grow it
+            self._tokens.pop(next(iter(self._tokens)))
+        return answer
 
     async def aclose(self) -> None:
         for server in self._servers:
@@ -407,6 +466,15 @@ class _TimedOut(Exception):
 
 class _TooOld(Exception):
     """The request lived past the app's max_duration_s."""
+
+
+def _is_error(body: bytes) -> bool:
+    """Whether `body` is the API's error shape, fit to hand on as it is."""
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(found, dict) and isinstance(found.get("error"), dict)
 
 
 def _over(req: Request, max_body: int) -> bool:

@@ -339,6 +339,17 @@ class Router:
             i.app == app and i.status.phase in ("pending", "starting") for i in self.instances.items.values()
         )
 
+    async def current_manifest(self, app: str) -> ImageManifest | None:
+        """The manifest of the app's current release (None before its first), read once per release."""
+        spec = self.apps.items.get(app)
+        if spec is None or spec.current_release is None:
+            return None
+        key = (app, spec.current_release)
+        found = self._manifests.get(key)
+        if found is not None:
+            return found
+        return await asyncio.shield(self._fetch(key))
+
     async def manifest(self, backend: Backend) -> ImageManifest:
         """The image manifest of the backend's release (timeouts, functions); releases never change."""
         found = self._manifests.get((backend.app, backend.release))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,8 @@ HEARTBEAT_S = 1.0
 NODE_TTL_S = 3.0
 VOLUMES_EVERY_S = 10.0
 IMAGES_EVERY_S = 60.0
+# An app's call of another's function: the longest function timeout (3600 s), and the trip.
+CALL_TIMEOUT_S = 3660.0
 
 
 def _memory_mb() -> dict[str, int]:
@@ -118,8 +121,13 @@ class NodeAgent:
         self.cgroups = found if isinstance(found, Cgroups) else None
         self.gateway = gateway  # (host, port) of this node's gateway, as reported in its heartbeat
         self.relay: str | None = None  # "host:port" of this node's relay (`node.relay`), once it listens
+        # Apps' function calls wait as long as the function runs: on connections of their own, so
+        # that a crowd of them never holds up the heartbeat.
+        self._calls_api = api.clone()
         self.egress = (
-            EgressProxy(gateway=gateway, log=self._egress_log, allow=egress_allow or [])
+            EgressProxy(
+                gateway=gateway, log=self._egress_log, allow=egress_allow or [], call=self._call_function
+            )
             if self.sandboxed and gateway
             else None
         )
@@ -527,6 +535,27 @@ class NodeAgent:
         await zyg.start(self.root)
         return zyg
 
+    async def _call_function(
+        self, caller: str, app: str, function: str, event: bytes, request_id: str
+    ) -> tuple[int, str, bytes]:
+        """An app's call of another's function (from the egress proxy): the API decides, told by
+        this node's token which of its apps calls; its answer goes back to the app as it is."""
+        headers = {"content-type": "application/json"}
+        if request_id:
+            headers["x-osless-request-id"] = request_id
+        try:
+            resp = await self._calls_api.send(
+                "POST",
+                f"/v1/nodes/{self.name}/apps/{caller}/invoke/{app}/{function}",
+                content=event,
+                headers=headers,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except ApiError as e:
+            failed = {"error": {"code": "api_unreachable", "message": e.message}}
+            return 502, "application/json", json.dumps(failed).encode()
+        return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content
+
     def _egress_log(self, app: str, message: str) -> None:
         self._app_log(app, "egress", message)
 
@@ -571,6 +600,7 @@ class NodeAgent:
         self.zygotes.clear()
         if self.egress is not None:
             await self.egress.close()
+        await self._calls_api.aclose()
         await self.root.stop()
         await self.volumes.detach_all()
         if self.cgroups is not None:

@@ -11,6 +11,10 @@ Per connection, one HTTP/1.1 request head:
   app through the gateway (`Host: {app}.localhost`); any other allowed host directly. The head is
   rewritten to origin-form with `Connection: close`, then bytes are relayed as they are: one
   request per connection.
+- `POST http://{app}.osless/__osless__/functions/{function}` (what `osless.function("app.fn")`
+  sends): a call of that function as the calling app, handed to `call` (the node agent, which asks
+  the API with the node's token, naming the app this socket is for). The app's own headers claim
+  nothing: who calls is the socket's app, and the callee's grants decide (api/routes/functions.py).
 Where a connection may go is decided twice: the app's list names the hosts (by name, `*.domain` or
 address), and the operator's rules (`egress_rules`) refuse internal addresses and this host's own,
 whatever the app lists, unless `osless up --egress-allow CIDR` allows them. A name is resolved once;
@@ -27,8 +31,9 @@ import ipaddress
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,11 @@ from osless.node.egress_rules import AddressPolicy, Network
 from osless.sdk.app import NAME_RE
 
 __all__ = [
+    "CALL_BODY_LIMIT",
     "CONNECT_TIMEOUT_S",
     "HEAD_LIMIT",
     "HEAD_TIMEOUT_S",
+    "CallFunction",
     "EgressProxy",
     "host_allowed",
 ]
@@ -50,6 +57,10 @@ CONNECT_TIMEOUT_S = 10.0
 OSLESS_SUFFIX = ".osless"
 GATEWAY_DOMAIN = "localhost"
 _CHUNK = 64 * 1024
+# `/__osless__/` never reaches an app (the gateway refuses it): the platform's paths, here too.
+PLATFORM_PATH = "/__osless__/"
+CALL_PATH = re.compile(r"/__osless__/functions/([A-Za-z_][A-Za-z0-9_]{0,63})")
+CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -69,6 +80,8 @@ _HOP_BY_HOP = {
 }
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (calling app, app, function, event as JSON bytes, request id) -> (status, content type, body)
+CallFunction = Callable[[str, str, str, bytes, str], Awaitable[tuple[int, str, bytes]]]
 
 
 class _BadRequest(Exception):
@@ -236,10 +249,16 @@ def _forward_head(request: _Request, origin: str, host_header: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, reason: str, body: str) -> None:
-    data = body.encode()
+async def _respond(
+    writer: asyncio.StreamWriter,
+    status: int,
+    reason: str,
+    body: str | bytes,
+    content_type: str = "text/plain; charset=utf-8",
+) -> None:
+    data = body.encode() if isinstance(body, str) else body
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     )
     with contextlib.suppress(OSError):
@@ -318,6 +337,13 @@ async def _relay(
         await asyncio.gather(down, up, return_exceptions=True)
 
 
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(OSError):
@@ -327,7 +353,8 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class EgressProxy:
     """One unix socket per app; see the module doc. `log(app, message)` goes to the app's logs.
     `allow`: the internal ranges the operator opens to apps that list them (`--egress-allow`).
-    `gateway` None: `{app}.osless` is refused (builds reach no app)."""
+    `gateway` None: `{app}.osless` is refused (builds reach no app). `call`: how a function call
+    of one app by another goes out (None: refused)."""
 
     def __init__(
         self,
@@ -335,8 +362,10 @@ class EgressProxy:
         gateway: tuple[str, int] | None,
         log: Callable[[str, str], None],
         allow: Iterable[Network] = (),
+        call: CallFunction | None = None,
     ) -> None:
         self.gateway = gateway
+        self.call = call
         self.log = log
         self.policy = AddressPolicy(allow)
         self.calls: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> requests: who calls whom
@@ -451,6 +480,10 @@ class EgressProxy:
                     writer, 400, "Bad Request", f"osless egress: {host} is not an osless app name\n"
                 )
                 return
+            path = origin.split("?", 1)[0]
+            if path.startswith(PLATFORM_PATH):
+                await self._call(served, reader, writer, request, target, path)
+                return
             try:
                 # The platform's own gateway: a fixed target of the platform's choosing, not the app's.
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -495,6 +528,57 @@ class EgressProxy:
             host_header = where if port != 80 else (f"[{host}]" if ":" in host else host)
             head = _forward_head(request, origin, host_header)
             await self._tunnel(reader, writer, upstream, head, forward=True)
+
+    async def _call(
+        self,
+        served: _Served,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: _Request,
+        target: str,
+        path: str,
+    ) -> None:
+        """`POST http://{target}.osless/__osless__/functions/{fn}`: a function call as `served.app`."""
+        found = CALL_PATH.fullmatch(path)
+        if found is None or request.method != "POST":
+            await _respond(
+                writer,
+                404,
+                "Not Found",
+                f"osless egress: paths under {PLATFORM_PATH} are the platform's; call a function with "
+                f"POST http://{target}.osless/__osless__/functions/NAME (osless.function)\n",
+            )
+            return
+        if self.call is None:
+            await _respond(writer, 403, "Forbidden", "osless egress: no function is callable from here\n")
+            return
+        headers = {name.lower(): value for name, value in request.headers}
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or "transfer-encoding" in headers:  # one framing, known before reading
+            await _respond(
+                writer, 411, "Length Required", "osless egress: send the event with a Content-Length\n"
+            )
+            return
+        if int(length) > CALL_BODY_LIMIT:
+            await _respond(
+                writer,
+                413,
+                "Content Too Large",
+                f"osless egress: the event is past the limit of {CALL_BODY_LIMIT} bytes\n",
+            )
+            return
+        try:
+            body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return
+        function = found.group(1)
+        app = served.app
+        self.log(app, f"call of {target}.{function}")
+        self.calls[(app, target)] += 1
+        status, content_type, answer = await self.call(
+            app, target, function, body, headers.get("x-osless-request-id", "")[:64]
+        )
+        await _respond(writer, status, _reason(status), answer, content_type)
 
     async def _fail(self, writer: asyncio.StreamWriter, app: str, where: str, error: BaseException) -> None:
         reason = "timed out" if isinstance(error, TimeoutError) else str(error) or type(error).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from osless.sdk.app import App, FunctionSpec, Volume, WebSpec
+from osless.sdk.calls import FunctionCallError, RemoteFunction, function
 from osless.sdk.config import JSON, Field, Secret, Settings
 from osless.sdk.context import Context
 from osless.sdk.errors import ConfigError, OslessError, UsageError
@@ -14,13 +15,16 @@ __all__ = [
     "ConfigError",
     "Context",
     "Field",
+    "FunctionCallError",
     "FunctionSpec",
     "OslessError",
+    "RemoteFunction",
     "Secret",
     "Service",
     "Settings",
     "UsageError",
     "Volume",
     "WebSpec",
+    "function",
     "service",
 ]

@@ -41,6 +41,7 @@ class FunctionSpec:
     timeout_s: float
     is_async: bool
     http: bool = False  # HTTP requests reach it as Lambda Function URL events (runtime/function_url.py)
+    public: bool = False  # callable through the gateway without a token
 
     def manifest(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -50,6 +51,8 @@ class FunctionSpec:
         }
         if self.http:  # absent otherwise: the manifests of apps without one stay as they were
             spec["http"] = True
+        if self.public:  # absent otherwise: the manifests (and digests) of other functions stay as they were
+            spec["public"] = True
         return spec
 
 
@@ -129,13 +132,16 @@ class App:
         memory_mb: int = 256,
         timeout_s: float = 30.0,
         http: bool = False,
+        public: bool = False,
     ) -> Callable[[F], F]:
         """Register a Lambda-style handler `def handler(event, ctx)`; sync or async.
 
         `http=True` also lets HTTP requests reach it, without a token, as a Lambda Function URL does:
         each request is an API Gateway HTTP API (payload format 2.0) event, and its answer
         (`{"statusCode", "headers", "body", ...}`) the HTTP answer (see docs/apps.md).
-        """
+        `public=True`: anyone may call it through the gateway without a token
+        (`POST /_functions/{app}/{name}`), rate-limited per client address; otherwise a caller needs
+        a token that may invoke it, or, for another app, the grant `osless functions allow`."""
         if _fn is not None:
             raise UsageError(
                 "@app.function needs parentheses: write @app.function() instead of @app.function"
@@ -143,6 +149,8 @@ class App:
         _check_resources("@app.function", memory_mb, timeout_s)
         if not isinstance(http, bool):
             raise UsageError(f"@app.function(http={http!r}): give True or False")
+        if not isinstance(public, bool):
+            raise UsageError(f"@app.function(public={public!r}): give True or False")
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -174,6 +182,7 @@ class App:
                 timeout_s=timeout_s,
                 is_async=inspect.iscoroutinefunction(fn),
                 http=http,
+                public=public,
             )
             return fn
 
@@ -340,11 +349,13 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         if not isinstance(fn, str) or not FUNCTION_RE.fullmatch(fn):
             raise UsageError(f"function name {str(fn)[:50]!r} is not a name of letters, digits and _")
         keys = {"memory_mb", "timeout_s", "async"}
-        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | {"http"}:
-            raise UsageError(f"function {fn!r} needs exactly memory_mb, timeout_s and async (and http)")
+        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | {"http", "public"}:
+            raise UsageError(
+                f"function {fn!r} needs exactly memory_mb, timeout_s and async (and http, public)"
+            )
         _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
-        if not isinstance(spec["async"], bool):
-            raise UsageError(f"function {fn!r}: async must be true or false")
+        if not isinstance(spec["async"], bool) or not isinstance(spec.get("public", False), bool):
+            raise UsageError(f"function {fn!r}: async and public must be true or false")
         if spec.get("http", True) is not True:
             raise UsageError(f"function {fn!r}: http is true or absent")
         checked[fn] = dict(spec)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 
-from osless.api.auth import Caller, require
+from osless.api.auth import Caller, check_invoke, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import Release
 from osless.api.state import ApiState, get_state
@@ -35,6 +35,7 @@ async def invoke(
     state: ApiState = Depends(get_state),
     caller: Caller = require("invoke"),
 ) -> Response:
+    await check_invoke(state.resources.store, caller, app, function)
     _, spec = await find_function(state, app, function)
     resp = await call_function(state, app, function, spec, await request.body(), request.headers)
     keep = {

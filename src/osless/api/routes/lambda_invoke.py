@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from osless.api import awslambda
-from osless.api.auth import Caller, check_scope, require
+from osless.api.auth import Caller, check_invoke, check_scope, require
 from osless.api.errors import ApiError
 from osless.api.models import Release
 from osless.api.routes.invoke import call_function, find_function
@@ -71,6 +71,7 @@ async def invoke(
     app, function, qualifier = _target(name, request.query_params.get("Qualifier"))
     check_scope(caller, app)
     request.scope["path_params"]["app"] = app  # the audit names the app, as for /v1/apps/{app}/...
+    await check_invoke(state.resources.store, caller, app, function)
     release, spec = await find_function(state, app, function)
     if qualifier not in (None, LATEST, str(release.version)):
         raise ApiError(

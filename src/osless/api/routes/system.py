@@ -23,7 +23,7 @@ STARTED = time.time()
     summary="The caller: its token's name, role, app (if limited to one), expiry and permissions",
 )
 async def whoami(caller: Caller = require("whoami", narrows=True)) -> dict[str, Any]:
-    # The gateway reads this to decide who may invoke an app's functions: keep its shape.
+    # Tools read this to see what a token may do: keep its shape.
     return {
         "name": caller.name,
         "role": caller.role,

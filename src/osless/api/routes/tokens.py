@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from osless.api.auth import ID_LEN, NAME_PATTERN, NODE_PREFIX, Caller, Grantable, TokenRecord, require
+from osless.api.auth import (
+    FUNCTION_GRANT_PATTERN,
+    ID_LEN,
+    MAX_FUNCTION_GRANTS,
+    NAME_PATTERN,
+    NODE_PREFIX,
+    Caller,
+    Grantable,
+    TokenRecord,
+    require,
+)
 from osless.api.errors import ApiError, responses
 from osless.api.models import AppName, Body, now
 from osless.api.state import ApiState, get_state
@@ -24,6 +34,13 @@ class CreateToken(Body):
     app: AppName | None = Field(default=None, description="limit the token to this app (not admin)")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the role (and app)")
     expires_in_s: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S, description="default: never")
+    functions: list[Annotated[str, StringConstraints(pattern=FUNCTION_GRANT_PATTERN)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_FUNCTION_GRANTS,
+        description="an invoke token: the only functions it may invoke, as APP.FUNCTION or APP.* "
+        "(default: any, of its app if it has one)",
+    )
 
 
 class TokenView(BaseModel):
@@ -35,6 +52,7 @@ class TokenView(BaseModel):
     expires_at: float | None
     expired: bool
     last_used_at: float | None
+    functions: list[str] | None = None
 
 
 class NewToken(TokenView):
@@ -55,6 +73,7 @@ def _view(digest: str, record: TokenRecord, last_used: float | None = None) -> d
         "expires_at": record.expires_at,
         "expired": record.expired(),
         "last_used_at": max(filter(None, (last_used, record.last_used_at)), default=None),
+        "functions": record.functions,
     }
 
 
@@ -79,12 +98,33 @@ async def create_token(
             "invalid_request",
             f"a {body.role} token serves every app: it cannot be limited to one (drop --app)",
         )
+    if body.functions is not None:
+        if body.role != "invoke":
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"only an invoke token can be limited to functions, not a {body.role} one "
+                "(`osless tokens create --role invoke --functions APP.FUNCTION`)",
+            )
+        if body.app is not None and (other := [f for f in body.functions if f.split(".")[0] != body.app]):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"this token is limited to app {body.app!r}: it could never invoke {', '.join(other)} "
+                "(drop --app, or name functions of that app)",
+            )
     name = body.name or (f"{body.role}-{body.app}" if body.app else body.role)
     if body.role == "node" and not name.startswith(NODE_PREFIX):
         # The node it acts for, which `check_node` reads there (without a name: a node named "node").
         name = NODE_PREFIX + name
     expires_at = None if body.expires_in_s is None else round(now() + body.expires_in_s, 3)
-    token, digest, record = await state.tokens.issue(name, body.role, app=body.app, expires_at=expires_at)
+    token, digest, record = await state.tokens.issue(
+        name,
+        body.role,
+        app=body.app,
+        expires_at=expires_at,
+        functions=None if body.functions is None else sorted(set(body.functions)),
+    )
     return {**_view(digest, record), "token": token}
 
 

@@ -1,0 +1,68 @@
+"""Which apps may call which functions of another app: decided by the callee's owner.
+
+Like Lambda's resource policy (`add-permission`): `osless functions allow orders.quote --app shop`
+stores `/grants/orders/quote/shop` (`*` for every function of `orders`), and an app calling
+through its node's egress proxy (api/routes/functions.py) is let through only if such a grant
+exists. Grants are deleted with either app (api/resources.py `delete_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel
+
+from osless.api.models import now
+from osless.store import Store
+
+__all__ = ["ANY_FUNCTION", "Grant", "allow", "allowed", "deny", "list_grants"]
+
+ANY_FUNCTION = "*"
+PREFIX = "/grants/"
+
+
+class Grant(BaseModel):
+    app: str  # the callee
+    function: str  # a function of it, or "*"
+    caller: str  # the app allowed to call it
+    by: str = ""  # the token's name that allowed it
+    at: float = 0.0
+
+
+def _key(app: str, function: str, caller: str) -> str:
+    return f"{PREFIX}{app}/{function}/{caller}"
+
+
+async def allow(store: Store, app: str, function: str, caller: str, by: str) -> Grant:
+    """Let `caller` call `app.function` (idempotent: an existing grant is kept as it was)."""
+    key = _key(app, function, caller)
+    found = await store.get(key)
+    if found is not None:
+        return Grant.model_validate_json(found.value)
+    grant = Grant(app=app, function=function, caller=caller, by=by, at=now())
+    await store.put(key, grant.model_dump_json().encode())
+    return grant
+
+
+async def deny(store: Store, app: str, function: str, caller: str) -> bool:
+    """Take the grant back; False if there was none."""
+    return await store.delete(_key(app, function, caller))
+
+
+async def list_grants(store: Store, app: str) -> list[Grant]:
+    items, _ = await store.list(f"{PREFIX}{app}/")
+    out = []
+    for kv in items:
+        try:
+            out.append(Grant.model_validate_json(kv.value))
+        except ValueError:
+            continue  # not ours to show: a record this code cannot read
+    return sorted(out, key=lambda g: (g.function, g.caller))
+
+
+async def allowed(store: Store, app: str, function: str, caller: str) -> bool:
+    """Whether `caller` may call `app.function`: a grant for that function, or for all of them."""
+    exact, every = await asyncio.gather(
+        store.get(_key(app, function, caller)), store.get(_key(app, ANY_FUNCTION, caller))
+    )
+    return exact is not None or every is not None

@@ -1,0 +1,21 @@
+"""The callee of tests/test_invoker.py: a function other apps are allowed to call, one that none
+is, and one anyone may call through the gateway."""
+
+import osless
+
+app = osless.App("orders")
+
+
+@app.function()
+def quote(event, ctx):
+    return {"price": 3 * int((event or {}).get("qty", 1))}
+
+
+@app.function()
+def refund(event, ctx):
+    return {"refunded": True}
+
+
+@app.function(public=True)
+def ping(event, ctx):
+    return {"pong": True}

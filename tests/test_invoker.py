@@ -1,0 +1,189 @@
+"""Who may invoke a function: tokens granted some functions, apps granted by the callee's owner,
+public functions through the gateway. 401 without a token, 403 with one that lacks the right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from osless.api.auth import TokenRecord
+from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def orders(platform: Platform) -> dict[str, object]:
+    return platform.deploy_warm(APPS / "orders")
+
+
+@pytest.fixture(scope="module")
+def shop(platform: Platform, orders: dict[str, object]) -> dict[str, object]:
+    return platform.deploy_warm(APPS / "shop")
+
+
+def _token(platform: Platform, *args: str) -> str:
+    made = platform.cli_json("tokens", "create", "--role", "invoke", *args)
+    return str(made["token"])
+
+
+def _invoke(platform: Platform, app: str, fn: str, token: str | None, event: Any = None) -> httpx.Response:
+    headers = {} if token is None else {"authorization": f"Bearer {token}"}
+    return httpx.post(
+        f"{platform.api}/v1/apps/{app}/functions/{fn}:invoke", json=event, headers=headers, timeout=60
+    )
+
+
+def _through_gateway(platform: Platform, app: str, fn: str, token: str | None) -> httpx.Response:
+    headers = {} if token is None else {"authorization": f"Bearer {token}"}
+    return httpx.post(f"{platform.gateway}/_functions/{app}/{fn}", json={}, headers=headers, timeout=60)
+
+
+def test_a_token_invokes_the_functions_it_was_granted_and_no_other(
+    platform: Platform, orders: dict[str, object]
+) -> None:
+    token = _token(platform, "--name", "ci", "--functions", "orders.quote")
+    r = _invoke(platform, "orders", "quote", token, {"qty": 2})
+    assert r.status_code == 200 and r.json() == {"price": 6}, r.text
+    refused = _invoke(platform, "orders", "refund", token)
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "not_allowed"
+    assert "orders.refund" in error["message"] and "--functions orders.refund" in error["message"]
+    none = _invoke(platform, "orders", "quote", None)
+    assert none.status_code == 401 and none.json()["error"]["code"] == "unauthorized"
+    # `APP.*`: every function of the app.
+    every = _token(platform, "--functions", "orders.*")
+    assert _invoke(platform, "orders", "refund", every).status_code == 200
+    # The gateway's own path asks the API the same question, and says the same.
+    assert _through_gateway(platform, "orders", "quote", token).status_code == 200
+    at_gateway = _through_gateway(platform, "orders", "refund", token)
+    assert at_gateway.status_code == 403 and at_gateway.json()["error"]["message"] == error["message"]
+    unknown = _through_gateway(platform, "orders", "quote", "osl_made-up")
+    assert unknown.status_code == 401 and "invalid token" in unknown.json()["error"]["message"]
+    # A token sent that may not invoke at all is a 403 saying so, not a 401 asking for a token.
+    reader = platform.cli_json("tokens", "create", "--role", "read")["token"]
+    lacking = _through_gateway(platform, "orders", "quote", reader)
+    assert lacking.status_code == 403 and "'invoke' permission" in lacking.json()["error"]["message"]
+    other = _through_gateway(platform, "orders", "quote", _token(platform, "--app", "shop"))
+    assert other.status_code == 403 and "limited to app 'shop'" in other.json()["error"]["message"]
+
+
+def test_function_grants_are_for_invoke_tokens_named_app_dot_function(platform: Platform) -> None:
+    r = platform.cli("tokens", "create", "--role", "deploy", "--functions", "orders.quote", check=False)
+    assert r.returncode != 0 and "only an invoke token" in r.stdout + r.stderr
+    r = platform.cli("tokens", "create", "--role", "invoke", "--functions", "orders", check=False)
+    assert r.returncode != 0 and "functions" in r.stdout + r.stderr
+    r = platform.cli(
+        "tokens", "create", "--role", "invoke", "--app", "shop", "--functions", "orders.quote", check=False
+    )
+    assert r.returncode != 0 and "limited to app 'shop'" in r.stdout + r.stderr
+    # A record made before grants existed reads as a token for any function.
+    old = TokenRecord.model_validate_json(b'{"name": "ci", "role": "invoke", "app": null, "created_at": 1.0}')
+    assert old.functions is None
+
+
+def _buy(platform: Platform, target: str, fn: str = "buy") -> dict[str, Any]:
+    status, body = platform.invoke("shop", fn, {"target": target, "event": {"qty": 5}})
+    assert status == 200, body
+    return dict(body)
+
+
+def test_an_app_calls_another_s_function_only_once_the_callee_allows_it(
+    platform: Platform, shop: dict[str, object]
+) -> None:
+    refused = _buy(platform, "orders.quote")["error"]
+    assert refused["status"] == 403 and refused["code"] == "not_allowed", refused
+    assert refused["message"] == (
+        "app shop may not call orders.quote; grant it with `osless functions allow orders.quote --app shop`"
+    )
+    platform.cli("functions", "allow", "orders.quote", "--app", "shop")
+    try:
+        assert _buy(platform, "orders.quote") == {"result": {"price": 15}}
+        assert _buy(platform, "orders.quote", "abuy") == {"result": {"price": 15}}
+        # The grant is for that function alone.
+        assert _buy(platform, "orders.refund")["error"]["code"] == "not_allowed"
+        listed = platform.cli_json("functions", "grants", "orders")
+        assert [(g["function"], g["caller"]) for g in listed] == [("quote", "shop")]
+    finally:
+        platform.cli("functions", "deny", "orders.quote", "--app", "shop")
+    assert _buy(platform, "orders.quote")["error"]["code"] == "not_allowed"
+    # Who may grant: the callee's deployers, not its invokers.
+    r = httpx.put(
+        f"{platform.api}/v1/apps/orders/functions/quote/callers/shop",
+        headers={"authorization": f"Bearer {_token(platform)}"},
+    )
+    assert r.status_code == 403, r.text
+
+
+def test_an_app_cannot_call_as_another_app(platform: Platform, shop: dict[str, object]) -> None:
+    platform.cli("functions", "allow", "orders.*", "--app", "billing")
+    try:
+        # Headers that claim another identity, through the app's own egress: who calls is the socket's app.
+        forged = platform.invoke(
+            "shop",
+            "forge",
+            {
+                "url": "http://orders.osless/__osless__/functions/quote",
+                "headers": {"x-osless-caller-app": "billing", "x-osless-caller": "billing"},
+            },
+        )[1]
+        assert forged["status"] == 403 and "app shop may not call orders.quote" in forged["body"], forged
+        # The API's path for a node's egress proxy: an app's own token (OSLESS_TOKEN, which it
+        # could leak) cannot use it, nor can anyone name an app the node does not run.
+        node = platform.http("GET", "/v1/nodes").json()["items"][0]["name"]
+        app_token = platform.invoke("shop", "leak")[1]
+        path = f"/v1/nodes/{node}/apps/billing/invoke/orders/quote"
+        as_app = httpx.post(platform.api + path, json={}, headers={"authorization": f"Bearer {app_token}"})
+        assert as_app.status_code == 403, as_app.text
+        not_here = platform.http("POST", path, json={})
+        assert not_here.status_code == 403 and not_here.json()["error"]["code"] == "not_placed"
+        # No header makes an identity at the gateway either: there is none it trusts.
+        claimed = httpx.post(
+            f"{platform.gateway}/_functions/orders/quote",
+            json={},
+            headers={"x-osless-caller-app": "billing", "x-osless-caller": "billing"},
+        )
+        assert claimed.status_code == 401, claimed.text
+    finally:
+        platform.cli("functions", "deny", "orders.*", "--app", "billing")
+
+
+def test_a_public_function_answers_without_a_token_within_its_rate(
+    platform: Platform, orders: dict[str, object]
+) -> None:
+    refused = _through_gateway(platform, "orders", "quote", None)
+    assert refused.status_code == 401, refused.text
+    assert "public=True" in refused.json()["error"]["message"]
+    # One connection: one gateway process, whose bucket holds 20 calls and refills 10 a second.
+    with httpx.Client(timeout=30) as client:
+        statuses = []
+        for _ in range(200):
+            r = client.post(f"{platform.gateway}/_functions/orders/ping", json={})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert "retry" in r.json()["error"]["message"]
+                break
+    assert statuses[0] == 200 and r.json() != {} and statuses[-1] == 429, statuses
+    assert statuses.count(200) >= 20, statuses
+
+
+def test_grants_go_with_their_app(platform: Platform, orders: dict[str, object]) -> None:
+    assert platform.http("POST", "/v1/apps", json={"name": "granting"}).status_code in (200, 201)
+    platform.cli("functions", "allow", "granting.*", "--app", "shop")
+    assert [g["caller"] for g in platform.cli_json("functions", "grants", "granting")] == ["shop"]
+    unknown = platform.cli("functions", "allow", "nosuchapp.quote", "--app", "shop", check=False)
+    assert unknown.returncode != 0 and "nosuchapp" in unknown.stdout + unknown.stderr
+    platform.cli("functions", "allow", "orders.quote", "--app", "granting")  # as a caller too
+    platform.cli("apps", "delete", "granting", "--yes")
+    platform.http("POST", "/v1/apps", json={"name": "granting"})
+    try:
+        # A new app of the name starts with none, either way: the old one's grants are not its.
+        assert platform.cli_json("functions", "grants", "granting") == []
+        assert "granting" not in [g["caller"] for g in platform.cli_json("functions", "grants", "orders")]
+    finally:
+        platform.cli("apps", "delete", "granting", "--yes")
