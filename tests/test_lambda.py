@@ -28,10 +28,12 @@ def samples(platform: Platform) -> dict[str, Any]:
     return platform.deploy_warm(APPS / "lambda_samples")
 
 
-def token(platform: Platform, role: str, app: str | None = None) -> str:
+def token(platform: Platform, role: str, app: str | None = None, functions: list[str] | None = None) -> str:
     body: dict[str, Any] = {"role": role, "name": f"lambda-{role}-{uuid.uuid4().hex[:8]}"}
     if app is not None:
         body["app"] = app
+    if functions is not None:
+        body["functions"] = functions
     r = platform.http("POST", "/v1/tokens", json=body)
     assert r.status_code == 201, r.text
     return str(r.json()["token"])
@@ -134,6 +136,8 @@ def test_boto3_without_the_right_token_is_refused(platform: Platform, samples: d
     assert code("osl_made-up") == (401, "UnrecognizedClientException")
     assert code(token(platform, "read")) == (403, "AccessDeniedException")
     assert code(token(platform, "invoke", "hello")) == (403, "AccessDeniedException")  # another app's
+    # A token limited to other functions (`--functions`) is held to them here too.
+    assert code(token(platform, "invoke", APP, [f"{APP}.other"])) == (403, "AccessDeniedException")
     # The route is the API's like any other: the same token as a bearer token works too.
     r = httpx.post(
         f"{platform.api}/2015-03-31/functions/{APP}.hello/invocations",
