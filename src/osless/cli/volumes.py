@@ -76,7 +76,12 @@ def ls(
             )
         return
     volume, _, path = where.partition("/")
-    got = call(api.get, f"/v1/apps/{app_name}/volumes/{volume}/entries", path=path, node=node)
+    got = call(
+        api.request,
+        "GET",
+        f"/v1/apps/{app_name}/volumes/{volume}/entries",
+        params={"path": path, "node": node},
+    )
     if json_out:
         print_json(got)
         return

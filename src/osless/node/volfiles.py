@@ -76,7 +76,9 @@ def parts(path: str) -> list[str]:
 
 def open_beneath(root: int, names: list[str], flags: int, mode: int = 0) -> int:
     """A descriptor of `names` under the folder `root`, never following a link nor leaving it."""
-    how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOCTTY, mode, _RESOLVE)
+    # openat2 refuses with O_PATH any flag but O_DIRECTORY, O_NOFOLLOW and O_CLOEXEC.
+    extra = os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY
+    how = _OpenHow(flags | extra, mode, _RESOLVE)
     path = os.fsencode("/".join(names) or ".")
     fd = _libc.syscall(_SYS_OPENAT2, root, path, ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
