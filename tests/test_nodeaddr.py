@@ -30,6 +30,8 @@ def test_a_node_reports_urls_only_on_the_address_it_calls_from(own_platform: Pla
         {"relay": "169.254.169.254:80"},
         {"relay": "127.0.0.1:0"},
         {"relay": "127.0.0.1:70000"},
+        {"relay": "[0]:0"},  # brackets around no IPv6 address: urlsplit raises
+        {"api": "http://[0]:80"},
         {"gateway": "http://10.0.0.1:8080"},
         {"gateway": "http://localhost:8080"},  # a name could resolve anywhere, later
         {"gateway": "ftp://127.0.0.1:21"},

@@ -63,8 +63,15 @@ def _port(what: str, parts: SplitResult) -> int:
     return port
 
 
+def _split(what: str, url: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError:  # a bracketed host that is no IPv6 address: "[0]:0"
+        raise _refuse(what, "is not a URL") from None
+
+
 def _url(what: str, url: str, client: IpAddress) -> str:
-    parts = urlsplit(url)
+    parts = _split(what, url)
     if parts.scheme not in ("http", "https"):
         raise _refuse(what, f"has scheme {parts.scheme[:20]!r}: http or https only")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
@@ -76,7 +83,7 @@ def _url(what: str, url: str, client: IpAddress) -> str:
 
 
 def _relay(relay: str, client: IpAddress) -> str:
-    parts = urlsplit(f"//{relay}")
+    parts = _split("relay", f"//{relay}")
     if parts.username is not None or "@" in parts.netloc or parts.path or parts.query or parts.fragment:
         raise _refuse("relay", "is not host:port")
     _on_client("relay", parts.hostname, client)
