@@ -262,6 +262,25 @@ def test_a_read_token_reads_no_volume(platform: Platform, apps: None) -> None:
     volumes(platform, "rm", "notes", "notes-data", "kept")
 
 
+def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
+    from osless.api.secrets import SecretBox, load_key
+
+    [node] = platform.http("GET", "/v1/nodes").json()["items"]
+    box = SecretBox(load_key(platform.data_dir))
+    url = f"{node['api']}/volumes/apps/notes/notes-data/entries"
+
+    def ask(token: str, app: str = "notes") -> int:
+        return httpx.get(
+            url.replace("/notes/", f"/{app}/"), headers={"authorization": f"Bearer {token}"}
+        ).status_code
+
+    assert ask(box.scoped_token("volumes", "notes", 60, node["name"])) == 200
+    assert ask(platform.token) == 403  # an admin's own token: the node takes only what the API made
+    assert ask(box.scoped_token("volumes", "notes", 60, "another-node")) == 403
+    assert ask(box.scoped_token("volumes", "notes", 60, node["name"]), app="quota") == 403
+    assert ask(box.scoped_token("reader", "notes", 60, node["name"])) == 403
+
+
 def test_volumes_survive_a_restart_and_are_unmounted_when_the_platform_stops(
     platform: Platform, apps: None
 ) -> None:
