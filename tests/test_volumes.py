@@ -193,6 +193,17 @@ def test_files_put_into_a_volume_are_the_app_s_and_what_it_writes_comes_back(
     assert call(platform, "notes", "get", {"name": "seeds/seed.txt"}) is None
     gone = volumes(platform, "get", "notes", "notes-data", "from-app.txt", "-", "--json")
     assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["code"] == "not_found"
+    # Writes are audited, reads are not.
+    audited = platform.http("GET", "/v1/audit", params={"app": "notes"}).json()["items"]
+    writes = {
+        (a["method"], a["path"].split("?")[0], a["status"]) for a in audited if "/volumes/" in a["path"]
+    }
+    assert {
+        ("PUT", "/v1/apps/notes/volumes/notes-data/files/seeds/seed.txt", 201),
+        ("PUT", "/v1/apps/notes/volumes/notes-data/files/seeds/seed.txt", 409),
+        ("DELETE", "/v1/apps/notes/volumes/notes-data/files/seeds", 204),
+    } <= writes
+    assert not [w for w in writes if w[0] == "GET"]
 
 
 def test_links_fifos_and_paths_the_app_planted_never_lead_out_of_the_volume(
