@@ -235,10 +235,8 @@ class Writer:
         where = "/".join(names)
         folder = _parent(root, names, uid)
         try:
-            if not force:
-                with contextlib.suppress(FileError):
-                    os.close(open_beneath(folder, names[-1:], os.O_PATH))
-                    raise _refusal(errno.EEXIST, where)
+            if not force and _exists(folder, names[-1]):  # said before the bytes come; commit checks again
+                raise _refusal(errno.EEXIST, where)
             tmp = f".osless-upload-{secrets.token_hex(8)}"
             fd = open_beneath(folder, [tmp], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.fchown(fd, uid, uid)
@@ -299,6 +297,14 @@ def remove(root: int, names: list[str], *, recursive: bool) -> None:
             _do(lambda: os.rmdir(names[-1], dir_fd=folder), where)
         else:
             _do(lambda: os.unlink(names[-1], dir_fd=folder), where)
+
+
+def _exists(folder: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _parent_existing(root: int, names: list[str]) -> int:

@@ -22,7 +22,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from osless.api.auth import Caller, require
@@ -303,16 +302,20 @@ async def get_file(
             await resp.aclose()
             await client.aclose()
 
-    async def done() -> None:
-        await resp.aclose()
-        await client.aclose()
+    async def body() -> AsyncIterator[bytes]:
+        # Closed however the answer ends, the client gone midway included: the node lets go too.
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        finally:
+            await resp.aclose()
+            await client.aclose()
 
     size = resp.headers.get("x-osless-size", "")
     return StreamingResponse(
-        resp.aiter_raw(),
+        body(),
         media_type="application/octet-stream",
         headers={"x-osless-size": size, "x-osless-node": holder.name} if size.isdigit() else {},
-        background=BackgroundTask(done),
     )
 
 
