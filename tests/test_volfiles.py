@@ -142,3 +142,24 @@ def test_a_folder_swapped_for_a_link_is_not_followed_by_a_recursive_remove(
         with pytest.raises(FileError):
             volfiles.entries(fd, ["tree"])
     assert (outside / "keep").read_text() == "host file"
+
+
+def test_a_plain_folder_volume_is_reached_the_same_way(tmp_path: Path) -> None:
+    plain = Volumes(tmp_path / "data", tmp_path / "run", images=False, warn=lambda app, message: None)
+    asyncio.run(plain.attach("files", UID, {"/data": Volume("files-data")}))
+    assert asyncio.run(plain.held("files")) == [
+        {"name": "files-data", "size_bytes": None, "used_bytes": None, "mounted": False}
+    ]
+    fd, uid = asyncio.run(plain.open_root("files", "files-data"))
+    try:
+        write(fd, "note", b"in a folder")
+        os.symlink("/etc", "etc", dir_fd=fd)
+        with pytest.raises(FileError) as e:
+            volfiles.entries(fd, ["etc", "hostname"])
+        assert e.value.code == "link_refused"
+    finally:
+        os.close(fd)
+    note = tmp_path / "data" / "volumes" / "files" / "files-data" / "note"
+    assert note.read_bytes() == b"in a folder" and note.stat().st_uid == UID
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(plain.open_root("files", "other"))
