@@ -151,6 +151,7 @@ def test_a_plain_folder_volume_is_reached_the_same_way(tmp_path: Path) -> None:
         {"name": "files-data", "size_bytes": None, "used_bytes": None, "mounted": False}
     ]
     fd, uid = asyncio.run(plain.open_root("files", "files-data"))
+    assert uid == UID
     try:
         write(fd, "note", b"in a folder")
         os.symlink("/etc", "etc", dir_fd=fd)
