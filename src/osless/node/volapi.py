@@ -105,13 +105,16 @@ def routes(volumes: Volumes, callers: Callers) -> list[Route]:
         finally:
             os.close(fd)  # the open file keeps the filesystem alive meanwhile
 
+        # A file object: closed by the collector too if the answer is never sent (its client gone).
+        opened_file = os.fdopen(file, "rb", buffering=0)
+
         async def body() -> AsyncIterator[bytes]:
             try:
-                chunks = volfiles.read_chunks(file, size)
+                chunks = volfiles.read_chunks(opened_file.fileno(), size)
                 while chunk := await asyncio.to_thread(next, chunks, b""):
                     yield chunk
             finally:
-                os.close(file)
+                opened_file.close()
 
         return StreamingResponse(
             body(), media_type="application/octet-stream", headers={"x-osless-size": str(size)}
