@@ -32,6 +32,7 @@ def test_a_node_reports_urls_only_on_the_address_it_calls_from(own_platform: Pla
         {"relay": "127.0.0.1:70000"},
         {"relay": "[0]:0"},  # brackets around no IPv6 address: urlsplit raises (was a 500)
         {"gateway": "http://[0]:8080"},
+        {"api": "http://[0]:80"},
         {"gateway": "http://10.0.0.1:8080"},
         {"gateway": "http://localhost:8080"},  # a name could resolve anywhere, later
         {"gateway": "ftp://127.0.0.1:21"},

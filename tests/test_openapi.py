@@ -61,6 +61,14 @@ include-method = "PUT"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "422", "429"]
 
 [[operations]]
+# A path inside a volume: no segment "..", none over 255 bytes, no NUL (400 invalid_path); a pattern
+# for that needs look-arounds, which the validators on both sides do not share.
+include-path-regex = "/volumes/"
+checks.positive_data_acceptance.expected-statuses = [
+    "2xx", "400", "401", "403", "404", "409", "413", "429", "5xx"
+]
+
+[[operations]]
 # The upload: values seen in earlier answers (ids, digests) seldom fit ?app=, and once the fuzzer
 # draws them there, so many cases are filtered out that hypothesis's health check gives up.
 include-path = "/v1/deploys"

@@ -135,6 +135,163 @@ def test_apps_volumes_are_apart_and_a_plain_name_gets_the_default_size(
     assert img.stat().st_size == 1024 * MB and img.stat().st_blocks * 512 < 64 * MB  # sparse
 
 
+def volumes(platform: Platform, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**platform.env, **({"OSLESS_TOKEN": token} if token else {})}
+    return subprocess.run(
+        [platform.osless, "volumes", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def volumes_json(platform: Platform, *args: str) -> Any:
+    r = volumes(platform, *args, "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return json.loads(r.stdout)
+
+
+def test_files_put_into_a_volume_are_the_app_s_and_what_it_writes_comes_back(
+    platform: Platform, apps: None, tmp_path: Path
+) -> None:
+    local = tmp_path / "seed.txt"
+    local.write_text("seeded from the CLI")
+    put = volumes_json(platform, "put", "notes", "notes-data", str(local), "seeds/")
+    assert [(u["path"], u["size"]) for u in put["uploaded"]] == [("seeds/seed.txt", 19)]
+    assert call(platform, "notes", "get", {"name": "seeds/seed.txt"}) == "seeded from the CLI"
+    # Written as the app: its uid owns the file and the folder made for it.
+    point = mount_point(platform, "notes", "notes-data")
+    uid = platform.instances("notes")[0]["uid"]
+    assert (point / "seeds").stat().st_uid == uid and (point / "seeds" / "seed.txt").stat().st_uid == uid
+
+    assert call(platform, "notes", "put", {"name": "from-app.txt", "text": "written by the app"}) == "stored"
+    got = volumes(platform, "get", "notes", "notes-data", "from-app.txt", "-")
+    assert (got.returncode, got.stdout) == (0, "written by the app"), got.stderr
+    assert volumes_json(platform, "get", "notes", "notes-data", "from-app.txt", str(tmp_path))["size"] == 18
+    assert (tmp_path / "from-app.txt").read_text() == "written by the app"
+
+    listed = volumes_json(platform, "ls", "notes")
+    [notes] = [v for v in listed["items"] if v["name"] == "notes-data"]
+    assert notes["path"] == "/data" and notes["size_mb"] == 1024
+    [held] = notes["nodes"]
+    assert held["mounted"] and 900 * MB < held["size_bytes"] <= 1024 * MB and held["used_bytes"] > 0
+    names = {e["name"]: e for e in volumes_json(platform, "ls", "notes", "notes-data")["items"]}
+    assert names["seeds"]["type"] == "folder" and names["from-app.txt"]["type"] == "file"
+    assert names["from-app.txt"]["size"] == 18
+    inner = volumes_json(platform, "ls", "notes", "notes-data/seeds")["items"]
+    assert [(e["name"], e["size"]) for e in inner] == [("seed.txt", 19)]
+
+    # No file is replaced unless asked.
+    again = volumes(platform, "put", "notes", "notes-data", str(local), "seeds/seed.txt")
+    assert again.returncode == 1 and "exists" in again.stderr and "--force" in again.stderr
+    local.write_text("replaced")
+    volumes_json(platform, "put", "notes", "notes-data", str(local), "seeds/seed.txt", "--force")
+    assert call(platform, "notes", "get", {"name": "seeds/seed.txt"}) == "replaced"
+
+    folder = volumes(platform, "rm", "notes", "notes-data", "seeds")
+    assert folder.returncode == 1 and "-r" in folder.stderr
+    volumes_json(platform, "rm", "notes", "notes-data", "seeds", "-r")
+    volumes_json(platform, "rm", "notes", "notes-data", "from-app.txt")
+    assert call(platform, "notes", "get", {"name": "from-app.txt"}) is None
+    assert call(platform, "notes", "get", {"name": "seeds/seed.txt"}) is None
+    gone = volumes(platform, "get", "notes", "notes-data", "from-app.txt", "-", "--json")
+    assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["code"] == "not_found"
+    # Writes are audited, reads are not.
+    audited = platform.http("GET", "/v1/audit", params={"app": "notes"}).json()["items"]
+    writes = {
+        (a["method"], a["path"].split("?")[0], a["status"]) for a in audited if "/volumes/" in a["path"]
+    }
+    assert {
+        ("PUT", "/v1/apps/notes/volumes/notes-data/files/seeds/seed.txt", 201),
+        ("PUT", "/v1/apps/notes/volumes/notes-data/files/seeds/seed.txt", 409),
+        ("DELETE", "/v1/apps/notes/volumes/notes-data/files/seeds", 204),
+    } <= writes
+    assert not [w for w in writes if w[0] == "GET"]
+
+
+def test_links_fifos_and_paths_the_app_planted_never_lead_out_of_the_volume(
+    platform: Platform, apps: None, tmp_path: Path
+) -> None:
+    secret = platform.data_dir / "admin-token"
+    before = (secret.read_bytes(), Path("/etc/hostname").read_bytes())
+    call(platform, "notes", "link", {"name": "token", "target": str(secret)})
+    call(platform, "notes", "link", {"name": "hostname", "target": "/etc/hostname"})
+    call(platform, "notes", "link", {"name": "datadir", "target": str(platform.data_dir)})
+    call(platform, "notes", "link", {"name": "etc", "target": "/etc"})
+    call(platform, "notes", "fifo", {"name": "pipe"})
+    try:
+        for name in ("token", "hostname", "datadir/admin-token", "etc/hostname"):
+            r = platform.http("GET", f"/v1/apps/notes/volumes/notes-data/files/{name}")
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "link_refused"), (name, r.text)
+            listed = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"path": name})
+            assert listed.status_code == 400, (name, listed.text)
+        # A fifo is refused at once, not waited on.
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/files/pipe", timeout=10)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "not_a_file"), r.text
+        kinds = {e["name"]: e["type"] for e in volumes_json(platform, "ls", "notes", "notes-data")["items"]}
+        assert kinds["token"] == kinds["etc"] == "link" and kinds["pipe"] == "other"
+        # Writes through a link's folder are refused; over a link, they replace the link itself.
+        local = tmp_path / "x"
+        local.write_bytes(b"planted")
+        through = volumes(
+            platform, "put", "notes", "notes-data", str(local), "datadir/admin-token", "--force"
+        )
+        assert through.returncode == 1 and "link" in through.stderr, through.stderr
+        volumes_json(platform, "put", "notes", "notes-data", str(local), "hostname", "--force")
+        assert (secret.read_bytes(), Path("/etc/hostname").read_bytes()) == before
+        assert not os.path.islink(mount_point(platform, "notes", "notes-data") / "hostname")
+        assert call(platform, "notes", "get", {"name": "hostname"}) == "planted"
+        # Paths that climb out, absolute or with NUL are refused before any node is asked.
+        for path in ("%2e%2e/%2e%2e/etc/hostname", "seeds/%2e%2e/%2e%2e/x", "a%00b"):
+            r = platform.http("GET", f"/v1/apps/notes/volumes/notes-data/files/{path}")
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_path"), (path, r.text)
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"path": "../.."})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_path"), r.text
+        r = platform.http("PUT", "/v1/apps/notes/volumes/notes-data/files/%2e%2e/escaped", content=b"x")
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_path"), r.text
+        assert not (
+            Path(os.path.realpath(run_dir_for(platform.data_dir))) / "volumes" / "notes" / "escaped"
+        ).exists()
+    finally:
+        for name in ("token", "hostname", "datadir", "etc", "pipe"):
+            volumes(platform, "rm", "notes", "notes-data", name)
+
+
+def test_a_read_token_reads_no_volume(platform: Platform, apps: None) -> None:
+    call(platform, "notes", "put", {"name": "kept", "text": "the app's"})
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "volumes-reader")["token"]
+    for method, path in (
+        ("GET", "/v1/apps/notes/volumes"),
+        ("GET", "/v1/apps/notes/volumes/notes-data/entries"),
+        ("GET", "/v1/apps/notes/volumes/notes-data/files/kept"),
+        ("PUT", "/v1/apps/notes/volumes/notes-data/files/new"),
+        ("DELETE", "/v1/apps/notes/volumes/notes-data/files/kept"),
+    ):
+        r = platform.http(method, path, headers={"authorization": f"Bearer {token}"}, content=b"x")
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), (method, path, r.text)
+    r = volumes(platform, "get", "notes", "notes-data", "kept", "-", token=token)
+    assert r.returncode == 1 and "'deploy' permission" in r.stderr
+    assert call(platform, "notes", "get", {"name": "kept"}) == "the app's"
+    assert call(platform, "notes", "get", {"name": "new"}) is None
+    volumes(platform, "rm", "notes", "notes-data", "kept")
+
+
+def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
+    from osless.api.secrets import SecretBox, load_key
+
+    [node] = platform.http("GET", "/v1/nodes").json()["items"]
+    box = SecretBox(load_key(platform.data_dir))
+    url = f"{node['api']}/volumes/apps/notes/notes-data/entries"
+
+    def ask(token: str, app: str = "notes") -> int:
+        return httpx.get(
+            url.replace("/notes/", f"/{app}/"), headers={"authorization": f"Bearer {token}"}
+        ).status_code
+
+    assert ask(box.scoped_token("volumes", "notes", 60, node["name"])) == 200
+    assert ask(platform.token) == 403  # an admin's own token: the node takes only what the API made
+    assert ask(box.scoped_token("volumes", "notes", 60, "another-node")) == 403
+    assert ask(box.scoped_token("volumes", "notes", 60, node["name"]), app="quota") == 403
+    assert ask(box.scoped_token("reader", "notes", 60, node["name"])) == 403
+
+
 def test_volumes_survive_a_restart_and_are_unmounted_when_the_platform_stops(
     platform: Platform, apps: None
 ) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "DIGEST_PATTERN",
     "ID_PATTERN",
     "MAX_INSTANCES",
+    "MAX_VOLUME_PATH",
     "NDJSON",
     "App",
     "AppName",
@@ -59,6 +60,7 @@ __all__ = [
     "check_app_name",
     "manifest_problem",
     "now",
+    "volume_path",
 ]
 
 MAX_INSTANCES = 100
@@ -402,3 +404,22 @@ def manifest_problem(error: ValidationError) -> str:
         problems.append(f"{where}: {str(e['msg'])[:200]}")
     more = error.error_count() - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+# -- a path inside a volume (`osless volumes`), as the API and the node both check it --------------
+MAX_VOLUME_PATH = 1024  # characters
+
+
+def volume_path(path: str) -> list[str]:
+    """The names of a relative path inside a volume ("" is its root); ValueError saying why not."""
+    if len(path) > MAX_VOLUME_PATH:
+        raise ValueError(f"a path inside a volume has at most {MAX_VOLUME_PATH} characters")
+    if "\0" in path or path.startswith("/"):
+        raise ValueError("a path inside a volume is relative and holds no NUL character")
+    names = [p for p in path.split("/") if p not in ("", ".")]
+    for name in names:
+        if name == "..":
+            raise ValueError("a path inside a volume may not hold '..'")
+        if len(name.encode("utf-8", "surrogateescape")) > 255:
+            raise ValueError("a name inside a volume has at most 255 bytes")
+    return names

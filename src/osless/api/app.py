@@ -34,6 +34,7 @@ from osless.api.routes import (
     retention,
     system,
     tokens,
+    volumes,
 )
 from osless.api.routes import audit as audit_routes
 from osless.api.routes.deploys import fail_orphaned_builds
@@ -64,6 +65,8 @@ class BodyLimit:
         limit = self.state.max_upload_bytes if is_upload else self.state.max_body_bytes
         if scope["method"] == "PUT" and path.startswith("/v1/builds/") and "/layers/" in path:
             limit = self.state.max_layer_bytes  # a builder's layer archive (routes/builds.py)
+        if scope["method"] == "PUT" and path.startswith("/v1/apps/") and "/volumes/" in path:
+            limit = volumes.MAX_FILE_BYTES  # a file uploaded into a volume (routes/volumes.py)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await self._reject(send, limit)
@@ -184,6 +187,7 @@ def create_app(state: ApiState) -> FastAPI:
         retention,
         system,
         tokens,
+        volumes,
         audit_routes,
     )
     for module in routers:

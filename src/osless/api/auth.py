@@ -68,6 +68,7 @@ Permission = Literal[
     "pull",
     "secrets",
     "admin",
+    "volumes",
 ]
 
 _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
@@ -106,6 +107,9 @@ ROLES: dict[str, frozenset[Permission]] = {
     # the API's own logs route refuses it, so a node cannot renew it), `invoker` to a gateway.
     "reader": _READ | {"logs"},
     "invoker": frozenset({"whoami", "invoke"}),
+    # `volumes` to a node, for the files of an app's volumes on it (`osless volumes`): no route of the
+    # API needs that permission, so the node can do nothing with it but what the API asked.
+    "volumes": frozenset({"whoami", "volumes"}),
     # Another server (`secrets.peer_token`): what it lacks of images and deploy sources, nothing else.
     "peer": frozenset({"pull"}),
 }

@@ -35,6 +35,7 @@ from osless.cli.output import (
 )
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
+from osless.cli.volumes import volumes_app
 from osless.errors import ApiError
 
 if TYPE_CHECKING:
@@ -287,6 +288,7 @@ app.command("invoke")(invoke)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(functions_app, name="functions")
+app.add_typer(volumes_app, name="volumes")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")

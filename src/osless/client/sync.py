@@ -16,7 +16,7 @@ import http.client
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 from osless.errors import ApiError
@@ -68,7 +68,7 @@ class Api:
         method: str,
         path: str,
         params: dict[str, Any] | None,
-        body: bytes | None,
+        body: bytes | BinaryIO | None,
         headers: dict[str, str],
         timeout: float | None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -161,6 +161,27 @@ class Api:
                         yield _json_loads(line)
             except (OSError, http.client.HTTPException) as e:
                 raise ApiError(0, "unreachable", f"stream from {self.base_url}{path} broke: {e}") from e
+
+    @contextlib.contextmanager
+    def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: BinaryIO | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """The answer of a request whose body or answer are bytes (a file), to read as it comes; an
+        ApiError if it is not a 2xx. `body` is streamed (give its Content-Length in `headers`)."""
+        try:
+            conn, resp = self._send(method, path, params, body, dict(headers or {}), None)
+        except (OSError, http.client.HTTPException) as e:
+            raise self._unreachable(e) from e
+        with contextlib.closing(conn):
+            if not 200 <= resp.status < 300:
+                raise _error(resp.status, resp.read(64 * 1024))
+            yield resp
 
     def close(self) -> None:
         """Nothing to release: each request has its own connection, closed once answered."""

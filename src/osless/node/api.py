@@ -1,7 +1,8 @@
 """The node API: a small HTTP server in the node process, for what stays on the node's own disk.
 
-Today it serves the logs of the node's instances (`GET /logs/apps/{app}`), which the API merges
-across nodes, as Kubernetes' API server asks the kubelet. The caller's own bearer token comes along;
+It serves the logs of the node's instances (`GET /logs/apps/{app}`), which the API merges
+across nodes, as Kubernetes' API server asks the kubelet, and the files of its apps' volumes
+(`/volumes/apps/{app}/...`, `node.volapi`). The caller's own bearer token comes along;
 the node asks the API who it is (`GET /v1/whoami`, cached a moment by digest) and decides as the API
 would: the permission the route needs and, for a token limited to one app, that app.
 """
@@ -30,13 +31,17 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless.logs import follow, read_tail
+from osless.node import volapi
+from osless.node.volumes import Volumes
 
 __all__ = ["Callers", "NodeApi", "create_app", "record_line"]
 
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
-_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_")  # the API's tokens (an app's own: osla_; a reader: oslr_)
+# The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_).
+_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_")
+_NODE_BOUND = ("reader", "volumes")  # roles of tokens the API makes for one node
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -93,9 +98,9 @@ class Callers:
             return _error(403, "forbidden", f"this token lacks the {permission!r} permission")
         if who.app is not None and who.app != app:
             return _error(403, "forbidden", f"this token is limited to app {who.app!r}")
-        if who.role == "reader" and not who.name.endswith(f"@{self.node}"):
-            # Shown to another node: that node may not read this one's logs with it.
-            return _error(403, "forbidden", "this reader token was made for another node")
+        if who.role in _NODE_BOUND and not who.name.endswith(f"@{self.node}"):
+            # Shown to another node: that node may not use it on this one.
+            return _error(403, "forbidden", f"this {who.role} token was made for another node")
         return None
 
     async def born(self, request: Request, app: str) -> float | Response:
@@ -166,8 +171,9 @@ class _CannotSay(Exception):
     """The API gave no answer about a token (unreachable, 429, 5xx)."""
 
 
-def create_app(logs_dir: Path, callers: Callers) -> Starlette:
-    """The node API's routes over the node's log folder (`<data dir>/logs`)."""
+def create_app(logs_dir: Path, callers: Callers, volumes: Volumes | None = None) -> Starlette:
+    """The node API's routes over the node's log folder (`<data dir>/logs`) and, given the agent's
+    `volumes`, its apps' volumes (`node.volapi`)."""
 
     async def app_logs(request: Request) -> Response:
         app = request.path_params["app"]
@@ -219,6 +225,7 @@ def create_app(logs_dir: Path, callers: Callers) -> Starlette:
         routes=[
             Route("/logs/apps/{app}", app_logs, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
+            *(volapi.routes(volumes, callers) if volumes is not None else []),
         ]
     )
 
@@ -283,11 +290,20 @@ class NodeApi:
     """The node API's server: `reserve()` binds its port (0: a free one) so its URL is known before
     the node reports it in its heartbeat; `serve()` runs it."""
 
-    def __init__(self, *, api_url: str, logs_dir: Path, host: str, port: int = 0, node: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        logs_dir: Path,
+        host: str,
+        port: int = 0,
+        node: str = "",
+        volumes: Volumes | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers)
+        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes)
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 

@@ -28,9 +28,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from osless.node.isolation import owned_dir
-from osless.sdk.app import Volume
+from osless.sdk.app import VOLUME_RE, Volume
 
 __all__ = ["TOOLS", "VolumeError", "Volumes", "mounts", "unavailable_reason"]
 
@@ -217,7 +218,77 @@ class Volumes:
             except (VolumeError, OSError) as e:  # the next start finds them and puts them away
                 log.warning("the volumes of %s stay mounted: %s", app, e)
 
+    async def held(self, app: str) -> list[dict[str, Any]]:
+        """The volumes of `app` on this node's disk: name, size and bytes used (None: a plain folder's
+        are the host disk's), and whether an instance here has it mounted now."""
+        async with self._lock(app):
+            return await asyncio.to_thread(self._held, app)
+
+    async def open_root(self, app: str, name: str) -> tuple[int, int]:
+        """A descriptor of the root of volume `name` of `app`, and the app's uid; the caller closes it.
+
+        A volume not mounted now (the app at zero here) is mounted aside and at once lazily unmounted:
+        the descriptor alone keeps its filesystem alive, and it goes when that is closed, so nothing is
+        left mounted by a request, even one killed midway. Its loop device is freed then too."""
+        async with self._lock(app):
+            return await asyncio.to_thread(self._open_root, app, name)
+
     # -- on a worker thread, one app at a time -------------------------------------------------
+
+    def _held(self, app: str) -> list[dict[str, Any]]:
+        folder = self.root / app
+        if not folder.is_dir():
+            return []
+        found: dict[str, dict[str, Any]] = {}
+        for entry in folder.iterdir():
+            name = entry.name.removesuffix(".img")
+            if entry.name.startswith(".") or not VOLUME_RE.fullmatch(name) or entry.is_symlink():
+                continue
+            if entry.name.endswith(".img") and entry.is_file():
+                point = self.points / app / name
+                mounted = _backing_file(mounts().get(str(point), "")) == str(entry)
+                if mounted:
+                    st = os.statvfs(point)
+                    size, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+                else:
+                    size, used = _filesystem_usage(entry)
+                found[name] = {"name": name, "size_bytes": size, "used_bytes": used, "mounted": mounted}
+            elif entry.is_dir() and name not in found:
+                found[name] = {"name": name, "size_bytes": None, "used_bytes": None, "mounted": False}
+        return sorted(found.values(), key=lambda v: str(v["name"]))
+
+    def _open_root(self, app: str, name: str) -> tuple[int, int]:
+        folder = self.root / app
+        try:
+            uid = int((folder / ".owner").read_text().strip())
+        except (OSError, ValueError):
+            raise FileNotFoundError(f"no volume of {app} on this node") from None
+        image = folder / f"{name}.img"
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not (image.is_file() and not image.is_symlink()):
+            plain = folder / name
+            if not plain.is_dir() or plain.is_symlink():
+                raise FileNotFoundError(f"no volume {name!r} of {app} on this node")
+            return os.open(plain, flags), uid
+        point = self.points / app / name
+        if _backing_file(mounts().get(str(point), "")) == str(image):
+            return os.open(point, flags), uid
+        aside = Path(os.path.realpath(self.points.parent)) / "volume-access"
+        aside.mkdir(mode=0o700, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f"{app}-{name}-", dir=aside))
+        try:
+            device = _mount(image, private)
+            try:
+                fd = os.open(private, flags)
+            finally:
+                with contextlib.suppress(VolumeError):
+                    _run("umount", "--lazy", str(private))
+                with contextlib.suppress(VolumeError):
+                    _run("losetup", "--detach", device)  # freed once the descriptor lets go
+        finally:
+            with contextlib.suppress(OSError):
+                private.rmdir()
+        return fd, uid
 
     def _attach(self, app: str, uid: int, volumes: dict[str, Volume], notes: list[str]) -> dict[str, str]:
         if not volumes:
@@ -331,15 +402,23 @@ def _loop_devices(image: Path) -> list[str]:
 
 def _filesystem_mb(image: Path) -> int:
     """The size of the ext4 filesystem in `image`, from its superblock (written by the kernel alone)."""
+    return _filesystem_usage(image)[0] // MB
+
+
+def _filesystem_usage(image: Path) -> tuple[int, int]:
+    """Size and bytes used of the ext4 filesystem in an image nobody mounts (its superblock's counts
+    are exact once unmounted)."""
     with open(image, "rb") as f:
         f.seek(1024)
         sb = f.read(1024)
     if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
         raise VolumeError(f"{image} holds no ext4 filesystem")
-    blocks = struct.unpack_from("<I", sb, 0x4)[0]
-    if struct.unpack_from("<I", sb, 0x60)[0] & 0x80:  # 64bit: the high half of the block count
+    blocks, free = struct.unpack_from("<I", sb, 0x4)[0], struct.unpack_from("<I", sb, 0xC)[0]
+    if struct.unpack_from("<I", sb, 0x60)[0] & 0x80:  # 64bit: the high halves
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
-    return int(blocks * (1024 << struct.unpack_from("<I", sb, 0x18)[0]) // MB)
+        free |= struct.unpack_from("<I", sb, 0x158)[0] << 32
+    block = 1024 << struct.unpack_from("<I", sb, 0x18)[0]
+    return blocks * block, (blocks - free) * block
 
 
 def _grow_offline(image: Path, size_mb: int) -> None:

@@ -135,6 +135,7 @@ class NodeHost:
             host=cfg.host,
             port=cfg.node_api_port,
             node=cfg.name,
+            volumes=self.agent.volumes,
         )
 
     def reserve(self) -> None:

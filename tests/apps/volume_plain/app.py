@@ -34,3 +34,10 @@ def link(event, ctx):
 def space(event, ctx):
     st = os.statvfs("/data")
     return {"total_mb": st.f_blocks * st.f_frsize / (1024 * 1024), "files": sorted(os.listdir("/data"))}
+
+
+@app.function()
+def fifo(event, ctx):
+    """A fifo in the volume: a reader that opened it would wait for a writer that never comes."""
+    os.mkfifo(f"/data/{event['name']}")
+    return "made"
