@@ -30,6 +30,7 @@ from osless.api.routes import (
     leaders,
     logs,
     retention,
+    runs,
     system,
     tokens,
 )
@@ -179,6 +180,7 @@ def create_app(state: ApiState) -> FastAPI:
         leaders,
         logs,
         retention,
+        runs,
         system,
         tokens,
         audit_routes,

@@ -100,6 +100,9 @@ ROLES: dict[str, frozenset[Permission]] = {
     # the API's own logs route refuses it, so a node cannot renew it), `invoker` to a gateway.
     "reader": _READ | {"logs"},
     "invoker": frozenset({"whoami", "invoke"}),
+    # Shown to a node for one command of an app (`osless run`, a release step: `api.runs`): the node
+    # API checks it was made for it; it opens nothing of the API.
+    "runner": frozenset({"whoami"}),
     # Another server (`secrets.peer_token`): what it lacks of images and deploy sources, nothing else.
     "peer": frozenset({"pull"}),
 }

@@ -1,0 +1,216 @@
+"""One-off commands of an app, run on a node: what `osless run` (routes/runs.py) and release steps
+(routes/builds.py) share.
+
+The API picks a live node (one running the app's instances first: its volumes are there), records
+the run under `/runs/{node}/{app}/{id}` on a lease (so that node may pull the release's image, and
+runs per app are counted across servers), and opens the node API's `WS /runs/{app}` with a
+`runner` token made for that node, never the caller's. The first frame tells the node what to run:
+the release's image, the app's uid, the command, the timeout, and what an instance's environment
+holds (the app's token, its config in clear). Then frames pass both ways (`runwire`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from osless import runwire
+from osless.api.errors import ApiError
+from osless.api.models import Node
+from osless.api.state import ApiState
+from osless.bounds import cap
+
+__all__ = ["MAX_RUNS_PER_APP", "RUNS", "NodeRun", "Target", "images_run_on", "pick_node", "target"]
+
+RUNS = "/runs/"
+MAX_RUNS_PER_APP = 4  # at once, over the fleet: past it, 429
+RUNNER_TTL_S = 60.0  # the node checks it when the run starts only
+LEASE_MARGIN_S = 120.0  # past the command's timeout: the record goes even if this server dies
+NODE_CONNECT_S = 10.0
+
+
+@dataclass
+class Target:
+    """What a command runs in: an app's release."""
+
+    app: str
+    release: int
+    image: str
+    uid: int
+    manifest_release: list[str] = field(default_factory=list)  # its release steps
+
+
+async def target(state: ApiState, app: str, release: int | None) -> Target:
+    """The app's current release (or `release`): 404 no such app, 409 no release (yet) / no such one."""
+    found = await state.resources.get_app(app)
+    version = release if release is not None else found.current_release
+    if not version:
+        raise ApiError(409, "no_release", f"app {app!r} has no release yet: `osless deploy` it first")
+    rel = await state.resources.get_release(app, version)
+    return Target(app, version, rel.image, await state.resources.app_uid(app), list(rel.manifest.release))
+
+
+async def images_run_on(state: ApiState, node: str) -> set[str]:
+    """The images of the commands running on `node` now: that node may pull them."""
+    kvs, _ = await state.resources.store.list(f"{RUNS}{node}/")
+    out: set[str] = set()
+    for kv in kvs:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            out.add(str(json.loads(kv.value)["image"]))
+    return out
+
+
+async def pick_node(state: ApiState, app: str) -> Node:
+    """A live node with an API: one running the app's instances (and so its volumes) if any, else the
+    first by name (the same one each time, so a volume written by one run is read by the next)."""
+    nodes, _ = await state.resources.list_nodes()
+    nodes = sorted((n for n in nodes if n.api), key=lambda n: n.name)
+    if not nodes:
+        raise ApiError(503, "no_node", "no live node can run the command now; try again once one joins")
+    instances, _ = await state.resources.list_instances(app=app)
+    hosting = {i.node for i in instances if i.node}
+    return next((n for n in nodes if n.name in hosting), nodes[0])
+
+
+async def _count(state: ApiState, app: str) -> int:
+    kvs, _ = await state.resources.store.list(RUNS)
+    return sum(1 for kv in kvs if kv.key.split("/")[3:4] == [app])
+
+
+class NodeRun:
+    """One command on a node, as an async context manager: `send`, then read `frames()`."""
+
+    def __init__(self, state: ApiState, tgt: Target, command: list[str], timeout_s: float) -> None:
+        self.state = state
+        self.target = tgt
+        self.command = command
+        self.timeout_s = timeout_s
+        self.node: Node | None = None
+        self._ws: ClientConnection | None = None
+        self._lease: int | None = None
+
+    async def __aenter__(self) -> NodeRun:
+        state, tgt = self.state, self.target
+        if await _count(state, tgt.app) >= MAX_RUNS_PER_APP:
+            raise ApiError(
+                429,
+                "too_many_runs",
+                f"app {tgt.app!r} runs {MAX_RUNS_PER_APP} commands already; wait for one to end",
+            )
+        node = self.node = await pick_node(state, tgt.app)
+        store = state.resources.store
+        self._lease = await store.grant_lease(self.timeout_s + LEASE_MARGIN_S)
+        key = f"{RUNS}{node.name}/{tgt.app}/{secrets.token_hex(8)}"
+        await store.put(key, json.dumps({"image": tgt.image}).encode(), lease=self._lease)
+        try:
+            self._ws = await self._open(node)
+        except BaseException:
+            await self._release()
+            raise
+        return self
+
+    async def _open(self, node: Node) -> ClientConnection:
+        state, tgt = self.state, self.target
+        token = state.secrets.scoped_token("runner", tgt.app, RUNNER_TTL_S, node.name)
+        url = "ws" + str(node.api).removeprefix("http") + f"/runs/{tgt.app}"
+        try:
+            ws = await connect(
+                url,
+                additional_headers={"authorization": f"Bearer {token}"},
+                max_size=runwire.MAX_FRAME,
+                open_timeout=NODE_CONNECT_S,
+                ping_interval=None,  # a long silent command is fine: the node ends it at its timeout
+            )
+        except InvalidStatus as e:
+            raise ApiError(
+                502,
+                "node_refused",
+                f"node {node.name} refused the command: {_said(bytes(e.response.body or b''))}",
+            ) from None
+        except (OSError, TimeoutError, WebSocketException) as e:
+            raise ApiError(502, "node_unreachable", f"node {node.name} could not be reached: {e}") from None
+        cfg, _ = await state.resources.get_config(tgt.app)
+        from osless.api.routes.config import reveal  # the route module imports this one's callers
+
+        values = reveal(state, cfg.values)
+        env = {
+            "OSLESS_APP": tgt.app,
+            "OSLESS_RELEASE": str(tgt.release),
+            "OSLESS_TOKEN": state.secrets.app_token(tgt.app),
+            "OSLESS_CONFIG": json.dumps({"values": values, "version": cfg.version}),
+            "OSLESS_RUN": "1",
+        }
+        start = {
+            "op": "start",
+            "image": tgt.image,
+            "uid": tgt.uid,
+            "command": self.command,
+            "env": env,
+            "timeout_s": self.timeout_s,
+        }
+        await ws.send(json.dumps(start))
+        return ws
+
+    async def send_stdin(self, data: bytes) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(bytes([runwire.STDIN]) + data)
+
+    async def send_op(self, op: str) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"op": op}))
+
+    async def frames(self) -> AsyncIterator[tuple[int, bytes] | dict[str, Any]]:
+        """(STDOUT|STDERR, bytes) as they come, then the last message (`exit` or `error`); an error
+        if the node went before it said how the command ended."""
+        assert self._ws is not None
+        try:
+            async for msg in self._ws:
+                if isinstance(msg, bytes):
+                    if msg[:1] in (bytes([runwire.STDOUT]), bytes([runwire.STDERR])):
+                        yield msg[0], msg[1:]
+                    continue
+                with contextlib.suppress(ValueError):
+                    end = json.loads(msg)
+                    if isinstance(end, dict) and end.get("op") == "exit" and isinstance(end.get("code"), int):
+                        yield {"op": "exit", "code": int(end["code"])}
+                        return
+                    if isinstance(end, dict) and end.get("op") == "error":
+                        yield {
+                            "op": "error",
+                            "code": cap(str(end.get("code") or "node_error"), 64),
+                            "message": cap(str(end.get("message") or ""), 2000),
+                        }
+                        return
+        except ConnectionClosed:
+            pass
+        node = self.node.name if self.node else "?"
+        yield {"op": "error", "code": "node_lost", "message": f"node {node} went before the command ended"}
+
+    async def _release(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            with contextlib.suppress(Exception):
+                await self.state.resources.store.revoke(lease)  # the record goes with it
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws.close(), 2)
+        await self._release()
+
+
+def _said(body: bytes | None) -> str:
+    try:
+        return cap(str(json.loads(body or b"")["error"]["message"]), 500)
+    except (ValueError, KeyError, TypeError):
+        return cap((body or b"").decode("utf-8", "replace"), 200) or "no reason given"
