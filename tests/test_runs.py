@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,75 @@ def test_run_forwards_stdin_and_keeps_stderr_apart(platform: Platform, oneoff: d
 def test_run_sees_the_apps_config_and_secrets(platform: Platform, oneoff: dict[str, Any]) -> None:
     r = platform.cli("run", "oneoff", "--", "python", "tools.py", "settings")
     assert r.stdout.split() == ["bonjour", "s3cret", "oneoff", str(oneoff["release"])]
+
+
+def test_run_is_sandboxed_as_the_app(platform: Platform, oneoff: dict[str, Any]) -> None:
+    data = platform.data_dir
+    assert (data / "admin-token").exists()
+    r = platform.cli("run", "oneoff", "--", "python", "tools.py", "who", str(data), "/etc")
+    seen = json.loads(r.stdout)
+    uid = platform.http("GET", "/v1/apps/oneoff").json()["uid"]
+    assert seen["uid_map"] == ["0", str(uid), "1"]  # root inside is the app's uid outside, nobody else
+    # The platform's data dir is hidden: only the path down to the image's layers (read-only) shows.
+    assert seen["seen"][str(data)] == ["node"]
+    assert "shadow" not in seen["seen"]["/etc"] and "passwd" in seen["seen"]["/etc"]  # its own /etc
+
+
+def test_a_volume_written_by_a_run_is_read_by_the_apps_instance(
+    platform: Platform, oneoff: dict[str, Any]
+) -> None:
+    platform.cli("run", "oneoff", "--", "python", "tools.py", "write", "from a run")
+    assert platform.invoke("oneoff", "note") == (200, {"note": "from a run"})
+
+
+def _refused(platform: Platform, path: str, token: str) -> tuple[int, dict[str, Any]]:
+    """The status and error body of a run the API refuses before its websocket opens."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    url = platform.api.replace("http", "ws", 1) + path
+    with pytest.raises(InvalidStatus) as e:
+        connect(url, additional_headers={"authorization": f"Bearer {token}"}).close()
+    return e.value.response.status_code, json.loads(e.value.response.body or b"")["error"]
+
+
+def test_run_is_refused_clearly(platform: Platform, oneoff: dict[str, Any]) -> None:
+    reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "runs-reader")["token"]
+    status, error = _refused(platform, "/v1/apps/oneoff/runs", reader)
+    assert (status, error["code"]) == (403, "forbidden") and "'deploy' permission" in error["message"]
+    r = platform.cli("run", "oneoff", "--", "true", check=False)
+    assert r.returncode == 0
+    r = platform.cli("run", "nosuchapp", "--", "true", check=False)
+    assert r.returncode == 1 and "nosuchapp" in r.stderr
+    assert _refused(platform, "/v1/apps/nosuchapp/runs", platform.token)[0] == 404
+    assert platform.http("POST", "/v1/apps", json={"name": "unreleased"}).status_code == 201
+    try:
+        status, error = _refused(platform, "/v1/apps/unreleased/runs", platform.token)
+        assert (status, error["code"]) == (409, "no_release")
+        r = platform.cli("run", "unreleased", "--json", "--", "true", check=False)
+        assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "no_release"
+    finally:
+        platform.http("DELETE", "/v1/apps/unreleased")
+    status, error = _refused(platform, "/v1/apps/oneoff/runs?release=99", platform.token)
+    assert (status, error["code"]) == (404, "release_not_found")
+
+
+def test_run_json_captures_the_output_and_the_code(platform: Platform, oneoff: dict[str, Any]) -> None:
+    r = platform.cli(
+        "run", "oneoff", "--json", "--", "python", "tools.py", "echo", input="json\n", check=False
+    )
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == {
+        "exit_code": 0,
+        "stdout": "got json\n",
+        "stderr": "to stderr\n",
+        "truncated": False,
+    }
+
+
+def test_run_ends_at_its_timeout(platform: Platform, oneoff: dict[str, Any]) -> None:
+    r = platform.cli(
+        "run", "oneoff", "--timeout", "1s", "--", "python", "-c", "import time; time.sleep(60)", check=False
+    )
+    assert r.returncode == 124
+    assert "timeout" in r.stderr
