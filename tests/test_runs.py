@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.platform import Platform
+from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
 
@@ -113,3 +113,42 @@ def test_run_ends_at_its_timeout(platform: Platform, oneoff: dict[str, Any]) -> 
     )
     assert r.returncode == 124
     assert "timeout" in r.stderr
+
+
+def _with_release(tmp_path: Path, name: str, release: list[str]) -> Path:
+    """tests/apps/oneoff with these release steps."""
+    src = copy_app(APPS / "oneoff", tmp_path / name)
+    code = (src / "app.py").read_text()
+    (src / "app.py").write_text(code.replace('"oneoff-data"}', f'"oneoff-data"}}, release={release!r}'))
+    return src
+
+
+def _log(platform: Platform, deploy_id: str) -> str:
+    r = platform.http("GET", f"/v1/deploys/{deploy_id}/log")
+    return "\n".join(str(json.loads(line).get("line", "")) for line in r.text.splitlines())
+
+
+def test_release_steps_run_before_the_release_takes_traffic(platform: Platform, tmp_path: Path) -> None:
+    try:
+        steps = ["python tools.py write 'before traffic'", "python -c \"print('second step')\""]
+        deployed = platform.deploy(_with_release(tmp_path, "v1", steps), "--name", "stepped")
+        assert deployed["status"] == "succeeded"
+        # The release's first request reads what its release step wrote in the app's volume.
+        assert platform.invoke("stepped", "note") == (200, {"note": "before traffic"})
+        log = _log(platform, deployed["id"])
+        assert "==> Release step: python tools.py write 'before traffic'" in log
+        assert log.index("wrote before traffic") < log.index("second step") < log.index("==> Released")
+
+        failing = ["python tools.py write 'not released'", "python -c 'import sys; sys.exit(3)'"]
+        r = platform.cli(
+            "deploy", str(_with_release(tmp_path, "v2", failing)), "--name", "stepped", check=False
+        )
+        assert r.returncode == 1
+        assert "release step `python -c 'import sys; sys.exit(3)'` exited with code 3" in r.stdout + r.stderr
+        app = platform.http("GET", "/v1/apps/stepped").json()
+        assert (app["current_release"], app["latest_release"]) == (1, 1)
+        # The old release still answers (the first step of the failed one did write its volume).
+        assert platform.invoke("stepped", "note") == (200, {"note": "not released"})
+        assert platform.http("GET", "/v1/apps/stepped/releases").json()["items"][-1]["version"] == 1
+    finally:
+        platform.http("DELETE", "/v1/apps/stepped")

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+import shlex
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,18 @@ from osless import runwire
 from osless.api.errors import ApiError
 from osless.api.models import Node
 from osless.api.state import ApiState
-from osless.bounds import cap
+from osless.bounds import MAX_LINE_CHARS, cap
 
-__all__ = ["MAX_RUNS_PER_APP", "RUNS", "NodeRun", "Target", "images_run_on", "pick_node", "target"]
+__all__ = [
+    "MAX_RUNS_PER_APP",
+    "RUNS",
+    "NodeRun",
+    "Target",
+    "images_run_on",
+    "pick_node",
+    "release_steps",
+    "target",
+]
 
 RUNS = "/runs/"
 MAX_RUNS_PER_APP = 4  # at once, over the fleet: past it, 429
@@ -214,3 +224,60 @@ def _said(body: bytes | None) -> str:
         return cap(str(json.loads(body or b"")["error"]["message"]), 500)
     except (ValueError, KeyError, TypeError):
         return cap((body or b"").decode("utf-8", "replace"), 200) or "no reason given"
+
+
+async def release_steps(
+    state: ApiState, tgt: Target, commands: list[str], log: Callable[[list[str]], Awaitable[object]]
+) -> str | None:
+    """Run a new release's steps in order, each as `osless run` would in it, their output in `log`;
+    None if each exited 0, else what failed (the first that did: the rest do not run)."""
+    for command in commands:
+        argv = shlex.split(command)  # as the SDK checked it: no shell (`sh -c "..."` for one)
+        await log([f"==> Release step: {runwire.shown(argv)}"])
+        lines = _Lines(log)
+        end: dict[str, Any] = {"op": "error", "code": "node_lost", "message": "no answer"}
+        try:
+            async with NodeRun(state, tgt, argv, runwire.RELEASE_TIMEOUT_S) as node_run:
+                await node_run.send_op("eof")  # nothing on stdin: it never waits for input
+                async for frame in node_run.frames():
+                    if isinstance(frame, dict):
+                        end = frame
+                        break
+                    await lines.feed(frame[1])
+        except ApiError as e:
+            end = {"op": "error", "code": e.code, "message": e.message}
+        await lines.flush()
+        if end["op"] == "error":
+            return f"release step `{runwire.shown(argv, 200)}` could not run: {end['message']}"
+        if end["code"] == runwire.TIMEOUT_EXIT:
+            return (
+                f"release step `{runwire.shown(argv, 200)}` ran past {runwire.RELEASE_TIMEOUT_S:g} s "
+                f"and was ended (exit code {end['code']})"
+            )
+        if end["code"] != 0:
+            return f"release step `{runwire.shown(argv, 200)}` exited with code {end['code']}"
+    return None
+
+
+class _Lines:
+    """A command's output as log lines: cut at newlines (or at a log line's cap), sent per frame."""
+
+    def __init__(self, log: Callable[[list[str]], Awaitable[object]]) -> None:
+        self.log = log
+        self.buf = bytearray()
+
+    async def feed(self, data: bytes) -> None:
+        self.buf += data
+        *parts, rest = self.buf.split(b"\n")
+        done = [bytes(p) for p in parts]
+        self.buf = bytearray(rest)
+        if len(self.buf) > MAX_LINE_CHARS:
+            done.append(bytes(self.buf))
+            self.buf.clear()
+        if done:
+            await self.log([line.decode("utf-8", "replace") for line in done])
+
+    async def flush(self) -> None:
+        if self.buf:
+            await self.log([self.buf.decode("utf-8", "replace")])
+            self.buf.clear()

@@ -353,6 +353,7 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         "web": web,
         "volumes": {path: v.manifest() for path, v in read_volumes(raw.get("volumes")).items()},
         "egress": _check_egress(raw.get("egress") or []),
+        "release": _check_release(raw.get("release") or []),
         "config": read_schema(raw.get("config") or {}),
     }
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
+
 from osless.bounds import MAX_LINE_CHARS, cap
 from osless.builder import Builder, BuildError, stop_all_builds
 from osless.builder.egress import BuildEgress, index_hosts
@@ -55,6 +57,7 @@ PENDING_CHARS = 16 * 1024 * 1024  # held while the API is slow; past it lines ar
 MAX_SOURCE_BYTES = 1024 * 1024 * 1024
 UID_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
+RESULT_TIMEOUT = httpx.Timeout(None, connect=5.0)
 STOPPED = "the builder stopped mid-build: deploy again"
 LOCK_FILE = "builder.lock"
 
@@ -336,7 +339,11 @@ class BuilderHost:
         """Posted until the API answers (a restart in between is waited out, within the lease)."""
         for _ in range(30):
             try:
-                await self.api.request("POST", f"{base}/result", params=params, json=result)
+                # No read timeout: the API runs the release's steps (`App(release=...)`) before it
+                # answers, each up to its own timeout.
+                await self.api.request(
+                    "POST", f"{base}/result", params=params, json=result, timeout=RESULT_TIMEOUT
+                )
                 return
             except ApiError as e:
                 if e.status != 0 and e.status < 500:

@@ -16,6 +16,7 @@ elif what == "echo":
 elif what == "write":
     with open("/data/note", "w") as f:
         f.write(sys.argv[2])
+    print(f"wrote {sys.argv[2]}")
 elif what == "who":
     with open("/proc/self/uid_map") as f:
         print(
