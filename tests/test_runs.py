@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +153,20 @@ def test_release_steps_run_before_the_release_takes_traffic(platform: Platform, 
         assert platform.http("GET", "/v1/apps/stepped/releases").json()["items"][-1]["version"] == 1
     finally:
         platform.http("DELETE", "/v1/apps/stepped")
+
+
+def test_runs_of_an_app_at_once_are_bounded(platform: Platform, oneoff: dict[str, Any]) -> None:
+    from websockets.sync.client import connect
+
+    url = platform.api.replace("http", "ws", 1) + "/v1/apps/oneoff/runs"
+    auth = {"authorization": f"Bearer {platform.token}"}
+    waiting = ["python", "-c", "print('up', flush=True); input()"]
+    with contextlib.ExitStack() as runs:  # each command ends with its socket, closed on the way out
+        for _ in range(4):
+            ws = runs.enter_context(connect(url, additional_headers=auth))
+            ws.send(json.dumps({"op": "start", "command": waiting}))
+            assert ws.recv(timeout=30).startswith(b"\x01up")  # running on the node
+        status, error = _refused(platform, "/v1/apps/oneoff/runs", platform.token)
+        assert (status, error["code"]) == (429, "too_many_runs")
+    # Their records went with them: the app may run again.
+    platform.wait_for(lambda: platform.cli("run", "oneoff", "--", "true", check=False).returncode == 0)

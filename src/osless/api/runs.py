@@ -34,6 +34,7 @@ __all__ = [
     "RUNS",
     "NodeRun",
     "Target",
+    "check_room",
     "images_run_on",
     "pick_node",
     "release_steps",
@@ -43,7 +44,9 @@ __all__ = [
 RUNS = "/runs/"
 MAX_RUNS_PER_APP = 4  # at once, over the fleet: past it, 429
 RUNNER_TTL_S = 60.0  # the node checks it when the run starts only
-LEASE_MARGIN_S = 120.0  # past the command's timeout: the record goes even if this server dies
+# The record's lease, kept alive while the run goes: a server that dies takes its runs' records with
+# it within this, so they no longer count against the app's runs.
+LEASE_S = 30.0
 NODE_CONNECT_S = 10.0
 
 
@@ -90,9 +93,13 @@ async def pick_node(state: ApiState, app: str) -> Node:
     return next((n for n in nodes if n.name in hosting), nodes[0])
 
 
-async def _count(state: ApiState, app: str) -> int:
+async def check_room(state: ApiState, app: str) -> None:
+    """429 if `app` runs MAX_RUNS_PER_APP commands already, on any node, started by any server."""
     kvs, _ = await state.resources.store.list(RUNS)
-    return sum(1 for kv in kvs if kv.key.split("/")[3:4] == [app])
+    if sum(1 for kv in kvs if kv.key.split("/")[3:4] == [app]) >= MAX_RUNS_PER_APP:
+        raise ApiError(
+            429, "too_many_runs", f"app {app!r} runs {MAX_RUNS_PER_APP} commands already; wait for one to end"
+        )
 
 
 class NodeRun:
@@ -106,20 +113,23 @@ class NodeRun:
         self.node: Node | None = None
         self._ws: ClientConnection | None = None
         self._lease: int | None = None
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def _keep(self, lease: int) -> None:
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            with contextlib.suppress(Exception):  # the store away a moment: the next try may do
+                await self.state.resources.store.keepalive(lease)
 
     async def __aenter__(self) -> NodeRun:
         state, tgt = self.state, self.target
-        if await _count(state, tgt.app) >= MAX_RUNS_PER_APP:
-            raise ApiError(
-                429,
-                "too_many_runs",
-                f"app {tgt.app!r} runs {MAX_RUNS_PER_APP} commands already; wait for one to end",
-            )
+        await check_room(state, tgt.app)  # again: others may have started since the route looked
         node = self.node = await pick_node(state, tgt.app)
         store = state.resources.store
-        self._lease = await store.grant_lease(self.timeout_s + LEASE_MARGIN_S)
+        self._lease = await store.grant_lease(LEASE_S)
         key = f"{RUNS}{node.name}/{tgt.app}/{secrets.token_hex(8)}"
         await store.put(key, json.dumps({"image": tgt.image}).encode(), lease=self._lease)
+        self._keeper = asyncio.create_task(self._keep(self._lease))
         try:
             self._ws = await self._open(node)
         except BaseException:
@@ -207,6 +217,9 @@ class NodeRun:
         yield {"op": "error", "code": "node_lost", "message": f"node {node} went before the command ended"}
 
     async def _release(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self._lease is not None:
             lease, self._lease = self._lease, None
             with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = ["NodeRuns"]
 
 log = logging.getLogger("osless.node.runs")
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 START_TIMEOUT_S = 10.0  # for the API's start message
 # Environment names the API may set for the command: what an instance has, and its config.
 ALLOWED_ENV = frozenset({"OSLESS_APP", "OSLESS_RELEASE", "OSLESS_TOKEN", "OSLESS_CONFIG", "OSLESS_RUN"})
@@ -202,7 +204,7 @@ def _start(msg: Any) -> tuple[str, int, list[str], dict[str, str], float]:
     if not isinstance(msg, dict) or msg.get("op") != "start":
         raise ValueError("the first message must be a start")
     image, uid, command, env, timeout_s = (msg[k] for k in ("image", "uid", "command", "env", "timeout_s"))
-    if not isinstance(image, str) or not image.isalnum() or len(image) != 64:
+    if not isinstance(image, str) or not _DIGEST.fullmatch(image):
         raise ValueError("image must be a sha256 digest")
     if not isinstance(uid, int) or isinstance(uid, bool) or uid < 1000:
         raise ValueError("uid must be the app's (an integer >= 1000)")

@@ -2,7 +2,7 @@
 
 Refused before the websocket opens, with the one error body and its status: 403 without the
 `deploy` permission (or for another app), 404 no such app, 409 no release, 400 a bad `release` or
-`timeout`, 429 past the runs an app may have at once, 503 no node. Once open, the CLI's first frame
+`timeout`, 429 past the runs an app may have at once. Once open, the CLI's first frame
 names the command; frames then pass both ways between the CLI and the node (`runwire`, `api.runs`).
 Each run is audited (who ran what, in which app) as it starts.
 """
@@ -23,7 +23,7 @@ from osless import runwire
 from osless.api import audit
 from osless.api.auth import Caller
 from osless.api.errors import ApiError, error_body
-from osless.api.runs import NodeRun, Target, target
+from osless.api.runs import NodeRun, Target, check_room, target
 from osless.api.state import ApiState
 
 router = APIRouter(tags=["runs"])
@@ -68,7 +68,9 @@ async def _checked(websocket: WebSocket, app: str) -> tuple[Caller, Target, floa
                 400, "invalid_request", f"timeout must be seconds in (0, {runwire.MAX_TIMEOUT_S:g}]"
             )
     state: ApiState = websocket.app.state.osless
-    return caller, await target(state, app, release), timeout_s
+    tgt = await target(state, app, release)
+    await check_room(state, app)
+    return caller, tgt, timeout_s
 
 
 @router.websocket("/apps/{app}/runs")
