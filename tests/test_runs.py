@@ -170,3 +170,9 @@ def test_runs_of_an_app_at_once_are_bounded(platform: Platform, oneoff: dict[str
         assert (status, error["code"]) == (429, "too_many_runs")
     # Their records went with them: the app may run again.
     platform.wait_for(lambda: platform.cli("run", "oneoff", "--", "true", check=False).returncode == 0)
+
+
+def test_run_has_an_instances_memory_limit(platform: Platform, oneoff: dict[str, Any]) -> None:
+    grow = "b = bytearray(400 * 1024 * 1024); print('survived')"  # the app's instances get 256 MB
+    r = platform.cli("run", "oneoff", "--", "python", "-c", grow, check=False)
+    assert r.returncode == 137 and "survived" not in r.stdout, (r.returncode, r.stdout, r.stderr)
