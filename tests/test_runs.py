@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
+import select
+import struct
+import subprocess
+import termios
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +183,58 @@ def test_run_has_an_instances_memory_limit(platform: Platform, oneoff: dict[str,
     grow = "b = bytearray(400 * 1024 * 1024); print('survived')"  # the app's instances get 256 MB
     r = platform.cli("run", "oneoff", "--", "python", "-c", grow, check=False)
     assert r.returncode == 137 and "survived" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytearray, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{wanted!r} never came: {bytes(seen)!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # the CLI closed its terminal
+                assert wanted in seen, f"{wanted!r} never came: {bytes(seen)!r}"
+
+
+def _at_a_terminal(platform: Platform, *command: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`osless run oneoff -- COMMAND` with a terminal of 30x100 as its stdin, stdout and stderr."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    cli = subprocess.Popen(
+        [platform.osless, "run", "oneoff", "--", *command],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=platform.env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    return cli, master
+
+
+def test_run_at_a_terminal_gives_the_command_one(platform: Platform, oneoff: dict[str, Any]) -> None:
+    ask = (
+        "import os; print(os.isatty(0), os.isatty(2), os.get_terminal_size()); "
+        "print('hello', input('name? '))"
+    )
+    cli, master = _at_a_terminal(platform, "python", "-c", ask)
+    try:
+        seen = bytearray()
+        _read_until(master, b"name? ", seen)
+        assert b"True True os.terminal_size(columns=100, lines=30)" in seen
+        os.write(master, b"Ada\r")  # the local terminal is raw: Enter is a carriage return
+        _read_until(master, b"hello Ada", seen)
+        assert cli.wait(30) == 0
+    finally:
+        cli.kill()
+        os.close(master)
+    # Ctrl-C at the terminal interrupts the command there (SIGINT), as at a local terminal.
+    cli, master = _at_a_terminal(platform, "python", "-c", "import time; print('ready'); time.sleep(60)")
+    try:
+        _read_until(master, b"ready", bytearray())
+        os.write(master, b"\x03")
+        assert cli.wait(30) == 130
+    finally:
+        cli.kill()
+        os.close(master)

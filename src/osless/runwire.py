@@ -2,9 +2,12 @@
 
 Binary frames carry bytes, their first byte saying whose: `STDIN` (to the command), `STDOUT`,
 `STDERR` (from it), at most `MAX_CHUNK` bytes after it. Text frames are JSON objects with an `op`:
-- CLI -> API, first: `{"op": "start", "command": [...]}`; API -> node, first: `{"op": "start",
-  "image", "uid", "release", "command", "env", "timeout_s"}` (the node trusts the API alone);
-- either way, later: `{"op": "eof"}` (stdin is closed), `{"op": "stop"}` (end the command: Ctrl-C);
+- CLI -> API, first: `{"op": "start", "command": [...], "tty": {"rows", "cols"} | null}`; API ->
+  node, first: `{"op": "start", "image", "uid", "command", "env", "timeout_s", "tty"}` (the node
+  trusts the API alone). With `tty`, the command's stdin, stdout and stderr are a terminal of that
+  size (its output all comes as STDOUT), else pipes;
+- either way, later: `{"op": "eof"}` (stdin is closed), `{"op": "resize", "rows", "cols"}` (the
+  terminal's size), `{"op": "stop"}` (end the command: Ctrl-C without a terminal);
 - back, last: `{"op": "exit", "code": N}`, or `{"op": "error", "code", "message"}` (it never ran, or
   the platform lost it), then the socket closes.
 Closing the socket ends the command too. Imported by the CLI: stdlib only.
@@ -21,6 +24,7 @@ __all__ = [
     "MAX_COMMAND_CHARS",
     "MAX_FRAME",
     "MAX_TIMEOUT_S",
+    "MAX_TTY",
     "RELEASE_TIMEOUT_S",
     "STDERR",
     "STDIN",
@@ -28,6 +32,7 @@ __all__ = [
     "TIMEOUT_EXIT",
     "command_problem",
     "shown",
+    "tty_size",
 ]
 
 STDIN, STDOUT, STDERR = 0, 1, 2
@@ -38,6 +43,7 @@ DEFAULT_TIMEOUT_S = 3600.0  # `osless run`, unless --timeout
 RELEASE_TIMEOUT_S = 600.0  # each release command
 MAX_TIMEOUT_S = 24 * 3600.0
 TIMEOUT_EXIT = 124  # as timeout(1)
+MAX_TTY = 10_000  # rows or columns of a terminal
 MAX_ARGS = 256
 MAX_COMMAND_CHARS = 32 * 1024  # all the arguments together
 
@@ -61,3 +67,18 @@ def shown(command: list[str], most: int = 500) -> str:
     """The command as a shell would read it, cut at `most` characters (for logs and the audit)."""
     text = shlex.join(command)
     return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def tty_size(obj: object) -> tuple[int, int] | None:
+    """(rows, cols) of a `{"rows", "cols"}` object within bounds, else None (no terminal)."""
+    if not isinstance(obj, dict):
+        return None
+    rows, cols = obj.get("rows"), obj.get("cols")
+    if (
+        not isinstance(rows, int)
+        or not isinstance(cols, int)
+        or isinstance(rows, bool)
+        or isinstance(cols, bool)
+    ):
+        return None
+    return (rows, cols) if 0 < rows <= MAX_TTY and 0 < cols <= MAX_TTY else None

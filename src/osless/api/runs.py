@@ -105,8 +105,16 @@ async def check_room(state: ApiState, app: str) -> None:
 class NodeRun:
     """One command on a node, as an async context manager: `send`, then read `frames()`."""
 
-    def __init__(self, state: ApiState, tgt: Target, command: list[str], timeout_s: float) -> None:
+    def __init__(
+        self,
+        state: ApiState,
+        tgt: Target,
+        command: list[str],
+        timeout_s: float,
+        tty: tuple[int, int] | None = None,
+    ) -> None:
         self.state = state
+        self.tty = tty
         self.target = tgt
         self.command = command
         self.timeout_s = timeout_s
@@ -175,6 +183,7 @@ class NodeRun:
             "command": self.command,
             "env": env,
             "timeout_s": self.timeout_s,
+            "tty": {"rows": self.tty[0], "cols": self.tty[1]} if self.tty else None,
         }
         await ws.send(json.dumps(start))
         return ws
@@ -184,10 +193,10 @@ class NodeRun:
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(bytes([runwire.STDIN]) + data)
 
-    async def send_op(self, op: str) -> None:
+    async def send_op(self, op: str, **fields: int) -> None:
         if self._ws is not None:
             with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(json.dumps({"op": op}))
+                await self._ws.send(json.dumps({"op": op, **fields}))
 
     async def frames(self) -> AsyncIterator[tuple[int, bytes] | dict[str, Any]]:
         """(STDOUT|STDERR, bytes) as they come, then the last message (`exit` or `error`); an error

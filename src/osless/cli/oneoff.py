@@ -1,16 +1,20 @@
 """`osless run APP -- CMD ARGS...`: a one-off command in a fresh sandbox of the app's release.
 
 Over the API's websocket (`WS /v1/apps/{app}/runs`, frames in `runwire`): stdout and stderr are
-written as they come, stdin is sent as it is read (pipes: a terminal's input goes line by line, with
-no pty), Ctrl-C ends the command, and the CLI exits with the command's code.
+written as they come, stdin is sent as it is read. At a terminal (the CLI's stdin is one, and no
+--json), the command gets a terminal of its own of the same size (a pty, as `docker run -it`), the
+local one is raw meanwhile (keys, Ctrl-C included, go to the command), and its size follows the
+local one's; otherwise pipes, and Ctrl-C ends the command. The CLI exits with the command's code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -76,8 +80,9 @@ def run(
     captured: dict[int, bytearray] = {runwire.STDOUT: bytearray(), runwire.STDERR: bytearray()}
     sizes = {runwire.STDOUT: 0, runwire.STDERR: 0}
     end: dict[str, Any] | None = None
-    with ws:
-        ws.send(json.dumps({"op": "start", "command": command}))
+    terminal = None if json_out else _terminal_size()
+    with ws, _raw(ws, terminal is not None):
+        ws.send(json.dumps({"op": "start", "command": command, "tty": terminal}))
         threading.Thread(target=_pump_stdin, args=(ws,), daemon=True).start()
         try:
             end = _read(ws, captured, sizes, json_out)
@@ -158,6 +163,44 @@ def _pump_stdin(ws: Any) -> None:
         ws.send(json.dumps({"op": "eof"}))
     except (ConnectionClosed, OSError):
         return
+
+
+def _terminal_size() -> dict[str, int] | None:
+    """The local terminal's size, when stdin is one: the command then gets a terminal too."""
+    try:
+        if not os.isatty(0):
+            return None
+        cols, rows = os.get_terminal_size(0)
+    except OSError:
+        return None
+    return {"rows": rows or 24, "cols": cols or 80}
+
+
+@contextlib.contextmanager
+def _raw(ws: Any, on: bool) -> Iterator[None]:
+    """The local terminal raw while the command has one (its keys, Ctrl-C too, are the command's),
+    its size sent along when it changes; as it was, after."""
+    if not on:
+        yield
+        return
+    import signal
+    import termios
+    import tty
+
+    def resized(signum: int, frame: object) -> None:
+        size = _terminal_size()
+        with contextlib.suppress(Exception):
+            if size:
+                ws.send(json.dumps({"op": "resize", **size}))
+
+    before = termios.tcgetattr(0)
+    previous = signal.signal(signal.SIGWINCH, resized)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, before)
+        signal.signal(signal.SIGWINCH, previous)
 
 
 def _refusal(status: int, body: bytes | None) -> tuple[str, str]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import signal
+import struct
 import sys
+import termios
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +62,7 @@ class NodeRuns:
         try:
             start = await asyncio.wait_for(ws.receive_json(), START_TIMEOUT_S)
             image, uid, command, env, timeout_s = _start(start)
+            tty = runwire.tty_size(start.get("tty"))
         except (TimeoutError, ValueError, KeyError, TypeError, WebSocketDisconnect) as e:
             await _end(ws, {"op": "error", "code": "invalid_request", "message": f"no valid start: {e}"})
             return
@@ -67,6 +71,9 @@ class NodeRuns:
         agent.run_images[image] += 1
         cgroup: InstanceCgroup | None = None
         proc: asyncio.subprocess.Process | None = None
+        terminal = _Terminal(*tty) if tty is not None else None
+        # A terminal's end for the command's stdin, stdout and stderr (docker run -it), else pipes.
+        stdio: Any = terminal.slave if terminal is not None else asyncio.subprocess.PIPE
         try:
             manifest = await agent.images.manifest(image)
             if manifest.app != app:
@@ -84,7 +91,7 @@ class NodeRuns:
             if agent.sandboxed:
                 spec = await agent.sandbox_for(uid, manifest, layers)
                 join = cgroup.open_join_files() if cgroup is not None else []
-                how = {"env": env, "cwd": str(code_dir), "cgroup_fds": join}
+                how = {"env": env, "cwd": str(code_dir), "cgroup_fds": join, "tty": terminal is not None}
                 try:
                     proc = await asyncio.create_subprocess_exec(
                         *(
@@ -96,9 +103,9 @@ class NodeRuns:
                             json.dumps(spec.to_json()),
                         ),
                         *("--", *command),
-                        stdin=asyncio.subprocess.PIPE,
-                        stdout=asyncio.subprocess.PIPE,
-                        stderr=asyncio.subprocess.PIPE,
+                        stdin=stdio,
+                        stdout=stdio,
+                        stderr=stdio,
                         env={**base_env(), EXEC_ENV: json.dumps(how)},
                         pass_fds=join,
                         cwd="/",
@@ -111,16 +118,18 @@ class NodeRuns:
                 try:
                     proc = await asyncio.create_subprocess_exec(
                         *command,
-                        stdin=asyncio.subprocess.PIPE,
-                        stdout=asyncio.subprocess.PIPE,
-                        stderr=asyncio.subprocess.PIPE,
+                        stdin=stdio,
+                        stdout=stdio,
+                        stderr=stdio,
                         env=env,
                         cwd=str(code_dir),
                         start_new_session=True,
                     )
                 except OSError as e:
                     raise _Refused("not_runnable", f"{command[0]}: {e.strerror or e}") from None
-            await self._relay(ws, proc, timeout_s)
+            if terminal is not None:
+                terminal.started()
+            await self._relay(ws, proc, timeout_s, terminal)
         except _Refused as e:
             await _end(ws, {"op": "error", "code": e.code, "message": e.message})
         except (ImageError, ZygoteFailed, OSError, ValueError) as e:
@@ -136,6 +145,8 @@ class NodeRuns:
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.kill_all)  # nothing it started outlives it
                 cgroup.remove()
+            if terminal is not None:
+                terminal.close()
             agent.runs[app] -= 1
             agent.run_images[image] -= 1
             if agent.runs[app] <= 0:
@@ -145,16 +156,23 @@ class NodeRuns:
             with contextlib.suppress(Exception):
                 await agent.forget_egress(app)
 
-    async def _relay(self, ws: WebSocket, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
-        assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    async def _relay(
+        self, ws: WebSocket, proc: asyncio.subprocess.Process, timeout_s: float, terminal: _Terminal | None
+    ) -> None:
+        if terminal is not None:
+            outs = [(await terminal.reader(), runwire.STDOUT)]
+        else:
+            assert proc.stdout is not None and proc.stderr is not None
+            outs = [(proc.stdout, runwire.STDOUT), (proc.stderr, runwire.STDERR)]
         stdin = proc.stdin
 
         async def out(stream: asyncio.StreamReader, tag: int) -> None:
-            while chunk := await stream.read(runwire.MAX_CHUNK):
-                await ws.send_bytes(bytes([tag]) + chunk)
+            with contextlib.suppress(OSError):  # a terminal says EIO once its last user is gone
+                while chunk := await stream.read(runwire.MAX_CHUNK):
+                    await ws.send_bytes(bytes([tag]) + chunk)
 
         async def finished() -> int:
-            await asyncio.gather(out(proc.stdout, runwire.STDOUT), out(proc.stderr, runwire.STDERR))  # type: ignore[arg-type]
+            await asyncio.gather(*(out(stream, tag) for stream, tag in outs))
             return await proc.wait()
 
         async def incoming() -> None:
@@ -164,14 +182,23 @@ class NodeRuns:
                 if msg["type"] == "websocket.disconnect":
                     return
                 data, text = msg.get("bytes"), msg.get("text")
-                if data and data[0] == runwire.STDIN and not stdin.is_closing():
-                    stdin.write(data[1:])
-                    with contextlib.suppress(ConnectionError):
-                        await stdin.drain()
+                if data and data[0] == runwire.STDIN:
+                    if terminal is not None:
+                        await terminal.write(data[1:])
+                    elif stdin is not None and not stdin.is_closing():
+                        stdin.write(data[1:])
+                        with contextlib.suppress(ConnectionError):
+                            await stdin.drain()
                 elif text is not None:
-                    op = _op(text)
-                    if op == "eof":
+                    op, msg_ = _message(text)
+                    if op == "eof" and stdin is not None:
                         stdin.close()
+                    elif (
+                        op == "resize"
+                        and terminal is not None
+                        and (size := runwire.tty_size(msg_)) is not None
+                    ):
+                        terminal.resize(*size)
                     elif op == "stop":
                         return
 
@@ -218,12 +245,59 @@ def _start(msg: Any) -> tuple[str, int, list[str], dict[str, str], float]:
     return image, uid, command, env, float(timeout_s)
 
 
-def _op(text: str) -> str | None:
+def _message(text: str) -> tuple[str | None, dict[str, Any]]:
     with contextlib.suppress(ValueError):
         msg = json.loads(text)
         if isinstance(msg, dict) and isinstance(msg.get("op"), str):
-            return str(msg["op"])
-    return None
+            return str(msg["op"]), msg
+    return None, {}
+
+
+class _Terminal:
+    """A pseudo-terminal for a command: the slave its stdio (and, in the sandbox, its controlling
+    terminal: `runtime.jail`), the master read and written here."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.master, self.slave = os.openpty()
+        self.resize(rows, cols)
+        self._transport: asyncio.BaseTransport | None = None
+
+    def started(self) -> None:
+        """The command holds the slave now: ours goes, so the master reads EOF (EIO) once it ends."""
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
+
+    async def reader(self) -> asyncio.StreamReader:
+        reader = asyncio.StreamReader(limit=runwire.MAX_CHUNK)
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(self.master), "rb", 0)
+        )
+        return reader
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        for _ in range(1000):  # a terminal's input queue is small: a command that reads none stalls us
+            if not view:
+                return
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except OSError:
+                return
+
+    def resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> None:
+        self.started()
+        if self._transport is not None:
+            self._transport.close()
+        with contextlib.suppress(OSError):
+            os.close(self.master)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -9,19 +9,22 @@ maps); exits with the command's status.
 namespace is its own, so the count is this sandbox's alone, and a fork bomb in a setup.py stalls
 at N instead of taking the host's process table.
 
-`OSLESS_JAIL_EXEC` (JSON `{"env", "cwd", "cgroup_fds"}`, in this process's environment, which only
+`OSLESS_JAIL_EXEC` (JSON `{"env", "cwd", "cgroup_fds", "tty"}`, in this process's environment, which only
 root can read): how `osless run` and release steps start an app's command (`node.runs`). The jail
 joins the cgroups whose join files it was passed (before anything forks, so the whole sandbox is
-in them), and the command gets exactly `env` (its PATH searched), in `cwd`. Never PYTHONPATH for
+in them), and the command gets exactly `env` (its PATH searched), in `cwd`; with `tty`, its stdin
+(a terminal) becomes its controlling terminal. Never PYTHONPATH for
 the jail itself: it runs as root, and the app's code must not be what it imports.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
 import sys
+import termios
 from typing import NoReturn
 
 from osless.runtime import sandbox
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         os.close(int(fd))
     env: dict[str, str] | None = how.get("env")
     cwd: str | None = how.get("cwd")
+    tty = bool(how.get("tty"))
 
     def run() -> NoReturn:
         # In the sandbox, every capability gone: lowering a limit needs none.
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
             os.execv(command[0], command)
         if cwd:
             os.chdir(cwd)
+        if tty:  # stdin is a terminal: made this session's, so Ctrl-C there interrupts the command
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         try:
             os.execvpe(command[0], command, env)
         except OSError as e:  # said as a shell would, with its code: not found 127, not runnable 126

@@ -85,8 +85,9 @@ async def run(websocket: WebSocket, app: str) -> None:
     try:
         first = await asyncio.wait_for(websocket.receive_json(), START_TIMEOUT_S)
         command = first.get("command") if isinstance(first, dict) else None
+        tty = runwire.tty_size(first.get("tty")) if isinstance(first, dict) else None
     except (TimeoutError, ValueError, WebSocketDisconnect):
-        command = None
+        command, tty = None, None
     problem = runwire.command_problem(command)
     if problem or not isinstance(command, list):
         await _end(websocket, {"op": "error", "code": "invalid_request", "message": problem or "no command"})
@@ -105,7 +106,7 @@ async def run(websocket: WebSocket, app: str) -> None:
             client=client,
         )
     try:
-        async with NodeRun(state, tgt, command, timeout_s) as node_run:
+        async with NodeRun(state, tgt, command, timeout_s, tty) as node_run:
             await _relay(websocket, node_run)
     except ApiError as e:
         await _end(websocket, {"op": "error", "code": e.code, "message": e.message})
@@ -121,9 +122,11 @@ async def _relay(websocket: WebSocket, node_run: NodeRun) -> None:
             if data and data[0] == runwire.STDIN:
                 await node_run.send_stdin(data[1 : 1 + runwire.MAX_CHUNK])
             elif text is not None:
-                op = _op(text)
+                op, msg_ = _message(text)
                 if op in ("eof", "stop"):
                     await node_run.send_op(op)
+                elif op == "resize" and (size := runwire.tty_size(msg_)) is not None:
+                    await node_run.send_op("resize", rows=size[0], cols=size[1])
                 if op == "stop":
                     return
 
@@ -152,12 +155,12 @@ async def _relay(websocket: WebSocket, node_run: NodeRun) -> None:
         await asyncio.gather(in_task, out_task, return_exceptions=True)
 
 
-def _op(text: str) -> str | None:
+def _message(text: str) -> tuple[str | None, dict[str, Any]]:
     with contextlib.suppress(ValueError):
         msg = json.loads(text)
         if isinstance(msg, dict) and isinstance(msg.get("op"), str):
-            return str(msg["op"])
-    return None
+            return str(msg["op"]), msg
+    return None, {}
 
 
 async def _end(websocket: WebSocket, msg: dict[str, Any]) -> None:
