@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.platform import EXAMPLES, Cluster, Server, running
+from tests.platform import EXAMPLES, Cluster, Server, copy_app, running
 
 APPS = Path(__file__).parent / "apps"
 COUNT = 3  # instances of `relayed`: one per node
@@ -98,6 +98,20 @@ def test_instances_spread_over_the_nodes_and_every_gateway_serves_every_app(clus
             assert r.status_code == 200, r.text
             answered.add(r.text)
     assert answered == {i["id"] for i in instances}  # each gateway reaches instances on other nodes
+
+
+def test_osless_run_and_release_steps_work_across_nodes(cluster: Cluster, tmp_path: Path) -> None:
+    server = cluster.server
+    src = copy_app(APPS / "oneoff", tmp_path / "oneoff")
+    code = (src / "app.py").read_text()
+    step = "python -c \"print('step ran')\""
+    (src / "app.py").write_text(code.replace('"oneoff-data"}', f'"oneoff-data"}}, release=[{step!r}]'))
+    deployed = server.deploy(src, "--name", "fleetrun")
+    log = server.http("GET", f"/v1/deploys/{deployed['id']}/log").text
+    assert "step ran" in log and log.index("step ran") < log.index("==> Released")
+    r = server.cli("run", "fleetrun", "--", "python", "tools.py", "echo", input="across\n")
+    assert (r.stdout, r.stderr) == ("got across\n", "to stderr\n")
+    server.http("DELETE", "/v1/apps/fleetrun")
 
 
 def test_deploys_and_config_changes_work_with_one_etcd_member_stopped(cluster: Cluster) -> None:
