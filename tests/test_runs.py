@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from osless.api.secrets import SecretBox, load_key
 from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
@@ -72,10 +73,13 @@ def test_a_volume_written_by_a_run_is_read_by_the_apps_instance(
 
 def _refused(platform: Platform, path: str, token: str) -> tuple[int, dict[str, Any]]:
     """The status and error body of a run the API refuses before its websocket opens."""
+    return _refused_at(platform.api.replace("http", "ws", 1) + path, token)
+
+
+def _refused_at(url: str, token: str) -> tuple[int, dict[str, Any]]:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    url = platform.api.replace("http", "ws", 1) + path
     with pytest.raises(InvalidStatus) as e:
         connect(url, additional_headers={"authorization": f"Bearer {token}"}).close()
     return e.value.response.status_code, json.loads(e.value.response.body or b"")["error"]
@@ -238,3 +242,16 @@ def test_run_at_a_terminal_gives_the_command_one(platform: Platform, oneoff: dic
     finally:
         cli.kill()
         os.close(master)
+
+
+def test_a_node_runs_a_command_only_for_the_api(platform: Platform, oneoff: dict[str, Any]) -> None:
+    node = platform.http("GET", "/v1/nodes").json()["items"][0]
+    url = node["api"].replace("http", "ws", 1) + "/runs/oneoff"
+    box = SecretBox(load_key(platform.data_dir))
+    for token, said in [
+        (platform.token, "only as the API asks"),  # even an admin's: it would skip the API's audit
+        (box.scoped_token("runner", "oneoff", 60, "elsewhere"), "made for another node"),
+        (box.scoped_token("runner", "other", 60, node["name"]), "limited to app 'other'"),
+    ]:
+        status, error = _refused_at(url, token)
+        assert status == 403 and said in error["message"], (status, error)

@@ -154,8 +154,7 @@ class NodeRun:
                 url,
                 additional_headers={"authorization": f"Bearer {token}"},
                 max_size=runwire.MAX_FRAME,
-                open_timeout=NODE_CONNECT_S,
-                ping_interval=None,  # a long silent command is fine: the node ends it at its timeout
+                open_timeout=NODE_CONNECT_S,  # and pings (every 20 s) tell a node gone silently
             )
         except InvalidStatus as e:
             raise ApiError(

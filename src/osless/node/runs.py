@@ -71,10 +71,11 @@ class NodeRuns:
         agent.run_images[image] += 1
         cgroup: InstanceCgroup | None = None
         proc: asyncio.subprocess.Process | None = None
-        terminal = _Terminal(*tty) if tty is not None else None
-        # A terminal's end for the command's stdin, stdout and stderr (docker run -it), else pipes.
-        stdio: Any = terminal.slave if terminal is not None else asyncio.subprocess.PIPE
+        terminal: _Terminal | None = None
         try:
+            terminal = _Terminal(*tty) if tty is not None else None
+            # A terminal's end for the command's stdin, stdout and stderr (docker run -it), else pipes.
+            stdio: Any = terminal.slave if terminal is not None else asyncio.subprocess.PIPE
             manifest = await agent.images.manifest(image)
             if manifest.app != app:
                 raise _Refused("wrong_app", f"image {image[:12]} is not of app {app!r}")
