@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import struct
 import subprocess
 import termios
@@ -39,6 +40,12 @@ def test_run_streams_output_and_exits_with_the_commands_code(
     )
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout == "hi\n"
+    # Audited: who ran what, in which app and release.
+    entries = platform.http("GET", "/v1/audit", params={"app": "oneoff"}).json()["items"]
+    ran = next(e for e in entries if e["method"] == "RUN")
+    assert ran["name"] == "admin" and ran["role"] == "admin"
+    command = ["python", "-c", "import sys; print('hi'); sys.exit(3)"]
+    assert ran["path"] == f"/v1/apps/oneoff/runs v{oneoff['release']}: {shlex.join(command)}"
 
 
 def test_run_forwards_stdin_and_keeps_stderr_apart(platform: Platform, oneoff: dict[str, Any]) -> None:
