@@ -24,6 +24,13 @@ from tests.platform import Platform, copy_app
 APPS = Path(__file__).parent / "apps"
 
 
+def _run(
+    platform: Platform, *args: str, input: str = "", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`osless run ...`, its stdin a pipe (empty unless given): never the terminal pytest may run in."""
+    return platform.cli("run", *args, input=input, check=check)
+
+
 @pytest.fixture(scope="module")
 def oneoff(platform: Platform) -> Iterator[dict[str, Any]]:
     deployed = platform.deploy(APPS / "oneoff")
@@ -35,9 +42,7 @@ def oneoff(platform: Platform) -> Iterator[dict[str, Any]]:
 def test_run_streams_output_and_exits_with_the_commands_code(
     platform: Platform, oneoff: dict[str, Any]
 ) -> None:
-    r = platform.cli(
-        "run", "oneoff", "--", "python", "-c", "import sys; print('hi'); sys.exit(3)", check=False
-    )
+    r = _run(platform, "oneoff", "--", "python", "-c", "import sys; print('hi'); sys.exit(3)", check=False)
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert r.stdout == "hi\n"
     # Audited: who ran what, in which app and release.
@@ -49,20 +54,20 @@ def test_run_streams_output_and_exits_with_the_commands_code(
 
 
 def test_run_forwards_stdin_and_keeps_stderr_apart(platform: Platform, oneoff: dict[str, Any]) -> None:
-    r = platform.cli("run", "oneoff", "--", "python", "tools.py", "echo", input="yes\n")
+    r = _run(platform, "oneoff", "--", "python", "tools.py", "echo", input="yes\n")
     assert r.stdout == "got yes\n"
     assert r.stderr == "to stderr\n"
 
 
 def test_run_sees_the_apps_config_and_secrets(platform: Platform, oneoff: dict[str, Any]) -> None:
-    r = platform.cli("run", "oneoff", "--", "python", "tools.py", "settings")
+    r = _run(platform, "oneoff", "--", "python", "tools.py", "settings")
     assert r.stdout.split() == ["bonjour", "s3cret", "oneoff", str(oneoff["release"])]
 
 
 def test_run_is_sandboxed_as_the_app(platform: Platform, oneoff: dict[str, Any]) -> None:
     data = platform.data_dir
     assert (data / "admin-token").exists()
-    r = platform.cli("run", "oneoff", "--", "python", "tools.py", "who", str(data), "/etc")
+    r = _run(platform, "oneoff", "--", "python", "tools.py", "who", str(data), "/etc")
     seen = json.loads(r.stdout)
     uid = platform.http("GET", "/v1/apps/oneoff").json()["uid"]
     assert seen["uid_map"] == ["0", str(uid), "1"]  # root inside is the app's uid outside, nobody else
@@ -74,7 +79,7 @@ def test_run_is_sandboxed_as_the_app(platform: Platform, oneoff: dict[str, Any])
 def test_a_volume_written_by_a_run_is_read_by_the_apps_instance(
     platform: Platform, oneoff: dict[str, Any]
 ) -> None:
-    platform.cli("run", "oneoff", "--", "python", "tools.py", "write", "from a run")
+    _run(platform, "oneoff", "--", "python", "tools.py", "write", "from a run")
     assert platform.invoke("oneoff", "note") == (200, {"note": "from a run"})
 
 
@@ -96,16 +101,16 @@ def test_run_is_refused_clearly(platform: Platform, oneoff: dict[str, Any]) -> N
     reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "runs-reader")["token"]
     status, error = _refused(platform, "/v1/apps/oneoff/runs", reader)
     assert (status, error["code"]) == (403, "forbidden") and "'deploy' permission" in error["message"]
-    r = platform.cli("run", "oneoff", "--", "true", check=False)
+    r = _run(platform, "oneoff", "--", "true", check=False)
     assert r.returncode == 0
-    r = platform.cli("run", "nosuchapp", "--", "true", check=False)
+    r = _run(platform, "nosuchapp", "--", "true", check=False)
     assert r.returncode == 1 and "nosuchapp" in r.stderr
     assert _refused(platform, "/v1/apps/nosuchapp/runs", platform.token)[0] == 404
     assert platform.http("POST", "/v1/apps", json={"name": "unreleased"}).status_code == 201
     try:
         status, error = _refused(platform, "/v1/apps/unreleased/runs", platform.token)
         assert (status, error["code"]) == (409, "no_release")
-        r = platform.cli("run", "unreleased", "--json", "--", "true", check=False)
+        r = _run(platform, "unreleased", "--json", "--", "true", check=False)
         assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "no_release"
     finally:
         platform.http("DELETE", "/v1/apps/unreleased")
@@ -114,9 +119,7 @@ def test_run_is_refused_clearly(platform: Platform, oneoff: dict[str, Any]) -> N
 
 
 def test_run_json_captures_the_output_and_the_code(platform: Platform, oneoff: dict[str, Any]) -> None:
-    r = platform.cli(
-        "run", "oneoff", "--json", "--", "python", "tools.py", "echo", input="json\n", check=False
-    )
+    r = _run(platform, "oneoff", "--json", "--", "python", "tools.py", "echo", input="json\n", check=False)
     assert r.returncode == 0
     assert json.loads(r.stdout) == {
         "exit_code": 0,
@@ -127,8 +130,16 @@ def test_run_json_captures_the_output_and_the_code(platform: Platform, oneoff: d
 
 
 def test_run_ends_at_its_timeout(platform: Platform, oneoff: dict[str, Any]) -> None:
-    r = platform.cli(
-        "run", "oneoff", "--timeout", "1s", "--", "python", "-c", "import time; time.sleep(60)", check=False
+    r = _run(
+        platform,
+        "oneoff",
+        "--timeout",
+        "1s",
+        "--",
+        "python",
+        "-c",
+        "import time; time.sleep(60)",
+        check=False,
     )
     assert r.returncode == 124
     assert "timeout" in r.stderr
@@ -187,12 +198,12 @@ def test_runs_of_an_app_at_once_are_bounded(platform: Platform, oneoff: dict[str
         status, error = _refused(platform, "/v1/apps/oneoff/runs", platform.token)
         assert (status, error["code"]) == (429, "too_many_runs")
     # Their records went with them: the app may run again.
-    platform.wait_for(lambda: platform.cli("run", "oneoff", "--", "true", check=False).returncode == 0)
+    platform.wait_for(lambda: _run(platform, "oneoff", "--", "true", check=False).returncode == 0)
 
 
 def test_run_has_an_instances_memory_limit(platform: Platform, oneoff: dict[str, Any]) -> None:
     grow = "b = bytearray(400 * 1024 * 1024); print('survived')"  # the app's instances get 256 MB
-    r = platform.cli("run", "oneoff", "--", "python", "-c", grow, check=False)
+    r = _run(platform, "oneoff", "--", "python", "-c", grow, check=False)
     assert r.returncode == 137 and "survived" not in r.stdout, (r.returncode, r.stdout, r.stderr)
 
 

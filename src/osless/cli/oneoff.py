@@ -187,11 +187,15 @@ def _raw(ws: Any, on: bool) -> Iterator[None]:
     import termios
     import tty
 
-    def resized(signum: int, frame: object) -> None:
+    def send_size() -> None:
         size = _terminal_size()
         with contextlib.suppress(Exception):
             if size:
                 ws.send(json.dumps({"op": "resize", **size}))
+
+    def resized(signum: int, frame: object) -> None:
+        # From a thread: the handler may run while this one is inside the connection's lock.
+        threading.Thread(target=send_size, daemon=True).start()
 
     before = termios.tcgetattr(0)
     previous = signal.signal(signal.SIGWINCH, resized)
