@@ -54,7 +54,7 @@ async def _checked(websocket: WebSocket, app: str) -> tuple[Caller, Target, floa
     release: int | None = None
     if q.get("release") is not None:
         raw = q["release"]
-        if not raw.isdigit() or not 0 < int(raw) < 10**9:
+        if not (raw.isascii() and raw.isdigit() and 0 < int(raw) < 10**9):
             raise ApiError(400, "invalid_request", f"release must be a release number, not {raw[:20]!r}")
         release = int(raw)
     timeout_s = runwire.DEFAULT_TIMEOUT_S
@@ -86,14 +86,14 @@ async def run(websocket: WebSocket, app: str) -> None:
         first = await asyncio.wait_for(websocket.receive_json(), START_TIMEOUT_S)
         command = first.get("command") if isinstance(first, dict) else None
         tty = runwire.tty_size(first.get("tty")) if isinstance(first, dict) else None
-    except (TimeoutError, ValueError, WebSocketDisconnect):
+    except (TimeoutError, ValueError, KeyError, WebSocketDisconnect):  # KeyError: a binary frame
         command, tty = None, None
     problem = runwire.command_problem(command)
     if problem or not isinstance(command, list):
         await _end(websocket, {"op": "error", "code": "invalid_request", "message": problem or "no command"})
         return
     client = websocket.client.host if websocket.client else None
-    with contextlib.suppress(Exception):  # the run goes on: a record lost is logged, as the guard does
+    try:
         await audit.record(
             state.resources.store,
             token=caller.id,
@@ -105,6 +105,8 @@ async def run(websocket: WebSocket, app: str) -> None:
             app=app,
             client=client,
         )
+    except Exception:  # the run goes on: a record lost is logged, as the guard does
+        log.exception("could not record a run of %s in the audit log", app)
     try:
         async with NodeRun(state, tgt, command, timeout_s, tty) as node_run:
             await _relay(websocket, node_run)
