@@ -116,6 +116,10 @@ def test_run_is_refused_clearly(platform: Platform, oneoff: dict[str, Any]) -> N
         platform.http("DELETE", "/v1/apps/unreleased")
     status, error = _refused(platform, "/v1/apps/oneoff/runs?release=99", platform.token)
     assert (status, error["code"]) == (404, "release_not_found")
+    assert _refused(platform, "/v1/apps/oneoff/runs?release=x", platform.token)[0] == 400
+    assert _refused(platform, "/v1/apps/oneoff/runs?timeout=0", platform.token)[0] == 400
+    r = _run(platform, "oneoff", "--release", "1", "--", "sh", "-c", 'echo "v$OSLESS_RELEASE"')
+    assert r.stdout == "v1\n"
 
 
 def test_run_json_captures_the_output_and_the_code(platform: Platform, oneoff: dict[str, Any]) -> None:
