@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.platform import EXAMPLES, Cluster, Server, running
+from tests.platform import EXAMPLES, Cluster, Server, copy_app, running
 
 APPS = Path(__file__).parent / "apps"
 COUNT = 3  # instances of `relayed`: one per node
@@ -120,6 +120,20 @@ def test_an_app_calls_another_s_function_and_any_gateway_serves_a_public_one(clu
     finally:  # the tests after this one count instances: these two leave none behind
         server.cli("apps", "delete", "shop", "--yes")
         server.cli("apps", "delete", "orders", "--yes")
+
+
+def test_osless_run_and_release_steps_work_across_nodes(cluster: Cluster, tmp_path: Path) -> None:
+    server = cluster.server
+    src = copy_app(APPS / "oneoff", tmp_path / "oneoff")
+    code = (src / "app.py").read_text()
+    step = "python -c \"print('step ran')\""
+    (src / "app.py").write_text(code.replace('"oneoff-data"}', f'"oneoff-data"}}, release=[{step!r}]'))
+    deployed = server.deploy(src, "--name", "fleetrun")
+    log = server.http("GET", f"/v1/deploys/{deployed['id']}/log").text
+    assert "step ran" in log and log.index("step ran") < log.index("==> Released")
+    r = server.cli("run", "fleetrun", "--", "python", "tools.py", "echo", input="across\n")
+    assert (r.stdout, r.stderr) == ("got across\n", "to stderr\n")
+    server.http("DELETE", "/v1/apps/fleetrun")
 
 
 def test_deploys_and_config_changes_work_with_one_etcd_member_stopped(cluster: Cluster) -> None:

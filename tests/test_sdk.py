@@ -81,6 +81,7 @@ def test_manifest_lists_functions_and_web() -> None:
         "volumes": {},
         "egress": [],
         "config": {},
+        "release": [],
     }
 
 
@@ -184,3 +185,19 @@ def test_http_functions_in_the_manifest() -> None:
         read_app_manifest({**manifest, "functions": {"plain": {**manifest["functions"]["plain"], "http": 1}}})
     with pytest.raises(UsageError, match="give True or False"):
         app.function(http="yes")  # type: ignore[arg-type]
+
+
+def test_release_steps_are_checked() -> None:
+    app = App("shop", release=["python manage.py migrate --noinput", "sh -c 'echo a && echo b'"])
+    assert app.manifest()["release"] == ["python manage.py migrate --noinput", "sh -c 'echo a && echo b'"]
+    for bad, said in [
+        ("python manage.py migrate", "takes a list of commands"),
+        ([""], "non-empty string"),
+        (["  "], "non-empty string"),
+        ([3], "non-empty string"),
+        (["echo 'unclosed"], "does not parse"),
+        (["x" * 5000], "at most 4096 characters"),
+        (["true"] * 11, "at most 10"),
+    ]:
+        with pytest.raises(UsageError, match=said):
+            App("shop", release=bad)  # type: ignore[arg-type]

@@ -255,6 +255,7 @@ MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
 MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
 # A layer is a whole virtualenv at most: CUDA builds of torch pass 2 GB; past this a manifest lies.
 MAX_LAYER_BYTES = 64 << 30
+MAX_RELEASE_COMMANDS, RELEASE_COMMAND_CHARS = 10, 4096
 
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
 FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
@@ -376,6 +377,11 @@ class ImageManifest(_ManifestPart):
     egress: list[Annotated[str, Field(pattern=HOST_PATTERN, max_length=253)]] = Field(default_factory=list)
     config: dict[Annotated[str, Field(pattern=CONFIG_KEY_PATTERN)], ConfigKeySpec] = Field(
         default_factory=dict
+    )
+    # Release steps (`App(release=[...])`): run in order, each as `osless run` would, before the
+    # release takes traffic. Absent when there are none, so older images keep their digest.
+    release: list[Annotated[str, Field(min_length=1, max_length=RELEASE_COMMAND_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_RELEASE_COMMANDS
     )
 
     def archived_layers(self) -> dict[str, LayerArchiveRef]:

@@ -110,6 +110,9 @@ ROLES: dict[str, frozenset[Permission]] = {
     # `volumes` to a node, for the files of an app's volumes on it (`osless volumes`): no route of the
     # API needs that permission, so the node can do nothing with it but what the API asked.
     "volumes": frozenset({"whoami", "volumes"}),
+    # Shown to a node for one command of an app (`osless run`, a release step: `api.runs`): the node
+    # API checks it was made for it; it opens nothing of the API.
+    "runner": frozenset({"whoami"}),
     # Another server (`secrets.peer_token`): what it lacks of images and deploy sources, nothing else.
     "peer": frozenset({"pull"}),
 }

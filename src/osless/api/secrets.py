@@ -20,7 +20,13 @@ __all__ = ["SecretBox", "load_key"]
 KEY_ENV = "OSLESS_SECRET_KEY"
 APP_TOKEN_PREFIX = "osla_"
 # Names of apps and nodes hold no "_", so the parts of a scoped token split cleanly.
-SCOPED_PREFIXES = {"reader": "oslr_", "invoker": "osli_", "peer": "oslp_", "volumes": "oslv_"}
+SCOPED_PREFIXES = {
+    "reader": "oslr_",
+    "invoker": "osli_",
+    "peer": "oslp_",
+    "volumes": "oslv_",
+    "runner": "oslc_",
+}
 PEER_SCOPE = "platform"  # the `app` part of a peer token: it is for no app
 
 
@@ -82,6 +88,7 @@ class SecretBox:
         """A credential the API makes for one of its own requests to another part, instead of passing
         on its caller's token (which that part has no business holding): `reader` (an app's logs, shown
         to the node `holder`), `volumes` (the files of an app's volumes, shown to the node `holder`),
+        `runner` (a command of an app run on the node `holder`: `api.runs`),
         `invoker` (an app's functions, shown to a gateway) or `peer` (images,
         layers and sources, shown by server `holder` to another server: `peer_token`). Limited to `app`,
         good for `ttl_s`; derived, never stored (servers sharing a store share the key)."""

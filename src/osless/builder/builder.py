@@ -234,6 +234,8 @@ class Builder:
             "volumes": app["volumes"],
             "egress": app["egress"],
             "config": app["config"],
+            # Only when declared: an image without release steps keeps the digest it had before them.
+            **({"release": app["release"]} if app.get("release") else {}),
         }
         try:  # the SDK checked the app's part; this is the contract every reader holds it to
             manifest = ImageManifest.model_validate(fields)

@@ -14,7 +14,7 @@ from osless.errors import ApiError
 if TYPE_CHECKING:
     from osless.client import Api
 
-__all__ = ["call", "client", "credentials_path", "load_credentials"]
+__all__ = ["api_and_token", "call", "client", "credentials_path", "load_credentials"]
 
 
 def credentials_path() -> Path:
@@ -32,8 +32,8 @@ def load_credentials() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def client() -> Api:
-    """The API client: $OSLESS_API and $OSLESS_TOKEN, else what `osless up` saved."""
+def api_and_token() -> tuple[str, str]:
+    """The API's URL and the token: $OSLESS_API and $OSLESS_TOKEN, else what `osless up` saved."""
     api, token = os.environ.get("OSLESS_API"), os.environ.get("OSLESS_TOKEN")
     if not (api and token):
         saved = load_credentials()
@@ -43,9 +43,14 @@ def client() -> Api:
             "no credentials: start the platform with `osless up`, or set OSLESS_API and OSLESS_TOKEN",
             "no_credentials",
         )
+    return str(api), str(token)
+
+
+def client() -> Api:
+    """The API client, with `api_and_token()`."""
     from osless.client.sync import Api
 
-    return Api(api, token)
+    return Api(*api_and_token())
 
 
 def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:

@@ -22,6 +22,7 @@ from osless.cli.credentials import call, client
 from osless.cli.functions import functions_app
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
+from osless.cli.oneoff import run as run_command
 from osless.cli.output import (
     JsonOpt,
     console,
@@ -285,6 +286,7 @@ def _gateway(api: Api) -> str:
 app.add_typer(apps_app, name="apps")
 app.command("restart")(restart)
 app.command("invoke")(invoke)
+app.command("run")(run_command)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(functions_app, name="functions")

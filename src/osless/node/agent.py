@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 from osless.node.volumes import VolumeError, Volumes
+from osless.runtime.sandbox import SandboxSpec
 from osless.sdk.app import read_volumes
 from osless.sdk.errors import UsageError
 
@@ -116,6 +118,10 @@ class NodeAgent:
             data_dir, self.run_dir, images=doctor.VOLUME_QUOTAS not in missing, warn=self._volume_log
         )
         self._starting: dict[str, int] = {}  # app -> zygotes of it being started
+        # One-off commands running here (`node.runs`): their apps' volumes and egress, and their
+        # images, stay while they run.
+        self.runs: Counter[str] = Counter()  # app -> commands
+        self.run_images: Counter[str] = Counter()  # image -> commands
         # Scoped by data dir: other agents (other data dirs) on this host keep their groups.
         found = Cgroups.detect(scope=hashlib.sha256(str(data_dir).encode()).hexdigest()[:12])
         self.cgroups = found if isinstance(found, Cgroups) else None
@@ -262,6 +268,7 @@ class NodeAgent:
         """Whether a zygote of `app` runs or starts here, or an instance of it is assigned here."""
         return (
             self._starting.get(app, 0) > 0
+            or self.runs.get(app, 0) > 0
             or any(z.app == app and not z.closed for z in self.zygotes.values())
             or any(o.app == app and o.node == self.name for o in self.informer.items.values())
         )
@@ -455,6 +462,7 @@ class NodeAgent:
 
     async def _collect_images(self, desired: dict[str, Instance]) -> None:
         in_use = {o.image for o in desired.values()} | set(self.zygotes) | set(self._zygote_starts)
+        in_use |= {image for image, n in self.run_images.items() if n > 0}
         try:
             await self.images.collect(in_use)
         except OSError as e:  # tried again on the next round
@@ -493,32 +501,7 @@ class NodeAgent:
             layers = await self.images.layers(image)
         except (ImageError, OSError) as e:
             raise ZygoteFailed(str(e)) from e
-        spec = None
-        if self.sandboxed:
-            try:  # checked again: the manifest was printed by the app's own process at build time
-                declared = {
-                    p: v if isinstance(v, str) else v.model_dump() for p, v in manifest.volumes.items()
-                }
-                volumes = await self.volumes.attach(app, uid, read_volumes(declared))
-            except (UsageError, VolumeError, OSError) as e:
-                raise ZygoteFailed(f"its volumes are not ready: {e}") from e
-            egress_socket = None
-            if self.egress is not None:
-                # Named by uid (unique per app) rather than by name: socket paths are short.
-                egress_socket = self.run_dir / "egress" / f"{uid}.sock"
-                egress_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                await self.egress.add_app(app, egress_socket, list(manifest.egress))
-                os.chown(egress_socket, uid, uid)  # the sandbox's uid connects to it; nobody else
-                egress_socket.chmod(0o600)
-            spec = sandbox_spec(
-                manifest,
-                uid=uid,
-                layers=[layers["code"], layers["deps"]],
-                data_dir=self.data_dir,
-                run_dir=self.run_dir,
-                volumes=volumes,
-                egress_socket=egress_socket,
-            ).to_json()
+        spec = (await self.sandbox_for(uid, manifest, layers)).to_json() if self.sandboxed else None
         cfg = await self.app_config(app, refresh=True)
         zyg = Zygote(
             image=image,
@@ -556,6 +539,39 @@ class NodeAgent:
             return 502, "application/json", json.dumps(failed).encode()
         return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content
 
+    async def sandbox_for(self, uid: int, manifest: ImageManifest, layers: dict[str, Path]) -> SandboxSpec:
+        """The sandbox of a release of an app on this node: its volumes attached, its egress served.
+        A release zygote's, and a one-off command's (`node.runs`): both the same."""
+        app = manifest.app
+        try:  # checked again: the manifest was printed by the app's own process at build time
+            declared = {p: v if isinstance(v, str) else v.model_dump() for p, v in manifest.volumes.items()}
+            volumes = await self.volumes.attach(app, uid, read_volumes(declared))
+        except (UsageError, VolumeError, OSError) as e:
+            raise ZygoteFailed(f"its volumes are not ready: {e}") from e
+        egress_socket = None
+        if self.egress is not None:
+            # Named by uid (unique per app) rather than by name: socket paths are short.
+            egress_socket = self.run_dir / "egress" / f"{uid}.sock"
+            egress_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            await self.egress.add_app(app, egress_socket, list(manifest.egress))
+            os.chown(egress_socket, uid, uid)  # the sandbox's uid connects to it; nobody else
+            egress_socket.chmod(0o600)
+        return sandbox_spec(
+            manifest,
+            uid=uid,
+            layers=[layers["code"], layers["deps"]],
+            data_dir=self.data_dir,
+            run_dir=self.run_dir,
+            volumes=volumes,
+            egress_socket=egress_socket,
+        )
+
+    async def forget_egress(self, app: str) -> None:
+        """Stop serving `app`'s egress once nothing of it runs here: no zygote, no one-off command."""
+        running = self.runs.get(app) or any(z.app == app and not z.closed for z in self.zygotes.values())
+        if self.egress is not None and not running:
+            await self.egress.remove_app(app)
+
     def _egress_log(self, app: str, message: str) -> None:
         self._app_log(app, "egress", message)
 
@@ -589,8 +605,7 @@ class NodeAgent:
                 await zyg.stop()
                 zyg.log.close()
                 self._volumes_checked = 0.0  # its app's volumes may be put away now
-                if self.egress is not None and not any(z.app == zyg.app for z in self.zygotes.values()):
-                    await self.egress.remove_app(zyg.app)
+                await self.forget_egress(zyg.app)
 
     async def shutdown(self) -> None:
         sups, self.supervisors = list(self.supervisors.values()), {}

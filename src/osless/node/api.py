@@ -1,8 +1,9 @@
 """The node API: a small HTTP server in the node process, for what stays on the node's own disk.
 
 It serves the logs of the node's instances (`GET /logs/apps/{app}`), which the API merges
-across nodes, as Kubernetes' API server asks the kubelet, and the files of its apps' volumes
-(`/volumes/apps/{app}/...`, `node.volapi`). The caller's own bearer token comes along;
+across nodes, as Kubernetes' API server asks the kubelet, the files of its apps' volumes
+(`/volumes/apps/{app}/...`, `node.volapi`), and runs the commands the API asks for (`WS /runs/{app}`:
+`osless run`, release steps; `node.runs`). The caller's own bearer token comes along;
 the node asks the API who it is (`GET /v1/whoami`, cached a moment by digest) and decides as the API
 would: the permission the route needs and, for a token limited to one app, that app.
 """
@@ -17,7 +18,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,23 +26,29 @@ from typing import Any
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from osless import runwire
 from osless.logs import follow, read_tail
 from osless.node import volapi
 from osless.node.volumes import Volumes
 
-__all__ = ["Callers", "NodeApi", "create_app", "record_line"]
+__all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
+
+# What runs a command the API asked for, over its accepted websocket (`node.runs.NodeRuns.serve`).
+Runner = Callable[[WebSocket, str], Awaitable[None]]
 
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
-# The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_).
-_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_")
-_NODE_BOUND = ("reader", "volumes")  # roles of tokens the API makes for one node
+# The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_,
+# a runner oslc_).
+_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_", "oslc_")
+_NODE_BOUND = ("reader", "volumes", "runner")  # roles of tokens the API makes for one node
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -79,7 +86,7 @@ class Callers:
             timeout=httpx.Timeout(10.0, connect=5.0),
         )
 
-    async def check(self, request: Request, permission: str, app: str) -> Response | None:
+    async def check(self, request: HTTPConnection, permission: str, app: str) -> Response | None:
         """None when the request's token may do `permission` on `app`; else the refusal to answer."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -94,13 +101,15 @@ class Callers:
             return _error(503, "unavailable", f"the API could not say who this token is: {e}")
         if who is None:
             return _error(401, "unauthorized", "the API does not know this token (revoked or expired?)")
-        if permission not in who.permissions:
+        if permission != "run" and permission not in who.permissions:
             return _error(403, "forbidden", f"this token lacks the {permission!r} permission")
         if who.app is not None and who.app != app:
             return _error(403, "forbidden", f"this token is limited to app {who.app!r}")
         if who.role in _NODE_BOUND and not who.name.endswith(f"@{self.node}"):
             # Shown to another node: that node may not use it on this one.
             return _error(403, "forbidden", f"this {who.role} token was made for another node")
+        if permission == "run" and who.role != "runner":  # only the API asks a node to run a command
+            return _error(403, "forbidden", "a command runs here only as the API asks (`osless run`)")
         return None
 
     async def born(self, request: Request, app: str) -> float | Response:
@@ -171,9 +180,12 @@ class _CannotSay(Exception):
     """The API gave no answer about a token (unreachable, 429, 5xx)."""
 
 
-def create_app(logs_dir: Path, callers: Callers, volumes: Volumes | None = None) -> Starlette:
-    """The node API's routes over the node's log folder (`<data dir>/logs`) and, given the agent's
-    `volumes`, its apps' volumes (`node.volapi`)."""
+def create_app(
+    logs_dir: Path, callers: Callers, volumes: Volumes | None = None, runs: Runner | None = None
+) -> Starlette:
+    """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
+    `volumes`, its apps' volumes (`node.volapi`), and, with `runs`, the commands the API asks this
+    node to run (`WS /runs/{app}`, `node.runs`)."""
 
     async def app_logs(request: Request) -> Response:
         app = request.path_params["app"]
@@ -221,9 +233,25 @@ def create_app(logs_dir: Path, callers: Callers, volumes: Volumes | None = None)
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def run(websocket: WebSocket) -> None:
+        app = websocket.path_params["app"]
+        refused: Response | None = None
+        if not _NAME.fullmatch(app):
+            refused = _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
+        elif runs is None:
+            refused = _error(404, "not_found", "this node runs no commands")
+        else:
+            refused = await callers.check(websocket, "run", app)
+        if refused is not None or runs is None:
+            await websocket.send_denial_response(refused or _error(404, "not_found", "no runs here"))
+            return
+        await websocket.accept()
+        await runs(websocket, app)
+
     return Starlette(
         routes=[
             Route("/logs/apps/{app}", app_logs, methods=["GET"]),
+            WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
         ]
@@ -299,11 +327,12 @@ class NodeApi:
         port: int = 0,
         node: str = "",
         volumes: Volumes | None = None,
+        runs: Runner | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes)
+        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs)
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 
@@ -340,6 +369,7 @@ class NodeApi:
                 lifespan="off",
                 http=_Capped,
                 timeout_graceful_shutdown=2,  # open follows must not hold the node's shutdown
+                ws_max_size=runwire.MAX_FRAME,
             )
         )
         await self._server.serve(sockets=[self._sock])

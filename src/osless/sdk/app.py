@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar, overload
@@ -110,6 +111,8 @@ class App:
     _: KW_ONLY
     volumes: Mapping[str, Volume | str] = field(default_factory=dict)
     egress: list[str] = field(default_factory=list)
+    # Release steps: commands run once per new release, in order, before it takes traffic.
+    release: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
     settings: Settings | None = field(default=None, init=False, repr=False)
@@ -123,6 +126,7 @@ class App:
             )
         self.volumes = _check_volumes(self.volumes)  # plain names become Volume(name) of the default size
         self.egress = _check_egress(self.egress)
+        self.release = _check_release(self.release)
 
     def function(
         self,
@@ -257,6 +261,7 @@ class App:
             "volumes": {path: _volume(v).manifest() for path, v in sorted(self.volumes.items())},
             "egress": sorted(self.egress),
             "config": self.settings.manifest() if self.settings is not None else {},
+            "release": list(self.release),
         }
 
 
@@ -379,8 +384,36 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         "web": web,
         "volumes": {path: v.manifest() for path, v in read_volumes(raw.get("volumes")).items()},
         "egress": _check_egress(raw.get("egress") or []),
+        "release": _check_release(raw.get("release") or []),
         "config": read_schema(raw.get("config") or {}),
     }
+
+
+MAX_RELEASE_COMMANDS, RELEASE_COMMAND_CHARS = 10, 4096  # as `osless.contracts` holds a manifest to
+
+
+def _check_release(commands: object) -> list[str]:
+    """Release steps: command lines split as a shell would (`shlex`), but run without one; write
+    `sh -c "..."` for pipes or `&&`."""
+    example = 'App("shop", release=["python manage.py migrate --noinput"])'
+    if isinstance(commands, str) or not isinstance(commands, list | tuple):
+        raise UsageError(f"App(release=...) takes a list of commands, such as {example}")
+    if len(commands) > MAX_RELEASE_COMMANDS:
+        raise UsageError(f"App(release=...) has {len(commands)} commands; at most {MAX_RELEASE_COMMANDS}")
+    out: list[str] = []
+    for command in commands:
+        if not isinstance(command, str) or not command.strip():
+            raise UsageError(f"App(release=...): each command is a non-empty string, such as {example}")
+        if len(command) > RELEASE_COMMAND_CHARS or "\0" in command:
+            raise UsageError(
+                f"App(release=...): a command is at most {RELEASE_COMMAND_CHARS} characters, without NUL"
+            )
+        try:
+            shlex.split(command)
+        except ValueError as e:
+            raise UsageError(f"App(release=...): {command[:100]!r} does not parse ({e})") from None
+        out.append(command)
+    return out
 
 
 def _check_egress(hosts: object) -> list[str]:

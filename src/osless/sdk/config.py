@@ -11,6 +11,7 @@ import copy
 import json
 import keyword
 import math
+import os
 import re
 import weakref
 from collections.abc import Mapping
@@ -186,6 +187,9 @@ class _State:
 
 
 _state = _State()
+# What a one-off command (`osless run`, a release step) gets instead of pushes: the values the
+# instances have when it starts, as JSON `{"values", "version"}` in its environment.
+CONFIG_ENV = "OSLESS_CONFIG"
 # Every live schema in the process (one in an instance; tests make many): apply() reports changes by them.
 _registry: weakref.WeakSet[Settings] = weakref.WeakSet()
 
@@ -210,6 +214,19 @@ def apply(values: Mapping[str, Any], version: int) -> dict[str, Any]:
     _state.values = new
     _state.version = version
     return changed
+
+
+def _from_env() -> None:
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        return
+    try:
+        got = json.loads(raw)
+        values, version = got["values"], got["version"]
+    except (ValueError, KeyError, TypeError):
+        return  # not the platform's: the app's own settings are then unset, and say so when read
+    if isinstance(values, dict) and isinstance(version, int):
+        _state.values, _state.version = dict(values), version
 
 
 def current_version() -> int:
@@ -306,3 +323,6 @@ def read_schema(raw: object) -> dict[str, dict[str, Any]]:
             raise UsageError(f"config key {name!r}: doc must be text of at most 2000 characters")
         out[name] = dict(spec)
     return out
+
+
+_from_env()

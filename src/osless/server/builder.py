@@ -28,16 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
+
 from osless.bounds import MAX_LINE_CHARS, cap
 from osless.builder import Builder, BuildError, stop_all_builds
 from osless.builder.egress import BuildEgress, index_hosts
 from osless.client import AsyncApi
-from osless.contracts import ImageManifest
+from osless.contracts import MAX_RELEASE_COMMANDS, ImageManifest
 from osless.errors import ApiError
 from osless.images import ImageStore, collect_uid_folders
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.node.isolation import build_spec
+from osless.runwire import RELEASE_TIMEOUT_S
 from osless.server.node import host_protections, private_dir
 
 __all__ = ["BuilderConfig", "BuilderHost", "run_builder"]
@@ -55,6 +58,8 @@ PENDING_CHARS = 16 * 1024 * 1024  # held while the API is slow; past it lines ar
 MAX_SOURCE_BYTES = 1024 * 1024 * 1024
 UID_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
+# The API runs a release's steps before it answers the result: each up to its timeout, at most 10.
+RESULT_TIMEOUT = httpx.Timeout(MAX_RELEASE_COMMANDS * RELEASE_TIMEOUT_S + 60.0, connect=5.0)
 STOPPED = "the builder stopped mid-build: deploy again"
 LOCK_FILE = "builder.lock"
 
@@ -336,7 +341,10 @@ class BuilderHost:
         """Posted until the API answers (a restart in between is waited out, within the lease)."""
         for _ in range(30):
             try:
-                await self.api.request("POST", f"{base}/result", params=params, json=result)
+                # The API runs the release's steps (`App(release=...)`) before it answers.
+                await self.api.request(
+                    "POST", f"{base}/result", params=params, json=result, timeout=RESULT_TIMEOUT
+                )
                 return
             except ApiError as e:
                 if e.status != 0 and e.status < 500:

@@ -27,6 +27,7 @@ from osless.node.api import NodeApi
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
 from osless.node.relay import Relay, supervised
+from osless.node.runs import NodeRuns
 
 __all__ = ["NodeConfig", "NodeHost", "default_node_name", "host_protections", "private_dir", "run_node"]
 
@@ -136,6 +137,7 @@ class NodeHost:
             port=cfg.node_api_port,
             node=cfg.name,
             volumes=self.agent.volumes,
+            runs=NodeRuns(self.agent).serve,
         )
 
     def reserve(self) -> None:

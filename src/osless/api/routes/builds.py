@@ -35,6 +35,7 @@ from osless.api.errors import ApiError, responses
 from osless.api.models import APP_NAME_PATTERN, DIGEST_PATTERN, ID_PATTERN, Body, Deploy, Release
 from osless.api.routes.config import config_misfits
 from osless.api.routes.deploys import build_log, drop_source, end_build
+from osless.api.runs import Target, release_steps
 from osless.api.state import ApiState, get_state
 from osless.bounds import cap
 from osless.contracts import ImageManifest, manifest_problem
@@ -512,6 +513,19 @@ async def post_result(
     logbook = build_log(state, deploy_id)
     for problem in unset:
         await logbook.append([f"==> Config: {problem}; set it with `osless config set {name} KEY=VALUE`"])
+    if manifest.release:
+        # Before the release is current: the one before keeps serving whatever they do.
+        found = await state.resources.get_app_rev(name)
+        version = (found[0].latest_release if found else 0) + 1
+        tgt = Target(name, version, body.image, await state.resources.app_uid(name))
+        failed = await release_steps(state, tgt, manifest.release, logbook.append)
+        if failed:
+            deploy.status, deploy.error = (
+                "failed",
+                cap(f"{failed}; v{version} was not released, the app's current release keeps serving"),
+            )
+            await _end(state, deploy, f"==> Release failed: {deploy.error}")
+            return deploy
 
     def make(version: int) -> Release:
         return Release(

@@ -17,6 +17,7 @@ from pydantic import Field
 from osless.api.auth import Caller, node_of, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import DIGEST_PATTERN, Body, Integer
+from osless.api.runs import images_run_on
 from osless.api.state import ApiState, get_state
 from osless.images import ImageNotFoundError
 
@@ -38,12 +39,14 @@ class LayerArchives(Body):
 
 
 async def _placed_images(state: ApiState, caller: Caller) -> set[str] | None:
-    """The images a node token may pull: those of the instances placed on its node (an image holds
-    its app's code). None: any (the admin)."""
+    """The images a node token may pull: those of the instances placed on its node and of the
+    commands it runs (an image holds its app's code). None: any (the admin)."""
     if caller.role != "node":
         return None
-    instances, _ = await state.resources.list_instances(node=node_of(caller) or "")
-    return {i.image for i in instances}
+    node = node_of(caller) or ""
+    instances, _ = await state.resources.list_instances(node=node)
+    # And those of the one-off commands it runs (`osless run`, release steps: `api.runs`).
+    return {i.image for i in instances} | (await images_run_on(state, node) if node else set())
 
 
 def _not_placed(what: str) -> ApiError:
