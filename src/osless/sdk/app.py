@@ -29,6 +29,8 @@ DEFAULT_VOLUME_MB = 1024  # what a volume given as a plain name gets
 # Below 16 MB an ext4 with its journal leaves too little room; past 1 TiB, ask the operator for a disk.
 MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
+# Build steps: shell commands, each logged and shown in errors, so a few and short.
+MAX_BUILD_STEPS, MAX_BUILD_STEP_CHARS = 20, 4096
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class App:
     _: KW_ONLY
     volumes: Mapping[str, Volume | str] = field(default_factory=dict)
     egress: list[str] = field(default_factory=list)
+    build: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
     settings: Settings | None = field(default=None, init=False, repr=False)
@@ -112,6 +115,7 @@ class App:
             )
         self.volumes = _check_volumes(self.volumes)  # plain names become Volume(name) of the default size
         self.egress = _check_egress(self.egress)
+        self.build = _check_build(self.build)
 
     def function(
         self,
@@ -224,7 +228,7 @@ class App:
 
     def manifest(self) -> dict[str, Any]:
         """What the platform needs to know without running the app: names and resources."""
-        return {
+        out = {
             "name": self.name,
             "functions": {n: f.manifest() for n, f in sorted(self.functions.items())},
             "web": self.web_spec.manifest() if self.web_spec else None,
@@ -232,6 +236,9 @@ class App:
             "egress": sorted(self.egress),
             "config": self.settings.manifest() if self.settings is not None else {},
         }
+        if self.build:  # only when given: the manifests of apps without build steps stay as they were
+            out["build"] = list(self.build)
+        return out
 
 
 def memory_ok(memory_mb: object) -> bool:
@@ -349,7 +356,27 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         "volumes": {path: v.manifest() for path, v in read_volumes(raw.get("volumes")).items()},
         "egress": _check_egress(raw.get("egress") or []),
         "config": read_schema(raw.get("config") or {}),
+        "build": _check_build(raw.get("build") or []),
     }
+
+
+def _check_build(commands: object) -> list[str]:
+    if not isinstance(commands, list | tuple) or not all(isinstance(c, str) for c in commands):
+        raise UsageError(
+            "App(build=...) takes a list of shell commands, such as "
+            '["python manage.py collectstatic --noinput"]'
+        )
+    if len(commands) > MAX_BUILD_STEPS:
+        raise UsageError(f"App(build=...) has {len(commands)} commands; give at most {MAX_BUILD_STEPS}")
+    for command in commands:
+        if not command.strip():
+            raise UsageError("App(build=...) has an empty command; give each step a shell command")
+        if len(command) > MAX_BUILD_STEP_CHARS or "\0" in command:
+            raise UsageError(
+                f"App(build=...) command {command[:50]!r}... must be at most {MAX_BUILD_STEP_CHARS} "
+                "characters, without NUL; put a long one in a script of the app and run that"
+            )
+    return list(commands)
 
 
 def _check_egress(hosts: object) -> list[str]:
