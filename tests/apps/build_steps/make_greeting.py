@@ -6,9 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-import six
-
 import app  # the app's own code is importable, as at run time
+import six
 
 here = Path.cwd()
 
