@@ -46,6 +46,7 @@ from osless.builder.requirements import Requirements, read_requirements
 from osless.builder.source import SourceError, unpack
 from osless.contracts import ImageManifest, manifest_problem
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, UidFolders, sha256_hex
+from osless.images.runtime import RuntimeLayer, interpreter, runtime_layer
 from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
 
@@ -137,24 +138,29 @@ class _Scratch:
 
 
 class Builder:
-    """Builds images into `images` with `python` (the instances' interpreter) and `uv`.
+    """Builds images into `images` with `python` (the instances' interpreter; default: the one this
+    runs on, outside its virtualenv) and `uv`.
 
     `sandbox` and `egress`: how steps run sandboxed (`osless up` passes both); without `sandbox`
-    they run on the host. `cache_dir`: where each app's uv cache goes."""
+    they run on the host. `cache_dir`: where each app's uv cache goes. `runtime`: the runtime layer
+    the app is imported with (default: made beside the image store), as an instance has it."""
 
     def __init__(
         self,
         images: ImageStore,
         *,
-        python: str = sys.executable,
+        python: str | None = None,
         uv: str | None = None,
         sandbox: SandboxMaker | None = None,
         egress: Egress | None = None,
         cache_dir: Path | None = None,
         nproc: int = BUILD_NPROC,
+        runtime: RuntimeLayer | None = None,
     ) -> None:
         self.images = images
-        self.python = python
+        self.runtime = runtime if runtime is not None else runtime_layer(images.root.parent / "runtime")
+        # The interpreter itself, not the platform's virtualenv's link to it, which no sandbox shows.
+        self.python = python if python is not None else interpreter()
         self.sandbox = sandbox
         self.egress = egress
         self.nproc = nproc
@@ -454,6 +460,8 @@ class Builder:
         certs = [
             Path(env[k]) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if k in env and os.path.exists(env[k])
         ]
+        # uv itself: the platform's virtualenv holds it, and no sandbox shows that.
+        certs.append(Path(self._uv()))
         egress = self.egress.socket(uid, log) if self.egress is not None else contextlib.nullcontext(None)
         with egress as sock:
             spec = self.sandbox(uid=uid, readonly=certs, volumes=volumes, egress_socket=sock)
@@ -514,8 +522,9 @@ class Builder:
         tmp_at = f"{_INSIDE}/tmp" if inside else str(tmp)
         env = _inspect_env()
         env.update(
-            PATH=os.pathsep.join([os.path.dirname(self.python), "/usr/local/bin", "/usr/bin", "/bin"]),
-            PYTHONPATH=os.pathsep.join([code_at, str(deps)]),
+            # `python` is the instances' interpreter; the path as an instance's, the runtime last.
+            PATH=os.pathsep.join([str(self.runtime.bin), "/usr/local/bin", "/usr/bin", "/bin"]),
+            PYTHONPATH=os.pathsep.join([code_at, str(deps), str(self.runtime.path)]),
             PYTHONNOUSERSITE="1",
             HOME=tmp_at,
             TMPDIR=tmp_at,
@@ -529,7 +538,7 @@ class Builder:
             with egress as sock:
                 spec = self.sandbox(
                     uid=uid,
-                    readonly=[deps],
+                    readonly=[self.runtime.path, deps],
                     volumes={f"{_INSIDE}/code": code, f"{_INSIDE}/tmp": tmp},
                     egress_socket=sock,
                 )
@@ -565,14 +574,15 @@ class Builder:
         self, code: Path, deps: Path, entry: str, uid: int | None, log: Log
     ) -> tuple[dict[str, Any], str]:
         log(f"==> Inspecting the app (entry module {entry!r})")
-        cmd = [self.python, "-s", "-P", "-m", "osless.runtime.inspect"]
-        cmd += ["--code", str(code), "--deps", str(deps), "--entry", entry]
+        # Imported as an instance imports it: its layers, the stdlib and the runtime layer alone.
+        cmd = self.runtime.command(
+            "osless.runtime.inspect", "--code", str(code), "--deps", str(deps), "--entry", entry
+        )
         if self.sandbox is not None:
             assert uid is not None
             # Not even an import at build time runs outside a sandbox.
-            cmd = self._jail(
-                self.sandbox(uid=uid, readonly=[code, deps], volumes={}, egress_socket=None), cmd
-            )
+            readonly = [self.runtime.path, code, deps]
+            cmd = self._jail(self.sandbox(uid=uid, readonly=readonly, volumes={}, egress_socket=None), cmd)
         # The traceback's paths as the user's project has them, not the build's layer paths.
         result = run(
             cmd,
@@ -628,7 +638,7 @@ class Builder:
     def _jail(self, spec: dict[str, Any], cmd: list[str]) -> list[str]:
         # -I: the jail runs as root on the host; the environment it passes on (a build step's
         # PYTHONPATH names the app's code) must not steer its own imports.
-        jail = [self.python, "-I", "-m", "osless.runtime.jail", json.dumps(spec)]
+        jail = [sys.executable, "-I", "-m", "osless.runtime.jail", json.dumps(spec)]
         return [*jail, "--nproc", str(self.nproc), "--", *cmd]
 
     def _uv(self) -> str:
