@@ -1080,6 +1080,11 @@ def test_a_failing_build_step_fails_the_build_naming_it(
     error, log = _fails(builder, store, _app(tmp_path, files))
     assert error.startswith("The build step 'echo said >&2; exit 3' failed with exit code 3:")
     assert "said" in error and "said" in log.lines and "    one" in log.lines
+    # A build step importing what the app did not declare (the platform has it) is told what to add.
+    files = {"app.py": "import osless\napp = osless.App('badstep', build=['python -c \"import yaml\"'])\n"}
+    error, _ = _fails(builder, store, _app(tmp_path / "yaml", files))
+    assert "failed with exit code 1: the app imports yaml, which is not installed" in error
+    assert "create a requirements.txt next to the app that lists PyYAML" in error
 
 
 def test_deploy_runs_the_build_steps_and_a_failing_one_keeps_the_old_release(

@@ -34,7 +34,11 @@ print(json.dumps({"path": sys.path, "outside": outside}))
 
 def test_the_layer_holds_what_the_runtime_imports_and_no_more(tmp_path: Path) -> None:
     layer = runtime_layer(tmp_path / "runtime")
+    older = tmp_path / "runtime" / ("0" * 64)  # an earlier install's
+    older.mkdir()
+    (older / "x.py").write_text("")
     assert runtime_layer(tmp_path / "runtime") == layer  # content-addressed: found again, not remade
+    assert not older.exists()
     probe = tmp_path / "probe.py"
     probe.write_text(_PROBE)
     # The layer's command, with the probe's text where the module's name goes.

@@ -75,6 +75,7 @@ def runtime_layer(folder: Path) -> RuntimeLayer:
         digest.update(f"{rel}\0{_sha256(source)}\n".encode())
     final = folder / digest.hexdigest()
     layer = RuntimeLayer(final, python)
+    _prune(folder, keep=final.name)
     if final.is_dir():
         return layer
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,16 @@ def runtime_layer(folder: Path) -> RuntimeLayer:
         _remove(tmp)
         raise
     return layer
+
+
+def _prune(folder: Path, keep: str) -> None:
+    """Remove the layers of earlier installs: a folder is one node's or one builder's (which holds a
+    lock on it), and their processes, started from this install, use this one alone."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name != keep and entry.is_dir() and not entry.is_symlink():
+            _remove(entry)
 
 
 def _files() -> list[tuple[str, Path]]:
