@@ -89,8 +89,12 @@ def test_an_instance_imports_its_own_packages_and_the_runtimes_server(
     platform: Platform, pinned: dict[str, object]
 ) -> None:
     venv = sys.prefix
-    status, report = platform.invoke("pinned", "report", {"paths": [venv, str(Path(__file__).parent)]})
+    purelib = sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_prefix})
+    event = {"paths": [venv, str(Path(__file__).parent)], "listed": [purelib]}
+    status, report = platform.invoke("pinned", "report", event)
     assert status == 200, report
+    # The interpreter's own site-packages: an empty folder, where the host has pip and more.
+    assert os.listdir(purelib) and report["listed"] == {purelib: []}
     # The platform's packages are not there, whatever it has installed.
     assert report["importable"] == {
         "yaml": False,

@@ -36,4 +36,5 @@ def report(event, ctx):
         "importable": importable,
         "path": sys.path,
         "visible": {p: os.path.exists(p) for p in event["paths"]},
+        "listed": {p: os.listdir(p) if os.path.isdir(p) else None for p in event["listed"]},
     }
