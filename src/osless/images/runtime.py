@@ -34,6 +34,8 @@ __all__ = ["DISTRIBUTIONS", "RuntimeLayer", "hidden_site_packages", "interpreter
 # python-dotenv: uvicorn brings them for its other protocol, its reloader and its config files,
 # which never run here.
 DISTRIBUTIONS = ("a2wsgi", "click", "httptools", "pyseccomp", "uvicorn", "uvloop", "websockets")
+# Used when installed (uvicorn and the instance check), left out when not.
+_OPTIONAL = ("uvloop", "websockets")
 # Of osless itself: the SDK that app code imports and the runtime that runs it, no more.
 _OSLESS = ("__init__.py", "py.typed", "runtime", "sdk")
 # Runs a module of the layer with nothing else on the path: `python -I -S -c _BOOT LAYER MODULE ARGS...`.
@@ -120,7 +122,14 @@ def _files() -> list[tuple[str, Path]]:
     """(path in the layer, file on this host) of everything the layer holds, sorted."""
     out: dict[str, Path] = {}
     for name in DISTRIBUTIONS:
-        dist = importlib.metadata.distribution(name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in _OPTIONAL:
+                continue
+            raise RuntimeError(
+                f"osless's runtime needs {name}, which is not installed here: reinstall osless"
+            ) from None
         for entry in dist.files or []:
             parts = entry.parts
             # Scripts (`../../bin/uvicorn`) and bytecode: the layer compiles its own.
