@@ -27,6 +27,7 @@ from typing import Any
 from osless.builder import Builder, pack
 from osless.contracts import ImageManifest
 from osless.images import ImageStore
+from osless.images.runtime import runtime_layer
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
 from osless.node.isolation import sandbox_spec
@@ -150,12 +151,14 @@ class Platform:
             LogWriter(logs / "zygote.log", source="zygote"),
             LogWriter(logs / "instances.log", source="instance"),
         ]
-        root = RootZygote(writers[0])
+        runtime = runtime_layer(work / "runtime")
+        root = RootZygote(writers[0], runtime)
         await root.start()
         spec = sandbox_spec(
             image.manifest,
             uid=BENCH_UID,
             layers=[image.code, image.deps],
+            runtime=runtime.path,
             data_dir=work,
             run_dir=run_dir,
             volumes={},  # the benchmarks' apps declare none

@@ -1041,3 +1041,63 @@ def test_a_missing_module_names_the_package_and_where_it_goes(tmp_path: Path) ->
     assert relative(tb[1], code, deps) == '  File "pkg/util.py", line 3, in <module>'
     assert relative(f"{deps}/x.py" + "y" * 10_000, code, deps).startswith("site-packages/x.py")
     assert len(relative("z" * 10_000, code, deps)) <= 2000
+
+
+# -- build steps: App(build=[...]) -------------------------------------------------------------------
+
+
+def test_build_steps_write_into_the_code_layer_only(builder: Builder, store: ImageStore) -> None:
+    archive = pack(APPS / "build_steps")
+    log = Log()
+    result = builder.build(archive, log)
+    code = store.layer_path(result.manifest.layers.code)
+    # The commands' output is a layer of its own; the unpacked source stays as uploaded.
+    assert result.manifest.layers.code != sha256_hex(archive)
+    assert not (store.layer_path(sha256_hex(archive)) / "greeting.json").exists()
+    assert json.loads((code / "greeting.json").read_text()) == {
+        "word": "hello",
+        "six": "1.16.0",
+        "cwd_is_code": True,
+        "writable": {"code": True, "deps": False, "root": False, "usr": False, "tmp": True},
+    }
+    assert stat.S_IMODE((code / "greeting.json").stat().st_mode) == 0o444  # sealed like any layer
+    assert not (code / "probe").exists()
+    assert result.manifest.model_dump()["layer_archives"]["code"] == _archive_of(code)
+    steps = log.lines.index("==> Build step 1/2: python make_greeting.py hello")
+    assert log.lines[steps + 1] == "    building stepper with six 1.16.0"  # streamed into the log
+    assert "==> Build step 2/2: test -s greeting.json" in log.lines
+    again = Log()
+    assert builder.build(archive, again).image == result.image
+    assert f"==> Build steps: cached {result.manifest.layers.code[:12]}" in again.lines
+
+
+def test_a_failing_build_step_fails_the_build_naming_it(
+    builder: Builder, store: ImageStore, tmp_path: Path
+) -> None:
+    files = {
+        "app.py": "import osless\napp = osless.App('badstep', build=['echo one', 'echo said >&2; exit 3'])\n",
+    }
+    error, log = _fails(builder, store, _app(tmp_path, files))
+    assert error.startswith("The build step 'echo said >&2; exit 3' failed with exit code 3:")
+    assert "said" in error and "said" in log.lines and "    one" in log.lines
+    # A build step importing what the app did not declare (the platform has it) is told what to add.
+    files = {"app.py": "import osless\napp = osless.App('badstep', build=['python -c \"import yaml\"'])\n"}
+    error, _ = _fails(builder, store, _app(tmp_path / "yaml", files))
+    assert "failed with exit code 1: the app imports yaml, which is not installed" in error
+    assert "create a requirements.txt next to the app that lists PyYAML" in error
+
+
+def test_deploy_runs_the_build_steps_and_a_failing_one_keeps_the_old_release(
+    platform: Platform, tmp_path: Path
+) -> None:
+    platform.deploy(APPS / "build_steps")
+    status, text = platform.invoke("stepper", "greeting")
+    assert status == 200 and json.loads(text)["word"] == "hello", text
+    broken = copy_app(APPS / "build_steps", tmp_path / "broken")
+    app_py = broken / "app.py"
+    app_py.write_text(app_py.read_text().replace('"test -s greeting.json"', '"exit 7"'))
+    r = platform.cli("deploy", str(broken), check=False)
+    assert r.returncode != 0
+    assert "The build step 'exit 7' failed with exit code 7" in r.stdout + r.stderr
+    status, text = platform.invoke("stepper", "greeting")  # the release before still serves
+    assert status == 200 and json.loads(text)["word"] == "hello", text

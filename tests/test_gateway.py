@@ -391,6 +391,9 @@ def test_django_over_asgi_and_wsgi_builds_its_urls_and_redirects_with_the_prefix
         assert by_host == {"over": over, "path": "/where/", "path_info": "/where/", "reverse": "/where/"}
         # the prefix twice is the site's /django-site/where/, which it has not
         assert httpx.get(f"{platform.gateway}/django-site/django-site/where/").status_code == 404, over
+        # collected by the app's build step (collectstatic) into the image, served by WhiteNoise
+        r = httpx.get(f"{platform.gateway}/django-site/static/site.css")
+        assert r.status_code == 200 and r.text == "body { color: teal; }\n", over
 
 
 SMUGGLED = b"GET /inspector/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -201,3 +201,23 @@ def test_release_steps_are_checked() -> None:
     ]:
         with pytest.raises(UsageError, match=said):
             App("shop", release=bad)  # type: ignore[arg-type]
+
+
+def test_build_steps_are_checked() -> None:
+    app = App("site", build=["python manage.py collectstatic --noinput"])
+    assert app.manifest()["build"] == ["python manage.py collectstatic --noinput"]
+    assert "build" not in App("plain").manifest()  # the manifests of apps without steps stay as they were
+    with pytest.raises(UsageError, match=r"takes a list of shell commands"):
+        App("site", build="python manage.py collectstatic")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"has an empty command"):
+        App("site", build=["make", "  "])
+    with pytest.raises(UsageError, match=r"at most 20"):
+        App("site", build=["true"] * 21)
+    with pytest.raises(UsageError, match=r"at most 4096 characters"):
+        App("site", build=["echo " + "x" * 4096])
+    # Printed by the app's own process at build time: checked again there.
+    from osless.sdk.app import read_app_manifest
+
+    assert read_app_manifest({**App("plain").manifest()})["build"] == []
+    with pytest.raises(UsageError, match=r"takes a list of shell commands"):
+        read_app_manifest({**App("plain").manifest(), "build": [1]})

@@ -110,8 +110,9 @@ def test_the_data_dir_is_for_the_platform_alone(tmp_path: Path) -> None:
         assert httpx.get(f"{p.gateway}/hello/").status_code == 200
         data = p.data_dir
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
-        # the builder's, the node's
+        # the builder's, the node's, and their runtime layers (images.runtime)
         layers = {data / "builder" / "images" / "layers", data / "node" / "images" / "layers"}
+        layers |= {data / "builder" / "runtime", data / "runtime"}
         uv_caches = data / "builder" / "cache" / "uv"
         seen: set[str] = set()
         layer_files = 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from osless.builder.requirements import Requirements, read_requirements
 from osless.builder.source import SourceError, unpack
 from osless.contracts import ImageManifest, manifest_problem
 from osless.images import MAX_MANIFEST_BYTES, ImageStore, ManifestTooLarge, UidFolders, sha256_hex
+from osless.images.runtime import RuntimeLayer, interpreter, runtime_layer
 from osless.sdk.app import read_app_manifest
 from osless.sdk.errors import UsageError
 
@@ -64,6 +66,7 @@ MAX_SOURCE_FILES = 20_000
 INSPECT_TIMEOUT_S = 60.0
 RESOLVE_TIMEOUT_S = 600.0
 INSTALL_TIMEOUT_S = 1800.0
+BUILD_STEP_TIMEOUT_S = 600.0  # each of the app's build commands
 # Processes and threads of one build sandbox: uv's own threads scale with the host's cores, a fork
 # bomb in a setup.py stops here (`runtime.jail --nproc`).
 BUILD_NPROC = 1024
@@ -135,24 +138,29 @@ class _Scratch:
 
 
 class Builder:
-    """Builds images into `images` with `python` (the instances' interpreter) and `uv`.
+    """Builds images into `images` with `python` (the instances' interpreter; default: the one this
+    runs on, outside its virtualenv) and `uv`.
 
     `sandbox` and `egress`: how steps run sandboxed (`osless up` passes both); without `sandbox`
-    they run on the host. `cache_dir`: where each app's uv cache goes."""
+    they run on the host. `cache_dir`: where each app's uv cache goes. `runtime`: the runtime layer
+    the app is imported with (default: made beside the image store), as an instance has it."""
 
     def __init__(
         self,
         images: ImageStore,
         *,
-        python: str = sys.executable,
+        python: str | None = None,
         uv: str | None = None,
         sandbox: SandboxMaker | None = None,
         egress: Egress | None = None,
         cache_dir: Path | None = None,
         nproc: int = BUILD_NPROC,
+        runtime: RuntimeLayer | None = None,
     ) -> None:
         self.images = images
-        self.python = python
+        self.runtime = runtime if runtime is not None else runtime_layer(images.root.parent / "runtime")
+        # The interpreter itself, not the platform's virtualenv's link to it, which no sandbox shows.
+        self.python = python if python is not None else interpreter()
         self.sandbox = sandbox
         self.egress = egress
         self.nproc = nproc
@@ -220,6 +228,9 @@ class Builder:
                 f"the entry module and ran as that app. Give App(...) its name as a literal, "
                 f"or pass --name {said}."
             )
+        if app["build"]:
+            # Declared in the manifest, so known only now: deps installed, app imported.
+            code = self._build_steps(code, deps_digest, app["build"], uid, safe_log)
         fields: dict[str, Any] = {
             "schema": 1,
             "app": name,
@@ -451,6 +462,8 @@ class Builder:
         certs = [
             Path(env[k]) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if k in env and os.path.exists(env[k])
         ]
+        # uv itself: the platform's virtualenv holds it, and no sandbox shows that.
+        certs.append(Path(self._uv()))
         egress = self.egress.socket(uid, log) if self.egress is not None else contextlib.nullcontext(None)
         with egress as sock:
             spec = self.sandbox(uid=uid, readonly=certs, volumes=volumes, egress_socket=sock)
@@ -470,18 +483,108 @@ class Builder:
         except OSError as e:
             raise BuildError(f"Could not store the {what} layer: {e}. Check the image store's disk.") from e
 
+    def _build_steps(
+        self, code: Path, deps_digest: str, commands: list[str], uid: int | None, log: Log
+    ) -> Path:
+        """The code layer after the app's `build` commands ran in a copy of it: a layer of its own.
+
+        Keyed by what shapes it (the code, the dependencies, the commands, the app): the commands
+        run again only when one of these changes. The app's uid is in the key because its commands
+        ran its code: no other app may ever get this layer."""
+        key = f"code={code.name}\ndeps={deps_digest}\nbuild={json.dumps(commands)}\nuid={uid}"
+        digest = sha256_hex(key.encode())
+        if self.images.has_layer(digest):
+            log(f"==> Build steps: cached {digest[:12]}")
+            return self.images.layer_path(digest)
+        deps = self.images.layer_path(deps_digest)
+
+        def fill(target: Path) -> None:
+            shutil.copytree(code, target, symlinks=True, dirs_exist_ok=True)
+            # The copy of a sealed layer is read-only: the steps' (the app's uid's) to write now; the
+            # image store takes it back and seals it once they are done.
+            owner = uid if self.sandbox is not None else None
+            for path in (target, *target.rglob("*")):
+                if owner is not None:
+                    os.chown(path, owner, owner, follow_symlinks=False)
+                if not path.is_symlink():
+                    path.chmod(path.lstat().st_mode | 0o200)
+            with self.images.scratch("steps-") as folder:
+                tmp = _owned(folder / "tmp", owner)
+                for number, command in enumerate(commands, 1):
+                    log(f"==> Build step {number}/{len(commands)}: {command}")
+                    self._build_step(command, target, deps, tmp, uid, log)
+
+        return self._add_layer(digest, fill, "code")
+
+    def _build_step(self, command: str, code: Path, deps: Path, tmp: Path, uid: int | None, log: Log) -> None:
+        """One build command, in the code folder with the app importable as at run time; writable:
+        the code folder and a scratch folder only."""
+        inside = self.sandbox is not None
+        code_at = f"{_INSIDE}/code" if inside else str(code)
+        tmp_at = f"{_INSIDE}/tmp" if inside else str(tmp)
+        env = _inspect_env()
+        env.update(
+            # `python` is the instances' interpreter; the path as an instance's, the runtime last.
+            PATH=os.pathsep.join([str(self.runtime.bin), "/usr/local/bin", "/usr/bin", "/bin"]),
+            PYTHONPATH=os.pathsep.join([code_at, str(deps), str(self.runtime.path)]),
+            PYTHONNOUSERSITE="1",
+            HOME=tmp_at,
+            TMPDIR=tmp_at,
+        )
+        # The shell starts in the code folder: the sandbox's own cwd is its root.
+        cmd = ["/bin/sh", "-c", f"cd {shlex.quote(code_at)} || exit 125\n{command}"]
+        shown = command if len(command) <= 200 else command[:197] + "..."
+        if inside:
+            assert self.sandbox is not None and uid is not None
+            egress = self.egress.socket(uid, log) if self.egress is not None else contextlib.nullcontext(None)
+            with egress as sock:
+                spec = self.sandbox(
+                    uid=uid,
+                    readonly=[self.runtime.path, deps],
+                    volumes={f"{_INSIDE}/code": code, f"{_INSIDE}/tmp": tmp},
+                    egress_socket=sock,
+                )
+                result = self._run_step(self._jail(spec, cmd), env, Path(code_at), deps, log)
+        else:
+            result = self._run_step(cmd, env, code, deps, log)
+        if result.timed_out:
+            raise BuildError(
+                f"The build step {shown!r} took longer than {BUILD_STEP_TIMEOUT_S:.0f} s and was stopped."
+            )
+        if result.returncode != 0:
+            failed = f"The build step {shown!r} failed with exit code {result.returncode}"
+            hint = missing_module(result.stderr_lines, Path(code_at), code)
+            if hint is not None:
+                raise BuildError(f"{failed}: {hint}")
+            raise BuildError(
+                f"{failed}:\n"
+                + tail([relative(ln, Path(code_at), deps) for ln in result.stderr_lines[-50:]])
+                + "\nIts whole output is in the build log. Fix the command or the code, then deploy again."
+            )
+
+    def _run_step(self, cmd: list[str], env: dict[str, str], code: Path, deps: Path, log: Log) -> Run:
+        return run(
+            cmd,
+            lambda line: log(relative(line, code, deps)),
+            timeout=BUILD_STEP_TIMEOUT_S,
+            cwd=Path("/"),
+            env=env,
+            stdout_prefix="    ",
+        )
+
     def _inspect(
         self, code: Path, deps: Path, entry: str, uid: int | None, log: Log
     ) -> tuple[dict[str, Any], str]:
         log(f"==> Inspecting the app (entry module {entry!r})")
-        cmd = [self.python, "-s", "-P", "-m", "osless.runtime.inspect"]
-        cmd += ["--code", str(code), "--deps", str(deps), "--entry", entry]
+        # Imported as an instance imports it: its layers, the stdlib and the runtime layer alone.
+        cmd = self.runtime.command(
+            "osless.runtime.inspect", "--code", str(code), "--deps", str(deps), "--entry", entry
+        )
         if self.sandbox is not None:
             assert uid is not None
             # Not even an import at build time runs outside a sandbox.
-            cmd = self._jail(
-                self.sandbox(uid=uid, readonly=[code, deps], volumes={}, egress_socket=None), cmd
-            )
+            readonly = [self.runtime.path, code, deps]
+            cmd = self._jail(self.sandbox(uid=uid, readonly=readonly, volumes={}, egress_socket=None), cmd)
         # The traceback's paths as the user's project has them, not the build's layer paths.
         result = run(
             cmd,
@@ -535,7 +638,9 @@ class Builder:
         return app, entry
 
     def _jail(self, spec: dict[str, Any], cmd: list[str]) -> list[str]:
-        jail = [self.python, "-s", "-P", "-m", "osless.runtime.jail", json.dumps(spec)]
+        # -I: the jail runs as root on the host; the environment it passes on (a build step's
+        # PYTHONPATH names the app's code) must not steer its own imports.
+        jail = [sys.executable, "-I", "-m", "osless.runtime.jail", json.dumps(spec)]
         return [*jail, "--nproc", str(self.nproc), "--", *cmd]
 
     def _uv(self) -> str:

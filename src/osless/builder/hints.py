@@ -34,8 +34,9 @@ def relative(line: str, code: Path, deps: Path) -> str:
     return line.replace(f"{deps}/", "site-packages/")
 
 
-def missing_module(lines: list[str], code: Path) -> str | None:
-    """For a ModuleNotFoundError at import, the sentence that says which package to add; else None."""
+def missing_module(lines: list[str], code: Path, files: Path | None = None) -> str | None:
+    """For a ModuleNotFoundError at import, the sentence that says which package to add; else None.
+    `code`: the code folder as the traceback names it; `files`: where it is on this host (default `code`)."""
     if not lines:
         return None
     found = _MISSING.match(lines[-1].strip()[:_MAX_LINE])
@@ -52,9 +53,10 @@ def missing_module(lines: list[str], code: Path) -> str | None:
     top = module.split(".")[0]
     package = _PACKAGES.get(module) or _PACKAGES.get(top) or top
     named = f"{package} (the package that provides {top})" if package != top else package
-    if (code / "pyproject.toml").is_file():  # the build reads its dependencies first
+    files = code if files is None else files
+    if (files / "pyproject.toml").is_file():  # the build reads its dependencies first
         todo = f"add {named} to [project].dependencies in pyproject.toml"
-    elif (code / "requirements.txt").is_file():
+    elif (files / "requirements.txt").is_file():
         todo = f"add {named} to requirements.txt"
     else:
         todo = f"create a requirements.txt next to the app that lists {named}"

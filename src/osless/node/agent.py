@@ -24,6 +24,7 @@ from typing import Any
 
 from osless.client import ApiError, AsyncApi, Informer, ModelInformer
 from osless.contracts import App, ImageManifest, Instance
+from osless.images.runtime import runtime_layer
 from osless.logs import DELETED_PREFIX, LogWriter, remove_app_logs
 from osless.node import doctor
 from osless.node.cgroups import Cgroups, Limits
@@ -137,7 +138,11 @@ class NodeAgent:
             if self.sandboxed and gateway
             else None
         )
-        self.root = RootZygote(LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"))
+        # Made (or found) once per platform install: an upgrade makes a new one.
+        self.runtime = runtime_layer(data_dir / "runtime")
+        self.root = RootZygote(
+            LogWriter(self.logs_dir / "node" / "root-zygote.log", source="root-zygote"), self.runtime
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._app_logs: dict[tuple[str, str], LogWriter] = {}  # (app, egress|volumes) -> writer
         self.informer = ModelInformer(
@@ -560,6 +565,7 @@ class NodeAgent:
             manifest,
             uid=uid,
             layers=[layers["code"], layers["deps"]],
+            runtime=self.runtime.path,
             data_dir=self.data_dir,
             run_dir=self.run_dir,
             volumes=volumes,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.contracts import ImageManifest
+from osless.images.runtime import hidden_site_packages
 from osless.runtime.sandbox import SandboxSpec
 
 __all__ = ["BUILD_FSIZE_MB", "build_spec", "owned_dir", "sandbox_spec"]
@@ -29,13 +30,15 @@ def sandbox_spec(
     *,
     uid: int,
     layers: list[Path],
+    runtime: Path,
     data_dir: Path,
     run_dir: Path,
     volumes: dict[str, str],
     egress_socket: Path | None,
 ) -> SandboxSpec:
     """An app's sandbox; `uid` is the app's own, allocated by the API (the instance record has it).
-    `layers`: the image's layers in the node's image cache, bound read-only at their own paths.
+    `layers`: the image's layers in the node's image cache, bound read-only at their own paths, and
+    `runtime` the node's runtime layer (`images.runtime`): the only packages besides the app's.
     `volumes` maps each path inside to the host folder the node made ready for it (`node.volumes`).
 
     Nothing the node trusts is writable in it: the instances' sockets are bound by the node in a
@@ -46,9 +49,9 @@ def sandbox_spec(
         uid=uid,
         hostname=manifest.app,
         root=str(root),
-        readonly=[str(p) for p in layers],
+        readonly=[str(runtime), *(str(p) for p in layers)],
         volumes=volumes,
-        hide=[str(data_dir), str(run_dir)],
+        hide=[str(data_dir), str(run_dir), *hidden_site_packages()],
         proxy_socket=str(egress_socket) if egress_socket else None,
     )
 
@@ -63,8 +66,9 @@ def build_spec(
     run_dir: Path,
 ) -> dict[str, Any]:
     """The sandbox a build step runs in, as the app's own `uid`: `readonly` bound at their own paths
-    (its layers), `volumes` (inside path -> host folder: the step's scratch, cache and output)
-    writable, and, to resolve and install, the build's egress socket to the package index."""
+    (its layers and the runtime layer), `volumes` (inside path -> host folder: the step's scratch,
+    cache and output) writable, and, to resolve and install, the build's egress socket to the package
+    index."""
     root = run_dir / "sandbox-root"
     root.mkdir(parents=True, exist_ok=True)
     return SandboxSpec(
@@ -73,7 +77,7 @@ def build_spec(
         root=str(root),
         readonly=[str(p) for p in readonly],
         volumes={inside: str(host) for inside, host in volumes.items()},
-        hide=[str(data_dir), str(run_dir)],
+        hide=[str(data_dir), str(run_dir), *hidden_site_packages()],
         proxy_socket=str(egress_socket) if egress_socket else None,
         fsize_mb=BUILD_FSIZE_MB,
     ).to_json()

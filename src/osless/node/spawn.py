@@ -15,12 +15,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osless.images.runtime import RuntimeLayer
 from osless.logs import LogWriter
 from osless.runtime import protocol
 
@@ -108,8 +108,9 @@ class _Channel:
 class RootZygote:
     """The node's first interpreter: the runtime imported once; it forks release zygotes on request."""
 
-    def __init__(self, log: LogWriter) -> None:
+    def __init__(self, log: LogWriter, runtime: RuntimeLayer) -> None:
         self.log = log
+        self.runtime = runtime
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: _Channel | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -124,17 +125,9 @@ class RootZygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        # -P: no current folder on sys.path, since every folder on it is shown to every sandbox.
-        cmd = [
-            sys.executable,
-            "-s",
-            "-P",
-            "-m",
-            "osless.runtime.zygote",
-            "--root",
-            "--control-fd",
-            str(theirs.fileno()),
-        ]
+        # sys.path: the stdlib and the runtime layer, nothing of the platform's own environment;
+        # what it imports now is what every instance has before its app's layers.
+        cmd = self.runtime.command("osless.runtime.zygote", "--root", "--control-fd", str(theirs.fileno()))
         try:
             self.proc = subprocess.Popen(
                 cmd,

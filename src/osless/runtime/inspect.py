@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     out = os.dup(1)
     os.dup2(2, 1)
     try:
+        # What the root zygote imports before the app (`instance.preload`): the app imports at build
+        # time what it will import at run time.
+        from osless.runtime.instance import preload
+
+        preload()
         result = inspect_app(args.code, args.deps, args.entry)
     except BaseException:
         traceback.print_exc()

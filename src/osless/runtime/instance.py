@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import importlib
 import importlib.util
 import inspect
 import json
@@ -34,7 +35,7 @@ from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
 from osless.sdk import config as app_config
 
-__all__ = ["ASGIApp", "Instance", "create_instance", "prewarm", "serve"]
+__all__ = ["ASGIApp", "Instance", "create_instance", "preload", "prewarm", "serve"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -595,6 +596,19 @@ def _forwarded(scope: Scope) -> None:
 
 
 _PRELOADED: dict[int, tuple[uvicorn.Config, uvicorn.Config]] = {}
+
+
+def preload() -> None:
+    """Import the server modules an instance uses, before any app is on the path: these are then the
+    runtime's own, whatever versions the app's layers hold (docs/apps.md, "What an app imports")."""
+    for name in (
+        "uvicorn.protocols.http.httptools_impl",
+        "uvicorn.protocols.websockets.auto",
+        "uvicorn.lifespan.on",
+    ):
+        importlib.import_module(name)
+    if _HAS_UVLOOP:
+        importlib.import_module("uvloop")
 
 
 def prewarm(instance: Instance) -> None:

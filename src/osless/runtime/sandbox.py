@@ -82,7 +82,9 @@ class SandboxSpec:
     readonly: list[str] = field(default_factory=list)  # image layers, bound at the same path
     writable: list[str] = field(default_factory=list)  # the app's socket folder, at the same path
     volumes: dict[str, str] = field(default_factory=dict)  # path inside -> host folder
-    hide: list[str] = field(default_factory=list)  # host folders never to show (the data dir)
+    # Host folders never to show, should a bound folder hold them: the data dir, the interpreter's
+    # site-packages, the platform's virtualenv.
+    hide: list[str] = field(default_factory=list)
     tmp_mb: int = 64
     proxy_socket: str | None = None  # the node's egress proxy for this app
     proxy_port: int = 3128
@@ -141,9 +143,10 @@ def _bind(src: str, root: str, dst: str, *, readonly: bool) -> None:
 
 
 def runtime_paths() -> list[str]:
-    """The host folders the runtime needs to keep importing inside the sandbox (its interpreter)."""
-    paths = ["/usr", sys.base_prefix, sys.prefix]
-    paths += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
+    """The host folders the interpreter needs inside the sandbox: itself, its stdlib and the system's
+    libraries. Not its site-packages (hidden: `SandboxSpec.hide`), nor the platform's virtualenv:
+    the runtime's own packages come in a layer of their own (`images.runtime`), bound as a layer."""
+    paths = ["/usr", sys.base_prefix]
     for lib in ("/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"):
         if os.path.isdir(lib) and not os.path.islink(lib):
             paths.append(lib)
@@ -183,7 +186,7 @@ def prepare(spec: SandboxSpec) -> None:
     for lib in ("/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"):
         if os.path.islink(lib):  # merged-/usr systems: /lib -> usr/lib
             os.symlink(os.readlink(lib), root + lib)
-    for path in spec.hide:  # the data dir, should a runtime path contain it
+    for path in spec.hide:  # the data dir or site-packages, should a runtime path contain them
         if os.path.isdir(root + path):
             _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=755")
     for path in spec.readonly:

@@ -27,7 +27,7 @@ import traceback
 from typing import Any, NoReturn
 
 from osless.runtime import forwarder, protocol, sandbox, seccomp
-from osless.runtime.instance import Instance, create_instance, prewarm, serve
+from osless.runtime.instance import Instance, create_instance, preload, prewarm, serve
 from osless.runtime.loader import load_app
 from osless.sdk import config as app_config
 
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     control = socket.socket(fileno=args.control_fd)
     if args.root:
         seccomp.unavailable_reason()  # loads libseccomp now, so no sandbox pays for it
+        preload()  # before any app's layers are on the path: the runtime's own server modules
         gc.collect()
         gc.freeze()
         protocol.send(control, {"op": "ready", "pid": os.getpid()})

@@ -30,6 +30,8 @@ DEFAULT_VOLUME_MB = 1024  # what a volume given as a plain name gets
 # Below 16 MB an ext4 with its journal leaves too little room; past 1 TiB, ask the operator for a disk.
 MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
+# Build steps: shell commands, each logged and shown in errors, so a few and short.
+MAX_BUILD_STEPS, MAX_BUILD_STEP_CHARS = 20, 4096
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class App:
     egress: list[str] = field(default_factory=list)
     # Release steps: commands run once per new release, in order, before it takes traffic.
     release: list[str] = field(default_factory=list)
+    # Build steps: commands run at build time, in the build sandbox; their output goes into the image.
+    build: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
     settings: Settings | None = field(default=None, init=False, repr=False)
@@ -127,6 +131,7 @@ class App:
         self.volumes = _check_volumes(self.volumes)  # plain names become Volume(name) of the default size
         self.egress = _check_egress(self.egress)
         self.release = _check_release(self.release)
+        self.build = _check_build(self.build)
 
     def function(
         self,
@@ -254,7 +259,7 @@ class App:
 
     def manifest(self) -> dict[str, Any]:
         """What the platform needs to know without running the app: names and resources."""
-        return {
+        out = {
             "name": self.name,
             "functions": {n: f.manifest() for n, f in sorted(self.functions.items())},
             "web": self.web_spec.manifest() if self.web_spec else None,
@@ -263,6 +268,9 @@ class App:
             "config": self.settings.manifest() if self.settings is not None else {},
             "release": list(self.release),
         }
+        if self.build:  # only when given: the manifests of apps without build steps stay as they were
+            out["build"] = list(self.build)
+        return out
 
 
 def memory_ok(memory_mb: object) -> bool:
@@ -386,6 +394,7 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         "egress": _check_egress(raw.get("egress") or []),
         "release": _check_release(raw.get("release") or []),
         "config": read_schema(raw.get("config") or {}),
+        "build": _check_build(raw.get("build") or []),
     }
 
 
@@ -414,6 +423,25 @@ def _check_release(commands: object) -> list[str]:
             raise UsageError(f"App(release=...): {command[:100]!r} does not parse ({e})") from None
         out.append(command)
     return out
+
+
+def _check_build(commands: object) -> list[str]:
+    if not isinstance(commands, list | tuple) or not all(isinstance(c, str) for c in commands):
+        raise UsageError(
+            "App(build=...) takes a list of shell commands, such as "
+            '["python manage.py collectstatic --noinput"]'
+        )
+    if len(commands) > MAX_BUILD_STEPS:
+        raise UsageError(f"App(build=...) has {len(commands)} commands; give at most {MAX_BUILD_STEPS}")
+    for command in commands:
+        if not command.strip():
+            raise UsageError("App(build=...) has an empty command; give each step a shell command")
+        if len(command) > MAX_BUILD_STEP_CHARS or "\0" in command:
+            raise UsageError(
+                f"App(build=...) command {command[:50]!r}... must be at most {MAX_BUILD_STEP_CHARS} "
+                "characters, without NUL; put a long one in a script of the app and run that"
+            )
+    return list(commands)
 
 
 def _check_egress(hosts: object) -> list[str]:
