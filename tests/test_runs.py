@@ -71,8 +71,9 @@ def test_run_is_sandboxed_as_the_app(platform: Platform, oneoff: dict[str, Any])
     seen = json.loads(r.stdout)
     uid = platform.http("GET", "/v1/apps/oneoff").json()["uid"]
     assert seen["uid_map"] == ["0", str(uid), "1"]  # root inside is the app's uid outside, nobody else
-    # The platform's data dir is hidden: only the path down to the image's layers (read-only) shows.
-    assert seen["seen"][str(data)] == ["node"]
+    # The platform's data dir is hidden: only the paths down to the image's layers and the runtime
+    # layer (read-only) show.
+    assert sorted(seen["seen"][str(data)]) == ["node", "runtime"]
     assert "shadow" not in seen["seen"]["/etc"] and "passwd" in seen["seen"]["/etc"]  # its own /etc
 
 
@@ -164,7 +165,8 @@ def _log(platform: Platform, deploy_id: str) -> str:
 
 def test_release_steps_run_before_the_release_takes_traffic(platform: Platform, tmp_path: Path) -> None:
     try:
-        steps = ["python tools.py write 'before traffic'", "python -c \"print('second step')\""]
+        # Shell command lines, as build steps: `&&` and quotes as a shell reads them.
+        steps = ["python tools.py write 'before traffic'", "true && python -c \"print('second step')\""]
         deployed = platform.deploy(_with_release(tmp_path, "v1", steps), "--name", "stepped")
         assert deployed["status"] == "succeeded"
         # The release's first request reads what its release step wrote in the app's volume.

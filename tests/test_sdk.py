@@ -188,14 +188,14 @@ def test_http_functions_in_the_manifest() -> None:
 
 
 def test_release_steps_are_checked() -> None:
-    app = App("shop", release=["python manage.py migrate --noinput", "sh -c 'echo a && echo b'"])
-    assert app.manifest()["release"] == ["python manage.py migrate --noinput", "sh -c 'echo a && echo b'"]
+    app = App("shop", release=["python manage.py migrate --noinput", "echo a && echo b"])
+    assert app.manifest()["release"] == ["python manage.py migrate --noinput", "echo a && echo b"]
     for bad, said in [
-        ("python manage.py migrate", "takes a list of commands"),
+        ("python manage.py migrate", "takes a list of shell commands"),
         ([""], "non-empty string"),
         (["  "], "non-empty string"),
         ([3], "non-empty string"),
-        (["echo 'unclosed"], "does not parse"),
+        (["a\0b"], "without NUL"),
         (["x" * 5000], "at most 4096 characters"),
         (["true"] * 11, "at most 10"),
     ]:
@@ -209,7 +209,7 @@ def test_build_steps_are_checked() -> None:
     assert "build" not in App("plain").manifest()  # the manifests of apps without steps stay as they were
     with pytest.raises(UsageError, match=r"takes a list of shell commands"):
         App("site", build="python manage.py collectstatic")  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match=r"has an empty command"):
+    with pytest.raises(UsageError, match=r"non-empty string"):
         App("site", build=["make", "  "])
     with pytest.raises(UsageError, match=r"at most 20"):
         App("site", build=["true"] * 21)
@@ -219,5 +219,5 @@ def test_build_steps_are_checked() -> None:
     from osless.sdk.app import read_app_manifest
 
     assert read_app_manifest({**App("plain").manifest()})["build"] == []
-    with pytest.raises(UsageError, match=r"takes a list of shell commands"):
+    with pytest.raises(UsageError, match=r"non-empty string"):
         read_app_manifest({**App("plain").manifest(), "build": [1]})

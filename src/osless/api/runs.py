@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,8 +252,8 @@ async def release_steps(
     """Run a new release's steps in order, each as `osless run` would in it, their output in `log`;
     None if each exited 0, else what failed (the first that did: the rest do not run)."""
     for command in commands:
-        argv = shlex.split(command)  # as the SDK checked it: no shell (`sh -c "..."` for one)
-        await log([f"==> Release step: {runwire.shown(argv)}"])
+        argv = ["/bin/sh", "-c", command]  # a shell command line, as a build step's
+        await log([f"==> Release step: {command}"])
         lines = _Lines(log)
         end: dict[str, Any] = {"op": "error", "code": "node_lost", "message": "no answer"}
         try:
@@ -269,14 +268,14 @@ async def release_steps(
             end = {"op": "error", "code": e.code, "message": e.message}
         await lines.flush()
         if end["op"] == "error":
-            return f"release step `{runwire.shown(argv, 200)}` could not run: {end['message']}"
+            return f"release step `{cap(command, 200)}` could not run: {end['message']}"
         if end["code"] == runwire.TIMEOUT_EXIT:
             return (
-                f"release step `{runwire.shown(argv, 200)}` ran past {runwire.RELEASE_TIMEOUT_S:g} s "
+                f"release step `{cap(command, 200)}` ran past {runwire.RELEASE_TIMEOUT_S:g} s "
                 f"and was ended (exit code {end['code']})"
             )
         if end["code"] != 0:
-            return f"release step `{runwire.shown(argv, 200)}` exited with code {end['code']}"
+            return f"release step `{cap(command, 200)}` exited with code {end['code']}"
     return None
 
 

@@ -21,7 +21,6 @@ import signal
 import struct
 import sys
 import termios
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -84,8 +83,11 @@ class NodeRuns:
             env = {
                 **base_env(),
                 **env,
-                "PATH": f"{deps_dir}/bin:{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-                "PYTHONPATH": f"{code_dir}:{deps_dir}",
+                # As an instance imports: the app's layers, then the runtime layer (never the
+                # platform's virtualenv); `python` is the runtime's interpreter.
+                "PATH": f"{deps_dir}/bin:{agent.runtime.bin}:/usr/local/bin:/usr/bin:/bin",
+                "PYTHONPATH": f"{code_dir}:{deps_dir}:{agent.runtime.path}",
+                "PYTHONNOUSERSITE": "1",
             }
             if agent.cgroups is not None:
                 cgroup = agent.cgroups.create(Limits(memory_mb=manifest.memory_mb()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, TypeVar, overload
@@ -402,44 +401,29 @@ MAX_RELEASE_COMMANDS, RELEASE_COMMAND_CHARS = 10, 4096  # as `osless.contracts` 
 
 
 def _check_release(commands: object) -> list[str]:
-    """Release steps: command lines split as a shell would (`shlex`), but run without one; write
-    `sh -c "..."` for pipes or `&&`."""
-    example = 'App("shop", release=["python manage.py migrate --noinput"])'
-    if isinstance(commands, str) or not isinstance(commands, list | tuple):
-        raise UsageError(f"App(release=...) takes a list of commands, such as {example}")
-    if len(commands) > MAX_RELEASE_COMMANDS:
-        raise UsageError(f"App(release=...) has {len(commands)} commands; at most {MAX_RELEASE_COMMANDS}")
-    out: list[str] = []
-    for command in commands:
-        if not isinstance(command, str) or not command.strip():
-            raise UsageError(f"App(release=...): each command is a non-empty string, such as {example}")
-        if len(command) > RELEASE_COMMAND_CHARS or "\0" in command:
-            raise UsageError(
-                f"App(release=...): a command is at most {RELEASE_COMMAND_CHARS} characters, without NUL"
-            )
-        try:
-            shlex.split(command)
-        except ValueError as e:
-            raise UsageError(f"App(release=...): {command[:100]!r} does not parse ({e})") from None
-        out.append(command)
-    return out
+    return _check_steps("release", commands, MAX_RELEASE_COMMANDS, RELEASE_COMMAND_CHARS)
 
 
 def _check_build(commands: object) -> list[str]:
-    if not isinstance(commands, list | tuple) or not all(isinstance(c, str) for c in commands):
-        raise UsageError(
-            "App(build=...) takes a list of shell commands, such as "
-            '["python manage.py collectstatic --noinput"]'
-        )
-    if len(commands) > MAX_BUILD_STEPS:
-        raise UsageError(f"App(build=...) has {len(commands)} commands; give at most {MAX_BUILD_STEPS}")
+    return _check_steps("build", commands, MAX_BUILD_STEPS, MAX_BUILD_STEP_CHARS)
+
+
+def _check_steps(kind: str, commands: object, most: int, chars: int) -> list[str]:
+    """Build and release steps alike: shell command lines (each runs as `/bin/sh -c COMMAND`)."""
+    example = {"build": "python manage.py collectstatic --noinput", "release": "python manage.py migrate"}[
+        kind
+    ]
+    if isinstance(commands, str) or not isinstance(commands, list | tuple):
+        raise UsageError(f"App({kind}=...) takes a list of shell commands, such as [{example!r}]")
+    if len(commands) > most:
+        raise UsageError(f"App({kind}=...) has {len(commands)} commands; give at most {most}")
     for command in commands:
-        if not command.strip():
-            raise UsageError("App(build=...) has an empty command; give each step a shell command")
-        if len(command) > MAX_BUILD_STEP_CHARS or "\0" in command:
+        if not isinstance(command, str) or not command.strip():
+            raise UsageError(f"App({kind}=...): each command is a non-empty string, such as {example!r}")
+        if len(command) > chars or "\0" in command:
             raise UsageError(
-                f"App(build=...) command {command[:50]!r}... must be at most {MAX_BUILD_STEP_CHARS} "
-                "characters, without NUL; put a long one in a script of the app and run that"
+                f"App({kind}=...) command {command[:50]!r}... must be at most {chars} characters, "
+                "without NUL; put a long one in a script of the app and run that"
             )
     return list(commands)
 
