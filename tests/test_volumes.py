@@ -273,6 +273,24 @@ def test_a_read_token_reads_no_volume(platform: Platform, apps: None) -> None:
     volumes(platform, "rm", "notes", "notes-data", "kept")
 
 
+def test_only_a_volume_upload_may_send_a_body_past_the_api_s_limit(platform: Platform, apps: None) -> None:
+    # An app named "volumes" put "/volumes/" in the path of routes that read their whole JSON body
+    # into memory, before any permission is checked: any token could make the API hold 4 GiB.
+    read = platform.cli_json("tokens", "create", "--role", "read", "--name", "large-body")["token"]
+    body = b"{" + b" " * (7 * MB) + b"}"  # past the 6 MiB of a request's body
+    for path in ("/v1/apps/volumes/scale", "/v1/apps/volumes/desired"):
+        r = platform.http(
+            "PUT",
+            path,
+            content=body,
+            headers={"authorization": f"Bearer {read}", "content-type": "application/json"},
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large"), (path, r.text)
+    r = platform.http("PUT", "/v1/apps/notes/volumes/notes-data/files/large", content=body)
+    assert r.status_code == 201, r.text  # an upload may
+    volumes_json(platform, "rm", "notes", "notes-data", "large")
+
+
 def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
     from osless.api.secrets import SecretBox, load_key
 
