@@ -291,6 +291,22 @@ def test_only_a_volume_upload_may_send_a_body_past_the_api_s_limit(platform: Pla
     volumes_json(platform, "rm", "notes", "notes-data", "large")
 
 
+def test_a_listing_of_the_longest_names_is_answered_whole(platform: Platform, apps: None) -> None:
+    # Names of 255 control characters: each is sent as a 6-byte escape in the node's JSON.
+    fat = mount_point(platform, "notes", "notes-data") / "fat"
+    fat.mkdir()
+    for i in range(1001):
+        (fat / os.fsdecode(bytes([1 + i % 30]) * 251 + b"%04d" % i)).touch()  # as the app could
+    try:
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"path": "fat"})
+        assert r.status_code == 200, r.text[:300]
+        got = r.json()
+        assert (len(got["items"]), got["truncated"]) == (1000, True)
+        assert all(len(os.fsencode(e["name"])) == 255 for e in got["items"])
+    finally:
+        volumes_json(platform, "rm", "notes", "notes-data", "fat", "-r")
+
+
 def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
     from osless.api.secrets import SecretBox, load_key
 

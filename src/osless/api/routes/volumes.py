@@ -37,7 +37,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024  # one upload (node.volapi holds the sam
 TOKEN_TTL_S = 60.0  # the node checks it when a request starts: an upload may outlive it
 NODE_CONNECT_S = 3.0
 NODE_ASK_S = 10.0  # a node's list of volumes, or its answer's head
-MAX_NODE_ANSWER = 1024 * 1024  # bytes of a node's JSON answer read
+# Bytes of a node's JSON answer read: its longest is a listing of 1000 names of 255 control
+# characters, each sent as a 6-byte escape (1.6 MB).
+MAX_NODE_ANSWER = 4 * 1024 * 1024
 VolumeName = Annotated[str, PathParam(pattern=VOLUME_NAME_PATTERN)]
 NodeQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="The node holding the volume")]
 FilePath = Annotated[str, PathParam(max_length=1024, description="A path inside the volume")]
