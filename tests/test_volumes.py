@@ -307,6 +307,23 @@ def test_a_listing_of_the_longest_names_is_answered_whole(platform: Platform, ap
         volumes_json(platform, "rm", "notes", "notes-data", "fat", "-r")
 
 
+def test_names_the_app_chose_are_shown_as_text_never_as_markup_or_terminal_codes(
+    platform: Platform, apps: None
+) -> None:
+    planted = mount_point(platform, "notes", "notes-data") / "shown"
+    planted.mkdir()
+    for name in ("[red]r", "[bold]b", "\x1b]0;pwned\x07t", "\x1b[2Jclear"):
+        (planted / name).touch()  # as the app could
+    try:
+        r = volumes(platform, "ls", "notes", "notes-data/shown")
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout, repr(r.stdout)
+        for shown in ("[red]r", "[bold]b", "\\x1b]0;pwned\\x07t", "\\x1b[2Jclear"):
+            assert shown in r.stdout, (shown, r.stdout)
+    finally:
+        volumes_json(platform, "rm", "notes", "notes-data", "shown", "-r")
+
+
 def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
     from osless.api.secrets import SecretBox, load_key
 
