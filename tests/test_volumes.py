@@ -331,9 +331,13 @@ def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Pl
     box = SecretBox(load_key(platform.data_dir))
     url = f"{node['api']}/volumes/apps/notes/notes-data/entries"
 
+    uid = platform.http("GET", "/v1/apps/notes").json()["uid"]
+
     def ask(token: str, app: str = "notes") -> int:
         return httpx.get(
-            url.replace("/notes/", f"/{app}/"), headers={"authorization": f"Bearer {token}"}
+            url.replace("/notes/", f"/{app}/"),
+            params={"uid": uid},
+            headers={"authorization": f"Bearer {token}"},
         ).status_code
 
     assert ask(box.scoped_token("volumes", "notes", 60, node["name"])) == 200
@@ -390,6 +394,24 @@ def test_a_volume_grows_with_its_declared_size_and_never_shrinks(
     assert 28 < call(platform, "quota", "space")["total_mb"] <= 32
     logs = platform.cli("logs", "quota").stdout
     assert "never shrinks" in logs and "stays at 32 MB" in logs
+
+
+def test_a_new_app_of_a_deleted_app_s_name_never_reaches_its_volumes(platform: Platform, apps: None) -> None:
+    call(platform, "notes", "put", {"name": "old-secret", "text": "the deleted app's"})
+    assert platform.http("DELETE", "/v1/apps/notes").status_code == 204
+    # Made again at once: the node has not yet put away what the deleted app left on its disk.
+    assert platform.http("POST", "/v1/apps", json={"name": "notes"}).status_code == 201
+    r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/files/old-secret")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+    # An upload there would be acknowledged, then deleted with the old volume when the app starts.
+    r = platform.http("PUT", "/v1/apps/notes/volumes/notes-data/files/new", content=b"would be lost")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+    [node] = platform.http("GET", "/v1/nodes").json()["items"]
+    r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"node": node["name"]})
+    assert r.status_code == 404, r.text
+    assert platform.http("GET", "/v1/apps/notes/volumes").json()["items"] == []
+    platform.deploy_warm(APPS / "volume_plain")
+    assert call(platform, "notes", "get", {"name": "old-secret"}) is None
 
 
 def test_deleting_an_app_deletes_its_volumes(platform: Platform, apps: None) -> None:
