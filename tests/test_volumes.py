@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from osless.node.agent import run_dir_for
-from tests.platform import Platform, copy_app
+from tests.platform import AuthRecorder, Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
 MB = 1024 * 1024
@@ -322,6 +322,37 @@ def test_names_the_app_chose_are_shown_as_text_never_as_markup_or_terminal_codes
             assert shown in r.stdout, (shown, r.stdout)
     finally:
         volumes_json(platform, "rm", "notes", "notes-data", "shown", "-r")
+
+
+def test_a_node_the_app_never_ran_on_is_never_asked_for_its_volumes(platform: Platform, apps: None) -> None:
+    # A hostile node, with its own node token only, claims every volume it is asked about: believed,
+    # it would be sent the uploads of apps never placed on it, and answer for their files.
+    claim = [
+        {"name": n, "size_bytes": MB, "used_bytes": 0, "mounted": True} for n in ("notes-data", "ghost-data")
+    ]
+    hostile = AuthRecorder(json.dumps({"items": claim}).encode(), "application/json")
+    evil = platform.cli_json("tokens", "create", "--role", "node", "--name", "node:evil")["token"]
+    assert platform.http("POST", "/v1/apps", json={"name": "ghost"}).status_code == 201  # placed nowhere
+    try:
+        beat = {"ttl_s": 2, "api": hostile.url}
+        r = platform.http("PUT", "/v1/nodes/evil", json=beat, headers={"authorization": f"Bearer {evil}"})
+        assert r.status_code == 200, r.text
+        r = platform.http("PUT", "/v1/apps/ghost/volumes/ghost-data/files/seed", content=b"the owner's")
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"node": "evil"})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "node_not_found"), r.text
+        call(platform, "notes", "put", {"name": "real", "text": "the app's"})
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/files/real")
+        assert (r.status_code, r.text) == (200, "the app's")  # its one holder: no 409 several_nodes
+        assert hostile.shown == []
+    finally:
+        hostile.close()
+        platform.http("DELETE", "/v1/apps/ghost")
+        platform.wait_for(
+            lambda: "evil" not in [n["name"] for n in platform.http("GET", "/v1/nodes").json()["items"]],
+            what="the hostile node's lease to end",
+        )
+    volumes(platform, "rm", "notes", "notes-data", "real")
 
 
 def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:

@@ -86,6 +86,14 @@ async def _uid(state: ApiState, app: str) -> int:
     return uid
 
 
+async def _nodes(state: ApiState, app: str) -> list[Node]:
+    """The live nodes the app was placed on, the only ones asked: another node's claim to hold its
+    volume would have the API send it the app's uploads (and its word for the app's files)."""
+    nodes, _ = await state.resources.list_nodes()
+    placed = await state.resources.placed_nodes(app)
+    return [n for n in nodes if n.name in placed]
+
+
 def _shown(state: ApiState, app: str, node: str) -> dict[str, str]:
     token = state.secrets.scoped_token("volumes", app, TOKEN_TTL_S, node)
     return {"authorization": f"Bearer {token}"}
@@ -175,11 +183,16 @@ async def _holder(
 ) -> tuple[Node, int]:
     """The node to ask about volume `vol` (`node`, or the only one holding it), and the app's uid."""
     uid = await _uid(state, app)
-    nodes, _ = await state.resources.list_nodes()
+    nodes = await _nodes(state, app)
     if node is not None:
         named = [n for n in nodes if n.name == node]
         if not named:
-            raise ApiError(404, "node_not_found", f"no live node {node!r}: `osless nodes` lists them")
+            raise ApiError(
+                404,
+                "node_not_found",
+                f"no live node {node!r} on which {app} ran: `osless volumes ls {app}` lists those holding "
+                "its volumes",
+            )
         return named[0], uid
     held, unreachable = await _held(state, client, app, uid, nodes)
     holders = sorted(name for name, vols in held.items() if any(v["name"] == vol for v in vols))
@@ -225,7 +238,7 @@ async def list_volumes(
 ) -> dict[str, Any]:
     declared = await _declared(state, app)
     uid = await _uid(state, app)
-    nodes, _ = await state.resources.list_nodes()
+    nodes = await _nodes(state, app)
     async with _client() as client:
         held, unreachable = await _held(state, client, app, uid, nodes)
     views: dict[str, dict[str, Any]] = {
