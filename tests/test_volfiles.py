@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,29 @@ def test_a_folder_swapped_for_a_link_is_not_followed_by_a_recursive_remove(
         with pytest.raises(FileError):
             volfiles.entries(fd, ["tree"])
     assert (outside / "keep").read_text() == "host file"
+
+
+def test_a_recursive_remove_of_folders_nested_without_end_holds_few_descriptors(volumes: Volumes) -> None:
+    # Each level below holds a descriptor: the app's 1000 nested folders took the node's process to
+    # its limit (1024 where a service manager leaves the default), failing whatever else it opened.
+    with root(volumes) as fd:
+        cur = os.dup(fd)
+        for _ in range(1000):
+            os.mkdir("d", dir_fd=cur)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = inner
+        os.close(cur)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 300, hard))
+        try:
+            with pytest.raises(FileError) as e:
+                volfiles.remove(fd, ["d"], recursive=True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert e.value.code == "too_deep" and "remove its inner folders first" in e.value.message
+        for depth in range(900, -1, -100):  # from deep enough, it goes
+            volfiles.remove(fd, ["d"] * (depth + 1), recursive=True)
 
 
 def test_a_plain_folder_volume_is_reached_the_same_way(tmp_path: Path) -> None:
