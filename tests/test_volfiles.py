@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Volumes]:
 
 @contextlib.contextmanager
 def root(volumes: Volumes) -> Iterator[int]:
-    fd, uid = asyncio.run(volumes.open_root("files", "files-data"))
+    fd, uid = asyncio.run(volumes.open_root("files", "files-data", UID))
     assert uid == UID
     try:
         yield fd
@@ -71,7 +72,7 @@ def test_a_volume_not_mounted_is_opened_and_leaves_no_mount_behind(volumes: Volu
         assert not [p for p in mounts() if p.startswith(str(volumes.points.parent))]
         assert volfiles.entries(fd, ["a"])[0][0]["name"] == "b.txt"
     assert image not in loop_files()  # its loop device went with the descriptor
-    held = asyncio.run(volumes.held("files"))
+    held = asyncio.run(volumes.held("files", UID))
     assert [(v["name"], v["mounted"]) for v in held] == [("files-data", False)]
     assert 12 * 2**20 < held[0]["size_bytes"] <= 16 * 2**20 and held[0]["used_bytes"] > 0
     # The app starting again finds what was written, as its own.
@@ -80,6 +81,14 @@ def test_a_volume_not_mounted_is_opened_and_leaves_no_mount_behind(volumes: Volu
     )
     assert (point / "a" / "b.txt").read_bytes() == b"while at zero"
     assert (point / "a").stat().st_uid == UID and (point / "a" / "b.txt").stat().st_uid == UID
+
+
+def test_a_volume_is_opened_only_for_the_app_whose_uid_owns_it(volumes: Volumes) -> None:
+    # Another uid: a new app of the same name, while the deleted one's volumes are still here.
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(volumes.open_root("files", "files-data", UID + 1))
+    assert asyncio.run(volumes.held("files", UID + 1)) == []
+    assert [v["name"] for v in asyncio.run(volumes.held("files", UID))] == ["files-data"]
 
 
 def test_a_forced_upload_replaces_the_name_never_the_bytes_of_a_hard_link(volumes: Volumes) -> None:
@@ -144,13 +153,36 @@ def test_a_folder_swapped_for_a_link_is_not_followed_by_a_recursive_remove(
     assert (outside / "keep").read_text() == "host file"
 
 
+def test_a_recursive_remove_of_folders_nested_without_end_holds_few_descriptors(volumes: Volumes) -> None:
+    # Each level below holds a descriptor: the app's 1000 nested folders took the node's process to
+    # its limit (1024 where a service manager leaves the default), failing whatever else it opened.
+    with root(volumes) as fd:
+        cur = os.dup(fd)
+        for _ in range(1000):
+            os.mkdir("d", dir_fd=cur)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = inner
+        os.close(cur)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 300, hard))
+        try:
+            with pytest.raises(FileError) as e:
+                volfiles.remove(fd, ["d"], recursive=True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert e.value.code == "too_deep" and "remove its inner folders first" in e.value.message
+        for depth in range(900, -1, -100):  # from deep enough, it goes
+            volfiles.remove(fd, ["d"] * (depth + 1), recursive=True)
+
+
 def test_a_plain_folder_volume_is_reached_the_same_way(tmp_path: Path) -> None:
     plain = Volumes(tmp_path / "data", tmp_path / "run", images=False, warn=lambda app, message: None)
     asyncio.run(plain.attach("files", UID, {"/data": Volume("files-data")}))
-    assert asyncio.run(plain.held("files")) == [
+    assert asyncio.run(plain.held("files", UID)) == [
         {"name": "files-data", "size_bytes": None, "used_bytes": None, "mounted": False}
     ]
-    fd, uid = asyncio.run(plain.open_root("files", "files-data"))
+    fd, uid = asyncio.run(plain.open_root("files", "files-data", UID))
     assert uid == UID
     try:
         write(fd, "note", b"in a folder")
@@ -163,4 +195,4 @@ def test_a_plain_folder_volume_is_reached_the_same_way(tmp_path: Path) -> None:
     note = tmp_path / "data" / "volumes" / "files" / "files-data" / "note"
     assert note.read_bytes() == b"in a folder" and note.stat().st_uid == UID
     with pytest.raises(FileNotFoundError):
-        asyncio.run(plain.open_root("files", "other"))
+        asyncio.run(plain.open_root("files", "other", UID))

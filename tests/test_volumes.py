@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from osless.node.agent import run_dir_for
-from tests.platform import Platform, copy_app
+from tests.platform import AuthRecorder, Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
 MB = 1024 * 1024
@@ -273,6 +273,88 @@ def test_a_read_token_reads_no_volume(platform: Platform, apps: None) -> None:
     volumes(platform, "rm", "notes", "notes-data", "kept")
 
 
+def test_only_a_volume_upload_may_send_a_body_past_the_api_s_limit(platform: Platform, apps: None) -> None:
+    # An app named "volumes" put "/volumes/" in the path of routes that read their whole JSON body
+    # into memory, before any permission is checked: any token could make the API hold 4 GiB.
+    read = platform.cli_json("tokens", "create", "--role", "read", "--name", "large-body")["token"]
+    body = b"{" + b" " * (7 * MB) + b"}"  # past the 6 MiB of a request's body
+    for path in ("/v1/apps/volumes/scale", "/v1/apps/volumes/desired"):
+        r = platform.http(
+            "PUT",
+            path,
+            content=body,
+            headers={"authorization": f"Bearer {read}", "content-type": "application/json"},
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large"), (path, r.text)
+    r = platform.http("PUT", "/v1/apps/notes/volumes/notes-data/files/large", content=body)
+    assert r.status_code == 201, r.text  # an upload may
+    volumes_json(platform, "rm", "notes", "notes-data", "large")
+
+
+def test_a_listing_of_the_longest_names_is_answered_whole(platform: Platform, apps: None) -> None:
+    # Names of 255 control characters: each is sent as a 6-byte escape in the node's JSON.
+    fat = mount_point(platform, "notes", "notes-data") / "fat"
+    fat.mkdir()
+    for i in range(1001):
+        (fat / os.fsdecode(bytes([1 + i % 30]) * 251 + b"%04d" % i)).touch()  # as the app could
+    try:
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"path": "fat"})
+        assert r.status_code == 200, r.text[:300]
+        got = r.json()
+        assert (len(got["items"]), got["truncated"]) == (1000, True)
+        assert all(len(os.fsencode(e["name"])) == 255 for e in got["items"])
+    finally:
+        volumes_json(platform, "rm", "notes", "notes-data", "fat", "-r")
+
+
+def test_names_the_app_chose_are_shown_as_text_never_as_markup_or_terminal_codes(
+    platform: Platform, apps: None
+) -> None:
+    planted = mount_point(platform, "notes", "notes-data") / "shown"
+    planted.mkdir()
+    for name in ("[red]r", "[bold]b", "\x1b]0;pwned\x07t", "\x1b[2Jclear"):
+        (planted / name).touch()  # as the app could
+    try:
+        r = volumes(platform, "ls", "notes", "notes-data/shown")
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout, repr(r.stdout)
+        for shown in ("[red]r", "[bold]b", "\\x1b]0;pwned\\x07t", "\\x1b[2Jclear"):
+            assert shown in r.stdout, (shown, r.stdout)
+    finally:
+        volumes_json(platform, "rm", "notes", "notes-data", "shown", "-r")
+
+
+def test_a_node_the_app_never_ran_on_is_never_asked_for_its_volumes(platform: Platform, apps: None) -> None:
+    # A hostile node, with its own node token only, claims every volume it is asked about: believed,
+    # it would be sent the uploads of apps never placed on it, and answer for their files.
+    claim = [
+        {"name": n, "size_bytes": MB, "used_bytes": 0, "mounted": True} for n in ("notes-data", "ghost-data")
+    ]
+    hostile = AuthRecorder(json.dumps({"items": claim}).encode(), "application/json")
+    evil = platform.cli_json("tokens", "create", "--role", "node", "--name", "node:evil")["token"]
+    assert platform.http("POST", "/v1/apps", json={"name": "ghost"}).status_code == 201  # placed nowhere
+    try:
+        beat = {"ttl_s": 2, "api": hostile.url}
+        r = platform.http("PUT", "/v1/nodes/evil", json=beat, headers={"authorization": f"Bearer {evil}"})
+        assert r.status_code == 200, r.text
+        r = platform.http("PUT", "/v1/apps/ghost/volumes/ghost-data/files/seed", content=b"the owner's")
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"node": "evil"})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "node_not_found"), r.text
+        call(platform, "notes", "put", {"name": "real", "text": "the app's"})
+        r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/files/real")
+        assert (r.status_code, r.text) == (200, "the app's")  # its one holder: no 409 several_nodes
+        assert hostile.shown == []
+    finally:
+        hostile.close()
+        platform.http("DELETE", "/v1/apps/ghost")
+        platform.wait_for(
+            lambda: "evil" not in [n["name"] for n in platform.http("GET", "/v1/nodes").json()["items"]],
+            what="the hostile node's lease to end",
+        )
+    volumes(platform, "rm", "notes", "notes-data", "real")
+
+
 def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Platform, apps: None) -> None:
     from osless.api.secrets import SecretBox, load_key
 
@@ -280,9 +362,13 @@ def test_the_node_opens_volumes_only_to_the_api_s_token_made_for_it(platform: Pl
     box = SecretBox(load_key(platform.data_dir))
     url = f"{node['api']}/volumes/apps/notes/notes-data/entries"
 
+    uid = platform.http("GET", "/v1/apps/notes").json()["uid"]
+
     def ask(token: str, app: str = "notes") -> int:
         return httpx.get(
-            url.replace("/notes/", f"/{app}/"), headers={"authorization": f"Bearer {token}"}
+            url.replace("/notes/", f"/{app}/"),
+            params={"uid": uid},
+            headers={"authorization": f"Bearer {token}"},
         ).status_code
 
     assert ask(box.scoped_token("volumes", "notes", 60, node["name"])) == 200
@@ -339,6 +425,24 @@ def test_a_volume_grows_with_its_declared_size_and_never_shrinks(
     assert 28 < call(platform, "quota", "space")["total_mb"] <= 32
     logs = platform.cli("logs", "quota").stdout
     assert "never shrinks" in logs and "stays at 32 MB" in logs
+
+
+def test_a_new_app_of_a_deleted_app_s_name_never_reaches_its_volumes(platform: Platform, apps: None) -> None:
+    call(platform, "notes", "put", {"name": "old-secret", "text": "the deleted app's"})
+    assert platform.http("DELETE", "/v1/apps/notes").status_code == 204
+    # Made again at once: the node has not yet put away what the deleted app left on its disk.
+    assert platform.http("POST", "/v1/apps", json={"name": "notes"}).status_code == 201
+    r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/files/old-secret")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+    # An upload there would be acknowledged, then deleted with the old volume when the app starts.
+    r = platform.http("PUT", "/v1/apps/notes/volumes/notes-data/files/new", content=b"would be lost")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "volume_not_found"), r.text
+    [node] = platform.http("GET", "/v1/nodes").json()["items"]
+    r = platform.http("GET", "/v1/apps/notes/volumes/notes-data/entries", params={"node": node["name"]})
+    assert r.status_code == 404, r.text
+    assert platform.http("GET", "/v1/apps/notes/volumes").json()["items"] == []
+    platform.deploy_warm(APPS / "volume_plain")
+    assert call(platform, "notes", "get", {"name": "old-secret"}) is None
 
 
 def test_deleting_an_app_deletes_its_volumes(platform: Platform, apps: None) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -47,6 +48,9 @@ log = logging.getLogger("osless.api")
 
 UPKEEP_S = 60.0
 BUILD_SWEEP_S = 2.0
+# The one route whose body may be a file of volumes.MAX_FILE_BYTES, matched whole: an app may be named
+# "volumes", and other routes read their whole body into memory before any permission is checked.
+_VOLUME_UPLOAD = re.compile(r"/v1/apps/[^/]+/volumes/[^/]+/files/.+")
 EXPIRED_TOKEN_GRACE_S = 86400.0  # an expired token answers "token expired" for a day, then is collected
 
 
@@ -66,7 +70,7 @@ class BodyLimit:
         limit = self.state.max_upload_bytes if is_upload else self.state.max_body_bytes
         if scope["method"] == "PUT" and path.startswith("/v1/builds/") and "/layers/" in path:
             limit = self.state.max_layer_bytes  # a builder's layer archive (routes/builds.py)
-        if scope["method"] == "PUT" and path.startswith("/v1/apps/") and "/volumes/" in path:
+        if scope["method"] == "PUT" and _VOLUME_UPLOAD.fullmatch(path):
             limit = volumes.MAX_FILE_BYTES  # a file uploaded into a volume (routes/volumes.py)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

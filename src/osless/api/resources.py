@@ -53,6 +53,9 @@ UID_BASE, UID_RANGE = 1_000_000, 1_000_000_000
 # named by the deploys they claimed.
 BUILDERS = "/builders/"
 
+# `/placed/{app}/{node}`: the app was placed on the node (its volumes may be there), until it is deleted.
+PLACED_PREFIX = "/placed/"
+
 
 def _enc(obj: BaseModel) -> bytes:
     return obj.model_dump_json().encode()
@@ -223,6 +226,7 @@ class Resources:
                         f"/releases/{name}/",
                         f"/confighistory/{name}/",
                         f"/grants/{name}/",  # who may call it: a new app of the name starts with none
+                        f"{PLACED_PREFIX}{name}/",  # where it ran: a new app of the name ran nowhere
                         *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
                     ],
                 )
@@ -442,10 +446,23 @@ class Resources:
     async def create_instance(self, inst: Instance) -> Instance:
         inst.uid = await self.app_uid(inst.app)  # the API's word, never the caller's
         try:
-            await self.store.put(f"/instances/{inst.id}", _enc(inst), if_revision=0)
+            # With it, that the app was placed on that node, kept until the app is deleted: only
+            # such a node may hold its volumes (`placed_nodes`), whatever another node claims.
+            await self.store.txn_put_many(
+                [
+                    (f"/instances/{inst.id}", _enc(inst), 0),
+                    (f"{PLACED_PREFIX}{inst.app}/{inst.node}", b"{}", None),
+                ]
+            )
         except Conflict as e:
             raise ApiError(409, "instance_exists", f"instance {inst.id!r} already exists") from e
         return inst
+
+    async def placed_nodes(self, app: str) -> set[str]:
+        """The nodes `app` was ever placed on (since it was made), its instances' now included."""
+        items, _ = await self.store.list(f"{PLACED_PREFIX}{app}/")
+        now_on = {i.node for i in (await self.list_instances(app=app))[0]}
+        return {kv.key.rsplit("/", 1)[1] for kv in items} | now_on
 
     async def update_instance(self, id: str, change: Callable[[Instance], Instance | None]) -> Instance:
         return await self.update(f"/instances/{id}", Instance, change)

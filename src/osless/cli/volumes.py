@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 
 from osless.cli.credentials import call, client
 from osless.cli.output import JsonOpt, console, fail, print_json, table, when
@@ -30,10 +32,18 @@ NodeOpt = Annotated[
     str | None, typer.Option("--node", help="The node whose copy to use, when several nodes hold the volume.")
 ]
 CHUNK = 1024 * 1024
+# What a terminal acts on rather than shows (escape sequences, bidirectional overrides).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def _files(app: str, volume: str, path: str) -> str:
     return f"/v1/apps/{app}/volumes/{volume}/files/{quote(path.strip('/'), safe='/')}"
+
+
+def _shown(name: str) -> str:
+    """A name the app chose, as a table cell: its control characters written out (`\\x1b`), never
+    sent to the terminal, and its brackets never read as markup."""
+    return escape(_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), name))
 
 
 def _size(n: Any) -> str:
@@ -89,7 +99,7 @@ def ls(
         ["NAME", "TYPE", "SIZE", "MODIFIED"],
         [
             [
-                e["name"] + ("/" if e["type"] == "folder" else ""),
+                _shown(e["name"]) + ("/" if e["type"] == "folder" else ""),
                 e["type"],
                 _size(e["size"]),
                 when(e["mtime"]),

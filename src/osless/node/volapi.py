@@ -2,6 +2,9 @@
 volume. Only the API calls them, with a token it made for this node and app (`volumes` role, a
 minute); the file work itself is `node.volfiles`, beneath the volume's root whatever the app planted.
 
+Each takes `?uid=`, the app's uid as the API knows it: a volume left by an earlier app of the same
+name (deleted, not yet put away here) answers as none, never with the old app's data.
+
     GET    /volumes/apps/{app}                          the app's volumes here: size, used, mounted
     GET    /volumes/apps/{app}/{vol}/entries?path=P     a folder's entries (or the one file)
     GET    /volumes/apps/{app}/{vol}/files/{path}       a file's bytes
@@ -33,6 +36,7 @@ __all__ = ["MAX_FILE_BYTES", "routes"]
 
 MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024  # one upload, besides the volume's free space
 _APP = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
+_UID = re.compile(r"[0-9]{1,10}")
 _TRUE = ("true", "1")
 
 
@@ -43,35 +47,40 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 def routes(volumes: Volumes, callers: Callers) -> list[Route]:
     """The routes, over the node agent's `volumes`."""
 
-    async def checked(request: Request) -> tuple[str, str | None] | Response:
+    async def checked(request: Request) -> tuple[str, str | None, int] | Response:
         app, vol = request.path_params["app"], request.path_params.get("vol")
         if not _APP.fullmatch(app):
             return _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
         if vol is not None and not VOLUME_RE.fullmatch(vol):
             return _error(400, "invalid_request", f"{vol[:100]!r} is not a volume name")
         refused = await callers.check(request, "volumes", app)
-        return refused if refused is not None else (app, vol)
+        if refused is not None:
+            return refused
+        uid = request.query_params.get("uid", "")
+        if not _UID.fullmatch(uid):
+            return _error(400, "invalid_request", "uid (the app's, as the API knows it) is required")
+        return app, vol, int(uid)
 
-    async def opened(app: str, vol: str) -> tuple[int, int] | Response:
+    async def opened(app: str, vol: str, uid: int) -> tuple[int, int] | Response:
         try:
-            return await volumes.open_root(app, vol)
+            return await volumes.open_root(app, vol, uid)
         except FileNotFoundError as e:
             return _error(404, "not_found", str(e))
         except Exception as e:  # a mount that failed: said, never a 500 with no words
             return _error(503, "unavailable", f"volume {vol} of {app} could not be opened here: {e}")
 
     def guarded(
-        handler: Callable[[Request, str, str, list[str]], Awaitable[Response]],
+        handler: Callable[[Request, str, str, int, list[str]], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
             found = await checked(request)
             if isinstance(found, Response):
                 return found
-            app, vol = found
+            app, vol, uid = found
             assert vol is not None
             path = request.path_params.get("path", request.query_params.get("path", ""))
             try:
-                return await handler(request, app, vol, volfiles.parts(path))
+                return await handler(request, app, vol, uid, volfiles.parts(path))
             except FileError as e:
                 return _error(e.status, e.code, e.message)
 
@@ -81,10 +90,10 @@ def routes(volumes: Volumes, callers: Callers) -> list[Route]:
         found = await checked(request)
         if isinstance(found, Response):
             return found
-        return JSONResponse({"items": await volumes.held(found[0])})
+        return JSONResponse({"items": await volumes.held(found[0], found[2])})
 
-    async def entries(request: Request, app: str, vol: str, names: list[str]) -> Response:
-        root = await opened(app, vol)
+    async def entries(request: Request, app: str, vol: str, uid: int, names: list[str]) -> Response:
+        root = await opened(app, vol, uid)
         if isinstance(root, Response):
             return root
         fd, _ = root
@@ -94,8 +103,8 @@ def routes(volumes: Volumes, callers: Callers) -> list[Route]:
             os.close(fd)
         return JSONResponse({"items": found, "truncated": more, "limit": volfiles.MAX_ENTRIES})
 
-    async def download(request: Request, app: str, vol: str, names: list[str]) -> Response:
-        root = await opened(app, vol)
+    async def download(request: Request, app: str, vol: str, uid: int, names: list[str]) -> Response:
+        root = await opened(app, vol, uid)
         if isinstance(root, Response):
             return root
         fd, _ = root
@@ -120,17 +129,17 @@ def routes(volumes: Volumes, callers: Callers) -> list[Route]:
             body(), media_type="application/octet-stream", headers={"x-osless-size": str(size)}
         )
 
-    async def upload(request: Request, app: str, vol: str, names: list[str]) -> Response:
+    async def upload(request: Request, app: str, vol: str, uid: int, names: list[str]) -> Response:
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             return _error(400, "length_required", "send the file with a Content-Length")
         if int(length) > MAX_FILE_BYTES:
             return _error(413, "too_large", f"a file uploaded may be at most {MAX_FILE_BYTES} bytes")
         force = request.query_params.get("force", "false").lower() in _TRUE
-        root = await opened(app, vol)
+        root = await opened(app, vol, uid)
         if isinstance(root, Response):
             return root
-        fd, uid = root
+        fd, _ = root
         try:
             st = os.fstatvfs(fd)
             if int(length) > st.f_bavail * st.f_frsize:
@@ -156,9 +165,9 @@ def routes(volumes: Volumes, callers: Callers) -> list[Route]:
             await asyncio.to_thread(writer.close)
         return JSONResponse({"path": "/".join(names), "size": got}, status_code=201)
 
-    async def remove(request: Request, app: str, vol: str, names: list[str]) -> Response:
+    async def remove(request: Request, app: str, vol: str, uid: int, names: list[str]) -> Response:
         recursive = request.query_params.get("recursive", "false").lower() in _TRUE
-        root = await opened(app, vol)
+        root = await opened(app, vol, uid)
         if isinstance(root, Response):
             return root
         fd, _ = root

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 MAX_ENTRIES = 1000  # of a listing: the first ones the folder gives, said when there are more
+# Folders a recursive remove goes down: each level holds a descriptor until it is empty, and the app
+# may nest folders without end (the node's process has some 1024 descriptors for everything it does).
+MAX_DEPTH = 128
 MAX_PATH = MAX_VOLUME_PATH
 CHUNK = 1024 * 1024
 
@@ -290,10 +293,7 @@ def remove(root: int, names: list[str], *, recursive: bool) -> None:
                     400, "is_a_folder", f"{where} is a folder: pass -r to remove it and its files"
                 )
             with _fd(open_beneath(folder, names[-1:], os.O_RDONLY | os.O_DIRECTORY)) as inner:
-                try:
-                    _empty(inner, where)
-                except RecursionError:
-                    raise FileError(400, "too_deep", f"{where} nests folders too deep to remove") from None
+                _empty(inner, where, 1)
             _do(lambda: os.rmdir(names[-1], dir_fd=folder), where)
         else:
             _do(lambda: os.unlink(names[-1], dir_fd=folder), where)
@@ -325,16 +325,26 @@ def _do(action: Any, where: str) -> None:
         raise _refusal(e.errno or errno.EIO, where) from None
 
 
-def _empty(folder: int, where: str) -> None:
-    """Remove everything in the open folder `folder`, each entry by its name in it: a folder swapped
-    for a link meanwhile is opened with no link followed, so it fails there rather than lead out."""
-    with os.scandir(folder) as it:
-        names = [item.name for item in it]
+def _empty(folder: int, where: str, depth: int) -> None:
+    """Remove everything in the open folder `folder` (`depth` below the one removed), each entry by its
+    name in it: a folder swapped for a link meanwhile is opened with no link followed, so it fails
+    there rather than lead out."""
+    if depth > MAX_DEPTH:
+        raise FileError(
+            400,
+            "too_deep",
+            f"{where[:300]} nests folders more than {MAX_DEPTH} deep: remove its inner folders first",
+        )
+    try:
+        with os.scandir(folder) as it:
+            names = [item.name for item in it]
+    except OSError as e:
+        raise _refusal(e.errno or errno.EIO, where) from None
     for name in names:
         st = _lstat(folder, name, f"{where}/{name}")
         if stat.S_ISDIR(st.st_mode):
             with _fd(open_beneath(folder, [name], os.O_RDONLY | os.O_DIRECTORY)) as inner:
-                _empty(inner, f"{where}/{name}")
+                _empty(inner, f"{where}/{name}", depth + 1)
             _do(lambda n=name: os.rmdir(n, dir_fd=folder), f"{where}/{name}")
         else:
             _do(lambda n=name: os.unlink(n, dir_fd=folder), f"{where}/{name}")

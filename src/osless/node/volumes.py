@@ -218,26 +218,36 @@ class Volumes:
             except (VolumeError, OSError) as e:  # the next start finds them and puts them away
                 log.warning("the volumes of %s stay mounted: %s", app, e)
 
-    async def held(self, app: str) -> list[dict[str, Any]]:
-        """The volumes of `app` on this node's disk: name, size and bytes used (None: a plain folder's
-        are the host disk's), and whether an instance here has it mounted now."""
+    async def held(self, app: str, uid: int) -> list[dict[str, Any]]:
+        """The volumes of `app` (whose uid is `uid`) on this node's disk: name, size and bytes used
+        (None: a plain folder's are the host disk's), and whether an instance here has it mounted now.
+        Those of an earlier app of the same name (another uid), deleted, are not its: none are listed."""
         async with self._lock(app):
-            return await asyncio.to_thread(self._held, app)
+            return await asyncio.to_thread(self._held, app, uid)
 
-    async def open_root(self, app: str, name: str) -> tuple[int, int]:
+    async def open_root(self, app: str, name: str, uid: int) -> tuple[int, int]:
         """A descriptor of the root of volume `name` of `app`, and the app's uid; the caller closes it.
+        FileNotFoundError if the volume here is not of the app whose uid is `uid`: an earlier app of
+        that name, deleted, whose volumes the node has not put away yet (its data, never the new app's).
 
         A volume not mounted now (the app at zero here) is mounted aside and at once lazily unmounted:
         the descriptor alone keeps its filesystem alive, and it goes when that is closed, so nothing is
         left mounted by a request, even one killed midway. Its loop device is freed then too."""
         async with self._lock(app):
-            return await asyncio.to_thread(self._open_root, app, name)
+            return await asyncio.to_thread(self._open_root, app, name, uid)
 
     # -- on a worker thread, one app at a time -------------------------------------------------
 
-    def _held(self, app: str) -> list[dict[str, Any]]:
+    def _owner(self, app: str) -> int | None:
+        """The uid of the app whose volumes are in the app's folder here (`.owner`), if any."""
+        try:
+            return int((self.root / app / ".owner").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _held(self, app: str, uid: int) -> list[dict[str, Any]]:
         folder = self.root / app
-        if not folder.is_dir():
+        if not folder.is_dir() or self._owner(app) != uid:
             return []
         found: dict[str, dict[str, Any]] = {}
         for entry in folder.iterdir():
@@ -257,12 +267,10 @@ class Volumes:
                 found[name] = {"name": name, "size_bytes": None, "used_bytes": None, "mounted": False}
         return sorted(found.values(), key=lambda v: str(v["name"]))
 
-    def _open_root(self, app: str, name: str) -> tuple[int, int]:
+    def _open_root(self, app: str, name: str, uid: int) -> tuple[int, int]:
         folder = self.root / app
-        try:
-            uid = int((folder / ".owner").read_text().strip())
-        except (OSError, ValueError):
-            raise FileNotFoundError(f"no volume of {app} on this node") from None
+        if self._owner(app) != uid:
+            raise FileNotFoundError(f"no volume of {app} on this node")
         image = folder / f"{name}.img"
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         if not (image.is_file() and not image.is_symlink()):

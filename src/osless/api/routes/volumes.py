@@ -37,7 +37,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024  # one upload (node.volapi holds the sam
 TOKEN_TTL_S = 60.0  # the node checks it when a request starts: an upload may outlive it
 NODE_CONNECT_S = 3.0
 NODE_ASK_S = 10.0  # a node's list of volumes, or its answer's head
-MAX_NODE_ANSWER = 1024 * 1024  # bytes of a node's JSON answer read
+# Bytes of a node's JSON answer read: its longest is a listing of 1000 names of 255 control
+# characters, each sent as a 6-byte escape (1.6 MB).
+MAX_NODE_ANSWER = 4 * 1024 * 1024
 VolumeName = Annotated[str, PathParam(pattern=VOLUME_NAME_PATTERN)]
 NodeQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="The node holding the volume")]
 FilePath = Annotated[str, PathParam(max_length=1024, description="A path inside the volume")]
@@ -75,6 +77,23 @@ class Written(BaseModel):
     size: int
 
 
+async def _uid(state: ApiState, app: str) -> int:
+    """The app's uid, which the node checks its volumes' owner against: a volume an earlier app of the
+    same name left on a node (deleted, not put away yet) is that app's data, never this one's."""
+    uid = (await state.resources.get_app(app)).uid
+    if uid is None:
+        raise ApiError(404, "volume_not_found", f"app {app} has no volume: it never ran")
+    return uid
+
+
+async def _nodes(state: ApiState, app: str) -> list[Node]:
+    """The live nodes the app was placed on, the only ones asked: another node's claim to hold its
+    volume would have the API send it the app's uploads (and its word for the app's files)."""
+    nodes, _ = await state.resources.list_nodes()
+    placed = await state.resources.placed_nodes(app)
+    return [n for n in nodes if n.name in placed]
+
+
 def _shown(state: ApiState, app: str, node: str) -> dict[str, str]:
     token = state.secrets.scoped_token("volumes", app, TOKEN_TTL_S, node)
     return {"authorization": f"Bearer {token}"}
@@ -109,7 +128,7 @@ async def _passed_on(resp: httpx.Response, node: str) -> ApiError:
 
 
 async def _held(
-    state: ApiState, client: httpx.AsyncClient, app: str, nodes: list[Node]
+    state: ApiState, client: httpx.AsyncClient, app: str, uid: int, nodes: list[Node]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Each node's volumes of `app` (by node name), and the nodes that did not answer."""
 
@@ -118,7 +137,10 @@ async def _held(
             return None
         try:
             async with client.stream(
-                "GET", f"{node.api}/volumes/apps/{app}", headers=_shown(state, app, node.name)
+                "GET",
+                f"{node.api}/volumes/apps/{app}",
+                params={"uid": uid},
+                headers=_shown(state, app, node.name),
             ) as resp:
                 if resp.status_code != 200:
                     return None
@@ -156,16 +178,23 @@ async def _declared(state: ApiState, app: str) -> dict[str, tuple[str, int]]:
     return found
 
 
-async def _holder(state: ApiState, client: httpx.AsyncClient, app: str, vol: str, node: str | None) -> Node:
-    """The node to ask about volume `vol`: `node`, or the only one holding it."""
-    await state.resources.get_app(app)
-    nodes, _ = await state.resources.list_nodes()
+async def _holder(
+    state: ApiState, client: httpx.AsyncClient, app: str, vol: str, node: str | None
+) -> tuple[Node, int]:
+    """The node to ask about volume `vol` (`node`, or the only one holding it), and the app's uid."""
+    uid = await _uid(state, app)
+    nodes = await _nodes(state, app)
     if node is not None:
         named = [n for n in nodes if n.name == node]
         if not named:
-            raise ApiError(404, "node_not_found", f"no live node {node!r}: `osless nodes` lists them")
-        return named[0]
-    held, unreachable = await _held(state, client, app, nodes)
+            raise ApiError(
+                404,
+                "node_not_found",
+                f"no live node {node!r} on which {app} ran: `osless volumes ls {app}` lists those holding "
+                "its volumes",
+            )
+        return named[0], uid
+    held, unreachable = await _held(state, client, app, uid, nodes)
     holders = sorted(name for name, vols in held.items() if any(v["name"] == vol for v in vols))
     if len(holders) > 1:
         raise ApiError(
@@ -181,7 +210,7 @@ async def _holder(state: ApiState, client: httpx.AsyncClient, app: str, vol: str
             f"no node holds volume {vol} of {app}: a node makes it when the app first starts there "
             f"(deploy it, or scale it up once){silent}",
         )
-    return next(n for n in nodes if n.name == holders[0])
+    return next(n for n in nodes if n.name == holders[0]), uid
 
 
 def _at(node: Node) -> str:
@@ -208,9 +237,10 @@ async def list_volumes(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> dict[str, Any]:
     declared = await _declared(state, app)
-    nodes, _ = await state.resources.list_nodes()
+    uid = await _uid(state, app)
+    nodes = await _nodes(state, app)
     async with _client() as client:
-        held, unreachable = await _held(state, client, app, nodes)
+        held, unreachable = await _held(state, client, app, uid, nodes)
     views: dict[str, dict[str, Any]] = {
         name: {"name": name, "path": path, "size_mb": size, "nodes": []}
         for name, (path, size) in declared.items()
@@ -243,12 +273,12 @@ async def list_entries(
     except ValueError as e:
         raise ApiError(400, "invalid_path", f"{e} (got {cap(path, 200)!r})") from None
     async with _client() as client:
-        holder = await _holder(state, client, app, vol, node)
+        holder, uid = await _holder(state, client, app, vol, node)
         try:
             async with client.stream(
                 "GET",
                 f"{_at(holder)}/volumes/apps/{app}/{vol}/entries",
-                params={"path": path},
+                params={"path": path, "uid": uid},
                 headers=_shown(state, app, holder.name),
             ) as resp:
                 if resp.status_code != 200:
@@ -282,10 +312,11 @@ async def get_file(
     where = _checked(path)
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S))
     try:
-        holder = await _holder(state, client, app, vol, node)
+        holder, uid = await _holder(state, client, app, vol, node)
         ask = client.build_request(
             "GET",
             f"{_at(holder)}/volumes/apps/{app}/{vol}/files/{where}",
+            params={"uid": uid},
             headers=_shown(state, app, holder.name),
         )
         resp = await client.send(ask, stream=True)
@@ -354,12 +385,12 @@ async def put_file(
             yield chunk
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S)) as client:
-        holder = await _holder(state, client, app, vol, node)
+        holder, uid = await _holder(state, client, app, vol, node)
         try:
             async with client.stream(
                 "PUT",
                 f"{_at(holder)}/volumes/apps/{app}/{vol}/files/{where}",
-                params={"force": "true" if force else "false"},
+                params={"force": "true" if force else "false", "uid": uid},
                 headers={**_shown(state, app, holder.name), "content-length": length},
                 content=body(),
             ) as resp:
@@ -388,12 +419,12 @@ async def delete_file(
 ) -> Response:
     where = _checked(path)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S)) as client:
-        holder = await _holder(state, client, app, vol, node)
+        holder, uid = await _holder(state, client, app, vol, node)
         try:
             async with client.stream(
                 "DELETE",
                 f"{_at(holder)}/volumes/apps/{app}/{vol}/files/{where}",
-                params={"recursive": "true" if recursive else "false"},
+                params={"recursive": "true" if recursive else "false", "uid": uid},
                 headers=_shown(state, app, holder.name),
             ) as resp:
                 if resp.status_code != 204:
