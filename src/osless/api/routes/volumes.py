@@ -37,6 +37,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024  # one upload (node.volapi holds the sam
 TOKEN_TTL_S = 60.0  # the node checks it when a request starts: an upload may outlive it
 NODE_CONNECT_S = 3.0
 NODE_ASK_S = 10.0  # a node's list of volumes, or its answer's head
+# The longest a transfer waits for one read: past a volume's attach (mkfs, e2fsck, resize2fs; up to
+# 300 s each) a node that sends nothing is stuck, and the request ends rather than hang.
+NODE_TRANSFER_S = 330.0
 # Bytes of a node's JSON answer read: its longest is a listing of 1000 names of 255 control
 # characters, each sent as a 6-byte escape (1.6 MB).
 MAX_NODE_ANSWER = 4 * 1024 * 1024
@@ -141,6 +144,8 @@ async def _held(
                 f"{node.api}/volumes/apps/{app}",
                 params={"uid": uid},
                 headers=_shown(state, app, node.name),
+                # whatever the caller's client waits for a transfer: a stuck node is no holder
+                timeout=httpx.Timeout(NODE_ASK_S, connect=NODE_CONNECT_S),
             ) as resp:
                 if resp.status_code != 200:
                     return None
@@ -310,7 +315,7 @@ async def get_file(
     caller: Caller = require("deploy"),
 ) -> Any:
     where = _checked(path)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(NODE_TRANSFER_S, connect=NODE_CONNECT_S))
     try:
         holder, uid = await _holder(state, client, app, vol, node)
         ask = client.build_request(
@@ -384,7 +389,7 @@ async def put_file(
         async for chunk in request.stream():
             yield chunk
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(NODE_TRANSFER_S, connect=NODE_CONNECT_S)) as client:
         holder, uid = await _holder(state, client, app, vol, node)
         try:
             async with client.stream(
@@ -418,7 +423,7 @@ async def delete_file(
     caller: Caller = require("deploy"),
 ) -> Response:
     where = _checked(path)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=NODE_CONNECT_S)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(NODE_TRANSFER_S, connect=NODE_CONNECT_S)) as client:
         holder, uid = await _holder(state, client, app, vol, node)
         try:
             async with client.stream(
