@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from osless.api.auth import TokenRecord
+from osless.api.routes.invoke import MAX_RESULT_BYTES
 from tests.platform import Platform
 
 APPS = Path(__file__).parent / "apps"
@@ -187,3 +188,36 @@ def test_grants_go_with_their_app(platform: Platform, orders: dict[str, object])
         assert "granting" not in [g["caller"] for g in platform.cli_json("functions", "grants", "orders")]
     finally:
         platform.cli("apps", "delete", "granting", "--yes")
+
+
+def test_a_result_past_the_limit_is_refused_not_held_whole(
+    platform: Platform, orders: dict[str, object]
+) -> None:
+    # The API reads a result into memory to answer it (and an app's call of another's goes through
+    # it): a function, or a hostile app, answering without end must not take the API's memory.
+    token = _token(platform, "--functions", "orders.bulky")
+    fits = _invoke(platform, "orders", "bulky", token, {"bytes": 1024})
+    assert fits.status_code == 200 and fits.json() == "x" * 1024, fits.text
+    over = _invoke(platform, "orders", "bulky", token, {"bytes": MAX_RESULT_BYTES + 1})
+    assert over.status_code == 502, over.status_code
+    error = over.json()["error"]
+    assert error["code"] == "result_too_large" and "6 MiB" in error["message"], error
+    assert len(over.content) < 4096
+    # Lambda's Invoke API says it as Lambda does: the function's failure, not a 5xx boto3 would retry.
+    as_lambda = httpx.post(
+        f"{platform.api}/2015-03-31/functions/orders.bulky/invocations",
+        json={"bytes": MAX_RESULT_BYTES + 1},
+        headers={"x-amz-security-token": token},
+        timeout=60,
+    )
+    assert as_lambda.status_code == 200 and as_lambda.headers["x-amz-function-error"] == "Unhandled"
+    assert as_lambda.json()["errorType"] == "Function.ResponseSizeTooLarge", as_lambda.text
+    # An app calling it gets the same refusal, through its node's egress.
+    platform.cli("functions", "allow", "orders.bulky", "--app", "shop")
+    try:
+        status, body = platform.invoke(
+            "shop", "buy", {"target": "orders.bulky", "event": {"bytes": MAX_RESULT_BYTES + 1}}
+        )
+        assert status == 200 and body["error"]["code"] == "result_too_large", str(body)[:300]
+    finally:
+        platform.cli("functions", "deny", "orders.bulky", "--app", "shop")

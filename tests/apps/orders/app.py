@@ -19,3 +19,9 @@ def refund(event, ctx):
 @app.function(public=True)
 def ping(event, ctx):
     return {"pong": True}
+
+
+@app.function()
+def bulky(event, ctx):
+    """A result as large as asked: what the API may hold of one is bounded."""
+    return "x" * int(event["bytes"])

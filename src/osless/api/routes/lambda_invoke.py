@@ -32,6 +32,7 @@ FUNCTION_ERRORS = {
     (500, "result_not_json"): "Runtime.MarshalError",
     (504, "timeout"): "Sandbox.Timedout",
     (502, "instance_exited"): "Runtime.ExitError",
+    (502, "result_too_large"): "Function.ResponseSizeTooLarge",
 }
 LATEST = "$LATEST"
 _FRAME = re.compile(r"  File .*\n(?:    .*\n)*")
@@ -92,7 +93,13 @@ async def invoke(
         )
     if kind != "RequestResponse":
         raise ApiError(400, "bad_invocation_type", f"InvocationType {kind[:40]!r} is not one of Lambda's")
-    resp = await call_function(state, app, function, spec, await request.body(), request.headers)
+    try:
+        resp = await call_function(state, app, function, spec, await request.body(), request.headers)
+    except ApiError as e:
+        if e.code != "result_too_large":
+            raise
+        # The function ran: its failure, as Lambda says it (a 5xx would have boto3 run it again).
+        resp = httpx.Response(e.status, json={"error": {"code": e.code, "message": e.message}})
     return _answer(resp, release)
 
 
