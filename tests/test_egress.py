@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from osless.node.egress import EgressProxy, host_allowed
+from osless.node.egress import MAX_CALLS_PER_APP, EgressProxy, host_allowed
 from osless.node.egress_rules import parse_networks
 from osless.runtime.forwarder import start_forwarder_process
 from tests.platform import OSLESS, Platform, copy_app
@@ -659,3 +659,61 @@ def test_an_app_reaches_what_it_lists_and_the_operator_allows_and_nothing_else(
         assert f"egress to {net.host_ip}:{net.host.port} refused: it is an address of this host" in logs
     finally:
         platform.stop()
+
+
+def test_an_app_has_a_bounded_number_of_function_calls_under_way(tmp_path: Path) -> None:
+    # Each call's event (up to 6 MiB) is held in the node agent until the API answers: an app opening
+    # call after call must not fill the agent's memory, nor the node's one pool of calls to the API.
+    async def main() -> None:
+        release = asyncio.Event()
+        running: list[str] = []
+
+        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+            running.append(caller)
+            await release.wait()
+            return 200, "application/json", b'{"ok": true}'
+
+        proxy = EgressProxy(gateway=("127.0.0.1", 9), log=lambda app, message: None, call=call)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        await proxy.add_app("orders", tmp_path / "orders.sock", [])
+        event = b"0" * 65536
+        head = (
+            b"POST http://orders.osless/__osless__/functions/quote HTTP/1.1\r\nHost: orders.osless\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(event)
+        )
+
+        async def open_call(path: Path, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(head + body)
+            return reader, writer
+
+        held = [await open_call(sock, event) for _ in range(MAX_CALLS_PER_APP)]
+        async with asyncio.timeout(10):
+            while len(running) < MAX_CALLS_PER_APP:
+                await asyncio.sleep(0.01)
+        # One more: refused at once, before its event is read (it never sends it).
+        reader, writer = await open_call(sock, b"")
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 429 "), refused[:200]
+        error = json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "too_many_calls" and str(MAX_CALLS_PER_APP) in error["message"], error
+        # Another app on the node is not held back by this one's calls.
+        reader, writer = await open_call(tmp_path / "orders.sock", event)
+        async with asyncio.timeout(10):
+            while running.count("orders") < 1:
+                await asyncio.sleep(0.01)
+        release.set()
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        for reader, writer in held:
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        # Calls that ended give their place back.
+        reader, writer = await open_call(sock, event)
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        await proxy.close()
+
+    asyncio.run(main())

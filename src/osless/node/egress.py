@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import re
 import socket
 from collections import Counter
@@ -45,6 +46,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "HEAD_LIMIT",
     "HEAD_TIMEOUT_S",
+    "MAX_CALLS_PER_APP",
     "CallFunction",
     "EgressProxy",
     "host_allowed",
@@ -61,6 +63,9 @@ _CHUNK = 64 * 1024
 PLATFORM_PATH = "/__osless__/"
 CALL_PATH = re.compile(r"/__osless__/functions/([A-Za-z_][A-Za-z0-9_]{0,63})")
 CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
+# Function calls an app may have under way at once: each holds its event (up to CALL_BODY_LIMIT) in
+# the agent until the API answers, and a place in the node's one pool of connections to the API.
+MAX_CALLS_PER_APP = 32
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -369,6 +374,7 @@ class EgressProxy:
         self.log = log
         self.policy = AddressPolicy(allow)
         self.calls: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> requests: who calls whom
+        self._calling: Counter[str] = Counter()  # app -> its function calls under way
         self._apps: dict[str, _Served] = {}
 
     async def add_app(self, app: str, socket_path: Path, allowed: list[str]) -> None:
@@ -567,18 +573,32 @@ class EgressProxy:
                 f"osless egress: the event is past the limit of {CALL_BODY_LIMIT} bytes\n",
             )
             return
-        try:
-            body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
-        except (asyncio.IncompleteReadError, TimeoutError):
-            return
-        function = found.group(1)
         app = served.app
-        self.log(app, f"call of {target}.{function}")
-        self.calls[(app, target)] += 1
-        status, content_type, answer = await self.call(
-            app, target, function, body, headers.get("x-osless-request-id", "")[:64]
-        )
-        await _respond(writer, status, _reason(status), answer, content_type)
+        if self._calling[app] >= MAX_CALLS_PER_APP:  # before its event is read: nothing held for it
+            message = (
+                f"app {app} has {MAX_CALLS_PER_APP} function calls under way, the most it may have; "
+                "retry once one has ended"
+            )
+            body = json.dumps({"error": {"code": "too_many_calls", "message": message}})
+            await _respond(writer, 429, "Too Many Requests", body, "application/json")
+            return
+        self._calling[app] += 1
+        try:
+            try:
+                body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            function = found.group(1)
+            self.log(app, f"call of {target}.{function}")
+            self.calls[(app, target)] += 1
+            status, content_type, answer = await self.call(
+                app, target, function, body, headers.get("x-osless-request-id", "")[:64]
+            )
+            await _respond(writer, status, _reason(status), answer, content_type)
+        finally:
+            self._calling[app] -= 1
+            if not self._calling[app]:
+                del self._calling[app]
 
     async def _fail(self, writer: asyncio.StreamWriter, app: str, where: str, error: BaseException) -> None:
         reason = "timed out" if isinstance(error, TimeoutError) else str(error) or type(error).__name__
