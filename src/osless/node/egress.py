@@ -579,8 +579,8 @@ class EgressProxy:
                 f"app {app} has {MAX_CALLS_PER_APP} function calls under way, the most it may have; "
                 "retry once one has ended"
             )
-            body = json.dumps({"error": {"code": "too_many_calls", "message": message}})
-            await _respond(writer, 429, "Too Many Requests", body, "application/json")
+            refusal = json.dumps({"error": {"code": "too_many_calls", "message": message}})
+            await _respond(writer, 429, "Too Many Requests", refusal, "application/json")
             return
         self._calling[app] += 1
         try:
