@@ -25,7 +25,7 @@ from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
-from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
+from osless.gateway.upstream import BadAnswer, OnDone, Unreachable, UpstreamConn, UpstreamError
 
 __all__ = ["Gateway"]
 
@@ -657,6 +657,7 @@ class _Exchange:
         return (
             up.ended
             and isinstance(error, UpstreamError)
+            and not isinstance(error, BadAnswer)
             and not up.started
             and not conn.responded
             and not conn.closed
