@@ -35,6 +35,7 @@ FUNCTION_ERRORS = {
     (502, "result_too_large"): "Function.ResponseSizeTooLarge",
 }
 LATEST = "$LATEST"
+QUALIFIER = re.compile(r"[A-Za-z0-9$_-]{1,128}")  # Lambda's own: a version or an alias
 _FRAME = re.compile(r"  File .*\n(?:    .*\n)*")
 
 
@@ -114,6 +115,14 @@ def _target(name: str, query: str | None) -> tuple[str, str, str | None]:
     if len(parts) > 2:
         raise ApiError(404, "unknown_function", f"{name[:200]!r} is not a function name")
     qualifier = parts[1] if len(parts) == 2 else None
+    for given in (qualifier, query):
+        if given is not None and not QUALIFIER.fullmatch(given):
+            raise ApiError(
+                400,
+                "bad_qualifier",
+                f"Qualifier {given[:40]!r} is not a version or an alias (letters, digits, $, _ and -, "
+                f"at most 128): give {LATEST}, the release's number, or none",
+            )
     if query is not None and qualifier is not None and query != qualifier:
         raise ApiError(400, "bad_qualifier", f"the name says {qualifier!r} and Qualifier says {query!r}")
     app, _, function = parts[0].partition(".")
