@@ -717,3 +717,32 @@ def test_an_app_has_a_bounded_number_of_function_calls_under_way(tmp_path: Path)
         await proxy.close()
 
     asyncio.run(main())
+
+
+def test_a_number_in_non_ascii_digits_is_a_clear_refusal(tmp_path: Path) -> None:
+    # str.isdigit() holds for '²' (Latin-1 0xB2), which int() refuses: the connection's task raised,
+    # the app got no answer and the agent's log a traceback, as often as an app liked.
+    async def main() -> None:
+        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+            return 200, "application/json", b"{}"
+
+        proxy = EgressProxy(gateway=("127.0.0.1", 9), log=lambda app, message: None, call=call)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        for head, status in (
+            (
+                b"POST http://orders.osless/__osless__/functions/quote HTTP/1.1\r\n"
+                b"Content-Length: \xb2\r\n\r\n",
+                411,
+            ),
+            (b"GET http://example.com:\xb2/ HTTP/1.1\r\n\r\n", 400),
+            (b"CONNECT example.com:\xb2 HTTP/1.1\r\n\r\n", 400),
+        ):
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(head)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (head, answer[:200])
+        await proxy.close()
+
+    asyncio.run(main())

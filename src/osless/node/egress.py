@@ -68,6 +68,7 @@ CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
 MAX_CALLS_PER_APP = 32
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # not str.isdigit(): it holds for '²', which int() refuses
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own; Transfer-Encoding stays: the body is
@@ -204,7 +205,7 @@ def _split_authority(authority: str, default_port: int | None) -> tuple[str, int
         if default_port is None:
             raise _BadRequest(f"CONNECT needs host:port, got {authority!r}")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise _BadRequest(f"bad port in {authority!r}")
     return host, int(port_text)
 
@@ -560,7 +561,7 @@ class EgressProxy:
             return
         headers = {name.lower(): value for name, value in request.headers}
         length = headers.get("content-length", "0")
-        if not length.isdigit() or "transfer-encoding" in headers:  # one framing, known before reading
+        if not _DIGITS.fullmatch(length) or "transfer-encoding" in headers:  # one framing, known first
             await _respond(
                 writer, 411, "Length Required", "osless egress: send the event with a Content-Length\n"
             )
