@@ -3,6 +3,7 @@ public functions through the gateway. 401 without a token, 403 with one that lac
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from osless.api.auth import TokenRecord
+from osless.api.grants import MAX_GRANTS_PER_APP
 from osless.api.routes.invoke import MAX_RESULT_BYTES
 from tests.platform import Platform
 
@@ -221,3 +223,27 @@ def test_a_result_past_the_limit_is_refused_not_held_whole(
         assert status == 200 and body["error"]["code"] == "result_too_large", str(body)[:300]
     finally:
         platform.cli("functions", "deny", "orders.bulky", "--app", "shop")
+
+
+def test_an_app_holds_a_bounded_number_of_grants(platform: Platform) -> None:
+    # Each grant is a key in the store: whoever may deploy an app must not grow it without end.
+    assert platform.http("POST", "/v1/apps", json={"name": "crowded"}).status_code in (200, 201)
+    try:
+        # A token of its own (the shared admin token's rate is the other tests').
+        made = platform.cli_json("tokens", "create", "--role", "deploy", "--app", "crowded")
+        headers = {"authorization": f"Bearer {made['token']}"}
+        with httpx.Client(base_url=platform.api, headers=headers, timeout=30) as client:
+            for i in range(MAX_GRANTS_PER_APP):
+                r = client.put(f"/v1/apps/crowded/functions/f{i}/callers/shop")
+                if r.status_code == 429:  # this token's rate: wait it out
+                    time.sleep(float(r.headers["retry-after"]))
+                    r = client.put(f"/v1/apps/crowded/functions/f{i}/callers/shop")
+                assert r.status_code == 200, r.text
+            again = client.put("/v1/apps/crowded/functions/f0/callers/shop")  # held already: kept
+            assert again.status_code == 200, again.text
+            over = client.put("/v1/apps/crowded/functions/one_more/callers/shop")
+            assert over.status_code == 409, over.text
+            assert over.json()["error"]["code"] == "too_many_grants"
+            assert "crowded.*" in over.json()["error"]["message"]
+    finally:
+        platform.cli("apps", "delete", "crowded", "--yes")
