@@ -247,3 +247,26 @@ def test_an_app_holds_a_bounded_number_of_grants(platform: Platform) -> None:
             assert "crowded.*" in over.json()["error"]["message"]
     finally:
         platform.cli("apps", "delete", "crowded", "--yes")
+
+
+def test_a_public_function_s_failure_is_told_to_strangers_without_its_error(
+    platform: Platform, orders: dict[str, object]
+) -> None:
+    # Its message and traceback (paths, code, what the exception says) are for its owner: a caller
+    # without a token gets the request's id to ask them with, as from an http function.
+    r = _through_gateway(platform, "orders", "fragile", None)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "function_error" and "hunter2" not in r.text and "traceback" not in error
+    assert r.headers["x-osless-request-id"] in error["message"] and "log" in error["message"]
+    # A token's holder still reads the error, as with any function.
+    token = _token(platform, "--functions", "orders.fragile")
+    own = _through_gateway(platform, "orders", "fragile", token)
+    assert own.status_code == 500 and "hunter2" in own.json()["error"]["message"], own.text
+    assert "traceback" in own.json()["error"]
+    # Which calls are public is the gateway's to say: no client's header says otherwise.
+    for name in ("x-osless-public", "x_osless_public"):
+        r = httpx.post(
+            f"{platform.gateway}/_functions/orders/fragile", json={}, headers={name: "0"}, timeout=60
+        )
+        assert r.status_code == 500 and "hunter2" not in r.text, r.text

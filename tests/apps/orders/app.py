@@ -25,3 +25,9 @@ def ping(event, ctx):
 def bulky(event, ctx):
     """A result as large as asked: what the API may hold of one is bounded."""
     return "x" * int(event["bytes"])
+
+
+@app.function(public=True)
+def fragile(event, ctx):
+    """A public function that fails with what only its owner should read."""
+    raise RuntimeError("cannot reach postgres://orders:hunter2@db/orders")
