@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from osless.node.egress import MAX_CALLS_PER_APP, EgressProxy, host_allowed
+from osless.node.egress import MAX_CALLS_PER_APP, MAX_CONNECTIONS_PER_APP, EgressProxy, host_allowed
 from osless.node.egress_rules import parse_networks
 from osless.runtime.forwarder import start_forwarder_process
 from tests.platform import OSLESS, Platform, copy_app
@@ -743,6 +743,41 @@ def test_a_number_in_non_ascii_digits_is_a_clear_refusal(tmp_path: Path) -> None
             answer = await asyncio.wait_for(reader.read(), 5)
             writer.close()
             assert answer.startswith(b"HTTP/1.1 %d " % status), (head, answer[:200])
+        await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_an_app_holds_a_bounded_number_of_connections(tmp_path: Path) -> None:
+    # Each connection, even one that never says a word (for the head's 30 s), holds a socket of the
+    # agent's, whose sockets serve every app on the node: one app must not take them all.
+    async def main() -> None:
+        proxy = EgressProxy(gateway=None, log=lambda app, message: None)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        await proxy.add_app("orders", tmp_path / "orders.sock", [])
+        held = [await asyncio.open_unix_connection(str(sock)) for _ in range(MAX_CONNECTIONS_PER_APP)]
+        await asyncio.sleep(0.2)  # all accepted
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 429 "), refused[:200]
+        assert f"{MAX_CONNECTIONS_PER_APP} connections".encode() in refused, refused[:200]
+
+        async def ask(path: Path) -> bytes:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"GET http://example.com/ HTTP/1.1\r\n\r\n")  # not listed: a 403
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return answer
+
+        # Another app is served all the same; a connection closed gives its place back.
+        assert (await ask(tmp_path / "orders.sock")).startswith(b"HTTP/1.1 403 ")
+        held.pop()[1].close()
+        await asyncio.sleep(0.1)
+        assert (await ask(sock)).startswith(b"HTTP/1.1 403 ")
+        for _, w in held:
+            w.close()
         await proxy.close()
 
     asyncio.run(main())

@@ -47,6 +47,7 @@ __all__ = [
     "HEAD_LIMIT",
     "HEAD_TIMEOUT_S",
     "MAX_CALLS_PER_APP",
+    "MAX_CONNECTIONS_PER_APP",
     "CallFunction",
     "EgressProxy",
     "host_allowed",
@@ -66,6 +67,9 @@ CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
 # Function calls an app may have under way at once: each holds its event (up to CALL_BODY_LIMIT) in
 # the agent until the API answers, and a place in the node's one pool of connections to the API.
 MAX_CALLS_PER_APP = 32
+# Connections an app may hold open to the proxy at once (tunnels, calls, and ones that say nothing):
+# each costs the agent a socket or two, and the agent's sockets serve every app on the node.
+MAX_CONNECTIONS_PER_APP = 256
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DIGITS = re.compile(r"[0-9]{1,18}")  # not str.isdigit(): it holds for '²', which int() refuses
@@ -426,10 +430,18 @@ class EgressProxy:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        crowded = len(served.tasks) >= MAX_CONNECTIONS_PER_APP
         served.tasks.add(task)
         try:
+            if crowded:  # before a byte is read: a connection that says nothing still holds a socket
+                self.log(served.app, f"egress refused: {MAX_CONNECTIONS_PER_APP} connections open already")
+                message = (
+                    f"osless egress: app {served.app} has {MAX_CONNECTIONS_PER_APP} connections open, the "
+                    "most it may have on a node; close some, or reuse them (keep-alive, a pool)\n"
+                )
+                await _respond(writer, 429, "Too Many Requests", message)
             # Accepted just before remove_app, started just after: the app is gone all the same.
-            if not served.removed:
+            elif not served.removed:
                 await self._serve(served, reader, writer)
         except OSError:
             pass  # the client went away: nothing to answer
