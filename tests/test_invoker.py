@@ -270,3 +270,31 @@ def test_a_public_function_s_failure_is_told_to_strangers_without_its_error(
             f"{platform.gateway}/_functions/orders/fragile", json={}, headers={name: "0"}, timeout=60
         )
         assert r.status_code == 500 and "hunter2" not in r.text, r.text
+
+
+def test_tokens_for_an_app_go_with_it(platform: Platform) -> None:
+    # A new app of a deleted one's name (another team's, say) must not be reached by the tokens made
+    # for the old one: a deploy token limited to it, or an invoke token limited to its functions.
+    assert platform.http("POST", "/v1/apps", json={"name": "reborn"}).status_code in (200, 201)
+    deployer = str(platform.cli_json("tokens", "create", "--role", "deploy", "--app", "reborn")["token"])
+    only = _token(platform, "--functions", "reborn.quote")
+    mixed = _token(platform, "--functions", "reborn.*,orders.quote")
+
+    def status(token: str, path: str) -> int:
+        return httpx.get(platform.api + path, headers={"authorization": f"Bearer {token}"}).status_code
+
+    def access(token: str, target: str) -> int:
+        return status(token, "/v1/apps/{}/functions/{}/access".format(*target.split(".")))
+
+    assert status(deployer, "/v1/apps/reborn") == 200
+    assert access(only, "reborn.quote") == access(mixed, "reborn.quote") == 200
+    platform.cli("apps", "delete", "reborn", "--yes")
+    platform.http("POST", "/v1/apps", json={"name": "reborn"})
+    try:
+        time.sleep(1.1)  # what the API's cache of tokens held
+        assert status(deployer, "/v1/apps/reborn") == 401
+        assert access(only, "reborn.quote") == 401
+        assert access(mixed, "reborn.quote") == 403  # the rest of what it was given stays
+        assert access(mixed, "orders.quote") == 200
+    finally:
+        platform.cli("apps", "delete", "reborn", "--yes")
