@@ -298,3 +298,24 @@ def test_tokens_for_an_app_go_with_it(platform: Platform) -> None:
         assert access(mixed, "orders.quote") == 200
     finally:
         platform.cli("apps", "delete", "reborn", "--yes")
+
+
+def test_a_request_id_an_app_makes_up_is_no_trouble(platform: Platform, shop: dict[str, object]) -> None:
+    # The id travels on in headers to the API: one it could not carry (not ASCII) broke the call.
+    platform.cli("functions", "allow", "orders.quote", "--app", "shop")
+    try:
+        for rid in ("\u00e9t\u00e9", "x" * 500, "ok-id.1"):
+            forged = platform.invoke(
+                "shop",
+                "forge",
+                {
+                    "url": "http://orders.osless/__osless__/functions/quote",
+                    "headers": {"x-osless-request-id": rid},
+                },
+            )[1]
+            assert forged.get("status") == 200 and forged["body"] == {"price": 3}, (
+                rid[:20],
+                str(forged)[:600],
+            )
+    finally:
+        platform.cli("functions", "deny", "orders.quote", "--app", "shop")

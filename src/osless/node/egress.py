@@ -72,6 +72,7 @@ MAX_CALLS_PER_APP = 32
 MAX_CONNECTIONS_PER_APP = 256
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_ID = re.compile(r"[!-~]{1,64}")
 _DIGITS = re.compile(r"[0-9]{1,18}")  # not str.isdigit(): it holds for '²', which int() refuses
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
@@ -604,8 +605,10 @@ class EgressProxy:
             function = found.group(1)
             self.log(app, f"call of {target}.{function}")
             self.calls[(app, target)] += 1
+            # It goes on in headers to the API: visible ASCII only (httpx could not send the rest).
+            rid = headers.get("x-osless-request-id", "")[:64]
             status, content_type, answer = await self.call(
-                app, target, function, body, headers.get("x-osless-request-id", "")[:64]
+                app, target, function, body, rid if _REQUEST_ID.fullmatch(rid) else ""
             )
             await _respond(writer, status, _reason(status), answer, content_type)
         finally:
