@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 import httpx
@@ -19,6 +20,7 @@ router = APIRouter(tags=["functions"])
 # What the API holds of one result to answer it: Lambda's own limit on a synchronous answer. A
 # function (or a hostile app's instance) answering without end must not take the API's memory.
 MAX_RESULT_BYTES = 6 * 1024 * 1024
+REQUEST_ID = re.compile(r"[!-~]{1,64}")  # a caller's own id for its call, passed on
 
 
 @router.post(
@@ -81,7 +83,8 @@ async def call_function(
     # gateway may be on a node taken over, which would otherwise collect the tokens of whoever invokes.
     invoker = state.secrets.scoped_token("invoker", app, timeout + 60)
     headers = {"content-type": "application/json", "authorization": f"Bearer {invoker}"}
-    if rid := request_headers.get("x-osless-request-id"):
+    rid = request_headers.get("x-osless-request-id", "")[:64]
+    if REQUEST_ID.fullmatch(rid):  # visible ASCII: httpx sends no other header value
         headers["x-osless-request-id"] = rid
     url = f"{state.gateway_url}/_functions/{app}/{function}"
     try:
