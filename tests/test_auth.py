@@ -370,3 +370,15 @@ def test_a_route_without_a_permission_stops_the_api() -> None:
 
     with pytest.raises(RuntimeError, match=r"/open \(GET\) declares no permission"):
         _check_permissions(router)
+
+
+def test_a_made_up_scoped_token_with_a_non_ascii_digit_is_a_401(platform: Platform) -> None:
+    # str.isdigit() holds for '²' (Latin-1 0xB2), which int() refuses: the guard then raised (a 500
+    # and a traceback in the API's log per request, before the strangers' rate was counted).
+    for token in (b"osli_shop_x_\xb2_abc", b"oslr_shop_x_\xb2_abc", b"oslp_platform_x_\xb2_abc"):
+        for header in (b"authorization", b"x-amz-security-token"):
+            value = b"Bearer " + token if header == b"authorization" else token
+            r = httpx.post(
+                platform.api + "/2015-03-31/functions/shop.quote/invocations", headers=[(header, value)]
+            )
+            assert r.status_code == 401, (token, header, r.status_code, r.text[:200])

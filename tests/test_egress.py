@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from osless.node.egress import EgressProxy, host_allowed
+from osless.node.egress import MAX_CALLS_PER_APP, MAX_CONNECTIONS_PER_APP, EgressProxy, host_allowed
 from osless.node.egress_rules import parse_networks
 from osless.runtime.forwarder import start_forwarder_process
 from tests.platform import OSLESS, Platform, copy_app
@@ -659,3 +659,125 @@ def test_an_app_reaches_what_it_lists_and_the_operator_allows_and_nothing_else(
         assert f"egress to {net.host_ip}:{net.host.port} refused: it is an address of this host" in logs
     finally:
         platform.stop()
+
+
+def test_an_app_has_a_bounded_number_of_function_calls_under_way(tmp_path: Path) -> None:
+    # Each call's event (up to 6 MiB) is held in the node agent until the API answers: an app opening
+    # call after call must not fill the agent's memory, nor the node's one pool of calls to the API.
+    async def main() -> None:
+        release = asyncio.Event()
+        running: list[str] = []
+
+        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+            running.append(caller)
+            await release.wait()
+            return 200, "application/json", b'{"ok": true}'
+
+        proxy = EgressProxy(gateway=("127.0.0.1", 9), log=lambda app, message: None, call=call)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        await proxy.add_app("orders", tmp_path / "orders.sock", [])
+        event = b"0" * 65536
+        head = (
+            b"POST http://orders.osless/__osless__/functions/quote HTTP/1.1\r\nHost: orders.osless\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(event)
+        )
+
+        async def open_call(path: Path, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(head + body)
+            return reader, writer
+
+        held = [await open_call(sock, event) for _ in range(MAX_CALLS_PER_APP)]
+        async with asyncio.timeout(10):
+            while len(running) < MAX_CALLS_PER_APP:
+                await asyncio.sleep(0.01)
+        # One more: refused at once, before its event is read (it never sends it).
+        reader, writer = await open_call(sock, b"")
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 429 "), refused[:200]
+        error = json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "too_many_calls" and str(MAX_CALLS_PER_APP) in error["message"], error
+        # Another app on the node is not held back by this one's calls.
+        reader, writer = await open_call(tmp_path / "orders.sock", event)
+        async with asyncio.timeout(10):
+            while running.count("orders") < 1:
+                await asyncio.sleep(0.01)
+        release.set()
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        for reader, writer in held:
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        # Calls that ended give their place back.
+        reader, writer = await open_call(sock, event)
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_a_number_in_non_ascii_digits_is_a_clear_refusal(tmp_path: Path) -> None:
+    # str.isdigit() holds for '²' (Latin-1 0xB2), which int() refuses: the connection's task raised,
+    # the app got no answer and the agent's log a traceback, as often as an app liked.
+    async def main() -> None:
+        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+            return 200, "application/json", b"{}"
+
+        proxy = EgressProxy(gateway=("127.0.0.1", 9), log=lambda app, message: None, call=call)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        for head, status in (
+            (
+                b"POST http://orders.osless/__osless__/functions/quote HTTP/1.1\r\n"
+                b"Content-Length: \xb2\r\n\r\n",
+                411,
+            ),
+            (b"GET http://example.com:\xb2/ HTTP/1.1\r\n\r\n", 400),
+            (b"CONNECT example.com:\xb2 HTTP/1.1\r\n\r\n", 400),
+        ):
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(head)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (head, answer[:200])
+        await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_an_app_holds_a_bounded_number_of_connections(tmp_path: Path) -> None:
+    # Each connection, even one that never says a word (for the head's 30 s), holds a socket of the
+    # agent's, whose sockets serve every app on the node: one app must not take them all.
+    async def main() -> None:
+        proxy = EgressProxy(gateway=None, log=lambda app, message: None)
+        sock = tmp_path / "shop.sock"
+        await proxy.add_app("shop", sock, [])
+        await proxy.add_app("orders", tmp_path / "orders.sock", [])
+        held = [await asyncio.open_unix_connection(str(sock)) for _ in range(MAX_CONNECTIONS_PER_APP)]
+        await asyncio.sleep(0.2)  # all accepted
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert refused.startswith(b"HTTP/1.1 429 "), refused[:200]
+        assert f"{MAX_CONNECTIONS_PER_APP} connections".encode() in refused, refused[:200]
+
+        async def ask(path: Path) -> bytes:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"GET http://example.com/ HTTP/1.1\r\n\r\n")  # not listed: a 403
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return answer
+
+        # Another app is served all the same; a connection closed gives its place back.
+        assert (await ask(tmp_path / "orders.sock")).startswith(b"HTTP/1.1 403 ")
+        held.pop()[1].close()
+        await asyncio.sleep(0.1)
+        assert (await ask(sock)).startswith(b"HTTP/1.1 403 ")
+        for _, w in held:
+            w.close()
+        await proxy.close()
+
+    asyncio.run(main())

@@ -92,6 +92,8 @@ def test_an_answer_that_is_not_http_is_a_502_saying_why() -> None:
         ({"statusCode": 99}, "HTTP status"),
         ({"statusCode": 101}, "HTTP status"),
         ({"statusCode": True}, "HTTP status"),
+        ({"statusCode": "2\u00b200"}, "HTTP status"),  # '²': isdigit() holds, int() refuses
+        ({"statusCode": "2" * 5000}, "HTTP status"),  # past int()'s limit on digits
         ({"statusCode": 200, "body": {"a": 1}}, "json.dumps"),
         ({"statusCode": 200, "body": "@@", "isBase64Encoded": True}, "not base64"),
         ({"statusCode": 200, "headers": {"bad name": "v"}}, "field name"),

@@ -488,3 +488,22 @@ def test_slowloris_is_cut_off_and_starves_no_one(platform: Platform, inspector: 
     finally:
         for sock in slow:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "method"), [("/extra", b"GET"), ("/no-content", b"GET"), ("/head", b"HEAD")]
+)
+def test_bytes_past_an_instances_answer_never_reach_the_client(
+    platform: Platform, hello: dict[str, object], path: str, method: bytes
+) -> None:
+    # A hostile app writes a second answer behind its first, in one write: relayed, it would be read
+    # as the answer to the client's next request on the connection, which may be for another app
+    # (a browser's, or a proxy's in front of the gateway carrying many users' requests).
+    platform.deploy_warm(APPS / "splitter")
+    with _connect(platform) as sock:
+        sock.sendall(method + b" /splitter" + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, _, body),) = _responses(sock, 1, head_only=method == b"HEAD")
+        assert status == 502 and b"smuggled" not in body, (status, body)
+        sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, _, body),) = _responses(sock, 1)
+        assert status == 200 and body == b"Hello from osless!\n", (status, body)

@@ -211,3 +211,16 @@ def test_http_reaches_an_event_handler_as_a_function_url(platform: Platform, sam
     assert r.status_code == 404 and f"/{APP}/_http/echo/" in r.json()["error"]["message"]
     # Only http=True functions are reachable so; the others stay behind a token.
     assert httpx.get(f"{base}/fails/").status_code == 404
+
+
+def test_a_qualifier_is_checked_before_it_is_said_back(platform: Platform, samples: dict[str, Any]) -> None:
+    # Said back in the error, a qualifier of any length and bytes would make the answer as long.
+    headers = {"x-amz-security-token": token(platform, "invoke")}
+    for name, query in ((f"{APP}.hello:{'v' * 5000}", ""), (f"{APP}.hello", "?Qualifier=" + "%0A" * 3000)):
+        r = httpx.post(f"{platform.api}/2015-03-31/functions/{name}/invocations{query}", headers=headers)
+        assert r.status_code == 400 and r.headers["x-amzn-errortype"] == "InvalidParameterValueException"
+        assert r.json()["error"]["code"] == "bad_qualifier" and len(r.content) < 1024, r.text[:300]
+    ok = httpx.post(
+        f"{platform.api}/2015-03-31/functions/{APP}.hello:$LATEST/invocations", headers=headers, json={}
+    )
+    assert ok.status_code == 200, ok.text

@@ -12,13 +12,18 @@ import asyncio
 
 from pydantic import BaseModel
 
+from osless.api.errors import ApiError
 from osless.api.models import now
 from osless.store import Store
 
-__all__ = ["ANY_FUNCTION", "Grant", "allow", "allowed", "deny", "list_grants"]
+__all__ = ["ANY_FUNCTION", "MAX_GRANTS_PER_APP", "Grant", "allow", "allowed", "deny", "list_grants"]
 
 ANY_FUNCTION = "*"
 PREFIX = "/grants/"
+# Grants on one app's functions: each is a key in the store, which whoever deploys the app could
+# otherwise grow without end (every app's deletion reads them all). Lambda's resource policy holds
+# about as many statements.
+MAX_GRANTS_PER_APP = 100
 
 
 class Grant(BaseModel):
@@ -39,6 +44,14 @@ async def allow(store: Store, app: str, function: str, caller: str, by: str) -> 
     found = await store.get(key)
     if found is not None:
         return Grant.model_validate_json(found.value)
+    held, _ = await store.list(f"{PREFIX}{app}/")
+    if len(held) >= MAX_GRANTS_PER_APP:
+        raise ApiError(
+            409,
+            "too_many_grants",
+            f"app {app} has {len(held)} grants on its functions, the most it may have: take some back "
+            f"(`osless functions deny`), or grant {app}.* to a caller for all its functions at once",
+        )
     grant = Grant(app=app, function=function, caller=caller, by=by, at=now())
     await store.put(key, grant.model_dump_json().encode())
     return grant

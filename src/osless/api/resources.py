@@ -211,9 +211,12 @@ class Resources:
                 for kv in (await self.store.list("/grants/"))[0]
                 if kv.key.rsplit("/", 1)[1] == name and not kv.key.startswith(f"/grants/{name}/")
             ]
+            token_deletes, token_puts = await self._tokens_of(name)
+            records += token_deletes
             try:
                 # Checked against the app as read: a release committed meanwhile means read again.
                 await self.store.txn(
+                    puts=token_puts,
                     deletes=[
                         (f"/apps/{name}", rev),
                         (f"/config/{name}", None),
@@ -234,6 +237,26 @@ class Resources:
             except Conflict:
                 continue
         raise ApiError(409, "conflict", f"app {name!r} is changing too often; try again")
+
+    async def _tokens_of(self, name: str) -> tuple[list[str], list[tuple[str, bytes, int | None]]]:
+        """What deleting app `name` does to the tokens made for it, so that none reaches a new app of
+        the name: (tokens to delete, rewritten tokens). A token limited to the app goes; one limited
+        to functions loses the app's (and goes if none is left)."""
+        deletes: list[str] = []
+        puts: list[tuple[str, bytes, int | None]] = []
+        for kv in (await self.store.list("/tokens/"))[0]:
+            try:
+                record = json.loads(kv.value)
+                functions = record.get("functions")
+                scoped = record.get("app") == name
+            except (ValueError, AttributeError):
+                continue  # not a record this code reads: the guard refuses it too
+            kept = None if functions is None else [f for f in functions if not str(f).startswith(f"{name}.")]
+            if scoped or (kept is not None and not kept):
+                deletes.append(kv.key)
+            elif kept is not None and len(kept) != len(functions):
+                puts.append((kv.key, json.dumps({**record, "functions": kept}).encode(), kv.mod_revision))
+        return deletes, puts
 
     async def commit_release(
         self, app_name: str, make: Callable[[int], Release], deploy: Deploy | None = None

@@ -108,7 +108,9 @@ class SecretBox:
         if role is None:
             return None
         parts = token[len(SCOPED_PREFIXES[role]) :].split("_")
-        if len(parts) != 4 or not parts[0] or not parts[2].isdigit() or int(parts[2]) < time.time():
+        # ASCII digits only: isdigit() also holds for '²', which int() refuses (a stranger's 500).
+        expiry = parts[2] if len(parts) == 4 else ""
+        if not parts[0] or not (expiry.isascii() and expiry.isdigit()) or int(expiry) < time.time():
             return None
         app, holder, expires, mac = parts
         if not hmac.compare_digest(self._scoped_mac(role, app, holder, int(expires)), mac):

@@ -25,7 +25,7 @@ from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
-from osless.gateway.upstream import OnDone, Unreachable, UpstreamConn, UpstreamError
+from osless.gateway.upstream import BadAnswer, OnDone, Unreachable, UpstreamConn, UpstreamError
 
 __all__ = ["Gateway"]
 
@@ -47,7 +47,9 @@ HOP_BY_HOP = frozenset(
         b"x-forwarded-prefix",
     }
 )
-NOT_TO_FUNCTIONS = HOP_BY_HOP | {b"authorization"}  # the caller's token stays with the gateway
+# The caller's token stays with the gateway; whether the call is public is the gateway's to say.
+PUBLIC = b"x-osless-public"
+NOT_TO_FUNCTIONS = HOP_BY_HOP | {b"authorization", PUBLIC}
 HOSTS_REMEMBERED = 1024
 # Instances used to serve the platform's endpoints under this prefix; they now have a socket of
 # their own, and the gateway still refuses the prefix, so no app can be reached through it either.
@@ -266,6 +268,8 @@ class Gateway:
             return Timeouts(seconds, seconds)
 
         head = _head(conn, req, b"/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
+        if not header:  # a stranger's call: the instance keeps the function's error to its log
+            head = head[:-2] + PUBLIC + b": 1\r\n\r\n"
         await self._route(conn, req, app, head, timeouts, control=True)
 
     async def _route(
@@ -657,6 +661,7 @@ class _Exchange:
         return (
             up.ended
             and isinstance(error, UpstreamError)
+            and not isinstance(error, BadAnswer)
             and not up.started
             and not conn.responded
             and not conn.closed

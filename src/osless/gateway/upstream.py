@@ -22,6 +22,7 @@ from osless.gateway.outliers import Outliers
 from osless.peercred import PeerMismatch, check_peer
 
 __all__ = [
+    "BadAnswer",
     "OnDone",
     "Peer",
     "RelayDown",
@@ -50,6 +51,11 @@ MAX_IDLE = 1024  # per instance; kept-alive ones close after 5 s idle anyway
 
 class UpstreamError(Exception):
     """The instance broke the exchange (closed early, or sent something that is not HTTP)."""
+
+
+class BadAnswer(UpstreamError):
+    """The instance answered what cannot be relayed (not HTTP, or more than one answer): not tried
+    again elsewhere, as the same code answers the same there."""
 
 
 class Unreachable(UpstreamError):
@@ -97,6 +103,7 @@ class UpstreamConn(asyncio.Protocol):
         self._head_only = False
         self._interim = False
         self._upgrading = False
+        self._overrun = False  # the instance sent more after its answer's end
         self.reading_paused = False  # by the client's flow control
 
     def begin(self, peer: Peer, head_only: bool, on_done: OnDone) -> None:
@@ -106,10 +113,14 @@ class UpstreamConn(asyncio.Protocol):
         self.on_done = on_done
         self.started = self.complete = self.keep_alive = self.upgraded = self.ended = False
         self.error = None
-        self._interim = self._upgrading = False
+        self._interim = self._upgrading = self._overrun = False
         # One parser for the connection's answers, one after another; a fresh one only after an
         # answer whose end the parser could not see (HEAD, 204, 304: a body announced, none sent).
-        if self._parser is None or self._head_only:
+        # A HEAD's answer has a parser that also hears the body it must not have (it costs a copy
+        # of each body chunk, which the others never have).
+        if head_only:
+            self._parser = httptools.HttpResponseParser(_HeadOnly(self))
+        elif self._parser is None or self._head_only:
             self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self.last_data = self.loop.time()
@@ -155,24 +166,39 @@ class UpstreamConn(asyncio.Protocol):
             self.abort()  # an instance talking out of turn is not reused
             return
         self.last_data = self.loop.time()
+        tunnel = self.upgraded  # already a tunnel: bytes both ways, nothing to parse
+        if not tunnel:
+            assert self._parser is not None
+            try:
+                self._parser.feed_data(data)  # before the bytes are relayed: they must be one answer's
+            except httptools.HttpParserUpgrade:
+                self.upgraded = True  # the bytes after the 101's head are the tunnel's: relayed below
+                self._finish()
+            except httptools.HttpParserError as e:
+                # Not HTTP (or more after a `connection: close` answer): none of it goes to the client.
+                self._refuse(f"bad response from the instance: {e}")
+                return
+            if self._overrun:
+                # Another answer behind this one, in the same read: relayed, the client would take it
+                # for the answer to its next request, which may be for another app.
+                self._refuse("the instance sent bytes past the end of its answer")
+                return
         self.started = peer.responded = True
         if not peer.transport.is_closing():
-            peer.transport.write(data)  # relayed first; the parser only finds the end
-        if self.upgraded:
+            peer.transport.write(data)
+        if tunnel:
             return
-        assert self._parser is not None
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.upgraded = True  # the bytes after the 101's head were relayed above
-            self._finish()
-        except httptools.HttpParserError as e:
-            self.fail(UpstreamError(f"bad response from the instance: {e}"))
         if self.complete and self.on_done is not None and not self.ended:
             # Told here, once the parser is done with the data, rather than a turn later: the
             # hot path's answer costs no scheduled callback.
             self.ended = True
             self.on_done(None)
+
+    def _refuse(self, why: str) -> None:
+        """End the exchange on an answer that cannot be relayed, and never reuse the connection."""
+        self.keep_alive = False
+        self.fail(BadAnswer(why))
+        self.abort()
 
     def eof_received(self) -> bool | None:
         return None  # close: half-open connections are not kept
@@ -196,6 +222,10 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self._overrun = True
+
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         code = self._parser.get_status_code()
@@ -218,6 +248,28 @@ class UpstreamConn(asyncio.Protocol):
 
     def _finish(self) -> None:
         self.complete = True  # `data_received` tells the exchange, once the parser returns
+
+
+class _HeadOnly:
+    """The parser's callbacks for the answer to a HEAD: a byte of body after its head is one too many."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: UpstreamConn) -> None:
+        self.conn = conn
+
+    def on_message_begin(self) -> None:
+        self.conn.on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.conn.complete:
+            self.conn._overrun = True
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
 
 
 class Relayed(NamedTuple):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import re
 import socket
 from collections import Counter
@@ -45,6 +46,8 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "HEAD_LIMIT",
     "HEAD_TIMEOUT_S",
+    "MAX_CALLS_PER_APP",
+    "MAX_CONNECTIONS_PER_APP",
     "CallFunction",
     "EgressProxy",
     "host_allowed",
@@ -61,8 +64,16 @@ _CHUNK = 64 * 1024
 PLATFORM_PATH = "/__osless__/"
 CALL_PATH = re.compile(r"/__osless__/functions/([A-Za-z_][A-Za-z0-9_]{0,63})")
 CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
+# Function calls an app may have under way at once: each holds its event (up to CALL_BODY_LIMIT) in
+# the agent until the API answers, and a place in the node's one pool of connections to the API.
+MAX_CALLS_PER_APP = 32
+# Connections an app may hold open to the proxy at once (tunnels, calls, and ones that say nothing):
+# each costs the agent a socket or two, and the agent's sockets serve every app on the node.
+MAX_CONNECTIONS_PER_APP = 256
 _OPERATOR = "only the operator can allow, with osless up --egress-allow"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_ID = re.compile(r"[!-~]{1,64}")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # not str.isdigit(): it holds for '²', which int() refuses
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own; Transfer-Encoding stays: the body is
@@ -199,7 +210,7 @@ def _split_authority(authority: str, default_port: int | None) -> tuple[str, int
         if default_port is None:
             raise _BadRequest(f"CONNECT needs host:port, got {authority!r}")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise _BadRequest(f"bad port in {authority!r}")
     return host, int(port_text)
 
@@ -369,6 +380,7 @@ class EgressProxy:
         self.log = log
         self.policy = AddressPolicy(allow)
         self.calls: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> requests: who calls whom
+        self._calling: Counter[str] = Counter()  # app -> its function calls under way
         self._apps: dict[str, _Served] = {}
 
     async def add_app(self, app: str, socket_path: Path, allowed: list[str]) -> None:
@@ -419,10 +431,18 @@ class EgressProxy:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        crowded = len(served.tasks) >= MAX_CONNECTIONS_PER_APP
         served.tasks.add(task)
         try:
+            if crowded:  # before a byte is read: a connection that says nothing still holds a socket
+                self.log(served.app, f"egress refused: {MAX_CONNECTIONS_PER_APP} connections open already")
+                message = (
+                    f"osless egress: app {served.app} has {MAX_CONNECTIONS_PER_APP} connections open, the "
+                    "most it may have on a node; close some, or reuse them (keep-alive, a pool)\n"
+                )
+                await _respond(writer, 429, "Too Many Requests", message)
             # Accepted just before remove_app, started just after: the app is gone all the same.
-            if not served.removed:
+            elif not served.removed:
                 await self._serve(served, reader, writer)
         except OSError:
             pass  # the client went away: nothing to answer
@@ -554,7 +574,7 @@ class EgressProxy:
             return
         headers = {name.lower(): value for name, value in request.headers}
         length = headers.get("content-length", "0")
-        if not length.isdigit() or "transfer-encoding" in headers:  # one framing, known before reading
+        if not _DIGITS.fullmatch(length) or "transfer-encoding" in headers:  # one framing, known first
             await _respond(
                 writer, 411, "Length Required", "osless egress: send the event with a Content-Length\n"
             )
@@ -567,18 +587,34 @@ class EgressProxy:
                 f"osless egress: the event is past the limit of {CALL_BODY_LIMIT} bytes\n",
             )
             return
-        try:
-            body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
-        except (asyncio.IncompleteReadError, TimeoutError):
-            return
-        function = found.group(1)
         app = served.app
-        self.log(app, f"call of {target}.{function}")
-        self.calls[(app, target)] += 1
-        status, content_type, answer = await self.call(
-            app, target, function, body, headers.get("x-osless-request-id", "")[:64]
-        )
-        await _respond(writer, status, _reason(status), answer, content_type)
+        if self._calling[app] >= MAX_CALLS_PER_APP:  # before its event is read: nothing held for it
+            message = (
+                f"app {app} has {MAX_CALLS_PER_APP} function calls under way, the most it may have; "
+                "retry once one has ended"
+            )
+            refusal = json.dumps({"error": {"code": "too_many_calls", "message": message}})
+            await _respond(writer, 429, "Too Many Requests", refusal, "application/json")
+            return
+        self._calling[app] += 1
+        try:
+            try:
+                body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            function = found.group(1)
+            self.log(app, f"call of {target}.{function}")
+            self.calls[(app, target)] += 1
+            # It goes on in headers to the API: visible ASCII only (httpx could not send the rest).
+            rid = headers.get("x-osless-request-id", "")[:64]
+            status, content_type, answer = await self.call(
+                app, target, function, body, rid if _REQUEST_ID.fullmatch(rid) else ""
+            )
+            await _respond(writer, status, _reason(status), answer, content_type)
+        finally:
+            self._calling[app] -= 1
+            if not self._calling[app]:
+                del self._calling[app]
 
     async def _fail(self, writer: asyncio.StreamWriter, app: str, where: str, error: BaseException) -> None:
         reason = "timed out" if isinstance(error, TimeoutError) else str(error) or type(error).__name__

@@ -126,7 +126,8 @@ def answer_of(result: Any) -> Answer:
         body = result if isinstance(result, str) else _json(result)
         return Answer(200, [(b"content-type", b"application/json")], body.encode("utf-8"))
     status = result["statusCode"]
-    if isinstance(status, str) and status.isdigit():
+    # Not str.isdigit(): it holds for '²' (which int() refuses) and for digits past int()'s limit.
+    if isinstance(status, str) and re.fullmatch(r"[0-9]{1,3}", status):
         status = int(status)
     # No 1xx: an interim answer is the server's to send, never a final one.
     if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:

@@ -343,6 +343,11 @@ class Instance:
         ctx = self._context(request_id, spec, deadline)
 
         status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
+        if status == 500 and headers.get(b"x-osless-public") == b"1" and _code(payload) == "function_error":
+            # A public function called without a token (the gateway says so): what it raised stays in
+            # the app's log (`_function_error`), as for an http function; the caller gets the request.
+            message = f"function {spec.name} failed; its error is in the app's log (request {request_id})"
+            payload = _error_body("function_error", message)
         await _send_body(send, status, payload, extra)
         if self.exit_code is not None and self.server is not None:
             self.server.exit_soon()  # only now, so the caller still gets its answer
@@ -766,6 +771,14 @@ def _serialise(name: str, result: Any) -> tuple[int, bytes]:
             what = f"a {type(result).__name__} ({e})"
         message = f"function {name} returned {what}, which is not JSON-serialisable: {_JSON_HINT}"
         return 500, _error_body("result_not_json", message)
+
+
+def _code(body: bytes) -> str:
+    """The code of an error body of `_error_body`'s."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _error_body(code: str, message: str, tb: str | None = None, kind: str | None = None) -> bytes:

@@ -19,3 +19,15 @@ def refund(event, ctx):
 @app.function(public=True)
 def ping(event, ctx):
     return {"pong": True}
+
+
+@app.function()
+def bulky(event, ctx):
+    """A result as large as asked: what the API may hold of one is bounded."""
+    return "x" * int(event["bytes"])
+
+
+@app.function(public=True)
+def fragile(event, ctx):
+    """A public function that fails with what only its owner should read."""
+    raise RuntimeError("cannot reach postgres://orders:hunter2@db/orders")

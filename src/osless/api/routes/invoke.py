@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 import httpx
@@ -15,6 +16,11 @@ from osless.api.state import ApiState, get_state
 from osless.contracts import FunctionManifest
 
 router = APIRouter(tags=["functions"])
+
+# What the API holds of one result to answer it: Lambda's own limit on a synchronous answer. A
+# function (or a hostile app's instance) answering without end must not take the API's memory.
+MAX_RESULT_BYTES = 6 * 1024 * 1024
+REQUEST_ID = re.compile(r"[!-~]{1,64}")  # a caller's own id for its call, passed on
 
 
 @router.post(
@@ -77,12 +83,26 @@ async def call_function(
     # gateway may be on a node taken over, which would otherwise collect the tokens of whoever invokes.
     invoker = state.secrets.scoped_token("invoker", app, timeout + 60)
     headers = {"content-type": "application/json", "authorization": f"Bearer {invoker}"}
-    if rid := request_headers.get("x-osless-request-id"):
+    rid = request_headers.get("x-osless-request-id", "")[:64]
+    if REQUEST_ID.fullmatch(rid):  # visible ASCII: httpx sends no other header value
         headers["x-osless-request-id"] = rid
+    url = f"{state.gateway_url}/_functions/{app}/{function}"
     try:
-        return await state.http.post(
-            f"{state.gateway_url}/_functions/{app}/{function}", content=body, headers=headers, timeout=timeout
-        )
+        async with state.http.stream("POST", url, content=body, headers=headers, timeout=timeout) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():  # decoded: a compressed answer is counted whole
+                size += len(chunk)
+                if size > MAX_RESULT_BYTES:  # the connection is closed, not read to its end
+                    raise ApiError(
+                        502,
+                        "result_too_large",
+                        f"the answer of {app}.{function} is over the {MAX_RESULT_BYTES // (1024 * 1024)} "
+                        "MiB limit on a function's result: return less, or a reference to it "
+                        "(a URL, a volume path)",
+                    )
+                chunks.append(chunk)
+        kept = [(k, v) for k, v in resp.headers.items() if k not in ("content-encoding", "content-length")]
+        return httpx.Response(resp.status_code, headers=kept, content=b"".join(chunks))
     except httpx.TimeoutException as e:
         raise ApiError(504, "timeout", f"no answer from {app}.{function} within {timeout:.0f}s") from e
     except httpx.TransportError as e:

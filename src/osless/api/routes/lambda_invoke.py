@@ -32,8 +32,10 @@ FUNCTION_ERRORS = {
     (500, "result_not_json"): "Runtime.MarshalError",
     (504, "timeout"): "Sandbox.Timedout",
     (502, "instance_exited"): "Runtime.ExitError",
+    (502, "result_too_large"): "Function.ResponseSizeTooLarge",
 }
 LATEST = "$LATEST"
+QUALIFIER = re.compile(r"[A-Za-z0-9$_-]{1,128}")  # Lambda's own: a version or an alias
 _FRAME = re.compile(r"  File .*\n(?:    .*\n)*")
 
 
@@ -92,7 +94,13 @@ async def invoke(
         )
     if kind != "RequestResponse":
         raise ApiError(400, "bad_invocation_type", f"InvocationType {kind[:40]!r} is not one of Lambda's")
-    resp = await call_function(state, app, function, spec, await request.body(), request.headers)
+    try:
+        resp = await call_function(state, app, function, spec, await request.body(), request.headers)
+    except ApiError as e:
+        if e.code != "result_too_large":
+            raise
+        # The function ran: its failure, as Lambda says it (a 5xx would have boto3 run it again).
+        resp = httpx.Response(e.status, json={"error": {"code": e.code, "message": e.message}})
     return _answer(resp, release)
 
 
@@ -107,6 +115,14 @@ def _target(name: str, query: str | None) -> tuple[str, str, str | None]:
     if len(parts) > 2:
         raise ApiError(404, "unknown_function", f"{name[:200]!r} is not a function name")
     qualifier = parts[1] if len(parts) == 2 else None
+    for given in (qualifier, query):
+        if given is not None and not QUALIFIER.fullmatch(given):
+            raise ApiError(
+                400,
+                "bad_qualifier",
+                f"Qualifier {given[:40]!r} is not a version or an alias (letters, digits, $, _ and -, "
+                f"at most 128): give {LATEST}, the release's number, or none",
+            )
     if query is not None and qualifier is not None and query != qualifier:
         raise ApiError(400, "bad_qualifier", f"the name says {qualifier!r} and Qualifier says {query!r}")
     app, _, function = parts[0].partition(".")
