@@ -81,7 +81,6 @@ def test_manifest_lists_functions_and_web() -> None:
         "volumes": {},
         "egress": [],
         "config": {},
-        "release": [],
     }
 
 

@@ -265,9 +265,11 @@ class App:
             "volumes": {path: _volume(v).manifest() for path, v in sorted(self.volumes.items())},
             "egress": sorted(self.egress),
             "config": self.settings.manifest() if self.settings is not None else {},
-            "release": list(self.release),
         }
-        if self.build:  # only when given: the manifests of apps without build steps stay as they were
+        # Steps only when given: the manifests of apps without them stay as they were.
+        if self.release:
+            out["release"] = list(self.release)
+        if self.build:
             out["build"] = list(self.build)
         return out
 
