@@ -46,6 +46,15 @@ def server(
             "(default: DATA_DIR/secret.key; or set OSLESS_SECRET_KEY)."
         ),
     ] = None,
+    nats: Annotated[
+        str,
+        typer.Option(
+            envvar="OSLESS_NATS",
+            help="The message engine every server of the platform shares: nats://[TOKEN@]HOST:4222 "
+            "(a 3-node JetStream cluster for production; put the token in OSLESS_NATS, not argv). "
+            "Default: a nats-server of its own (one server only).",
+        ),
+    ] = "",
     sandbox: Annotated[bool, typer.Option(help="Run builds in sandboxes.")] = True,
     builder: Annotated[
         bool,
@@ -77,6 +86,8 @@ def server(
             "--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT], or etcds://...?ca=PATH "
             f"for TLS), not {etcd!r}"
         )
+    if nats and not nats.startswith(("nats://", "tls://")):
+        fail(f"--nats takes a nats:// URL (nats://[TOKEN@]HOST:4222), not {nats!r}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ApiConfig(
         data_dir=data_dir.expanduser(),
@@ -87,6 +98,7 @@ def server(
         sandbox=sandbox,
         builder=builder,
         secret_key_file=secret_key_file,
+        nats_url=nats,
     )
 
     def ready(api_url: str, token: str) -> None:
