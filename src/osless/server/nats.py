@@ -74,7 +74,8 @@ class NatsChild:
         """With its token: for the API's process alone (never logged, never in argv)."""
         return f"nats://{quote(self.token, safe='')}@127.0.0.1:{self.port}"
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def command(self) -> list[str]:
+        """Its config written (0600, in its folder), and the command line that runs it."""
         self.dir.mkdir(mode=0o700, exist_ok=True)
         # The token goes in a config file (0600), not argv, which every local user can read.
         _write_private(self.dir / "token", self.token + "\n")
@@ -86,11 +87,20 @@ class NatsChild:
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n'
             "max_payload: 1MB\n",
         )
+        return [nats_binary(), "-c", str(conf)]
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            return True
+        return False
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args = self.command()
         parent = os.getpid()
         log_file = open(self.dir / "nats.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             return subprocess.Popen(
-                [nats_binary(), "-c", str(conf)],
+                args,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -111,7 +121,7 @@ class NatsChild:
                     f"(see {self.dir / 'nats.log'}); "
                     "is its port taken? pass --nats-port"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            if self.ready():
                 return
             time.sleep(0.02)
         raise SystemExit(f"nats-server did not answer on 127.0.0.1:{self.port} within {READY_S:.0f}s")
