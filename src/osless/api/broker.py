@@ -38,8 +38,9 @@ CONNECT_S = 30.0
 class Broker:
     """One connection (reconnecting for ever), its JetStream context, and the platform's streams."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, replicas: int = 1) -> None:
         self.url = url  # may carry a token: never logged
+        self.replicas = replicas  # of each stream and of the bucket: 3 on a 3-node JetStream cluster
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.states: KeyValue | None = None
@@ -76,6 +77,7 @@ class Broker:
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
                 duplicate_window=DEDUPE_WINDOW_S,
+                num_replicas=self.replicas,
             ),
             StreamConfig(
                 name=DLQ_STREAM,
@@ -83,6 +85,7 @@ class Broker:
                 storage=StorageType.FILE,
                 max_age=DLQ_AGE_S,
                 duplicate_window=120.0,
+                num_replicas=self.replicas,
             ),
         ]
         for config in streams:
@@ -90,9 +93,17 @@ class Broker:
                 await js.add_stream(config)
             except BadRequestError:  # made already (by an earlier start, or another server): as it is
                 await js.update_stream(config)
-        self.states = await js.create_key_value(
-            KeyValueConfig(bucket=STATE_BUCKET, history=1, ttl=STATE_TTL_S, storage=StorageType.FILE)
+        bucket = KeyValueConfig(
+            bucket=STATE_BUCKET,
+            history=1,
+            ttl=STATE_TTL_S,
+            storage=StorageType.FILE,
+            replicas=self.replicas,
         )
+        try:
+            self.states = await js.create_key_value(bucket)
+        except BadRequestError:  # there with other settings (replicas): used as it is
+            self.states = await js.key_value(STATE_BUCKET)
 
     async def close(self) -> None:
         if self.nc is not None:

@@ -55,6 +55,10 @@ def server(
             "Default: a nats-server of its own (one server only).",
         ),
     ] = "",
+    nats_replicas: Annotated[
+        int,
+        typer.Option(help="Replicas of the platform's JetStream streams: 3 on a 3-node JetStream cluster."),
+    ] = 1,
     sandbox: Annotated[bool, typer.Option(help="Run builds in sandboxes.")] = True,
     builder: Annotated[
         bool,
@@ -88,6 +92,10 @@ def server(
         )
     if nats and not nats.startswith(("nats://", "tls://")):
         fail(f"--nats takes a nats:// URL (nats://[TOKEN@]HOST:4222), not {nats!r}")
+    if not 1 <= nats_replicas <= 5:
+        fail(
+            f"--nats-replicas must be between 1 and 5 (3 on a 3-node JetStream cluster), not {nats_replicas}"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ApiConfig(
         data_dir=data_dir.expanduser(),
@@ -99,6 +107,7 @@ def server(
         builder=builder,
         secret_key_file=secret_key_file,
         nats_url=nats,
+        nats_replicas=nats_replicas,
     )
 
     def ready(api_url: str, token: str) -> None:

@@ -82,6 +82,7 @@ class ApiConfig:
     advertise_url: str = ""  # the API's URL as peer servers reach it; default: api_url
     nats_url: str = ""  # the message engine; default: a nats-server of its own (`server.nats`)
     nats_port: int = 0  # its port (default: a free one)
+    nats_replicas: int = 1  # of the platform's streams: 3 on a 3-node JetStream cluster
 
     @property
     def peer_url(self) -> str:
@@ -277,7 +278,7 @@ class ApiHost:
             self.nats = NatsChild(data_dir, cfg.nats_port)
             self.nats.start()  # from this thread: it dies with it (PR_SET_PDEATHSIG)
             nats_url = self.nats.url
-        self.broker = Broker(nats_url)
+        self.broker = Broker(nats_url, cfg.nats_replicas)
         await self.broker.connect()
         self.state.broker = self.broker
         if not isinstance(self.store, SQLiteStore):  # peers: other servers sharing the store
