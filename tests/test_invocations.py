@@ -4,7 +4,9 @@ servers' dispatcher, retried, dead-lettered, deduplicated by an idempotency key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import uuid
 from pathlib import Path
@@ -15,7 +17,7 @@ import nats
 import pytest
 from botocore.config import Config
 
-from tests.platform import Platform
+from tests.platform import Platform, running
 
 JOBS = Path(__file__).parent / "apps" / "jobs"
 FINAL = ("succeeded", "dead")
@@ -176,3 +178,31 @@ def test_no_accepted_invocation_is_lost_when_the_platform_is_killed(tmp_path: Pa
         assert sorted(i["id"] for i in listed if i["function"] == "count") == sorted(accepted)
     finally:
         second.stop()
+
+
+def engine_pid(p: Platform) -> int | None:
+    assert p.proc is not None
+    for child in Path(f"/proc/{p.proc.pid}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes() and running(int(pid)):
+                    return int(pid)
+    return None
+
+
+def test_the_message_engine_killed_is_started_again_and_keeps_what_it_stored(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    stored = post_async(platform, "echo", {"before": True}).json()["id"]
+    final(platform, stored)
+    old = engine_pid(platform)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    platform.wait_for(lambda: engine_pid(platform) not in (None, old), timeout=10, what="a new nats-server")
+    accepted = platform.wait_for(
+        lambda: (r := post_async(platform, "echo", {"after": True})).status_code == 202 and r.json(),
+        timeout=20,
+        what="an async invoke accepted again",
+    )
+    assert final(platform, accepted["id"])["result"] == {"echo": {"after": True}}
+    assert platform.http("GET", f"/v1/invocations/{stored}").json()["state"] == "succeeded"

@@ -29,9 +29,11 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
@@ -108,10 +110,31 @@ async def _write(broker: Broker, state: dict[str, Any]) -> None:
     await broker.states.put(_key(state["id"]), json.dumps(state).encode())
 
 
+@contextlib.asynccontextmanager
+async def engine_errors() -> AsyncIterator[None]:
+    """The engine down or restarting (it is started again at once): a 503 saying so, nothing accepted."""
+    try:
+        yield
+    except (NatsError, TimeoutError) as e:
+        raise ApiError(
+            503,
+            "message_engine_unavailable",
+            f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
+            headers={"retry-after": "1"},
+        ) from e
+
+
 async def submit(
     broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
 ) -> tuple[dict[str, Any], bool]:
     """The invocation, stored durably; whether it is new (False: the key's first one, answered again)."""
+    async with engine_errors():
+        return await _submit(broker, app, function, event, idempotency_key)
+
+
+async def _submit(
+    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
+) -> tuple[dict[str, Any], bool]:
     assert broker.js is not None and broker.states is not None
     invocation_id = new_id(app, function, idempotency_key)
     now = _now()
@@ -142,7 +165,8 @@ async def submit(
 
 
 async def get_invocation(broker: Broker, invocation_id: str) -> dict[str, Any]:
-    found = await _read(broker, invocation_id) if _valid_id(invocation_id) else None
+    async with engine_errors():
+        found = await _read(broker, invocation_id) if _valid_id(invocation_id) else None
     if found is None:
         raise ApiError(
             404,
@@ -155,6 +179,12 @@ async def get_invocation(broker: Broker, invocation_id: str) -> dict[str, Any]:
 
 async def list_invocations(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
     """The app's invocations of the last 24 h, newest first."""
+    assert broker.states is not None
+    async with engine_errors():
+        return await _list(broker, app, state, limit)
+
+
+async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
     assert broker.states is not None
     # A watch of the app's keys (a subject filter on the server): the latest value of each, then None.
     watcher = await broker.states.watch(f"{app}.*", ignore_deletes=True)
