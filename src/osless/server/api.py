@@ -275,6 +275,11 @@ class ApiHost:
         # The message engine: a nats-server of its own unless one is given (a cluster's).
         nats_url = cfg.nats_url
         if not nats_url:
+            if not isinstance(self.store, SQLiteStore):
+                log.warning(
+                    "a message engine of this server's own: servers sharing a store must share one "
+                    "(give each --nats URL), or each keeps the async invocations it accepted to itself"
+                )
             self.nats = NatsChild(data_dir, cfg.nats_port)
             self.nats.start()  # from this thread: it dies with it (PR_SET_PDEATHSIG)
             nats_url = self.nats.url
