@@ -142,6 +142,7 @@ def test_cluster_up_starts_three_nodes_on_three_addresses_and_stops_them_all(tmp
     env = {**os.environ, "OSLESS_CONFIG_DIR": str(tmp_path / "cli-config"), "COLUMNS": "200"}
     ports = [str(free_port()), str(free_port()), str(two_free_ports())]
     options = ["--api-port", ports[0], "--http-port", ports[1], "--etcd-port", ports[2]]
+    options += ["--nats-port", str(free_port())]
     err = (tmp_path / "cluster.err").open("wb")
     proc = subprocess.Popen(
         [OSLESS, "cluster", "up", "--nodes", "3", "--dir", str(tmp_path / "c"), "--json", *options],
@@ -166,6 +167,9 @@ def test_cluster_up_starts_three_nodes_on_three_addresses_and_stops_them_all(tmp
         for n in described["nodes"]:
             assert httpx.get(f"{n['gateway']}/_health", timeout=5).status_code == 200
         assert described["nodes"][0]["gateway"] == f"http://127.0.0.2:{ports[1]}"
+        # One message engine for the cluster's servers (the server's own folder has none).
+        assert running(described["nats"]["pid"]) and (tmp_path / "c" / "nats" / "js").is_dir()
+        assert not (tmp_path / "c" / "server" / "nats").exists()
         # A part that dies is said loudly; the others go on.
         running_before = descendants(proc.pid)
         os.kill(described["nodes"][1]["pid"], signal.SIGKILL)

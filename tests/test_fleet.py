@@ -117,6 +117,23 @@ def test_an_app_calls_another_s_function_and_any_gateway_serves_a_public_one(clu
             assert r.status_code == 200 and r.json() == {"pong": True}, r.text
             refused = httpx.post(f"{node.gateway}/_functions/orders/quote", json={}, timeout=30)
             assert refused.status_code == 401, refused.text
+        # Issue 13: an async invocation, run by the server's dispatcher through a node's gateway.
+        accepted = server.http(
+            "POST",
+            "/v1/apps/orders/functions/quote:invoke",
+            json={"qty": 4},
+            headers={"x-osless-invocation-type": "Event"},
+        )
+        assert accepted.status_code == 202, accepted.text
+        done = server.wait_for(
+            lambda: (
+                (r := server.http("GET", f"/v1/invocations/{accepted.json()['id']}").json())["state"]
+                == "succeeded"
+                and r
+            ),
+            what="the async invocation to succeed",
+        )
+        assert done["result"] == {"price": 12}
     finally:  # the tests after this one count instances: these two leave none behind
         server.cli("apps", "delete", "shop", "--yes")
         server.cli("apps", "delete", "orders", "--yes")

@@ -322,6 +322,9 @@ class FunctionManifest(_ManifestPart):
     http: bool = False  # `@app.function(http=True)`: HTTP requests reach it through the gateway
     # Reachable through the gateway without a token (rate-limited per client); absent: not.
     public: bool = False
+    # Async invocations: tries after a failed first one, and the age past which none starts (sdk/app.py).
+    retries: int = Field(default=2, ge=0, le=10)
+    max_age_s: int = Field(default=3600, ge=60, le=21600)
 
 
 class WebManifest(_ManifestPart):

@@ -10,6 +10,7 @@ import httpx
 from fastapi import Request
 
 from osless.api.auth import Tokens
+from osless.api.broker import Broker
 from osless.api.collector import Collector
 from osless.api.peers import Peers
 from osless.api.resources import Resources
@@ -30,6 +31,7 @@ class ApiState:
     max_body_bytes: int = 6 * 1024 * 1024
     max_layer_bytes: int = 8 * 1024 * 1024 * 1024  # one layer archive a builder uploads
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
+    broker: Broker | None = None  # the message engine (async invocations); None until connected
     peers: Peers | None = None  # the servers sharing this store, for what this one lacks
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
     tokens: Tokens = field(init=False)

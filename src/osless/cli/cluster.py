@@ -35,6 +35,9 @@ def up(
     etcd_port: Annotated[
         int, typer.Option(help="etcd's client port (its peer port is the next one).")
     ] = 2379,
+    nats_port: Annotated[
+        int, typer.Option(help="Port of the message engine (nats-server, on 127.0.0.1).")
+    ] = 4222,
     gateways: Annotated[int, typer.Option(help="Gateway processes per node.")] = 1,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps and builds in sandboxes (namespaces, seccomp, cgroups).")
@@ -61,6 +64,7 @@ def up(
         http_port=http_port,
         etcd_port=etcd_port,
         etcd_peer_port=etcd_port + 1,
+        nats_port=nats_port,
         gateways=gateways,
         sandbox=sandbox,
     )

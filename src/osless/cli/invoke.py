@@ -25,6 +25,18 @@ DEFAULT_MEMORY_MB = 256  # as `@app.function()` and `@app.web()` ask by default
 def invoke(
     target: Annotated[str, typer.Argument(metavar="APP.FUNCTION")],
     event: Annotated[str | None, typer.Argument(metavar="[JSON|-]", help="The event; - reads stdin.")] = None,
+    run_async: Annotated[
+        bool,
+        typer.Option(
+            "--async",
+            help="Queue it and answer at once with the invocation (its id: `osless invocation ID`); "
+            "run at least once, retried as the function says.",
+        ),
+    ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="With --async: the same key for the same function within 24 h is accepted once."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Call a function synchronously and print its JSON result (with --json, errors too)."""
@@ -38,7 +50,24 @@ def invoke(
         fail(
             f'the event is not valid JSON ({e}); quote it, for example \'{{"name": "Ada"}}\'', "invalid_event"
         )
+    if idempotency_key is not None and not run_async:
+        fail("--idempotency-key goes with --async", "invalid_option")
     api = client()
+    if run_async:
+        headers = {"content-type": "application/json", "x-osless-invocation-type": "Event"}
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
+        try:
+            found = api.post(
+                f"/v1/apps/{app_name}/functions/{function}:invoke", content=raw.encode(), headers=headers
+            )
+        except ApiError as e:
+            fail(e.message, e.code)
+        if json_out:
+            print_json(found)
+        else:
+            print(f"{found['id']} {found['state']} (see it with: osless invocation {found['id']})")
+        return
     started = time.time()
     try:
         result = api.post(

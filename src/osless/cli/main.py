@@ -20,6 +20,7 @@ from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
 from osless.cli.functions import functions_app
+from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
 from osless.cli.oneoff import run as run_command
@@ -87,6 +88,12 @@ def up(
             "this host's own addresses open only to their own entry (ADDR/32).",
         ),
     ] = None,
+    nats_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of the message engine (nats-server, on 127.0.0.1 only; default: a free one)."
+        ),
+    ] = 0,
     json_out: Annotated[
         bool, json_option("Once up, print one JSON object: the API, the gateway and the data dir.")
     ] = False,
@@ -113,6 +120,7 @@ def up(
         cfg.gateways = gateways
     cfg.secret_key_file = secret_key_file
     cfg.egress_allow = allowed
+    cfg.nats_port = nats_port
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         if json_out:
@@ -286,6 +294,8 @@ def _gateway(api: Api) -> str:
 app.add_typer(apps_app, name="apps")
 app.command("restart")(restart)
 app.command("invoke")(invoke)
+app.command("invocations")(invocations)
+app.command("invocation")(invocation)
 app.command("run")(run_command)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")

@@ -46,6 +46,19 @@ def server(
             "(default: DATA_DIR/secret.key; or set OSLESS_SECRET_KEY)."
         ),
     ] = None,
+    nats: Annotated[
+        str,
+        typer.Option(
+            envvar="OSLESS_NATS",
+            help="The message engine every server of the platform shares: nats://[TOKEN@]HOST:4222 "
+            "(a 3-node JetStream cluster for production; put the token in OSLESS_NATS, not argv). "
+            "Default: a nats-server of its own (one server only).",
+        ),
+    ] = "",
+    nats_replicas: Annotated[
+        int,
+        typer.Option(help="Replicas of the platform's JetStream streams: 3 on a 3-node JetStream cluster."),
+    ] = 1,
     sandbox: Annotated[bool, typer.Option(help="Run builds in sandboxes.")] = True,
     builder: Annotated[
         bool,
@@ -77,6 +90,12 @@ def server(
             "--etcd takes an etcd:// URL (etcd://HOST:2379[,HOST:2379...][/ROOT], or etcds://...?ca=PATH "
             f"for TLS), not {etcd!r}"
         )
+    if nats and not nats.startswith(("nats://", "tls://")):
+        fail(f"--nats takes a nats:// URL (nats://[TOKEN@]HOST:4222), not {nats!r}")
+    if not 1 <= nats_replicas <= 5:
+        fail(
+            f"--nats-replicas must be between 1 and 5 (3 on a 3-node JetStream cluster), not {nats_replicas}"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ApiConfig(
         data_dir=data_dir.expanduser(),
@@ -87,6 +106,8 @@ def server(
         sandbox=sandbox,
         builder=builder,
         secret_key_file=secret_key_file,
+        nats_url=nats,
+        nats_replicas=nats_replicas,
     )
 
     def ready(api_url: str, token: str) -> None:

@@ -25,6 +25,12 @@ HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-
 # A volume may not cover what the sandbox itself provides.
 RESERVED = ("/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys", "/tmp", "/run")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Async invocations (as Lambda: 2 retries, up to 6 h old); contracts.FunctionManifest holds the same bounds.
+DEFAULT_RETRIES = 2
+MAX_RETRIES = 10
+DEFAULT_MAX_AGE_S = 3600
+MIN_MAX_AGE_S = 60
+MAX_MAX_AGE_S = 21600
 DEFAULT_VOLUME_MB = 1024  # what a volume given as a plain name gets
 # Below 16 MB an ext4 with its journal leaves too little room; past 1 TiB, ask the operator for a disk.
 MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
@@ -44,6 +50,8 @@ class FunctionSpec:
     is_async: bool
     http: bool = False  # HTTP requests reach it as Lambda Function URL events (runtime/function_url.py)
     public: bool = False  # callable through the gateway without a token
+    retries: int = DEFAULT_RETRIES  # async invocations: tries after the first that failed
+    max_age_s: int = DEFAULT_MAX_AGE_S  # async invocations: none started once older than this
 
     def manifest(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -55,6 +63,11 @@ class FunctionSpec:
             spec["http"] = True
         if self.public:  # absent otherwise: the manifests (and digests) of other functions stay as they were
             spec["public"] = True
+        # Absent when default, as above: existing manifests and their digests stay as they were.
+        if self.retries != DEFAULT_RETRIES:
+            spec["retries"] = self.retries
+        if self.max_age_s != DEFAULT_MAX_AGE_S:
+            spec["max_age_s"] = self.max_age_s
         return spec
 
 
@@ -141,6 +154,8 @@ class App:
         timeout_s: float = 30.0,
         http: bool = False,
         public: bool = False,
+        retries: int = DEFAULT_RETRIES,
+        max_age_s: int = DEFAULT_MAX_AGE_S,
     ) -> Callable[[F], F]:
         """Register a Lambda-style handler `def handler(event, ctx)`; sync or async.
 
@@ -149,7 +164,10 @@ class App:
         (`{"statusCode", "headers", "body", ...}`) the HTTP answer (see docs/apps.md).
         `public=True`: anyone may call it through the gateway without a token
         (`POST /_functions/{app}/{name}`), rate-limited per client address; otherwise a caller needs
-        a token that may invoke it, or, for another app, the grant `osless functions allow`."""
+        a token that may invoke it, or, for another app, the grant `osless functions allow`.
+        `retries` (0-10, default 2, as Lambda) and `max_age_s` (60-21600, default 3600) govern its
+        async invocations: a failed one is tried again, with backoff, up to `retries` more times while
+        younger than `max_age_s`, then it lands in the function's dead-letter queue."""
         if _fn is not None:
             raise UsageError(
                 "@app.function needs parentheses: write @app.function() instead of @app.function"
@@ -159,6 +177,7 @@ class App:
             raise UsageError(f"@app.function(http={http!r}): give True or False")
         if not isinstance(public, bool):
             raise UsageError(f"@app.function(public={public!r}): give True or False")
+        _check_async("@app.function", retries, max_age_s)
 
         def register(fn: F) -> F:
             if not callable(fn):
@@ -191,6 +210,8 @@ class App:
                 is_async=inspect.iscoroutinefunction(fn),
                 http=http,
                 public=public,
+                retries=retries,
+                max_age_s=max_age_s,
             )
             return fn
 
@@ -290,6 +311,19 @@ def _check_resources(where: str, memory_mb: int, timeout_s: float) -> None:
     _check_seconds(where, "timeout_s", timeout_s, 3600)
 
 
+def _check_async(where: str, retries: object, max_age_s: object) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise UsageError(f"{where}(retries={retries!r}): give a whole number from 0 to {MAX_RETRIES}")
+    if (
+        isinstance(max_age_s, bool)
+        or not isinstance(max_age_s, int)
+        or not MIN_MAX_AGE_S <= max_age_s <= MAX_MAX_AGE_S
+    ):
+        raise UsageError(
+            f"{where}(max_age_s={max_age_s!r}): give whole seconds from {MIN_MAX_AGE_S} to {MAX_MAX_AGE_S}"
+        )
+
+
 def _check_seconds(where: str, name: str, value: float, most: int) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= most:
         raise UsageError(f"{where}({name}={value!r}): give a number of seconds in (0, {most}]")
@@ -363,11 +397,18 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         if not isinstance(fn, str) or not FUNCTION_RE.fullmatch(fn):
             raise UsageError(f"function name {str(fn)[:50]!r} is not a name of letters, digits and _")
         keys = {"memory_mb", "timeout_s", "async"}
-        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | {"http", "public"}:
+        optional = {"http", "public", "retries", "max_age_s"}
+        if not isinstance(spec, Mapping) or not keys <= set(spec) <= keys | optional:
             raise UsageError(
-                f"function {fn!r} needs exactly memory_mb, timeout_s and async (and http, public)"
+                f"function {fn!r} needs exactly memory_mb, timeout_s and async "
+                "(and http, public, retries, max_age_s)"
             )
         _check_resources(f"@app.function {fn}", spec["memory_mb"], spec["timeout_s"])
+        _check_async(
+            f"@app.function {fn}",
+            spec.get("retries", DEFAULT_RETRIES),
+            spec.get("max_age_s", DEFAULT_MAX_AGE_S),
+        )
         if not isinstance(spec["async"], bool) or not isinstance(spec.get("public", False), bool):
             raise UsageError(f"function {fn!r}: async and public must be true or false")
         if spec.get("http", True) is not True:

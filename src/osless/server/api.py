@@ -28,6 +28,8 @@ import uvicorn
 
 from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
+from osless.api.broker import Broker
+from osless.api.invocations import Dispatcher
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.peers import Peers, ServerLease
 from osless.api.replicate import Replicator
@@ -40,6 +42,7 @@ from osless.images import ImageStore
 from osless.node import run_dir_for
 from osless.node.egress_rules import Network
 from osless.server.builder_child import BuilderChild
+from osless.server.nats import NatsChild
 from osless.server.node import host_protections, private_dir
 from osless.store import Conflict, SQLiteStore, Store, StoreError, open_store
 
@@ -77,6 +80,9 @@ class ApiConfig:
     egress_allow: list[Network] = field(default_factory=list)
     gateway_url: str = ""  # where function calls go; default: a live node's gateway, followed
     advertise_url: str = ""  # the API's URL as peer servers reach it; default: api_url
+    nats_url: str = ""  # the message engine; default: a nats-server of its own (`server.nats`)
+    nats_port: int = 0  # its port (default: a free one)
+    nats_replicas: int = 1  # of the platform's streams: 3 on a 3-node JetStream cluster
 
     @property
     def peer_url(self) -> str:
@@ -210,6 +216,8 @@ class ApiHost:
         self.builder: BuilderChild | None = None
         self.sandboxed = True
         self.server_lease: ServerLease | None = None
+        self.nats: NatsChild | None = None
+        self.broker: Broker | None = None
 
     async def open(self, *, sandboxed: bool) -> Resources:
         """The store started and migrated, the admin and controller tokens made, the API's state built."""
@@ -264,6 +272,20 @@ class ApiHost:
             gateway_url=cfg.gateway_url,
             max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
         )
+        # The message engine: a nats-server of its own unless one is given (a cluster's).
+        nats_url = cfg.nats_url
+        if not nats_url:
+            if not isinstance(self.store, SQLiteStore):
+                log.warning(
+                    "a message engine of this server's own: servers sharing a store must share one "
+                    "(give each --nats URL), or each keeps the async invocations it accepted to itself"
+                )
+            self.nats = NatsChild(data_dir, cfg.nats_port)
+            self.nats.start()  # from this thread: it dies with it (PR_SET_PDEATHSIG)
+            nats_url = self.nats.url
+        self.broker = Broker(nats_url, cfg.nats_replicas)
+        await self.broker.connect()
+        self.state.broker = self.broker
         if not isinstance(self.store, SQLiteStore):  # peers: other servers sharing the store
             self.server_lease = ServerLease(self.store, controller_name(data_dir, "server"), cfg.peer_url)
             self.state.peers = Peers(
@@ -323,6 +345,11 @@ class ApiHost:
                 sandbox=self.sandboxed,
             )
             self.tasks.append(asyncio.create_task(self.builder.run(), name="the builder process"))
+        if self.nats is not None:
+            self.tasks.append(asyncio.create_task(self.nats.run(), name="the message engine"))
+        if self.broker is not None:
+            dispatcher = Dispatcher(self.state, self.broker)
+            self.tasks.append(asyncio.create_task(dispatcher.run(), name="the invocations' dispatcher"))
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
         if self.server_lease is not None:  # once the API answers: peers may ask it at once
@@ -359,6 +386,11 @@ class ApiHost:
         await asyncio.gather(*servers, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.close()
+        if self.nats is not None:
+            await self.nats.stop()
         if self.state is not None and self.controller_token:
             # Its controllers stepped down above: a server retired for good leaves no live token
             # behind (one that starts again makes a new one anyway).

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from osless.server.api import save_credentials
+from osless.server.nats import NatsChild
 from osless.server.node import private_dir
 
 __all__ = ["ClusterConfig", "ClusterError", "Part", "run_cluster"]
@@ -39,6 +40,7 @@ log = logging.getLogger("osless")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
+NODES = 3  # parts: etcd, nats-server, the server, then the nodes
 
 
 class ClusterError(Exception):
@@ -53,6 +55,7 @@ class ClusterConfig:
     http_port: int = 8080  # every node's gateway, each on its own address
     etcd_port: int = 2379
     etcd_peer_port: int = 2380
+    nats_port: int = 4222  # the message engine's, on 127.0.0.1 (the server's alone: token in its folder)
     gateways: int = 1  # per node: the nodes share this machine's cores
     sandbox: bool = True
     save_credentials: bool = True
@@ -172,6 +175,12 @@ class Cluster:
             lambda: b'"health":"true"' in httpx.get(f"{client}/health", timeout=1).content,
             f"etcd did not answer on {client}",
         )
+        # One JetStream node for the try-out (production: a 3-node JetStream cluster, given with --nats).
+        engine = NatsChild(self.dir, cfg.nats_port)
+        nats = self._spawn(
+            "nats", engine.command(), {"PATH": base.get("PATH", "/usr/bin:/bin")}, port=cfg.nats_port
+        )
+        self._wait(nats, engine.ready, f"nats-server did not answer on 127.0.0.1:{cfg.nats_port}")
         server_dir = self.dir / "server"
         server = self._spawn(
             "server",
@@ -187,7 +196,7 @@ class Cluster:
                 "--no-save-credentials",
                 *([] if cfg.sandbox else ["--no-sandbox"]),
             ],
-            base,
+            {**base, "OSLESS_NATS": engine.url},  # with its token: never in argv
             api=cfg.api_url,
         )
         token_file = server_dir / "admin-token"
@@ -201,7 +210,7 @@ class Cluster:
         self._wait(server, api_ready, f"the API did not answer on {cfg.api_url}")
         for k in range(1, cfg.nodes + 1):
             self._start_node(k, base)
-        for part in self.parts[2:]:
+        for part in self.parts[NODES:]:
             name = part.name
 
             def joined(name: str = name, gateway: str = part.info["gateway"]) -> bool:
@@ -210,7 +219,7 @@ class Cluster:
 
             self._wait(part, joined, f"node {name} did not join")
         if cfg.save_credentials:
-            save_credentials(cfg.api_url, self.token, self.parts[2].info["gateway"])
+            save_credentials(cfg.api_url, self.token, self.parts[NODES].info["gateway"])
 
     def _start_node(self, k: int, base: dict[str, str]) -> None:
         name, address = f"n{k}", self.cfg.node_address(k)
@@ -249,12 +258,13 @@ class Cluster:
         return httpx.request(method, self.cfg.api_url + path, headers=headers, timeout=5, **kw)
 
     def describe(self) -> dict[str, Any]:
-        etcd, server, *nodes = self.parts
+        etcd, nats, server, *nodes = self.parts
         return {
             "dir": str(self.dir),
             "api": self.cfg.api_url,
             "token_file": str(self.dir / "server" / "admin-token"),
             "etcd": etcd.info,
+            "nats": nats.info,
             "server": server.info,
             "nodes": [{"name": n.name, **n.info, "log": str(n.log)} for n in nodes],
         }
@@ -276,8 +286,8 @@ class Cluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Nodes first (they stop their instances), then the server, then etcd."""
-        for group in (self.parts[2:], self.parts[1:2], self.parts[:1]):
+        """Nodes first (they stop their instances), then the server, then nats-server, then etcd."""
+        for group in (self.parts[NODES:], self.parts[2:3], self.parts[1:2], self.parts[:1]):
             alive = [p for p in group if p.ended() is None]
             for p in alive:
                 with contextlib.suppress(ProcessLookupError):

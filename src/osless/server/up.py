@@ -48,6 +48,7 @@ class UpConfig:
     # Internal ranges apps may reach when they list them (`--egress-allow`); everything internal is
     # refused otherwise, whatever an app lists (`node/egress_rules`).
     egress_allow: list[Network] = field(default_factory=list)
+    nats_port: int = 0  # the message engine's (a nats-server child, 127.0.0.1 only); 0: a free one
 
     @property
     def api_url(self) -> str:
@@ -73,6 +74,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             secret_key_file=cfg.secret_key_file,
             egress_allow=cfg.egress_allow,
             gateway_url=cfg.gateway_url,
+            nats_port=cfg.nats_port,
         ),
         command="osless up",
     )

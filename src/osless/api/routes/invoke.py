@@ -8,7 +8,9 @@ from collections.abc import Mapping
 
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
+from osless.api import invocations
 from osless.api.auth import Caller, check_invoke, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import Release
@@ -21,18 +23,25 @@ router = APIRouter(tags=["functions"])
 # function (or a hostile app's instance) answering without end must not take the API's memory.
 MAX_RESULT_BYTES = 6 * 1024 * 1024
 REQUEST_ID = re.compile(r"[!-~]{1,64}")  # a caller's own id for its call, passed on
+INVOCATION_TYPE = "x-osless-invocation-type"
+MAX_IDEMPOTENCY_KEY = 200
 
 
 @router.post(
     "/apps/{app}/functions/{function}:invoke",
     responses={
         200: {"description": "The function's result", "content": {"application/json": {"schema": {}}}},
+        202: {"description": "Async (`X-Osless-Invocation-Type: Event`): the invocation, stored durably"},
         # 500: the function raised, or returned what JSON cannot carry (its error, not the platform's)
         **responses(400, 404, 409, 413, 500, 502, 503, 504),
     },
     # The event is read as it comes: any JSON, or nothing (null).
     openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {}}}}},
     summary="Invoke a function with a JSON event; the answer is the function's JSON result",
+    description="With `X-Osless-Invocation-Type: Event` the invocation is asynchronous: the answer (202) "
+    "is the invocation (`{id, state: queued, ...}`), once stored durably; `Idempotency-Key` accepts "
+    "the same key for the function once within 24 h (the second answer: the first invocation, 200). "
+    "Its state: `GET /v1/invocations/{id}`.",
 )
 async def invoke(
     app: str,
@@ -43,11 +52,47 @@ async def invoke(
 ) -> Response:
     await check_invoke(state.resources.store, caller, app, function)
     _, spec = await find_function(state, app, function)
+    kind = request.headers.get(INVOCATION_TYPE, "RequestResponse")
+    if kind == "Event":
+        found, new = await enqueue(state, app, function, await request.body(), request.headers)
+        return JSONResponse(found, 202 if new else 200)
+    if kind != "RequestResponse":
+        raise ApiError(
+            400, "bad_invocation_type", f"{INVOCATION_TYPE} {kind[:40]!r}: give Event or RequestResponse"
+        )
     resp = await call_function(state, app, function, spec, await request.body(), request.headers)
     keep = {
         k: v for k, v in resp.headers.items() if k in ("content-type", "x-osless-request-id", "retry-after")
     }
     return Response(resp.content, resp.status_code, headers=keep)
+
+
+async def enqueue(
+    state: ApiState, app: str, function: str, body: bytes, request_headers: Mapping[str, str]
+) -> tuple[dict[str, object], bool]:
+    """An async invocation stored durably (see api/invocations.py); whether it is new. Shared with
+    the Lambda Invoke API (InvocationType Event)."""
+    if state.broker is None:
+        raise ApiError(
+            503, "no_message_engine", "async invocations need the message engine, not connected yet"
+        )
+    if len(body) > invocations.MAX_EVENT_BYTES:
+        raise ApiError(
+            413,
+            "event_too_large",
+            f"an async invocation's event is at most {invocations.MAX_EVENT_BYTES // 1024} KiB "
+            f"(this one: {len(body)} bytes); pass a reference to the data instead",
+        )
+    try:
+        json.loads(body or b"null")
+    except ValueError as e:
+        raise ApiError(400, "malformed_json", f"the event must be JSON: {e}") from e
+    key = request_headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(
+            400, "bad_idempotency_key", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        )
+    return await invocations.submit(state.broker, app, function, body or b"null", key)
 
 
 async def find_function(state: ApiState, app: str, function: str) -> tuple[Release, FunctionManifest]:

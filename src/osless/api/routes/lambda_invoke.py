@@ -21,7 +21,7 @@ from osless.api import awslambda
 from osless.api.auth import Caller, check_invoke, check_scope, require
 from osless.api.errors import ApiError
 from osless.api.models import Release
-from osless.api.routes.invoke import call_function, find_function
+from osless.api.routes.invoke import call_function, enqueue, find_function
 from osless.api.state import ApiState, get_state
 from osless.contracts import APP_NAME_PATTERN, FUNCTION_NAME_PATTERN
 
@@ -85,12 +85,14 @@ async def invoke(
     kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
     if kind == "DryRun":  # every check passed: Lambda's answer to a dry run
         return Response(status_code=204, headers={"x-amz-executed-version": str(release.version)})
-    if kind == "Event":
-        raise ApiError(
-            400,
-            "async_not_supported",
-            "InvocationType Event needs asynchronous invocations, which osless does not have yet: "
-            "use RequestResponse (the default), which waits for the result",
+    if kind == "Event":  # Lambda's answer: 202, no body; the state is at GET /v1/invocations/{id}
+        found, _ = await enqueue(state, app, function, await request.body(), request.headers)
+        return Response(
+            status_code=202,
+            headers={
+                "x-amz-executed-version": str(release.version),
+                "x-osless-invocation-id": str(found["id"]),
+            },
         )
     if kind != "RequestResponse":
         raise ApiError(400, "bad_invocation_type", f"InvocationType {kind[:40]!r} is not one of Lambda's")

@@ -1,0 +1,377 @@
+"""Async invocations: accepted durably into JetStream, run by a dispatcher in every server, at least once.
+
+- `submit`: the state (`queued`) written to the `invocations` bucket, then the invocation published
+  to `osless.invoke.{app}.{fn}` and acknowledged by JetStream (file storage) before the API answers
+  202. An idempotency key makes the id (a digest of app, function and key) and the message's
+  `Nats-Msg-Id`: within the stream's duplicate window (24 h) the same key is accepted once, and the
+  second answer is the first invocation.
+- `Dispatcher`: a durable pull consumer (`dispatcher`) shared by all servers, so each message goes to
+  one of them. Each invocation runs through the gateway exactly as a sync invoke does
+  (`routes.invoke.call_function`); while it runs the message is kept ours (`in_progress`), so a
+  server that dies mid-call lets another take it after `ACK_WAIT_S`.
+- Failures of the function (it raised: 500; its timeout: 504; its instance died: 502) count as
+  attempts: retried after a backoff (`nak` with a delay) up to `retries` more times while younger than
+  `max_age_s`; then `dead`, and the invocation with its error lands in the `DLQ` stream
+  (`osless.dlq.{app}.{fn}`). The platform's own errors (no release yet, 503 while no instance can
+  start, 429, the gateway unreachable) are retried the same way without counting, until `max_age_s`.
+  A function gone from the app's release makes the invocation dead at once.
+- States: queued, running, succeeded (with its `result`, at most `MAX_RESULT_BYTES`; a bigger one is
+  dropped, saying so), failed (an attempt failed, another comes), dead. An invocation already final
+  when delivered again is acked without running: one final state each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from osless.api.broker import INVOKE_STREAM, Broker
+from osless.api.errors import ApiError
+from osless.api.state import ApiState
+from osless.bounds import cap
+
+__all__ = [
+    "FINAL",
+    "MAX_EVENT_BYTES",
+    "Dispatcher",
+    "app_of",
+    "get_invocation",
+    "list_invocations",
+    "submit",
+]
+
+log = logging.getLogger("osless")
+
+MAX_EVENT_BYTES = 256 * 1024  # as Lambda's async invocations
+MAX_RESULT_BYTES = 256 * 1024
+FINAL = ("succeeded", "dead")
+STATES = ("queued", "running", "succeeded", "failed", "dead")
+ACK_WAIT_S = 10.0  # a server gone mid-call: another takes its invocations after this
+PROGRESS_S = 3.0
+IN_FLIGHT = 32  # invocations one server runs at once
+BACKOFF_S = (0.5, 300.0)  # after a function's failure k: 0.5 * 4**(k-1) s, at most 5 min
+PLATFORM_RETRY_S = (1.0, 30.0)
+DURABLE = "dispatcher"
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def new_id(app: str, function: str, idempotency_key: str | None) -> str:
+    """`{app}-{hex}`: the app is in the id, so a state is found without a scan."""
+    if idempotency_key is None:
+        return f"{app}-{secrets.token_hex(12)}"
+    digest = hashlib.sha256(f"{app}\0{function}\0{idempotency_key}".encode()).hexdigest()[:24]
+    return f"{app}-{digest}"
+
+
+def app_of(invocation_id: str) -> str:
+    return invocation_id.rpartition("-")[0]
+
+
+def _key(invocation_id: str) -> str:
+    app, _, rest = invocation_id.rpartition("-")
+    return f"{app}.{rest}"
+
+
+def _valid_id(invocation_id: str) -> bool:
+    app, _, rest = invocation_id.rpartition("-")
+    return bool(app) and len(rest) == 24 and all(c in "0123456789abcdef" for c in rest) and app.islower()
+
+
+async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
+    assert broker.states is not None
+    try:
+        entry = await broker.states.get(_key(invocation_id))
+    except KeyNotFoundError:
+        return None
+    if not entry.value:
+        return None
+    value: dict[str, Any] = json.loads(entry.value)
+    return value
+
+
+async def _write(broker: Broker, state: dict[str, Any]) -> None:
+    assert broker.states is not None
+    state["updated_at"] = _now()
+    await broker.states.put(_key(state["id"]), json.dumps(state).encode())
+
+
+@contextlib.asynccontextmanager
+async def engine_errors() -> AsyncIterator[None]:
+    """The engine down or restarting (it is started again at once): a 503 saying so, nothing accepted."""
+    try:
+        yield
+    except (NatsError, TimeoutError) as e:
+        raise ApiError(
+            503,
+            "message_engine_unavailable",
+            f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
+            headers={"retry-after": "1"},
+        ) from e
+
+
+async def submit(
+    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
+) -> tuple[dict[str, Any], bool]:
+    """The invocation, stored durably; whether it is new (False: the key's first one, answered again)."""
+    async with engine_errors():
+        return await _submit(broker, app, function, event, idempotency_key)
+
+
+async def _submit(
+    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
+) -> tuple[dict[str, Any], bool]:
+    assert broker.js is not None and broker.states is not None
+    invocation_id = new_id(app, function, idempotency_key)
+    now = _now()
+    state: dict[str, Any] = {
+        "id": invocation_id,
+        "app": app,
+        "function": function,
+        "state": "queued",
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if idempotency_key is not None:
+        with contextlib.suppress(KeyWrongLastSequenceError):  # the key's first one: its state stays
+            await broker.states.create(_key(invocation_id), json.dumps(state).encode())
+    else:
+        await broker.states.put(_key(invocation_id), json.dumps(state).encode())
+    body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
+    ack = await broker.js.publish(
+        f"osless.invoke.{app}.{function}",
+        json.dumps(body).encode(),
+        stream=INVOKE_STREAM,
+        headers={"Nats-Msg-Id": invocation_id},
+    )
+    if ack.duplicate:
+        return (await _read(broker, invocation_id)) or state, False
+    return state, True
+
+
+async def get_invocation(broker: Broker, invocation_id: str) -> dict[str, Any]:
+    async with engine_errors():
+        found = await _read(broker, invocation_id) if _valid_id(invocation_id) else None
+    if found is None:
+        raise ApiError(
+            404,
+            "unknown_invocation",
+            f"no invocation {invocation_id!r} (states are kept 24 h; "
+            "list them with `osless invocations APP`)",
+        )
+    return found
+
+
+async def list_invocations(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
+    """The app's invocations of the last 24 h, newest first."""
+    assert broker.states is not None
+    async with engine_errors():
+        return await _list(broker, app, state, limit)
+
+
+async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
+    assert broker.states is not None
+    # A watch of the app's keys (a subject filter on the server): the latest value of each, then None.
+    watcher = await broker.states.watch(f"{app}.*", ignore_deletes=True)
+    found: list[dict[str, Any]] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value:
+                item = json.loads(entry.value)
+                if state is None or item.get("state") == state:
+                    found.append(item)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    found.sort(key=lambda s: s.get("created_at", 0), reverse=True)
+    return found[:limit]
+
+
+def _error_of(status: int, content: bytes) -> dict[str, Any]:
+    """The function's error as the gateway answered it, capped (it is the app's text)."""
+    try:
+        error = json.loads(content)["error"]
+        out: dict[str, Any] = {
+            k: cap(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
+        }
+    except (ValueError, KeyError, TypeError):
+        out = {"code": "error", "message": cap(content.decode(errors="replace"))}
+    out["status"] = status
+    return out
+
+
+class Dispatcher:
+    """Runs the invocations this server takes from the shared consumer, `IN_FLIGHT` at a time."""
+
+    def __init__(self, state: ApiState, broker: Broker) -> None:
+        self.state = state
+        self.broker = broker
+        self.slots = asyncio.Semaphore(IN_FLIGHT)
+        self.running: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        assert self.broker.js is not None
+        sub = await self.broker.js.pull_subscribe(
+            "osless.invoke.>",
+            durable=DURABLE,
+            stream=INVOKE_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S, max_ack_pending=10_000),
+        )
+        try:
+            while True:
+                await self.slots.acquire()
+                try:
+                    msgs = await sub.fetch(1, timeout=5)
+                except TimeoutError:
+                    self.slots.release()
+                    continue
+                except Exception as e:
+                    self.slots.release()
+                    log.warning("dispatcher: %s", e)
+                    await asyncio.sleep(1)
+                    continue
+                task = asyncio.create_task(self._one(msgs[0]))
+                self.running.add(task)
+                task.add_done_callback(self._done)
+        finally:
+            for t in self.running:
+                t.cancel()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self.slots.release()
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("dispatcher: an invocation's handling failed: %r", e, exc_info=e)
+
+    async def _one(self, msg: Msg) -> None:
+        progress = asyncio.create_task(self._keep(msg))
+        try:
+            await self._handle(msg)
+        finally:
+            progress.cancel()
+
+    async def _keep(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_S)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _handle(self, msg: Msg) -> None:
+        from osless.api.routes.invoke import call_function, find_function  # the routes import this module
+
+        body = json.loads(msg.data)
+        app, function, invocation_id = body["app"], body["function"], body["id"]
+        state = await _read(self.broker, invocation_id) or {
+            "id": invocation_id,
+            "app": app,
+            "function": function,
+            "attempts": 0,
+            "created_at": body["created_at"],
+        }
+        if state.get("state") in FINAL:  # delivered again after it ended (a server died before its ack)
+            await msg.ack()
+            return
+        age = time.time() - body["created_at"]
+        try:
+            _, spec = await find_function(self.state, app, function)
+        except ApiError as e:
+            if e.status == 404:  # the app or the function is gone: nothing will ever run it
+                await self._dead(msg, state, body, {"code": e.code, "message": e.message, "status": 404})
+            else:  # not deployed yet: the platform's, not counted
+                await self._platform_retry(msg, state, body, e.code, e.message, age, 3600)
+            return
+        if age > spec.max_age_s:
+            error = state.get("error") or {"code": "expired", "message": ""}
+            error = {
+                **error,
+                "message": f"older than max_age_s={spec.max_age_s}; last: {error.get('message')}",
+            }
+            await self._dead(msg, state, body, error)
+            return
+        state["attempts"] = int(state.get("attempts", 0)) + 1
+        state["state"] = "running"
+        state.pop("error", None)
+        await _write(self.broker, state)
+        headers = {"x-osless-request-id": invocation_id}
+        try:
+            resp = await call_function(self.state, app, function, spec, body["event"].encode(), headers)
+            status, content = resp.status_code, resp.content
+        except ApiError as e:
+            status, content = e.status, json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
+            if e.code == "gateway_unreachable":
+                status = 599  # the platform's
+        if status == 200:
+            state["state"] = "succeeded"
+            if len(content) <= MAX_RESULT_BYTES:
+                state["result"] = json.loads(content or b"null")
+            else:
+                state["result"] = None
+                state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
+            await _write(self.broker, state)
+            await msg.ack()
+            return
+        error = _error_of(status, content)
+        if status in (500, 502, 504):  # the function's own failure: an attempt
+            retries = spec.retries
+            if state["attempts"] > retries:
+                await self._dead(msg, state, body, error)
+                return
+            state["state"] = "failed"
+            state["error"] = error
+            await _write(self.broker, state)
+            await msg.nak(delay=min(BACKOFF_S[0] * 4 ** (state["attempts"] - 1), BACKOFF_S[1]))
+            return
+        state["attempts"] -= 1  # the platform's failure: not the function's attempt
+        await self._platform_retry(msg, state, body, error["code"], error["message"], age, spec.max_age_s)
+
+    async def _platform_retry(
+        self,
+        msg: Msg,
+        state: dict[str, Any],
+        body: dict[str, Any],
+        code: str,
+        message: str,
+        age: float,
+        max_age: int,
+    ) -> None:
+        error = {"code": code, "message": message}
+        if age > max_age:
+            await self._dead(msg, state, body, error)
+            return
+        state["state"] = "queued"
+        state["error"] = error
+        await _write(self.broker, state)
+        tries = msg.metadata.num_delivered or 1
+        await msg.nak(delay=min(PLATFORM_RETRY_S[0] * 2 ** (tries - 1), PLATFORM_RETRY_S[1]))
+
+    async def _dead(
+        self, msg: Msg, state: dict[str, Any], body: dict[str, Any], error: dict[str, Any]
+    ) -> None:
+        """Into the function's dead-letter queue (acknowledged there first), then the state, then the ack."""
+        assert self.broker.js is not None
+        state["state"] = "dead"
+        state["error"] = error
+        letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
+        await self.broker.js.publish(
+            f"osless.dlq.{body['app']}.{body['function']}",
+            json.dumps(letter).encode(),
+            headers={"Nats-Msg-Id": body["id"]},
+        )
+        await _write(self.broker, state)
+        await msg.ack()

@@ -1,0 +1,43 @@
+"""The functions of tests/test_invocations.py: async invocations, their retries and dead letters. Runs
+are counted on a volume, per key: a retry may land on another instance."""
+
+import os
+import time
+from pathlib import Path
+
+import osless
+
+app = osless.App("jobs", volumes={"/data": "jobs-data"})
+
+
+def _count(key: str) -> int:
+    path = Path("/data") / key
+    n = int(path.read_text()) + 1 if path.exists() else 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(n))
+    os.replace(tmp, path)
+    return n
+
+
+@app.function()
+def echo(event, ctx):
+    return {"echo": event}
+
+
+@app.function()
+def count(event, ctx):
+    time.sleep(float(event.get("sleep", 0)))
+    return {"runs": _count("count-" + event["key"])}
+
+
+@app.function()
+def flaky(event, ctx):
+    n = _count("flaky-" + event["key"])
+    if n < 3:
+        raise RuntimeError(f"flaky failure {n}")
+    return {"runs": n}
+
+
+@app.function(retries=1)
+def broken(event, ctx):
+    raise ValueError("always broken")

@@ -1,0 +1,208 @@
+"""Async invocations (api/invocations.py): accepted durably into JetStream, run at least once by the
+servers' dispatcher, retried, dead-lettered, deduplicated by an idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import nats
+import pytest
+from botocore.config import Config
+
+from tests.platform import Platform, running
+
+JOBS = Path(__file__).parent / "apps" / "jobs"
+FINAL = ("succeeded", "dead")
+
+
+@pytest.fixture(scope="module")
+def jobs(platform: Platform) -> dict[str, Any]:
+    return platform.deploy_warm(JOBS)
+
+
+def post_async(p: Platform, fn: str, event: Any, key: str | None = None, **kw: Any) -> Any:
+    headers = {"x-osless-invocation-type": "Event", **({"idempotency-key": key} if key else {})}
+    return p.http("POST", f"/v1/apps/jobs/functions/{fn}:invoke", json=event, headers=headers, **kw)
+
+
+def final(p: Platform, invocation_id: str, timeout: float = 60) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        r = p.http("GET", f"/v1/invocations/{invocation_id}")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body if body["state"] in FINAL else None
+
+    found: dict[str, Any] = p.wait_for(done, timeout=timeout, what=f"{invocation_id} to end")
+    return found
+
+
+def test_an_async_invoke_is_accepted_with_an_id_and_succeeds_with_its_result(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    r = post_async(platform, "echo", {"n": 1})
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["state"] == "queued" and accepted["app"] == "jobs" and accepted["function"] == "echo"
+    done = final(platform, accepted["id"])
+    assert done["state"] == "succeeded" and done["result"] == {"echo": {"n": 1}} and done["attempts"] == 1
+
+    out = platform.cli_json("invoke", "jobs.echo", '{"n": 2}', "--async")
+    assert out["state"] == "queued"
+    assert final(platform, out["id"])["result"] == {"echo": {"n": 2}}
+    listed = platform.cli_json("invocations", "jobs", "--state", "succeeded")
+    assert {accepted["id"], out["id"]} <= {i["id"] for i in listed}
+    assert platform.cli_json("invocation", out["id"])["state"] == "succeeded"
+
+
+def test_a_failing_invocation_is_retried_until_it_succeeds(platform: Platform, jobs: dict[str, Any]) -> None:
+    r = post_async(platform, "flaky", {"key": uuid.uuid4().hex})
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"])
+    assert done["state"] == "succeeded", done
+    assert done["attempts"] == 3 and done["result"] == {"runs": 3}
+
+
+def test_one_that_always_fails_is_dead_after_its_tries_and_in_the_dead_letter_queue(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    r = post_async(platform, "broken", {"poison": True})
+    invocation_id = r.json()["id"]
+    done = final(platform, invocation_id)
+    assert done["state"] == "dead" and done["attempts"] == 2  # 1 + retries=1
+    assert done["error"]["type"] == "ValueError" and "always broken" in done["error"]["message"]
+    assert "raise ValueError" in done["error"]["traceback"]
+
+    async def dead_letter() -> dict[str, Any]:
+        nc = await nats.connect(nats_url(platform))
+        try:
+            msg = await nc.jetstream().get_last_msg("DLQ", "osless.dlq.jobs.broken")
+            letter: dict[str, Any] = json.loads(msg.data or b"null")
+            return letter
+        finally:
+            await nc.close()
+
+    letter = asyncio.run(dead_letter())
+    assert letter["id"] == invocation_id and json.loads(letter["event"]) == {"poison": True}
+    assert letter["attempts"] == 2 and "always broken" in letter["error"]["message"]
+
+
+def nats_url(p: Platform) -> str:
+    """The platform's own engine, as only the API's process reaches it: with the token in its data dir."""
+    token = (p.data_dir / "nats" / "token").read_text().strip()
+    conf = (p.data_dir / "nats" / "nats.conf").read_text()
+    port = conf.split('listen: "127.0.0.1:', 1)[1].split('"', 1)[0]
+    return f"nats://{token}@127.0.0.1:{port}"
+
+
+def test_an_idempotency_key_accepts_the_invocation_once(platform: Platform, jobs: dict[str, Any]) -> None:
+    key = uuid.uuid4().hex
+    first = post_async(platform, "count", {"key": key}, key=key)
+    second = post_async(platform, "count", {"key": key}, key=key)
+    assert first.status_code == 202 and second.status_code == 200, (first.text, second.text)
+    assert first.json()["id"] == second.json()["id"]
+    assert final(platform, first.json()["id"])["result"] == {"runs": 1}
+    # Through the CLI too: the same id, and still one run.
+    out = platform.cli_json(
+        "invoke", "jobs.count", json.dumps({"key": key}), "--async", "--idempotency-key", key
+    )
+    assert out["id"] == first.json()["id"]
+    other = final(platform, post_async(platform, "count", {"key": key}).json()["id"])
+    assert other["result"] == {"runs": 2}  # without the key: a new invocation, the function's second run
+
+
+def test_async_invokes_are_checked_as_sync_ones(platform: Platform, jobs: dict[str, Any]) -> None:
+    assert post_async(platform, "nope", {}).json()["error"]["code"] == "unknown_function"
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "async-reader")["token"]
+    r = platform.http(
+        "POST",
+        "/v1/apps/jobs/functions/echo:invoke",
+        json={},
+        headers={"x-osless-invocation-type": "Event", "authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 403, r.text
+    accepted = post_async(platform, "echo", {}).json()
+    r = platform.http(
+        "GET", f"/v1/invocations/{accepted['id']}", headers={"authorization": f"Bearer {token}"}
+    )
+    assert r.status_code == 403, r.text
+    big = post_async(platform, "echo", {"x": "a" * 300_000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "event_too_large"
+
+
+def test_lambda_event_invocations_are_accepted_with_202(platform: Platform, jobs: dict[str, Any]) -> None:
+    client = boto3.client(
+        "lambda",
+        endpoint_url=platform.api,
+        region_name="us-east-1",
+        aws_access_key_id="osless",
+        aws_secret_access_key="osless",
+        aws_session_token=platform.token,
+        config=Config(retries={"max_attempts": 1}),
+    )
+    answer = client.invoke(FunctionName="jobs.echo", InvocationType="Event", Payload=b'{"via": "boto3"}')
+    assert answer["StatusCode"] == 202
+    invocation_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-osless-invocation-id"]
+    assert final(platform, invocation_id)["result"] == {"echo": {"via": "boto3"}}
+
+
+def test_no_accepted_invocation_is_lost_when_the_platform_is_killed(tmp_path: Path) -> None:
+    """kill -9 of `osless up` (its nats-server, API and node with it) amid a stream of async
+    invocations: after a restart every accepted one reaches exactly one final state."""
+    first = Platform(tmp_path / "data").start()
+    accepted: list[str] = []
+    try:
+        first.deploy_warm(JOBS)
+        for i in range(30):
+            r = post_async(first, "count", {"key": f"k{i}", "sleep": 0.5})
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["id"])
+        states = [first.http("GET", f"/v1/invocations/{i}").json()["state"] for i in accepted]
+        assert any(s not in FINAL for s in states), states  # the kill comes amid the stream
+    finally:
+        first.stop(signal.SIGKILL)
+    second = Platform(tmp_path / "data", api_port=first.api_port, http_port=first.http_port).start()
+    try:
+        states = [final(second, i, timeout=90) for i in accepted]
+        assert all(s["state"] == "succeeded" for s in states), [
+            s for s in states if s["state"] != "succeeded"
+        ]
+        listed = second.http("GET", "/v1/apps/jobs/invocations", params={"limit": 1000}).json()["items"]
+        assert sorted(i["id"] for i in listed if i["function"] == "count") == sorted(accepted)
+    finally:
+        second.stop()
+
+
+def engine_pid(p: Platform) -> int | None:
+    assert p.proc is not None
+    for child in Path(f"/proc/{p.proc.pid}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes() and running(int(pid)):
+                    return int(pid)
+    return None
+
+
+def test_the_message_engine_killed_is_started_again_and_keeps_what_it_stored(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    stored = post_async(platform, "echo", {"before": True}).json()["id"]
+    final(platform, stored)
+    old = engine_pid(platform)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    platform.wait_for(lambda: engine_pid(platform) not in (None, old), timeout=10, what="a new nats-server")
+    accepted = platform.wait_for(
+        lambda: (r := post_async(platform, "echo", {"after": True})).status_code == 202 and r.json(),
+        timeout=20,
+        what="an async invoke accepted again",
+    )
+    assert final(platform, accepted["id"])["result"] == {"echo": {"after": True}}
+    assert platform.http("GET", f"/v1/invocations/{stored}").json()["state"] == "succeeded"
