@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from osless.node import debug
 from tests.platform import Platform
 
 APPS = Path(__file__).parent / "apps"
@@ -58,12 +64,19 @@ def test_a_profile_names_the_busy_function(platform: Platform, debuggee: str, tm
     burn = _while(platform, "burn", 6)
     try:
         svg = tmp_path / "flame.svg"
-        platform.cli("debug", "profile", debuggee, "--seconds", "2", "-o", str(svg))
+        first = threading.Thread(
+            target=platform.cli, args=("debug", "profile", debuggee, "--seconds", "2", "-o", str(svg))
+        )
+        first.start()
+        time.sleep(1.2)  # the CLI, the API and the node took it: py-spy samples for 2 s
+        again = platform.http("POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 1})
+        first.join()
         r = platform.http(
             "POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 1, "format": "speedscope"}
         )
     finally:
         burn.join()
+    assert again.status_code == 409 and again.json()["error"]["code"] == "profile_running", again.text
     assert svg.read_text().startswith("<?xml") and "busy_loop" in svg.read_text()
     assert r.status_code == 200, r.text
     frames = r.json()["shared"]["frames"]
@@ -108,3 +121,20 @@ def test_a_node_refuses_a_debug_call_not_from_the_api(platform: Platform, debugg
         headers={"authorization": f"Bearer {platform.token}"},
     )
     assert r.status_code == 403 and "sample" in r.json()["error"]["message"]
+
+
+def test_a_py_spy_past_its_time_is_stopped(tmp_path: Path) -> None:
+    """What py-spy reads is the app's memory: a run that does not end in time is killed, not waited for."""
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        args = ["record", "--pid", str(target.pid), "--duration", "30", "--nonblocking"]
+        started = time.monotonic()
+        with pytest.raises(debug.Failed, match="no answer within 1s"):
+            asyncio.run(debug._run([*args, "--output", str(tmp_path / "p.svg")], timeout=1))
+        assert time.monotonic() - started < 10
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        names = [Path(f"/proc/{c}/comm").read_text().strip() for c in children]
+        assert "py-spy" not in names  # killed and reaped, not left behind
+    finally:
+        target.kill()
+        target.wait()
