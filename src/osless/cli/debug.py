@@ -51,6 +51,10 @@ def stack(app_name: AppArg, instance: InstanceOpt = None, json_out: JsonOpt = Fa
                 where = f"{_shown(f.get('file'))}:{f.get('line')}"
                 console.print(f"      {_shown(f.get('function'))} ({where})", markup=False)
         console.print("")
+    if got.get("truncated"):
+        console.print(
+            f"(only the first {len(got['items'])} instances: name one with --instance)", markup=False
+        )
 
 
 @debug_app.command("profile")

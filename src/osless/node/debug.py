@@ -10,7 +10,8 @@ py-spy runs as the node (root on the host) against the instance's host pid, whic
 `ready` message told its supervisor: root of the initial user namespace may ptrace into the
 sandbox's user and pid namespaces (no Yama here; with Yama's ptrace_scope 1 or 2 root still can,
 3 forbids it). What it reads is the app's memory, so nothing it says is trusted: its run is
-time-limited (killed past it), its output read up to a cap, and no local variables are asked for
+time-limited (killed past it), its output read up to a cap, at most MAX_RUNNING at once on the node
+(429 past it), one profile of an instance at a time (409), and no local variables are asked for
 (`--locals` would show the app's secrets in memory to anyone with `debug`).
 """
 
@@ -24,7 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,16 @@ if TYPE_CHECKING:
     from osless.node.api import Callers
     from osless.node.supervisor import Supervisor
 
-__all__ = ["MAX_OUTPUT_BYTES", "MAX_SECONDS", "Busy", "Failed", "Profiler", "routes", "supervised_pids"]
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "MAX_SECONDS",
+    "Busy",
+    "Crowded",
+    "Failed",
+    "Profiler",
+    "routes",
+    "supervised_pids",
+]
 
 MAX_SECONDS = 60
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # a dump's JSON or a profile's file; past it the call fails
@@ -45,6 +55,7 @@ PROFILE_SLACK_S = 20.0  # past its seconds, for py-spy to write its file
 MAX_FRAMES = 512  # of one thread, kept from the innermost
 MAX_THREADS = 1024
 MAX_TEXT = 512  # characters of a function or file name
+MAX_RUNNING = 8  # py-spy runs at once on a node, all instances together: past it, 429
 FORMATS = {"svg": "flamegraph", "speedscope": "speedscope"}
 _APP = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
 _INSTANCE = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
@@ -72,6 +83,10 @@ class Failed(Exception):
 
 class Busy(Exception):
     """A profile of this instance is already running."""
+
+
+class Crowded(Exception):
+    """The node runs MAX_RUNNING py-spy already."""
 
 
 def _py_spy() -> str:
@@ -167,6 +182,17 @@ class Profiler:
     def __init__(self, pids: Pids) -> None:
         self.pids = pids
         self._profiling: set[str] = set()
+        self._running = 0
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self._running >= MAX_RUNNING:
+            raise Crowded(f"this node takes {MAX_RUNNING} stacks or profiles at once already; try again soon")
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
     def _pid(self, app: str, instance: str) -> int:
         pid = self.pids(app, instance)
@@ -176,7 +202,8 @@ class Profiler:
 
     async def stack(self, app: str, instance: str) -> list[dict[str, Any]]:
         pid = self._pid(app, instance)
-        return _threads(await _run(["dump", "--json", "--pid", str(pid)], STACK_TIMEOUT_S))
+        with self._slot():
+            return _threads(await _run(["dump", "--json", "--pid", str(pid)], STACK_TIMEOUT_S))
 
     async def profile(self, app: str, instance: str, seconds: int, fmt: str) -> bytes:
         pid = self._pid(app, instance)
@@ -184,7 +211,7 @@ class Profiler:
             raise Busy(f"instance {instance} is being profiled already; wait for that profile to end")
         self._profiling.add(instance)
         try:
-            with tempfile.TemporaryDirectory(prefix="osless-profile-") as tmp:
+            with self._slot(), tempfile.TemporaryDirectory(prefix="osless-profile-") as tmp:
                 out = Path(tmp) / "profile"
                 args = ["record", "--pid", str(pid), "--duration", str(seconds), "--nonblocking"]
                 args += ["--format", FORMATS[fmt], "--output", str(out)]
@@ -224,6 +251,8 @@ def routes(profiler: Profiler, callers: Callers) -> list[Route]:
             threads = await profiler.stack(*found)
         except LookupError as e:
             return _error(404, "instance_not_found", str(e))
+        except Crowded as e:
+            return _error(429, "too_many_sessions", str(e))
         except Failed as e:
             return _error(503, "debug_failed", str(e))
         return JSONResponse({"threads": threads})
@@ -245,6 +274,8 @@ def routes(profiler: Profiler, callers: Callers) -> list[Route]:
             return _error(404, "instance_not_found", str(e))
         except Busy as e:
             return _error(409, "profile_running", str(e))
+        except Crowded as e:
+            return _error(429, "too_many_sessions", str(e))
         except Failed as e:
             return _error(503, "debug_failed", str(e))
         media = "image/svg+xml" if fmt == "svg" else "application/json"

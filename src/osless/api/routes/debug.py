@@ -5,7 +5,8 @@ instance's host pid, from outside, the app cooperating in nothing), showing the 
 for that node and app alone (`debugger` role, a minute: `secrets.scoped_token`), never the
 caller's. Both routes need the `debug` permission (the `debug` and `admin` roles) and are POSTs, so
 the guard records each in the audit log: who, which app, which instance (`?instance=`), what.
-A node takes at most one profile of an instance at a time (409 past it); seconds are 1 to 60.
+A node takes at most one profile of an instance at a time (409 past it) and 8 stacks or profiles at
+once (429 past it); seconds are 1 to 60; one stack call reads at most 32 instances.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ NODE_CONNECT_S = 3.0
 STACK_WAIT_S = 30.0  # the node kills a dump past 20 s
 PROFILE_SLACK_S = 30.0  # past the profile's seconds: the node kills py-spy 20 s past them
 MAX_SECONDS = 60
+MAX_STACKS = 32  # instances read by one stack call: an app of hundreds is read a part at a time
 # What a node's answer may hold: its own cap on py-spy's output (16 MB), and a little more.
 MAX_NODE_ANSWER = 17 * 1024 * 1024
 InstanceQuery = Annotated[
@@ -88,7 +90,7 @@ async def _ask(node: Node, path: str, headers: dict[str, str], wait_s: float) ->
             code, message = cap(str(err["code"]), 64), cap(str(err["message"]), 1000)
         except (ValueError, KeyError, TypeError):
             code, message = "node_error", f"it answered {resp.status_code}"
-        status = resp.status_code if resp.status_code in (400, 404, 409) else 503
+        status = resp.status_code if resp.status_code in (400, 404, 409, 429) else 503
         raise ApiError(status, code, f"node {node.name}: {message}")
     return httpx.Response(
         200, content=bytes(body), headers={"content-type": resp.headers.get("content-type", "")}
@@ -97,7 +99,7 @@ async def _ask(node: Node, path: str, headers: dict[str, str], wait_s: float) ->
 
 @router.post(
     "/apps/{app}/debug/stack",
-    responses=responses(403, 404, 409, 503),
+    responses=responses(403, 404, 409, 429, 503),
     summary="Every thread's Python stack of an app's running instances (py-spy dump)",
 )
 async def stack(
@@ -107,6 +109,7 @@ async def stack(
     caller: Caller = require("debug"),
 ) -> dict[str, Any]:
     targets = await _targets(state, app, instance)
+    more = len(targets) > MAX_STACKS
 
     async def one(inst: Instance, node: Node) -> dict[str, Any]:
         path = f"/debug/apps/{app}/instances/{inst.id}/stack"
@@ -121,12 +124,13 @@ async def stack(
             raise ApiError(503, "node_unavailable", f"node {node.name}'s answer was not a stack") from None
         return {"instance": inst.id, "node": node.name, "threads": threads, "error": None}
 
-    return {"items": list(await asyncio.gather(*(one(i, n) for i, n in targets)))}
+    items = await asyncio.gather(*(one(i, n) for i, n in targets[:MAX_STACKS]))
+    return {"items": list(items), "truncated": more}
 
 
 @router.post(
     "/apps/{app}/debug/profile",
-    responses=responses(400, 403, 404, 409, 503),
+    responses=responses(400, 403, 404, 409, 429, 503),
     summary="A sampling profile of a running instance as a flame graph (py-spy record)",
     response_class=Response,
 )
