@@ -78,6 +78,8 @@ def test_a_profile_names_the_busy_function(platform: Platform, debuggee: str, tm
         burn.join()
     assert again.status_code == 409 and again.json()["error"]["code"] == "profile_running", again.text
     assert svg.read_text().startswith("<?xml") and "busy_loop" in svg.read_text()
+    assert "py-spy record" not in svg.read_text()  # its title named the node's paths and the host pid
+    assert f"osless debug profile {debuggee} --instance" in svg.read_text()
     assert r.status_code == 200, r.text
     frames = r.json()["shared"]["frames"]
     assert any(f["name"] == "busy_loop" for f in frames)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import os
 import re
@@ -222,9 +223,15 @@ class Profiler:
                     raise Failed("py-spy wrote no profile (did the instance stop?)") from None
                 if size > MAX_OUTPUT_BYTES:
                     raise Failed(f"the profile passed {MAX_OUTPUT_BYTES} bytes")
-                return out.read_bytes()
+                body = out.read_bytes()
         finally:
             self._profiling.discard(instance)
+        if fmt == "svg":  # its title is py-spy's command line: the node's paths, the host pid
+            ran = html.escape(" ".join([_py_spy(), *args]), quote=False).encode()
+            body = body.replace(
+                ran, f"osless debug profile {app} --instance {instance} --seconds {seconds}".encode()
+            )
+        return body
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
