@@ -72,8 +72,13 @@ def supervised_pids(supervisors: Mapping[str, Supervisor]) -> Pids:
         sup = supervisors.get(instance)
         if sup is None or sup.app != app or sup.status.get("phase") != "ready":
             return None
-        found = sup.status.get("pid")
-        return found if isinstance(found, int) and found > 0 else None
+        found, uid = sup.status.get("pid"), sup.status.get("uid")
+        if not isinstance(found, int) or found <= 0:
+            return None
+        try:  # the pid still the instance's, not reused since it ended: it runs as the app's uid
+            return found if os.stat(f"/proc/{found}").st_uid == uid else None
+        except OSError:
+            return None
 
     return pid
 
