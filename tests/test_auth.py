@@ -74,6 +74,7 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "operate": ("POST", "/v1/instances", {"json": {}}),  # allowed: the body's 422, past the 403
     "admin": ("GET", "/v1/tokens", {}),
     "secrets": ("GET", "/v1/nodes/any/apps/hello/config", {}),
+    "debug": ("POST", "/v1/apps/hello/debug/stack", {}),
 }
 ALLOWED = {
     # `egress` (a node's proxy calling as one of its apps) has no route here: tests/test_invoker.py.
@@ -89,10 +90,11 @@ ALLOWED = {
         "route",
         "pull",
         "admin",
+        "debug",
     },
     "deploy": {"read", "describe", "deploy", "invoke"},
     "read": {"read", "describe"},
-    "debug": {"read", "describe", "logs"},
+    "debug": {"read", "describe", "logs", "debug"},
     "invoke": {"invoke"},
 }
 

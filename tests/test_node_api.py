@@ -93,6 +93,15 @@ def test_logs_merge_the_instances_of_both_nodes_in_time_order(fleet: tuple[Platf
     assert only and {r["source"] for r in only} == {second}
 
 
+def test_a_stack_reads_the_instances_of_both_nodes(fleet: tuple[Platform, Node]) -> None:
+    """`osless debug stack` (tests/test_debug.py) asks each instance's own node, as logs do."""
+    platform, _ = fleet
+    stacks = platform.cli_json("debug", "stack", "logger")
+    assert {(i["instance"], i["node"]) for i in stacks["items"]} == set(sources(platform).items())
+    for item in stacks["items"]:
+        assert item["error"] is None and any(t["name"] == "MainThread" for t in item["threads"]), item
+
+
 def test_follow_shows_new_lines_of_both_nodes(fleet: tuple[Platform, Node]) -> None:
     platform, _ = fleet
     follower = subprocess.Popen(

@@ -69,6 +69,8 @@ Permission = Literal[
     "secrets",
     "admin",
     "volumes",
+    "debug",
+    "sample",
 ]
 
 _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
@@ -87,10 +89,12 @@ _READ: frozenset[Permission] = frozenset({"whoami", "describe", "read"})
 # - `pull`: images and layer archives by digest (a node, only those it runs; see routes/images.py);
 # - `secrets`: config in clear, for node agents only, and only for the apps placed on their node.
 ROLES: dict[str, frozenset[Permission]] = {
-    "admin": _READ | {"logs", "deploy", "invoke", "egress", "operate", "report", "route", "pull", "admin"},
+    "admin": _READ
+    | {"logs", "deploy", "invoke", "egress", "operate", "report", "route", "pull", "admin", "debug"},
     "deploy": _READ | {"deploy", "invoke"},
     "read": _READ,
-    "debug": _READ | {"logs"},
+    # `debug`: an instance's stacks and profiles (`osless debug`, api/routes/debug.py), audited.
+    "debug": _READ | {"logs", "debug"},
     "invoke": frozenset({"whoami", "invoke"}),
     # A node agent: `osless node join` (and `osless up`'s own node) runs with one, named `node:NAME`.
     "node": _READ | {"report", "pull", "secrets", "egress"},
@@ -113,6 +117,9 @@ ROLES: dict[str, frozenset[Permission]] = {
     # Shown to a node for one command of an app (`osless run`, a release step: `api.runs`): the node
     # API checks it was made for it; it opens nothing of the API.
     "runner": frozenset({"whoami"}),
+    # Shown to a node for one stack or profile of an instance (api/routes/debug.py): `sample`, which
+    # no route of the API needs, so it opens nothing there.
+    "debugger": frozenset({"whoami", "sample"}),
     # Another server (`secrets.peer_token`): what it lacks of images and deploy sources, nothing else.
     "peer": frozenset({"pull"}),
 }

@@ -26,6 +26,7 @@ SCOPED_PREFIXES = {
     "peer": "oslp_",
     "volumes": "oslv_",
     "runner": "oslc_",
+    "debugger": "osld_",
 }
 PEER_SCOPE = "platform"  # the `app` part of a peer token: it is for no app
 
@@ -88,7 +89,8 @@ class SecretBox:
         """A credential the API makes for one of its own requests to another part, instead of passing
         on its caller's token (which that part has no business holding): `reader` (an app's logs, shown
         to the node `holder`), `volumes` (the files of an app's volumes, shown to the node `holder`),
-        `runner` (a command of an app run on the node `holder`: `api.runs`),
+        `runner` (a command of an app run on the node `holder`: `api.runs`), `debugger` (an instance's
+        stack or profile taken by the node `holder`: api/routes/debug.py),
         `invoker` (an app's functions, shown to a gateway) or `peer` (images,
         layers and sources, shown by server `holder` to another server: `peer_token`). Limited to `app`,
         good for `ttl_s`; derived, never stored (servers sharing a store share the key)."""

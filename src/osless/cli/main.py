@@ -19,6 +19,7 @@ from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.debug import debug_app
 from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
@@ -301,6 +302,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(functions_app, name="functions")
 app.add_typer(volumes_app, name="volumes")
+app.add_typer(debug_app, name="debug")
 app.add_typer(node_app, name="node")
 app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")

@@ -34,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless import runwire
 from osless.logs import follow, read_tail
-from osless.node import volapi
+from osless.node import debug, volapi
 from osless.node.volumes import Volumes
 
 __all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
@@ -47,8 +47,8 @@ MAX_TAIL = 100_000  # as the API's route
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
 # The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_,
 # a runner oslc_).
-_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_", "oslc_")
-_NODE_BOUND = ("reader", "volumes", "runner")  # roles of tokens the API makes for one node
+_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_", "oslc_", "osld_")
+_NODE_BOUND = ("reader", "volumes", "runner", "debugger")  # roles of tokens the API makes for one node
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -181,11 +181,16 @@ class _CannotSay(Exception):
 
 
 def create_app(
-    logs_dir: Path, callers: Callers, volumes: Volumes | None = None, runs: Runner | None = None
+    logs_dir: Path,
+    callers: Callers,
+    volumes: Volumes | None = None,
+    runs: Runner | None = None,
+    profiler: debug.Profiler | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
-    `volumes`, its apps' volumes (`node.volapi`), and, with `runs`, the commands the API asks this
-    node to run (`WS /runs/{app}`, `node.runs`)."""
+    `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
+    node to run (`WS /runs/{app}`, `node.runs`), and with `profiler`, its instances' stacks and
+    profiles (`node.debug`)."""
 
     async def app_logs(request: Request) -> Response:
         app = request.path_params["app"]
@@ -254,6 +259,7 @@ def create_app(
             WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
+            *(debug.routes(profiler, callers) if profiler is not None else []),
         ]
     )
 
@@ -328,11 +334,12 @@ class NodeApi:
         node: str = "",
         volumes: Volumes | None = None,
         runs: Runner | None = None,
+        profiler: debug.Profiler | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs)
+        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler)
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 

@@ -1,0 +1,142 @@
+"""`osless debug stack|profile`: py-spy on the node against a sandboxed instance, through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from osless.node import debug
+from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def debuggee(platform: Platform) -> Iterator[str]:
+    platform.deploy_warm(APPS / "debuggee")
+    platform.wait_for(
+        lambda: [i for i in platform.instances("debuggee") if i["status"]["phase"] == "ready"],
+        what="a running instance",
+    )
+    yield "debuggee"
+    platform.http("DELETE", "/v1/apps/debuggee")
+
+
+def _while(platform: Platform, function: str, seconds: float) -> threading.Thread:
+    """A call of `function` running in the background (started, not yet in the app for a moment)."""
+    t = threading.Thread(target=platform.invoke, args=("debuggee", function, seconds), daemon=True)
+    t.start()
+    return t
+
+
+def _names(stacks: dict[str, Any]) -> set[str]:
+    return {f["function"] for item in stacks["items"] for t in item["threads"] for f in t["frames"]}
+
+
+def test_a_stack_names_the_function_where_a_request_sleeps(platform: Platform, debuggee: str) -> None:
+    call = _while(platform, "sleep", 3)
+    try:
+        found = platform.wait_for(
+            lambda: "sleepy_handler" in _names(s := platform.cli_json("debug", "stack", debuggee)) and s,
+            timeout=10,
+            what="sleepy_handler in a stack",
+        )
+    finally:
+        call.join()
+    (item,) = found["items"]
+    assert item["instance"] == platform.instances(debuggee)[0]["id"]
+    assert "osless.runtime.zygote" not in json.dumps(found)  # no command line: the platform's paths
+    text = platform.cli("debug", "stack", debuggee, "--instance", item["instance"]).stdout
+    assert f"instance {item['instance']}" in text and "Thread" in text
+
+
+def test_a_profile_names_the_busy_function(platform: Platform, debuggee: str, tmp_path: Path) -> None:
+    burn = _while(platform, "burn", 6)
+    try:
+        svg = tmp_path / "flame.svg"
+        first = threading.Thread(
+            target=platform.cli, args=("debug", "profile", debuggee, "--seconds", "2", "-o", str(svg))
+        )
+        first.start()
+        time.sleep(1.2)  # the CLI, the API and the node took it: py-spy samples for 2 s
+        again = platform.http("POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 1})
+        first.join()
+        r = platform.http(
+            "POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 1, "format": "speedscope"}
+        )
+    finally:
+        burn.join()
+    assert again.status_code == 409 and again.json()["error"]["code"] == "profile_running", again.text
+    assert svg.read_text().startswith("<?xml") and "busy_loop" in svg.read_text()
+    assert "py-spy record" not in svg.read_text()  # its title named the node's paths and the host pid
+    assert f"osless debug profile {debuggee} --instance" in svg.read_text()
+    assert r.status_code == 200, r.text
+    frames = r.json()["shared"]["frames"]
+    assert any(f["name"] == "busy_loop" for f in frames)
+
+
+def test_debug_is_refused_clearly_and_audited(platform: Platform, debuggee: str) -> None:
+    reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "debug-reader")["token"]
+    r = platform.http(
+        "POST", f"/v1/apps/{debuggee}/debug/stack", headers={"authorization": f"Bearer {reader}"}
+    )
+    assert r.status_code == 403 and "'debug' permission" in r.json()["error"]["message"]
+    debugger = platform.cli_json("tokens", "create", "--role", "debug", "--name", "debugger-person")["token"]
+    r = platform.http(
+        "POST", f"/v1/apps/{debuggee}/debug/stack", headers={"authorization": f"Bearer {debugger}"}
+    )
+    assert r.status_code == 200, r.text
+    assert platform.http("POST", "/v1/apps/nosuchapp/debug/stack").status_code == 404
+    r = platform.http("POST", f"/v1/apps/{debuggee}/debug/stack", params={"instance": "nosuch"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "instance_not_found"
+    r = platform.http("POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 61})
+    assert r.status_code == 422 and "seconds" in r.text
+    cli = platform.cli("debug", "profile", "nosuchapp", check=False)
+    assert cli.returncode == 1 and "nosuchapp" in cli.stderr
+    entries = platform.http("GET", "/v1/audit", params={"app": debuggee}).json()["items"]
+    seen = {(e["name"], e["path"].split("?")[0], e["status"]) for e in entries}
+    assert ("debug-reader", f"/v1/apps/{debuggee}/debug/stack", 403) in seen
+    assert ("debugger-person", f"/v1/apps/{debuggee}/debug/stack", 200) in seen
+    assert any(e["path"].endswith("instance=nosuch") and e["status"] == 404 for e in entries)
+
+
+def test_a_node_refuses_a_debug_call_not_from_the_api(platform: Platform, debuggee: str) -> None:
+    """The node API takes only a `debugger` token the API made for it: a person's admin token, shown
+    to the node directly, would skip the API's audit."""
+    import httpx
+
+    (inst,) = platform.instances(debuggee)
+    nodes = platform.http("GET", "/v1/nodes").json()["items"]
+    node_api = next(n["api"] for n in nodes if n["name"] == inst["node"])
+    r = httpx.post(
+        f"{node_api}/debug/apps/{debuggee}/instances/{inst['id']}/stack",
+        headers={"authorization": f"Bearer {platform.token}"},
+    )
+    assert r.status_code == 403 and "sample" in r.json()["error"]["message"]
+
+
+def test_a_py_spy_past_its_time_is_stopped(tmp_path: Path) -> None:
+    """What py-spy reads is the app's memory: a run that does not end in time is killed, not waited for."""
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        args = ["record", "--pid", str(target.pid), "--duration", "30", "--nonblocking"]
+        started = time.monotonic()
+        with pytest.raises(debug.Failed, match="no answer within 1s"):
+            asyncio.run(debug._run([*args, "--output", str(tmp_path / "p.svg")], timeout=1))
+        assert time.monotonic() - started < 10
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        names = [Path(f"/proc/{c}/comm").read_text().strip() for c in children]
+        assert "py-spy" not in names  # killed and reaped, not left behind
+    finally:
+        target.kill()
+        target.wait()
