@@ -206,3 +206,31 @@ def test_the_message_engine_killed_is_started_again_and_keeps_what_it_stored(
     )
     assert final(platform, accepted["id"])["result"] == {"echo": {"after": True}}
     assert platform.http("GET", f"/v1/invocations/{stored}").json()["state"] == "succeeded"
+
+
+def test_one_app_holding_the_dispatcher_does_not_starve_another_apps_invocations(
+    platform: Platform, jobs: dict[str, Any], hello: dict[str, Any]
+) -> None:
+    """A hostile app's invocations that never end (here: 25 s each, more of them than a server runs
+    at once) take at most its share of the dispatcher: another app's invocation still runs at once."""
+    hostile = [post_async(platform, "count", {"key": uuid.uuid4().hex, "sleep": 25}) for _ in range(36)]
+    assert all(r.status_code == 202 for r in hostile), [r.text for r in hostile]
+    platform.wait_for(
+        lambda: (
+            len(
+                platform.http("GET", "/v1/apps/jobs/invocations", params={"state": "running"}).json()["items"]
+            )
+            >= 8
+        ),
+        timeout=20,
+        what="the hostile app's invocations running",
+    )
+    r = platform.http(
+        "POST",
+        "/v1/apps/hello/functions/greet:invoke",
+        json={"name": "neighbour"},
+        headers={"x-osless-invocation-type": "Event"},
+    )
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=10)
+    assert done["state"] == "succeeded" and done["result"]["message"] == "Hello, neighbour!", done

@@ -8,7 +8,9 @@
 - `Dispatcher`: a durable pull consumer (`dispatcher`) shared by all servers, so each message goes to
   one of them. Each invocation runs through the gateway exactly as a sync invoke does
   (`routes.invoke.call_function`); while it runs the message is kept ours (`in_progress`), so a
-  server that dies mid-call lets another take it after `ACK_WAIT_S`.
+  server that dies mid-call lets another take it after `ACK_WAIT_S`. One app holds at most `PER_APP`
+  of a server's `IN_FLIGHT` slots: its next one goes back to the stream for a while (not an attempt),
+  so an app whose functions never end cannot starve the others' async work.
 - Failures of the function (it raised: 500; its timeout: 504; its instance died: 502) count as
   attempts: retried after a backoff (`nak` with a delay) up to `retries` more times while younger than
   `max_age_s`; then `dead`, and the invocation with its error lands in the `DLQ` stream
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -61,6 +64,10 @@ STATES = ("queued", "running", "succeeded", "failed", "dead")
 ACK_WAIT_S = 10.0  # a server gone mid-call: another takes its invocations after this
 PROGRESS_S = 3.0
 IN_FLIGHT = 32  # invocations one server runs at once
+# Of them, one app's: an app whose invocations never end (or whose backlog is deep) must leave the
+# other apps' async work slots of its own. Past it, the app's next one is put back for a while.
+PER_APP = IN_FLIGHT // 2
+PER_APP_WAIT_S = (0.5, 10.0)
 BACKOFF_S = (0.5, 300.0)  # after a function's failure k: 0.5 * 4**(k-1) s, at most 5 min
 PLATFORM_RETRY_S = (1.0, 30.0)
 DURABLE = "dispatcher"
@@ -224,6 +231,7 @@ class Dispatcher:
         self.broker = broker
         self.slots = asyncio.Semaphore(IN_FLIGHT)
         self.running: set[asyncio.Task[None]] = set()
+        self.per_app: dict[str, int] = {}
 
     async def run(self) -> None:
         assert self.broker.js is not None
@@ -246,16 +254,32 @@ class Dispatcher:
                     log.warning("dispatcher: %s", e)
                     await asyncio.sleep(1)
                     continue
-                task = asyncio.create_task(self._one(msgs[0]))
+                msg = msgs[0]
+                app = msg.subject.split(".")[2]  # osless.invoke.{app}.{function}: names hold no dots
+                if self.per_app.get(app, 0) >= PER_APP:
+                    self.slots.release()
+                    await self._later(msg)
+                    continue
+                self.per_app[app] = self.per_app.get(app, 0) + 1
+                task = asyncio.create_task(self._one(msg))
                 self.running.add(task)
-                task.add_done_callback(self._done)
+                task.add_done_callback(functools.partial(self._done, app=app))
         finally:
             for t in self.running:
                 t.cancel()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    async def _later(self, msg: Msg) -> None:
+        """Its app has its share of the slots: back to the stream for a while (no attempt counted)."""
+        tries = msg.metadata.num_delivered or 1
+        with contextlib.suppress(Exception):  # not acked: it comes again after ACK_WAIT_S anyway
+            await msg.nak(delay=min(PER_APP_WAIT_S[0] * 2 ** min(tries - 1, 8), PER_APP_WAIT_S[1]))
+
+    def _done(self, task: asyncio.Task[None], *, app: str) -> None:
         self.running.discard(task)
         self.slots.release()
+        left = self.per_app.pop(app, 1) - 1
+        if left > 0:
+            self.per_app[app] = left
         if not task.cancelled() and (e := task.exception()) is not None:
             log.error("dispatcher: an invocation's handling failed: %r", e, exc_info=e)
 
