@@ -234,3 +234,16 @@ def test_one_app_holding_the_dispatcher_does_not_starve_another_apps_invocations
     assert r.status_code == 202, r.text
     done = final(platform, r.json()["id"], timeout=10)
     assert done["state"] == "succeeded" and done["result"]["message"] == "Hello, neighbour!", done
+
+
+def test_a_result_the_api_cannot_read_is_the_functions_failure_not_a_run_again(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """A function answering JSON the API refuses (an int past Python's digits limit, lifted in the
+    app's own interpreter) fails its attempt: dead after its tries, not run again every ack wait."""
+    key = uuid.uuid4().hex
+    r = post_async(platform, "huge_int", {"key": key})
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=25)
+    assert done["state"] == "dead" and done["attempts"] == 1, done
+    assert done["error"]["code"] == "bad_result" and "result" not in done, done

@@ -217,10 +217,15 @@ def _error_of(status: int, content: bytes) -> dict[str, Any]:
         out: dict[str, Any] = {
             k: cap(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
         }
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         out = {"code": "error", "message": cap(content.decode(errors="replace"))}
     out["status"] = status
     return out
+
+
+def _bad_result(e: Exception) -> bytes:
+    message = f"the function's result is JSON the platform cannot read ({type(e).__name__}: {cap(str(e))})"
+    return json.dumps({"error": {"code": "bad_result", "message": message}}).encode()
 
 
 class Dispatcher:
@@ -341,15 +346,20 @@ class Dispatcher:
             if e.code == "gateway_unreachable":
                 status = 599  # the platform's
         if status == 200:
-            state["state"] = "succeeded"
-            if len(content) <= MAX_RESULT_BYTES:
-                state["result"] = json.loads(content or b"null")
+            try:
+                result = json.loads(content or b"null") if len(content) <= MAX_RESULT_BYTES else None
+            except (ValueError, RecursionError) as e:
+                # The app's answer (an app may lift its own interpreter's limits): its attempt failed.
+                # Left to raise, the invocation would be run again at every ack wait, without end.
+                status, content = 500, _bad_result(e)
             else:
-                state["result"] = None
-                state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
-            await _write(self.broker, state)
-            await msg.ack()
-            return
+                state["state"] = "succeeded"
+                state["result"] = result
+                if len(content) > MAX_RESULT_BYTES:
+                    state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
+                await _write(self.broker, state)
+                await msg.ack()
+                return
         error = _error_of(status, content)
         if status in (500, 502, 504):  # the function's own failure: an attempt
             retries = spec.retries
