@@ -247,3 +247,14 @@ def test_a_result_the_api_cannot_read_is_the_functions_failure_not_a_run_again(
     done = final(platform, r.json()["id"], timeout=25)
     assert done["state"] == "dead" and done["attempts"] == 1, done
     assert done["error"]["code"] == "bad_result" and "result" not in done, done
+
+
+def test_an_event_not_in_utf8_is_refused_with_400(platform: Platform, jobs: dict[str, Any]) -> None:
+    """JSON in UTF-16 (which Python's json reads) is not what an event is: a clear 400, not a 500."""
+    r = platform.http(
+        "POST",
+        "/v1/apps/jobs/functions/echo:invoke",
+        content='{"n": 1}'.encode("utf-16"),
+        headers={"x-osless-invocation-type": "Event", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text
