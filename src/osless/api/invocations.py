@@ -154,9 +154,13 @@ async def _submit(
         "created_at": now,
         "updated_at": now,
     }
+    earlier: int | None = None  # the revision of a state the key's earlier invocation left
     if idempotency_key is not None:
-        with contextlib.suppress(KeyWrongLastSequenceError):  # the key's first one: its state stays
+        try:
             await broker.states.create(_key(invocation_id), json.dumps(state).encode())
+        except KeyWrongLastSequenceError:  # the key's first one: its state stays, if it is a duplicate
+            with contextlib.suppress(KeyNotFoundError):
+                earlier = (await broker.states.get(_key(invocation_id))).revision
     else:
         await broker.states.put(_key(invocation_id), json.dumps(state).encode())
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
@@ -168,6 +172,11 @@ async def _submit(
     )
     if ack.duplicate:
         return (await _read(broker, invocation_id)) or state, False
+    if earlier is not None:
+        # Past the duplicate window the key is new again, but the earlier one's state may outlive it
+        # (its TTL counts from its last write): replaced, unless the dispatcher has written already.
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await broker.states.update(_key(invocation_id), json.dumps(state).encode(), last=earlier)
     return state, True
 
 
@@ -306,14 +315,16 @@ class Dispatcher:
 
         body = json.loads(msg.data)
         app, function, invocation_id = body["app"], body["function"], body["id"]
-        state = await _read(self.broker, invocation_id) or {
-            "id": invocation_id,
-            "app": app,
-            "function": function,
-            "attempts": 0,
-            "created_at": body["created_at"],
-        }
-        if state.get("state") in FINAL:  # delivered again after it ended (a server died before its ack)
+        state = await _read(self.broker, invocation_id)
+        if state is None or state.get("created_at") != body["created_at"]:  # none, or the key's earlier one
+            state = {
+                "id": invocation_id,
+                "app": app,
+                "function": function,
+                "attempts": 0,
+                "created_at": body["created_at"],
+            }
+        elif state.get("state") in FINAL:  # delivered again after it ended (a server died before its ack)
             await msg.ack()
             return
         age = time.time() - body["created_at"]
