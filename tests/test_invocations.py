@@ -133,6 +133,9 @@ def test_async_invokes_are_checked_as_sync_ones(platform: Platform, jobs: dict[s
         "GET", f"/v1/invocations/{accepted['id']}", headers={"authorization": f"Bearer {token}"}
     )
     assert r.status_code == 403, r.text
+    for bad in ("jobs.*-" + "0" * 24, "jobs.>-" + "0" * 24, "Jobs-" + "0" * 24):  # never a key
+        r = platform.http("GET", f"/v1/invocations/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_invocation", r.text
     big = post_async(platform, "echo", {"x": "a" * 300_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "event_too_large"
 

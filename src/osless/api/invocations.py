@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from osless.api.broker import INVOKE_STREAM, Broker
 from osless.api.errors import ApiError
 from osless.api.state import ApiState
 from osless.bounds import cap
+from osless.contracts import APP_NAME_PATTERN
 
 __all__ = [
     "FINAL",
@@ -71,6 +73,7 @@ PER_APP_WAIT_S = (0.5, 10.0)
 BACKOFF_S = (0.5, 300.0)  # after a function's failure k: 0.5 * 4**(k-1) s, at most 5 min
 PLATFORM_RETRY_S = (1.0, 30.0)
 DURABLE = "dispatcher"
+_ID = re.compile(APP_NAME_PATTERN.strip("^$") + "-[0-9a-f]{24}")
 
 
 def _now() -> float:
@@ -95,8 +98,8 @@ def _key(invocation_id: str) -> str:
 
 
 def _valid_id(invocation_id: str) -> bool:
-    app, _, rest = invocation_id.rpartition("-")
-    return bool(app) and len(rest) == 24 and all(c in "0123456789abcdef" for c in rest) and app.islower()
+    """An app's name and 24 hex digits: nothing else may become a key (no `.`, `*` or `>` in it)."""
+    return _ID.fullmatch(invocation_id) is not None
 
 
 async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
