@@ -235,6 +235,24 @@ def test_an_event_not_in_utf8_is_refused_with_400(platform: Platform, jobs: dict
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text
 
 
+def test_what_json_escapes_sixfold_fits_in_the_engine(platform: Platform, jobs: dict[str, Any]) -> None:
+    """DEL is 1 byte in JSON, 6 once escaped (json.dumps' backslash-u007f): an event of them within the limit
+    is accepted (not a 503 as if the engine were down), and a result of them (an app writing its JSON
+    unescaped) ends its invocation once, not over and over as its state could not be stored."""
+    r = platform.http(
+        "POST",
+        "/v1/apps/jobs/functions/echo:invoke",
+        content=b'"' + b"\x7f" * 200_000 + b'"',
+        headers={"x-osless-invocation-type": "Event", "content-type": "application/json"},
+    )
+    assert r.status_code == 202, r.text
+    assert final(platform, r.json()["id"])["state"] == "succeeded"
+    r = post_async(platform, "wide", {"key": uuid.uuid4().hex})
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=25)
+    assert done["state"] == "succeeded" and done["attempts"] == 1, done
+
+
 def test_a_key_reused_past_the_duplicate_window_runs_again(platform: Platform, jobs: dict[str, Any]) -> None:
     """Past the stream's duplicate window a key is new again (docs/api.md), yet the first one's state
     may outlive the window (its 24 h TTL counts from its last write): the new invocation, accepted

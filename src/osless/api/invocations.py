@@ -61,6 +61,7 @@ log = logging.getLogger("osless")
 
 MAX_EVENT_BYTES = 256 * 1024  # as Lambda's async invocations
 MAX_RESULT_BYTES = 256 * 1024
+MAX_STATE_BYTES = 768 * 1024  # a state as stored: under the engine's 1 MiB a message
 FINAL = ("succeeded", "dead")
 STATES = ("queued", "running", "succeeded", "failed", "dead")
 ACK_WAIT_S = 10.0  # a server gone mid-call: another takes its invocations after this
@@ -114,10 +115,21 @@ async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
     return value
 
 
+def _encode(value: object) -> bytes:
+    """JSON as UTF-8, unescaped: json.dumps' escapes make 6 bytes of one (DEL, é) and an event or a
+    result within its limit would pass the engine's (1 MiB a message). A lone surrogate (an app's
+    result may hold one) has no UTF-8: then escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()
+
+
 async def _write(broker: Broker, state: dict[str, Any]) -> None:
     assert broker.states is not None
     state["updated_at"] = _now()
-    await broker.states.put(_key(state["id"]), json.dumps(state).encode())
+    await broker.states.put(_key(state["id"]), _encode(state))
 
 
 @contextlib.asynccontextmanager
@@ -160,16 +172,16 @@ async def _submit(
     earlier: int | None = None  # the revision of a state the key's earlier invocation left
     if idempotency_key is not None:
         try:
-            await broker.states.create(_key(invocation_id), json.dumps(state).encode())
+            await broker.states.create(_key(invocation_id), _encode(state))
         except KeyWrongLastSequenceError:  # the key's first one: its state stays, if it is a duplicate
             with contextlib.suppress(KeyNotFoundError):
                 earlier = (await broker.states.get(_key(invocation_id))).revision
     else:
-        await broker.states.put(_key(invocation_id), json.dumps(state).encode())
+        await broker.states.put(_key(invocation_id), _encode(state))
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
     ack = await broker.js.publish(
         f"osless.invoke.{app}.{function}",
-        json.dumps(body).encode(),
+        _encode(body),
         stream=INVOKE_STREAM,
         headers={"Nats-Msg-Id": invocation_id},
     )
@@ -179,7 +191,7 @@ async def _submit(
         # Past the duplicate window the key is new again, but the earlier one's state may outlive it
         # (its TTL counts from its last write): replaced, unless the dispatcher has written already.
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await broker.states.update(_key(invocation_id), json.dumps(state).encode(), last=earlier)
+            await broker.states.update(_key(invocation_id), _encode(state), last=earlier)
     return state, True
 
 
@@ -222,15 +234,20 @@ async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list
     return found[:limit]
 
 
+def _text(text: str) -> str:
+    """The app's text, capped, in UTF-8 (a lone surrogate replaced): the dead letter stays unescaped."""
+    return cap(text).encode(errors="replace").decode()
+
+
 def _error_of(status: int, content: bytes) -> dict[str, Any]:
     """The function's error as the gateway answered it, capped (it is the app's text)."""
     try:
         error = json.loads(content)["error"]
         out: dict[str, Any] = {
-            k: cap(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
+            k: _text(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
         }
     except (ValueError, KeyError, TypeError, RecursionError):
-        out = {"code": "error", "message": cap(content.decode(errors="replace"))}
+        out = {"code": "error", "message": _text(content.decode(errors="replace"))}
     out["status"] = status
     return out
 
@@ -371,6 +388,9 @@ class Dispatcher:
                 state["result"] = result
                 if len(content) > MAX_RESULT_BYTES:
                     state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
+                elif (size := len(_encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
+                    state["result"] = None
+                    state["result_dropped"] = f"{size} bytes as stored, past the {MAX_STATE_BYTES} kept"
                 await _write(self.broker, state)
                 await msg.ack()
                 return
@@ -418,7 +438,7 @@ class Dispatcher:
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",
-            json.dumps(letter).encode(),
+            _encode(letter),
             headers={"Nats-Msg-Id": body["id"]},
         )
         await _write(self.broker, state)
