@@ -133,6 +133,9 @@ def test_async_invokes_are_checked_as_sync_ones(platform: Platform, jobs: dict[s
         "GET", f"/v1/invocations/{accepted['id']}", headers={"authorization": f"Bearer {token}"}
     )
     assert r.status_code == 403, r.text
+    for bad in ("jobs.*-" + "0" * 24, "jobs.>-" + "0" * 24, "Jobs-" + "0" * 24):  # never a key
+        r = platform.http("GET", f"/v1/invocations/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_invocation", r.text
     big = post_async(platform, "echo", {"x": "a" * 300_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "event_too_large"
 
@@ -206,3 +209,111 @@ def test_the_message_engine_killed_is_started_again_and_keeps_what_it_stored(
     )
     assert final(platform, accepted["id"])["result"] == {"echo": {"after": True}}
     assert platform.http("GET", f"/v1/invocations/{stored}").json()["state"] == "succeeded"
+
+
+def test_a_result_the_api_cannot_read_is_the_functions_failure_not_a_run_again(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """A function answering JSON the API refuses (an int past Python's digits limit, lifted in the
+    app's own interpreter) fails its attempt: dead after its tries, not run again every ack wait."""
+    key = uuid.uuid4().hex
+    r = post_async(platform, "huge_int", {"key": key})
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=25)
+    assert done["state"] == "dead" and done["attempts"] == 1, done
+    assert done["error"]["code"] == "bad_result" and "result" not in done, done
+
+
+def test_an_event_not_in_utf8_is_refused_with_400(platform: Platform, jobs: dict[str, Any]) -> None:
+    """JSON in UTF-16 (which Python's json reads) is not what an event is: a clear 400, not a 500."""
+    r = platform.http(
+        "POST",
+        "/v1/apps/jobs/functions/echo:invoke",
+        content='{"n": 1}'.encode("utf-16"),
+        headers={"x-osless-invocation-type": "Event", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", r.text
+
+
+def test_what_json_escapes_sixfold_fits_in_the_engine(platform: Platform, jobs: dict[str, Any]) -> None:
+    """DEL is 1 byte in JSON, 6 once escaped (json.dumps' backslash-u007f): an event of them within the limit
+    is accepted (not a 503 as if the engine were down), and a result of them (an app writing its JSON
+    unescaped) ends its invocation once, not over and over as its state could not be stored."""
+    r = platform.http(
+        "POST",
+        "/v1/apps/jobs/functions/echo:invoke",
+        content=b'"' + b"\x7f" * 200_000 + b'"',
+        headers={"x-osless-invocation-type": "Event", "content-type": "application/json"},
+    )
+    assert r.status_code == 202, r.text
+    assert final(platform, r.json()["id"])["state"] == "succeeded"
+    r = post_async(platform, "wide", {"key": uuid.uuid4().hex})
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=25)
+    assert done["state"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_a_key_reused_past_the_duplicate_window_runs_again(platform: Platform, jobs: dict[str, Any]) -> None:
+    """Past the stream's duplicate window a key is new again (docs/api.md), yet the first one's state
+    may outlive the window (its 24 h TTL counts from its last write): the new invocation, accepted
+    with 202, must run, not be taken for the first one ended. The window is shortened on the engine
+    for the test, as 24 h would pass."""
+
+    async def window(seconds: float) -> None:
+        nc = await nats.connect(nats_url(platform))
+        try:
+            js = nc.jetstream()
+            config = (await js.stream_info("INVOCATIONS")).config
+            config.duplicate_window = seconds
+            await js.update_stream(config)
+        finally:
+            await nc.close()
+
+    key = uuid.uuid4().hex
+    asyncio.run(window(1.0))
+    try:
+        first = post_async(platform, "count", {"key": key}, key=key)
+        assert first.status_code == 202, first.text
+        assert final(platform, first.json()["id"])["result"] == {"runs": 1}
+        platform.wait_for(
+            lambda: post_async(platform, "count", {"key": key}, key=key).status_code == 202,
+            timeout=10,
+            what="the key new again past the window",
+        )
+    finally:
+        asyncio.run(window(24 * 3600.0))
+    done = platform.wait_for(
+        lambda: (s := final(platform, first.json()["id"]))["result"] != {"runs": 1} and s,
+        timeout=20,
+        what="the second invocation with the key to run",
+    )
+    assert done["state"] == "succeeded" and done["result"] == {"runs": 2}, done
+
+
+def test_one_app_holding_the_dispatcher_does_not_starve_another_apps_invocations(
+    platform: Platform, jobs: dict[str, Any], hello: dict[str, Any]
+) -> None:
+    """A hostile app's invocations that never end (here: 25 s each, more of them than a server runs
+    at once) take at most its share of the dispatcher: another app's invocation still runs at once.
+    Last in this file: it keeps jobs at its share for 25 s after it."""
+    hostile = [post_async(platform, "count", {"key": uuid.uuid4().hex, "sleep": 25}) for _ in range(36)]
+    assert all(r.status_code == 202 for r in hostile), [r.text for r in hostile]
+    platform.wait_for(
+        lambda: (
+            len(
+                platform.http("GET", "/v1/apps/jobs/invocations", params={"state": "running"}).json()["items"]
+            )
+            >= 8
+        ),
+        timeout=20,
+        what="the hostile app's invocations running",
+    )
+    r = platform.http(
+        "POST",
+        "/v1/apps/hello/functions/greet:invoke",
+        json={"name": "neighbour"},
+        headers={"x-osless-invocation-type": "Event"},
+    )
+    assert r.status_code == 202, r.text
+    done = final(platform, r.json()["id"], timeout=10)
+    assert done["state"] == "succeeded" and done["result"]["message"] == "Hello, neighbour!", done

@@ -8,7 +8,9 @@
 - `Dispatcher`: a durable pull consumer (`dispatcher`) shared by all servers, so each message goes to
   one of them. Each invocation runs through the gateway exactly as a sync invoke does
   (`routes.invoke.call_function`); while it runs the message is kept ours (`in_progress`), so a
-  server that dies mid-call lets another take it after `ACK_WAIT_S`.
+  server that dies mid-call lets another take it after `ACK_WAIT_S`. One app holds at most `PER_APP`
+  of a server's `IN_FLIGHT` slots: its next one goes back to the stream for a while (not an attempt),
+  so an app whose functions never end cannot starve the others' async work.
 - Failures of the function (it raised: 500; its timeout: 504; its instance died: 502) count as
   attempts: retried after a backoff (`nak` with a delay) up to `retries` more times while younger than
   `max_age_s`; then `dead`, and the invocation with its error lands in the `DLQ` stream
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +45,7 @@ from osless.api.broker import INVOKE_STREAM, Broker
 from osless.api.errors import ApiError
 from osless.api.state import ApiState
 from osless.bounds import cap
+from osless.contracts import APP_NAME_PATTERN
 
 __all__ = [
     "FINAL",
@@ -56,14 +61,20 @@ log = logging.getLogger("osless")
 
 MAX_EVENT_BYTES = 256 * 1024  # as Lambda's async invocations
 MAX_RESULT_BYTES = 256 * 1024
+MAX_STATE_BYTES = 768 * 1024  # a state as stored: under the engine's 1 MiB a message
 FINAL = ("succeeded", "dead")
 STATES = ("queued", "running", "succeeded", "failed", "dead")
 ACK_WAIT_S = 10.0  # a server gone mid-call: another takes its invocations after this
 PROGRESS_S = 3.0
 IN_FLIGHT = 32  # invocations one server runs at once
+# Of them, one app's: an app whose invocations never end (or whose backlog is deep) must leave the
+# other apps' async work slots of its own. Past it, the app's next one is put back for a while.
+PER_APP = IN_FLIGHT // 2
+PER_APP_WAIT_S = (0.5, 10.0)
 BACKOFF_S = (0.5, 300.0)  # after a function's failure k: 0.5 * 4**(k-1) s, at most 5 min
 PLATFORM_RETRY_S = (1.0, 30.0)
 DURABLE = "dispatcher"
+_ID = re.compile(APP_NAME_PATTERN.strip("^$") + "-[0-9a-f]{24}")
 
 
 def _now() -> float:
@@ -88,8 +99,8 @@ def _key(invocation_id: str) -> str:
 
 
 def _valid_id(invocation_id: str) -> bool:
-    app, _, rest = invocation_id.rpartition("-")
-    return bool(app) and len(rest) == 24 and all(c in "0123456789abcdef" for c in rest) and app.islower()
+    """An app's name and 24 hex digits: nothing else may become a key (no `.`, `*` or `>` in it)."""
+    return _ID.fullmatch(invocation_id) is not None
 
 
 async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
@@ -104,10 +115,21 @@ async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
     return value
 
 
+def _encode(value: object) -> bytes:
+    """JSON as UTF-8, unescaped: json.dumps' escapes make 6 bytes of one (DEL, é) and an event or a
+    result within its limit would pass the engine's (1 MiB a message). A lone surrogate (an app's
+    result may hold one) has no UTF-8: then escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()
+
+
 async def _write(broker: Broker, state: dict[str, Any]) -> None:
     assert broker.states is not None
     state["updated_at"] = _now()
-    await broker.states.put(_key(state["id"]), json.dumps(state).encode())
+    await broker.states.put(_key(state["id"]), _encode(state))
 
 
 @contextlib.asynccontextmanager
@@ -147,20 +169,29 @@ async def _submit(
         "created_at": now,
         "updated_at": now,
     }
+    earlier: int | None = None  # the revision of a state the key's earlier invocation left
     if idempotency_key is not None:
-        with contextlib.suppress(KeyWrongLastSequenceError):  # the key's first one: its state stays
-            await broker.states.create(_key(invocation_id), json.dumps(state).encode())
+        try:
+            await broker.states.create(_key(invocation_id), _encode(state))
+        except KeyWrongLastSequenceError:  # the key's first one: its state stays, if it is a duplicate
+            with contextlib.suppress(KeyNotFoundError):
+                earlier = (await broker.states.get(_key(invocation_id))).revision
     else:
-        await broker.states.put(_key(invocation_id), json.dumps(state).encode())
+        await broker.states.put(_key(invocation_id), _encode(state))
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
     ack = await broker.js.publish(
         f"osless.invoke.{app}.{function}",
-        json.dumps(body).encode(),
+        _encode(body),
         stream=INVOKE_STREAM,
         headers={"Nats-Msg-Id": invocation_id},
     )
     if ack.duplicate:
         return (await _read(broker, invocation_id)) or state, False
+    if earlier is not None:
+        # Past the duplicate window the key is new again, but the earlier one's state may outlive it
+        # (its TTL counts from its last write): replaced, unless the dispatcher has written already.
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await broker.states.update(_key(invocation_id), _encode(state), last=earlier)
     return state, True
 
 
@@ -203,17 +234,27 @@ async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list
     return found[:limit]
 
 
+def _text(text: str) -> str:
+    """The app's text, capped, in UTF-8 (a lone surrogate replaced): the dead letter stays unescaped."""
+    return cap(text).encode(errors="replace").decode()
+
+
 def _error_of(status: int, content: bytes) -> dict[str, Any]:
     """The function's error as the gateway answered it, capped (it is the app's text)."""
     try:
         error = json.loads(content)["error"]
         out: dict[str, Any] = {
-            k: cap(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
+            k: _text(str(error[k])) for k in ("code", "message", "type", "traceback") if k in error
         }
-    except (ValueError, KeyError, TypeError):
-        out = {"code": "error", "message": cap(content.decode(errors="replace"))}
+    except (ValueError, KeyError, TypeError, RecursionError):
+        out = {"code": "error", "message": _text(content.decode(errors="replace"))}
     out["status"] = status
     return out
+
+
+def _bad_result(e: Exception) -> bytes:
+    message = f"the function's result is JSON the platform cannot read ({type(e).__name__}: {cap(str(e))})"
+    return json.dumps({"error": {"code": "bad_result", "message": message}}).encode()
 
 
 class Dispatcher:
@@ -224,6 +265,7 @@ class Dispatcher:
         self.broker = broker
         self.slots = asyncio.Semaphore(IN_FLIGHT)
         self.running: set[asyncio.Task[None]] = set()
+        self.per_app: dict[str, int] = {}
 
     async def run(self) -> None:
         assert self.broker.js is not None
@@ -246,16 +288,32 @@ class Dispatcher:
                     log.warning("dispatcher: %s", e)
                     await asyncio.sleep(1)
                     continue
-                task = asyncio.create_task(self._one(msgs[0]))
+                msg = msgs[0]
+                app = msg.subject.split(".")[2]  # osless.invoke.{app}.{function}: names hold no dots
+                if self.per_app.get(app, 0) >= PER_APP:
+                    self.slots.release()
+                    await self._later(msg)
+                    continue
+                self.per_app[app] = self.per_app.get(app, 0) + 1
+                task = asyncio.create_task(self._one(msg))
                 self.running.add(task)
-                task.add_done_callback(self._done)
+                task.add_done_callback(functools.partial(self._done, app=app))
         finally:
             for t in self.running:
                 t.cancel()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    async def _later(self, msg: Msg) -> None:
+        """Its app has its share of the slots: back to the stream for a while (no attempt counted)."""
+        tries = msg.metadata.num_delivered or 1
+        with contextlib.suppress(Exception):  # not acked: it comes again after ACK_WAIT_S anyway
+            await msg.nak(delay=min(PER_APP_WAIT_S[0] * 2 ** min(tries - 1, 8), PER_APP_WAIT_S[1]))
+
+    def _done(self, task: asyncio.Task[None], *, app: str) -> None:
         self.running.discard(task)
         self.slots.release()
+        left = self.per_app.pop(app, 1) - 1
+        if left > 0:
+            self.per_app[app] = left
         if not task.cancelled() and (e := task.exception()) is not None:
             log.error("dispatcher: an invocation's handling failed: %r", e, exc_info=e)
 
@@ -277,14 +335,16 @@ class Dispatcher:
 
         body = json.loads(msg.data)
         app, function, invocation_id = body["app"], body["function"], body["id"]
-        state = await _read(self.broker, invocation_id) or {
-            "id": invocation_id,
-            "app": app,
-            "function": function,
-            "attempts": 0,
-            "created_at": body["created_at"],
-        }
-        if state.get("state") in FINAL:  # delivered again after it ended (a server died before its ack)
+        state = await _read(self.broker, invocation_id)
+        if state is None or state.get("created_at") != body["created_at"]:  # none, or the key's earlier one
+            state = {
+                "id": invocation_id,
+                "app": app,
+                "function": function,
+                "attempts": 0,
+                "created_at": body["created_at"],
+            }
+        elif state.get("state") in FINAL:  # delivered again after it ended (a server died before its ack)
             await msg.ack()
             return
         age = time.time() - body["created_at"]
@@ -317,15 +377,23 @@ class Dispatcher:
             if e.code == "gateway_unreachable":
                 status = 599  # the platform's
         if status == 200:
-            state["state"] = "succeeded"
-            if len(content) <= MAX_RESULT_BYTES:
-                state["result"] = json.loads(content or b"null")
+            try:
+                result = json.loads(content or b"null") if len(content) <= MAX_RESULT_BYTES else None
+            except (ValueError, RecursionError) as e:
+                # The app's answer (an app may lift its own interpreter's limits): its attempt failed.
+                # Left to raise, the invocation would be run again at every ack wait, without end.
+                status, content = 500, _bad_result(e)
             else:
-                state["result"] = None
-                state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
-            await _write(self.broker, state)
-            await msg.ack()
-            return
+                state["state"] = "succeeded"
+                state["result"] = result
+                if len(content) > MAX_RESULT_BYTES:
+                    state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
+                elif (size := len(_encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
+                    state["result"] = None
+                    state["result_dropped"] = f"{size} bytes as stored, past the {MAX_STATE_BYTES} kept"
+                await _write(self.broker, state)
+                await msg.ack()
+                return
         error = _error_of(status, content)
         if status in (500, 502, 504):  # the function's own failure: an attempt
             retries = spec.retries
@@ -370,7 +438,7 @@ class Dispatcher:
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",
-            json.dumps(letter).encode(),
+            _encode(letter),
             headers={"Nats-Msg-Id": body["id"]},
         )
         await _write(self.broker, state)

@@ -2,6 +2,7 @@
 are counted on a volume, per key: a retry may land on another instance."""
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,3 +42,21 @@ def flaky(event, ctx):
 @app.function(retries=1)
 def broken(event, ctx):
     raise ValueError("always broken")
+
+
+@app.function(retries=0)
+def huge_int(event, ctx):
+    # An app lifts its own interpreter's limit: its answer is JSON the API's Python refuses to read.
+    sys.set_int_max_str_digits(0)
+    return {"runs": _count("huge-" + event["key"]), "n": 10**5000}
+
+
+@app.function(retries=0)
+def wide(event, ctx):
+    # An app changes how its own interpreter writes JSON: DEL unescaped, 1 byte, not 6 (\u007f).
+    import functools
+    import json
+
+    if not isinstance(json.dumps, functools.partial):
+        json.dumps = functools.partial(json.dumps, ensure_ascii=False)
+    return {"runs": _count("wide-" + event["key"]), "text": "\x7f" * 200_000}

@@ -83,10 +83,10 @@ async def enqueue(
             f"an async invocation's event is at most {invocations.MAX_EVENT_BYTES // 1024} KiB "
             f"(this one: {len(body)} bytes); pass a reference to the data instead",
         )
-    try:
-        json.loads(body or b"null")
-    except ValueError as e:
-        raise ApiError(400, "malformed_json", f"the event must be JSON: {e}") from e
+    try:  # UTF-8 JSON: json.loads would take bytes in UTF-16 or 32 too, which the event is stored as
+        json.loads((body or b"null").decode())
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise ApiError(400, "malformed_json", f"the event must be JSON in UTF-8: {e}") from e
     key = request_headers.get("idempotency-key")
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError(
