@@ -280,13 +280,14 @@ class Dispatcher:
                 await self.slots.acquire()
                 try:
                     msgs = await sub.fetch(1, timeout=5)
-                except TimeoutError:
-                    self.slots.release()
-                    continue
                 except Exception as e:
                     self.slots.release()
-                    log.warning("dispatcher: %s", e)
-                    await asyncio.sleep(1)
+                    # A cancel that lands as the fetch times out may come back as its timeout (3.11's
+                    # wait_for, nats-py's next_msg), and would keep the dispatcher, and a stop, going.
+                    _raise_if_cancelled()
+                    if not isinstance(e, TimeoutError):
+                        log.warning("dispatcher: %s", e)
+                        await asyncio.sleep(1)
                     continue
                 msg = msgs[0]
                 app = msg.subject.split(".")[2]  # osless.invoke.{app}.{function}: names hold no dots
@@ -443,3 +444,10 @@ class Dispatcher:
         )
         await _write(self.broker, state)
         await msg.ack()
+
+
+def _raise_if_cancelled() -> None:
+    """Raise the cancel a library turned into another error (its task is still being cancelled)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

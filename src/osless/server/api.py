@@ -63,6 +63,7 @@ log = logging.getLogger("osless")
 KEEP_BACKUPS = 3
 SECRET_KEY_CHECK = "/meta/secretkey"
 GATEWAY_FOLLOW_S = 2.0
+STOP_TASKS_S = 5.0  # what a stop waits for its tasks to end once cancelled
 
 
 @dataclass
@@ -378,7 +379,11 @@ class ApiHost:
             await self.builder.stop()
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.tasks:
+            # A task that swallowed its cancel must not hold the stop (and the children) forever.
+            _, stuck = await asyncio.wait(self.tasks, timeout=STOP_TASKS_S)
+            for t in stuck:
+                log.error("%s did not stop within %.0f s; stopping without it", t.get_name(), STOP_TASKS_S)
         if self.server_lease is not None:  # peers stop asking it now, not when its lease lapses
             await self.server_lease.drop()
         if self.server is not None:
