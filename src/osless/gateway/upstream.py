@@ -421,6 +421,10 @@ class Upstream:
             if sock is not None:  # small requests go at once, not after the last one's ACK
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transport.is_closing():
+                # Its node died as the connection was made: gone before a byte (uvloop would raise
+                # on the write), so another instance may take the request.
+                raise RelayDown(f"{where}: the relay closed the connection at once")
             transport.write(relaywire.preamble(relay.token, relay.instance, relay.kind))
             assert conn.answer is not None
             try:
