@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import logging
-import os
 import signal
 import socket
 
 from osless.client import AsyncApi
 from osless.gateway.proxy import Gateway
 from osless.gateway.router import Router
+from osless.pdeathsig import die_with_parent
 
 __all__ = ["READY", "main", "serve"]
 
@@ -34,17 +33,6 @@ log = logging.getLogger("osless.gateway")
 READY = b"ready\n"
 MAX_TOKEN_BYTES = 4096
 SYNC_TIMEOUT_S = 30.0  # a routing table that cannot be read by then: exit, and `osless up` tries again
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL when `osless up` dies, however it dies; at once if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
-    if os.getppid() != parent:  # it died before the prctl: no signal will come
-        raise SystemExit("osless up is gone")
 
 
 def _read_token(control: socket.socket) -> str:
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
     parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent, signal.SIGKILL)
     # Ctrl-C in a terminal reaches the whole process group: `osless up` decides, and says SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(

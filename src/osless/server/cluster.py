@@ -14,8 +14,6 @@ process die without doing so (PR_SET_PDEATHSIG). A child that dies is said loudl
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -29,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from osless.pdeathsig import die_with_parent
 from osless.server.api import save_credentials
 from osless.server.nats import NatsChild
 from osless.server.node import private_dir
@@ -39,7 +38,6 @@ log = logging.getLogger("osless")
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-PR_SET_PDEATHSIG = 1
 NODES = 3  # parts: etcd, nats-server, the server, then the nodes
 
 
@@ -87,14 +85,6 @@ class Part:
         return self.proc.poll()
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the parent dies (and at once if it already has)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _etcd_binary() -> str:
     found = shutil.which("etcd", path=str(Path(sys.executable).parent)) or shutil.which("etcd")
     if not found:
@@ -128,7 +118,7 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # the terminal's Ctrl-C is ours to pass on, in order
-                preexec_fn=lambda: _die_with_parent(parent),
+                preexec_fn=lambda: die_with_parent(parent),
             )
         part = Part(name, proc, log_path, info={"pid": proc.pid, **info})
         self.parts.append(part)

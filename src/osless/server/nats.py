@@ -10,13 +10,10 @@ cluster of its own instead, given to each server with `--nats`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sysconfig
@@ -24,13 +21,11 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from osless.server.builder_child import BACKOFF_S, STEADY_S, _die_with_parent
+from osless.pdeathsig import die_with_parent
+from osless.server.children import KeptChild
 
 __all__ = ["NatsChild", "nats_binary"]
 
-log = logging.getLogger("osless")
-
-STOP_GRACE_S = 10.0  # JetStream flushes its files on SIGTERM
 READY_S = 15.0
 
 
@@ -59,15 +54,17 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class NatsChild:
+class NatsChild(KeptChild):
     """One nats-server with JetStream, kept up: `start` (until it answers), `run`, `stop`."""
 
+    what = "nats-server"
+    stop_grace_s = 10.0  # JetStream flushes its files on SIGTERM
+
     def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__()
         self.dir = data_dir / "nats"
         self.port = port or _free_port()
         self.token = secrets.token_urlsafe(32)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -94,7 +91,7 @@ class NatsChild:
             return True
         return False
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def spawn(self) -> subprocess.Popen[bytes]:
         args = self.command()
         parent = os.getpid()
         log_file = open(self.dir / "nats.log", "ab")  # noqa: SIM115 - handed to the child
@@ -105,14 +102,14 @@ class NatsChild:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                preexec_fn=lambda: _die_with_parent(parent),
+                preexec_fn=lambda: die_with_parent(parent),
             )
         finally:
             log_file.close()
 
     def start(self) -> None:
         """Started, and answering on its port (from the caller's thread: PR_SET_PDEATHSIG follows it)."""
-        self.proc = self._spawn()
+        self.proc = self.spawn()
         deadline = time.monotonic() + READY_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -125,33 +122,3 @@ class NatsChild:
                 return
             time.sleep(0.02)
         raise SystemExit(f"nats-server did not answer on 127.0.0.1:{self.port} within {READY_S:.0f}s")
-
-    async def run(self) -> None:
-        """Keep it up until `stop` (same port and token: the API's client reconnects)."""
-        delay = BACKOFF_S[0]
-        while not self._stopping:
-            assert self.proc is not None
-            started = time.monotonic()
-            code = await asyncio.to_thread(self.proc.wait)
-            if self._stopping:
-                return
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            log.error("nats-server (pid %d) %s; starting it again", self.proc.pid, how)
-            if time.monotonic() - started >= STEADY_S:
-                delay = BACKOFF_S[0]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_S[1])
-            self.proc = self._spawn()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), STOP_GRACE_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.to_thread(proc.wait)
