@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from osless import tokens
 from osless.api import grants
 from osless.api.errors import ApiError
 from osless.api.models import now
@@ -134,7 +135,7 @@ GATEWAY_PREFIX = "gateway:"
 # What `POST /v1/tokens` makes; a node token is what `osless node join` runs with.
 Grantable = Literal["admin", "deploy", "read", "debug", "invoke", "node", "controller", "builder"]
 GRANTABLE: tuple[str, ...] = get_args(Grantable)
-TOKEN_PREFIX = "osl_"
+TOKEN_PREFIX = tokens.PLAIN
 ID_LEN = 12
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"
 # What an invoke token may be limited to: `APP.FUNCTION`, or `APP.*` for every function of APP.

@@ -15,19 +15,13 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from osless import tokens
+
 __all__ = ["SecretBox", "load_key"]
 
 KEY_ENV = "OSLESS_SECRET_KEY"
-APP_TOKEN_PREFIX = "osla_"
-# Names of apps and nodes hold no "_", so the parts of a scoped token split cleanly.
-SCOPED_PREFIXES = {
-    "reader": "oslr_",
-    "invoker": "osli_",
-    "peer": "oslp_",
-    "volumes": "oslv_",
-    "runner": "oslc_",
-    "debugger": "osld_",
-}
+APP_TOKEN_PREFIX = tokens.APP
+SCOPED_PREFIXES = tokens.SCOPED
 PEER_SCOPE = "platform"  # the `app` part of a peer token: it is for no app
 
 

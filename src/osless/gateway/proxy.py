@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import httptools
 import httpx
 
+from osless import tokens
 from osless.api.ratelimit import Buckets, Rate
 from osless.client import AsyncApi
 from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
@@ -69,8 +70,8 @@ TOKEN_CACHE_SIZE = 1024
 # Calls of public functions (no token) per client address, per gateway process: a token bucket.
 PUBLIC_RATE = Rate(per_s=10.0, burst=20.0)
 PUBLIC_CLIENTS_REMEMBERED = 10_000
-# What the API's tokens look like (an app's own: osla_; what the API shows for its own calls: osli_).
-TOKEN_PREFIXES = ("osl_", "osla_", "osli_")
+# The API's tokens a gateway takes: kept ones, an app's own, and the API's for its own calls.
+TOKEN_PREFIXES = (tokens.PLAIN, tokens.APP, tokens.SCOPED["invoker"])
 TOKEN_CHARS = re.compile(r"[A-Za-z0-9_.~+/=-]{1,512}")  # what any of them is made of
 FUNCTION_NAME = re.compile(FUNCTION_NAME_PATTERN)
 

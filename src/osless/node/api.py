@@ -32,7 +32,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from osless import runwire
+from osless import runwire, tokens
 from osless.logs import follow, read_tail
 from osless.node import debug, volapi
 from osless.node.volumes import Volumes
@@ -45,10 +45,9 @@ Runner = Callable[[WebSocket, str], Awaitable[None]]
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
-# The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_,
-# a runner oslc_).
-_TOKEN_PREFIXES = ("osl_", "osla_", "oslr_", "oslv_", "oslc_", "osld_")
-_NODE_BOUND = ("reader", "volumes", "runner", "debugger")  # roles of tokens the API makes for one node
+# The API's tokens that a node takes: kept ones, an app's own, and those the API makes for one node.
+_TOKEN_PREFIXES = (tokens.PLAIN, tokens.APP, *(tokens.SCOPED[role] for role in tokens.NODE_BOUND))
+_NODE_BOUND = tokens.NODE_BOUND
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import httpx
 
-from osless import relaywire
+from osless import relaywire, tokens
 from osless.node.supervisor import Supervisor
 from osless.peercred import PeerMismatch, check_peer
 
@@ -49,7 +49,7 @@ STALE_OK_S = 600.0  # while the API cannot answer, a gateway token it said yes t
 THROTTLED_OK_S = 10.0
 TOKEN_CACHE_SIZE = 1024
 THROTTLED = "throttled"
-TOKEN_PREFIX = "osl_"  # what the API's tokens look like: anything else is not worth asking about
+TOKEN_PREFIX = tokens.PLAIN  # what the API's tokens look like: anything else is not worth asking about
 
 
 class Local(NamedTuple):
