@@ -224,6 +224,36 @@ def _at(node: Node) -> str:
     return node.api
 
 
+async def _ask(
+    state: ApiState,
+    client: httpx.AsyncClient,
+    app: str,
+    holder: Node,
+    method: str,
+    tail: str,
+    *,
+    expect: int,
+    params: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    content: AsyncIterator[bytes] | None = None,
+) -> Any:
+    """Ask the node holding the volume (`{node api}/volumes/apps/{app}/{tail}`) with a token shown to
+    it alone: its JSON answer (None for an empty one), its refusal passed on, or a 503."""
+    try:
+        async with client.stream(
+            method,
+            f"{_at(holder)}/volumes/apps/{app}/{tail}",
+            params=params,
+            headers={**_shown(state, app, holder.name), **(headers or {})},
+            content=content,
+        ) as resp:
+            if resp.status_code != expect:
+                raise await _passed_on(resp, holder.name)
+            return None if expect == 204 else await _read(resp)
+    except httpx.HTTPError as e:
+        raise ApiError(503, "node_unavailable", f"node {holder.name} did not answer: {e}") from None
+
+
 def _checked(path: str) -> str:
     """`path` as the node is sent it: checked (no '..', NUL, absolute), then quoted."""
     try:
@@ -279,18 +309,9 @@ async def list_entries(
         raise ApiError(400, "invalid_path", f"{e} (got {cap(path, 200)!r})") from None
     async with _client() as client:
         holder, uid = await _holder(state, client, app, vol, node)
-        try:
-            async with client.stream(
-                "GET",
-                f"{_at(holder)}/volumes/apps/{app}/{vol}/entries",
-                params={"path": path, "uid": uid},
-                headers=_shown(state, app, holder.name),
-            ) as resp:
-                if resp.status_code != 200:
-                    raise await _passed_on(resp, holder.name)
-                got = await _read(resp)
-        except httpx.HTTPError as e:
-            raise ApiError(503, "node_unavailable", f"node {holder.name} did not answer: {e}") from None
+        got = await _ask(
+            state, client, app, holder, "GET", f"{vol}/entries", expect=200, params={"path": path, "uid": uid}
+        )
     try:
         return EntryList(node=holder.name, items=got["items"], truncated=got["truncated"], limit=got["limit"])
     except (KeyError, TypeError, ValueError):
@@ -391,19 +412,20 @@ async def put_file(
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(NODE_TRANSFER_S, connect=NODE_CONNECT_S)) as client:
         holder, uid = await _holder(state, client, app, vol, node)
-        try:
-            async with client.stream(
-                "PUT",
-                f"{_at(holder)}/volumes/apps/{app}/{vol}/files/{where}",
-                params={"force": "true" if force else "false", "uid": uid},
-                headers={**_shown(state, app, holder.name), "content-length": length},
-                content=body(),
-            ) as resp:
-                if resp.status_code != 201:
-                    raise await _passed_on(resp, holder.name)
-                got = await _read(resp)
-        except httpx.HTTPError as e:
-            raise ApiError(503, "node_unavailable", f"node {holder.name} did not answer: {e}") from None
+        got = await _ask(
+            state,
+            client,
+            app,
+            holder,
+            "PUT",
+            f"{vol}/files/{where}",
+            expect=201,
+            params={"force": "true" if force else "false", "uid": uid},
+            headers={"content-length": length},
+            content=body(),
+        )
+    if not isinstance(got, dict):
+        raise ApiError(503, "node_unavailable", f"node {holder.name} answered no file")
     return {"node": holder.name, "path": str(got.get("path", path)), "size": int(got.get("size", length))}
 
 
@@ -425,15 +447,14 @@ async def delete_file(
     where = _checked(path)
     async with httpx.AsyncClient(timeout=httpx.Timeout(NODE_TRANSFER_S, connect=NODE_CONNECT_S)) as client:
         holder, uid = await _holder(state, client, app, vol, node)
-        try:
-            async with client.stream(
-                "DELETE",
-                f"{_at(holder)}/volumes/apps/{app}/{vol}/files/{where}",
-                params={"recursive": "true" if recursive else "false", "uid": uid},
-                headers=_shown(state, app, holder.name),
-            ) as resp:
-                if resp.status_code != 204:
-                    raise await _passed_on(resp, holder.name)
-        except httpx.HTTPError as e:
-            raise ApiError(503, "node_unavailable", f"node {holder.name} did not answer: {e}") from None
+        await _ask(
+            state,
+            client,
+            app,
+            holder,
+            "DELETE",
+            f"{vol}/files/{where}",
+            expect=204,
+            params={"recursive": "true" if recursive else "false", "uid": uid},
+        )
     return Response(status_code=204)
