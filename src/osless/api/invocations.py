@@ -367,6 +367,7 @@ class Dispatcher:
             return
         state["attempts"] = int(state.get("attempts", 0)) + 1
         state["state"] = "running"
+        state["started_at"] = _now()  # this attempt's: with `finished_at`, how long it ran
         state.pop("error", None)
         await _write(self.broker, state)
         headers = {"x-osless-request-id": invocation_id}
@@ -386,6 +387,7 @@ class Dispatcher:
                 status, content = 500, _bad_result(e)
             else:
                 state["state"] = "succeeded"
+                state["finished_at"] = _now()
                 state["result"] = result
                 if len(content) > MAX_RESULT_BYTES:
                     state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
@@ -436,6 +438,7 @@ class Dispatcher:
         assert self.broker.js is not None
         state["state"] = "dead"
         state["error"] = error
+        state["finished_at"] = _now()
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",
