@@ -7,9 +7,10 @@ whoever asks and however often: a leader taking over mid-tick may fire the tick 
 
 When it starts leading (or sees a schedule first, or changed, or resumed) it looks back once: the
 latest tick since the schedule's last run is fired if it is at most `GRACE_S` late (the old leader
-died on it), or, later than that, if the schedule says `catch_up` (the platform was down); otherwise
-skipped. A schedule that never ran has nothing to catch up. Then each tick fires as it comes; ticks
-missed while the loop was held up are one, the latest.
+died on it; so is each tick before it within `GRACE_S`), or, later than that, if the schedule says
+`catch_up` (the platform was down: once, not once per missed tick); otherwise skipped. A schedule
+that never ran has nothing to catch up. Then each tick fires as it comes; ticks missed while the
+loop was held up are one, the latest.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ REFRESH_S = 1.0
 GRACE_S = 5.0
 NAP_S = 0.25  # the longest sleep: a refresh, a pause or a leadership change is seen within it
 FIRE_S = 10.0
+MAX_LOOK_BACK = 10  # fresh ticks fired at a take-over, before the latest
 
 Key = tuple[str, str]
 
@@ -100,6 +102,13 @@ class Clock:
             since = max(last or 0, int(s.get("changed_at") or 0))  # ticks while paused do not count
             if last is not None and due > since:
                 if now - due <= GRACE_S:
+                    # The old leader may have stopped a few ticks back: each of those still fresh.
+                    tick = schedules.next_tick(s, max(since, now - GRACE_S - 1))
+                    for _ in range(MAX_LOOK_BACK):
+                        if tick >= due:
+                            break
+                        self._fire(key, tick)
+                        tick = schedules.next_tick(s, tick)
                     self._fire(key, due)
                 elif s.get("catch_up"):
                     log.info("schedule %s.%s: catching up on the tick of %d", *key, due)
