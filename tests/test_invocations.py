@@ -102,6 +102,20 @@ def nats_url(p: Platform) -> str:
     return f"nats://{token}@127.0.0.1:{port}"
 
 
+def test_a_listing_holds_the_newest_ones_without_their_results(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """The API keeps only the newest `limit` as it reads a day of states, and no result (up to
+    256 KiB each): what a listing holds is bounded by its limit."""
+    ids = [post_async(platform, "echo", {"n": n, "pad": "x" * 10_000}).json()["id"] for n in range(5)]
+    for invocation_id in ids:
+        assert final(platform, invocation_id)["result"]["echo"]["n"] >= 0
+    r = platform.http("GET", "/v1/apps/jobs/invocations", params={"limit": 3, "state": "succeeded"})
+    listed = r.json()["items"]
+    assert [i["id"] for i in listed] == ids[::-1][:3]
+    assert all("result" not in i and i["state"] == "succeeded" for i in listed), listed
+
+
 def test_an_idempotency_key_accepts_the_invocation_once(platform: Platform, jobs: dict[str, Any]) -> None:
     key = uuid.uuid4().hex
     first = post_async(platform, "count", {"key": key}, key=key)
