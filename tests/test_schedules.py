@@ -17,6 +17,8 @@ from osless import schedules
 from tests.platform import Platform, copy_app
 
 TICKER = Path(__file__).parent / "apps" / "ticker"
+BEAT = "@app.schedule(every=timedelta(seconds=1))\n"
+JAN_2025, JAN_2026 = 1_735_689_600, 1_767_225_600  # 00:00 UTC
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_a_schedule_runs_each_tick_once_within_a_second_of_it(
         assert run["duration_s"] is not None and run["attempts"] == 1
 
     listed = {s["name"]: s for s in platform.cli_json("schedule", "ls", "ticker")}
-    assert set(listed) == {"beat", "broken"}
+    assert set(listed) == {"beat", "broken", "yearly_caught_up", "yearly_skipped"}
     assert listed["beat"]["every_s"] == 1 and listed["beat"]["cron"] is None
     assert listed["broken"]["cron"] == "* * * * * *" and listed["broken"]["tz"] == "Europe/Paris"
     assert not listed["beat"]["paused"] and listed["beat"]["next_tick"] > listed["beat"]["last_tick"]
@@ -109,7 +111,7 @@ def test_pausing_needs_deploy_and_names_a_real_schedule(platform: Platform, tick
     assert r.status_code == 403, r.text
     r = platform.http("POST", "/v1/apps/ticker/schedules/nope:pause")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_schedule"
-    assert "beat, broken" in r.json()["error"]["message"]
+    assert "beat, broken, yearly_caught_up" in r.json()["error"]["message"]
     out = platform.cli("schedule", "pause", "ticker", check=False)
     assert out.returncode != 0 and "APP.NAME" in out.stdout + out.stderr
     # a tick is the leader's to fire, and only a real one
@@ -120,10 +122,15 @@ def test_pausing_needs_deploy_and_names_a_real_schedule(platform: Platform, tick
 def test_schedules_follow_the_current_release(
     platform: Platform, ticker: dict[str, Any], tmp_path: Path
 ) -> None:
+    """A deploy that drops a schedule stops it, a rollback brings it back; a yearly tick missed
+    meanwhile (its last run set back a year) runs once with catch_up, and is skipped without."""
     ended(platform, "beat", 1)
+    for name in ("yearly_caught_up", "yearly_skipped"):  # as if they last ran on 2025-01-01
+        r = platform.http("POST", f"/v1/apps/ticker/schedules/{name}/ticks", json={"tick": JAN_2025})
+        assert r.status_code == 200, r.text
     changed = copy_app(TICKER, tmp_path / "ticker")
     source = (changed / "app.py").read_text()
-    (changed / "app.py").write_text(source.replace("@app.schedule(every=timedelta(seconds=1))\n", ""))
+    (changed / "app.py").write_text(source.split("# Yearly")[0].replace(BEAT, ""))
     platform.deploy(changed)
     dropped_at = time.time()
     assert {s["name"] for s in platform.cli_json("schedule", "ls", "ticker")} == {"broken"}
@@ -132,12 +139,24 @@ def test_schedules_follow_the_current_release(
 
     platform.cli("rollback", "ticker")
     back_at = time.time()
-    assert {s["name"] for s in platform.cli_json("schedule", "ls", "ticker")} == {"beat", "broken"}
+    assert {s["name"] for s in platform.cli_json("schedule", "ls", "ticker")} == {
+        "beat",
+        "broken",
+        "yearly_caught_up",
+        "yearly_skipped",
+    }
     platform.wait_for(
         lambda: any(r["tick"] >= back_at and r["state"] == "succeeded" for r in runs(platform, "beat")),
         timeout=20,
         what="beat to run again after the rollback",
     )
+    caught = platform.wait_for(
+        lambda: [r for r in runs(platform, "yearly_caught_up") if r["state"] == "succeeded"],
+        timeout=10,
+        what="the missed yearly tick to run",
+    )
+    assert [r["tick"] for r in caught] == [JAN_2026, JAN_2025]  # the latest missed one, once
+    assert [r["tick"] for r in runs(platform, "yearly_skipped")] == [JAN_2025]
 
 
 def test_a_bad_cron_expression_is_a_deploy_error(platform: Platform, tmp_path: Path) -> None:

@@ -22,3 +22,14 @@ def broken(ctx):
 @app.function()
 def echo(event, ctx):
     return event
+
+
+# Yearly: they tick in the test only when their last run is set back (test_schedules_follow_...).
+@app.schedule("0 0 1 1 *", catch_up=True)
+def yearly_caught_up(ctx):
+    return "caught up"
+
+
+@app.schedule("0 0 1 1 *")
+def yearly_skipped(ctx):
+    return "never"
