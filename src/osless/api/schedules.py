@@ -28,7 +28,7 @@ from osless.api.broker import Broker
 from osless.api.errors import ApiError
 from osless.api.models import now
 from osless.api.state import ApiState
-from osless.contracts import ScheduleManifest
+from osless.contracts import App, ScheduleManifest
 from osless.store import Conflict, Store
 
 __all__ = ["MAX_RUNS", "ScheduleState", "fire", "history", "list_schedules", "set_paused"]
@@ -78,13 +78,24 @@ async def _update(store: Store, app: str, name: str, change: Any) -> ScheduleSta
     raise ApiError(409, "conflict", f"schedule {app}.{name} is changing too often; try again")
 
 
-async def _declared(state: ApiState, app: str) -> dict[str, ScheduleManifest]:
+# Releases never change: each one's schedules, read once, by app, version and image (a new app of
+# an old name starts its versions again, never with the same image). Bounded: dropped whole when full.
+_DECLARED: dict[tuple[str, int, str | None], dict[str, ScheduleManifest]] = {}
+_DECLARED_MAX = 4096
+
+
+async def _declared(state: ApiState, app: str, found: App | None = None) -> dict[str, ScheduleManifest]:
     """The schedules of the app's current release (none before its first)."""
-    a = await state.resources.get_app(app)
+    a = found or await state.resources.get_app(app)
     if a.current_release is None:
         return {}
-    release = await state.resources.get_release(app, a.current_release)
-    return dict(release.manifest.schedules)
+    key = (app, a.current_release, a.current_image)
+    if (known := _DECLARED.get(key)) is None:
+        release = await state.resources.get_release(app, a.current_release)
+        if len(_DECLARED) >= _DECLARED_MAX:
+            _DECLARED.clear()
+        known = _DECLARED[key] = dict(release.manifest.schedules)
+    return known
 
 
 def _view(app: str, name: str, spec: ScheduleManifest, got: ScheduleState) -> dict[str, Any]:
@@ -96,7 +107,10 @@ def _view(app: str, name: str, spec: ScheduleManifest, got: ScheduleState) -> di
     return {
         "app": app,
         "name": name,
-        **{k: spec_json.get(k) for k in ("cron", "every_s", "tz", "catch_up")},
+        "cron": spec.cron,
+        "every_s": spec.every_s,
+        "tz": spec.tz,
+        "catch_up": spec.catch_up,
         "paused": got.paused,
         "changed_at": got.changed_at,
         "last_tick": got.last_tick,
@@ -107,11 +121,12 @@ def _view(app: str, name: str, spec: ScheduleManifest, got: ScheduleState) -> di
 async def list_schedules(state: ApiState, app: str | None = None) -> list[dict[str, Any]]:
     """Every app's schedules (or one app's), as their current releases declare them, with their state."""
     store = state.resources.store
-    names = [app] if app is not None else [a.name for a in (await state.resources.list_apps())[0]]
+    apps = [await state.resources.get_app(app)] if app is not None else (await state.resources.list_apps())[0]
     out = []
-    for name in names:
+    for a in apps:
+        name = a.name
         try:
-            declared = await _declared(state, name)
+            declared = await _declared(state, name, a)
         except ApiError:
             if app is not None:
                 raise
