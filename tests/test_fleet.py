@@ -171,6 +171,63 @@ def test_deploys_and_config_changes_work_with_one_etcd_member_stopped(cluster: C
     server.cli("scale", "configured", "--max", "1")  # and writes go on with the member back
 
 
+def _beats(server: Server) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = server.http("GET", "/v1/apps/ticker/schedules/beat/runs").json()["items"]
+    return items
+
+
+def test_with_two_servers_a_schedule_fires_once_per_tick(cluster: Cluster) -> None:
+    """A second `osless server` on the same etcd and message engine: both run controllers, one leads
+    and fires; the leadership moved to the other mid-run, every tick still runs once."""
+    server = cluster.server
+    key = (server.data_dir / "secret.key").read_text().strip()
+    token = (server.data_dir / "nats" / "token").read_text().strip()
+    conf = (server.data_dir / "nats" / "nats.conf").read_text()
+    port = conf.split('listen: "127.0.0.1:', 1)[1].split('"', 1)[0]
+    engine = f"nats://{token}@127.0.0.1:{port}"
+    other = Server(
+        cluster.root / "server3" / "data",
+        etcd=cluster.etcd.url(),
+        up_env={"OSLESS_SECRET_KEY": key, "OSLESS_NATS": engine},
+    ).start()
+    try:
+        server.deploy(APPS / "ticker")
+        server.cli("schedule", "pause", "ticker.broken")  # one schedule is enough here
+        server.wait_for(
+            lambda: len([r for r in _beats(server) if r["state"] == "succeeded"]) >= 3, timeout=60
+        )
+        assert other.proc is not None
+        theirs = f"-{other.proc.pid}-"
+        deadline = time.monotonic() + 60
+        while theirs not in (now := _leader(server) or ""):
+            assert time.monotonic() < deadline, f"the other server never took the leadership: {now}"
+            if now:
+                server.http("DELETE", "/v1/leaders/controllers", params={"holder": now})
+            time.sleep(0.05)
+        moved_at = time.time()
+        server.wait_for(
+            lambda: (
+                len([r for r in _beats(server) if r["tick"] > moved_at and r["state"] == "succeeded"]) >= 3
+            ),
+            timeout=30,
+            what="three ticks fired by the other server",
+        )
+        time.sleep(1.5)  # the last ones end
+        runs = _beats(server)
+        ticks = sorted(r["tick"] for r in runs)
+        assert len(ticks) == len(set(ticks)), ticks  # one run per tick
+        # none skipped across the move (the newest may be still running)
+        assert ticks == list(range(ticks[0], ticks[-1] + 1)), ticks
+        for r in runs:
+            if r["state"] == "succeeded":
+                assert r["attempts"] == 1 and r["started_at"] - r["tick"] < 1.0, r
+        invoked = server.http("GET", "/v1/apps/ticker/invocations", params={"limit": 1000}).json()["items"]
+        assert sorted(i["id"] for i in invoked if i["function"] == "beat") == sorted(r["id"] for r in runs)
+    finally:
+        other.stop(signal.SIGKILL)
+        server.cli("apps", "delete", "ticker", "--yes", check=False)
+
+
 def _leader(server: Server) -> str | None:
     r = server.http("GET", "/v1/leaders/controllers")
     return str(r.json()["holder"]) if r.status_code == 200 else None

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def nats_url(p: Platform) -> str:
     return f"nats://{token}@127.0.0.1:{port}"
 
 
+def test_a_listing_holds_the_newest_ones_without_their_results(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """The API keeps only the newest `limit` as it reads a day of states, and no result (up to
+    256 KiB each): what a listing holds is bounded by its limit."""
+    ids = [post_async(platform, "echo", {"n": n, "pad": "x" * 10_000}).json()["id"] for n in range(5)]
+    for invocation_id in ids:
+        assert final(platform, invocation_id)["result"]["echo"]["n"] >= 0
+    r = platform.http("GET", "/v1/apps/jobs/invocations", params={"limit": 3, "state": "succeeded"})
+    listed = r.json()["items"]
+    assert [i["id"] for i in listed] == ids[::-1][:3]
+    assert all("result" not in i and i["state"] == "succeeded" for i in listed), listed
+
+
 def test_an_idempotency_key_accepts_the_invocation_once(platform: Platform, jobs: dict[str, Any]) -> None:
     key = uuid.uuid4().hex
     first = post_async(platform, "count", {"key": key}, key=key)
@@ -181,6 +196,40 @@ def test_no_accepted_invocation_is_lost_when_the_platform_is_killed(tmp_path: Pa
         assert sorted(i["id"] for i in listed if i["function"] == "count") == sorted(accepted)
     finally:
         second.stop()
+
+
+def test_an_instance_killed_amid_a_stream_leaves_every_invocation_one_final_state(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """kill -9 of the instance running a stream of async invocations: those in it fail an attempt
+    (502, its instance died) and run again on its replacement; every accepted one ends once."""
+    tag = uuid.uuid4().hex[:8]
+    accepted = []
+    for i in range(12):
+        r = post_async(platform, "count", {"key": f"{tag}-{i}", "sleep": 3})
+        assert r.status_code == 202, r.text
+        accepted.append(r.json()["id"])
+
+    def running() -> list[str]:
+        states = [platform.http("GET", f"/v1/invocations/{i}").json()["state"] for i in accepted]
+        return [i for i, s in zip(accepted, states, strict=True) if s == "running"]
+
+    hit = platform.wait_for(running, timeout=30, what="invocations running")
+    victims = [i for i in platform.instances("jobs") if i["status"]["phase"] == "ready"]
+    for instance in victims:
+        os.kill(instance["status"]["pid"], signal.SIGKILL)
+    ended = {i: final(platform, i, timeout=120) for i in accepted}
+    assert all(e["state"] == "succeeded" for e in ended.values()), [
+        e for e in ended.values() if e["state"] != "succeeded"
+    ]
+    assert any(ended[i]["attempts"] >= 2 for i in hit), [ended[i] for i in hit]  # the kill hit them
+    time.sleep(1)  # nothing ends twice: the final states stay as they were
+    again = [platform.http("GET", f"/v1/invocations/{i}").json() for i in accepted]
+    assert [(a["state"], a["attempts"]) for a in again] == [
+        (e["state"], e["attempts"]) for e in ended.values()
+    ]
+    listed = platform.http("GET", "/v1/apps/jobs/invocations", params={"limit": 1000}).json()["items"]
+    assert sorted(i["id"] for i in listed if i["id"] in set(accepted)) == sorted(accepted)
 
 
 def engine_pid(p: Platform) -> int | None:

@@ -327,6 +327,22 @@ class FunctionManifest(_ManifestPart):
     max_age_s: int = Field(default=3600, ge=60, le=21600)
 
 
+class ScheduleManifest(_ManifestPart):
+    """`@app.schedule`: when the function of its name runs (checked with croniter at deploy:
+    `osless.schedules.check`). Exactly one of `cron` and `every_s`."""
+
+    cron: str | None = Field(default=None, min_length=9, max_length=200)
+    every_s: int | None = Field(default=None, ge=1, le=31 * 24 * 3600)
+    tz: str = Field(default="UTC", max_length=100)
+    catch_up: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleManifest:
+        if (self.cron is None) == (self.every_s is None):
+            raise PydanticCustomError("schedule_kind", "exactly one of cron and every_s")
+        return self
+
+
 class WebManifest(_ManifestPart):
     name: FunctionName
     memory_mb: MemoryMb
@@ -386,6 +402,9 @@ class ImageManifest(_ManifestPart):
     release: list[Annotated[str, Field(min_length=1, max_length=RELEASE_COMMAND_CHARS)]] = Field(
         default_factory=list, max_length=MAX_RELEASE_COMMANDS
     )
+
+    # `@app.schedule`s, by the name of the function each runs. Absent when none (older digests stay).
+    schedules: dict[FunctionName, ScheduleManifest] = Field(default_factory=dict, max_length=100)
 
     def archived_layers(self) -> dict[str, LayerArchiveRef]:
         """Each layer's archive by the layer's id (none for an image from before archives)."""

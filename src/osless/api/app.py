@@ -41,6 +41,7 @@ from osless.api.routes import (
     volumes,
 )
 from osless.api.routes import audit as audit_routes
+from osless.api.routes import schedules as schedule_routes
 from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.state import ApiState
 
@@ -199,6 +200,7 @@ def create_app(state: ApiState) -> FastAPI:
         tokens,
         volumes,
         audit_routes,
+        schedule_routes,
     )
     for module in routers:
         _check_permissions(module.router)

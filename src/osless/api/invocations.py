@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import re
@@ -209,7 +210,8 @@ async def get_invocation(broker: Broker, invocation_id: str) -> dict[str, Any]:
 
 
 async def list_invocations(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
-    """The app's invocations of the last 24 h, newest first."""
+    """The app's newest `limit` invocations of the last 24 h, newest first, without their results
+    (`get_invocation` has them)."""
     assert broker.states is not None
     async with engine_errors():
         return await _list(broker, app, state, limit)
@@ -218,20 +220,28 @@ async def list_invocations(broker: Broker, app: str, state: str | None, limit: i
 async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
     assert broker.states is not None
     # A watch of the app's keys (a subject filter on the server): the latest value of each, then None.
+    # A day of them may be millions: only the newest `limit` are held, and none with its result
+    # (up to 256 KiB each), so what a listing holds is bounded by its `limit`, not by the traffic.
     watcher = await broker.states.watch(f"{app}.*", ignore_deletes=True)
-    found: list[dict[str, Any]] = []
+    newest: list[tuple[float, str, dict[str, Any]]] = []  # a min-heap: the oldest kept on top
     try:
         async for entry in watcher:
             if entry is None:
                 break
-            if entry.value:
-                item = json.loads(entry.value)
-                if state is None or item.get("state") == state:
-                    found.append(item)
+            if not entry.value:
+                continue
+            item = json.loads(entry.value)
+            if state is not None and item.get("state") != state:
+                continue
+            item.pop("result", None)
+            ranked = (float(item.get("created_at", 0)), str(item.get("id", "")), item)
+            if len(newest) < limit:
+                heapq.heappush(newest, ranked)
+            elif ranked[:2] > newest[0][:2]:
+                heapq.heapreplace(newest, ranked)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
-    found.sort(key=lambda s: s.get("created_at", 0), reverse=True)
-    return found[:limit]
+    return [item for _, _, item in sorted(newest, key=lambda r: r[:2], reverse=True)]
 
 
 def _text(text: str) -> str:
@@ -367,6 +377,7 @@ class Dispatcher:
             return
         state["attempts"] = int(state.get("attempts", 0)) + 1
         state["state"] = "running"
+        state["started_at"] = _now()  # this attempt's: with `finished_at`, how long it ran
         state.pop("error", None)
         await _write(self.broker, state)
         headers = {"x-osless-request-id": invocation_id}
@@ -386,6 +397,7 @@ class Dispatcher:
                 status, content = 500, _bad_result(e)
             else:
                 state["state"] = "succeeded"
+                state["finished_at"] = _now()
                 state["result"] = result
                 if len(content) > MAX_RESULT_BYTES:
                     state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
@@ -436,6 +448,7 @@ class Dispatcher:
         assert self.broker.js is not None
         state["state"] = "dead"
         state["error"] = error
+        state["finished_at"] = _now()
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",

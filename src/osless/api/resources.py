@@ -229,6 +229,7 @@ class Resources:
                         f"/releases/{name}/",
                         f"/confighistory/{name}/",
                         f"/grants/{name}/",  # who may call it: a new app of the name starts with none
+                        f"/schedules/{name}/",  # paused or not, runs: a new app of the name has its own
                         f"{PLACED_PREFIX}{name}/",  # where it ran: a new app of the name ran nowhere
                         *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
                     ],

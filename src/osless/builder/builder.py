@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from osless import schedules
 from osless.builder.appname import read_app_name
 from osless.builder.hints import missing_module, relative
 from osless.builder.process import STDOUT_CHARS, BuildError, Log, Run, run, tail
@@ -247,6 +248,7 @@ class Builder:
             "config": app["config"],
             # Only when declared: an image without release steps keeps the digest it had before them.
             **({"release": app["release"]} if app.get("release") else {}),
+            **({"schedules": app["schedules"]} if app.get("schedules") else {}),
         }
         try:  # the SDK checked the app's part; this is the contract every reader holds it to
             manifest = ImageManifest.model_validate(fields)
@@ -635,6 +637,11 @@ class Builder:
             raise BuildError(
                 f"The app's manifest is refused: {str(e)[:300]}. Fix the App(...) declarations."
             ) from e
+        for name, spec in (app.get("schedules") or {}).items():
+            try:
+                schedules.check(name, spec)
+            except ValueError as e:
+                raise BuildError(f"@app.schedule: {e}. Fix it, then deploy again.") from e
         return app, entry
 
     def _jail(self, spec: dict[str, Any], cmd: list[str]) -> list[str]:

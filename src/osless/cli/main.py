@@ -36,6 +36,7 @@ from osless.cli.output import (
     usage_failed,
     when,
 )
+from osless.cli.schedules import schedule_app
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
 from osless.cli.volumes import volumes_app
@@ -308,6 +309,7 @@ app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
+app.add_typer(schedule_app, name="schedule")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The controllers together: one leadership, the scheduler and the autoscaler acting while it holds."""
+"""The controllers together: one leadership; the scheduler, the autoscaler and the clock (schedules)
+acting while it holds."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 
 from osless.client import AsyncApi
 from osless.controllers.autoscaler import Autoscaler
+from osless.controllers.clock import Clock
 from osless.controllers.leader import TTL_S, Leadership
 from osless.controllers.scheduler import Scheduler
 
@@ -19,6 +21,7 @@ async def run_controllers(api: AsyncApi, holder: str | None = None, ttl_s: float
         asyncio.create_task(leadership.run(), name="the leadership"),
         asyncio.create_task(Scheduler(api, leadership).run(), name="the scheduler"),
         asyncio.create_task(Autoscaler(api, leadership).run(), name="the autoscaler"),
+        asyncio.create_task(Clock(api, leadership).run(), name="the clock"),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

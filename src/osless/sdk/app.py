@@ -6,12 +6,22 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 from osless.sdk.config import Field, Settings, check_fields, read_schema
 from osless.sdk.errors import UsageError
 
-__all__ = ["DEFAULT_VOLUME_MB", "App", "ConfigHook", "FunctionSpec", "Volume", "WebSpec", "read_volumes"]
+__all__ = [
+    "DEFAULT_VOLUME_MB",
+    "App",
+    "ConfigHook",
+    "FunctionSpec",
+    "ScheduleSpec",
+    "Volume",
+    "WebSpec",
+    "read_volumes",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Called with {key: new value} after each change; sync or async.
@@ -37,6 +47,10 @@ MIN_VOLUME_MB, MAX_VOLUME_MB = 16, 1024 * 1024
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 65536
 # Build steps: shell commands, each logged and shown in errors, so a few and short.
 MAX_BUILD_STEPS, MAX_BUILD_STEP_CHARS = 20, 4096
+# Schedules: a time zone's IANA name (checked against the zone database at deploy), and how many.
+TZ_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9][A-Za-z0-9_+-]{0,30}){0,2}$")
+MAX_SCHEDULES = 100
+MAX_EVERY_S = 31 * 24 * 3600  # as osless.schedules
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,24 @@ class FunctionSpec:
             spec["retries"] = self.retries
         if self.max_age_s != DEFAULT_MAX_AGE_S:
             spec["max_age_s"] = self.max_age_s
+        return spec
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """When the function of the same name runs: a cron expression in a time zone, or every N seconds.
+    The expression and the zone are checked at deploy (by the builder, with croniter: not here, in
+    the app's sandbox, which has neither)."""
+
+    name: str
+    cron: str | None
+    every_s: int | None
+    tz: str = "UTC"
+    catch_up: bool = False  # a tick missed while the platform was down: run once at start (or skip)
+
+    def manifest(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"cron": self.cron} if self.cron is not None else {"every_s": self.every_s}
+        spec.update(tz=self.tz, catch_up=self.catch_up)
         return spec
 
 
@@ -130,6 +162,7 @@ class App:
     # Build steps: commands run at build time, in the build sandbox; their output goes into the image.
     build: list[str] = field(default_factory=list)
     functions: dict[str, FunctionSpec] = field(default_factory=dict, init=False)
+    schedules: dict[str, ScheduleSpec] = field(default_factory=dict, init=False)
     web_spec: WebSpec | None = field(default=None, init=False)
     settings: Settings | None = field(default=None, init=False, repr=False)
     config_hooks: list[ConfigHook] = field(default_factory=list, init=False, repr=False)
@@ -217,6 +250,77 @@ class App:
 
         return register
 
+    def schedule(
+        self,
+        cron: str | None = None,
+        *,
+        every: timedelta | None = None,
+        tz: str = "UTC",
+        catch_up: bool = False,
+        name: str | None = None,
+        memory_mb: int = 256,
+        timeout_s: float = 30.0,
+        retries: int = DEFAULT_RETRIES,
+        max_age_s: int = DEFAULT_MAX_AGE_S,
+    ) -> Callable[[F], F]:
+        """Run `handler(ctx)` on a schedule: `@app.schedule("*/5 * * * *", tz="Europe/Paris")` (five
+        cron fields, or six with seconds last) or `@app.schedule(every=timedelta(minutes=5))`.
+
+        Each tick runs once across the platform, as an async invocation of the function of the same
+        name (so `retries` and `max_age_s` as for `@app.function`). A tick missed while the platform
+        was down runs once when it is back with `catch_up=True`; it is skipped otherwise."""
+        if callable(cron):
+            raise UsageError(
+                '@app.schedule needs its schedule: write @app.schedule("*/5 * * * *") or '
+                "@app.schedule(every=timedelta(minutes=5))"
+            )
+        if (cron is None) == (every is None):
+            raise UsageError("@app.schedule takes exactly one of a cron expression and every=timedelta(...)")
+        every_s: int | None = None
+        if cron is not None:
+            if not isinstance(cron, str) or len(cron.split()) not in (5, 6) or len(cron) > 200:
+                raise UsageError(
+                    f"@app.schedule({cron!r}): give a cron expression of 5 fields "
+                    "(minute hour day month weekday, e.g. '*/5 * * * *') or 6 (seconds last)"
+                )
+        elif not isinstance(every, timedelta) or every.total_seconds() < 1 or every.total_seconds() % 1:
+            raise UsageError(
+                f"@app.schedule(every={every!r}): give a timedelta of whole seconds, 1 s or more"
+            )
+        else:
+            every_s = int(every.total_seconds())
+            if every_s > MAX_EVERY_S:
+                raise UsageError(f"@app.schedule(every={every!r}): at most {MAX_EVERY_S // 86400} days")
+        if not isinstance(tz, str) or not TZ_RE.fullmatch(tz):
+            raise UsageError(f"@app.schedule(tz={tz!r}): give an IANA time zone such as 'Europe/Paris'")
+        if not isinstance(catch_up, bool):
+            raise UsageError(f"@app.schedule(catch_up={catch_up!r}): give True or False")
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise UsageError(f"@app.schedule() decorates a function, not {type(fn).__name__}")
+            sname = name or fn.__name__
+            if inspect.iscoroutinefunction(fn):
+
+                async def arun(event: Any, ctx: Any) -> Any:
+                    return await fn(ctx)
+
+                runner: Callable[..., Any] = arun
+            else:
+
+                def run(event: Any, ctx: Any) -> Any:
+                    return fn(ctx)
+
+                runner = run
+            runner.__name__ = sname
+            self.function(
+                name=sname, memory_mb=memory_mb, timeout_s=timeout_s, retries=retries, max_age_s=max_age_s
+            )(runner)
+            self.schedules[sname] = ScheduleSpec(sname, cron, every_s, tz, catch_up)
+            return fn
+
+        return register
+
     def web(
         self,
         _fn: Callable[..., Any] | None = None,
@@ -287,7 +391,9 @@ class App:
             "egress": sorted(self.egress),
             "config": self.settings.manifest() if self.settings is not None else {},
         }
-        # Steps only when given: the manifests of apps without them stay as they were.
+        # Steps and schedules only when given: the manifests of apps without them stay as they were.
+        if self.schedules:
+            out["schedules"] = {n: sc.manifest() for n, sc in sorted(self.schedules.items())}
         if self.release:
             out["release"] = list(self.release)
         if self.build:
@@ -437,7 +543,32 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         "release": _check_release(raw.get("release") or []),
         "config": read_schema(raw.get("config") or {}),
         "build": _check_build(raw.get("build") or []),
+        **(
+            {"schedules": schedules} if (schedules := _check_schedules(raw.get("schedules"), checked)) else {}
+        ),
     }
+
+
+def _check_schedules(raw: object, functions: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's schedules, in shape: each one names a function; the expression and the zone
+    are the builder's to check (`osless.schedules.check`, with croniter)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or len(raw) > MAX_SCHEDULES:
+        raise UsageError(f"the manifest's schedules are not a mapping of at most {MAX_SCHEDULES}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in raw.items():
+        if not isinstance(name, str) or name not in functions:
+            raise UsageError(f"schedule {str(name)[:50]!r} names no function of the app")
+        keys = {"tz", "catch_up"}
+        if not isinstance(spec, Mapping) or set(spec) not in (keys | {"cron"}, keys | {"every_s"}):
+            raise UsageError(f"schedule {name!r} needs exactly cron or every_s, tz and catch_up")
+        if not isinstance(spec["tz"], str) or not TZ_RE.fullmatch(spec["tz"]):
+            raise UsageError(f"schedule {name!r}: tz {str(spec['tz'])[:64]!r} is not a time zone's name")
+        if not isinstance(spec["catch_up"], bool):
+            raise UsageError(f"schedule {name!r}: catch_up is true or false")
+        out[name] = dict(spec)
+    return out
 
 
 MAX_RELEASE_COMMANDS, RELEASE_COMMAND_CHARS = 10, 4096  # as `osless.contracts` holds a manifest to
