@@ -242,7 +242,7 @@ class NodeAgent:
         for iid in list(self.supervisors):
             if iid not in desired:
                 sup = self.supervisors.pop(iid)
-                self._background(sup.stop())
+                self._background(sup.stop("removed from this node (scaled down, a new release, or moved)"))
         for iid, obj in desired.items():
             if iid not in self.supervisors:
                 if not await self._has_manifest(iid, obj):

@@ -148,6 +148,8 @@ class Supervisor:
         self._unreported = False
 
     def start(self) -> None:
+        # Platform events (stream "osless") in the instance's log: where it came from and went.
+        self.log.write(f"instance placed on this node (release {self.release}): starting", "osless")
         self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
 
     def _set_soon(self, **changes: Any) -> asyncio.Task[None]:
@@ -191,6 +193,7 @@ class Supervisor:
         """One run: (why it ended, whether it was replaced rather than ended)."""
         # Not waited for: a start from zero is on a request's path, and the fork needs nothing of it.
         self._set_soon(phase="starting", message=None)
+        forked = time.monotonic()
         self._runs += 1
         run = _Run(self._runs)
         try:
@@ -223,6 +226,7 @@ class Supervisor:
             web, control = run.sockets
             await self._set(phase="ready", pid=child.pid, socket=str(web), control=str(control))
             self._ready.set()
+            self.log.write(f"instance ready in {(time.monotonic() - forked) * 1000:.0f}ms", "osless")
             watch = asyncio.create_task(self._watch(run))
             either: list[asyncio.Future[Any]] = [watch, child.exited]
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -249,6 +253,8 @@ class Supervisor:
                 pid=None,
             )
             self.log.write(f"instance {reason}", "osless")
+        else:
+            self.log.write(f"instance stopped ({reason})", "osless")
         return reason, False
 
     async def _watch(self, run: _Run) -> tuple[str, bool]:
@@ -359,8 +365,11 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""
+    async def stop(self, why: str | None = None) -> None:
+        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended. `why`: for
+        the log."""
+        if why is not None and not self._stopping.is_set():
+            self.log.write(f"instance stopping: {why}", "osless")
         self._stopping.set()
         self._kill(signal.SIGTERM)
         for run in list(self._retired):
