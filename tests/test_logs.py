@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +14,7 @@ import pytest
 
 from osless.logs import LogFilter, LogWriter, instance_line, read_tail
 from osless.runtime.applog import MARK
-from tests.platform import Platform
+from tests.platform import OSLESS, Platform
 
 APPS = Path(__file__).parent / "apps"
 
@@ -212,10 +212,7 @@ def test_a_crash_is_a_platform_event_in_the_stream(chatty: Platform) -> None:
 def test_piped_logs_are_never_wrapped(chatty: Platform) -> None:
     word = f"long{time.monotonic_ns()}" + "x" * 200
     assert chatty.invoke("chatty", "note", {"word": word})[0] == 200
-    env = {k: v for k, v in chatty.env.items() if k != "COLUMNS"}
-    import subprocess
-
-    from tests.platform import OSLESS
+    env = {k: v for k, v in chatty.env.items() if k != "COLUMNS"}  # rich would take 80 columns
 
     def shown() -> str | None:
         out = subprocess.run(
@@ -226,4 +223,3 @@ def test_piped_logs_are_never_wrapped(chatty: Platform) -> None:
     out = chatty.wait_for(shown, timeout=30, what="the long line")
     (line,) = [x for x in out.splitlines() if f"printed {word}" in x]
     assert len(line) > 200 and line.endswith(f"printed {word}")
-    assert os.environ.get("COLUMNS") is None or True
