@@ -209,6 +209,14 @@ def test_a_crash_is_a_platform_event_in_the_stream(chatty: Platform) -> None:
     assert ready and all(x["stream"] == "osless" for x in ready)
 
 
+def test_an_oom_kill_in_a_living_instance_is_a_platform_event(chatty: Platform) -> None:
+    status, body = chatty.invoke("chatty", "hog_child", {})
+    assert status == 200 and body["code"] == -9, body
+    # Seen at the instance's next health check (every 5 s or so), from its cgroup's memory events.
+    recs = _wait_logs(chatty, ["--grep", "OOM killer killed a process"], lambda recs: bool(recs))
+    assert recs[-1]["stream"] == "osless" and "limit is 256 MB" in recs[-1]["line"]
+
+
 def test_piped_logs_are_never_wrapped(chatty: Platform) -> None:
     word = f"long{time.monotonic_ns()}" + "x" * 200
     assert chatty.invoke("chatty", "note", {"word": word})[0] == 200

@@ -262,6 +262,7 @@ class Supervisor:
         in a row: (why, whether to let it stop gracefully)."""
         assert run.child is not None
         failures = 0
+        ooms = 0
         while True:
             # Spread out: instances started together are not all asked in the same instant.
             every = HEALTH_EVERY_S * random.uniform(0.8, 1.2)
@@ -269,6 +270,16 @@ class Supervisor:
             if done:
                 return run.child.recycle.result(), True
             problem = await _health_problem(run.sockets[1])
+            # A process of the instance (a subprocess, a worker) the OOM killer took while the
+            # instance lives on: said in its log, as an instance killed is when it exits.
+            kills = run.cgroup.oom_kills() if run.cgroup is not None else 0
+            if kills > ooms:
+                ooms = kills
+                self.log.write(
+                    f"out of memory: the kernel's OOM killer killed a process of the instance "
+                    f"({kills} so far in this run; its limit is {self.limits.memory_mb} MB)",
+                    "osless",
+                )
             failures = failures + 1 if problem else 0
             if problem:
                 self.log.write(f"health check failed ({failures} of {HEALTH_FAILURES}): {problem}", "osless")

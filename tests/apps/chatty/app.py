@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 
 import osless
 
@@ -19,6 +21,13 @@ def note(event, ctx):
 @app.function()
 def crash(event, ctx):
     os._exit(3)
+
+
+@app.function(timeout_s=30)
+def hog_child(event, ctx):
+    # A child past the instance's memory limit: the OOM killer takes it, the instance lives on.
+    done = subprocess.run([sys.executable, "-c", "b = b'x' * (600 << 20)"], check=False)
+    return {"code": done.returncode}
 
 
 @app.web()
