@@ -49,7 +49,8 @@ MAX_AT_LAST = 1000  # records kept per node at its last time, to skip them when 
 
 
 def _size(rec: dict[str, Any]) -> int:
-    return len(rec["line"]) + len(rec["source"]) + len(rec["stream"]) + RECORD_OVERHEAD
+    extra = len(rec.get("logger", "")) + len(rec.get("access", {}).get("path", ""))
+    return len(rec["line"]) + len(rec["source"]) + len(rec["stream"]) + extra + RECORD_OVERHEAD
 
 
 class _Newest:
