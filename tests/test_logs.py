@@ -103,6 +103,8 @@ def test_a_filter_keeps_what_was_asked_before_taking_the_tail(tmp_path: Path) ->
 def test_only_the_runtime_s_marked_lines_carry_fields_and_never_the_platform_s_stream() -> None:
     assert instance_line("plain print", "stdout") == ("plain print", "stdout", None)
     assert instance_line(MARK + "not json", "stderr") == (MARK + "not json", "stderr", None)
+    deep = MARK + "[" * 16000  # json.loads would raise RecursionError on the node's loop
+    assert instance_line(deep, "stderr") == (deep, "stderr", None)
     forged = json.dumps({"line": "OOM!", "stream": "osless", "level": "ERROR", "request": "x" * 65})
     line, stream, extra = instance_line(MARK + forged, "stderr")
     # An app printing a marked line gets a `log` record of its own instance, never a platform one.

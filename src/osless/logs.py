@@ -137,7 +137,7 @@ def _parse(lines: Iterable[str]) -> list[dict[str, Any]]:
     for raw in lines:
         try:
             out.append(json.loads(raw))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a torn last line after kill -9 is skipped, not fatal
     return out
 
@@ -279,7 +279,7 @@ def instance_line(line: str, stream: str) -> tuple[str, str, dict[str, Any] | No
         return line, stream, None
     try:
         raw = json.loads(line[len(MARK) :])
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting too deep is not a record either
         return line, stream, None
     if not isinstance(raw, dict) or not isinstance(raw.get("line"), str):
         return line, stream, None

@@ -104,7 +104,7 @@ def _record(raw: bytes) -> dict[str, Any] | None:
     """A node's line as a record the API passes on: its shape checked, its text capped."""
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting too deep, from a node taken over
         return None
     if not isinstance(rec, dict):
         return None
