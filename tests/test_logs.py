@@ -233,3 +233,17 @@ def test_piped_logs_are_never_wrapped(chatty: Platform) -> None:
     out = chatty.wait_for(shown, timeout=30, what="the long line")
     (line,) = [x for x in out.splitlines() if f"printed {word}" in x]
     assert len(line) > 200 and line.endswith(f"printed {word}")
+
+
+def test_scaling_up_and_down_are_platform_events(chatty: Platform) -> None:
+    def placed() -> list[dict[str, Any]]:
+        return [x for x in _logs(chatty, "--grep", "placed on this node") if x["stream"] == "osless"]
+
+    before = len(placed())
+    chatty.cli("scale", "chatty", "--min", "2", "--max", "2")
+    try:
+        chatty.wait_for(lambda: len(placed()) > before, what="a second instance placed")
+    finally:
+        chatty.cli("scale", "chatty", "--min", "1", "--max", "1")
+    down = _wait_logs(chatty, ["--grep", "instance stopping: scaled down"], lambda recs: bool(recs))
+    assert down[-1]["stream"] == "osless" and down[-1]["source"].startswith("chatty-")

@@ -116,6 +116,7 @@ class Supervisor:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
+        self.made_for_restart: int = int(instance.get("restart") or 0)  # the app's `restart` then
         self.image: str = instance["image"]
         status = instance.get("status") or {}
         self.status: dict[str, Any] = {
