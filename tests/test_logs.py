@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from osless.logs import LogWriter, read_tail
+from osless.logs import LogFilter, LogWriter, instance_line, read_tail
+from osless.runtime.applog import MARK
+from tests.platform import OSLESS, Platform
+
+APPS = Path(__file__).parent / "apps"
 
 CAP = 64 * 1024
 
@@ -75,3 +84,166 @@ def test_a_rotated_log_keeps_the_newest_within_twice_its_cap(tmp_path: Path) -> 
 def test_a_tiny_cap_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 2048 bytes"):
         LogWriter(tmp_path / "x.log", source="x", cap_bytes=100)
+
+
+def test_a_filter_keeps_what_was_asked_before_taking_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "i-1.log"
+    w = LogWriter(path, source="i-1", cap_bytes=CAP)
+    w.write("needle early")
+    w.write("hay", extra={"request": "r1"})
+    for i in range(50):
+        w.write(f"more hay {i}")
+    w.close()
+    assert [r["line"] for r in read_tail([path], 1, LogFilter(grep="needle"))] == ["needle early"]
+    assert [r["line"] for r in read_tail([path], 10, LogFilter(request="r1"))] == ["hay"]
+    assert read_tail([path], 10, LogFilter(since=time.time() + 60)) == []
+    assert len(read_tail([path], 100, LogFilter(since=time.time() - 60))) == 52
+
+
+def test_only_the_runtime_s_marked_lines_carry_fields_and_never_the_platform_s_stream() -> None:
+    assert instance_line("plain print", "stdout") == ("plain print", "stdout", None)
+    assert instance_line(MARK + "not json", "stderr") == (MARK + "not json", "stderr", None)
+    deep = MARK + "[" * 16000  # json.loads would raise RecursionError on the node's loop
+    assert instance_line(deep, "stderr") == (deep, "stderr", None)
+    forged = json.dumps({"line": "OOM!", "stream": "osless", "level": "ERROR", "request": "x" * 65})
+    line, stream, extra = instance_line(MARK + forged, "stderr")
+    # An app printing a marked line gets a `log` record of its own instance, never a platform one.
+    assert (line, stream, extra) == ("OOM!", "log", {"level": "ERROR"})
+    access = {"method": "GET", "path": "/a", "status": 200, "duration_ms": 1.5, "cold": True}
+    line, stream, extra = instance_line(MARK + json.dumps({"line": "GET /a", "access": access}), "stderr")
+    assert stream == "access" and extra == {"access": access}
+
+
+# On the session's platform: tests/apps/chatty, deployed once for these tests.
+
+
+@pytest.fixture(scope="module")
+def chatty(platform: Platform) -> Platform:
+    platform.deploy_warm(APPS / "chatty")
+    return platform
+
+
+def _logs(platform: Platform, *args: str) -> list[dict[str, Any]]:
+    out = platform.cli("logs", "chatty", "--json", *args).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _wait_logs(
+    platform: Platform, args: list[str], until: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = platform.wait_for(
+        lambda: (lambda recs: recs if until(recs) else None)(_logs(platform, *args)),
+        timeout=30,
+        what=f"osless logs chatty {' '.join(args)}",
+    )
+    return got
+
+
+def test_a_web_request_leaves_one_access_line_and_its_logging_with_its_request_id(chatty: Platform) -> None:
+    r = httpx.get(f"{chatty.gateway}/chatty/hello?secret=1", timeout=30)
+    assert r.status_code == 200, r.text
+    rid = r.headers["x-osless-request-id"]
+    recs = _wait_logs(chatty, ["--request", rid], lambda recs: any(x["stream"] == "access" for x in recs))
+    assert {x["request"] for x in recs} == {rid}  # only this request's lines
+    (access,) = [x for x in recs if x["stream"] == "access"]
+    a = access["access"]
+    assert (a["method"], a["path"], a["status"]) == ("GET", "/chatty/hello", 200)
+    assert a["duration_ms"] > 0 and isinstance(a["cold"], bool) and "secret" not in access["line"]
+    assert access["source"].startswith("chatty-") and access["line"].endswith(("cold", "warm"))
+    (logged,) = [x for x in recs if x["stream"] == "log"]
+    assert (logged["line"], logged["level"], logged["logger"]) == (
+        "serving /chatty/hello",
+        "WARNING",
+        "chatty",
+    )
+    # The next request on the same instance is warm.
+    r2 = httpx.get(f"{chatty.gateway}/chatty/missing", timeout=30)
+    assert r2.status_code == 404
+    again = _wait_logs(chatty, ["--request", r2.headers["x-osless-request-id"]], lambda recs: len(recs) >= 2)
+    (access2,) = [x for x in again if x["stream"] == "access"]
+    assert access2["access"]["status"] == 404
+    if access2["source"] == access["source"]:
+        assert access2["access"]["cold"] is False
+
+
+def test_an_invocation_leaves_an_access_line_and_its_logging_info_as_json(chatty: Platform) -> None:
+    word = f"w{time.monotonic_ns()}"
+    status, body = chatty.invoke("chatty", "note", {"word": word})
+    assert status == 200, body
+    rid = body["request_id"]
+    recs = _wait_logs(chatty, ["--request", rid], lambda recs: any(x["stream"] == "access" for x in recs))
+    (access,) = [x for x in recs if x["stream"] == "access"]
+    assert access["access"]["method"] == "INVOKE" and access["access"]["path"] == "note"
+    assert access["access"]["status"] == 200
+    (info,) = [x for x in recs if x["stream"] == "log"]
+    assert (info["line"], info["level"], info["request"]) == (f"noted {word}", "INFO", rid)
+    # --grep: only lines holding the text, the print and the logging record, of no request of its own.
+    grepped = _logs(chatty, "--grep", word)
+    assert sorted(x["line"] for x in grepped) == [f"noted {word}", f"printed {word}"]
+    # --since: a window that ended before the word was written holds none of it.
+    time.sleep(1.5)
+    assert _logs(chatty, "--grep", word, "--since", "1s") == []
+    assert len(_logs(chatty, "--grep", word, "--since", "10m")) == 2
+    # As a person reads it: the request id and level before the line.
+    shown = chatty.cli("logs", "chatty", "--request", rid).stdout
+    assert f"{rid} INFO noted {word}" in shown
+
+
+def test_a_bad_filter_is_refused_with_what_to_fix(chatty: Platform) -> None:
+    r = chatty.http("GET", "/v1/apps/chatty/logs", params={"request": "../x"})
+    assert r.status_code == 422 or r.status_code == 400, r.text
+    r = chatty.http("GET", "/v1/apps/chatty/logs", params={"grep": "x" * 300})
+    assert r.status_code in (400, 422) and "grep" in r.text
+    bad = chatty.cli("logs", "chatty", "--since", "soon", check=False)
+    assert bad.returncode != 0 and "--since takes a duration" in bad.stderr
+
+
+def test_a_crash_is_a_platform_event_in_the_stream(chatty: Platform) -> None:
+    status, _ = chatty.invoke("chatty", "crash", {})
+    assert status >= 500
+    recs = _wait_logs(
+        chatty, ["--grep", "exited with code 3"], lambda recs: any(x["stream"] == "osless" for x in recs)
+    )
+    assert all(x["stream"] == "osless" and x["source"].startswith("chatty-") for x in recs)
+    restarted = _wait_logs(chatty, ["--grep", "restarting in"], lambda recs: bool(recs))
+    assert restarted[-1]["stream"] == "osless"
+    ready = _logs(chatty, "--grep", "instance ready in")
+    assert ready and all(x["stream"] == "osless" for x in ready)
+
+
+def test_an_oom_kill_in_a_living_instance_is_a_platform_event(chatty: Platform) -> None:
+    status, body = chatty.invoke("chatty", "hog_child", {})
+    assert status == 200 and body["code"] == -9, body
+    # Seen at the instance's next health check (every 5 s or so), from its cgroup's memory events.
+    recs = _wait_logs(chatty, ["--grep", "OOM killer killed a process"], lambda recs: bool(recs))
+    assert recs[-1]["stream"] == "osless" and "limit is 256 MB" in recs[-1]["line"]
+
+
+def test_piped_logs_are_never_wrapped(chatty: Platform) -> None:
+    word = f"long{time.monotonic_ns()}" + "x" * 200
+    assert chatty.invoke("chatty", "note", {"word": word})[0] == 200
+    env = {k: v for k, v in chatty.env.items() if k != "COLUMNS"}  # rich would take 80 columns
+
+    def shown() -> str | None:
+        out = subprocess.run(
+            [OSLESS, "logs", "chatty", "--grep", word], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+        return out if f"printed {word}" in out else None
+
+    out = chatty.wait_for(shown, timeout=30, what="the long line")
+    (line,) = [x for x in out.splitlines() if f"printed {word}" in x]
+    assert len(line) > 200 and line.endswith(f"printed {word}")
+
+
+def test_scaling_up_and_down_are_platform_events(chatty: Platform) -> None:
+    def placed() -> list[dict[str, Any]]:
+        return [x for x in _logs(chatty, "--grep", "placed on this node") if x["stream"] == "osless"]
+
+    before = len(placed())
+    chatty.cli("scale", "chatty", "--min", "2", "--max", "2")
+    try:
+        chatty.wait_for(lambda: len(placed()) > before, what="a second instance placed")
+    finally:
+        chatty.cli("scale", "chatty", "--min", "1", "--max", "1")
+    down = _wait_logs(chatty, ["--grep", "instance stopping: scaled down"], lambda recs: bool(recs))
+    assert down[-1]["stream"] == "osless" and down[-1]["source"].startswith("chatty-")

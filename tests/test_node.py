@@ -133,16 +133,19 @@ def test_logs_follow_streams_new_lines(platform: Platform, hello: dict[str, obje
 def test_ctx_log_reaches_osless_logs(platform: Platform, inspector: dict[str, object]) -> None:
     status, request_id = platform.invoke("inspector", "log", "hello")
     assert status == 200
-    expected = f"INFO osless.app.inspector.log: ctx.log says hello (request {request_id})"
+    expected = f"ctx.log says hello (request {request_id})"
 
     def records() -> list[dict[str, str]]:
         out = platform.cli("logs", "inspector", "--json", "--tail", "200").stdout
         return [r for r in map(json.loads, out.splitlines()) if request_id in r["line"]]
 
     found = platform.wait_for(records, what="the ctx.log line in osless logs")
-    assert [(r["line"], r["stream"]) for r in found] == [(expected, "stderr")]  # its debug line is below INFO
+    # A `logging` record, with its level, logger and request (its debug line is below INFO).
+    assert [(r["line"], r["stream"], r["level"], r["logger"], r["request"]) for r in found] == [
+        (expected, "log", "INFO", "osless.app.inspector.log", request_id)
+    ]
     assert found[0]["source"].startswith("inspector-v")
-    assert expected in platform.cli("logs", "inspector").stdout
+    assert f"{request_id} INFO {expected}" in platform.cli("logs", "inspector").stdout
 
 
 def test_osless_nodes_lists_each_node_with_what_it_says_of_itself(platform: Platform) -> None:

@@ -1,7 +1,14 @@
 """Log files of instances and deploys: JSON lines, capped in size, read by tail and follow.
 
 The node agent writes them and the API reads them; on one machine they share the data dir.
-Each record is one line: {"ts": epoch seconds, "source": ..., "stream": ..., "line": ...}.
+Each record is one line: {"ts": epoch seconds, "source": ..., "stream": ..., "line": ...}, and may
+carry `request` (the request id), `level` and `logger` (an app's `logging` record), and `access`
+(an access line's method, path, status, duration_ms and cold): see `extra_fields`.
+
+Streams: "stdout" and "stderr" (what the instance wrote), "log" (its `logging` records) and "access"
+(one line per request or invocation), both written by the runtime in the instance (so app-trusted:
+an app can fake them, in its own log only); "osless" is the platform's own (the node's events), which
+no app can write: the node sets the stream from where a line came, never from what it says.
 """
 
 from __future__ import annotations
@@ -17,8 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from osless.bounds import MAX_LINE_CHARS, cap
+from osless.runtime.applog import MARK
 
-__all__ = ["DELETED_PREFIX", "LogWriter", "follow", "read_tail", "remove_app_logs"]
+__all__ = [
+    "DELETED_PREFIX",
+    "MARK",
+    "MAX_FIELD_CHARS",
+    "MAX_GREP_CHARS",
+    "MAX_REQUEST_CHARS",
+    "LogFilter",
+    "LogWriter",
+    "extra_fields",
+    "follow",
+    "instance_line",
+    "read_tail",
+    "remove_app_logs",
+]
 
 DEFAULT_CAP = 2 * 1024 * 1024
 DELETED_PREFIX = ".deleted-"  # a deleted app's log folder, moved aside (no app name starts with a dot)
@@ -57,10 +78,11 @@ class LogWriter:
         self._size = self._file.tell()
         self._full = not rotate and self._size >= cap_bytes - _NOTICE_ROOM
 
-    def write(self, line: str, stream: str = "stdout") -> None:
+    def write(self, line: str, stream: str = "stdout", extra: dict[str, Any] | None = None) -> None:
+        """`extra`: fields besides the line (`extra_fields`), already checked."""
         if self._full:
             return
-        rec = self._record(cap(line, self._line_chars), stream)
+        rec = self._record(cap(line, self._line_chars), stream, extra)
         if self.rotate:
             if self._size and self._size + len(rec) > self.cap_bytes:
                 self._rotate()
@@ -73,11 +95,11 @@ class LogWriter:
         self._file.flush()
         self._size += len(rec)
 
-    def _record(self, line: str, stream: str) -> bytes:
-        rec = json.dumps(
-            {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line},
-            ensure_ascii=False,
-        )
+    def _record(self, line: str, stream: str, extra: dict[str, Any] | None = None) -> bytes:
+        record = {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line}
+        if extra:
+            record.update(extra)
+        rec = json.dumps(record, ensure_ascii=False)
         return (rec + "\n").encode("utf-8", "replace")
 
     def _rotate(self) -> None:
@@ -115,19 +137,22 @@ def _parse(lines: Iterable[str]) -> list[dict[str, Any]]:
     for raw in lines:
         try:
             out.append(json.loads(raw))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a torn last line after kill -9 is skipped, not fatal
     return out
 
 
-def read_tail(paths: Iterable[Path], n: int) -> list[dict[str, Any]]:
-    """The last `n` records across `paths` (and their rotated `.1` files), oldest first."""
+def read_tail(paths: Iterable[Path], n: int, match: LogFilter | None = None) -> list[dict[str, Any]]:
+    """The last `n` records across `paths` (and their rotated `.1` files) that `match`, oldest first."""
     records: list[dict[str, Any]] = []
     for p in paths:
         for candidate in (p.with_name(p.name + ".1"), p):
             try:
                 with open(candidate, encoding="utf-8", errors="replace") as f:
-                    records.extend(_parse(f.readlines()[-n:] if n else []))
+                    if match is None:
+                        records.extend(_parse(f.readlines()[-n:] if n else []))
+                    elif n:  # a log is at most its cap (twice, rotated): read whole, then filtered
+                        records.extend([r for r in _parse(f.readlines()) if match(r)][-n:])
             except FileNotFoundError:
                 continue
     records.sort(key=lambda r: r.get("ts", 0))
@@ -140,9 +165,11 @@ async def follow(
     tail: int,
     poll_s: float = 0.1,
     until: Callable[[], bool] | None = None,
+    match: LogFilter | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield the last `tail` records, then new ones as they are written (files may appear later)."""
-    for rec in read_tail(list_paths(), tail):
+    """Yield the last `tail` records, then new ones as they are written (files may appear later);
+    only those that `match`, when given."""
+    for rec in read_tail(list_paths(), tail, match):
         yield rec
     offsets: dict[Path, int] = {}
     for p in list_paths():
@@ -169,7 +196,93 @@ async def follow(
                 offsets[p] = size
         new.sort(key=lambda r: r.get("ts", 0))
         for rec in new:
-            yield rec
+            if match is None or match(rec):
+                yield rec
         if finished:
             return
         await asyncio.sleep(poll_s)
+
+
+# What a filter may hold: a --grep is a plain substring (never a regex: a user's regex could take
+# exponential time on the node), a request id is an id.
+MAX_GREP_CHARS = 256
+MAX_REQUEST_CHARS = 64
+
+
+class LogFilter:
+    """Which records a reader wants: since a time, holding a substring, of one request. Applied
+    where the logs are (the node), so what is dropped is never sent."""
+
+    def __init__(self, *, since: float | None = None, grep: str | None = None, request: str | None = None):
+        self.since = since
+        self.grep = grep or None
+        self.request = request or None
+
+    def __bool__(self) -> bool:
+        return self.since is not None or self.grep is not None or self.request is not None
+
+    def __call__(self, rec: dict[str, Any]) -> bool:
+        if self.since is not None and rec.get("ts", 0) < self.since:
+            return False
+        if self.request is not None and rec.get("request") != self.request:
+            return False
+        return self.grep is None or self.grep in str(rec.get("line", ""))
+
+
+# The runtime in an instance marks the lines it writes for the node (access lines, `logging` records)
+# with MARK and a JSON object; an app writing one only fakes lines of its own instance's log.
+MAX_FIELD_CHARS = 256  # an access line's path, a logger's name
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def extra_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The extra fields of a record that are well formed, capped; the rest dropped. The same check
+    where a line is first parsed (the node) and where a node's record is passed on (the API)."""
+    out: dict[str, Any] = {}
+    request = raw.get("request")
+    if isinstance(request, str) and 0 < len(request) <= MAX_REQUEST_CHARS:
+        out["request"] = request
+    level = raw.get("level")
+    if isinstance(level, str) and level in _LEVELS:
+        out["level"] = level
+    logger = raw.get("logger")
+    if isinstance(logger, str) and logger:
+        out["logger"] = cap(logger, MAX_FIELD_CHARS)
+    access = raw.get("access")
+    if isinstance(access, dict):
+        method, path, status = access.get("method"), access.get("path"), access.get("status")
+        duration, cold = access.get("duration_ms"), access.get("cold")
+        if (
+            isinstance(method, str)
+            and isinstance(path, str)
+            and isinstance(status, int)
+            and not isinstance(status, bool)
+            and isinstance(duration, int | float)
+            and not isinstance(duration, bool)
+            and duration == duration  # not NaN
+            and isinstance(cold, bool)
+        ):
+            out["access"] = {
+                "method": cap(method, 32),
+                "path": cap(path, MAX_FIELD_CHARS),
+                "status": status,
+                "duration_ms": round(float(min(max(duration, 0.0), 1e9)), 3),
+                "cold": cold,
+            }
+    return out
+
+
+def instance_line(line: str, stream: str) -> tuple[str, str, dict[str, Any] | None]:
+    """(line, stream, extra fields) of what an instance wrote: a marked line is the runtime's (an
+    access line or a `logging` record); any other is the app's own output, as it is."""
+    if not line.startswith(MARK):
+        return line, stream, None
+    try:
+        raw = json.loads(line[len(MARK) :])
+    except (ValueError, RecursionError):  # a nesting too deep is not a record either
+        return line, stream, None
+    if not isinstance(raw, dict) or not isinstance(raw.get("line"), str):
+        return line, stream, None
+    extra = extra_fields(raw)
+    kind = "access" if "access" in extra else "log"
+    return raw["line"], kind, extra

@@ -31,6 +31,7 @@ from osless.cli.output import (
     err_console,
     fail,
     json_option,
+    parse_duration,
     print_json,
     table,
     usage_failed,
@@ -383,22 +384,35 @@ def ps(
 def logs(
     app_name: Annotated[str, typer.Argument(metavar="APP")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new lines.")] = False,
-    tail: Annotated[int, typer.Option(help="How many recent lines to show first.")] = 100,
+    tail: Annotated[
+        int | None,
+        typer.Option(help="How many recent lines to show first (default 100; 10000 with --since)."),
+    ] = None,
     instance: Annotated[str | None, typer.Option(help="Only this instance.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only lines of the last 90s, 10m, 2h, 1d...")] = None,
+    grep: Annotated[str | None, typer.Option(help="Only lines holding this text (not a regex).")] = None,
+    request: Annotated[str | None, typer.Option(help="Only the lines of this request id.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """An app's logs (stdout, stderr and platform events of every instance)."""
+    """An app's logs (stdout, stderr, `logging` records, access lines and platform events of every
+    instance); filtered where they are kept."""
+    from osless.cli.logview import show
+
+    seconds = parse_duration(since, "--since") if since is not None else None
+    params = {
+        "tail": tail if tail is not None else (10_000 if since is not None else 100),
+        "follow": str(follow).lower(),
+        "instance": instance,
+        "since": seconds,
+        "grep": grep,
+        "request": request,
+    }
     try:
-        for rec in client().stream(
-            f"/v1/apps/{app_name}/logs", tail=tail, follow=str(follow).lower(), instance=instance
-        ):
+        for rec in client().stream(f"/v1/apps/{app_name}/logs", **params):
             if json_out:
                 print(json.dumps(rec), flush=True)
             else:
-                ts = time.strftime("%H:%M:%S", time.localtime(rec["ts"]))
-                style = {"stderr": "red", "osless": "yellow"}.get(rec["stream"], "")
-                console.print(f"[dim]{ts} {rec['source']}[/] ", end="", highlight=False)
-                console.print(rec["line"], style=style, markup=False, highlight=False)
+                show(rec)
     except ApiError as e:
         fail(e.message, e.code)
     except KeyboardInterrupt:

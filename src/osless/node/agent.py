@@ -242,7 +242,7 @@ class NodeAgent:
         for iid in list(self.supervisors):
             if iid not in desired:
                 sup = self.supervisors.pop(iid)
-                self._background(sup.stop())
+                self._background(sup.stop(self._why_removed(sup)))
         for iid, obj in desired.items():
             if iid not in self.supervisors:
                 if not await self._has_manifest(iid, obj):
@@ -577,6 +577,18 @@ class NodeAgent:
         running = self.runs.get(app) or any(z.app == app and not z.closed for z in self.zygotes.values())
         if self.egress is not None and not running:
             await self.egress.remove_app(app)
+
+    def _why_removed(self, sup: Supervisor) -> str:
+        """Why the scheduler took an instance off this node, as far as the node can tell, for the
+        platform's line in its log (a scale down, a rollout, an app deleted)."""
+        app = self.apps.items.get(sup.app)
+        if app is None:
+            return "removed from this node (its app was deleted)" if self.apps.synced.is_set() else "removed"
+        if app.current_release is not None and sup.release != app.current_release:
+            return f"replaced by release {app.current_release} (a rollout)"
+        if sup.made_for_restart != app.restart:
+            return "replaced (osless restart)"
+        return "scaled down (or moved off this node)"
 
     def _egress_log(self, app: str, message: str) -> None:
         self._app_log(app, "egress", message)

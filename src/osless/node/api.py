@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import re
 import socket
 import time
@@ -33,7 +34,7 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless import runwire, tokens
-from osless.logs import follow, read_tail
+from osless.logs import MAX_GREP_CHARS, MAX_REQUEST_CHARS, LogFilter, follow, read_tail
 from osless.node import debug, volapi
 from osless.node.volumes import Volumes
 
@@ -45,6 +46,7 @@ Runner = Callable[[WebSocket, str], Awaitable[None]]
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_CHARS}}}")
 # The API's tokens that a node takes: kept ones, an app's own, and those the API makes for one node.
 _TOKEN_PREFIXES = (tokens.PLAIN, tokens.APP, *(tokens.SCOPED[role] for role in tokens.NODE_BOUND))
 _NODE_BOUND = tokens.NODE_BOUND
@@ -53,6 +55,25 @@ _NODE_BOUND = tokens.NODE_BOUND
 def _error(status: int, code: str, message: str) -> JSONResponse:
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _filter(q: Any) -> LogFilter | Response:
+    """The filters a reader asked for (`since` an epoch time, `grep` a substring, `request` an id), or
+    the answer saying which is wrong."""
+    since: float | None = None
+    if q.get("since"):
+        try:
+            since = float(q["since"])
+        except ValueError:
+            since = math.nan
+        if not math.isfinite(since):
+            return _error(400, "invalid_request", "since must be a time in seconds since the epoch")
+    grep, request = q.get("grep") or None, q.get("request") or None
+    if grep is not None and len(grep) > MAX_GREP_CHARS:
+        return _error(400, "invalid_request", f"grep is at most {MAX_GREP_CHARS} characters")
+    if request is not None and not _REQUEST_ID.fullmatch(request):
+        return _error(400, "invalid_request", f"{request[:100]!r} is not a request id")
+    return LogFilter(since=since, grep=grep, request=request)
 
 
 def record_line(rec: dict[str, Any]) -> bytes:
@@ -208,6 +229,9 @@ def create_app(
         follow_ = q.get("follow", "false").lower()
         if follow_ not in ("true", "false", "1", "0"):
             return _error(400, "invalid_request", "follow must be true or false")
+        match = _filter(q)
+        if isinstance(match, Response):
+            return match
         refused = await callers.check(request, "logs", app)
         if refused is not None:
             return refused
@@ -224,11 +248,11 @@ def create_app(
         async def stream() -> AsyncIterator[bytes]:
             # A follow ends when the client goes: Starlette cancels this on its disconnect.
             if follow_ in ("true", "1"):
-                async for rec in follow(paths, tail=tail, poll_s=0.1):
+                async for rec in follow(paths, tail=tail, poll_s=0.1, match=match or None):
                     if rec.get("ts", 0) >= born:
                         yield record_line(rec)
             else:
-                for rec in read_tail(paths(), tail):
+                for rec in read_tail(paths(), tail, match or None):
                     if rec.get("ts", 0) >= born:
                         yield record_line(rec)
 

@@ -116,6 +116,7 @@ class Supervisor:
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
+        self.made_for_restart: int = int(instance.get("restart") or 0)  # the app's `restart` then
         self.image: str = instance["image"]
         status = instance.get("status") or {}
         self.status: dict[str, Any] = {
@@ -148,6 +149,8 @@ class Supervisor:
         self._unreported = False
 
     def start(self) -> None:
+        # Platform events (stream "osless") in the instance's log: where it came from and went.
+        self.log.write(f"instance placed on this node (release {self.release}): starting", "osless")
         self._task = asyncio.create_task(self._run(), name=f"instance {self.id}")
 
     def _set_soon(self, **changes: Any) -> asyncio.Task[None]:
@@ -191,6 +194,7 @@ class Supervisor:
         """One run: (why it ended, whether it was replaced rather than ended)."""
         # Not waited for: a start from zero is on a request's path, and the fork needs nothing of it.
         self._set_soon(phase="starting", message=None)
+        forked = time.monotonic()
         self._runs += 1
         run = _Run(self._runs)
         try:
@@ -223,6 +227,7 @@ class Supervisor:
             web, control = run.sockets
             await self._set(phase="ready", pid=child.pid, socket=str(web), control=str(control))
             self._ready.set()
+            self.log.write(f"instance ready in {(time.monotonic() - forked) * 1000:.0f}ms", "osless")
             watch = asyncio.create_task(self._watch(run))
             either: list[asyncio.Future[Any]] = [watch, child.exited]
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -249,6 +254,8 @@ class Supervisor:
                 pid=None,
             )
             self.log.write(f"instance {reason}", "osless")
+        else:
+            self.log.write(f"instance stopped ({reason})", "osless")
         return reason, False
 
     async def _watch(self, run: _Run) -> tuple[str, bool]:
@@ -256,6 +263,7 @@ class Supervisor:
         in a row: (why, whether to let it stop gracefully)."""
         assert run.child is not None
         failures = 0
+        ooms = 0
         while True:
             # Spread out: instances started together are not all asked in the same instant.
             every = HEALTH_EVERY_S * random.uniform(0.8, 1.2)
@@ -263,6 +271,16 @@ class Supervisor:
             if done:
                 return run.child.recycle.result(), True
             problem = await _health_problem(run.sockets[1])
+            # A process of the instance (a subprocess, a worker) the OOM killer took while the
+            # instance lives on: said in its log, as an instance killed is when it exits.
+            kills = run.cgroup.oom_kills() if run.cgroup is not None else 0
+            if kills > ooms:
+                ooms = kills
+                self.log.write(
+                    f"out of memory: the kernel's OOM killer killed a process of the instance "
+                    f"({kills} so far in this run; its limit is {self.limits.memory_mb} MB)",
+                    "osless",
+                )
             failures = failures + 1 if problem else 0
             if problem:
                 self.log.write(f"health check failed ({failures} of {HEALTH_FAILURES}): {problem}", "osless")
@@ -359,8 +377,11 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended."""
+    async def stop(self, why: str | None = None) -> None:
+        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended. `why`: for
+        the log."""
+        if why is not None and not self._stopping.is_set():
+            self.log.write(f"instance stopping: {why}", "osless")
         self._stopping.set()
         self._kill(signal.SIGTERM)
         for run in list(self._retired):

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType, TracebackType
@@ -30,7 +29,7 @@ from typing import Any, Literal, cast
 
 import uvicorn
 
-from osless.runtime import function_url, protocol
+from osless.runtime import applog, function_url, protocol
 from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
 from osless.sdk import config as app_config
@@ -87,6 +86,13 @@ class Instance:
         endpoints are on the control socket, which only the platform reaches)."""
         if scope["type"] in ("http", "websocket"):
             _forwarded(scope)
+        if scope["type"] == "http":  # each request: its id, its access line (`runtime.applog`)
+            rid = applog.new_request_id()
+            await applog.logged(scope, receive, send, self._web, rid, scope["method"], scope["path"])
+        else:
+            await self._web(scope, receive, send)
+
+    async def _web(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.http_functions:
             target = self._http_target(scope)
             if target is not None:
@@ -113,7 +119,14 @@ class Instance:
                     send, 405, "method_not_allowed", f"use POST for {path}", [(b"allow", b"POST")]
                 )
                 return
-            await self._invoke(scope, receive, send, path[len(INVOKE_PREFIX) :])
+            name = path[len(INVOKE_PREFIX) :]
+            rid = dict(scope["headers"]).get(applog.REQUEST_HEADER, b"").decode("latin-1")
+            rid = rid or applog.new_request_id()
+
+            async def invoke(scope: Scope, receive: Receive, send: Send) -> None:
+                await self._invoke(scope, receive, send, name, rid)
+
+            await applog.logged(scope, receive, send, invoke, rid, "INVOKE", name)
         elif path == HEALTH_PATH:
             if scope["method"] not in ("GET", "HEAD"):
                 await _send_error(
@@ -244,7 +257,7 @@ class Instance:
         self, scope: Scope, receive: Receive, send: Send, spec: FunctionSpec, raw_path: str
     ) -> None:
         """A web request to a function declared with http=True, as a Lambda Function URL event."""
-        request_id = str(uuid.uuid4())
+        request_id = applog.REQUEST_ID.get() or applog.new_request_id()
         extra = [(b"x-osless-request-id", request_id.encode("ascii"))]
         body = await _read_body(receive, MAX_EVENT_BYTES)
         if body is None:
@@ -305,9 +318,8 @@ class Instance:
             instance=os.environ.get("OSLESS_INSTANCE", ""),
         )
 
-    async def _invoke(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+    async def _invoke(self, scope: Scope, receive: Receive, send: Send, name: str, request_id: str) -> None:
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-osless-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         extra = [(b"x-osless-request-id", request_id.encode("latin-1"))]
         if release := os.environ.get("OSLESS_RELEASE", ""):
             extra.append((b"x-osless-release", release.encode("latin-1")))  # Lambda's ExecutedVersion

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from osless.runtime import forwarder, protocol, sandbox, seccomp
+from osless.runtime import applog, forwarder, protocol, sandbox, seccomp
 from osless.runtime.instance import Instance, create_instance, preload, prewarm, serve
 from osless.runtime.loader import load_app
 from osless.sdk import config as app_config
@@ -523,6 +523,7 @@ def serve_release(
         if config is not None:
             # Before the import, so that module-level reads of the settings see the values.
             app_config.apply(*check_config(config))
+        applog.install_logging()  # before the import: the app's loggers are made under it
         instance = create_instance(load_app(code, deps, entry))
         prewarm(instance)
     except BaseException:

@@ -28,11 +28,13 @@ from osless.api.models import InstanceId, Node
 from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
 from osless.bounds import MAX_LINE_CHARS, MAX_NAME_CHARS, cap
+from osless.logs import MAX_FIELD_CHARS, MAX_GREP_CHARS, MAX_REQUEST_CHARS, extra_fields
 
 router = APIRouter(tags=["logs"])
 
-# A record of a node: its line (at most MAX_LINE_CHARS, each at most 6 bytes as JSON) and the rest.
-MAX_RECORD_BYTES = MAX_LINE_CHARS * 6 + 2048
+# A record of a node: its line (at most MAX_LINE_CHARS, each at most 6 bytes as JSON) and the rest
+# (its extra fields: a path and a logger's name of MAX_FIELD_CHARS each, and short ones).
+MAX_RECORD_BYTES = (MAX_LINE_CHARS + 2 * MAX_FIELD_CHARS) * 6 + 4096
 MAX_ERROR_BYTES = 4096  # of a node's refusal, shown in the notice
 NODE_CONNECT_S = 3.0
 NODE_TAIL_S = 20.0  # a whole tail answer, from the request to its last record
@@ -47,7 +49,8 @@ MAX_AT_LAST = 1000  # records kept per node at its last time, to skip them when 
 
 
 def _size(rec: dict[str, Any]) -> int:
-    return len(rec["line"]) + len(rec["source"]) + len(rec["stream"]) + RECORD_OVERHEAD
+    extra = len(rec.get("logger", "")) + len(rec.get("access", {}).get("path", ""))
+    return len(rec["line"]) + len(rec["source"]) + len(rec["stream"]) + extra + RECORD_OVERHEAD
 
 
 class _Newest:
@@ -101,7 +104,7 @@ def _record(raw: bytes) -> dict[str, Any] | None:
     """A node's line as a record the API passes on: its shape checked, its text capped."""
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting too deep, from a node taken over
         return None
     if not isinstance(rec, dict):
         return None
@@ -115,6 +118,7 @@ def _record(raw: bytes) -> dict[str, Any] | None:
         "source": cap(source, MAX_NAME_CHARS),
         "stream": cap(stream, MAX_NAME_CHARS),
         "line": cap(line, MAX_LINE_CHARS),
+        **extra_fields(rec),
     }
 
 
@@ -169,11 +173,13 @@ async def _node_records(
     tail: int,
     follow: bool,
     instance: str | None,
+    filters: dict[str, str],
 ) -> AsyncIterator[dict[str, Any]]:
-    """The records a node's API answers, in its order; _NodeFailed if it does not answer."""
+    """The records a node's API answers, in its order; _NodeFailed if it does not answer. The node
+    applies `filters` itself: what a reader does not want never crosses the network."""
     if not node.api:
         raise _NodeFailed("its heartbeat names no node API (a node of an earlier release?)")
-    params = {"tail": str(tail), "follow": "true" if follow else "false"}
+    params = {"tail": str(tail), "follow": "true" if follow else "false", **filters}
     if instance:
         params["instance"] = instance
     try:
@@ -307,6 +313,20 @@ async def app_logs(
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
     instance: InstanceId | None = None,
+    since: float | None = Query(
+        default=None, gt=0, le=10 * 365 * 86400, description="only records of the last this many seconds"
+    ),
+    grep: str | None = Query(
+        default=None,
+        min_length=1,
+        max_length=MAX_GREP_CHARS,
+        description="only records whose line holds this text (a plain substring, case-sensitive)",
+    ),
+    request: str | None = Query(
+        default=None,
+        pattern=rf"^[A-Za-z0-9._-]{{1,{MAX_REQUEST_CHARS}}}$",
+        description="only records of this request id (its access line, its `logging` records)",
+    ),
     state: ApiState = Depends(get_state),
     caller: Caller = require("logs"),
 ) -> Any:
@@ -320,7 +340,15 @@ async def app_logs(
     shown = {
         n.name: f"Bearer {state.secrets.scoped_token('reader', app, READER_TTL_S, n.name)}" for n in nodes
     }
-    ask: dict[str, Any] = {"app": app, "shown": shown, "instance": instance}
+    filters = {"grep": grep or "", "request": request or ""}
+    if since is not None:
+        filters["since"] = repr(time.time() - since)  # the API's clock: nodes' are kept in step with it
+    ask: dict[str, Any] = {
+        "app": app,
+        "shown": shown,
+        "instance": instance,
+        "filters": {k: v for k, v in filters.items() if v},
+    }
     gone = _gone(nodes, instances, instance)
 
     async def stream() -> AsyncIterator[bytes]:

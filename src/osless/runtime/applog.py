@@ -1,0 +1,126 @@
+"""What an instance tells the node for its log: one access line per request, and the app's `logging`.
+
+Each is a line marked with MARK and a JSON object, on the instance's stderr; the node
+turns it into a record with its own fields (`request`, `level`, `access`). These are written here, in
+the instance, as the only place that knows a request's id, status, duration and whether it was the
+instance's first (the gateway holds no request id, and is kept lean for throughput). What an
+instance writes is the app's to fake, so these lines are app-trusted: an app can only fake lines of
+its own instances, in its own log; the platform's own lines (stream "osless") come from the node.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["MARK", "REQUEST_HEADER", "REQUEST_ID", "install_logging", "logged", "new_request_id"]
+
+# Starts a line the node reads as the runtime's (`osless.logs.instance_line`); no app prints it by chance.
+MARK = "\x1eosless:"
+MAX_PATH_CHARS = 256  # of an access line (the node caps what it keeps again: the app could write it)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_HEADER = b"x-osless-request-id"
+# The request being served, in its task (and, copied, in a sync handler's thread): `logging` records
+# made while it runs carry it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("osless_request_id", default=None)
+_served = False  # this process served a request already: later ones are warm
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _write(fields: dict[str, Any]) -> None:
+    # Straight to the descriptor, in one write: a line under PIPE_BUF is never torn by another thread's
+    # output, and an app that replaced sys.stderr does not lose the platform's lines.
+    data = (MARK + json.dumps(fields, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(2, data) :]
+    except OSError:
+        pass  # the node closed our output: nobody to tell
+
+
+async def logged(
+    scope: Scope, receive: Receive, send: Send, call: ASGIApp, request_id: str, method: str, path: str
+) -> None:
+    """Serve a request with `call` under `request_id` (in `REQUEST_ID`, and in the answer's
+    `x-osless-request-id` header), then write its access line."""
+    global _served
+    cold, _served = not _served, True
+    started = time.perf_counter()
+    status = 0
+
+    async def send_seen(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            headers = list(message.get("headers") or [])
+            if not any(bytes(k).lower() == REQUEST_HEADER for k, _ in headers):
+                message = {**message, "headers": [*headers, (REQUEST_HEADER, request_id.encode("latin-1"))]}
+        await send(message)
+
+    token = REQUEST_ID.set(request_id)
+    try:
+        await call(scope, receive, send_seen)
+    finally:
+        REQUEST_ID.reset(token)
+        ms = (time.perf_counter() - started) * 1000
+        status = status or 500  # it raised before answering: the server answers 500
+        path = path[:MAX_PATH_CHARS]
+        warm = "cold" if cold else "warm"
+        _write(
+            {
+                "line": f"{method} {path} {status} {ms:.1f}ms {warm}",
+                "request": request_id,
+                "access": {"method": method, "path": path, "status": status, "duration_ms": ms, "cold": cold},
+            }
+        )
+
+
+def _level(levelno: int) -> str:
+    for floor, name in ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO")):
+        if levelno >= floor:
+            return name
+    return "DEBUG"
+
+
+class _Handler(logging.Handler):
+    """The root logger's: each record, with its level, logger and the request it was made in."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            fields: dict[str, Any] = {"line": line, "level": _level(record.levelno), "logger": record.name}
+            request = REQUEST_ID.get()
+            if request is not None:
+                fields["request"] = request
+            _write(fields)
+        except Exception:
+            self.handleError(record)
+
+
+def install_logging() -> None:
+    """Before the app is imported: its `logging` records reach the instance's log, structured, at
+    INFO and above, without the app configuring anything (as on AWS Lambda, where an app's own
+    `logging.basicConfig()` is then a no-op: the root logger has a handler)."""
+    root = logging.getLogger()
+    if any(isinstance(h, _Handler) for h in root.handlers):
+        return
+    handler = _Handler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    if root.level == logging.WARNING:  # Python's default: raised by no one yet
+        root.setLevel(logging.INFO)
