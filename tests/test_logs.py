@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,43 @@ def _wait_logs(
         what=f"osless logs chatty {' '.join(args)}",
     )
     return got
+
+
+_BATCHING = """
+import asyncio, logging, os, sys
+from osless.runtime import applog
+
+async def main():
+    applog.install_logging()
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+    async def sent(message):
+        pass
+    for i in range(20):
+        await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
+    os.write(2, b"-- nothing yet above\\n")
+    await asyncio.sleep(0.1)
+    os.write(2, b"-- timer\\n")
+    await applog.logged({}, None, sent, ok, "last", "GET", "/last")
+    logging.getLogger("x").info("after the last")
+
+asyncio.run(main())
+"""
+
+
+def test_access_lines_leave_together_and_a_logging_record_keeps_their_order() -> None:
+    """Under load an instance writes its access lines in batches (one write, one wake of the node, for
+    many requests); they wait 20 ms at most, and a `logging` record takes those waiting along first."""
+    err = subprocess.run(
+        [sys.executable, "-c", _BATCHING], capture_output=True, text=True, timeout=30, check=True
+    ).stderr.split("\n")[:-1]  # not splitlines(): the mark starts with \x1e, a line break to it
+    assert err[0] == "-- nothing yet above", err
+    paths = [json.loads(line[len(MARK) :])["access"]["path"] for line in err if "access" in line]
+    assert paths == [*(f"/p{i}" for i in range(20)), "/last"], err
+    assert err.index("-- timer") < len(err) - 2
+    assert err[-2].startswith(MARK) and "/last" in err[-2], err
+    assert json.loads(err[-1][len(MARK) :])["line"] == "after the last", err
 
 
 def test_a_web_request_leaves_one_access_line_and_its_logging_with_its_request_id(chatty: Platform) -> None:

@@ -77,6 +77,7 @@ class LogWriter:
         self._file = open(path, "ab")  # noqa: SIM115 - kept open for the writer's life
         self._size = self._file.tell()
         self._full = not rotate and self._size >= cap_bytes - _NOTICE_ROOM
+        self._flush_due = False
 
     def write(self, line: str, stream: str = "stdout", extra: dict[str, Any] | None = None) -> None:
         """`extra`: fields besides the line (`extra_fields`), already checked."""
@@ -92,8 +93,26 @@ class LogWriter:
                 f"log cut: it reached its cap of {self.cap_bytes} bytes; later lines were dropped", "osless"
             )
         self._file.write(rec)
-        self._file.flush()
         self._size += len(rec)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        # On a loop, once at the end of its turn: the lines one read of an instance's output brought
+        # (a batch of access lines under load) cost one write, not one each.
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._file.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._file.closed:
+            self._file.flush()
 
     def _record(self, line: str, stream: str, extra: dict[str, Any] | None = None) -> bytes:
         record = {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line}

@@ -10,16 +10,18 @@ its own instances, in its own log; the platform's own lines (stream "osless") co
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["MARK", "REQUEST_HEADER", "REQUEST_ID", "install_logging", "logged", "new_request_id"]
+__all__ = ["MARK", "REQUEST_HEADER", "REQUEST_ID", "flush", "install_logging", "logged", "new_request_id"]
 
 # Starts a line the node reads as the runtime's (`osless.logs.instance_line`); no app prints it by chance.
 MARK = "\x1eosless:"
@@ -42,15 +44,72 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _write(fields: dict[str, Any]) -> None:
-    # Straight to the descriptor, in one write: a line under PIPE_BUF is never torn by another thread's
-    # output, and an app that replaced sys.stderr does not lose the platform's lines.
-    data = (MARK + json.dumps(fields, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+# Access lines wait a little to leave together: under load, one write (and one wake of the node) for
+# many requests, not one each. A `logging` record takes them along, so the order is kept.
+_BATCH_S = 0.02
+_PIPE_BUF = 4096  # a write no longer than this is never torn by another writer of the pipe
+_pending = bytearray()
+_pending_lock = threading.Lock()  # `logging` records come from handlers' threads too
+_timer: asyncio.TimerHandle | None = None
+
+
+def _line(fields: dict[str, Any]) -> bytes:
+    return (MARK + json.dumps(fields, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+def _out(data: bytes | bytearray) -> None:
+    # Straight to the descriptor: an app that replaced sys.stderr does not lose the platform's lines.
+    view = memoryview(data)
     try:
-        while data:
-            data = data[os.write(2, data) :]
+        while view:
+            view = view[os.write(2, view) :]
     except OSError:
         pass  # the node closed our output: nobody to tell
+
+
+def _take(data: bytes) -> bytes | None:
+    """What waits, and `data` after it, to write now if they fit one write; else what waited alone
+    (`data` then waits). Under the lock."""
+    if len(_pending) + len(data) <= _PIPE_BUF:
+        _pending.extend(data)
+        return None
+    out = bytes(_pending)
+    _pending[:] = data
+    return out
+
+
+def flush() -> None:
+    """Write the access lines that wait (before the instance exits, and on the batch's timer)."""
+    global _timer
+    _timer = None
+    with _pending_lock:
+        out = bytes(_pending)
+        _pending.clear()
+    if out:
+        _out(out)
+
+
+def _write(fields: dict[str, Any]) -> None:
+    """A `logging` record: now, after the access lines that wait."""
+    data = _line(fields)
+    with _pending_lock:
+        out = _take(data)
+        rest = bytes(_pending)
+        _pending.clear()
+    if out:
+        _out(out)
+    _out(rest)
+
+
+def _write_access(fields: dict[str, Any]) -> None:
+    """An access line, from the loop's thread: with the others of the next few milliseconds."""
+    global _timer
+    with _pending_lock:
+        out = _take(_line(fields))
+    if out:
+        _out(out)
+    if _timer is None:
+        _timer = asyncio.get_running_loop().call_later(_BATCH_S, flush)
 
 
 async def logged(
@@ -81,7 +140,7 @@ async def logged(
         status = status or 500  # it raised before answering: the server answers 500
         path = path[:MAX_PATH_CHARS]
         warm = "cold" if cold else "warm"
-        _write(
+        _write_access(
             {
                 "line": f"{method} {path} {status} {ms:.1f}ms {warm}",
                 "request": request_id,

@@ -728,7 +728,10 @@ def serve(
         control_config.load()
     server = _Server(config, (control_config, control), on_listening, instance, config_channel)
     instance.server = server
-    server.run(sockets=[web])
+    try:
+        server.run(sockets=[web])
+    finally:
+        applog.flush()  # the access lines that waited for company
     return instance.exit_code or 0
 
 
