@@ -38,6 +38,7 @@ from osless.cli.output import (
 )
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
+from osless.cli.traces import traces
 from osless.cli.volumes import volumes_app
 from osless.errors import ApiError
 
@@ -308,6 +309,7 @@ app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
+app.command("traces")(traces)
 
 
 @app.command()

@@ -30,7 +30,7 @@ from typing import Any, Literal, cast
 
 import uvicorn
 
-from osless.runtime import function_url, protocol
+from osless.runtime import function_url, protocol, tracing
 from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
 from osless.sdk import config as app_config
@@ -87,6 +87,30 @@ class Instance:
         endpoints are on the control socket, which only the platform reaches)."""
         if scope["type"] in ("http", "websocket"):
             _forwarded(scope)
+        if scope["type"] == "http" and tracing.enabled():
+            await self._traced_web(scope, receive, send)
+            return
+        await self._web_request(scope, receive, send)
+
+    async def _traced_web(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        status = 0
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        attributes = {"http.request.method": method, "url.path": path[:256]}
+        with tracing.server_span(f"{method} {path[:120]}", scope["headers"], attributes) as span:
+            try:
+                await self._web_request(scope, receive, send_seen)
+            finally:
+                if span is not None and status:
+                    tracing.set_status(span, status)
+
+    async def _web_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.http_functions:
             target = self._http_target(scope)
             if target is not None:
@@ -342,7 +366,11 @@ class Instance:
                 deadline, by_caller = caller_deadline, True
         ctx = self._context(request_id, spec, deadline)
 
-        status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
+        attributes = {"faas.invoked_name": spec.name, "faas.invocation_id": request_id}
+        with tracing.server_span(f"invoke {spec.name}", headers, attributes) as span:
+            status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
+            if span is not None:
+                tracing.set_status(span, status)
         if status == 500 and headers.get(b"x-osless-public") == b"1" and _code(payload) == "function_error":
             # A public function called without a token (the gateway says so): what it raised stays in
             # the app's log (`_function_error`), as for an http function; the caller gets the request.
@@ -628,6 +656,7 @@ def prewarm(instance: Instance) -> None:
     control = _control_config(instance)
     control.load()
     _PRELOADED[id(instance)] = (config, control)
+    tracing.preload()
 
 
 class _Server(uvicorn.Server):
@@ -714,6 +743,12 @@ def serve(
     )
     if not control_config.loaded:
         control_config.load()
+    endpoint = app_config._state.values.get(tracing.ENDPOINT_KEY)
+    tracing.start(
+        instance.app.name,
+        os.environ.get("OSLESS_INSTANCE", ""),
+        endpoint if isinstance(endpoint, str) else None,
+    )
     server = _Server(config, (control_config, control), on_listening, instance, config_channel)
     instance.server = server
     server.run(sockets=[web])
