@@ -752,6 +752,7 @@ def serve(
     server = _Server(config, (control_config, control), on_listening, instance, config_channel)
     instance.server = server
     server.run(sockets=[web])
+    tracing.flush()
     return instance.exit_code or 0
 
 

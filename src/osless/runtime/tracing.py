@@ -3,8 +3,9 @@ another app's function (`osless.sdk.calls`), in the trace the gateway's `tracepa
 
 Finished spans go two ways:
 - to the node, as JSON lines on a pipe of their own (`OSLESS_SPANS_FD`, passed at fork), which the
-  node keeps a bounded window of for `osless traces` (`node.traces`); a line is at most PIPE_BUF
-  bytes, written whole or not at all, and never blocks the app: a full pipe drops the span;
+  node keeps a bounded window of for `osless traces` (`node.traces`); batched on the SDK's thread
+  (a request only queues its span), each line at most PIPE_BUF bytes, written whole or not at all,
+  never blocking: a full pipe (or queue) drops the span;
 - by OTLP/HTTP (`opentelemetry-exporter-otlp-proto-http`, batched on a thread of its own) when the
   app sets `OTEL_EXPORTER_OTLP_ENDPOINT` (its environment at import, or its config key
   `otel_exporter_otlp_endpoint`): through the sandbox's `HTTP_PROXY`, the node's egress proxy, so
@@ -27,11 +28,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["SPANS_FD_ENV", "enabled", "preload", "server_span", "set_status", "start"]
+__all__ = ["SPANS_FD_ENV", "enabled", "flush", "preload", "server_span", "set_status", "start"]
 
 SPANS_FD_ENV = "OSLESS_SPANS_FD"
 ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -41,7 +42,11 @@ MAX_LINE = select.PIPE_BUF - 1
 MAX_ATTRS = 32
 MAX_TEXT = 256
 
+PIPE_DELAY_MS = 200
+FLUSH_MS = 1000  # what a stopping instance gives its last spans
+
 _tracer: Tracer | None = None
+_provider: TracerProvider | None = None
 
 
 def preload() -> None:
@@ -55,7 +60,7 @@ def preload() -> None:
 
 def start(app: str, instance: str, endpoint_from_config: str | None = None) -> None:
     """Make this instance's tracer provider; once, after the fork. Nothing to do: no spans are made."""
-    global _tracer
+    global _tracer, _provider
     fd = os.environ.get(SPANS_FD_ENV, "")
     endpoint = os.environ.get(ENDPOINT_ENV) or endpoint_from_config
     if not fd.isdigit() and not endpoint:
@@ -64,7 +69,7 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
         from opentelemetry import trace
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as e:
         print(f"osless: no spans from this instance: {e}", file=sys.stderr, flush=True)
         return
@@ -72,7 +77,10 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
     provider = TracerProvider(resource=resource)
     if fd.isdigit():
         os.set_blocking(int(fd), False)  # a full pipe drops a span, never stalls the app
-        provider.add_span_processor(SimpleSpanProcessor(cast("SpanExporter", _PipeExporter(int(fd)))))
+        # Batched on the SDK's thread: a request only queues its span (the JSON and the write, a third
+        # of a span's cost, are off its path); written within PIPE_DELAY_MS.
+        pipe = cast("SpanExporter", _PipeExporter(int(fd)))
+        provider.add_span_processor(BatchSpanProcessor(pipe, schedule_delay_millis=PIPE_DELAY_MS))
     if endpoint:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -84,6 +92,14 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     trace.set_tracer_provider(provider)
     _tracer = provider.get_tracer("osless")
+    _provider = provider
+
+
+def flush() -> None:
+    """Send what is queued: an instance ends with os._exit, which runs no atexit hook of the SDK's."""
+    if _provider is not None:
+        with contextlib.suppress(Exception):
+            _provider.force_flush(FLUSH_MS)
 
 
 def enabled() -> bool:
