@@ -16,6 +16,8 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from osless.node.traces import SpanStore
+from osless.spans import check_span
 from tests.conftest import COLLECTOR_HOST
 from tests.platform import Platform, copy_app
 
@@ -178,3 +180,55 @@ def test_spans_reach_an_otlp_collector_when_the_app_names_one(
         if a.key == "service.name"
     }
     assert services == {"spanotlp"}
+
+
+def _line(trace_id: str = "a" * 32, **changes: Any) -> str:
+    rec: dict[str, Any] = {
+        "trace_id": trace_id,
+        "span_id": secrets.token_hex(8),
+        "parent_id": None,
+        "name": "GET /",
+        "kind": "server",
+        "start": 1.0,
+        "end": 2.0,
+        "status": "ok",
+        "attributes": {"a": 1},
+    }
+    rec.update(changes)
+    return json.dumps(rec)
+
+
+def test_what_an_app_writes_as_spans_is_checked_and_bounded() -> None:
+    # The instance writes its spans: the node keeps only well-formed ones, capped, in a bounded window.
+    for bad in [
+        "not json",
+        "[1]",
+        _line(trace_id="A" * 32),
+        _line(span_id="x"),
+        _line(parent_id=7),
+        _line(start=float("nan")),
+        _line(start=3.0, end=2.0),
+        _line(start=True),
+    ]:
+        assert check_span(bad) is None, bad
+    odd = check_span(
+        _line(name="n" * 10_000, kind="weird", status=None, attributes={str(i): "v" * 999 for i in range(99)})
+    )
+    assert (
+        odd is not None and len(odd["name"]) == 256 and odd["kind"] == "internal" and odd["status"] == "unset"
+    )
+    assert len(odd["attributes"]) == 32 and all(len(v) == 256 for v in odd["attributes"].values())
+    store = SpanStore(per_app=5, per_app_bytes=10_000, max_apps=2)
+    for i in range(8):
+        store.add("a", "a-1", _line(trace_id=f"{i:032x}"))
+    assert [s["trace_id"] for s in store.spans("a")] == [f"{i:032x}" for i in range(3, 8)]
+    assert store.spans("a", f"{7:032x}")[0]["instance"] == "a-1"
+    store.add("a", "a-1", _line(name="x" * 3000))
+    store.add("a", "a-1", _line(name="y" * 3000))
+    store.add("a", "a-1", _line(name="z" * 3000))  # past the bytes: the oldest go
+    assert sum(len(json.dumps(s)) for s in store.spans("a")) < 10_000
+    store.add("b", "b-1", _line())
+    store.add("c", "c-1", _line())  # a third app: the one fed least recently goes
+    assert store.spans("a") == [] and len(store.spans("c")) == 1
+    store.add("a", "a-1", "garbage")
+    assert store.dropped == 1
