@@ -656,7 +656,7 @@ def prewarm(instance: Instance) -> None:
     control = _control_config(instance)
     control.load()
     _PRELOADED[id(instance)] = (config, control)
-    tracing.preload()
+    tracing.preload(instance.app.name)
 
 
 class _Server(uvicorn.Server):
