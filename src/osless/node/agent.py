@@ -100,7 +100,9 @@ class NodeAgent:
         self._images_checked = time.monotonic()
         self._image_failures: dict[str, str] = {}  # instance -> why its image could not be had
         self.logs_dir = data_dir / "logs"
-        self.traces = SpanStore()  # its instances' recent spans, for `osless traces`
+        # Its instances' recent spans, for `osless traces`; OSLESS_TRACES=off in the node's environment
+        # gives instances no span pipe (what benchmarks compare against).
+        self.traces = SpanStore() if os.environ.get("OSLESS_TRACES", "on") != "off" else None
         self.node_api: str | None = None  # the node API's URL, reported in the heartbeat
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
