@@ -94,21 +94,14 @@ class Instance:
 
     async def _traced_web(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        status = 0
-
-        async def send_seen(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        seen = _StatusSeen(send)
         attributes = {"http.request.method": method, "url.path": path[:256]}
         with tracing.server_span(f"{method} {path[:120]}", scope["headers"], attributes) as span:
             try:
-                await self._web_request(scope, receive, send_seen)
+                await self._web_request(scope, receive, seen.send)
             finally:
-                if span is not None and status:
-                    tracing.set_status(span, status)
+                if span is not None and seen.status:
+                    tracing.set_status(span, seen.status)
 
     async def _web_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.http_functions:
@@ -479,6 +472,29 @@ class Instance:
                 f.exception()
 
         future.add_done_callback(done)
+
+
+class _StatusSeen:
+    """`send`, noting the answer's status for the request's span. Its other attributes are those of
+    the server's own `send.__self__` (uvicorn's request cycle): an app that reaches through `send`
+    to the server finds what it would without tracing."""
+
+    __slots__ = ("_send", "status")
+
+    def __init__(self, send: Send) -> None:
+        object.__setattr__(self, "_send", send)
+        object.__setattr__(self, "status", 0)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            object.__setattr__(self, "status", message["status"])
+        await self._send(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._send.__self__, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._send.__self__, name, value)
 
 
 def _no_recycle(reason: str) -> None:

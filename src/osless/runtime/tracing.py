@@ -3,9 +3,9 @@ another app's function (`osless.sdk.calls`), in the trace the gateway's `tracepa
 
 Finished spans go two ways:
 - to the node, as JSON lines on a pipe of their own (`OSLESS_SPANS_FD`, passed at fork), which the
-  node keeps a bounded window of for `osless traces` (`node.traces`); batched on the SDK's thread
-  (a request only queues its span), each line at most PIPE_BUF bytes, written whole or not at all,
-  never blocking: a full pipe (or queue) drops the span;
+  node keeps a bounded window of for `osless traces` (`node.traces`); queued, and written by the
+  instance's loop after the answer (`_deferred`), each line at most PIPE_BUF bytes, written whole
+  or not at all, never blocking: a full pipe (or queue) drops the span;
 - by OTLP/HTTP (`opentelemetry-exporter-otlp-proto-http`, batched on a thread of its own) when the
   app sets `OTEL_EXPORTER_OTLP_ENDPOINT` (its environment at import, or its config key
   `otel_exporter_otlp_endpoint`): through the sandbox's `HTTP_PROXY`, the node's egress proxy, so
@@ -25,12 +25,11 @@ import select
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
     from opentelemetry.trace import Span, Tracer
 
 __all__ = ["SPANS_FD_ENV", "enabled", "flush", "preload", "server_span", "set_status", "start"]
@@ -43,7 +42,7 @@ MAX_LINE = select.PIPE_BUF - 1
 MAX_ATTRS = 32
 MAX_TEXT = 256
 
-PIPE_DELAY_MS = 200
+MAX_PENDING = 4096  # spans waiting for the loop: past it the oldest are dropped
 FLUSH_MS = 1000  # what a stopping instance gives its last spans
 
 _tracer: Tracer | None = None
@@ -86,10 +85,7 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
     provider = TracerProvider(resource=base.merge(Resource({"service.instance.id": instance})))
     if fd.isdigit():
         os.set_blocking(int(fd), False)  # a full pipe drops a span, never stalls the app
-        # Batched on the SDK's thread: a request only queues its span (the JSON and the write, a third
-        # of a span's cost, are off its path); written within PIPE_DELAY_MS.
-        pipe = cast("SpanExporter", _PipeExporter(int(fd)))
-        provider.add_span_processor(BatchSpanProcessor(pipe, schedule_delay_millis=PIPE_DELAY_MS))
+        provider.add_span_processor(_deferred(_PipeExporter(int(fd))))
     if endpoint:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -109,6 +105,58 @@ def flush() -> None:
     if _provider is not None:
         with contextlib.suppress(Exception):
             _provider.force_flush(FLUSH_MS)
+
+
+def _deferred(exporter: _PipeExporter) -> SpanProcessor:
+    """A span processor that queues each finished span and writes the queue from the instance's event
+    loop, once the request's answer is sent: a request pays for an append, not for the JSON and the
+    write. No thread of its own (the SDK's BatchSpanProcessor starts one, and again in each child the
+    app forks, a thread a fork, which the instance's pids limit counts). A span that ends on a thread
+    other than the loop's is queued the same way; before the loop runs, written at once."""
+    import asyncio
+    from collections import deque
+
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Deferred(SpanProcessor):
+        def __init__(self) -> None:
+            self.pending: deque[ReadableSpan] = deque(maxlen=MAX_PENDING)
+            self.loop: asyncio.AbstractEventLoop | None = None
+            self.scheduled = False
+
+        def on_end(self, span: ReadableSpan) -> None:
+            if not span.context.trace_flags.sampled:
+                return
+            self.pending.append(span)
+            if self.scheduled:
+                return
+            try:
+                self.loop = asyncio.get_running_loop()
+                self.scheduled = True
+                self.loop.call_soon(self.flush)
+            except RuntimeError:  # not on the loop's thread
+                if self.loop is None or self.loop.is_closed():
+                    self.flush()
+                    return
+                self.scheduled = True
+                self.loop.call_soon_threadsafe(self.flush)
+
+        def flush(self) -> None:
+            self.scheduled = False  # first: a span queued from now on schedules the next flush
+            spans = []
+            while self.pending:
+                spans.append(self.pending.popleft())
+            if spans:
+                exporter.export(spans)
+
+        def shutdown(self) -> None:
+            self.flush()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            self.flush()
+            return True
+
+    return Deferred()
 
 
 def enabled() -> bool:
