@@ -84,8 +84,12 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
     base = _resource if _resource is not None else Resource.create({"service.name": app})
     provider = TracerProvider(resource=base.merge(Resource({"service.instance.id": instance})))
     if fd.isdigit():
-        os.set_blocking(int(fd), False)  # a full pipe drops a span, never stalls the app
-        provider.add_span_processor(_deferred(_PipeExporter(int(fd))))
+        try:
+            os.set_blocking(int(fd), False)  # a full pipe drops a span, never stalls the app
+        except OSError as e:
+            print(f"osless: no span pipe ({SPANS_FD_ENV}={fd}): {e}", file=sys.stderr, flush=True)
+        else:
+            provider.add_span_processor(_deferred(_PipeExporter(int(fd))))
     if endpoint:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
