@@ -112,6 +112,19 @@ def test_an_app_to_app_call_is_one_trace_with_parent_links(platform: Platform, s
     assert tree[2].startswith("    invoke work  ") and "[spanback " in tree[2]
 
 
+def test_an_async_invocation_runs_in_its_callers_trace(platform: Platform, spanapps: None) -> None:
+    header, trace_id, parent = _client_traceparent()
+    r = platform.http(
+        "POST",
+        "/v1/apps/spanback/functions/work:invoke",
+        json={"n": 1},
+        headers={"traceparent": header, "x-osless-invocation-type": "Event"},
+    )
+    assert r.status_code == 202, r.text
+    [span] = _spans(platform, "spanback", trace_id, 1)
+    assert span["parent_id"] == parent and span["name"] == "invoke work"
+
+
 def test_traces_refuses_a_bad_trace_id(platform: Platform, spanapps: None) -> None:
     r = platform.cli("traces", "spanfront", "--trace", "nope", "--json", check=False)
     assert r.returncode != 0 and json.loads(r.stdout)["error"]["code"] == "invalid_trace"

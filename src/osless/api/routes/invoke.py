@@ -93,7 +93,8 @@ async def enqueue(
         raise ApiError(
             400, "bad_idempotency_key", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )
-    return await invocations.submit(state.broker, app, function, body or b"null", key)
+    trace = request_headers.get("traceparent", "")
+    return await invocations.submit(state.broker, app, function, body or b"null", key, trace)
 
 
 async def find_function(state: ApiState, app: str, function: str) -> tuple[Release, FunctionManifest]:
