@@ -668,7 +668,9 @@ def test_an_app_has_a_bounded_number_of_function_calls_under_way(tmp_path: Path)
         release = asyncio.Event()
         running: list[str] = []
 
-        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+        async def call(
+            caller: str, app: str, fn: str, body: bytes, rid: str, trace: str
+        ) -> tuple[int, str, bytes]:
             running.append(caller)
             await release.wait()
             return 200, "application/json", b'{"ok": true}'
@@ -723,7 +725,9 @@ def test_a_number_in_non_ascii_digits_is_a_clear_refusal(tmp_path: Path) -> None
     # str.isdigit() holds for '²' (Latin-1 0xB2), which int() refuses: the connection's task raised,
     # the app got no answer and the agent's log a traceback, as often as an app liked.
     async def main() -> None:
-        async def call(caller: str, app: str, fn: str, body: bytes, rid: str) -> tuple[int, str, bytes]:
+        async def call(
+            caller: str, app: str, fn: str, body: bytes, rid: str, trace: str
+        ) -> tuple[int, str, bytes]:
             return 200, "application/json", b"{}"
 
         proxy = EgressProxy(gateway=("127.0.0.1", 9), log=lambda app, message: None, call=call)

@@ -58,7 +58,17 @@ def test_the_layer_holds_what_the_runtime_imports_and_no_more(tmp_path: Path) ->
     expected = {"osless", "uvicorn", "click", "httptools", "websockets", "uvloop", "pyseccomp", "a2wsgi"}
     assert set(seen["outside"]) == expected
     tops = {p.name.removesuffix(".py") for p in layer.path.iterdir() if not p.name.endswith(".dist-info")}
-    assert tops == expected | {"bin", "__pycache__"}
+    # And what instances import only when they trace (runtime.tracing): not at preload.
+    tracing = {
+        "opentelemetry",
+        "typing_extensions",
+        "google",
+        "requests",
+        "urllib3",
+        "idna",
+        "charset_normalizer",
+    }
+    assert tops == expected | tracing | {"certifi", "bin", "__pycache__"}
     assert set(DISTRIBUTIONS) == {importlib.metadata.distribution(n).name.lower() for n in DISTRIBUTIONS}
     assert {p.name for p in (layer.path / "osless").iterdir()} <= {
         "__init__.py",

@@ -38,6 +38,7 @@ from osless.api.routes import (
     runs,
     system,
     tokens,
+    traces,
     volumes,
 )
 from osless.api.routes import audit as audit_routes
@@ -201,6 +202,7 @@ def create_app(state: ApiState) -> FastAPI:
         volumes,
         audit_routes,
         schedule_routes,
+        traces,
     )
     for module in routers:
         _check_permissions(module.router)

@@ -47,6 +47,7 @@ from osless.api.errors import ApiError
 from osless.api.state import ApiState
 from osless.bounds import cap
 from osless.contracts import APP_NAME_PATTERN
+from osless.sdk import traceparent
 
 __all__ = [
     "FINAL",
@@ -148,15 +149,16 @@ async def engine_errors() -> AsyncIterator[None]:
 
 
 async def submit(
-    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
+    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None, trace: str = ""
 ) -> tuple[dict[str, Any], bool]:
-    """The invocation, stored durably; whether it is new (False: the key's first one, answered again)."""
+    """The invocation, stored durably; whether it is new (False: the key's first one, answered again).
+    `trace`: the caller's traceparent, checked, carried to the run (whose span is then its child)."""
     async with engine_errors():
-        return await _submit(broker, app, function, event, idempotency_key)
+        return await _submit(broker, app, function, event, idempotency_key, trace)
 
 
 async def _submit(
-    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None
+    broker: Broker, app: str, function: str, event: bytes, idempotency_key: str | None, trace: str = ""
 ) -> tuple[dict[str, Any], bool]:
     assert broker.js is not None and broker.states is not None
     invocation_id = new_id(app, function, idempotency_key)
@@ -180,6 +182,8 @@ async def _submit(
     else:
         await broker.states.put(_key(invocation_id), _encode(state))
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
+    if traceparent.valid(trace.encode("latin-1", "replace")):
+        body["traceparent"] = trace
     ack = await broker.js.publish(
         f"osless.invoke.{app}.{function}",
         _encode(body),
@@ -380,7 +384,7 @@ class Dispatcher:
         state["started_at"] = _now()  # this attempt's: with `finished_at`, how long it ran
         state.pop("error", None)
         await _write(self.broker, state)
-        headers = {"x-osless-request-id": invocation_id}
+        headers = {"x-osless-request-id": invocation_id, "traceparent": str(body.get("traceparent", ""))}
         try:
             resp = await call_function(self.state, app, function, spec, body["event"].encode(), headers)
             status, content = resp.status_code, resp.content

@@ -40,6 +40,7 @@ from osless.cli.output import (
 from osless.cli.schedules import schedule_app
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
+from osless.cli.traces import traces
 from osless.cli.volumes import volumes_app
 from osless.errors import ApiError
 
@@ -311,6 +312,7 @@ app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
 app.add_typer(schedule_app, name="schedule")
+app.command("traces")(traces)
 
 
 @app.command()

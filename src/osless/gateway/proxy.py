@@ -27,6 +27,7 @@ from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge,
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
 from osless.gateway.upstream import BadAnswer, OnDone, Unreachable, UpstreamConn, UpstreamError
+from osless.sdk import traceparent
 
 __all__ = ["Gateway"]
 
@@ -494,13 +495,27 @@ def _head(
     """The request's head as the instance gets it: its target, the client's headers but `drop`,
     and the gateway's x-forwarded-* (with the prefix taken off the path, if any)."""
     parts = [req.method, b" ", target, _VERSIONS.get(req.version) or b" HTTP/%s\r\n" % req.version.encode()]
+    trace = state = b""
     for kv in req.headers:
         name = kv[0]
         # WSGI reads `x_forwarded_for` as `x-forwarded-for` (both are HTTP_X_FORWARDED_FOR): such a
         # spelling of a dropped header is dropped too.
         if name in drop or (b"_" in name and name.replace(b"_", b"-") in drop):
             continue
+        if name in _TRACE_CONTEXT:  # the client's: checked below, never passed on unchecked
+            if name == b"tracestate":
+                state = kv[1]
+            else:
+                trace = b"-" if trace else kv[1]  # two traceparents: neither is continued
+            continue
         parts += (name, b": ", kv[1], b"\r\n")
+    # W3C Trace Context: continue a valid traceparent (and its tracestate), else start a new trace.
+    if traceparent.valid(trace):
+        parts += (b"traceparent: ", trace, b"\r\n")
+        if state:
+            parts += (b"tracestate: ", state, b"\r\n")
+    else:
+        parts += (b"traceparent: ", traceparent.new(), b"\r\n")
     if req.upgrade:
         parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
     # The x-forwarded-* block: the same for each request of a connection to one host and prefix.
@@ -517,6 +532,7 @@ def _head(
     return b"".join(parts)
 
 
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _VERSIONS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 
 

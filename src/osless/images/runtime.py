@@ -33,9 +33,41 @@ __all__ = ["DISTRIBUTIONS", "RuntimeLayer", "hidden_site_packages", "interpreter
 # a2wsgi (WSGI apps) and pyseccomp (the sandbox's filter). Not h11, watchfiles, PyYAML or
 # python-dotenv: uvicorn brings them for its other protocol, its reloader and its config files,
 # which never run here.
-DISTRIBUTIONS = ("a2wsgi", "click", "httptools", "pyseccomp", "uvicorn", "uvloop", "websockets")
-# Used when installed (uvicorn and the instance check), left out when not.
-_OPTIONAL = ("uvloop", "websockets")
+DISTRIBUTIONS = (
+    "a2wsgi",
+    "click",
+    "httptools",
+    "pyseccomp",
+    "uvicorn",
+    "uvloop",
+    "websockets",
+    # Spans (runtime.tracing): the SDK, imported by each release zygote after its app, and the OTLP
+    # exporter with what it imports, only in an instance whose app sets OTEL_EXPORTER_OTLP_ENDPOINT.
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-semantic-conventions",
+    "typing_extensions",
+    "opentelemetry-exporter-otlp-proto-http",
+    "opentelemetry-exporter-otlp-proto-common",
+    "opentelemetry-exporter-otlp-common",
+    "opentelemetry-exporter-http-transport",
+    "opentelemetry-proto",
+    "protobuf",
+    "googleapis-common-protos",
+    "requests",
+    "urllib3",
+    "idna",
+    "charset-normalizer",
+    "certifi",
+)
+# Used when installed (uvicorn and the instance check), left out when not; the last two are parts of
+# the exporter only in its newer releases.
+_OPTIONAL = (
+    "uvloop",
+    "websockets",
+    "opentelemetry-exporter-otlp-common",
+    "opentelemetry-exporter-http-transport",
+)
 # Of osless itself: the SDK that app code imports and the runtime that runs it, no more.
 _OSLESS = ("__init__.py", "py.typed", "runtime", "sdk")
 # Runs a module of the layer with nothing else on the path: `python -I -S -c _BOOT LAYER MODULE ARGS...`.

@@ -34,6 +34,7 @@ from osless.node.images import ImageError, NodeImages
 from osless.node.isolation import sandbox_spec
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
+from osless.node.traces import SpanStore
 from osless.node.volumes import VolumeError, Volumes
 from osless.runtime.sandbox import SandboxSpec
 from osless.sdk.app import read_volumes
@@ -99,6 +100,9 @@ class NodeAgent:
         self._images_checked = time.monotonic()
         self._image_failures: dict[str, str] = {}  # instance -> why its image could not be had
         self.logs_dir = data_dir / "logs"
+        # Its instances' recent spans, for `osless traces`; OSLESS_TRACES=off in the node's environment
+        # gives instances no span pipe (what benchmarks compare against).
+        self.traces = SpanStore() if os.environ.get("OSLESS_TRACES", "on") != "off" else None
         self.node_api: str | None = None  # the node API's URL, reported in the heartbeat
         self.run_dir = run_dir_for(data_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -410,6 +414,7 @@ class NodeAgent:
             cgroups=self.cgroups,
             limits=Limits(memory_mb=self._memory_mb(obj.image)),
             uid=uid,
+            traces=self.traces,
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -524,13 +529,16 @@ class NodeAgent:
         return zyg
 
     async def _call_function(
-        self, caller: str, app: str, function: str, event: bytes, request_id: str
+        self, caller: str, app: str, function: str, event: bytes, request_id: str, trace: str = ""
     ) -> tuple[int, str, bytes]:
         """An app's call of another's function (from the egress proxy): the API decides, told by
-        this node's token which of its apps calls; its answer goes back to the app as it is."""
+        this node's token which of its apps calls; its answer goes back to the app as it is.
+        `trace`: the caller's traceparent (checked by the proxy), so the callee's span is its child."""
         headers = {"content-type": "application/json"}
         if request_id:
             headers["x-osless-request-id"] = request_id
+        if trace:
+            headers["traceparent"] = trace
         try:
             resp = await self._calls_api.send(
                 "POST",

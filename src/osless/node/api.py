@@ -1,7 +1,8 @@
 """The node API: a small HTTP server in the node process, for what stays on the node's own disk.
 
-It serves the logs of the node's instances (`GET /logs/apps/{app}`), which the API merges
-across nodes, as Kubernetes' API server asks the kubelet, the files of its apps' volumes
+It serves the logs of the node's instances (`GET /logs/apps/{app}`) and their recent spans
+(`GET /traces/apps/{app}`, `node.traces`), which the API merges across nodes, as Kubernetes' API
+server asks the kubelet, the files of its apps' volumes
 (`/volumes/apps/{app}/...`, `node.volapi`), and runs the commands the API asks for (`WS /runs/{app}`:
 `osless run`, release steps; `node.runs`). The caller's own bearer token comes along;
 the node asks the API who it is (`GET /v1/whoami`, cached a moment by digest) and decides as the API
@@ -36,6 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from osless import runwire, tokens
 from osless.logs import MAX_GREP_CHARS, MAX_REQUEST_CHARS, LogFilter, follow, read_tail
 from osless.node import debug, volapi
+from osless.node.traces import SpanStore
 from osless.node.volumes import Volumes
 
 __all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
@@ -46,6 +48,7 @@ Runner = Callable[[WebSocket, str], Awaitable[None]]
 MAX_TAIL = 100_000  # as the API's route
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_CHARS}}}")
 # The API's tokens that a node takes: kept ones, an app's own, and those the API makes for one node.
 _TOKEN_PREFIXES = (tokens.PLAIN, tokens.APP, *(tokens.SCOPED[role] for role in tokens.NODE_BOUND))
@@ -206,6 +209,7 @@ def create_app(
     volumes: Volumes | None = None,
     runs: Runner | None = None,
     profiler: debug.Profiler | None = None,
+    traces: SpanStore | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -258,6 +262,24 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+    async def app_traces(request: Request) -> Response:
+        """The recent spans of the app's instances on this node (`node.traces`), those of one trace
+        with `?trace=`; read with the `logs` permission, as the app's logs are."""
+        app = request.path_params["app"]
+        if not _NAME.fullmatch(app):
+            return _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
+        trace = request.query_params.get("trace") or None
+        if trace is not None and not _TRACE_ID.fullmatch(trace):
+            return _error(400, "invalid_request", "trace must be a trace id: 32 lowercase hex digits")
+        refused = await callers.check(request, "logs", app)
+        if refused is not None:
+            return refused
+        born = await callers.born(request, app)
+        if isinstance(born, Response):
+            return born
+        spans = traces.spans(app, trace) if traces is not None else []
+        return JSONResponse({"spans": [s for s in spans if s["start"] >= born]})
+
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
@@ -279,6 +301,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/logs/apps/{app}", app_logs, methods=["GET"]),
+            Route("/traces/apps/{app}", app_traces, methods=["GET"]),
             WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
@@ -358,11 +381,14 @@ class NodeApi:
         volumes: Volumes | None = None,
         runs: Runner | None = None,
         profiler: debug.Profiler | None = None,
+        traces: SpanStore | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler)
+        self.app = create_app(
+            logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler, traces=traces
+        )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.node.egress_rules import AddressPolicy, Network
+from osless.sdk import traceparent
 from osless.sdk.app import NAME_RE
 
 __all__ = [
@@ -92,7 +93,7 @@ _HOP_BY_HOP = {
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (calling app, app, function, event as JSON bytes, request id) -> (status, content type, body)
-CallFunction = Callable[[str, str, str, bytes, str], Awaitable[tuple[int, str, bytes]]]
+CallFunction = Callable[[str, str, str, bytes, str, str], Awaitable[tuple[int, str, bytes]]]
 
 
 class _BadRequest(Exception):
@@ -607,8 +608,14 @@ class EgressProxy:
             self.calls[(app, target)] += 1
             # It goes on in headers to the API: visible ASCII only (httpx could not send the rest).
             rid = headers.get("x-osless-request-id", "")[:64]
+            trace = headers.get("traceparent", "")  # the calling span: passed on only if well formed
             status, content_type, answer = await self.call(
-                app, target, function, body, rid if _REQUEST_ID.fullmatch(rid) else ""
+                app,
+                target,
+                function,
+                body,
+                rid if _REQUEST_ID.fullmatch(rid) else "",
+                trace if traceparent.valid(trace.encode("latin-1", "replace")) else "",
             )
             await _respond(writer, status, _reason(status), answer, content_type)
         finally:

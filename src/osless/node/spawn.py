@@ -326,6 +326,7 @@ class Zygote:
         env: dict[str, str],
         log: LogWriter,
         cgroup_fds: list[int],
+        spans: Callable[[str], None] | None = None,
     ) -> Child:
         """A new instance; it listens on `sockets` (web, control: bound, not yet listening), joins
         its cgroups through `cgroup_fds` and writes its output to `log`."""
@@ -334,27 +335,39 @@ class Zygote:
         loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        # Its finished spans, apart from its output: `spans` gets each line (node.traces).
+        spans_r, spans_w = os.pipe() if spans is not None else (-1, -1)
         child = Child(ready=loop.create_future(), exited=loop.create_future(), recycle=loop.create_future())
         self._children[instance_id] = child
         fut: asyncio.Future[int] = loop.create_future()
         self._forks[instance_id] = fut
         try:
+            span_fds = [spans_w] if spans_w >= 0 else []
             self._channel.send(
-                {"op": "fork", "id": instance_id, "env": {**self.instance_env, **env}},
-                [out_w, err_w, *(s.fileno() for s in sockets), *cgroup_fds],
+                {
+                    "op": "fork",
+                    "id": instance_id,
+                    "env": {**self.instance_env, **env},
+                    "spans": bool(span_fds),
+                },
+                [out_w, err_w, *(s.fileno() for s in sockets), *span_fds, *cgroup_fds],
             )
         except (OSError, ZygoteFailed) as e:
             self._children.pop(instance_id, None)
             self._forks.pop(instance_id, None)
-            for fd in (out_r, err_r):
-                os.close(fd)
+            for fd in (out_r, err_r, spans_r):
+                if fd >= 0:
+                    os.close(fd)
             raise ZygoteFailed(f"cannot reach the zygote: {e}") from e
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in (out_w, err_w, spans_w):
+                if fd >= 0:
+                    os.close(fd)
         # The runtime's marked lines (access lines, `logging` records) become records of their own.
         forward_lines(out_r, lambda line: log.write(*instance_line(line, "stdout")))
         forward_lines(err_r, lambda line: log.write(*instance_line(line, "stderr")))
+        if spans is not None:
+            forward_lines(spans_r, spans)
         try:
             inner = await asyncio.wait_for(fut, 10)
         except (TimeoutError, ZygoteFailed):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from osless.bounds import cap
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
+from osless.node.traces import SpanStore
 
 __all__ = ["Supervisor", "exit_reason"]
 
@@ -110,6 +112,7 @@ class Supervisor:
         cgroups: Cgroups | None = None,
         limits: Limits | None = None,
         uid: int | None = None,
+        traces: SpanStore | None = None,
     ) -> None:
         """`run_dir`: a folder of the node's own (no app sees it) for the instance's sockets;
         `uid`: the host uid the instance runs as, reported so the gateway can check it."""
@@ -130,6 +133,7 @@ class Supervisor:
             "message": None,
         }
         self._zygote = zygote
+        self._traces = traces
         self._cgroups = cgroups
         self.limits = limits or Limits()
         self._report = report
@@ -205,7 +209,8 @@ class Supervisor:
             procs = run.cgroup.open_join_files() if run.cgroup else []
             try:
                 # A new id each run: a late message about an earlier run cannot be taken for this one.
-                run.child = await zyg.fork(f"{self.id}.{run.number}", sockets, env, self.log, procs)
+                spans = functools.partial(self._traces.add, self.app, self.id) if self._traces else None
+                run.child = await zyg.fork(f"{self.id}.{run.number}", sockets, env, self.log, procs, spans)
             finally:
                 for fd in procs:
                     os.close(fd)

@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 
 import uvicorn
 
-from osless.runtime import applog, function_url, protocol
+from osless.runtime import applog, function_url, protocol, tracing
 from osless.runtime.loader import web_kind
 from osless.sdk import App, Context, FunctionSpec
 from osless.sdk import config as app_config
@@ -86,11 +86,23 @@ class Instance:
         endpoints are on the control socket, which only the platform reaches)."""
         if scope["type"] in ("http", "websocket"):
             _forwarded(scope)
-        if scope["type"] == "http":  # each request: its id, its access line (`runtime.applog`)
+        if scope["type"] == "http":  # each request: its id, its access line (`runtime.applog`), its span
             rid = applog.new_request_id()
-            await applog.logged(scope, receive, send, self._web, rid, scope["method"], scope["path"])
+            web = self._traced_web if tracing.enabled() else self._web
+            await applog.logged(scope, receive, send, web, rid, scope["method"], scope["path"])
         else:
             await self._web(scope, receive, send)
+
+    async def _traced_web(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        seen = _StatusSeen(send)
+        attributes = {"http.request.method": method, "url.path": path[:256]}
+        with tracing.server_span(f"{method} {path[:120]}", scope["headers"], attributes) as span:
+            try:
+                await self._web(scope, receive, seen.send)
+            finally:
+                if span is not None and seen.status:
+                    tracing.set_status(span, seen.status)
 
     async def _web(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.http_functions:
@@ -354,7 +366,11 @@ class Instance:
                 deadline, by_caller = caller_deadline, True
         ctx = self._context(request_id, spec, deadline)
 
-        status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
+        attributes = {"faas.invoked_name": spec.name, "faas.invocation_id": request_id}
+        with tracing.server_span(f"invoke {spec.name}", headers, attributes) as span:
+            status, payload = await self._run(spec, event, ctx, by_caller, own_deadline)
+            if span is not None:
+                tracing.set_status(span, status)
         if status == 500 and headers.get(b"x-osless-public") == b"1" and _code(payload) == "function_error":
             # A public function called without a token (the gateway says so): what it raised stays in
             # the app's log (`_function_error`), as for an http function; the caller gets the request.
@@ -463,6 +479,29 @@ class Instance:
                 f.exception()
 
         future.add_done_callback(done)
+
+
+class _StatusSeen:
+    """`send`, noting the answer's status for the request's span. Its other attributes are those of
+    the server's own `send.__self__` (uvicorn's request cycle): an app that reaches through `send`
+    to the server finds what it would without tracing."""
+
+    __slots__ = ("_send", "status")
+
+    def __init__(self, send: Send) -> None:
+        object.__setattr__(self, "_send", send)
+        object.__setattr__(self, "status", 0)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            object.__setattr__(self, "status", message["status"])
+        await self._send(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._send.__self__, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._send.__self__, name, value)
 
 
 def _no_recycle(reason: str) -> None:
@@ -640,6 +679,7 @@ def prewarm(instance: Instance) -> None:
     control = _control_config(instance)
     control.load()
     _PRELOADED[id(instance)] = (config, control)
+    tracing.preload(instance.app.name)
 
 
 class _Server(uvicorn.Server):
@@ -726,12 +766,19 @@ def serve(
     )
     if not control_config.loaded:
         control_config.load()
+    endpoint = app_config._state.values.get(tracing.ENDPOINT_KEY)
+    tracing.start(
+        instance.app.name,
+        os.environ.get("OSLESS_INSTANCE", ""),
+        endpoint if isinstance(endpoint, str) else None,
+    )
     server = _Server(config, (control_config, control), on_listening, instance, config_channel)
     instance.server = server
     try:
         server.run(sockets=[web])
     finally:
         applog.flush()  # the access lines that waited for company
+        tracing.flush()
     return instance.exit_code or 0
 
 

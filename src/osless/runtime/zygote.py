@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from osless.runtime import applog, forwarder, protocol, sandbox, seccomp
+from osless.runtime import applog, forwarder, protocol, sandbox, seccomp, tracing
 from osless.runtime.instance import Instance, create_instance, preload, prewarm, serve
 from osless.runtime.loader import load_app
 from osless.sdk import config as app_config
@@ -306,13 +306,15 @@ class ReleaseZygote(_ForkServer):
             self._send({"op": "error", "id": iid, "error": problem})
             return
         assert isinstance(env, dict)
+        # With `spans`, the fd after the two sockets is the pipe the instance writes its spans to.
+        spans_fd = fds.pop(4) if msg.get("spans") is True and len(fds) > 4 else -1
         # Anything still buffered would otherwise be written twice, once by each process.
         _flush_stdio()
         zygote_pid = os.getpid()
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
-            _close_all(fds)
+            _close_all([*fds, spans_fd] if spans_fd >= 0 else fds)
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
             return
         # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
@@ -320,7 +322,7 @@ class ReleaseZygote(_ForkServer):
         try:
             pid = os.fork()
         except OSError as e:
-            _close_all([*fds, order_r, order_w])
+            _close_all([*fds, order_r, order_w, *([spans_fd] if spans_fd >= 0 else [])])
             ours.close()
             theirs.close()
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
@@ -328,9 +330,9 @@ class ReleaseZygote(_ForkServer):
         if pid == 0:
             os.close(order_w)
             ours.close()
-            self._child(zygote_pid, iid, env, fds, order_r, theirs)
+            self._child(zygote_pid, iid, env, fds, order_r, theirs, spans_fd)
         os.close(order_r)
-        _close_all(fds)
+        _close_all([*fds, spans_fd] if spans_fd >= 0 else fds)
         theirs.close()
         ours.setblocking(False)  # a stuck instance must never stall the zygote
         self.children[pid] = iid
@@ -426,6 +428,7 @@ class ReleaseZygote(_ForkServer):
         fds: list[int],
         order_r: int,
         channel: socket.socket,
+        spans_fd: int = -1,
     ) -> NoReturn:
         code = 1
         try:
@@ -437,6 +440,9 @@ class ReleaseZygote(_ForkServer):
             self._leave_loop(close_control=False)
             web, control = (socket.socket(fileno=fd) for fd in fds[2:4])
             self._become_instance(fds[:2], env)
+            if spans_fd >= 0:
+                os.set_inheritable(spans_fd, False)  # the instance's alone, not its subprocesses'
+                os.environ[tracing.SPANS_FD_ENV] = str(spans_fd)
             self.instance.recycle = functools.partial(_ask_recycle, channel)
             code = serve(
                 self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel

@@ -4,15 +4,18 @@ The call goes out through the node's egress proxy like any request of the app (t
 `HTTP_PROXY`), to `http://orders.osless/__osless__/functions/quote`, a path no app can serve. The
 proxy knows which app speaks (one socket per app) and the platform checks that the callee allows
 it (`osless functions allow orders.quote --app shop`): the app holds no credential for this.
-Stdlib only, as all the SDK: it runs inside instances.
+Stdlib only, as all the SDK: it runs inside instances. In an instance that traces, the call is a span
+and its `traceparent` goes along, so the callee's span is its child (`osless.runtime.tracing`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +59,16 @@ class RemoteFunction:
             body = json.dumps(event).encode()
         except (TypeError, ValueError) as e:
             raise UsageError(f"the event for {self.app}.{self.name} must be JSON: {e}") from e
-        request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"content-type": "application/json"}
-        )
+        with _span(self) as trace_headers:
+            request = urllib.request.Request(
+                self.url,
+                data=body,
+                method="POST",
+                headers={"content-type": "application/json", **trace_headers},
+            )
+            return self._send(request, timeout)
+
+    def _send(self, request: urllib.request.Request, timeout: float) -> Any:
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return _result(resp.read(MAX_ANSWER + 1))
@@ -76,6 +86,25 @@ class RemoteFunction:
     async def acall(self, event: Any = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
         """`call`, awaited: the request runs in a thread, so the event loop goes on meanwhile."""
         return await asyncio.to_thread(self.call, event, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _span(fn: RemoteFunction) -> Iterator[dict[str, str]]:
+    """A span of the kind CLIENT for the call, and the `traceparent` that makes the callee's span its
+    child. Outside an instance that traces (no opentelemetry, or no provider set) it records nothing."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:
+        yield {}
+        return
+    attributes = {"osless.callee.app": fn.app, "osless.callee.function": fn.name}
+    with trace.get_tracer("osless").start_as_current_span(
+        f"call {fn.app}.{fn.name}", kind=trace.SpanKind.CLIENT, attributes=attributes, record_exception=False
+    ):
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        yield carrier
 
 
 def _result(data: bytes) -> Any:

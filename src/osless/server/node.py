@@ -139,6 +139,7 @@ class NodeHost:
             volumes=self.agent.volumes,
             runs=NodeRuns(self.agent).serve,
             profiler=debug.Profiler(debug.supervised_pids(self.agent.supervisors)),
+            traces=self.agent.traces,
         )
 
     def reserve(self) -> None:

@@ -16,6 +16,7 @@ from osless.api.errors import ApiError, responses
 from osless.api.models import Release
 from osless.api.state import ApiState, get_state
 from osless.contracts import FunctionManifest
+from osless.sdk import traceparent
 
 router = APIRouter(tags=["functions"])
 
@@ -92,7 +93,8 @@ async def enqueue(
         raise ApiError(
             400, "bad_idempotency_key", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )
-    return await invocations.submit(state.broker, app, function, body or b"null", key)
+    trace = request_headers.get("traceparent", "")
+    return await invocations.submit(state.broker, app, function, body or b"null", key, trace)
 
 
 async def find_function(state: ApiState, app: str, function: str) -> tuple[Release, FunctionManifest]:
@@ -131,6 +133,9 @@ async def call_function(
     rid = request_headers.get("x-osless-request-id", "")[:64]
     if REQUEST_ID.fullmatch(rid):  # visible ASCII: httpx sends no other header value
         headers["x-osless-request-id"] = rid
+    trace = request_headers.get("traceparent", "")
+    if traceparent.valid(trace.encode("latin-1", "replace")):  # else the gateway starts a trace
+        headers["traceparent"] = trace
     url = f"{state.gateway_url}/_functions/{app}/{function}"
     try:
         async with state.http.stream("POST", url, content=body, headers=headers, timeout=timeout) as resp:
