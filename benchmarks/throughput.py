@@ -70,8 +70,14 @@ round, and uvicorn's run first, load 13 to 14): ratio 0.12, 0.11, 0.12, 0.05, 0.
 59-72 against 69-102 us, instance 60-71 against 53-83 us: fewer preemptions mid-batch). So
 `node/cgroups.py` now has all instances together weigh one process (1024, cgroup v2's 100), at the
 `osless` folder as well as the node's: no more than one gateway process, no less than any other
-process on the host. (Until every checkout on a shared host runs this code, `osless doctor` of an
-older one writes 256 back at `osless`.)
+process on the host. (Until every checkout on a shared host runs this code, `osless up` or `doctor`
+of an older one writes 256 back at `osless`: one run of `--rounds 5` where that happened midway, load
+10 to 20, measured 0.038 multi-core; with 1024 kept there, load 10 to 12, 0.25 (rounds 0.19 to 0.38;
+gateway 62 us, instance 66 us, uvicorn 48 us per answer) and 0.29 single.) Paired again later (six
+rounds, load 8.5 to 9.5): 0.92, 0.19, 0.05, 0.31, 0.38, 0.18 at 256 against 1.00, 0.46, 0.58, 0.78,
+0.41, 0.55 at 1024. What remains under such load is the chain itself: three processes to be
+scheduled in turn per answer against uvicorn's one, each waiting its turn behind a neighbour's; the
+0.6 target is for a quiet machine, where this change could not be measured this session.
 """
 
 from __future__ import annotations
