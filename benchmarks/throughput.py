@@ -75,7 +75,8 @@ of an older one writes 256 back at `osless`: one run of `--rounds 5` where that 
 10 to 20, measured 0.038 multi-core; with 1024 kept there, load 10 to 12, 0.25 (rounds 0.19 to 0.38;
 gateway 62 us, instance 66 us, uvicorn 48 us per answer) and 0.29 single.) Paired again later (six
 rounds, load 8.5 to 9.5): 0.92, 0.19, 0.05, 0.31, 0.38, 0.18 at 256 against 1.00, 0.46, 0.58, 0.78,
-0.41, 0.55 at 1024. What remains under such load is the chain itself: three processes to be
+0.41, 0.55 at 1024; a last full run (1024 kept, load 6 to 10): 0.27 multi-core (rounds 0.12 to
+0.45; gateway 70 us, instance 67 us, uvicorn 45 us per answer), 0.42 single. What remains under such load is the chain itself: three processes to be
 scheduled in turn per answer against uvicorn's one, each waiting its turn behind a neighbour's; the
 0.6 target is for a quiet machine, where this change could not be measured this session.
 """
