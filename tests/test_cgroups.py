@@ -154,3 +154,21 @@ def test_v2_groups_are_made_joined_killed_and_removed(cgroup2: Path) -> None:
         other.parent.rmdir()
     cgroups.close()
     assert not root.exists() and not any(d.exists() for d in pool)
+
+
+def test_instances_together_weigh_one_process_at_every_level() -> None:
+    # On the host's own hierarchy: the weight that counts against the gateway's processes (and any
+    # other on the host) is that of `osless`, where every node's folder is; below it, each node's.
+    # A quarter of one process starved the instances under any load (benchmarks/throughput.py).
+    scope = "test-" + secrets.token_hex(4)
+    found = Cgroups.detect(scope=scope)
+    assert isinstance(found, Cgroups), found
+    try:
+        if found.version == 1:
+            levels = [Path("/sys/fs/cgroup/cpu/osless"), found.roots[1]]
+            assert [int((d / "cpu.shares").read_text()) for d in levels] == [1024, 1024]
+        else:
+            levels = [Path("/sys/fs/cgroup/osless"), found.roots[0]]
+            assert [int((d / "cpu.weight").read_text()) for d in levels] == [100, 100]
+    finally:
+        found.close()

@@ -22,9 +22,14 @@ __all__ = ["Cgroups", "InstanceCgroup", "Limits"]
 CGROUP_FS = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 POOL_SIZE = 4
-# All of a node's instances together weigh a quarter of one platform process when the CPU is
-# contended: a busy app cannot make the gateway that serves every other app slow.
-APPS_CPU_SHARES = 256
+# All of a host's instances together weigh as much as one process (the kernel's default), at each
+# level (all nodes' `osless`, each node's folder): when the CPU is contended, a busy app cannot take
+# more from a gateway process that serves every other app than one process would, and the apps that
+# answer the gateway's requests are not starved by every other process on the host either. (At a
+# quarter of one, any load on the host, the load generator of a benchmark, a build, preempted the
+# instances at each of the gateway's wakeups: each answer cost a context switch or more, and under
+# load throughput fell to a tenth of uvicorn's alone; benchmarks/throughput.py.)
+APPS_CPU_SHARES = 1024
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,9 @@ class Cgroups:
                         f.write("+memory +cpu +pids")
             except OSError as e:
                 return f"cannot set up cgroup v2 control at {root}: {e.strerror}"
-            with contextlib.suppress(OSError):
-                (root / "cpu.weight").write_text(str(max(1, APPS_CPU_SHARES * 100 // 1024)))
+            for folder in {fs / "osless", root}:
+                with contextlib.suppress(OSError):
+                    (folder / "cpu.weight").write_text(str(max(1, APPS_CPU_SHARES * 100 // 1024)))
             return cls([root], 2)
         roots = []
         for controller in V1_CONTROLLERS:
@@ -132,8 +138,9 @@ class Cgroups:
             if not os.access(root, os.W_OK):
                 return f"cannot write to {root} (resource limits need root)"
             roots.append(root)
-        with contextlib.suppress(OSError):
-            (roots[1] / "cpu.shares").write_text(str(APPS_CPU_SHARES))
+        for folder in {fs / "cpu" / "osless", roots[1]}:
+            with contextlib.suppress(OSError):
+                (folder / "cpu.shares").write_text(str(APPS_CPU_SHARES))
         return cls(roots, 1)
 
     def _make(self) -> InstanceCgroup:
