@@ -14,9 +14,11 @@ COLLECTOR_HOST = "127.0.0.77"
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     """One running platform, shared by the tests that only add to it. Its apps may reach 127.0.0.77 if
     they list it (where tests/test_traces.py runs its OTLP collector), as an operator would allow a
-    collector's address; nothing else of this host."""
+    collector's address; nothing else of this host. Every trace a gateway starts is recorded
+    (`--trace-sample 1`), so a test's lone request has its spans whatever ran in the same second."""
     root = tmp_path_factory.mktemp("platform")
-    p = Platform(root / "data", args=["--egress-allow", f"{COLLECTOR_HOST}/32"]).start()
+    args = ["--egress-allow", f"{COLLECTOR_HOST}/32", "--trace-sample", "1"]
+    p = Platform(root / "data", args=args).start()
     try:
         yield p
     finally:

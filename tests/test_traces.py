@@ -17,6 +17,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from osless.node.traces import SpanStore
+from osless.sdk import traceparent
 from osless.spans import check_span
 from tests.conftest import COLLECTOR_HOST
 from tests.platform import Platform, copy_app
@@ -73,6 +74,39 @@ def test_a_request_without_a_traceparent_gets_one(platform: Platform, spanapps: 
     assert span["parent_id"] == parent
     listed = platform.cli("traces", "spanfront").stdout
     assert trace_id in listed and "GET /spanfront/" in listed
+
+
+def test_a_trace_not_sampled_goes_on_unrecorded_across_apps(platform: Platform, spanapps: None) -> None:
+    """A traceparent whose `sampled` flag is off is continued, to the app it calls too, and no span of
+    it is made: the cost of a span is only paid for the traces the gateway (or a client) samples."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    header = f"00-{trace_id}-{span_id}-00"
+    got = _get(platform, "/call", header)
+    assert got["traceparent"] == header and got["result"] == {"doubled": 4}
+    marker, marker_id, _ = _client_traceparent()  # recorded after it: its spans are in by then
+    _get(platform, "/call", marker)
+    _spans(platform, "spanback", marker_id, 1)
+    for app in ("spanfront", "spanback"):
+        assert platform.cli_json("traces", app, "--trace", trace_id)["traces"] == []
+
+
+def test_the_gateway_samples_the_first_trace_of_each_second_and_a_share_of_the_rest() -> None:
+    now = [100.2]
+    never = traceparent.Sampler(0.0, clock=lambda: now[0])
+    assert [never() for _ in range(3)] == [True, False, False]
+    now[0] = 101.0
+    assert never() is True
+    always = traceparent.Sampler(1.0, clock=lambda: now[0])
+    assert all(always() for _ in range(5))
+    some = traceparent.Sampler(0.25, clock=lambda: now[0])
+    some()
+    share = sum(some() for _ in range(4000)) / 4000
+    assert 0.2 < share < 0.3, share
+    with pytest.raises(ValueError):
+        traceparent.Sampler(1.5)
+    assert traceparent.new(False).endswith(b"-00") and traceparent.new().endswith(b"-01")
+    assert traceparent.sampled("00-" + "a" * 32 + "-" + "1" * 16 + "-01")
+    assert not traceparent.sampled("00-" + "a" * 32 + "-" + "1" * 16 + "-00")
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,13 @@ def up(
         ),
     ] = None,
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
+    trace_sample: Annotated[
+        float,
+        typer.Option(
+            help="Of the traces the gateway starts, the share recorded besides the first of each second "
+            "(0 to 1; a client's sampled traceparent is always recorded)."
+        ),
+    ] = 0.05,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
@@ -116,6 +123,8 @@ def up(
         fail(str(e))
     if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
         fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
+    if not 0.0 <= trace_sample <= 1.0:
+        fail(f"--trace-sample is a share of requests from 0 to 1, not {trace_sample}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
     if node_name:
@@ -125,6 +134,7 @@ def up(
     cfg.secret_key_file = secret_key_file
     cfg.egress_allow = allowed
     cfg.nats_port = nats_port
+    cfg.trace_sample = trace_sample
 
     def ready(api_url: str, gateway_url: str, token: str) -> None:
         if json_out:

@@ -63,6 +63,13 @@ def join(
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
+    trace_sample: Annotated[
+        float,
+        typer.Option(
+            help="Of the traces the gateway starts, the share recorded besides the first of each second "
+            "(0 to 1; a client's sampled traceparent is always recorded)."
+        ),
+    ] = 0.05,
     egress_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -87,6 +94,8 @@ def join(
         fail(str(e))
     if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
         fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
+    if not 0.0 <= trace_sample <= 1.0:
+        fail(f"--trace-sample is a share of requests from 0 to 1, not {trace_sample}")
     if not token.strip():
         fail("--token is empty: give a node token (`osless tokens create --role node --name NODE`)")
     if not 0 <= node_api_port <= 65535:
@@ -107,6 +116,7 @@ def join(
         node_api_port=node_api_port,
         sandbox=sandbox,
         egress_allow=allowed,
+        trace_sample=trace_sample,
     )
     if gateways is not None:
         cfg.gateways = gateways

@@ -96,8 +96,19 @@ class _Slot:
 class GatewayPool:
     """`count` gateway processes on `host:port`, fed by the API at `api_url` with `token`."""
 
-    def __init__(self, *, api_url: str, token: str, node: str, host: str, port: int, count: int) -> None:
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        token: str,
+        node: str,
+        host: str,
+        port: int,
+        count: int,
+        trace_sample: float = 0.05,
+    ) -> None:
         self.api_url = api_url
+        self.trace_sample = trace_sample
         self.token = token  # what its processes act with: a gateway token, set before `start`
         self.host = host
         self.port = port
@@ -181,6 +192,8 @@ class GatewayPool:
                     self.node,
                     "--name",
                     slot.name,
+                    "--trace-sample",
+                    repr(self.trace_sample),
                     "--parent",
                     str(os.getpid()),
                     "--control-fd",

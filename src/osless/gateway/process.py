@@ -47,7 +47,13 @@ def _read_token(control: socket.socket) -> str:
 
 
 async def serve(
-    api_url: str, token: str, node: str, name: str, listeners: list[socket.socket], control: socket.socket
+    api_url: str,
+    token: str,
+    node: str,
+    name: str,
+    listeners: list[socket.socket],
+    control: socket.socket,
+    trace_sample: float = 0.05,
 ) -> None:
     """Serve the port until SIGTERM or `osless up` goes (EOF on `control`)."""
     loop = asyncio.get_running_loop()
@@ -55,7 +61,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     api = AsyncApi(api_url, token)
     router = Router(api, node=node, token=token)
-    gateway = Gateway(router, api, name=name)
+    gateway = Gateway(router, api, name=name, trace_sample=trace_sample)
     control.setblocking(False)
     tasks: list[asyncio.Task[object]] = []
     try:
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--name", required=True, help="this process's, gw-<k>: its traffic is <node>.gw-<k>'s"
     )
+    parser.add_argument("--trace-sample", type=float, default=0.05, help="traces recorded past 1/s")
     parser.add_argument("--parent", type=int, required=True, help="the pid of osless up")
     parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
     parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     control = socket.socket(fileno=args.control_fd)
     token = _read_token(control)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
-    main_ = serve(args.api, token, args.node, args.name, listeners, control)
+    main_ = serve(args.api, token, args.node, args.name, listeners, control, args.trace_sample)
     try:
         import uvloop  # the faster loop, as `osless up` runs on
     except ImportError:

@@ -71,6 +71,7 @@ TOKEN_CACHE_SIZE = 1024
 # Calls of public functions (no token) per client address, per gateway process: a token bucket.
 PUBLIC_RATE = Rate(per_s=10.0, burst=20.0)
 PUBLIC_CLIENTS_REMEMBERED = 10_000
+DEFAULT_TRACE_SAMPLE = 0.05  # of the traces a gateway starts, past the first of each second
 # The API's tokens a gateway takes: kept ones, an app's own, and the API's for its own calls.
 TOKEN_PREFIXES = (tokens.PLAIN, tokens.APP, tokens.SCOPED["invoker"])
 TOKEN_CHARS = re.compile(r"[A-Za-z0-9_.~+/=-]{1,512}")  # what any of them is made of
@@ -85,9 +86,16 @@ class Gateway:
     """The gateway port: `listen()` serves it; `handle` is each request's coroutine."""
 
     def __init__(
-        self, router: Router, api: AsyncApi, *, name: str = "gateway", base_domain: str = "localhost"
+        self,
+        router: Router,
+        api: AsyncApi,
+        *,
+        name: str = "gateway",
+        base_domain: str = "localhost",
+        trace_sample: float = DEFAULT_TRACE_SAMPLE,
     ) -> None:
         self.router = router
+        self.sample = traceparent.Sampler(trace_sample)  # which traces it starts are recorded
         self.name = name
         # Which of the node's gateway processes answered (the kernel picks one per connection); the
         # process's own name (gw-<k>), not the node's, which is no business of the internet's.
@@ -184,7 +192,7 @@ class Gateway:
         req.limit = max_body
         exchange = _Exchange(self, conn, req, backend, up, backend.web_timeouts)
         try:
-            exchange.start(_head(conn, req, target, prefix), exchange.settle_fast)
+            exchange.start(_head(conn, req, target, prefix, self.sample), exchange.settle_fast)
         except Exception as e:  # a bug: answered as one (500), with nothing left counted
             exchange.settle()
             conn.finished(e)
@@ -210,7 +218,7 @@ class Gateway:
     async def _web(
         self, conn: ClientConnection, req: Request, app: str, target: bytes, prefix: bytes
     ) -> None:
-        await self._route(conn, req, app, _head(conn, req, target, prefix), web_timeouts)
+        await self._route(conn, req, app, _head(conn, req, target, prefix, self.sample), web_timeouts)
 
     async def _function(self, conn: ClientConnection, req: Request, path: bytes) -> None:
         parts = path.split(b"/")
@@ -269,7 +277,7 @@ class Gateway:
             seconds = float(spec.timeout_s) + 1
             return Timeouts(seconds, seconds)
 
-        head = _head(conn, req, b"/invoke/" + parts[3], b"", NOT_TO_FUNCTIONS)
+        head = _head(conn, req, b"/invoke/" + parts[3], b"", self.sample, NOT_TO_FUNCTIONS)
         if not header:  # a stranger's call: the instance keeps the function's error to its log
             head = head[:-2] + PUBLIC + b": 1\r\n\r\n"
         await self._route(conn, req, app, head, timeouts, control=True)
@@ -490,7 +498,12 @@ def _over(req: Request, max_body: int) -> bool:
 
 
 def _head(
-    conn: ClientConnection, req: Request, target: bytes, prefix: bytes, drop: frozenset[bytes] = HOP_BY_HOP
+    conn: ClientConnection,
+    req: Request,
+    target: bytes,
+    prefix: bytes,
+    sample: traceparent.Sampler,
+    drop: frozenset[bytes] = HOP_BY_HOP,
 ) -> bytes:
     """The request's head as the instance gets it: its target, the client's headers but `drop`,
     and the gateway's x-forwarded-* (with the prefix taken off the path, if any)."""
@@ -515,7 +528,7 @@ def _head(
         if state:
             parts += (b"tracestate: ", state, b"\r\n")
     else:
-        parts += (b"traceparent: ", traceparent.new(), b"\r\n")
+        parts += (b"traceparent: ", traceparent.new(sample()), b"\r\n")
     if req.upgrade:
         parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % req.header(b"upgrade"))
     # The x-forwarded-* block: the same for each request of a connection to one host and prefix.

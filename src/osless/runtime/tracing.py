@@ -27,6 +27,8 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from osless.sdk import traceparent
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -186,17 +188,27 @@ def server_span(
     name: str, headers: Sequence[tuple[bytes, bytes]] | Mapping[bytes, bytes], attributes: dict[str, Any]
 ) -> Iterator[Span | None]:
     """A span of the kind SERVER, child of the request's `traceparent`, current while the block runs
-    (so a sync handler's thread and the app's own spans see it); None when tracing is off."""
+    (so a sync handler's thread and the app's own spans see it); None when tracing is off, or when
+    the trace is not sampled (`sdk.traceparent`): then no span is made at all, which would cost the
+    request more than its answer, and its calls of other apps carry its traceparent on."""
     if _tracer is None:
         yield None
         return
-    from opentelemetry.trace import SpanKind
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
     items = headers.items() if isinstance(headers, Mapping) else headers
     carrier = {
         k.decode("latin-1"): v.decode("latin-1") for k, v in items if k in (b"traceparent", b"tracestate")
     }
+    given = carrier.get("traceparent")
+    if given is not None and traceparent.valid(given.encode("latin-1")) and not traceparent.sampled(given):
+        token = traceparent.UNRECORDED.set(given)
+        try:
+            yield None
+        finally:
+            traceparent.UNRECORDED.reset(token)
+        return
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     parent = TraceContextTextMapPropagator().extract(carrier)
     with _tracer.start_as_current_span(
         name, context=parent, kind=SpanKind.SERVER, attributes=attributes, record_exception=False

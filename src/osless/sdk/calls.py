@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from osless.sdk import traceparent
 from osless.sdk.app import FUNCTION_RE, NAME_RE
 from osless.sdk.errors import OslessError, UsageError
 
@@ -97,6 +98,10 @@ def _span(fn: RemoteFunction) -> Iterator[dict[str, str]]:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError:
         yield {}
+        return
+    unrecorded = traceparent.UNRECORDED.get()
+    if unrecorded is not None and not trace.get_current_span().get_span_context().is_valid:
+        yield {"traceparent": unrecorded}  # a trace not sampled: its callee records nothing either
         return
     attributes = {"osless.callee.app": fn.app, "osless.callee.function": fn.name}
     with trace.get_tracer("osless").start_as_current_span(

@@ -3,14 +3,23 @@ or made anew. Stdlib only: the gateway checks each request's with it, and instan
 
 A client's header is its own input: only version 00 in its exact form (lowercase hex, trace and parent
 ids not all zeros) is continued; anything else is replaced by a new trace, never passed on.
+
+Recording every request's spans would cost an instance more than the request itself: the gateway
+samples the traces it starts (`Sampler`, AWS X-Ray's default rule: the first of each second, and a
+ratio of the others), and its choice, the header's `sampled` flag, goes along the whole trace. A
+client that sends a sampled traceparent has its request recorded.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+import random
 import re
+import time
+from collections.abc import Callable
 
-__all__ = ["HEADER", "child", "new", "valid"]
+__all__ = ["HEADER", "UNRECORDED", "Sampler", "child", "new", "sampled", "valid"]
 
 HEADER = "traceparent"
 _FORM = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
@@ -21,10 +30,38 @@ def valid(value: bytes) -> bool:
     return _FORM.fullmatch(value) is not None
 
 
-def new() -> bytes:
-    """A traceparent that starts a new, sampled trace (its parent id stands for the hop that made it)."""
+# The request's traceparent while it runs unrecorded (not sampled): its calls of other apps carry it on.
+UNRECORDED: contextvars.ContextVar[str | None] = contextvars.ContextVar("osless_unrecorded", default=None)
+
+
+def new(sampled: bool = True) -> bytes:
+    """A traceparent that starts a new trace (its parent id stands for the hop that made it)."""
     ids = os.urandom(24).hex().encode()  # one read of the kernel's CSPRNG for both ids: on every request
-    return b"00-%s-%s-01" % (ids[:32], ids[32:])
+    return b"00-%s-%s-%s" % (ids[:32], ids[32:], b"01" if sampled else b"00")
+
+
+def sampled(value: str) -> bool:
+    """The `sampled` flag of a valid traceparent: its spans are recorded."""
+    return value[-1:] in "13579bdf"  # the flags' lowest bit
+
+
+class Sampler:
+    """Which new traces are recorded: the first of each second, and `ratio` of the others (X-Ray's
+    default rule), so a quiet app has every request traced and a busy one pays a ratio."""
+
+    def __init__(self, ratio: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"a trace sample ratio is between 0 and 1, not {ratio}")
+        self.ratio = ratio
+        self._clock = clock
+        self._second = -1
+
+    def __call__(self) -> bool:
+        second = int(self._clock())
+        if second != self._second:
+            self._second = second
+            return True
+        return self.ratio >= 1.0 or random.random() < self.ratio
 
 
 def child(value: bytes) -> bytes:

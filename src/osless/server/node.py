@@ -79,6 +79,7 @@ class NodeConfig:
     http_port: int = 8080
     node_api_port: int = 0  # the node API (the logs of its instances); 0: a free port
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
+    trace_sample: float = 0.05  # of the traces a gateway starts, past the first of each second
     sandbox: bool = True
     # Internal ranges apps may reach when they list them (`--egress-allow`).
     egress_allow: list[Network] = field(default_factory=list)
@@ -119,6 +120,7 @@ class NodeHost:
             host=cfg.host,
             port=cfg.http_port,
             count=cfg.gateways,
+            trace_sample=cfg.trace_sample,
         )
         self.agent = NodeAgent(
             self.api,
