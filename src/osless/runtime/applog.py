@@ -120,24 +120,14 @@ async def logged(
     global _served
     cold, _served = not _served, True
     started = time.perf_counter()
-    status = 0
-
-    async def send_seen(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-            headers = list(message.get("headers") or [])
-            if not any(bytes(k).lower() == REQUEST_HEADER for k, _ in headers):
-                message = {**message, "headers": [*headers, (REQUEST_HEADER, request_id.encode("latin-1"))]}
-        await send(message)
-
+    answer = _Answer(send, request_id)
     token = REQUEST_ID.set(request_id)
     try:
-        await call(scope, receive, send_seen)
+        await call(scope, receive, answer.send)
     finally:
         REQUEST_ID.reset(token)
         ms = (time.perf_counter() - started) * 1000
-        status = status or 500  # it raised before answering: the server answers 500
+        status = answer.status or 500  # it raised before answering: the server answers 500
         path = path[:MAX_PATH_CHARS]
         warm = "cold" if cold else "warm"
         _write_access(
@@ -147,6 +137,33 @@ async def logged(
                 "access": {"method": method, "path": path, "status": status, "duration_ms": ms, "cold": cold},
             }
         )
+
+
+class _Answer:
+    """`send`, noting the answer's status and adding the request's id to its headers. Its other
+    attributes are those of the server's own `send.__self__` (uvicorn's request cycle): an app that
+    reaches through `send` to the server finds what it would without the platform's wrapper."""
+
+    __slots__ = ("_id", "_send", "status")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        object.__setattr__(self, "_send", send)
+        object.__setattr__(self, "_id", request_id.encode("latin-1"))
+        object.__setattr__(self, "status", 0)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            object.__setattr__(self, "status", int(message["status"]))
+            headers = list(message.get("headers") or [])
+            if not any(bytes(k).lower() == REQUEST_HEADER for k, _ in headers):
+                message = {**message, "headers": [*headers, (REQUEST_HEADER, self._id)]}
+        await self._send(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._send.__self__, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._send.__self__, name, value)
 
 
 def _level(levelno: int) -> str:
