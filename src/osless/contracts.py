@@ -327,6 +327,19 @@ class FunctionManifest(_ManifestPart):
     max_age_s: int = Field(default=3600, ge=60, le=21600)
 
 
+QUEUE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+class ConsumerManifest(_ManifestPart):
+    """`@app.on_message(queue, ...)`: the function of its name consumes `{app}.{queue}` (sdk/app.py)."""
+
+    queue: str = Field(pattern=QUEUE_NAME_PATTERN)
+    batch_size: int = Field(ge=1, le=100)
+    max_concurrency: int = Field(ge=1, le=100)
+    visibility_timeout_s: int = Field(ge=1, le=3600)
+    retries: int = Field(ge=0, le=10)
+
+
 class WebManifest(_ManifestPart):
     name: FunctionName
     memory_mb: MemoryMb
@@ -386,6 +399,8 @@ class ImageManifest(_ManifestPart):
     release: list[Annotated[str, Field(min_length=1, max_length=RELEASE_COMMAND_CHARS)]] = Field(
         default_factory=list, max_length=MAX_RELEASE_COMMANDS
     )
+    # Queue consumers, by function name; absent when there are none, as release steps.
+    consumers: dict[FunctionName, ConsumerManifest] = Field(default_factory=dict)
 
     def archived_layers(self) -> dict[str, LayerArchiveRef]:
         """Each layer's archive by the layer's id (none for an image from before archives)."""

@@ -34,6 +34,7 @@ from osless.api.routes import (
     lambda_invoke,
     leaders,
     logs,
+    queues,
     retention,
     runs,
     system,
@@ -199,6 +200,7 @@ def create_app(state: ApiState) -> FastAPI:
         tokens,
         volumes,
         audit_routes,
+        queues,
     )
     for module in routers:
         _check_permissions(module.router)

@@ -52,8 +52,12 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "Dispatcher",
     "app_of",
+    "encode",
+    "engine_errors",
+    "error_of",
     "get_invocation",
     "list_invocations",
+    "raise_if_cancelled",
     "submit",
 ]
 
@@ -115,7 +119,7 @@ async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
     return value
 
 
-def _encode(value: object) -> bytes:
+def encode(value: object) -> bytes:
     """JSON as UTF-8, unescaped: json.dumps' escapes make 6 bytes of one (DEL, é) and an event or a
     result within its limit would pass the engine's (1 MiB a message). A lone surrogate (an app's
     result may hold one) has no UTF-8: then escaped."""
@@ -129,7 +133,7 @@ def _encode(value: object) -> bytes:
 async def _write(broker: Broker, state: dict[str, Any]) -> None:
     assert broker.states is not None
     state["updated_at"] = _now()
-    await broker.states.put(_key(state["id"]), _encode(state))
+    await broker.states.put(_key(state["id"]), encode(state))
 
 
 @contextlib.asynccontextmanager
@@ -172,16 +176,16 @@ async def _submit(
     earlier: int | None = None  # the revision of a state the key's earlier invocation left
     if idempotency_key is not None:
         try:
-            await broker.states.create(_key(invocation_id), _encode(state))
+            await broker.states.create(_key(invocation_id), encode(state))
         except KeyWrongLastSequenceError:  # the key's first one: its state stays, if it is a duplicate
             with contextlib.suppress(KeyNotFoundError):
                 earlier = (await broker.states.get(_key(invocation_id))).revision
     else:
-        await broker.states.put(_key(invocation_id), _encode(state))
+        await broker.states.put(_key(invocation_id), encode(state))
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
     ack = await broker.js.publish(
         f"osless.invoke.{app}.{function}",
-        _encode(body),
+        encode(body),
         stream=INVOKE_STREAM,
         headers={"Nats-Msg-Id": invocation_id},
     )
@@ -191,7 +195,7 @@ async def _submit(
         # Past the duplicate window the key is new again, but the earlier one's state may outlive it
         # (its TTL counts from its last write): replaced, unless the dispatcher has written already.
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await broker.states.update(_key(invocation_id), _encode(state), last=earlier)
+            await broker.states.update(_key(invocation_id), encode(state), last=earlier)
     return state, True
 
 
@@ -239,7 +243,7 @@ def _text(text: str) -> str:
     return cap(text).encode(errors="replace").decode()
 
 
-def _error_of(status: int, content: bytes) -> dict[str, Any]:
+def error_of(status: int, content: bytes) -> dict[str, Any]:
     """The function's error as the gateway answered it, capped (it is the app's text)."""
     try:
         error = json.loads(content)["error"]
@@ -284,7 +288,7 @@ class Dispatcher:
                     self.slots.release()
                     # A cancel that lands as the fetch times out may come back as its timeout (3.11's
                     # wait_for, nats-py's next_msg), and would keep the dispatcher, and a stop, going.
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
                     if not isinstance(e, TimeoutError):
                         log.warning("dispatcher: %s", e)
                         await asyncio.sleep(1)
@@ -389,13 +393,13 @@ class Dispatcher:
                 state["result"] = result
                 if len(content) > MAX_RESULT_BYTES:
                     state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
-                elif (size := len(_encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
+                elif (size := len(encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
                     state["result"] = None
                     state["result_dropped"] = f"{size} bytes as stored, past the {MAX_STATE_BYTES} kept"
                 await _write(self.broker, state)
                 await msg.ack()
                 return
-        error = _error_of(status, content)
+        error = error_of(status, content)
         if status in (500, 502, 504):  # the function's own failure: an attempt
             retries = spec.retries
             if state["attempts"] > retries:
@@ -439,14 +443,14 @@ class Dispatcher:
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",
-            _encode(letter),
+            encode(letter),
             headers={"Nats-Msg-Id": body["id"]},
         )
         await _write(self.broker, state)
         await msg.ack()
 
 
-def _raise_if_cancelled() -> None:
+def raise_if_cancelled() -> None:
     """Raise the cancel a library turned into another error (its task is still being cancelled)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
