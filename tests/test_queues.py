@@ -182,3 +182,23 @@ def test_a_deleted_apps_queued_messages_dead_letters_and_invocations_are_gone(
     platform.cli("apps", "delete", "mqgone", "--yes")
     assert engine_counts(platform, "mqgone") == {"QUEUES": 0, "DLQ": 0, "INVOCATIONS": 0, "consumers": 0}
     assert json.loads(platform.cli("queue", "ls", "--json").stdout) is not None
+
+
+def test_a_backlog_scales_its_consumer_out_within_its_max(platform: Platform, mq: dict[str, Any]) -> None:
+    platform.deploy(MQ, "--name", "mqscale")
+    platform.cli("scale", "mqscale", "--min", "0", "--max", "3", "--target", "1")
+    key = uuid.uuid4().hex
+    # 10 a batch, 1 batch an instance: 60 messages want 6 instances, the app's max is 3.
+    send(platform, [{"key": key, "n": i, "hold": 0.5} for i in range(60)], app="mqscale")
+
+    def scaled() -> dict[str, Any] | None:
+        status: dict[str, Any] = platform.http("GET", "/v1/apps/mqscale").json()["status"]
+        return (
+            status
+            if status.get("desired") == 3 and "messages queued" in status.get("scale_reason", "")
+            else None
+        )
+
+    platform.wait_for(scaled, what="3 instances for the backlog")
+    assert len(wait_seen(platform, key, 60, app="mqscale", timeout=60)) == 60
+    platform.cli("apps", "delete", "mqscale", "--yes")
