@@ -2,12 +2,15 @@
 
 - `async_accepted_per_s`: async invokes (`X-Osless-Invocation-Type: Event`) accepted per second by
   `--clients` clients, against `sync_per_s`, sync invokes of the same no-op function;
-- `handler_start_ms` warm: from just before the client's send (`POST /v1/queues/events/lat/messages`)
-  to the consumer's handler starting (its clock, the same machine's), one message at a time, p50 and
-  p99 over `--messages`; against `sync_ms`, the round trip of a sync invoke of the no-op;
+- `handler_start_ms_warm`: from just before a send in app code (`osless.queue("events.lat").send`
+  in the app `evsend`: its egress proxy, the node agent, the API, JetStream) to the consumer's handler
+  starting (its clock, the same machine's), one message at a time, p50 and p99 over `--messages`
+  (`send_ms_warm`: the send alone, until the message is durable); `handler_start_ms_warm_http`: the
+  same from an HTTP client's `POST /v1/queues/events/lat/messages`; against `sync_ms_warm`, the
+  round trip of a sync invoke of the no-op through the gateway;
 - `handler_start_ms` from zero: the app scaled to zero (`--min 0 --idle 1`), one message, `--cold`
   times; against a sync invoke from zero;
-- `drain`: `--backlog` messages (100 a send, `--clients` senders) queued for a consumer of batch 100
+- `drain`: `--backlog` messages (100 a send, 8 senders in `evsend`'s code) queued for a consumer of batch 100
   whose handlers wait until all are queued (2,000 held in flight, the rest in the stream), then let
   go: messages per second from the go to the last batch, instances the autoscaler used (max
   `--max-instances`), and whether every message was handled (`lost`, `duplicates`).
@@ -135,14 +138,24 @@ def main() -> None:
 
         out["sync_per_s"] = rate(tokens, args.invokes, sync_one)
         out["async_accepted_per_s"] = rate(tokens, args.invokes, async_one)
+        time.sleep(5)  # the tokens' buckets refill (20 a second)
 
         # Enqueue to handler start, warm: one at a time, sent from the sender app's code.
         run = uuid.uuid4().hex[:8]
         call(api, "probe", {"target": APP, "run": run, "n": 3}, app=SENDER)  # warm the paths
         latencies(api, run, 3)
         run = uuid.uuid4().hex[:8]
-        call(api, "probe", {"target": APP, "run": run, "n": args.messages}, app=SENDER)
+        took = call(api, "probe", {"target": APP, "run": run, "n": args.messages}, app=SENDER)
         out["handler_start_ms_warm"] = summary(latencies(api, run, args.messages))
+        out["send_ms_warm"] = summary([t * 1000 for t in took])  # of which: the send, until durable
+        # The same from outside, `POST /v1/queues/...` (a token of its own: within its burst of 100).
+        run = uuid.uuid4().hex[:8]
+        with httpx.Client(base_url=BASE["api"], headers={"authorization": f"Bearer {tokens[0]}"}) as c:
+            for _ in range(min(args.messages, 90)):
+                body = {"messages": [{"body": {"run": run, "t": time.time()}}]}
+                c.post(f"/v1/queues/{APP}/lat/messages", json=body).raise_for_status()
+                time.sleep(0.02)
+        out["handler_start_ms_warm_http"] = summary(latencies(api, run, min(args.messages, 90)))
         sync_ms = []
         with httpx.Client(headers={"authorization": f"Bearer {BASE['token']}"}, timeout=60) as gw:
             for _ in range(args.messages):

@@ -37,13 +37,27 @@ def _broker(state: ApiState) -> Broker:
     return state.broker
 
 
+# (app, uid, release) -> its queues: a release never changes, and a send need not parse its manifest
+# (the uid, never reused, tells a new app of the name from a deleted one). Bounded: cleared whole
+# when full, and refilled from the store as sends come.
+_RELEASE_QUEUES: dict[tuple[str, int, int], dict[str, ConsumerManifest]] = {}
+MAX_CACHED_RELEASES = 1024
+
+
 async def app_queues(state: ApiState, app: str) -> dict[str, ConsumerManifest]:
     """The queues of the app's current release, by name."""
     a = await state.resources.get_app(app)
     if a.current_release is None:
         return {}
-    manifest = (await state.resources.get_release(app, a.current_release)).manifest
-    return {c.queue: c for c in manifest.consumers.values()}
+    key = (app, a.uid if a.uid is not None else -1, a.current_release)
+    found = _RELEASE_QUEUES.get(key) if a.uid is not None else None
+    if found is None:
+        manifest = (await state.resources.get_release(app, a.current_release)).manifest
+        found = {c.queue: c for c in manifest.consumers.values()}
+        if len(_RELEASE_QUEUES) >= MAX_CACHED_RELEASES:
+            _RELEASE_QUEUES.clear()
+        _RELEASE_QUEUES[key] = found
+    return found
 
 
 async def find_queue(state: ApiState, app: str, queue: str) -> ConsumerManifest:
