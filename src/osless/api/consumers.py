@@ -11,10 +11,13 @@ one release's hands at a time (a message is out to one handler until acked, nakk
 wait, the visibility timeout plus `ACK_MARGIN_S`).
 
 Each message's outcome: the handler returned (200) and did not name it in `{"failed": [...]}`: acked.
-It failed (raised: 500, timed out: 504, its instance died: 502, or named failed): tried again after
-a backoff, and once it has been delivered `1 + retries` times, published to the queue's DLQ with the
-error and acked. The platform's own failures (429, 503, the gateway unreachable) are tried again here,
-the batch held (`in_progress`), counting no attempt.
+It failed (raised: 500, timed out: 504, its instance died: 502, any other but the platform's own, or
+named failed): tried again after a backoff, and once it has been delivered `1 + retries` times,
+published to the queue's DLQ with the error and acked. While a batch is handled here it is kept ours
+(`in_progress`, every half ack wait): a wake from zero plus a long handler must not outlast the ack
+wait and hand the batch to a second handler; a server that dies lets it go after the ack wait.
+The platform's own failures (`PLATFORM_FAILURES`) are tried again here, the batch held, counting no
+attempt. A batch past `MAX_BATCH_BYTES` goes in parts.
 """
 
 from __future__ import annotations
@@ -41,8 +44,26 @@ log = logging.getLogger("osless")
 
 RECONCILE_S = 1.0
 FETCH_WAIT_S = 5.0
-APP_FAILURES = (500, 502, 504)
+# The platform's own answers (too busy, no instance could start, not deployed or gone, the gateway
+# unreachable): tried again without counting. Any other but 200 is the batch's failure.
+PLATFORM_FAILURES = (404, 409, 429, 503, 599)
 MAX_FAILED_IDS = 1000
+# One call's batch at most this big (the API's and Lambda's limit on a synchronous event): a batch
+# of big messages is handed over in parts, one after another.
+MAX_BATCH_BYTES = 6 * 1024 * 1024 - 64 * 1024
+
+
+def _parts(msgs: list[Msg]) -> list[list[Msg]]:
+    parts: list[list[Msg]] = [[]]
+    size = 0
+    for m in msgs:
+        n = len(m.data or b"") + 200
+        if parts[-1] and size + n > MAX_BATCH_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(m)
+        size += n
+    return parts
 
 
 class _Loop:
@@ -127,48 +148,61 @@ class _Loop:
         )
 
     async def _batch(self, msgs: list[Msg]) -> None:
-        from osless.api.routes.invoke import call_function  # the routes import the API's modules
-
-        event = self._event(msgs)
         done = False
         try:
-            tries = 0
-            while True:
-                try:
-                    resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
-                    status, content = resp.status_code, resp.content
-                except ApiError as e:
-                    status = 599 if e.code == "gateway_unreachable" else e.status
-                    content = json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
-                if status == 200 or status in APP_FAILURES:
-                    break
-                # The platform's: held (not an attempt) and tried again, unless the consumer is gone.
-                tries += 1
-                log.info(
-                    "consumer %s.%s: the platform answered %s; trying again",
-                    self.app,
-                    self.spec.queue,
-                    status,
-                )
-                await asyncio.sleep(min(PLATFORM_RETRY_S[0] * 2 ** min(tries - 1, 5), PLATFORM_RETRY_S[1]))
-                for m in msgs:
-                    with contextlib.suppress(Exception):
-                        await m.in_progress()
-            failed, error = self._outcome(msgs, status, content)
-            for m in msgs:
-                if (m.headers or {}).get(queues.ID_HEADER, "") not in failed:
-                    await m.ack()
-                elif (m.metadata.num_delivered or 1) > self.spec.retries:
-                    await self._dead(m, error)
-                else:
-                    attempt = m.metadata.num_delivered or 1
-                    await m.nak(delay=min(BACKOFF_S[0] * 4 ** (attempt - 1), BACKOFF_S[1]))
+            for part in _parts(msgs):
+                await self._call(part)
             done = True
         finally:
-            if not done:  # cancelled (the consumer moved or this server stops): at once to another
+            if not done:  # cancelled (the consumer moved, or this server stops): at once to another
                 for m in msgs:
                     with contextlib.suppress(Exception):
                         await m.nak()
+
+    async def _call(self, msgs: list[Msg]) -> None:
+        keeper = asyncio.create_task(self._keep(msgs))
+        try:
+            await self._handle(msgs)
+        finally:
+            keeper.cancel()
+
+    async def _keep(self, msgs: list[Msg]) -> None:
+        while True:
+            await asyncio.sleep((self.spec.visibility_timeout_s + queues.ACK_MARGIN_S) / 2)
+            for m in msgs:
+                with contextlib.suppress(Exception):
+                    await m.in_progress()
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        from osless.api.routes.invoke import call_function  # the routes import the API's modules
+
+        event = self._event(msgs)
+        tries = 0
+        while True:
+            try:
+                resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
+                status, content = resp.status_code, resp.content
+            except ApiError as e:
+                status = 599 if e.code == "gateway_unreachable" else e.status
+                content = json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
+            if status not in PLATFORM_FAILURES:
+                break
+            # The platform's: held (not an attempt) and tried again, until it answers or the consumer
+            # is gone from the current release (its loop is then cancelled).
+            tries += 1
+            log.info(
+                "consumer %s.%s: the platform answered %s; trying again", self.app, self.spec.queue, status
+            )
+            await asyncio.sleep(min(PLATFORM_RETRY_S[0] * 2 ** min(tries - 1, 5), PLATFORM_RETRY_S[1]))
+        failed, error = self._outcome(msgs, status, content)
+        for m in msgs:
+            if (m.headers or {}).get(queues.ID_HEADER, "") not in failed:
+                await m.ack()
+            elif (m.metadata.num_delivered or 1) > self.spec.retries:
+                await self._dead(m, error)
+            else:
+                attempt = m.metadata.num_delivered or 1
+                await m.nak(delay=min(BACKOFF_S[0] * 4 ** (attempt - 1), BACKOFF_S[1]))
 
     def _outcome(self, msgs: list[Msg], status: int, content: bytes) -> tuple[set[str], dict[str, Any]]:
         """The ids that failed, and the error they die with if it was their last try."""
