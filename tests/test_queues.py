@@ -50,7 +50,8 @@ def test_sent_messages_reach_the_handler_in_batches_and_stats_show_the_queue(
     platform: Platform, mq: dict[str, Any]
 ) -> None:
     key = uuid.uuid4().hex
-    ids = send(platform, [{"key": key, "n": i} for i in range(25)])
+    ids = send(platform, [{"key": key, "n": i} for i in range(24)])
+    ids.append(platform.cli_json("queue", "send", "mq.orders", json.dumps({"key": key, "n": 24}))["id"])
     assert len(ids) == 25 and len(set(ids)) == 25
     got = wait_seen(platform, key, 25)
     assert sorted(d["n"] for d in got) == list(range(25))  # each once
@@ -172,6 +173,8 @@ def test_a_deleted_apps_queued_messages_dead_letters_and_invocations_are_gone(
         headers={"x-osless-invocation-type": "Event"},
     )
     assert r.status_code == 202, r.text
+    peeked = platform.cli_json("queue", "peek", "mqgone.orders")
+    assert sorted(m["body"]["n"] for m in peeked) == list(range(5))
     before = engine_counts(platform, "mqgone")
     assert (
         before["QUEUES"] >= 5

@@ -210,6 +210,13 @@ async def dead_letters(broker: Broker, app: str, name: str, kind: str, limit: in
     return out
 
 
+async def last_letter(broker: Broker) -> int:
+    """The sequence of the newest letter of any dead-letter queue."""
+    assert broker.js is not None
+    async with engine_errors():
+        return int((await broker.js.stream_info(DLQ_STREAM)).state.last_seq or 0)
+
+
 async def take_letter(broker: Broker, seq: int) -> None:
     assert broker.js is not None
     with contextlib.suppress(NotFoundError):
@@ -244,7 +251,10 @@ async def forget_app(broker: Broker, app: str) -> None:
 
 def check_body(body: Any) -> bytes:
     """A message's body as stored: its JSON in UTF-8, within the size limit."""
-    data = encode(body)
+    try:
+        data = encode(body)
+    except RecursionError as e:  # nested past what the API's Python writes back
+        raise ApiError(400, "bad_messages", "a message's body is nested too deeply") from e
     if len(data) > MAX_MESSAGE_BYTES:
         raise ApiError(
             413,

@@ -170,7 +170,7 @@ def dlq_ls(app: Annotated[str, typer.Argument(metavar="APP")], json_out: JsonOpt
 def dlq_show(
     target: Annotated[str, typer.Argument(metavar="APP.NAME", help=DLQ_HELP)],
     function: FunctionOpt = False,
-    limit: Annotated[int, typer.Option(help="How many, oldest first.")] = 20,
+    limit: Annotated[int, typer.Option(help="How many, oldest first (at most 50).")] = 20,
     json_out: JsonOpt = False,
 ) -> None:
     """The oldest letters, with their error and tries (needs deploy on the app)."""

@@ -29,6 +29,7 @@ Kind = Annotated[str, Path(pattern="^(queue|function)$", description="queue or f
 DeadName = Annotated[str, Path(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")]
 MAX_SEND = 100
 MAX_REDRIVE = 1000
+PAGE = 50  # letters read at once (each up to the engine's 1 MiB a message)
 
 
 def _broker(state: ApiState) -> Broker:
@@ -80,7 +81,7 @@ async def _send(state: ApiState, app: str, queue: str, request: Request) -> dict
         items = given["messages"]
         if not isinstance(items, list) or not all(isinstance(m, dict) and "body" in m for m in items):
             raise TypeError
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ApiError(
             400,
             "bad_messages",
@@ -252,7 +253,7 @@ async def show_dead_letters(
     name: DeadName,
     state: ApiState = Depends(get_state),
     caller: Caller = require("deploy"),
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    limit: Annotated[int, Query(ge=1, le=PAGE)] = 20,
 ) -> dict[str, list[dict[str, Any]]]:
     await state.resources.get_app(app)
     return {"items": await queues.dead_letters(_broker(state), app, name, kind, limit)}
@@ -276,16 +277,21 @@ async def redrive(
         await find_queue(state, app, name)
     else:
         await state.resources.get_app(app)
-    letters = await queues.dead_letters(broker, app, name, kind, limit)
     moved = 0
-    for letter in letters:
-        if kind == "queue":
-            await queues.send(broker, app, name, [invocations.encode(letter.get("body"))])
-        else:
-            event = str(letter.get("event", "null")).encode()
-            await invocations.submit(broker, app, name, event, None)
-        await queues.take_letter(broker, int(letter["seq"]))  # after the copy is durable: never lost
-        moved += 1
+    upto = await queues.last_letter(broker)  # not those that die again meanwhile: they wait for the next
+    while moved < limit:  # a page at a time: a letter may be 256 KiB and more
+        letters = await queues.dead_letters(broker, app, name, kind, min(PAGE, limit - moved))
+        letters = [letter for letter in letters if int(letter["seq"]) <= upto]
+        if not letters:
+            break
+        for letter in letters:
+            if kind == "queue":
+                await queues.send(broker, app, name, [invocations.encode(letter.get("body"))])
+            else:
+                event = str(letter.get("event", "null")).encode()
+                await invocations.submit(broker, app, name, event, None)
+            await queues.take_letter(broker, int(letter["seq"]))  # after the copy is durable: never lost
+            moved += 1
     return {"app": app, "kind": kind, "name": name, "redriven": moved}
 
 
