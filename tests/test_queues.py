@@ -92,6 +92,22 @@ def test_a_poison_message_lands_in_the_dlq_and_a_fixing_deploy_then_redrive_runs
     assert len(seen(platform, key)) == 2
     assert platform.cli_json("queue", "stats", "mq.orders")["dlq_depth"] >= 1
     assert any(d["kind"] == "queue" and d["name"] == "orders" for d in platform.cli_json("dlq", "ls", "mq"))
+    # A function's async invocation, dead too: the same commands, with --function.
+    r = platform.http(
+        "POST",
+        "/v1/apps/mq/functions/broken:invoke",
+        json={"key": key},
+        headers={"x-osless-invocation-type": "Event"},
+    )
+    assert r.status_code == 202, r.text
+    platform.wait_for(
+        lambda: [
+            d
+            for d in platform.cli_json("dlq", "show", "mq.broken", "--function")
+            if d["id"] == r.json()["id"]
+        ],
+        what="the invocation's dead letter",
+    )
 
     fixed = copy_app(MQ, tmp_path / "mq")
     source = (fixed / "app.py").read_text()
@@ -101,6 +117,9 @@ def test_a_poison_message_lands_in_the_dlq_and_a_fixing_deploy_then_redrive_runs
     assert out["redriven"] >= 1
     got = wait_seen(platform, key, 3)
     assert len(got) == 3 and got[2]["attempt"] == 1  # a new message, run once by the fixed release
+    assert platform.cli_json("dlq", "redrive", "mq.broken", "--function")["redriven"] >= 1
+    assert {"fixed": True} in wait_seen(platform, key, 4)
+    assert not platform.cli_json("dlq", "show", "mq.broken", "--function")
     assert not [d for d in dead_letters(platform) if d.get("body", {}).get("key") == key]
     platform.deploy(MQ)  # as the module's other tests expect it
 

@@ -35,6 +35,14 @@ def handle(messages, ctx):
         raise osless.BatchFailed(failed)
 
 
+@app.function(retries=0)
+def broken(event, ctx):
+    if not FIXED:
+        raise RuntimeError("broken until fixed")
+    _record(event["key"], {"fixed": True})
+    return "fixed"
+
+
 @app.function()
 def seen(event, ctx):
     path = Path("/data") / event["key"]
