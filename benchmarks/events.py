@@ -17,6 +17,18 @@
 
 Targets (2 cores): handler start p50 10 ms or less warm, 50 ms or less from zero; 2,000 messages/s or
 more drained; nothing lost. The last line is one JSON object.
+
+Measured (this 2-core machine shared with other engineers' test runs, load average 9 to 11; a run
+takes about 90 s): async invokes accepted 230/s against 342/s sync (8 clients, within their tokens'
+bursts); enqueue to handler start warm p50 12.6 ms, p99 72 ms, of which the send from app code until
+durable 11.1 ms (its egress proxy, the node agent and the API: four hops before the engine) and the
+delivery 1.5 ms; from an HTTP client p50 12.9 ms; a sync invoke's round trip p50 5.0 ms. From zero:
+p50 79 ms, p99 189 ms (5 wakes), a sync invoke from zero p50 148 ms in the same run. Drained: 10,000
+messages at 7,479/s with 4 instances (106 batches), none lost, none twice, none dead. At load 12 to
+13, earlier runs: warm p50 13.5 to 21 ms, from zero 149 to 232 ms, drained 2,688 to 4,208/s. So the
+drain and nothing-lost targets are met; the warm one is near but not shown met on this loaded
+machine (the send's hops, not the delivery, are most of it); from zero not met (the wake, as a sync
+invoke's from zero).
 """
 
 from __future__ import annotations
