@@ -192,6 +192,8 @@ def test_a_deleted_apps_queued_messages_dead_letters_and_invocations_are_gone(
         headers={"x-osless-invocation-type": "Event"},
     )
     assert r.status_code == 202, r.text
+    stats = platform.cli_json("queue", "stats", "mqgone.orders")
+    assert stats["depth"] == 5 and stats["dlq_depth"] == 1 and stats["oldest_age_s"] > 0, stats
     peeked = platform.cli_json("queue", "peek", "mqgone.orders")
     assert sorted(m["body"]["n"] for m in peeked) == list(range(5))
     before = engine_counts(platform, "mqgone")
