@@ -39,6 +39,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import APIError as JetStreamAPIError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from osless.api.broker import INVOKE_STREAM, Broker
@@ -141,13 +142,28 @@ async def engine_errors() -> AsyncIterator[None]:
     """The engine down or restarting (it is started again at once): a 503 saying so, nothing accepted."""
     try:
         yield
-    except (NatsError, TimeoutError) as e:
+    except JetStreamAPIError as e:
+        if "maximum" not in str(e.description or "").lower():  # not a cap of a stream: as below
+            raise _unavailable(e) from e
+        # A stream's cap (api/broker.py): new messages refused, none dropped.
         raise ApiError(
-            503,
-            "message_engine_unavailable",
-            f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
-            headers={"retry-after": "1"},
+            429,
+            "engine_full",
+            f"the message engine takes no more of these now ({e.description}); retry once the "
+            "backlog has gone down",
+            headers={"retry-after": "5"},
         ) from e
+    except (NatsError, TimeoutError) as e:
+        raise _unavailable(e) from e
+
+
+def _unavailable(e: Exception) -> ApiError:
+    return ApiError(
+        503,
+        "message_engine_unavailable",
+        f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
+        headers={"retry-after": "1"},
+    )
 
 
 async def submit(
