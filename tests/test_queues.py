@@ -72,6 +72,13 @@ def test_a_message_failed_alone_is_redone_alone(platform: Platform, mq: dict[str
     assert [d["attempt"] for d in got if d["n"] == 1] == [1, 2]
 
 
+def test_a_batch_whose_instance_dies_is_delivered_again(platform: Platform, mq: dict[str, Any]) -> None:
+    key = uuid.uuid4().hex
+    (message_id,) = send(platform, [{"key": key, "crash": True}])
+    got = wait_seen(platform, key, 2)
+    assert [(d["id"], d["attempt"]) for d in got] == [(message_id, 1), (message_id, 2)]
+
+
 def dead_letters(p: Platform, app: str = "mq", queue: str = "orders") -> list[dict[str, Any]]:
     letters: list[dict[str, Any]] = p.cli_json("dlq", "show", f"{app}.{queue}")
     return letters

@@ -27,6 +27,8 @@ def handle(messages, ctx):
             m.body["key"], {"id": m.id, "n": m.body.get("n"), "attempt": m.attempt, "batch": len(messages)}
         )
         time.sleep(m.body.get("hold", 0))
+        if m.body.get("crash") and m.attempt == 1:
+            os._exit(3)  # the instance dies with the batch in it
         if m.body.get("poison") and not FIXED:
             raise ValueError("poison message")
         if m.body.get("fail") and m.attempt == 1:
