@@ -9,11 +9,15 @@ def test_osless_exports() -> None:
     assert osless.__all__ == [
         "JSON",
         "App",
+        "BatchFailed",
         "ConfigError",
         "Context",
         "Field",
         "FunctionCallError",
+        "Message",
         "OslessError",
+        "Queue",
+        "QueueSendError",
         "RemoteFunction",
         "Secret",
         "Service",
@@ -21,6 +25,7 @@ def test_osless_exports() -> None:
         "UsageError",
         "Volume",
         "function",
+        "queue",
         "service",
     ]
     for name in osless.__all__:

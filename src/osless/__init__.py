@@ -29,15 +29,20 @@ if TYPE_CHECKING:
         function,
         service,
     )
+    from osless.sdk.queues import BatchFailed, Message, Queue, QueueSendError, queue
 
 __all__ = [
     "JSON",
     "App",
+    "BatchFailed",
     "ConfigError",
     "Context",
     "Field",
     "FunctionCallError",
+    "Message",
     "OslessError",
+    "Queue",
+    "QueueSendError",
     "RemoteFunction",
     "Secret",
     "Service",
@@ -45,6 +50,7 @@ __all__ = [
     "UsageError",
     "Volume",
     "function",
+    "queue",
     "service",
 ]
 __version__ = "0.1.0"

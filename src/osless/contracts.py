@@ -343,6 +343,19 @@ class ScheduleManifest(_ManifestPart):
         return self
 
 
+QUEUE_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+class ConsumerManifest(_ManifestPart):
+    """`@app.on_message(queue, ...)`: the function of its name consumes `{app}.{queue}` (sdk/app.py)."""
+
+    queue: str = Field(pattern=QUEUE_NAME_PATTERN)
+    batch_size: int = Field(ge=1, le=100)
+    max_concurrency: int = Field(ge=1, le=100)
+    visibility_timeout_s: int = Field(ge=1, le=3600)
+    retries: int = Field(ge=0, le=10)
+
+
 class WebManifest(_ManifestPart):
     name: FunctionName
     memory_mb: MemoryMb
@@ -402,6 +415,8 @@ class ImageManifest(_ManifestPart):
     release: list[Annotated[str, Field(min_length=1, max_length=RELEASE_COMMAND_CHARS)]] = Field(
         default_factory=list, max_length=MAX_RELEASE_COMMANDS
     )
+    # Queue consumers, by function name; absent when there are none, as release steps.
+    consumers: dict[FunctionName, ConsumerManifest] = Field(default_factory=dict)
 
     # `@app.schedule`s, by the name of the function each runs. Absent when none (older digests stay).
     schedules: dict[FunctionName, ScheduleManifest] = Field(default_factory=dict, max_length=100)

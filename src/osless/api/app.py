@@ -34,6 +34,7 @@ from osless.api.routes import (
     lambda_invoke,
     leaders,
     logs,
+    queues,
     retention,
     runs,
     system,
@@ -203,6 +204,7 @@ def create_app(state: ApiState) -> FastAPI:
         audit_routes,
         schedule_routes,
         traces,
+        queues,
     )
     for module in routers:
         _check_permissions(module.router)

@@ -3,7 +3,9 @@
 Like Lambda's resource policy (`add-permission`): `osless functions allow orders.quote --app shop`
 stores `/grants/orders/quote/shop` (`*` for every function of `orders`), and an app calling
 through its node's egress proxy (api/routes/functions.py) is let through only if such a grant
-exists. Grants are deleted with either app (api/resources.py `delete_app`).
+exists. A queue's senders are grants too, on `queue:{name}` (`osless queue allow shop.orders --app
+web`: `/grants/shop/queue:orders/web`), which `*` does not cover. Grants are deleted with either
+app (api/resources.py `delete_app`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from osless.api.errors import ApiError
 from osless.api.models import now
 from osless.store import Store
 
-__all__ = ["ANY_FUNCTION", "MAX_GRANTS_PER_APP", "Grant", "allow", "allowed", "deny", "list_grants"]
+__all__ = [
+    "ANY_FUNCTION",
+    "MAX_GRANTS_PER_APP",
+    "Grant",
+    "allow",
+    "allowed",
+    "deny",
+    "list_grants",
+    "may_send",
+    "queue_grant",
+]
 
 ANY_FUNCTION = "*"
 PREFIX = "/grants/"
@@ -79,3 +91,13 @@ async def allowed(store: Store, app: str, function: str, caller: str) -> bool:
         store.get(_key(app, function, caller)), store.get(_key(app, ANY_FUNCTION, caller))
     )
     return exact is not None or every is not None
+
+
+def queue_grant(queue: str) -> str:
+    """What a queue's grant holds in place of a function (`:` is in no function's name)."""
+    return f"queue:{queue}"
+
+
+async def may_send(store: Store, app: str, queue: str, caller: str) -> bool:
+    """Whether `caller` may send to `app`'s queue: its own grant, not `*` (that is for functions)."""
+    return await store.get(_key(app, queue_grant(queue), caller)) is not None

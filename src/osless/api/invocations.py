@@ -40,6 +40,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import APIError as JetStreamAPIError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from osless.api.broker import INVOKE_STREAM, Broker
@@ -54,8 +55,12 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "Dispatcher",
     "app_of",
+    "encode",
+    "engine_errors",
+    "error_of",
     "get_invocation",
     "list_invocations",
+    "raise_if_cancelled",
     "submit",
 ]
 
@@ -117,7 +122,7 @@ async def _read(broker: Broker, invocation_id: str) -> dict[str, Any] | None:
     return value
 
 
-def _encode(value: object) -> bytes:
+def encode(value: object) -> bytes:
     """JSON as UTF-8, unescaped: json.dumps' escapes make 6 bytes of one (DEL, é) and an event or a
     result within its limit would pass the engine's (1 MiB a message). A lone surrogate (an app's
     result may hold one) has no UTF-8: then escaped."""
@@ -131,7 +136,7 @@ def _encode(value: object) -> bytes:
 async def _write(broker: Broker, state: dict[str, Any]) -> None:
     assert broker.states is not None
     state["updated_at"] = _now()
-    await broker.states.put(_key(state["id"]), _encode(state))
+    await broker.states.put(_key(state["id"]), encode(state))
 
 
 @contextlib.asynccontextmanager
@@ -139,13 +144,28 @@ async def engine_errors() -> AsyncIterator[None]:
     """The engine down or restarting (it is started again at once): a 503 saying so, nothing accepted."""
     try:
         yield
-    except (NatsError, TimeoutError) as e:
+    except JetStreamAPIError as e:
+        if "maximum" not in str(e.description or "").lower():  # not a cap of a stream: as below
+            raise _unavailable(e) from e
+        # A stream's cap (api/broker.py): new messages refused, none dropped.
         raise ApiError(
-            503,
-            "message_engine_unavailable",
-            f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
-            headers={"retry-after": "1"},
+            429,
+            "engine_full",
+            f"the message engine takes no more of these now ({e.description}); retry once the "
+            "backlog has gone down",
+            headers={"retry-after": "5"},
         ) from e
+    except (NatsError, TimeoutError) as e:
+        raise _unavailable(e) from e
+
+
+def _unavailable(e: Exception) -> ApiError:
+    return ApiError(
+        503,
+        "message_engine_unavailable",
+        f"the message engine did not answer ({type(e).__name__}); nothing was stored: try again shortly",
+        headers={"retry-after": "1"},
+    )
 
 
 async def submit(
@@ -175,18 +195,18 @@ async def _submit(
     earlier: int | None = None  # the revision of a state the key's earlier invocation left
     if idempotency_key is not None:
         try:
-            await broker.states.create(_key(invocation_id), _encode(state))
+            await broker.states.create(_key(invocation_id), encode(state))
         except KeyWrongLastSequenceError:  # the key's first one: its state stays, if it is a duplicate
             with contextlib.suppress(KeyNotFoundError):
                 earlier = (await broker.states.get(_key(invocation_id))).revision
     else:
-        await broker.states.put(_key(invocation_id), _encode(state))
+        await broker.states.put(_key(invocation_id), encode(state))
     body = {"id": invocation_id, "app": app, "function": function, "event": event.decode(), "created_at": now}
     if traceparent.valid(trace.encode("latin-1", "replace")):
         body["traceparent"] = trace
     ack = await broker.js.publish(
         f"osless.invoke.{app}.{function}",
-        _encode(body),
+        encode(body),
         stream=INVOKE_STREAM,
         headers={"Nats-Msg-Id": invocation_id},
     )
@@ -196,7 +216,7 @@ async def _submit(
         # Past the duplicate window the key is new again, but the earlier one's state may outlive it
         # (its TTL counts from its last write): replaced, unless the dispatcher has written already.
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await broker.states.update(_key(invocation_id), _encode(state), last=earlier)
+            await broker.states.update(_key(invocation_id), encode(state), last=earlier)
     return state, True
 
 
@@ -253,7 +273,7 @@ def _text(text: str) -> str:
     return cap(text).encode(errors="replace").decode()
 
 
-def _error_of(status: int, content: bytes) -> dict[str, Any]:
+def error_of(status: int, content: bytes) -> dict[str, Any]:
     """The function's error as the gateway answered it, capped (it is the app's text)."""
     try:
         error = json.loads(content)["error"]
@@ -298,7 +318,7 @@ class Dispatcher:
                     self.slots.release()
                     # A cancel that lands as the fetch times out may come back as its timeout (3.11's
                     # wait_for, nats-py's next_msg), and would keep the dispatcher, and a stop, going.
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
                     if not isinstance(e, TimeoutError):
                         log.warning("dispatcher: %s", e)
                         await asyncio.sleep(1)
@@ -405,13 +425,13 @@ class Dispatcher:
                 state["result"] = result
                 if len(content) > MAX_RESULT_BYTES:
                     state["result_dropped"] = f"{len(content)} bytes, past the {MAX_RESULT_BYTES} kept"
-                elif (size := len(_encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
+                elif (size := len(encode(state))) > MAX_STATE_BYTES:  # a result that grows as stored
                     state["result"] = None
                     state["result_dropped"] = f"{size} bytes as stored, past the {MAX_STATE_BYTES} kept"
                 await _write(self.broker, state)
                 await msg.ack()
                 return
-        error = _error_of(status, content)
+        error = error_of(status, content)
         if status in (500, 502, 504):  # the function's own failure: an attempt
             retries = spec.retries
             if state["attempts"] > retries:
@@ -456,14 +476,14 @@ class Dispatcher:
         letter = {**body, "attempts": state.get("attempts", 0), "error": error, "died_at": _now()}
         await self.broker.js.publish(
             f"osless.dlq.{body['app']}.{body['function']}",
-            _encode(letter),
+            encode(letter),
             headers={"Nats-Msg-Id": body["id"]},
         )
         await _write(self.broker, state)
         await msg.ack()
 
 
-def _raise_if_cancelled() -> None:
+def raise_if_cancelled() -> None:
     """Raise the cancel a library turned into another error (its task is still being cancelled)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():

@@ -249,6 +249,7 @@ class Builder:
             # Only when declared: an image without release steps keeps the digest it had before them.
             **({"release": app["release"]} if app.get("release") else {}),
             **({"schedules": app["schedules"]} if app.get("schedules") else {}),
+            **({"consumers": app["consumers"]} if app.get("consumers") else {}),
         }
         try:  # the SDK checked the app's part; this is the contract every reader holds it to
             manifest = ImageManifest.model_validate(fields)

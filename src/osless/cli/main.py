@@ -37,6 +37,7 @@ from osless.cli.output import (
     usage_failed,
     when,
 )
+from osless.cli.queues import dlq_app, queue_app
 from osless.cli.schedules import schedule_app
 from osless.cli.server import server
 from osless.cli.tokens import tokens_app
@@ -314,6 +315,8 @@ app.command("run")(run_command)
 app.add_typer(config_app, name="config")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(functions_app, name="functions")
+app.add_typer(queue_app, name="queue")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(volumes_app, name="volumes")
 app.add_typer(debug_app, name="debug")
 app.add_typer(node_app, name="node")

@@ -7,6 +7,11 @@ down. With `min` at 0, an app that saw no request for its idle window goes to ze
 activator wakes it again on the next request. The decision and its reason go to the app's
 status (`desired`, `scale_reason`: apart from its spec), which the scheduler and `osless ps` read.
 
+Queues drive it too, as KEDA's scalers do: an app whose queues hold messages wants at least
+`ceil(depth / (batch_size * target))` instances (a batch is one request, `target` of them per
+instance), no more than its consumer's `max_concurrency` batches can use, and is never idle (so one
+at zero is woken, and one draining a backlog does not go to zero under it).
+
 Every controller process samples; only the one whose `Leadership` holds writes decisions, so a new
 leader takes over with the windows already full.
 """
@@ -19,12 +24,13 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from osless.client import ApiError, AsyncApi, ModelInformer
 from osless.contracts import App, AppStatus
 from osless.controllers.leader import Leadership
 
-__all__ = ["Autoscaler", "decide"]
+__all__ = ["Autoscaler", "backlog_wants", "decide"]
 
 log = logging.getLogger("osless.autoscaler")
 
@@ -45,8 +51,24 @@ class Window:
         return sum(recent) / len(recent) if recent else 0.0
 
 
-def decide(app: App, current: int, window: Window, now: float) -> tuple[int, str]:
-    """The instances `app` should have now (it wants `current`), and why."""
+def backlog_wants(app: App, queues: list[dict[str, Any]]) -> tuple[int, int]:
+    """(instances the app's queues want, messages waiting in them)."""
+    target = app.autoscale.target
+    wanted, depth = 0, 0
+    for q in queues:
+        n = int(q.get("depth", 0))
+        if n <= 0:
+            continue
+        depth += n
+        batch, concurrency = max(1, int(q.get("batch_size", 1))), max(1, int(q.get("max_concurrency", 1)))
+        wanted = max(wanted, min(math.ceil(n / (batch * target)), math.ceil(concurrency / target)))
+    return wanted, depth
+
+
+def decide(
+    app: App, current: int, window: Window, now: float, queued: tuple[int, int] = (0, 0)
+) -> tuple[int, str]:
+    """The instances `app` should have now (it wants `current`), and why (`queued`: `backlog_wants`)."""
     policy = app.autoscale
     target = policy.target
     lo, hi = app.min, app.max
@@ -65,6 +87,9 @@ def decide(app: App, current: int, window: Window, now: float) -> tuple[int, str
         wanted, reason = 0, f"no request for {idle:.0f}s: scaled to zero"
     elif wanted == 0:
         wanted, reason = 1, "kept warm: traffic within the idle window" if lo == 0 else reason
+    by_queue, depth = queued
+    if depth > 0 and by_queue > wanted:
+        wanted, reason = by_queue, f"{depth} messages queued"
     wanted = min(hi, max(lo, wanted))
     return wanted, reason
 
@@ -97,6 +122,12 @@ class Autoscaler:
 
     async def tick(self, now: float) -> None:
         stats = (await self.api.get("/v1/stats"))["apps"]
+        queues: dict[str, list[dict[str, Any]]] = {}
+        try:
+            for q in (await self.api.get("/v1/queues"))["items"]:
+                queues.setdefault(q["app"], []).append(q)
+        except ApiError:
+            pass  # the message engine away: the apps follow their traffic alone meanwhile
         for name, app in list(self.apps.items.items()):
             if app.current_release is None:
                 continue
@@ -109,10 +140,13 @@ class Autoscaler:
             # a new release or a wake-up is activity too: the idle clock starts again
             if app.current_release != window.release:
                 window.release, window.last_active = app.current_release, now
+            queued = backlog_wants(app, queues.get(name, []))
+            if queued[1] > 0:  # messages waiting are activity: woken at zero, and kept up to drain
+                window.last_active = now
             status = self.statuses.items.get(name) or AppStatus(app=name)
             desired = status.desired
             window.last_active = max(window.last_active, status.woken_at or 0.0)
-            wanted, reason = decide(app, int(desired or 0), window, now)
+            wanted, reason = decide(app, int(desired or 0), window, now, queued)
             if wanted != desired and self.leadership.is_leader:
                 log.info("%s: %s -> %s instances (%s)", name, desired, wanted, reason)
                 try:

@@ -539,10 +539,13 @@ class NodeAgent:
             headers["x-osless-request-id"] = request_id
         if trace:
             headers["traceparent"] = trace
+        path = f"/v1/nodes/{self.name}/apps/{caller}/invoke/{app}/{function}"
+        if function.startswith("queue:"):  # a send to a queue (the egress proxy's name for it)
+            path = f"/v1/nodes/{self.name}/apps/{caller}/queues/{app}/{function[6:]}/messages"
         try:
             resp = await self._calls_api.send(
                 "POST",
-                f"/v1/nodes/{self.name}/apps/{caller}/invoke/{app}/{function}",
+                path,
                 content=event,
                 headers=headers,
                 timeout=CALL_TIMEOUT_S,

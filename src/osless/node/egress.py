@@ -13,8 +13,10 @@ Per connection, one HTTP/1.1 request head:
   request per connection.
 - `POST http://{app}.osless/__osless__/functions/{function}` (what `osless.function("app.fn")`
   sends): a call of that function as the calling app, handed to `call` (the node agent, which asks
-  the API with the node's token, naming the app this socket is for). The app's own headers claim
-  nothing: who calls is the socket's app, and the callee's grants decide (api/routes/functions.py).
+  the API with the node's token, naming the app this socket is for). `POST
+  http://{app}.osless/__osless__/queues/{queue}/messages` (`osless.queue(...).send`) likewise.
+  The app's own headers claim nothing: who calls is the socket's app, and the callee's grants
+  decide (api/routes/functions.py).
 Where a connection may go is decided twice: the app's list names the hosts (by name, `*.domain` or
 address), and the operator's rules (`egress_rules`) refuse internal addresses and this host's own,
 whatever the app lists, unless `osless up --egress-allow CIDR` allows them. A name is resolved once;
@@ -64,6 +66,8 @@ _CHUNK = 64 * 1024
 # `/__osless__/` never reaches an app (the gateway refuses it): the platform's paths, here too.
 PLATFORM_PATH = "/__osless__/"
 CALL_PATH = re.compile(r"/__osless__/functions/([A-Za-z_][A-Za-z0-9_]{0,63})")
+# `osless.queue(...).send`: handed to `call` as the function `queue:{name}` (no function's name has `:`)
+SEND_PATH = re.compile(r"/__osless__/queues/([a-z][a-z0-9_-]{0,62})/messages")
 CALL_BODY_LIMIT = 6 * 1024 * 1024  # the API's own limit on a request body
 # Function calls an app may have under way at once: each holds its event (up to CALL_BODY_LIMIT) in
 # the agent until the API answers, and a place in the node's one pool of connections to the API.
@@ -561,7 +565,8 @@ class EgressProxy:
     ) -> None:
         """`POST http://{target}.osless/__osless__/functions/{fn}`: a function call as `served.app`."""
         found = CALL_PATH.fullmatch(path)
-        if found is None or request.method != "POST":
+        sending = SEND_PATH.fullmatch(path)
+        if (found is None and sending is None) or request.method != "POST":
             await _respond(
                 writer,
                 404,
@@ -603,7 +608,7 @@ class EgressProxy:
                 body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT_S)
             except (asyncio.IncompleteReadError, TimeoutError):
                 return
-            function = found.group(1)
+            function = found.group(1) if found is not None else f"queue:{sending.group(1) if sending else ''}"
             self.log(app, f"call of {target}.{function}")
             self.calls[(app, target)] += 1
             # It goes on in headers to the API: visible ASCII only (httpx could not send the rest).

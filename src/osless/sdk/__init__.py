@@ -7,17 +7,22 @@ from osless.sdk.calls import FunctionCallError, RemoteFunction, function
 from osless.sdk.config import JSON, Field, Secret, Settings
 from osless.sdk.context import Context
 from osless.sdk.errors import ConfigError, OslessError, UsageError
+from osless.sdk.queues import BatchFailed, Message, Queue, QueueSendError, queue
 from osless.sdk.service import Service, service
 
 __all__ = [
     "JSON",
     "App",
+    "BatchFailed",
     "ConfigError",
     "Context",
     "Field",
     "FunctionCallError",
     "FunctionSpec",
+    "Message",
     "OslessError",
+    "Queue",
+    "QueueSendError",
     "RemoteFunction",
     "Secret",
     "Service",
@@ -26,5 +31,6 @@ __all__ = [
     "Volume",
     "WebSpec",
     "function",
+    "queue",
     "service",
 ]

@@ -11,11 +11,13 @@ from typing import Any, TypeVar, overload
 
 from osless.sdk.config import Field, Settings, check_fields, read_schema
 from osless.sdk.errors import UsageError
+from osless.sdk.queues import QUEUE_RE, consumer_entry
 
 __all__ = [
     "DEFAULT_VOLUME_MB",
     "App",
     "ConfigHook",
+    "ConsumerSpec",
     "FunctionSpec",
     "ScheduleSpec",
     "Volume",
@@ -51,6 +53,10 @@ MAX_BUILD_STEPS, MAX_BUILD_STEP_CHARS = 20, 4096
 TZ_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9][A-Za-z0-9_+-]{0,30}){0,2}$")
 MAX_SCHEDULES = 100
 MAX_EVERY_S = 31 * 24 * 3600  # as osless.schedules
+# Consumers (`@app.on_message`); contracts.ConsumerManifest holds the same bounds.
+MAX_BATCH_SIZE = 100
+MAX_CONSUMER_CONCURRENCY = 100
+DEFAULT_VISIBILITY_S = 30
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,27 @@ class ScheduleSpec:
         spec: dict[str, Any] = {"cron": self.cron} if self.cron is not None else {"every_s": self.every_s}
         spec.update(tz=self.tz, catch_up=self.catch_up)
         return spec
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """`@app.on_message(queue)`: the function `name` gets the queue's messages, `batch_size` at a time."""
+
+    name: str  # the function the platform calls (consumer_entry around the handler)
+    queue: str
+    batch_size: int = 1
+    max_concurrency: int = 10  # batches in flight at once, across the platform
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_S  # the handler's timeout; then its batch is tried again
+    retries: int = DEFAULT_RETRIES  # tries after the first; then the message goes to the queue's DLQ
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "batch_size": self.batch_size,
+            "max_concurrency": self.max_concurrency,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "retries": self.retries,
+        }
 
 
 @dataclass(frozen=True)
@@ -166,6 +193,7 @@ class App:
     web_spec: WebSpec | None = field(default=None, init=False)
     settings: Settings | None = field(default=None, init=False, repr=False)
     config_hooks: list[ConfigHook] = field(default_factory=list, init=False, repr=False)
+    consumers: dict[str, ConsumerSpec] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
@@ -321,6 +349,56 @@ class App:
 
         return register
 
+    def on_message(
+        self,
+        queue: str,
+        *,
+        batch_size: int = 1,
+        max_concurrency: int = 10,
+        visibility_timeout_s: int = DEFAULT_VISIBILITY_S,
+        retries: int = DEFAULT_RETRIES,
+        memory_mb: int = 256,
+        name: str | None = None,
+    ) -> Callable[[F], F]:
+        """Consume the queue `{app}.{queue}` (created with the release): `def handler(messages, ctx)`,
+        sync or async, gets up to `batch_size` `osless.Message`s at once. It returns: they are done.
+        It raises, or runs past `visibility_timeout_s`: the whole batch is tried again, each message up
+        to `retries` more times, then it goes to the queue's dead-letter queue with its error.
+        `raise osless.BatchFailed([ids])` (or return `{"failed": [ids]}`): only those are tried again.
+        At most `max_concurrency` batches are handled at once, across the platform."""
+        if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
+            raise UsageError(
+                f"@app.on_message({queue!r}): name the queue with 1-63 lowercase letters, digits, '_' "
+                "and '-', starting with a letter (for example 'orders')"
+            )
+        for arg, value, most in (
+            ("batch_size", batch_size, MAX_BATCH_SIZE),
+            ("max_concurrency", max_concurrency, MAX_CONSUMER_CONCURRENCY),
+            ("visibility_timeout_s", visibility_timeout_s, 3600),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise UsageError(f"@app.on_message({arg}={value!r}): give a whole number from 1 to {most}")
+        _check_async("@app.on_message", retries, DEFAULT_MAX_AGE_S)
+        _check_resources("@app.on_message", memory_mb, visibility_timeout_s)
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise UsageError(f"@app.on_message() decorates a function, not {type(fn).__name__}")
+            fname = name or fn.__name__
+            if any(c.queue == queue for c in self.consumers.values()):
+                raise UsageError(
+                    f"app {self.name!r} already has a consumer of queue {queue!r}; one per queue"
+                )
+            self.function(name=fname, memory_mb=memory_mb, timeout_s=visibility_timeout_s, retries=retries)(
+                consumer_entry(fn)
+            )
+            self.consumers[fname] = ConsumerSpec(
+                fname, queue, batch_size, max_concurrency, visibility_timeout_s, retries
+            )
+            return fn
+
+        return register
+
     def web(
         self,
         _fn: Callable[..., Any] | None = None,
@@ -398,6 +476,8 @@ class App:
             out["release"] = list(self.release)
         if self.build:
             out["build"] = list(self.build)
+        if self.consumers:  # only when used, as the steps above
+            out["consumers"] = {n: c.manifest() for n, c in sorted(self.consumers.items())}
         return out
 
 
@@ -546,6 +626,7 @@ def read_app_manifest(raw: object) -> dict[str, Any]:
         **(
             {"schedules": schedules} if (schedules := _check_schedules(raw.get("schedules"), checked)) else {}
         ),
+        "consumers": _check_consumers(raw.get("consumers") or {}, checked),
     }
 
 
@@ -568,6 +649,35 @@ def _check_schedules(raw: object, functions: Mapping[str, Any]) -> dict[str, dic
         if not isinstance(spec["catch_up"], bool):
             raise UsageError(f"schedule {name!r}: catch_up is true or false")
         out[name] = dict(spec)
+    return out
+
+
+def _check_consumers(raw: object, functions: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's consumers: each a function of the app, one per queue, in the SDK's bounds."""
+    if not isinstance(raw, Mapping):
+        raise UsageError("the manifest's consumers are not a mapping")
+    out: dict[str, Any] = {}
+    queues: set[str] = set()
+    keys = {"queue", "batch_size", "max_concurrency", "visibility_timeout_s", "retries"}
+    for fn, spec in raw.items():
+        if fn not in functions or not isinstance(spec, Mapping) or set(spec) != keys:
+            raise UsageError(
+                f"consumer {str(fn)[:50]!r} needs a function of its name and exactly {sorted(keys)}"
+            )
+        if (
+            not isinstance(spec["queue"], str)
+            or not QUEUE_RE.fullmatch(spec["queue"])
+            or spec["queue"] in queues
+        ):
+            raise UsageError(f"consumer {fn!r}: queue {str(spec['queue'])[:70]!r} is not a name, or has two")
+        queues.add(spec["queue"])
+        for arg, most in (("batch_size", MAX_BATCH_SIZE), ("max_concurrency", MAX_CONSUMER_CONCURRENCY)):
+            value = spec[arg]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise UsageError(f"consumer {fn!r}: {arg} is a whole number from 1 to {most}")
+        _check_async(f"@app.on_message {fn}", spec["retries"], DEFAULT_MAX_AGE_S)
+        _check_seconds(f"@app.on_message {fn}", "visibility_timeout_s", spec["visibility_timeout_s"], 3600)
+        out[str(fn)] = dict(spec)
     return out
 
 

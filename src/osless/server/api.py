@@ -29,6 +29,7 @@ import uvicorn
 from osless.api.app import create_app
 from osless.api.auth import Tokens, issue_token
 from osless.api.broker import Broker
+from osless.api.consumers import Consumers
 from osless.api.invocations import Dispatcher
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.peers import Peers, ServerLease
@@ -351,6 +352,8 @@ class ApiHost:
         if self.broker is not None:
             dispatcher = Dispatcher(self.state, self.broker)
             self.tasks.append(asyncio.create_task(dispatcher.run(), name="the invocations' dispatcher"))
+            consumers = Consumers(self.state, self.broker)
+            self.tasks.append(asyncio.create_task(consumers.run(), name="the queues' consumers"))
         if not self.cfg.gateway_url:
             self.tasks.append(asyncio.create_task(self._follow_gateways(), name="the gateway follower"))
         if self.server_lease is not None:  # once the API answers: peers may ask it at once

@@ -31,6 +31,7 @@ from osless.api.models import (
     now,
 )
 from osless.api.openapi import WATCHABLE
+from osless.api.queues import forget_app
 from osless.api.state import ApiState, get_state
 from osless.api.watch import list_or_watch
 from osless.logs import remove_app_logs
@@ -175,7 +176,16 @@ async def endpoints(
 async def delete_app(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("deploy")
 ) -> Response:
-    await state.resources.delete_app(app)
+    try:
+        await state.resources.delete_app(app)
+    except ApiError as e:
+        # Gone already: what the engine may still hold of it goes too (a delete whose forget below
+        # failed is finished by deleting again), so a new app of the name runs none of it.
+        if e.status == 404 and state.broker is not None:
+            await forget_app(state.broker, app)
+        raise
+    if state.broker is not None:  # its queues, consumers, dead letters and queued invocations
+        await forget_app(state.broker, app)
     # Its logs go with it: a new app of the same name must never read them (each node removes its
     # own copy once nothing of the app runs there).
     await remove_app_logs(state.app_log_dir(app))

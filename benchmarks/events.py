@@ -1,0 +1,228 @@
+"""Message-based work against sync invoke, in one run of a real `osless up` (benchmarks/apps/events):
+
+- `async_accepted_per_s`: async invokes (`X-Osless-Invocation-Type: Event`) accepted per second by
+  `--clients` clients, against `sync_per_s`, sync invokes of the same no-op function;
+- `handler_start_ms_warm`: from just before a send in app code (`osless.queue("events.lat").send`
+  in the app `evsend`: its egress proxy, the node agent, the API, JetStream) to the consumer's handler
+  starting (its clock, the same machine's), one message at a time, p50 and p99 over `--messages`
+  (`send_ms_warm`: the send alone, until the message is durable); `handler_start_ms_warm_http`: the
+  same from an HTTP client's `POST /v1/queues/events/lat/messages`; against `sync_ms_warm`, the
+  round trip of a sync invoke of the no-op through the gateway;
+- `handler_start_ms` from zero: the app scaled to zero (`--min 0 --idle 1`), one message, `--cold`
+  times; against a sync invoke from zero;
+- `drain`: `--backlog` messages (100 a send, 8 senders in `evsend`'s code) queued for a consumer of batch 100
+  whose handlers wait until all are queued (2,000 held in flight, the rest in the stream), then let
+  go: messages per second from the go to the last batch, instances the autoscaler used (max
+  `--max-instances`), and whether every message was handled (`lost`, `duplicates`).
+
+Targets (2 cores): handler start p50 10 ms or less warm, 50 ms or less from zero; 2,000 messages/s or
+more drained; nothing lost. The last line is one JSON object.
+
+Measured (this 2-core machine shared with other engineers' test runs, load average 9 to 11; a run
+takes about 90 s): async invokes accepted 230/s against 342/s sync (8 clients, within their tokens'
+bursts); enqueue to handler start warm p50 12.6 ms, p99 72 ms, of which the send from app code until
+durable 11.1 ms (its egress proxy, the node agent and the API: four hops before the engine) and the
+delivery 1.5 ms; from an HTTP client p50 12.9 ms; a sync invoke's round trip p50 5.0 ms. From zero:
+p50 79 ms, p99 189 ms (5 wakes), a sync invoke from zero p50 148 ms in the same run. Drained: 10,000
+messages at 7,479/s with 4 instances (106 batches), none lost, none twice, none dead. At load 12 to
+13, earlier runs: warm p50 13.5 to 21 ms, from zero 149 to 232 ms, drained 2,688 to 4,208/s. So the
+drain and nothing-lost targets are met; the warm one is near but not shown met on this loaded
+machine (the send's hops, not the delivery, are most of it); from zero not met (the wake, as a sync
+invoke's from zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+from _platform import ROOT, running_platform
+
+APP_DIR = ROOT / "benchmarks" / "apps" / "events"
+APP = "events"
+SENDER = "evsend"
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * p))], 2) if ordered else float("nan")
+
+
+def summary(values_ms: list[float]) -> dict[str, float]:
+    return {"p50": pct(values_ms, 0.5), "p99": pct(values_ms, 0.99), "n": len(values_ms)}
+
+
+def call(api: httpx.Client, fn: str, event: Any, app: str = APP) -> Any:
+    r = api.post(f"/v1/apps/{app}/functions/{fn}:invoke", json=event, timeout=620)
+    r.raise_for_status()
+    return r.json()
+
+
+def rate(tokens: list[str], per: int, one: Any) -> float:
+    """`per` calls of `one(client)` by each of len(tokens) threads, each with its token: calls per second."""
+
+    def worker(token: str) -> None:
+        with httpx.Client(
+            base_url=BASE["api"], headers={"authorization": f"Bearer {token}"}, timeout=60
+        ) as c:
+            for _ in range(per):
+                one(c)
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(tokens)) as pool:
+        list(pool.map(worker, tokens))
+    return round(per * len(tokens) / (time.monotonic() - start), 1)
+
+
+BASE: dict[str, str] = {}
+
+
+def client() -> httpx.Client:
+    return httpx.Client(
+        base_url=BASE["api"], headers={"authorization": f"Bearer {BASE['token']}"}, timeout=60
+    )
+
+
+def latencies(api: httpx.Client, run: str, expect: int) -> list[float]:
+    def got() -> list[float]:
+        found = call(api, "results", {"kind": "lat", "run": run})
+        return list(found or [])
+
+    deadline = time.monotonic() + 120
+    while len(found := got()) < expect and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [x * 1000 for x in found]
+
+
+def at_zero(api: httpx.Client) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not api.get("/v1/instances", params={"app": APP}).json()["items"]:
+            return
+        time.sleep(0.1)
+    raise SystemExit("the app did not go to zero")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--invokes", type=int, default=90, help="per client, within its token's burst")
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--cold", type=int, default=5)
+    parser.add_argument("--backlog", type=int, default=10_000)
+    parser.add_argument("--max-instances", type=int, default=4)
+    args = parser.parse_args()
+    out: dict[str, Any] = {"benchmark": "events"}
+    with running_platform("oslev-") as p:
+        BASE.update(api=p.platform.api, token=p.token, gateway=p.gateway)
+        p.osless("deploy", str(APP_DIR))
+        p.osless("deploy", str(APP_DIR), "--name", SENDER)
+        for queue in ("lat", "drain"):
+            p.osless("queue", "allow", f"{APP}.{queue}", "--app", SENDER)
+        p.osless("scale", APP, "--min", "1", "--max", str(args.max_instances))
+        p.osless("scale", SENDER, "--min", "1")
+        api = client()
+        call(api, "noop", None)
+
+        # Accepted per second, async against sync of the same function: each client with a token of
+        # its own (the API allows a token 20 a second after a burst of 100: measured within the burst).
+        tokens = [
+            json.loads(p.platform.cli("tokens", "create", "--role", "invoke", "--json").stdout)["token"]
+            for _ in range(args.clients)
+        ]
+
+        def async_one(c: httpx.Client) -> None:
+            r = c.post(
+                f"/v1/apps/{APP}/functions/noop:invoke",
+                json={},
+                headers={"x-osless-invocation-type": "Event"},
+            )
+            assert r.status_code == 202, r.text
+
+        def sync_one(c: httpx.Client) -> None:
+            r = c.post(f"{BASE['gateway']}/_functions/{APP}/noop", json={})
+            assert r.status_code == 200, r.text
+
+        out["sync_per_s"] = rate(tokens, args.invokes, sync_one)
+        out["async_accepted_per_s"] = rate(tokens, args.invokes, async_one)
+        time.sleep(5)  # the tokens' buckets refill (20 a second)
+
+        # Enqueue to handler start, warm: one at a time, sent from the sender app's code.
+        run = uuid.uuid4().hex[:8]
+        call(api, "probe", {"target": APP, "run": run, "n": 3}, app=SENDER)  # warm the paths
+        latencies(api, run, 3)
+        run = uuid.uuid4().hex[:8]
+        took = call(api, "probe", {"target": APP, "run": run, "n": args.messages}, app=SENDER)
+        out["handler_start_ms_warm"] = summary(latencies(api, run, args.messages))
+        out["send_ms_warm"] = summary([t * 1000 for t in took])  # of which: the send, until durable
+        # The same from outside, `POST /v1/queues/...` (a token of its own: within its burst of 100).
+        run = uuid.uuid4().hex[:8]
+        with httpx.Client(base_url=BASE["api"], headers={"authorization": f"Bearer {tokens[0]}"}) as c:
+            for _ in range(min(args.messages, 90)):
+                body = {"messages": [{"body": {"run": run, "t": time.time()}}]}
+                c.post(f"/v1/queues/{APP}/lat/messages", json=body).raise_for_status()
+                time.sleep(0.02)
+        out["handler_start_ms_warm_http"] = summary(latencies(api, run, min(args.messages, 90)))
+        sync_ms = []
+        with httpx.Client(headers={"authorization": f"Bearer {BASE['token']}"}, timeout=60) as gw:
+            for _ in range(args.messages):
+                t0 = time.monotonic()
+                gw.post(f"{BASE['gateway']}/_functions/{APP}/noop", json={}).raise_for_status()
+                sync_ms.append((time.monotonic() - t0) * 1000)
+                time.sleep(0.02)
+        out["sync_ms_warm"] = summary(sync_ms)
+
+        # From zero.
+        p.osless("scale", APP, "--min", "0", "--idle", "1")
+        cold, sync_cold = [], []
+        for _ in range(args.cold):
+            at_zero(api)
+            run = uuid.uuid4().hex[:8]
+            call(api, "probe", {"target": APP, "run": run, "n": 1}, app=SENDER)
+            cold += latencies(api, run, 1)
+            at_zero(api)
+            t0 = time.monotonic()
+            call(api, "noop", None)
+            sync_cold.append((time.monotonic() - t0) * 1000)
+        out["handler_start_ms_from_zero"] = summary(cold)
+        out["sync_ms_from_zero"] = summary(sync_cold)
+
+        # A backlog drained with autoscaling: queued whole (the handlers hold until then), then let go.
+        p.osless("scale", APP, "--min", "1", "--idle", "60", "--target", "5")
+        run = uuid.uuid4().hex[:8]
+        took = call(api, "fill", {"target": APP, "run": run, "n": args.backlog}, app=SENDER)
+        out["enqueue_per_s"] = round(args.backlog / took, 1)
+        went = call(api, "go", {"run": run})
+        deadline = time.monotonic() + 600
+        done: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            done = call(api, "results", {"kind": "drain", "run": run}) or {}
+            if done.get("handled", 0) >= args.backlog:
+                break
+            time.sleep(0.5)
+        stats = api.get(f"/v1/queues/{APP}/drain").json()
+        out["drain"] = {
+            "messages": args.backlog,
+            "per_s": round(done.get("handled", 0) / max(1e-6, done.get("last", went) - went), 1),
+            "instances": done.get("instances"),
+            "batches": done.get("batches"),
+            "lost": args.backlog - done.get("unique", 0),
+            "duplicates": done.get("handled", 0) - done.get("unique", 0),
+            "left_in_queue": stats.get("depth"),
+            "dlq": stats.get("dlq_depth"),
+        }
+        api.close()
+    warm, zero, drained = out["handler_start_ms_warm"], out["handler_start_ms_from_zero"], out["drain"]
+    out["target_met"] = bool(
+        warm["p50"] <= 10 and zero["p50"] <= 50 and drained["per_s"] >= 2000 and drained["lost"] == 0
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
