@@ -70,6 +70,13 @@ def up(
         ),
     ] = None,
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
+    gateway_metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
+            "`osless top` and `osless usage` (off: those show no requests)."
+        ),
+    ] = True,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
@@ -119,6 +126,7 @@ def up(
         cfg.node_name = node_name
     if gateways is not None:
         cfg.gateways = gateways
+    cfg.gateway_metrics = gateway_metrics
     cfg.secret_key_file = secret_key_file
     cfg.egress_allow = allowed
     cfg.nats_port = nats_port

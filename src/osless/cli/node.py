@@ -63,6 +63,13 @@ def join(
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
+    gateway_metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
+            "`osless top` and `osless usage` (off: those show no requests)."
+        ),
+    ] = True,
     egress_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -107,6 +114,7 @@ def join(
         node_api_port=node_api_port,
         sandbox=sandbox,
         egress_allow=allowed,
+        gateway_metrics=gateway_metrics,
     )
     if gateways is not None:
         cfg.gateways = gateways

@@ -43,6 +43,7 @@ __all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
 Runner = Callable[[WebSocket, str], Awaitable[None]]
 
 MAX_TAIL = 100_000  # as the API's route
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
 # The API's tokens (an app's own: osla_; those it makes for a node: a reader oslr_, volumes oslv_,
@@ -186,6 +187,7 @@ def create_app(
     volumes: Volumes | None = None,
     runs: Runner | None = None,
     profiler: debug.Profiler | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -238,6 +240,16 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def scrape(request: Request) -> Response:
+        # A token that may read the platform (admin, read, debug, node, controller, gateway); not one
+        # limited to an app, which would see the others' figures.
+        refused = await callers.check(request, "read", "")
+        if refused is not None:
+            return refused
+        if metrics is None:
+            return _error(404, "not_found", "this node serves no metrics")
+        return Response(metrics(), media_type=METRICS_CONTENT_TYPE)
+
     async def run(websocket: WebSocket) -> None:
         app = websocket.path_params["app"]
         refused: Response | None = None
@@ -258,6 +270,7 @@ def create_app(
             Route("/logs/apps/{app}", app_logs, methods=["GET"]),
             WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
+            Route("/metrics", scrape, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
             *(debug.routes(profiler, callers) if profiler is not None else []),
         ]
@@ -335,11 +348,14 @@ class NodeApi:
         volumes: Volumes | None = None,
         runs: Runner | None = None,
         profiler: debug.Profiler | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler)
+        self.app = create_app(
+            logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler, metrics=metrics
+        )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 

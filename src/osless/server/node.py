@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -26,6 +27,7 @@ from osless.node import NodeAgent, debug, doctor
 from osless.node.api import NodeApi
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
+from osless.node.metrics import NodeCollector, render
 from osless.node.relay import Relay, supervised
 from osless.node.runs import NodeRuns
 
@@ -83,6 +85,7 @@ class NodeConfig:
     # Internal ranges apps may reach when they list them (`--egress-allow`).
     egress_allow: list[Network] = field(default_factory=list)
     relay_port: int = 0  # where other nodes' gateways reach this node's instances (0: a free port)
+    gateway_metrics: bool = True  # the gateways count requests for /metrics (`--no-gateway-metrics`)
 
     @property
     def gateway_url(self) -> str:
@@ -119,6 +122,7 @@ class NodeHost:
             host=cfg.host,
             port=cfg.http_port,
             count=cfg.gateways,
+            metrics=cfg.gateway_metrics,
         )
         self.agent = NodeAgent(
             self.api,
@@ -139,6 +143,9 @@ class NodeHost:
             volumes=self.agent.volumes,
             runs=NodeRuns(self.agent).serve,
             profiler=debug.Profiler(debug.supervised_pids(self.agent.supervisors)),
+            metrics=functools.partial(
+                render, NodeCollector(self.gateways, self.agent.supervisors, self.agent.meter, cfg.name)
+            ),
         )
 
     def reserve(self) -> None:

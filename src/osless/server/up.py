@@ -40,6 +40,7 @@ class UpConfig:
     http_port: int = 8080
     host: str = "127.0.0.1"
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
+    gateway_metrics: bool = True  # `--no-gateway-metrics`: the gateways count no requests
     node_name: str = field(default_factory=lambda: default_node_name())
     max_upload_mb: int = 100
     save_credentials: bool = True
@@ -89,6 +90,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             host=cfg.host,
             http_port=cfg.http_port,
             gateways=cfg.gateways,
+            gateway_metrics=cfg.gateway_metrics,
             sandbox=cfg.sandbox,
             egress_allow=cfg.egress_allow,
         ),

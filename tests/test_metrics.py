@@ -1,0 +1,101 @@
+"""`GET /metrics` on the node and the API: scraped and parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.platform import Platform
+
+
+def scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape: (name, sorted labels) -> value."""
+    r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def node_api(platform: Platform) -> str:
+    (node,) = platform.http("GET", "/v1/nodes").json()["items"]
+    url: str = node["api"]
+    return url
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_the_node_counts_the_requests_it_answered(platform: Platform, hello: dict[str, Any]) -> None:
+    url = node_api(platform)
+    before = scrape(url, platform.token)
+    for _ in range(5):
+        assert httpx.get(f"{platform.gateway}/hello/").status_code == 200
+    for _ in range(3):
+        assert httpx.get(f"{platform.gateway}/hello/nosuch").status_code == 404
+    for _ in range(2):
+        assert platform.invoke("hello", "greet", {"name": "m"})[0] == 200
+
+    def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        now = scrape(url, platform.token)
+        web_2xx = value(now, "osless_requests_total", app="hello", function="web", code="2xx")
+        return (
+            now
+            if web_2xx - value(before, "osless_requests_total", app="hello", function="web", code="2xx") >= 5
+            and value(now, "osless_requests_total", app="hello", function="greet", code="2xx")
+            - value(before, "osless_requests_total", app="hello", function="greet", code="2xx")
+            >= 2
+            else None
+        )
+
+    after = platform.wait_for(counted, timeout=10, what="the requests counted")
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("osless_requests_total", app="hello", function="web", code="2xx") == 5
+    assert delta("osless_requests_total", app="hello", function="web", code="4xx") == 3
+    assert delta("osless_requests_total", app="hello", function="greet", code="2xx") == 2
+    assert delta("osless_request_duration_seconds_count", app="hello", function="web") == 8
+    assert delta("osless_request_duration_seconds_bucket", app="hello", function="web", le="+Inf") == 8
+    assert delta("osless_request_duration_seconds_sum", app="hello", function="web") > 0
+    # The instance that serves them was started, and timed; it runs, and the kernel counts it.
+    assert value(after, "osless_cold_start_seconds_count", app="hello") >= 1
+    assert value(after, "osless_instances", app="hello", phase="ready") >= 1
+    assert value(after, "osless_memory_bytes", app="hello") > 0
+    assert value(after, "osless_cpu_seconds_total", app="hello") > 0
+    assert value(after, "osless_gateway_processes") >= 1
+    # No path in a label: the 404s' path is nowhere.
+    assert not any("nosuch" in str(key) for key in after)
+
+
+def test_metrics_need_a_token_that_may_read_the_platform(platform: Platform, hello: dict[str, Any]) -> None:
+    url = node_api(platform)
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker")["token"]
+    r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {invoker}"})
+    assert r.status_code == 403 and "'read'" in r.json()["error"]["message"]
+    reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "metrics-reader")["token"]
+    assert (
+        "osless_requests_total"
+        in httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {reader}"}).text
+    )
+
+
+def test_the_api_serves_the_platform_and_its_store(platform: Platform, hello: dict[str, Any]) -> None:
+    samples = scrape(platform.api, platform.token)
+    assert value(samples, "osless_instances", app="hello", phase="ready") >= 1
+    assert value(samples, "osless_nodes") == 1
+    assert value(samples, "osless_store_operation_duration_seconds_count", op="get") > 0
+    assert any(name == "osless_store_operation_duration_seconds_bucket" for name, _ in samples)
+    assert ("osless_builds", (("status", "queued"),)) in samples
+    assert httpx.get(f"{platform.api}/metrics").status_code == 401
+    invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker2")["token"]
+    r = httpx.get(f"{platform.api}/metrics", headers={"authorization": f"Bearer {invoker}"})
+    assert r.status_code == 403 and "'read'" in r.json()["error"]["message"]
