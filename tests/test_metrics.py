@@ -99,3 +99,41 @@ def test_the_api_serves_the_platform_and_its_store(platform: Platform, hello: di
     invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker2")["token"]
     r = httpx.get(f"{platform.api}/metrics", headers={"authorization": f"Bearer {invoker}"})
     assert r.status_code == 403 and "'read'" in r.json()["error"]["message"]
+
+
+def test_usage_counts_an_app_s_invocations_per_function_and_hour(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    def invocations() -> float:
+        found = platform.cli_json("usage", "hello", "--since", "2h")
+        return float(found["functions"].get("greet", {}).get("invocations", 0))
+
+    before = invocations()
+    for _ in range(3):
+        assert platform.invoke("hello", "greet", {"name": "u"})[0] == 200
+    platform.wait_for(lambda: invocations() - before >= 3, timeout=10, what="3 more invocations in the usage")
+    assert invocations() - before == 3
+    found = platform.cli_json("usage", "hello", "--since", "2h")
+    (hour, *_) = [h for h in found["hours"] if "greet" in h["functions"]]
+    assert hour["hour"] % 3600 == 0 and hour["functions"]["greet"]["duration_s"] > 0
+    # Measured by the kernel: the instance used CPU and memory, and was started.
+    platform.wait_for(
+        lambda: (t := platform.cli_json("usage", "hello")["totals"])["cpu_s"] > 0 and t["gb_s"] > 0,
+        timeout=10,
+        what="CPU and GB-seconds",
+    )
+    text = platform.cli("usage", "hello").stdout
+    assert "greet" in text and "total" in text
+    r = platform.cli("usage", "hello", "--since", "forever", check=False)
+    assert r.returncode == 1 and "24h" in r.stderr
+
+
+def test_top_lists_the_app_and_its_instances(platform: Platform, hello: dict[str, Any]) -> None:
+    for _ in range(3):
+        assert httpx.get(f"{platform.gateway}/hello/").status_code == 200
+    view = platform.cli_json("top")
+    app = view["apps"]["hello"]
+    assert app["instances"] >= 1 and app["memory"] > 0
+    assert app["p50_ms"] is not None and app["p99_ms"] >= app["p50_ms"]
+    (inst, *_) = [i for i in view["instances"] if i["app"] == "hello"]
+    assert inst["node"] and inst["phase"] == "ready"

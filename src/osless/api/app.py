@@ -38,6 +38,7 @@ from osless.api.routes import (
     runs,
     system,
     tokens,
+    usage,
     volumes,
 )
 from osless.api.routes import audit as audit_routes
@@ -200,6 +201,7 @@ def create_app(state: ApiState) -> FastAPI:
         tokens,
         volumes,
         audit_routes,
+        usage,
     )
     for module in routers:
         _check_permissions(module.router)

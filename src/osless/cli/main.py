@@ -24,6 +24,7 @@ from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
+from osless.cli.observe import top, usage
 from osless.cli.oneoff import run as run_command
 from osless.cli.output import (
     JsonOpt,
@@ -316,6 +317,8 @@ app.command("server")(server)
 app.add_typer(cluster_app, name="cluster")
 app.command("builder")(builder)
 app.command("audit")(audit)
+app.command("top")(top)
+app.command("usage")(usage)
 
 
 @app.command()

@@ -18,14 +18,13 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from osless.gateway.http import TooLarge
+from osless.metering import BUCKETS
 
 if TYPE_CHECKING:
     from osless.gateway.proxy import _Exchange
 
 __all__ = ["BUCKETS", "Figures", "Metrics", "Series"]
 
-# Seconds, fixed: a request's latency lands in one of these without an allocation. The last is +Inf.
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WEB = "web"
 _INVOKE = b"POST /invoke/"  # the head of a function call, as `Gateway._function` makes it
 

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from osless.metering import BUCKETS
+
 if TYPE_CHECKING:
     from osless.gateway.metrics import Figures
     from osless.gateway.pool import GatewayPool
@@ -102,8 +104,6 @@ class NodeCollector(Collector):
         yield conns
 
     def _requests(self, figures: Figures) -> Iterator[Metric]:
-        from osless.gateway.metrics import BUCKETS
-
         requests = CounterMetricFamily(
             "osless_requests",
             "Requests answered through the gateway, by app, function (web: web requests) and status class",

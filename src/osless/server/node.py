@@ -30,6 +30,7 @@ from osless.node.egress_rules import Network
 from osless.node.metrics import NodeCollector, render
 from osless.node.relay import Relay, supervised
 from osless.node.runs import NodeRuns
+from osless.node.usage import Sampler
 
 __all__ = ["NodeConfig", "NodeHost", "default_node_name", "host_protections", "private_dir", "run_node"]
 
@@ -148,6 +149,8 @@ class NodeHost:
             ),
         )
 
+        self.sampler = Sampler(self.api, cfg.name, self.gateways, self.agent.supervisors, self.agent.meter)
+
     def reserve(self) -> None:
         """Hold the gateway's and the node API's ports now: a taken port is this node's error, said
         before anything runs."""
@@ -191,6 +194,7 @@ class NodeHost:
             asyncio.create_task(self.gateways.run(), name="the gateway processes"),
             asyncio.create_task(self.node_api.serve(), name="the node API"),
             asyncio.create_task(self.agent.run(), name="the node agent"),
+            asyncio.create_task(self.sampler.run(), name="usage and the live view"),
         ]
 
     async def stop(self) -> None:
