@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
 
 
 def scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -137,3 +140,33 @@ def test_top_lists_the_app_and_its_instances(platform: Platform, hello: dict[str
     assert app["p50_ms"] is not None and app["p99_ms"] >= app["p50_ms"]
     (inst, *_) = [i for i in view["instances"] if i["app"] == "hello"]
     assert inst["node"] and inst["phase"] == "ready"
+
+
+def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> None:
+    platform.deploy(APPS / "promapp")
+    try:
+        for kind in ("big", "big", "small"):
+            assert platform.invoke("promapp", "order", {"kind": kind})[0] == 200
+        (inst,) = platform.instances("promapp")
+        r = httpx.get(
+            f"{node_api(platform)}/metrics/apps/promapp",
+            headers={"authorization": f"Bearer {platform.token}"},
+        )
+        assert r.status_code == 200, r.text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+        }
+        assert samples[("shop_orders_total", (("kind", "big"), ("osless_instance", inst["id"])))] == 2
+        assert samples[("shop_orders_total", (("kind", "small"), ("osless_instance", inst["id"])))] == 1
+        assert samples[("osless_app_scrape_errors", ())] == 0
+        # Apart from the platform's: an app's names never reach the node's own /metrics.
+        assert (
+            "shop_orders"
+            not in httpx.get(
+                f"{node_api(platform)}/metrics", headers={"authorization": f"Bearer {platform.token}"}
+            ).text
+        )
+    finally:
+        platform.http("DELETE", "/v1/apps/promapp")

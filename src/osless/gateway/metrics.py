@@ -27,6 +27,8 @@ __all__ = ["BUCKETS", "Figures", "Metrics", "Series"]
 
 WEB = "web"
 _INVOKE = b"POST /invoke/"  # the head of a function call, as `Gateway._function` makes it
+_CLASS = (0, 0, 1, 2, 3, 4, 4, 4, 4, 4)  # status // 100 -> its class's place in `Series.codes` (1xx..5xx)
+_bisect = bisect.bisect_left
 
 
 class Series:
@@ -47,9 +49,11 @@ class Metrics:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.series: dict[tuple[str, str], Series] = {}
+        self._web: dict[str, Series] = {}  # app -> its `web` series, found without a tuple made
 
-    def end(self, ex: _Exchange) -> None:
-        """An exchange with an instance ended (`_Exchange.end`): counted if it answered the client.
+    def end(self, ex: _Exchange, now: float) -> None:
+        """An exchange with an instance ended at `now` (`_Exchange.end`, on the loop's clock):
+        counted if it answered the client.
         One that answered nothing was tried again on another instance (counted there) or lost its
         client before any answer."""
         conn = ex.conn
@@ -62,17 +66,19 @@ class Metrics:
         else:  # answered by the gateway itself: `_Exchange.settle`'s 413, 504 or 502
             code = 413 if isinstance(up.error, TooLarge) else 502
         backend = ex.backend
-        function = WEB
         if up.pool is backend.control:
             head = ex.head
-            function = head[len(_INVOKE) : head.find(b" ", len(_INVOKE))].decode("latin-1")
-        key = (backend.app, function)
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = Series()
-        seconds = conn.loop.time() - (ex.ends - ex.timeouts.whole)  # `ends` is its start + `whole`
-        s.codes[min(max(code // 100, 1), 5) - 1] += 1
-        s.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+            key = (backend.app, head[len(_INVOKE) : head.find(b" ", len(_INVOKE))].decode("latin-1"))
+            s = self.series.get(key)
+            if s is None:
+                s = self.series[key] = Series()
+        else:
+            s = self._web.get(backend.app)
+            if s is None:
+                s = self._web[backend.app] = self.series[(backend.app, WEB)] = Series()
+        seconds = now - (ex.ends - ex.timeouts.whole)  # `ends` is its start + `whole`
+        s.codes[_CLASS[code // 100 % 10]] += 1
+        s.buckets[_bisect(BUCKETS, seconds)] += 1
         s.total += seconds
 
     def snapshot(
@@ -83,6 +89,7 @@ class Metrics:
         forgotten first."""
         for key in [k for k in self.series if k[0] not in deployed]:
             del self.series[key]
+            self._web.pop(key[0], None)
         return {
             "series": [[app, fn, s.codes, s.buckets, s.total] for (app, fn), s in self.series.items()],
             "in_flight": {a: n for a, n in in_flight.items() if n and a in deployed},

@@ -628,9 +628,10 @@ class _Exchange:
 
     def end(self) -> None:
         self.backend.outstanding -= 1
-        self.gateway.metrics.end(self)
+        now = self.conn.loop.time()
+        self.gateway.metrics.end(self, now)
         if self.counts is not None:
-            self.counts.end(self.conn.loop.time())
+            self.counts.end(now)
 
     def settle_fast(self, error: BaseException | None) -> None:
         up = self.up

@@ -188,6 +188,7 @@ def create_app(
     runs: Runner | None = None,
     profiler: debug.Profiler | None = None,
     metrics: Callable[[], bytes] | None = None,
+    app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -250,6 +251,17 @@ def create_app(
             return _error(404, "not_found", "this node serves no metrics")
         return Response(metrics(), media_type=METRICS_CONTENT_TYPE)
 
+    async def scrape_app(request: Request) -> Response:
+        app = request.path_params["app"]
+        if not _NAME.fullmatch(app):
+            return _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
+        refused = await callers.check(request, "read", app)  # a token of this app's may read them
+        if refused is not None:
+            return refused
+        if app_metrics is None:
+            return _error(404, "not_found", "this node serves no metrics")
+        return Response(await app_metrics(app), media_type=METRICS_CONTENT_TYPE)
+
     async def run(websocket: WebSocket) -> None:
         app = websocket.path_params["app"]
         refused: Response | None = None
@@ -271,6 +283,7 @@ def create_app(
             WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
             Route("/metrics", scrape, methods=["GET"]),
+            Route("/metrics/apps/{app}", scrape_app, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
             *(debug.routes(profiler, callers) if profiler is not None else []),
         ]
@@ -349,12 +362,19 @@ class NodeApi:
         runs: Runner | None = None,
         profiler: debug.Profiler | None = None,
         metrics: Callable[[], bytes] | None = None,
+        app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
         self.app = create_app(
-            logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler, metrics=metrics
+            logs_dir,
+            callers=self.callers,
+            volumes=volumes,
+            runs=runs,
+            profiler=profiler,
+            metrics=metrics,
+            app_metrics=app_metrics,
         )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None

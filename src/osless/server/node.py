@@ -25,6 +25,7 @@ from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, debug, doctor
 from osless.node.api import NodeApi
+from osless.node.appmetrics import scrape_app
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
 from osless.node.metrics import NodeCollector, render
@@ -147,6 +148,7 @@ class NodeHost:
             metrics=functools.partial(
                 render, NodeCollector(self.gateways, self.agent.supervisors, self.agent.meter, cfg.name)
             ),
+            app_metrics=functools.partial(scrape_app, supervisors=self.agent.supervisors),
         )
 
         self.sampler = Sampler(self.api, cfg.name, self.gateways, self.agent.supervisors, self.agent.meter)
