@@ -99,7 +99,7 @@ class Metrics:
 
 
 class Figures:
-    """The sum of gateway processes' snapshots (`merge`): what a node's /metrics shows."""
+    """The sum of gateway processes' snapshots (`GatewayPool.figures`): what a node's /metrics shows."""
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, str], Series] = {}
