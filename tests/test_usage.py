@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from osless.api.usage import KEEP_S, add_usage, put_live, read_usage
+from osless.api.usage import KEEP_S, add_usage, put_live, read_usage, top
 from osless.store import SQLiteStore
 
 
@@ -38,5 +38,32 @@ def test_nodes_minutes_add_up_per_hour_and_old_hours_go(tmp_path: Path) -> None:
             # The app's first figures of the hour made it forget the hours past what is kept.
             items, _ = await store.list("/usage/a/")
             assert [kv.key for kv in items] == [f"/usage/a/{hour}"]
+
+    asyncio.run(main())
+
+
+def test_top_merges_the_fresh_nodes_and_forgets_the_gone(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            now = time.time()
+            buckets = [0] * 16
+            buckets[2] = 10  # 10 answers between 2.5 and 5 ms
+
+            def view(rps: float) -> dict[str, object]:
+                app = {"requests_per_s": rps, "in_flight": 1, "memory": 1 << 20, "latency_buckets": buckets}
+                inst = {"id": "a-1", "app": "a", "phase": "ready", "cpu": 0.5, "memory": 1 << 20}
+                return {"apps": {"a": app, "gone": app}, "instances": [inst]}
+
+            await put_live(store, "n1", now, view(3.0), [])
+            await put_live(store, "n2", now - 1, view(4.0), [])
+            await put_live(store, "n3", now - 3600, view(100.0), [])
+            found = await top(store, now, ["a", "idle"])
+            a = found["apps"]["a"]
+            assert (a["requests_per_s"], a["in_flight"], a["instances"]) == (7.0, 2, 2)
+            assert 2.5 < a["p50_ms"] < a["p99_ms"] <= 5.0
+            assert found["apps"]["idle"]["p50_ms"] is None and "gone" not in found["apps"]
+            assert sorted(i["node"] for i in found["instances"]) == ["n1", "n2"]
+            items, _ = await store.list("/nodeusage/")
+            assert [kv.key for kv in items] == ["/nodeusage/n1", "/nodeusage/n2"]
 
     asyncio.run(main())

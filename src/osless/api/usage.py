@@ -7,11 +7,12 @@ In the store:
   compare-and-swap per app and hour, so the writes are nodes x apps per minute at most. Hours
   older than `KEEP_S` are deleted when an app's next hour starts.
 - `/nodeusage/{node}`: each node's newest live view, replaced each second; `top` merges those
-  younger than `FRESH_S`.
+  younger than `FRESH_S` and deletes those older than `FORGET_S` (a node gone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,7 @@ USAGE_PREFIX = "/usage/"
 LIVE_PREFIX = "/nodeusage/"
 KEEP_S = 35 * 86400
 FRESH_S = 5.0
+FORGET_S = 600.0
 FUNCTION_FIGURES = ("invocations", "errors", "duration_s")
 APP_FIGURES = ("cpu_s", "gb_s", "cold_starts")
 
@@ -113,6 +115,9 @@ async def top(store: Store, at: float, apps: Iterable[str]) -> dict[str, Any]:
     items, _ = await store.list(LIVE_PREFIX)
     for kv in items:
         report = json.loads(kv.value)
+        if report["at"] < at - FORGET_S:  # a node long gone (or renamed): forgotten
+            with contextlib.suppress(Conflict):
+                await store.delete(kv.key, if_revision=kv.mod_revision)
         if report["at"] < at - FRESH_S:
             continue
         node = kv.key[len(LIVE_PREFIX) :]

@@ -180,8 +180,9 @@ async def get_usage(
     state: ApiState = Depends(get_state),
     caller: Caller = require("read"),
 ) -> dict[str, Any]:
-    await state.resources.get_app(app)  # 404 for an unknown app
-    start = time.time() - parse_since(since)
+    found = await state.resources.get_app(app)  # 404 for an unknown app
+    # Not before the app was made: the hours of an earlier app of the same name, deleted, are not its.
+    start = max(time.time() - parse_since(since), found.created_at // 3600 * 3600)
     hours = await read_usage(state.resources.store, app, start, time.time())
     functions: dict[str, dict[str, float]] = {}
     totals = {k: 0.0 for k in (*FUNCTION_FIGURES, *APP_FIGURES)}
