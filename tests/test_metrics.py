@@ -97,6 +97,8 @@ def test_the_api_serves_the_platform_and_its_store(platform: Platform, hello: di
     assert value(samples, "osless_nodes") == 1
     assert value(samples, "osless_store_operation_duration_seconds_count", op="get") > 0
     assert any(name == "osless_store_operation_duration_seconds_bucket" for name, _ in samples)
+    # The API's watches see its own writes (instances' status, heartbeats): the lag is measured.
+    assert value(samples, "osless_store_watch_lag_seconds_count") > 0
     assert ("osless_builds", (("status", "queued"),)) in samples
     assert httpx.get(f"{platform.api}/metrics").status_code == 401
     invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker2")["token"]

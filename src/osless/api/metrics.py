@@ -5,7 +5,9 @@ and the API's own health.
 - async invocations: the backlog waiting for the dispatcher, and messages in the dead-letter
   queue (`api.broker`'s streams, asked of the message engine at each scrape);
 - the store: each operation's latency and failures (`TimedStore`, in front of the store the API's
-  resources use), so a slow etcd shows here first.
+  resources use), so a slow etcd shows here first; and the watch lag: from a write this API made
+  being acknowledged to the first of this API's watches seeing it (what every watcher of the API,
+  gateways and nodes, waits on top of its own connection).
 
 Requests, latency and cold starts per app are counted where they happen, on the nodes (each
 node's own `/metrics`, `node.metrics`): a scraper scrapes the API and every node (`GET
@@ -15,6 +17,7 @@ node's own `/metrics`, `node.metrics`): a scraper scrapes the API and every node
 from __future__ import annotations
 
 import builtins
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "ApiMetrics", "TimedStore", "scrape"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+WRITES_REMEMBERED = 4096  # revisions of this API's own writes, waiting for a watch to see them
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -56,6 +60,12 @@ class ApiMetrics:
             ["op"],
             registry=self.registry,
         )
+        self.watch_lag = PromHistogram(
+            "osless_store_watch_lag_seconds",
+            "From a write of this API's acknowledged to the first of its watches seeing it",
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
 
 
 class TimedStore:
@@ -67,6 +77,24 @@ class TimedStore:
             op: metrics.store_seconds.labels(op) for op in ("get", "list", "put", "delete", "txn")
         }
         self._errors = {op: metrics.store_errors.labels(op) for op in self._seconds}
+        self._lag = metrics.watch_lag
+        self._written: dict[int, float] = {}  # revision -> when its write was acknowledged
+        # revisions a watch saw before their write was acknowledged (SQLite tells its watchers
+        # within the write): a lag of 0
+        self._seen: dict[int, float] = {}
+
+    def _wrote(self, revision: int) -> None:
+        if self._seen.pop(revision, None) is not None:
+            self._lag.observe(0.0)
+            return
+        _remember(self._written, revision)
+
+    def _saw(self, revision: int) -> None:
+        written = self._written.pop(revision, None)
+        if written is not None:
+            self._lag.observe(time.perf_counter() - written)
+        elif revision not in self._seen:
+            _remember(self._seen, revision)
 
     def _done(self, op: str, began: float, ok: bool) -> None:
         self._seconds[op].observe(time.perf_counter() - began)
@@ -105,6 +133,7 @@ class TimedStore:
             # A conflict is an answer, not a failure of the store: counted as done.
             kv = await self.inner.put(key, value, if_revision=if_revision, lease=lease)
             ok = True
+            self._wrote(kv.mod_revision)
             return kv
         finally:
             self._done("put", began, ok)
@@ -123,6 +152,7 @@ class TimedStore:
         try:
             rev = await self.inner.txn_put_many(puts)
             ok = True
+            self._wrote(rev)
             return rev
         finally:
             self._done("txn", began, ok)
@@ -138,12 +168,16 @@ class TimedStore:
         try:
             rev = await self.inner.txn(puts=puts, deletes=deletes, delete_prefixes=delete_prefixes)
             ok = True
+            self._wrote(rev)
             return rev
         finally:
             self._done("txn", began, ok)
 
-    def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[Event]:
-        return self.inner.watch(prefix, after_revision=after_revision)
+    async def watch(self, prefix: str, *, after_revision: int) -> AsyncIterator[Event]:
+        async with contextlib.aclosing(self.inner.watch(prefix, after_revision=after_revision)) as events:  # type: ignore[type-var]
+            async for event in events:
+                self._saw(event.revision)
+                yield event
 
     async def revision(self) -> int:
         return await self.inner.revision()
@@ -156,6 +190,12 @@ class TimedStore:
 
     async def revoke(self, lease_id: int) -> None:
         await self.inner.revoke(lease_id)
+
+
+def _remember(table: dict[int, float], revision: int) -> None:
+    if len(table) >= WRITES_REMEMBERED:  # revisions no watch (or no write of ours) matched: the oldest go
+        table.pop(next(iter(table)))
+    table[revision] = time.perf_counter()
 
 
 class _Now(Collector):
