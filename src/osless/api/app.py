@@ -40,9 +40,11 @@ from osless.api.routes import (
     system,
     tokens,
     traces,
+    usage,
     volumes,
 )
 from osless.api.routes import audit as audit_routes
+from osless.api.routes import metrics as metrics_routes
 from osless.api.routes import schedules as schedule_routes
 from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.state import ApiState
@@ -205,6 +207,7 @@ def create_app(state: ApiState) -> FastAPI:
         schedule_routes,
         traces,
         queues,
+        usage,
     )
     for module in routers:
         _check_permissions(module.router)
@@ -212,6 +215,8 @@ def create_app(state: ApiState) -> FastAPI:
     # AWS's own path, as boto3's `lambda` client calls it (with `endpoint_url=` the API).
     _check_permissions(lambda_invoke.router)
     app.include_router(lambda_invoke.router)
+    _check_permissions(metrics_routes.router)
+    app.include_router(metrics_routes.router)  # `/metrics`, where scrapers look
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:

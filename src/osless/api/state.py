@@ -12,6 +12,7 @@ from fastapi import Request
 from osless.api.auth import Tokens
 from osless.api.broker import Broker
 from osless.api.collector import Collector
+from osless.api.metrics import ApiMetrics
 from osless.api.peers import Peers
 from osless.api.resources import Resources
 from osless.api.secrets import SecretBox
@@ -33,6 +34,7 @@ class ApiState:
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=None))
     broker: Broker | None = None  # the message engine (async invocations); None until connected
     peers: Peers | None = None  # the servers sharing this store, for what this one lacks
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)  # the API's own, for `GET /metrics`
     collector: Collector = field(init=False)  # `osless up` runs it; routes ask it for a pass
     tokens: Tokens = field(init=False)
 

@@ -24,6 +24,7 @@ from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
 from osless.cli.node import MAX_GATEWAYS, node_app
+from osless.cli.observe import top, usage
 from osless.cli.oneoff import run as run_command
 from osless.cli.output import (
     JsonOpt,
@@ -81,6 +82,13 @@ def up(
             "(0 to 1; a client's sampled traceparent is always recorded)."
         ),
     ] = 0.05,
+    gateway_metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
+            "`osless top` and `osless usage` (off: those show no requests)."
+        ),
+    ] = True,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
@@ -132,6 +140,7 @@ def up(
         cfg.node_name = node_name
     if gateways is not None:
         cfg.gateways = gateways
+    cfg.gateway_metrics = gateway_metrics
     cfg.secret_key_file = secret_key_file
     cfg.egress_allow = allowed
     cfg.nats_port = nats_port
@@ -326,6 +335,8 @@ app.command("builder")(builder)
 app.command("audit")(audit)
 app.add_typer(schedule_app, name="schedule")
 app.command("traces")(traces)
+app.command("top")(top)
+app.command("usage")(usage)
 
 
 @app.command()

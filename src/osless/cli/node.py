@@ -70,6 +70,13 @@ def join(
             "(0 to 1; a client's sampled traceparent is always recorded)."
         ),
     ] = 0.05,
+    gateway_metrics: Annotated[
+        bool,
+        typer.Option(
+            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
+            "`osless top` and `osless usage` (off: those show no requests)."
+        ),
+    ] = True,
     egress_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -117,6 +124,7 @@ def join(
         sandbox=sandbox,
         egress_allow=allowed,
         trace_sample=trace_sample,
+        gateway_metrics=gateway_metrics,
     )
     if gateways is not None:
         cfg.gateways = gateways

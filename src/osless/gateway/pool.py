@@ -14,12 +14,17 @@ What the processes do not share, each keeps for itself, and it stays right: the 
 (process `gw-<k>` reports under `<node>.gw-<k>`, and the API sums them), the cache of tokens, and
 the activator's wake calls (at most one at a time per app and process). An app's
 `concurrency_limit` holds per process: see docs/architecture.md, "Following traffic".
+
+Request figures for the node's `GET /metrics` are summed here: each process sends its own since
+it started, each second, on its control socket (`gateway.metrics`); what a process that died had
+counted is kept (`retired`), so the node's counters only grow while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -30,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from osless.gateway.metrics import Figures
 from osless.gateway.process import READY
 
 __all__ = ["GatewayPool", "default_count"]
@@ -40,6 +46,7 @@ READY_TIMEOUT_S = 60.0  # the process itself gives up on the API after 30 s
 STOP_GRACE_S = 5.0
 BACKOFF_S = (0.1, 10.0)  # first restart, and the longest wait between restarts
 STEADY_S = 10.0  # a process that lived this long before it died starts again at once
+MAX_METRICS_LINE = 16 * 1024 * 1024  # one process's snapshot: apps x functions x a few dozen numbers
 
 
 def default_count() -> int:
@@ -84,6 +91,7 @@ class _Slot:
     proc: subprocess.Popen[bytes] | None = None
     ready: asyncio.Future[None] | None = None  # its first start's outcome
     restarts: int = 0
+    metrics: dict[str, Any] | None = None  # the newest snapshot of the process now in it
 
     def started(self, error: str | None = None) -> None:
         if self.ready is not None and not self.ready.done():
@@ -106,7 +114,11 @@ class GatewayPool:
         port: int,
         count: int,
         trace_sample: float = 0.05,
+        metrics: bool = True,
     ) -> None:
+        """`metrics` False: the processes count no requests (`--no-gateway-metrics`)."""
+        self.metrics = metrics
+        self.retired = Figures()  # what processes that died had counted
         self.api_url = api_url
         self.trace_sample = trace_sample
         self.token = token  # what its processes act with: a gateway token, set before `start`
@@ -198,6 +210,7 @@ class GatewayPool:
                     str(os.getpid()),
                     "--control-fd",
                     str(theirs.fileno()),
+                    *(() if self.metrics else ("--no-metrics",)),
                     *(arg for s in listeners for arg in ("--listen-fd", str(s.fileno()))),
                 ],
                 stdin=subprocess.DEVNULL,
@@ -231,13 +244,57 @@ class GatewayPool:
                 return how
             slot.started()
             # `ours` stays open while the process lives: its EOF tells the process osless up is gone.
-            return f"(pid {proc.pid}) {_ended(await ended)}"
+            reading = asyncio.ensure_future(self._read_metrics(slot, ours))
+            try:
+                return f"(pid {proc.pid}) {_ended(await ended)}"
+            finally:
+                reading.cancel()
         finally:
+            if slot.metrics is not None:
+                self.retired.add(slot.metrics, counters_only=True)
+                slot.metrics = None
             if proc.returncode is None:  # cancelled: osless up is stopping
                 proc.kill()
                 await asyncio.shield(ended)
             ours.close()
             slot.proc = None
+
+    async def _read_metrics(self, slot: _Slot, ours: socket.socket) -> None:
+        """Keep the newest of the process's snapshots, one JSON line each second."""
+        loop = asyncio.get_running_loop()
+        buf = b""
+        while chunk := await loop.sock_recv(ours, 1 << 16):
+            buf += chunk
+            if b"\n" not in buf:
+                if len(buf) > MAX_METRICS_LINE:
+                    log.warning(
+                        "gateway process %s: a metrics line past %d bytes, dropped", slot.name, len(buf)
+                    )
+                    buf = b""
+                continue
+            *lines, buf = buf.split(b"\n")
+            try:
+                found = json.loads(lines[-1])
+            except ValueError:
+                continue
+            if isinstance(found, dict):
+                slot.metrics = found
+
+    def figures(self) -> Figures:
+        """The processes' request figures summed, and those of processes that died."""
+        out = Figures()
+        live = [slot.metrics for slot in self.slots if slot.metrics is not None]
+        deployed: set[str] = set()
+        for snap in live:
+            deployed.update(snap.get("apps", ()))
+        if live:
+            self.retired.forget(deployed)
+        out.add(
+            {"series": [[a, f, s.codes, s.buckets, s.total] for (a, f), s in self.retired.series.items()]}
+        )
+        for snap in live:
+            out.add(snap)
+        return out
 
     async def stop(self) -> None:
         """SIGTERM to each process, SIGKILL to any still there after the grace period."""

@@ -8,8 +8,9 @@ the rest of the platform over HTTP only.
 
 The node token comes on the control socket (an inherited descriptor), never in argv or the
 environment, which other tools read and print; `ready` goes back on it once the routing table is
-synced and the socket listens. The process dies with `osless up`: `PR_SET_PDEATHSIG`, and EOF on
-the control socket.
+synced and the socket listens; then, each second, its request figures as one JSON line
+(`gateway.metrics`), which the node sums over its processes for its `GET /metrics`. The process
+dies with `osless up`: `PR_SET_PDEATHSIG`, and EOF on the control socket.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import signal
 import socket
@@ -32,6 +34,7 @@ log = logging.getLogger("osless.gateway")
 
 READY = b"ready\n"
 MAX_TOKEN_BYTES = 4096
+METRICS_EVERY_S = 1.0
 SYNC_TIMEOUT_S = 30.0  # a routing table that cannot be read by then: exit, and `osless up` tries again
 
 
@@ -46,6 +49,16 @@ def _read_token(control: socket.socket) -> str:
     return data.decode("ascii").strip()
 
 
+async def _send_metrics(gateway: Gateway, router: Router, control: socket.socket) -> None:
+    """The process's figures to its node, each second (`gateway.metrics`)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(METRICS_EVERY_S)
+        in_flight = {app: t.in_flight for app, t in gateway.traffic.apps.items()}
+        snap = gateway.metrics.snapshot(router.apps.items, in_flight, len(gateway.connections))
+        await loop.sock_sendall(control, json.dumps(snap, separators=(",", ":")).encode() + b"\n")
+
+
 async def serve(
     api_url: str,
     token: str,
@@ -54,14 +67,17 @@ async def serve(
     listeners: list[socket.socket],
     control: socket.socket,
     trace_sample: float = 0.05,
+    metrics: bool = True,
 ) -> None:
-    """Serve the port until SIGTERM or `osless up` goes (EOF on `control`)."""
+    """Serve the port until SIGTERM or `osless up` goes (EOF on `control`); `metrics` False counts
+    no requests for the node's /metrics."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     api = AsyncApi(api_url, token)
     router = Router(api, node=node, token=token)
     gateway = Gateway(router, api, name=name, trace_sample=trace_sample)
+    gateway.metrics.enabled = metrics
     control.setblocking(False)
     tasks: list[asyncio.Task[object]] = []
     try:
@@ -80,6 +96,7 @@ async def serve(
             asyncio.create_task(stop.wait()),
             asyncio.create_task(loop.sock_recv(control, 1)),  # b"": osless up is gone
             asyncio.create_task(gateway.traffic.report(api, f"{node}.{name}")),
+            asyncio.create_task(_send_metrics(gateway, router, control)),
         ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, required=True, help="the pid of osless up")
     parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
     parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
+    parser.add_argument("--no-metrics", action="store_true", help="count no requests for /metrics")
     args = parser.parse_args(argv)
     die_with_parent(args.parent, signal.SIGKILL)
     # Ctrl-C in a terminal reaches the whole process group: `osless up` decides, and says SIGTERM.
@@ -115,7 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     control = socket.socket(fileno=args.control_fd)
     token = _read_token(control)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
-    main_ = serve(args.api, token, args.node, args.name, listeners, control, args.trace_sample)
+    main_ = serve(
+        args.api,
+        token,
+        args.node,
+        args.name,
+        listeners,
+        control,
+        trace_sample=args.trace_sample,
+        metrics=not args.no_metrics,
+    )
     try:
         import uvloop  # the faster loop, as `osless up` runs on
     except ImportError:

@@ -24,6 +24,7 @@ from osless.api.ratelimit import Buckets, Rate
 from osless.client import AsyncApi
 from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
+from osless.gateway.metrics import Metrics
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
 from osless.gateway.traffic import AppTraffic, Traffic
 from osless.gateway.upstream import BadAnswer, OnDone, Unreachable, UpstreamConn, UpstreamError
@@ -108,6 +109,7 @@ class Gateway:
         self._auth_client = httpx.AsyncClient(base_url=api.base_url, timeout=10)
         # On the loop's clock, which the hot path reads anyway (one clock read a turn of the loop).
         self.traffic = Traffic(asyncio.get_running_loop().time)
+        self.metrics = Metrics()  # for the node's /metrics (gateway/metrics.py)
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -656,8 +658,10 @@ class _Exchange:
 
     def end(self) -> None:
         self.backend.outstanding -= 1
+        now = self.conn.loop.time()
+        self.gateway.metrics.end(self, now)
         if self.counts is not None:
-            self.counts.end(self.conn.loop.time())
+            self.counts.end(now)
 
     def settle_fast(self, error: BaseException | None) -> None:
         up = self.up

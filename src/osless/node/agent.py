@@ -32,6 +32,7 @@ from osless.node.egress import EgressProxy
 from osless.node.egress_rules import Network
 from osless.node.images import ImageError, NodeImages
 from osless.node.isolation import sandbox_spec
+from osless.node.metrics import Meter
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
 from osless.node.supervisor import Supervisor
 from osless.node.traces import SpanStore
@@ -110,6 +111,7 @@ class NodeAgent:
         self.sockets_dir = self.run_dir / "sockets"
         self.sockets_dir.mkdir(exist_ok=True, mode=0o700)
         self.supervisors: dict[str, Supervisor] = {}
+        self.meter = Meter()  # its instances' starts and CPU, for the node's /metrics
         self.zygotes: dict[str, Zygote] = {}
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
         self._zygote_idle_since: dict[str, float] = {}
@@ -415,6 +417,7 @@ class NodeAgent:
             limits=Limits(memory_mb=self._memory_mb(obj.image)),
             uid=uid,
             traces=self.traces,
+            meter=self.meter,
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:

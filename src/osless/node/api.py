@@ -46,6 +46,7 @@ __all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
 Runner = Callable[[WebSocket, str], Awaitable[None]]
 
 MAX_TAIL = 100_000  # as the API's route
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 # Names become path segments of the node's log folder: no '/', '..' or control characters.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,80}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
@@ -210,6 +211,8 @@ def create_app(
     runs: Runner | None = None,
     profiler: debug.Profiler | None = None,
     traces: SpanStore | None = None,
+    metrics: Callable[[], bytes] | None = None,
+    app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -283,6 +286,27 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def scrape(request: Request) -> Response:
+        # A token that may read the platform (admin, read, debug, node, controller, gateway); not one
+        # limited to an app, which would see the others' figures.
+        refused = await callers.check(request, "read", "")
+        if refused is not None:
+            return refused
+        if metrics is None:
+            return _error(404, "not_found", "this node serves no metrics")
+        return Response(metrics(), media_type=METRICS_CONTENT_TYPE)
+
+    async def scrape_app(request: Request) -> Response:
+        app = request.path_params["app"]
+        if not _NAME.fullmatch(app):
+            return _error(400, "invalid_request", f"{app[:100]!r} is not an app name")
+        refused = await callers.check(request, "read", app)  # a token of this app's may read them
+        if refused is not None:
+            return refused
+        if app_metrics is None:
+            return _error(404, "not_found", "this node serves no metrics")
+        return Response(await app_metrics(app), media_type=METRICS_CONTENT_TYPE)
+
     async def run(websocket: WebSocket) -> None:
         app = websocket.path_params["app"]
         refused: Response | None = None
@@ -304,6 +328,8 @@ def create_app(
             Route("/traces/apps/{app}", app_traces, methods=["GET"]),
             WebSocketRoute("/runs/{app}", run),
             Route("/healthz", health, methods=["GET"]),
+            Route("/metrics", scrape, methods=["GET"]),
+            Route("/metrics/apps/{app}", scrape_app, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
             *(debug.routes(profiler, callers) if profiler is not None else []),
         ]
@@ -382,12 +408,21 @@ class NodeApi:
         runs: Runner | None = None,
         profiler: debug.Profiler | None = None,
         traces: SpanStore | None = None,
+        metrics: Callable[[], bytes] | None = None,
+        app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
         self.app = create_app(
-            logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler, traces=traces
+            logs_dir,
+            callers=self.callers,
+            volumes=volumes,
+            runs=runs,
+            profiler=profiler,
+            metrics=metrics,
+            app_metrics=app_metrics,
+            traces=traces,
         )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None

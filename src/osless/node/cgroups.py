@@ -5,6 +5,10 @@ Each instance gets one group (v2) or one group in each of the memory, cpu and pi
 `cgroup.procs` files the agent opened for it, before any app code runs. When it ends, whatever is
 left inside is killed, the OOM counter read, and the group removed. Empty groups are made ahead
 of time, so creating them is off the path of a cold start.
+
+The kernel's accounting of each group (memory in use, CPU time) is what the node's `/metrics` and
+the usage figures read: v2's `memory.current` and `cpu.stat`; v1's `memory.usage_in_bytes` and
+`cpuacct.usage`, from the cpuacct hierarchy (a group there too, unless it is mounted with cpu).
 """
 
 from __future__ import annotations
@@ -65,6 +69,27 @@ class InstanceCgroup:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 out += [int(x) for x in p.read_text().split()]
         return sorted(set(out))
+
+    def memory_bytes(self) -> int:
+        """Memory in use by the group now (page cache included, as the limit counts it)."""
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int((self.dirs[0] / name).read_text())
+        return 0
+
+    def cpu_seconds(self) -> float:
+        """CPU time the group's processes have used, user and system, since it was made."""
+        if self.version == 2:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for line in (self.dirs[0] / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        return int(value) / 1e6
+            return 0.0
+        for d in self.dirs[1:]:  # cpu (when cpuacct is mounted with it), then cpuacct's own
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return int((d / "cpuacct.usage").read_text()) / 1e9
+        return 0.0
 
     def oom_kills(self) -> int:
         """How many times the kernel's OOM killer struck inside this group."""
@@ -138,6 +163,15 @@ class Cgroups:
             if not os.access(root, os.W_OK):
                 return f"cannot write to {root} (resource limits need root)"
             roots.append(root)
+        # CPU accounting: cpuacct mounted apart from cpu (no `cpuacct.usage` in cpu's groups) gets a
+        # group of its own; without it, CPU time reads as 0, nothing else is lost.
+        acct = fs / "cpuacct"
+        if (acct / "cgroup.procs").exists() and not (fs / "cpu" / "cpuacct.usage").exists():
+            root = acct / "osless" / scope if scope else acct / "osless"
+            with contextlib.suppress(OSError):
+                root.mkdir(parents=True, exist_ok=True)
+                if os.access(root, os.W_OK):
+                    roots.append(root)
         for folder in {fs / "cpu" / "osless", roots[1]}:
             with contextlib.suppress(OSError):
                 (folder / "cpu.shares").write_text(str(APPS_CPU_SHARES))
@@ -177,7 +211,7 @@ class Cgroups:
             (d / "cpu.max").write_text(f"{quota} {period}")
             (d / "pids.max").write_text(str(limits.pids))
         else:
-            mem, cpu, pids = group.dirs
+            mem, cpu, pids = group.dirs[:3]
             (mem / "memory.limit_in_bytes").write_text(memory)
             with contextlib.suppress(OSError):  # memsw exists only with swap accounting on
                 (mem / "memory.memsw.limit_in_bytes").write_text(memory)

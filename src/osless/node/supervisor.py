@@ -22,6 +22,7 @@ from typing import Any
 from osless.bounds import cap
 from osless.logs import LogWriter
 from osless.node.cgroups import Cgroups, InstanceCgroup, Limits
+from osless.node.metrics import Meter
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
 from osless.node.traces import SpanStore
 
@@ -62,6 +63,7 @@ class _Run:
     sockets: list[Path] = field(default_factory=list)  # web, control
     cgroup: InstanceCgroup | None = None
     child: Child | None = None
+    ended: Callable[[float], None] | None = None  # hears the run's CPU seconds as its group goes
 
     def kill(self, sig: int) -> None:
         # Through the cgroup when there is one: it holds host pids, while a sandboxed instance's own
@@ -84,12 +86,14 @@ class _Run:
         for path in self.sockets:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        if self.cgroup is None:
+        group, self.cgroup = self.cgroup, None  # counted once: by `ended` now, no more as running
+        if group is None:
             return False
-        oom = self.cgroup.oom_kills() > 0
-        await asyncio.to_thread(self.cgroup.kill_all)  # whatever the instance started ends with it
-        self.cgroup.remove()
-        self.cgroup = None
+        if self.ended is not None:
+            self.ended(group.cpu_seconds())
+        oom = group.oom_kills() > 0
+        await asyncio.to_thread(group.kill_all)  # whatever the instance started ends with it
+        group.remove()
         return oom
 
 
@@ -113,9 +117,11 @@ class Supervisor:
         limits: Limits | None = None,
         uid: int | None = None,
         traces: SpanStore | None = None,
+        meter: Meter | None = None,
     ) -> None:
         """`run_dir`: a folder of the node's own (no app sees it) for the instance's sockets;
-        `uid`: the host uid the instance runs as, reported so the gateway can check it."""
+        `uid`: the host uid the instance runs as, reported so the gateway can check it; `meter`
+        hears each start's time and each run's CPU time (the node's /metrics)."""
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
@@ -137,6 +143,7 @@ class Supervisor:
         self._cgroups = cgroups
         self.limits = limits or Limits()
         self._report = report
+        self._meter = meter
         # Short: unix socket paths are capped at 108 bytes. A new pair each run (see `_bind`), and
         # names no earlier agent used: a record left from before a restart never names a new socket.
         self._sock_base = run_dir / (hashlib.sha256(self.id.encode()).hexdigest()[:12] + secrets.token_hex(3))
@@ -200,7 +207,10 @@ class Supervisor:
         self._set_soon(phase="starting", message=None)
         forked = time.monotonic()
         self._runs += 1
+        began = time.monotonic()
         run = _Run(self._runs)
+        if self._meter is not None:
+            run.ended = functools.partial(self._meter.ended, self.app)
         try:
             zyg = await self._zygote()
             sockets = self._bind(run)
@@ -230,6 +240,8 @@ class Supervisor:
         try:
             await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT)
             web, control = run.sockets
+            if self._meter is not None:
+                self._meter.started(self.app, time.monotonic() - began)
             await self._set(phase="ready", pid=child.pid, socket=str(web), control=str(control))
             self._ready.set()
             self.log.write(f"instance ready in {(time.monotonic() - forked) * 1000:.0f}ms", "osless")
@@ -359,6 +371,15 @@ class Supervisor:
             return self._cgroups.create(self.limits)
         except OSError as e:
             raise OSError(f"its resource limits ({self.limits}) could not be applied: {e}") from e
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds, memory bytes) of the instance's runs now, from their groups (0 without)."""
+        cpu, memory = 0.0, 0
+        for run in [self._current, *self._retired]:
+            if run is not None and run.cgroup is not None:
+                cpu += run.cgroup.cpu_seconds()
+                memory += run.cgroup.memory_bytes()
+        return cpu, memory
 
     def _kill(self, sig: int) -> None:
         if self._current is not None:

@@ -45,6 +45,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # On the control socket (see `serve`): the web socket has no path of the platform's.
 INVOKE_PREFIX = "/invoke/"
 HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"  # the app's own prometheus-client metrics, which the node serves under its name
 # On the web socket: `/{app}/_http/{fn}/...` reaches the function `fn` declared with http=True.
 HTTP_PREFIX = b"/_http/"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
@@ -152,6 +153,8 @@ class Instance:
             if problem is not None:
                 health.update(ok=False, problem=problem)
             await _send_json(send, 200 if problem is None else 503, health)
+        elif path == METRICS_PATH:
+            await _app_metrics(send)
         else:
             await _send_error(send, 404, "not_found", f"no control endpoint {path}")
 
@@ -883,6 +886,22 @@ async def _send_body(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _app_metrics(send: Send) -> None:
+    """The app's default prometheus-client registry, if the app imported prometheus-client (its
+    own dependency: the platform adds none to the sandbox); 404 otherwise. In a thread: the app's
+    own collectors run in it."""
+    client = sys.modules.get("prometheus_client")
+    if client is None:
+        await _send_error(send, 404, "no_metrics", "the app does not use prometheus-client")
+        return
+    try:
+        body = await asyncio.to_thread(client.generate_latest, client.REGISTRY)
+    except Exception as e:  # the app's collector failed: said, not a crash of the control socket
+        await _send_error(send, 500, "metrics_failed", f"the app's metrics failed: {e!r}"[:1000])
+        return
+    await _send_body(send, 200, body)  # read by the node only, as Prometheus text whatever its type says
 
 
 async def _send_json(

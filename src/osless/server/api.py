@@ -31,6 +31,7 @@ from osless.api.auth import Tokens, issue_token
 from osless.api.broker import Broker
 from osless.api.consumers import Consumers
 from osless.api.invocations import Dispatcher
+from osless.api.metrics import ApiMetrics, TimedStore
 from osless.api.migrations import MigrationError, Paths, backup_sqlite, migrate
 from osless.api.peers import Peers, ServerLease
 from osless.api.replicate import Replicator
@@ -249,7 +250,8 @@ class ApiHost:
         except BaseException:
             await self.store.close()
             raise
-        resources = Resources(self.store)
+        metrics = ApiMetrics()
+        resources = Resources(TimedStore(self.store, metrics))
         key = load_key(data_dir, cfg.secret_key_file)
         secrets = SecretBox(key)
         if not isinstance(self.store, SQLiteStore):  # a store other servers may share
@@ -273,6 +275,7 @@ class ApiHost:
             data_dir=data_dir,
             gateway_url=cfg.gateway_url,
             max_upload_bytes=cfg.max_upload_mb * 1024 * 1024,
+            metrics=metrics,
         )
         # The message engine: a nats-server of its own unless one is given (a cluster's).
         nats_url = cfg.nats_url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -24,10 +25,13 @@ from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
 from osless.node import NodeAgent, debug, doctor
 from osless.node.api import NodeApi
+from osless.node.appmetrics import scrape_app
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
+from osless.node.metrics import NodeCollector, render
 from osless.node.relay import Relay, supervised
 from osless.node.runs import NodeRuns
+from osless.node.usage import Sampler
 
 __all__ = ["NodeConfig", "NodeHost", "default_node_name", "host_protections", "private_dir", "run_node"]
 
@@ -84,6 +88,7 @@ class NodeConfig:
     # Internal ranges apps may reach when they list them (`--egress-allow`).
     egress_allow: list[Network] = field(default_factory=list)
     relay_port: int = 0  # where other nodes' gateways reach this node's instances (0: a free port)
+    gateway_metrics: bool = True  # the gateways count requests for /metrics (`--no-gateway-metrics`)
 
     @property
     def gateway_url(self) -> str:
@@ -121,6 +126,7 @@ class NodeHost:
             port=cfg.http_port,
             count=cfg.gateways,
             trace_sample=cfg.trace_sample,
+            metrics=cfg.gateway_metrics,
         )
         self.agent = NodeAgent(
             self.api,
@@ -142,7 +148,13 @@ class NodeHost:
             runs=NodeRuns(self.agent).serve,
             profiler=debug.Profiler(debug.supervised_pids(self.agent.supervisors)),
             traces=self.agent.traces,
+            metrics=functools.partial(
+                render, NodeCollector(self.gateways, self.agent.supervisors, self.agent.meter, cfg.name)
+            ),
+            app_metrics=functools.partial(scrape_app, supervisors=self.agent.supervisors),
         )
+
+        self.sampler = Sampler(self.api, cfg.name, self.gateways, self.agent.supervisors, self.agent.meter)
 
     def reserve(self) -> None:
         """Hold the gateway's and the node API's ports now: a taken port is this node's error, said
@@ -187,6 +199,7 @@ class NodeHost:
             asyncio.create_task(self.gateways.run(), name="the gateway processes"),
             asyncio.create_task(self.node_api.serve(), name="the node API"),
             asyncio.create_task(self.agent.run(), name="the node agent"),
+            asyncio.create_task(self.sampler.run(), name="usage and the live view"),
         ]
 
     async def stop(self) -> None:

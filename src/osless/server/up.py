@@ -41,6 +41,7 @@ class UpConfig:
     host: str = "127.0.0.1"
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
     trace_sample: float = 0.05  # of the traces a gateway starts, past the first of each second
+    gateway_metrics: bool = True  # `--no-gateway-metrics`: the gateways count no requests
     node_name: str = field(default_factory=lambda: default_node_name())
     max_upload_mb: int = 100
     save_credentials: bool = True
@@ -91,6 +92,7 @@ async def run(cfg: UpConfig, on_ready: Callable[[str, str, str], None] | None = 
             http_port=cfg.http_port,
             gateways=cfg.gateways,
             trace_sample=cfg.trace_sample,
+            gateway_metrics=cfg.gateway_metrics,
             sandbox=cfg.sandbox,
             egress_allow=cfg.egress_allow,
         ),

@@ -1,0 +1,144 @@
+"""What the gateway's request counting (`GET /metrics`, `osless top`, `osless usage`) costs: the same
+warm request through two `osless up`, one with the counting on and one with `--no-gateway-metrics`,
+in the same run. One gateway process and one instance of examples/hello each; load from `wrk`
+(`apt-get install -y wrk`), the two taking turns round after round so that a noisy neighbour hits
+both alike; ratio and added p50 worked out round by round (paired), their medians reported, with
+the CPU the gateway process spent per answer on each side (from /proc). Target: the counting costs
+at most 5% of throughput and 0.05 ms of p50. Prints one JSON object as its last line.
+
+    .venv/bin/python benchmarks/metrics.py [--seconds 3] [--rounds 7] [--connections 32]
+
+On a machine shared with other runs the paired wrk figures move by more than the counting costs;
+`count_ns_per_request` is the call itself, timed in this process (`Metrics.end` on an exchange with a
+real httptools parser that read a real answer, the rest of the exchange plain attributes; median of
+7 timings of 100,000 calls), and `gateway_cpu_us_per_request` what a gateway spends per answer in all.
+
+The rest of what the node does for metrics is off the request path: a gateway sends its figures
+once a second, the node samples them and its cgroups once a second, and a scrape reads what is kept.
+
+2026-12-06, this 2-core VM shared with other test runs (load 9 to 13): two runs, 7 and 9 rounds.
+The paired wrk rounds moved 0.28x to 3.1x between the two sides (medians 1.09 and 0.91, added p50
++5.9 and -1.0 ms): noise, both ways, far past what is measured. The gateway's CPU per answer, on vs
+off: 63.0 vs 60.9 us, then 60.8 vs 63.5 us: the counting is below what this machine can show. The
+call itself: 1.4 us (a no-op lambda call 22 ns then) to 2.0 us (under more load): 2 to 3% of the
+gateway's ~60 us per answer here, and 0.002 ms of a request's time: within both targets (5% of
+throughput, 0.05 ms of p50), as far as CPU goes; a quiet machine is needed to see it in wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import timeit
+from pathlib import Path
+from types import SimpleNamespace
+
+import httptools
+from _platform import ROOT, running_platform
+from throughput import cpu_s as cpu_of
+from throughput import descendants, median_of, wait_ok, wait_ready, wrk
+
+TARGET_RATIO, TARGET_ADDED_P50_MS = 0.95, 0.05
+
+
+def count_ns_per_request() -> float:
+    """What `Metrics.end` costs a request, in nanoseconds: the hot path's one call."""
+    import uvloop
+
+    from osless.gateway.metrics import Metrics
+
+    parser = httptools.HttpResponseParser(SimpleNamespace())
+    parser.feed_data(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    loop = uvloop.new_event_loop()  # the gateway's: `time()` is libuv's clock of this turn, no system call
+    try:
+        control = object()
+        exchange = SimpleNamespace(
+            conn=SimpleNamespace(responded=True, loop=loop),
+            up=SimpleNamespace(started=True, _parser=parser, error=None, pool=object()),
+            backend=SimpleNamespace(app="hello", control=control),
+            head=b"GET / HTTP/1.1\r\n\r\n",
+            ends=loop.time() + 60.0,
+            timeouts=SimpleNamespace(whole=60.0),
+        )
+        metrics = Metrics()
+        n = 100_000
+        now = loop.time() + 0.003
+        timings = timeit.repeat(lambda: metrics.end(exchange, now), number=n, repeat=7)  # type: ignore[arg-type]
+        assert sum(metrics.series[("hello", "web")].codes) == 7 * n
+        return round(statistics.median(timings) / n * 1e9, 1)
+    finally:
+        loop.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=3, help="of each wrk run")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
+    count_ns = count_ns_per_request()
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    with contextlib.ExitStack() as stack:
+        platforms = {
+            "off": stack.enter_context(
+                running_platform("osless-bench-metrics-off-", "--gateways", "1", "--no-gateway-metrics")
+            ),
+            "on": stack.enter_context(running_platform("osless-bench-metrics-on-", "--gateways", "1")),
+        }
+        gateways = {}
+        for name, platform in platforms.items():
+            platform.osless("deploy", str(ROOT / "examples" / "hello"))
+            platform.osless("scale", "hello", "--min", "1", "--max", "1")
+            wait_ready(platform, 1)
+            wait_ok(f"{platform.gateway}/hello/")
+            wrk(f"{platform.gateway}/hello/", 1, args.connections)  # warm up
+            gateways[name] = [
+                pid
+                for pid in descendants(platform.proc.pid)
+                if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+        for _ in range(args.rounds):
+            for name, platform in platforms.items():
+                before = cpu_of(gateways[name])
+                result = wrk(f"{platform.gateway}/hello/", args.seconds, args.connections)
+                spent = cpu_of(gateways[name]) - before
+                result["gateway_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
+                runs[name].append(result)
+    pairs = list(zip(runs["off"], runs["on"], strict=True))
+    ratios = [
+        round(on["requests_per_s"] / off["requests_per_s"], 3) for off, on in pairs if off["requests_per_s"]
+    ]
+    added = [round(on["p50_ms"] - off["p50_ms"], 3) for off, on in pairs]
+    ratio, added_p50 = statistics.median(ratios), statistics.median(added)
+    errors = int(sum(r["non_2xx"] + r["socket_errors"] for rs in runs.values() for r in rs))
+    print(
+        json.dumps(
+            {
+                "benchmark": "metrics",
+                "what": "examples/hello through one gateway process and one instance, the gateway's "
+                "request counting on vs --no-gateway-metrics, paired round by round",
+                "connections": args.connections,
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "off": median_of(runs["off"]),
+                "on": median_of(runs["on"]),
+                "ratio": ratio,
+                "round_ratios": ratios,
+                "added_p50_ms": added_p50,
+                "round_added_p50_ms": added,
+                "errors": errors,
+                "count_ns_per_request": count_ns,
+                "target": {"ratio": TARGET_RATIO, "added_p50_ms": TARGET_ADDED_P50_MS},
+                "met": ratio >= TARGET_RATIO and added_p50 <= TARGET_ADDED_P50_MS and errors == 0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""`GET /metrics` on the node and the API: scraped and parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.platform import Platform
+
+APPS = Path(__file__).parent / "apps"
+
+
+def scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape: (name, sorted labels) -> value."""
+    r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def node_api(platform: Platform) -> str:
+    (node,) = platform.http("GET", "/v1/nodes").json()["items"]
+    url: str = node["api"]
+    return url
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_the_node_counts_the_requests_it_answered(platform: Platform, hello: dict[str, Any]) -> None:
+    url = node_api(platform)
+    before = scrape(url, platform.token)
+    for _ in range(5):
+        assert httpx.get(f"{platform.gateway}/hello/").status_code == 200
+    for _ in range(3):
+        assert httpx.get(f"{platform.gateway}/hello/nosuch").status_code == 404
+    for _ in range(2):
+        assert platform.invoke("hello", "greet", {"name": "m"})[0] == 200
+
+    def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        now = scrape(url, platform.token)
+        web_2xx = value(now, "osless_requests_total", app="hello", function="web", code="2xx")
+        return (
+            now
+            if web_2xx - value(before, "osless_requests_total", app="hello", function="web", code="2xx") >= 5
+            and value(now, "osless_requests_total", app="hello", function="greet", code="2xx")
+            - value(before, "osless_requests_total", app="hello", function="greet", code="2xx")
+            >= 2
+            else None
+        )
+
+    after = platform.wait_for(counted, timeout=10, what="the requests counted")
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("osless_requests_total", app="hello", function="web", code="2xx") == 5
+    assert delta("osless_requests_total", app="hello", function="web", code="4xx") == 3
+    assert delta("osless_requests_total", app="hello", function="greet", code="2xx") == 2
+    assert delta("osless_request_duration_seconds_count", app="hello", function="web") == 8
+    assert delta("osless_request_duration_seconds_bucket", app="hello", function="web", le="+Inf") == 8
+    assert delta("osless_request_duration_seconds_sum", app="hello", function="web") > 0
+    # The instance that serves them was started, and timed; it runs, and the kernel counts it.
+    assert value(after, "osless_cold_start_seconds_count", app="hello") >= 1
+    assert value(after, "osless_instances", app="hello", phase="ready") >= 1
+    assert value(after, "osless_memory_bytes", app="hello") > 0
+    assert value(after, "osless_cpu_seconds_total", app="hello") > 0
+    assert value(after, "osless_gateway_processes") >= 1
+    # No path in a label: the 404s' path is nowhere.
+    assert not any("nosuch" in str(key) for key in after)
+
+
+def test_metrics_need_a_token_that_may_read_the_platform(platform: Platform, hello: dict[str, Any]) -> None:
+    url = node_api(platform)
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker")["token"]
+    r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {invoker}"})
+    assert r.status_code == 403 and "'read'" in r.json()["error"]["message"]
+    reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "metrics-reader")["token"]
+    assert (
+        "osless_requests_total"
+        in httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {reader}"}).text
+    )
+
+
+def test_the_api_serves_the_platform_and_its_store(platform: Platform, hello: dict[str, Any]) -> None:
+    samples = scrape(platform.api, platform.token)
+    assert value(samples, "osless_instances", app="hello", phase="ready") >= 1
+    assert value(samples, "osless_nodes") == 1
+    assert value(samples, "osless_store_operation_duration_seconds_count", op="get") > 0
+    assert any(name == "osless_store_operation_duration_seconds_bucket" for name, _ in samples)
+    # The API's watches see its own writes (instances' status, heartbeats): the lag is measured.
+    assert value(samples, "osless_store_watch_lag_seconds_count") > 0
+    assert ("osless_builds", (("status", "queued"),)) in samples
+    assert httpx.get(f"{platform.api}/metrics").status_code == 401
+    invoker = platform.cli_json("tokens", "create", "--role", "invoke", "--name", "metrics-invoker2")["token"]
+    r = httpx.get(f"{platform.api}/metrics", headers={"authorization": f"Bearer {invoker}"})
+    assert r.status_code == 403 and "'read'" in r.json()["error"]["message"]
+
+
+def test_usage_counts_an_app_s_invocations_per_function_and_hour(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    def invocations() -> float:
+        found = platform.cli_json("usage", "hello", "--since", "2h")
+        return float(found["functions"].get("greet", {}).get("invocations", 0))
+
+    before = invocations()
+    for _ in range(3):
+        assert platform.invoke("hello", "greet", {"name": "u"})[0] == 200
+    platform.wait_for(lambda: invocations() - before >= 3, timeout=10, what="3 more invocations in the usage")
+    assert invocations() - before == 3
+    found = platform.cli_json("usage", "hello", "--since", "2h")
+    (hour, *_) = [h for h in found["hours"] if "greet" in h["functions"]]
+    assert hour["hour"] % 3600 == 0 and hour["functions"]["greet"]["duration_s"] > 0
+    # Measured by the kernel: the instance used CPU and memory, and was started.
+    platform.wait_for(
+        lambda: (t := platform.cli_json("usage", "hello")["totals"])["cpu_s"] > 0 and t["gb_s"] > 0,
+        timeout=10,
+        what="CPU and GB-seconds",
+    )
+    text = platform.cli("usage", "hello").stdout
+    assert "greet" in text and "total" in text
+    r = platform.cli("usage", "hello", "--since", "forever", check=False)
+    assert r.returncode == 1 and "24h" in r.stderr
+
+
+def test_top_lists_the_app_and_its_instances(platform: Platform, hello: dict[str, Any]) -> None:
+    for _ in range(3):
+        assert httpx.get(f"{platform.gateway}/hello/").status_code == 200
+    view = platform.cli_json("top")
+    app = view["apps"]["hello"]
+    assert app["instances"] >= 1 and app["memory"] > 0
+    assert app["p50_ms"] is not None and app["p99_ms"] >= app["p50_ms"]
+    (inst, *_) = [i for i in view["instances"] if i["app"] == "hello"]
+    assert inst["node"] and inst["phase"] == "ready"
+
+
+def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> None:
+    platform.deploy(APPS / "promapp")
+    try:
+        for kind in ("big", "big", "small"):
+            assert platform.invoke("promapp", "order", {"kind": kind})[0] == 200
+        (inst,) = platform.instances("promapp")
+        r = httpx.get(
+            f"{node_api(platform)}/metrics/apps/promapp",
+            headers={"authorization": f"Bearer {platform.token}"},
+        )
+        assert r.status_code == 200, r.text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+        }
+        assert samples[("shop_orders_total", (("kind", "big"), ("osless_instance", inst["id"])))] == 2
+        assert samples[("shop_orders_total", (("kind", "small"), ("osless_instance", inst["id"])))] == 1
+        assert samples[("osless_app_scrape_errors", ())] == 0
+        # Apart from the platform's: an app's names never reach the node's own /metrics.
+        assert (
+            "shop_orders"
+            not in httpx.get(
+                f"{node_api(platform)}/metrics", headers={"authorization": f"Bearer {platform.token}"}
+            ).text
+        )
+    finally:
+        platform.http("DELETE", "/v1/apps/promapp")

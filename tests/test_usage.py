@@ -1,0 +1,69 @@
+"""The usage store (`api.usage`): nodes' minutes added into hourly buckets, on a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from osless.api.usage import KEEP_S, add_usage, put_live, read_usage, top
+from osless.store import SQLiteStore
+
+
+def test_nodes_minutes_add_up_per_hour_and_old_hours_go(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            hour = int(time.time() // 3600 * 3600)
+            old = hour - KEEP_S - 3600
+            await add_usage(store, [{"hour": old, "app": "a", "function": "f", "invocations": 1.0}])
+            # Two nodes at once, each a function's calls and the app's CPU: nothing lost to the race.
+            rows = [
+                {"hour": hour, "app": "a", "function": "f", "invocations": 2.0, "duration_s": 0.5},
+                {"hour": hour, "app": "a", "function": "", "cpu_s": 1.5, "gb_s": 0.25, "cold_starts": 1.0},
+            ]
+            await asyncio.gather(add_usage(store, rows), add_usage(store, rows))
+            # A live node's minute not stored yet counts too; a stale one's does not.
+            now = time.time()
+            await put_live(
+                store, "n1", now, {}, [{"hour": hour, "app": "a", "function": "f", "invocations": 1.0}]
+            )
+            await put_live(
+                store, "n2", now - 60, {}, [{"hour": hour, "app": "a", "function": "f", "invocations": 9.0}]
+            )
+            (found,) = await read_usage(store, "a", hour - 1, now)
+            assert found["hour"] == hour
+            assert found["functions"]["f"]["invocations"] == 5
+            assert found["functions"]["f"]["duration_s"] == 1.0
+            assert (found["cpu_s"], found["gb_s"], found["cold_starts"]) == (3.0, 0.5, 2.0)
+            # The app's first figures of the hour made it forget the hours past what is kept.
+            items, _ = await store.list("/usage/a/")
+            assert [kv.key for kv in items] == [f"/usage/a/{hour}"]
+
+    asyncio.run(main())
+
+
+def test_top_merges_the_fresh_nodes_and_forgets_the_gone(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            now = time.time()
+            buckets = [0] * 16
+            buckets[2] = 10  # 10 answers between 2.5 and 5 ms
+
+            def view(rps: float) -> dict[str, object]:
+                app = {"requests_per_s": rps, "in_flight": 1, "memory": 1 << 20, "latency_buckets": buckets}
+                inst = {"id": "a-1", "app": "a", "phase": "ready", "cpu": 0.5, "memory": 1 << 20}
+                return {"apps": {"a": app, "gone": app}, "instances": [inst]}
+
+            await put_live(store, "n1", now, view(3.0), [])
+            await put_live(store, "n2", now - 1, view(4.0), [])
+            await put_live(store, "n3", now - 3600, view(100.0), [])
+            found = await top(store, now, ["a", "idle"])
+            a = found["apps"]["a"]
+            assert (a["requests_per_s"], a["in_flight"], a["instances"]) == (7.0, 2, 2)
+            assert 2.5 < a["p50_ms"] < a["p99_ms"] <= 5.0
+            assert found["apps"]["idle"]["p50_ms"] is None and "gone" not in found["apps"]
+            assert sorted(i["node"] for i in found["instances"]) == ["n1", "n2"]
+            items, _ = await store.list("/nodeusage/")
+            assert [kv.key for kv in items] == ["/nodeusage/n1", "/nodeusage/n2"]
+
+    asyncio.run(main())
