@@ -32,8 +32,8 @@ __all__ = ["DISTRIBUTIONS", "RuntimeLayer", "hidden_site_packages", "interpreter
 # runs), websockets (uvicorn's ws="auto" for web apps), uvloop (the instances' loop when present),
 # a2wsgi (WSGI apps) and pyseccomp (the sandbox's filter). Not h11, watchfiles, PyYAML or
 # python-dotenv: uvicorn brings them for its other protocol, its reloader and its config files,
-# which never run here.
-DISTRIBUTIONS = ("a2wsgi", "click", "httptools", "pyseccomp", "uvicorn", "uvloop", "websockets")
+# which never run here. debugpy: imported only when a debug session asks (runtime/debugger.py).
+DISTRIBUTIONS = ("a2wsgi", "click", "httptools", "pyseccomp", "uvicorn", "uvloop", "websockets", "debugpy")
 # Used when installed (uvicorn and the instance check), left out when not.
 _OPTIONAL = ("uvloop", "websockets")
 # Of osless itself: the SDK that app code imports and the runtime that runs it, no more.

@@ -34,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless import runwire
 from osless.logs import follow, read_tail
-from osless.node import debug, volapi
+from osless.node import attach, debug, volapi
 from osless.node.volumes import Volumes
 
 __all__ = ["Callers", "NodeApi", "Runner", "create_app", "record_line"]
@@ -186,6 +186,7 @@ def create_app(
     volumes: Volumes | None = None,
     runs: Runner | None = None,
     profiler: debug.Profiler | None = None,
+    attacher: attach.Attacher | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -260,6 +261,7 @@ def create_app(
             Route("/healthz", health, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
             *(debug.routes(profiler, callers) if profiler is not None else []),
+            *(attach.routes(attacher, callers) if attacher is not None else []),
         ]
     )
 
@@ -335,11 +337,14 @@ class NodeApi:
         volumes: Volumes | None = None,
         runs: Runner | None = None,
         profiler: debug.Profiler | None = None,
+        attacher: attach.Attacher | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.callers = Callers(api_url, node=node)
-        self.app = create_app(logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler)
+        self.app = create_app(
+            logs_dir, callers=self.callers, volumes=volumes, runs=runs, profiler=profiler, attacher=attacher
+        )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
-from osless.node import NodeAgent, debug, doctor
+from osless.node import NodeAgent, attach, debug, doctor
 from osless.node.api import NodeApi
 from osless.node.doctor import Protection
 from osless.node.egress_rules import Network
@@ -139,6 +139,7 @@ class NodeHost:
             volumes=self.agent.volumes,
             runs=NodeRuns(self.agent).serve,
             profiler=debug.Profiler(debug.supervised_pids(self.agent.supervisors)),
+            attacher=attach.Attacher(self.agent.supervisors),
         )
 
     def reserve(self) -> None:
