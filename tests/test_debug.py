@@ -223,8 +223,8 @@ def test_a_dap_client_attached_through_the_api_stops_at_a_breakpoint_hit_by_a_re
 def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platform, debuggee: str) -> None:
     reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "attach-reader")["token"]
     refused = _attach(platform, env={"OSLESS_TOKEN": reader})
-    _, err = refused.communicate(timeout=30)
-    assert refused.returncode == 1 and "'debug' permission" in err, err
+    out, _ = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and "'debug' permission" in json.loads(out)["error"]["message"], out
     platform.wait_for(
         lambda: [i for i in platform.instances(debuggee) if i["status"]["phase"] == "ready"], what="ready"
     )
