@@ -228,7 +228,7 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
     platform.wait_for(
         lambda: [i for i in platform.instances(debuggee) if i["status"]["phase"] == "ready"], what="ready"
     )
-    cli = _attach(platform, "--timeout", "1m")
+    cli = _attach(platform, "--timeout", "3s")
     try:
         assert cli.stdout is not None
         ready = json.loads(cli.stdout.readline() or "null")
@@ -236,9 +236,11 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
         platform.wait_for(
             lambda: platform.instances(debuggee)[0]["status"]["phase"] == "debugging", what="out of rotation"
         )
+        out, err = cli.communicate(timeout=30)  # no debugger came: the session ends at its time
     finally:
-        cli.kill()  # the CLI gone: the session ends
+        cli.kill()
         cli.communicate()
+    assert cli.returncode == 0 and "time (3s) is up" in json.loads(out)["ended"], (out, err)
     platform.wait_for(
         lambda: platform.instances(debuggee)[0]["status"]["phase"] == "ready", what="back in rotation"
     )

@@ -104,17 +104,56 @@ def attach(
                 f"127.0.0.1:{port} (until {until}; Ctrl-C ends it)",
                 markup=False,
             )
-        listener.settimeout(ACCEPT_WAIT_S)
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
-            fail(f"no debugger connected to 127.0.0.1:{port} within {ACCEPT_WAIT_S:.0f}s", "no_debugger")
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        with conn:
-            reason = _relay(ws, conn)
-    if not json_out:
+        conn, early, reason = _accept(ws, listener)
+        if conn is not None:
+            with conn:
+                for data in early:
+                    conn.sendall(data)
+                reason = _relay(ws, conn)
+    if json_out:
+        sys.stdout.write(json.dumps({"ended": reason}) + "\n")
+    else:
         console.print(f"debug session ended: {reason}", markup=False)
+
+
+def _accept(ws: Any, listener: socket.socket) -> tuple[socket.socket | None, list[bytes], str]:
+    """The debugger's connection to the local port, what debugpy sent meanwhile, and, if the session
+    ended first (its timeout, the API gone) or none came in time, why."""
+    from websockets.exceptions import ConnectionClosed
+
+    early: list[bytes] = []
+    listener.settimeout(0.5)
+    deadline = time.monotonic() + ACCEPT_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+                return conn, early, ""
+            except TimeoutError:
+                pass
+            try:
+                while True:
+                    frame = ws.recv(timeout=0)
+                    if isinstance(frame, bytes):
+                        early.append(frame)
+                    elif _ended(frame) is not None:
+                        return None, early, str(_ended(frame))
+            except TimeoutError:
+                continue
+            except ConnectionClosed:
+                return None, early, ws.close_reason or "the API closed the connection"
+    except KeyboardInterrupt:
+        return None, early, "interrupted"
+    return None, early, f"no debugger connected within {ACCEPT_WAIT_S:.0f}s"
+
+
+def _ended(text: str) -> str | None:
+    """The reason of an `end` message; None for anything else."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        said = json.loads(text)
+        if said.get("op") == "end":
+            return str(said.get("reason") or "ended")[:300]
+    return None
 
 
 def _relay(ws: Any, conn: socket.socket) -> str:
@@ -140,11 +179,8 @@ def _relay(ws: Any, conn: socket.socket) -> str:
                     conn.sendall(frame)
                 except OSError:
                     return "the debugger disconnected"
-            else:
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    said = json.loads(frame)
-                    if said.get("op") == "end":
-                        return str(said.get("reason") or "ended")[:300]
+            elif (reason := _ended(frame)) is not None:
+                return reason
     except KeyboardInterrupt:
         return "interrupted"
     finally:

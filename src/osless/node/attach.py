@@ -67,7 +67,11 @@ def _connect_in(pid: int, port: int) -> socket.socket:
                 try:
                     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 finally:
-                    _setns(own)
+                    try:
+                        _setns(own)
+                    except OSError:
+                        sock.close()
+                        raise
             finally:
                 os.close(target)
             sock.settimeout(CONNECT_TIMEOUT_S)
@@ -148,38 +152,50 @@ class Attacher:
         return sup
 
     async def open(self, app: str, instance: str) -> tuple[Supervisor, socket.socket]:
-        """debugpy started in the instance and a connection to it (the caller closes it)."""
+        """debugpy started in the instance and a connection to it, the instance held for the session
+        until `serve` (or the caller, on an error after this) calls `release`."""
         sup = self._supervisor(app, instance)
+        self._attached.add(instance)
+        try:
+            return sup, await self._connect(sup, instance)
+        except BaseException:
+            self._attached.discard(instance)
+            raise
+
+    def release(self, instance: str) -> None:
+        self._attached.discard(instance)
+
+    async def _connect(self, sup: Supervisor, instance: str) -> socket.socket:
         pid, uid, control = sup.status.get("pid"), sup.status.get("uid"), sup.status.get("control")
+        gone = Refused(404, "instance_not_found", f"instance {instance} is not running now")
         if not isinstance(pid, int) or not isinstance(control, str):
-            raise Refused(404, "instance_not_found", f"instance {instance} is not running now")
+            raise gone
         try:  # the pid still the instance's, not reused since it ended: it runs as the app's uid
             if os.stat(f"/proc/{pid}").st_uid != uid:
-                raise Refused(404, "instance_not_found", f"instance {instance} is not running now")
+                raise gone
         except OSError:
-            raise Refused(404, "instance_not_found", f"instance {instance} is not running now") from None
+            raise gone from None
         try:
             port = await asyncio.wait_for(_listen(control), LISTEN_TIMEOUT_S)
         except (OSError, TimeoutError) as e:
             raise Refused(503, "debugger_failed", f"instance {instance} did not start debugpy: {e}") from None
         try:
-            sock = await asyncio.to_thread(_connect_in, pid, port)
+            return await asyncio.to_thread(_connect_in, pid, port)
         except OSError as e:
             raise Refused(
                 503, "debugger_failed", f"cannot reach debugpy in instance {instance}: {e}"
             ) from None
-        return sup, sock
 
     async def serve(
-        self, websocket: WebSocket, app: str, instance: str, timeout_s: float, keep: bool
+        self,
+        websocket: WebSocket,
+        instance: str,
+        sup: Supervisor,
+        sock: socket.socket,
+        timeout_s: float,
+        keep: bool,
     ) -> None:
         """The session over the accepted `websocket` until either end closes or `timeout_s` passes."""
-        try:
-            sup, sock = await self.open(app, instance)
-        except Refused as e:
-            await _close(websocket, 1011, f"{e.code}: {e.message}")
-            return
-        self._attached.add(instance)
         try:
             reader, writer = await asyncio.open_connection(sock=sock)
             async with sup.debug_session(leave_rotation=not keep):
@@ -189,7 +205,7 @@ class Attacher:
                     await writer.wait_closed()
                 await _close(websocket, 1000, reason)
         finally:
-            self._attached.discard(instance)
+            self.release(instance)
             sock.close()
 
 
@@ -257,15 +273,20 @@ def routes(attacher: Attacher, callers: Callers) -> list[WebSocketRoute]:
             refused = _error(400, "invalid_request", "rotation must be leave or keep")
         else:
             refused = await callers.check(websocket, "sample", app)
-        if refused is None:
-            try:
-                attacher._supervisor(app, instance)
-            except Refused as e:
-                refused = _error(e.status, e.code, e.message)
         if refused is not None:
             await websocket.send_denial_response(refused)
             return
-        await websocket.accept()
-        await attacher.serve(websocket, app, instance, timeout_s, q.get("rotation") == "keep")
+        try:  # before the websocket opens, so the API says a failure as this answer
+            sup, sock = await attacher.open(app, instance)
+        except Refused as e:
+            await websocket.send_denial_response(_error(e.status, e.code, e.message))
+            return
+        try:
+            await websocket.accept()
+        except BaseException:
+            attacher.release(instance)
+            sock.close()
+            raise
+        await attacher.serve(websocket, instance, sup, sock, timeout_s, q.get("rotation") == "keep")
 
     return [WebSocketRoute("/debug/apps/{app}/instances/{instance}/attach", attach)]

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
 from urllib.parse import urlencode
 
@@ -32,7 +34,7 @@ from osless.api.errors import ApiError, error_body
 from osless.api.routes.debug import _targets
 from osless.api.state import ApiState
 from osless.bounds import cap
-from osless.contracts import Instance, Node
+from osless.contracts import ID_PATTERN, Instance, Node
 
 router = APIRouter(tags=["debug"])
 
@@ -74,7 +76,7 @@ async def _checked(
     if rotation not in ("leave", "keep"):
         raise ApiError(400, "invalid_request", "rotation must be leave or keep")
     instance = q.get("instance")
-    if instance is not None and not (0 < len(instance) <= 100 and instance.replace("-", "").isalnum()):
+    if instance is not None and re.fullmatch(ID_PATTERN, instance) is None:
         raise ApiError(400, "invalid_request", f"{instance[:100]!r} is not an instance id")
     state: ApiState = websocket.app.state.osless
     inst, node = (await _targets(state, app, instance))[0]
@@ -120,18 +122,22 @@ async def _open(
             open_timeout=NODE_CONNECT_S,
         )
     except InvalidStatus as e:
-        raise ApiError(502, "node_refused", f"node {node.name} refused the session: {_said(e)}") from None
+        status, code, message = _said(e)
+        raise ApiError(status, code, f"node {node.name} refused the session: {message}") from None
     except (OSError, TimeoutError, WebSocketException) as e:
         raise ApiError(502, "node_unreachable", f"node {node.name} could not be reached: {e}") from None
 
 
-def _said(e: InvalidStatus) -> str:
-    import json
-
+def _said(e: InvalidStatus) -> tuple[int, str, str]:
+    """The node's refusal as the API's: its status when the caller can act on it (no such instance,
+    one attached already, debugpy would not start), else 502; its code and message, capped."""
+    status = e.response.status_code
     try:
-        return cap(str(json.loads(bytes(e.response.body or b""))["error"]["message"]), 500)
+        error = json.loads(bytes(e.response.body or b""))["error"]
+        code, message = cap(str(error["code"]), 64), cap(str(error["message"]), 500)
     except (ValueError, KeyError, TypeError):
-        return f"it answered HTTP {e.response.status_code}"
+        code, message = "node_refused", f"it answered HTTP {status}"
+    return (status if status in (404, 409, 503) else 502), code, message
 
 
 @router.websocket("/apps/{app}/debug/attach")
