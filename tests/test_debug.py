@@ -228,22 +228,35 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
     platform.wait_for(
         lambda: [i for i in platform.instances(debuggee) if i["status"]["phase"] == "ready"], what="ready"
     )
-    cli = _attach(platform, "--timeout", "3s")
+
+    def phases() -> dict[str, str]:
+        return {i["id"]: i["status"]["phase"] for i in platform.instances(debuggee)}
+
+    cli = _attach(platform, "--timeout", "4s")
     try:
         assert cli.stdout is not None
         ready = json.loads(cli.stdout.readline() or "null")
         assert ready
+        held = ready["instance"]
+        # Out of the rotation, and another instance placed to serve in its stead.
         platform.wait_for(
-            lambda: platform.instances(debuggee)[0]["status"]["phase"] == "debugging", what="out of rotation"
+            lambda: (
+                (p := phases()).get(held) == "debugging"
+                and next((i for i, ph in p.items() if i != held and ph == "ready"), None)
+            ),
+            what="out of rotation, and a stand-in ready",
         )
+        import httpx
+
+        r = httpx.get(f"{platform.gateway}/{debuggee}/hi", timeout=30)
+        assert r.status_code == 200 and r.text == "hello debugger"  # served, by the stand-in
         out, err = cli.communicate(timeout=30)  # no debugger came: the session ends at its time
     finally:
         cli.kill()
         cli.communicate()
-    assert cli.returncode == 0 and "time (3s) is up" in json.loads(out)["ended"], (out, err)
-    platform.wait_for(
-        lambda: platform.instances(debuggee)[0]["status"]["phase"] == "ready", what="back in rotation"
-    )
+    assert cli.returncode == 0 and "time (4s) is up" in json.loads(out)["ended"], (out, err)
+    # The held one replaced and back in rotation; the app back to its one instance.
+    platform.wait_for(lambda: list(phases().values()) == ["ready"], what="back to one ready instance")
     entries = platform.http("GET", "/v1/audit", params={"app": debuggee}).json()["items"]
     seen = [(e["name"], e["method"], e["status"], e["path"]) for e in entries]
     assert any(n == "attach-reader" and m == "ATTACH" and s == 403 for n, m, s, _ in seen), seen
