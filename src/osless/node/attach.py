@@ -128,7 +128,8 @@ async def _listen(control: str) -> int:
     except ValueError:
         said = None
     if not status.startswith(b"HTTP/1.1 200 "):
-        why = said.get("error", {}).get("message") if isinstance(said, dict) else None
+        error = said.get("error") if isinstance(said, dict) else None
+        why = error.get("message") if isinstance(error, dict) else None
         raise Refused(503, "debugger_failed", str(why or status.decode("latin-1"))[:300])
     port = said.get("port") if isinstance(said, dict) else None
     if not isinstance(port, int) or not 0 < port < 65536:
@@ -221,7 +222,7 @@ async def _relay(
                 return "the client went"
             data = msg.get("bytes")
             if data:
-                writer.write(data[:CHUNK])
+                writer.write(data)
                 await writer.drain()
 
     async def down() -> str:

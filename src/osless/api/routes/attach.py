@@ -183,9 +183,9 @@ async def _relay(websocket: WebSocket, upstream: ClientConnection, timeout_s: fl
             msg = await websocket.receive()
             if msg["type"] == "websocket.disconnect":
                 return "the client went"
-            data = msg.get("bytes")
-            if data:
-                await upstream.send(data[:MAX_FRAME])
+            data: bytes = msg.get("bytes") or b""
+            for at in range(0, len(data), MAX_FRAME):  # a client's larger frame, split
+                await upstream.send(data[at : at + MAX_FRAME])
 
     async def down() -> str:
         try:
