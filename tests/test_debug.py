@@ -123,6 +123,13 @@ def test_a_node_refuses_a_debug_call_not_from_the_api(platform: Platform, debugg
         headers={"authorization": f"Bearer {platform.token}"},
     )
     assert r.status_code == 403 and "sample" in r.json()["error"]["message"]
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    attach = "ws" + node_api.removeprefix("http") + f"/debug/apps/{debuggee}/instances/{inst['id']}/attach"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(attach, additional_headers={"authorization": f"Bearer {platform.token}"}).close()
+    assert refused.value.response.status_code == 403
 
 
 def test_a_py_spy_past_its_time_is_stopped(tmp_path: Path) -> None:
