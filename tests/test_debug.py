@@ -274,3 +274,16 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
 def test_a_debug_shell_has_the_app_imported(platform: Platform, debuggee: str) -> None:
     out = platform.cli("debug", "shell", debuggee, input="print(app_thing, app.name)\n")
     assert "the debuggee's thing debuggee" in out.stdout, out
+
+
+def test_attach_says_a_taken_port_and_a_bad_timeout(platform: Platform) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        r = platform.cli("debug", "attach", "debuggee", "--port", port, check=False)
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+    r = platform.cli("debug", "attach", "debuggee", "--timeout", "5h", check=False)
+    assert r.returncode == 1 and "at most 4h" in r.stderr
