@@ -202,8 +202,12 @@ def test_a_dap_client_attached_through_the_api_stops_at_a_breakpoint_hit_by_a_re
             line,
             where,
         )
-        time.sleep(0.5)
+        # Held past the node API's 10 s for a request's head (which cut its websockets) and past
+        # a health check or two, which a stopped loop would fail.
+        time.sleep(11)
         assert not answers  # held at the breakpoint
+        logs = platform.cli("logs", debuggee, "--instance", inst["id"], "--tail", "50").stdout
+        assert "a debugger is attached" in logs and "health check failed" not in logs, logs
         dap.request("continue", threadId=stopped["threadId"])
         request.join(30)
         assert answers and answers[0].status_code == 200 and answers[0].text == "hello debugger"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -307,6 +308,13 @@ class _Capped(H11Protocol):
             self._head_timer.cancel()
         if not self.transport.is_closing():
             self._arm()
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        # The connection is a websocket's from here on (a run, a debug session), with no request
+        # head to wait for: the timer would close it under the websocket 10 s after it opened.
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().handle_websocket_upgrade(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:

@@ -372,6 +372,7 @@ class Supervisor:
         a debugger may have changed anything in it, and its debugpy would listen on."""
         pid = self.status.get("pid")
         self.debugging = True
+        self.log.write("a debugger is attached: no health checks until it goes", "osless")
         try:
             if leave_rotation:
                 await self._set(phase="debugging", message="a debugger is attached: out of rotation")
