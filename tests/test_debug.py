@@ -123,6 +123,13 @@ def test_a_node_refuses_a_debug_call_not_from_the_api(platform: Platform, debugg
         headers={"authorization": f"Bearer {platform.token}"},
     )
     assert r.status_code == 403 and "sample" in r.json()["error"]["message"]
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    attach = "ws" + node_api.removeprefix("http") + f"/debug/apps/{debuggee}/instances/{inst['id']}/attach"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(attach, additional_headers={"authorization": f"Bearer {platform.token}"}).close()
+    assert refused.value.response.status_code == 403
 
 
 def test_a_py_spy_past_its_time_is_stopped(tmp_path: Path) -> None:
@@ -140,3 +147,147 @@ def test_a_py_spy_past_its_time_is_stopped(tmp_path: Path) -> None:
     finally:
         target.kill()
         target.wait()
+
+
+def _attach(platform: Platform, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [platform.osless, "debug", "attach", "debuggee", "--port", "0", "--json", *args],
+        env={**platform.env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _line_of(text: str, marker: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if marker in line)
+
+
+def test_a_dap_client_attached_through_the_api_stops_at_a_breakpoint_hit_by_a_request(
+    platform: Platform, debuggee: str
+) -> None:
+    import httpx
+
+    from tests.dap import Dap
+
+    where = httpx.get(
+        f"{platform.gateway}/{debuggee}/where", timeout=30
+    ).text  # app.py as the sandbox sees it
+    line = _line_of((APPS / "debuggee" / "app.py").read_text(), "the attach test's breakpoint")
+    cli = _attach(platform, "--keep-in-rotation", "--timeout", "2m")
+    try:
+        assert cli.stdout is not None
+        ready = json.loads(cli.stdout.readline() or "null")
+        assert ready, cli.stderr.read() if cli.stderr else ""
+        (inst,) = platform.instances(debuggee)
+        assert ready["instance"] == inst["id"]
+        dap = Dap("127.0.0.1", ready["port"])
+        dap.request("initialize", clientID="osless-test", adapterID="debugpy", pathFormat="path")
+        attached = dap.send("attach", justMyCode=False)
+        dap.event("initialized")
+        bps = dap.request("setBreakpoints", source={"path": where}, breakpoints=[{"line": line}])
+        assert bps["body"]["breakpoints"][0]["verified"], bps
+        dap.request("configurationDone")
+        assert dap.response(attached)["success"]
+        answers: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: answers.append(httpx.get(f"{platform.gateway}/{debuggee}/hi", timeout=60))
+        )
+        request.start()
+        stopped = dap.event("stopped")["body"]
+        assert stopped["reason"] == "breakpoint"
+        frames = dap.request("stackTrace", threadId=stopped["threadId"])["body"]["stackFrames"]
+        assert (frames[0]["name"], frames[0]["line"], frames[0]["source"]["path"]) == (
+            "hello_handler",
+            line,
+            where,
+        )
+        # Held past the node API's 10 s for a request's head (which cut its websockets) and past
+        # a health check or two, which a stopped loop would fail.
+        time.sleep(11)
+        assert not answers  # held at the breakpoint
+        logs = platform.cli("logs", debuggee, "--instance", inst["id"], "--tail", "50").stdout
+        assert "a debugger is attached" in logs and "health check failed" not in logs, logs
+        dap.request("continue", threadId=stopped["threadId"])
+        request.join(30)
+        assert answers and answers[0].status_code == 200 and answers[0].text == "hello debugger"
+        dap.request("disconnect")
+        dap.close()
+        assert cli.wait(30) == 0
+    finally:
+        cli.kill()
+        cli.communicate()
+    entries = platform.http("GET", "/v1/audit", params={"app": debuggee}).json()["items"]
+    said = [(e["method"], e["path"]) for e in entries if e["method"] in ("ATTACH", "DETACH")]
+    assert any(m == "ATTACH" and inst["id"] in p and "rotation kept" in p for m, p in said), said
+    assert any(m == "DETACH" and inst["id"] in p for m, p in said), said
+    # A debugged instance does not serve again: a fresh one takes its place.
+    platform.wait_for(
+        lambda: (
+            [i for i in platform.instances(debuggee) if i["status"]["phase"] == "ready"]
+            and platform.instances(debuggee)[0]["status"]["pid"] != inst["status"]["pid"]
+        ),
+        what="the instance replaced",
+    )
+
+
+def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platform, debuggee: str) -> None:
+    reader = platform.cli_json("tokens", "create", "--role", "read", "--name", "attach-reader")["token"]
+    refused = _attach(platform, env={"OSLESS_TOKEN": reader})
+    out, _ = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and "'debug' permission" in json.loads(out)["error"]["message"], out
+    platform.wait_for(
+        lambda: [i for i in platform.instances(debuggee) if i["status"]["phase"] == "ready"], what="ready"
+    )
+
+    def phases() -> dict[str, str]:
+        return {i["id"]: i["status"]["phase"] for i in platform.instances(debuggee)}
+
+    cli = _attach(platform, "--timeout", "4s")
+    try:
+        assert cli.stdout is not None
+        ready = json.loads(cli.stdout.readline() or "null")
+        assert ready
+        held = ready["instance"]
+        # Out of the rotation, and another instance placed to serve in its stead.
+        platform.wait_for(
+            lambda: (
+                (p := phases()).get(held) == "debugging"
+                and next((i for i, ph in p.items() if i != held and ph == "ready"), None)
+            ),
+            what="out of rotation, and a stand-in ready",
+        )
+        import httpx
+
+        r = httpx.get(f"{platform.gateway}/{debuggee}/hi", timeout=30)
+        assert r.status_code == 200 and r.text == "hello debugger"  # served, by the stand-in
+        out, err = cli.communicate(timeout=30)  # no debugger came: the session ends at its time
+    finally:
+        cli.kill()
+        cli.communicate()
+    assert cli.returncode == 0 and "time (4s) is up" in json.loads(out)["ended"], (out, err)
+    # The held one replaced and back in rotation; the app back to its one instance.
+    platform.wait_for(lambda: list(phases().values()) == ["ready"], what="back to one ready instance")
+    entries = platform.http("GET", "/v1/audit", params={"app": debuggee}).json()["items"]
+    seen = [(e["name"], e["method"], e["status"], e["path"]) for e in entries]
+    assert any(n == "attach-reader" and m == "ATTACH" and s == 403 for n, m, s, _ in seen), seen
+    assert any(m == "ATTACH" and s == 101 and "rotation left" in p for _, m, s, p in seen), seen
+    assert any(m == "DETACH" and "rotation left" in p for _, m, s, p in seen), seen
+
+
+def test_a_debug_shell_has_the_app_imported(platform: Platform, debuggee: str) -> None:
+    out = platform.cli("debug", "shell", debuggee, input="print(app_thing, app.name)\n")
+    assert "the debuggee's thing debuggee" in out.stdout, out
+
+
+def test_attach_says_a_taken_port_and_a_bad_timeout(platform: Platform) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        r = platform.cli("debug", "attach", "debuggee", "--port", port, check=False)
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+    r = platform.cli("debug", "attach", "debuggee", "--timeout", "5h", check=False)
+    assert r.returncode == 1 and "at most 4h" in r.stderr

@@ -153,6 +153,45 @@ def test_osless_run_and_release_steps_work_across_nodes(cluster: Cluster, tmp_pa
     server.http("DELETE", "/v1/apps/fleetrun")
 
 
+def test_a_debugger_attaches_to_an_instance_on_another_node(cluster: Cluster) -> None:
+    """The API (no node of its own here) tunnels a debug session to the node running the instance."""
+    import json
+    import subprocess
+
+    from tests.dap import Dap
+
+    server = cluster.server
+    inst = spread(server, "relayed", COUNT)[0]
+    with subprocess.Popen(
+        [
+            *(server.osless, "debug", "attach", "relayed", "--instance", inst["id"]),
+            *("--port", "0", "--keep-in-rotation", "--json"),
+        ],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as cli:
+        try:
+            assert cli.stdout is not None
+            ready_ = json.loads(cli.stdout.readline() or "null")
+            assert ready_ and ready_["node"] == inst["node"], cli.stderr.read() if cli.stderr else ""
+            dap = Dap("127.0.0.1", ready_["port"])
+            dap.request("initialize", clientID="osless-test", adapterID="debugpy")
+            attached = dap.send("attach", justMyCode=False)
+            dap.event("initialized")
+            dap.request("configurationDone")
+            assert dap.response(attached)["success"]
+            threads = dap.request("threads")["body"]["threads"]
+            assert threads, threads  # the instance's own threads, seen from here
+            dap.request("disconnect")
+            dap.close()
+            assert cli.wait(30) == 0
+        finally:
+            cli.kill()
+    spread(server, "relayed", COUNT)  # the instance replaced, the fleet whole again for the next tests
+
+
 def test_deploys_and_config_changes_work_with_one_etcd_member_stopped(cluster: Cluster) -> None:
     server, member = cluster.server, cluster.etcd.members[2]
     member.stop()

@@ -24,6 +24,7 @@ import json, sys
 from osless.runtime import inspect, jail, zygote
 from osless.runtime.instance import preload
 preload()
+import debugpy  # what a debug session imports (runtime/debugger.py)
 std = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 std.add("cython_runtime")  # made by any Cython extension (httptools, uvloop) as it loads
 tops = {m.split(".")[0] for m in list(sys.modules)}
@@ -55,7 +56,17 @@ def test_the_layer_holds_what_the_runtime_imports_and_no_more(tmp_path: Path) ->
     stdlib = sysconfig.get_paths(vars={"base": sys.base_prefix, "installed_base": sys.base_prefix})["stdlib"]
     assert seen["path"][-1] == str(layer.path) and stdlib in seen["path"]
     assert not any(p.startswith(sys.prefix) or "site-packages" in p for p in seen["path"])
-    expected = {"osless", "uvicorn", "click", "httptools", "websockets", "uvloop", "pyseccomp", "a2wsgi"}
+    expected = {
+        "osless",
+        "uvicorn",
+        "click",
+        "httptools",
+        "websockets",
+        "uvloop",
+        "pyseccomp",
+        "a2wsgi",
+        "debugpy",
+    }
     assert set(seen["outside"]) == expected
     tops = {p.name.removesuffix(".py") for p in layer.path.iterdir() if not p.name.endswith(".dist-info")}
     # And what instances import only when they trace (runtime.tracing): not at preload.

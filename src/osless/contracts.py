@@ -185,7 +185,8 @@ class ExitInfo(Body):
 
 
 class InstanceStatus(Body):
-    phase: Literal["pending", "starting", "ready", "backoff", "failed", "stopping"] = "pending"
+    # debugging: a debug session is attached (`osless debug attach`), out of the gateway's rotation
+    phase: Literal["pending", "starting", "ready", "backoff", "failed", "stopping", "debugging"] = "pending"
     pid: MaybeInteger = Field(default=None, ge=1)
     # The host uid the instance runs as (its app's, or root without a sandbox): the gateway checks
     # that the process answering on `socket` is this uid and `pid` before it sends it traffic.

@@ -22,6 +22,7 @@ from osless.api.guard import Guard
 from osless.api.openapi import install_openapi
 from osless.api.routes import (
     apps,
+    attach,
     builds,
     config,
     debug,
@@ -187,6 +188,7 @@ def create_app(state: ApiState) -> FastAPI:
     install_openapi(app)
     routers = (
         apps,
+        attach,
         builds,
         config,
         deploys,

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from osless.cli import attach as _attach
 from osless.cli.credentials import call, client
 from osless.cli.output import JsonOpt, console, fail, print_json
 from osless.errors import ApiError
@@ -16,7 +17,7 @@ from osless.errors import ApiError
 __all__ = ["debug_app"]
 
 debug_app = typer.Typer(
-    rich_markup_mode=None, help="Debug a running app: its instances' stacks and profiles (needs `debug`)."
+    rich_markup_mode=None, help="Debug a running app: stacks, profiles, a debugger (needs `debug`), a shell."
 )
 AppArg = Annotated[str, typer.Argument(metavar="APP")]
 InstanceOpt = Annotated[
@@ -126,3 +127,7 @@ def profile(
         console.print(f"{i}: {e.message}", markup=False, style="red")
     if errors:
         raise typer.Exit(1)
+
+
+debug_app.command("attach")(_attach.attach)
+debug_app.command("shell")(_attach.shell)

@@ -118,6 +118,10 @@ class Scheduler:
         # An instance of an earlier release, or made before the last `osless restart`, is old: the
         # same rollout replaces both (new ones first, the old deleted once they are ready).
         current = [i for i in mine if i.release == app.current_release and i.restart == app.restart]
+        # One a debugger holds out of rotation (`osless debug attach`) serves nothing: another is
+        # placed in its stead, and it is never taken as surplus (its session would end under the
+        # debugger); once the session ends it is ready again, and the newest of the two goes.
+        current = [i for i in current if i.status.phase != "debugging"]
         old = [i for i in mine if i.release != app.current_release or i.restart != app.restart]
         if len(current) < want:
             need = await self._memory_of(app)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -36,7 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from osless import runwire, tokens
 from osless.logs import MAX_GREP_CHARS, MAX_REQUEST_CHARS, LogFilter, follow, read_tail
-from osless.node import debug, volapi
+from osless.node import attach, debug, volapi
 from osless.node.traces import SpanStore
 from osless.node.volumes import Volumes
 
@@ -213,6 +214,7 @@ def create_app(
     traces: SpanStore | None = None,
     metrics: Callable[[], bytes] | None = None,
     app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
+    attacher: attach.Attacher | None = None,
 ) -> Starlette:
     """The node API's routes over the node's log folder (`<data dir>/logs`), given the agent's
     `volumes`, its apps' volumes (`node.volapi`), with `runs`, the commands the API asks this
@@ -332,6 +334,7 @@ def create_app(
             Route("/metrics/apps/{app}", scrape_app, methods=["GET"]),
             *(volapi.routes(volumes, callers) if volumes is not None else []),
             *(debug.routes(profiler, callers) if profiler is not None else []),
+            *(attach.routes(attacher, callers) if attacher is not None else []),
         ]
     )
 
@@ -378,6 +381,13 @@ class _Capped(H11Protocol):
         if not self.transport.is_closing():
             self._arm()
 
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        # The connection is a websocket's from here on (a run, a debug session), with no request
+        # head to wait for: the timer would close it under the websocket 10 s after it opened.
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().handle_websocket_upgrade(event)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -410,6 +420,7 @@ class NodeApi:
         traces: SpanStore | None = None,
         metrics: Callable[[], bytes] | None = None,
         app_metrics: Callable[[str], Awaitable[bytes]] | None = None,
+        attacher: attach.Attacher | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -423,6 +434,7 @@ class NodeApi:
             metrics=metrics,
             app_metrics=app_metrics,
             traces=traces,
+            attacher=attacher,
         )
         self._sock: socket.socket | None = None
         self._server: _Server | None = None

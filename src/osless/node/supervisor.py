@@ -14,7 +14,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,9 @@ class Supervisor:
         self._sock_base = run_dir / (hashlib.sha256(self.id.encode()).hexdigest()[:12] + secrets.token_hex(3))
         self._runs = 0
         self._current: _Run | None = None
+        # A debug session is attached (`node.attach`): no health checks meanwhile, since a breakpoint
+        # stops every thread of the instance, its loop too.
+        self.debugging = False
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired: set[_Run] = set()
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
@@ -287,6 +290,9 @@ class Supervisor:
             done, _ = await asyncio.wait([run.child.recycle], timeout=every)
             if done:
                 return run.child.recycle.result(), True
+            if self.debugging:
+                failures = 0
+                continue
             problem = await _health_problem(run.sockets[1])
             # A process of the instance (a subprocess, a worker) the OOM killer took while the
             # instance lives on: said in its log, as an instance killed is when it exits.
@@ -402,6 +408,24 @@ class Supervisor:
             self._kill(signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout)
+
+    @contextlib.asynccontextmanager
+    async def debug_session(self, leave_rotation: bool) -> AsyncIterator[None]:
+        """While a debugger is attached: no health checks and, if `leave_rotation`, out of the
+        gateway's rotation (phase `debugging`). After it, the instance is replaced by a fresh one:
+        a debugger may have changed anything in it, and its debugpy would listen on."""
+        pid = self.status.get("pid")
+        self.debugging = True
+        self.log.write("a debugger is attached: no health checks until it goes", "osless")
+        try:
+            if leave_rotation:
+                await self._set(phase="debugging", message="a debugger is attached: out of rotation")
+            yield
+        finally:
+            self.debugging = False
+            if self.status.get("pid") == pid and not self._stopping.is_set():
+                self.log.write("debug session ended: replacing the instance", "osless")
+                await self.restart()
 
     async def stop(self, why: str | None = None) -> None:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended. `why`: for

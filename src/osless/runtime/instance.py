@@ -46,6 +46,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 INVOKE_PREFIX = "/invoke/"
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"  # the app's own prometheus-client metrics, which the node serves under its name
+DEBUG_LISTEN_PATH = "/debug/listen"  # the node starts debugpy here for a debug session (runtime/debugger.py)
 # On the web socket: `/{app}/_http/{fn}/...` reaches the function `fn` declared with http=True.
 HTTP_PREFIX = b"/_http/"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
@@ -155,6 +156,15 @@ class Instance:
             await _send_json(send, 200 if problem is None else 503, health)
         elif path == METRICS_PATH:
             await _app_metrics(send)
+        elif path == DEBUG_LISTEN_PATH and scope["method"] == "POST":
+            from osless.runtime import debugger  # imported by the first session only
+
+            try:
+                port = await asyncio.to_thread(debugger.listen)
+            except Exception as e:  # the app's own debugpy, or one that will not start
+                await _send_error(send, 503, "debugger_failed", f"debugpy did not start: {e}"[:500])
+                return
+            await _send_json(send, 200, {"port": port})
         else:
             await _send_error(send, 404, "not_found", f"no control endpoint {path}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
-from osless.node import NodeAgent, debug, doctor
+from osless.node import NodeAgent, attach, debug, doctor
 from osless.node.api import NodeApi
 from osless.node.appmetrics import scrape_app
 from osless.node.doctor import Protection
@@ -152,6 +152,7 @@ class NodeHost:
                 render, NodeCollector(self.gateways, self.agent.supervisors, self.agent.meter, cfg.name)
             ),
             app_metrics=functools.partial(scrape_app, supervisors=self.agent.supervisors),
+            attacher=attach.Attacher(self.agent.supervisors),
         )
 
         self.sampler = Sampler(self.api, cfg.name, self.gateways, self.agent.supervisors, self.agent.meter)

@@ -26,3 +26,26 @@ def sleep(event, ctx):
 @app.function(timeout_s=30)
 def burn(event, ctx):
     return busy_loop(float(event or 3))
+
+
+app_thing = "the debuggee's thing"  # `osless debug shell` prints it
+
+
+def hello_handler(name: str) -> bytes:
+    greeting = f"hello {name}"  # the attach test's breakpoint
+    return greeting.encode()
+
+
+@app.web(timeout_s=60)
+def web():
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path = scope["path"].removeprefix(scope["root_path"])
+        body = __file__.encode() if path == "/where" else hello_handler("debugger")
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return asgi
