@@ -163,6 +163,23 @@ asyncio.run(main())
 """
 
 
+def test_request_ids_are_unique_across_forks() -> None:
+    """An instance is a fork of its zygote: its request ids (a random part made at each fork, and a
+    count) never repeat its parent's or a sibling's."""
+    code = (
+        "import os; from osless.runtime import applog; ids = [applog.new_request_id()]\n"
+        "for _ in range(2):\n"
+        "    r, w = os.pipe(); pid = os.fork()\n"
+        "    if pid == 0: os.write(w, applog.new_request_id().encode()); os._exit(0)\n"
+        "    os.waitpid(pid, 0); ids.append(os.read(r, 64).decode())\n"
+        "ids.append(applog.new_request_id()); print(' '.join(ids))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ids = out.split()
+    assert len(ids) == 4 and len(set(ids)) == 4, ids
+    assert len({i[:16] for i in ids}) == 3, ids  # the parent's two share their random part
+
+
 def test_access_lines_leave_together_and_a_logging_record_keeps_their_order() -> None:
     """Under load an instance writes its access lines in batches (one write, one wake of the node, for
     many requests); they wait 20 ms at most, and a `logging` record takes those waiting along first."""

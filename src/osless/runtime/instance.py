@@ -31,7 +31,7 @@ import uvicorn
 
 from osless.runtime import applog, function_url, protocol, tracing
 from osless.runtime.loader import web_kind
-from osless.sdk import App, Context, FunctionSpec
+from osless.sdk import App, Context, FunctionSpec, traceparent
 from osless.sdk import config as app_config
 
 __all__ = ["ASGIApp", "Instance", "create_instance", "preload", "prewarm", "serve"]
@@ -86,13 +86,19 @@ class Instance:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The web socket's app: every request goes to the user's web app (the platform's own
         endpoints are on the control socket, which only the platform reaches)."""
-        if scope["type"] in ("http", "websocket"):
-            _forwarded(scope)
         if scope["type"] == "http":  # each request: its id, its access line (`runtime.applog`), its span
+            trace = _forwarded(scope)
+            web = self._web
+            if tracing.enabled():
+                if trace is None or traceparent.sampled(trace):
+                    web = self._traced_web
+                else:  # not sampled: no span, which costs more than the request; its calls carry it on
+                    traceparent.UNRECORDED.set(trace)  # in this request's own task
             rid = applog.new_request_id()
-            web = self._traced_web if tracing.enabled() else self._web
             await applog.logged(scope, receive, send, web, rid, scope["method"], scope["path"])
         else:
+            if scope["type"] == "websocket":
+                _forwarded(scope)
             await self._web(scope, receive, send)
 
     async def _traced_web(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -644,11 +650,15 @@ def _http_protocol() -> Any:
     return InstanceHttpProtocol
 
 
-def _forwarded(scope: Scope) -> None:
-    """What the gateway says of the request, into the scope. Only the gateway reaches this
-    socket, so its X-Forwarded-* headers are trusted (and it drops any a client sent)."""
+def _forwarded(scope: Scope) -> str | None:
+    """What the gateway says of the request, into the scope, and its `traceparent`. Only the gateway
+    reaches this socket, so its X-Forwarded-* headers are trusted (and it drops any a client sent),
+    as is its traceparent (checked or made there)."""
+    trace = None
     for name, value in scope["headers"]:
-        if name == b"x-forwarded-for":
+        if name == b"traceparent":
+            trace = value.decode("latin-1")
+        elif name == b"x-forwarded-for":
             scope["client"] = (value.decode("latin-1"), 0)
         elif name == b"x-forwarded-proto":
             proto = value.decode("latin-1")
@@ -662,6 +672,7 @@ def _forwarded(scope: Scope) -> None:
             prefix = value.decode("latin-1")
             scope["root_path"] = prefix
             scope["path"] = prefix + scope["path"]
+    return trace
 
 
 _PRELOADED: dict[int, tuple[uvicorn.Config, uvicorn.Config]] = {}
