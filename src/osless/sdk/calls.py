@@ -21,7 +21,7 @@ from typing import Any
 
 from osless.sdk import traceparent
 from osless.sdk.app import FUNCTION_RE, NAME_RE
-from osless.sdk.errors import OslessError, UsageError
+from osless.sdk.errors import OslessError, UsageError, error_parts
 
 __all__ = ["FunctionCallError", "RemoteFunction", "function"]
 
@@ -122,12 +122,7 @@ def _result(data: bytes) -> Any:
 
 
 def _error(fn: RemoteFunction, status: int, data: bytes) -> FunctionCallError:
-    try:
-        err = json.loads(data)["error"]
-        return FunctionCallError(status, str(err["code"]), str(err["message"]))
-    except (ValueError, KeyError, TypeError):
-        text = data.decode("utf-8", "replace").strip()[:500]
-        return FunctionCallError(status, "http_error", f"calling {fn.app}.{fn.name}: HTTP {status}: {text}")
+    return FunctionCallError(status, *error_parts(status, data, f"calling {fn.app}.{fn.name}"))
 
 
 def function(name: str) -> RemoteFunction:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from osless.sdk.errors import OslessError, UsageError
+from osless.sdk.errors import OslessError, UsageError, error_parts
 
 __all__ = ["BatchFailed", "Message", "Queue", "QueueSendError", "consumer_entry", "queue"]
 
@@ -153,12 +153,7 @@ class Queue:
 
 
 def _error(q: Queue, status: int, data: bytes) -> QueueSendError:
-    try:
-        err = json.loads(data)["error"]
-        return QueueSendError(status, str(err["code"]), str(err["message"]))
-    except (ValueError, KeyError, TypeError):
-        text = data.decode("utf-8", "replace").strip()[:500]
-        return QueueSendError(status, "http_error", f"sending to {q.app}.{q.name}: HTTP {status}: {text}")
+    return QueueSendError(status, *error_parts(status, data, f"sending to {q.app}.{q.name}"))
 
 
 def queue(name: str) -> Queue:
