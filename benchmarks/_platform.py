@@ -72,10 +72,10 @@ class RunningPlatform:
 
 
 @contextlib.contextmanager
-def running_platform(prefix: str, *args: str) -> Iterator[RunningPlatform]:
-    """`osless up` with `args` added (e.g. "--gateways", "1")."""
+def running_platform(prefix: str, *args: str, env: dict[str, str] | None = None) -> Iterator[RunningPlatform]:
+    """`osless up` with `args` added (e.g. "--gateways", "1"), and `env` in its environment."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    platform = Platform(work / "data", args=list(args))
+    platform = Platform(work / "data", args=list(args), up_env=dict(env or {}))
     try:
         platform.start(timeout=60)
         yield RunningPlatform(platform, work)
