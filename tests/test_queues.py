@@ -12,6 +12,7 @@ from typing import Any
 
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.platform import Platform, copy_app
 from tests.test_invocations import nats_url
@@ -201,6 +202,14 @@ def test_a_deleted_apps_queued_messages_dead_letters_and_invocations_are_gone(
     assert r.status_code == 202, r.text
     stats = platform.cli_json("queue", "stats", "mqgone.orders")
     assert stats["depth"] == 5 and stats["dlq_depth"] == 1 and stats["oldest_age_s"] > 0, stats
+    # The same depth in the API's /metrics, parsed with prometheus-client's own parser.
+    scraped = {
+        (sample.name, sample.labels.get("app"), sample.labels.get("queue")): sample.value
+        for family in text_string_to_metric_families(platform.http("GET", "/metrics").text)
+        for sample in family.samples
+    }
+    assert scraped[("osless_queue_messages", "mqgone", "orders")] == 5, scraped
+    assert scraped[("osless_queue_dead_letters", "mqgone", "orders")] == 1, scraped
     peeked = platform.cli_json("queue", "peek", "mqgone.orders")
     assert sorted(m["body"]["n"] for m in peeked) == list(range(5))
     before = engine_counts(platform, "mqgone")

@@ -251,9 +251,9 @@ class _Of(Collector):
 
 
 async def _queues(state: ApiState) -> builtins.list[Metric]:
-    """The async invocations' backlog and dead letters, from the message engine (none if it is not
-    connected: the gauges are left out rather than said to be 0)."""
-    from osless.api.broker import DLQ_STREAM, INVOKE_STREAM
+    """The async invocations' backlog and dead letters, and the queues' depth and dead letters, from
+    the message engine (none if it is not connected: the gauges are left out rather than said to be 0)."""
+    from osless.api.broker import DLQ_STREAM, INVOKE_STREAM, QUEUE_STREAM
 
     broker = state.broker
     if broker is None or broker.js is None:
@@ -263,14 +263,19 @@ async def _queues(state: ApiState) -> builtins.list[Metric]:
         # are bounded by what is deployed, and a done one leaves the work queue.
         invoke = await broker.js.stream_info(INVOKE_STREAM, subjects_filter="osless.invoke.>")
         dlq = await broker.js.stream_info(DLQ_STREAM, subjects_filter="osless.dlq.>")
+        # Queues (`osless.queue.{app}.{queue}`) and their dead letters: bounded by what is deployed too.
+        queued = await broker.js.stream_info(QUEUE_STREAM, subjects_filter="osless.queue.>")
+        qdlq = await broker.js.stream_info(DLQ_STREAM, subjects_filter="osless.qdlq.>")
     except Exception:  # the engine is away: its gauges wait for the next scrape
         return []
     out: builtins.list[Metric] = []
-    for info, name, what in (
-        (invoke, "osless_invocations_backlog", "Async invocations accepted and not yet done"),
-        (dlq, "osless_invocations_dead_letters", "Async invocations in the dead-letter queue"),
+    for info, name, what, label in (
+        (invoke, "osless_invocations_backlog", "Async invocations accepted and not yet done", "function"),
+        (dlq, "osless_invocations_dead_letters", "Async invocations in the dead-letter queue", "function"),
+        (queued, "osless_queue_messages", "Messages waiting in a queue (or being handled)", "queue"),
+        (qdlq, "osless_queue_dead_letters", "Messages in a queue's dead-letter queue", "queue"),
     ):
-        family = GaugeMetricFamily(name, what, labels=["app", "function"])
+        family = GaugeMetricFamily(name, what, labels=["app", label])
         for subject, n in sorted((info.state.subjects or {}).items()):
             parts = subject.split(".")
             if len(parts) == 4:
