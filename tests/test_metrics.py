@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,31 @@ def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> N
         )
     finally:
         platform.http("DELETE", "/v1/apps/promapp")
+
+
+def test_a_node_reports_usage_only_of_the_apps_placed_on_it(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    def put(node: str, function: str, n: float) -> httpx.Response:
+        made = platform.http("POST", "/v1/tokens", json={"role": "node", "name": node})
+        assert made.status_code == 201, made.text
+        hour = int(time.time() // 3600 * 3600)
+        row = {"hour": hour, "app": "hello", "function": function, "invocations": n, "gb_s": n}
+        live = {"apps": {"hello": {"requests_per_s": n}}, "at": time.time()}
+        return httpx.put(
+            f"{platform.api}/v1/nodes/{node}/usage",
+            json={"now": live, "usage": [row], "pending": [row]},
+            headers={"authorization": f"Bearer {made.json()['token']}"},
+            timeout=30,
+        )
+
+    # A node that never ran hello (one taken over, say) cannot bill it nor fill its `osless top`.
+    r = put("usage-elsewhere", "forged", 1e6)
+    assert r.status_code == 200 and r.json() == {"rows": 0}, r.text
+    assert platform.http("GET", "/v1/top").json()["apps"]["hello"]["requests_per_s"] < 1e6
+    found = platform.http("GET", "/v1/apps/hello/usage").json()
+    assert "forged" not in found["functions"] and found["totals"]["gb_s"] < 1e6, found
+    # Its own node's rows are taken.
+    (node,) = [n["name"] for n in platform.http("GET", "/v1/nodes").json()["items"]]
+    r = put(node, "placed_probe", 1)
+    assert r.status_code == 200 and r.json() == {"rows": 1}, r.text
