@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,23 @@ def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> N
         assert samples[("shop_orders_total", (("kind", "big"), ("osless_instance", inst["id"])))] == 2
         assert samples[("shop_orders_total", (("kind", "small"), ("osless_instance", inst["id"])))] == 1
         assert samples[("osless_app_scrape_errors", ())] == 0
+        # A huge answer (90k samples) is parsed off the node's loop: its API (and agent) answer meanwhile.
+        assert platform.invoke("promapp", "flood", {"n": 90_000})[0] == 200
+        stalls = []
+        scrape = threading.Thread(
+            target=httpx.get,
+            args=(f"{node_api(platform)}/metrics/apps/promapp",),
+            kwargs={"headers": {"authorization": f"Bearer {platform.token}"}, "timeout": 60},
+        )
+        began = time.monotonic()
+        scrape.start()
+        while scrape.is_alive():
+            at = time.monotonic()
+            assert httpx.get(f"{node_api(platform)}/healthz", timeout=30).status_code == 200
+            stalls.append(time.monotonic() - at)
+            time.sleep(0.05)
+        took = time.monotonic() - began
+        assert took > 1 and max(stalls) < took / 3, (took, sorted(stalls)[-3:])
         # Apart from the platform's: an app's names never reach the node's own /metrics.
         assert (
             "shop_orders"
