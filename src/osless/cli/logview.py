@@ -16,6 +16,7 @@ from osless.cli.output import console, printable
 __all__ = ["show"]
 
 _STYLES = {"stderr": "red", "osless": "yellow", "access": "cyan"}
+_CONTINUED = "    "  # before each further line of a record (a traceback's)
 _LEVEL_STYLES = {"WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red", "DEBUG": "dim"}
 
 
@@ -30,6 +31,6 @@ def show(rec: dict[str, Any]) -> None:
     if level:
         text.append(f" {level}", style=_LEVEL_STYLES.get(level, ""))
     text.append(" ")
-    # The app wrote it: an escape or a newline in it must not forge or hide the lines around it.
-    text.append(printable(rec["line"]), style=_STYLES.get(rec["stream"], ""))
+    # The app wrote it: an escape must not reach the terminal, nor a line of it pass for a record.
+    text.append(printable(rec["line"], newline=_CONTINUED), style=_STYLES.get(rec["stream"], ""))
     console.print(text, soft_wrap=True, markup=False, highlight=False)

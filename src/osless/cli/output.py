@@ -94,9 +94,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def printable(text: str) -> str:
-    """`text` with its control characters escaped (`\\x1b`, `\\n`, `\\u202e`): safe to print."""
-    return _UNPRINTABLE.sub(lambda m: repr(m[0])[1:-1], text)
+def printable(text: str, newline: str | None = None) -> str:
+    """`text` with its control characters escaped (`\\x1b`, `\\n`, `\\u202e`): safe to print; with
+    `newline`, each newline kept and followed by it (an indent: a traceback reads as one, yet no
+    line it starts can pass for another record)."""
+    escaped = _UNPRINTABLE.sub(lambda m: repr(m[0])[1:-1] if newline is None or m[0] != "\n" else "\n", text)
+    return escaped if newline is None else escaped.replace("\n", "\n" + newline)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> None:
