@@ -249,6 +249,21 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
         ready = json.loads(cli.stdout.readline() or "null")
         assert ready
         held = ready["instance"]
+        # Another local user at the port first: refused (debugpy would run its code as the app).
+        hello = '{"seq":1,"type":"request","command":"initialize","arguments":{"adapterID":"debugpy"}}'
+        stranger = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"exec 3<>/dev/tcp/127.0.0.1/{ready['port']} && printf 'Content-Length: %d\\r\\n\\r\\n%s' "
+                f"{len(hello)} '{hello}' >&3 && timeout 3 head -c 16 <&3",
+            ],
+            user=65534,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert stranger.stdout == "", stranger  # closed unanswered: debugpy never saw it
         # Out of the rotation, and another instance placed to serve in its stead.
         platform.wait_for(
             lambda: (
@@ -266,6 +281,7 @@ def test_attach_needs_debug_leaves_the_rotation_and_is_audited(platform: Platfor
         cli.kill()
         cli.communicate()
     assert cli.returncode == 0 and "time (4s) is up" in json.loads(out)["ended"], (out, err)
+    assert "refused a connection from uid 65534" in err, err
     # The held one replaced and back in rotation; the app back to its one instance.
     platform.wait_for(lambda: list(phases().values()) == ["ready"], what="back to one ready instance")
     entries = platform.http("GET", "/v1/audit", params={"app": debuggee}).json()["items"]

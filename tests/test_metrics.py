@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,23 @@ def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> N
         assert samples[("shop_orders_total", (("kind", "big"), ("osless_instance", inst["id"])))] == 2
         assert samples[("shop_orders_total", (("kind", "small"), ("osless_instance", inst["id"])))] == 1
         assert samples[("osless_app_scrape_errors", ())] == 0
+        # A huge answer (90k samples) is parsed off the node's loop: its API (and agent) answer meanwhile.
+        assert platform.invoke("promapp", "flood", {"n": 90_000})[0] == 200
+        stalls = []
+        scrape = threading.Thread(
+            target=httpx.get,
+            args=(f"{node_api(platform)}/metrics/apps/promapp",),
+            kwargs={"headers": {"authorization": f"Bearer {platform.token}"}, "timeout": 60},
+        )
+        began = time.monotonic()
+        scrape.start()
+        while scrape.is_alive():
+            at = time.monotonic()
+            assert httpx.get(f"{node_api(platform)}/healthz", timeout=30).status_code == 200
+            stalls.append(time.monotonic() - at)
+            time.sleep(0.05)
+        took = time.monotonic() - began
+        assert took > 1 and max(stalls) < took / 3, (took, sorted(stalls)[-3:])
         # Apart from the platform's: an app's names never reach the node's own /metrics.
         assert (
             "shop_orders"
@@ -172,3 +191,31 @@ def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> N
         )
     finally:
         platform.http("DELETE", "/v1/apps/promapp")
+
+
+def test_a_node_reports_usage_only_of_the_apps_placed_on_it(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    def put(node: str, function: str, n: float) -> httpx.Response:
+        made = platform.http("POST", "/v1/tokens", json={"role": "node", "name": node})
+        assert made.status_code == 201, made.text
+        hour = int(time.time() // 3600 * 3600)
+        row = {"hour": hour, "app": "hello", "function": function, "invocations": n, "gb_s": n}
+        live = {"apps": {"hello": {"requests_per_s": n}}, "at": time.time()}
+        return httpx.put(
+            f"{platform.api}/v1/nodes/{node}/usage",
+            json={"now": live, "usage": [row], "pending": [row]},
+            headers={"authorization": f"Bearer {made.json()['token']}"},
+            timeout=30,
+        )
+
+    # A node that never ran hello (one taken over, say) cannot bill it nor fill its `osless top`.
+    r = put("usage-elsewhere", "forged", 1e6)
+    assert r.status_code == 200 and r.json() == {"rows": 0}, r.text
+    assert platform.http("GET", "/v1/top").json()["apps"]["hello"]["requests_per_s"] < 1e6
+    found = platform.http("GET", "/v1/apps/hello/usage").json()
+    assert "forged" not in found["functions"] and found["totals"]["gb_s"] < 1e6, found
+    # Its own node's rows are taken.
+    (node,) = [n["name"] for n in platform.http("GET", "/v1/nodes").json()["items"]]
+    r = put(node, "placed_probe", 1)
+    assert r.status_code == 200 and r.json() == {"rows": 1}, r.text

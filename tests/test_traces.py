@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -282,3 +283,15 @@ def test_what_an_app_writes_as_spans_is_checked_and_bounded() -> None:
     assert store.spans("a") == [] and len(store.spans("c")) == 1
     store.add("a", "a-1", "garbage")
     assert store.dropped == 1
+
+
+def test_spans_are_dated_by_the_node_not_by_what_the_app_says() -> None:
+    # An app deleted could otherwise leave spans dated years ahead, shown to a new app of its name:
+    # the node API passes `since` the app's creation, which its own read time is compared with.
+    store = SpanStore()
+    store.add("a", "a-1", _line(start=4e10, end=4e10 + 1, name="left by the app deleted"))
+    born = time.time() + 0.001
+    time.sleep(0.01)
+    store.add("a", "a-2", _line(name="the new app's"))
+    assert [s["name"] for s in store.spans("a", since=born)] == ["the new app's"]
+    assert len(store.spans("a")) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -16,7 +17,7 @@ from urllib.parse import urlencode
 import typer
 
 from osless.cli.credentials import api_and_token
-from osless.cli.output import JsonOpt, console, fail, parse_duration
+from osless.cli.output import JsonOpt, console, err_console, fail, parse_duration
 
 __all__ = ["attach", "shell"]
 
@@ -127,10 +128,19 @@ def _accept(ws: Any, listener: socket.socket) -> tuple[socket.socket | None, lis
     try:
         while time.monotonic() < deadline:
             try:
-                conn, _ = listener.accept()
-                return conn, early, ""
+                conn, peer = listener.accept()
             except TimeoutError:
                 pass
+            else:
+                uid = _peer_uid(peer, listener.getsockname()[1])
+                if uid in (os.getuid(), None):
+                    return conn, early, ""
+                # debugpy runs any code it is sent, as the app: only this user's debugger may have it.
+                conn.close()
+                err_console.print(
+                    f"refused a connection from uid {uid} (another user): the session waits for yours",
+                    markup=False,
+                )
             try:
                 while True:
                     frame = ws.recv(timeout=0)
@@ -145,6 +155,27 @@ def _accept(ws: Any, listener: socket.socket) -> tuple[socket.socket | None, lis
     except KeyboardInterrupt:
         return None, early, "interrupted"
     return None, early, f"no debugger connected within {ACCEPT_WAIT_S:.0f}s"
+
+
+def _peer_uid(peer: tuple[str, int], port: int) -> int | None:
+    """The uid that owns the client end of a connection to our 127.0.0.1:`port` (from the kernel's
+    socket table, /proc/net/tcp); -1 if not found there; None where there is no such table (not
+    Linux), where any local user could be the one connecting."""
+
+    def address(ip: str, at: int) -> str:  # as the kernel prints it: the address's u32 in host order
+        return f"{int.from_bytes(socket.inet_aton(ip), sys.byteorder):08X}:{at:04X}"
+
+    want = (address(peer[0], peer[1]), address("127.0.0.1", port))
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        fields = row.split()
+        if len(fields) > 7 and (fields[1], fields[2]) == want:
+            return int(fields[7])
+    return -1
 
 
 def _ended(text: str) -> str | None:

@@ -23,6 +23,7 @@ __all__ = [
     "json_option",
     "parse_duration",
     "print_json",
+    "printable",
     "table",
     "until",
     "usage_failed",
@@ -30,6 +31,10 @@ __all__ = [
 ]
 
 console = Console(highlight=False)
+# What an app (or a node) wrote reaches a person's terminal: its control characters (an escape
+# sequence that clears the screen, sets the clipboard, or a newline that starts a made-up line) and
+# the bidi overrides that reorder text are shown escaped, never acted on. A tab is kept.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 err_console = Console(stderr=True, highlight=False)
 _JSON = "osless.json"  # the context's meta key: --json was given to the command running
 
@@ -89,12 +94,20 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def printable(text: str, newline: str | None = None) -> str:
+    """`text` with its control characters escaped (`\\x1b`, `\\n`, `\\u202e`): safe to print; with
+    `newline`, each newline kept and followed by it (an indent: a traceback reads as one, yet no
+    line it starts can pass for another record)."""
+    escaped = _UNPRINTABLE.sub(lambda m: repr(m[0])[1:-1] if newline is None or m[0] != "\n" else "\n", text)
+    return escaped if newline is None else escaped.replace("\n", "\n" + newline)
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> None:
     t = Table(box=None, pad_edge=False, header_style="bold")
     for h in headers:
         t.add_column(h)
     for r in rows:
-        t.add_row(*("" if c is None else str(c) for c in r))
+        t.add_row(*("" if c is None else printable(str(c)) for c in r))
     console.print(t)
 
 

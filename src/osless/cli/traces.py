@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from osless.cli.credentials import call, client
-from osless.cli.output import JsonOpt, console, fail, print_json, table, when
+from osless.cli.output import JsonOpt, console, fail, print_json, printable, table, when
 from osless.errors import ApiError
 
 __all__ = ["traces"]
@@ -41,7 +41,7 @@ def traces(
         print_json(found)
         return
     for missing in found.get("missing", []):
-        console.print(f"note: {missing['message']}", markup=False, highlight=False)
+        console.print(f"note: {printable(missing['message'])}", markup=False, highlight=False)
     items: list[dict[str, Any]] = found["traces"]
     if trace is not None:
         if not items:
@@ -106,7 +106,8 @@ def tree(spans: list[dict[str, Any]]) -> list[str]:
             ms = (s["end"] - s["start"]) * 1000
             error = "  ERROR" if s["status"] == "error" else ""
             where = f"{s.get('app', '')} {s.get('instance', '')}".strip()
-            lines.append(f"{'  ' * depth}{s['name']}  {ms:.1f} ms{error}  [{where}] span {s['span_id']}")
+            name = printable(s["name"])  # the app's: an escape in it must not reach the terminal
+            lines.append(f"{'  ' * depth}{name}  {ms:.1f} ms{error}  [{where}] span {s['span_id']}")
             if depth < 64:  # a made-up parent chain cannot recurse without end
                 walk(s["span_id"], depth + 1)
 

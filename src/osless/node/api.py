@@ -282,8 +282,7 @@ def create_app(
         born = await callers.born(request, app)
         if isinstance(born, Response):
             return born
-        spans = traces.spans(app, trace) if traces is not None else []
-        return JSONResponse({"spans": [s for s in spans if s["start"] >= born]})
+        return JSONResponse({"spans": traces.spans(app, trace, since=born) if traces is not None else []})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})

@@ -8,8 +8,9 @@ again with an `osless_instance` label on each sample: one exposition per app, so
 never meet the platform's (`/metrics`) nor another app's.
 
 What an instance answers is the app's: read within `TIMEOUT_S` and `MAX_BYTES`, parsed in the
-node's process with a parser that refuses what it cannot read (that instance is then left out and
-counted in `osless_app_scrape_errors`), at most `CONCURRENCY` instances at once.
+node's process, in a thread off its loop, with a parser that refuses what it cannot read (that
+instance is then left out and counted in `osless_app_scrape_errors`), at most `CONCURRENCY`
+instances at once.
 """
 
 from __future__ import annotations
@@ -101,9 +102,16 @@ async def scrape_app(app: str, supervisors: Mapping[str, Supervisor]) -> bytes:
             return await _read(control)
 
     texts = await asyncio.gather(*(one(control) for _, control in targets))
+    # Parsed and written again in a thread: a second or more for an app's largest answers, which on
+    # the node's loop would stall its agent (health checks, heartbeats) and API for every app.
+    return await asyncio.to_thread(_merged, [iid for iid, _ in targets], texts)
+
+
+def _merged(instances: list[str], texts: list[str | None]) -> bytes:
+    """The instances' texts (None: not read) as one exposition, with the count of those refused."""
     merged: dict[str, Metric] = {}
     errors = 0
-    for (iid, _), text in zip(targets, texts, strict=True):
+    for iid, text in zip(instances, texts, strict=True):
         if text is None:
             continue
         try:

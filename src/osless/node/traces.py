@@ -10,6 +10,7 @@ the node's process: this is a window on what just happened, not a store.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -27,7 +28,7 @@ class _Held:
     __slots__ = ("bytes", "spans")
 
     def __init__(self) -> None:
-        self.spans: deque[tuple[dict[str, Any], int]] = deque()
+        self.spans: deque[tuple[dict[str, Any], int, float]] = deque()  # (span, its line's size, read at)
         self.bytes = 0
 
 
@@ -55,14 +56,19 @@ class SpanStore:
             held = _Held()
             while len(self._apps) >= self.max_apps:
                 del self._apps[next(iter(self._apps))]
-        held.spans.append((span, len(line)))
+        held.spans.append((span, len(line), time.time()))
         held.bytes += len(line)
         while len(held.spans) > self.per_app or held.bytes > self.per_app_bytes:
             held.bytes -= held.spans.popleft()[1]
         self._apps[app] = held
 
-    def spans(self, app: str, trace_id: str | None = None) -> list[dict[str, Any]]:
+    def spans(self, app: str, trace_id: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
+        """The app's spans (of one trace), those read at `since` or later: by the node's clock, never
+        the span's own times, which the app wrote (a deleted app's spans dated ahead would otherwise
+        show to a new app of its name)."""
         held = self._apps.get(app)
         if held is None:
             return []
-        return [s for s, _ in held.spans if trace_id is None or s["trace_id"] == trace_id]
+        return [
+            s for s, _, at in held.spans if at >= since and (trace_id is None or s["trace_id"] == trace_id)
+        ]

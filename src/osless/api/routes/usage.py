@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from osless.api.auth import Caller, check_node, require
 from osless.api.errors import ApiError, responses
+from osless.api.resources import PLACED_PREFIX
 from osless.api.state import ApiState, get_state
 from osless.api.usage import APP_FIGURES, FUNCTION_FIGURES, KEEP_S, add_usage, put_live, read_usage, top
 from osless.contracts import ID_PATTERN, Body
@@ -142,6 +143,10 @@ async def put_usage(
     # Only apps that exist: made-up names would fill the store.
     apps, _ = await state.resources.list_apps()
     known = {a.name for a in apps}
+    if caller.role == "node":
+        # And, from a node, only those ever placed on it (a minute's rows may outlive the instance):
+        # one taken over cannot bill, or fill `osless top` of, the apps it never ran.
+        known &= await _placed_ever(state, node)
     now = body.now.model_dump()
     now["apps"] = {app: view for app, view in now["apps"].items() if app in known}
     now["instances"] = [i for i in now["instances"] if i["app"] in known]
@@ -152,6 +157,14 @@ async def put_usage(
     if rows:
         await add_usage(store, rows)
     return {"rows": len(rows)}
+
+
+async def _placed_ever(state: ApiState, node: str) -> set[str]:
+    """The apps placed on `node` since they were made (`Resources.create_instance` records it)."""
+    items, _ = await state.resources.store.list(PLACED_PREFIX)
+    ever = {kv.key[len(PLACED_PREFIX) :].rsplit("/", 1)[0] for kv in items if kv.key.endswith(f"/{node}")}
+    now_on, _ = await state.resources.list_instances(node=node)
+    return ever | {i.app for i in now_on}
 
 
 def parse_since(since: str) -> float:
