@@ -188,7 +188,7 @@ async def follow(
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the last `tail` records, then new ones as they are written (files may appear later);
     only those that `match`, when given."""
-    for rec in read_tail(list_paths(), tail, match):
+    for rec in await asyncio.to_thread(read_tail, list_paths(), tail, match):  # off the loop, as it reads
         yield rec
     offsets: dict[Path, int] = {}
     for p in list_paths():

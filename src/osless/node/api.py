@@ -261,7 +261,9 @@ def create_app(
                     if rec.get("ts", 0) >= born:
                         yield record_line(rec)
             else:
-                for rec in read_tail(paths(), tail, match or None):
+                # Off the loop: a tail reads up to two capped files per instance, and parses each line;
+                # the loop also serves the agent, the heartbeats and every other app's requests.
+                for rec in await asyncio.to_thread(read_tail, paths(), tail, match or None):
                     if rec.get("ts", 0) >= born:
                         yield record_line(rec)
 
