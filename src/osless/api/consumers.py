@@ -8,7 +8,8 @@ an invocation does (`routes.invoke.call_function`, as the invocations' `Dispatch
 is woken by the activator as by an HTTP request. The gateway sends it to the current release's
 instances; a deploy or rollback changes the loop's settings, never the messages, and a batch is in
 one release's hands at a time (a message is out to one handler until acked, nakked or past its ack
-wait, the visibility timeout plus `ACK_MARGIN_S`).
+wait, the visibility timeout plus `ACK_MARGIN_S`; a batch out when a deploy changes the settings
+stays with its handler until that ends).
 
 Each message's outcome: the handler returned (200) and did not name it in `{"failed": [...]}`: acked.
 It failed (raised: 500, timed out: 504, its instance died: 502, any other but the platform's own, or
@@ -81,6 +82,7 @@ class _Loop:
         self.state, self.broker = state, broker
         self.app, self.function, self.spec, self.fn = app, function, spec, fn
         self.running: set[asyncio.Task[None]] = set()
+        self.retired = False
 
     async def run(self) -> None:
         assert self.broker.js is not None
@@ -121,10 +123,20 @@ class _Loop:
 
                 task.add_done_callback(done)
         finally:
-            for t in self.running:
-                t.cancel()
+            if not self.retired:
+                for t in self.running:
+                    t.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def retire(self) -> None:
+        """Its settings changed (a deploy): it fetches no more, but its batches out stay in the old
+        release's hands until their handlers end (nakked at once, each would go to a second handler
+        while the first still runs); let go past the handler's time, if the platform holds them."""
+        self.retired = True
+        later = asyncio.get_running_loop().call_later
+        for t in list(self.running):
+            later(self.spec.visibility_timeout_s + queues.ACK_MARGIN_S, t.cancel)
 
     def _event(self, msgs: list[Msg]) -> bytes:
         """The batch as the consumer's entry point reads it; each body is the JSON it was sent as."""
@@ -248,7 +260,7 @@ class Consumers:
     def __init__(self, state: ApiState, broker: Broker) -> None:
         self.state = state
         self.broker = broker
-        self.loops: dict[tuple[str, str], tuple[Any, asyncio.Task[None]]] = {}
+        self.loops: dict[tuple[str, str], tuple[Any, asyncio.Task[None], _Loop]] = {}
         # (app, release) -> its consumers: a release never changes, so it is read once
         self.releases: dict[tuple[str, int], dict[str, tuple[ConsumerManifest, FunctionManifest]]] = {}
 
@@ -262,7 +274,7 @@ class Consumers:
                     log.warning("consumers: %s", e)
                 await asyncio.sleep(RECONCILE_S)
         finally:
-            for _, task in self.loops.values():
+            for _, task, _ in self.loops.values():
                 task.cancel()
 
     async def wanted(self) -> dict[tuple[str, str], tuple[str, ConsumerManifest, FunctionManifest]]:
@@ -290,8 +302,10 @@ class Consumers:
 
     async def reconcile(self) -> None:
         wanted = await self.wanted()
-        for key, (config, task) in list(self.loops.items()):
+        for key, (config, task, old) in list(self.loops.items()):
             if wanted.get(key) != config or task.done():
+                if key in wanted:  # changed, not gone: what it holds ends where it began
+                    old.retire()
                 task.cancel()
                 del self.loops[key]
         for key, config in wanted.items():
@@ -301,4 +315,5 @@ class Consumers:
                 self.loops[key] = (
                     config,
                     asyncio.create_task(loop.run(), name=f"consumer {key[0]}.{key[1]}"),
+                    loop,
                 )
