@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -49,6 +50,11 @@ FETCH_WAIT_S = 5.0
 # unreachable): tried again without counting. Any other but 200 is the batch's failure.
 PLATFORM_FAILURES = (404, 409, 429, 503, 599)
 MAX_FAILED_IDS = 1000
+# Calls out at once from one server: the API's one client to the gateways holds 100 connections,
+# shared with every sync invoke and the dispatcher's 32. Without a cap, one app's consumers
+# (max_concurrency 100, handlers that never return) took them all: every app's calls waited.
+MAX_CALLS = 48
+MAX_CALLS_PER_APP = 16
 # One call's batch at most this big (the API's and Lambda's limit on a synchronous event): a batch
 # of big messages is handed over in parts, one after another.
 MAX_BATCH_BYTES = 6 * 1024 * 1024 - 64 * 1024
@@ -67,6 +73,20 @@ def _parts(msgs: list[Msg]) -> list[list[Msg]]:
     return parts
 
 
+class _Share:
+    """This server's calls of consumers: at most MAX_CALLS at once, MAX_CALLS_PER_APP of one app's."""
+
+    def __init__(self) -> None:
+        self.total = asyncio.Semaphore(MAX_CALLS)
+        self.apps: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def call(self, app: str) -> AsyncIterator[None]:
+        # The app's own slot first: an app waiting for its share holds none of the others'.
+        async with self.apps.setdefault(app, asyncio.Semaphore(MAX_CALLS_PER_APP)), self.total:
+            yield
+
+
 class _Loop:
     """One consumer's deliveries from this server."""
 
@@ -78,8 +98,9 @@ class _Loop:
         function: str,
         spec: ConsumerManifest,
         fn: FunctionManifest,
+        share: _Share,
     ) -> None:
-        self.state, self.broker = state, broker
+        self.state, self.broker, self.share = state, broker, share
         self.app, self.function, self.spec, self.fn = app, function, spec, fn
         self.running: set[asyncio.Task[None]] = set()
         self.retired = False
@@ -192,7 +213,8 @@ class _Loop:
         tries = 0
         while True:
             try:
-                resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
+                async with self.share.call(self.app):
+                    resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
                 status, content = resp.status_code, resp.content
             except ApiError as e:
                 status = 599 if e.code == "gateway_unreachable" else e.status
@@ -261,6 +283,7 @@ class Consumers:
         self.state = state
         self.broker = broker
         self.loops: dict[tuple[str, str], tuple[Any, asyncio.Task[None], _Loop]] = {}
+        self.share = _Share()
         # (app, release) -> its consumers: a release never changes, so it is read once
         self.releases: dict[tuple[str, int], dict[str, tuple[ConsumerManifest, FunctionManifest]]] = {}
 
@@ -308,10 +331,12 @@ class Consumers:
                     old.retire()
                 task.cancel()
                 del self.loops[key]
+        for gone in set(self.share.apps) - {app for app, _ in wanted}:
+            del self.share.apps[gone]  # a batch still out holds its own, released into nothing
         for key, config in wanted.items():
             if key not in self.loops:
                 fn, spec, fn_spec = config
-                loop = _Loop(self.state, self.broker, key[0], fn, spec, fn_spec)
+                loop = _Loop(self.state, self.broker, key[0], fn, spec, fn_spec, self.share)
                 self.loops[key] = (
                     config,
                     asyncio.create_task(loop.run(), name=f"consumer {key[0]}.{key[1]}"),
