@@ -366,3 +366,20 @@ def test_one_app_holding_the_dispatcher_does_not_starve_another_apps_invocations
     assert r.status_code == 202, r.text
     done = final(platform, r.json()["id"], timeout=10)
     assert done["state"] == "succeeded" and done["result"]["message"] == "Hello, neighbour!", done
+
+
+def test_a_new_app_of_a_deleted_ones_name_may_use_its_idempotency_keys(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    # The engine's duplicate window (24 h) outlives the deleted app: its key, reused by the new app of
+    # the name, must start a run there, not be taken for the old app's and never run.
+    key = uuid.uuid4().hex
+    headers = {"x-osless-invocation-type": "Event", "idempotency-key": key}
+    for _ in range(2):
+        platform.deploy(JOBS, "--name", "jobsagain")
+        r = platform.http(
+            "POST", "/v1/apps/jobsagain/functions/count:invoke", json={"key": key}, headers=headers
+        )
+        assert r.status_code == 202, r.text
+        assert final(platform, r.json()["id"], timeout=30)["state"] == "succeeded"
+        platform.cli("apps", "delete", "jobsagain", "--yes")

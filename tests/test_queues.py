@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,52 @@ def test_a_backlog_scales_its_consumer_out_within_its_max(platform: Platform, mq
     platform.wait_for(scaled, what="3 instances for the backlog")
     assert len(wait_seen(platform, key, 60, app="mqscale", timeout=60)) == 60
     platform.cli("apps", "delete", "mqscale", "--yes")
+
+
+def test_a_deploy_that_changes_a_consumer_leaves_its_batch_in_flight_to_the_old_release(
+    platform: Platform, mq: dict[str, Any], tmp_path: Path
+) -> None:
+    # The consumer's settings change (here its visibility timeout) while a batch is in a handler:
+    # the batch must not go at once to the new release, a second handler while the first still runs.
+    changed = copy_app(MQ, tmp_path / "mq")
+    source = (changed / "app.py").read_text()
+    (changed / "app.py").write_text(source.replace("visibility_timeout_s=10", "visibility_timeout_s=9"))
+    platform.deploy(MQ, "--name", "mqdeploy")
+    key = uuid.uuid4().hex
+    send(platform, [{"key": key, "hold": 3}], app="mqdeploy")
+    (first,) = wait_seen(platform, key, 1, app="mqdeploy")
+    platform.deploy(changed, "--name", "mqdeploy")
+    platform.wait_for(
+        lambda: platform.cli_json("queue", "stats", "mqdeploy.orders")["depth"] == 0, what="drained"
+    )
+    later = seen(platform, key, app="mqdeploy")[1:]
+    assert all(d["at"] >= first["at"] + 3 for d in later), [d["at"] - first["at"] for d in later]
+    platform.cli("apps", "delete", "mqdeploy", "--yes")
+
+
+def test_one_apps_consumers_held_up_do_not_starve_another_apps_calls(
+    platform: Platform, mq: dict[str, Any], tmp_path: Path
+) -> None:
+    hog = copy_app(MQ, tmp_path / "mq")
+    source = (hog / "app.py").read_text()
+    (hog / "app.py").write_text(
+        source.replace(
+            "batch_size=10, retries=1, visibility_timeout_s=10",
+            "batch_size=1, max_concurrency=100, retries=1, visibility_timeout_s=60",
+        )
+    )
+    platform.deploy(hog, "--name", "mqhog")
+    try:
+        key = uuid.uuid4().hex
+        for _ in range(2):
+            send(platform, [{"key": key, "hold": 60}] * 60, app="mqhog")
+        platform.wait_for(
+            lambda: platform.cli_json("queue", "stats", "mqhog.orders")["in_flight"] >= 100, what="held"
+        )
+        time.sleep(2)  # the batches reach the gateway
+        started = time.monotonic()
+        status, body = platform.invoke("mq", "whoami", {})
+        assert status == 200 and body == "mq", body
+        assert time.monotonic() - started < 5
+    finally:
+        platform.cli("apps", "delete", "mqhog", "--yes")

@@ -8,7 +8,8 @@ an invocation does (`routes.invoke.call_function`, as the invocations' `Dispatch
 is woken by the activator as by an HTTP request. The gateway sends it to the current release's
 instances; a deploy or rollback changes the loop's settings, never the messages, and a batch is in
 one release's hands at a time (a message is out to one handler until acked, nakked or past its ack
-wait, the visibility timeout plus `ACK_MARGIN_S`).
+wait, the visibility timeout plus `ACK_MARGIN_S`; a batch out when a deploy changes the settings
+stays with its handler until that ends).
 
 Each message's outcome: the handler returned (200) and did not name it in `{"failed": [...]}`: acked.
 It failed (raised: 500, timed out: 504, its instance died: 502, any other but the platform's own, or
@@ -27,6 +28,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -48,6 +50,11 @@ FETCH_WAIT_S = 5.0
 # unreachable): tried again without counting. Any other but 200 is the batch's failure.
 PLATFORM_FAILURES = (404, 409, 429, 503, 599)
 MAX_FAILED_IDS = 1000
+# Calls out at once from one server: the API's one client to the gateways holds 100 connections,
+# shared with every sync invoke and the dispatcher's 32. Without a cap, one app's consumers
+# (max_concurrency 100, handlers that never return) took them all: every app's calls waited.
+MAX_CALLS = 48
+MAX_CALLS_PER_APP = 16
 # One call's batch at most this big (the API's and Lambda's limit on a synchronous event): a batch
 # of big messages is handed over in parts, one after another.
 MAX_BATCH_BYTES = 6 * 1024 * 1024 - 64 * 1024
@@ -66,6 +73,20 @@ def _parts(msgs: list[Msg]) -> list[list[Msg]]:
     return parts
 
 
+class _Share:
+    """This server's calls of consumers: at most MAX_CALLS at once, MAX_CALLS_PER_APP of one app's."""
+
+    def __init__(self) -> None:
+        self.total = asyncio.Semaphore(MAX_CALLS)
+        self.apps: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def call(self, app: str) -> AsyncIterator[None]:
+        # The app's own slot first: an app waiting for its share holds none of the others'.
+        async with self.apps.setdefault(app, asyncio.Semaphore(MAX_CALLS_PER_APP)), self.total:
+            yield
+
+
 class _Loop:
     """One consumer's deliveries from this server."""
 
@@ -77,10 +98,12 @@ class _Loop:
         function: str,
         spec: ConsumerManifest,
         fn: FunctionManifest,
+        share: _Share,
     ) -> None:
-        self.state, self.broker = state, broker
+        self.state, self.broker, self.share = state, broker, share
         self.app, self.function, self.spec, self.fn = app, function, spec, fn
         self.running: set[asyncio.Task[None]] = set()
+        self.retired = False
 
     async def run(self) -> None:
         assert self.broker.js is not None
@@ -121,10 +144,20 @@ class _Loop:
 
                 task.add_done_callback(done)
         finally:
-            for t in self.running:
-                t.cancel()
+            if not self.retired:
+                for t in self.running:
+                    t.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def retire(self) -> None:
+        """Its settings changed (a deploy): it fetches no more, but its batches out stay in the old
+        release's hands until their handlers end (nakked at once, each would go to a second handler
+        while the first still runs); let go past the handler's time, if the platform holds them."""
+        self.retired = True
+        later = asyncio.get_running_loop().call_later
+        for t in list(self.running):
+            later(self.spec.visibility_timeout_s + queues.ACK_MARGIN_S, t.cancel)
 
     def _event(self, msgs: list[Msg]) -> bytes:
         """The batch as the consumer's entry point reads it; each body is the JSON it was sent as."""
@@ -180,7 +213,8 @@ class _Loop:
         tries = 0
         while True:
             try:
-                resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
+                async with self.share.call(self.app):
+                    resp = await call_function(self.state, self.app, self.function, self.fn, event, {})
                 status, content = resp.status_code, resp.content
             except ApiError as e:
                 status = 599 if e.code == "gateway_unreachable" else e.status
@@ -248,7 +282,8 @@ class Consumers:
     def __init__(self, state: ApiState, broker: Broker) -> None:
         self.state = state
         self.broker = broker
-        self.loops: dict[tuple[str, str], tuple[Any, asyncio.Task[None]]] = {}
+        self.loops: dict[tuple[str, str], tuple[Any, asyncio.Task[None], _Loop]] = {}
+        self.share = _Share()
         # (app, release) -> its consumers: a release never changes, so it is read once
         self.releases: dict[tuple[str, int], dict[str, tuple[ConsumerManifest, FunctionManifest]]] = {}
 
@@ -262,7 +297,7 @@ class Consumers:
                     log.warning("consumers: %s", e)
                 await asyncio.sleep(RECONCILE_S)
         finally:
-            for _, task in self.loops.values():
+            for _, task, _ in self.loops.values():
                 task.cancel()
 
     async def wanted(self) -> dict[tuple[str, str], tuple[str, ConsumerManifest, FunctionManifest]]:
@@ -290,15 +325,20 @@ class Consumers:
 
     async def reconcile(self) -> None:
         wanted = await self.wanted()
-        for key, (config, task) in list(self.loops.items()):
+        for key, (config, task, old) in list(self.loops.items()):
             if wanted.get(key) != config or task.done():
+                if key in wanted:  # changed, not gone: what it holds ends where it began
+                    old.retire()
                 task.cancel()
                 del self.loops[key]
+        for gone in set(self.share.apps) - {app for app, _ in wanted}:
+            del self.share.apps[gone]  # a batch still out holds its own, released into nothing
         for key, config in wanted.items():
             if key not in self.loops:
                 fn, spec, fn_spec = config
-                loop = _Loop(self.state, self.broker, key[0], fn, spec, fn_spec)
+                loop = _Loop(self.state, self.broker, key[0], fn, spec, fn_spec, self.share)
                 self.loops[key] = (
                     config,
                     asyncio.create_task(loop.run(), name=f"consumer {key[0]}.{key[1]}"),
+                    loop,
                 )

@@ -24,7 +24,14 @@ def handle(messages, ctx):
     failed = []
     for m in messages:
         _record(
-            m.body["key"], {"id": m.id, "n": m.body.get("n"), "attempt": m.attempt, "batch": len(messages)}
+            m.body["key"],
+            {
+                "id": m.id,
+                "n": m.body.get("n"),
+                "attempt": m.attempt,
+                "batch": len(messages),
+                "at": time.time(),
+            },
         )
         time.sleep(m.body.get("hold", 0))
         if m.body.get("crash") and m.attempt == 1:

@@ -94,6 +94,10 @@ async def enqueue(
             400, "bad_idempotency_key", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )
     trace = request_headers.get("traceparent", "")
+    if key is not None:
+        # The engine keeps a key's id 24 h, past a delete of the app: scoped by the app's uid (never
+        # reused), a new app of the name runs its own, not taken for the old one's (and never run).
+        key = f"{(await state.resources.get_app(app)).uid}\0{key}"
     return await invocations.submit(state.broker, app, function, body or b"null", key, trace)
 
 
