@@ -90,7 +90,7 @@ def test_the_api_answers_as_its_openapi_document_says(tmp_path: Path) -> None:
         platform.deploy(EXAMPLES / "hello")
         config = tmp_path / "schemathesis.toml"
         config.write_text(CONFIG.format(hooks=HOOKS))
-        seconds = os.environ.get("OSLESS_FUZZ_SECONDS", "40")
+        seconds = os.environ.get("OSLESS_FUZZ_SECONDS", "30")
         r = subprocess.run(
             [
                 SCHEMATHESIS,

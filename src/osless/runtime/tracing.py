@@ -84,7 +84,9 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
         print(f"osless: no spans from this instance: {e}", file=sys.stderr, flush=True)
         return
     base = _resource if _resource is not None else Resource.create({"service.name": app})
-    provider = TracerProvider(resource=base.merge(Resource({"service.instance.id": instance})))
+    provider = _provider_class(TracerProvider)(
+        resource=base.merge(Resource({"service.instance.id": instance}))
+    )
     if fd.isdigit():
         try:
             os.set_blocking(int(fd), False)  # a full pipe drops a span, never stalls the app
@@ -104,6 +106,19 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
     trace.set_tracer_provider(provider)
     _tracer = provider.get_tracer("osless")
     _provider = provider
+
+
+def _provider_class(base: type[TracerProvider]) -> type[TracerProvider]:
+    """The SDK's provider, but for what it does in each child the app forks: the SDK runs its resource
+    detectors again there, on a thread pool of their own: a thread and their memory in every child,
+    against the instance's pids and memory limits (a fork bomb was OOM-killed before its pids limit).
+    A forked child is part of its instance: its resource stays the instance's."""
+
+    class Provider(base):  # type: ignore[valid-type,misc]  # a class made at run time, after the import
+        def _handle_fork(self) -> None:
+            self._tracers_lock = threading.Lock()
+
+    return Provider
 
 
 def flush() -> None:
