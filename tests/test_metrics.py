@@ -181,7 +181,9 @@ def test_an_app_s_own_metrics_are_served_under_its_name(platform: Platform) -> N
             stalls.append(time.monotonic() - at)
             time.sleep(0.05)
         took = time.monotonic() - began
-        assert took > 1 and max(stalls) < took / 3, (took, sorted(stalls)[-3:])
+        # Parsed on the loop, one probe waited most of the scrape (62% of it); off the loop, a probe
+        # waits for the GIL at worst, under a busy machine's load too.
+        assert took > 1 and max(stalls) < took / 2, (took, sorted(stalls)[-3:])
         # Apart from the platform's: an app's names never reach the node's own /metrics.
         assert (
             "shop_orders"

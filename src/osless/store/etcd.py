@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -40,6 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+# Before gRPC loads: its fork handlers off. This process starts children (nats-server, the builder)
+# by fork and exec while gRPC's threads run; with the handlers on, a child could abort in gRPC's code
+# between the two (seen: nats-server "exited" with SIGABRT at start). No child here uses gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc  # type: ignore[import-untyped]
 from aetcd import rpc  # type: ignore[import-untyped]
