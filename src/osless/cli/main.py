@@ -23,7 +23,7 @@ from osless.cli.debug import debug_app
 from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
-from osless.cli.node import MAX_GATEWAYS, node_app
+from osless.cli.node import MAX_GATEWAYS, GatewayMetricsOpt, TraceSampleOpt, check_trace_sample, node_app
 from osless.cli.observe import top, usage
 from osless.cli.oneoff import run as run_command
 from osless.cli.output import (
@@ -75,20 +75,8 @@ def up(
         ),
     ] = None,
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
-    trace_sample: Annotated[
-        float,
-        typer.Option(
-            help="Of the traces the gateway starts, the share recorded besides the first of each second "
-            "(0 to 1; a client's sampled traceparent is always recorded)."
-        ),
-    ] = 0.05,
-    gateway_metrics: Annotated[
-        bool,
-        typer.Option(
-            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
-            "`osless top` and `osless usage` (off: those show no requests)."
-        ),
-    ] = True,
+    trace_sample: TraceSampleOpt = 0.05,
+    gateway_metrics: GatewayMetricsOpt = True,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
@@ -132,8 +120,7 @@ def up(
         fail(str(e))
     if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
         fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
-    if not 0.0 <= trace_sample <= 1.0:
-        fail(f"--trace-sample is a share of requests from 0 to 1, not {trace_sample}")
+    check_trace_sample(trace_sample)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = UpConfig(data_dir=data_dir, api_port=api_port, http_port=http_port, host=host, sandbox=sandbox)
     if node_name:

@@ -17,6 +17,28 @@ node_app = typer.Typer(
 MAX_GATEWAYS = 256
 
 
+# The gateway's observability options, the same on `osless up` and `osless node join`.
+TraceSampleOpt = Annotated[
+    float,
+    typer.Option(
+        help="Of the traces the gateway starts, the share recorded besides the first of each second "
+        "(0 to 1; a client's sampled traceparent is always recorded)."
+    ),
+]
+GatewayMetricsOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
+        "`osless top` and `osless usage` (off: those show no requests)."
+    ),
+]
+
+
+def check_trace_sample(trace_sample: float) -> None:
+    if not 0.0 <= trace_sample <= 1.0:
+        fail(f"--trace-sample is a share of requests from 0 to 1, not {trace_sample}")
+
+
 @node_app.command("join")
 def join(
     api: Annotated[str, typer.Option(help="The API's URL, e.g. http://10.0.0.1:7070.")],
@@ -63,20 +85,8 @@ def join(
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
-    trace_sample: Annotated[
-        float,
-        typer.Option(
-            help="Of the traces the gateway starts, the share recorded besides the first of each second "
-            "(0 to 1; a client's sampled traceparent is always recorded)."
-        ),
-    ] = 0.05,
-    gateway_metrics: Annotated[
-        bool,
-        typer.Option(
-            help="Count each request's status and latency in the gateway, for the node's GET /metrics, "
-            "`osless top` and `osless usage` (off: those show no requests)."
-        ),
-    ] = True,
+    trace_sample: TraceSampleOpt = 0.05,
+    gateway_metrics: GatewayMetricsOpt = True,
     egress_allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -101,8 +111,7 @@ def join(
         fail(str(e))
     if gateways is not None and not 1 <= gateways <= MAX_GATEWAYS:
         fail(f"--gateways must be between 1 and {MAX_GATEWAYS} (one per core is the default), not {gateways}")
-    if not 0.0 <= trace_sample <= 1.0:
-        fail(f"--trace-sample is a share of requests from 0 to 1, not {trace_sample}")
+    check_trace_sample(trace_sample)
     if not token.strip():
         fail("--token is empty: give a node token (`osless tokens create --role node --name NODE`)")
     if not 0 <= node_api_port <= 65535:
