@@ -115,7 +115,9 @@ def served(platform: Platform, query: str = "") -> str:
 # -- plain HTTP: what a stranger gets, and the session's protections -----------------------------------
 
 
-def test_unauthenticated_pages_redirect_to_sign_in_with_no_data(platform: Platform, dash: dict[str, Any]) -> None:
+def test_unauthenticated_pages_redirect_to_sign_in_with_no_data(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
     deploy_id = dash["v2"]["id"]
     for path in ("/ui", "/ui/", "/ui/apps/dash", "/ui/apps/dash/part/config", f"/ui/deploys/{deploy_id}"):
         r = httpx.get(platform.api + path, cookies={"osless_session": "forged"})
@@ -156,9 +158,13 @@ def test_a_change_without_the_csrf_token_is_refused_with_a_clear_403(
         r = client.post("/v1/apps/dash/rollback")
         assert r.status_code == 403
         error = r.json()["error"]
-        assert error["code"] == "csrf_failed" and "X-Osless-CSRF" in error["message"].replace("x-osless-csrf", "X-Osless-CSRF")
+        assert error["code"] == "csrf_failed" and "X-Osless-CSRF" in error["message"].replace(
+            "x-osless-csrf", "X-Osless-CSRF"
+        )
         csrf = csrf_of(client)
-        evil = client.post("/v1/apps/dash/rollback", headers={"x-osless-csrf": csrf, "origin": "http://evil.example"})
+        evil = client.post(
+            "/v1/apps/dash/rollback", headers={"x-osless-csrf": csrf, "origin": "http://evil.example"}
+        )
         assert evil.status_code == 403 and evil.json()["error"]["code"] == "csrf_failed"
         wrong = client.post("/v1/apps/dash/rollback", headers={"x-osless-csrf": csrf + "x"})
         assert wrong.status_code == 403
@@ -177,6 +183,17 @@ def test_a_one_time_link_opens_one_session_once(platform: Platform, dash: dict[s
     assert "used already or has expired" in again.text
     forged = httpx.get(platform.api + "/ui/link?code=" + "A" * 32)
     assert forged.status_code == 400
+
+
+def test_osless_up_and_osless_dashboard_print_a_one_time_link(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    printed = re.search(r"Dashboard: (http://\S+/ui/link\?code=\S+)", platform.output())
+    assert printed and platform.token not in printed.group(1), platform.output()[-2000:]
+    url = platform.cli_json("dashboard")["url"]
+    assert url.startswith(f"{platform.api}/ui/link?code=") and platform.token not in url
+    assert httpx.get(url).status_code == 303
+    assert httpx.get(url).status_code == 400
 
 
 # -- in the browser -----------------------------------------------------------------------------------
@@ -228,10 +245,14 @@ def test_edit_a_config_value_and_see_it_live_in_the_app(
     admin.click("#config button[type=submit]")
     # The section is drawn again from the API once the change is made (htmx), with the new version.
     admin.wait_for_selector("#config td:has-text('set greeting')")
-    platform.wait_for(lambda: "greeting=bonjour from the dashboard" in served(platform), what="the new greeting")
+    platform.wait_for(
+        lambda: "greeting=bonjour from the dashboard" in served(platform), what="the new greeting"
+    )
     # The change is the REST API's, in the audit log as the token's, like a CLI change.
     audit = platform.http("GET", "/v1/audit", params={"app": "dash", "limit": 20}).json()["items"]
-    assert any(e["method"] == "PATCH" and e["path"] == "/v1/apps/dash/config" and e["status"] == 200 for e in audit)
+    assert any(
+        e["method"] == "PATCH" and e["path"] == "/v1/apps/dash/config" and e["status"] == 200 for e in audit
+    )
     # A secret is write-only: set through the form, never shown back.
     admin.fill("#cfg-api_key", "s3cret-in-the-form")
     admin.click("#config button[type=submit]")
@@ -299,7 +320,7 @@ def test_invoke_a_function_from_its_form(admin: Page, platform: Platform, dash: 
     admin.click("#functions summary:has-text('echo')")
     admin.fill("#event-echo", '{"n": 7}')
     admin.click("#functions form button[type=submit]")
-    admin.wait_for_selector('#result-echo:has-text(\'"n": 7\')')
+    admin.wait_for_selector("#result-echo:has-text('\"n\": 7')")
 
 
 def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_changes(
@@ -307,7 +328,9 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
 ) -> None:
     made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-reader")
     token = made["token"]
-    context: BrowserContext = browser.new_context(base_url=platform.api, viewport={"width": 390, "height": 844})
+    context: BrowserContext = browser.new_context(
+        base_url=platform.api, viewport={"width": 390, "height": 844}
+    )
     try:
         page = context.new_page()
         page.set_default_timeout(20_000)
@@ -324,7 +347,8 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         refused = page.evaluate(
             """async () => {
                 const csrf = document.querySelector('meta[name="csrf-token"]').content;
-                const r = await fetch('/v1/apps/dash/rollback', {method: 'POST', headers: {'X-Osless-CSRF': csrf}});
+                const headers = {'X-Osless-CSRF': csrf};
+                const r = await fetch('/v1/apps/dash/rollback', {method: 'POST', headers});
                 return [r.status, await r.json()];
             }"""
         )

@@ -10,7 +10,9 @@ import osless
 VERSION = "one"
 
 app = osless.App("dash")
-settings = app.config(greeting=osless.Field(str, default="hello"), limit=osless.Field(int, default=10), api_key=osless.Secret)
+settings = app.config(
+    greeting=osless.Field(str, default="hello"), limit=osless.Field(int, default=10), api_key=osless.Secret
+)
 
 
 @app.web()

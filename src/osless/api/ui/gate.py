@@ -11,8 +11,8 @@ session's CSRF value in `X-Osless-CSRF`, and an `Origin`, when sent, must be thi
 from __future__ import annotations
 
 import json
-from typing import Any
 from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send

@@ -28,9 +28,9 @@ from starlette.types import ASGIApp
 
 from osless.api.errors import error_body
 from osless.api.state import ApiState
-from osless.api.usage import read_usage
 from osless.api.ui.series import FIELDS, SAMPLE_S, Series
 from osless.api.ui.session import COOKIE, PEOPLE, Session, cookie_header, open_session, redeem_code, seal
+from osless.api.usage import read_usage
 
 __all__ = ["CSP", "build_ui"]
 
@@ -56,9 +56,11 @@ SECURITY_HEADERS = {
 class ApiReader:
     """GETs of the API, in process, as the session's token: the guard, limits and permissions apply."""
 
-    def __init__(self, api: ASGIApp, token: str) -> None:
+    def __init__(self, api: ASGIApp, token: str, request: Request) -> None:
+        # The visitor's address, so the guard throttles failed sign-ins per visitor, not all at once.
+        client = request.client
         self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=api),
+            transport=httpx.ASGITransport(app=api, client=(client.host, client.port) if client else ("", 0)),
             base_url="http://osless.ui",
             headers={"authorization": f"Bearer {token}"},
         )
@@ -146,7 +148,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             if session is None:
                 return _redirect(SIGNIN)
             series.start()
-            reader = ApiReader(api, session.token)
+            reader = ApiReader(api, session.token, request)
             try:
                 who = await whoami(reader)
                 response: Response = await handler(request, session, reader, who)
@@ -177,7 +179,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         if request.headers.get("origin") not in (None, f"{request.url.scheme}://{request.url.netloc}"):
             return page(request, "signin.html", {"error": "sign in from this page", "who": None}, 403)
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
-        return await _open(request, token, "that token was refused: check it, or make one with `osless tokens create`")
+        return await _open(
+            request, token, "that token was refused: check it, or make one with `osless tokens create`"
+        )
 
     async def link(request: Request) -> Response:
         code = request.query_params.get("code", "")
@@ -186,18 +190,24 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             return page(
                 request,
                 "signin.html",
-                {"error": "that sign-in link was used already or has expired: ask `osless dashboard` for another", "who": None},
+                {
+                    "error": "that sign-in link was used already or has expired: "
+                    "ask `osless dashboard` for another",
+                    "who": None,
+                },
                 400,
             )
         return await _open(request, token, "the token of that link is no longer valid")
 
     async def _open(request: Request, token: str, refused: str) -> Response:
-        reader = ApiReader(api, token)
+        reader = ApiReader(api, token, request)
         try:
             status, who = await reader.get("/v1/whoami") if token else (401, None)
+        except Throttled:
+            return page(request, "signin.html", {"error": "too many tries: wait a little", "who": None}, 429)
         finally:
             await reader.aclose()
-        if status != 200 or who.get("role") not in PEOPLE:
+        if status != 200 or not isinstance(who, dict) or who.get("role") not in PEOPLE:
             return page(request, "signin.html", {"error": refused, "who": None}, 401)
         # A fresh session (and CSRF value) at every sign-in: whatever cookie came before is replaced.
         value, _ = seal(state.secrets, token)
@@ -218,9 +228,11 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     # -- pages -------------------------------------------------------------------------------------
 
     @signed_in
-    async def overview(request: Request, session: Session, reader: ApiReader, who: dict[str, Any]) -> Response:
+    async def overview(
+        request: Request, session: Session, reader: ApiReader, who: dict[str, Any]
+    ) -> Response:
         apps = (await reader.ok("/v1/apps", {"items": []}))["items"]
-        top = (await reader.ok("/v1/top", {"apps": {}, "instances": []}))
+        top = await reader.ok("/v1/top", {"apps": {}, "instances": []})
         nodes = (await reader.ok("/v1/nodes", {"items": []}))["items"]
         instances = (await reader.ok("/v1/instances", {"items": []}))["items"]
         deploys = (await reader.ok("/v1/deploys", {"items": []}))["items"]
@@ -232,7 +244,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             name = a["name"]
             # The usage route's own reading, for the apps this token listed (it may read them): one
             # call per app would spend the token's request budget on a page view.
-            hours = await read_usage(state.resources.store, name, max(midnight, a["created_at"] // 3600 * 3600), now)
+            hours = await read_usage(
+                state.resources.store, name, max(midnight, a["created_at"] // 3600 * 3600), now
+            )
             mine = [i for i in instances if i["app"] == name]
             building = any(d["app"] == name and d["status"] in ("queued", "building") for d in deploys)
             rows.append(
@@ -302,15 +316,24 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return context
 
     @signed_in
-    async def app_page(request: Request, session: Session, reader: ApiReader, who: dict[str, Any]) -> Response:
+    async def app_page(
+        request: Request, session: Session, reader: ApiReader, who: dict[str, Any]
+    ) -> Response:
         app = request.path_params["app"]
         context = await app_context(reader, app)
         if context is None:
-            return page(request, "error.html", {"who": who, "csrf": session.csrf, "message": f"no app {app!r} that this token may read"}, 404)
+            return page(
+                request,
+                "error.html",
+                {"who": who, "csrf": session.csrf, "message": f"no app {app!r} that this token may read"},
+                404,
+            )
         return page(request, "app.html", {"who": who, "csrf": session.csrf, **context})
 
     @signed_in
-    async def app_part(request: Request, session: Session, reader: ApiReader, who: dict[str, Any]) -> Response:
+    async def app_part(
+        request: Request, session: Session, reader: ApiReader, who: dict[str, Any]
+    ) -> Response:
         part = request.path_params["part"]
         if part not in ("settings", "instances"):
             return Response(status_code=404, headers=SECURITY_HEADERS)
@@ -320,11 +343,15 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return page(request, f"_{part}.html", {"who": who, "csrf": session.csrf, **context})
 
     @signed_in
-    async def deploy_page(request: Request, session: Session, reader: ApiReader, who: dict[str, Any]) -> Response:
+    async def deploy_page(
+        request: Request, session: Session, reader: ApiReader, who: dict[str, Any]
+    ) -> Response:
         deploy_id = request.path_params["deploy"]
         status, deploy = await reader.get(f"/v1/deploys/{quote(deploy_id)}")
         if status != 200:
-            return page(request, "error.html", {"who": who, "csrf": session.csrf, "message": "no such deploy"}, 404)
+            return page(
+                request, "error.html", {"who": who, "csrf": session.csrf, "message": "no such deploy"}, 404
+            )
         return page(request, "deploy.html", {"who": who, "csrf": session.csrf, "deploy": deploy})
 
     async def app_series(request: Request) -> Response:
@@ -333,7 +360,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         if session is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
         app = request.path_params["app"]
-        reader = ApiReader(api, session.token)
+        reader = ApiReader(api, session.token, request)
         try:
             status, _ = await reader.get(f"/v1/apps/{quote(app)}")
         finally:
@@ -349,7 +376,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                 point = await series.next_point(app, SAMPLE_S * 5)
                 if time.monotonic() - checked > RECHECK_S:
                     checked = time.monotonic()
-                    again = ApiReader(api, session.token)
+                    again = ApiReader(api, session.token, request)
                     try:
                         if (await again.get(f"/v1/apps/{quote(app)}"))[0] != 200:
                             return  # revoked or gone: the stream ends
@@ -393,4 +420,3 @@ def _state(instances: list[dict[str, Any]], building: bool, app: dict[str, Any])
     if app.get("current_release") is None:
         return "no release"
     return "starting" if phases else "at zero"
-

@@ -25,9 +25,9 @@ from osless.api.secrets import SecretBox
 from osless.store import Conflict, Store
 
 __all__ = [
+    "CODE_TTL_S",
     "COOKIE",
     "CSRF_HEADER",
-    "CODE_TTL_S",
     "PEOPLE",
     "SESSION_TTL_S",
     "Session",
@@ -45,7 +45,9 @@ CODE_TTL_S = 120.0
 CODE_PREFIX = "/uicodes/"
 MAX_COOKIE = 4096
 # The roles that sign in: people's tokens. The platform's parts and apps have no business here.
-PEOPLE = frozenset({"admin", "deploy", "read", "debug", "invoke"})  # a browser keeps no more; anything longer is not ours
+PEOPLE = frozenset(
+    {"admin", "deploy", "read", "debug", "invoke"}
+)  # a browser keeps no more; anything longer is not ours
 
 
 @dataclass(frozen=True)
