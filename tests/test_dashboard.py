@@ -229,12 +229,19 @@ def test_request_chart_moves_while_a_load_runs(admin: Page, platform: Platform, 
                        return el.dataset.last && JSON.parse(el.dataset.last)[0] > 1; }""",
             timeout=30_000,
         )
+        assert int(chart.get_attribute("data-points") or 0) >= 1
+        assert float(admin.locator("#now-rps").inner_text()) > 0
+        shot(admin, "app")
+        # The overview's figures follow too (its own stream), without a reload.
+        admin.goto("/ui")
+        admin.wait_for_function(
+            """() => { const td = document.querySelector('tr[data-app="dash"] [data-field="rps"]');
+                       return td && parseFloat(td.textContent) > 1 && td.dataset.live !== undefined; }""",
+            timeout=30_000,
+        )
     finally:
         stop.set()
         thread.join()
-    assert int(chart.get_attribute("data-points") or 0) >= 1
-    assert float(admin.locator("#now-rps").inner_text()) > 0
-    shot(admin, "app")
 
 
 def test_edit_a_config_value_and_see_it_live_in_the_app(

@@ -254,7 +254,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                     "name": name,
                     "state": _state(mine, building, a),
                     "live": top["apps"].get(name, {}),
-                    "instances": len(mine),
+                    "instances": sum(1 for i in mine if i["status"]["phase"] == "ready"),
                     "desired": statuses.get(name, {}).get("desired"),
                     "gb_s": sum(h["gb_s"] for h in hours),
                     "release": a.get("current_release"),
@@ -269,7 +269,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             n["live"] = n["updated_at"] + n["ttl_s"] > now
             n["load"] = load.get(n["name"], {"cpu": 0.0, "instances": 0})
         if who["can"]["admin"]:
-            changes = (await reader.ok("/v1/audit", {"items": []}, limit=20))["items"]
+            # What changed the platform: a sign-in link made is no change of it.
+            writes = (await reader.ok("/v1/audit", {"items": []}, limit=100))["items"]
+            changes = [e for e in writes if not e["path"].startswith("/v1/dashboard/")][:15]
         else:
             changes = None
         recent = sorted(deploys, key=lambda d: d["created_at"], reverse=True)[:10]
@@ -387,6 +389,39 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    async def overview_series(request: Request) -> Response:
+        """Server-Sent Events: each new sample of every app this session may read (the overview's figures)."""
+        session = session_of(request)
+        if session is None:
+            return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
+
+        async def visible() -> set[str] | None:
+            reader = ApiReader(api, session.token, request)
+            try:
+                status, body = await reader.get("/v1/apps")
+            except Throttled:
+                return set()
+            finally:
+                await reader.aclose()
+            return {a["name"] for a in body["items"]} if status == 200 else None
+
+        apps = await visible()
+        if apps is None:
+            return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
+        series.start()
+
+        async def events() -> AsyncIterator[bytes]:
+            nonlocal apps
+            checked = time.monotonic()
+            while apps is not None and not await request.is_disconnected():
+                points = await series.next_points(apps, SAMPLE_S * 5)
+                if time.monotonic() - checked > RECHECK_S:  # new apps, a revoked token
+                    checked, apps = time.monotonic(), await visible()
+                yield (f"data: {json.dumps(points)}\n\n" if points else ": idle\n\n").encode()
+
+        headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse(error_body("not_found", "no such dashboard page"), 404, headers=SECURITY_HEADERS)
 
@@ -397,6 +432,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         Route(SIGNIN, signin, methods=["POST"]),
         Route("/ui/link", link, methods=["GET"]),
         Route("/ui/signout", signout, methods=["POST"]),
+        Route("/ui/series", overview_series),
         Route("/ui/apps/{app}", app_page),
         Route("/ui/apps/{app}/series", app_series),
         Route("/ui/apps/{app}/part/{part}", app_part),

@@ -57,12 +57,16 @@ class Series:
 
     async def next_point(self, app: str, timeout: float) -> list[float | None] | None:
         """The next sample of `app`, or None if none came within `timeout`."""
+        points = await self.next_points({app}, timeout)
+        return points.get(app)
+
+    async def next_points(self, apps: set[str], timeout: float) -> dict[str, list[float | None]]:
+        """The next sample of each of `apps` (empty if none came within `timeout`)."""
         tick = self._tick
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tick.wait(), timeout)
-            ring = self.rings.get(app)
-            return ring[-1] if ring else None
-        return None
+            return {app: ring[-1] for app, ring in self.rings.items() if app in apps and ring}
+        return {}
 
     async def _run(self) -> None:
         while True:

@@ -173,6 +173,28 @@
     }).catch((e) => notice("Build log: " + e.message, true));
   }
 
+  // -- the overview's figures, live -----------------------------------------------------------------
+  const appsTable = document.querySelector("table[data-series]");
+  if (appsTable) {
+    const rowsByApp = new Map();
+    for (const tr of appsTable.querySelectorAll("tr[data-app]")) rowsByApp.set(tr.dataset.app, tr);
+    const set = (tr, field, text) => { const td = tr.querySelector('[data-field="' + field + '"]'); if (td) td.textContent = text; };
+    const live = new EventSource(appsTable.dataset.series);
+    live.onmessage = (ev) => {
+      const points = JSON.parse(ev.data);
+      for (const [app, p] of Object.entries(points)) {
+        const tr = rowsByApp.get(app);
+        if (!tr) continue;
+        const rps = (p[1] || 0) + (p[2] || 0);
+        set(tr, "rps", rps.toFixed(2));
+        tr.querySelector('[data-field="rps"]').dataset.live = "1";
+        set(tr, "err", rps > 0 ? (100 * (p[2] || 0) / rps).toFixed(1) + "%" : "-");
+        set(tr, "p99", p[4] === null ? "-" : p[4] + " ms");
+        set(tr, "instances", p[6] + " / " + p[5]);
+      }
+    };
+  }
+
   // -- charts ---------------------------------------------------------------------------------------
   // A sample: [t, ok/s, errors/s, p50, p99, desired, ready, memory MB, cpu, cold starts] (ui/series.py).
   const CHARTS = {
