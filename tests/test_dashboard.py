@@ -69,6 +69,11 @@ def admin(browser: Browser, platform: Platform, dash: dict[str, Any]) -> Iterato
     context = browser.new_context(base_url=platform.api, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(20_000)
+    complaints: list[str] = []  # the browser's console errors: a CSP violation, a script's failure
+    page.on("console", lambda m: complaints.append(f"{page.url}: {m.text} {m.location}") if m.type == "error" else None)
+    page.on("response", lambda r: complaints.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("pageerror", lambda e: complaints.append(str(e)))
+    page.complaints = complaints  # type: ignore[attr-defined]
     page.goto("/ui")
     assert page.url.endswith("/ui/signin")
     page.fill("#token", platform.token)
@@ -82,6 +87,12 @@ def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+def redeem(api: str, path: str, **kw: Any) -> httpx.Response:
+    """What the link page's button does: post the link's code (opening the link spends nothing)."""
+    code = path.rpartition("code=")[2]
+    return httpx.post(f"{api}/ui/link", data={"code": code}, **kw)
+
+
 def link(platform: Platform, token: str | None = None) -> str:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     r = platform.http("POST", "/v1/dashboard/links", headers=headers)
@@ -93,7 +104,7 @@ def link(platform: Platform, token: str | None = None) -> str:
 def session(platform: Platform, token: str | None = None) -> Iterator[httpx.Client]:
     """A plain HTTP client holding a dashboard session, opened with a one-time link."""
     with httpx.Client(base_url=platform.api, timeout=30) as client:
-        r = client.get(link(platform, token))
+        r = client.post("/ui/link", data={"code": link(platform, token).rpartition("code=")[2]})
         assert r.status_code == 303 and r.headers["location"] == "/ui"
         yield client
 
@@ -134,7 +145,7 @@ def test_unauthenticated_pages_redirect_to_sign_in_with_no_data(
 def test_pages_forbid_framing_and_inline_script_and_the_cookie_is_strict(
     platform: Platform, dash: dict[str, Any]
 ) -> None:
-    r = httpx.get(platform.api + link(platform))
+    r = redeem(platform.api, link(platform))
     cookie = r.headers["set-cookie"]
     flags = {part.strip().lower() for part in cookie.split(";")[1:]}
     assert {"httponly", "samesite=strict", "path=/"} <= flags
@@ -176,13 +187,32 @@ def test_a_change_without_the_csrf_token_is_refused_with_a_clear_403(
 def test_a_one_time_link_opens_one_session_once(platform: Platform, dash: dict[str, Any]) -> None:
     path = link(platform)
     assert platform.token not in path
-    first = httpx.get(platform.api + path)
+    opened = httpx.get(platform.api + path)  # a link preview: spends nothing, sets nothing
+    assert opened.status_code == 200 and "set-cookie" not in opened.headers
+    first = redeem(platform.api, path)
     assert first.status_code == 303 and "osless_session=" in first.headers["set-cookie"]
-    again = httpx.get(platform.api + path)
+    again = redeem(platform.api, path)
     assert again.status_code == 400 and "set-cookie" not in again.headers
     assert "used already or has expired" in again.text
-    forged = httpx.get(platform.api + "/ui/link?code=" + "A" * 32)
-    assert forged.status_code == 400
+    assert redeem(platform.api, "code=" + "A" * 32).status_code == 400
+    # Posted from another site (login CSRF: the visitor signed in as the link's maker): refused.
+    other = redeem(platform.api, link(platform), headers={"origin": "http://evil.example"})
+    assert other.status_code == 403 and "set-cookie" not in other.headers
+
+
+def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, Any]) -> None:
+    """Session fixation: whatever cookie a browser held before, signing in replaces it, with a new
+    CSRF value; the old value does not pass with the new cookie."""
+    with session(platform) as client:
+        old_cookie, old_csrf = client.cookies["osless_session"], csrf_of(client)
+        r = client.post("/ui/link", data={"code": link(platform).rpartition("code=")[2]})
+        assert r.status_code == 303
+        new_cookie, new_csrf = client.cookies["osless_session"], csrf_of(client)
+        assert new_cookie != old_cookie and new_csrf != old_csrf
+        refused = client.put("/v1/apps/dash/scale", json={"max": 10}, headers={"x-osless-csrf": old_csrf})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
+        done = client.put("/v1/apps/dash/scale", json={"max": 10}, headers={"x-osless-csrf": new_csrf})
+        assert done.status_code == 200, done.text
 
 
 def test_osless_up_and_osless_dashboard_print_a_one_time_link(
@@ -192,8 +222,8 @@ def test_osless_up_and_osless_dashboard_print_a_one_time_link(
     assert printed and platform.token not in printed.group(1), platform.output()[-2000:]
     url = platform.cli_json("dashboard")["url"]
     assert url.startswith(f"{platform.api}/ui/link?code=") and platform.token not in url
-    assert httpx.get(url).status_code == 303
-    assert httpx.get(url).status_code == 400
+    assert redeem(platform.api, url).status_code == 303
+    assert redeem(platform.api, url).status_code == 400
 
 
 # -- in the browser -----------------------------------------------------------------------------------
@@ -342,6 +372,7 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         page = context.new_page()
         page.set_default_timeout(20_000)
         page.goto(link(platform, token))
+        page.keyboard.press("Enter")  # the link page's one button has the focus
         page.wait_for_url(re.compile(r"/ui$"))
         page.goto("/ui/apps/dash")
         for section in ("#releases", "#config", "#scale", "#functions"):
@@ -363,3 +394,9 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         assert current_release(platform) == before
     finally:
         context.close()
+
+
+def test_no_page_broke_its_content_security_policy_or_threw(admin: Page) -> None:
+    """Every page the admin saw ran with no inline script or style refused and no script error."""
+    complaints = admin.complaints  # type: ignore[attr-defined]
+    assert not complaints, "\n".join(complaints)

@@ -170,7 +170,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     async def signin_form(request: Request) -> Response:
         return page(request, "signin.html", {"error": None, "who": None})
 
-    async def signin(request: Request) -> Response:
+    async def form_of(request: Request) -> dict[str, str] | Response:
+        """A sign-in form's fields, bounded, from a page of this host only (a form posted from
+        another site would sign the visitor in as someone else: login CSRF)."""
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -178,14 +180,27 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                 return page(request, "signin.html", {"error": "that form is too large", "who": None}, 413)
         if request.headers.get("origin") not in (None, f"{request.url.scheme}://{request.url.netloc}"):
             return page(request, "signin.html", {"error": "sign in from this page", "who": None}, 403)
-        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
-        return await _open(
-            request, token, "that token was refused: check it, or make one with `osless tokens create`"
-        )
+        fields = parse_qs(body.decode("utf-8", "replace"))
+        return {k: v[0].strip() for k, v in fields.items() if v}
+
+    async def signin(request: Request) -> Response:
+        form = await form_of(request)
+        if isinstance(form, Response):
+            return form
+        refused = "that token was refused: check it, or make one with `osless tokens create`"
+        return await _open(request, form.get("token", ""), refused)
+
+    async def link_form(request: Request) -> Response:
+        # Opening the link redeems nothing: a link preview or prefetcher would spend the code, and a
+        # link from another site would sign the visitor in as its maker. The button posts it.
+        code = request.query_params.get("code", "")[:64]
+        return page(request, "link.html", {"code": code, "who": None})
 
     async def link(request: Request) -> Response:
-        code = request.query_params.get("code", "")
-        token = await redeem_code(state.resources.store, state.secrets, code)
+        form = await form_of(request)
+        if isinstance(form, Response):
+            return form
+        token = await redeem_code(state.resources.store, state.secrets, form.get("code", ""))
         if token is None:
             return page(
                 request,
@@ -430,7 +445,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         Route("/ui/", overview),
         Route(SIGNIN, signin_form, methods=["GET"]),
         Route(SIGNIN, signin, methods=["POST"]),
-        Route("/ui/link", link, methods=["GET"]),
+        Route("/ui/link", link_form, methods=["GET"]),
+        Route("/ui/link", link, methods=["POST"]),
         Route("/ui/signout", signout, methods=["POST"]),
         Route("/ui/series", overview_series),
         Route("/ui/apps/{app}", app_page),

@@ -205,7 +205,7 @@
     cpu: [["cores", 8, "#c72"]],
     cold: [["cold starts", 9, "#d33"]],
   };
-  const charts = document.querySelector("[data-series]");
+  const charts = document.querySelector("div.charts[data-series]");
   if (charts && window.uPlot) {
     const rows = [];
     const plots = [];
