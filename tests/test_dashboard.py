@@ -70,7 +70,7 @@ def admin(browser: Browser, platform: Platform, dash: dict[str, Any]) -> Iterato
     page = context.new_page()
     page.set_default_timeout(20_000)
     complaints: list[str] = []  # the browser's console errors: a CSP violation, a script's failure
-    page.on("console", lambda m: complaints.append(f"{page.url}: {m.text} {m.location}") if m.type == "error" else None)
+    page.on("console", lambda m: complaints.append(f"{page.url}: {m.text}") if m.type == "error" else None)
     page.on("response", lambda r: complaints.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     page.on("pageerror", lambda e: complaints.append(str(e)))
     page.complaints = complaints  # type: ignore[attr-defined]
