@@ -35,18 +35,19 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-XSS = "<img src=x onerror=alert(1)>"
+XSS = '"><img src=x onerror=alert(1)>'
 
 
 @pytest.fixture(scope="module")
-def dash(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def dash(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """tests/apps/dashboard deployed twice (v1 says "one", v2 "two"), one instance kept up."""
     src = copy_app(APPS / "dashboard", tmp_path_factory.mktemp("dash") / "dashboard")
     first = platform.deploy(src)
     app_py = src / "app.py"
     app_py.write_text(app_py.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
     second = platform.deploy_warm(src)
-    return {"v1": first, "v2": second}
+    yield {"v1": first, "v2": second}
+    platform.cli("apps", "delete", "dash", "--yes")  # the session's platform goes on without it
 
 
 @pytest.fixture(scope="module")
