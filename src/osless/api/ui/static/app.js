@@ -86,6 +86,7 @@
         document.getElementById(el.dataset.result).textContent = JSON.stringify(data, null, 2);
       }
       notice("Done: " + el.dataset.method + " " + el.dataset.path, false);
+      if (el.dataset.reload !== undefined) { window.location.reload(); return; }
       document.body.dispatchEvent(new CustomEvent("osless:changed"));
     } catch (e) {
       notice(e.message, true);
