@@ -216,6 +216,18 @@ def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, An
         assert done.status_code == 200, done.text
 
 
+def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, Any]) -> None:
+    made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-revoked")
+    with session(platform, made["token"]) as client:
+        assert client.get("/ui/apps/dash").status_code == 200
+        platform.cli("tokens", "revoke", made["id"])
+        gone = platform.wait_for(
+            lambda: (r := client.get("/ui/apps/dash")).status_code == 303 and r, what="the session to end"
+        )
+        assert gone.headers["location"] == "/ui/signin" and "dash" not in gone.text
+        assert client.get("/v1/apps/dash").status_code == 401
+
+
 def test_osless_up_and_osless_dashboard_print_a_one_time_link(
     platform: Platform, dash: dict[str, Any]
 ) -> None:
@@ -351,6 +363,16 @@ def test_a_deploys_build_log_is_shown(admin: Page, platform: Platform, dash: dic
     admin.wait_for_selector("#buildlog div:has-text('==> Building dash')")
     admin.wait_for_selector("#deploy-status:has-text('succeeded')")
     shot(admin, "deploy")
+
+
+def test_edit_the_scale_policy(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash#scale")
+    admin.fill("#scale input[name=max]", "7")
+    admin.fill("#scale input[name=idle_s]", "90")
+    admin.click("#scale button[type=submit]")
+    admin.wait_for_selector("#scale input[name=max][value='7']")  # drawn again from the API
+    got = platform.http("GET", "/v1/apps/dash").json()
+    assert got["max"] == 7 and got["autoscale"]["idle_s"] == 90 and got["min"] == 1
 
 
 def test_invoke_a_function_from_its_form(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
