@@ -11,9 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from osless.api.auth import Caller, require
-from osless.api.errors import ApiError
+from osless.api.errors import ApiError, responses
 from osless.api.state import ApiState, get_state
-from osless.api.ui.session import CODE_TTL_S, PEOPLE, make_code
+from osless.api.ui.session import CODE_TTL_S, MAX_CODES, PEOPLE, TooManyCodes, make_code
 
 __all__ = ["router"]
 
@@ -29,6 +29,7 @@ class SignInLink(BaseModel):
     "/dashboard/links",
     response_model=SignInLink,
     status_code=201,
+    responses=responses(400, 403, 429),
     summary="A one-time dashboard sign-in link for this token (good once, for two minutes)",
 )
 async def make_link(
@@ -40,5 +41,10 @@ async def make_link(
     token = request.headers.get("authorization", "").partition(" ")[2].strip()
     if not token:
         raise ApiError(400, "bad_request", "send the token as 'Authorization: Bearer <token>'")
-    code = await make_code(state.resources.store, state.secrets, token)
+    try:
+        code = await make_code(state.resources.store, state.secrets, token)
+    except TooManyCodes:
+        raise ApiError(
+            429, "too_many_links", f"{MAX_CODES} sign-in links wait to be used: use one, or wait two minutes"
+        ) from None
     return {"path": f"/ui/link?code={code}", "expires_in_s": CODE_TTL_S}

@@ -28,9 +28,11 @@ __all__ = [
     "CODE_TTL_S",
     "COOKIE",
     "CSRF_HEADER",
+    "MAX_CODES",
     "PEOPLE",
     "SESSION_TTL_S",
     "Session",
+    "TooManyCodes",
     "cookie_header",
     "make_code",
     "open_session",
@@ -43,6 +45,9 @@ CSRF_HEADER = "x-osless-csrf"
 SESSION_TTL_S = 12 * 3600
 CODE_TTL_S = 120.0
 CODE_PREFIX = "/uicodes/"
+# Links made and not yet used, over all tokens: each is a store key until used or expired, and a
+# token's requests are throttled, not its links: bounded here (a person needs one at a time).
+MAX_CODES = 256
 MAX_COOKIE = 4096
 # The roles that sign in: people's tokens. The platform's parts and apps have no business here.
 PEOPLE = frozenset(
@@ -91,12 +96,17 @@ def _code_key(code: str) -> str:
     return CODE_PREFIX + hashlib.sha256(code.encode()).hexdigest()
 
 
+class TooManyCodes(Exception):
+    """`MAX_CODES` sign-in links wait to be used: no more until some are used or expire."""
+
+
 async def make_code(store: Store, box: SecretBox, token: str, ttl_s: float = CODE_TTL_S) -> str:
     """A code that opens one session for `token`, once, within `ttl_s`."""
+    if await _forget_expired(store) >= MAX_CODES:
+        raise TooManyCodes
     code = secrets.token_urlsafe(24)
     record = {"token": box.encrypt(token), "expires": time.time() + ttl_s}
     await store.put(_code_key(code), json.dumps(record).encode())
-    await _forget_expired(store)
     return code
 
 
@@ -122,10 +132,15 @@ async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:
         return None
 
 
-async def _forget_expired(store: Store) -> None:
+async def _forget_expired(store: Store) -> int:
+    """Expired codes deleted; how many are still good."""
     items, _ = await store.list(CODE_PREFIX)
     now = time.time()
+    live = 0
     for kv in items:
         if json.loads(kv.value).get("expires", 0) < now:
             with contextlib.suppress(Conflict):  # redeemed meanwhile
                 await store.delete(kv.key, if_revision=kv.mod_revision)
+        else:
+            live += 1
+    return live
