@@ -415,6 +415,10 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         )
         assert refused[0] == 403 and refused[1]["error"]["code"] == "forbidden", refused
         assert current_release(platform) == before
+        page.click("header button:has-text('Sign out')")
+        page.wait_for_url(re.compile(r"/ui/signin$"))
+        page.goto("/ui/apps/dash")
+        assert page.url.endswith("/ui/signin") and not context.cookies()
     finally:
         context.close()
 

@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
-from osless.api.ui.session import COOKIE, CSRF_HEADER, open_session
+from osless.api.ui.session import COOKIE, CSRF_HEADER, open_session, same_origin
 
-__all__ = ["UiGate", "cookie_of", "same_origin"]
+__all__ = ["UiGate", "cookie_of"]
 
 READS = frozenset({"GET", "HEAD"})
 
@@ -37,15 +37,6 @@ def cookie_of(headers: Headers) -> str | None:
         return None
     morsel = jar.get(COOKIE)
     return morsel.value if morsel else None
-
-
-def same_origin(headers: Headers) -> bool:
-    """An `Origin` header, when the browser sends one, names this host (a page of ours)."""
-    origin = headers.get("origin")
-    if origin is None:
-        return True
-    host = headers.get("host", "")
-    return origin in (f"http://{host}", f"https://{host}")
 
 
 class UiGate:

@@ -29,7 +29,16 @@ from starlette.types import ASGIApp
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.series import FIELDS, SAMPLE_S, Series
-from osless.api.ui.session import COOKIE, PEOPLE, Session, cookie_header, open_session, redeem_code, seal
+from osless.api.ui.session import (
+    COOKIE,
+    PEOPLE,
+    Session,
+    cookie_header,
+    open_session,
+    redeem_code,
+    same_origin,
+    seal,
+)
 from osless.api.usage import read_usage
 
 __all__ = ["CSP", "build_ui"]
@@ -178,7 +187,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             body += chunk
             if len(body) > MAX_FORM:
                 return page(request, "signin.html", {"error": "that form is too large", "who": None}, 413)
-        if request.headers.get("origin") not in (None, f"{request.url.scheme}://{request.url.netloc}"):
+        if not same_origin(request.headers):
             return page(request, "signin.html", {"error": "sign in from this page", "who": None}, 403)
         fields = parse_qs(body.decode("utf-8", "replace"))
         return {k: v[0].strip() for k, v in fields.items() if v}

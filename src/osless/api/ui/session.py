@@ -19,7 +19,9 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from osless.api.secrets import SecretBox
 from osless.store import Conflict, Store
@@ -37,6 +39,7 @@ __all__ = [
     "make_code",
     "open_session",
     "redeem_code",
+    "same_origin",
     "seal",
 ]
 
@@ -90,6 +93,15 @@ def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> 
     if secure:
         parts.append("Secure")
     return "; ".join(parts)
+
+
+def same_origin(headers: Mapping[str, str]) -> bool:
+    """An `Origin` header, when the browser sends one, names this host (a page of ours). Scheme
+    aside: behind a proxy that ends TLS, the page is https and this server hears http."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == headers.get("host", "") != ""
 
 
 def _code_key(code: str) -> str:
