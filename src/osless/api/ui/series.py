@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import struct
 import time
 from collections import deque
 from typing import Any
@@ -27,6 +29,10 @@ log = logging.getLogger("osless.api.ui")
 
 SAMPLE_S = 2.0
 POINTS = int(3600 / SAMPLE_S)
+# A sample packed: its time as a double, the figures as floats (NaN: none), 44 bytes and one object,
+# so an hour of an app is ~150 KB, not the ~700 KB of lists of Python floats.
+PACKED = struct.Struct("<d9f")
+Point = list[float | None]
 # One sample: its time, then these, in this order (the page's charts read them by index).
 FIELDS = (
     "requests_per_s",
@@ -44,7 +50,7 @@ FIELDS = (
 class Series:
     def __init__(self, resources: Resources) -> None:
         self.resources = resources
-        self.rings: dict[str, deque[list[float | None]]] = {}
+        self.rings: dict[str, deque[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
         self._tick = asyncio.Event()
 
@@ -52,20 +58,20 @@ class Series:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="dashboard series")
 
-    def history(self, app: str) -> list[list[float | None]]:
-        return list(self.rings.get(app, ()))
+    def history(self, app: str) -> list[Point]:
+        return [_unpack(p) for p in self.rings.get(app, ())]
 
-    async def next_point(self, app: str, timeout: float) -> list[float | None] | None:
+    async def next_point(self, app: str, timeout: float) -> Point | None:
         """The next sample of `app`, or None if none came within `timeout`."""
         points = await self.next_points({app}, timeout)
         return points.get(app)
 
-    async def next_points(self, apps: set[str], timeout: float) -> dict[str, list[float | None]]:
+    async def next_points(self, apps: set[str], timeout: float) -> dict[str, Point]:
         """The next sample of each of `apps` (empty if none came within `timeout`)."""
         tick = self._tick
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tick.wait(), timeout)
-            return {app: ring[-1] for app, ring in self.rings.items() if app in apps and ring}
+            return {app: _unpack(ring[-1]) for app, ring in self.rings.items() if app in apps and ring}
         return {}
 
     async def _run(self) -> None:
@@ -90,7 +96,7 @@ class Series:
         view = (await top(self.resources.store, at, names))["apps"]
         for name in names:
             figures: dict[str, Any] = view.get(name, {})
-            point: list[float | None] = [
+            point: Point = [
                 round(at, 1),
                 figures.get("requests_per_s", 0.0) - figures.get("errors_per_s", 0.0),
                 figures.get("errors_per_s", 0.0),
@@ -102,9 +108,15 @@ class Series:
                 figures.get("cpu", 0.0),
                 figures.get("cold_starts", 0),
             ]
-            self.rings.setdefault(name, deque(maxlen=POINTS)).append(point)
+            packed = PACKED.pack(*(math.nan if v is None else float(v) for v in point))
+            self.rings.setdefault(name, deque(maxlen=POINTS)).append(packed)
         for gone in set(self.rings) - set(names):
             del self.rings[gone]
         # Wake every listener, then arm a new event for the next round.
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
+
+
+def _unpack(packed: bytes) -> Point:
+    at, *figures = PACKED.unpack(packed)
+    return [round(at, 1), *(None if math.isnan(v) else round(v, 3) for v in figures)]
