@@ -380,17 +380,26 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             )
         return page(request, "deploy.html", {"who": who, "csrf": session.csrf, "deploy": deploy})
 
+    async def status_of(token: str, request: Request, path: str) -> int:
+        """The status the API answers `token` for GET `path` (429 when its budget is spent)."""
+        reader = ApiReader(api, token, request)
+        try:
+            return (await reader.get(path))[0]
+        except Throttled:
+            return 429
+        finally:
+            await reader.aclose()
+
     async def app_series(request: Request) -> Response:
         """Server-Sent Events: the last hour of the app's figures, then each new sample."""
         session = session_of(request)
         if session is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
         app = request.path_params["app"]
-        reader = ApiReader(api, session.token, request)
-        try:
-            status, _ = await reader.get(f"/v1/apps/{quote(app)}")
-        finally:
-            await reader.aclose()
+        path = f"/v1/apps/{quote(app)}"
+        status = await status_of(session.token, request, path)
+        if status == 429:
+            return JSONResponse(error_body("too_many_requests", "this token's limit is reached: retry"), 429)
         if status != 200:
             return JSONResponse(error_body("forbidden", f"this session may not read app {app!r}"), status)
         series.start()
@@ -402,12 +411,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                 point = await series.next_point(app, SAMPLE_S * 5)
                 if time.monotonic() - checked > RECHECK_S:
                     checked = time.monotonic()
-                    again = ApiReader(api, session.token, request)
-                    try:
-                        if (await again.get(f"/v1/apps/{quote(app)}"))[0] != 200:
-                            return  # revoked or gone: the stream ends
-                    finally:
-                        await again.aclose()
+                    if await status_of(session.token, request, path) in (401, 403, 404):
+                        return  # revoked, or the app gone: the stream ends
                 yield (f"data: {json.dumps(point)}\n\n" if point else ": idle\n\n").encode()
 
         headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
@@ -419,17 +424,17 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         if session is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
 
-        async def visible() -> set[str] | None:
+        async def visible(before: set[str]) -> set[str] | None:
             reader = ApiReader(api, session.token, request)
             try:
                 status, body = await reader.get("/v1/apps")
             except Throttled:
-                return set()
+                return before  # asked again at the next check
             finally:
                 await reader.aclose()
             return {a["name"] for a in body["items"]} if status == 200 else None
 
-        apps = await visible()
+        apps = await visible(set())
         if apps is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
         series.start()
@@ -440,7 +445,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             while apps is not None and not await request.is_disconnected():
                 points = await series.next_points(apps, SAMPLE_S * 5)
                 if time.monotonic() - checked > RECHECK_S:  # new apps, a revoked token
-                    checked, apps = time.monotonic(), await visible()
+                    checked, apps = time.monotonic(), await visible(apps)
                 yield (f"data: {json.dumps(points)}\n\n" if points else ": idle\n\n").encode()
 
         headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
