@@ -8,6 +8,7 @@ HTTP (httpx): headers, cookie flags, CSRF, one-time links, what a stranger gets.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import time
@@ -18,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, sync_playwright
 
+from osless.api.secrets import SecretBox
+from osless.api.ui.session import open_session, seal
 from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
@@ -122,6 +126,21 @@ def current_release(platform: Platform) -> int:
 
 def served(platform: Platform, query: str = "") -> str:
     return httpx.get(f"{platform.gateway}/dash/?{query}", timeout=30).text
+
+
+def test_a_session_opens_only_from_what_was_sealed_as_one() -> None:
+    box = SecretBox(Fernet.generate_key())
+    value, made = seal(box, "osl_token")
+    opened = open_session(box, value)
+    assert opened is not None and opened.token == "osl_token" and opened.csrf == made.csrf
+    assert "osl_token" not in value
+    # The same key seals config secrets: one whose value looks like a session is still none.
+    lookalike = box.encrypt(json.dumps({"t": "osl_token", "c": "x", "e": time.time() + 60}))
+    assert open_session(box, lookalike) is None
+    assert open_session(box, value[:-4] + "AAAA") is None  # tampered
+    assert open_session(SecretBox(Fernet.generate_key()), value) is None  # another platform's key
+    assert open_session(box, seal(box, "osl_token", ttl_s=-1)[0]) is None  # expired
+    assert open_session(box, "x" * 5000) is None
 
 
 # -- plain HTTP: what a stranger gets, and the session's protections -----------------------------------

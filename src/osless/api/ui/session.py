@@ -46,6 +46,7 @@ __all__ = [
 COOKIE = "osless_session"
 CSRF_HEADER = "x-osless-csrf"
 SESSION_TTL_S = 12 * 3600
+PURPOSE = "osless dashboard session\0"  # sealed by the key that seals secrets too: told apart
 CODE_TTL_S = 120.0
 CODE_PREFIX = "/uicodes/"
 # Links made and not yet used, over all tokens: each is a store key until used or expired, and a
@@ -71,7 +72,7 @@ class Session:
 def seal(box: SecretBox, token: str, ttl_s: float = SESSION_TTL_S) -> tuple[str, Session]:
     """A new session for `token`: the cookie's value and what it holds."""
     session = Session(token=token, csrf=secrets.token_urlsafe(24), expires=time.time() + ttl_s)
-    value = box.encrypt(json.dumps({"t": session.token, "c": session.csrf, "e": session.expires}))
+    value = box.encrypt(PURPOSE + json.dumps({"t": session.token, "c": session.csrf, "e": session.expires}))
     return value, session
 
 
@@ -80,7 +81,10 @@ def open_session(box: SecretBox, cookie: str | None) -> Session | None:
     if not cookie or len(cookie) > MAX_COOKIE:
         return None
     try:
-        data = json.loads(box.decrypt(cookie))
+        plain = box.decrypt(cookie)
+        if not plain.startswith(PURPOSE):
+            return None  # something else this key sealed (a config secret): never a session
+        data = json.loads(plain[len(PURPOSE) :])
         session = Session(token=str(data["t"]), csrf=str(data["c"]), expires=float(data["e"]))
     except (ValueError, KeyError, TypeError):
         return None
