@@ -442,6 +442,31 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         context.close()
 
 
+def test_a_running_deploys_build_log_streams(
+    admin: Page, platform: Platform, dash: dict[str, Any], tmp_path: Path
+) -> None:
+    src = copy_app(APPS / "dashboard", tmp_path / "dashboard")
+    step = "import time\nprint('step one', flush=True)\ntime.sleep(3)\nprint('step two', flush=True)\n"
+    (src / "slow_step.py").write_text(step)
+    app_py = src / "app.py"
+    app_py.write_text(app_py.read_text().replace('App("dash")', 'App("dash", build=["python slow_step.py"])'))
+    deploy = platform.upload(src)
+    admin.goto(f"/ui/deploys/{deploy['id']}")
+    # When each line reached the page: streamed, they arrive seconds apart, as printed.
+    admin.evaluate(
+        """() => { window.seen = {}; new MutationObserver(() => {
+               for (const d of document.querySelectorAll('#buildlog div'))
+                   if (!(d.textContent in window.seen)) window.seen[d.textContent] = Date.now();
+           }).observe(document.getElementById('buildlog'), {childList: true}); }"""
+    )
+    admin.wait_for_selector("#deploy-status:has-text('succeeded')", timeout=60_000)
+    seen = admin.evaluate("() => window.seen")
+    one = next(t for line, t in seen.items() if line.endswith("step one"))
+    two = next(t for line, t in seen.items() if line.endswith("step two"))
+    assert two - one > 2000, seen
+    shot(admin, "deploy-streamed")
+
+
 def test_no_page_broke_its_content_security_policy_or_threw(admin: Page) -> None:
     """Every page the admin saw ran with no inline script or style refused and no script error."""
     complaints = admin.complaints  # type: ignore[attr-defined]
