@@ -158,6 +158,9 @@ def test_unauthenticated_pages_redirect_to_sign_in_with_no_data(
     assert series.status_code == 401 and series.json()["error"]["code"] == "unauthorized"
     signin = httpx.get(platform.api + "/ui/signin")
     assert signin.status_code == 200 and "/ui/apps/dash" not in signin.text and "serving" not in signin.text
+    # The forms read no more than a form's worth (these pages are in front of the API's body limit).
+    for path in ("/ui/signin", "/ui/signout", "/ui/link"):
+        assert httpx.post(platform.api + path, content=b"token=" + b"x" * 100_000).status_code == 413
     # The API's own routes: the cookie of no session opens nothing.
     assert httpx.get(platform.api + "/v1/apps", cookies={"osless_session": "forged"}).status_code == 401
 

@@ -241,9 +241,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
 
     async def signout(request: Request) -> Response:
         session = session_of(request)
-        body = (await request.body())[:MAX_FORM]
-        sent = (parse_qs(body.decode("utf-8", "replace")).get("csrf") or [""])[0]
-        if session is not None and not session.csrf_ok(sent):
+        form = await form_of(request)
+        if isinstance(form, Response):
+            return form
+        if session is not None and not session.csrf_ok(form.get("csrf")):
             return JSONResponse(error_body("csrf_failed", "sign out from a dashboard page"), 403)
         response = _redirect(SIGNIN)
         response.headers.append("set-cookie", cookie_header("", secure=_secure(request), max_age=0))
