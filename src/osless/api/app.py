@@ -49,6 +49,8 @@ from osless.api.routes import metrics as metrics_routes
 from osless.api.routes import schedules as schedule_routes
 from osless.api.routes.deploys import fail_orphaned_builds
 from osless.api.state import ApiState
+from osless.api.ui import links as dashboard_links
+from osless.api.ui.gate import UiGate
 
 __all__ = ["create_app"]
 
@@ -210,6 +212,7 @@ def create_app(state: ApiState) -> FastAPI:
         traces,
         queues,
         usage,
+        dashboard_links,
     )
     for module in routers:
         _check_permissions(module.router)
@@ -225,5 +228,6 @@ def create_app(state: ApiState) -> FastAPI:
         return {"ok": True}
 
     app.add_middleware(BodyLimit, state=state)
-    app.add_middleware(Guard, state=state)  # added last: it runs first, before anything reads the request
+    app.add_middleware(Guard, state=state)  # it runs first, before anything reads the request
+    app.add_middleware(UiGate, state=state)  # but the dashboard's pages and session cookie (api/ui/gate.py)
     return app

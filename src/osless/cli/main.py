@@ -19,6 +19,7 @@ from osless.cli.builder import builder
 from osless.cli.cluster import cluster_app
 from osless.cli.config import config_app
 from osless.cli.credentials import call, client
+from osless.cli.dashboard import dashboard, print_up_link
 from osless.cli.debug import debug_app
 from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
@@ -138,6 +139,7 @@ def up(
             print_json({"api": api_url, "gateway": gateway_url, "data_dir": str(cfg.data_dir.resolve())})
         else:
             _say_up(cfg, api_url, gateway_url, allowed)
+            threading.Thread(target=print_up_link, args=(api_url, token), daemon=True).start()
         if deploy:
             threading.Thread(target=_deploy_all, args=(api_url, token, deploy), daemon=True).start()
 
@@ -324,6 +326,7 @@ app.add_typer(schedule_app, name="schedule")
 app.command("traces")(traces)
 app.command("top")(top)
 app.command("usage")(usage)
+app.command("dashboard")(dashboard)
 
 
 @app.command()

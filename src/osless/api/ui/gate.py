@@ -1,0 +1,93 @@
+"""The dashboard's door in front of the API: `/ui` pages, and the session cookie turned into a token.
+
+Outermost of the API's middlewares. `/ui/...` goes to the dashboard's pages (`ui.routes`), which
+answer a visitor without a session with a redirect to the sign-in page and nothing else. A `/v1`
+request with no `Authorization` header but a valid session cookie goes on to the guard with the
+session's token as its bearer: the dashboard's changes are the REST API's own calls, checked,
+throttled and audited as the CLI's are. Such a change (anything but GET and HEAD) must carry the
+session's CSRF value in `X-Osless-CSRF`, and an `Origin`, when sent, must be this host's: else 403.
+"""
+
+from __future__ import annotations
+
+import json
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from osless.api.errors import error_body
+from osless.api.state import ApiState
+from osless.api.ui.routes import build_ui
+from osless.api.ui.session import COOKIE, CSRF_HEADER, open_session, same_origin
+
+__all__ = ["UiGate", "cookie_of"]
+
+READS = frozenset({"GET", "HEAD"})
+
+
+def cookie_of(headers: Headers) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    try:
+        jar = SimpleCookie(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel else None
+
+
+class UiGate:
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+        self.api_app: Any = None  # the FastAPI app this gate is part of: its routes read their state from it
+        self.ui = build_ui(state, self._inner)
+
+    async def _inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The API below this gate, for the pages' own reads (`routes.ApiReader`)."""
+        await self.app({**scope, "app": self.api_app}, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        self.api_app = scope.get("app")
+        if path == "/ui" or path.startswith("/ui/"):
+            await self.ui(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if path.startswith("/v1/") and "authorization" not in headers:
+            session = open_session(self.state.secrets, cookie_of(headers))
+            if session is not None:
+                if scope["method"] not in READS and not (
+                    session.csrf_ok(headers.get(CSRF_HEADER)) and same_origin(headers)
+                ):
+                    await _forbidden(send)
+                    return
+                scope = dict(scope)
+                scope["headers"] = [
+                    *scope["headers"],
+                    (b"authorization", f"Bearer {session.token}".encode()),
+                ]
+        await self.app(scope, receive, send)
+
+
+async def _forbidden(send: Send) -> None:
+    body = error_body(
+        "csrf_failed",
+        "this change came with the dashboard's session cookie but without its CSRF token "
+        f"(the {CSRF_HEADER} header of a dashboard page) or from another origin: reload the page, "
+        "or call the API with 'Authorization: Bearer <token>'",
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})

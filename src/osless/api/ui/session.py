@@ -1,0 +1,162 @@
+"""The dashboard's sessions: a sealed cookie after a token sign-in, its CSRF value, one-time sign-in codes.
+
+The cookie holds the token encrypted with the platform's key (Fernet, `SecretBox`), never in clear,
+so any server sharing the key (a cluster) reads it and nothing is kept per process. It is HttpOnly
+and SameSite=Strict; a change also needs the session's CSRF value in a header (`X-Osless-CSRF`),
+which only a page of ours can read. A new session (new CSRF value) is made at each sign-in, so a
+cookie planted before it is worth nothing after (session fixation).
+
+One-time codes (`osless dashboard`, `osless up`) are stored by their sha256 in `/uicodes/`, with
+the token encrypted and an expiry; redeeming deletes the record with a compare-and-swap, so a
+code opens one session once, on any server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from osless.api.secrets import SecretBox
+from osless.store import Conflict, Store
+
+__all__ = [
+    "CODE_TTL_S",
+    "COOKIE",
+    "CSRF_HEADER",
+    "MAX_CODES",
+    "PEOPLE",
+    "SESSION_TTL_S",
+    "Session",
+    "TooManyCodes",
+    "cookie_header",
+    "make_code",
+    "open_session",
+    "redeem_code",
+    "same_origin",
+    "seal",
+]
+
+COOKIE = "osless_session"
+CSRF_HEADER = "x-osless-csrf"
+SESSION_TTL_S = 12 * 3600
+PURPOSE = "osless dashboard session\0"  # sealed by the key that seals secrets too: told apart
+CODE_TTL_S = 120.0
+CODE_PREFIX = "/uicodes/"
+# Links made and not yet used, over all tokens: each is a store key until used or expired, and a
+# token's requests are throttled, not its links: bounded here (a person needs one at a time).
+MAX_CODES = 256
+MAX_COOKIE = 4096
+# The roles that sign in: people's tokens. The platform's parts and apps have no business here.
+PEOPLE = frozenset(
+    {"admin", "deploy", "read", "debug", "invoke"}
+)  # a browser keeps no more; anything longer is not ours
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    csrf: str
+    expires: float
+
+    def csrf_ok(self, sent: str | None) -> bool:
+        return bool(sent) and hmac.compare_digest(self.csrf.encode(), (sent or "").encode())
+
+
+def seal(box: SecretBox, token: str, ttl_s: float = SESSION_TTL_S) -> tuple[str, Session]:
+    """A new session for `token`: the cookie's value and what it holds."""
+    session = Session(token=token, csrf=secrets.token_urlsafe(24), expires=time.time() + ttl_s)
+    value = box.encrypt(PURPOSE + json.dumps({"t": session.token, "c": session.csrf, "e": session.expires}))
+    return value, session
+
+
+def open_session(box: SecretBox, cookie: str | None) -> Session | None:
+    """The session a cookie holds, or None (absent, forged, made with another key, or expired)."""
+    if not cookie or len(cookie) > MAX_COOKIE:
+        return None
+    try:
+        plain = box.decrypt(cookie)
+        if not plain.startswith(PURPOSE):
+            return None  # something else this key sealed (a config secret): never a session
+        data = json.loads(plain[len(PURPOSE) :])
+        session = Session(token=str(data["t"]), csrf=str(data["c"]), expires=float(data["e"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return session if session.expires > time.time() else None
+
+
+def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
+    # Path=/: the API's /v1 routes read it too (the dashboard's changes go through them).
+    parts = [f"{COOKIE}={value}", "Path=/", "HttpOnly", "SameSite=Strict", f"Max-Age={max_age}"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def same_origin(headers: Mapping[str, str]) -> bool:
+    """An `Origin` header, when the browser sends one, names this host (a page of ours). Scheme
+    aside: behind a proxy that ends TLS, the page is https and this server hears http."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == headers.get("host", "") != ""
+
+
+def _code_key(code: str) -> str:
+    return CODE_PREFIX + hashlib.sha256(code.encode()).hexdigest()
+
+
+class TooManyCodes(Exception):
+    """`MAX_CODES` sign-in links wait to be used: no more until some are used or expire."""
+
+
+async def make_code(store: Store, box: SecretBox, token: str, ttl_s: float = CODE_TTL_S) -> str:
+    """A code that opens one session for `token`, once, within `ttl_s`."""
+    if await _forget_expired(store) >= MAX_CODES:
+        raise TooManyCodes
+    code = secrets.token_urlsafe(24)
+    record = {"token": box.encrypt(token), "expires": time.time() + ttl_s}
+    await store.put(_code_key(code), json.dumps(record).encode())
+    return code
+
+
+async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:
+    """The token a code was made for, the first time it is shown while good; None after."""
+    if not code or len(code) > 64:
+        return None
+    kv = await store.get(_code_key(code))
+    if kv is None:
+        return None
+    # Whoever deletes it first wins: a second redeemer (another tab, another server) finds it gone.
+    try:
+        if not await store.delete(kv.key, if_revision=kv.mod_revision):
+            return None
+    except Conflict:
+        return None
+    record = json.loads(kv.value)
+    if record["expires"] < time.time():
+        return None
+    try:
+        return box.decrypt(record["token"])
+    except ValueError:
+        return None
+
+
+async def _forget_expired(store: Store) -> int:
+    """Expired codes deleted; how many are still good."""
+    items, _ = await store.list(CODE_PREFIX)
+    now = time.time()
+    live = 0
+    for kv in items:
+        if json.loads(kv.value).get("expires", 0) < now:
+            with contextlib.suppress(Conflict):  # redeemed meanwhile
+                await store.delete(kv.key, if_revision=kv.mod_revision)
+        else:
+            live += 1
+    return live

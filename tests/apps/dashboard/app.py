@@ -1,0 +1,35 @@
+"""Test app for tests/test_dashboard.py: a web page that prints a log line and shows a config value."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import osless
+
+VERSION = "one"
+
+app = osless.App("dash")
+settings = app.config(
+    greeting=osless.Field(str, default="hello"), limit=osless.Field(int, default=10), api_key=osless.Secret
+)
+
+
+@app.web()
+def web() -> Any:
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        note = unquote(scope.get("query_string", b"").decode("latin-1"))[:200]
+        print(f"dash served {note}", flush=True)
+        body = f"version={VERSION} greeting={settings.greeting}\n".encode()
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return asgi
+
+
+@app.function()
+def echo(event: Any, ctx: osless.Context) -> dict[str, Any]:
+    return {"echo": event, "greeting": settings.greeting}

@@ -1,0 +1,476 @@
+"""The dashboard (`/ui`) in a real browser: Playwright drives Debian's chromium against the shared platform.
+
+One browser for the module, on the session's platform (the suite's time budget). Screenshots of each
+page go to test-artifacts/dashboard/ (ignored by git). The security parts are also tried with plain
+HTTP (httpx): headers, cookie flags, CSRF, one-time links, what a stranger gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, sync_playwright
+
+from osless.api.secrets import SecretBox
+from osless.api.ui.session import open_session, seal
+from tests.platform import Platform, copy_app
+
+APPS = Path(__file__).parent / "apps"
+SHOTS = Path(__file__).parent.parent / "test-artifacts" / "dashboard"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+XSS = '"><img src=x onerror=alert(1)>'
+
+
+@pytest.fixture(scope="module")
+def dash(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """tests/apps/dashboard deployed twice (v1 says "one", v2 "two"), one instance kept up."""
+    src = copy_app(APPS / "dashboard", tmp_path_factory.mktemp("dash") / "dashboard")
+    first = platform.deploy(src)
+    app_py = src / "app.py"
+    app_py.write_text(app_py.read_text().replace('VERSION = "one"', 'VERSION = "two"'))
+    second = platform.deploy_warm(src)
+    yield {"v1": first, "v2": second}
+    platform.cli("apps", "delete", "dash", "--yes")  # the session's platform goes on without it
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    # A missing chromium fails here (scripts/install installs Debian's): never a skip.
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/install (apt-get install chromium)"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        # Each context Playwright makes is fresh (its own profile, no cookies): one per user here.
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def admin(browser: Browser, platform: Platform, dash: dict[str, Any]) -> Iterator[Page]:
+    """A page signed in with the admin token through the sign-in form."""
+    context = browser.new_context(base_url=platform.api, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    complaints: list[str] = []  # the browser's console errors: a CSP violation, a script's failure
+    page.on("console", lambda m: complaints.append(f"{page.url}: {m.text}") if m.type == "error" else None)
+    page.on("response", lambda r: complaints.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("pageerror", lambda e: complaints.append(str(e)))
+    page.complaints = complaints  # type: ignore[attr-defined]
+    page.goto("/ui")
+    assert page.url.endswith("/ui/signin")
+    page.fill("#token", platform.token)
+    page.press("#token", "Enter")  # the keyboard alone
+    page.wait_for_url(re.compile(r"/ui$"))
+    yield page
+    context.close()
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def redeem(api: str, path: str, **kw: Any) -> httpx.Response:
+    """What the link page's button does: post the link's code (opening the link spends nothing)."""
+    code = path.rpartition("code=")[2]
+    return httpx.post(f"{api}/ui/link", data={"code": code}, **kw)
+
+
+def link(platform: Platform, token: str | None = None) -> str:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    r = platform.http("POST", "/v1/dashboard/links", headers=headers)
+    assert r.status_code == 201, r.text
+    return str(r.json()["path"])
+
+
+@contextlib.contextmanager
+def session(platform: Platform, token: str | None = None) -> Iterator[httpx.Client]:
+    """A plain HTTP client holding a dashboard session, opened with a one-time link."""
+    with httpx.Client(base_url=platform.api, timeout=30) as client:
+        r = client.post("/ui/link", data={"code": link(platform, token).rpartition("code=")[2]})
+        assert r.status_code == 303 and r.headers["location"] == "/ui"
+        yield client
+
+
+def csrf_of(client: httpx.Client, path: str = "/ui") -> str:
+    match = re.search(r'name="csrf-token" content="([^"]+)"', client.get(path).text)
+    assert match
+    return match.group(1)
+
+
+def current_release(platform: Platform) -> int:
+    return int(platform.http("GET", "/v1/apps/dash").json()["current_release"])
+
+
+def served(platform: Platform, query: str = "") -> str:
+    return httpx.get(f"{platform.gateway}/dash/?{query}", timeout=30).text
+
+
+def test_a_session_opens_only_from_what_was_sealed_as_one() -> None:
+    box = SecretBox(Fernet.generate_key())
+    value, made = seal(box, "osl_token")
+    opened = open_session(box, value)
+    assert opened is not None and opened.token == "osl_token" and opened.csrf == made.csrf
+    assert "osl_token" not in value
+    # The same key seals config secrets: one whose value looks like a session is still none.
+    lookalike = box.encrypt(json.dumps({"t": "osl_token", "c": "x", "e": time.time() + 60}))
+    assert open_session(box, lookalike) is None
+    assert open_session(box, value[:-4] + "AAAA") is None  # tampered
+    assert open_session(SecretBox(Fernet.generate_key()), value) is None  # another platform's key
+    assert open_session(box, seal(box, "osl_token", ttl_s=-1)[0]) is None  # expired
+    assert open_session(box, "x" * 5000) is None
+
+
+# -- plain HTTP: what a stranger gets, and the session's protections -----------------------------------
+
+
+def test_unauthenticated_pages_redirect_to_sign_in_with_no_data(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    deploy_id = dash["v2"]["id"]
+    for path in ("/ui", "/ui/", "/ui/apps/dash", "/ui/apps/dash/part/config", f"/ui/deploys/{deploy_id}"):
+        r = httpx.get(platform.api + path, cookies={"osless_session": "forged"})
+        assert r.status_code == 303 and r.headers["location"] == "/ui/signin", path
+        assert "dash" not in r.text and r.text == ""
+    series = httpx.get(platform.api + "/ui/apps/dash/series")
+    assert series.status_code == 401 and series.json()["error"]["code"] == "unauthorized"
+    signin = httpx.get(platform.api + "/ui/signin")
+    assert signin.status_code == 200 and "/ui/apps/dash" not in signin.text and "serving" not in signin.text
+    # The forms read no more than a form's worth (these pages are in front of the API's body limit).
+    for path in ("/ui/signin", "/ui/signout", "/ui/link"):
+        assert httpx.post(platform.api + path, content=b"token=" + b"x" * 100_000).status_code == 413
+    # The API's own routes: the cookie of no session opens nothing.
+    assert httpx.get(platform.api + "/v1/apps", cookies={"osless_session": "forged"}).status_code == 401
+
+
+def test_pages_forbid_framing_and_inline_script_and_the_cookie_is_strict(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    r = redeem(platform.api, link(platform))
+    cookie = r.headers["set-cookie"]
+    flags = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert {"httponly", "samesite=strict", "path=/"} <= flags
+    value = SimpleCookie(cookie)["osless_session"].value
+    assert platform.token not in value and platform.token[6:] not in value  # sealed, never in clear
+    with session(platform) as client:
+        page = client.get("/ui/apps/dash")
+        assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
+    assert "<script>" not in page.text and " on" not in re.sub(r"<(pre|code|td)[^>]*>.*?</\1>", "", page.text)
+    assert platform.token not in page.text
+
+
+def test_a_change_without_the_csrf_token_is_refused_with_a_clear_403(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    with session(platform) as client:
+        before = current_release(platform)
+        r = client.post("/v1/apps/dash/rollback")
+        assert r.status_code == 403
+        error = r.json()["error"]
+        assert error["code"] == "csrf_failed" and "X-Osless-CSRF" in error["message"].replace(
+            "x-osless-csrf", "X-Osless-CSRF"
+        )
+        csrf = csrf_of(client)
+        evil = client.post(
+            "/v1/apps/dash/rollback", headers={"x-osless-csrf": csrf, "origin": "http://evil.example"}
+        )
+        assert evil.status_code == 403 and evil.json()["error"]["code"] == "csrf_failed"
+        wrong = client.post("/v1/apps/dash/rollback", headers={"x-osless-csrf": csrf + "x"})
+        assert wrong.status_code == 403
+        assert current_release(platform) == before
+        # Reads need no CSRF token: the session reads as its token does.
+        assert client.get("/v1/apps/dash").json()["name"] == "dash"
+
+
+def test_a_one_time_link_opens_one_session_once(platform: Platform, dash: dict[str, Any]) -> None:
+    path = link(platform)
+    assert platform.token not in path
+    opened = httpx.get(platform.api + path)  # a link preview: spends nothing, sets nothing
+    assert opened.status_code == 200 and "set-cookie" not in opened.headers
+    first = redeem(platform.api, path)
+    assert first.status_code == 303 and "osless_session=" in first.headers["set-cookie"]
+    again = redeem(platform.api, path)
+    assert again.status_code == 400 and "set-cookie" not in again.headers
+    assert "used already or has expired" in again.text
+    assert redeem(platform.api, "code=" + "A" * 32).status_code == 400
+    # Posted from another site (login CSRF: the visitor signed in as the link's maker): refused.
+    other = redeem(platform.api, link(platform), headers={"origin": "http://evil.example"})
+    assert other.status_code == 403 and "set-cookie" not in other.headers
+
+
+def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, Any]) -> None:
+    """Session fixation: whatever cookie a browser held before, signing in replaces it, with a new
+    CSRF value; the old value does not pass with the new cookie."""
+    with session(platform) as client:
+        old_cookie, old_csrf = client.cookies["osless_session"], csrf_of(client)
+        r = client.post("/ui/link", data={"code": link(platform).rpartition("code=")[2]})
+        assert r.status_code == 303
+        new_cookie, new_csrf = client.cookies["osless_session"], csrf_of(client)
+        assert new_cookie != old_cookie and new_csrf != old_csrf
+        refused = client.put("/v1/apps/dash/scale", json={"max": 10}, headers={"x-osless-csrf": old_csrf})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
+        done = client.put("/v1/apps/dash/scale", json={"max": 10}, headers={"x-osless-csrf": new_csrf})
+        assert done.status_code == 200, done.text
+
+
+def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, Any]) -> None:
+    made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-revoked")
+    with session(platform, made["token"]) as client:
+        assert client.get("/ui/apps/dash").status_code == 200
+        platform.cli("tokens", "revoke", made["id"])
+        gone = platform.wait_for(
+            lambda: (r := client.get("/ui/apps/dash")).status_code == 303 and r, what="the session to end"
+        )
+        assert gone.headers["location"] == "/ui/signin" and "dash" not in gone.text
+        assert client.get("/v1/apps/dash").status_code == 401
+
+
+def test_osless_up_and_osless_dashboard_print_a_one_time_link(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    printed = re.search(r"Dashboard: (http://\S+/ui/link\?code=\S+)", platform.output())
+    assert printed and platform.token not in printed.group(1), platform.output()[-2000:]
+    url = platform.cli_json("dashboard")["url"]
+    assert url.startswith(f"{platform.api}/ui/link?code=") and platform.token not in url
+    assert redeem(platform.api, url).status_code == 303
+    assert redeem(platform.api, url).status_code == 400
+
+
+# -- in the browser -----------------------------------------------------------------------------------
+
+
+def test_sign_in_and_see_the_deployed_app(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui")
+    row = admin.locator("#apps tr", has_text="dash")
+    assert row.count() == 1
+    assert "serving" in row.inner_text() or "starting" in row.inner_text()
+    assert admin.locator("#nodes tbody tr").count() >= 1
+    assert admin.locator("#changes").count() == 1  # an admin sees the audit log's recent writes
+    shot(admin, "overview")
+
+
+def test_request_chart_moves_while_a_load_runs(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash")
+    chart = admin.locator('[data-chart="requests"]')
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                client.get(f"{platform.gateway}/dash/?load")
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        # The chart's newest sample (`data-last`: ok/s, errors/s) shows the load arrive.
+        admin.wait_for_function(
+            """() => { const el = document.querySelector('[data-chart="requests"]');
+                       return el.dataset.last && JSON.parse(el.dataset.last)[0] > 1; }""",
+            timeout=30_000,
+        )
+        assert int(chart.get_attribute("data-points") or 0) >= 1
+        assert float(admin.locator("#now-rps").inner_text()) > 0
+        shot(admin, "app")
+        # The overview's figures follow too (its own stream), without a reload.
+        admin.goto("/ui")
+        admin.wait_for_function(
+            """() => { const td = document.querySelector('tr[data-app="dash"] [data-field="rps"]');
+                       return td && parseFloat(td.textContent) > 1 && td.dataset.live !== undefined; }""",
+            timeout=30_000,
+        )
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_edit_a_config_value_and_see_it_live_in_the_app(
+    admin: Page, platform: Platform, dash: dict[str, Any]
+) -> None:
+    admin.goto("/ui/apps/dash#config")
+    admin.fill("#cfg-greeting", "bonjour from the dashboard")
+    admin.click("#config button[type=submit]")
+    # The section is drawn again from the API once the change is made (htmx), with the new version.
+    admin.wait_for_selector("#config td:has-text('set greeting')")
+    platform.wait_for(
+        lambda: "greeting=bonjour from the dashboard" in served(platform), what="the new greeting"
+    )
+    # The change is the REST API's, in the audit log as the token's, like a CLI change.
+    audit = platform.http("GET", "/v1/audit", params={"app": "dash", "limit": 20}).json()["items"]
+    assert any(
+        e["method"] == "PATCH" and e["path"] == "/v1/apps/dash/config" and e["status"] == 200 for e in audit
+    )
+    # A secret is write-only: set through the form, never shown back.
+    admin.fill("#cfg-api_key", "s3cret-in-the-form")
+    admin.click("#config button[type=submit]")
+    admin.wait_for_selector("#cfg-api_key[placeholder^='(set']")
+    assert "s3cret-in-the-form" not in admin.content()
+    # App-controlled text in a value stays text.
+    admin.fill("#cfg-greeting", XSS)
+    admin.click("#config button[type=submit]")
+    admin.wait_for_selector("#config small:has-text('version')")
+    platform.wait_for(lambda: XSS in served(platform), what="the markup greeting")
+    admin.reload()
+    assert admin.locator("#cfg-greeting").input_value() == XSS
+    assert admin.locator("img[src=x]").count() == 0
+    shot(admin, "config")
+
+
+def test_roll_back_a_release_after_confirming(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash#releases")
+    before = current_release(platform)
+    asked: list[str] = []
+
+    def answer(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if len(asked) > 1 else dialog.dismiss()
+
+    admin.on("dialog", answer)
+    try:
+        admin.click("#releases button:has-text('Roll back')")  # dismissed: nothing happens
+        time.sleep(0.5)
+        assert current_release(platform) == before
+        admin.click("#releases button:has-text('Roll back')")
+        platform.wait_for(lambda: current_release(platform) == before + 1, what="the rollback release")
+    finally:
+        admin.remove_listener("dialog", answer)
+    assert len(asked) == 2 and "Roll dash back" in asked[0]
+    platform.wait_for(lambda: "version=one" in served(platform), what="v1's code serving again", timeout=60)
+    admin.wait_for_selector("#releases tr.current")
+    shot(admin, "releases")
+
+
+def test_read_a_log_line_the_app_just_printed(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash#logs")
+    admin.fill("#logform input[name=grep]", "dash served")
+    admin.click("#logform button[type=submit]")
+    marker = f"marker-{time.time_ns()}"
+    # The line is the app's: markup in it must arrive as text.
+    platform.wait_for(lambda: served(platform, f"{marker}{XSS}") != "", what="a request")
+    admin.wait_for_selector(f"#logtail div:has-text('{marker}')", timeout=30_000)
+    line = admin.locator("#logtail div", has_text=marker).first
+    assert f"dash served {marker}{XSS}" in line.inner_text()
+    assert admin.locator("#logtail img").count() == 0
+    shot(admin, "logs")
+
+
+def test_a_deploys_build_log_is_shown(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    deploy_id = platform.http("GET", "/v1/apps/dash/releases").json()["items"][0]["deploy_id"]
+    admin.goto(f"/ui/deploys/{deploy_id}")
+    admin.wait_for_selector("#buildlog div:has-text('==> Building dash')")
+    admin.wait_for_selector("#deploy-status:has-text('succeeded')")
+    shot(admin, "deploy")
+
+
+def test_edit_the_scale_policy(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash#scale")
+    admin.fill("#scale input[name=max]", "7")
+    admin.fill("#scale input[name=idle_s]", "90")
+    admin.click("#scale button[type=submit]")
+    admin.wait_for_selector("#scale input[name=max][value='7']")  # drawn again from the API
+    got = platform.http("GET", "/v1/apps/dash").json()
+    assert got["max"] == 7 and got["autoscale"]["idle_s"] == 90 and got["min"] == 1
+
+
+def test_invoke_a_function_from_its_form(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
+    admin.goto("/ui/apps/dash#functions")
+    admin.click("#functions summary:has-text('echo')")
+    admin.fill("#event-echo", '{"n": 7}')
+    admin.click("#functions form button[type=submit]")
+    admin.wait_for_selector("#result-echo:has-text('\"n\": 7')")
+
+
+def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_changes(
+    browser: Browser, platform: Platform, dash: dict[str, Any]
+) -> None:
+    made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-reader")
+    token = made["token"]
+    context: BrowserContext = browser.new_context(
+        base_url=platform.api, viewport={"width": 390, "height": 844}
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(link(platform, token))
+        page.keyboard.press("Enter")  # the link page's one button has the focus
+        page.wait_for_url(re.compile(r"/ui$"))
+        page.goto("/ui/apps/dash")
+        for section in ("#releases", "#config", "#scale", "#functions"):
+            assert page.locator(f"{section} button").count() == 0, section
+        assert page.locator("#logform").count() == 0  # `read` may not read logs
+        assert page.locator("#cfg-greeting").is_disabled()
+        shot(page, "read-only-phone")
+        # The API refuses the change anyway, with the session's own CSRF token.
+        before = current_release(platform)
+        refused = page.evaluate(
+            """async () => {
+                const csrf = document.querySelector('meta[name="csrf-token"]').content;
+                const headers = {'X-Osless-CSRF': csrf};
+                const r = await fetch('/v1/apps/dash/rollback', {method: 'POST', headers});
+                return [r.status, await r.json()];
+            }"""
+        )
+        assert refused[0] == 403 and refused[1]["error"]["code"] == "forbidden", refused
+        assert current_release(platform) == before
+        page.click("header button:has-text('Sign out')")
+        page.wait_for_url(re.compile(r"/ui/signin$"))
+        page.goto("/ui/apps/dash")
+        assert page.url.endswith("/ui/signin") and not context.cookies()
+    finally:
+        context.close()
+
+
+def test_a_running_deploys_build_log_streams(
+    admin: Page, platform: Platform, dash: dict[str, Any], tmp_path: Path
+) -> None:
+    src = copy_app(APPS / "dashboard", tmp_path / "dashboard")
+    step = "import time\nprint('step one', flush=True)\ntime.sleep(3)\nprint('step two', flush=True)\n"
+    (src / "slow_step.py").write_text(step)
+    app_py = src / "app.py"
+    app_py.write_text(app_py.read_text().replace('App("dash")', 'App("dash", build=["python slow_step.py"])'))
+    deploy = platform.upload(src)
+    admin.goto(f"/ui/deploys/{deploy['id']}")
+    # When each line reached the page: streamed, they arrive seconds apart, as printed.
+    admin.evaluate(
+        """() => { window.seen = {}; new MutationObserver(() => {
+               for (const d of document.querySelectorAll('#buildlog div'))
+                   if (!(d.textContent in window.seen)) window.seen[d.textContent] = Date.now();
+           }).observe(document.getElementById('buildlog'), {childList: true}); }"""
+    )
+    admin.wait_for_selector("#deploy-status:has-text('succeeded')", timeout=60_000)
+    seen = admin.evaluate("() => window.seen")
+    one = next(t for line, t in seen.items() if line.endswith("step one"))
+    two = next(t for line, t in seen.items() if line.endswith("step two"))
+    assert two - one > 2000, seen
+    shot(admin, "deploy-streamed")
+
+
+def test_no_page_broke_its_content_security_policy_or_threw(admin: Page) -> None:
+    """Every page the admin saw ran with no inline script or style refused and no script error."""
+    complaints = admin.complaints  # type: ignore[attr-defined]
+    assert not complaints, "\n".join(complaints)
