@@ -222,7 +222,9 @@ def cpu_s(pids: list[int]) -> float:
 def server_processes(
     platform: RunningPlatform, direct: subprocess.Popen[bytes]
 ) -> dict[str, dict[str, list[int]]]:
-    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes and instances."""
+    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes, instances, and
+    the `osless up` process itself (`node`: the node agent, which reads the instances' output and
+    writes their logs, with the API and the controllers in the same loop, nearly idle meanwhile)."""
     gateways = [
         pid
         for pid in descendants(platform.proc.pid)
@@ -240,7 +242,7 @@ def server_processes(
     ]
     return {
         "direct": {"uvicorn": [direct.pid, *descendants(direct.pid)]},
-        "osless": {"gateway": gateways, "instances": instances},
+        "osless": {"gateway": gateways, "instances": instances, "node": [platform.proc.pid]},
     }
 
 
