@@ -148,6 +148,13 @@ def test_an_instance_s_marked_lines_are_stamped_by_the_node_and_checked_where_re
     w.close()
     records = read_tail([path], 100)
     assert all(r["source"] == "i-1" and r["stream"] != "osless" and r["ts"] > 1 for r in records), records
+    # Nor in the file, split at every break Python knows (what another reader of it might do).
+    for text in path.read_text().splitlines():
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            continue
+        assert raw["source"] == "i-1" and raw["stream"] != "osless", text
     access, oom, *rest = records
     assert access["stream"] == "access" and access["access"]["path"] == "/p1" and access["request"] == "r1"
     assert (oom["line"], oom["stream"], oom.get("request")) == ("OOM!", "log", None)
