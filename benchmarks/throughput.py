@@ -258,10 +258,12 @@ def measured(url: str, seconds: int, connections: int, groups: dict[str, list[in
 
 def compare(
     processes: int, instances: int, args: argparse.Namespace, lone: bool
-) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]], float]:
     """Rounds of wrk against uvicorn with `processes` workers and against osless with `processes`
     gateway processes and `instances` instances, paired round by round; with `lone`, a
-    one-connection pass too."""
+    one-connection pass too. Also what the `osless up` process spends with no load (percent of a
+    core, over `--seconds`): its heartbeats, controllers and store, which its CPU per answer
+    counts too."""
     direct_port = free_port()
     direct = None
     runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
@@ -278,6 +280,9 @@ def compare(
             for url in urls.values():
                 wrk(url, 1, args.connections)  # warm up
             groups = server_processes(platform, direct)
+            before = cpu_s([platform.proc.pid])
+            time.sleep(args.seconds)
+            idle_pct = round((cpu_s([platform.proc.pid]) - before) / args.seconds * 100, 1)
             for _ in range(args.rounds):
                 for name, url in urls.items():
                     runs[name].append(measured(url, args.seconds, args.connections, groups[name]))
@@ -288,7 +293,7 @@ def compare(
             if direct is not None:
                 direct.send_signal(signal.SIGTERM)
                 direct.wait(30)
-    return runs, lone_runs
+    return runs, lone_runs, idle_pct
 
 
 def ratios(runs: dict[str, list[dict[str, float]]]) -> list[float]:
@@ -317,8 +322,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
     load_before = os.getloadavg()  # on a shared machine, what else ran: every figure depends on it
-    runs, lone = compare(1, 1, args, lone=True)
-    multi, _ = compare(args.cores, multi_instances, args, lone=False)
+    runs, lone, idle_pct = compare(1, 1, args, lone=True)
+    multi, _, multi_idle_pct = compare(args.cores, multi_instances, args, lone=False)
 
     base, osless = median_of(runs["direct"]), median_of(runs["osless"])
     lone_base, lone_osless = median_of(lone["direct"]), median_of(lone["osless"])
@@ -353,6 +358,7 @@ def main() -> None:
                 "ratio_requests_per_s": round(ratio, 3),
                 "added_p50_ms": round(added, 3),
                 "ratio_per_round": round_ratios,
+                "node_idle_cpu_pct": idle_pct,
                 "added_p50_ms_per_round": round_added,
                 "one_connection": {
                     "direct_p50_ms": lone_base["p50_ms"],
@@ -368,6 +374,7 @@ def main() -> None:
                     "through_osless": median_of(multi["osless"]),
                     "ratio_requests_per_s": round(multi_ratio, 3),
                     "ratio_per_round": multi_ratios,
+                    "node_idle_cpu_pct": multi_idle_pct,
                     "failed_requests": multi_failed,
                     "meets_ratio": meets_multi,
                 },

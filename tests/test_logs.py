@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from osless.logs import LogFilter, LogWriter, follow, instance_line, read_tail
+from osless.runtime import applog
 from osless.runtime.applog import MARK
 from tests.platform import OSLESS, Platform
 
@@ -118,8 +119,8 @@ def test_only_the_runtime_s_marked_lines_carry_fields_and_never_the_platform_s_s
 
 
 def _access(i: int) -> str:
-    fields = {"method": "GET", "path": f"/p{i}", "status": 200, "duration_ms": 0.5, "cold": False}
-    return MARK + json.dumps({"access": fields, "line": f"GET /p{i} 200", "request": f"r{i}"})
+    """An access line as the runtime writes it."""
+    return applog._access_line("GET", f"/p{i}", 200, 0.5, False, f"r{i}").decode().removesuffix("\n")
 
 
 def test_an_instance_s_marked_lines_are_stamped_by_the_node_and_checked_where_read(tmp_path: Path) -> None:
@@ -178,8 +179,10 @@ def test_an_app_s_own_output_survives_a_burst_of_access_lines(tmp_path: Path) ->
     w.write_instance("the app's last word", "stdout")
     lines = [r["line"] for r in read_tail([path], 100_000)]
     assert lines[:2] == ["the app started", "a logging record"], lines[:3]
-    assert lines[-2:] == ["GET /p4999 200", "the app's last word"]
-    assert [r["line"] for r in read_tail([path], 1, LogFilter(request="r4998"))] == ["GET /p4998 200"]
+    assert lines[-2:] == ["GET /p4999 200 0.5ms warm", "the app's last word"]
+    assert [r["line"] for r in read_tail([path], 1, LogFilter(request="r4998"))] == [
+        "GET /p4998 200 0.5ms warm"
+    ]
 
     async def followed() -> list[str]:
         written = asyncio.Event()
@@ -196,7 +199,7 @@ def test_an_app_s_own_output_survives_a_burst_of_access_lines(tmp_path: Path) ->
         await writing
         return got
 
-    assert asyncio.run(followed()) == ["the app's last word", "GET /p5000 200", "after"]
+    assert asyncio.run(followed()) == ["the app's last word", "GET /p5000 200 0.5ms warm", "after"]
 
 
 # On the session's platform: tests/apps/chatty, deployed once for these tests.

@@ -46,6 +46,8 @@ __all__ = [
     "MAX_REQUEST_CHARS",
     "LogFilter",
     "LogWriter",
+    "access_path",
+    "access_text",
     "extra_fields",
     "follow",
     "instance_line",
@@ -224,10 +226,12 @@ def _parse(lines: Iterable[str]) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             continue
         if rec.get("stream") in _RUNTIME_STREAMS:  # an instance's fields: checked here (see the module)
-            line = rec.get("line")
-            if not isinstance(line, str):
-                continue
             extra = extra_fields(rec)
+            line = rec.get("line")
+            if "access" in extra and line is None:
+                line = access_text(extra["access"])
+            elif not isinstance(line, str):
+                continue
             rec = {
                 "ts": rec.get("ts"),
                 "source": rec.get("source"),
@@ -384,8 +388,19 @@ def instance_line(line: str, stream: str) -> tuple[str, str, dict[str, Any] | No
         raw = json.loads(line[len(MARK) :])
     except (ValueError, RecursionError):  # a nesting too deep is not a record either
         return line, stream, None
-    if not isinstance(raw, dict) or not isinstance(raw.get("line"), str):
+    if not isinstance(raw, dict):
         return line, stream, None
     extra = extra_fields(raw)
+    text = raw.get("line")
+    if "access" in extra and text is None:
+        text = access_text(extra["access"])
+    if not isinstance(text, str):
+        return line, stream, None
     kind = "access" if "access" in extra else "log"
-    return raw["line"], kind, extra
+    return text, kind, extra
+
+
+def access_text(access: dict[str, Any]) -> str:
+    """An access line as people read it, from its fields (checked by `extra_fields`)."""
+    warm = "cold" if access["cold"] else "warm"
+    return f"{access['method']} {access['path']} {access['status']} {access['duration_ms']:.1f}ms {warm}"
