@@ -4,8 +4,8 @@ The instance's part: `applog.logged` around a do-nothing ASGI app (a request id,
 answer's headers, the request's `REQUEST_ID`, its access line written in a batch to stderr, here
 /dev/null) against the same app called bare. The node agent's part: one access line as the
 instance writes it, from the line read off the instance's stderr to the record in the instance's
-log file (`LogWriter.write_instance`, as the spawn path calls it, on a running loop), with the line as it comes (a marked line
-and a plain one). CPU time (`time.process_time`) per call, the median of `--repeats` timings of
+log file (`LogWriter.write_instance`, as the spawn path calls it, on a running loop), for a marked
+line and a plain one. CPU time (`time.process_time`) per call, the median of `--repeats` timings of
 `--calls` calls each. Prints one JSON object as its last line.
 
     .venv/bin/python benchmarks/request_cost.py [--calls 50000] [--repeats 7]
@@ -58,13 +58,10 @@ def instance(calls: int, repeats: int) -> dict[str, float]:
             rid = applog.new_request_id()
             await applog.logged(scope, None, _sent, _ok, rid, "GET", "/hello/")
 
-    loop = asyncio.new_event_loop()
-    try:
-        base = per_call_us(lambda n: loop.run_until_complete(bare(n)), calls, repeats)
-        with_log = per_call_us(lambda n: loop.run_until_complete(logged(n)), calls, repeats)
-        loop.run_until_complete(asyncio.sleep(0.05))  # the last batch's timer
-    finally:
-        loop.close()
+    with asyncio.Runner() as runner:
+        base = per_call_us(lambda n: runner.run(bare(n)), calls, repeats)
+        with_log = per_call_us(lambda n: runner.run(logged(n)), calls, repeats)
+        runner.run(asyncio.sleep(0.05))  # the last batch's timer
     return {"bare_us": base, "logged_us": with_log, "added_us": round(with_log - base, 3)}
 
 
@@ -80,11 +77,8 @@ def node(calls: int, repeats: int) -> dict[str, float]:
                 for _ in range(n):
                     log.write_instance(text, "stderr")
 
-            loop = asyncio.new_event_loop()
-            try:
-                out[name] = per_call_us(lambda n, emit=emit: loop.run_until_complete(emit(n)), calls, repeats)
-            finally:
-                loop.close()
+            with asyncio.Runner() as runner:
+                out[name] = per_call_us(lambda n, emit=emit: runner.run(emit(n)), calls, repeats)
             log.close()
     return out
 

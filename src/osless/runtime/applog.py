@@ -186,8 +186,7 @@ class _Answer:
                 if len(k) == _HEADER_LEN and bytes(k).lower() == REQUEST_HEADER:
                     break
             else:  # copies: the app's list may be one it sends again
-                message = message.copy()
-                message["headers"] = [*headers, (REQUEST_HEADER, self._id)]
+                message = {**message, "headers": [*headers, (REQUEST_HEADER, self._id)]}
         await self._send(message)
 
     def __getattr__(self, name: str) -> Any:
