@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -62,9 +61,6 @@ ACCESS_SUFFIX = ".access"  # `<id>.log.access`: an instance's access lines, besi
 _ACCESS_START = '{"access":'  # how the runtime starts an access line's object (an app may too: its own)
 _RUNTIME_STREAMS = ("access", "log")
 _MARK_LEN = len(MARK)
-# What some reader takes for a line's end (str.splitlines, a text file's universal newlines, a
-# terminal): never in a line written unparsed, which might otherwise hold a whole record of its own.
-_BREAKS = re.compile("[\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
 def access_path(path: Path) -> Path:
@@ -127,13 +123,16 @@ class LogWriter:
         if not (line.startswith(MARK) and line.endswith("}") and line.startswith("{", _MARK_LEN)):
             self.write(line, stream)
             return
-        if _BREAKS.search(line, _MARK_LEN):
-            self.write(*instance_line(line, stream))  # parsed and written again, its breaks escaped
+        body = line[_MARK_LEN:-1]
+        if not body.isprintable():
+            # A control character (JSON has none raw: the runtime's lines never do) or what some
+            # reader takes for a line's end (\r, \u2028, ...: str.splitlines, a text file's
+            # universal newlines), which might hold a whole record of its own: parsed and written
+            # again, escaped.
+            self.write(*instance_line(line, stream))
             return
-        kind = "access" if line.startswith(_ACCESS_START, _MARK_LEN) else "log"
-        rec = f'{line[_MARK_LEN:-1]},"ts":{time.time():.6f}{self._stamp}"{kind}"}}\n'.encode(
-            "utf-8", "replace"
-        )
+        kind = "access" if body.startswith(_ACCESS_START) else "log"
+        rec = f'{body},"ts":{time.time():.6f}{self._stamp}"{kind}"}}\n'.encode("utf-8", "replace")
         if len(rec) > self.cap_bytes // 4 or self._full:
             self.write(*instance_line(line, stream))  # parsed and cut to fit, as any line
         elif kind == "access" and self.rotate:
@@ -250,7 +249,7 @@ def read_tail(paths: Iterable[Path], n: int, match: LogFilter | None = None) -> 
     for p in paths:
         for candidate in _files_of(p):
             try:
-                # Records end at "\n" only (see `_BREAKS`).
+                # Records end at "\n" only (see `LogWriter.write_instance`).
                 with open(candidate, encoding="utf-8", errors="replace", newline="\n") as f:
                     if match is None:
                         records.extend(_parse(f.readlines()[-n:] if n else []))
