@@ -80,6 +80,26 @@ full run (1024 kept, load 6 to 10): 0.27 multi-core (rounds 0.12 to 0.45; gatewa
 three processes scheduled in turn per answer against uvicorn's one, each waiting behind a
 neighbour's; the 0.6 target is for a quiet machine, which this session never had (SCHED_BATCH for
 gateways and instances, tried paired the same way, moved nothing beyond the noise).
+
+2026-12-06, evening: each run now also says what the `osless up` process spends per answer
+(`node_cpu_us_per_request`: the node agent, which reads the instances' output and writes their logs,
+with the API and controllers in the same loop) and what it spends with no load (`node_idle_cpu_pct`,
+over `--seconds` before the rounds: heartbeats, controllers, the store). After issue 14's logs the
+node parsed every access line (json.loads, checks, json.dumps again: 11-13 us a line in one process)
+and kept them in the instance's own log, where a burst rotated the app's output away in about a
+second. Now it appends them unparsed with its fields spliced in, to a file of their own (2.1-2.5 us
+a line; `benchmarks/request_cost.py`), and the instance's access line is shorter (its text for
+people made where it is read), so one pipe write carries twice the lines. Three pairs of
+`--rounds 5`, the code before and after back to back (each from its own checkout and venv), on this
+VM shared with other engineers' test runs, load 8 to 17 throughout: the node's CPU per answer
+31.8/31.1, 50.9/44.4, 30.0/26.4 us before against 27.0/36.1, 27.0/41.0, 24.6/31.7 us after (single /
+multi-core); less the idle share (3.0-4.0% of a core, spread over however many answers wrk got that
+round), 20.6-27.9 us a request before against 7.0-17.5 after. The rest was noise far past what was
+changed: ratios 0.19/0.15, 0.10/0.14, 0.21/0.26 before and 0.11/0.10, 0.17/0.09, 0.14/0.10 after,
+uvicorn 38-47 us per answer throughout, the gateway 61-96 us and the instance 79-121 us on both
+sides alike. In the instance, py-spy under wrk: the platform's Python per request (id, `send`
+wrapper, access line, its batch) is a few percent of its samples, its writes to the node half what
+they were; its socket writes to the gateway (`runtime/http.py`, one writev per answer) are a third.
 """
 
 from __future__ import annotations
