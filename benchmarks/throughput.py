@@ -80,6 +80,26 @@ full run (1024 kept, load 6 to 10): 0.27 multi-core (rounds 0.12 to 0.45; gatewa
 three processes scheduled in turn per answer against uvicorn's one, each waiting behind a
 neighbour's; the 0.6 target is for a quiet machine, which this session never had (SCHED_BATCH for
 gateways and instances, tried paired the same way, moved nothing beyond the noise).
+
+2026-12-06, evening: each run now also says what the `osless up` process spends per answer
+(`node_cpu_us_per_request`: the node agent, which reads the instances' output and writes their logs,
+with the API and controllers in the same loop) and what it spends with no load (`node_idle_cpu_pct`,
+over `--seconds` before the rounds: heartbeats, controllers, the store). After issue 14's logs the
+node parsed every access line (json.loads, checks, json.dumps again: 11-13 us a line in one process)
+and kept them in the instance's own log, where a burst rotated the app's output away in about a
+second. Now it appends them unparsed with its fields spliced in, to a file of their own (2.1-2.5 us
+a line; `benchmarks/request_cost.py`), and the instance's access line is shorter (its text for
+people made where it is read), so one pipe write carries twice the lines. Three pairs of
+`--rounds 5`, the code before and after back to back (each from its own checkout and venv), on this
+VM shared with other engineers' test runs, load 8 to 17 throughout: the node's CPU per answer
+31.8/31.1, 50.9/44.4, 30.0/26.4 us before against 27.0/36.1, 27.0/41.0, 24.6/31.7 us after (single /
+multi-core); less the idle share (3.0-4.0% of a core, spread over however many answers wrk got that
+round), 20.6-27.9 us a request before against 7.0-17.5 after. The rest was noise far past what was
+changed: ratios 0.19/0.15, 0.10/0.14, 0.21/0.26 before and 0.11/0.10, 0.17/0.09, 0.14/0.10 after,
+uvicorn 38-47 us per answer throughout, the gateway 61-96 us and the instance 79-121 us on both
+sides alike. In the instance, py-spy under wrk: the platform's Python per request (id, `send`
+wrapper, access line, its batch) is a few percent of its samples, its writes to the node half what
+they were; its socket writes to the gateway (`runtime/http.py`, one writev per answer) are a third.
 """
 
 from __future__ import annotations
@@ -222,7 +242,9 @@ def cpu_s(pids: list[int]) -> float:
 def server_processes(
     platform: RunningPlatform, direct: subprocess.Popen[bytes]
 ) -> dict[str, dict[str, list[int]]]:
-    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes and instances."""
+    """Whose CPU each side spends: uvicorn's processes; osless's gateway processes, instances, and
+    the `osless up` process itself (`node`: the node agent, which reads the instances' output and
+    writes their logs, with the API and the controllers in the same loop, nearly idle meanwhile)."""
     gateways = [
         pid
         for pid in descendants(platform.proc.pid)
@@ -240,7 +262,7 @@ def server_processes(
     ]
     return {
         "direct": {"uvicorn": [direct.pid, *descendants(direct.pid)]},
-        "osless": {"gateway": gateways, "instances": instances},
+        "osless": {"gateway": gateways, "instances": instances, "node": [platform.proc.pid]},
     }
 
 
@@ -256,10 +278,12 @@ def measured(url: str, seconds: int, connections: int, groups: dict[str, list[in
 
 def compare(
     processes: int, instances: int, args: argparse.Namespace, lone: bool
-) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]], float]:
     """Rounds of wrk against uvicorn with `processes` workers and against osless with `processes`
     gateway processes and `instances` instances, paired round by round; with `lone`, a
-    one-connection pass too."""
+    one-connection pass too. Also what the `osless up` process spends with no load (percent of a
+    core, over `--seconds`): its heartbeats, controllers and store, which its CPU per answer
+    counts too."""
     direct_port = free_port()
     direct = None
     runs: dict[str, list[dict[str, float]]] = {"direct": [], "osless": []}
@@ -276,6 +300,9 @@ def compare(
             for url in urls.values():
                 wrk(url, 1, args.connections)  # warm up
             groups = server_processes(platform, direct)
+            before = cpu_s([platform.proc.pid])
+            time.sleep(args.seconds)
+            idle_pct = round((cpu_s([platform.proc.pid]) - before) / args.seconds * 100, 1)
             for _ in range(args.rounds):
                 for name, url in urls.items():
                     runs[name].append(measured(url, args.seconds, args.connections, groups[name]))
@@ -286,7 +313,7 @@ def compare(
             if direct is not None:
                 direct.send_signal(signal.SIGTERM)
                 direct.wait(30)
-    return runs, lone_runs
+    return runs, lone_runs, idle_pct
 
 
 def ratios(runs: dict[str, list[dict[str, float]]]) -> list[float]:
@@ -315,8 +342,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
     load_before = os.getloadavg()  # on a shared machine, what else ran: every figure depends on it
-    runs, lone = compare(1, 1, args, lone=True)
-    multi, _ = compare(args.cores, multi_instances, args, lone=False)
+    runs, lone, idle_pct = compare(1, 1, args, lone=True)
+    multi, _, multi_idle_pct = compare(args.cores, multi_instances, args, lone=False)
 
     base, osless = median_of(runs["direct"]), median_of(runs["osless"])
     lone_base, lone_osless = median_of(lone["direct"]), median_of(lone["osless"])
@@ -351,6 +378,7 @@ def main() -> None:
                 "ratio_requests_per_s": round(ratio, 3),
                 "added_p50_ms": round(added, 3),
                 "ratio_per_round": round_ratios,
+                "node_idle_cpu_pct": idle_pct,
                 "added_p50_ms_per_round": round_added,
                 "one_connection": {
                     "direct_p50_ms": lone_base["p50_ms"],
@@ -366,6 +394,7 @@ def main() -> None:
                     "through_osless": median_of(multi["osless"]),
                     "ratio_requests_per_s": round(multi_ratio, 3),
                     "ratio_per_round": multi_ratios,
+                    "node_idle_cpu_pct": multi_idle_pct,
                     "failed_requests": multi_failed,
                     "meets_ratio": meets_multi,
                 },

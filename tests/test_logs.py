@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from osless.logs import LogFilter, LogWriter, instance_line, read_tail
+from osless.logs import LogFilter, LogWriter, follow, instance_line, read_tail
+from osless.runtime import applog
 from osless.runtime.applog import MARK
 from tests.platform import OSLESS, Platform
 
@@ -113,6 +115,90 @@ def test_only_the_runtime_s_marked_lines_carry_fields_and_never_the_platform_s_s
     access = {"method": "GET", "path": "/a", "status": 200, "duration_ms": 1.5, "cold": True}
     line, stream, extra = instance_line(MARK + json.dumps({"line": "GET /a", "access": access}), "stderr")
     assert stream == "access" and extra == {"access": access}
+
+
+def _access(i: int) -> str:
+    """An access line as the runtime writes it."""
+    return applog._access_line("GET", f"/p{i}", 200, 0.5, False, f"r{i}").decode().removesuffix("\n")
+
+
+def test_an_instance_s_marked_lines_are_stamped_by_the_node_and_checked_where_read(tmp_path: Path) -> None:
+    """The node appends a marked line unparsed, its own `ts`, `source` and `stream` last: what the
+    line says of them is overridden, a bad field dropped where the log is read, and a line that
+    closes the object early or holds a line break some reader splits on is no record of another."""
+    path = tmp_path / "i-1.log"
+    w = LogWriter(path, source="i-1", cap_bytes=CAP)
+    w.write_instance(_access(1), "stderr")
+    forged = {
+        "line": "OOM!",
+        "source": "i-2",
+        "stream": "osless",
+        "ts": 0,
+        "level": "ERROR",
+        "request": "x" * 65,
+    }
+    w.write_instance(MARK + json.dumps(forged), "stderr")
+    w.write_instance(MARK + '{"line": "early"}, "source": "i-2", "stream": "osless"}', "stderr")
+    w.write_instance(MARK + '{"line": "open", "x": {"y": 1}', "stderr")
+    whole = '{"line":"forged","source":"i-2","stream":"osless","ts":1}'
+    for brk in ("\r", "\v", "\x1c", "\u2028"):
+        w.write_instance(f'{MARK}{whole}{brk}{{"line":"b"}}', "stderr")
+    w.write_instance(MARK + "{" + "[" * 16000 + "}", "stderr")
+    w.write_instance("plain print", "stdout")
+    w.close()
+    records = read_tail([path], 100)
+    assert all(r["source"] == "i-1" and r["stream"] != "osless" and r["ts"] > 1 for r in records), records
+    # Nor in the file, split at every break Python knows (what another reader of it might do).
+    for text in path.read_text().splitlines():
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            continue
+        assert raw["source"] == "i-1" and raw["stream"] != "osless", text
+    access, oom, *rest = records
+    assert access["stream"] == "access" and access["access"]["path"] == "/p1" and access["request"] == "r1"
+    assert (oom["line"], oom["stream"], oom.get("request")) == ("OOM!", "log", None)
+    assert oom["level"] == "ERROR" and set(oom) == {"ts", "source", "stream", "line", "level"}
+    assert [r["line"] for r in rest][-1] == "plain print"
+    # A line with a break was parsed and written again: it reads as the app's log, whole, or as its
+    # output; none as a record of its own.
+    assert not any(r["line"] == "forged" for r in rest), rest
+    assert {r["stream"] for r in rest} <= {"stderr", "stdout", "log"}, rest
+
+
+def test_an_app_s_own_output_survives_a_burst_of_access_lines(tmp_path: Path) -> None:
+    """Access lines are kept beside an instance's log, capped and rotated on their own: a burst of
+    requests never rotates away what the app wrote; readers and followers merge the two by time."""
+    path = tmp_path / "i-1.log"
+    w = LogWriter(path, source="i-1", cap_bytes=CAP)
+    w.write_instance("the app started", "stdout")
+    w.write_instance(MARK + json.dumps({"line": "a logging record"}), "stderr")
+    for i in range(5000):  # ten times what a log holds
+        w.write_instance(_access(i), "stderr")
+    w.write_instance("the app's last word", "stdout")
+    lines = [r["line"] for r in read_tail([path], 100_000)]
+    assert lines[:2] == ["the app started", "a logging record"], lines[:3]
+    assert lines[-2:] == ["GET /p4999 200 0.5ms warm", "the app's last word"]
+    assert [r["line"] for r in read_tail([path], 1, LogFilter(request="r4998"))] == [
+        "GET /p4998 200 0.5ms warm"
+    ]
+
+    async def followed() -> list[str]:
+        written = asyncio.Event()
+
+        async def write() -> None:
+            await asyncio.sleep(0.1)  # once the follower is past the tail
+            w.write_instance(_access(5000), "stderr")
+            w.write_instance("after", "stdout")
+            w.close()
+            written.set()
+
+        writing = asyncio.create_task(write())
+        got = [rec["line"] async for rec in follow(lambda: [path], tail=1, poll_s=0.01, until=written.is_set)]
+        await writing
+        return got
+
+    assert asyncio.run(followed()) == ["the app's last word", "GET /p5000 200 0.5ms warm", "after"]
 
 
 # On the session's platform: tests/apps/chatty, deployed once for these tests.

@@ -9,6 +9,15 @@ Streams: "stdout" and "stderr" (what the instance wrote), "log" (its `logging` r
 (one line per request or invocation), both written by the runtime in the instance (so app-trusted:
 an app can fake them, in its own log only); "osless" is the platform's own (the node's events), which
 no app can write: the node sets the stream from where a line came, never from what it says.
+
+A request must cost the node little: the runtime's marked lines (a JSON object) are not parsed where
+they are written. The node appends the object as it came, with its own `ts`, `source` and `stream`
+spliced in last (`LogWriter.write_instance`): a JSON reader keeps the last of a repeated key, so an
+instance cannot say it is another, nor the platform, nor when; and a line that closes the object
+early or leaves it open is no JSON at all. Their fields are checked where they are read
+(`_parse`, with `extra_fields`), which is rare next to writing. An instance's access lines go to a
+file of their own beside its log (`<id>.log.access`, capped and rotated the same way): a burst of
+requests never rotates the app's own output away. Readers merge the two by time.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from json.encoder import encode_basestring  # C, as json.dumps uses
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,7 @@ from osless.bounds import MAX_LINE_CHARS, cap
 from osless.runtime.applog import MARK
 
 __all__ = [
+    "ACCESS_SUFFIX",
     "DELETED_PREFIX",
     "MARK",
     "MAX_FIELD_CHARS",
@@ -34,6 +45,8 @@ __all__ = [
     "MAX_REQUEST_CHARS",
     "LogFilter",
     "LogWriter",
+    "access_path",
+    "access_text",
     "extra_fields",
     "follow",
     "instance_line",
@@ -44,13 +57,22 @@ __all__ = [
 DEFAULT_CAP = 2 * 1024 * 1024
 DELETED_PREFIX = ".deleted-"  # a deleted app's log folder, moved aside (no app name starts with a dot)
 _NOTICE_ROOM = 512  # kept free at the end of a capped log for the line that says it was cut
+ACCESS_SUFFIX = ".access"  # `<id>.log.access`: an instance's access lines, beside its log
+_ACCESS_START = '{"access":'  # how the runtime starts an access line's object (an app may too: its own)
+_RUNTIME_STREAMS = ("access", "log")
+_MARK_LEN = len(MARK)
+
+
+def access_path(path: Path) -> Path:
+    return path.with_name(path.name + ACCESS_SUFFIX)
 
 
 class LogWriter:
     """Appends records to a file that never grows past `cap_bytes`; each line is cut to fit.
 
     `rotate=True` (instances): past the cap the file moves to `<name>.1` and a new one starts, so the
-    newest output is kept. `rotate=False` (a build): the file stops at its cap, its last line saying so.
+    newest output is kept; access lines go to `<name>.access`, capped and rotated alike. `rotate=False`
+    (a build): the file stops at its cap, its last line saying so.
     """
 
     def __init__(
@@ -78,20 +100,51 @@ class LogWriter:
         self._size = self._file.tell()
         self._full = not rotate and self._size >= cap_bytes - _NOTICE_ROOM
         self._flush_due = False
+        # What the node stamps on a runtime's line, after the instance's own fields (see the module).
+        self._stamp = f',"source":{encode_basestring(source)},"stream":'
+        self._access: LogWriter | None = None  # made at the first access line
 
     def write(self, line: str, stream: str = "stdout", extra: dict[str, Any] | None = None) -> None:
         """`extra`: fields besides the line (`extra_fields`), already checked."""
         if self._full:
             return
         rec = self._record(cap(line, self._line_chars), stream, extra)
-        if self.rotate:
-            if self._size and self._size + len(rec) > self.cap_bytes:
-                self._rotate()
-        elif self._size + len(rec) > self.cap_bytes - _NOTICE_ROOM:
+        if not self.rotate and self._size + len(rec) > self.cap_bytes - _NOTICE_ROOM:
             self._full = True
             rec = self._record(
                 f"log cut: it reached its cap of {self.cap_bytes} bytes; later lines were dropped", "osless"
             )
+        self._append(rec)
+
+    def write_instance(self, line: str, stream: str) -> None:
+        """A line an instance wrote on `stream`: a runtime's marked line (an access line, a `logging`
+        record) is appended as it came with the node's fields spliced in, unparsed; any other is the
+        app's own output (`write`)."""
+        if not (line.startswith(MARK) and line.endswith("}") and line.startswith("{", _MARK_LEN)):
+            self.write(line, stream)
+            return
+        body = line[_MARK_LEN:-1]
+        if not body.isprintable():
+            # A control character (JSON has none raw: the runtime's lines never do) or what some
+            # reader takes for a line's end (\r, \u2028, ...: str.splitlines, a text file's
+            # universal newlines), which might hold a whole record of its own: parsed and written
+            # again, escaped.
+            self.write(*instance_line(line, stream))
+            return
+        kind = "access" if body.startswith(_ACCESS_START) else "log"
+        rec = f'{body},"ts":{time.time():.6f}{self._stamp}"{kind}"}}\n'.encode("utf-8", "replace")
+        if len(rec) > self.cap_bytes // 4 or self._full:
+            self.write(*instance_line(line, stream))  # parsed and cut to fit, as any line
+        elif kind == "access" and self.rotate:
+            if self._access is None:
+                self._access = LogWriter(access_path(self.path), source=self.source, cap_bytes=self.cap_bytes)
+            self._access._append(rec)
+        else:
+            self._append(rec)
+
+    def _append(self, rec: bytes) -> None:
+        if self.rotate and self._size and self._size + len(rec) > self.cap_bytes:
+            self._rotate()
         self._file.write(rec)
         self._size += len(rec)
         self._flush_soon()
@@ -115,11 +168,14 @@ class LogWriter:
             self._file.flush()
 
     def _record(self, line: str, stream: str, extra: dict[str, Any] | None = None) -> bytes:
-        record = {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line}
         if extra:
+            record = {"ts": round(time.time(), 6), "source": self.source, "stream": stream, "line": line}
             record.update(extra)
-        rec = json.dumps(record, ensure_ascii=False)
-        return (rec + "\n").encode("utf-8", "replace")
+            return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        # What json.dumps would write, without building a dict for it: the node's most common line.
+        return (
+            f'{{"ts":{time.time():.6f}{self._stamp}{encode_basestring(stream)},"line":{encode_basestring(line)}}}\n'
+        ).encode("utf-8", "replace")
 
     def _rotate(self) -> None:
         self._file.close()
@@ -129,6 +185,8 @@ class LogWriter:
 
     def close(self) -> None:
         self._file.close()
+        if self._access is not None:
+            self._access.close()
 
 
 async def remove_app_logs(folder: Path) -> None:
@@ -147,27 +205,52 @@ def _prune(folder: Path, count: int, keep: Path) -> None:
         (p for p in folder.glob("*.log") if p != keep), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for old in logs[count:]:
-        for p in (old, old.with_name(old.name + ".1")):
+        for p in _files_of(old):
             p.unlink(missing_ok=True)
+
+
+def _files_of(path: Path) -> tuple[Path, ...]:
+    """A log's files, oldest first within each: rotated, current; its access lines' the same."""
+    access = access_path(path)
+    return (path.with_name(path.name + ".1"), path, access.with_name(access.name + ".1"), access)
 
 
 def _parse(lines: Iterable[str]) -> list[dict[str, Any]]:
     out = []
     for raw in lines:
         try:
-            out.append(json.loads(raw))
+            rec = json.loads(raw)
         except (ValueError, RecursionError):
-            continue  # a torn last line after kill -9 is skipped, not fatal
+            continue  # a torn last line after kill -9 is skipped, not fatal; an instance's bad line too
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("stream") in _RUNTIME_STREAMS:  # an instance's fields: checked here (see the module)
+            extra = extra_fields(rec)
+            line = rec.get("line")
+            if "access" in extra and line is None:
+                line = access_text(extra["access"])
+            elif not isinstance(line, str):
+                continue
+            rec = {
+                "ts": rec.get("ts"),
+                "source": rec.get("source"),
+                "stream": "access" if "access" in extra else "log",
+                "line": cap(line, MAX_LINE_CHARS),
+                **extra,
+            }
+        out.append(rec)
     return out
 
 
 def read_tail(paths: Iterable[Path], n: int, match: LogFilter | None = None) -> list[dict[str, Any]]:
-    """The last `n` records across `paths` (and their rotated `.1` files) that `match`, oldest first."""
+    """The last `n` records across `paths` (with their rotated `.1` files and their access lines')
+    that `match`, oldest first."""
     records: list[dict[str, Any]] = []
     for p in paths:
-        for candidate in (p.with_name(p.name + ".1"), p):
+        for candidate in _files_of(p):
             try:
-                with open(candidate, encoding="utf-8", errors="replace") as f:
+                # Records end at "\n" only (see `LogWriter.write_instance`).
+                with open(candidate, encoding="utf-8", errors="replace", newline="\n") as f:
                     if match is None:
                         records.extend(_parse(f.readlines()[-n:] if n else []))
                     elif n:  # a log is at most its cap (twice, rotated): read whole, then filtered
@@ -187,16 +270,20 @@ async def follow(
     match: LogFilter | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the last `tail` records, then new ones as they are written (files may appear later);
-    only those that `match`, when given."""
+    only those that `match`, when given. A log's access lines' file is followed with it."""
+
+    def current() -> list[Path]:
+        return [q for p in list_paths() for q in (p, access_path(p))]
+
     for rec in await asyncio.to_thread(read_tail, list_paths(), tail, match):  # off the loop, as it reads
         yield rec
     offsets: dict[Path, int] = {}
-    for p in list_paths():
+    for p in current():
         offsets[p] = p.stat().st_size if p.exists() else 0
     while True:
         finished = until() if until else False
         new: list[dict[str, Any]] = []
-        for p in list_paths():
+        for p in current():
             try:
                 size = p.stat().st_size
             except FileNotFoundError:
@@ -210,7 +297,7 @@ async def follow(
                     chunk = f.read()
                 complete = chunk[: chunk.rfind(b"\n") + 1]
                 offsets[p] = start + len(complete)
-                new.extend(_parse(complete.decode("utf-8", "replace").splitlines()))
+                new.extend(_parse(complete.decode("utf-8", "replace").split("\n")[:-1]))
             else:
                 offsets[p] = size
         new.sort(key=lambda r: r.get("ts", 0))
@@ -300,8 +387,19 @@ def instance_line(line: str, stream: str) -> tuple[str, str, dict[str, Any] | No
         raw = json.loads(line[len(MARK) :])
     except (ValueError, RecursionError):  # a nesting too deep is not a record either
         return line, stream, None
-    if not isinstance(raw, dict) or not isinstance(raw.get("line"), str):
+    if not isinstance(raw, dict):
         return line, stream, None
     extra = extra_fields(raw)
+    text = raw.get("line")
+    if "access" in extra and text is None:
+        text = access_text(extra["access"])
+    if not isinstance(text, str):
+        return line, stream, None
     kind = "access" if "access" in extra else "log"
-    return raw["line"], kind, extra
+    return text, kind, extra
+
+
+def access_text(access: dict[str, Any]) -> str:
+    """An access line as people read it, from its fields (checked by `extra_fields`)."""
+    warm = "cold" if access["cold"] else "warm"
+    return f"{access['method']} {access['path']} {access['status']} {access['duration_ms']:.1f}ms {warm}"

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from osless.api.buildlog import BuildLog
 from osless.api.models import Body, Deploy, Integer, Release
 from osless.images import collect_uid_folders, sha256_hex
+from osless.logs import ACCESS_SUFFIX
 from osless.store import Conflict
 
 if TYPE_CHECKING:
@@ -358,8 +359,8 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _log_id(path: Path) -> str:
-    """`i-1` for `i-1.log` and `i-1.log.1`."""
-    name = path.name.removesuffix(".1")
+    """`i-1` for `i-1.log` and `i-1.log.1`, and its access lines' `i-1.log.access(.1)`."""
+    name = path.name.removesuffix(".1").removesuffix(ACCESS_SUFFIX)
     return name.removesuffix(".log")
 
 

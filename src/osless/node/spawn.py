@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from osless.images.runtime import RuntimeLayer
-from osless.logs import LogWriter, instance_line
+from osless.logs import LogWriter
 from osless.runtime import protocol
 
 __all__ = ["ChildExited", "ExitStatus", "RootZygote", "Zygote", "ZygoteFailed"]
@@ -220,7 +220,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        forward_lines(out_r, lambda line: self.log.write(*instance_line(line, "stdout")))
+        forward_lines(out_r, lambda line: self.log.write_instance(line, "stdout"))
         forward_lines(err_r, self._stderr)
         self._started = loop.create_future()
         self._channel = _Channel(ours, self._on_message, self._on_eof)
@@ -257,7 +257,7 @@ class Zygote:
             )
 
     def _stderr(self, line: str) -> None:
-        self.log.write(*instance_line(line, "stderr"))
+        self.log.write_instance(line, "stderr")
         self._last_error[:] = [*self._last_error[-9:], line]
 
     def _on_message(self, msg: dict[str, Any], sender: int | None) -> None:
@@ -363,9 +363,10 @@ class Zygote:
             for fd in (out_w, err_w, spans_w):
                 if fd >= 0:
                     os.close(fd)
-        # The runtime's marked lines (access lines, `logging` records) become records of their own.
-        forward_lines(out_r, lambda line: log.write(*instance_line(line, "stdout")))
-        forward_lines(err_r, lambda line: log.write(*instance_line(line, "stderr")))
+        # The runtime's marked lines (access lines, `logging` records) become records of their own,
+        # stamped by the node and not parsed here (`LogWriter.write_instance`).
+        forward_lines(out_r, lambda line: log.write_instance(line, "stdout"))
+        forward_lines(err_r, lambda line: log.write_instance(line, "stderr"))
         if spans is not None:
             forward_lines(spans_r, spans)
         try:

@@ -1,7 +1,8 @@
 """What an instance tells the node for its log: one access line per request, and the app's `logging`.
 
 Each is a line marked with MARK and a JSON object, on the instance's stderr; the node
-turns it into a record with its own fields (`request`, `level`, `access`). These are written here, in
+appends the object to the instance's log with its own `ts`, `source` and `stream` (unparsed:
+`osless.logs`), an access line's (it starts `{"access":`) to a file of their own. These are written here, in
 the instance, as the only place that knows a request's id, status, duration and whether it was the
 instance's first (the gateway holds no request id, and is kept lean for throughput). What an
 instance writes is the app's to fake, so these lines are app-trusted: an app can only fake lines of
@@ -24,7 +25,7 @@ from typing import Any
 
 __all__ = ["MARK", "REQUEST_HEADER", "REQUEST_ID", "flush", "install_logging", "logged", "new_request_id"]
 
-# Starts a line the node reads as the runtime's (`osless.logs.instance_line`); no app prints it by chance.
+# Starts a line the node reads as the runtime's (`logs.LogWriter.write_instance`); no app prints it by chance.
 MARK = "\x1eosless:"
 MAX_PATH_CHARS = 256  # of an access line (the node caps what it keeps again: the app could write it)
 
@@ -144,18 +145,22 @@ async def logged(
         REQUEST_ID.reset(token)
         ms = (time.perf_counter() - started) * 1000
         status = answer.status or 500  # it raised before answering: the server answers 500
-        _write_access(_access_line(method, path[:MAX_PATH_CHARS], status, ms, cold, request_id))
+        _write_access(_access_line(method[:32], path[:MAX_PATH_CHARS], status, ms, cold, request_id))
 
 
 def _access_line(method: str, path: str, status: int, ms: float, cold: bool, request_id: str) -> bytes:
-    """`_line` of an access line's fields, written out by hand: a request pays no json.dumps."""
-    warm = "cold" if cold else "warm"
-    text = encode_basestring(f"{method} {path} {status} {ms:.1f}ms {warm}")
+    """An access line's fields as JSON, written out by hand (a request pays no json.dumps), starting
+    with "access" (the node keeps such lines apart unparsed, `osless.logs`). Its text for people
+    ("GET /a 200 1.2ms warm") is made where the log is read, not here."""
     return (
-        f'{MARK}{{"line":{text},"request":{encode_basestring(request_id)},"access":{{"method":'
-        f'{encode_basestring(method)},"path":{encode_basestring(path)},"status":{status},'
-        f'"duration_ms":{ms:.3f},"cold":{"true" if cold else "false"}}}}}\n'
+        f'{MARK}{{"access":{{"method":{encode_basestring(method)},"path":{encode_basestring(path)},'
+        f'"status":{status},"duration_ms":{ms:.3f},"cold":{"true" if cold else "false"}}},'
+        f'"request":{encode_basestring(request_id)}}}\n'
     ).encode("utf-8", "replace")
+
+
+_set = object.__setattr__
+_HEADER_LEN = len(REQUEST_HEADER)
 
 
 class _Answer:
@@ -166,15 +171,21 @@ class _Answer:
     __slots__ = ("_id", "_send", "status")
 
     def __init__(self, send: Send, request_id: str) -> None:
-        object.__setattr__(self, "_send", send)
-        object.__setattr__(self, "_id", request_id.encode("latin-1"))
-        object.__setattr__(self, "status", 0)
+        _set(self, "_send", send)
+        _set(self, "_id", request_id.encode("latin-1"))
+        _set(self, "status", 0)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            object.__setattr__(self, "status", int(message["status"]))
-            headers = list(message.get("headers") or [])
-            if not any(bytes(k).lower() == REQUEST_HEADER for k, _ in headers):
+            _set(self, "status", int(message["status"]))
+            headers = message.get("headers") or []
+            if type(headers) is not list:  # any iterable: read once, here
+                headers = list(headers)
+                message = {**message, "headers": headers}
+            for k, _ in headers:  # the length first: most headers are not this one
+                if len(k) == _HEADER_LEN and bytes(k).lower() == REQUEST_HEADER:
+                    break
+            else:  # copies: the app's list may be one it sends again
                 message = {**message, "headers": [*headers, (REQUEST_HEADER, self._id)]}
         await self._send(message)
 
@@ -198,7 +209,11 @@ class _Handler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record)
-            fields: dict[str, Any] = {"line": line, "level": _level(record.levelno), "logger": record.name}
+            fields: dict[str, Any] = {
+                "line": line,
+                "level": _level(record.levelno),
+                "logger": record.name[:256],
+            }
             request = REQUEST_ID.get()
             if request is not None:
                 fields["request"] = request
