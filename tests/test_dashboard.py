@@ -288,7 +288,7 @@ def test_request_chart_moves_while_a_load_runs(admin: Page, platform: Platform, 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     try:
-        # The chart's newest sample (`data-last`: ok/s, errors/s) shows the load arrive.
+        # The chart's newest sample (`data-last`: 2xx-3xx/s, 4xx/s, 5xx/s) shows the load arrive.
         admin.wait_for_function(
             """() => { const el = document.querySelector('[data-chart="requests"]');
                        return el.dataset.last && JSON.parse(el.dataset.last)[0] > 1; }""",

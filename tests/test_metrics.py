@@ -223,3 +223,16 @@ def test_a_node_reports_usage_only_of_the_apps_placed_on_it(
     (node,) = [n["name"] for n in platform.http("GET", "/v1/nodes").json()["items"]]
     r = put(node, "placed_probe", 1)
     assert r.status_code == 200 and r.json() == {"rows": 1}, r.text
+
+
+def test_top_counts_4xx_apart_from_5xx(platform: Platform, hello: dict[str, Any]) -> None:
+    """The dashboard's request chart splits answers by status class: 4xx are not errors of the app."""
+
+    def client_errors() -> dict[str, Any] | None:
+        for _ in range(5):
+            assert httpx.get(f"{platform.gateway}/hello/no-such-page").status_code == 404
+        app = platform.http("GET", "/v1/top").json()["apps"]["hello"]
+        return app if app["client_errors_per_s"] > 0 else None
+
+    app = platform.wait_for(client_errors, timeout=15, what="4xx answers counted in /v1/top")
+    assert app["requests_per_s"] >= app["client_errors_per_s"]

@@ -97,12 +97,25 @@ async def put_live(
     await store.put(f"{LIVE_PREFIX}{node}", json.dumps({"at": at, "now": now, "pending": pending}).encode())
 
 
+# A node's live figures of an app that add up over the nodes.
+MERGED = (
+    "requests_per_s",
+    "errors_per_s",
+    "client_errors_per_s",
+    "in_flight",
+    "cpu",
+    "memory",
+    "cold_starts",
+)
+
+
 async def top(store: Store, at: float, apps: Iterable[str]) -> dict[str, Any]:
     """The nodes' live views merged: per app, and each instance with its node."""
     merged: dict[str, dict[str, Any]] = {
         app: {
             "requests_per_s": 0.0,
             "errors_per_s": 0.0,
+            "client_errors_per_s": 0.0,
             "in_flight": 0,
             "cpu": 0.0,
             "memory": 0,
@@ -125,7 +138,7 @@ async def top(store: Store, at: float, apps: Iterable[str]) -> dict[str, Any]:
             into = merged.get(app)
             if into is None:
                 continue  # deleted since
-            for k in ("requests_per_s", "errors_per_s", "in_flight", "cpu", "memory", "cold_starts"):
+            for k in MERGED:
                 into[k] += view.get(k, 0)
             for i, n in enumerate(view.get("latency_buckets", [])[: len(into["buckets"])]):
                 into["buckets"][i] += n
@@ -140,6 +153,7 @@ async def top(store: Store, at: float, apps: Iterable[str]) -> dict[str, Any]:
         view["p99_ms"] = None if p99 is None else round(p99 * 1000, 2)
         view["requests_per_s"] = round(view["requests_per_s"], 3)
         view["errors_per_s"] = round(view["errors_per_s"], 3)
+        view["client_errors_per_s"] = round(view["client_errors_per_s"], 3)
         view["cpu"] = round(view["cpu"], 4)
         view["instances"] = sum(1 for i in instances if i["app"] == app)
         out[app] = view

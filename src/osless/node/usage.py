@@ -123,7 +123,14 @@ class Sampler:
         def app_view(app: str) -> dict[str, Any]:
             view = apps.get(app)
             if view is None:
-                view = apps[app] = {"requests": 0, "errors": 0, "in_flight": 0, "cpu": 0.0, "memory": 0}
+                view = apps[app] = {
+                    "requests": 0,
+                    "errors": 0,
+                    "client_errors": 0,
+                    "in_flight": 0,
+                    "cpu": 0.0,
+                    "memory": 0,
+                }
             return view
 
         seen: set[tuple[str, str]] = set()
@@ -142,6 +149,7 @@ class Sampler:
             view = app_view(app)
             view["requests"] += n
             view["errors"] += d_codes[4]
+            view["client_errors"] += d_codes[3]
             into = second.setdefault(app, [0] * (len(BUCKETS) + 1))
             for i, k in enumerate(d_buckets):
                 into[i] += k
@@ -198,6 +206,7 @@ class Sampler:
         for app, view in apps.items():
             view["requests_per_s"] = round(view.pop("requests") / dt, 3)
             view["errors_per_s"] = round(view.pop("errors") / dt, 3)
+            view["client_errors_per_s"] = round(view.pop("client_errors") / dt, 3)
             view["cpu"] = round(view["cpu"], 4)
             view["latency_buckets"] = window.get(app, [])
             view.setdefault("cold_starts", 0)

@@ -41,6 +41,7 @@ class UsageRow(Body):
 class LiveApp(Body):
     requests_per_s: Figure = 0
     errors_per_s: Figure = 0
+    client_errors_per_s: Figure = 0
     in_flight: int = Field(default=0, ge=0, le=1 << 31)
     cpu: Figure = 0
     memory: int = Field(default=0, ge=0, le=1 << 50)
@@ -102,7 +103,8 @@ class UsageView(BaseModel):
 
 class TopApp(BaseModel):
     requests_per_s: float
-    errors_per_s: float
+    errors_per_s: float  # 5xx answers
+    client_errors_per_s: float  # 4xx answers
     in_flight: int
     cpu: float
     memory: int

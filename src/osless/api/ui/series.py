@@ -29,9 +29,9 @@ log = logging.getLogger("osless.api.ui")
 
 SAMPLE_S = 2.0
 POINTS = int(3600 / SAMPLE_S)
-# A sample packed: its time as a double, the figures as floats (NaN: none), 44 bytes and one object,
-# so an hour of an app is ~150 KB, not the ~700 KB of lists of Python floats.
-PACKED = struct.Struct("<d9f")
+# A sample packed: its time as a double, the figures as floats (NaN: none), 48 bytes and one object,
+# so an hour of an app is ~170 KB, not the ~700 KB of lists of Python floats.
+PACKED = struct.Struct("<d10f")
 Point = list[float | None]
 # One sample: its time, then these, in this order (the page's charts read them by index).
 FIELDS = (
@@ -44,6 +44,7 @@ FIELDS = (
     "memory_mb",
     "cpu",
     "cold_starts",
+    "client_errors_per_s",
 )
 
 
@@ -98,7 +99,9 @@ class Series:
             figures: dict[str, Any] = view.get(name, {})
             point: Point = [
                 round(at, 1),
-                figures.get("requests_per_s", 0.0) - figures.get("errors_per_s", 0.0),
+                figures.get("requests_per_s", 0.0)
+                - figures.get("errors_per_s", 0.0)
+                - figures.get("client_errors_per_s", 0.0),
                 figures.get("errors_per_s", 0.0),
                 figures.get("p50_ms"),
                 figures.get("p99_ms"),
@@ -107,6 +110,7 @@ class Series:
                 round(figures.get("memory", 0) / 2**20, 1),
                 figures.get("cpu", 0.0),
                 figures.get("cold_starts", 0),
+                figures.get("client_errors_per_s", 0.0),
             ]
             packed = PACKED.pack(*(math.nan if v is None else float(v) for v in point))
             self.rings.setdefault(name, deque(maxlen=POINTS)).append(packed)

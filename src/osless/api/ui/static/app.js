@@ -197,9 +197,10 @@
   }
 
   // -- charts ---------------------------------------------------------------------------------------
-  // A sample: [t, ok/s, errors/s, p50, p99, desired, ready, memory MB, cpu, cold starts] (ui/series.py).
+  // A sample: [t, 1xx-3xx/s, 5xx/s, p50, p99, desired, ready, memory MB, cpu, cold starts, 4xx/s]
+  // (ui/series.py's FIELDS).
   const CHARTS = {
-    requests: [["ok/s", 1, "#2a7"], ["errors/s", 2, "#d33"]],
+    requests: [["2xx-3xx/s", 1, "#2a7"], ["4xx/s", 10, "#e90"], ["5xx/s", 2, "#d33"]],
     latency: [["p50", 3, "#27c"], ["p99", 4, "#c72"]],
     instances: [["desired", 5, "#888"], ["ready", 6, "#2a7"]],
     memory: [["MB", 7, "#27c"]],
