@@ -179,7 +179,7 @@ def test_no_accepted_invocation_is_lost_when_the_platform_is_killed(tmp_path: Pa
     try:
         first.deploy_warm(JOBS)
         for i in range(30):
-            r = post_async(first, "count", {"key": f"k{i}", "sleep": 0.5})
+            r = post_async(first, "count", {"key": f"k{i}", "sleep": 2})
             assert r.status_code == 202, r.text
             accepted.append(r.json()["id"])
         states = [first.http("GET", f"/v1/invocations/{i}").json()["state"] for i in accepted]
