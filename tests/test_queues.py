@@ -152,12 +152,24 @@ def test_an_app_sends_to_its_own_queue_and_to_another_only_when_granted(
     platform.cli("apps", "delete", "mqsend", "--yes")
 
 
+def woken_by(p: Platform, app: str) -> str:
+    """Why the app at zero wants an instance again: the first reason its status gives."""
+    status: dict[str, Any] = p.wait_for(
+        lambda: (s := p.http("GET", f"/v1/apps/{app}").json()["status"])["desired"] and s,
+        what=f"{app} woken",
+    )
+    return str(status["scale_reason"])
+
+
 def test_a_consumer_at_zero_is_woken_by_a_message(platform: Platform, mq: dict[str, Any]) -> None:
     platform.deploy(MQ, "--name", "mqzero")
     platform.cli("scale", "mqzero", "--min", "0", "--idle", "1")
     platform.wait_for(lambda: not platform.instances("mqzero"), what="scale to zero")
     key = uuid.uuid4().hex
     send(platform, [{"key": key, "n": 1}], app="mqzero")
+    # Woken as the message is accepted (api/wakes.py), not once its delivery found no instance
+    # (the gateway's activator: "a request arrived while at zero"): the instance starts sooner.
+    assert woken_by(platform, "mqzero") == "a message arrived while at zero"
     assert wait_seen(platform, key, 1, app="mqzero")[0]["n"] == 1
     platform.cli("apps", "delete", "mqzero", "--yes")
 

@@ -22,7 +22,7 @@ def lat(messages, ctx):
     started = time.time()
     with open(DATA / f"lat-{messages[0].body['run']}", "a") as f:
         for m in messages:
-            f.write(f"{started - m.body['t']:.6f}\n")
+            f.write(f"{started - m.body['t']:.6f} {m.body['t']:.6f}\n")
 
 
 @app.on_message("drain", batch_size=100, max_concurrency=20, visibility_timeout_s=120)
@@ -50,8 +50,8 @@ def results(event, ctx):
     path = DATA / f"{event['kind']}-{event['run']}"
     if not path.exists():
         return None
-    if event["kind"] == "lat":
-        return [float(x) for x in path.read_text().split()]
+    if event["kind"] == "lat":  # [seconds from the send to the handler's start, when it was sent]
+        return [[float(x) for x in line.split()] for line in path.read_text().splitlines()]
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     seen = [n for line in lines for n in line["n"]]
     return {

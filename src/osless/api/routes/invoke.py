@@ -10,7 +10,7 @@ import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from osless.api import invocations
+from osless.api import invocations, wakes
 from osless.api.auth import Caller, check_invoke, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import Release
@@ -98,6 +98,7 @@ async def enqueue(
         # The engine keeps a key's id 24 h, past a delete of the app: scoped by the app's uid (never
         # reused), a new app of the name runs its own, not taken for the old one's (and never run).
         key = f"{(await state.resources.get_app(app)).uid}\0{key}"
+    wakes.wake_soon(state, app, "an async invocation arrived while at zero")
     return await invocations.submit(state.broker, app, function, body or b"null", key, trace)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from osless.api import grants, invocations, queues
+from osless.api import grants, invocations, queues, wakes
 from osless.api.auth import Caller, check_node, check_scope, require
 from osless.api.broker import Broker
 from osless.api.errors import ApiError, responses
@@ -90,6 +90,7 @@ async def _send(state: ApiState, app: str, queue: str, request: Request) -> dict
     if not 0 < len(items) <= MAX_SEND:
         raise ApiError(400, "bad_messages", f"send 1 to {MAX_SEND} messages at once, not {len(items)}")
     bodies = [queues.check_body(m["body"]) for m in items]
+    wakes.wake_soon(state, app, "a message arrived while at zero")
     ids = await queues.send(_broker(state), app, queue, bodies)
     return {"app": app, "queue": queue, "ids": ids}
 
