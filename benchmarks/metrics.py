@@ -39,14 +39,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import timeit
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httptools
-from _platform import ROOT, running_platform
+import httpx
+from _platform import ROOT, RunningPlatform, running_platform
 from throughput import cpu_s as cpu_of
 from throughput import descendants, median_of, wait_ok, wait_ready, wrk
 
@@ -82,6 +85,107 @@ def count_ns_per_request() -> float:
         loop.close()
 
 
+def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
+    """What traces cost an instance per request, in nanoseconds of CPU, timed in this process: the
+    instance's own ASGI entry (`runtime.instance.Instance`, its access line and all) serving a bare
+    ASGI answer, with a tracer provider and a span pipe as an instance has them (`tracing.start`),
+    for a request not sampled and for one sampled (its span made, queued and written to the pipe,
+    which a thread drains as the node would), against the same with tracing off; and what the
+    gateway spends on each request's traceparent (`sdk.traceparent`: sampled or not, made anew).
+    Medians of 5 timings of `n` requests each."""
+    import asyncio
+    import threading
+    import time
+
+    import uvloop
+
+    from osless.runtime import tracing
+    from osless.runtime.instance import Instance
+    from osless.sdk import traceparent
+    from osless.sdk.app import App
+
+    read, write = os.pipe()
+
+    def drain() -> None:  # as the node does
+        while os.read(read, 1 << 16):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    os.environ[tracing.SPANS_FD_ENV] = str(write)
+    tracing.preload("hello")
+    tracing.start("hello", "bench-1")
+    del os.environ[tracing.SPANS_FD_ENV]  # not for the platforms this process starts
+    tracer = tracing._tracer
+
+    async def web(scope: dict[str, object], receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def sent(message: object) -> None:
+        pass
+
+    async def received() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    instance = Instance(App("hello"), web)
+
+    def scope(flags: bytes) -> dict[str, Any]:
+        headers = [(b"host", b"x"), (b"traceparent", traceparent.new(flags == b"01"))]
+        return {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""}
+
+    async def timed(flags: bytes, on: bool) -> float:
+        tracing._tracer = tracer if on else None
+        scopes = [scope(flags) for _ in range(n)]
+        started = time.thread_time()  # the loop's thread: not the one draining the pipe
+        for sc in scopes:
+            await instance(sc, received, sent)
+        await asyncio.sleep(tracing.FLUSH_S + 0.05)  # the deferred spans written (no CPU in the wait)
+        return (time.thread_time() - started) / n * 1e9
+
+    async def run() -> dict[str, float]:
+        times: dict[str, list[float]] = {"off": [], "unsampled": [], "sampled": []}
+        for _ in range(5):
+            times["off"].append(await timed(b"00", False))
+            times["unsampled"].append(await timed(b"00", True))
+            times["sampled"].append(await timed(b"01", True))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(null, 2)  # the access lines
+    try:
+        got = uvloop.run(run())
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    sampler = traceparent.Sampler(0.05)
+    gateway = min(timeit.repeat(lambda: traceparent.new(sampler()), number=100_000, repeat=5)) / 100_000 * 1e9
+    unsampled, sampled = got["unsampled"] - got["off"], got["sampled"] - got["off"]
+    return {
+        "instance_unsampled": round(unsampled),
+        "instance_sampled": round(sampled),
+        # At the default ratio (0.05; the first of each second is nothing at thousands a second).
+        "instance_per_request": round(0.95 * unsampled + 0.05 * sampled),
+        "gateway_traceparent": round(gateway),
+        "instance_request_off": round(got["off"]),
+    }
+
+
+def instance_pids(platform: RunningPlatform) -> list[int]:
+    """The host pids of hello's instances, as the API says."""
+    return [
+        int(i["status"]["pid"])
+        for i in httpx.get(
+            f"http://127.0.0.1:{platform.api_port}/v1/instances",
+            params={"app": "hello"},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=10,
+        ).json()["items"]
+        if i["status"].get("pid")
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=3, help="of each wrk run")
@@ -91,7 +195,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
     count_ns = count_ns_per_request()
+    trace_ns = trace_ns_per_request()
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    lone: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    load_before = os.getloadavg()  # on a shared machine, what else ran: every figure depends on it
     with contextlib.ExitStack() as stack:
         platforms = {
             "off": stack.enter_context(
@@ -105,35 +212,53 @@ def main() -> None:
             ),
             "on": stack.enter_context(running_platform("osless-bench-metrics-on-", "--gateways", "1")),
         }
-        gateways, everything = {}, {}
+        groups: dict[str, dict[str, list[int]]] = {}
         for name, platform in platforms.items():
             platform.osless("deploy", str(ROOT / "examples" / "hello"))
             platform.osless("scale", "hello", "--min", "1", "--max", "1")
             wait_ready(platform, 1)
             wait_ok(f"{platform.gateway}/hello/")
             wrk(f"{platform.gateway}/hello/", 1, args.connections)  # warm up
-            gateways[name] = [
-                pid
-                for pid in descendants(platform.proc.pid)
-                if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            ]
-            everything[name] = [platform.proc.pid, *descendants(platform.proc.pid)]
+            groups[name] = {
+                "gateway": [
+                    pid
+                    for pid in descendants(platform.proc.pid)
+                    if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                ],
+                "instance": instance_pids(platform),
+                # `osless up` itself: the node agent (which reads the spans), the API, the controllers.
+                "up": [platform.proc.pid],
+                # The gateway, the instance, the node agent and the API: all the platform spent.
+                "platform": [platform.proc.pid, *descendants(platform.proc.pid)],
+            }
         for _ in range(args.rounds):
             for name, platform in platforms.items():
-                before, before_all = cpu_of(gateways[name]), cpu_of(everything[name])
+                before = {group: cpu_of(pids) for group, pids in groups[name].items()}
                 result = wrk(f"{platform.gateway}/hello/", args.seconds, args.connections)
-                spent, spent_all = cpu_of(gateways[name]) - before, cpu_of(everything[name]) - before_all
-                result["gateway_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
-                # The gateway, the instance, the node agent and the API: all the platform spent.
-                result["platform_cpu_us_per_request"] = round(spent_all / max(result["requests"], 1) * 1e6, 1)
+                for group, pids in groups[name].items():
+                    spent = cpu_of(pids) - before[group]
+                    result[f"{group}_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
                 runs[name].append(result)
+            for name, platform in platforms.items():  # a lone request: the p50 with no queue in it
+                lone[name].append(wrk(f"{platform.gateway}/hello/", args.seconds, 1))
     pairs = list(zip(runs["off"], runs["on"], strict=True))
     ratios = [
         round(on["requests_per_s"] / off["requests_per_s"], 3) for off, on in pairs if off["requests_per_s"]
     ]
     added = [round(on["p50_ms"] - off["p50_ms"], 3) for off, on in pairs]
     ratio, added_p50 = statistics.median(ratios), statistics.median(added)
-    errors = int(sum(r["non_2xx"] + r["socket_errors"] for rs in runs.values() for r in rs))
+    lone_added = [
+        round(on["p50_ms"] - off["p50_ms"], 3) for off, on in zip(lone["off"], lone["on"], strict=True)
+    ]
+    errors = int(
+        sum(r["non_2xx"] + r["socket_errors"] for rs in (*runs.values(), *lone.values()) for r in rs)
+    )
+    on, off = median_of(runs["on"]), median_of(runs["off"])
+    # What metrics and traces add to each process's CPU per answer (us): the steadier figure.
+    cpu = {
+        group: round(on[f"{group}_cpu_us_per_request"] - off[f"{group}_cpu_us_per_request"], 1)
+        for group in ("gateway", "instance", "up", "platform")
+    }
     print(
         json.dumps(
             {
@@ -143,14 +268,23 @@ def main() -> None:
                 "connections": args.connections,
                 "seconds": args.seconds,
                 "rounds": args.rounds,
-                "off": median_of(runs["off"]),
-                "on": median_of(runs["on"]),
+                "off": off,
+                "on": on,
                 "ratio": ratio,
                 "round_ratios": ratios,
                 "added_p50_ms": added_p50,
                 "round_added_p50_ms": added,
+                "added_cpu_us_per_request": cpu,
+                "one_connection": {
+                    "off_p50_ms": median_of(lone["off"])["p50_ms"],
+                    "on_p50_ms": median_of(lone["on"])["p50_ms"],
+                    "added_p50_ms": statistics.median(lone_added),
+                    "round_added_p50_ms": lone_added,
+                },
+                "load_avg": {"before": load_before, "after": os.getloadavg()},
                 "errors": errors,
                 "count_ns_per_request": count_ns,
+                "trace_ns_per_request": trace_ns,
                 "target": {"ratio": TARGET_RATIO, "added_p50_ms": TARGET_ADDED_P50_MS},
                 "met": ratio >= TARGET_RATIO and added_p50 <= TARGET_ADDED_P50_MS and errors == 0,
             }
