@@ -4,8 +4,13 @@ and an app that sets OTEL_EXPORTER_OTLP_ENDPOINT sends them by OTLP through its 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import secrets
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +113,72 @@ def test_the_gateway_samples_the_first_trace_of_each_second_and_a_share_of_the_r
     assert traceparent.new(False).endswith(b"-00") and traceparent.new().endswith(b"-01")
     assert traceparent.sampled("00-" + "a" * 32 + "-" + "1" * 16 + "-01")
     assert not traceparent.sampled("00-" + "a" * 32 + "-" + "1" * 16 + "-00")
+
+
+def test_new_traces_read_the_kernel_once_for_many_and_a_fork_makes_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway starts a trace for every request: a read of the CSPRNG each was a system call each.
+    reads: list[int] = []
+    real = os.urandom
+
+    def urandom(n: int) -> bytes:
+        reads.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    made = [traceparent.new(i % 2 == 0) for i in range(100)]
+    assert len(reads) <= 1 and all(traceparent.valid(t) for t in made)
+    assert len({t[:-3] for t in made}) == 100
+    # A forked child (an instance's, a zygote's) hands out ids of its own, never its parent's next.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, traceparent.new())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100)
+    os.close(r)
+    assert traceparent.valid(child) and child[:-3] != traceparent.new()[:-3]
+
+
+def test_spans_are_written_together_whole_lines_a_pipe_buffer_at_a_time() -> None:
+    # A write per span cost a sampled request a system call in the instance and a wakeup of the node.
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from osless.runtime import tracing
+
+    ours, node = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # each write one message
+    ours.setblocking(False)
+    node.setblocking(False)
+    provider = TracerProvider()
+    provider.add_span_processor(tracing._deferred(tracing._PipeExporter(ours.fileno())))
+    tracer = provider.get_tracer("test")
+
+    async def requests() -> None:
+        for i in range(30):
+            with tracer.start_as_current_span(f"GET /{i}", attributes={"a": "x" * 200}):
+                pass
+            await asyncio.sleep(0)  # the loop turns, as between requests
+        with pytest.raises(BlockingIOError):
+            node.recv(select.PIPE_BUF)  # nothing written yet: the spans wait for others
+        await asyncio.sleep(tracing.FLUSH_S + 0.2)
+
+    try:
+        asyncio.run(requests())
+        writes = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                writes.append(node.recv(2 * select.PIPE_BUF))
+        lines = [line for w in writes for line in w.decode().splitlines()]
+        assert len(lines) == 30 and all(check_span(line) is not None for line in lines)
+        assert 2 <= len(writes) < 10, len(writes)
+        assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)
+    finally:
+        provider.shutdown()
+        ours.close()
+        node.close()
 
 
 @pytest.mark.parametrize(

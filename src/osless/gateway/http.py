@@ -158,6 +158,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused: set[str] = set()
         self.write_paused = False
         self._sink: UpstreamConn | None = None
+        self.corked: list[UpstreamConn] | None = None  # while a read is parsed (`UpstreamConn.write`)
         # One timer for the connection's life, re-armed only when it fires or must fire sooner:
         # a request then costs no timer of its own (they cost more than the rest of the hop).
         self._watch: asyncio.TimerHandle | None = None
@@ -191,6 +192,10 @@ class ClientConnection(asyncio.Protocol):
             if self._parsing is not None:
                 self._parsing.tunnel_data += data
             return
+        # What the read's requests write to instances goes out after it, at once: a head and the
+        # body that came with it in one system call, not one for each.
+        corked: list[UpstreamConn] = []
+        self.corked = corked
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -214,6 +219,10 @@ class ClientConnection(asyncio.Protocol):
                 self._bad(500, "internal", "the gateway failed; see its log")
             else:
                 self._bad(400, "bad_request", f"this is not a valid HTTP/1.1 request: {e}")
+        finally:
+            self.corked = None
+            for up in corked:
+                up.uncork()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -72,6 +72,9 @@ class Peer(Protocol):
 
     transport: asyncio.Transport
     responded: bool  # set once a byte of the instance's answer went out: the gateway's own cannot
+    # While the peer parses what it read: the connections whose writes wait for the end of it, to
+    # go out in one write each (a request's head and the body that came with it: one system call).
+    corked: list[UpstreamConn] | None
 
     def upstream_paused(self, paused: bool) -> None:
         """The instance's socket is full (or has room again): stop (resume) reading the client."""
@@ -105,6 +108,7 @@ class UpstreamConn(asyncio.Protocol):
         self._upgrading = False
         self._overrun = False  # the instance sent more after its answer's end
         self.reading_paused = False  # by the client's flow control
+        self._held: list[bytes] | None = None  # written while the peer was corked (`uncork`)
 
     def begin(self, peer: Peer, head_only: bool, on_done: OnDone) -> None:
         """Start an exchange; `on_done` hears once how it ended (an `UpstreamError` if it broke),
@@ -128,7 +132,20 @@ class UpstreamConn(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         # Once lost, the exchange hears of it; a write then (uvloop raises) is dropped.
         if self.transport is not None and not self.lost and not self.transport.is_closing():
-            self.transport.write(data)
+            corked = self.peer.corked if self.peer is not None else None
+            if corked is None:
+                self.transport.write(data)
+            elif self._held is None:
+                self._held = [data]
+                corked.append(self)
+            else:
+                self._held.append(data)
+
+    def uncork(self) -> None:
+        """Write what waited while the peer parsed its read, in one write."""
+        held, self._held = self._held, None
+        if held and self.transport is not None and not self.lost and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.reading_paused and not self.lost:

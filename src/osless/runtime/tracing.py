@@ -4,8 +4,9 @@ another app's function (`osless.sdk.calls`), in the trace the gateway's `tracepa
 Finished spans go two ways:
 - to the node, as JSON lines on a pipe of their own (`OSLESS_SPANS_FD`, passed at fork), which the
   node keeps a bounded window of for `osless traces` (`node.traces`); queued, and written by the
-  instance's loop after the answer (`_deferred`), each line at most PIPE_BUF bytes, written whole
-  or not at all, never blocking: a full pipe (or queue) drops the span;
+  instance's loop FLUSH_S after the first of them ended (`_deferred`), as many whole lines to a
+  write as PIPE_BUF holds (so the node wakes once for many), each write whole or not at all, never
+  blocking: a full pipe (or queue) drops the spans;
 - by OTLP/HTTP (`opentelemetry-exporter-otlp-proto-http`, batched on a thread of its own) when the
   app sets `OTEL_EXPORTER_OTLP_ENDPOINT` (its environment at import, or its config key
   `otel_exporter_otlp_endpoint`): through the sandbox's `HTTP_PROXY`, the node's egress proxy, so
@@ -19,6 +20,7 @@ its fork (`start`): no exporter thread is ever forked.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from osless.sdk import traceparent
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -45,9 +48,14 @@ MAX_ATTRS = 32
 MAX_TEXT = 256
 
 MAX_PENDING = 4096  # spans waiting for the loop: past it the oldest are dropped
+# How long a finished span waits for others to be written with it: one system call in the instance,
+# and one wakeup of the node, for up to a PIPE_BUF of spans, where a write per span cost each a
+# sampled request (`osless traces` shows a span this much later).
+FLUSH_S = 0.2
 FLUSH_MS = 1000  # what a stopping instance gives its last spans
 
 _tracer: Tracer | None = None
+_SERVER: Any = None  # opentelemetry.trace.SpanKind.SERVER, once the SDK is imported (`start`)
 _provider: TracerProvider | None = None
 _resource: Resource | None = None  # the app's, made by the zygote
 
@@ -70,7 +78,7 @@ def preload(app: str) -> None:
 
 def start(app: str, instance: str, endpoint_from_config: str | None = None) -> None:
     """Make this instance's tracer provider; once, after the fork. Nothing to do: no spans are made."""
-    global _tracer, _provider
+    global _tracer, _provider, _SERVER
     fd = os.environ.get(SPANS_FD_ENV, "")
     endpoint = os.environ.get(ENDPOINT_ENV) or endpoint_from_config
     if not fd.isdigit() and not endpoint:
@@ -104,6 +112,7 @@ def start(app: str, instance: str, endpoint_from_config: str | None = None) -> N
         else:
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     trace.set_tracer_provider(provider)
+    _SERVER = trace.SpanKind.SERVER
     _tracer = provider.get_tracer("osless")
     _provider = provider
 
@@ -130,10 +139,10 @@ def flush() -> None:
 
 def _deferred(exporter: _PipeExporter) -> SpanProcessor:
     """A span processor that queues each finished span and writes the queue from the instance's event
-    loop, once the request's answer is sent: a request pays for an append, not for the JSON and the
-    write. No thread of its own (the SDK's BatchSpanProcessor starts one, and again in each child the
-    app forks, a thread a fork, which the instance's pids limit counts). A span that ends on a thread
-    other than the loop's is queued the same way; before the loop runs, written at once."""
+    loop, FLUSH_S after the first span of it ended: a request pays for an append, not for the JSON
+    and the write. No thread of its own (the SDK's BatchSpanProcessor starts one, and again in each
+    child the app forks, a thread a fork, which the instance's pids limit counts). A span that ends
+    on a thread other than the loop's is queued the same way; before the loop runs, written at once."""
     import asyncio
     from collections import deque
 
@@ -154,13 +163,13 @@ def _deferred(exporter: _PipeExporter) -> SpanProcessor:
             try:
                 self.loop = asyncio.get_running_loop()
                 self.scheduled = True
-                self.loop.call_soon(self.flush)
+                self.loop.call_later(FLUSH_S, self.flush)
             except RuntimeError:  # not on the loop's thread
                 if self.loop is None or self.loop.is_closed():
                     self.flush()
                     return
                 self.scheduled = True
-                self.loop.call_soon_threadsafe(self.flush)
+                self.loop.call_soon_threadsafe(self.loop.call_later, FLUSH_S, self.flush)
 
         def flush(self) -> None:
             self.scheduled = False  # first: a span queued from now on schedules the next flush
@@ -209,26 +218,44 @@ def server_span(
     if _tracer is None:
         yield None
         return
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    carrier = {
-        k.decode("latin-1"): v.decode("latin-1") for k, v in items if k in (b"traceparent", b"tracestate")
-    }
-    given = carrier.get("traceparent")
-    if given is not None and traceparent.valid(given.encode("latin-1")) and not traceparent.sampled(given):
-        token = traceparent.UNRECORDED.set(given)
+    given = state = b""
+    for k, v in headers.items() if isinstance(headers, Mapping) else headers:
+        if k == b"traceparent":
+            given = v
+        elif k == b"tracestate":
+            state = v
+    if given and not traceparent.valid(given):
+        given = b""  # not continued: the span starts a trace of its own
+    if given and not traceparent.sampled(given.decode("latin-1")):
+        token = traceparent.UNRECORDED.set(given.decode("latin-1"))
         try:
             yield None
         finally:
             traceparent.UNRECORDED.reset(token)
         return
-    from opentelemetry.trace import SpanKind
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    parent = TraceContextTextMapPropagator().extract(carrier)
     with _tracer.start_as_current_span(
-        name, context=parent, kind=SpanKind.SERVER, attributes=attributes, record_exception=False
+        name, context=_parent(given, state), kind=_SERVER, attributes=attributes, record_exception=False
     ) as span:
         yield span
+
+
+def _parent(given: bytes, state: bytes) -> Context:
+    """The context of a valid traceparent (`sdk.traceparent.valid`), or an empty one (a new trace):
+    what the SDK's TraceContextTextMapPropagator extracts, without its header parsing again."""
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace.span import TraceState
+
+    if not given:
+        return Context()
+    parent = trace.SpanContext(
+        int(given[3:35], 16),
+        int(given[36:52], 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(given[53:55], 16)),
+        trace_state=TraceState.from_header([state.decode("latin-1")]) if state else None,
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
 class _PipeExporter:
@@ -241,13 +268,24 @@ class _PipeExporter:
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
+        chunk = b""
         for span in spans:
             line = _line(span)
             if line is None:
                 continue
-            with self.lock, contextlib.suppress(OSError):  # BlockingIOError: the node is behind
-                os.write(self.fd, line)
+            if len(chunk) + len(line) > select.PIPE_BUF:
+                self._write(chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            self._write(chunk)
         return SpanExportResult.SUCCESS
+
+    def _write(self, lines: bytes) -> None:
+        """Whole lines of at most PIPE_BUF bytes in one write: the kernel never splits nor mixes it
+        with another writer's (a child the app forked writes its spans to the same pipe)."""
+        with self.lock, contextlib.suppress(OSError):  # BlockingIOError: the node is behind
+            os.write(self.fd, lines)
 
     def shutdown(self) -> None:
         pass
@@ -272,7 +310,7 @@ def _line(span: ReadableSpan) -> bytes | None:
         "status": span.status.status_code.name.lower(),
         "attributes": {
             str(k)[:MAX_TEXT]: v if isinstance(v, bool | int | float) else str(v)[:MAX_TEXT]
-            for k, v in list((span.attributes or {}).items())[:MAX_ATTRS]
+            for k, v in itertools.islice((span.attributes or {}).items(), MAX_ATTRS)
         },
     }
     data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
