@@ -1,6 +1,6 @@
 """What metrics and traces cost a request: the same warm request through two `osless up` in the same
 run, one as it runs by default (the gateway's request counting for `GET /metrics`, `osless top` and
-`osless usage` on; traces sampled, `--trace-sample` 0.05) and one with both off
+`osless usage` on; traces sampled at the default `--trace-sample`, 0.01) and one with both off
 (`--no-gateway-metrics`, and `OSLESS_TRACES=off` in its environment: no spans). One gateway
 process and one instance of examples/hello each; load from `wrk`
 (`apt-get install -y wrk`), the two taking turns round after round so that a noisy neighbour hits
@@ -138,6 +138,7 @@ def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
 
     import uvloop
 
+    from osless.gateway.proxy import DEFAULT_TRACE_SAMPLE
     from osless.runtime import tracing
     from osless.runtime.instance import Instance
     from osless.sdk import traceparent
@@ -190,8 +191,8 @@ def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
             times["off"].append(await timed(0, False))
             times["unsampled"].append(await timed(0, True))
             times["sampled"].append(await timed(1, True))
-            # One in 20 sampled, as the default 5% has it: the SDK's code and data cold each time.
-            times["mixed"].append(await timed(20, True))
+            # As the default share has it (one in 100): the SDK's code and data cold each time.
+            times["mixed"].append(await timed(round(1 / DEFAULT_TRACE_SAMPLE), True))
         return {k: statistics.median(v) for k, v in times.items()}
 
     null = os.open(os.devnull, os.O_WRONLY)
@@ -203,12 +204,12 @@ def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
-    sampler = traceparent.Sampler(0.05)
+    sampler = traceparent.Sampler(DEFAULT_TRACE_SAMPLE)
     gateway = min(timeit.repeat(lambda: traceparent.new(sampler()), number=100_000, repeat=5)) / 100_000 * 1e9
     return {
         "instance_unsampled": round(got["unsampled"] - got["off"]),
         "instance_sampled": round(got["sampled"] - got["off"]),
-        # At the default ratio (0.05; the first of each second is nothing at thousands a second).
+        # At the default share (the first of each second is nothing at thousands a second).
         "instance_per_request": round(got["mixed"] - got["off"]),
         "gateway_traceparent": round(gateway),
         "instance_request_off": round(got["off"]),

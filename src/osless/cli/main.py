@@ -24,7 +24,14 @@ from osless.cli.debug import debug_app
 from osless.cli.functions import functions_app
 from osless.cli.invocations import invocation, invocations
 from osless.cli.invoke import invoke
-from osless.cli.node import MAX_GATEWAYS, GatewayMetricsOpt, TraceSampleOpt, check_trace_sample, node_app
+from osless.cli.node import (
+    MAX_GATEWAYS,
+    TRACE_SAMPLE,
+    GatewayMetricsOpt,
+    TraceSampleOpt,
+    check_trace_sample,
+    node_app,
+)
 from osless.cli.observe import top, usage
 from osless.cli.oneoff import run as run_command
 from osless.cli.output import (
@@ -76,7 +83,7 @@ def up(
         ),
     ] = None,
     deploy: Annotated[list[Path] | None, typer.Option(help="Deploy this app once up (repeatable).")] = None,
-    trace_sample: TraceSampleOpt = 0.05,
+    trace_sample: TraceSampleOpt = TRACE_SAMPLE,
     gateway_metrics: GatewayMetricsOpt = True,
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")

@@ -18,6 +18,7 @@ MAX_GATEWAYS = 256
 
 
 # The gateway's observability options, the same on `osless up` and `osless node join`.
+TRACE_SAMPLE = 0.01  # gateway.proxy.DEFAULT_TRACE_SAMPLE, not imported: the CLI stays light
 TraceSampleOpt = Annotated[
     float,
     typer.Option(
@@ -85,7 +86,7 @@ def join(
     sandbox: Annotated[
         bool, typer.Option(help="Run apps in sandboxes (namespaces, seccomp, cgroups).")
     ] = True,
-    trace_sample: TraceSampleOpt = 0.05,
+    trace_sample: TraceSampleOpt = TRACE_SAMPLE,
     gateway_metrics: GatewayMetricsOpt = True,
     egress_allow: Annotated[
         list[str] | None,

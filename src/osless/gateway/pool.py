@@ -37,6 +37,7 @@ from typing import Any
 
 from osless.gateway.metrics import Figures
 from osless.gateway.process import READY
+from osless.gateway.proxy import DEFAULT_TRACE_SAMPLE
 
 __all__ = ["GatewayPool", "default_count"]
 
@@ -113,7 +114,7 @@ class GatewayPool:
         host: str,
         port: int,
         count: int,
-        trace_sample: float = 0.05,
+        trace_sample: float = DEFAULT_TRACE_SAMPLE,
         metrics: bool = True,
     ) -> None:
         """`metrics` False: the processes count no requests (`--no-gateway-metrics`)."""

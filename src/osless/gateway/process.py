@@ -24,7 +24,7 @@ import signal
 import socket
 
 from osless.client import AsyncApi
-from osless.gateway.proxy import Gateway
+from osless.gateway.proxy import DEFAULT_TRACE_SAMPLE, Gateway
 from osless.gateway.router import Router
 from osless.pdeathsig import die_with_parent
 
@@ -66,7 +66,7 @@ async def serve(
     name: str,
     listeners: list[socket.socket],
     control: socket.socket,
-    trace_sample: float = 0.05,
+    trace_sample: float = DEFAULT_TRACE_SAMPLE,
     metrics: bool = True,
 ) -> None:
     """Serve the port until SIGTERM or `osless up` goes (EOF on `control`); `metrics` False counts
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--name", required=True, help="this process's, gw-<k>: its traffic is <node>.gw-<k>'s"
     )
-    parser.add_argument("--trace-sample", type=float, default=0.05, help="traces recorded past 1/s")
+    parser.add_argument(
+        "--trace-sample", type=float, default=DEFAULT_TRACE_SAMPLE, help="traces recorded past 1/s"
+    )
     parser.add_argument("--parent", type=int, required=True, help="the pid of osless up")
     parser.add_argument("--control-fd", type=int, required=True, help="the token in, ready out")
     parser.add_argument("--listen-fd", type=int, action="append", required=True, help="a bound socket")
