@@ -80,7 +80,8 @@ def hello_v2(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def previous_data_dir(tmp_path_factory: pytest.TempPathFactory, previous_osless: str) -> Path:
     """A data dir as the previous release leaves it: hello (v1, v2), flask, config with a secret, a volume."""
-    root = tmp_path_factory.mktemp("previous-data")
+    # A short name: its run dir must fit inside it (`run_dir_for`), under pytest-xdist's longer paths too.
+    root = tmp_path_factory.mktemp("prev")
     p = Platform(root / "data", osless=previous_osless).start(timeout=60)
     try:
         assert p.deploy(EXAMPLES / "hello")["release"] == 1
