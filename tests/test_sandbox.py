@@ -323,19 +323,30 @@ def test_cpu_spinner_does_not_starve_the_other_app(platform: Platform, apps: dic
                 rounds.append(statistics.quantiles(times, n=100)[98])
         return statistics.median(rounds)
 
-    idle = p99()
-    spinner = threading.Thread(
-        target=platform.invoke, args=("hostile", "spin", {"seconds": 10, "threads": 4})
-    )
-    spinner.start()
-    time.sleep(1)
-    loaded = p99()
-    spinner.join()
+    def attempt() -> tuple[float, float]:
+        idle = p99()
+        spinner = threading.Thread(
+            target=platform.invoke, args=("hostile", "spin", {"seconds": 10, "threads": 4})
+        )
+        spinner.start()
+        time.sleep(1)
+        loaded = p99()
+        spinner.join()
+        return idle, loaded
+
     # Twice the idle p99, or 10 ms more, whichever is larger: on this 2-core host a CPU-bound
     # neighbour costs the kernel's wakeup latency (4-7 ms at p99 measured) however fast the idle
-    # path is; being starved would cost a scheduling period or more each time.
-    allowed = max(2 * idle, idle + 0.010)
-    assert loaded <= allowed, f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms"
+    # path is; being starved would cost a scheduling period or more each time. Up to three tries:
+    # the other tests running beside this one (a worker per core) load the host in bursts, while a
+    # starved victim would miss every time.
+    seen = []
+    for _ in range(3):
+        idle, loaded = attempt()
+        seen.append(f"p99 idle {idle * 1000:.2f} ms, with the spinner {loaded * 1000:.2f} ms")
+        if loaded <= max(2 * idle, idle + 0.010):
+            break
+    else:
+        raise AssertionError("; ".join(seen))
 
 
 def test_volume_is_writable_and_survives_restarts(platform: Platform, apps: dict[str, Any]) -> None:
