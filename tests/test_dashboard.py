@@ -23,7 +23,8 @@ from cryptography.fernet import Fernet
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, sync_playwright
 
 from osless.api.secrets import SecretBox
-from osless.api.ui.session import open_session, seal
+from osless.api.ui.routes import MAX_STREAMS
+from osless.api.ui.session import COOKIE, MAX_CODES_PER_TOKEN, open_session, seal
 from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
@@ -248,6 +249,43 @@ def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, An
         )
         assert gone.headers["location"] == "/ui/signin" and "dash" not in gone.text
         assert client.get("/v1/apps/dash").status_code == 401
+
+
+def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A browser sends a host's cookies to each of its ports: to the apps the gateway serves there too.
+    # An app holding the session would read the pages' CSRF value and change anything as its signer.
+    sealed = SimpleCookie(redeem(platform.api, link(platform)).headers["set-cookie"])[COOKIE].value
+    cookies = {"cookie": f"theirs=1; {COOKIE}={sealed}; also=2"}
+    assert (
+        httpx.get(f"{platform.gateway}/dash/?cookies", headers=cookies, timeout=30).text == "theirs=1; also=2"
+    )
+    alone = {"cookie": f"{COOKIE}={sealed}"}
+    assert httpx.get(f"{platform.gateway}/dash/?cookies", headers=alone, timeout=30).text == ""
+
+
+def test_one_token_cannot_take_every_sign_in_link(platform: Platform, dash: dict[str, Any]) -> None:
+    hoarder = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-hoarder")["token"]
+    for _ in range(MAX_CODES_PER_TOKEN):
+        link(platform, hoarder)
+    r = platform.http("POST", "/v1/dashboard/links", headers={"authorization": f"Bearer {hoarder}"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_links"
+    assert link(platform).startswith("/ui/link?code=")  # others' links still come
+
+
+def test_a_token_holds_a_bounded_number_of_live_streams(platform: Platform, dash: dict[str, Any]) -> None:
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-streams")["token"]
+    with session(platform, token) as client, contextlib.ExitStack() as open_streams:
+        reading = []  # kept: an iterator dropped closes its stream
+        for _ in range(MAX_STREAMS):
+            r = open_streams.enter_context(client.stream("GET", "/ui/apps/dash/series"))
+            assert r.status_code == 200
+            reading.append(r.iter_bytes())
+            assert next(reading[-1]).startswith(b"event: history")  # under way: counted
+        r = client.get("/ui/apps/dash/series")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_streams"
+        assert client.get("/ui/series").status_code == 429
 
 
 def test_osless_up_and_osless_dashboard_print_a_one_time_link(
