@@ -288,6 +288,33 @@ def test_a_token_holds_a_bounded_number_of_live_streams(platform: Platform, dash
         assert client.get("/ui/series").status_code == 429
 
 
+def test_an_idle_apps_chart_history_stays_two_samples(platform: Platform, dash: dict[str, Any]) -> None:
+    # Apps are cheap to make (no deploy needed): each API process must not keep an hour of
+    # samples for every app someone named, only for what moves.
+    assert platform.http("POST", "/v1/apps", json={"name": "dash-idle"}).status_code == 201
+    try:
+        with session(platform) as client:
+
+            def samples(live: int) -> list[Any]:
+                """The stream's history, after reading `live` new samples."""
+                history: list[Any] = []
+                with client.stream("GET", "/ui/apps/dash-idle/series") as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and not history:
+                            history = json.loads(line[6:])
+                        elif line.startswith("data: "):
+                            live -= 1
+                        if history and live <= 0:
+                            return history
+                return history
+
+            samples(3)  # three samples of it taken meanwhile
+            history = samples(0)
+            assert 1 <= len(history) <= 2 and all(p[1:] == history[-1][1:] for p in history), history
+    finally:
+        platform.cli("apps", "delete", "dash-idle", "--yes")
+
+
 def test_osless_up_and_osless_dashboard_print_a_one_time_link(
     platform: Platform, dash: dict[str, Any]
 ) -> None:
