@@ -265,6 +265,18 @@ def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
     assert httpx.get(f"{platform.gateway}/dash/?cookies", headers=alone, timeout=30).text == ""
 
 
+def test_a_session_is_read_whatever_other_cookies_the_host_has(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # Any site of the host may set cookies; one with a JSON value or a space must not hide the session
+    # from the API's routes while the pages still read it.
+    sealed = SimpleCookie(redeem(platform.api, link(platform)).headers["set-cookie"])[COOKIE].value
+    for other in ('prefs={"theme":"dark"}', "name=a b", 'odd="\\"'):
+        headers = {"cookie": f"{other}; {COOKIE}={sealed}"}
+        assert httpx.get(f"{platform.api}/v1/apps/dash", headers=headers).status_code == 200, other
+        assert httpx.get(f"{platform.api}/ui/apps/dash", headers=headers).status_code == 200, other
+
+
 def test_one_token_cannot_take_every_sign_in_link(platform: Platform, dash: dict[str, Any]) -> None:
     hoarder = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-hoarder")["token"]
     for _ in range(MAX_CODES_PER_TOKEN):
