@@ -251,6 +251,20 @@ def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, An
         assert client.get("/v1/apps/dash").status_code == 401
 
 
+def test_a_log_tail_ends_when_its_token_is_revoked(platform: Platform, dash: dict[str, Any]) -> None:
+    made = platform.cli_json("tokens", "create", "--role", "debug", "--name", "dash-tail")
+    with (
+        session(platform, made["token"]) as client,
+        client.stream("GET", "/v1/apps/dash/logs", params={"follow": "true", "tail": "1"}) as tail,
+    ):
+        assert tail.status_code == 200
+        platform.cli("tokens", "revoke", made["id"])
+        revoked = time.monotonic()
+        for _ in tail.iter_bytes():  # the API ends it; else the read times out (30 s) and fails
+            pass
+        assert time.monotonic() - revoked < 20
+
+
 def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
     platform: Platform, dash: dict[str, Any]
 ) -> None:
