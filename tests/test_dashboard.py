@@ -265,6 +265,12 @@ def test_a_log_tail_ends_when_its_token_is_revoked(platform: Platform, dash: dic
         assert time.monotonic() - revoked < 20
 
 
+def test_a_token_that_is_no_header_value_is_refused_at_sign_in(platform: Platform) -> None:
+    for token in ("osl_é", "osl_a\r\nX-Osless-CSRF: x"):
+        r = httpx.post(f"{platform.api}/ui/signin", data={"token": token})
+        assert r.status_code == 401 and "that token was refused" in r.text, token
+
+
 def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
     platform: Platform, dash: dict[str, Any]
 ) -> None:

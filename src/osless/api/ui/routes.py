@@ -251,6 +251,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return await _open(request, token, "the token of that link is no longer valid")
 
     async def _open(request: Request, token: str, refused: str) -> Response:
+        if not (token.isascii() and token.isprintable()):  # no token of ours; nor a header's value
+            return page(request, "signin.html", {"error": refused, "who": None}, 401)
         reader = ApiReader(api, token, request)
         try:
             status, who = await reader.get("/v1/whoami") if token else (401, None)
