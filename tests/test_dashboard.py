@@ -297,6 +297,22 @@ def test_a_session_is_read_whatever_other_cookies_the_host_has(
         assert httpx.get(f"{platform.api}/ui/apps/dash", headers=headers).status_code == 200, other
 
 
+def test_what_another_port_of_the_host_loads_gets_no_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # An app's page on the gateway's port is same-site: the strict cookie comes with the images and
+    # streams it loads. It reads none of them, but it must not spend its visitor's token on them.
+    loaded = {"sec-fetch-site": "same-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    ours = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "cors", "sec-fetch-dest": "empty"}
+    with session(platform) as client:
+        assert client.get("/v1/apps/dash", headers=loaded).status_code == 401
+        assert client.get("/ui/apps/dash/series", headers=loaded).status_code == 401
+        assert client.get("/ui/apps/dash", headers=loaded).headers.get("location") == "/ui/signin"
+        assert client.get("/v1/apps/dash", headers=ours).status_code == 200
+        opened = {"sec-fetch-site": "same-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+        assert client.get("/ui/apps/dash", headers=opened).status_code == 200  # a link followed
+
+
 def test_one_token_cannot_take_every_sign_in_link(platform: Platform, dash: dict[str, Any]) -> None:
     hoarder = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-hoarder")["token"]
     for _ in range(MAX_CODES_PER_TOKEN):

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
-from osless.api.ui.session import COOKIE, CSRF_HEADER, open_session, same_origin
+from osless.api.ui.session import COOKIE, CSRF_HEADER, from_our_pages, open_session, same_origin
 
 __all__ = ["UiGate", "cookie_of"]
 
@@ -55,7 +55,7 @@ class UiGate:
             await self.ui(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if path.startswith("/v1/") and "authorization" not in headers:
+        if path.startswith("/v1/") and "authorization" not in headers and from_our_pages(headers):
             session = open_session(self.state.secrets, cookie_of(headers))
             if session is not None:
                 if scope["method"] not in READS and not (

@@ -35,6 +35,7 @@ from osless.api.ui.session import (
     PEOPLE,
     Session,
     cookie_header,
+    from_our_pages,
     open_session,
     redeem_code,
     same_origin,
@@ -167,6 +168,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         )
 
     def session_of(request: Request) -> Session | None:
+        if not from_our_pages(request.headers):
+            return None
         return open_session(state.secrets, request.cookies.get(COOKIE))
 
     async def whoami(reader: ApiReader) -> dict[str, Any]:

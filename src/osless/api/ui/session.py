@@ -37,6 +37,7 @@ __all__ = [
     "Session",
     "TooManyCodes",
     "cookie_header",
+    "from_our_pages",
     "make_code",
     "open_session",
     "redeem_code",
@@ -110,6 +111,18 @@ def same_origin(headers: Mapping[str, str]) -> bool:
     if origin is None:
         return True
     return urlsplit(origin).netloc == headers.get("host", "") != ""
+
+
+def from_our_pages(headers: Mapping[str, str]) -> bool:
+    """Whether the session cookie may speak for this request: no browser sent it, or the browser says
+    it comes from a page of this origin or an address typed, or it opens a page (a navigation). A
+    page on another port of this host is same-site, so the strict cookie comes with what it loads
+    (an image, a stream): it could read none of it, but would spend the token's requests and live
+    views for its owner."""
+    site = headers.get("sec-fetch-site")
+    if site is None or site in ("same-origin", "none"):
+        return True
+    return headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
 
 
 def _code_key(code: str) -> str:
