@@ -313,6 +313,16 @@ def test_what_another_port_of_the_host_loads_gets_no_session(
         assert client.get("/ui/apps/dash", headers=opened).status_code == 200  # a link followed
 
 
+def test_no_form_of_a_page_would_put_its_fields_in_a_url(platform: Platform, dash: dict[str, Any]) -> None:
+    # Submitted before the script runs (or without it), a form without a method is a GET: the config
+    # form's secrets would go into the address, the history and the server's logs.
+    with session(platform) as client:
+        page = client.get("/ui/apps/dash").text
+    forms = re.findall(r"<form\b[^>]*>", page)
+    assert 'type="password"' in page and len(forms) >= 3  # the config form has a secret
+    assert all('method="post"' in form for form in forms if 'id="logform"' not in form), forms
+
+
 def test_one_token_cannot_take_every_sign_in_link(platform: Platform, dash: dict[str, Any]) -> None:
     hoarder = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-hoarder")["token"]
     for _ in range(MAX_CODES_PER_TOKEN):
