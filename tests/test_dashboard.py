@@ -23,7 +23,8 @@ from cryptography.fernet import Fernet
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, sync_playwright
 
 from osless.api.secrets import SecretBox
-from osless.api.ui.session import open_session, seal
+from osless.api.ui.routes import MAX_STREAMS
+from osless.api.ui.session import COOKIE, MAX_CODES_PER_TOKEN, open_session, seal
 from tests.platform import Platform, copy_app
 
 APPS = Path(__file__).parent / "apps"
@@ -248,6 +249,128 @@ def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, An
         )
         assert gone.headers["location"] == "/ui/signin" and "dash" not in gone.text
         assert client.get("/v1/apps/dash").status_code == 401
+
+
+def test_a_log_tail_ends_when_its_token_is_revoked(platform: Platform, dash: dict[str, Any]) -> None:
+    made = platform.cli_json("tokens", "create", "--role", "debug", "--name", "dash-tail")
+    with (
+        session(platform, made["token"]) as client,
+        client.stream("GET", "/v1/apps/dash/logs", params={"follow": "true", "tail": "1"}) as tail,
+    ):
+        assert tail.status_code == 200
+        platform.cli("tokens", "revoke", made["id"])
+        revoked = time.monotonic()
+        for _ in tail.iter_bytes():  # the API ends it; else the read times out (30 s) and fails
+            pass
+        assert time.monotonic() - revoked < 20
+
+
+def test_a_token_that_is_no_header_value_is_refused_at_sign_in(platform: Platform) -> None:
+    for token in ("osl_é", "osl_a\r\nX-Osless-CSRF: x"):
+        r = httpx.post(f"{platform.api}/ui/signin", data={"token": token})
+        assert r.status_code == 401 and "that token was refused" in r.text, token
+
+
+def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A browser sends a host's cookies to each of its ports: to the apps the gateway serves there too.
+    # An app holding the session would read the pages' CSRF value and change anything as its signer.
+    sealed = SimpleCookie(redeem(platform.api, link(platform)).headers["set-cookie"])[COOKIE].value
+    cookies = {"cookie": f"theirs=1; {COOKIE}={sealed}; also=2"}
+    assert (
+        httpx.get(f"{platform.gateway}/dash/?cookies", headers=cookies, timeout=30).text == "theirs=1; also=2"
+    )
+    alone = {"cookie": f"{COOKIE}={sealed}"}
+    assert httpx.get(f"{platform.gateway}/dash/?cookies", headers=alone, timeout=30).text == ""
+
+
+def test_a_session_is_read_whatever_other_cookies_the_host_has(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # Any site of the host may set cookies; one with a JSON value or a space must not hide the session
+    # from the API's routes while the pages still read it.
+    sealed = SimpleCookie(redeem(platform.api, link(platform)).headers["set-cookie"])[COOKIE].value
+    for other in ('prefs={"theme":"dark"}', "name=a b", 'odd="\\"'):
+        headers = {"cookie": f"{other}; {COOKIE}={sealed}"}
+        assert httpx.get(f"{platform.api}/v1/apps/dash", headers=headers).status_code == 200, other
+        assert httpx.get(f"{platform.api}/ui/apps/dash", headers=headers).status_code == 200, other
+
+
+def test_what_another_port_of_the_host_loads_gets_no_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # An app's page on the gateway's port is same-site: the strict cookie comes with the images and
+    # streams it loads. It reads none of them, but it must not spend its visitor's token on them.
+    loaded = {"sec-fetch-site": "same-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    ours = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "cors", "sec-fetch-dest": "empty"}
+    with session(platform) as client:
+        assert client.get("/v1/apps/dash", headers=loaded).status_code == 401
+        assert client.get("/ui/apps/dash/series", headers=loaded).status_code == 401
+        assert client.get("/ui/apps/dash", headers=loaded).headers.get("location") == "/ui/signin"
+        assert client.get("/v1/apps/dash", headers=ours).status_code == 200
+        opened = {"sec-fetch-site": "same-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+        assert client.get("/ui/apps/dash", headers=opened).status_code == 200  # a link followed
+
+
+def test_no_form_of_a_page_would_put_its_fields_in_a_url(platform: Platform, dash: dict[str, Any]) -> None:
+    # Submitted before the script runs (or without it), a form without a method is a GET: the config
+    # form's secrets would go into the address, the history and the server's logs.
+    with session(platform) as client:
+        page = client.get("/ui/apps/dash").text
+    forms = re.findall(r"<form\b[^>]*>", page)
+    assert 'type="password"' in page and len(forms) >= 3  # the config form has a secret
+    assert all('method="post"' in form for form in forms if 'id="logform"' not in form), forms
+
+
+def test_one_token_cannot_take_every_sign_in_link(platform: Platform, dash: dict[str, Any]) -> None:
+    hoarder = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-hoarder")["token"]
+    for _ in range(MAX_CODES_PER_TOKEN):
+        link(platform, hoarder)
+    r = platform.http("POST", "/v1/dashboard/links", headers={"authorization": f"Bearer {hoarder}"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_links"
+    assert link(platform).startswith("/ui/link?code=")  # others' links still come
+
+
+def test_a_token_holds_a_bounded_number_of_live_streams(platform: Platform, dash: dict[str, Any]) -> None:
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-streams")["token"]
+    with session(platform, token) as client, contextlib.ExitStack() as open_streams:
+        reading = []  # kept: an iterator dropped closes its stream
+        for _ in range(MAX_STREAMS):
+            r = open_streams.enter_context(client.stream("GET", "/ui/apps/dash/series"))
+            assert r.status_code == 200
+            reading.append(r.iter_bytes())
+            assert next(reading[-1]).startswith(b"event: history")  # under way: counted
+        r = client.get("/ui/apps/dash/series")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_streams"
+        assert client.get("/ui/series").status_code == 429
+
+
+def test_an_idle_apps_chart_history_stays_two_samples(platform: Platform, dash: dict[str, Any]) -> None:
+    # Apps are cheap to make (no deploy needed): each API process must not keep an hour of
+    # samples for every app someone named, only for what moves.
+    assert platform.http("POST", "/v1/apps", json={"name": "dash-idle"}).status_code == 201
+    try:
+        with session(platform) as client:
+
+            def samples(live: int) -> list[Any]:
+                """The stream's history, after reading `live` new samples."""
+                history: list[Any] = []
+                with client.stream("GET", "/ui/apps/dash-idle/series") as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and not history:
+                            history = json.loads(line[6:])
+                        elif line.startswith("data: "):
+                            live -= 1
+                        if history and live <= 0:
+                            return history
+                return history
+
+            samples(2)  # with the one it had, three samples of it taken by now
+            history = samples(0)
+            assert 1 <= len(history) <= 2 and all(p[1:] == history[-1][1:] for p in history), history
+    finally:
+        platform.cli("apps", "delete", "dash-idle", "--yes")
 
 
 def test_osless_up_and_osless_dashboard_print_a_one_time_link(

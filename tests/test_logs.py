@@ -166,6 +166,16 @@ def test_an_instance_s_marked_lines_are_stamped_by_the_node_and_checked_where_re
     assert {r["stream"] for r in rest} <= {"stderr", "stdout", "log"}, rest
 
 
+def test_an_access_line_s_status_is_an_http_status(tmp_path: Path) -> None:
+    log = LogWriter(tmp_path / "i.log", source="i")
+    for status in ("9" * 4000, "-1", "1000", "503"):
+        fields = f'"method":"GET","path":"/","status":{status},"duration_ms":1,"cold":false'
+        log.write_instance(MARK + '{"access":{' + fields + "}}", "stderr")
+    log.close()
+    kept = [r for r in read_tail([tmp_path / "i.log"], 10) if r["stream"] == "access"]
+    assert [r["access"]["status"] for r in kept] == [503]
+
+
 def test_an_app_s_own_output_survives_a_burst_of_access_lines(tmp_path: Path) -> None:
     """Access lines are kept beside an instance's log, capped and rotated on their own: a burst of
     requests never rotates away what the app wrote; readers and followers merge the two by time."""

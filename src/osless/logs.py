@@ -363,6 +363,7 @@ def extra_fields(raw: dict[str, Any]) -> dict[str, Any]:
             and isinstance(path, str)
             and isinstance(status, int)
             and not isinstance(status, bool)
+            and 0 <= status <= 999  # an HTTP status: an app's line could hold a 4,000-digit number
             and isinstance(duration, int | float)
             and not isinstance(duration, bool)
             and duration == duration  # not NaN

@@ -23,6 +23,8 @@ def web() -> Any:
         note = unquote(scope.get("query_string", b"").decode("latin-1"))[:200]
         print(f"dash served {note}", flush=True)
         body = f"version={VERSION} greeting={settings.greeting}\n".encode()
+        if scope.get("query_string") == b"cookies":  # what cookies reached the app
+            body = b"; ".join(v for k, v in scope["headers"] if k == b"cookie")
         headers = [(b"content-type", b"text/plain")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from osless.api.auth import Caller, require
@@ -29,6 +29,7 @@ from osless.api.openapi import LOG
 from osless.api.state import ApiState, get_state
 from osless.bounds import MAX_LINE_CHARS, MAX_NAME_CHARS, cap
 from osless.logs import MAX_FIELD_CHARS, MAX_GREP_CHARS, MAX_REQUEST_CHARS, extra_fields
+from osless.tokens import PLAIN
 
 router = APIRouter(tags=["logs"])
 
@@ -39,6 +40,9 @@ MAX_ERROR_BYTES = 4096  # of a node's refusal, shown in the notice
 NODE_CONNECT_S = 3.0
 NODE_TAIL_S = 20.0  # a whole tail answer, from the request to its last record
 READER_TTL_S = 300.0  # the node checks it when a follow starts: a follow outlives it
+# A follow asks this often whether its token is still good: revoked or expired, the follow ends (a
+# dashboard's log tail would else go on reading as a token that no longer exists).
+STILL_S = 5.0
 FOLLOW_QUEUE = 256  # records read ahead of a slow client, per answer: past it, nodes wait
 # What the merged tail holds at once, over all nodes: past it the oldest go, and a notice says so. A
 # tail of 100k lines of 16k characters from each of many nodes would otherwise be gigabytes.
@@ -310,6 +314,7 @@ def _gone(nodes: list[Node], instances: list[Any], instance: str | None) -> list
 )
 async def app_logs(
     app: str,
+    http: Request,
     tail: int = Query(default=100, ge=0, le=100_000),
     follow_: bool = Query(default=False, alias="follow"),
     instance: InstanceId | None = None,
@@ -375,9 +380,20 @@ async def app_logs(
                 )
                 for n in nodes
             ]
+            token = http.headers.get("authorization", "").partition(" ")[2].strip()
+            checked = time.monotonic()
             try:
                 while True:  # until the client goes: the server cancels this, and the readers with it
-                    yield _line(await queue.get())
+                    got: dict[str, Any] | None = None if queue.empty() else queue.get_nowait()
+                    if got is None:
+                        with contextlib.suppress(TimeoutError):
+                            got = await asyncio.wait_for(queue.get(), STILL_S)
+                    if got is not None:
+                        yield _line(got)
+                    if time.monotonic() - checked > STILL_S:
+                        checked = time.monotonic()
+                        if not await _still_good(state, token, caller):
+                            return
             finally:
                 for r in readers:
                     r.cancel()
@@ -385,6 +401,17 @@ async def app_logs(
                     await asyncio.gather(*readers, return_exceptions=True)
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+async def _still_good(state: ApiState, token: str, caller: Caller) -> bool:
+    """Whether the token a follow was opened with is still good: not expired, and, if the API keeps
+    it, not revoked (scoped and apps' tokens end with their time)."""
+    if caller.expires_at is not None and caller.expires_at <= time.time():
+        return False
+    if not token.startswith(PLAIN):
+        return True
+    found = await state.tokens.lookup(token)
+    return found is not None and not found[1].expired()
 
 
 def _line(rec: dict[str, Any]) -> bytes:

@@ -11,16 +11,16 @@ session's CSRF value in `X-Osless-CSRF`, and an `Origin`, when sent, must be thi
 from __future__ import annotations
 
 import json
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
-from osless.api.ui.session import COOKIE, CSRF_HEADER, open_session, same_origin
+from osless.api.ui.session import COOKIE, CSRF_HEADER, from_our_pages, open_session, same_origin
 
 __all__ = ["UiGate", "cookie_of"]
 
@@ -28,15 +28,10 @@ READS = frozenset({"GET", "HEAD"})
 
 
 def cookie_of(headers: Headers) -> str | None:
+    # Starlette's parser, as the pages read it: `http.cookies` stops at the first cookie it finds
+    # malformed (a JSON value, a space), and any site of this host may set one.
     raw = headers.get("cookie")
-    if not raw:
-        return None
-    try:
-        jar = SimpleCookie(raw)
-    except CookieError:
-        return None
-    morsel = jar.get(COOKIE)
-    return morsel.value if morsel else None
+    return cookie_parser(raw).get(COOKIE) if raw else None
 
 
 class UiGate:
@@ -60,7 +55,7 @@ class UiGate:
             await self.ui(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if path.startswith("/v1/") and "authorization" not in headers:
+        if path.startswith("/v1/") and "authorization" not in headers and from_our_pages(headers):
             session = open_session(self.state.secrets, cookie_of(headers))
             if session is not None:
                 if scope["method"] not in READS and not (

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from osless.api.auth import Caller, require
 from osless.api.errors import ApiError, responses
 from osless.api.state import ApiState, get_state
-from osless.api.ui.session import CODE_TTL_S, MAX_CODES, PEOPLE, TooManyCodes, make_code
+from osless.api.ui.session import CODE_TTL_S, MAX_CODES, MAX_CODES_PER_TOKEN, PEOPLE, TooManyCodes, make_code
 
 __all__ = ["router"]
 
@@ -45,6 +45,9 @@ async def make_link(
         code = await make_code(state.resources.store, state.secrets, token)
     except TooManyCodes:
         raise ApiError(
-            429, "too_many_links", f"{MAX_CODES} sign-in links wait to be used: use one, or wait two minutes"
+            429,
+            "too_many_links",
+            f"{MAX_CODES_PER_TOKEN} sign-in links of this token (or {MAX_CODES} in all) wait to be used: "
+            "use one, or wait two minutes",
         ) from None
     return {"path": f"/ui/link?code={code}", "expires_in_s": CODE_TTL_S}

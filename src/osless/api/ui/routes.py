@@ -9,6 +9,7 @@ build log the API's own NDJSON streams.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from osless.api.ui.session import (
     PEOPLE,
     Session,
     cookie_header,
+    from_our_pages,
     open_session,
     redeem_code,
     same_origin,
@@ -47,6 +49,10 @@ HERE = Path(__file__).parent
 SIGNIN = "/ui/signin"
 MAX_FORM = 8192  # the sign-in form: a token and a CSRF value, nothing more
 RECHECK_S = 60.0  # a chart's stream asks again whether its token may still read the app
+# Event streams open at once per token, in this process: each holds a connection and a task, and
+# past the first request (one of the token's budget) costs nothing more: else a loop opening them
+# would keep any number. A person has a few tabs.
+MAX_STREAMS = 8
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -133,6 +139,28 @@ def _redirect(to: str) -> RedirectResponse:
 def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     templates = _templates()
     series = Series(state.resources)
+    streams: dict[str, int] = {}  # open event streams by token digest (`MAX_STREAMS`)
+
+    def too_many_streams(session: Session) -> Response | None:
+        if streams.get(_digest(session.token), 0) < MAX_STREAMS:
+            return None
+        message = f"{MAX_STREAMS} live views are open with this token already: close a tab"
+        return JSONResponse(error_body("too_many_streams", message), 429)
+
+    async def counted(session: Session, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`events`, counted among the token's open streams; counted when it starts (a stream that
+        never starts never ends either), and ended at once if others filled the count meanwhile."""
+        key = _digest(session.token)
+        if streams.get(key, 0) >= MAX_STREAMS:
+            return
+        streams[key] = streams.get(key, 0) + 1
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            streams[key] -= 1
+            if not streams[key]:
+                del streams[key]
 
     def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
         return templates.TemplateResponse(
@@ -140,6 +168,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         )
 
     def session_of(request: Request) -> Session | None:
+        if not from_our_pages(request.headers):
+            return None
         return open_session(state.secrets, request.cookies.get(COOKIE))
 
     async def whoami(reader: ApiReader) -> dict[str, Any]:
@@ -224,6 +254,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return await _open(request, token, "the token of that link is no longer valid")
 
     async def _open(request: Request, token: str, refused: str) -> Response:
+        if not (token.isascii() and token.isprintable()):  # no token of ours; nor a header's value
+            return page(request, "signin.html", {"error": refused, "who": None}, 401)
         reader = ApiReader(api, token, request)
         try:
             status, who = await reader.get("/v1/whoami") if token else (401, None)
@@ -403,6 +435,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             return JSONResponse(error_body("too_many_requests", "this token's limit is reached: retry"), 429)
         if status != 200:
             return JSONResponse(error_body("forbidden", f"this session may not read app {app!r}"), status)
+        if (refused := too_many_streams(session)) is not None:
+            return refused
         series.start()
 
         async def events() -> AsyncIterator[bytes]:
@@ -417,7 +451,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                 yield (f"data: {json.dumps(point)}\n\n" if point else ": idle\n\n").encode()
 
         headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(counted(session, events()), media_type="text/event-stream", headers=headers)
 
     async def overview_series(request: Request) -> Response:
         """Server-Sent Events: each new sample of every app this session may read (the overview's figures)."""
@@ -438,6 +472,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         apps = await visible(set())
         if apps is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
+        if (refused := too_many_streams(session)) is not None:
+            return refused
         series.start()
 
         async def events() -> AsyncIterator[bytes]:
@@ -450,7 +486,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
                 yield (f"data: {json.dumps(points)}\n\n" if points else ": idle\n\n").encode()
 
         headers = {**SECURITY_HEADERS, "x-accel-buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(counted(session, events()), media_type="text/event-stream", headers=headers)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse(error_body("not_found", "no such dashboard page"), 404, headers=SECURITY_HEADERS)
@@ -473,6 +509,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     ui = Starlette(routes=routes, exception_handlers={404: not_found})
     ui.state.series = series
     return ui
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _state(instances: list[dict[str, Any]], building: bool, app: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ POINTS = int(3600 / SAMPLE_S)
 # A sample packed: its time as a double, the figures as floats (NaN: none), 48 bytes and one object,
 # so an hour of an app is ~170 KB, not the ~700 KB of lists of Python floats.
 PACKED = struct.Struct("<d10f")
+_AT = struct.calcsize("<d")  # where a packed sample's figures start, after its time
 Point = list[float | None]
 # One sample: its time, then these, in this order (the page's charts read them by index).
 FIELDS = (
@@ -113,7 +114,17 @@ class Series:
                 figures.get("client_errors_per_s", 0.0),
             ]
             packed = PACKED.pack(*(math.nan if v is None else float(v) for v in point))
-            self.rings.setdefault(name, deque(maxlen=POINTS)).append(packed)
+            ring = self.rings.setdefault(name, deque(maxlen=POINTS))
+            # Figures that stand still keep the first and the last sample of the run, not each (a
+            # chart draws the same line): an app at rest costs two samples, not an hour's. Apps are
+            # cheap to make, so else a token that may deploy would make each API process keep
+            # ~170 KB per app it names.
+            if len(ring) >= 2 and ring[-1][_AT:] == packed[_AT:] == ring[-2][_AT:]:
+                ring[-1] = packed
+                if PACKED.unpack(ring[-2])[0] < at - POINTS * SAMPLE_S:  # the run starts an hour ago
+                    ring[-2] = PACKED.pack(round(at - POINTS * SAMPLE_S, 1), *PACKED.unpack(packed)[1:])
+            else:
+                ring.append(packed)
         for gone in set(self.rings) - set(names):
             del self.rings[gone]
         # Wake every listener, then arm a new event for the next round.

@@ -31,11 +31,13 @@ __all__ = [
     "COOKIE",
     "CSRF_HEADER",
     "MAX_CODES",
+    "MAX_CODES_PER_TOKEN",
     "PEOPLE",
     "SESSION_TTL_S",
     "Session",
     "TooManyCodes",
     "cookie_header",
+    "from_our_pages",
     "make_code",
     "open_session",
     "redeem_code",
@@ -52,6 +54,9 @@ CODE_PREFIX = "/uicodes/"
 # Links made and not yet used, over all tokens: each is a store key until used or expired, and a
 # token's requests are throttled, not its links: bounded here (a person needs one at a time).
 MAX_CODES = 256
+# Of those, one token's: else one token (a `read` one will do) holds all 256 and nobody else gets
+# a link for as long as it keeps asking.
+MAX_CODES_PER_TOKEN = 8
 MAX_COOKIE = 4096
 # The roles that sign in: people's tokens. The platform's parts and apps have no business here.
 PEOPLE = frozenset(
@@ -108,6 +113,18 @@ def same_origin(headers: Mapping[str, str]) -> bool:
     return urlsplit(origin).netloc == headers.get("host", "") != ""
 
 
+def from_our_pages(headers: Mapping[str, str]) -> bool:
+    """Whether the session cookie may speak for this request: no browser sent it, or the browser says
+    it comes from a page of this origin or an address typed, or it opens a page (a navigation). A
+    page on another port of this host is same-site, so the strict cookie comes with what it loads
+    (an image, a stream): it could read none of it, but would spend the token's requests and live
+    views for its owner."""
+    site = headers.get("sec-fetch-site")
+    if site is None or site in ("same-origin", "none"):
+        return True
+    return headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+
+
 def _code_key(code: str) -> str:
     return CODE_PREFIX + hashlib.sha256(code.encode()).hexdigest()
 
@@ -118,10 +135,12 @@ class TooManyCodes(Exception):
 
 async def make_code(store: Store, box: SecretBox, token: str, ttl_s: float = CODE_TTL_S) -> str:
     """A code that opens one session for `token`, once, within `ttl_s`."""
-    if await _forget_expired(store) >= MAX_CODES:
+    owner = hashlib.sha256(token.encode()).hexdigest()[:32]
+    live = await _forget_expired(store)
+    if len(live) >= MAX_CODES or live.count(owner) >= MAX_CODES_PER_TOKEN:
         raise TooManyCodes
     code = secrets.token_urlsafe(24)
-    record = {"token": box.encrypt(token), "expires": time.time() + ttl_s}
+    record = {"token": box.encrypt(token), "expires": time.time() + ttl_s, "owner": owner}
     await store.put(_code_key(code), json.dumps(record).encode())
     return code
 
@@ -148,15 +167,16 @@ async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:
         return None
 
 
-async def _forget_expired(store: Store) -> int:
-    """Expired codes deleted; how many are still good."""
+async def _forget_expired(store: Store) -> list[str]:
+    """Expired codes deleted; the owner (token digest) of each code still good."""
     items, _ = await store.list(CODE_PREFIX)
     now = time.time()
-    live = 0
+    live: list[str] = []
     for kv in items:
-        if json.loads(kv.value).get("expires", 0) < now:
+        record = json.loads(kv.value)
+        if record.get("expires", 0) < now:
             with contextlib.suppress(Conflict):  # redeemed meanwhile
                 await store.delete(kv.key, if_revision=kv.mod_revision)
         else:
-            live += 1
+            live.append(str(record.get("owner", "")))
     return live
