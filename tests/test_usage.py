@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from osless.api.usage import KEEP_S, add_usage, put_live, read_usage, top
+from osless.api.usage import KEEP_S, LIVE_PREFIX, add_usage, put_live, read_usage, top
 from osless.store import SQLiteStore
 
 
@@ -65,5 +65,31 @@ def test_top_merges_the_fresh_nodes_and_forgets_the_gone(tmp_path: Path) -> None
             assert sorted(i["node"] for i in found["instances"]) == ["n1", "n2"]
             items, _ = await store.list("/nodeusage/")
             assert [kv.key for kv in items] == ["/nodeusage/n1", "/nodeusage/n2"]
+
+    asyncio.run(main())
+
+
+def test_a_day_s_hours_read_key_by_key_are_those_a_listing_finds(tmp_path: Path) -> None:
+    """A short span (the dashboard's day) reads its hours by key, not every hour the app kept: the
+    same hours, with the live nodes' minutes, as the listing a long span makes."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            now = time.time()
+            hour = int(now // 3600 * 3600)
+            for h in range(hour - 72 * 3600, hour + 3600, 3600):  # three days, oldest first
+                await add_usage(store, [{"hour": h, "app": "a", "function": "f", "invocations": h / 3600}])
+            await put_live(
+                store, "n1", now, {}, [{"hour": hour, "app": "a", "function": "f", "invocations": 1.0}]
+            )
+            since = now - 20 * 3600
+            day = await read_usage(store, "a", since, now)
+            listed = [
+                h for h in await read_usage(store, "a", now - 30 * 86400, now) if h["hour"] + 3600 > since
+            ]
+            assert day == listed and len(day) == 21
+            assert day[-1]["functions"]["f"]["invocations"] == hour / 3600 + 1
+            live, _ = await store.list(LIVE_PREFIX)
+            assert await read_usage(store, "a", since, now, live) == day
 
     asyncio.run(main())

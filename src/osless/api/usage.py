@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from osless.metering import BUCKETS, quantile
-from osless.store import Conflict, Store
+from osless.store import Conflict, KeyValue, Store
 
-__all__ = ["FRESH_S", "KEEP_S", "add_usage", "put_live", "read_usage", "top"]
+__all__ = ["FRESH_S", "KEEP_S", "LIVE_PREFIX", "add_usage", "put_live", "read_usage", "top"]
 
 USAGE_PREFIX = "/usage/"
 LIVE_PREFIX = "/nodeusage/"
@@ -70,16 +70,30 @@ async def add_usage(store: Store, rows: list[dict[str, Any]]) -> None:
                     await store.delete(old.key, if_revision=old.mod_revision)
 
 
-async def read_usage(store: Store, app: str, since: float, at: float) -> list[dict[str, Any]]:
+# Up to this many hours are read key by key; a longer span lists the app's hours (up to 35 days' worth).
+READ_EACH_HOURS = 48
+
+
+async def read_usage(
+    store: Store, app: str, since: float, at: float, live: list[KeyValue] | None = None
+) -> list[dict[str, Any]]:
     """The app's hours that end after `since`, oldest first: what is stored, and the minute each
-    live node has not stored yet."""
-    items, _ = await store.list(f"{USAGE_PREFIX}{app}/")
+    live node has not stored yet. `live`: the nodes' live views, when the caller read them already
+    (a page of many apps reads them once)."""
     hours: dict[int, dict[str, Any]] = {}
-    for kv in items:
-        hour = int(kv.key.rsplit("/", 1)[1])
-        if hour + 3600 > since:
-            hours[hour] = json.loads(kv.value)
-    live, _ = await store.list(LIVE_PREFIX)
+    first = int(since // 3600 * 3600)
+    if at - first <= READ_EACH_HOURS * 3600:  # a day's page: a few gets, not every hour the app kept
+        for hour in range(first, int(at) + 1, 3600):
+            if (kv := await store.get(f"{USAGE_PREFIX}{app}/{hour}")) is not None:
+                hours[hour] = json.loads(kv.value)
+    else:
+        items, _ = await store.list(f"{USAGE_PREFIX}{app}/")
+        for kv in items:
+            hour = int(kv.key.rsplit("/", 1)[1])
+            if hour + 3600 > since:
+                hours[hour] = json.loads(kv.value)
+    if live is None:
+        live, _ = await store.list(LIVE_PREFIX)
     for kv in live:
         report = json.loads(kv.value)
         if report["at"] < at - FRESH_S:

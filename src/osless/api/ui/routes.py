@@ -41,7 +41,7 @@ from osless.api.ui.session import (
     same_origin,
     seal,
 )
-from osless.api.usage import read_usage
+from osless.api.usage import LIVE_PREFIX, read_usage
 
 __all__ = ["CSP", "build_ui"]
 
@@ -297,12 +297,13 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         now = time.time()
         midnight = now // 86400 * 86400
         rows = []
+        live, _ = await state.resources.store.list(LIVE_PREFIX)  # the nodes' views, once for every app
         for a in apps:
             name = a["name"]
             # The usage route's own reading, for the apps this token listed (it may read them): one
             # call per app would spend the token's request budget on a page view.
             hours = await read_usage(
-                state.resources.store, name, max(midnight, a["created_at"] // 3600 * 3600), now
+                state.resources.store, name, max(midnight, a["created_at"] // 3600 * 3600), now, live
             )
             mine = [i for i in instances if i["app"] == name]
             building = any(d["app"] == name and d["status"] in ("queued", "building") for d in deploys)
