@@ -112,6 +112,14 @@ runs): single 0.18 and 0.22 old, 0.21 new; multi-core 0.14 and 0.16 old, 0.15 ne
 gateway 59-67 us old, 71 new, instance 79-89 old, 86 new, uvicorn 39-43 (single); a lone request
 added 0.12-0.15 ms old, 0.21 new. All of it noise here: uvicorn answered 15-19k/s, osless 2.3-3.4k,
 where benchmarks/metrics.py's one gateway and one instance answered 2.3-8.3k/s in the same hour.
+
+2026-12-06, 19:13-19:18 (load 2.5 to 7: one other engineer's tests), this code against the code
+from before issue 14's observability (72da778), one run each back to back, `--rounds 5`: one worker
+against one gateway, 0.714 old and 0.689 new (instance 36.7 -> 48.5 us per answer, gateway 38.0 ->
+37.4); one per core, 0.311 old and 0.360 new (gateway 74.4 -> 67.9 us, instances 73.8 -> 69.2): the
+multi-core figure's drop from the 0.52 measured quiet this morning is the machine's state, not the
+code, and the 0.6 target is missed by both alike. A run at load 2.5 to 4: 0.476 and 0.331, the node
+agent 10 us per answer (of which ~8 us its idle work: API and controllers share its process).
 """
 
 from __future__ import annotations
