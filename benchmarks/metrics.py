@@ -97,10 +97,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import httptools
-import httpx
-from _platform import ROOT, RunningPlatform, running_platform
+from _platform import ROOT, running_platform
 from throughput import cpu_s as cpu_of
-from throughput import descendants, median_of, wait_ok, wait_ready, wrk
+from throughput import descendants, instance_pids, median_of, wait_ok, wait_ready, wrk
 
 TARGET_RATIO, TARGET_ADDED_P50_MS = 0.95, 0.05
 
@@ -224,20 +223,6 @@ def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
         "gateway_traceparent": round(gateway),
         "instance_request_off": round(got["off"]),
     }
-
-
-def instance_pids(platform: RunningPlatform) -> list[int]:
-    """The host pids of hello's instances, as the API says."""
-    return [
-        int(i["status"]["pid"])
-        for i in httpx.get(
-            f"http://127.0.0.1:{platform.api_port}/v1/instances",
-            params={"app": "hello"},
-            headers={"authorization": f"Bearer {platform.token}"},
-            timeout=10,
-        ).json()["items"]
-        if i["status"].get("pid")
-    ]
 
 
 def main() -> None:

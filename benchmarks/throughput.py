@@ -259,6 +259,20 @@ def cpu_s(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def instance_pids(platform: RunningPlatform) -> list[int]:
+    """The host pids of hello's instances, as the API says."""
+    return [
+        int(i["status"]["pid"])
+        for i in httpx.get(
+            f"http://127.0.0.1:{platform.api_port}/v1/instances",
+            params={"app": "hello"},
+            headers={"authorization": f"Bearer {platform.token}"},
+            timeout=10,
+        ).json()["items"]
+        if i["status"].get("pid")
+    ]
+
+
 def server_processes(
     platform: RunningPlatform, direct: subprocess.Popen[bytes]
 ) -> dict[str, dict[str, list[int]]]:
@@ -270,16 +284,7 @@ def server_processes(
         for pid in descendants(platform.proc.pid)
         if b"osless.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    instances = [
-        int(i["status"]["pid"])
-        for i in httpx.get(
-            f"http://127.0.0.1:{platform.api_port}/v1/instances",
-            params={"app": "hello"},
-            headers={"authorization": f"Bearer {platform.token}"},
-            timeout=10,
-        ).json()["items"]
-        if i["status"].get("pid")
-    ]
+    instances = instance_pids(platform)
     return {
         "direct": {"uvicorn": [direct.pid, *descendants(direct.pid)]},
         "osless": {"gateway": gateways, "instances": instances, "node": [platform.proc.pid]},
