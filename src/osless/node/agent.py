@@ -34,7 +34,7 @@ from osless.node.images import ImageError, NodeImages
 from osless.node.isolation import sandbox_spec
 from osless.node.metrics import Meter
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
-from osless.node.supervisor import STOP_GRACE, Supervisor
+from osless.node.supervisor import Supervisor
 from osless.node.traces import SpanStore
 from osless.node.volumes import VolumeError, Volumes
 from osless.runtime.sandbox import SandboxSpec
@@ -418,8 +418,6 @@ class NodeAgent:
             uid=uid,
             traces=self.traces,
             meter=self.meter,
-            # uvicorn's own graceful shutdown in the instance is this long too (runtime.instance).
-            stop_grace_s=self._manifest(obj.image).longest_timeout_s() + 1,
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -643,9 +641,7 @@ class NodeAgent:
 
     async def shutdown(self) -> None:
         sups, self.supervisors = list(self.supervisors.values()), {}
-        # The node stopping (its operator asked): requests in flight get a short grace, not their
-        # handlers' timeouts, which may be an hour.
-        await asyncio.gather(*(s.stop(grace_s=STOP_GRACE) for s in sups), return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in sups), return_exceptions=True)
         for zyg in self.zygotes.values():
             await zyg.stop()
         self.zygotes.clear()

@@ -26,14 +26,14 @@ from osless.node.metrics import Meter
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
 from osless.node.traces import SpanStore
 
-__all__ = ["STOP_GRACE", "Supervisor", "exit_reason"]
+__all__ = ["Supervisor", "exit_reason"]
 
 log = logging.getLogger("osless.node")
 
 READY_TIMEOUT = 30.0
 DRAIN_S = 0.2  # time for the gateways to see an instance leave before it stops accepting
 KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this many
-STOP_GRACE = 5.0  # an instance's after SIGTERM when its handlers' timeouts are not known
+STOP_GRACE = 5.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
 # The health check, on the control socket: a stuck instance (its loop blocked, its egress gone) fails
@@ -118,13 +118,10 @@ class Supervisor:
         uid: int | None = None,
         traces: SpanStore | None = None,
         meter: Meter | None = None,
-        stop_grace_s: float = STOP_GRACE,
     ) -> None:
         """`run_dir`: a folder of the node's own (no app sees it) for the instance's sockets;
         `uid`: the host uid the instance runs as, reported so the gateway can check it; `meter`
-        hears each start's time and each run's CPU time (the node's /metrics); `stop_grace_s`: how
-        long a stop waits after SIGTERM before SIGKILL (its requests in flight finish meanwhile)."""
-        self.stop_grace_s = stop_grace_s
+        hears each start's time and each run's CPU time (the node's /metrics)."""
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
@@ -430,11 +427,9 @@ class Supervisor:
                 self.log.write("debug session ended: replacing the instance", "osless")
                 await self.restart()
 
-    async def stop(self, why: str | None = None, grace_s: float | None = None) -> None:
-        """SIGTERM, then SIGKILL after the grace period (`grace_s`, else the instance's own: its
-        handlers' longest timeout, so a deploy, a restart or a scale-down never cuts a request that
-        is within its time); returns once the task has ended. `why`: for the log."""
-        grace = self.stop_grace_s if grace_s is None else grace_s
+    async def stop(self, why: str | None = None) -> None:
+        """SIGTERM, then SIGKILL after the grace period; returns once the task has ended. `why`: for
+        the log."""
         if why is not None and not self._stopping.is_set():
             self.log.write(f"instance stopping: {why}", "osless")
         self._stopping.set()
@@ -443,7 +438,7 @@ class Supervisor:
             run.kill(signal.SIGTERM)
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE)
             except TimeoutError:
                 self._kill(signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
