@@ -18,7 +18,7 @@ from osless.api.invocations import raise_if_cancelled
 from osless.api.state import ApiState
 from osless.contracts import App, AppStatus, now
 
-__all__ = ["WAKE_CHECK_S", "wake_soon"]
+__all__ = ["WAKE_CHECK_S", "wake", "wake_soon"]
 
 log = logging.getLogger("osless")
 
@@ -45,16 +45,25 @@ def wake_soon(state: ApiState, app: str, reason: str) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-async def _wake(state: ApiState, app: str, reason: str) -> None:
+async def wake(state: ApiState, app: str, reason: str, *, touch: bool) -> AppStatus:
+    """Make `app` want an instance if it is at zero, saying why. `touch`: note the wake's time even
+    when it wants instances already (the gateway's activator: the autoscaler then keeps them a while);
+    else such an app is left unwritten (work sent to a busy app costs no write)."""
+
     def change(a: App, s: AppStatus) -> AppStatus | None:
-        if a.current_release is None or s.desired:
-            return None  # not deployed, or it wants instances already: nothing to write
+        if a.current_release is None or (s.desired and not touch):
+            return None  # not deployed, or nothing to write
         s.woken_at = now()
-        s.desired, s.scale_reason = max(1, a.min), reason
+        if not s.desired:
+            s.desired, s.scale_reason = max(1, a.min), reason
         return s
 
+    return await state.resources.update_app_status(app, change)
+
+
+async def _wake(state: ApiState, app: str, reason: str) -> None:
     try:
-        await state.resources.update_app_status(app, change)
+        await wake(state, app, reason, touch=False)
     except Exception as e:  # the activator wakes it on delivery all the same
         raise_if_cancelled()
         log.info("waking %s (%s): %s", app, reason, e)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from osless.api import wakes
 from osless.api.auth import Caller, check_node, check_scope, require
 from osless.api.errors import ApiError, responses
 from osless.api.models import (
@@ -323,15 +324,7 @@ async def set_desired(
 async def wake(
     app: str, state: ApiState = Depends(get_state), caller: Caller = require("route")
 ) -> AppStatus:
-    def change(a: App, s: AppStatus) -> AppStatus | None:
-        if a.current_release is None:
-            return None
-        s.woken_at = now()
-        if not s.desired:
-            s.desired, s.scale_reason = max(1, a.min), "a request arrived while at zero"
-        return s
-
-    return await state.resources.update_app_status(app, change)
+    return await wakes.wake(state, app, "a request arrived while at zero", touch=True)
 
 
 @router.put(
