@@ -285,6 +285,14 @@ def test_an_app_on_the_apis_host_never_gets_the_dashboards_session(
     assert httpx.get(f"{platform.gateway}/dash/?cookies", headers=alone, timeout=30).text == ""
 
 
+def test_an_app_on_the_apis_host_cannot_plant_a_session(platform: Platform, dash: dict[str, Any]) -> None:
+    # A browser takes a cookie from any port of a host for all of them: an app setting the session
+    # would have the visitor's dashboard signed in as the app's author (what they type, the author's).
+    r = httpx.get(f"{platform.gateway}/dash/?setcookie", timeout=30)
+    assert r.status_code == 200 and r.headers.get_list("set-cookie") == ["theirs=kept; Path=/"]
+    assert COOKIE not in r.headers.get("set-cookie", "")
+
+
 def test_a_session_is_read_whatever_other_cookies_the_host_has(
     platform: Platform, dash: dict[str, Any]
 ) -> None:

@@ -564,3 +564,49 @@ def test_a_requests_head_and_the_body_read_with_it_reach_the_instance_in_one_wri
 
     assert asyncio.run(exchange()) == head + b"hello"
     assert writes == [head + b"hello"]
+
+
+def test_an_answer_cut_to_hide_a_session_cookie_still_loses_it() -> None:
+    # A hostile instance writes its head in pieces, the cookie's name split across two of them, so
+    # that no one read holds it: the head is held until whole, then filtered (gateway.cookies).
+    pieces = [
+        b"HTTP/1.1 200 OK\r\nset-cookie: osless_ses",
+        b"sion=planted\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\n",
+        b"ok",
+    ]
+
+    async def exchange() -> bytes:
+        loop = asyncio.get_running_loop()
+        client, gateway_side = socket.socketpair()
+        gateway_up, instance = socket.socketpair()
+        up = UpstreamConn(Upstream("unused"), loop)
+        await loop.create_connection(lambda: up, sock=gateway_up)
+
+        def fast(conn: ClientConnection, req: Request) -> bool:
+            up.begin(conn, False, lambda error: None)
+            up.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            conn.attach(up)
+            return True
+
+        async def never(conn: ClientConnection, req: Request) -> None:
+            raise AssertionError("the fast path takes it")
+
+        conn = ClientConnection(never, loop, fast)
+        await loop.connect_accepted_socket(lambda: conn, gateway_side)
+        instance.setblocking(False)
+        client.setblocking(False)
+        client.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await loop.sock_recv(instance, 4096)
+        for piece in pieces:
+            instance.sendall(piece)
+            await asyncio.sleep(0.05)  # each its own read of the gateway's
+        got = b""
+        while not got.endswith(b"ok"):
+            got += await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
+        for s in (client, instance):
+            s.close()
+        conn.transport.abort()
+        up.abort()
+        return got
+
+    assert asyncio.run(exchange()) == b"HTTP/1.1 200 OK\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"

@@ -23,6 +23,7 @@ from osless import tokens
 from osless.api.ratelimit import Buckets, Rate
 from osless.client import AsyncApi
 from osless.contracts import FUNCTION_NAME_PATTERN, ImageManifest
+from osless.gateway.cookies import SESSION_COOKIE, without_session
 from osless.gateway.http import ClientConnection, ClientGone, Request, TooLarge, error_response
 from osless.gateway.metrics import Metrics
 from osless.gateway.router import Backend, NoBackend, Router, Timeouts, web_timeouts
@@ -58,9 +59,6 @@ HOSTS_REMEMBERED = 1024
 # their own, and the gateway still refuses the prefix, so no app can be reached through it either.
 INTERNAL = b"/__osless__"
 JSON = [(b"content-type", b"application/json")]
-# The dashboard's session cookie (`api.ui.session.COOKIE`): a browser sends it to every port of the
-# API's host, so to an app served here on the same host too; an app holding it would be its signer.
-SESSION_COOKIE = b"osless_session"
 RETRY_AFTER = [*JSON, (b"retry-after", b"1")]
 WAIT_FOR_INSTANCE_S = 30.0
 TUNNEL_IDLE_S = 600.0  # a websocket with no byte either way for this long is closed
@@ -504,12 +502,6 @@ def _over(req: Request, max_body: int) -> bool:
     return (length.isdigit() and int(length) > max_body) or req.body_bytes > max_body
 
 
-def _without_session(cookies: bytes) -> bytes:
-    """A Cookie header's pairs but the dashboard's session."""
-    pairs = (p for p in cookies.split(b";") if p.strip())
-    return b"; ".join(p.strip() for p in pairs if p.partition(b"=")[0].strip() != SESSION_COOKIE)
-
-
 def _head(
     conn: ClientConnection,
     req: Request,
@@ -535,7 +527,7 @@ def _head(
                 trace = b"-" if trace else kv[1]  # two traceparents: neither is continued
             continue
         if name == b"cookie" and SESSION_COOKIE in kv[1]:
-            kept = _without_session(kv[1])
+            kept = without_session(kv[1])
             if kept:
                 parts += (name, b": ", kept, b"\r\n")
             continue

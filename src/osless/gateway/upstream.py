@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 import httptools
 
 from osless import relaywire
+from osless.gateway.cookies import SESSION_COOKIE, HeadTooLarge, SessionFilter
 from osless.gateway.outliers import Outliers
 from osless.peercred import PeerMismatch, check_peer
 
@@ -109,6 +110,10 @@ class UpstreamConn(asyncio.Protocol):
         self._overrun = False  # the instance sent more after its answer's end
         self.reading_paused = False  # by the client's flow control
         self._held: list[bytes] | None = None  # written while the peer was corked (`uncork`)
+        # An answer's head may not set the dashboard's cookie (`gateway.cookies`): passed, once its
+        # final head went to the client; whole, once the parser read that head.
+        self._head_passed = self._head_whole = False
+        self._heads: SessionFilter | None = None  # a head held or rewritten: the slow way
 
     def begin(self, peer: Peer, head_only: bool, on_done: OnDone) -> None:
         """Start an exchange; `on_done` hears once how it ended (an `UpstreamError` if it broke),
@@ -118,6 +123,8 @@ class UpstreamConn(asyncio.Protocol):
         self.started = self.complete = self.keep_alive = self.upgraded = self.ended = False
         self.error = None
         self._interim = self._upgrading = self._overrun = False
+        self._head_passed = self._head_whole = False
+        self._heads = None
         # One parser for the connection's answers, one after another; a fresh one only after an
         # answer whose end the parser could not see (HEAD, 204, 304: a body announced, none sent).
         # A HEAD's answer has a parser that also hears the body it must not have (it costs a copy
@@ -200,6 +207,19 @@ class UpstreamConn(asyncio.Protocol):
                 # for the answer to its next request, which may be for another app.
                 self._refuse("the instance sent bytes past the end of its answer")
                 return
+            if not self._head_passed:
+                if self._head_whole and self._heads is None and SESSION_COOKIE not in data:
+                    self._head_passed = True  # the common answer: its head whole in one read, clean
+                else:
+                    heads = self._heads = self._heads or SessionFilter()
+                    try:
+                        data = heads.feed(data)
+                    except HeadTooLarge as e:
+                        self._refuse(str(e))
+                        return
+                    self._head_passed = heads.done
+                    if not data:
+                        return  # a head not whole yet: held, as it might set the dashboard's cookie
         self.started = peer.responded = True
         if not peer.transport.is_closing():
             peer.transport.write(data)
@@ -247,11 +267,12 @@ class UpstreamConn(asyncio.Protocol):
         assert self._parser is not None
         code = self._parser.get_status_code()
         if code == 101:
-            self._upgrading = True
+            self._upgrading = self._head_whole = True
             return
         if code < 200:
             self._interim = True  # 1xx before the answer: relayed, and the answer follows
             return
+        self._head_whole = True
         self.keep_alive = self._parser.should_keep_alive()  # only meaningful here
         if self._head_only or code in (204, 304):
             self._head_only = True  # the next exchange needs a fresh parser

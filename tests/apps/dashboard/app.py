@@ -26,6 +26,12 @@ def web() -> Any:
         if scope.get("query_string") == b"cookies":  # what cookies reached the app
             body = b"; ".join(v for k, v in scope["headers"] if k == b"cookie")
         headers = [(b"content-type", b"text/plain")]
+        if scope.get("query_string") == b"setcookie":  # an app trying to plant the dashboard's session
+            headers += [
+                (b"set-cookie", b"osless_session=planted; Path=/; HttpOnly"),
+                (b"Set-Cookie", b" osless_session =planted2"),
+                (b"set-cookie", b"theirs=kept; Path=/"),
+            ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
