@@ -239,6 +239,24 @@ def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, An
         assert done.status_code == 200, done.text
 
 
+def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # The browser drops the cookie at sign-out, but a copy of it (another tab's, or one taken) must
+    # not keep opening pages for 12 hours: the sign-out is kept server-side, for every server.
+    made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-signout")
+    with session(platform, made["token"]) as client:
+        kept = client.cookies[COOKIE]
+        assert client.get("/v1/apps/dash").status_code == 200
+        r = client.post("/ui/signout", data={"csrf": csrf_of(client)})
+        assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+        page = httpx.get(platform.api + "/ui/apps/dash", cookies={COOKIE: kept})
+        assert page.status_code == 303 and page.headers["location"] == "/ui/signin" and "dash" not in page.text
+        assert httpx.get(platform.api + "/v1/apps/dash", cookies={COOKIE: kept}).status_code == 401
+    with session(platform, made["token"]) as client:  # signing in again opens a new one
+        assert client.get("/ui/apps/dash").status_code == 200
+
+
 def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, Any]) -> None:
     made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-revoked")
     with session(platform, made["token"]) as client:

@@ -20,7 +20,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
-from osless.api.ui.session import COOKIE, CSRF_HEADER, from_our_pages, open_session, same_origin
+from osless.api.ui.session import (
+    COOKIE,
+    CSRF_HEADER,
+    from_our_pages,
+    open_session,
+    same_origin,
+    signed_out,
+)
 
 __all__ = ["UiGate", "cookie_of"]
 
@@ -57,6 +64,8 @@ class UiGate:
         headers = Headers(scope=scope)
         if path.startswith("/v1/") and "authorization" not in headers and from_our_pages(headers):
             session = open_session(self.state.secrets, cookie_of(headers))
+            if session is not None and await signed_out(self.state.resources.store, session):
+                session = None  # its token signed out since: the cookie is kept by the browser only
             if session is not None:
                 if scope["method"] not in READS and not (
                     session.csrf_ok(headers.get(CSRF_HEADER)) and same_origin(headers)

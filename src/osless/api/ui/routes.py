@@ -40,6 +40,8 @@ from osless.api.ui.session import (
     redeem_code,
     same_origin,
     seal,
+    sign_out,
+    signed_out,
 )
 from osless.api.usage import LIVE_PREFIX, read_usage
 
@@ -167,10 +169,13 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             request, name, {"fields": FIELDS, **context}, status_code=status, headers=SECURITY_HEADERS
         )
 
-    def session_of(request: Request) -> Session | None:
+    async def session_of(request: Request) -> Session | None:
         if not from_our_pages(request.headers):
             return None
-        return open_session(state.secrets, request.cookies.get(COOKIE))
+        session = open_session(state.secrets, request.cookies.get(COOKIE))
+        if session is None or await signed_out(state.resources.store, session):
+            return None
+        return session
 
     async def whoami(reader: ApiReader) -> dict[str, Any]:
         status, who = await reader.get("/v1/whoami")
@@ -183,7 +188,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         """A page for a session only: a visitor without one is sent to sign in, with no data."""
 
         async def wrapped(request: Request) -> Response:
-            session = session_of(request)
+            session = await session_of(request)
             if session is None:
                 return _redirect(SIGNIN)
             series.start()
@@ -272,12 +277,14 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return response
 
     async def signout(request: Request) -> Response:
-        session = session_of(request)
+        session = await session_of(request)
         form = await form_of(request)
         if isinstance(form, Response):
             return form
         if session is not None and not session.csrf_ok(form.get("csrf")):
             return JSONResponse(error_body("csrf_failed", "sign out from a dashboard page"), 403)
+        if session is not None:
+            await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
         response = _redirect(SIGNIN)
         response.headers.append("set-cookie", cookie_header("", secure=_secure(request), max_age=0))
         return response
@@ -426,7 +433,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
 
     async def app_series(request: Request) -> Response:
         """Server-Sent Events: the last hour of the app's figures, then each new sample."""
-        session = session_of(request)
+        session = await session_of(request)
         if session is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
         app = request.path_params["app"]
@@ -456,7 +463,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
 
     async def overview_series(request: Request) -> Response:
         """Server-Sent Events: each new sample of every app this session may read (the overview's figures)."""
-        session = session_of(request)
+        session = await session_of(request)
         if session is None:
             return JSONResponse(error_body("unauthorized", "sign in at /ui/signin"), 401)
 

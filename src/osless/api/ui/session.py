@@ -6,6 +6,11 @@ and SameSite=Strict; a change also needs the session's CSRF value in a header (`
 which only a page of ours can read. A new session (new CSRF value) is made at each sign-in, so a
 cookie planted before it is worth nothing after (session fixation).
 
+Signing out ends every session of the token, in every browser (`sign_out`): the cookie is the
+client's to keep, so the store keeps, per token that signed out (a digest of it), when it last did,
+and a session made before that is refused (`signed_out`). A record goes once no session it could
+refuse is alive (12 h); there is at most one per token that signed out.
+
 One-time codes (`osless dashboard`, `osless up`) are stored by their sha256 in `/uicodes/`, with
 the token encrypted and an expiry; redeeming deletes the record with a compare-and-swap, so a
 code opens one session once, on any server.
@@ -43,6 +48,8 @@ __all__ = [
     "redeem_code",
     "same_origin",
     "seal",
+    "sign_out",
+    "signed_out",
 ]
 
 COOKIE = "osless_session"
@@ -51,6 +58,7 @@ SESSION_TTL_S = 12 * 3600
 PURPOSE = "osless dashboard session\0"  # sealed by the key that seals secrets too: told apart
 CODE_TTL_S = 120.0
 CODE_PREFIX = "/uicodes/"
+SIGNOUT_PREFIX = "/uisignouts/"
 # Links made and not yet used, over all tokens: each is a store key until used or expired, and a
 # token's requests are throttled, not its links: bounded here (a person needs one at a time).
 MAX_CODES = 256
@@ -69,6 +77,7 @@ class Session:
     token: str
     csrf: str
     expires: float
+    issued: float  # when it was sealed: a sign-out after it ends it
 
     def csrf_ok(self, sent: str | None) -> bool:
         return bool(sent) and hmac.compare_digest(self.csrf.encode(), (sent or "").encode())
@@ -76,8 +85,10 @@ class Session:
 
 def seal(box: SecretBox, token: str, ttl_s: float = SESSION_TTL_S) -> tuple[str, Session]:
     """A new session for `token`: the cookie's value and what it holds."""
-    session = Session(token=token, csrf=secrets.token_urlsafe(24), expires=time.time() + ttl_s)
-    value = box.encrypt(PURPOSE + json.dumps({"t": session.token, "c": session.csrf, "e": session.expires}))
+    now = time.time()
+    session = Session(token=token, csrf=secrets.token_urlsafe(24), expires=now + ttl_s, issued=now)
+    sealed = {"t": session.token, "c": session.csrf, "e": session.expires, "i": session.issued}
+    value = box.encrypt(PURPOSE + json.dumps(sealed))
     return value, session
 
 
@@ -90,7 +101,9 @@ def open_session(box: SecretBox, cookie: str | None) -> Session | None:
         if not plain.startswith(PURPOSE):
             return None  # something else this key sealed (a config secret): never a session
         data = json.loads(plain[len(PURPOSE) :])
-        session = Session(token=str(data["t"]), csrf=str(data["c"]), expires=float(data["e"]))
+        expires = float(data["e"])
+        issued = float(data.get("i", expires - SESSION_TTL_S))  # sealed before sessions said it
+        session = Session(token=str(data["t"]), csrf=str(data["c"]), expires=expires, issued=issued)
     except (ValueError, KeyError, TypeError):
         return None
     return session if session.expires > time.time() else None
@@ -125,6 +138,36 @@ def from_our_pages(headers: Mapping[str, str]) -> bool:
     return headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
 
 
+def _owner(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+async def signed_out(store: Store, session: Session) -> bool:
+    """Its token signed out (in any browser, on any server) after this session was made."""
+    kv = await store.get(SIGNOUT_PREFIX + _owner(session.token))
+    if kv is None:
+        return False
+    try:
+        return session.issued <= float(json.loads(kv.value)["at"])
+    except (ValueError, KeyError, TypeError):
+        return True  # a record not ours to read: refused rather than guessed
+
+
+async def sign_out(store: Store, session: Session) -> None:
+    """End every session of `session`'s token made until now; forget records nothing needs."""
+    now = time.time()
+    await store.put(SIGNOUT_PREFIX + _owner(session.token), json.dumps({"at": now}).encode())
+    items, _ = await store.list(SIGNOUT_PREFIX)
+    for kv in items:
+        try:
+            stale = float(json.loads(kv.value)["at"]) < now - SESSION_TTL_S
+        except (ValueError, KeyError, TypeError):
+            stale = True
+        if stale:
+            with contextlib.suppress(Conflict):  # signed out again meanwhile: kept
+                await store.delete(kv.key, if_revision=kv.mod_revision)
+
+
 def _code_key(code: str) -> str:
     return CODE_PREFIX + hashlib.sha256(code.encode()).hexdigest()
 
@@ -135,7 +178,7 @@ class TooManyCodes(Exception):
 
 async def make_code(store: Store, box: SecretBox, token: str, ttl_s: float = CODE_TTL_S) -> str:
     """A code that opens one session for `token`, once, within `ttl_s`."""
-    owner = hashlib.sha256(token.encode()).hexdigest()[:32]
+    owner = _owner(token)
     live = await _forget_expired(store)
     if len(live) >= MAX_CODES or live.count(owner) >= MAX_CODES_PER_TOKEN:
         raise TooManyCodes
