@@ -120,6 +120,22 @@ against one gateway, 0.714 old and 0.689 new (instance 36.7 -> 48.5 us per answe
 multi-core figure's drop from the 0.52 measured quiet this morning is the machine's state, not the
 code, and the 0.6 target is missed by both alike. A run at load 2.5 to 4: 0.476 and 0.331, the node
 agent 10 us per answer (of which ~8 us its idle work: API and controllers share its process).
+
+2026-12-06, 21:20-21:35, pipelining tried (load 1.5 to 3, one other engineer's microbenchmarks): one
+socket per gateway process and instance, carrying HTTP/1.1 connections as streams in frames, what a
+turn of either loop wrote going out in one write (both ends built and working; not kept). The
+instances wrote once per 10 answers and the gateways once per 3 requests, but the CPU per answer
+did not move: two gateways and two instances, 5 and 2 paired rounds, gateway 52-60 against 51-55 us,
+instances 55-62 against 54-58 us, throughput with against without 0.84 to 1.13 (median 0.96). The
+system calls it saved are not what costs here. Where the time goes, /proc's user and system split
+per answer in the same runs: uvicorn 27-31 us user + 17-20 system; gateway 38-43 + 20-22; instance
+58-60 + 7.5 (twice uvicorn's user time for the same app, server and parser: its access line and id
+are ~4 us of it, `benchmarks/request_cost.py`); `osless up` 10-13. Context switches per answer:
+gateway 0.2 voluntary + 0.5-0.7 involuntary, instance 0.03 + 0.2 (the instance is never idle under
+this load, with or without pipelining). Under SCHED_BATCH (no wakeup preemption; `chrt -b` on the
+gateways and instances, one round set, load 3) the involuntary switches fell to 0.5 and 0.07 and the
+CPU per answer stayed within noise. What the 0.6 figure needs is ~25 us less Python per answer in
+the hop, not fewer system calls or wakeups.
 """
 
 from __future__ import annotations
