@@ -135,7 +135,16 @@ gateway 0.2 voluntary + 0.5-0.7 involuntary, instance 0.03 + 0.2 (the instance i
 this load, with or without pipelining). Under SCHED_BATCH (no wakeup preemption; `chrt -b` on the
 gateways and instances, one round set, load 3) the involuntary switches fell to 0.5 and 0.07 and the
 CPU per answer stayed within noise. What the 0.6 figure needs is ~25 us less Python per answer in
-the hop, not fewer system calls or wakeups.
+the hop, not fewer system calls or wakeups. The instance alone, without the gateway: driven on its
+unix socket by one Python client with 16 connections (the gateway's request head: its x-forwarded-*
+and an unsampled traceparent), against uvicorn serving the same layers on a unix socket, alternate
+rounds (load 6 to 7): 50-73 us per answer against 35-40 (user 50-57 against 31-38, system 8.5-10.6
+against 5.5-7.3). Timed in one process with a transport that does nothing (no sandbox, no system
+call): InstanceHttpProtocol and `Instance` 33-44 us a request against uvicorn's protocol and the
+bare app 24-31: the five headers more (a callback and a decode each), the access line and its
+`send` wrapper, the corked writes and root_path's extra route lookups. The gateway itself in one
+process was 16-17 us (above). So a third of the gap is the instance's own Python and the rest the
+two processes' sharing two cores with wrk.
 """
 
 from __future__ import annotations
