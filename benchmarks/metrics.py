@@ -13,17 +13,19 @@ at most 5% of throughput and 0.05 ms of p50. Prints one JSON object as its last 
 Each round has three passes, each side in turn: saturated (`--connections` closed loops, as fast
 as answers come: `ratio`), one connection (a lone request's p50: `one_connection`), and half load
 (the same connections, each waiting between requests by wrk's `delay()`, so that together they
-offer about half of what the off side answered at saturation that round; one wait for both sides:
-`half_load`). The p50 target is judged on the last two: `met` is ratio >= 0.95, no errors, and
-each of their paired added p50s (medians of the rounds) <= 0.05 ms. The saturated added p50 is
-kept in the output but is not a latency figure: with every core busy a closed loop's p50 is its
-queue, connections / throughput, so it is the throughput ratio again (at a p50 of 2.4 ms, each 1%
-more CPU per answer is 0.024 ms more) and says nothing of what a request waits for with room left.
+offer about half of what the off side answered at saturation that round, `off_share_of_saturated`
+saying how near; one wait for both sides: `half_load`). The p50 target is judged on the last two:
+`met` is ratio >= 0.95, no errors, and each of their paired added p50s (medians of the rounds)
+<= 0.05 ms. The saturated added p50 is kept in the output but is not a latency figure: with every
+core busy a closed loop's p50 is its queue, connections / throughput, so it is the throughput ratio
+again (at a p50 of 2.4 ms, each 1% more CPU per answer is 0.024 ms more) and says nothing of what a
+request waits for with room left.
 
 Each round also gives the CPU per answer of the gateway, the instance and `osless up` (node agent,
 API) apart, at saturation. `trace_ns_per_request` is what traces cost, timed in this process (CPU
 of the loop's thread): the instance's own ASGI entry with a tracer provider and a span pipe,
-unsampled and sampled, against tracing off; and the gateway's traceparent for each request.
+unsampled and sampled, against tracing off; and the gateway's traceparent for each request, which
+both sides make (neither flag turns it off), so it is in none of the paired figures.
 
 On a machine shared with other runs the paired wrk figures move by more than the counting costs;
 `count_ns_per_request` is the call itself, timed in this process (`Metrics.end` on an exchange with a
