@@ -180,9 +180,11 @@ def wait_ok(url: str, timeout: float = 60) -> None:
     raise SystemExit(f"{url} never answered")
 
 
-def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+def wrk(url: str, seconds: int, connections: int, script: Path | None = None) -> dict[str, float]:
+    """One wrk run's figures; `script` a Lua file for wrk's `-s` (e.g. a `delay()` between requests)."""
+    extra = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         check=True,

@@ -115,6 +115,24 @@ def test_the_gateway_samples_the_first_trace_of_each_second_and_a_share_of_the_r
     assert not traceparent.sampled("00-" + "a" * 32 + "-" + "1" * 16 + "-00")
 
 
+def test_only_a_traceparent_in_its_exact_form_is_valid() -> None:
+    good = b"00-" + b"a" * 32 + b"-" + b"1" * 16 + b"-01"
+    assert traceparent.valid(good) and traceparent.child(good) == good
+    for bad in (
+        b"",
+        good[:-1],
+        good + b"0",
+        good + b"\n",
+        b"00-" + b"0" * 32 + b"-" + b"1" * 16 + b"-01",  # an all-zero trace id
+        b"00-" + b"a" * 32 + b"-" + b"0" * 16 + b"-01",  # an all-zero parent id
+        good.upper(),
+        b"01" + good[2:],
+        good.replace(b"-", b"_"),
+    ):
+        assert not traceparent.valid(bad), bad
+        assert traceparent.child(bad) != bad and traceparent.valid(traceparent.child(bad))
+
+
 def test_new_traces_read_the_kernel_once_for_many_and_a_fork_makes_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

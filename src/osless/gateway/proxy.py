@@ -533,7 +533,7 @@ def _head(
             continue
         parts += (name, b": ", kv[1], b"\r\n")
     # W3C Trace Context: continue a valid traceparent (and its tracestate), else start a new trace.
-    if traceparent.valid(trace):
+    if trace and traceparent.valid(trace):
         parts += (b"traceparent: ", trace, b"\r\n")
         if state:
             parts += (b"tracestate: ", state, b"\r\n")

@@ -53,6 +53,8 @@ MAX_PENDING = 4096  # spans waiting for the loop: past it the oldest are dropped
 # sampled request (`osless traces` shows a span this much later).
 FLUSH_S = 0.2
 FLUSH_MS = 1000  # what a stopping instance gives its last spans
+# `json.dumps` with separators makes an encoder a call: one, kept, writes the same lines.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 _tracer: Tracer | None = None
 _SERVER: Any = None  # opentelemetry.trace.SpanKind.SERVER, once the SDK is imported (`start`)
@@ -318,8 +320,8 @@ def _line(span: ReadableSpan) -> bytes | None:
             for k, v in itertools.islice((span.attributes or {}).items(), MAX_ATTRS)
         },
     }
-    data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+    data = (_JSON.encode(rec) + "\n").encode()
     if len(data) > MAX_LINE:  # its attributes go, so the span itself still fits
         rec["attributes"] = {}
-        data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        data = (_JSON.encode(rec) + "\n").encode()
     return data if len(data) <= MAX_LINE else None
