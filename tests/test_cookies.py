@@ -52,7 +52,9 @@ def test_interim_answers_are_filtered_and_the_final_one_too() -> None:
 def test_a_tunnel_after_101_is_not_read_as_a_head() -> None:
     switch = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
     heads = SessionFilter()
-    assert heads.feed(switch + b"\x81\x05osless_session\r\n\r\n") == switch + b"\x81\x05osless_session\r\n\r\n"
+    assert (
+        heads.feed(switch + b"\x81\x05osless_session\r\n\r\n") == switch + b"\x81\x05osless_session\r\n\r\n"
+    )
     assert heads.done
 
 

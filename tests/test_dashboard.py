@@ -251,7 +251,9 @@ def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
         r = client.post("/ui/signout", data={"csrf": csrf_of(client)})
         assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
         page = httpx.get(platform.api + "/ui/apps/dash", cookies={COOKIE: kept})
-        assert page.status_code == 303 and page.headers["location"] == "/ui/signin" and "dash" not in page.text
+        assert (
+            page.status_code == 303 and page.headers["location"] == "/ui/signin" and "dash" not in page.text
+        )
         assert httpx.get(platform.api + "/v1/apps/dash", cookies={COOKIE: kept}).status_code == 401
     with session(platform, made["token"]) as client:  # signing in again opens a new one
         assert client.get("/ui/apps/dash").status_code == 200

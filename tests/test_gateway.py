@@ -609,4 +609,6 @@ def test_an_answer_cut_to_hide_a_session_cookie_still_loses_it() -> None:
         up.abort()
         return got
 
-    assert asyncio.run(exchange()) == b"HTTP/1.1 200 OK\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"
+    assert (
+        asyncio.run(exchange()) == b"HTTP/1.1 200 OK\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"
+    )
