@@ -23,6 +23,7 @@ from pathlib import Path
 
 from osless.client import ApiError, AsyncApi
 from osless.gateway.pool import GatewayPool, default_count
+from osless.gateway.proxy import DEFAULT_TRACE_SAMPLE
 from osless.node import NodeAgent, attach, debug, doctor
 from osless.node.api import NodeApi
 from osless.node.appmetrics import scrape_app
@@ -83,7 +84,7 @@ class NodeConfig:
     http_port: int = 8080
     node_api_port: int = 0  # the node API (the logs of its instances); 0: a free port
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
-    trace_sample: float = 0.05  # of the traces a gateway starts, past the first of each second
+    trace_sample: float = DEFAULT_TRACE_SAMPLE  # of the traces a gateway starts, past the first each second
     sandbox: bool = True
     # Internal ranges apps may reach when they list them (`--egress-allow`).
     egress_allow: list[Network] = field(default_factory=list)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from osless.gateway.pool import default_count
+from osless.gateway.proxy import DEFAULT_TRACE_SAMPLE
 from osless.node.egress_rules import Network
 from osless.server.api import (
     ApiConfig,
@@ -40,7 +41,7 @@ class UpConfig:
     http_port: int = 8080
     host: str = "127.0.0.1"
     gateways: int = field(default_factory=default_count)  # gateway processes sharing http_port
-    trace_sample: float = 0.05  # of the traces a gateway starts, past the first of each second
+    trace_sample: float = DEFAULT_TRACE_SAMPLE  # of the traces a gateway starts, past the first each second
     gateway_metrics: bool = True  # `--no-gateway-metrics`: the gateways count no requests
     node_name: str = field(default_factory=lambda: default_node_name())
     max_upload_mb: int = 100
