@@ -14,6 +14,9 @@ import osless
 
 VERSION = "one"
 
+if VERSION != "one":
+    time.sleep(4)  # a new release is slow to start: the old one serves meanwhile
+
 app = osless.App("draining")
 settings = app.config(colour=osless.Field(str, default="red", restart=True))
 
