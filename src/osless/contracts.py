@@ -439,6 +439,13 @@ class ImageManifest(_ManifestPart):
             sizes.append(self.web.memory_mb)
         return max(sizes, default=default)
 
+    def longest_timeout_s(self, default: float = 30.0) -> float:
+        """The longest any handler may run: what a stopping instance gives its requests in flight."""
+        times = [f.timeout_s for f in self.functions.values()]
+        if self.web is not None:
+            times.append(self.web.timeout_s)
+        return max(times, default=default)
+
 
 def manifest_problem(error: ValidationError) -> str:
     """What is wrong with a manifest, naming the fields (at most three), without echoing their values."""

@@ -34,7 +34,7 @@ from osless.node.images import ImageError, NodeImages
 from osless.node.isolation import sandbox_spec
 from osless.node.metrics import Meter
 from osless.node.spawn import RootZygote, Zygote, ZygoteFailed
-from osless.node.supervisor import Supervisor
+from osless.node.supervisor import STOP_GRACE, Supervisor
 from osless.node.traces import SpanStore
 from osless.node.volumes import VolumeError, Volumes
 from osless.runtime.sandbox import SandboxSpec
@@ -111,6 +111,9 @@ class NodeAgent:
         self.sockets_dir = self.run_dir / "sockets"
         self.sockets_dir.mkdir(exist_ok=True, mode=0o700)
         self.supervisors: dict[str, Supervisor] = {}
+        # Taken off this node and finishing their requests: their zygotes (their instances' parents)
+        # stay until they are done.
+        self.draining: set[Supervisor] = set()
         self.meter = Meter()  # its instances' starts and CPU, for the node's /metrics
         self.zygotes: dict[str, Zygote] = {}
         self._zygote_starts: dict[str, asyncio.Task[Zygote]] = {}
@@ -247,8 +250,7 @@ class NodeAgent:
         desired = {i: o for i, o in self.informer.items.items() if o.node == self.name}
         for iid in list(self.supervisors):
             if iid not in desired:
-                sup = self.supervisors.pop(iid)
-                self._background(sup.stop(self._why_removed(sup)))
+                self._background(self._drain(self.supervisors.pop(iid)))
         for iid, obj in desired.items():
             if iid not in self.supervisors:
                 if not await self._has_manifest(iid, obj):
@@ -274,6 +276,14 @@ class NodeAgent:
             await self._put_volumes_away()
         if self.cgroups is not None:
             self.cgroups.fill_pool()
+
+    async def _drain(self, sup: Supervisor) -> None:
+        self.draining.add(sup)
+        try:
+            await sup.stop(self._why_removed(sup))
+        finally:
+            self.draining.discard(sup)
+            self._wake.set()  # its zygote may go now
 
     def _in_use(self, app: str) -> bool:
         """Whether a zygote of `app` runs or starts here, or an instance of it is assigned here."""
@@ -418,6 +428,9 @@ class NodeAgent:
             uid=uid,
             traces=self.traces,
             meter=self.meter,
+            # What the instance's own server gives its requests once told to stop (runtime.instance:
+            # the longest handler timeout and a second), then what any stop gets for the rest.
+            stop_grace_s=self._manifest(obj.image).longest_timeout_s() + 1 + STOP_GRACE,
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -624,6 +637,7 @@ class NodeAgent:
         in_use = {
             s_image for s_image in (o.image for o in self.informer.items.values() if o.node == self.name)
         }
+        in_use |= {s.image for s in self.draining}  # a zygote's instances end with it
         now = time.monotonic()
         for image, zyg in list(self.zygotes.items()):
             if image in in_use and not zyg.closed:
@@ -640,8 +654,10 @@ class NodeAgent:
                 await self.forget_egress(zyg.app)
 
     async def shutdown(self) -> None:
-        sups, self.supervisors = list(self.supervisors.values()), {}
-        await asyncio.gather(*(s.stop() for s in sups), return_exceptions=True)
+        sups, self.supervisors = [*self.supervisors.values(), *self.draining], {}
+        # The node stopping (its operator asked): requests in flight get a short grace, not their
+        # handlers' timeouts, which may be an hour; those draining already are cut short too.
+        await asyncio.gather(*(s.stop(node_stopping=True) for s in sups), return_exceptions=True)
         for zyg in self.zygotes.values():
             await zyg.stop()
         self.zygotes.clear()

@@ -26,20 +26,21 @@ from osless.node.metrics import Meter
 from osless.node.spawn import Child, ChildExited, ExitStatus, Zygote, ZygoteFailed
 from osless.node.traces import SpanStore
 
-__all__ = ["Supervisor", "exit_reason"]
+__all__ = ["STOP_GRACE", "Supervisor", "exit_reason"]
 
 log = logging.getLogger("osless.node")
 
 READY_TIMEOUT = 30.0
 DRAIN_S = 0.2  # time for the gateways to see an instance leave before it stops accepting
 KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this many
+# After SIGTERM, before SIGKILL: when the node itself stops, and when an instance's handlers' timeouts
+# are not known (a replaced instance gets `Supervisor.stop_grace_s`, from them).
 STOP_GRACE = 5.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
 # The health check, on the control socket: a stuck instance (its loop blocked, its egress gone) fails
 # it this many times in a row, and is replaced.
 HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HEALTH_FAILURES = 5.0, 2.0, 3
-RETIRE_GRACE_S = 30.0  # a replaced instance's other requests get this long to finish
 HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: instance\r\nConnection: close\r\n\r\n"
 
 
@@ -64,6 +65,9 @@ class _Run:
     cgroup: InstanceCgroup | None = None
     child: Child | None = None
     ended: Callable[[float], None] | None = None  # hears the run's CPU seconds as its group goes
+    # Told to stop (SIGTERM) and finishing its requests: it closes its control socket at once, so a
+    # health check would fail, and it is on its way out anyway: none is made.
+    draining: bool = False
 
     def kill(self, sig: int) -> None:
         # Through the cgroup when there is one: it holds host pids, while a sandboxed instance's own
@@ -118,10 +122,13 @@ class Supervisor:
         uid: int | None = None,
         traces: SpanStore | None = None,
         meter: Meter | None = None,
+        stop_grace_s: float = STOP_GRACE,
     ) -> None:
         """`run_dir`: a folder of the node's own (no app sees it) for the instance's sockets;
         `uid`: the host uid the instance runs as, reported so the gateway can check it; `meter`
-        hears each start's time and each run's CPU time (the node's /metrics)."""
+        hears each start's time and each run's CPU time (the node's /metrics); `stop_grace_s`: how
+        long a stop waits after SIGTERM before SIGKILL (its requests in flight finish meanwhile)."""
+        self.stop_grace_s = stop_grace_s
         self.id: str = instance["id"]
         self.app: str = instance["app"]
         self.release: int = instance["release"]
@@ -287,13 +294,19 @@ class Supervisor:
         while True:
             # Spread out: instances started together are not all asked in the same instant.
             every = HEALTH_EVERY_S * random.uniform(0.8, 1.2)
+            if run.draining:  # neither its health nor its asking to be replaced matters now
+                await asyncio.sleep(every)
+                continue
             done, _ = await asyncio.wait([run.child.recycle], timeout=every)
-            if done:
+            if done and not run.draining:
                 return run.child.recycle.result(), True
-            if self.debugging:
+            if self.debugging or run.draining:
                 failures = 0
                 continue
             problem = await _health_problem(run.sockets[1])
+            if run.draining:  # told to stop while it was asked: the refusal is its drain
+                failures = 0
+                continue
             # A process of the instance (a subprocess, a worker) the OOM killer took while the
             # instance lives on: said in its log, as an instance killed is when it exits.
             kills = run.cgroup.oom_kills() if run.cgroup is not None else 0
@@ -329,7 +342,7 @@ class Supervisor:
                 await asyncio.sleep(DRAIN_S)  # the gateways see it leave before it stops accepting
             run.kill(signal.SIGTERM if graceful else signal.SIGKILL)
             try:
-                await asyncio.wait_for(asyncio.shield(run.child.exited), RETIRE_GRACE_S if graceful else 5)
+                await asyncio.wait_for(asyncio.shield(run.child.exited), self.stop_grace_s if graceful else 5)
             except TimeoutError:
                 run.kill(signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
@@ -392,22 +405,26 @@ class Supervisor:
             self._current.kill(sig)
 
     async def restart(self, timeout: float = READY_TIMEOUT) -> None:
-        """Replace the running instance with a new one (from the zygote of now); back once it is ready."""
-        if self._current is None:
+        """Replace the running instance with a new one (from the zygote of now); back once it is ready,
+        or once `timeout` has passed after the old one ended."""
+        run = self._current
+        if run is None or run.child is None:
             return
         self._restarting = True
         self._ready.clear()
-        # Out of the gateway's rotation first, then a graceful stop: requests in flight finish.
+        run.draining = True
+        # Out of the gateway's rotation first, then a graceful stop: requests in flight finish, within
+        # the instance's grace.
         await self._set(phase="stopping")
         await asyncio.sleep(DRAIN_S)
-        self._kill(signal.SIGTERM)
+        if not run.child.exited.done():  # its pid may be another process's once it has ended
+            run.kill(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(run.child.exited), self.stop_grace_s)
         except TimeoutError:
-            # It would not stop (or not come back): force it, rather than leave it out of rotation.
-            self._kill(signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+            run.kill(signal.SIGKILL)  # it would not stop: forced, rather than left out of rotation
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
 
     @contextlib.asynccontextmanager
     async def debug_session(self, leave_rotation: bool) -> AsyncIterator[None]:
@@ -427,18 +444,29 @@ class Supervisor:
                 self.log.write("debug session ended: replacing the instance", "osless")
                 await self.restart()
 
-    async def stop(self, why: str | None = None) -> None:
+    async def stop(self, why: str | None = None, *, node_stopping: bool = False) -> None:
         """SIGTERM, then SIGKILL after the grace period; returns once the task has ended. `why`: for
-        the log."""
+        the log. An instance taken off the node (a deploy, a restart, a scale-down) gets its own
+        grace, `stop_grace_s`, so that no request within its time is cut; when the node itself stops
+        (`node_stopping`), STOP_GRACE. May be called again, with `node_stopping`, to shorten a stop."""
+        grace = STOP_GRACE if node_stopping else self.stop_grace_s
         if why is not None and not self._stopping.is_set():
             self.log.write(f"instance stopping: {why}", "osless")
+        again = self._stopping.is_set()
         self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.draining = True
+            if not node_stopping and not again and self._ready.is_set():
+                # Its record is deleted already: the gateways see it leave before it stops accepting
+                # (a kept-alive connection it closes as a request goes out on it would fail that one).
+                await asyncio.sleep(DRAIN_S)
         self._kill(signal.SIGTERM)
         for run in list(self._retired):
             run.kill(signal.SIGTERM)
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE)
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
             except TimeoutError:
                 self._kill(signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
