@@ -68,3 +68,32 @@ def test_a_head_held_past_the_cap_is_refused() -> None:
 def test_a_request_loses_the_session_and_keeps_the_rest() -> None:
     assert without_session(b"a=1; osless_session=s; b=2") == b"a=1; b=2"
     assert without_session(b" osless_session=s ") == b""
+
+
+def test_a_nameless_cookie_that_a_browser_sends_back_as_the_session_is_taken_out() -> None:
+    # `=osless_session=x` has an empty name and the value `osless_session=x` (RFC 6265bis 5.6); a
+    # browser sends a nameless cookie back as its value alone: `Cookie: osless_session=x`.
+    for value in (b"=osless_session=planted", b" = osless_session =planted; Path=/", b"=\tosless_session=p"):
+        head = (
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: "
+            + value
+            + b"\r\nSet-Cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"
+        )
+        assert relayed([head]) == CLEAN, value
+
+
+def test_a_name_the_apis_parser_reads_as_the_session_is_taken_out() -> None:
+    # Starlette decodes a Cookie header as latin-1 and strips each name with `str.strip`, which
+    # takes a NBSP (0xa0) or NEL (0x85) too: `osless_session\xa0` is the session to the API.
+    for name in (b"osless_session\xa0", b"\x85osless_session"):
+        head = (
+            b"HTTP/1.1 200 OK\r\nset-cookie: "
+            + name
+            + b"=planted\r\nSet-Cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"
+        )
+        assert relayed([head]) == CLEAN, name
+    kept = (
+        b"HTTP/1.1 200 OK\r\nset-cookie: ==osless_session=x\r\nset-cookie: osless_sessions=x\r\n"
+        b"content-length: 0\r\n\r\n"
+    )
+    assert relayed([kept]) == kept

@@ -259,6 +259,26 @@ def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
         assert client.get("/ui/apps/dash").status_code == 200
 
 
+def test_signing_out_ends_the_live_views_already_open(platform: Platform, dash: dict[str, Any]) -> None:
+    # A stream opened before the sign-out (another tab's, or one a copy of the cookie opened) would
+    # otherwise go on sending the app's figures for as long as it is held open.
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-signout-live")["token"]
+    with session(platform, token) as client:
+        csrf = csrf_of(client)
+        with (
+            client.stream("GET", "/ui/apps/dash/series") as live,
+            client.stream("GET", "/ui/series") as overview,
+        ):
+            assert live.status_code == overview.status_code == 200
+            lines = [live.iter_lines(), overview.iter_lines()]
+            assert next(lines[0]).startswith("event: history")
+            assert client.post("/ui/signout", data={"csrf": csrf}).status_code == 303
+            started = time.monotonic()
+            for stream in lines:
+                for _ in stream:  # each ends at its next event (every 10 s at most), not at the client's will
+                    assert time.monotonic() - started < 25
+
+
 def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, Any]) -> None:
     made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-revoked")
     with session(platform, made["token"]) as client:
@@ -311,6 +331,21 @@ def test_an_app_on_the_apis_host_cannot_plant_a_session(platform: Platform, dash
     r = httpx.get(f"{platform.gateway}/dash/?setcookie", timeout=30)
     assert r.status_code == 200 and r.headers.get_list("set-cookie") == ["theirs=kept; Path=/"]
     assert COOKIE not in r.headers.get("set-cookie", "")
+
+
+def test_two_session_cookies_open_nothing(platform: Platform, dash: dict[str, Any]) -> None:
+    # A page's script on the gateway's port of this host can add a second session cookie beside the
+    # visitor's HttpOnly one (`document.cookie` with a Domain or a Path), which the browser sends
+    # too; taking either would be a guess, and the last (what Starlette takes) may be the planted one.
+    with session(platform) as own, session(platform) as other:
+        both = f"{COOKIE}={own.cookies[COOKIE]}; {COOKIE}={other.cookies[COOKIE]}"
+        page = httpx.get(platform.api + "/ui/apps/dash", headers={"cookie": both})
+        assert page.status_code == 303 and page.headers["location"] == "/ui/signin"
+        assert httpx.get(platform.api + "/v1/apps/dash", headers={"cookie": both}).status_code == 401
+        assert (
+            httpx.get(platform.api + "/ui/apps/dash", cookies={COOKIE: own.cookies[COOKIE]}).status_code
+            == 200
+        )
 
 
 def test_a_session_is_read_whatever_other_cookies_the_host_has(

@@ -15,6 +15,7 @@ __all__ = ["MAX_HEAD", "SESSION_COOKIE", "SessionFilter", "without_session"]
 SESSION_COOKIE = b"osless_session"
 # An answer's head is held until whole while it might set the cookie; no longer than this.
 MAX_HEAD = 64 * 1024
+_SESSION = SESSION_COOKIE.decode()
 
 
 def without_session(cookies: bytes) -> bytes:
@@ -84,6 +85,19 @@ def _filtered(head: bytes) -> bytes:
     kept = [lines[0]]
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.lower() != b"set-cookie" or value.partition(b"=")[0].strip() != SESSION_COOKIE:
+        if name.lower() != b"set-cookie" or not _sets_session(value):
             kept.append(line)
     return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def _sets_session(value: bytes) -> bool:
+    """Whether a browser would send this `Set-Cookie` back as a cookie the API reads as its session.
+    The API's parser (Starlette's) decodes latin-1 and strips with `str.strip`, so a name padded
+    with a NBSP or NEL is its name too; and a nameless cookie (`=osless_session=x`: RFC 6265bis
+    5.6, an empty name) is sent back as its value alone, `osless_session=x`."""
+    pair = value.partition(b";")[0].decode("latin-1")
+    name, eq, rest = pair.partition("=")
+    name = name.strip()
+    if not name and eq:
+        name = rest.partition("=")[0].strip()
+    return name == _SESSION

@@ -30,6 +30,8 @@ def web() -> Any:
             headers += [
                 (b"set-cookie", b"osless_session=planted; Path=/; HttpOnly"),
                 (b"Set-Cookie", b" osless_session =planted2"),
+                (b"set-cookie", b"=osless_session=planted3"),  # nameless: sent back as its value
+                (b"set-cookie", b"osless_session\xa0=planted4"),  # the API's parser strips the NBSP
                 (b"set-cookie", b"theirs=kept; Path=/"),
             ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

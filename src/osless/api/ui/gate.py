@@ -14,18 +14,17 @@ import json
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
 from osless.api.ui.session import (
-    COOKIE,
     CSRF_HEADER,
     from_our_pages,
     open_session,
     same_origin,
+    session_cookie,
     signed_out,
 )
 
@@ -35,10 +34,7 @@ READS = frozenset({"GET", "HEAD"})
 
 
 def cookie_of(headers: Headers) -> str | None:
-    # Starlette's parser, as the pages read it: `http.cookies` stops at the first cookie it finds
-    # malformed (a JSON value, a space), and any site of this host may set one.
-    raw = headers.get("cookie")
-    return cookie_parser(raw).get(COOKIE) if raw else None
+    return session_cookie(headers.get("cookie"))
 
 
 class UiGate:

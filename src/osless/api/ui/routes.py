@@ -40,6 +40,7 @@ from osless.api.ui.session import (
     redeem_code,
     same_origin,
     seal,
+    session_cookie,
     sign_out,
     signed_out,
 )
@@ -172,7 +173,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     async def session_of(request: Request) -> Session | None:
         if not from_our_pages(request.headers):
             return None
-        session = open_session(state.secrets, request.cookies.get(COOKIE))
+        session = open_session(state.secrets, session_cookie(request.headers.get("cookie")))
         if session is None or await signed_out(state.resources.store, session):
             return None
         return session
@@ -452,6 +453,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             checked = time.monotonic()
             while not await request.is_disconnected():
                 point = await series.next_point(app, SAMPLE_S * 5)
+                if await signed_out(state.resources.store, session):
+                    return  # signed out since it opened (in any tab, on any server)
                 if time.monotonic() - checked > RECHECK_S:
                     checked = time.monotonic()
                     if await status_of(session.token, request, path) in (401, 403, 404):
@@ -489,6 +492,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             checked = time.monotonic()
             while apps is not None and not await request.is_disconnected():
                 points = await series.next_points(apps, SAMPLE_S * 5)
+                if await signed_out(state.resources.store, session):
+                    return  # signed out since it opened (in any tab, on any server)
                 if time.monotonic() - checked > RECHECK_S:  # new apps, a revoked token
                     checked, apps = time.monotonic(), await visible(apps)
                 yield (f"data: {json.dumps(points)}\n\n" if points else ": idle\n\n").encode()

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from starlette.requests import cookie_parser
+
 from osless.api.secrets import SecretBox
 from osless.store import Conflict, Store
 
@@ -48,6 +50,7 @@ __all__ = [
     "redeem_code",
     "same_origin",
     "seal",
+    "session_cookie",
     "sign_out",
     "signed_out",
 ]
@@ -107,6 +110,19 @@ def open_session(box: SecretBox, cookie: str | None) -> Session | None:
     except (ValueError, KeyError, TypeError):
         return None
     return session if session.expires > time.time() else None
+
+
+def session_cookie(raw: str | None) -> str | None:
+    """The session's value in a `Cookie` header, read as Starlette reads it (`http.cookies` stops
+    at the first cookie it finds malformed, and any site of this host may set one); None if two
+    name it. A page's script on another port of this host may add one (`document.cookie`, with a
+    Domain or another Path: the browser keeps both), and Starlette would take the last: its author's
+    session, planted, in place of the visitor's own."""
+    if not raw:
+        return None
+    if sum(1 for pair in raw.split(";") if pair.partition("=")[0].strip() == COOKIE) > 1:
+        return None
+    return cookie_parser(raw).get(COOKIE)
 
 
 def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
