@@ -279,6 +279,25 @@ def test_signing_out_ends_the_live_views_already_open(platform: Platform, dash: 
                     assert time.monotonic() - started < 25
 
 
+def test_signing_out_ends_an_api_stream_the_cookie_opened(platform: Platform, dash: dict[str, Any]) -> None:
+    # A watch opened with a copy of the cookie (no browser: no Sec-Fetch-Site) must not outlive
+    # the sign-out: it would go on telling its holder every change of the token's apps.
+    token = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-signout-watch")["token"]
+    with session(platform, token) as client:
+        kept = client.cookies[COOKIE]
+        csrf = csrf_of(client)
+        with httpx.stream(
+            "GET", platform.api + "/v1/apps?watch=true", cookies={COOKIE: kept}, timeout=30
+        ) as watch:
+            assert watch.status_code == 200
+            assert client.post("/ui/signout", data={"csrf": csrf}).status_code == 303
+            started = time.monotonic()
+            for _ in watch.iter_lines():  # bookmarks every 10 s until it ends
+                assert time.monotonic() - started < 20
+    with httpx.stream("GET", platform.api + "/v1/apps?watch=true", cookies={COOKIE: kept}) as watch:
+        assert watch.status_code == 401
+
+
 def test_a_revoked_token_ends_its_session(platform: Platform, dash: dict[str, Any]) -> None:
     made = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-revoked")
     with session(platform, made["token"]) as client:

@@ -10,27 +10,31 @@ session's CSRF value in `X-Osless-CSRF`, and an `Origin`, when sent, must be thi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from osless.api.errors import error_body
 from osless.api.state import ApiState
 from osless.api.ui.routes import build_ui
 from osless.api.ui.session import (
     CSRF_HEADER,
+    Session,
     from_our_pages,
     open_session,
     same_origin,
     session_cookie,
     signed_out,
 )
+from osless.store import Store
 
 __all__ = ["UiGate", "cookie_of"]
 
 READS = frozenset({"GET", "HEAD"})
+SIGNOUT_CHECK_S = 5.0  # a stream the session opened asks this often whether its token signed out
 
 
 def cookie_of(headers: Headers) -> str | None:
@@ -73,7 +77,49 @@ class UiGate:
                     *scope["headers"],
                     (b"authorization", f"Bearer {session.token}".encode()),
                 ]
+                await _until_signed_out(self.app, scope, receive, send, self.state.resources.store, session)
+                return
         await self.app(scope, receive, send)
+
+
+async def _until_signed_out(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, store: Store, session: Session
+) -> None:
+    """`app` for a request the session speaks for, whose answer, if it is a stream (a watch, a log
+    followed), ends once the token signs out: a copy of the cookie would otherwise keep it open.
+    A stream waits on `receive` for the client's disconnect (Starlette, ASGI spec < 2.4); told one
+    at the first check after the sign-out, it stops, and its answer is ended here."""
+    body_read = False
+    told = False
+    ended = False
+
+    async def watched_receive() -> Message:
+        nonlocal body_read, told
+        if not body_read:
+            message = await receive()
+            body_read = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+        waiting = asyncio.ensure_future(receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=SIGNOUT_CHECK_S)
+                if done:
+                    return waiting.result()
+                if await signed_out(store, session):
+                    told = True
+                    return {"type": "http.disconnect"}
+        finally:
+            waiting.cancel()
+
+    async def watched_send(message: Message) -> None:
+        nonlocal ended
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            ended = True
+        await send(message)
+
+    await app(scope, watched_receive, watched_send)
+    if told and not ended:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _forbidden(send: Send) -> None:
