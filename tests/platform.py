@@ -157,6 +157,8 @@ class Platform:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.05)
+        # Stopped here: the caller never gets the platform to stop (a run's `osless up` outlived it).
+        self.stop()
         raise RuntimeError(f"osless up did not come up in {timeout}s: {self.output()[-2000:]}")
 
     def output(self) -> str:

@@ -249,7 +249,8 @@ class BuilderHost:
         base, params = f"/v1/builds/{id}", {"builder": name}
         lines = _Log()
         loop = asyncio.get_running_loop()
-        flusher = asyncio.create_task(self._flush(base, params, lines))
+        ended = asyncio.Event()
+        flusher = asyncio.create_task(self._flush(base, params, lines, ended))
 
         def emit(line: str) -> None:
             loop.call_soon_threadsafe(lines.add, line)
@@ -279,10 +280,11 @@ class BuilderHost:
         except Exception as e:  # the deploy must end as failed, whatever broke
             log.error("deploy %s crashed: %s", id, cap("".join(traceback.format_exception(e))))
             result = {"error": cap(f"internal error during build: {type(e).__name__}: {e}")}
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await self._post_lines(base, params, lines)
+        finally:
+            ended.set()  # the flusher posts what is left, then ends
+        # Awaited, never cancelled: a post cut short lost its batch, or landed after the result had
+        # closed the log, which drops it (a failed import's last lines, its error, went missing so).
+        await flusher
         await self._result(id, base, params, result)
 
     async def _source(self, base: str, params: dict[str, str]) -> bytes:
@@ -320,10 +322,15 @@ class BuilderHost:
         if got["image"] != image:
             raise BuildError(f"the API stored image {got['image']}, not {image}")
 
-    async def _flush(self, base: str, params: dict[str, str], lines: _Log) -> None:
+    async def _flush(self, base: str, params: dict[str, str], lines: _Log, ended: asyncio.Event) -> None:
+        """Post the build's lines every FLUSH_S; once `ended` is set, what is left, and return."""
         while True:
-            await asyncio.sleep(FLUSH_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), FLUSH_S)
+            last = ended.is_set()  # read before the post: a build that ends during it gets one more
             await self._post_lines(base, params, lines)
+            if last:
+                return
 
     async def _post_lines(self, base: str, params: dict[str, str], lines: _Log) -> None:
         while batch := lines.take():
