@@ -60,6 +60,10 @@ def test_an_async_invoke_is_accepted_with_an_id_and_succeeds_with_its_result(
     assert final(platform, out["id"])["result"] == {"echo": {"n": 2}}
     listed = platform.cli_json("invocations", "jobs", "--state", "succeeded")
     assert {accepted["id"], out["id"]} <= {i["id"] for i in listed}
+    # A state none is in (this test runs first in the file) lists nothing, at once.
+    started = time.monotonic()
+    assert platform.cli_json("invocations", "jobs", "--state", "dead") == []
+    assert time.monotonic() - started < 5
     assert platform.cli_json("invocation", out["id"])["state"] == "succeeded"
 
 

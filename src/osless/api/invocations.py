@@ -39,9 +39,11 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import APIError as JetStreamAPIError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from osless.api.broker import INVOKE_STREAM, Broker
 from osless.api.errors import ApiError
@@ -241,6 +243,12 @@ async def list_invocations(broker: Broker, app: str, state: str | None, limit: i
         return await _list(broker, app, state, limit)
 
 
+# nats-py's watch can put its "initial values done" marker before values the server had already sent
+# (in flight as it asked the consumer for its pending count: seen under load, a listing came back
+# empty): a listing that opens on the marker waits this long for such values before it says none.
+LATE_VALUES_S = 0.25
+
+
 async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list[dict[str, Any]]:
     assert broker.states is not None
     # A watch of the app's keys (a subject filter on the server): the latest value of each, then None.
@@ -248,24 +256,49 @@ async def _list(broker: Broker, app: str, state: str | None, limit: int) -> list
     # (up to 256 KiB each), so what a listing holds is bounded by its `limit`, not by the traffic.
     watcher = await broker.states.watch(f"{app}.*", ignore_deletes=True)
     newest: list[tuple[float, str, dict[str, Any]]] = []  # a min-heap: the oldest kept on top
+    seen = early_marker = False
     try:
-        async for entry in watcher:
-            if entry is None:
+        while True:
+            try:
+                # Past an early marker the last initial value has delta 0, and a quiet wait ends it.
+                entry = await (
+                    watcher.updates(LATE_VALUES_S)  # type: ignore[no-untyped-call]
+                    if early_marker
+                    else watcher.__anext__()  # type: ignore[no-untyped-call]
+                )
+            except (NatsTimeout, StopAsyncIteration):
                 break
-            if not entry.value:
+            if entry is None:
+                if seen:
+                    break
+                early_marker = True
                 continue
-            item = json.loads(entry.value)
-            if state is not None and item.get("state") != state:
-                continue
-            item.pop("result", None)
-            ranked = (float(item.get("created_at", 0)), str(item.get("id", "")), item)
-            if len(newest) < limit:
-                heapq.heappush(newest, ranked)
-            elif ranked[:2] > newest[0][:2]:
-                heapq.heapreplace(newest, ranked)
+            if not isinstance(entry, KeyValue.Entry):
+                break  # the watcher was stopped
+            seen = True
+            _keep(newest, entry, state, limit)
+            if early_marker and entry.delta == 0:
+                break
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return [item for _, _, item in sorted(newest, key=lambda r: r[:2], reverse=True)]
+
+
+def _keep(
+    newest: list[tuple[float, str, dict[str, Any]]], entry: KeyValue.Entry, state: str | None, limit: int
+) -> None:
+    """`entry`'s invocation among the newest `limit` (a min-heap: the oldest on top), if in `state`."""
+    if not entry.value:
+        return
+    item = json.loads(entry.value)
+    if state is not None and item.get("state") != state:
+        return
+    item.pop("result", None)
+    ranked = (float(item.get("created_at", 0)), str(item.get("id", "")), item)
+    if len(newest) < limit:
+        heapq.heappush(newest, ranked)
+    elif ranked[:2] > newest[0][:2]:
+        heapq.heapreplace(newest, ranked)
 
 
 def _text(text: str) -> str:
