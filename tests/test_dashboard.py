@@ -239,6 +239,16 @@ def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, An
         assert done.status_code == 200, done.text
 
 
+def test_api_answers_are_data_never_pages_of_the_apis_origin(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # The dashboard's session lives on the API's origin: an answer there that a browser would render
+    # (a function's own content type, a profile's SVG) must run no script and never be framed.
+    for r in (platform.http("GET", "/v1/apps"), httpx.get(platform.api + "/v1/apps")):
+        assert r.headers["x-content-type-options"] == "nosniff", r.headers
+        assert r.headers["content-security-policy"].startswith("sandbox;"), r.headers
+
+
 def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
     platform: Platform, dash: dict[str, Any]
 ) -> None:

@@ -34,6 +34,13 @@ from osless.store import Store
 __all__ = ["UiGate", "cookie_of"]
 
 READS = frozenset({"GET", "HEAD"})
+# On every /v1 answer: it is data, never a page of this origin (the dashboard's). A function's answer
+# keeps its own content type (`POST .../functions/{fn}:invoke`), and a profile is an SVG with script:
+# opened in a browser, neither may run script as the API's origin, sniffed into HTML or framed.
+API_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"sandbox; default-src 'none'; frame-ancestors 'none'"),
+]
 SIGNOUT_CHECK_S = 5.0  # a stream the session opened asks this often whether its token signed out
 
 
@@ -61,6 +68,8 @@ class UiGate:
         if path == "/ui" or path.startswith("/ui/"):
             await self.ui(scope, receive, send)
             return
+        if path.startswith("/v1/"):
+            send = _as_data(send)
         headers = Headers(scope=scope)
         if path.startswith("/v1/") and "authorization" not in headers and from_our_pages(headers):
             session = open_session(self.state.secrets, cookie_of(headers))
@@ -120,6 +129,17 @@ async def _until_signed_out(
     await app(scope, watched_receive, watched_send)
     if told and not ended:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _as_data(send: Send) -> Send:
+    """`send`, its answer's head with API_HEADERS."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *API_HEADERS]}
+        await send(message)
+
+    return sending
 
 
 async def _forbidden(send: Send) -> None:
