@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -512,55 +513,73 @@ def test_bytes_past_an_instances_answer_never_reach_the_client(
         assert status == 200 and body == b"Hello from osless!\n", (status, body)
 
 
+@contextlib.asynccontextmanager
+async def _wired(
+    forward: bytes, counted: list[bytes] | None = None
+) -> AsyncIterator[tuple[socket.socket, socket.socket]]:
+    """A client's connection and an instance's socket (both ours to drive, non-blocking) with the
+    gateway's two halves between them, as its fast path joins them: the client's request makes the
+    gateway write `forward` to the instance (with `counted`, each write of the gateway's noted)."""
+    loop = asyncio.get_running_loop()
+    client, gateway_side = socket.socketpair()
+    gateway_up, instance = socket.socketpair()
+    up = UpstreamConn(Upstream("unused"), loop)
+    await loop.create_connection(lambda: up, sock=gateway_up)
+    if counted is not None:
+        up.transport = _Counted(up.transport, counted)  # type: ignore[arg-type,assignment]
+
+    def fast(conn: ClientConnection, req: Request) -> bool:  # as `_Exchange.start` does
+        up.begin(conn, False, lambda error: None)
+        up.write(forward)
+        conn.attach(up)
+        req.attach(up)
+        return True
+
+    async def never(conn: ClientConnection, req: Request) -> None:
+        raise AssertionError("the fast path takes it")
+
+    conn = ClientConnection(never, loop, fast)
+    await loop.connect_accepted_socket(lambda: conn, gateway_side)
+    for s in (client, instance):
+        s.setblocking(False)
+    try:
+        yield client, instance
+    finally:
+        for s in (client, instance):
+            s.close()
+        conn.transport.abort()
+        up.abort()
+
+
+class _Counted:
+    """An upstream's own transport, its writes noted."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
+        self.transport = transport
+        self.writes = writes
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 def test_a_requests_head_and_the_body_read_with_it_reach_the_instance_in_one_write() -> None:
     # Each write is a system call of the gateway's, and a read (a wakeup) of the instance's: a small
     # POST's head and body, read at once from the client, went out in two.
     head = b"POST /f HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n"
     writes: list[bytes] = []
 
-    class Counted:
-        """The upstream's own transport, its writes noted."""
-
-        def __init__(self, transport: asyncio.Transport) -> None:
-            self.transport = transport
-
-        def write(self, data: bytes) -> None:
-            writes.append(bytes(data))
-            self.transport.write(data)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.transport, name)
-
     async def exchange() -> bytes:
         loop = asyncio.get_running_loop()
-        client, gateway_side = socket.socketpair()
-        gateway_up, instance = socket.socketpair()
-        up = UpstreamConn(Upstream("unused"), loop)
-        await loop.create_connection(lambda: up, sock=gateway_up)
-        up.transport = Counted(up.transport)  # type: ignore[arg-type,assignment]
-
-        def fast(conn: ClientConnection, req: Request) -> bool:  # as `_Exchange.start` does
-            up.begin(conn, False, lambda error: None)
-            up.write(head)
-            conn.attach(up)
-            req.attach(up)
-            return True
-
-        async def never(conn: ClientConnection, req: Request) -> None:
-            raise AssertionError("the fast path takes it")
-
-        conn = ClientConnection(never, loop, fast)
-        await loop.connect_accepted_socket(lambda: conn, gateway_side)
-        instance.setblocking(False)
-        client.sendall(head + b"hello")
-        got = b""
-        while len(got) < len(head) + 5:
-            got += await loop.sock_recv(instance, 4096)
-        for s in (client, instance):
-            s.close()
-        conn.transport.abort()
-        up.abort()
-        return got
+        async with _wired(head, writes) as (client, instance):
+            await loop.sock_sendall(client, head + b"hello")
+            got = b""
+            while len(got) < len(head) + 5:
+                got += await loop.sock_recv(instance, 4096)
+            return got
 
     assert asyncio.run(exchange()) == head + b"hello"
     assert writes == [head + b"hello"]
@@ -574,40 +593,20 @@ def test_an_answer_cut_to_hide_a_session_cookie_still_loses_it() -> None:
         b"sion=planted\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\n",
         b"ok",
     ]
+    request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
 
     async def exchange() -> bytes:
         loop = asyncio.get_running_loop()
-        client, gateway_side = socket.socketpair()
-        gateway_up, instance = socket.socketpair()
-        up = UpstreamConn(Upstream("unused"), loop)
-        await loop.create_connection(lambda: up, sock=gateway_up)
-
-        def fast(conn: ClientConnection, req: Request) -> bool:
-            up.begin(conn, False, lambda error: None)
-            up.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            conn.attach(up)
-            return True
-
-        async def never(conn: ClientConnection, req: Request) -> None:
-            raise AssertionError("the fast path takes it")
-
-        conn = ClientConnection(never, loop, fast)
-        await loop.connect_accepted_socket(lambda: conn, gateway_side)
-        instance.setblocking(False)
-        client.setblocking(False)
-        client.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        await loop.sock_recv(instance, 4096)
-        for piece in pieces:
-            instance.sendall(piece)
-            await asyncio.sleep(0.05)  # each its own read of the gateway's
-        got = b""
-        while not got.endswith(b"ok"):
-            got += await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
-        for s in (client, instance):
-            s.close()
-        conn.transport.abort()
-        up.abort()
-        return got
+        async with _wired(request) as (client, instance):
+            await loop.sock_sendall(client, request)
+            await loop.sock_recv(instance, 4096)
+            for piece in pieces:
+                await loop.sock_sendall(instance, piece)
+                await asyncio.sleep(0.05)  # each its own read of the gateway's
+            got = b""
+            while not got.endswith(b"ok"):
+                got += await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
+            return got
 
     assert (
         asyncio.run(exchange()) == b"HTTP/1.1 200 OK\r\nset-cookie: theirs=1\r\ncontent-length: 2\r\n\r\nok"

@@ -39,10 +39,6 @@ class SessionFilter:
         self.done = False  # the final head went by: the rest is body (or a tunnel)
         self.held = b""
 
-    def reset(self) -> None:
-        self.done = False
-        self.held = b""
-
     def feed(self, data: bytes) -> bytes:
         """What of `data` may go to the client now (b"" while a head is incomplete)."""
         if not self.held:  # the common answer: its whole head in its first read, no cookie named
