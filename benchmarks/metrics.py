@@ -8,18 +8,20 @@ both alike; ratio and added p50 worked out round by round (paired), their median
 the CPU the gateway process spent per answer on each side (from /proc). Target: the counting costs
 at most 5% of throughput and 0.05 ms of p50. Prints one JSON object as its last line.
 
-    .venv/bin/python benchmarks/metrics.py [--seconds 3] [--rounds 7] [--connections 32]
+    .venv/bin/python benchmarks/metrics.py [--seconds 3] [--rounds 8] [--connections 32]
 
-Each round has three passes, each side in turn: saturated (`--connections` closed loops, as fast
-as answers come: `ratio`), one connection (a lone request's p50: `one_connection`), and half load
-(the same connections, each waiting between requests by wrk's `delay()`, so that together they
-offer about half of what the off side answered at saturation that round, `off_share_of_saturated`
-saying how near; one wait for both sides: `half_load`). The p50 target is judged on the last two:
-`met` is ratio >= 0.95, no errors, and each of their paired added p50s (medians of the rounds)
-<= 0.05 ms. The saturated added p50 is kept in the output but is not a latency figure: with every
-core busy a closed loop's p50 is its queue, connections / throughput, so it is the throughput ratio
-again (at a p50 of 2.4 ms, each 1% more CPU per answer is 0.024 ms more) and says nothing of what a
-request waits for with room left.
+Each round has three passes, each side in turn: saturated (`--connections` closed loops, as fast as
+answers come: `ratio`), one connection (a lone request's p50: `one_connection`), and half load (the
+same connections, each waiting between requests by wrk's `delay()`, so that together they offer
+about half of what the off side answered at saturation that round, `off_share_of_saturated` saying
+how near; one wait for both sides: `half_load`). The p50 target is judged on the last two: `met` is
+ratio >= 0.95, no errors, and each of their paired added p50s <= 0.05 ms. The two sides swap places
+every round (off first in even rounds, on first in odd ones), and each figure is the median over
+pairs of rounds of the pair's mean (`balanced`; geometric for ratios): where one side always went
+first, two platforms alike came out 0.927 (7 rounds), so `--rounds` is even. The saturated added p50
+is kept in the output but is not a latency figure: with every core busy a closed loop's p50 is its
+queue, connections / throughput, so it is the throughput ratio again (at a p50 of 2.4 ms, each 1%
+more CPU per answer is 0.024 ms more) and says nothing of what a request waits for with room left.
 
 Each round also gives the CPU per answer of the gateway, the instance and `osless up` (node agent,
 API) apart, at saturation. `trace_ns_per_request` is what traces cost, timed in this process (CPU
@@ -148,6 +150,15 @@ def added(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> list[float]
     return [round(on["p50_ms"] - off["p50_ms"], 3) for off, on in pairs]
 
 
+def balanced(per_round: list[float], ratios: bool = False) -> list[float]:
+    """Each two rounds' figures as one: the mean of a round where off went first and the next, where
+    on did (geometric for ratios), so that what going first or second does to a run cancels out."""
+    pairs = zip(per_round[::2], per_round[1::2], strict=False)
+    if ratios:
+        return [round(math.sqrt(a * b), 3) for a, b in pairs]
+    return [round((a + b) / 2, 3) for a, b in pairs]
+
+
 def count_ns_per_request() -> float:
     """What `Metrics.end` costs a request, in nanoseconds: the hot path's one call."""
     import uvloop
@@ -272,11 +283,13 @@ def trace_ns_per_request(n: int = 20_000) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=3, help="of each wrk run")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8, help="even: each side goes first in half")
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("this benchmark needs wrk: apt-get install -y wrk")
+    if args.rounds < 2 or args.rounds % 2:
+        raise SystemExit(f"--rounds must be even (got {args.rounds}): each side goes first in half of them")
     count_ns = count_ns_per_request()
     trace_ns = trace_ns_per_request()
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
@@ -318,15 +331,19 @@ def main() -> None:
                 # The gateway, the instance, the node agent and the API: all the platform spent.
                 "platform": [platform.proc.pid, *descendants(platform.proc.pid)],
             }
-        for _ in range(args.rounds):
-            for name, platform in platforms.items():
+        for round_no in range(args.rounds):
+            # Each side goes first in every other round, and the figures are those of two rounds
+            # together (`balanced`): which run of a round goes first moves it by several percent
+            # (the docstring), more than what is measured here.
+            order = list(platforms.items())[:: -1 if round_no % 2 else 1]
+            for name, platform in order:
                 before = {group: cpu_of(pids) for group, pids in groups[name].items()}
                 result = wrk(f"{platform.gateway}/hello/", args.seconds, args.connections)
                 for group, pids in groups[name].items():
                     spent = cpu_of(pids) - before[group]
                     result[f"{group}_cpu_us_per_request"] = round(spent / max(result["requests"], 1) * 1e6, 1)
                 runs[name].append(result)
-            for name, platform in platforms.items():  # a lone request: the p50 with no queue in it
+            for name, platform in order:  # a lone request: the p50 with no queue in it
                 lone[name].append(wrk(f"{platform.gateway}/hello/", args.seconds, 1))
             # Half load: the same connections, each waiting between requests, so that together they
             # offer about HALF of what the off side answered at saturation this round. A connection's
@@ -340,7 +357,7 @@ def main() -> None:
             wait = round(max(args.connections / max(rate, 1.0) * 1000 - rest_ms, 0.0), 2)
             delays.append(wait)
             with paced(wait) as script:
-                for name, platform in platforms.items():
+                for name, platform in order:
                     half[name].append(
                         wrk(f"{platform.gateway}/hello/", args.seconds, args.connections, script)
                     )
@@ -353,10 +370,12 @@ def main() -> None:
         round(on["requests_per_s"] / off["requests_per_s"], 3) for off, on in pairs if off["requests_per_s"]
     ]
     saturated_added = added(pairs)
-    ratio, added_p50 = statistics.median(ratios), statistics.median(saturated_added)
+    ratio = round(statistics.median(balanced(ratios, ratios=True)), 3)
+    added_p50 = round(statistics.median(balanced(saturated_added)), 3)
     lone_added = added(list(zip(lone["off"], lone["on"], strict=True)))
     half_added = added(list(zip(half["off"], half["on"], strict=True)))
-    lone_p50, half_p50 = round(statistics.median(lone_added), 3), round(statistics.median(half_added), 3)
+    lone_p50 = round(statistics.median(balanced(lone_added)), 3)
+    half_p50 = round(statistics.median(balanced(half_added)), 3)
     errors = int(
         sum(
             r["non_2xx"] + r["socket_errors"]
