@@ -138,6 +138,15 @@ def test_the_token_is_not_on_a_gateway_processes_command_line_nor_in_its_environ
     assert answered_by(gateways)  # and yet they serve: the token came another way
 
 
+def test_gateway_processes_run_under_sched_batch(gateways: Platform) -> None:
+    """A woken gateway waits its turn rather than preempting an instance (gateway/process.py)."""
+    pids = gateway_processes(gateways).values()
+    assert pids
+    for pid in pids:
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH, pid
+    assert answered_by(gateways)
+
+
 def test_a_second_platform_cannot_share_the_port(gateways: Platform, tmp_path: Path) -> None:
     """SO_REUSEPORT would let a second `osless up` of the same user join the port's group and take
     half its connections: it is refused instead, as any listener there."""
