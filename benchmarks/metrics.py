@@ -119,8 +119,8 @@ from typing import Any
 
 import httptools
 from _platform import ROOT, running_platform
+from throughput import balanced, descendants, instance_pids, median_of, wait_ok, wait_ready, wrk
 from throughput import cpu_s as cpu_of
-from throughput import descendants, instance_pids, median_of, wait_ok, wait_ready, wrk
 
 TARGET_RATIO, TARGET_ADDED_P50_MS = 0.95, 0.05
 HALF = 0.5  # the half-load pass's offered rate, of what the off side answered at saturation
@@ -148,15 +148,6 @@ def paced(mean_ms: float) -> Iterator[Path]:
 def added(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> list[float]:
     """Each round's p50 on minus off (ms)."""
     return [round(on["p50_ms"] - off["p50_ms"], 3) for off, on in pairs]
-
-
-def balanced(per_round: list[float], ratios: bool = False) -> list[float]:
-    """Each two rounds' figures as one: the mean of a round where off went first and the next, where
-    on did (geometric for ratios), so that what going first or second does to a run cancels out."""
-    pairs = zip(per_round[::2], per_round[1::2], strict=False)
-    if ratios:
-        return [round(math.sqrt(a * b), 3) for a, b in pairs]
-    return [round((a + b) / 2, 3) for a, b in pairs]
 
 
 def count_ns_per_request() -> float:
