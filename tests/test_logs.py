@@ -211,6 +211,94 @@ def test_an_app_s_own_output_survives_a_burst_of_access_lines(tmp_path: Path) ->
     assert asyncio.run(followed()) == ["the app's last word", "GET /p5000 200 0.5ms warm", "after"]
 
 
+def test_a_read_of_an_instance_s_output_is_written_as_its_lines_would_be_one_by_one(tmp_path: Path) -> None:
+    """The node hands a whole read to `write_instance_lines`: a run of access lines is stamped and
+    appended at once, the rest line by line, and the records are those of `write_instance`."""
+    lines = [
+        _access(1),
+        applog._access_line("GET", "/caf\u00e9", 200, 1.5, True, "r2").decode().removesuffix("\n"),
+        "plain app line",
+        MARK + '{"line":"x","level":"INFO","logger":"a"}',
+        _access(3),
+        _access(4),
+        "foo" + _access(5),  # marked past its start: the app's own line
+        MARK + '{"access":{"method":"GET"}}' + "x" * 3000,  # no run's end: read as any line
+        "",
+    ]
+    block = "".join(line + "\n" for line in lines).encode()
+    one, whole = (
+        LogWriter(tmp_path / "one.log", source="i-1"),
+        LogWriter(tmp_path / "whole.log", source="i-1"),
+    )
+    for line in lines:
+        one.write_instance(line, "stderr")
+    whole.write_instance_lines(block, "stderr", 16384)
+    one.close()
+    whole.close()
+
+    def records(path: Path) -> list[dict[str, Any]]:
+        got = []
+        for f in (path, path.with_name(path.name + ".access")):
+            for text in f.read_text().splitlines():
+                rec = json.loads(text)
+                assert rec.pop("ts") > 1
+                got.append(rec)
+        return got
+
+    assert records(tmp_path / "whole.log") == records(tmp_path / "one.log")
+    assert [r["request"] for r in records(tmp_path / "whole.log") if r["stream"] == "access"] == [
+        "r1",
+        "r2",
+        "r3",
+        "r4",
+    ]
+
+
+_OWN_PIPE = """
+import asyncio, logging, os, sys
+from osless.runtime import applog
+
+r, w = os.pipe()
+applog.use_access_fd(w)
+
+async def main():
+    applog.install_logging()
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+    async def sent(message):
+        pass
+    for i in range(300):
+        await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
+    pid = os.fork()
+    if pid == 0:  # a child the app forks: its parent's waiting lines are not its to send
+        applog.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    logging.getLogger("x").info("after the last")
+    os.close(w)
+    got = b""
+    while chunk := os.read(r, 65536):
+        got += chunk
+    sys.stdout.write(got.decode())
+
+asyncio.run(main())
+"""
+
+
+def test_access_lines_on_a_pipe_of_their_own_leave_in_batches_past_pipe_buf() -> None:
+    """Given a pipe for them (as the node gives each instance), access lines go there, many more to a
+    write than stderr's PIPE_BUF, each once; a `logging` record still goes to stderr, after them."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OWN_PIPE], capture_output=True, text=True, timeout=30, check=True
+    )
+    out = done.stdout.split("\n")[:-1]
+    assert [json.loads(line[len(MARK) :])["request"] for line in out] == [f"r{i}" for i in range(300)]
+    assert sum(len(line) + 1 for line in out) > 4 * 4096  # past PIPE_BUF: batched as it may
+    err = done.stderr.split("\n")[:-1]
+    assert [json.loads(line[len(MARK) :])["line"] for line in err] == ["after the last"], err
+
+
 # On the session's platform: tests/apps/chatty, deployed once for these tests.
 
 

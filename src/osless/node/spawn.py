@@ -337,6 +337,8 @@ class Zygote:
         err_r, err_w = os.pipe()
         # Its finished spans, apart from its output: `spans` gets each line (node.traces).
         spans_r, spans_w = os.pipe() if spans is not None else (-1, -1)
+        # Its access lines, apart from its output too: written many at once (`runtime.applog`).
+        access_r, access_w = os.pipe()
         child = Child(ready=loop.create_future(), exited=loop.create_future(), recycle=loop.create_future())
         self._children[instance_id] = child
         fut: asyncio.Future[int] = loop.create_future()
@@ -349,24 +351,34 @@ class Zygote:
                     "id": instance_id,
                     "env": {**self.instance_env, **env},
                     "spans": bool(span_fds),
+                    "access": True,
                 },
-                [out_w, err_w, *(s.fileno() for s in sockets), *span_fds, *cgroup_fds],
+                [out_w, err_w, *(s.fileno() for s in sockets), *span_fds, access_w, *cgroup_fds],
             )
         except (OSError, ZygoteFailed) as e:
             self._children.pop(instance_id, None)
             self._forks.pop(instance_id, None)
-            for fd in (out_r, err_r, spans_r):
+            for fd in (out_r, err_r, spans_r, access_r):
                 if fd >= 0:
                     os.close(fd)
             raise ZygoteFailed(f"cannot reach the zygote: {e}") from e
         finally:
-            for fd in (out_w, err_w, spans_w):
+            for fd in (out_w, err_w, spans_w, access_w):
                 if fd >= 0:
                     os.close(fd)
         # The runtime's marked lines (access lines, `logging` records) become records of their own,
         # stamped by the node and not parsed here (`LogWriter.write_instance`).
-        forward_lines(out_r, lambda line: log.write_instance(line, "stdout"))
-        forward_lines(err_r, lambda line: log.write_instance(line, "stderr"))
+        forward_lines(
+            out_r,
+            lambda line: log.write_instance(line, "stdout"),
+            lambda lines: log.write_instance_lines(lines, "stdout", MAX_LINE),
+        )
+        for fd in (err_r, access_r):  # anything but access lines on the second is the app's: stderr
+            forward_lines(
+                fd,
+                lambda line: log.write_instance(line, "stderr"),
+                lambda lines: log.write_instance_lines(lines, "stderr", MAX_LINE),
+            )
         if spans is not None:
             forward_lines(spans_r, spans)
         try:
@@ -417,9 +429,10 @@ async def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
     await asyncio.to_thread(proc.wait)
 
 
-def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
+def forward_lines(fd: int, emit: Callable[[str], None], block: Callable[[bytes], None] | None = None) -> None:
     """Read `fd` on the loop and hand each complete line to `emit` (cut at MAX_LINE bytes); close
-    it at EOF."""
+    it at EOF. With `block`, the complete lines of each read go to it together instead, as bytes
+    ending with a newline, uncut (`block` cuts them: `LogWriter.write_instance_lines`)."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     buf = bytearray()
@@ -440,10 +453,17 @@ def forward_lines(fd: int, emit: Callable[[str], None]) -> None:
                     return
                 skipping, data = False, data[end + 1 :]
             buf.extend(data)
-            *lines, rest = buf.split(b"\n")
-            for line in lines:
-                emit(line[:MAX_LINE].decode("utf-8", "replace"))
-            buf[:] = rest
+            if block is not None:
+                end = buf.rfind(b"\n") + 1
+                if end:
+                    whole = bytes(buf[:end])
+                    del buf[:end]
+                    block(whole)
+            else:
+                *lines, rest = buf.split(b"\n")
+                for line in lines:
+                    emit(line[:MAX_LINE].decode("utf-8", "replace"))
+                buf[:] = rest
             # An app that never ends its line must not make this buffer (and each split of it) grow.
             if len(buf) > MAX_LINE:
                 emit(buf[:MAX_LINE].decode("utf-8", "replace"))

@@ -306,15 +306,18 @@ class ReleaseZygote(_ForkServer):
             self._send({"op": "error", "id": iid, "error": problem})
             return
         assert isinstance(env, dict)
-        # With `spans`, the fd after the two sockets is the pipe the instance writes its spans to.
+        # With `spans` and `access`, the fds after the two sockets are the pipes the instance writes
+        # its spans and its access lines to, in that order.
         spans_fd = fds.pop(4) if msg.get("spans") is True and len(fds) > 4 else -1
+        access_fd = fds.pop(4) if msg.get("access") is True and len(fds) > 4 else -1
+        pipes = [fd for fd in (spans_fd, access_fd) if fd >= 0]
         # Anything still buffered would otherwise be written twice, once by each process.
         _flush_stdio()
         zygote_pid = os.getpid()
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
-            _close_all([*fds, spans_fd] if spans_fd >= 0 else fds)
+            _close_all([*fds, *pipes])
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
             return
         # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
@@ -322,7 +325,7 @@ class ReleaseZygote(_ForkServer):
         try:
             pid = os.fork()
         except OSError as e:
-            _close_all([*fds, order_r, order_w, *([spans_fd] if spans_fd >= 0 else [])])
+            _close_all([*fds, order_r, order_w, *pipes])
             ours.close()
             theirs.close()
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
@@ -330,9 +333,9 @@ class ReleaseZygote(_ForkServer):
         if pid == 0:
             os.close(order_w)
             ours.close()
-            self._child(zygote_pid, iid, env, fds, order_r, theirs, spans_fd)
+            self._child(zygote_pid, iid, env, fds, order_r, theirs, spans_fd, access_fd)
         os.close(order_r)
-        _close_all([*fds, spans_fd] if spans_fd >= 0 else fds)
+        _close_all([*fds, *pipes])
         theirs.close()
         ours.setblocking(False)  # a stuck instance must never stall the zygote
         self.children[pid] = iid
@@ -429,6 +432,7 @@ class ReleaseZygote(_ForkServer):
         order_r: int,
         channel: socket.socket,
         spans_fd: int = -1,
+        access_fd: int = -1,
     ) -> NoReturn:
         code = 1
         try:
@@ -443,6 +447,9 @@ class ReleaseZygote(_ForkServer):
             if spans_fd >= 0:
                 os.set_inheritable(spans_fd, False)  # the instance's alone, not its subprocesses'
                 os.environ[tracing.SPANS_FD_ENV] = str(spans_fd)
+            if access_fd >= 0:
+                os.set_inheritable(access_fd, False)
+                applog.use_access_fd(access_fd)
             self.instance.recycle = functools.partial(_ask_recycle, channel)
             code = serve(
                 self.instance, web, control, lambda: self._report_ready(iid, order_r), config_channel=channel
