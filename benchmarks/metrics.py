@@ -99,6 +99,20 @@ the 0.05 ms target asks the counting to cost under 2% of the CPU.
 -0.080, +0.056, +0.002 ms; at saturation 0.00, 0.26, 0.22 ms; all the platform's CPU per answer
 -0.3, +8.8, +8.6 us added. `met` in the first run only: the latency targets are met (medians
 +0.003 and +0.002 ms), the throughput ratio's median (0.916) is not, against 0.963 the session before.
+
+2026-12-07, quiet (load 1.2 to 2.5). One run as it was (off always first): 0.89, the platform's CPU
+per answer +9.3 us. Then an A/A run, two platforms as they run by default, one always first: 0.927
+(rounds 0.85 to 1.29): a bias of the order itself, as large as what is measured. With the sides
+swapping places each round, the same A/A: 1.001. A probe of 8 alternating rounds (on against off)
+showed the second run of a round faster by ~5% whichever side it was, the CPU per answer following
+(whole machine's per answer: the side with the lower figure answered more; idle ~9% on both). Hence
+the balanced pairs of rounds (module docstring). Runs since, each 7 or 8 rounds: ratio 0.939,
+0.911, 0.932 (medians over alternating rounds), then over balanced pairs 0.988, 0.967, 0.996 and,
+after the access lines got a pipe of their own (both sides), 1.012: `met` in the last four, median
+0.992. Added p50 on one connection +0.007, +0.016, +0.005, 0.000 ms; at half load +0.024, -0.035,
++0.032, -0.050 ms; the platform's CPU per answer +3.5, +5.5, +4.8, +6.4 us of 81 to 108 (3 to 6%;
+in-process, traces cost an instance 2.2 us a request at the 1% default and the gateway's count
+0.6 us).
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@ cores as uvicorn's does. Each run also says what CPU each side's processes spent
 two take turns, round after round, so that a noisy neighbour on this shared machine hits both alike;
 the figures are the medians of the rounds. Each round runs the two back to back, so the ratio and
 the added p50 are worked out round by round (paired), and their medians reported: a neighbour
-slowing the whole machine for a while moves both sides of a round alike. The main load is
-`--connections` at once; a second pass with one connection shows what the hop costs a lone request,
-with no queueing in it. Only 2xx/3xx answers count as throughput; a run with any error answer or
-socket error (either side) does not meet the target. Prints one JSON object as its last line.
+slowing the whole machine for a while moves both sides of a round alike. The two sides swap places
+every round, and the ratios and added p50s are medians over pairs of rounds of each pair's mean
+(`balanced`), so that going first or second, which moved a run by several percent, cancels out. The
+main load is `--connections` at once; a second pass with one connection shows what the hop costs a
+lone request, with no queueing in it. Only 2xx/3xx answers count as throughput; a run with any error
+answer or socket error (either side) does not meet the target. Prints one JSON object as its last
+line.
 
     .venv/bin/python benchmarks/throughput.py [--seconds 3] [--rounds 8] [--connections 32] [--cores N]
         [--instances N]
@@ -145,6 +148,32 @@ bare app 24-31: the five headers more (a callback and a decode each), the access
 `send` wrapper, the corked writes and root_path's extra route lookups. The gateway itself in one
 process was 16-17 us (above). So a third of the gap is the instance's own Python and the rest the
 two processes' sharing two cores with wrk.
+
+2026-12-07, quiet (load 0.7 to 3: one other engineer's runs), what the second gateway process costs.
+One run before any change, `--rounds 5`: multi-core 0.373 (gateway 70.9, instances 72.4, node 9.8,
+uvicorn 42.3 us per answer), single 0.755 (gateway 29.6, instance 41.6, node 6.0, uvicorn 37.2). The
+CPU per answer doubled from one gateway to two. Four platforms side by side, 3 rounds of 3 s at 32
+connections (gateways x instances: answers/s; gateway, instance us per answer; gateway voluntary
+context switches per answer): 1x1 12.9k, 40.5, 55.7, 0.13; 1x2 14.4k, 39.3, 54.1, 0.20; 2x1 10.8k,
+52.5, 57.6, 0.43; 2x2 9.8k, 71.0, 76.1, 0.74 (instances' involuntary switches 0.71 per answer). With
+a core's worth of time to spare, each of two gateways sleeps and is woken for nearly every packet,
+and woken it preempted the instance on its core (CFS's wakeup preemption), both ends of the hop then
+paying a switch a request. Under SCHED_BATCH (`chrt -b`, no wakeup preemption) on the gateways and
+instances, the gateways only, the instances only, against neither (2x2, 4 rounds, same run): 14.6k,
+14.9k, 9.9k, 10.0k answers/s; gateways 43.0, 42.5, 73.4, 71.9 us; instances 56.3, 55.0, 74.4, 73.9
+us. So the gateway processes now run under SCHED_BATCH (`gateway/process.py`). The node agent under
+SCHED_BATCH too: 0.973 of without (8 balanced rounds), not kept.
+Next, the access lines: with none written (an ablation, not a change) two gateways and two instances
+answered 1.24 times as much (balanced median of 6 rounds; node 8.0 -> 2.3 us per answer, instances
+53.7 -> 48.0, gateways 42.0 -> 36.5): the node's wakeups (one per PIPE_BUF of lines, each preempting
+a gateway or an instance) more than its Python. Batches of 32 KiB instead of 4 KiB: 1.098 (8 rounds).
+Kept as a pipe of the access lines' own (stderr's lines from the app's threads and children would
+tear a write past PIPE_BUF), the node stamping a run of them at once: 1.099 (8 rounds; node 8.1 ->
+4.3 us per answer). Then two runs of `--rounds 6` (load 0.7 to 3.2): multi-core 0.641 and 0.629
+(pairs of rounds 0.546 to 0.668; gateways 46.4 and 44.4, instances 61.7 and 58.7, node 5.7 and 4.9,
+uvicorn 52.1 and 54.1 us per answer: the machine slower than in the morning, both sides alike);
+single 0.740 and 0.735, added p50 0.575 and 0.455 ms, a lone request +0.148 and +0.129 ms. The 0.6
+target met in both, with no failed request.
 """
 
 from __future__ import annotations
