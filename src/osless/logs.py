@@ -163,9 +163,16 @@ class LogWriter:
         if self.rotate and not self._full and self.cap_bytes // 4 >= _RUN_LINE + _RUN_SLACK:
             for run in _ACCESS_RUN.finditer(block):
                 self._lines(block[pos : run.start()], stream, max_line)
-                suffix = f',"ts":{time.time():.6f}{self._stamp}"access"}}\n'.encode()
-                self._access_log()._append(run.group().replace(_MARK_BYTES, b"").replace(b"}\n", suffix))
                 pos = run.end()
+                suffix = f',"ts":{time.time():.6f}{self._stamp}"access"}}\n'.encode()
+                recs = run.group().replace(_MARK_BYTES, b"").replace(b"}\n", suffix)
+                access = self._access_log()
+                if access._size + len(recs) > access.cap_bytes:
+                    # It would rotate within the run: line by line, so the file is cut where those
+                    # would cut it, never past its cap (a run may be longer than a small cap).
+                    self._lines(run.group(), stream, max_line)
+                else:
+                    access._append(recs)
         self._lines(block[pos:], stream, max_line)
 
     def _access_log(self) -> LogWriter:
@@ -219,6 +226,10 @@ class LogWriter:
         self._size = 0
 
     def close(self) -> None:
+        # What an instance's pipes still bring (read after its end) is dropped: never written to a
+        # closed file (an error at each read, forever at EOF), nor to a new access file in a folder
+        # the writer's owner may have removed (a deleted app's).
+        self._full = True
         self._file.close()
         if self._access is not None:
             self._access.close()
