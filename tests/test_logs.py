@@ -279,6 +279,26 @@ def test_a_run_of_access_lines_rotates_where_its_lines_would_one_by_one(tmp_path
         assert requests(path) == requests(tmp_path / f"one{suffix}"), suffix
 
 
+def test_a_run_of_access_lines_is_cut_to_a_small_cap_as_its_lines_would_be(tmp_path: Path) -> None:
+    """A run's longest line, stamped with a long source, may pass a small cap's quarter, where
+    `write_instance` parses and cuts it: so does the block path (it stamps whole runs only below)."""
+    line = _access(1)[:-1] + ',"pad":"' + "a" * 1900 + '"}'
+    source = "i-" + "x" * 300
+    one, whole = (
+        LogWriter(tmp_path / "one.log", source=source, cap_bytes=9216),
+        LogWriter(tmp_path / "whole.log", source=source, cap_bytes=9216),
+    )
+    one.write_instance(line, "stderr")
+    whole.write_instance_lines(line.encode() + b"\n", "stderr", 16384)
+    one.close()
+    whole.close()
+    for suffix in (".log", ".log.access"):
+        got, want = tmp_path / f"whole{suffix}", tmp_path / f"one{suffix}"
+        assert got.exists() == want.exists(), suffix
+        if want.exists():
+            assert [rec | {"ts": 0} for rec in _records(got)] == [rec | {"ts": 0} for rec in _records(want)]
+
+
 def test_what_comes_after_a_log_is_closed_is_dropped(tmp_path: Path) -> None:
     """An instance's pipes may still be read once its log is closed (the node reads them to their
     end): those lines are dropped, never an error at each read, nor an access file made again in a
