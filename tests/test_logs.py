@@ -254,6 +254,68 @@ def test_a_read_of_an_instance_s_output_is_written_as_its_lines_would_be_one_by_
     ]
 
 
+def test_a_run_of_access_lines_rotates_where_its_lines_would_one_by_one(tmp_path: Path) -> None:
+    """A read may bring a run of access lines longer than the room left in the access file, or than
+    a small cap: it is cut where `write_instance` would cut it, and no file passes its cap."""
+    block = b"".join(applog._access_line("GET", f"/p{i}", 200, 1.5, False, f"r{i}") for i in range(300))
+    cap = 9216
+    one, whole = (
+        LogWriter(tmp_path / "one.log", source="i-1", cap_bytes=cap),
+        LogWriter(tmp_path / "whole.log", source="i-1", cap_bytes=cap),
+    )
+    for _ in range(3):
+        for line in block.decode().split("\n")[:-1]:  # not splitlines: MARK's \x1e is a line's end there
+            one.write_instance(line, "stderr")
+        whole.write_instance_lines(block, "stderr", 16384)
+    one.close()
+    whole.close()
+
+    def requests(path: Path) -> list[str]:
+        return [str(rec["request"]) for rec in _records(path)]
+
+    for suffix in (".log.access", ".log.access.1"):
+        path = tmp_path / f"whole{suffix}"
+        assert path.stat().st_size <= cap, suffix
+        assert requests(path) == requests(tmp_path / f"one{suffix}"), suffix
+
+
+def test_a_run_of_access_lines_is_cut_to_a_small_cap_as_its_lines_would_be(tmp_path: Path) -> None:
+    """A run's longest line, stamped with a long source, may pass a small cap's quarter, where
+    `write_instance` parses and cuts it: so does the block path (it stamps whole runs only below)."""
+    line = _access(1)[:-1] + ',"pad":"' + "a" * 1900 + '"}'
+    source = "i-" + "x" * 300
+    one, whole = (
+        LogWriter(tmp_path / "one.log", source=source, cap_bytes=9216),
+        LogWriter(tmp_path / "whole.log", source=source, cap_bytes=9216),
+    )
+    one.write_instance(line, "stderr")
+    whole.write_instance_lines(line.encode() + b"\n", "stderr", 16384)
+    one.close()
+    whole.close()
+    for suffix in (".log", ".log.access"):
+        got, want = tmp_path / f"whole{suffix}", tmp_path / f"one{suffix}"
+        assert got.exists() == want.exists(), suffix
+        if want.exists():
+            assert [rec | {"ts": 0} for rec in _records(got)] == [rec | {"ts": 0} for rec in _records(want)]
+
+
+def test_what_comes_after_a_log_is_closed_is_dropped(tmp_path: Path) -> None:
+    """An instance's pipes may still be read once its log is closed (the node reads them to their
+    end): those lines are dropped, never an error at each read, nor an access file made again in a
+    folder removed meanwhile (a deleted app's, `remove_app_logs`)."""
+    folder = tmp_path / "app"
+    w = LogWriter(folder / "i-1.log", source="i-1")
+    w.write_instance("before", "stdout")
+    w.close()
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    w.write_instance_lines(_access(1).encode() + b"\nthe app's own\n", "stderr", 16384)
+    w.write_instance(_access(2), "stderr")
+    w.write_instance("the app's own", "stdout")
+    assert not folder.exists()
+
+
 _OWN_PIPE = """
 import asyncio, logging, os, sys
 from osless.runtime import applog

@@ -74,7 +74,7 @@ _RUN_LINE = 2048
 _ACCESS_RUN = re.compile(
     rb"^(?:" + re.escape(MARK.encode()) + rb'\{"access":[\x20-\x7e]{0,%d}\}\n)+' % _RUN_LINE, re.M
 )
-_RUN_SLACK = 256  # what the node's fields add to a line, at most (the stamp's source is a short name)
+_RUN_SLACK = 64  # what the node's fields add to a line, at most, besides its stamp (`_stamp`)
 _MARK_BYTES = MARK.encode()
 
 
@@ -117,6 +117,8 @@ class LogWriter:
         self._flush_due = False
         # What the node stamps on a runtime's line, after the instance's own fields (see the module).
         self._stamp = f',"source":{encode_basestring(source)},"stream":'
+        # A record of a run's longest line, which `write_instance` would never cut (its cap's quarter).
+        self._run_room = _RUN_LINE + _RUN_SLACK + len(self._stamp.encode())
         self._access: LogWriter | None = None  # made at the first access line
 
     def write(self, line: str, stream: str = "stdout", extra: dict[str, Any] | None = None) -> None:
@@ -160,12 +162,19 @@ class LogWriter:
         `write_instance` takes them one by one (each cut at `max_line` bytes), but a run of access
         lines appended at once: the same records, each with the same `ts` (when the run was read)."""
         pos = 0
-        if self.rotate and not self._full and self.cap_bytes // 4 >= _RUN_LINE + _RUN_SLACK:
+        if self.rotate and not self._full and self.cap_bytes // 4 >= self._run_room:
             for run in _ACCESS_RUN.finditer(block):
                 self._lines(block[pos : run.start()], stream, max_line)
-                suffix = f',"ts":{time.time():.6f}{self._stamp}"access"}}\n'.encode()
-                self._access_log()._append(run.group().replace(_MARK_BYTES, b"").replace(b"}\n", suffix))
                 pos = run.end()
+                suffix = f',"ts":{time.time():.6f}{self._stamp}"access"}}\n'.encode()
+                recs = run.group().replace(_MARK_BYTES, b"").replace(b"}\n", suffix)
+                access = self._access_log()
+                if access._size + len(recs) > access.cap_bytes:
+                    # It would rotate within the run: line by line, so the file is cut where those
+                    # would cut it, never past its cap (a run may be longer than a small cap).
+                    self._lines(run.group(), stream, max_line)
+                else:
+                    access._append(recs)
         self._lines(block[pos:], stream, max_line)
 
     def _access_log(self) -> LogWriter:
@@ -219,6 +228,10 @@ class LogWriter:
         self._size = 0
 
     def close(self) -> None:
+        # What an instance's pipes still bring (read after its end) is dropped: never written to a
+        # closed file (an error at each read, forever at EOF), nor to a new access file in a folder
+        # the writer's owner may have removed (a deleted app's).
+        self._full = True
         self._file.close()
         if self._access is not None:
             self._access.close()

@@ -333,12 +333,10 @@ class Zygote:
         if self.closed or self._channel is None:
             raise ZygoteFailed("the zygote is not running")
         loop = asyncio.get_running_loop()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        # Its finished spans, apart from its output: `spans` gets each line (node.traces).
-        spans_r, spans_w = os.pipe() if spans is not None else (-1, -1)
-        # Its access lines, apart from its output too: written many at once (`runtime.applog`).
-        access_r, access_w = os.pipe()
+        # Its output; its access lines, apart from it: written many at once (`runtime.applog`); and
+        # its finished spans, apart too: `spans` gets each line (node.traces).
+        (out_r, out_w), (err_r, err_w), (access_r, access_w), *more = _pipes(3 if spans is None else 4)
+        spans_r, spans_w = more[0] if more else (-1, -1)
         child = Child(ready=loop.create_future(), exited=loop.create_future(), recycle=loop.create_future())
         self._children[instance_id] = child
         fut: asyncio.Future[int] = loop.create_future()
@@ -429,6 +427,19 @@ async def _wait_or_kill(proc: subprocess.Popen[bytes]) -> None:
     await asyncio.to_thread(proc.wait)
 
 
+def _pipes(count: int) -> list[tuple[int, int]]:
+    """`count` pipes, or none: out of descriptors, those already made are closed, not leaked."""
+    fds: list[int] = []
+    try:
+        for _ in range(count):
+            fds.extend(os.pipe())
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return list(zip(fds[::2], fds[1::2], strict=True))
+
+
 def forward_lines(fd: int, emit: Callable[[str], None], block: Callable[[bytes], None] | None = None) -> None:
     """Read `fd` on the loop and hand each complete line to `emit` (cut at MAX_LINE bytes); close
     it at EOF. With `block`, the complete lines of each read go to it together instead, as bytes
@@ -461,19 +472,21 @@ def forward_lines(fd: int, emit: Callable[[str], None], block: Callable[[bytes],
                     block(whole)
             else:
                 *lines, rest = buf.split(b"\n")
+                buf[:] = rest  # first: a line `emit` failed on is not read again with the next
                 for line in lines:
                     emit(line[:MAX_LINE].decode("utf-8", "replace"))
-                buf[:] = rest
             # An app that never ends its line must not make this buffer (and each split of it) grow.
             if len(buf) > MAX_LINE:
-                emit(buf[:MAX_LINE].decode("utf-8", "replace"))
+                head = buf[:MAX_LINE].decode("utf-8", "replace")
                 buf.clear()
                 skipping = True
+                emit(head)
             return
-        if buf:
-            emit(buf.decode("utf-8", "replace"))
+        # Whatever `emit` does with the last line: a reader left at EOF would be called at once, forever.
         loop.remove_reader(fd)
         os.close(fd)
+        if buf:
+            emit(buf.decode("utf-8", "replace"))
 
     loop.add_reader(fd, on_readable)
 

@@ -321,7 +321,14 @@ class ReleaseZygote(_ForkServer):
             self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
             return
         # The child waits on this pipe before reporting ready, so `forked` always reaches the agent first.
-        order_r, order_w = os.pipe()
+        try:
+            order_r, order_w = os.pipe()
+        except OSError as e:  # out of descriptors: an error to the agent, not the zygote's end
+            _close_all([*fds, *pipes])
+            ours.close()
+            theirs.close()
+            self._send({"op": "error", "id": iid, "error": f"fork failed: {e}"})
+            return
         try:
             pid = os.fork()
         except OSError as e:
