@@ -10,6 +10,23 @@ import sys
 from osless.node.spawn import forward_lines
 
 
+def test_a_pipe_s_reader_says_when_it_has_read_all_there_was() -> None:
+    """What an instance wrote last is read before its log closes: the supervisor waits on this."""
+
+    async def read() -> tuple[list[str], bool, bool]:
+        r, w = os.pipe()
+        lines: list[str] = []
+        ended = forward_lines(r, lines.append)
+        os.write(w, b"one\ntwo\nthe last, with no newline")
+        await asyncio.sleep(0.05)
+        before = ended.done()
+        os.close(w)
+        await asyncio.wait_for(ended, 5)
+        return lines, before, ended.done()
+
+    assert asyncio.run(read()) == (["one", "two", "the last, with no newline"], False, True)
+
+
 def test_a_pipe_s_reader_ends_at_eof_whatever_its_last_line_does() -> None:
     """The last line (no newline) comes at EOF: if writing it fails (its log closed meanwhile), the
     reader is still removed and the pipe closed, not called again at once, forever."""

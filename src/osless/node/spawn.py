@@ -58,6 +58,8 @@ class Child:
     recycle: asyncio.Future[str]
     pid: int = 0
     pid_is_real: bool = False  # False while `pid` is the sandbox's numbering
+    # Its output, access lines and spans read to their end (`forward_lines`): what its log waits for.
+    read_out: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class _Channel:
@@ -366,19 +368,23 @@ class Zygote:
                     os.close(fd)
         # The runtime's marked lines (access lines, `logging` records) become records of their own,
         # stamped by the node and not parsed here (`LogWriter.write_instance`).
-        forward_lines(
-            out_r,
-            lambda line: log.write_instance(line, "stdout"),
-            lambda lines: log.write_instance_lines(lines, "stdout", MAX_LINE),
+        child.read_out.append(
+            forward_lines(
+                out_r,
+                lambda line: log.write_instance(line, "stdout"),
+                lambda lines: log.write_instance_lines(lines, "stdout", MAX_LINE),
+            )
         )
         for fd in (err_r, access_r):  # anything but access lines on the second is the app's: stderr
-            forward_lines(
-                fd,
-                lambda line: log.write_instance(line, "stderr"),
-                lambda lines: log.write_instance_lines(lines, "stderr", MAX_LINE),
+            child.read_out.append(
+                forward_lines(
+                    fd,
+                    lambda line: log.write_instance(line, "stderr"),
+                    lambda lines: log.write_instance_lines(lines, "stderr", MAX_LINE),
+                )
             )
         if spans is not None:
-            forward_lines(spans_r, spans)
+            child.read_out.append(forward_lines(spans_r, spans))
         try:
             inner = await asyncio.wait_for(fut, 10)
         except (TimeoutError, ZygoteFailed):
@@ -440,11 +446,15 @@ def _pipes(count: int) -> list[tuple[int, int]]:
     return list(zip(fds[::2], fds[1::2], strict=True))
 
 
-def forward_lines(fd: int, emit: Callable[[str], None], block: Callable[[bytes], None] | None = None) -> None:
+def forward_lines(
+    fd: int, emit: Callable[[str], None], block: Callable[[bytes], None] | None = None
+) -> asyncio.Future[None]:
     """Read `fd` on the loop and hand each complete line to `emit` (cut at MAX_LINE bytes); close
-    it at EOF. With `block`, the complete lines of each read go to it together instead, as bytes
-    ending with a newline, uncut (`block` cuts them: `LogWriter.write_instance_lines`)."""
+    it at EOF, when the future it returns is done. With `block`, the complete lines of each read go
+    to it together instead, as bytes ending with a newline, uncut (`block` cuts them:
+    `LogWriter.write_instance_lines`)."""
     loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
     os.set_blocking(fd, False)
     buf = bytearray()
     skipping = False  # the line under way passed MAX_LINE: the rest of it is dropped as it comes
@@ -485,10 +495,15 @@ def forward_lines(fd: int, emit: Callable[[str], None], block: Callable[[bytes],
         # Whatever `emit` does with the last line: a reader left at EOF would be called at once, forever.
         loop.remove_reader(fd)
         os.close(fd)
-        if buf:
-            emit(buf.decode("utf-8", "replace"))
+        try:
+            if buf:
+                emit(buf.decode("utf-8", "replace"))
+        finally:
+            if not ended.done():
+                ended.set_result(None)
 
     loop.add_reader(fd, on_readable)
+    return ended
 
 
 def base_env() -> dict[str, str]:

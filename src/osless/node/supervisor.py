@@ -36,6 +36,10 @@ KEEP_LOGS = 50  # per app: the logs of instances long gone are deleted past this
 # After SIGTERM, before SIGKILL: when the node itself stops, and when an instance's handlers' timeouts
 # are not known (a replaced instance gets `Supervisor.stop_grace_s`, from them).
 STOP_GRACE = 5.0
+# What an instance wrote last (its access lines, flushed as it exits) may still be in its pipes when
+# its exit is known: its log waits this long at most for them to be read to their end before it
+# closes (a child the app forked may hold them open longer).
+READ_OUT_S = 1.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 HEALTHY_AFTER = 30.0  # running this long resets the backoff
 # The health check, on the control socket: a stuck instance (its loop blocked, its egress gone) fails
@@ -160,6 +164,7 @@ class Supervisor:
         # stops every thread of the instance, its loop too.
         self.debugging = False
         self._retiring: set[asyncio.Task[None]] = set()
+        self._read_out: set[asyncio.Future[None]] = set()  # its instances' pipes not yet at their end
         self._retired: set[_Run] = set()
         self.log = LogWriter(log_dir / f"{self.id}.log", source=self.id, keep_files=KEEP_LOGS)
         self._stopping = asyncio.Event()
@@ -231,6 +236,9 @@ class Supervisor:
                 # A new id each run: a late message about an earlier run cannot be taken for this one.
                 spans = functools.partial(self._traces.add, self.app, self.id) if self._traces else None
                 run.child = await zyg.fork(f"{self.id}.{run.number}", sockets, env, self.log, procs, spans)
+                for reading in run.child.read_out:
+                    self._read_out.add(reading)
+                    reading.add_done_callback(self._read_out.discard)
             finally:
                 for fd in procs:
                     os.close(fd)
@@ -475,6 +483,8 @@ class Supervisor:
             run.kill(signal.SIGKILL)
         if self._retiring:
             await asyncio.wait(list(self._retiring), timeout=STOP_GRACE)
+        if self._read_out:
+            await asyncio.wait(list(self._read_out), timeout=READ_OUT_S)
         self.log.close()
 
 
