@@ -112,7 +112,10 @@ after the access lines got a pipe of their own (both sides), 1.012: `met` in the
 0.992. Added p50 on one connection +0.007, +0.016, +0.005, 0.000 ms; at half load +0.024, -0.035,
 +0.032, -0.050 ms; the platform's CPU per answer +3.5, +5.5, +4.8, +6.4 us of 81 to 108 (3 to 6%;
 in-process, traces cost an instance 2.2 us a request at the 1% default and the gateway's count
-0.6 us).
+0.6 us). Two more on the code as committed (load 1.7 to 3): ratio 1.002 and 1.001, one connection
++0.005 and +0.004 ms, half load +0.157 ms (7 of 8 rounds +0.10 to +0.26: the on side answered 8.2k/s
+against 8.7k/s offered, `met` false) and +0.019 ms; CPU +0.3 and +2.0 us. Over the six balanced runs:
+ratio median 0.999 (0.967 to 1.012), one connection +0.005 ms, half load +0.022 ms; met in five.
 """
 
 from __future__ import annotations

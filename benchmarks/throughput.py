@@ -173,7 +173,12 @@ tear a write past PIPE_BUF), the node stamping a run of them at once: 1.099 (8 r
 (pairs of rounds 0.546 to 0.668; gateways 46.4 and 44.4, instances 61.7 and 58.7, node 5.7 and 4.9,
 uvicorn 52.1 and 54.1 us per answer: the machine slower than in the morning, both sides alike);
 single 0.740 and 0.735, added p50 0.575 and 0.455 ms, a lone request +0.148 and +0.129 ms. The 0.6
-target met in both, with no failed request.
+target met in both, with no failed request. Four more runs of the default 8 rounds, on the code as
+committed: 0.536 (a test run of another session's alongside, load to 4.2), 0.635, 0.595 and 0.643
+(load 0.1 to 3; uvicorn 25.2k to 30.0k answers/s; gateways 35.2 to 49.1, instances 48.6 to 63.4,
+node 3.9 to 5.4 us per answer). Of the six runs: median 0.632, five of six at 0.595 or more, four of
+six past 0.6. Single, the same four: 0.683, 0.782, 0.730, 0.812; added p50 0.62, 0.40, 0.595, 0.23 ms
+(at 32 connections, the queue: the ratio again); a lone request +0.129 to +0.138 ms.
 """
 
 from __future__ import annotations
