@@ -316,20 +316,27 @@ def test_what_comes_after_a_log_is_closed_is_dropped(tmp_path: Path) -> None:
     assert not folder.exists()
 
 
-_OWN_PIPE = """
+# What both scripts below start with: an app answering 200 to requests served as an instance does.
+_SERVING = """
 import asyncio, logging, os, sys
 from osless.runtime import applog
 
+async def ok(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+async def sent(message):
+    pass
+"""
+
+_OWN_PIPE = (
+    _SERVING
+    + """
 r, w = os.pipe()
 applog.use_access_fd(w)
 
 async def main():
     applog.install_logging()
-    async def ok(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-    async def sent(message):
-        pass
     for i in range(300):
         await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
     pid = os.fork()
@@ -346,6 +353,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 def test_access_lines_on_a_pipe_of_their_own_leave_in_batches_past_pipe_buf() -> None:
@@ -386,17 +394,11 @@ def _wait_logs(
     return got
 
 
-_BATCHING = """
-import asyncio, logging, os, sys
-from osless.runtime import applog
-
+_BATCHING = (
+    _SERVING
+    + """
 async def main():
     applog.install_logging()
-    async def ok(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-    async def sent(message):
-        pass
     for i in range(20):
         await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
     os.write(2, b"-- nothing yet above\\n")
@@ -407,6 +409,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 def test_request_ids_are_unique_across_forks() -> None:

@@ -71,11 +71,11 @@ _MARK_LEN = len(MARK)
 # start: MARK, the object, the newline; printable ASCII only (what `write_instance` would take as it
 # is), none longer than _RUN_LINE. Anything else is read a line at a time.
 _RUN_LINE = 2048
+_MARK_BYTES = MARK.encode()
 _ACCESS_RUN = re.compile(
-    rb"^(?:" + re.escape(MARK.encode()) + rb'\{"access":[\x20-\x7e]{0,%d}\}\n)+' % _RUN_LINE, re.M
+    rb"^(?:" + re.escape(_MARK_BYTES) + rb'\{"access":[\x20-\x7e]{0,%d}\}\n)+' % _RUN_LINE, re.M
 )
 _RUN_SLACK = 64  # what the node's fields add to a line, at most, besides its stamp (`_stamp`)
-_MARK_BYTES = MARK.encode()
 
 
 def access_path(path: Path) -> Path:

@@ -145,20 +145,13 @@ def flush() -> None:
 
 
 def _write(fields: dict[str, Any]) -> None:
-    """A `logging` record: now, after the access lines that wait."""
+    """A `logging` record, on stderr: now, after the access lines that wait."""
     data = _line(fields)
     with _pending_lock:
-        if _access_fd != 2:
-            if _pending:
-                _out(bytes(_pending), _access_fd)
-                _pending.clear()
-            _out(data)
-            return
-        out = _take(data)  # one pipe for both: together in one write where they fit
-        if out:
-            _out(out)
-        _out(bytes(_pending))
-        _pending.clear()
+        if _pending:
+            _out(bytes(_pending), _access_fd)
+            _pending.clear()
+        _out(data)
 
 
 def _write_access(data: bytes) -> None:
