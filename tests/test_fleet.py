@@ -251,6 +251,8 @@ def test_with_two_servers_a_schedule_fires_once_per_tick(cluster: Cluster) -> No
             timeout=30,
             what="three ticks fired by the other server",
         )
+        # paused, no tick fires between reading its runs and reading the invocations
+        server.cli("schedule", "pause", "ticker.beat")
         time.sleep(1.5)  # the last ones end
         runs = _beats(server)
         ticks = sorted(r["tick"] for r in runs)
