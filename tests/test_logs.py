@@ -369,6 +369,60 @@ def test_access_lines_on_a_pipe_of_their_own_leave_in_batches_past_pipe_buf() ->
     assert [json.loads(line[len(MARK) :])["line"] for line in err] == ["after the last"], err
 
 
+_SIGNALLED = (
+    _SERVING
+    + """
+import itertools, signal, threading
+r, w = os.pipe()
+applog.use_access_fd(w)
+got = []
+reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 65536), b"")))
+reader.start()
+count = itertools.count(1)
+
+def tick(signum, frame):  # an app's signal handler that logs, run between any two of its bytecodes
+    logging.getLogger("sig").info("tick %d", next(count))
+
+async def main():
+    applog.install_logging()
+    signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+    for i in range(20000):
+        await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
+        if i % 10 == 0:
+            logging.getLogger("main").info("main %d", i)
+        if i % 100 == 0:
+            applog.flush()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    applog.flush()
+    logging.getLogger("main").info("after the last")
+    os.close(w)
+    reader.join()
+    sys.stdout.write(b"".join(got).decode() + f"ticks {next(count) - 1}\\n")
+
+asyncio.run(main())
+"""
+)
+
+
+def test_a_signal_handler_that_logs_mid_write_neither_waits_nor_tears_nor_repeats() -> None:
+    """An app's signal handler runs in the middle of whatever its thread does, the runtime's own
+    writes included: its records wait for that write's end (they used to wait for its lock: a
+    deadlock), and every line, access or record, arrives whole and once."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED], capture_output=True, text=True, timeout=60, check=True
+    )
+    out = done.stdout.split("\n")[:-1]
+    ticks = int(out.pop().split()[1])
+    assert [json.loads(line[len(MARK) :])["request"] for line in out] == [f"r{i}" for i in range(20000)]
+    err = [json.loads(line[len(MARK) :])["line"] for line in done.stderr.split("\n")[:-1]]
+    assert [line for line in err if line.startswith("main ")] == [f"main {i}" for i in range(0, 20000, 10)]
+    assert ticks > 100  # the timer fired often enough to land inside writes
+    logged = sorted(int(line.split()[1]) for line in err if line.startswith("tick "))
+    assert logged == list(range(1, ticks + 1))
+    assert err[-1] == "after the last"
+
+
 # On the session's platform: tests/apps/chatty, deployed once for these tests.
 
 

@@ -83,7 +83,12 @@ _OWN_PIPE_BATCH = 32 * 1024
 _access_fd = 2  # where access lines go: the node's pipe for them once told (`use_access_fd`)
 _batch = _PIPE_BUF
 _pending = bytearray()  # access lines waiting
-_pending_lock = threading.Lock()  # `logging` records come from handlers' threads too
+# `logging` records come from handlers' threads too, and from an app's signal handlers: those run in
+# the middle of their thread's own write, which they must neither wait for (a deadlock) nor tear.
+# Taken by `_enter`, which tells such a call apart by `_holder`; what it logs waits in `_late`.
+_lock = threading.RLock()
+_holder: int | None = None  # the thread inside `_enter` .. `_leave`
+_late = bytearray()  # records a signal handler made while its thread held the lock
 _timer: asyncio.TimerHandle | None = None
 
 
@@ -96,9 +101,10 @@ def use_access_fd(fd: int) -> None:
 def _forget_pending() -> None:
     # A child the app forks serves no request: the lines its parent had waiting are the parent's to
     # send. A lock another thread of the parent held at the fork would stay held in the child.
-    global _timer, _pending_lock
-    _pending_lock = threading.Lock()
+    global _timer, _lock, _holder
+    _lock, _holder = threading.RLock(), None
     _pending.clear()
+    _late.clear()
     _timer = None
 
 
@@ -130,37 +136,80 @@ def _take(data: bytes) -> bytes | None:
     return out
 
 
+def _enter() -> bool:
+    """Take the lock, or say False when this thread holds it already: a signal handler run in the
+    middle of its own thread's write, which then leaves its record in `_late`."""
+    global _holder
+    me = threading.get_ident()
+    if _holder == me:
+        return False
+    # Reentrant, so a handler run between this acquire and the line after it takes it again and
+    # does all it does before this thread goes on.
+    _lock.acquire()
+    _holder = me
+    return True
+
+
+def _leave() -> None:
+    """Write what signal handlers logged meanwhile, and let the lock go. (One logged after the last
+    look at `_late` goes with the next caller's.)"""
+    global _holder
+    while _late:
+        late = bytes(_late)
+        del _late[: len(late)]  # not clear(): a handler may have added one since the line above
+        _out(late)
+    _holder = None
+    _lock.release()
+
+
+def _sent_pending() -> None:
+    # Taken before written: a handler's record that comes during the write never sends them twice.
+    if _pending:
+        out = bytes(_pending)
+        _pending.clear()
+        _out(out, _access_fd)
+
+
 def flush() -> None:
     """Write the access lines that wait (before the instance exits, and on the batch's timer)."""
     global _timer
     _timer = None
-    with _pending_lock:
-        if _pending:
-            _out(bytes(_pending), _access_fd)
-            _pending.clear()
+    if _enter():
+        try:
+            _sent_pending()
+        finally:
+            _leave()
 
 
-# Batches are written under `_pending_lock`: one past PIPE_BUF is never torn by, nor passed by,
-# another thread's (a handler thread's `logging` record sends those waiting).
+# Batches are written under the lock: one past PIPE_BUF is never torn by, nor passed by, another
+# thread's (a handler thread's `logging` record sends those waiting).
 
 
 def _write(fields: dict[str, Any]) -> None:
     """A `logging` record, on stderr: now, after the access lines that wait."""
     data = _line(fields)
-    with _pending_lock:
-        if _pending:
-            _out(bytes(_pending), _access_fd)
-            _pending.clear()
+    if not _enter():
+        _late.extend(data)
+        return
+    try:
+        _sent_pending()
         _out(data)
+    finally:
+        _leave()
 
 
 def _write_access(data: bytes) -> None:
     """An access line, from the loop's thread: with the others of the next few milliseconds."""
     global _timer
-    with _pending_lock:
+    if not _enter():
+        _late.extend(data)  # stderr takes it as well (access lines went there before they had a pipe)
+        return
+    try:
         out = _take(data)
         if out:
             _out(out, _access_fd)
+    finally:
+        _leave()
     if _timer is None:
         _timer = asyncio.get_running_loop().call_later(_BATCH_S, flush)
 
