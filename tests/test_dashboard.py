@@ -393,6 +393,11 @@ def test_two_session_cookies_open_nothing(platform: Platform, dash: dict[str, An
             httpx.get(platform.api + "/ui/apps/dash", cookies={COOKIE: own.cookies[COOKIE]}).status_code
             == 200
         )
+        # Signing in replaces this site's own cookie only: the sign-in page says what to do.
+        signin = httpx.get(platform.api + "/ui/signin", headers={"cookie": both})
+        assert signin.status_code == 200 and "two dashboard session cookies" in signin.text
+        alone = httpx.get(platform.api + "/ui/signin", cookies={COOKIE: own.cookies[COOKIE]})
+        assert "two dashboard session cookies" not in alone.text
 
 
 def test_pages_name_their_session_and_never_show_its_csrf_value(

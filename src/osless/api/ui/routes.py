@@ -42,6 +42,7 @@ from osless.api.ui.session import (
     same_origin,
     seal,
     session_cookie,
+    session_cookies,
     sign_out,
     signed_out,
 )
@@ -51,6 +52,11 @@ __all__ = ["CSP", "build_ui"]
 
 HERE = Path(__file__).parent
 SIGNIN = "/ui/signin"
+DOUBLED = (
+    "this browser sends two dashboard session cookies for this page: one was set by a page of another "
+    "port of this host, and signing in replaces only this site's own. Clear this site's cookies "
+    "in the browser, then sign in"
+)
 MAX_FORM = 8192  # the sign-in form: a token and a CSRF value, nothing more
 RECHECK_S = 60.0  # a chart's stream asks again whether its token may still read the app
 # Event streams open at once per token, in this process: each holds a connection and a task, and
@@ -214,7 +220,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     # -- sign-in -----------------------------------------------------------------------------------
 
     async def signin_form(request: Request) -> Response:
-        return page(request, "signin.html", {"error": None, "who": None})
+        # Two session cookies open nothing (`session_cookie`), and a sign-in replaces only the one
+        # this origin set: the other, a page's script's with a narrower Path, stays until cleared.
+        two = session_cookies(request.headers.get("cookie")) > 1
+        return page(request, "signin.html", {"error": DOUBLED if two else None, "who": None})
 
     async def form_of(request: Request) -> dict[str, str] | Response:
         """A sign-in form's fields, bounded, from a page of this host only (a form posted from

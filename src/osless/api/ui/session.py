@@ -56,6 +56,7 @@ __all__ = [
     "same_origin",
     "seal",
     "session_cookie",
+    "session_cookies",
     "sign_out",
     "signed_out",
 ]
@@ -129,11 +130,14 @@ def session_cookie(raw: str | None) -> str | None:
     name it. A page's script on another port of this host may add one (`document.cookie`, with a
     Domain or another Path: the browser keeps both), and Starlette would take the last: its author's
     session, planted, in place of the visitor's own."""
-    if not raw:
-        return None
-    if sum(1 for pair in raw.split(";") if pair.partition("=")[0].strip() == COOKIE) > 1:
+    if not raw or session_cookies(raw) > 1:
         return None
     return cookie_parser(raw).get(COOKIE)
+
+
+def session_cookies(raw: str | None) -> int:
+    """How many cookies of a `Cookie` header are named as the session."""
+    return sum(1 for pair in (raw or "").split(";") if pair.partition("=")[0].strip() == COOKIE)
 
 
 def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
