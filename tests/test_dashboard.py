@@ -8,10 +8,12 @@ HTTP (httpx): headers, cookie flags, CSRF, one-time links, what a stranger gets.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -106,18 +108,35 @@ def link(platform: Platform, token: str | None = None) -> str:
     return str(r.json()["path"])
 
 
+# What each client's sign-in handed over to keep (the CSRF value), as a browser's script keeps it in
+# the dashboard origin's localStorage: pages never show it again.
+KEPT: weakref.WeakKeyDictionary[httpx.Client, str] = weakref.WeakKeyDictionary()
+
+
+def signed_in(r: httpx.Response) -> tuple[str, str]:
+    """The session id and CSRF value the answer to a sign-in hands over, once, to the page's script."""
+    assert r.status_code == 200 and "osless_session=" in r.headers["set-cookie"], r.text
+    match = re.search(r'id="signedin" data-sid="([0-9a-f]{16})" data-csrf="([^"]+)"', r.text)
+    assert match, r.text
+    return match.group(1), match.group(2)
+
+
 @contextlib.contextmanager
 def session(platform: Platform, token: str | None = None) -> Iterator[httpx.Client]:
     """A plain HTTP client holding a dashboard session, opened with a one-time link."""
     with httpx.Client(base_url=platform.api, timeout=30) as client:
         r = client.post("/ui/link", data={"code": link(platform, token).rpartition("code=")[2]})
-        assert r.status_code == 303 and r.headers["location"] == "/ui"
+        KEPT[client] = signed_in(r)[1]
         yield client
 
 
-def csrf_of(client: httpx.Client, path: str = "/ui") -> str:
-    match = re.search(r'name="csrf-token" content="([^"]+)"', client.get(path).text)
-    assert match
+def csrf_of(client: httpx.Client) -> str:
+    return KEPT[client]
+
+
+def sid_of(page: str) -> str:
+    match = re.search(r'<meta name="osless-session" content="([0-9a-f]{16})">', page)
+    assert match, page
     return match.group(1)
 
 
@@ -214,7 +233,7 @@ def test_a_one_time_link_opens_one_session_once(platform: Platform, dash: dict[s
     opened = httpx.get(platform.api + path)  # a link preview: spends nothing, sets nothing
     assert opened.status_code == 200 and "set-cookie" not in opened.headers
     first = redeem(platform.api, path)
-    assert first.status_code == 303 and "osless_session=" in first.headers["set-cookie"]
+    signed_in(first)
     again = redeem(platform.api, path)
     assert again.status_code == 400 and "set-cookie" not in again.headers
     assert "used already or has expired" in again.text
@@ -230,8 +249,7 @@ def test_each_sign_in_makes_a_new_session(platform: Platform, dash: dict[str, An
     with session(platform) as client:
         old_cookie, old_csrf = client.cookies["osless_session"], csrf_of(client)
         r = client.post("/ui/link", data={"code": link(platform).rpartition("code=")[2]})
-        assert r.status_code == 303
-        new_cookie, new_csrf = client.cookies["osless_session"], csrf_of(client)
+        new_cookie, new_csrf = client.cookies["osless_session"], signed_in(r)[1]
         assert new_cookie != old_cookie and new_csrf != old_csrf
         refused = client.put("/v1/apps/dash/scale", json={"max": 10}, headers={"x-osless-csrf": old_csrf})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
@@ -375,6 +393,56 @@ def test_two_session_cookies_open_nothing(platform: Platform, dash: dict[str, An
             httpx.get(platform.api + "/ui/apps/dash", cookies={COOKIE: own.cookies[COOKIE]}).status_code
             == 200
         )
+        # Signing in replaces this site's own cookie only: the sign-in page says what to do.
+        signin = httpx.get(platform.api + "/ui/signin", headers={"cookie": both})
+        assert signin.status_code == 200 and "two dashboard session cookies" in signin.text
+        alone = httpx.get(platform.api + "/ui/signin", cookies={COOKIE: own.cookies[COOKIE]})
+        assert "two dashboard session cookies" not in alone.text
+
+
+def test_pages_name_their_session_and_never_show_its_csrf_value(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # The value is handed over once, at sign-in: a page that showed it would hand it to whoever's
+    # session the cookie is, a planted one too (login CSRF: the visitor's changes, the planter's).
+    with session(platform) as client:
+        csrf = csrf_of(client)
+        sid = hashlib.sha256(csrf.encode()).hexdigest()[:16]
+        for path in ("/ui", "/ui/apps/dash", f"/ui/deploys/{dash['v2']['id']}", "/ui/apps/nope"):
+            page = client.get(path).text
+            assert csrf not in page and sid_of(page) == sid, path
+        for part in ("settings", "instances"):
+            assert csrf not in client.get(f"/ui/apps/dash/part/{part}").text
+
+
+def test_a_sign_out_without_the_csrf_value_forgets_this_browsers_cookie_only(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # The way out for a visitor holding a planted session (their pages have no value to send):
+    # the cookie goes from their browser, and the session's owner stays signed in elsewhere.
+    with session(platform) as owner:
+        planted = owner.cookies[COOKIE]
+        r = httpx.post(f"{platform.api}/ui/signout", data={"csrf": ""}, cookies={COOKIE: planted})
+        assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+        assert r.headers["set-cookie"].startswith(f"{COOKIE}=;") and "Max-Age=0" in r.headers["set-cookie"]
+        assert owner.get("/ui/apps/dash").status_code == 200
+
+
+def test_a_link_page_says_whose_token_it_signs_in_with(platform: Platform, dash: dict[str, Any]) -> None:
+    # A link an app's page offers may be its author's: one click would sign the visitor in as them.
+    token = platform.cli_json("tokens", "create", "--role", "deploy", "--name", "dash-linker")["token"]
+    path = link(platform, token)
+    shown = httpx.get(platform.api + path)
+    assert shown.status_code == 200 and "set-cookie" not in shown.headers
+    assert re.search(r"as <strong>dash-linker</strong>\s*\(deploy\)", shown.text), shown.text
+    signed_in(redeem(platform.api, path))  # shown, not spent
+    gone = httpx.get(platform.api + path)
+    assert (
+        gone.status_code == 400
+        and "used already or has expired" in gone.text
+        and "dash-linker" not in gone.text
+    )
+    assert httpx.get(platform.api + "/ui/link?code=" + "A" * 32).status_code == 400
 
 
 def test_a_session_is_read_whatever_other_cookies_the_host_has(
@@ -472,7 +540,7 @@ def test_osless_up_and_osless_dashboard_print_a_one_time_link(
     assert printed and platform.token not in printed.group(1), platform.output()[-2000:]
     url = platform.cli_json("dashboard")["url"]
     assert url.startswith(f"{platform.api}/ui/link?code=") and platform.token not in url
-    assert redeem(platform.api, url).status_code == 303
+    signed_in(redeem(platform.api, url))
     assert redeem(platform.api, url).status_code == 400
 
 
@@ -644,7 +712,7 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         before = current_release(platform)
         refused = page.evaluate(
             """async () => {
-                const csrf = document.querySelector('meta[name="csrf-token"]').content;
+                const csrf = JSON.parse(localStorage.getItem('osless-session')).csrf;
                 const headers = {'X-Osless-CSRF': csrf};
                 const r = await fetch('/v1/apps/dash/rollback', {method: 'POST', headers});
                 return [r.status, await r.json()];
@@ -658,6 +726,58 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         assert page.url.endswith("/ui/signin") and not context.cookies()
     finally:
         context.close()
+
+
+def test_a_session_an_apps_page_planted_changes_nothing_until_the_visitor_signs_in(
+    browser: Browser, platform: Platform, dash: dict[str, Any]
+) -> None:
+    # An app's page on the gateway's port of the API's host sets the dashboard's cookie to its
+    # author's session (the gateway strips Set-Cookie, not a script's `document.cookie`). A visitor
+    # not signed in then opens the author's dashboard: what they change there would be the author's.
+    author = platform.cli_json("tokens", "create", "--role", "deploy", "--name", "dash-planter")["token"]
+    with session(platform, author) as theirs:
+        planted = theirs.cookies[COOKIE]
+        context = browser.new_context(base_url=platform.api)
+        try:
+            page = context.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(f"{platform.gateway}/dash/?plant={planted}")
+            assert [c["value"] for c in context.cookies() if c["name"] == COOKIE] == [planted]
+            page.goto("/ui/apps/dash")
+            assert "dash-planter" in page.locator("header .who").inner_text()
+            page.wait_for_selector("#unbound", state="visible")
+            shot(page, "planted")
+            # A change from the page is not sent; sent by hand, the API refuses it.
+            page.click("#functions summary:has-text('echo')")
+            page.fill("#event-echo", '{"n": 7}')
+            page.click("#functions form button[type=submit]")
+            page.wait_for_selector("#result-echo:has-text('Changes are off')")
+            sent = page.evaluate(
+                """async () => Promise.all([{}, {'X-Osless-CSRF': 'guess'}].map(async (headers) => {
+                    const r = await fetch('/v1/apps/dash/functions/echo:invoke',
+                                          {method: 'POST', headers, body: '{}'});
+                    return [r.status, (await r.json()).error.code];
+                }))"""
+            )
+            assert sent == [[403, "csrf_failed"], [403, "csrf_failed"]], sent
+            # Signing in from there replaces the session, and changes work.
+            page.click("#unbound a:has-text('Sign in again')")
+            page.fill("#token", platform.token)
+            page.press("#token", "Enter")
+            page.wait_for_url(re.compile(r"/ui$"))
+            page.goto("/ui/apps/dash")
+            assert "dash-planter" not in page.locator("header .who").inner_text()
+            assert page.locator("#unbound").is_hidden()
+            page.click("#functions summary:has-text('echo')")
+            page.fill("#event-echo", '{"n": 8}')
+            page.click("#functions form button[type=submit]")
+            page.wait_for_selector("#result-echo:has-text('\"n\": 8')")
+            # The session now held is HttpOnly: the app's page cannot plant over it.
+            mine = [c["value"] for c in context.cookies() if c["name"] == COOKIE]
+            page.goto(f"{platform.gateway}/dash/?plant={planted}")
+            assert [c["value"] for c in context.cookies() if c["name"] == COOKIE] == mine != [planted]
+        finally:
+            context.close()
 
 
 def test_a_running_deploys_build_log_streams(

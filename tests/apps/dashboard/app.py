@@ -9,6 +9,12 @@ import osless
 
 VERSION = "one"
 
+# The gateway takes a session cookie out of an app's answers, but a page's script on this host may
+# still set one: this one sets `?plant=VALUE` as the dashboard's (its author's session, planted).
+PLANT = b"""<!doctype html><title>planted</title><script>
+document.cookie = "osless_session=" + decodeURIComponent(location.search.slice(7)) + "; Path=/";
+</script>"""
+
 app = osless.App("dash")
 settings = app.config(
     greeting=osless.Field(str, default="hello"), limit=osless.Field(int, default=10), api_key=osless.Secret
@@ -26,6 +32,8 @@ def web() -> Any:
         if scope.get("query_string") == b"cookies":  # what cookies reached the app
             body = b"; ".join(v for k, v in scope["headers"] if k == b"cookie")
         headers = [(b"content-type", b"text/plain")]
+        if scope.get("query_string", b"").startswith(b"plant="):  # a page whose script plants a session
+            body, headers = PLANT, [(b"content-type", b"text/html")]
         if scope.get("query_string") == b"setcookie":  # an app trying to plant the dashboard's session
             headers += [
                 (b"set-cookie", b"osless_session=planted; Path=/; HttpOnly"),

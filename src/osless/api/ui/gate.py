@@ -145,9 +145,9 @@ def _as_data(send: Send) -> Send:
 async def _forbidden(send: Send) -> None:
     body = error_body(
         "csrf_failed",
-        "this change came with the dashboard's session cookie but without its CSRF token "
-        f"(the {CSRF_HEADER} header of a dashboard page) or from another origin: reload the page, "
-        "or call the API with 'Authorization: Bearer <token>'",
+        "this change came with the dashboard's session cookie but without its CSRF value "
+        f"(the {CSRF_HEADER} header a dashboard page sends once this browser signed in to that session) "
+        "or from another origin: sign in again, or call the API with 'Authorization: Bearer <token>'",
     )
     await send(
         {

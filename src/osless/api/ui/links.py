@@ -1,7 +1,9 @@
 """`POST /v1/dashboard/links`: a one-time sign-in link for the dashboard, for the caller's own token.
 
 What `osless dashboard` and `osless up` print. The link carries a code good once, for
-`session.CODE_TTL_S`, never the token: the code is redeemed at `/ui/link` for a session cookie.
+`session.CODE_TTL_S`, never the token: the code is redeemed at `/ui/link` for a session cookie. The
+link's page says whose token it signs in with (name, role) before it is used: a link an app's page
+offers may be its author's.
 Audited like every write, so the log shows who opened a dashboard session this way.
 """
 
@@ -42,7 +44,8 @@ async def make_link(
     if not token:
         raise ApiError(400, "bad_request", "send the token as 'Authorization: Bearer <token>'")
     try:
-        code = await make_code(state.resources.store, state.secrets, token)
+        who = {"name": caller.name, "role": caller.role, "app": caller.app}
+        code = await make_code(state.resources.store, state.secrets, token, who)
     except TooManyCodes:
         raise ApiError(
             429,

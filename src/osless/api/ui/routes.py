@@ -37,10 +37,12 @@ from osless.api.ui.session import (
     cookie_header,
     from_our_pages,
     open_session,
+    peek_code,
     redeem_code,
     same_origin,
     seal,
     session_cookie,
+    session_cookies,
     sign_out,
     signed_out,
 )
@@ -50,6 +52,11 @@ __all__ = ["CSP", "build_ui"]
 
 HERE = Path(__file__).parent
 SIGNIN = "/ui/signin"
+DOUBLED = (
+    "this browser sends two dashboard session cookies for this page: one was set by a page of another "
+    "port of this host, and signing in replaces only this site's own. Clear this site's cookies "
+    "in the browser, then sign in"
+)
 MAX_FORM = 8192  # the sign-in form: a token and a CSRF value, nothing more
 RECHECK_S = 60.0  # a chart's stream asks again whether its token may still read the app
 # Event streams open at once per token, in this process: each holds a connection and a task, and
@@ -213,7 +220,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
     # -- sign-in -----------------------------------------------------------------------------------
 
     async def signin_form(request: Request) -> Response:
-        return page(request, "signin.html", {"error": None, "who": None})
+        # Two session cookies open nothing (`session_cookie`), and a sign-in replaces only the one
+        # this origin set: the other, a page's script's with a narrower Path, stays until cleared.
+        two = session_cookies(request.headers.get("cookie")) > 1
+        return page(request, "signin.html", {"error": DOUBLED if two else None, "who": None})
 
     async def form_of(request: Request) -> dict[str, str] | Response:
         """A sign-in form's fields, bounded, from a page of this host only (a form posted from
@@ -237,9 +247,16 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
 
     async def link_form(request: Request) -> Response:
         # Opening the link redeems nothing: a link preview or prefetcher would spend the code, and a
-        # link from another site would sign the visitor in as its maker. The button posts it.
+        # link from another site would sign the visitor in as its maker. The button posts it; the
+        # page says whose token that is first (an app's page may offer its author's link).
         code = request.query_params.get("code", "")[:64]
-        return page(request, "link.html", {"code": code, "who": None})
+        owner = await peek_code(state.resources.store, code)
+        return page(
+            request,
+            "link.html",
+            {"code": code, "owner": owner, "who": None},
+            200 if owner is not None else 400,
+        )
 
     async def link(request: Request) -> Response:
         form = await form_of(request)
@@ -272,8 +289,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         if status != 200 or not isinstance(who, dict) or who.get("role") not in PEOPLE:
             return page(request, "signin.html", {"error": refused, "who": None}, 401)
         # A fresh session (and CSRF value) at every sign-in: whatever cookie came before is replaced.
-        value, _ = seal(state.secrets, token)
-        response = _redirect("/ui")
+        # Its CSRF value is handed over here only, for the page's script to keep in this origin's
+        # storage, then go to /ui: a session cookie planted by a page of another port never had that.
+        value, session = seal(state.secrets, token)
+        response = page(request, "signedin.html", {"sid": session.sid, "csrf": session.csrf, "who": None})
         response.headers.append("set-cookie", cookie_header(value, secure=_secure(request)))
         return response
 
@@ -282,9 +301,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         form = await form_of(request)
         if isinstance(form, Response):
             return form
-        if session is not None and not session.csrf_ok(form.get("csrf")):
-            return JSONResponse(error_body("csrf_failed", "sign out from a dashboard page"), 403)
-        if session is not None:
+        # Without the session's CSRF value (a session this browser did not sign in to: planted), only
+        # this browser's cookie goes: the way out for its visitor. With it, every session of the token.
+        if session is not None and session.csrf_ok(form.get("csrf")):
             await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
         response = _redirect(SIGNIN)
         response.headers.append("set-cookie", cookie_header("", secure=_secure(request), max_age=0))
@@ -341,7 +360,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         else:
             changes = None
         recent = sorted(deploys, key=lambda d: d["created_at"], reverse=True)[:10]
-        context = {"who": who, "csrf": session.csrf, "apps": rows, "nodes": nodes, "changes": changes}
+        context = {"who": who, "sid": session.sid, "apps": rows, "nodes": nodes, "changes": changes}
         return page(request, "overview.html", {**context, "deploys": recent})
 
     async def app_context(reader: ApiReader, app: str, part: str = "all") -> dict[str, Any] | None:
@@ -393,10 +412,10 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
             return page(
                 request,
                 "error.html",
-                {"who": who, "csrf": session.csrf, "message": f"no app {app!r} that this token may read"},
+                {"who": who, "sid": session.sid, "message": f"no app {app!r} that this token may read"},
                 404,
             )
-        return page(request, "app.html", {"who": who, "csrf": session.csrf, **context})
+        return page(request, "app.html", {"who": who, "sid": session.sid, **context})
 
     @signed_in
     async def app_part(
@@ -408,7 +427,7 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         context = await app_context(reader, request.path_params["app"], part)
         if context is None:
             return Response(status_code=404, headers=SECURITY_HEADERS)
-        return page(request, f"_{part}.html", {"who": who, "csrf": session.csrf, **context})
+        return page(request, f"_{part}.html", {"who": who, "sid": session.sid, **context})
 
     @signed_in
     async def deploy_page(
@@ -418,9 +437,9 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         status, deploy = await reader.get(f"/v1/deploys/{quote(deploy_id)}")
         if status != 200:
             return page(
-                request, "error.html", {"who": who, "csrf": session.csrf, "message": "no such deploy"}, 404
+                request, "error.html", {"who": who, "sid": session.sid, "message": "no such deploy"}, 404
             )
-        return page(request, "deploy.html", {"who": who, "csrf": session.csrf, "deploy": deploy})
+        return page(request, "deploy.html", {"who": who, "sid": session.sid, "deploy": deploy})
 
     async def status_of(token: str, request: Request, path: str) -> int:
         """The status the API answers `token` for GET `path` (429 when its budget is spent)."""

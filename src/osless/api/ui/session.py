@@ -2,9 +2,13 @@
 
 The cookie holds the token encrypted with the platform's key (Fernet, `SecretBox`), never in clear,
 so any server sharing the key (a cluster) reads it and nothing is kept per process. It is HttpOnly
-and SameSite=Strict; a change also needs the session's CSRF value in a header (`X-Osless-CSRF`),
-which only a page of ours can read. A new session (new CSRF value) is made at each sign-in, so a
-cookie planted before it is worth nothing after (session fixation).
+and SameSite=Strict; a change also needs the session's CSRF value in a header (`X-Osless-CSRF`).
+That value is handed to the browser once, by the answer to the sign-in, whose script keeps it in the
+dashboard origin's `localStorage`; pages show only the session's id (`Session.sid`). A cookie any
+page of this host can set (another port's, by `document.cookie`), but not that storage: a session
+planted so opens pages the visitor's script will not change anything from, and the API refuses a
+change without the value. A new session (new CSRF value) is made at each sign-in, so a cookie
+planted before it is worth nothing after (session fixation).
 
 Signing out ends every session of the token, in every browser (`sign_out`): the cookie is the
 client's to keep, so the store keeps, per token that signed out (a digest of it), when it last did,
@@ -47,10 +51,12 @@ __all__ = [
     "from_our_pages",
     "make_code",
     "open_session",
+    "peek_code",
     "redeem_code",
     "same_origin",
     "seal",
     "session_cookie",
+    "session_cookies",
     "sign_out",
     "signed_out",
 ]
@@ -85,6 +91,12 @@ class Session:
     def csrf_ok(self, sent: str | None) -> bool:
         return bool(sent) and hmac.compare_digest(self.csrf.encode(), (sent or "").encode())
 
+    @property
+    def sid(self) -> str:
+        """The session's id, shown in its pages: it tells which session the browser's stored CSRF
+        value belongs to, and gives nothing of that value away."""
+        return hashlib.sha256(self.csrf.encode()).hexdigest()[:16]
+
 
 def seal(box: SecretBox, token: str, ttl_s: float = SESSION_TTL_S) -> tuple[str, Session]:
     """A new session for `token`: the cookie's value and what it holds."""
@@ -118,11 +130,14 @@ def session_cookie(raw: str | None) -> str | None:
     name it. A page's script on another port of this host may add one (`document.cookie`, with a
     Domain or another Path: the browser keeps both), and Starlette would take the last: its author's
     session, planted, in place of the visitor's own."""
-    if not raw:
-        return None
-    if sum(1 for pair in raw.split(";") if pair.partition("=")[0].strip() == COOKIE) > 1:
+    if not raw or session_cookies(raw) > 1:
         return None
     return cookie_parser(raw).get(COOKIE)
+
+
+def session_cookies(raw: str | None) -> int:
+    """How many cookies of a `Cookie` header are named as the session."""
+    return sum(1 for pair in (raw or "").split(";") if pair.partition("=")[0].strip() == COOKIE)
 
 
 def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
@@ -192,16 +207,39 @@ class TooManyCodes(Exception):
     """`MAX_CODES` sign-in links wait to be used: no more until some are used or expire."""
 
 
-async def make_code(store: Store, box: SecretBox, token: str, ttl_s: float = CODE_TTL_S) -> str:
-    """A code that opens one session for `token`, once, within `ttl_s`."""
+async def make_code(
+    store: Store, box: SecretBox, token: str, who: Mapping[str, str | None], ttl_s: float = CODE_TTL_S
+) -> str:
+    """A code that opens one session for `token`, once, within `ttl_s`; `who` (the token's name,
+    role, app) is what the link's page shows before it is used (`peek_code`)."""
     owner = _owner(token)
     live = await _forget_expired(store)
     if len(live) >= MAX_CODES or live.count(owner) >= MAX_CODES_PER_TOKEN:
         raise TooManyCodes
     code = secrets.token_urlsafe(24)
-    record = {"token": box.encrypt(token), "expires": time.time() + ttl_s, "owner": owner}
+    record = {"token": box.encrypt(token), "expires": time.time() + ttl_s, "owner": owner, "who": dict(who)}
     await store.put(_code_key(code), json.dumps(record).encode())
     return code
+
+
+async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
+    """Whom a code would sign in as (`make_code`'s `who`), the code left good; None if it is not
+    (used, expired, never made)."""
+    if not code or len(code) > 64:
+        return None
+    kv = await store.get(_code_key(code))
+    if kv is None:
+        return None
+    try:
+        record = json.loads(kv.value)
+        if float(record["expires"]) < time.time():
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    who = record.get("who")
+    if not isinstance(who, dict):
+        return {}  # made before links said whose they are
+    return {k: None if who.get(k) is None else str(who[k]) for k in ("name", "role", "app")}
 
 
 async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:

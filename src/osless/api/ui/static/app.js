@@ -4,8 +4,40 @@
 "use strict";
 
 (function () {
-  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
-  const csrf = csrfMeta ? csrfMeta.content : "";
+  // The session's CSRF value lives in this origin's storage, put there by the sign-in's answer
+  // (signedin.html); a page names only its session's id. A page of another port of this host can
+  // set the session cookie (its author's session, planted), never this storage: such a session's
+  // pages get no value here, so they change nothing and say why (#unbound).
+  const KEY = "osless-session";
+  const sidMeta = document.querySelector('meta[name="osless-session"]');
+  const sid = sidMeta ? sidMeta.content : "";
+
+  function kept() {
+    try { return JSON.parse(window.localStorage.getItem(KEY) || "null"); } catch (e) { return null; }
+  }
+
+  // The CSRF value of this page's session, or "" with the banner shown: read at each change, since
+  // a sign-in in another tab replaces both the cookie and the value.
+  function csrfOf() {
+    const k = kept();
+    if (sid && k && k.sid === sid && typeof k.csrf === "string") return k.csrf;
+    const banner = document.getElementById("unbound");
+    if (banner) banner.hidden = false;
+    return "";
+  }
+
+  const signedin = document.getElementById("signedin");
+  if (signedin) {
+    try {
+      window.localStorage.setItem(KEY, JSON.stringify({ sid: signedin.dataset.sid, csrf: signedin.dataset.csrf }));
+    } catch (e) { /* no storage: the pages show, their changes are off, and their banner says so */ }
+    window.location.replace("/ui");
+    return;
+  }
+  if (sid) {
+    csrfOf();  // the banner at once, not at the first change
+    window.addEventListener("storage", (ev) => { if (ev.key === KEY || ev.key === null) csrfOf(); });
+  }
 
   function notice(text, bad) {
     const el = document.getElementById("notice");
@@ -15,6 +47,8 @@
   }
 
   async function call(method, path, body) {
+    const csrf = csrfOf();
+    if (!csrf) throw new Error("Changes are off: this browser did not sign in to this session. Sign in again.");
     const init = { method, headers: { "X-Osless-CSRF": csrf }, credentials: "same-origin" };
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
@@ -96,6 +130,14 @@
 
   document.addEventListener("submit", (ev) => {
     const form = ev.target;
+    if (form.id === "signout") {
+      // Sent with the value, it ends every session of the token; without it (a session this
+      // browser never signed in to), only this browser's cookie.
+      const csrf = csrfOf();
+      form.elements.csrf.value = csrf;
+      if (csrf) window.localStorage.removeItem(KEY);
+      return;
+    }
     if (form.classList && form.classList.contains("api")) { ev.preventDefault(); act(form); }
   });
   document.addEventListener("click", (ev) => {
