@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,24 @@ def test_timeouts_are_504_and_streams_arrive_as_they_are_sent(platform: Platform
             assert ws.recv(timeout=5) == "hi"
             time.sleep(0.3)
     assert 1.5 < time.monotonic() - t0 < 5
+
+
+def test_calls_of_a_sync_function_at_once_on_one_instance_each_get_their_whole_timeout(
+    platform: Platform,
+) -> None:
+    """A sync handler runs in a thread of its instance; sixteen calls at once on one instance all
+    run at once, none waiting for a thread while its timeout (1 s) runs (a pool sized by the
+    machine's cores, 6 here, had the second wave answer 504)."""
+    platform.deploy(APPS / "e2e_slow")
+    platform.cli("scale", "slow", "--min", "1", "--max", "1")
+    platform.wait_for(
+        lambda: [i for i in platform.instances("slow") if i["status"]["phase"] == "ready"],
+        what="a ready instance",
+    )
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: platform.invoke("slow", "nap", 0.6), range(16)))
+    assert answers == [(200, "rested")] * 16, answers
+    platform.cli("scale", "slow", "--min", "0", "--max", "10")
 
 
 def test_requests_spread_over_instances(platform: Platform) -> None:

@@ -51,6 +51,11 @@ DEBUG_LISTEN_PATH = "/debug/listen"  # the node starts debugpy here for a debug 
 HTTP_PREFIX = b"/_http/"
 # Events are held in memory whole; past this the caller is told rather than the instance swapping.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# Threads for sync handlers, made as calls need them: a call waiting for one counts against its
+# timeout, so as many as an instance takes calls at once in practice (the autoscaler aims at 10; a
+# burst goes past it until the new instances are up), whatever the machine's cores (Python's default
+# pool: 6 on two). As anyio's, which runs Starlette's sync endpoints: 40.
+FUNCTION_THREADS = 40
 # A handler still running this long after its function's own timeout gets its instance replaced.
 REPLACE_AFTER_S = 0.5
 _JSON_HINT = "return dict, list, str, int, float, bool or None"
@@ -484,7 +489,7 @@ class Instance:
         # Our own pool, not the loop's default one: asyncio.run() joins the default pool on exit, and a
         # timed-out handler that never returns would keep the instance from ever exiting.
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(thread_name_prefix="osless-fn")
+            self._executor = ThreadPoolExecutor(FUNCTION_THREADS, thread_name_prefix="osless-fn")
         return self._executor
 
     def _keep_until_done(self, future: asyncio.Future[Any]) -> None:
