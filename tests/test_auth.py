@@ -201,8 +201,14 @@ def test_writes_are_audited_with_who_what_and_where(platform: Platform, hello: d
     assert call(platform, token, "POST", "/v1/nope").status_code == 404  # no route reached: not recorded
     httpx.put(platform.api + "/v1/apps/hello/scale", json={"min": 1})  # no token: not recorded
     time.sleep(1.5)  # the agent's heartbeats and status reports go on meanwhile: none is recorded
-    items = platform.http("GET", "/v1/audit", params={"since": since}).json()["items"]
-    mine = [e for e in items if e["token"] == made["id"]]
+
+    def audited() -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        items = platform.http("GET", "/v1/audit", params={"since": since}).json()["items"]
+        mine = [e for e in items if e["token"] == made["id"]]
+        return (items, mine) if len(mine) >= 3 else None
+
+    # Each entry is written once its answer is sent: the last may land after that, under load.
+    items, mine = platform.wait_for(audited, timeout=15, what="the auditor's three writes in the audit")
     assert [(e["method"], e["path"], e["status"]) for e in reversed(mine)] == [
         ("PUT", "/v1/apps/hello/scale", 200),
         ("POST", "/v1/apps/hello/wake", 403),

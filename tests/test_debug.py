@@ -60,7 +60,20 @@ def test_a_stack_names_the_function_where_a_request_sleeps(platform: Platform, d
     assert f"instance {item['instance']}" in text and "Thread" in text
 
 
+def _py_spy_on(pid: int) -> bool:
+    """Whether a py-spy on this host is recording process `pid` now."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if b"record" in args and b"--pid" in args and str(pid).encode() in args:
+            return True
+    return False
+
+
 def test_a_profile_names_the_busy_function(platform: Platform, debuggee: str, tmp_path: Path) -> None:
+    pid = platform.instances(debuggee)[0]["status"]["pid"]  # the host's
     burn = _while(platform, "burn", 6)
     try:
         svg = tmp_path / "flame.svg"
@@ -68,7 +81,8 @@ def test_a_profile_names_the_busy_function(platform: Platform, debuggee: str, tm
             target=platform.cli, args=("debug", "profile", debuggee, "--seconds", "2", "-o", str(svg))
         )
         first.start()
-        time.sleep(1.2)  # the CLI, the API and the node took it: py-spy samples for 2 s
+        # The CLI, the API and the node took it: py-spy samples the instance for 2 s from now on.
+        platform.wait_for(lambda: _py_spy_on(pid), timeout=30, what="py-spy to sample the instance")
         again = platform.http("POST", f"/v1/apps/{debuggee}/debug/profile", params={"seconds": 1})
         first.join()
         r = platform.http(

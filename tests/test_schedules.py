@@ -51,8 +51,11 @@ def test_a_schedule_runs_each_tick_once_within_a_second_of_it(
     done = ended(platform, "beat", 4)
     every = runs(platform, "beat")
     assert len({r["tick"] for r in every}) == len(every)  # one run per tick
+    # None skipped: each tick between the newest three that ended has its run, ended or not (a run
+    # may end after the next tick's: each is an invocation of its own).
     newest = sorted(r["tick"] for r in done)[-3:]
-    assert newest == list(range(newest[0], newest[0] + 3)), newest  # none skipped
+    missing = set(range(newest[0], newest[-1] + 1)) - {r["tick"] for r in every}
+    assert not missing, (newest, sorted(r["tick"] for r in every))
     for run in done:
         late = run["started_at"] - run["tick"]
         assert 0 <= late < 1.0, run
@@ -86,21 +89,20 @@ def test_a_paused_schedule_does_not_run_until_resumed(platform: Platform, ticker
     platform.cli("schedule", "pause", "ticker.beat")
     paused_at = time.time()
     assert platform.cli_json("schedule", "ls", "ticker.beat")[0]["paused"] is True
-    time.sleep(1.0)  # a tick being fired as it was paused may still land
+    # Three ticks go by. A tick whose fire got past the API's check before the pause was stored may
+    # land meanwhile (late under load), but never one after it: read once, against the pause.
+    time.sleep(3.5)
     before = {r["tick"] for r in runs(platform, "beat")}
-    assert max(before) <= paused_at + 1
-    time.sleep(2.5)
-    assert {r["tick"] for r in runs(platform, "beat")} == before
+    assert max(before) < paused_at, (sorted(before), paused_at)
 
+    resuming_at = time.time()  # the resume is stored after this, and only ticks after it may run
     platform.cli("schedule", "resume", "ticker.beat")
-    resumed_at = time.time()
-    platform.wait_for(
-        lambda: max(r["tick"] for r in runs(platform, "beat")) >= resumed_at,
+    after = platform.wait_for(
+        lambda: {r["tick"] for r in runs(platform, "beat")} - before,
         timeout=10,
         what="a tick after the resume",
     )
-    after = {r["tick"] for r in runs(platform, "beat")} - before
-    assert all(t >= int(resumed_at) for t in after), (after, resumed_at)  # none missed while paused ran
+    assert all(t > resuming_at for t in after), (after, resuming_at)  # none missed while paused ran
 
 
 def test_pausing_needs_deploy_and_names_a_real_schedule(platform: Platform, ticker: dict[str, Any]) -> None:

@@ -107,6 +107,16 @@ def _only_ready(platform: Platform, app: str, other_than: str = "") -> dict[str,
     return found
 
 
+def _reached(platform: Platform, count: int) -> None:
+    """Wait until `count` requests are in an instance of draining (sent to it, not answered): what
+    a node reports of its gateways' traffic each second, in `osless top`."""
+    platform.wait_for(
+        lambda: platform.http("GET", "/v1/top").json()["apps"]["draining"]["in_flight"] >= count,
+        timeout=30,
+        what=f"{count} requests in an instance of draining",
+    )
+
+
 class _Slow:
     """A web request and a function call of `seconds` each, under way in threads."""
 
@@ -123,7 +133,7 @@ class _Slow:
         self.threads = [threading.Thread(target=web), threading.Thread(target=call)]
         for t in self.threads:
             t.start()
-        time.sleep(1)  # both reach the instance
+        _reached(platform, 2)
 
     def running(self) -> bool:
         return all(t.is_alive() for t in self.threads)
@@ -211,7 +221,7 @@ def test_a_config_change_that_restarts_lets_a_call_in_flight_finish(
     answers: list[tuple[int, Any]] = []
     call = threading.Thread(target=lambda: answers.append(platform.invoke("draining", "nap", {"s": 14})))
     call.start()
-    time.sleep(1)
+    _reached(platform, 1)
     colour = "blue" if "blue" not in platform.cli("config", "get", "draining", "colour").stdout else "green"
     platform.cli("config", "set", "draining", f"colour={colour}")
     platform.wait_for(
