@@ -445,6 +445,47 @@ def test_a_link_page_says_whose_token_it_signs_in_with(platform: Platform, dash:
     assert httpx.get(platform.api + "/ui/link?code=" + "A" * 32).status_code == 400
 
 
+def test_a_link_page_says_whether_it_is_this_browsers_own_token(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # Names are the admin's choice and need not be unique (every unnamed deploy token is "deploy"):
+    # a planter's link may show the visitor's own name. Whether the token is this browser's session's
+    # own, the server tells.
+    same = platform.cli_json("tokens", "create", "--role", "deploy")["token"]
+    other = platform.cli_json("tokens", "create", "--role", "deploy")["token"]
+    with session(platform, same) as client:
+        mine = client.get(link(platform, same)).text
+        assert 'id="link-same"' in mine and 'id="link-other"' not in mine
+        theirs = client.get(link(platform, other)).text
+        assert 'id="link-other"' in theirs and re.search(r"as <strong>deploy</strong>\s*\(deploy\)", theirs)
+    stranger = httpx.get(platform.api + link(platform, other)).text  # no session: nothing to compare
+    assert 'id="link-same"' not in stranger and 'id="link-other"' not in stranger
+
+
+def test_a_link_pages_continue_waits_until_the_page_was_seen(
+    browser: Browser, platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A page of another port opens its author's link under a key the visitor holds (or between the
+    # two clicks of a double click): the button is neither focused nor on at first, so that press
+    # spends nothing; a moment later it signs in.
+    context = browser.new_context(base_url=platform.api)
+    try:
+        page = context.new_page()
+        page.goto(link(platform))
+        button = page.locator("#link-continue")
+        assert button.is_disabled() and not page.evaluate("document.activeElement.id === 'link-continue'")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Space")
+        button.click(force=True)  # a click that lands at once
+        assert "/ui/link" in page.url and not [c for c in context.cookies() if c["name"] == COOKIE]
+        page.wait_for_selector("#link-continue:enabled", timeout=5_000)
+        button.click()
+        page.wait_for_url(re.compile(r"/ui$"))
+        assert [c for c in context.cookies() if c["name"] == COOKIE]
+    finally:
+        context.close()
+
+
 def test_a_session_is_read_whatever_other_cookies_the_host_has(
     platform: Platform, dash: dict[str, Any]
 ) -> None:

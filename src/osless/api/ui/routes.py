@@ -37,6 +37,7 @@ from osless.api.ui.session import (
     cookie_header,
     from_our_pages,
     open_session,
+    owns,
     peek_code,
     redeem_code,
     same_origin,
@@ -251,10 +252,13 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         # page says whose token that is first (an app's page may offer its author's link).
         code = request.query_params.get("code", "")[:64]
         owner = await peek_code(state.resources.store, code)
+        # Whether it is this browser's session's own token: told by the server, as no name can tell.
+        session = await session_of(request) if owner is not None else None
+        mine = None if session is None or owner is None else owns(session, owner.get("digest"))
         return page(
             request,
             "link.html",
-            {"code": code, "owner": owner, "who": None},
+            {"code": code, "owner": owner, "mine": mine, "who": None},
             200 if owner is not None else 400,
         )
 

@@ -34,6 +34,22 @@
     window.location.replace("/ui");
     return;
   }
+  // A one-time link's Continue: on once the page has been visible and focused for a moment. A page
+  // of another port could open the link (its author's) under a key the visitor holds, or between
+  // the two clicks of a double click (a popup closed on the first): that press must not land.
+  const go = document.getElementById("link-continue");
+  if (go) {
+    let armed = null;
+    const arm = () => {
+      go.disabled = true;
+      clearTimeout(armed);
+      if (document.visibilityState === "visible") armed = setTimeout(() => { go.disabled = false; }, 1000);
+    };
+    for (const ev of ["focus", "pageshow"]) window.addEventListener(ev, arm);
+    document.addEventListener("visibilitychange", arm);
+    arm();
+  }
+
   if (sid) {
     csrfOf();  // the banner at once, not at the first change
     window.addEventListener("storage", (ev) => { if (ev.key === KEY || ev.key === null) csrfOf(); });
