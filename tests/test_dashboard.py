@@ -267,6 +267,24 @@ def test_api_answers_are_data_never_pages_of_the_apis_origin(
         assert r.headers["content-security-policy"].startswith("sandbox;"), r.headers
 
 
+def test_signing_out_beside_a_planted_cookie_still_ends_the_visitors_own_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A page's script adds its author's session cookie beside the visitor's (a Path covering
+    # /ui/signout): the sign-out, sent with the visitor's value, must still end the visitor's own
+    # session everywhere, not only drop this browser's cookie while a copy keeps working.
+    own = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-own")["token"]
+    author = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-beside")["token"]
+    with session(platform, own) as client, session(platform, author) as theirs:
+        kept, planted = client.cookies[COOKIE], theirs.cookies[COOKIE]
+        both = {"cookie": f"{COOKIE}={planted}; {COOKIE}={kept}"}
+        r = httpx.post(f"{platform.api}/ui/signout", data={"csrf": csrf_of(client)}, headers=both)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+        assert httpx.get(f"{platform.api}/v1/apps/dash", cookies={COOKIE: kept}).status_code == 401
+        # The planted one is not the visitor's to end (its value never was in this browser).
+        assert theirs.get("/v1/apps/dash").status_code == 200
+
+
 def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
     platform: Platform, dash: dict[str, Any]
 ) -> None:

@@ -43,6 +43,7 @@ from osless.api.ui.session import (
     same_origin,
     seal,
     session_cookie,
+    session_cookie_values,
     session_cookies,
     sign_out,
     signed_out,
@@ -59,6 +60,7 @@ DOUBLED = (
     "in the browser, then sign in"
 )
 MAX_FORM = 8192  # the sign-in form: a token and a CSRF value, nothing more
+MAX_SESSION_COOKIES = 4  # read at a sign-out: the visitor's own and what scripts added beside it
 RECHECK_S = 60.0  # a chart's stream asks again whether its token may still read the app
 # Event streams open at once per token, in this process: each holds a connection and a task, and
 # past the first request (one of the token's budget) costs nothing more: else a loop opening them
@@ -301,14 +303,18 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return response
 
     async def signout(request: Request) -> Response:
-        session = await session_of(request)
         form = await form_of(request)
         if isinstance(form, Response):
             return form
         # Without the session's CSRF value (a session this browser did not sign in to: planted), only
-        # this browser's cookie goes: the way out for its visitor. With it, every session of the token.
-        if session is not None and session.csrf_ok(form.get("csrf")):
-            await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
+        # this browser's cookie goes: the way out for its visitor. With it, every session of the token,
+        # that cookie's even beside one a page's script added (which opens nothing, `session_cookie`):
+        # else the visitor's own would live on, signed out as they believe.
+        if from_our_pages(request.headers):
+            for value in session_cookie_values(request.headers.get("cookie"))[:MAX_SESSION_COOKIES]:
+                session = open_session(state.secrets, value)
+                if session is not None and session.csrf_ok(form.get("csrf")):
+                    await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
         response = _redirect(SIGNIN)
         response.headers.append("set-cookie", cookie_header("", secure=_secure(request), max_age=0))
         return response

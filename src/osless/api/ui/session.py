@@ -57,6 +57,7 @@ __all__ = [
     "same_origin",
     "seal",
     "session_cookie",
+    "session_cookie_values",
     "session_cookies",
     "sign_out",
     "signed_out",
@@ -138,7 +139,13 @@ def session_cookie(raw: str | None) -> str | None:
 
 def session_cookies(raw: str | None) -> int:
     """How many cookies of a `Cookie` header are named as the session."""
-    return sum(1 for pair in (raw or "").split(";") if pair.partition("=")[0].strip() == COOKIE)
+    return len(session_cookie_values(raw))
+
+
+def session_cookie_values(raw: str | None) -> list[str]:
+    """The values of the cookies of a `Cookie` header named as the session, in the header's order."""
+    pairs = (pair.partition("=") for pair in (raw or "").split(";"))
+    return [value.strip() for name, _, value in pairs if name.strip() == COOKIE]
 
 
 def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
