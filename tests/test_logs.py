@@ -484,6 +484,41 @@ def test_a_signal_handler_that_raises_mid_write_leaves_the_lock_free() -> None:
     assert [r["line"] for r in records if "line" in r][-2:] == ["from a thread", "after the last"]
 
 
+_NONBLOCKING = """
+import logging, os, sys, threading, time
+from osless.runtime import applog
+r, w = os.pipe()
+os.set_blocking(w, False)  # what an app's asyncio pipe transport on its stderr leaves: the pipe's flag
+os.dup2(w, 2)
+got = []
+
+def read():  # a node that reads slower than the app logs: the pipe fills
+    while chunk := os.read(r, 4096):
+        got.append(chunk)
+        time.sleep(0.0005)
+
+reader = threading.Thread(target=read)
+reader.start()
+applog.install_logging()
+for i in range(3000):
+    logging.getLogger("m").info("line %d %s", i, "x" * 100)
+os.close(2)
+os.close(w)
+reader.join()
+sys.stdout.write(b"".join(got).decode())
+"""
+
+
+def test_records_wait_for_a_full_pipe_the_app_made_non_blocking() -> None:
+    """O_NONBLOCK is the pipe's, not a descriptor's: an app that sets it on its stderr sets it for
+    the runtime's writes too. Those wait for room as a blocking write does: none dropped."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NONBLOCKING], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line[len(MARK) :])["line"] for line in done.stdout.split("\n")[:-1]]
+    assert lines == [f"line {i} {'x' * 100}" for i in range(3000)]
+
+
 # On the session's platform: tests/apps/chatty, deployed once for these tests.
 
 

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -129,9 +130,21 @@ def _out(data: bytes | bytearray, fd: int = 2) -> None:
     view = memoryview(data)
     try:
         while view:
-            view = view[os.write(fd, view) :]
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                # The app made the pipe non-blocking (a flag of the pipe, not of this descriptor: an
+                # asyncio pipe transport on fd 2 sets it): wait as a blocking write does, not drop
+                # the line (nor the rest of a batch, torn).
+                _writable(fd)
     except OSError:
         pass  # the node closed our output: nobody to tell
+
+
+def _writable(fd: int) -> None:
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    poll.poll()
 
 
 def _take(data: bytes) -> bytes | None:
