@@ -207,6 +207,7 @@ def test_pages_forbid_framing_and_inline_script_and_the_cookie_is_strict(
     csp = page.headers["content-security-policy"]
     assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
+    assert page.headers["cross-origin-opener-policy"] == "same-origin"
     assert "<script>" not in page.text and " on" not in re.sub(r"<(pre|code|td)[^>]*>.*?</\1>", "", page.text)
     assert platform.token not in page.text
 

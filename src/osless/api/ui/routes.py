@@ -78,6 +78,9 @@ SECURITY_HEADERS = {
     # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on our own POSTs.
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
+    # A window of another origin that opened a page (or was opened by one) loses its hold on it: it can
+    # no longer navigate it later, nor count its frames or see when it moves (https and localhost).
+    "cross-origin-opener-policy": "same-origin",
 }
 
 
