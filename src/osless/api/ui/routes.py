@@ -257,7 +257,8 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         # page says whose token that is first (an app's page may offer its author's link).
         code = request.query_params.get("code", "")[:64]
         owner = await peek_code(state.resources.store, code)
-        # Whether it is this browser's session's own token: told by the server, as no name can tell.
+        # Whether it is another token than this browser's session's: told by the server, as no name can
+        # tell (the page warns then; it never reassures, the session may be one an app's page planted).
         session = await session_of(request) if owner is not None else None
         mine = None if session is None or owner is None else owns(session, owner.get("digest"))
         return page(
