@@ -209,7 +209,8 @@ def flush() -> None:
     if _enter():
         try:
             _sent_pending()
-            _drained()
+            if _late:
+                _drained()
         finally:
             _inside.inside = False
             _lock.release()
@@ -228,7 +229,8 @@ def _write(fields: dict[str, Any]) -> None:
     try:
         _sent_pending()
         _out(data)
-        _drained()
+        if _late:
+            _drained()
     finally:
         _inside.inside = False
         _lock.release()
@@ -244,7 +246,8 @@ def _write_access(data: bytes) -> None:
         out = _take(data)
         if out:
             _out(out, _access_fd)
-        _drained()
+        if _late:  # looked at here: a call costs every request
+            _drained()
     finally:
         _inside.inside = False
         _lock.release()
