@@ -95,6 +95,13 @@ def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+def opened(page: Page, path: str) -> None:
+    """`path` opened, once its changes are on: a page just brought to the front takes no press for
+    a moment (app.js; a double click's second click must not land on it)."""
+    page.goto(path)
+    page.wait_for_selector("html[data-settled]", state="attached")
+
+
 def redeem(api: str, path: str, **kw: Any) -> httpx.Response:
     """What the link page's button does: post the link's code (opening the link spends nothing)."""
     code = path.rpartition("code=")[2]
@@ -200,6 +207,7 @@ def test_pages_forbid_framing_and_inline_script_and_the_cookie_is_strict(
     csp = page.headers["content-security-policy"]
     assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
+    assert page.headers["cross-origin-opener-policy"] == "same-origin"
     assert "<script>" not in page.text and " on" not in re.sub(r"<(pre|code|td)[^>]*>.*?</\1>", "", page.text)
     assert platform.token not in page.text
 
@@ -265,6 +273,24 @@ def test_api_answers_are_data_never_pages_of_the_apis_origin(
     for r in (platform.http("GET", "/v1/apps"), httpx.get(platform.api + "/v1/apps")):
         assert r.headers["x-content-type-options"] == "nosniff", r.headers
         assert r.headers["content-security-policy"].startswith("sandbox;"), r.headers
+
+
+def test_signing_out_beside_a_planted_cookie_still_ends_the_visitors_own_session(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A page's script adds its author's session cookie beside the visitor's (a Path covering
+    # /ui/signout): the sign-out, sent with the visitor's value, must still end the visitor's own
+    # session everywhere, not only drop this browser's cookie while a copy keeps working.
+    own = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-own")["token"]
+    author = platform.cli_json("tokens", "create", "--role", "read", "--name", "dash-beside")["token"]
+    with session(platform, own) as client, session(platform, author) as theirs:
+        kept, planted = client.cookies[COOKIE], theirs.cookies[COOKIE]
+        both = {"cookie": f"{COOKIE}={planted}; {COOKIE}={kept}"}
+        r = httpx.post(f"{platform.api}/ui/signout", data={"csrf": csrf_of(client)}, headers=both)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+        assert httpx.get(f"{platform.api}/v1/apps/dash", cookies={COOKIE: kept}).status_code == 401
+        # The planted one is not the visitor's to end (its value never was in this browser).
+        assert theirs.get("/v1/apps/dash").status_code == 200
 
 
 def test_signing_out_ends_the_session_wherever_its_cookie_was_kept(
@@ -445,6 +471,46 @@ def test_a_link_page_says_whose_token_it_signs_in_with(platform: Platform, dash:
     assert httpx.get(platform.api + "/ui/link?code=" + "A" * 32).status_code == 400
 
 
+def test_a_link_page_warns_a_browser_signed_in_with_another_token(
+    platform: Platform, dash: dict[str, Any]
+) -> None:
+    # Names are the admin's choice and need not be unique (every unnamed deploy token is "deploy"):
+    # a planter's link may show the visitor's own name. Whether the token is another one than this
+    # browser's session's, the server tells; a match says nothing (that session may be planted).
+    same = platform.cli_json("tokens", "create", "--role", "deploy")["token"]
+    other = platform.cli_json("tokens", "create", "--role", "deploy")["token"]
+    with session(platform, same) as client:
+        assert 'id="link-other"' not in client.get(link(platform, same)).text
+        theirs = client.get(link(platform, other)).text
+        assert 'id="link-other"' in theirs and re.search(r"as <strong>deploy</strong>\s*\(deploy\)", theirs)
+    stranger = httpx.get(platform.api + link(platform, other)).text  # no session: nothing to compare
+    assert 'id="link-other"' not in stranger
+
+
+def test_a_link_pages_continue_waits_until_the_page_was_seen(
+    browser: Browser, platform: Platform, dash: dict[str, Any]
+) -> None:
+    # A page of another port opens its author's link under a key the visitor holds (or between the
+    # two clicks of a double click): the button is neither focused nor on at first, so that press
+    # spends nothing; a moment later it signs in.
+    context = browser.new_context(base_url=platform.api)
+    try:
+        page = context.new_page()
+        page.goto(link(platform))
+        button = page.locator("#link-continue")
+        assert button.is_disabled() and not page.evaluate("document.activeElement.id === 'link-continue'")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Space")
+        button.click(force=True)  # a click that lands at once
+        assert "/ui/link" in page.url and not [c for c in context.cookies() if c["name"] == COOKIE]
+        page.wait_for_selector("#link-continue:enabled", timeout=5_000)
+        button.click()
+        page.wait_for_url(re.compile(r"/ui$"))
+        assert [c for c in context.cookies() if c["name"] == COOKIE]
+    finally:
+        context.close()
+
+
 def test_a_session_is_read_whatever_other_cookies_the_host_has(
     platform: Platform, dash: dict[str, Any]
 ) -> None:
@@ -595,7 +661,7 @@ def test_request_chart_moves_while_a_load_runs(admin: Page, platform: Platform, 
 def test_edit_a_config_value_and_see_it_live_in_the_app(
     admin: Page, platform: Platform, dash: dict[str, Any]
 ) -> None:
-    admin.goto("/ui/apps/dash#config")
+    opened(admin, "/ui/apps/dash#config")
     admin.fill("#cfg-greeting", "bonjour from the dashboard")
     admin.click("#config button[type=submit]")
     # The section is drawn again from the API once the change is made (htmx), with the new version.
@@ -625,7 +691,7 @@ def test_edit_a_config_value_and_see_it_live_in_the_app(
 
 
 def test_roll_back_a_release_after_confirming(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
-    admin.goto("/ui/apps/dash#releases")
+    opened(admin, "/ui/apps/dash#releases")
     before = current_release(platform)
     asked: list[str] = []
 
@@ -671,7 +737,7 @@ def test_a_deploys_build_log_is_shown(admin: Page, platform: Platform, dash: dic
 
 
 def test_edit_the_scale_policy(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
-    admin.goto("/ui/apps/dash#scale")
+    opened(admin, "/ui/apps/dash#scale")
     admin.fill("#scale input[name=max]", "7")
     admin.fill("#scale input[name=idle_s]", "90")
     admin.click("#scale button[type=submit]")
@@ -681,11 +747,28 @@ def test_edit_the_scale_policy(admin: Page, platform: Platform, dash: dict[str, 
 
 
 def test_invoke_a_function_from_its_form(admin: Page, platform: Platform, dash: dict[str, Any]) -> None:
-    admin.goto("/ui/apps/dash#functions")
+    opened(admin, "/ui/apps/dash#functions")
     admin.click("#functions summary:has-text('echo')")
     admin.fill("#event-echo", '{"n": 7}')
     admin.click("#functions form button[type=submit]")
     admin.wait_for_selector("#result-echo:has-text('\"n\": 7')")
+
+
+def test_a_page_just_brought_to_the_front_takes_no_press(
+    admin: Page, platform: Platform, dash: dict[str, Any]
+) -> None:
+    # Framing is refused, but a page of another port can open a dashboard page in the window the
+    # second click of a double click lands on (a popup closed on the first: DoubleClickjacking).
+    opened(admin, "/ui/apps/dash")
+    admin.click("#functions summary:has-text('echo')")
+    admin.fill("#event-echo", '{"n": 9}')
+    admin.evaluate("window.dispatchEvent(new Event('focus'))")  # the window comes to the front
+    admin.click("#functions form button[type=submit]")
+    admin.wait_for_selector("#notice:has-text('press again')")
+    assert '"n": 9' not in admin.locator("#result-echo").inner_text()
+    admin.wait_for_selector("html[data-settled]", state="attached")
+    admin.click("#functions form button[type=submit]")
+    admin.wait_for_selector("#result-echo:has-text('\"n\": 9')")
 
 
 def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_changes(
@@ -700,7 +783,7 @@ def test_a_read_only_token_sees_no_change_buttons_and_the_api_refuses_its_change
         page = context.new_page()
         page.set_default_timeout(20_000)
         page.goto(link(platform, token))
-        page.keyboard.press("Enter")  # the link page's one button has the focus
+        page.click("#link-continue")  # on after a second: the click waits for it
         page.wait_for_url(re.compile(r"/ui$"))
         page.goto("/ui/apps/dash")
         for section in ("#releases", "#config", "#scale", "#functions"):
@@ -743,7 +826,7 @@ def test_a_session_an_apps_page_planted_changes_nothing_until_the_visitor_signs_
             page.set_default_timeout(20_000)
             page.goto(f"{platform.gateway}/dash/?plant={planted}")
             assert [c["value"] for c in context.cookies() if c["name"] == COOKIE] == [planted]
-            page.goto("/ui/apps/dash")
+            opened(page, "/ui/apps/dash")
             assert "dash-planter" in page.locator("header .who").inner_text()
             page.wait_for_selector("#unbound", state="visible")
             shot(page, "planted")
@@ -765,7 +848,7 @@ def test_a_session_an_apps_page_planted_changes_nothing_until_the_visitor_signs_
             page.fill("#token", platform.token)
             page.press("#token", "Enter")
             page.wait_for_url(re.compile(r"/ui$"))
-            page.goto("/ui/apps/dash")
+            opened(page, "/ui/apps/dash")
             assert "dash-planter" not in page.locator("header .who").inner_text()
             assert page.locator("#unbound").is_hidden()
             page.click("#functions summary:has-text('echo')")

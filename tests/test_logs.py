@@ -423,6 +423,102 @@ def test_a_signal_handler_that_logs_mid_write_neither_waits_nor_tears_nor_repeat
     assert err[-1] == "after the last"
 
 
+_RAISED = (
+    _SERVING
+    + """
+import signal, threading
+raised = 0
+armed = False
+
+def stop(signum, frame):  # an app's SIGTERM handler: sys.exit(), here wherever the runtime writes
+    if armed:
+        sys.exit(0)
+
+async def main():
+    global armed, raised
+    applog.install_logging()
+    # Made now: `logging.getLogger` takes logging's own lock, which such a handler may leave taken.
+    loggers = {name: logging.getLogger(name) for name in ("main", "thread")}
+    for logger in loggers.values():
+        logger.isEnabledFor(logging.INFO)  # its cache filled now, for the same reason
+    signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+    for i in range(20000):
+        try:
+            armed = True
+            if i % 2:
+                loggers["main"].info("main %d", i)
+            else:
+                await applog.logged({}, None, sent, ok, f"r{i}", "GET", f"/p{i}")
+            armed = False
+        except SystemExit:
+            armed = False
+            raised += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    other = threading.Thread(target=lambda: loggers["thread"].info("from a thread"))
+    other.start()
+    other.join(timeout=10)
+    loggers["main"].info("after the last")
+    applog.flush()
+    sys.stdout.write(f"{raised} {other.is_alive()}\\n")
+    sys.stdout.flush()
+    os._exit(0)  # a thread still waiting for the lock would keep the interpreter from exiting
+
+asyncio.run(main())
+"""
+)
+
+
+def test_a_signal_handler_that_raises_mid_write_leaves_the_lock_free() -> None:
+    """A signal handler may raise (a SIGTERM handler's sys.exit, KeyboardInterrupt) at any point of
+    the runtime's own writes, right after the lock is taken or as it is let go: the lock is free
+    after, so another thread's record goes out (it used to wait for it forever), and so do this
+    thread's (they used to wait in `_late`)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RAISED], capture_output=True, text=True, timeout=60, check=True
+    )
+    raised, stuck = done.stdout.split()
+    assert int(raised) > 100  # the timer's handler raised often enough to land inside writes
+    assert stuck == "False"
+    records = [json.loads(line[len(MARK) :]) for line in done.stderr.split("\n")[:-1]]  # whole lines
+    assert [r["line"] for r in records if "line" in r][-2:] == ["from a thread", "after the last"]
+
+
+_NONBLOCKING = """
+import logging, os, sys, threading, time
+from osless.runtime import applog
+r, w = os.pipe()
+os.set_blocking(w, False)  # what an app's asyncio pipe transport on its stderr leaves: the pipe's flag
+os.dup2(w, 2)
+got = []
+
+def read():  # a node that reads slower than the app logs: the pipe fills
+    while chunk := os.read(r, 4096):
+        got.append(chunk)
+        time.sleep(0.0005)
+
+reader = threading.Thread(target=read)
+reader.start()
+applog.install_logging()
+for i in range(3000):
+    logging.getLogger("m").info("line %d %s", i, "x" * 100)
+os.close(2)
+os.close(w)
+reader.join()
+sys.stdout.write(b"".join(got).decode())
+"""
+
+
+def test_records_wait_for_a_full_pipe_the_app_made_non_blocking() -> None:
+    """O_NONBLOCK is the pipe's, not a descriptor's: an app that sets it on its stderr sets it for
+    the runtime's writes too. Those wait for room as a blocking write does: none dropped."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NONBLOCKING], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line[len(MARK) :])["line"] for line in done.stdout.split("\n")[:-1]]
+    assert lines == [f"line {i} {'x' * 100}" for i in range(3000)]
+
+
 # On the session's platform: tests/apps/chatty, deployed once for these tests.
 
 

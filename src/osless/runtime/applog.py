@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -85,10 +86,19 @@ _batch = _PIPE_BUF
 _pending = bytearray()  # access lines waiting
 # `logging` records come from handlers' threads too, and from an app's signal handlers: those run in
 # the middle of their thread's own write, which they must neither wait for (a deadlock) nor tear.
-# Taken by `_enter`, which tells such a call apart by `_holder`; what it logs waits in `_late`.
+# `_enter` tells such a call apart by `_inside`, its thread's mark; what it logs waits in `_late`.
+# A handler may also raise (KeyboardInterrupt, a SIGTERM handler's sys.exit): the lock must not stay
+# taken then, or every other thread that logs waits forever, and this one's records wait in `_late`.
+# Reentrant: owned by a thread, so a release by one that did not take it fails (`_enter`).
 _lock = threading.RLock()
-_holder: int | None = None  # the thread inside `_enter` .. `_leave`
-_late = bytearray()  # records a signal handler made while its thread held the lock
+
+
+class _Inside(threading.local):
+    inside = False  # this thread is taking the lock (`_enter`) or holding it, until its `finally`
+
+
+_inside = _Inside()
+_late = bytearray()  # records a signal handler made while its thread was inside
 _timer: asyncio.TimerHandle | None = None
 
 
@@ -101,8 +111,8 @@ def use_access_fd(fd: int) -> None:
 def _forget_pending() -> None:
     # A child the app forks serves no request: the lines its parent had waiting are the parent's to
     # send. A lock another thread of the parent held at the fork would stay held in the child.
-    global _timer, _lock, _holder
-    _lock, _holder = threading.RLock(), None
+    global _timer, _lock, _inside
+    _lock, _inside = threading.RLock(), _Inside()
     _pending.clear()
     _late.clear()
     _timer = None
@@ -120,9 +130,21 @@ def _out(data: bytes | bytearray, fd: int = 2) -> None:
     view = memoryview(data)
     try:
         while view:
-            view = view[os.write(fd, view) :]
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                # The app made the pipe non-blocking (a flag of the pipe, not of this descriptor: an
+                # asyncio pipe transport on fd 2 sets it): wait as a blocking write does, not drop
+                # the line (nor the rest of a batch, torn).
+                _writable(fd)
     except OSError:
         pass  # the node closed our output: nobody to tell
+
+
+def _writable(fd: int) -> None:
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    poll.poll()
 
 
 def _take(data: bytes) -> bytes | None:
@@ -137,29 +159,39 @@ def _take(data: bytes) -> bytes | None:
 
 
 def _enter() -> bool:
-    """Take the lock, or say False when this thread holds it already: a signal handler run in the
-    middle of its own thread's write, which then leaves its record in `_late`."""
-    global _holder
-    me = threading.get_ident()
-    if _holder == me:
+    """Take the lock, or say False when this thread is taking or holding it already: a signal handler
+    run in the middle of its own thread's write, which then leaves its record in `_late`."""
+    if _inside.inside:
         return False
-    # Reentrant, so a handler run between this acquire and the line after it takes it again and
-    # does all it does before this thread goes on.
-    _lock.acquire()
-    _holder = me
+    # Marked before the lock is taken: a handler run while this thread waits for it, or just after,
+    # logs to `_late` (the holder writes it before it lets go), and never takes the lock itself.
+    _inside.inside = True
+    try:
+        _lock.acquire()
+    except BaseException:  # a handler raised, while this waited or right after it took the lock
+        _inside.inside = False
+        # Released if taken, with no call before (a second handler could raise at any call's end,
+        # `contextlib.suppress`'s `__enter__` too).
+        try:  # noqa: SIM105
+            _lock.release()
+        except RuntimeError:
+            pass  # not taken: it raised while this waited
+        raise
     return True
 
 
-def _leave() -> None:
-    """Write what signal handlers logged meanwhile, and let the lock go. (One logged after the last
-    look at `_late` goes with the next caller's.)"""
-    global _holder
+def _drained() -> None:
+    """Write what signal handlers logged while this thread held the lock."""
     while _late:
         late = bytes(_late)
         del _late[: len(late)]  # not clear(): a handler may have added one since the line above
         _out(late)
-    _holder = None
-    _lock.release()
+
+
+# Each holder lets the lock go in its own `finally`, written out there: a handler may raise on entry
+# to any function called (a `_leave()` would then never run). No handler runs between `_drained`'s
+# last look at `_late` and the mark's end (no call between): one run after the mark takes the lock
+# itself (reentrant, until the release that follows).
 
 
 def _sent_pending() -> None:
@@ -177,8 +209,11 @@ def flush() -> None:
     if _enter():
         try:
             _sent_pending()
+            if _late:
+                _drained()
         finally:
-            _leave()
+            _inside.inside = False
+            _lock.release()
 
 
 # Batches are written under the lock: one past PIPE_BUF is never torn by, nor passed by, another
@@ -194,8 +229,11 @@ def _write(fields: dict[str, Any]) -> None:
     try:
         _sent_pending()
         _out(data)
+        if _late:
+            _drained()
     finally:
-        _leave()
+        _inside.inside = False
+        _lock.release()
 
 
 def _write_access(data: bytes) -> None:
@@ -208,8 +246,11 @@ def _write_access(data: bytes) -> None:
         out = _take(data)
         if out:
             _out(out, _access_fd)
+        if _late:  # looked at here: a call costs every request
+            _drained()
     finally:
-        _leave()
+        _inside.inside = False
+        _lock.release()
     if _timer is None:
         _timer = asyncio.get_running_loop().call_later(_BATCH_S, flush)
 
@@ -290,6 +331,17 @@ def _level(levelno: int) -> str:
 
 class _Handler(logging.Handler):
     """The root logger's: each record, with its level, logger and the request it was made in."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Without the handler's own lock: `_write` has its own, which a signal handler that raises
+        # never leaves taken. `logging.Handler.handle` takes its lock in `acquire()`, where one that
+        # raises right after leaves it taken, and every other thread's record waits forever.
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):  # a filter may give a record in place (3.12)
+            record = rv
+        if rv:
+            self.emit(record)
+        return bool(rv)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -37,11 +37,13 @@ from osless.api.ui.session import (
     cookie_header,
     from_our_pages,
     open_session,
+    owns,
     peek_code,
     redeem_code,
     same_origin,
     seal,
     session_cookie,
+    session_cookie_values,
     session_cookies,
     sign_out,
     signed_out,
@@ -58,6 +60,7 @@ DOUBLED = (
     "in the browser, then sign in"
 )
 MAX_FORM = 8192  # the sign-in form: a token and a CSRF value, nothing more
+MAX_SESSION_COOKIES = 4  # read at a sign-out: the visitor's own and what scripts added beside it
 RECHECK_S = 60.0  # a chart's stream asks again whether its token may still read the app
 # Event streams open at once per token, in this process: each holds a connection and a task, and
 # past the first request (one of the token's budget) costs nothing more: else a loop opening them
@@ -75,6 +78,9 @@ SECURITY_HEADERS = {
     # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on our own POSTs.
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
+    # A window of another origin that opened a page (or was opened by one) loses its hold on it: it can
+    # no longer navigate it later, nor count its frames or see when it moves (https and localhost).
+    "cross-origin-opener-policy": "same-origin",
 }
 
 
@@ -251,10 +257,14 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         # page says whose token that is first (an app's page may offer its author's link).
         code = request.query_params.get("code", "")[:64]
         owner = await peek_code(state.resources.store, code)
+        # Whether it is another token than this browser's session's: told by the server, as no name can
+        # tell (the page warns then; it never reassures, the session may be one an app's page planted).
+        session = await session_of(request) if owner is not None else None
+        mine = None if session is None or owner is None else owns(session, owner.get("digest"))
         return page(
             request,
             "link.html",
-            {"code": code, "owner": owner, "who": None},
+            {"code": code, "owner": owner, "mine": mine, "who": None},
             200 if owner is not None else 400,
         )
 
@@ -297,14 +307,18 @@ def build_ui(state: ApiState, api: ASGIApp) -> Starlette:
         return response
 
     async def signout(request: Request) -> Response:
-        session = await session_of(request)
         form = await form_of(request)
         if isinstance(form, Response):
             return form
         # Without the session's CSRF value (a session this browser did not sign in to: planted), only
-        # this browser's cookie goes: the way out for its visitor. With it, every session of the token.
-        if session is not None and session.csrf_ok(form.get("csrf")):
-            await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
+        # this browser's cookie goes: the way out for its visitor. With it, every session of the token,
+        # that cookie's even beside one a page's script added (which opens nothing, `session_cookie`):
+        # else the visitor's own would live on, signed out as they believe.
+        if from_our_pages(request.headers):
+            for value in session_cookie_values(request.headers.get("cookie"))[:MAX_SESSION_COOKIES]:
+                session = open_session(state.secrets, value)
+                if session is not None and session.csrf_ok(form.get("csrf")):
+                    await sign_out(state.resources.store, session)  # the cookie is the browser's to keep
         response = _redirect(SIGNIN)
         response.headers.append("set-cookie", cookie_header("", secure=_secure(request), max_age=0))
         return response

@@ -51,11 +51,13 @@ __all__ = [
     "from_our_pages",
     "make_code",
     "open_session",
+    "owns",
     "peek_code",
     "redeem_code",
     "same_origin",
     "seal",
     "session_cookie",
+    "session_cookie_values",
     "session_cookies",
     "sign_out",
     "signed_out",
@@ -137,7 +139,13 @@ def session_cookie(raw: str | None) -> str | None:
 
 def session_cookies(raw: str | None) -> int:
     """How many cookies of a `Cookie` header are named as the session."""
-    return sum(1 for pair in (raw or "").split(";") if pair.partition("=")[0].strip() == COOKIE)
+    return len(session_cookie_values(raw))
+
+
+def session_cookie_values(raw: str | None) -> list[str]:
+    """The values of the cookies of a `Cookie` header named as the session, in the header's order."""
+    pairs = (pair.partition("=") for pair in (raw or "").split(";"))
+    return [value.strip() for name, _, value in pairs if name.strip() == COOKIE]
 
 
 def cookie_header(value: str, *, secure: bool, max_age: int = SESSION_TTL_S) -> str:
@@ -223,8 +231,8 @@ async def make_code(
 
 
 async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
-    """Whom a code would sign in as (`make_code`'s `who`), the code left good; None if it is not
-    (used, expired, never made)."""
+    """Whom a code would sign in as (`make_code`'s `who`, and its token's digest for `owns`), the
+    code left good; None if it is not (used, expired, never made)."""
     if not code or len(code) > 64:
         return None
     kv = await store.get(_code_key(code))
@@ -237,9 +245,19 @@ async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
     except (ValueError, KeyError, TypeError):
         return None
     who = record.get("who")
+    digest = None if record.get("owner") is None else str(record["owner"])
     if not isinstance(who, dict):
-        return {}  # made before links said whose they are
-    return {k: None if who.get(k) is None else str(who[k]) for k in ("name", "role", "app")}
+        return {"digest": digest}  # made before links said whose they are
+    return {
+        "digest": digest,
+        **{k: None if who.get(k) is None else str(who[k]) for k in ("name", "role", "app")},
+    }
+
+
+def owns(session: Session, digest: str | None) -> bool:
+    """Whether a code (`peek_code`'s "digest") would sign in with this session's own token: a name is
+    the admin's choice and need not be unique (two `deploy` tokens are both named "deploy")."""
+    return digest is not None and hmac.compare_digest(_owner(session.token), digest)
 
 
 async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:

@@ -34,6 +34,33 @@
     window.location.replace("/ui");
     return;
   }
+  // A page brought to the front under a press must not take it as the visitor's: a page of another
+  // port can open a dashboard page (or its author's one-time link) under a key the visitor holds,
+  // or in the window the second click of a double click lands on (a popup closed on the first:
+  // DoubleClickjacking; framing is refused, this is not). Changes, and a link's Continue, wait until
+  // the page has been visible and focused for a moment (`html[data-settled]` then).
+  const SETTLE_MS = 800;
+  let since = performance.now();
+  let settling = null;
+  const go = document.getElementById("link-continue");
+  function rearm() {
+    since = performance.now();
+    delete document.documentElement.dataset.settled;
+    if (go) go.disabled = true;
+    clearTimeout(settling);
+    if (document.visibilityState !== "visible") return;
+    settling = setTimeout(() => {
+      document.documentElement.dataset.settled = "1";
+      if (go) go.disabled = false;
+    }, SETTLE_MS);
+  }
+  function settled() {
+    return document.visibilityState === "visible" && performance.now() - since >= SETTLE_MS;
+  }
+  for (const ev of ["focus", "pageshow"]) window.addEventListener(ev, rearm);
+  document.addEventListener("visibilitychange", rearm);
+  rearm();
+
   if (sid) {
     csrfOf();  // the banner at once, not at the first change
     window.addEventListener("storage", (ev) => { if (ev.key === KEY || ev.key === null) csrfOf(); });
@@ -111,6 +138,7 @@
   }
 
   async function act(el) {
+    if (!settled()) { notice("This page just came to the front: press again to do that.", true); return; }
     if (el.dataset.confirm && !window.confirm(el.dataset.confirm)) return;
     let body;
     try { body = bodyOf(el); } catch (e) { notice("Not valid JSON: " + e.message, true); return; }
