@@ -30,12 +30,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.requests import cookie_parser
 
 from osless.api.secrets import SecretBox
-from osless.store import Conflict, Store
+from osless.store import Conflict, KeyValue, Store
 
 __all__ = [
     "CODE_TTL_S",
@@ -230,9 +231,9 @@ async def make_code(
     return code
 
 
-async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
-    """Whom a code would sign in as (`make_code`'s `who`, and its token's digest for `owns`), the
-    code left good; None if it is not (used, expired, never made)."""
+async def _live_code(store: Store, code: str) -> tuple[KeyValue, dict[str, Any]] | None:
+    """A code's record while it is good (not used, not expired); None otherwise, or if unreadable.
+    An expired one is left to `_forget_expired`."""
     if not code or len(code) > 64:
         return None
     kv = await store.get(_code_key(code))
@@ -240,10 +241,20 @@ async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
         return None
     try:
         record = json.loads(kv.value)
-        if float(record["expires"]) < time.time():
+        if not isinstance(record, dict) or float(record["expires"]) < time.time():
             return None
     except (ValueError, KeyError, TypeError):
         return None
+    return kv, record
+
+
+async def peek_code(store: Store, code: str) -> dict[str, str | None] | None:
+    """Whom a code would sign in as (`make_code`'s `who`, and its token's digest for `owns`), the
+    code left good; None if it is not (used, expired, never made)."""
+    found = await _live_code(store, code)
+    if found is None:
+        return None
+    record = found[1]
     who = record.get("who")
     digest = None if record.get("owner") is None else str(record["owner"])
     if not isinstance(who, dict):
@@ -262,19 +273,15 @@ def owns(session: Session, digest: str | None) -> bool:
 
 async def redeem_code(store: Store, box: SecretBox, code: str) -> str | None:
     """The token a code was made for, the first time it is shown while good; None after."""
-    if not code or len(code) > 64:
+    found = await _live_code(store, code)
+    if found is None:
         return None
-    kv = await store.get(_code_key(code))
-    if kv is None:
-        return None
+    kv, record = found
     # Whoever deletes it first wins: a second redeemer (another tab, another server) finds it gone.
     try:
         if not await store.delete(kv.key, if_revision=kv.mod_revision):
             return None
     except Conflict:
-        return None
-    record = json.loads(kv.value)
-    if record["expires"] < time.time():
         return None
     try:
         return box.decrypt(record["token"])
