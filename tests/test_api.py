@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +189,24 @@ def test_delete_app_removes_every_record_of_it_in_one_transaction(platform: Plat
     )
     pids = [i["status"]["pid"] for i in platform.instances("doomed")]
     ids = [i["id"] for i in platform.instances("doomed")]
+    # Its usage so far: its node's minute stored, as each minute is (`node.usage`).
+    (node,) = {i["node"] for i in platform.instances("doomed")}
+    made = platform.http("POST", "/v1/tokens", json={"role": "node", "name": node})
+    row = {"hour": int(time.time() // 3600 * 3600), "app": "doomed", "function": "", "cpu_s": 1.0}
+    reported = httpx.put(
+        f"{platform.api}/v1/nodes/{node}/usage",
+        json={"now": {"apps": {}, "instances": []}, "usage": [row]},
+        headers={"authorization": f"Bearer {made.json()['token']}"},
+        timeout=30,
+    )
+    assert reported.status_code == 200 and reported.json() == {"rows": 1}, reported.text
     db = sqlite3.connect(f"file:{platform.data_dir / 'state.db'}?mode=ro", uri=True)
     before = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
     keys = [
         "/apps/doomed",
         "/config/doomed",
         "/appstatus/doomed",
+        f"/usage/doomed/{row['hour']}",
         f"/deploys/{deployed['id']}",
         *(f"/instances/{i}" for i in ids),
     ]

@@ -362,6 +362,34 @@ def test_txn_deletes_keys_and_prefixes_with_puts_in_one_revision(backend: Backen
     run_with_store(backend, body)
 
 
+def test_txn_checks_keys_it_does_not_write(backend: Backend) -> None:
+    """A write that holds only while another record stands (usage only while its app exists)."""
+
+    async def body(store: Store) -> None:
+        app = await store.put("/apps/a", b"a")
+        rev = await store.txn(puts=[("/usage/a/1", b"1", 0)], checks=[("/apps/a", app.mod_revision)])
+        assert (await store.get("/usage/a/1")) is not None and (await store.get("/apps/a")) == app
+        await store.delete("/apps/a")
+        before = await store.revision()
+        with pytest.raises(Conflict) as info:  # the app went since it was read: nothing is written
+            await store.txn(puts=[("/usage/a/2", b"2", 0)], checks=[("/apps/a", app.mod_revision)])
+        assert (info.value.key, info.value.expected, info.value.actual) == ("/apps/a", app.mod_revision, 0)
+        assert await store.get("/usage/a/2") is None and await store.revision() == before
+        # 0: the key must be absent.
+        assert await store.txn(puts=[("/usage/b/1", b"1", None)], checks=[("/apps/a", 0)]) > rev
+        with pytest.raises(Conflict):
+            await store.txn(deletes=[("/usage/b/1", None)], checks=[("/usage/a/1", 0)])
+        # Checks alone change nothing and bump nothing.
+        now = await store.revision()
+        assert await store.txn(checks=[("/apps/a", 0), ("/usage/b/1", now)]) == now
+        with pytest.raises(ValueError, match="only once"):
+            await store.txn(puts=[("/x", b"1", None)], checks=[("/x", 0)])
+        with pytest.raises(ValueError, match="check's revision"):
+            await store.txn(checks=[("/x", -1)])
+
+    run_with_store(backend, body)
+
+
 def test_a_txn_cut_by_kill_9_is_all_or_nothing(tmp_path: Path) -> None:
     """SQLite only: a transaction of our own process's file, cut by kill -9 (etcd's are raft's).
 

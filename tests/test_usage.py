@@ -13,6 +13,7 @@ from osless.store import SQLiteStore
 def test_nodes_minutes_add_up_per_hour_and_old_hours_go(tmp_path: Path) -> None:
     async def main() -> None:
         async with SQLiteStore(tmp_path / "state.db") as store:
+            await store.put("/apps/a", b"{}")
             hour = int(time.time() // 3600 * 3600)
             old = hour - KEEP_S - 3600
             await add_usage(store, [{"hour": old, "app": "a", "function": "f", "invocations": 1.0}])
@@ -38,6 +39,25 @@ def test_nodes_minutes_add_up_per_hour_and_old_hours_go(tmp_path: Path) -> None:
             # The app's first figures of the hour made it forget the hours past what is kept.
             items, _ = await store.list("/usage/a/")
             assert [kv.key for kv in items] == [f"/usage/a/{hour}"]
+
+    asyncio.run(main())
+
+
+def test_usage_is_stored_only_while_its_app_exists(tmp_path: Path) -> None:
+    """A node's last minute of an app, arriving after the app's delete, brings no hour back (a new
+    app of the name would inherit it); an app changed meanwhile (a deploy) still gets its minute."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            hour = int(time.time() // 3600 * 3600)
+            row = {"hour": hour, "app": "a", "function": "f", "invocations": 1.0}
+            await add_usage(store, [row, {**row, "app": "never"}])
+            assert (await store.list("/usage/"))[0] == []
+            await store.put("/apps/a", b"{}")
+            changes = [store.put("/apps/a", f'{{"n": {n}}}'.encode()) for n in range(20)]
+            await asyncio.gather(add_usage(store, [row]), *changes)
+            (found,) = await read_usage(store, "a", hour, time.time())
+            assert found["functions"]["f"]["invocations"] == 1
 
     asyncio.run(main())
 
@@ -75,6 +95,7 @@ def test_a_day_s_hours_read_key_by_key_are_those_a_listing_finds(tmp_path: Path)
 
     async def main() -> None:
         async with SQLiteStore(tmp_path / "state.db") as store:
+            await store.put("/apps/a", b"{}")
             now = time.time()
             hour = int(now // 3600 * 3600)
             for h in range(hour - 72 * 3600, hour + 3600, 3600):  # three days, oldest first

@@ -163,10 +163,13 @@ class TimedStore:
         puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
         deletes: builtins.list[tuple[str, int | None]] | None = None,
         delete_prefixes: builtins.list[str] | None = None,
+        checks: builtins.list[tuple[str, int]] | None = None,
     ) -> int:
         began, ok = time.perf_counter(), False
         try:
-            rev = await self.inner.txn(puts=puts, deletes=deletes, delete_prefixes=delete_prefixes)
+            rev = await self.inner.txn(
+                puts=puts, deletes=deletes, delete_prefixes=delete_prefixes, checks=checks
+            )
             ok = True
             self._wrote(rev)
             return rev

@@ -24,6 +24,7 @@ from osless.api.models import (
     Release,
     now,
 )
+from osless.api.usage import USAGE_PREFIX
 from osless.store import Conflict, LeaseNotFound, Store
 
 __all__ = ["KINDS", "Resources"]
@@ -231,6 +232,7 @@ class Resources:
                         f"/grants/{name}/",  # who may call it: a new app of the name starts with none
                         f"/schedules/{name}/",  # paused or not, runs: a new app of the name has its own
                         f"{PLACED_PREFIX}{name}/",  # where it ran: a new app of the name ran nowhere
+                        f"{USAGE_PREFIX}{name}/",  # what it used: a new app of the name has used nothing
                         *(f"{LOG_PREFIX}{d.id}/" for d in deploys),
                     ],
                 )

@@ -5,7 +5,7 @@ In the store:
   nodes: per function (`web` for web requests) invocations, errors and seconds in the gateway; for
   the app, CPU seconds, GB-seconds and cold starts. Each node adds its minute in one
   compare-and-swap per app and hour, so the writes are nodes x apps per minute at most. Hours
-  older than `KEEP_S` are deleted when an app's next hour starts.
+  older than `KEEP_S` are deleted when an app's next hour starts, and all of them with the app.
 - `/nodeusage/{node}`: each node's newest live view, replaced each second; `top` merges those
   younger than `FRESH_S` and deletes those older than `FORGET_S` (a node gone).
 """
@@ -20,7 +20,7 @@ from typing import Any
 from osless.metering import BUCKETS, quantile
 from osless.store import Conflict, KeyValue, Store
 
-__all__ = ["FRESH_S", "KEEP_S", "LIVE_PREFIX", "add_usage", "put_live", "read_usage", "top"]
+__all__ = ["FRESH_S", "KEEP_S", "LIVE_PREFIX", "USAGE_PREFIX", "add_usage", "put_live", "read_usage", "top"]
 
 USAGE_PREFIX = "/usage/"
 LIVE_PREFIX = "/nodeusage/"
@@ -48,21 +48,32 @@ def _merge(into: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
 
 
 async def add_usage(store: Store, rows: list[dict[str, Any]]) -> None:
-    """Add a node's rows (`node.usage.Sampler.rows`) to the apps' hourly buckets."""
+    """Add a node's rows (`node.usage.Sampler.rows`) to the apps' hourly buckets.
+
+    Only while the app exists: its delete takes its hours (`Resources.delete_app`), and a node's
+    last minute of it, arriving just after, must not bring one back for a new app of the name."""
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         grouped.setdefault((row["app"], row["hour"]), []).append(row)
     for (app, hour), group in grouped.items():
         key = f"{USAGE_PREFIX}{app}/{hour}"
         while True:
+            spec = await store.get(f"/apps/{app}")
+            if spec is None:
+                break
             kv = await store.get(key)
             bucket = json.loads(kv.value) if kv is not None else _empty()
             _merge(bucket, group)
             try:
-                await store.put(key, json.dumps(bucket).encode(), if_revision=kv.mod_revision if kv else 0)
+                await store.txn(
+                    puts=[(key, json.dumps(bucket).encode(), kv.mod_revision if kv else 0)],
+                    checks=[(spec.key, spec.mod_revision)],
+                )
                 break
-            except Conflict:  # another node's minute came first: added to theirs
+            except Conflict:  # another node's minute came first (added to theirs), or the app changed
                 continue
+        if spec is None:
+            continue
         if kv is None:  # the app's first figures of this hour: a good time to forget old hours
             items, _ = await store.list(f"{USAGE_PREFIX}{app}/")
             for old in items:

@@ -155,14 +155,17 @@ class Store(Protocol):
         puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
         deletes: builtins.list[tuple[str, int | None]] | None = None,
         delete_prefixes: builtins.list[str] | None = None,
+        checks: builtins.list[tuple[str, int]] | None = None,
     ) -> int:
         """Puts and deletes applied atomically under one revision, which is returned (as etcd's Txn).
 
         Every key under `delete_prefixes` and each of `deletes` (key, if_revision) is deleted, then
-        the `puts` are written; a key appears at most once in `puts` and `deletes`, no put falls under
-        a deleted prefix (`ValueError`, as etcd refuses both), and a delete of an absent key with no
-        check deletes nothing. If any check fails, `Conflict` and nothing changes. With nothing to
-        change, the revision is not bumped.
+        the `puts` are written; a key appears at most once in `puts`, `deletes` and `checks`, no put
+        falls under a deleted prefix (`ValueError`, as etcd refuses both), and a delete of an absent
+        key with no check deletes nothing. `checks` (key, mod_revision; 0 for absent) are keys read
+        but not written, which must not have changed (a write that holds only while another record
+        stands). If any check fails, `Conflict` and nothing changes. With nothing to change, the
+        revision is not bumped.
         """
         ...
 

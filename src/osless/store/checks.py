@@ -9,10 +9,11 @@ from __future__ import annotations
 from osless.bounds import quoted
 from osless.store.base import MAX_VALUE_BYTES, ValueTooLarge
 
-__all__ = ["Puts", "check_if_revision", "check_key", "check_prefix", "check_txn", "check_value"]
+__all__ = ["Checks", "Puts", "check_if_revision", "check_key", "check_prefix", "check_txn", "check_value"]
 
 Puts = list[tuple[str, bytes, int | None]]
 Deletes = list[tuple[str, int | None]]
+Checks = list[tuple[str, int]]  # (key, mod_revision it must still have; 0: it must be absent)
 
 
 def check_key(key: str) -> None:
@@ -37,22 +38,31 @@ def check_if_revision(if_revision: int | None) -> None:
 
 
 def check_txn(
-    puts: Puts | None, deletes: Deletes | None, delete_prefixes: list[str] | None
-) -> tuple[Puts, Deletes, list[str]]:
+    puts: Puts | None,
+    deletes: Deletes | None,
+    delete_prefixes: list[str] | None,
+    checks: Checks | None = None,
+) -> tuple[Puts, Deletes, list[str], Checks]:
     """A transaction's parts as lists, values as bytes, once every part is checked.
 
-    A key appears at most once in `puts` and `deletes`, and no put falls under a deleted prefix
-    (etcd refuses both: "duplicate key given in txn request").
+    A key appears at most once in `puts`, `deletes` and `checks` (a key written is checked by its
+    own `if_revision`), and no put falls under a deleted prefix (etcd refuses both: "duplicate key
+    given in txn request").
     """
     items = [(key, bytes(value), if_rev) for key, value, if_rev in puts or []]
     gone = list(deletes or [])
     prefixes = list(delete_prefixes or [])
-    keys = [key for key, _, _ in items] + [key for key, _ in gone]
+    unchanged = list(checks or [])
+    keys = [key for key, _, _ in items] + [key for key, _ in gone] + [key for key, _ in unchanged]
     if len(set(keys)) != len(keys):
-        raise ValueError("a transaction may put or delete each key only once")
+        raise ValueError("a transaction may put, delete or check each key only once")
     for key, if_rev in [(key, if_rev) for key, _, if_rev in items] + gone:
         check_key(key)
         check_if_revision(if_rev)
+    for key, rev in unchanged:
+        check_key(key)
+        if rev is None or rev < 0:
+            raise ValueError(f"a check's revision must be 0 (absent) or a revision, not {rev}")
     for prefix in prefixes:
         if not prefix:
             raise ValueError("a prefix to delete must not be empty (that would be every key)")
@@ -65,4 +75,4 @@ def check_txn(
                 )
     for key, value, _ in items:
         check_value(key, value)
-    return items, gone, prefixes
+    return items, gone, prefixes, unchanged

@@ -444,11 +444,13 @@ class EtcdStore(Store):
         puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
         deletes: builtins.list[tuple[str, int | None]] | None = None,
         delete_prefixes: builtins.list[str] | None = None,
+        checks: builtins.list[tuple[str, int]] | None = None,
     ) -> int:
-        items, gone, prefixes = check_txn(puts, deletes, delete_prefixes)
+        items, gone, prefixes, unchanged = check_txn(puts, deletes, delete_prefixes, checks)
         # Checked in the order the SQLite backend checks them, so both name the same Conflict.
         checked = [(key, rev) for key, _, rev in items if rev is not None]
         checked += [(key, rev) for key, rev in gone if rev is not None]
+        checked += unchanged
         success = []  # prefixes, then keys, then puts: the order of the events, as in SQLite
         for prefix in prefixes:
             start, end = self._range(prefix)

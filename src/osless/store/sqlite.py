@@ -294,9 +294,12 @@ class SQLiteStore(Store):
         puts: builtins.list[tuple[str, bytes, int | None]] | None = None,
         deletes: builtins.list[tuple[str, int | None]] | None = None,
         delete_prefixes: builtins.list[str] | None = None,
+        checks: builtins.list[tuple[str, int]] | None = None,
     ) -> int:
-        items, gone, prefixes = check_txn(puts, deletes, delete_prefixes)
-        return await self._acknowledge(await self._run(lambda: self._txn_sync(items, gone, prefixes)))
+        items, gone, prefixes, unchanged = check_txn(puts, deletes, delete_prefixes, checks)
+        return await self._acknowledge(
+            await self._run(lambda: self._txn_sync(items, gone, prefixes, unchanged))
+        )
 
     async def watch(self, prefix: str, *, after_revision: int) -> AsyncGenerator[Event, None]:
         check_prefix(prefix)
@@ -528,6 +531,7 @@ class SQLiteStore(Store):
         items: builtins.list[tuple[str, bytes, int | None]],
         deletes: builtins.list[tuple[str, int | None]],
         prefixes: builtins.list[str],
+        unchanged: builtins.list[tuple[str, int]],
     ) -> int:
         conn = self._db()
         with self._txn(conn):
@@ -535,6 +539,8 @@ class SQLiteStore(Store):
             currents = [self._get_sync(conn, key) for key, _, _ in items]
             for (key, _, if_rev), current in zip(items, currents, strict=True):
                 self._check(key, current, if_rev)
+            for key, rev in unchanged:
+                self._check(key, self._get_sync(conn, key), rev)
             doomed: dict[str, None] = {}  # ordered: prefixes first, then the keys, as given
             for prefix in prefixes:
                 where, args = _prefix_clause(prefix)
