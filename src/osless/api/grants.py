@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from osless.api.errors import ApiError
 from osless.api.models import now
+from osless.api.resources import put_of_app
 from osless.store import Store
 
 __all__ = [
@@ -65,7 +66,7 @@ async def allow(store: Store, app: str, function: str, caller: str, by: str) -> 
             f"(`osless functions deny`), or grant {app}.* to a caller for all its functions at once",
         )
     grant = Grant(app=app, function=function, caller=caller, by=by, at=now())
-    await store.put(key, grant.model_dump_json().encode())
+    await put_of_app(store, app, key, grant.model_dump_json().encode(), None)  # not once the app is gone
     return grant
 
 

@@ -24,7 +24,6 @@ from osless.api.models import (
     Release,
     now,
 )
-from osless.api.usage import USAGE_PREFIX
 from osless.store import Conflict, LeaseNotFound, Store
 
 __all__ = ["KINDS", "Resources"]
@@ -56,6 +55,24 @@ BUILDERS = "/builders/"
 
 # `/placed/{app}/{node}`: the app was placed on the node (its volumes may be there), until it is deleted.
 PLACED_PREFIX = "/placed/"
+
+
+# `/usage/{app}/{hour}`: an hour of the app's usage (`api.usage`), until it is deleted.
+USAGE_PREFIX = "/usage/"
+
+
+async def put_of_app(store: Store, app: str, key: str, value: bytes, if_revision: int | None) -> None:
+    """Put a record that goes with app `app` (`Resources.delete_app` deletes it), only while the app
+    stands: made just after the app's delete (a controller's or a node's write in flight), it would
+    belong to the next app of the name. A record that exists (`if_revision` a revision) needs no
+    more than its own check, since the delete took it. 404 `app_not_found`; `Conflict` to read again."""
+    if if_revision:
+        await store.put(key, value, if_revision=if_revision)
+        return
+    spec = await store.get(f"/apps/{app}")
+    if spec is None:
+        raise ApiError(404, "app_not_found", f"app {app!r} does not exist; `osless apps` lists the apps")
+    await store.txn(puts=[(key, value, if_revision)], checks=[(spec.key, spec.mod_revision)])
 
 
 def _enc(obj: BaseModel) -> bytes:
@@ -177,7 +194,7 @@ class Resources:
                 return status
             new.updated_at = now()
             try:
-                await self.store.put(f"/appstatus/{name}", _enc(new), if_revision=rev)
+                await put_of_app(self.store, name, f"/appstatus/{name}", _enc(new), rev)
                 return new
             except Conflict:
                 continue
@@ -203,6 +220,9 @@ class Resources:
                     f"app {name!r} has a deploy building ({', '.join(building)}); "
                     "delete the app once it has finished",
                 )
+            # Read before its instances, and checked: each instance made for it rewrites it
+            # (`create_instance`), so one made after the listing means list again.
+            uid = await self.store.get(f"/appuids/{name}")
             records = [f"/instances/{i.id}" for i in (await self.list_instances(app=name))[0]]
             records += [f"/deploys/{d.id}" for d in deploys]
             # Its grants on other apps' functions (`/grants/{callee}/{fn}/{name}`): a new app of the
@@ -223,7 +243,7 @@ class Resources:
                         (f"/config/{name}", None),
                         (f"/appstatus/{name}", None),
                         # The uid's claim in /uids/ stays: a new app of the same name gets a new uid.
-                        (f"/appuids/{name}", None),
+                        (f"/appuids/{name}", uid.mod_revision if uid else 0),
                         *((k, None) for k in records),
                     ],
                     delete_prefixes=[
@@ -470,19 +490,45 @@ class Resources:
         return [i for i in items if (app is None or i.app == app) and (node is None or i.node == node)], rev
 
     async def create_instance(self, inst: Instance) -> Instance:
-        inst.uid = await self.app_uid(inst.app)  # the API's word, never the caller's
-        try:
-            # With it, that the app was placed on that node, kept until the app is deleted: only
-            # such a node may hold its volumes (`placed_nodes`), whatever another node claims.
-            await self.store.txn_put_many(
-                [
-                    (f"/instances/{inst.id}", _enc(inst), 0),
-                    (f"{PLACED_PREFIX}{inst.app}/{inst.node}", b"{}", None),
-                ]
-            )
-        except Conflict as e:
-            raise ApiError(409, "instance_exists", f"instance {inst.id!r} already exists") from e
-        return inst
+        """An instance of a release of its app, whose image it runs (409 `image_not_released`).
+
+        Written only while that release stands (releases never change, and go with their app): a
+        controller that read the app just before its delete, or before a new app of the name
+        released its own v1, makes no instance of it."""
+        for _ in range(20):
+            got = await self._get(release_key(inst.app, inst.release), Release)
+            await self.get_app(inst.app)  # 404 `app_not_found` first, for an app that is gone
+            if got is None or got[0].image != inst.image:
+                raise ApiError(
+                    409,
+                    "image_not_released",
+                    f"image {inst.image[:12]}… is not release v{inst.release} of app {inst.app!r}: an "
+                    "instance runs an image its own app released",
+                )
+            uid = await self.store.get(f"/appuids/{inst.app}")
+            if uid is None:  # an app from before uids: its uid is made on first use
+                await self.app_uid(inst.app)
+                continue
+            inst.uid = int(json.loads(uid.value)["uid"])  # the API's word, never the caller's
+            key = f"/instances/{inst.id}"
+            try:
+                # With it, that the app was placed on that node, kept until the app is deleted: only
+                # such a node may hold its volumes (`placed_nodes`), whatever another node claims.
+                # Its uid record is written again, unchanged: a delete of the app that listed its
+                # instances before this one was made then conflicts, and lists them again.
+                await self.store.txn(
+                    puts=[
+                        (key, _enc(inst), 0),
+                        (f"{PLACED_PREFIX}{inst.app}/{inst.node}", b"{}", None),
+                        (uid.key, uid.value, uid.mod_revision),
+                    ],
+                    checks=[(release_key(inst.app, inst.release), got[1])],
+                )
+                return inst
+            except Conflict as e:
+                if e.key == key:
+                    raise ApiError(409, "instance_exists", f"instance {inst.id!r} already exists") from e
+        raise ApiError(409, "conflict", f"app {inst.app!r} is changing too often; try again")
 
     async def placed_nodes(self, app: str) -> set[str]:
         """The nodes `app` was ever placed on (since it was made), its instances' now included."""

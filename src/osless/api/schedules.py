@@ -27,6 +27,7 @@ from osless.api import invocations
 from osless.api.broker import Broker
 from osless.api.errors import ApiError
 from osless.api.models import now
+from osless.api.resources import put_of_app
 from osless.api.state import ApiState
 from osless.contracts import App, ScheduleManifest
 from osless.store import Conflict, Store
@@ -71,7 +72,8 @@ async def _update(store: Store, app: str, name: str, change: Any) -> ScheduleSta
         got, rev = await _state(store, app, name)
         change(got)
         try:
-            await store.put(_key(app, name), got.model_dump_json().encode(), if_revision=rev or 0)
+            # Only while the app stands: a tick fired as it is deleted leaves no schedule behind.
+            await put_of_app(store, app, _key(app, name), got.model_dump_json().encode(), rev or 0)
             return got
         except Conflict:
             continue

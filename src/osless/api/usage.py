@@ -17,12 +17,13 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from osless.api.errors import ApiError
+from osless.api.resources import USAGE_PREFIX, put_of_app
 from osless.metering import BUCKETS, quantile
 from osless.store import Conflict, KeyValue, Store
 
-__all__ = ["FRESH_S", "KEEP_S", "LIVE_PREFIX", "USAGE_PREFIX", "add_usage", "put_live", "read_usage", "top"]
+__all__ = ["FRESH_S", "KEEP_S", "LIVE_PREFIX", "add_usage", "put_live", "read_usage", "top"]
 
-USAGE_PREFIX = "/usage/"
 LIVE_PREFIX = "/nodeusage/"
 KEEP_S = 35 * 86400
 FRESH_S = 5.0
@@ -56,29 +57,27 @@ async def add_usage(store: Store, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         grouped.setdefault((row["app"], row["hour"]), []).append(row)
     for (app, hour), group in grouped.items():
-        key = f"{USAGE_PREFIX}{app}/{hour}"
-        while True:
-            spec = await store.get(f"/apps/{app}")
-            if spec is None:
-                break
-            kv = await store.get(key)
-            bucket = json.loads(kv.value) if kv is not None else _empty()
-            _merge(bucket, group)
-            try:
-                await store.txn(
-                    puts=[(key, json.dumps(bucket).encode(), kv.mod_revision if kv else 0)],
-                    checks=[(spec.key, spec.mod_revision)],
-                )
-                break
-            except Conflict:  # another node's minute came first (added to theirs), or the app changed
-                continue
-        if spec is None:
-            continue
-        if kv is None:  # the app's first figures of this hour: a good time to forget old hours
+        if await _add_hour(store, app, hour, group):  # its first figures of the hour: forget old hours
             items, _ = await store.list(f"{USAGE_PREFIX}{app}/")
             for old in items:
                 if int(old.key.rsplit("/", 1)[1]) < hour - KEEP_S:
                     await store.delete(old.key, if_revision=old.mod_revision)
+
+
+async def _add_hour(store: Store, app: str, hour: int, rows: list[dict[str, Any]]) -> bool:
+    """Add `rows` to the app's `hour`, by compare-and-swap; True if that made the hour's record."""
+    key = f"{USAGE_PREFIX}{app}/{hour}"
+    while True:
+        kv = await store.get(key)
+        bucket = json.loads(kv.value) if kv is not None else _empty()
+        _merge(bucket, rows)
+        try:
+            await put_of_app(store, app, key, json.dumps(bucket).encode(), kv.mod_revision if kv else 0)
+            return kv is None
+        except Conflict:  # another node's minute came first (added to theirs), or the app changed
+            continue
+        except ApiError:  # the app is gone, and its hours with it
+            return False
 
 
 # Up to this many hours are read key by key; a longer span lists the app's hours (up to 35 days' worth).

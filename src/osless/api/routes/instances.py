@@ -79,17 +79,6 @@ async def create_instance(
             404, "image_not_found", f"no image {body.image[:12]}… is stored here; deploy the app first"
         )
     # An instance runs as its app (uid, config, secrets, volumes): only an image that app released.
-    try:
-        release = await state.resources.get_release(body.app, body.release)
-    except ApiError:
-        release = None
-    if release is None or release.image != body.image:
-        raise ApiError(
-            409,
-            "image_not_released",
-            f"image {body.image[:12]}… is not release v{body.release} of app {body.app!r}: an instance "
-            "runs an image its own app released",
-        )
     return await state.resources.create_instance(body)
 
 
