@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -288,3 +289,28 @@ def test_the_default_policy_scales_a_burst_up_and_back_down(platform: Platform) 
     ), reason
     platform.wait_for(lambda: len(platform.instances("crowd")) == 1, what="the extra instances to stop")
     platform.http("DELETE", "/v1/apps/crowd")
+
+
+def test_an_idle_gateway_stops_reporting_and_traffic_is_reported_at_once(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    """An idle platform's gateways write nothing to the store (a report of nothing, once landed,
+    says all the next would), and the first request after is in the autoscaler's figures."""
+    db = sqlite3.connect(f"file:{platform.data_dir / 'state.db'}?mode=ro", uri=True)
+    reports = "SELECT max(rev) FROM events WHERE key LIKE '/gatewaystats/%'"
+
+    def quiet() -> bool:
+        before = db.execute(reports).fetchone()[0]
+        time.sleep(3)
+        return bool(db.execute(reports).fetchone()[0] == before)
+
+    try:
+        platform.wait_for(quiet, timeout=60, what="the idle gateways to stop writing reports")
+        assert httpx.get(f"{platform.gateway}/hello/", timeout=30).status_code == 200
+        platform.wait_for(
+            lambda: platform.http("GET", "/v1/stats").json()["apps"].get("hello", {}).get("requests", 0) > 0,
+            timeout=10,
+            what="the request in the gateways' figures",
+        )
+    finally:
+        db.close()

@@ -101,11 +101,19 @@ class Traffic:
         return interval, out
 
     async def report(self, api: AsyncApi, name: str) -> None:
-        """Tell the API every second; the autoscaler reads it from there."""
+        """Tell the API every second; the autoscaler reads it from there. Once a report of nothing
+        has landed, the next ones of nothing are not sent: a report that stops counting, a few
+        seconds on (`routes.apps.STATS_FRESH_S`), says no more than it did, and an idle platform
+        then writes its store once a second less per gateway."""
+        said_nothing = False
         while True:
             await asyncio.sleep(REPORT_EVERY_S)
             interval, apps = self.snapshot()
+            if not apps and said_nothing:
+                continue
+            said_nothing = False
             try:
                 await api.put(f"/v1/gateways/{name}/stats", {"interval_s": interval, "apps": apps})
+                said_nothing = not apps
             except ApiError as e:
                 log.debug("stats not reported: %s", e.message)
