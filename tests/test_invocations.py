@@ -387,3 +387,40 @@ def test_a_new_app_of_a_deleted_ones_name_may_use_its_idempotency_keys(
         assert r.status_code == 202, r.text
         assert final(platform, r.json()["id"], timeout=30)["state"] == "succeeded"
         platform.cli("apps", "delete", "jobsagain", "--yes")
+
+
+def test_an_invocation_running_as_its_app_is_deleted_leaves_nothing_to_a_new_app_of_the_name(
+    platform: Platform, jobs: dict[str, Any]
+) -> None:
+    """The delete purges the app's invocations from the engine, but one running then ends after it:
+    its state (24 h) and dead letter (14 days) would be the new app of the name's to list."""
+    platform.deploy(JOBS, "--name", "jobsgone")
+    headers = {"x-osless-invocation-type": "Event"}
+    r = platform.http(
+        "POST", "/v1/apps/jobsgone/functions/count:invoke", json={"key": "gone", "sleep": 3}, headers=headers
+    )
+    assert r.status_code == 202, r.text
+    invocation_id = r.json()["id"]
+
+    def state() -> str | None:
+        got = platform.http("GET", f"/v1/invocations/{invocation_id}")
+        return str(got.json()["state"]) if got.status_code == 200 else None
+
+    platform.wait_for(lambda: state() == "running", timeout=30, what="the invocation to run")
+    platform.cli("apps", "delete", "jobsgone", "--yes")
+    time.sleep(6)  # past its 3 s of sleep, and an attempt's end however it ends
+    platform.deploy(JOBS, "--name", "jobsgone")
+    assert state() is None
+    listed = platform.http("GET", "/v1/apps/jobsgone/invocations").json()["items"]
+    assert [i["id"] for i in listed] == []
+
+    async def dead_letters() -> int:
+        nc = await nats.connect(nats_url(platform))
+        try:
+            info = await nc.jetstream().stream_info("DLQ", subjects_filter="osless.dlq.jobsgone.>")
+            return len(info.state.subjects or {})
+        finally:
+            await nc.close()
+
+    assert asyncio.run(dead_letters()) == 0
+    platform.cli("apps", "delete", "jobsgone", "--yes")

@@ -13,6 +13,7 @@ from typing import TypeVar
 import pytest
 
 from osless.api.errors import ApiError
+from osless.api.models import ConfigChange, ConfigState
 from osless.api.resources import Resources, put_of_app, release_key
 from osless.api.usage import add_usage
 from osless.contracts import App, AppStatus, ImageManifest, Instance, Release
@@ -96,5 +97,113 @@ def test_a_record_of_an_app_is_written_only_while_the_app_stands(tmp_path: Path)
             with pytest.raises(Conflict):
                 await put_of_app(store, "a", "/appstatus/a", b"{}", kv.mod_revision)
             assert await store.get("/appstatus/a") is None
+
+    asyncio.run(main())
+
+
+def test_a_config_written_as_its_app_is_deleted_is_refused(tmp_path: Path) -> None:
+    """`PATCH /config` reads the app (its schema) and the config, then commits: an app deleted in
+    between must not get its first config (secrets) back, for a new app of the name to run with."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            res = Resources(store)
+            await _release(res, "a")
+            for first in (True, False):
+                cfg, rev = await res.get_config("a")  # as the route reads it, the app standing
+                assert rev == 0 if first else rev > 0
+                new = ConfigState(app="a", version=cfg.version + 1, values={"k": {"$secret": "x"}})
+                change = ConfigChange(
+                    app="a", version=new.version, by=None, description="set k", changes={}, values={}
+                )
+                if first:
+                    await res.commit_config(new, rev, change)
+                    continue
+                await res.delete_app("a")
+                with pytest.raises(Conflict):  # the config read is gone with the app
+                    await res.commit_config(new, rev, change)
+                with pytest.raises(ApiError) as info:  # as the route tries again, reading none
+                    await res.commit_config(new, 0, change)
+                assert info.value.code == "app_not_found"
+            left, _ = await store.list("/")
+            assert [kv.key for kv in left if "/a/" in kv.key or kv.key.endswith("/a")] == []
+
+    asyncio.run(main())
+
+
+def test_a_config_is_committed_while_its_app_changes(tmp_path: Path) -> None:
+    """The app's record changing (a deploy, a restart) is no reason to refuse its first config."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            res = Resources(store)
+            await _release(res, "a")
+
+            def bump(app: App) -> App:
+                app.restart += 1
+                return app
+
+            new = ConfigState(app="a", version=1, values={"k": 1})
+            change = ConfigChange(app="a", version=1, by=None, description="set k", changes={}, values={})
+            await asyncio.gather(
+                res.commit_config(new, 0, change), *(res.update_app("a", bump) for _ in range(10))
+            )
+            assert (await res.get_config("a"))[0].values == {"k": 1}
+
+    asyncio.run(main())
+
+
+def test_a_rollback_of_an_app_deleted_meanwhile_brings_nothing_back(tmp_path: Path) -> None:
+    """The rollback route reads the app and its releases, then commits: only a deploy makes an app."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            res = Resources(store)
+            await _release(res, "a")
+            await res.delete_app("a")
+
+            def make(version: int) -> Release:
+                manifest = ImageManifest(**manifest_fields(app="a"))
+                return Release(app="a", version=version, image=IMAGE, description="", manifest=manifest)
+
+            with pytest.raises(ApiError) as info:
+                await res.commit_release("a", make)
+            assert info.value.code == "app_not_found"
+            assert await store.get("/apps/a") is None and (await store.list("/releases/a/"))[0] == []
+
+    asyncio.run(main())
+
+
+def test_an_app_made_as_its_namesake_is_deleted_has_a_uid_of_its_own(tmp_path: Path) -> None:
+    """`create_app` reads the name's uid record, then writes the app: the old app's uid, read just
+    before its delete, must not become the new app's (its volumes and idempotency keys are the old
+    app's). Whatever the order, the app that stands has the uid its record names, never the old."""
+
+    async def main() -> None:
+        async with SQLiteStore(tmp_path / "state.db") as store:
+            res = Resources(store)
+            took = 0.001
+            for n in range(200):
+                await res.create_app(App(name="a"))
+                old = await res.app_uid("a")
+
+                async def delete() -> None:
+                    nonlocal took
+                    began = time.perf_counter()
+                    await res.delete_app("a")
+                    took = time.perf_counter() - began
+
+                async def create() -> App:  # at any point of the delete, its commit included
+                    await asyncio.sleep(random.uniform(0, took))
+                    return await res.create_app(App(name="a"))
+
+                made = await asyncio.gather(delete(), create(), return_exceptions=True)
+                for outcome in made:
+                    if isinstance(outcome, BaseException):
+                        assert isinstance(outcome, ApiError) and outcome.code == "app_exists", outcome
+                got = await res.get_app_rev("a")
+                if got is not None:
+                    assert got[0].uid == await res.app_uid("a") != old, n
+                    await res.delete_app("a")
 
     asyncio.run(main())

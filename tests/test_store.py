@@ -386,6 +386,12 @@ def test_txn_checks_keys_it_does_not_write(backend: Backend) -> None:
             await store.txn(puts=[("/x", b"1", None)], checks=[("/x", 0)])
         with pytest.raises(ValueError, match="check's revision"):
             await store.txn(checks=[("/x", -1)])
+        # Both backends name the same Conflict when several fail: puts, then deletes, then checks.
+        stale = now + 100
+        for puts, named in (([], "/usage/b/1"), ([("/usage/c/1", b"1", stale)], "/usage/c/1")):
+            with pytest.raises(Conflict) as info:
+                await store.txn(puts=puts, deletes=[("/usage/b/1", stale)], checks=[("/apps/a", stale)])
+            assert info.value.key == named
 
     run_with_store(backend, body)
 

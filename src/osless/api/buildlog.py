@@ -23,6 +23,7 @@ from osless.store import Conflict, Event, Store
 __all__ = ["LOG_PREFIX", "BuildLog"]
 
 LOG_PREFIX = "/buildlogs/"
+DEPLOYS_PREFIX = "/deploys/"  # `/deploys/{id}`, as `api.resources` writes them
 CHUNK_BYTES = 128 * 1024  # well below a store value's 1 MiB, escapes and all
 _NOTICE_ROOM = 512
 _ATTEMPTS = 50
@@ -42,11 +43,19 @@ class BuildLog:
 
     async def append(self, lines: list[str], stream: str = "build", *, close: bool = False) -> bool:
         """Add `lines` (each cut to a log line's cap); `close`: the last lines. False if the log was
-        already closed (nothing added)."""
+        already closed, or its deploy is gone (nothing added)."""
         records = [self._record(cap(line.rstrip("\n"), MAX_LINE_CHARS), stream) for line in lines]
         for _ in range(_ATTEMPTS):
             kv = await self.store.get(self.prefix + "meta")
             meta = json.loads(kv.value) if kv is not None else {"seq": 0, "bytes": 0}
+            checks: list[tuple[str, int]] = []
+            if kv is None:
+                # A log is begun only while its deploy stands: the last line of a build ended just
+                # before its app's delete (which took the log) would otherwise outlive both.
+                deploy = await self.store.get(f"{DEPLOYS_PREFIX}{self.deploy_id}")
+                if deploy is None:
+                    return False
+                checks.append((deploy.key, deploy.mod_revision))
             if meta.get("closed"):
                 return False
             size, kept = int(meta["bytes"]), []
@@ -72,10 +81,10 @@ class BuildLog:
                 return True
             puts.append((self.prefix + "meta", json.dumps(meta).encode(), kv.mod_revision if kv else 0))
             try:
-                await self.store.txn_put_many(puts)
+                await self.store.txn(puts=puts, checks=checks)
                 return True
             except Conflict:
-                continue  # another writer appended meanwhile: read its meta again
+                continue  # another writer appended meanwhile (or the deploy changed): read again
         raise ApiError(409, "conflict", f"the build log of {self.deploy_id} is changing too often; try again")
 
     async def read(self) -> tuple[list[dict[str, Any]], bool, int]:

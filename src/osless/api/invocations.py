@@ -416,10 +416,16 @@ class Dispatcher:
             await msg.ack()
             return
         age = time.time() - body["created_at"]
+        held = await self.state.resources.get_app_rev(app)
+        if held is None:
+            await self._forget(msg, invocation_id)
+            return
         try:
             _, spec = await find_function(self.state, app, function)
         except ApiError as e:
-            if e.status == 404:  # the app or the function is gone: nothing will ever run it
+            if e.code == "app_not_found":
+                await self._forget(msg, invocation_id)
+            elif e.status == 404:  # the function is gone: nothing will ever run it
                 await self._dead(msg, state, body, {"code": e.code, "message": e.message, "status": 404})
             else:  # not deployed yet: the platform's, not counted
                 await self._platform_retry(msg, state, body, e.code, e.message, age, 3600)
@@ -445,6 +451,10 @@ class Dispatcher:
             status, content = e.status, json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
             if e.code == "gateway_unreachable":
                 status = 599  # the platform's
+        got = await self.state.resources.get_app_rev(app)
+        if got is None or got[0].uid != held[0].uid:  # deleted while it ran (a new app of the name?)
+            await self._forget(msg, invocation_id)
+            return
         if status == 200:
             try:
                 result = json.loads(content or b"null") if len(content) <= MAX_RESULT_BYTES else None
@@ -497,6 +507,14 @@ class Dispatcher:
         await _write(self.broker, state)
         tries = msg.metadata.num_delivered or 1
         await msg.nak(delay=min(PLATFORM_RETRY_S[0] * 2 ** (tries - 1), PLATFORM_RETRY_S[1]))
+
+    async def _forget(self, msg: Msg, invocation_id: str) -> None:
+        """An invocation of an app deleted since it was accepted: the delete purged the app's states,
+        dead letters and queued invocations (`queues.forget_app`), and this one's end must not bring
+        its state or a dead letter back, for a new app of the name to list (or run again)."""
+        assert self.broker.states is not None
+        await self.broker.states.purge(_key(invocation_id))
+        await msg.ack()
 
     async def _dead(
         self, msg: Msg, state: dict[str, Any], body: dict[str, Any], error: dict[str, Any]

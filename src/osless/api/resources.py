@@ -24,7 +24,7 @@ from osless.api.models import (
     Release,
     now,
 )
-from osless.store import Conflict, LeaseNotFound, Store
+from osless.store import Conflict, KeyValue, LeaseNotFound, Store
 
 __all__ = ["KINDS", "Resources"]
 
@@ -73,6 +73,10 @@ async def put_of_app(store: Store, app: str, key: str, value: bytes, if_revision
     if spec is None:
         raise ApiError(404, "app_not_found", f"app {app!r} does not exist; `osless apps` lists the apps")
     await store.txn(puts=[(key, value, if_revision)], checks=[(spec.key, spec.mod_revision)])
+
+
+def _uid_of(kv: KeyValue) -> int:
+    return int(json.loads(kv.value)["uid"])
 
 
 def _enc(obj: BaseModel) -> bytes:
@@ -134,37 +138,47 @@ class Resources:
         `/uids/{uid}` claims a uid (kept after the app is deleted, so it is never reused while
         anything of the old app may remain); `/appuids/{app}` says which one is the app's.
         """
+        return _uid_of(await self._uid_record(name))
+
+    async def _uid_record(self, name: str) -> KeyValue:
+        """`/appuids/{name}` as read (allocated if there is none): a write of a new app checks it, so
+        that the uid of an earlier app of the name, read just before that app's delete took the
+        record, never becomes the new one's (its volumes, its idempotency keys)."""
         for _ in range(50):
             kv = await self.store.get(f"/appuids/{name}")
             if kv is not None:
-                return int(json.loads(kv.value)["uid"])
+                return kv
             uid = UID_BASE + secrets.randbelow(UID_RANGE)
             claim = json.dumps({"owner": name, "at": now()}).encode()
-            try:
+            # Read again either way: the record's revision is what the app's write checks. A
+            # Conflict: the uid was taken, or another request allocated the app's.
+            with contextlib.suppress(Conflict):
                 await self.store.txn_put_many(
                     [
                         (f"/uids/{uid}", claim, 0),
                         (f"/appuids/{name}", json.dumps({"uid": uid}).encode(), 0),
                     ]
                 )
-                return uid
-            except Conflict:
-                continue  # the uid was taken, or another request allocated the app's: look again
         raise ApiError(503, "uid_exhausted", "could not allocate a uid for the app; try again")
 
     async def create_app(self, app: App) -> App:
-        app.uid = await self.app_uid(app.name)
-        try:
-            # A fresh status with it: nothing an earlier app of that name was told carries over.
-            await self.store.txn_put_many(
-                [
-                    (f"/apps/{app.name}", _enc(app), 0),
-                    (f"/appstatus/{app.name}", _enc(AppStatus(app=app.name)), None),
-                ]
-            )
-        except Conflict as e:
-            raise ApiError(409, "app_exists", f"app {app.name!r} already exists") from e
-        return app
+        for _ in range(20):
+            uid = await self._uid_record(app.name)
+            app.uid = _uid_of(uid)
+            try:
+                # A fresh status with it: nothing an earlier app of that name was told carries over.
+                await self.store.txn(
+                    puts=[
+                        (f"/apps/{app.name}", _enc(app), 0),
+                        (f"/appstatus/{app.name}", _enc(AppStatus(app=app.name)), None),
+                    ],
+                    checks=[(uid.key, uid.mod_revision)],
+                )
+                return app
+            except Conflict as e:
+                if e.key != uid.key:
+                    raise ApiError(409, "app_exists", f"app {app.name!r} already exists") from e
+        raise ApiError(409, "conflict", f"app {app.name!r} is changing too often; try again")
 
     async def list_apps(self) -> tuple[list[App], int]:
         return await self._list("/apps/", App)
@@ -288,9 +302,16 @@ class Resources:
         records the `deploy` that made it as succeeded: a crash can never leave one without the other."""
         for _ in range(20):
             got = await self._get(f"/apps/{app_name}", App)
+            checks: list[tuple[str, int]] = []
+            if got is None and deploy is None:  # a rollback of an app deleted since it was read
+                raise ApiError(
+                    404, "app_not_found", f"app {app_name!r} does not exist; `osless apps` lists the apps"
+                )
             if got is None:
-                app, rev = App(name=app_name, uid=await self.app_uid(app_name)), 0
+                uid = await self._uid_record(app_name)
+                app, rev = App(name=app_name, uid=_uid_of(uid)), 0
                 status, status_rev = AppStatus(app=app_name), None  # whatever an earlier app left
+                checks.append((uid.key, uid.mod_revision))
             else:
                 app, rev = got
                 status, status_rev = await self.get_app_status(app_name)
@@ -326,7 +347,7 @@ class Resources:
                 deploy.finished_at = now()
                 puts.append((f"/deploys/{deploy.id}", _enc(deploy), held[1]))
             try:
-                await self.store.txn_put_many(puts)
+                await self.store.txn(puts=puts, checks=checks)
                 return app, release
             except Conflict:
                 continue
@@ -505,11 +526,8 @@ class Resources:
                     f"image {inst.image[:12]}… is not release v{inst.release} of app {inst.app!r}: an "
                     "instance runs an image its own app released",
                 )
-            uid = await self.store.get(f"/appuids/{inst.app}")
-            if uid is None:  # an app from before uids: its uid is made on first use
-                await self.app_uid(inst.app)
-                continue
-            inst.uid = int(json.loads(uid.value)["uid"])  # the API's word, never the caller's
+            uid = await self._uid_record(inst.app)  # an app from before uids: made on first use
+            inst.uid = _uid_of(uid)  # the API's word, never the caller's
             key = f"/instances/{inst.id}"
             try:
                 # With it, that the app was placed on that node, kept until the app is deleted: only
@@ -634,13 +652,32 @@ class Resources:
         return got if got is not None else (ConfigState(app=app), 0)
 
     async def commit_config(self, state: ConfigState, rev: int, change: ConfigChange) -> None:
-        """The new config and its history entry in one transaction; Conflict if it moved on."""
-        await self.store.txn_put_many(
-            [
-                (f"/config/{state.app}", _enc(state), rev),
-                (f"/confighistory/{state.app}/{change.version:08d}", _enc(change), 0),
-            ]
-        )
+        """The new config and its history entry in one transaction; Conflict if it moved on.
+
+        The first (`rev` 0) only while the app stands (404 `app_not_found`): the route read the app
+        before, and a config made after its delete would be a new app of the name's, secrets and all.
+        A config that exists is checked by its own revision: the delete took it."""
+        puts: list[tuple[str, bytes, int | None]] = [
+            (f"/config/{state.app}", _enc(state), rev),
+            (f"/confighistory/{state.app}/{change.version:08d}", _enc(change), 0),
+        ]
+        if rev:
+            await self.store.txn_put_many(puts)
+            return
+        for _ in range(20):
+            spec = await self.store.get(f"/apps/{state.app}")
+            if spec is None:
+                raise ApiError(
+                    404, "app_not_found", f"app {state.app!r} does not exist; `osless apps` lists the apps"
+                )
+            try:
+                await self.store.txn(puts=puts, checks=[(spec.key, spec.mod_revision)])
+                return
+            except Conflict as e:
+                if e.key != spec.key:
+                    raise
+                # The app changed (a deploy, a restart), or went: read it again.
+        raise ApiError(409, "conflict", f"app {state.app!r} is changing too often; try again")
 
     async def config_history(self, app: str) -> list[ConfigChange]:
         items, _ = await self._list(f"/confighistory/{app}/", ConfigChange)

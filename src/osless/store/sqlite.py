@@ -539,8 +539,6 @@ class SQLiteStore(Store):
             currents = [self._get_sync(conn, key) for key, _, _ in items]
             for (key, _, if_rev), current in zip(items, currents, strict=True):
                 self._check(key, current, if_rev)
-            for key, rev in unchanged:
-                self._check(key, self._get_sync(conn, key), rev)
             doomed: dict[str, None] = {}  # ordered: prefixes first, then the keys, as given
             for prefix in prefixes:
                 where, args = _prefix_clause(prefix)
@@ -551,6 +549,8 @@ class SQLiteStore(Store):
                 self._check(key, current, if_rev)
                 if current is not None:
                     doomed[key] = None
+            for key, rev in unchanged:  # after the deletes, as etcd's backend names the Conflict
+                self._check(key, self._get_sync(conn, key), rev)
             if not items and not doomed:
                 return self._meta(conn, "revision")
             rev = self._bump(conn)
