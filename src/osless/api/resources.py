@@ -526,7 +526,13 @@ class Resources:
                     f"image {inst.image[:12]}… is not release v{inst.release} of app {inst.app!r}: an "
                     "instance runs an image its own app released",
                 )
-            uid = await self._uid_record(inst.app)  # an app from before uids: made on first use
+            # Every app has its uid record (made with it; older ones since the version-2 migration):
+            # none means the app was deleted since it was read, and none is made for it here.
+            uid = await self.store.get(f"/appuids/{inst.app}")
+            if uid is None:
+                raise ApiError(
+                    404, "app_not_found", f"app {inst.app!r} does not exist; `osless apps` lists the apps"
+                )
             inst.uid = _uid_of(uid)  # the API's word, never the caller's
             key = f"/instances/{inst.id}"
             try:
