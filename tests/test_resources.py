@@ -86,16 +86,16 @@ def test_a_record_of_an_app_is_written_only_while_the_app_stands(tmp_path: Path)
     async def main() -> None:
         async with SQLiteStore(tmp_path / "state.db") as store:
             with pytest.raises(ApiError) as info:
-                await put_of_app(store, "a", "/appstatus/a", b"{}", 0)
+                await put_of_app(store, "a", [("/appstatus/a", b"{}", 0)])
             assert info.value.code == "app_not_found" and await store.get("/appstatus/a") is None
             await store.put("/apps/a", b"{}")
-            await put_of_app(store, "a", "/appstatus/a", b"{}", 0)
+            await put_of_app(store, "a", [("/appstatus/a", b"{}", 0)])
             kv = await store.get("/appstatus/a")
             assert kv is not None
             # A record that exists is checked by its own revision: the app's delete took it.
             await store.txn(deletes=[("/apps/a", None), ("/appstatus/a", None)])
             with pytest.raises(Conflict):
-                await put_of_app(store, "a", "/appstatus/a", b"{}", kv.mod_revision)
+                await put_of_app(store, "a", [("/appstatus/a", b"{}", kv.mod_revision)])
             assert await store.get("/appstatus/a") is None
 
     asyncio.run(main())

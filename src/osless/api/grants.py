@@ -66,7 +66,7 @@ async def allow(store: Store, app: str, function: str, caller: str, by: str) -> 
             f"(`osless functions deny`), or grant {app}.* to a caller for all its functions at once",
         )
     grant = Grant(app=app, function=function, caller=caller, by=by, at=now())
-    await put_of_app(store, app, key, grant.model_dump_json().encode(), None)  # not once the app is gone
+    await put_of_app(store, app, [(key, grant.model_dump_json().encode(), None)])  # not once the app is gone
     return grant
 
 

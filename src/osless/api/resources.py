@@ -26,7 +26,7 @@ from osless.api.models import (
 )
 from osless.store import Conflict, KeyValue, LeaseNotFound, Store
 
-__all__ = ["KINDS", "Resources"]
+__all__ = ["KINDS", "Resources", "app_not_found", "put_of_app"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,18 +61,31 @@ PLACED_PREFIX = "/placed/"
 USAGE_PREFIX = "/usage/"
 
 
-async def put_of_app(store: Store, app: str, key: str, value: bytes, if_revision: int | None) -> None:
-    """Put a record that goes with app `app` (`Resources.delete_app` deletes it), only while the app
-    stands: made just after the app's delete (a controller's or a node's write in flight), it would
-    belong to the next app of the name. A record that exists (`if_revision` a revision) needs no
-    more than its own check, since the delete took it. 404 `app_not_found`; `Conflict` to read again."""
-    if if_revision:
-        await store.put(key, value, if_revision=if_revision)
+def app_not_found(name: str) -> ApiError:
+    return ApiError(404, "app_not_found", f"app {name!r} does not exist; `osless apps` lists the apps")
+
+
+async def put_of_app(store: Store, app: str, puts: list[tuple[str, bytes, int | None]]) -> None:
+    """Write records that go with app `app` (`Resources.delete_app` deletes them), in one
+    transaction, only while the app stands: made just after the app's delete (a controller's, a
+    node's or a person's write in flight), they would belong to the next app of the name. If one of
+    them exists (its `if_revision` a revision), its own check is enough, since the delete took it.
+    404 `app_not_found`; `Conflict` on the records' own checks (read them again). The app's record
+    changing meanwhile (a deploy, a restart) is read again here."""
+    if any(rev for _, _, rev in puts):
+        await store.txn_put_many(puts)
         return
-    spec = await store.get(f"/apps/{app}")
-    if spec is None:
-        raise ApiError(404, "app_not_found", f"app {app!r} does not exist; `osless apps` lists the apps")
-    await store.txn(puts=[(key, value, if_revision)], checks=[(spec.key, spec.mod_revision)])
+    for _ in range(20):
+        spec = await store.get(f"/apps/{app}")
+        if spec is None:
+            raise app_not_found(app)
+        try:
+            await store.txn(puts=puts, checks=[(spec.key, spec.mod_revision)])
+            return
+        except Conflict as e:
+            if e.key != spec.key:
+                raise
+    raise ApiError(409, "conflict", f"app {app!r} is changing too often; try again")
 
 
 def _uid_of(kv: KeyValue) -> int:
@@ -126,7 +139,7 @@ class Resources:
     async def get_app(self, name: str) -> App:
         got = await self._get(f"/apps/{name}", App)
         if got is None:
-            raise ApiError(404, "app_not_found", f"app {name!r} does not exist; `osless apps` lists the apps")
+            raise app_not_found(name)
         return got[0]
 
     async def get_app_rev(self, name: str) -> tuple[App, int] | None:
@@ -208,7 +221,7 @@ class Resources:
                 return status
             new.updated_at = now()
             try:
-                await put_of_app(self.store, name, f"/appstatus/{name}", _enc(new), rev)
+                await put_of_app(self.store, name, [(f"/appstatus/{name}", _enc(new), rev)])
                 return new
             except Conflict:
                 continue
@@ -221,9 +234,7 @@ class Resources:
         for _ in range(20):
             got = await self._get(f"/apps/{name}", App)
             if got is None:
-                raise ApiError(
-                    404, "app_not_found", f"app {name!r} does not exist; `osless apps` lists the apps"
-                )
+                raise app_not_found(name)
             _, rev = got
             deploys = [d for d in (await self.list_deploys())[0] if d.app == name]
             if building := [d.id for d in deploys if d.status in ("queued", "building")]:
@@ -304,9 +315,7 @@ class Resources:
             got = await self._get(f"/apps/{app_name}", App)
             checks: list[tuple[str, int]] = []
             if got is None and deploy is None:  # a rollback of an app deleted since it was read
-                raise ApiError(
-                    404, "app_not_found", f"app {app_name!r} does not exist; `osless apps` lists the apps"
-                )
+                raise app_not_found(app_name)
             if got is None:
                 uid = await self._uid_record(app_name)
                 app, rev = App(name=app_name, uid=_uid_of(uid)), 0
@@ -530,9 +539,7 @@ class Resources:
             # none means the app was deleted since it was read, and none is made for it here.
             uid = await self.store.get(f"/appuids/{inst.app}")
             if uid is None:
-                raise ApiError(
-                    404, "app_not_found", f"app {inst.app!r} does not exist; `osless apps` lists the apps"
-                )
+                raise app_not_found(inst.app)
             inst.uid = _uid_of(uid)  # the API's word, never the caller's
             key = f"/instances/{inst.id}"
             try:
@@ -667,23 +674,7 @@ class Resources:
             (f"/config/{state.app}", _enc(state), rev),
             (f"/confighistory/{state.app}/{change.version:08d}", _enc(change), 0),
         ]
-        if rev:
-            await self.store.txn_put_many(puts)
-            return
-        for _ in range(20):
-            spec = await self.store.get(f"/apps/{state.app}")
-            if spec is None:
-                raise ApiError(
-                    404, "app_not_found", f"app {state.app!r} does not exist; `osless apps` lists the apps"
-                )
-            try:
-                await self.store.txn(puts=puts, checks=[(spec.key, spec.mod_revision)])
-                return
-            except Conflict as e:
-                if e.key != spec.key:
-                    raise
-                # The app changed (a deploy, a restart), or went: read it again.
-        raise ApiError(409, "conflict", f"app {state.app!r} is changing too often; try again")
+        await put_of_app(self.store, state.app, puts)
 
     async def config_history(self, app: str) -> list[ConfigChange]:
         items, _ = await self._list(f"/confighistory/{app}/", ConfigChange)

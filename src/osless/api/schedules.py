@@ -73,7 +73,7 @@ async def _update(store: Store, app: str, name: str, change: Any) -> ScheduleSta
         change(got)
         try:
             # Only while the app stands: a tick fired as it is deleted leaves no schedule behind.
-            await put_of_app(store, app, _key(app, name), got.model_dump_json().encode(), rev or 0)
+            await put_of_app(store, app, [(_key(app, name), got.model_dump_json().encode(), rev or 0)])
             return got
         except Conflict:
             continue

@@ -72,12 +72,14 @@ async def _add_hour(store: Store, app: str, hour: int, rows: list[dict[str, Any]
         bucket = json.loads(kv.value) if kv is not None else _empty()
         _merge(bucket, rows)
         try:
-            await put_of_app(store, app, key, json.dumps(bucket).encode(), kv.mod_revision if kv else 0)
+            await put_of_app(store, app, [(key, json.dumps(bucket).encode(), kv.mod_revision if kv else 0)])
             return kv is None
-        except Conflict:  # another node's minute came first (added to theirs), or the app changed
+        except Conflict:  # another node's minute came first: added to theirs
             continue
-        except ApiError:  # the app is gone, and its hours with it
-            return False
+        except ApiError as e:
+            if e.code != "app_not_found":
+                raise
+            return False  # the app is gone, and its hours with it
 
 
 # Up to this many hours are read key by key; a longer span lists the app's hours (up to 35 days' worth).
